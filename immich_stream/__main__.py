@@ -1,0 +1,3 @@
+from immich_stream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Command line: argparse subcommands, each mapped to one async function.
+
+Commands parse options and call into the library; errors become one line on stderr and a
+documented exit code (see errors.py and the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from immich_stream import __version__
+from immich_stream import config as cfg
+from immich_stream.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, ImmichStreamError, Interrupted
+from immich_stream.progress import Reporter, setup_logging
+
+log = logging.getLogger("immich_stream")
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    """Options every command takes; each maps to a setting in config.SETTINGS."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("settings (override the config file, Immich's .env and the environment)")
+    g.add_argument("--config", dest="config_path", metavar="PATH",
+                   help="TOML config file (default: $IMMICH_STREAM_CONFIG, ~/.config/immich-stream/config.toml, "
+                        "/etc/immich-stream/config.toml)")
+    for spec in cfg.SETTINGS:
+        if spec.flag and spec.name not in ("stop", "jobs", "part_size", "max_memory"):
+            kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help, "default": None}
+            if spec.parse is cfg.parse_bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["metavar"] = spec.name.upper()
+            g.add_argument(spec.flag, **kwargs)
+    v = p.add_argument_group("output")
+    v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress")
+    v.add_argument("-v", "--verbose", action="store_true", help="debug output")
+    return p
+
+
+def _transfer_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transfer")
+    for name in ("jobs", "part_size", "max_memory"):
+        spec = cfg.SPECS[name]
+        g.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-"), help=spec.help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parser()
+    parser = argparse.ArgumentParser(
+        prog="immich-stream",
+        description="Back up a self-hosted Immich server straight into S3: nothing staged on local disk, "
+                    "only changes uploaded, the stack always started again.",
+    )
+    parser.add_argument("--version", action="version", version=f"immich-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("config", parents=[common], help="print the effective settings and where each came from")
+
+    b = sub.add_parser("backup", parents=[common], help="back up the library and the database into S3",
+                       description="Stop the Immich stack, stream the library, the Postgres data directory and "
+                                   "a pg_dump into S3, start the stack again (always).")
+    b.add_argument("--stop", dest="stop", choices=cfg.STOP_MODES, default=None,
+                   help="all: stop everything, cold copy of the DB directory (default); app: stop the app, dump "
+                        "the running DB; none: no downtime, dump first then files")
+    _transfer_options(b)
+    return parser
+
+
+async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    settings.check_dirs()
+    rows = cfg.describe(settings)
+    from immich_stream.store import describe_credentials
+
+    rows.append(("credentials", *describe_credentials(settings)))
+    width = max(len(r[0]) for r in rows)
+    vwidth = min(max(len(r[1]) for r in rows), 48)
+    print(f"config file: {settings.config_file or '(none found)'}")
+    for name, value, source in rows:
+        print(f"{name:<{width}}  {value:<{vwidth}}  {source}")
+    return 0
+
+
+async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    from immich_stream.backup import run_backup
+
+    result = await run_backup(settings, reporter)
+    st = result.stats
+    d = result.dump
+    fs = cfg.format_size
+    lines = [
+        f"snapshot {result.snapshot_id} committed (stop: {result.mode})"
+        + ("" if result.exit_code == 0 else f" INCOMPLETE: {st.failed} files could not be read"),
+        f"files     {st.files} in all: {st.new} new, {st.changed} changed, {st.unchanged} unchanged, "
+        f"{st.moved} moved, {st.skipped} skipped, {st.failed} failed",
+        f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(st.bytes_uploaded)} uploaded",
+    ]
+    if d is not None:
+        lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
+    lines.append(f"time      {result.seconds:.1f} s in all, Immich down for {result.downtime:.1f} s")
+    if st.changed_while_read:
+        lines.append(f"warning   {st.changed_while_read} files changed while being read")
+    for problem in st.problems[:10]:
+        lines.append(f"problem   {problem}")
+    if len(st.problems) > 10:
+        lines.append(f"problem   ... and {len(st.problems) - 10} more (see the log above and snapshot.json)")
+    print("\n".join(lines), flush=True)
+    return result.exit_code
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[int]]] = {
+    "config": cmd_config,
+    "backup": cmd_backup,
+}
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {s.name: getattr(args, s.name) for s in cfg.SETTINGS if getattr(args, s.name, None) is not None}
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
+    """Run fn; SIGINT/SIGTERM cancel it once (its finally blocks restart the stack), then exit 130/143."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        if received:
+            log.warning("%s received again: still cleaning up (starting the stack again), please wait", name)
+            return
+        received.append(name)
+        log.warning("%s received: stopping, cleaning up", name)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        return await fn()
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        raise Interrupted(received[0], EXIT_SIGINT if received[0] == "SIGINT" else EXIT_SIGTERM) from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbosity = -1 if args.quiet else (1 if args.verbose else 0)
+    setup_logging(verbosity, interactive=sys.stderr.isatty())
+    reporter = Reporter.for_terminal(quiet=args.quiet)
+    try:
+        settings = cfg.load(flags=_flags(args), config_path=args.config_path)
+        command = COMMANDS[args.command]
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            return runner.run(_run_with_signals(lambda: command(args, settings, reporter)))
+    except ImmichStreamError as exc:
+        print(f"immich-stream: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # a signal before the loop's handlers were installed
+        print("immich-stream: error: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

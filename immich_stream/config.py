@@ -1,0 +1,405 @@
+"""Settings: defaults < config file < Immich's .env < environment < command-line flags.
+
+Each setting is declared once in SETTINGS (where it lives in the TOML file, which
+environment variables and flag set it, how to parse it); `load()` resolves them all and
+remembers where each value came from, so `immich-stream config` can say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from immich_stream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+# S3 refuses parts under 5 MiB (but the last). Servers that accept smaller parts can be
+# tested with smaller ones through IMMICH_STREAM_MIN_PART_SIZE.
+S3_MIN_PART_SIZE = 5 * MIB
+S3_MAX_PART_SIZE = 5 * 1024 * MIB
+
+STOP_MODES = ("all", "app", "none")
+
+# The original backup script's variables that no longer mean anything: nothing is staged
+# on local disk, and snapshot ids are generated.
+OBSOLETE_ENV = {
+    "LOCAL_BACKUP_DIR": "nothing is staged on local disk any more",
+    "BACKUP_DATE": "snapshot ids are generated from the time of the run",
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'8MiB', '64M', '1GiB', '1048576' -> bytes (binary units; K/M/G mean KiB/MiB/GiB)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (try 8MiB, 512KiB or a number of bytes)")
+    return int(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def parse_positive_int(text: str | int) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"{text!r} must be 1 or more")
+    return n
+
+
+def parse_path(text: str) -> Path:
+    if not str(text).strip():
+        raise ValueError("empty path")
+    return Path(os.path.expanduser(str(text)))
+
+
+def parse_stop(text: str) -> str:
+    if text not in STOP_MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(STOP_MODES)}")
+    return text
+
+
+def parse_endpoint(text: str) -> str:
+    url = urllib.parse.urlsplit(str(text).strip())
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    try:
+        url.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"{text!r} has a bad port ({exc})") from None
+    return str(text).strip().rstrip("/")
+
+
+def parse_prefix(text: str) -> str:
+    prefix = str(text).strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ValueError(f"{text!r} has empty, '.' or '..' parts")
+    return prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str  # attribute of Settings
+    toml: tuple[str, str]  # (section, key) in the config file
+    env: tuple[str, ...]  # environment variables, first set wins
+    flag: str | None  # the command-line flag (argparse dest == name)
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    dotenv: str | None = None  # the variable in Immich's .env that sets it
+    relative_to_immich_dir: bool = False
+
+
+SETTINGS: tuple[Spec, ...] = (
+    Spec("immich_dir", ("immich", "dir"), ("IMMICH_DIR",), "--immich-dir", parse_path, None,
+         "Immich's install directory (holds docker-compose.yml and .env)"),
+    Spec("library_dir", ("immich", "library_dir"), ("LIBRARY_DIR",), "--library-dir", parse_path, None,
+         "the photo library (Immich's UPLOAD_LOCATION)", dotenv="UPLOAD_LOCATION", relative_to_immich_dir=True),
+    Spec("postgres_dir", ("immich", "postgres_dir"), ("POSTGRES_DIR",), "--postgres-dir", parse_path, None,
+         "the Postgres data directory (Immich's DB_DATA_LOCATION)", dotenv="DB_DATA_LOCATION",
+         relative_to_immich_dir=True),
+    Spec("project", ("immich", "project"), ("COMPOSE_PROJECT_NAME",), "--project", str, "immich",
+         "the Docker Compose project name (default: name: in IMMICH_DIR/docker-compose.yml, else immich)"),
+    Spec("db_container", ("immich", "db_container"), ("DB_CONTAINER",), "--db-container", str, "immich_postgres",
+         "the database container"),
+    Spec("db_user", ("immich", "db_user"), ("DB_USER",), "--db-user", str, "postgres",
+         "the database user for pg_dump and psql", dotenv="DB_USERNAME"),
+    Spec("db_name", ("immich", "db_name"), ("DB_NAME",), "--db-name", str, "immich",
+         "the database name", dotenv="DB_DATABASE_NAME"),
+    Spec("bucket", ("s3", "bucket"), ("S3_BUCKET",), "--bucket", str, None, "the S3 bucket"),
+    Spec("prefix", ("s3", "prefix"), ("S3_PREFIX",), "--prefix", parse_prefix, "immich-backup",
+         "the key prefix of the repository in the bucket"),
+    Spec("endpoint_url", ("s3", "endpoint_url"), ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"), "--endpoint-url",
+         parse_endpoint, None, "an S3-compatible server's URL (default: AWS)"),
+    Spec("region", ("s3", "region"), ("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"), "--region", str, None,
+         "the S3 region"),
+    Spec("path_style", ("s3", "path_style"), ("S3_PATH_STYLE",), "--path-style", parse_bool, False,
+         "path-style addressing (most self-hosted S3 servers want it)"),
+    Spec("verify_tls", ("s3", "verify_tls"), ("S3_VERIFY_TLS",), None, parse_bool, True,
+         "verify the S3 server's TLS certificate"),
+    Spec("ca_bundle", ("s3", "ca_bundle"), ("S3_CA_BUNDLE", "AWS_CA_BUNDLE"), None, parse_path, None,
+         "a CA bundle for the S3 server's certificate"),
+    Spec("stop", ("backup", "stop"), ("IMMICH_STREAM_STOP",), "--stop", parse_stop, "all",
+         "what to stop: all (cold copy of the DB directory), app (keep the DB up), none"),
+    Spec("jobs", ("backup", "jobs"), ("IMMICH_STREAM_JOBS",), "--jobs", parse_positive_int, 8,
+         "concurrent S3 requests"),
+    Spec("part_size", ("backup", "part_size"), ("IMMICH_STREAM_PART_SIZE",), "--part-size", parse_size, 8 * MIB,
+         "multipart part size (grown automatically to stay under 10,000 parts)"),
+    Spec("max_memory", ("backup", "max_memory"), ("IMMICH_STREAM_MAX_MEMORY",), "--max-memory", parse_size,
+         96 * MIB, "budget for file and part buffers in flight"),
+    Spec("retries", ("s3", "retries"), ("IMMICH_STREAM_RETRIES",), None, parse_positive_int, 6,
+         "attempts per S3 request on transient errors"),
+)
+SPECS = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass
+class Settings:
+    immich_dir: Path | None = None
+    library_dir: Path | None = None
+    postgres_dir: Path | None = None
+    project: str = "immich"
+    db_container: str = "immich_postgres"
+    db_user: str = "postgres"
+    db_name: str = "immich"
+    bucket: str | None = None
+    prefix: str = "immich-backup"
+    endpoint_url: str | None = None
+    region: str | None = None
+    path_style: bool = False
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    stop: str = "all"
+    jobs: int = 8
+    part_size: int = 8 * MIB
+    max_memory: int = 96 * MIB
+    retries: int = 6
+    # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    config_file: Path | None = None
+    # keys from the config file that no setting declares (other commands' sections, typos)
+    extra: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError for the first of `names` that is unset."""
+        for name in names:
+            if getattr(self, name) is None:
+                spec = SPECS[name]
+                ways = [f"{e}=..." for e in spec.env[:1]]
+                if spec.flag:
+                    ways.append(f"{spec.flag} ...")
+                ways.append(f"[{spec.toml[0]}] {spec.toml[1]} in the config file")
+                if spec.dotenv:
+                    ways.append(f"{spec.dotenv} in IMMICH_DIR/.env")
+                raise ConfigError(f"{name} is not set ({spec.help}): set {' or '.join(ways)}")
+
+    def require_dir(self, name: str) -> Path:
+        self.require(name)
+        path: Path = getattr(self, name)
+        where = self.sources.get(name, "default")
+        if not path.is_dir():
+            what = "does not exist" if not path.exists() else "is not a directory"
+            raise ConfigError(f"{name} {path} (from {where}) {what}: check the path or set {SPECS[name].env[0]}")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"{name} {path} (from {where}) is not readable: run as a user that can read it (root)")
+        return path
+
+    def check_dirs(self) -> None:
+        """Every directory that is set must exist and be readable (config, backup)."""
+        for name in ("immich_dir", "library_dir", "postgres_dir"):
+            if getattr(self, name) is not None:
+                self.require_dir(name)
+
+
+def default_config_paths() -> list[Path]:
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return [Path(xdg) / "immich-stream" / "config.toml", Path("/etc/immich-stream/config.toml")]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: fix --config / IMMICH_STREAM_CONFIG") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror}): check its permissions") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}; fix that line") from None
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a docker-compose style .env file (KEY=VALUE, # comments, optional quotes)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror}): check its permissions") from None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def compose_project_name(immich_dir: Path) -> str | None:
+    """The top-level `name:` of IMMICH_DIR's compose file, as docker compose would use it."""
+    for fname in ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml"):
+        try:
+            text = (immich_dir / fname).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        m = re.search(r"^name:\s*['\"]?([A-Za-z0-9_.-]+)['\"]?\s*(#.*)?$", text, re.MULTILINE)
+        return m.group(1) if m else None
+    return None
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Resolve every setting from all sources. Raises ConfigError with a one-line message."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    raw: dict[str, tuple[Any, str, Path | None]] = {}  # name -> (value, source, base dir for relative paths)
+
+    for var, why in OBSOLETE_ENV.items():
+        if var in environ:
+            log.info("%s is set but no longer used: %s", var, why)
+
+    explicit = config_path or environ.get("IMMICH_STREAM_CONFIG")
+    config_file: Path | None = None
+    data: dict[str, Any] = {}
+    if explicit:
+        config_file = Path(os.path.expanduser(explicit))
+        data = _read_toml(config_file)
+    else:
+        for candidate in default_config_paths():
+            if candidate.is_file():
+                config_file = candidate
+                data = _read_toml(candidate)
+                break
+
+    known: dict[tuple[str, str], Spec] = {s.toml: s for s in SETTINGS}
+    extra: dict[str, dict[str, Any]] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"config file {config_file}: {section} must be a [section] (immich, s3, backup, prune): move it under one"
+            )
+        for key, value in table.items():
+            spec = known.get((section, key))
+            if spec is None:
+                extra.setdefault(section, {})[key] = value
+                continue
+            assert config_file is not None
+            raw[spec.name] = (value, f"config file {config_file}", config_file.parent)
+
+    def from_env() -> None:
+        for spec in SETTINGS:
+            for var in spec.env:
+                if environ.get(var, "") != "":
+                    raw[spec.name] = (environ[var], f"env {var}", None)
+                    break
+
+    def from_flags() -> None:
+        for spec in SETTINGS:
+            if spec.name in flags:
+                raw[spec.name] = (flags[spec.name], f"flag {spec.flag}", None)
+
+    # IMMICH_DIR must be known before its .env can be read; environment and flags
+    # then override whatever .env says.
+    from_env()
+    from_flags()
+    dotenv_names: set[str] = set()
+    if "immich_dir" in raw:
+        immich_dir = _parse("immich_dir", *raw["immich_dir"])
+        dotenv = read_dotenv(immich_dir / ".env")
+        file_values = {n: v for n, v in raw.items() if v[1].startswith("config file")}
+        for spec in SETTINGS:
+            if spec.dotenv and dotenv.get(spec.dotenv):
+                higher = spec.name in raw and spec.name not in file_values
+                if not higher:
+                    raw[spec.name] = (dotenv[spec.dotenv], f"{immich_dir / '.env'} {spec.dotenv}", immich_dir)
+                    dotenv_names.add(spec.name)
+        if "project" not in raw:
+            name = compose_project_name(immich_dir)
+            if name:
+                raw["project"] = (name, f"{immich_dir}/docker-compose.yml name:", None)
+
+    settings = Settings(config_file=config_file, extra=extra)
+    for spec in SETTINGS:
+        if spec.name in raw:
+            value = _parse(spec.name, *raw[spec.name])
+            setattr(settings, spec.name, value)
+            settings.sources[spec.name] = raw[spec.name][1]
+        else:
+            settings.sources[spec.name] = "default"
+    _validate(settings, environ)
+    return settings
+
+
+def _parse(name: str, value: Any, source: str, base: Path | None) -> Any:
+    spec = SPECS[name]
+    try:
+        parsed = spec.parse(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{name} from {source} is invalid: {exc}") from None
+    if isinstance(parsed, Path) and not parsed.is_absolute():
+        parsed = (base or Path.cwd()) / parsed
+    return parsed
+
+
+def min_part_size(environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    value = environ.get("IMMICH_STREAM_MIN_PART_SIZE")
+    return parse_size(value) if value else S3_MIN_PART_SIZE
+
+
+def _validate(s: Settings, environ: Mapping[str, str]) -> None:
+    floor = min_part_size(environ)
+    if not floor <= s.part_size <= S3_MAX_PART_SIZE:
+        raise ConfigError(
+            f"part_size {format_size(s.part_size)} (from {s.sources['part_size']}) is outside what S3 accepts "
+            f"({format_size(floor)} to 5 GiB): choose a size in that range"
+        )
+    if s.max_memory < 2 * s.part_size:
+        raise ConfigError(
+            f"max_memory {format_size(s.max_memory)} must hold at least two parts of {format_size(s.part_size)}: "
+            "raise --max-memory or lower --part-size"
+        )
+    if s.ca_bundle is not None and not s.ca_bundle.is_file():
+        raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")
+    if s.immich_dir is not None:
+        s.require_dir("immich_dir")
+
+def describe(s: Settings) -> list[tuple[str, str, str]]:
+    """(setting, value, source) rows for `immich-stream config`; nothing secret is in Settings."""
+    rows = []
+    for spec in SETTINGS:
+        value = getattr(s, spec.name)
+        if spec.name in ("part_size", "max_memory"):
+            shown = format_size(value)
+        elif value is None:
+            shown = "(not set)"
+        else:
+            shown = str(value)
+        rows.append((spec.name, shown, s.sources.get(spec.name, "default")))
+    return rows

@@ -1,0 +1,49 @@
+"""One exception hierarchy; the CLI maps each to a documented exit code.
+
+Every message is one line that names the problem and says what to do.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run failed; no snapshot was committed
+EXIT_USAGE = 2  # bad command line or configuration
+EXIT_INCOMPLETE = 3  # snapshot committed, but some files could not be read
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class ImmichStreamError(Exception):
+    """Base class: a failure with a one-line message for the user."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(ImmichStreamError):
+    """A setting is missing or invalid."""
+
+    exit_code = EXIT_USAGE
+
+
+class StoreError(ImmichStreamError):
+    """S3 could not be reached or refused a request."""
+
+
+class StackError(ImmichStreamError):
+    """Docker could not be reached, or a container could not be found, stopped or started."""
+
+
+class DumpError(ImmichStreamError):
+    """pg_dump or psql failed inside the database container."""
+
+
+class RepoError(ImmichStreamError):
+    """The repository in the bucket is missing, damaged or of an unknown format."""
+
+
+class Interrupted(ImmichStreamError):
+    """SIGINT or SIGTERM arrived; cleanup ran."""
+
+    def __init__(self, signame: str, exit_code: int) -> None:
+        super().__init__(f"interrupted by {signame}; cleanup ran, nothing was committed")
+        self.exit_code = exit_code

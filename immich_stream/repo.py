@@ -1,0 +1,288 @@
+"""The repository format (docs/format.md): keys, manifests, snapshots.
+
+Commands talk to the bucket through this module; only here are keys built.
+
+    <prefix>/config.json                        format version; written once
+    <prefix>/data/<id>/<root>/<escaped path>    file contents, uploaded by the run <id> that first saw them
+    <prefix>/snapshots/<id>/manifest.jsonl.gz   one JSON line per entry, in walk order
+    <prefix>/snapshots/<id>/database.sql.gz     the pg_dump stream
+    <prefix>/snapshots/<id>/snapshot.json       the summary; written last = the commit marker
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import secrets
+import socket
+import urllib.parse
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from immich_stream.budget import ByteBudget
+from immich_stream.errors import RepoError
+from immich_stream.store import Store, StreamWriter
+from immich_stream.walk import Entry, sort_key
+
+log = logging.getLogger(__name__)
+
+FORMAT = "immich-stream"
+VERSION = 1
+ROOTS = ("postgres", "library")  # manifest order: the cold copy is taken first
+MAX_KEY_BYTES = 1024
+
+_PLAIN = re.compile(rb"[^\x20-\x24\x26-\x7e]")  # anything but printable ASCII without '%'
+
+
+def escape_path(raw: bytes) -> str:
+    """bytes -> a valid-UTF-8 string, injectively: '%', control characters and bytes that
+    are not valid UTF-8 become %XX. Used for manifest paths and object keys alike."""
+    if not _PLAIN.search(raw):
+        return raw.decode("ascii")
+    out = []
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:
+            out.append(f"%{o - 0xDC00:02X}")
+        elif ch == "%" or o < 0x20 or o == 0x7F:
+            out.append(f"%{o:02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_path(text: str) -> bytes:
+    return urllib.parse.unquote_to_bytes(text)
+
+
+def new_snapshot_id(now: dt.datetime | None = None) -> str:
+    """Sortable by time; the random tail only breaks ties within one second."""
+    now = now or dt.datetime.now(dt.UTC)
+    return now.strftime("%Y-%m-%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+def snapshot_time(snap_id: str) -> dt.datetime:
+    return dt.datetime.strptime(snap_id[:18], "%Y-%m-%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+
+
+@dataclass(slots=True)
+class ManifestLine:
+    root: str
+    path: str  # escaped
+    type: str
+    size: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+    inode: int
+    sha256: str | None = None
+    key: str | None = None  # relative to the prefix
+    target: str | None = None  # escaped symlink target
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {
+            "root": self.root, "path": self.path, "type": self.type, "size": self.size,
+            "mtime_ns": self.mtime_ns, "mode": self.mode, "uid": self.uid, "gid": self.gid, "inode": self.inode,
+        }
+        if self.sha256 is not None:
+            d["sha256"] = self.sha256
+        if self.key is not None:
+            d["key"] = self.key
+        if self.target is not None:
+            d["target"] = self.target
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ManifestLine:
+        d = json.loads(text)
+        return cls(d["root"], d["path"], d["type"], d.get("size", 0), d["mtime_ns"], d["mode"], d.get("uid", 0),
+                   d.get("gid", 0), d.get("inode", 0), d.get("sha256"), d.get("key"), d.get("target"))
+
+    @classmethod
+    def from_entry(cls, root: str, e: Entry) -> ManifestLine:
+        return cls(root, escape_path(e.relpath), e.type, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.inode,
+                   target=escape_path(e.target) if e.target is not None else None)
+
+    @property
+    def relpath(self) -> bytes:
+        return unescape_path(self.path)
+
+    def order(self) -> tuple[int, tuple[bytes, ...]]:
+        return (ROOTS.index(self.root), sort_key(self.relpath))
+
+
+@dataclass
+class Snapshot:
+    id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def time(self) -> dt.datetime:
+        return snapshot_time(self.id)
+
+
+class ManifestWriter:
+    """Gzipped JSON lines streamed to S3 as they come (no whole manifest in memory)."""
+
+    def __init__(self, store: Store, key: str, budget: ByteBudget, part_size: int) -> None:
+        self._out = StreamWriter(store, key, budget, part_size)
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self.lines = 0
+
+    async def __aenter__(self) -> ManifestWriter:
+        return self
+
+    async def add(self, line: ManifestLine) -> None:
+        raw = line.to_json().encode() + b"\n"
+        self.lines += 1
+        self._pending.append(raw)
+        self._pending_size += len(raw)
+        if self._pending_size >= 1 << 20:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data = self._z.compress(b"".join(self._pending))
+        self._pending, self._pending_size = [], 0
+        await self._out.write(data)
+
+    async def finish(self) -> None:
+        await self._flush()
+        await self._out.write(self._z.flush())
+        await self._out.finish()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._out.__aexit__(*exc)
+
+
+async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Decompress a (possibly multi-member) gzip stream chunk by chunk; raise if truncated."""
+    z = zlib.decompressobj(31)
+    fed = False  # has the current member received any input?
+    async for chunk in chunks:
+        while chunk:
+            fed = True
+            try:
+                out = z.decompress(chunk)
+            except zlib.error as exc:
+                raise RepoError(f"a gzip stream is corrupt ({exc}): run `verify --read-data`") from None
+            if out:
+                yield out
+            if z.eof:
+                chunk = z.unused_data
+                z = zlib.decompressobj(31)
+                fed = False
+            else:
+                chunk = b""
+    if fed and not z.eof:
+        raise RepoError("a gzip stream ends early: the object is truncated; run `verify --read-data`")
+
+
+class Repo:
+    def __init__(self, store: Store, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    def _k(self, rest: str) -> str:
+        return f"{self.prefix}/{rest}" if self.prefix else rest
+
+    # keys (relative to the bucket)
+    def config_key(self) -> str:
+        return self._k("config.json")
+
+    def data_key(self, snap_id: str, root: str, path: str) -> str:
+        """The object key (relative to the prefix) for a file first uploaded by run snap_id."""
+        key = f"data/{snap_id}/{root}/{path}"
+        if len(self._k(key).encode()) > MAX_KEY_BYTES:
+            raise RepoError(f"path too long for an S3 key ({len(key)} bytes): {path[:80]}...")
+        return key
+
+    def object_key(self, relkey: str) -> str:
+        return self._k(relkey)
+
+    def snapshot_key(self, snap_id: str, name: str) -> str:
+        return self._k(f"snapshots/{snap_id}/{name}")
+
+    def preflight_key(self, run_id: str) -> str:
+        return self._k(f"preflight/{socket.gethostname()}-{run_id}")
+
+    # config.json
+    async def ensure_config(self) -> None:
+        """Create config.json in a new repository; refuse an unknown format."""
+        key = self.config_key()
+        if await self.store.head(key) is None:
+            body = {"format": FORMAT, "version": VERSION, "created": dt.datetime.now(dt.UTC).isoformat()}
+            await self.store.put(key, json.dumps(body, indent=2).encode() + b"\n", "application/json")
+            return
+        await self.check_config()
+
+    async def check_config(self) -> None:
+        key = self.config_key()
+        try:
+            cfg = json.loads(await self.store.get(key))
+        except ValueError:
+            raise RepoError(f"{key} is not JSON: this prefix holds something else; choose another S3_PREFIX") from None
+        if cfg.get("format") != FORMAT or not isinstance(cfg.get("version"), int):
+            raise RepoError(f"{key} is not an immich-stream repository: choose another S3_PREFIX")
+        if cfg["version"] > VERSION:
+            raise RepoError(f"repository format {cfg['version']} is newer than this immich-stream knows "
+                            f"({VERSION}): upgrade immich-stream")
+
+    # snapshots
+    async def snapshot_ids(self, complete_only: bool = True) -> list[str]:
+        """Ids of snapshot directories, sorted; only committed ones (with snapshot.json) by default."""
+        ids: dict[str, bool] = {}
+        base = self._k("snapshots/")
+        async for obj in self.store.list(base):
+            sid, _, name = obj.key[len(base):].partition("/")
+            ids[sid] = ids.get(sid, False) or name == "snapshot.json"
+        return sorted(s for s, done in ids.items() if done or not complete_only)
+
+    async def load_snapshot(self, snap_id: str) -> Snapshot:
+        try:
+            data = json.loads(await self.store.get(self.snapshot_key(snap_id, "snapshot.json")))
+        except ValueError:
+            raise RepoError(f"snapshot {snap_id}: snapshot.json is damaged") from None
+        return Snapshot(snap_id, data)
+
+    async def snapshots(self) -> list[Snapshot]:
+        return [await self.load_snapshot(s) for s in await self.snapshot_ids()]
+
+    async def resolve(self, which: str) -> Snapshot:
+        """'latest' or an id (or a unique prefix of one) -> a committed snapshot."""
+        ids = await self.snapshot_ids()
+        if not ids:
+            raise RepoError(f"no snapshots in s3://{self.store.bucket}/{self.prefix}: run `backup` first")
+        if which == "latest":
+            return await self.load_snapshot(ids[-1])
+        matches = [s for s in ids if s.startswith(which)]
+        if len(matches) != 1:
+            what = "no" if not matches else "more than one"
+            raise RepoError(f"{what} snapshot matches {which!r}: list them with `snapshots`")
+        return await self.load_snapshot(matches[0])
+
+    async def latest(self) -> Snapshot | None:
+        ids = await self.snapshot_ids()
+        return await self.load_snapshot(ids[-1]) if ids else None
+
+    async def commit(self, snap_id: str, summary: dict[str, Any]) -> None:
+        body = json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
+        await self.store.put(self.snapshot_key(snap_id, "snapshot.json"), body, "application/json")
+
+    async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
+        key = self.snapshot_key(snap_id, "manifest.jsonl.gz")
+        rest = b""
+        async for data in gunzip_stream(self.store.iter_object(key)):
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()
+            for raw in lines:
+                if raw:
+                    yield ManifestLine.from_json(raw)
+        if rest:
+            yield ManifestLine.from_json(rest)

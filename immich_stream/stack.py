@@ -1,0 +1,272 @@
+"""The Immich stack through the Docker API (aiodocker): find, stop, start, always restore.
+
+`StackGuard` remembers which containers it stopped, in memory and in a small state file
+written before the first stop and removed after the last start, so that a run killed with
+SIGKILL is repaired by the next one (`recover()`), before it does anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+
+from immich_stream.errors import StackError
+
+log = logging.getLogger(__name__)
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+STOP_TIMEOUT = 30  # seconds Docker waits before SIGKILL; Postgres stops on SIGINT in well under that
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    service: str
+    running: bool
+
+
+def state_dir() -> Path:
+    explicit = os.environ.get("IMMICH_STREAM_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "immich-stream"
+
+
+@contextlib.asynccontextmanager
+async def connect() -> AsyncIterator[aiodocker.Docker]:
+    try:
+        docker = aiodocker.Docker()
+    except Exception as exc:
+        raise StackError(f"cannot reach Docker ({exc}): is dockerd running, and may this user use it?") from None
+    try:
+        yield docker
+    finally:
+        await docker.close()
+
+
+class Stack:
+    def __init__(self, docker: aiodocker.Docker, project: str, db_container: str) -> None:
+        self.docker = docker
+        self.project = project
+        self.db_container = db_container
+
+    async def ping(self) -> None:
+        try:
+            await self.docker.version()
+        except Exception as exc:
+            where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+            raise StackError(
+                f"cannot reach Docker at {where} ({type(exc).__name__}): is dockerd running, and may this user use it?"
+            ) from None
+
+    async def containers(self) -> list[Container]:
+        """Every container of the compose project, plus the database container by name."""
+        try:
+            found = await self.docker.containers.list(
+                all=True, filters=json.dumps({"label": [f"{PROJECT_LABEL}={self.project}"]})
+            )
+        except aiodocker.DockerError as exc:
+            raise StackError(f"cannot list containers: {exc.message}") from None
+        out = [self._info(c._container) for c in found]
+        if not any(c.name == self.db_container for c in out):
+            db = await self._get(self.db_container)
+            if db is not None:
+                out.append(self._info(db))
+        return sorted(out, key=lambda c: c.name)
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            c = await self.docker.containers.get(name)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise StackError(f"cannot look up container {name}: {exc.message}") from None
+        return c._container
+
+    @staticmethod
+    def _info(raw: dict[str, Any]) -> Container:
+        names = raw.get("Names") or [raw.get("Name", "")]
+        labels = raw.get("Labels") or raw.get("Config", {}).get("Labels") or {}
+        state = raw.get("State")
+        running = state == "running" if isinstance(state, str) else bool((state or {}).get("Running"))
+        return Container(raw["Id"], names[0].lstrip("/"), labels.get(SERVICE_LABEL, ""), running)
+
+    async def preflight(self) -> list[Container]:
+        """Docker answers, the project has containers, the database container exists and runs."""
+        await self.ping()
+        containers = await self.containers()
+        if not any(c.name != self.db_container for c in containers):
+            raise StackError(
+                f"no containers of compose project {self.project!r} found: set COMPOSE_PROJECT_NAME (or --project) "
+                "to the name `docker compose ls` shows"
+            )
+        db = [c for c in containers if c.name == self.db_container]
+        if not db:
+            raise StackError(f"database container {self.db_container!r} not found: set DB_CONTAINER to its name")
+        if not db[0].running:
+            raise StackError(f"database container {self.db_container!r} is not running: start Immich first")
+        return containers
+
+    async def stop(self, names: list[str]) -> None:
+        async def one(name: str) -> None:
+            try:
+                await self.docker.containers.container(name).stop(t=STOP_TIMEOUT)
+            except aiodocker.DockerError as exc:
+                if exc.status != 304:  # 304: already stopped
+                    raise StackError(f"cannot stop container {name}: {exc.message}") from None
+
+        await asyncio.gather(*(one(n) for n in names))
+
+    async def start(self, names: list[str]) -> None:
+        """Start containers; try every one, then report all that failed."""
+        failures: list[str] = []
+
+        async def one(name: str) -> None:
+            try:
+                await self.docker.containers.container(name).start()
+            except aiodocker.DockerError as exc:
+                if exc.status != 304:  # 304: already running
+                    failures.append(f"{name} ({exc.message})")
+
+        await asyncio.gather(*(one(n) for n in names))
+        if failures:
+            raise StackError(f"cannot start {', '.join(failures)}: start them with `docker start` and check `docker logs`")
+
+    async def wait_db_ready(self, user: str, timeout: float = 120.0) -> None:
+        """Poll pg_isready inside the database container (no fixed sleep)."""
+        from immich_stream.dump import run_in_container
+
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                code, out = await run_in_container(self.docker, self.db_container, ["pg_isready", "--username", user])
+                if code == 0:
+                    return
+                last = out.decode(errors="replace").strip()
+            except StackError as exc:
+                last = str(exc)
+            await asyncio.sleep(0.25)
+        raise StackError(f"the database in {self.db_container} was not ready after {timeout:.0f}s ({last}): "
+                         "check `docker logs " + self.db_container + "`")
+
+
+class StackGuard:
+    """Stops containers and guarantees they are started again.
+
+    `async with StackGuard(stack) as guard:` ... `await guard.stop(names)` ... on leaving the
+    block (success, error, cancellation) every container it stopped that is not running is
+    started again. The state file makes this survive SIGKILL: see `recover()`.
+    """
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.stopped: list[str] = []  # in stop order
+        self.state_file = state_dir() / f"stack-{stack.project}.json"
+        self.stopped_at: float | None = None
+        self.started_at: float | None = None
+
+    async def __aenter__(self) -> StackGuard:
+        return self
+
+    def _write_state(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        body = {"containers": self.stopped, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": dt.datetime.now(dt.UTC).isoformat()}
+        with open(tmp, "w") as fh:
+            json.dump(body, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_file)
+
+    async def stop(self, names: list[str]) -> None:
+        names = [n for n in names if n not in self.stopped]
+        if not names:
+            return
+        self.stopped.extend(names)
+        self._write_state()  # before the first stop: a SIGKILL from here on is recoverable
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+        log.info("stopping %s", ", ".join(names))
+        await self.stack.stop(names)
+
+    async def start(self, names: list[str]) -> None:
+        await self.stack.start(names)
+        self.stopped = [n for n in self.stopped if n not in names]
+
+    async def restore(self) -> None:
+        """Start everything still stopped: the database first, then the rest."""
+        if self.stopped:
+            db_first = sorted(self.stopped, key=lambda n: n != self.stack.db_container)
+            log.info("starting %s", ", ".join(db_first))
+            if self.stack.db_container in db_first:
+                await self.stack.start([self.stack.db_container])
+            await self.stack.start([n for n in db_first if n != self.stack.db_container])
+            self.stopped = []
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+
+    @property
+    def downtime(self) -> float:
+        if self.stopped_at is None:
+            return 0.0
+        return (self.started_at or time.monotonic()) - self.stopped_at
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Shielded: a second Ctrl-C must not leave the stack down.
+        await asyncio.shield(self.restore())
+
+
+async def recover(stack: Stack) -> list[str]:
+    """Start containers a killed earlier run left stopped (its state file says which)."""
+    path = state_dir() / f"stack-{stack.project}.json"
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise StackError(f"cannot read {path} ({exc}): check which Immich containers are stopped, "
+                         "start them, then delete that file") from None
+    pid = state.get("pid")
+    if state.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+        raise StackError(f"another immich-stream run (pid {pid}) has the Immich stack stopped: wait for it to finish")
+    names = list(state.get("containers", []))
+    log.warning("a previous run (pid %s, since %s) was killed with the stack stopped: starting %s",
+                pid, state.get("since"), ", ".join(names) or "nothing")
+    guard = StackGuard(stack)
+    guard.stopped = names
+    await guard.restore()
+    return names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie or a reused pid of another program is not a backup run.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"immich_stream" in cmdline or b"immich-stream" in cmdline

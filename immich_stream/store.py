@@ -1,0 +1,470 @@
+"""The S3 backend: every request goes through one retry wrapper (`Store._call`).
+
+Integrity: every PUT and part carries Content-MD5, which S3 and compatible servers verify.
+botocore's default CRC32 trailers (botocore >= 1.36) are switched off on purpose: several
+S3-compatible servers reject aws-chunked bodies, and Content-MD5 is understood everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError
+
+from immich_stream.budget import ByteBudget
+from immich_stream.config import Settings
+from immich_stream.errors import StoreError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_PARTS = 10_000
+MIB = 1024 * 1024
+
+_TRANSIENT_CODES = {
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+    "Throttling", "ThrottlingException", "RequestLimitExceeded", "OperationAborted", "503", "500", "502", "504",
+}
+_TRANSIENT_BOTOCORE = (
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ConnectionError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError",
+)
+
+
+def md5_b64(data: bytes | memoryview) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def part_size_for(size: int, part_size: int) -> int:
+    """The part size for a file of known size: at least part_size, and at most 10,000 parts."""
+    needed = -(-size // MAX_PARTS)
+    needed = -(-needed // MIB) * MIB
+    return max(part_size, needed)
+
+
+def stream_part_size(part_number: int, part_size: int) -> int:
+    """Part sizes for a stream of unknown length: double every 1,000 parts, so 10,000
+    parts hold 1,023,000 x part_size (8 TiB at 8 MiB), each part under S3's 5 GiB."""
+    return part_size * 2 ** ((part_number - 1) // 1000)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
+    if isinstance(exc, BotoCoreError):
+        return type(exc).__name__ in _TRANSIENT_BOTOCORE or any(
+            c.__name__ in _TRANSIENT_BOTOCORE for c in type(exc).__mro__
+        )
+    return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: Any = None
+
+
+class Store:
+    """An S3 bucket. Use as `async with Store(settings) as store:`."""
+
+    def __init__(self, settings: Settings, retries: int | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket or ""
+        self.retries = retries or settings.retries
+        self._client: Any = None
+        self._cm: Any = None
+        self.requests = 0
+        self.retried = 0
+        # every request, whoever sends it, counts against --jobs
+        self._limit = asyncio.Semaphore(settings.jobs)
+
+    async def __aenter__(self) -> Store:
+        import aioboto3
+        from aiobotocore.config import AioConfig
+
+        s = self.settings
+        config = AioConfig(
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if s.path_style else "auto"},
+            retries={"max_attempts": 1, "mode": "standard"},  # retries are ours, in _call
+            max_pool_connections=s.jobs + 4,
+            connect_timeout=10,
+            read_timeout=120,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        region = s.region or ("us-east-1" if s.endpoint_url else None)
+        verify: bool | str = str(s.ca_bundle) if s.ca_bundle else s.verify_tls
+        session = aioboto3.Session()
+        self._cm = session.client("s3", endpoint_url=s.endpoint_url, region_name=region, config=config, verify=verify)
+        self._client = await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._cm is not None:
+            await self._cm.__aexit__(None, None, None)
+            self._cm = self._client = None
+
+    # -- the one retry wrapper ------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.25
+        for attempt in range(1, self.retries + 1):
+            self.requests += 1
+            try:
+                async with self._limit:
+                    return await fn()
+            except Exception as exc:  # classified below; non-transient errors are raised at once
+                if not is_transient(exc) or attempt == self.retries:
+                    raise self._error(what, exc) from exc
+                self.retried += 1
+                wait = min(delay * 2 ** (attempt - 1), 20.0) * (0.5 + random.random())
+                log.debug("%s failed (%s), retry %d/%d in %.1fs", what, _short(exc), attempt, self.retries - 1, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _error(self, what: str, exc: BaseException) -> StoreError:
+        where = self.settings.endpoint_url or "AWS S3"
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "?")
+            if code == "NoSuchBucket":
+                return StoreError(f"bucket {self.bucket!r} does not exist on {where}: create it or fix S3_BUCKET")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"):
+                return StoreError(
+                    f"{what}: S3 refused access ({code}) on bucket {self.bucket!r}: check the credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and their permissions"
+                )
+            return StoreError(f"{what}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": "))
+        if isinstance(exc, BotoCoreError) and type(exc).__name__ == "NoCredentialsError":
+            return StoreError("no S3 credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        if is_transient(exc):
+            return StoreError(
+                f"{what}: cannot reach S3 at {where} after {self.retries} attempts ({_short(exc)}): "
+                "check the endpoint URL and the network"
+            )
+        return StoreError(f"{what}: {_short(exc)}")
+
+    # -- objects ----------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes, content_type: str | None = None, md5: str | None = None) -> None:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data, "ContentMD5": md5 or md5_b64(data)}
+        if content_type:
+            kw["ContentType"] = content_type
+        await self._call(f"upload {key}", lambda: self._client.put_object(**kw))
+
+    async def get(self, key: str) -> bytes:
+        chunks = [c async for c in self.iter_object(key)]
+        return b"".join(chunks)
+
+    async def iter_object(self, key: str, chunk_size: int = MIB) -> AsyncIterator[bytes]:
+        """An object's bytes in chunks; a broken connection resumes where it stopped (Range)."""
+        offset = 0
+        attempt = 0
+        while True:
+            async def open_body() -> Any:
+                kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+                if offset:
+                    kw["Range"] = f"bytes={offset}-"
+                return (await self._client.get_object(**kw))["Body"]
+
+            body = await self._call(f"download {key}", open_body)
+            try:
+                while True:
+                    try:
+                        chunk = await body.read(chunk_size)
+                    except Exception as exc:
+                        attempt += 1
+                        if not is_transient(exc) or attempt >= self.retries:
+                            raise self._error(f"download {key}", exc) from exc
+                        log.debug("download %s broke at %d (%s), resuming", key, offset, _short(exc))
+                        await asyncio.sleep(min(0.25 * 2**attempt, 10))
+                        break
+                    if not chunk:
+                        return
+                    offset += len(chunk)
+                    yield chunk
+            finally:
+                body.close()
+
+    async def head(self, key: str) -> int | None:
+        """The object's size, or None when it does not exist."""
+
+        async def go() -> int | None:
+            try:
+                resp = await self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return int(resp["ContentLength"])
+
+        return await self._call(f"look up {key}", go)
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+            if token:
+                kw["ContinuationToken"] = token
+            resp = await self._call(f"list {prefix}", lambda kw=kw: self._client.list_objects_v2(**kw))
+            for item in resp.get("Contents", []):
+                yield ObjectInfo(item["Key"], int(item["Size"]), item.get("LastModified"))
+            if not resp.get("IsTruncated"):
+                return
+            token = resp["NextContinuationToken"]
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        """The 'directories' directly under prefix (which ends in '/')."""
+        out: list[str] = []
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
+            if token:
+                kw["ContinuationToken"] = token
+            resp = await self._call(f"list {prefix}", lambda kw=kw: self._client.list_objects_v2(**kw))
+            out.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
+            if not resp.get("IsTruncated"):
+                return out
+            token = resp["NextContinuationToken"]
+
+    async def delete(self, keys: list[str]) -> None:
+        """Delete keys, 1,000 per request."""
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+
+            resp = await self._call(
+                "delete objects", lambda batch=batch: self._client.delete_objects(Bucket=self.bucket, Delete=batch)
+            )
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StoreError(f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}")
+
+    # -- multipart ----------------------------------------------------------------------------
+
+    async def create_multipart(self, key: str) -> str:
+        resp = await self._call(
+            f"start upload of {key}", lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        )
+        return str(resp["UploadId"])
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes, md5: str | None = None) -> str:
+        md5 = md5 or md5_b64(data)
+        resp = await self._call(
+            f"upload part {number} of {key}",
+            lambda: self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentMD5=md5
+            ),
+        )
+        return str(resp["ETag"])
+
+    async def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
+        parts = {"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]}
+        await self._call(
+            f"finish upload of {key}",
+            lambda: self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=parts
+            ),
+        )
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await self._call(
+            f"abort upload of {key}",
+            lambda: self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
+        )
+
+    async def list_multipart(self, prefix: str) -> list[tuple[str, str, Any]]:
+        """(key, upload id, initiated) of unfinished multipart uploads under prefix."""
+        out: list[tuple[str, str, Any]] = []
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            resp = await self._call("list multipart uploads", lambda kw=dict(kw): self._client.list_multipart_uploads(**kw))
+            out.extend((u["Key"], u["UploadId"], u.get("Initiated")) for u in resp.get("Uploads", []))
+            if not resp.get("IsTruncated"):
+                return out
+            kw["KeyMarker"] = resp.get("NextKeyMarker")
+            kw["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+
+
+class MultipartUpload:
+    """One multipart upload with parts sent concurrently; aborted on any error.
+
+    `async with MultipartUpload(store, key, budget) as mp: await mp.add(data); ...` then
+    `await mp.complete()`. Each part's bytes are counted against `budget` (acquired by
+    `add`) until the part is sent. Leaving the block without complete() aborts the upload,
+    so no error path leaves parts behind in the bucket.
+    """
+
+    def __init__(self, store: Store, key: str, budget: ByteBudget, max_inflight: int = 4) -> None:
+        self.store = store
+        self.key = key
+        self.budget = budget
+        self.upload_id: str | None = None
+        self._etags: dict[int, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._next = 1
+        self._failure: BaseException | None = None
+        self._completed = False
+
+    async def __aenter__(self) -> MultipartUpload:
+        self.upload_id = await self.store.create_multipart(self.key)
+        return self
+
+    async def add(self, data: bytes, md5: str | None = None) -> None:
+        """Queue the next part (its bytes must already be held in the budget by the caller,
+        who hands them over: they are released once the part is sent)."""
+        try:
+            self._raise_failure()
+            await self._slots.acquire()
+        except BaseException:
+            await asyncio.shield(self.budget.release(len(data)))
+            raise
+        number = self._next
+        self._next += 1
+
+        async def send() -> None:
+            try:
+                assert self.upload_id is not None
+                self._etags[number] = await self.store.upload_part(self.key, self.upload_id, number, data, md5)
+            except BaseException as exc:
+                if self._failure is None:
+                    self._failure = exc
+                raise
+            finally:
+                self._slots.release()
+                await asyncio.shield(self.budget.release(len(data)))
+
+        task = asyncio.create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def parts(self) -> int:
+        return self._next - 1
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._raise_failure()
+
+    async def complete(self) -> None:
+        await self._drain()
+        assert self.upload_id is not None
+        await self.store.complete_multipart(self.key, self.upload_id, [self._etags[i] for i in range(1, self._next)])
+        self._completed = True
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._completed:
+            return
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.upload_id is not None:
+            try:
+                await asyncio.shield(self.store.abort_multipart(self.key, self.upload_id))
+            except Exception as abort_exc:  # the original error matters more; say this one too
+                log.warning("could not abort the unfinished upload of %s (%s); `prune` removes it later",
+                            self.key, abort_exc)
+
+
+class StreamWriter:
+    """Upload a stream of unknown length (pg_dump, manifests) to one key.
+
+    Buffers up to one part (growing with the part number, see stream_part_size); a stream
+    that ends within the first part is sent as one PUT. Abort on error via MultipartUpload.
+    """
+
+    def __init__(self, store: Store, key: str, budget: ByteBudget, part_size: int, max_inflight: int = 3) -> None:
+        self.store = store
+        self.key = key
+        self.budget = budget
+        self.part_size = part_size
+        self.max_inflight = max_inflight
+        self.size = 0
+        self._buf = bytearray()
+        self._held = 0
+        self._mp: MultipartUpload | None = None
+
+    async def __aenter__(self) -> StreamWriter:
+        return self
+
+    def _target(self) -> int:
+        return stream_part_size((self._mp.parts if self._mp else 0) + 1, self.part_size)
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        await self.budget.acquire(len(data))
+        self._held += len(data)
+        self._buf += data
+        self.size += len(data)
+        while len(self._buf) >= self._target():
+            target = self._target()
+            part = bytes(self._buf[:target])
+            del self._buf[:target]
+            if self._mp is None:
+                self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
+                await self._mp.__aenter__()
+            self._held -= len(part)  # handed over to the part upload, which releases it
+            await self._mp.add(part)
+
+    async def finish(self) -> None:
+        data = bytes(self._buf)
+        self._buf = bytearray()
+        if self._mp is None:
+            await self.store.put(self.key, data)
+        else:
+            if data or self._mp.parts == 0:
+                self._held -= len(data)
+                await self._mp.add(data)
+            await self._mp.complete()
+            await self._mp.__aexit__(None, None, None)
+            self._mp = None
+        await self._release_held()
+
+    async def _release_held(self) -> None:
+        if self._held:
+            await asyncio.shield(self.budget.release(self._held))
+            self._held = 0
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._mp is not None:
+            await self._mp.__aexit__(exc_type, exc, tb)
+        await self._release_held()
+
+
+def describe_credentials(settings: Settings) -> tuple[str, str]:
+    """(redacted access key, where it came from) through the normal AWS chain."""
+    import botocore.session
+
+    try:
+        creds = botocore.session.Session().get_credentials()
+    except Exception as exc:  # a broken profile must not break `config`
+        return ("(error)", f"AWS credential chain: {_short(exc)}")
+    if creds is None:
+        return ("(none found)", "AWS credential chain: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    key = creds.access_key or ""
+    shown = key[:4] + "..." + key[-2:] if len(key) > 8 else "****"
+    return (f"{shown} (secret redacted)", f"AWS credential chain: {creds.method}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

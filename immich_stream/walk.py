@@ -1,0 +1,113 @@
+"""Walk a directory tree in a deterministic order, yielding one Entry per item.
+
+Order: depth first, each directory's entries sorted by their name's bytes, a directory
+before its contents. `sort_key` gives the same order for paths read back from a manifest,
+so the walk and the previous manifest can be merged like two sorted lists.
+
+Names are bytes end to end (spaces, newlines, invalid UTF-8 all survive). Symlinks are
+recorded, never followed; sockets, FIFOs and devices are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Entry:
+    relpath: bytes  # relative to the root, b"/"-separated
+    type: str  # "file", "dir" or "symlink"
+    size: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+    inode: int
+    target: bytes | None = None  # symlinks
+
+
+@dataclass(slots=True)
+class WalkProblem:
+    relpath: bytes
+    message: str
+
+
+def sort_key(relpath: bytes) -> tuple[bytes, ...]:
+    return tuple(relpath.split(b"/")) if relpath else ()
+
+
+def _scan(root: bytes, rel: bytes) -> tuple[list[Entry], list[WalkProblem]]:
+    """List one directory (runs in a thread)."""
+    entries: list[Entry] = []
+    problems: list[WalkProblem] = []
+    path = os.path.join(root, rel) if rel else root
+    try:
+        with os.scandir(path) as it:
+            names = sorted(e.name for e in it)
+    except OSError as exc:
+        problems.append(WalkProblem(rel, f"cannot list directory: {exc.strerror}"))
+        return entries, problems
+    for name in names:
+        child = rel + b"/" + name if rel else name
+        try:
+            st = os.lstat(os.path.join(root, child))
+        except OSError as exc:  # vanished or unreadable between listing and lstat
+            problems.append(WalkProblem(child, f"cannot stat: {exc.strerror}"))
+            continue
+        m = st.st_mode
+        target = None
+        if stat.S_ISREG(m):
+            kind = "file"
+        elif stat.S_ISDIR(m):
+            kind = "dir"
+        elif stat.S_ISLNK(m):
+            kind = "symlink"
+            try:
+                target = os.readlink(os.path.join(root, child))
+            except OSError as exc:
+                problems.append(WalkProblem(child, f"cannot read symlink: {exc.strerror}"))
+                continue
+        else:
+            what = "socket" if stat.S_ISSOCK(m) else "FIFO" if stat.S_ISFIFO(m) else "device"
+            log.warning("skipping %s %s: only files, directories and symlinks are backed up",
+                        what, child.decode(errors="backslashreplace"))
+            problems.append(WalkProblem(child, f"skipped {what}"))
+            continue
+        entries.append(Entry(child, kind, st.st_size if kind == "file" else 0, st.st_mtime_ns,
+                             stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_ino, target))
+    return entries, problems
+
+
+async def walk(root: bytes | str, on_problem: Callable[[WalkProblem], None]) -> AsyncIterator[Entry]:
+    """Yield every entry under root (not root itself) in sort_key order.
+
+    Problems (unreadable directories, vanished files, skipped special files) go to
+    `on_problem` and the walk goes on.
+    """
+    root_b = os.fsencode(root)
+    # A stack of pending directory listings; each is consumed in order, directories
+    # descended into as they come, so memory is bounded by depth x directory width.
+    stack: list[list[Entry]] = []
+    entries, probs = await asyncio.to_thread(_scan, root_b, b"")
+    for p in probs:
+        on_problem(p)
+    stack.append(entries[::-1])
+    while stack:
+        level = stack[-1]
+        if not level:
+            stack.pop()
+            continue
+        entry = level.pop()
+        yield entry
+        if entry.type == "dir":
+            entries, probs = await asyncio.to_thread(_scan, root_b, entry.relpath)
+            for p in probs:
+                on_problem(p)
+            stack.append(entries[::-1])

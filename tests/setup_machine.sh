@@ -1,0 +1,50 @@
+#!/bin/bash
+# Makes a fresh Debian 12 machine ready for the test suite, idempotently:
+#   - Debian packages docker.io and debootstrap (when missing)
+#   - dockerd running (when not answering)
+#   - the local PostgreSQL test image (built once, then cached by tag)
+# Fast on the second run: every step checks before it acts.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+IMAGE=${IMMICH_TEST_PG_IMAGE:-immich-stream-test/postgres:15}
+BASE=immich-stream-test/debian-postgres:15
+
+log() { printf '[%(%Y-%m-%d %H:%M:%S)T] setup: %s\n' -1 "$*"; }
+
+need_pkgs=()
+command -v dockerd >/dev/null || need_pkgs+=(docker.io)
+command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    # setsid: dockerd must outlive this script and the CI step that ran it.
+    setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || { log "dockerd did not start, see /var/log/dockerd.log"; exit 1; }
+fi
+
+# The slow part (debootstrap, ~1 min) is cached as a base image; the entrypoint is a
+# small layer on top, rebuilt from tests/stack/ every time (seconds, and never stale).
+if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+    log "building $BASE with debootstrap (about a minute)"
+    rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
+    trap 'rm -rf "$rootfs"' EXIT
+    debootstrap --variant=minbase --include=postgresql-15 bookworm "$rootfs" >/var/log/immich-stream-debootstrap.log 2>&1 \
+        || { log "debootstrap failed, see /var/log/immich-stream-debootstrap.log"; exit 1; }
+    # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
+    rm -rf "$rootfs/var/lib/postgresql/15" "$rootfs/etc/postgresql"
+    tar -C "$rootfs" -c . | docker import \
+        -c 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        - "$BASE" >/dev/null
+    log "built $BASE"
+fi
+out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
+log "machine ready"
