@@ -158,23 +158,8 @@ class FileUploader:
             self.stats.problem(f"{line.root}/{line.path}: changed while being read; the snapshot holds the bytes read")
 
     async def _single(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase) -> None:
-        # Read one byte more than expected: a file that grew is noticed, not truncated silently.
-        want = entry.size + 1
-
-        def read() -> tuple[bytes, str, str]:
-            chunks = []
-            left = want
-            while left > 0:
-                b = os.read(fd, min(left, 1 << 24))
-                if not b:
-                    break
-                chunks.append(b)
-                left -= len(b)
-            data = b"".join(chunks)
-            return data, hashlib.sha256(data).hexdigest(), md5_b64(data)
-
-        async with self.budget.hold(want):
-            data, sha, md5 = await asyncio.to_thread(read)
+        async with self.budget.hold(entry.size):
+            data, sha, md5 = await asyncio.to_thread(_read_exactly, fd, entry.size, None)
             self.stats.bytes_read += len(data)
             await self.store.put(self.repo.object_key(key), data, md5=md5)
         line.size, line.sha256 = len(data), sha
@@ -184,41 +169,49 @@ class FileUploader:
     async def _multipart(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase) -> None:
         psize = part_size_for(entry.size, self.part_size)
         sha = hashlib.sha256()
-
-        def read_part() -> tuple[bytes, str]:
-            chunks = []
-            left = psize
-            while left > 0:
-                b = os.read(fd, min(left, 1 << 24))
-                if not b:
-                    break
-                chunks.append(b)
-                left -= len(b)
-            data = b"".join(chunks)
-            sha.update(data)
-            return data, md5_b64(data)
-
         total = 0
         async with MultipartUpload(self.store, self.repo.object_key(key), self.budget) as mp:
-            while True:
-                await self.budget.acquire(psize)
+            while total < entry.size or mp.parts == 0:
+                want = min(psize, entry.size - total)
+                await self.budget.acquire(want)
                 try:
-                    data, md5 = await asyncio.to_thread(read_part)
+                    data, _, md5 = await asyncio.to_thread(_read_exactly, fd, want, sha)
                 except BaseException:
-                    await asyncio.shield(self.budget.release(psize))
+                    await asyncio.shield(self.budget.release(want))
                     raise
-                await self.budget.release(psize - len(data))
+                await self.budget.release(want - len(data))
                 if not data and mp.parts > 0:
                     break
                 total += len(data)
                 self.stats.bytes_read += len(data)
                 await mp.add(data, md5)  # the part's bytes are released once it is sent
                 phase.update(len(data))
-                if len(data) < psize:
-                    break
+                if len(data) < want:
+                    break  # the file shrank while being read: noticed by the caller's fstat
             await mp.complete()
         line.size, line.sha256 = total, sha.hexdigest()
         self.stats.bytes_uploaded += total
+
+
+def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytearray, str, str]:
+    """Read up to `size` bytes into one buffer (no copies: it is the request body too);
+    return it with its sha256 (or update `sha`, for a file read in parts) and MD5."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    with open(fd, "rb", buffering=0, closefd=False) as fh:
+        while got < size:
+            n = fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    view.release()
+    if got < size:
+        del buf[got:]
+    if sha is None:
+        return buf, hashlib.sha256(buf).hexdigest(), md5_b64(buf)
+    sha.update(buf)
+    return buf, "", md5_b64(buf)
 
 
 async def backup_root(
@@ -373,6 +366,7 @@ async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
                         lambda n: phase.update(n),
                     )
                     await out.finish()
+                dump_result.parts = out.parts
             finally:
                 phase.close()
 
@@ -420,7 +414,7 @@ async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
                 "key": f"snapshots/{snap_id}/database.sql.gz", "name": settings.db_name,
                 "size": dump_result.raw_bytes, "compressed_size": dump_result.gz_bytes,
                 "sha256": dump_result.raw_sha256, "compressed_sha256": dump_result.gz_sha256,
-                "seconds": round(dump_result.seconds, 3),
+                "parts": dump_result.parts, "seconds": round(dump_result.seconds, 3),
             },
             "seconds": round(seconds, 3),
             "downtime_seconds": round(downtime, 3),

@@ -159,7 +159,39 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
             loop.remove_signal_handler(sig)
 
 
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first leaf that is not a cancellation (those follow from the first failure)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, ImmichStreamError):
+            return leaf
+    return next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])
+
+
+def _tune_malloc() -> None:
+    """Part buffers are large and short-lived; glibc's dynamic mmap threshold would move
+    them onto the heap after the first free, where fragmentation holds on to memory.
+    A fixed threshold keeps every buffer in its own mapping, returned on free."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
@@ -173,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImmichStreamError as exc:
         print(f"immich-stream: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BaseExceptionGroup as group:  # from a TaskGroup: report the error that started it
+        first = _first_leaf(group)
+        if isinstance(first, ImmichStreamError):
+            print(f"immich-stream: error: {first}", file=sys.stderr)
+            return first.exit_code
+        log.debug("internal error", exc_info=group)
+        print(f"immich-stream: error: internal error {type(first).__name__}: {first} (run with -v for details; "
+              "please report it)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a signal before the loop's handlers were installed
         print("immich-stream: error: interrupted", file=sys.stderr)
         return EXIT_SIGINT

@@ -39,7 +39,7 @@ _TRANSIENT_BOTOCORE = (
 )
 
 
-def md5_b64(data: bytes | memoryview) -> str:
+def md5_b64(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
@@ -157,7 +157,7 @@ class Store:
 
     # -- objects ----------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes, content_type: str | None = None, md5: str | None = None) -> None:
+    async def put(self, key: str, data: bytes | bytearray, content_type: str | None = None, md5: str | None = None) -> None:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data, "ContentMD5": md5 or md5_b64(data)}
         if content_type:
             kw["ContentType"] = content_type
@@ -259,7 +259,7 @@ class Store:
         )
         return str(resp["UploadId"])
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes, md5: str | None = None) -> str:
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray, md5: str | None = None) -> str:
         md5 = md5 or md5_b64(data)
         resp = await self._call(
             f"upload part {number} of {key}",
@@ -322,7 +322,7 @@ class MultipartUpload:
         self.upload_id = await self.store.create_multipart(self.key)
         return self
 
-    async def add(self, data: bytes, md5: str | None = None) -> None:
+    async def add(self, data: bytes | bytearray, md5: str | None = None) -> None:
         """Queue the next part (its bytes must already be held in the budget by the caller,
         who hands them over: they are released once the part is sent)."""
         try:
@@ -398,6 +398,7 @@ class StreamWriter:
         self.part_size = part_size
         self.max_inflight = max_inflight
         self.size = 0
+        self.parts = 0  # how many requests the stream went up in (1 for a plain PUT)
         self._buf = bytearray()
         self._held = 0
         self._mp: MultipartUpload | None = None
@@ -417,8 +418,9 @@ class StreamWriter:
         self.size += len(data)
         while len(self._buf) >= self._target():
             target = self._target()
-            part = bytes(self._buf[:target])
-            del self._buf[:target]
+            # The part is the buffer itself, cut to size; only the small rest is copied.
+            part, self._buf = self._buf, bytearray(self._buf[target:])
+            del part[target:]
             if self._mp is None:
                 self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
                 await self._mp.__aenter__()
@@ -426,15 +428,16 @@ class StreamWriter:
             await self._mp.add(part)
 
     async def finish(self) -> None:
-        data = bytes(self._buf)
-        self._buf = bytearray()
+        data, self._buf = self._buf, bytearray()
         if self._mp is None:
             await self.store.put(self.key, data)
+            self.parts = 1
         else:
             if data or self._mp.parts == 0:
                 self._held -= len(data)
                 await self._mp.add(data)
             await self._mp.complete()
+            self.parts = self._mp.parts
             await self._mp.__aexit__(None, None, None)
             self._mp = None
         await self._release_held()

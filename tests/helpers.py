@@ -7,9 +7,9 @@ import hashlib
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import boto3
 from botocore.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+USER_ID = "a1b2c3d4-0000-4000-8000-000000000001"  # the Immich user of generated libraries
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Result:
     out: str
     err: str
     written_bytes: int  # bytes the process wrote to local storage (rusage ru_oublock)
-    maxrss_kib: int
+    maxrss_kib: int  # peak RSS (VmHWM, sampled every 50 ms)
 
     @property
     def last_error(self) -> str:
@@ -36,21 +37,49 @@ class Result:
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 240, cwd: str | None = None) -> Result:
-    """Run `python -m immich_stream ARGS` as a user would; measure what it wrote to disk."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(
-        [sys.executable, "-m", "immich_stream", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
-    )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return Result(proc.returncode, proc.stdout, proc.stderr, (after.ru_oublock - before.ru_oublock) * 512,
-                  after.ru_maxrss)
+    """Run `python -m immich_stream ARGS` as a user would; measure what this one process
+    wrote to local storage and its peak memory (wait4's rusage, not all children's)."""
+    proc = start_cli(*args, env=env, cwd=cwd)
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read())),  # type: ignore[union-attr]
+               threading.Thread(target=lambda: err.append(proc.stderr.read()))]  # type: ignore[union-attr]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + timeout
+    peak_kib = 0
+    while True:
+        peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"immich-stream {' '.join(args)} ran past {timeout}s")
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for t in readers:
+        t.join()
+    return Result(proc.returncode, out[0], err[0], usage.ru_oublock * 512, peak_kib)
 
 
-def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def vm_hwm_kib(pid: int) -> int:
+    """The process's peak RSS so far. Not rusage's ru_maxrss: after fork+exec that still
+    holds the forking parent's (pytest's) high-water mark."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def start_cli(*args: str, env: dict[str, str], cwd: str | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "immich_stream", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=cwd,
     )
 
 
@@ -126,7 +155,7 @@ def make_library(root: Path, seed: int = 1, photos: int = 40, odd_names: bool = 
     real ones (photos of tens to hundreds of KiB, thumbnails of a few KiB) to keep tests fast.
     """
     rng = random.Random(seed)
-    user = "a1b2c3d4-0000-4000-8000-000000000001"
+    user = USER_ID
     written: dict[bytes, bytes] = {}
 
     def put(rel: bytes, size: int) -> None:
