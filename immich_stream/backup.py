@@ -193,25 +193,23 @@ class FileUploader:
         self.stats.bytes_uploaded += total
 
 
-def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytearray, str, str]:
-    """Read up to `size` bytes into one buffer (no copies: it is the request body too);
-    return it with its sha256 (or update `sha`, for a file read in parts) and MD5."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    with open(fd, "rb", buffering=0, closefd=False) as fh:
-        while got < size:
-            n = fh.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    view.release()
-    if got < size:
-        del buf[got:]
+def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
+    """Read up to `size` bytes; return them with their sha256 (or update `sha`, for a file
+    read in parts) and MD5. Bytes, not a bytearray: botocore and aiohttp copy a
+    bytearray body several times over, a bytes body not at all; and os.read of a regular
+    file returns the requested size in one buffer."""
+    data = os.read(fd, size)
+    if 0 < len(data) < size:  # short read: a file that shrank, or a pipe-like oddity
+        chunks = [data]
+        got = len(data)
+        while got < size and (more := os.read(fd, size - got)):
+            chunks.append(more)
+            got += len(more)
+        data = b"".join(chunks)
     if sha is None:
-        return buf, hashlib.sha256(buf).hexdigest(), md5_b64(buf)
-    sha.update(buf)
-    return buf, "", md5_b64(buf)
+        return data, hashlib.sha256(data).hexdigest(), md5_b64(data)
+    sha.update(data)
+    return data, "", md5_b64(data)
 
 
 async def backup_root(

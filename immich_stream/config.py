@@ -152,7 +152,7 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("part_size", ("backup", "part_size"), ("IMMICH_STREAM_PART_SIZE",), "--part-size", parse_size, 8 * MIB,
          "multipart part size (grown automatically to stay under 10,000 parts)"),
     Spec("max_memory", ("backup", "max_memory"), ("IMMICH_STREAM_MAX_MEMORY",), "--max-memory", parse_size,
-         64 * MIB, "budget for file and part buffers in flight"),
+         48 * MIB, "budget for file and part buffers in flight"),
     Spec("retries", ("s3", "retries"), ("IMMICH_STREAM_RETRIES",), None, parse_positive_int, 6,
          "attempts per S3 request on transient errors"),
 )
@@ -178,7 +178,7 @@ class Settings:
     stop: str = "all"
     jobs: int = 8
     part_size: int = 8 * MIB
-    max_memory: int = 64 * MIB
+    max_memory: int = 48 * MIB
     retries: int = 6
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)

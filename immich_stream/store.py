@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+import aiohttp.payload
 from botocore.exceptions import BotoCoreError, ClientError
 
 from immich_stream.budget import ByteBudget
@@ -39,7 +41,25 @@ _TRANSIENT_BOTOCORE = (
 )
 
 
-def md5_b64(data: bytes | bytearray | memoryview) -> str:
+class _Body(io.BytesIO):
+    """A request body that aiohttp sends without copying.
+
+    botocore turns a bytes Body into io.BytesIO (which shares the bytes), and aiohttp's
+    BytesIOPayload calls getbuffer(), which unshares it: a full copy of every part in
+    flight, doubling memory. Bodies of this type are sent as the bytes they wrap."""
+
+
+def _body_payload(value: _Body, *args: Any, **kwargs: Any) -> aiohttp.payload.Payload:
+    if value.tell() == 0:
+        # getvalue() of a BytesIO made from bytes returns those very bytes
+        return aiohttp.payload.BytesPayload(value.getvalue(), *args, **kwargs)
+    return aiohttp.payload.BytesIOPayload(value, *args, **kwargs)
+
+
+aiohttp.payload.PAYLOAD_REGISTRY.register(_body_payload, _Body, order=aiohttp.payload.Order.try_first)
+
+
+def md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
@@ -157,11 +177,11 @@ class Store:
 
     # -- objects ----------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes | bytearray, content_type: str | None = None, md5: str | None = None) -> None:
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data, "ContentMD5": md5 or md5_b64(data)}
+    async def put(self, key: str, data: bytes, content_type: str | None = None, md5: str | None = None) -> None:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ContentMD5": md5 or md5_b64(data)}
         if content_type:
             kw["ContentType"] = content_type
-        await self._call(f"upload {key}", lambda: self._client.put_object(**kw))
+        await self._call(f"upload {key}", lambda: self._client.put_object(Body=_Body(data), **kw))
 
     async def get(self, key: str) -> bytes:
         chunks = [c async for c in self.iter_object(key)]
@@ -259,12 +279,12 @@ class Store:
         )
         return str(resp["UploadId"])
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray, md5: str | None = None) -> str:
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes, md5: str | None = None) -> str:
         md5 = md5 or md5_b64(data)
         resp = await self._call(
             f"upload part {number} of {key}",
             lambda: self._client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentMD5=md5
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=_Body(data), ContentMD5=md5
             ),
         )
         return str(resp["ETag"])
@@ -322,7 +342,7 @@ class MultipartUpload:
         self.upload_id = await self.store.create_multipart(self.key)
         return self
 
-    async def add(self, data: bytes | bytearray, md5: str | None = None) -> None:
+    async def add(self, data: bytes, md5: str | None = None) -> None:
         """Queue the next part (its bytes must already be held in the budget by the caller,
         who hands them over: they are released once the part is sent)."""
         try:
@@ -418,9 +438,9 @@ class StreamWriter:
         self.size += len(data)
         while len(self._buf) >= self._target():
             target = self._target()
-            # The part is the buffer itself, cut to size; only the small rest is copied.
-            part, self._buf = self._buf, bytearray(self._buf[target:])
-            del part[target:]
+            # bytes, not bytearray: botocore and aiohttp copy a bytearray body several times.
+            part = bytes(self._buf[:target])
+            del self._buf[:target]
             if self._mp is None:
                 self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
                 await self._mp.__aenter__()
@@ -428,7 +448,7 @@ class StreamWriter:
             await self._mp.add(part)
 
     async def finish(self) -> None:
-        data, self._buf = self._buf, bytearray()
+        data, self._buf = bytes(self._buf), bytearray()
         if self._mp is None:
             await self.store.put(self.key, data)
             self.parts = 1
