@@ -303,6 +303,11 @@ async def backup_root(
             tg.create_task(work())
 
 
+def _root_meta(path: Path) -> dict[str, int]:
+    st = os.stat(path)
+    return {"mode": st.st_mode & 0o7777, "uid": st.st_uid, "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
+
+
 async def preflight_store(store: Store, repo: Repo, run_id: str) -> None:
     """S3 reachable and the bucket writable: write and delete a small object, check the format."""
     key = repo.preflight_key(run_id)
@@ -404,6 +409,9 @@ async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
             "mode": mode,
             "parent": prev.id if prev else None,
             "roots": {r: str(p) for r, p in roots.items()},
+            # The roots themselves are not in the manifest; Postgres refuses a data
+            # directory with the wrong owner or mode, so restore needs these.
+            "root_meta": {r: _root_meta(p) for r, p in roots.items()},
             "complete": complete,
             "files": {k: v for k, v in asdict(stats).items() if k != "problems"},
             "problems": stats.problems,

@@ -69,6 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all: stop everything, cold copy of the DB directory (default); app: stop the app, dump "
                         "the running DB; none: no downtime, dump first then files")
     _transfer_options(b)
+
+    sn = sub.add_parser("snapshots", parents=[common], help="list the committed snapshots, newest last")
+    sn.add_argument("--json", action="store_true", help="machine-readable output")
+    sn.add_argument("--all", dest="all_", action="store_true", help="also list incomplete snapshot directories")
+
+    r = sub.add_parser("restore", parents=[common], help="restore files (--to DIR) or the database (--database)",
+                       description="Restore a snapshot's files into a directory, or its database into the "
+                                   "database container (the app containers are stopped meanwhile).")
+    r.add_argument("snapshot", nargs="?", default="latest", help="a snapshot id (or a unique prefix), or latest")
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", metavar="DIR", help="restore files under DIR (DIR/library, DIR/postgres)")
+    what.add_argument("--database", action="store_true", help="restore the database into DB_CONTAINER with psql")
+    what.add_argument("--dump-to", metavar="FILE", help="write the dump (database.sql.gz as stored) to FILE, - for stdout")
+    r.add_argument("--root", choices=("library", "postgres"), help="only this root, straight into DIR")
+    r.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only paths matching GLOB, relative to their root (* also matches /); repeatable")
+    r.add_argument("--overwrite", action="store_true", help="restore into a non-empty directory")
+    _transfer_options(r)
+
+    v = sub.add_parser("verify", parents=[common], help="check that snapshots can be restored")
+    v.add_argument("snapshot", nargs="?", default=None, help="a snapshot id, or latest (default)")
+    v.add_argument("--all", dest="all_", action="store_true", help="every snapshot")
+    v.add_argument("--read-data", action="store_true", help="download everything and check every sha256")
+    v.add_argument("--read-data-subset", metavar="N%", help="download and check a random N%% of the files")
+    _transfer_options(v)
     return parser
 
 
@@ -113,9 +138,112 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     return result.exit_code
 
 
+async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    import json
+
+    from immich_stream.repo import Repo
+    from immich_stream.store import Store
+
+    settings.require("bucket")
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        await repo.check_config()
+        ids = await repo.snapshot_ids(complete_only=not args.all_)
+        complete = set(await repo.snapshot_ids()) if args.all_ else set(ids)
+        rows = []
+        for sid in ids:
+            if sid not in complete:
+                rows.append({"id": sid, "complete": False, "committed": False})
+                continue
+            data = (await repo.load_snapshot(sid)).data
+            files = data.get("files", {})
+            rows.append({
+                "id": sid, "committed": True, "time": data.get("time"), "mode": data.get("mode"),
+                "complete": data.get("complete", True), "files": files.get("files"),
+                "bytes": files.get("bytes_total"), "bytes_new": files.get("bytes_uploaded"),
+                "dump_bytes": data.get("database", {}).get("compressed_size"), "seconds": data.get("seconds"),
+                "downtime_seconds": data.get("downtime_seconds"),
+            })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    fs = cfg.format_size
+    print(f"{'id':<25} {'date (UTC)':<19} {'mode':<4} {'files':>8} {'size':>10} {'new':>10} {'dump':>10} {'took':>7}")
+    for r in rows:
+        if not r["committed"]:
+            print(f"{r['id']:<25} {'(incomplete: no snapshot.json; ignored, removed by prune)'}")
+            continue
+        date = (r["time"] or "")[:19].replace("T", " ")
+        flag = "" if r["complete"] else "  (some files missing)"
+        print(f"{r['id']:<25} {date:<19} {r['mode'] or '':<4} {r['files'] or 0:>8} {fs(r['bytes'] or 0):>10} "
+              f"{fs(r['bytes_new'] or 0):>10} {fs(r['dump_bytes'] or 0):>10} {r['seconds'] or 0:>6.0f}s{flag}")
+    print(f"{len([r for r in rows if r['committed']])} snapshots")
+    return 0
+
+
+async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    from pathlib import Path
+
+    from immich_stream import restore
+
+    fs = cfg.format_size
+    if args.dump_to:
+        snap, size = await restore.dump_to(settings, args.snapshot, args.dump_to)
+        if args.dump_to != "-":
+            print(f"wrote the dump of snapshot {snap.id} to {args.dump_to} ({fs(size)}, sha256 checked)")
+        return 0
+    if args.database:
+        snap, info = await restore.restore_database(settings, reporter, args.snapshot)
+        print(f"restored database {settings.db_name} from snapshot {snap.id}: {fs(info['bytes'])} of SQL in "
+              f"{info['seconds']:.1f} s; Immich was down for {info['downtime']:.1f} s")
+        return 0
+    snap, st = await restore.restore_files(settings, reporter, args.snapshot, Path(args.to),
+                                           [args.root] if args.root else None, args.include, args.overwrite)
+    print(f"restored snapshot {snap.id} into {args.to}: {st.files} files ({st.restored} downloaded, {st.skipped} "
+          f"already in place, {st.failed} failed), {st.dirs} directories, {st.symlinks} symlinks, "
+          f"{fs(st.bytes_downloaded)} downloaded in {st.seconds:.1f} s")
+    for problem in st.problems[:10]:
+        print(f"problem   {problem}")
+    if st.failed:
+        print(f"immich-stream: error: {st.failed} files could not be restored; run the same command again to "
+              "retry them, and `verify --read-data`", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    from immich_stream.verify import verify
+
+    fraction = 0.0
+    if args.read_data:
+        fraction = 1.0
+    elif args.read_data_subset:
+        try:
+            fraction = float(args.read_data_subset.rstrip("%")) / 100
+            if not 0 < fraction <= 1:
+                raise ValueError
+        except ValueError:
+            raise cfg.ConfigError(f"--read-data-subset {args.read_data_subset!r} is not a percentage: "
+                                  "give one like 10%") from None
+    report = await verify(settings, reporter, args.snapshot, args.all_, fraction)
+    what = "read and checked" if fraction else "checked (sizes; add --read-data to check contents)"
+    print(f"{len(report.snapshots)} snapshots, {report.objects} file references {what}, "
+          f"{cfg.format_size(report.bytes_read)} read, {report.seconds:.1f} s: "
+          + ("no problems" if not report.problems else f"{len(report.problems)} PROBLEMS"))
+    for problem in report.problems:
+        print(f"problem   {problem}")
+    if report.problems:
+        print(f"immich-stream: error: {len(report.problems)} problems found (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[int]]] = {
     "config": cmd_config,
     "backup": cmd_backup,
+    "snapshots": cmd_snapshots,
+    "restore": cmd_restore,
+    "verify": cmd_verify,
 }
 
 

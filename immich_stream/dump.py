@@ -45,11 +45,13 @@ async def _exec(docker: aiodocker.Docker, container: str, cmd: list[str], stdin:
 
 async def _exit_code(exe: Any) -> int:
     # The exit code can be None for a moment after the output ends.
-    for _ in range(200):
+    delay = 0.01
+    for _ in range(400):
         info = await exe.inspect()
         if not info.get("Running") and info.get("ExitCode") is not None:
             return int(info["ExitCode"])
-        await asyncio.sleep(0.025)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)
     raise StackError("docker exec did not report an exit code")
 
 
@@ -143,3 +145,95 @@ async def dump_database(
             pending, pending_size = [], 0
     await write(await gz.compress(b"".join(pending), final=True))
     return DumpResult(gz.raw_bytes, gz.gz_bytes, gz.raw.hexdigest(), gz.gz.hexdigest(), 0, loop.time() - start)
+
+
+SEARCH_PATH_DUMP = b"SELECT pg_catalog.set_config('search_path', '', false);"
+# Immich's restore documentation: extensions such as earthdistance resolve their helper
+# functions through search_path, which pg_dump empties for the whole session.
+SEARCH_PATH_FIXED = b"SELECT pg_catalog.set_config('search_path', 'public, pg_catalog', true);"
+
+
+class SearchPathFix:
+    """Rewrite pg_dump's search_path line in a stream, across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self.replaced = 0
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._carry + data
+        cut = data.rfind(b"\n") + 1  # only whole lines are rewritten
+        if cut == 0 and len(data) < 1 << 20:
+            self._carry = data
+            return b""
+        head, self._carry = (data[:cut], data[cut:]) if cut else (data, b"")
+        return self._fix(head)
+
+    def flush(self) -> bytes:
+        tail, self._carry = self._carry, b""
+        return self._fix(tail)
+
+    def _fix(self, data: bytes) -> bytes:
+        n = data.count(SEARCH_PATH_DUMP)
+        if n:
+            self.replaced += n
+            data = data.replace(SEARCH_PATH_DUMP, SEARCH_PATH_FIXED)
+        return data
+
+
+def psql_restore_command(user: str, dbname: str) -> list[str]:
+    return ["psql", f"--dbname={dbname}", f"--username={user}", "--single-transaction",
+            "--set", "ON_ERROR_STOP=on", "--quiet", "--no-psqlrc"]
+
+
+async def ensure_database(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> bool:
+    """Create the database when it does not exist (a restore onto a fresh server). True if created."""
+    code, out = await run_in_container(
+        docker, container,
+        ["psql", "--username", user, "--dbname", "postgres", "--no-psqlrc", "-Atc",
+         f"SELECT 1 FROM pg_database WHERE datname = '{dbname.replace(chr(39), chr(39) * 2)}'"],
+    )
+    if code != 0:
+        raise DumpError(f"psql failed in {container}: {out.decode(errors='replace').strip()}")
+    if out.strip() == b"1":
+        return False
+    code, out = await run_in_container(docker, container, ["createdb", "--username", user, dbname])
+    if code != 0:
+        raise DumpError(f"createdb {dbname} failed in {container}: {out.decode(errors='replace').strip()}")
+    return True
+
+
+async def pipe_into(
+    docker: aiodocker.Docker, container: str, cmd: list[str], chunks: AsyncIterator[bytes], what: str
+) -> bytes:
+    """Feed chunks to a command's stdin while reading its output; raise DumpError if it fails.
+
+    Output is read concurrently (psql blocks when its output pipe is full) and only its
+    last 8 KiB kept. stdin is half-closed at the end so the output can still be read."""
+    exe = await _exec(docker, container, cmd, stdin=True)
+    out = bytearray()
+    async with exe.start(detach=False) as stream:
+
+        async def read() -> None:
+            while (msg := await stream.read_out()) is not None:
+                out.extend(msg.data)
+                del out[:-8192]
+
+        async def write() -> None:
+            async for chunk in chunks:
+                await stream.write_in(chunk)
+            transport = stream._resp.connection.transport if stream._resp and stream._resp.connection else None
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()  # EOF for the command, the answer still readable
+            else:  # pragma: no cover - every Docker transport here supports half-close
+                await stream.close()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(read())
+            tg.create_task(write())
+    code = await _exit_code(exe)
+    if code != 0:
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "ERROR" in ln or "FATAL" in ln] or lines[-3:] or [f"exit code {code}"]
+        raise DumpError(f"{what} failed in {container}: {' | '.join(errors[:3])}")
+    return bytes(out)

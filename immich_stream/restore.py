@@ -1,0 +1,368 @@
+"""`restore`: files of a snapshot into a directory, or its database into the container.
+
+Files: concurrent, bounded downloads, each written to a temporary name beside its target
+and renamed into place only after its size and sha256 match the manifest. Files already
+in place with the right size and sha256 are skipped, so an interrupted restore is simply
+run again. Manifest paths are never trusted: nothing is written outside the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+from immich_stream.budget import ByteBudget
+from immich_stream.config import Settings
+from immich_stream.dump import SearchPathFix, ensure_database, pipe_into, psql_restore_command
+from immich_stream.errors import ConfigError, RepoError, StackError
+from immich_stream.progress import Phase, Reporter
+from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
+from immich_stream.stack import Stack, StackGuard, connect
+from immich_stream.store import Store
+
+log = logging.getLogger(__name__)
+
+MARKER = ".immich-stream-restore"  # in the target while a restore is unfinished
+PARTIAL = ".immich-stream-partial"
+CHUNK = 1 << 20
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    restored: int = 0
+    skipped: int = 0  # already in place
+    dirs: int = 0
+    symlinks: int = 0
+    bytes_downloaded: int = 0
+    failed: int = 0
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class UnsafePath(RepoError):
+    """A manifest path that would write outside the target: stops the whole restore."""
+
+
+def safe_relpath(line: ManifestLine) -> bytes:
+    """The line's path, refused if it could point outside the target."""
+    raw = line.relpath
+    if not raw or b"\x00" in raw or raw.startswith(b"/") or any(
+        part in (b"", b".", b"..") for part in raw.split(b"/")
+    ):
+        raise UnsafePath(f"refusing manifest path {line.path!r} in root {line.root}: absolute, '..', empty or NUL "
+                        "components; the manifest is damaged or forged")
+    if line.root not in ROOTS:
+        raise UnsafePath(f"refusing manifest root {line.root!r}: not one of {', '.join(ROOTS)}")
+    return raw
+
+
+def _matches(line: ManifestLine, roots: set[str], includes: list[str]) -> bool:
+    if line.root not in roots:
+        return False
+    if not includes:
+        return True
+    path = line.relpath.decode("utf-8", "surrogateescape")
+    return any(fnmatch.fnmatchcase(path, g) for g in includes)
+
+
+def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"restore target {target} is not a directory: choose a directory")
+    if not target.exists():
+        return
+    entries = [e for e in os.listdir(target) if e != MARKER]
+    if not entries or overwrite:
+        return
+    marker = target / MARKER
+    if marker.exists():
+        try:
+            previous = json.loads(marker.read_text()).get("snapshot")
+        except (OSError, ValueError):
+            previous = None
+        if previous == snap.id:
+            log.info("resuming the unfinished restore of %s into %s", snap.id, target)
+            return
+        raise ConfigError(f"{target} holds an unfinished restore of snapshot {previous}: restore that one, "
+                          "or add --overwrite")
+    raise ConfigError(f"restore target {target} is not empty: choose an empty directory or add --overwrite")
+
+
+class FileRestorer:
+    def __init__(self, store: Store, repo: Repo, target: Path, single_root: bool, stats: RestoreStats,
+                 phase: Phase, budget: ByteBudget) -> None:
+        self.store = store
+        self.repo = repo
+        self.target = os.fsencode(target)
+        self.single_root = single_root
+        self.stats = stats
+        self.phase = phase
+        self.budget = budget
+        self.as_root = os.geteuid() == 0
+        self.real_target = os.path.realpath(self.target)
+
+    def makedirs(self, path: bytes) -> None:
+        """mkdir -p, refusing to go through a symlink out of the target (a forged
+        manifest could put `a -> /etc` before `a/passwd`)."""
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        real = os.path.realpath(existing)  # checked before anything is created below it
+        if real != self.real_target and not real.startswith(self.real_target + b"/"):
+            raise UnsafePath(f"refusing to write under {os.fsdecode(path)}: it leads out of the restore target "
+                             "through a symlink; the manifest is damaged or forged")
+        os.makedirs(path, 0o755, exist_ok=True)
+
+    def dest(self, line: ManifestLine) -> bytes:
+        rel = safe_relpath(line)
+        if self.single_root:
+            return os.path.join(self.target, rel)
+        return os.path.join(self.target, line.root.encode(), rel)
+
+    def _set_meta(self, path: bytes, line: ManifestLine, follow: bool = True) -> None:
+        if self.as_root:
+            with contextlib.suppress(OSError):
+                os.chown(path, line.uid, line.gid, follow_symlinks=follow)
+        if follow:
+            os.chmod(path, line.mode)
+        os.utime(path, ns=(line.mtime_ns, line.mtime_ns), follow_symlinks=follow)
+
+    async def in_place(self, path: bytes, line: ManifestLine) -> bool:
+        """True when path already holds exactly this file (size, then sha256)."""
+        try:
+            st = await aiofiles.os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not os.path.isfile(path) or os.path.islink(path) or st.st_size != line.size:
+            return False
+
+        def digest() -> str:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        return await asyncio.to_thread(digest) == line.sha256
+
+    async def file(self, line: ManifestLine) -> None:
+        path = self.dest(line)
+        await asyncio.to_thread(self.makedirs, os.path.dirname(path))
+        if await self.in_place(path, line):
+            await asyncio.to_thread(self._set_meta, path, line)
+            self.stats.skipped += 1
+            self.phase.update(line.size, files=1)
+            return
+        if line.key is None or line.sha256 is None:
+            raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
+        partial = os.path.join(os.path.dirname(path), b"." + os.path.basename(path)[:200] + PARTIAL.encode())
+        h = hashlib.sha256()
+        size = 0
+        try:
+            async with aiofiles.open(partial, "wb") as out:
+                async for chunk in self.store.iter_object(self.repo.object_key(line.key), CHUNK):
+                    async with self.budget.hold(len(chunk)):
+                        h.update(chunk)
+                        size += len(chunk)
+                        await out.write(chunk)
+                    self.stats.bytes_downloaded += len(chunk)
+                    self.phase.update(len(chunk))
+                await out.flush()
+            if size != line.size or h.hexdigest() != line.sha256:
+                raise RepoError(f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                                f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                                "run `verify --read-data`")
+            await asyncio.to_thread(self._set_meta, partial, line)
+            await aiofiles.os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
+        self.stats.restored += 1
+        self.phase.update(0, files=1)
+
+    async def symlink(self, line: ManifestLine) -> None:
+        path = self.dest(line)
+        raw_target = unescape_path(line.target or "")
+
+        def make() -> None:
+            self.makedirs(os.path.dirname(path))
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.islink(path) or os.path.isfile(path):
+                    os.unlink(path)
+            os.symlink(raw_target, path)
+            self._set_meta(path, line, follow=False)
+
+        await asyncio.to_thread(make)
+        self.stats.symlinks += 1
+
+
+async def restore_files(
+    settings: Settings, reporter: Reporter, which: str, target: Path, roots: list[str] | None,
+    includes: list[str], overwrite: bool,
+) -> tuple[Snapshot, RestoreStats]:
+    started = time.monotonic()
+    settings.require("bucket")
+    stats = RestoreStats()
+    budget = ByteBudget(settings.max_memory)
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        await repo.check_config()
+        snap = await repo.resolve(which)
+        _check_target(target, snap, overwrite)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / MARKER).write_text(json.dumps({"snapshot": snap.id}) + "\n")
+        wanted = set(roots or ROOTS)
+        everything = not includes and wanted >= set(snap.data.get("roots", {}))
+        total = snap.data.get("files", {}).get("bytes_total") if everything else None
+        phase = reporter.phase("restore files", total)
+        restorer = FileRestorer(store, repo, target, roots is not None and len(roots) == 1, stats, phase, budget)
+        dirs: list[ManifestLine] = []
+        queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(settings.jobs * 4)
+
+        async def produce() -> None:
+            async for line in repo.read_manifest(snap.id):
+                if not _matches(line, wanted, includes):
+                    continue
+                restorer.dest(line)  # refuses unsafe paths before anything is written for them
+                if line.type == "dir":
+                    dirs.append(line)  # modes and mtimes once their contents are written
+                    await asyncio.to_thread(restorer.makedirs, restorer.dest(line))
+                    stats.dirs += 1
+                elif line.type == "symlink":
+                    await restorer.symlink(line)
+                else:
+                    stats.files += 1
+                    await queue.put(line)
+            for _ in range(settings.jobs):
+                await queue.put(None)
+
+        async def work() -> None:
+            while (line := await queue.get()) is not None:
+                try:
+                    await restorer.file(line)
+                except UnsafePath:
+                    raise
+                except (RepoError, OSError) as exc:
+                    stats.failed += 1
+                    msg = f"{line.root}/{line.path}: {exc}"
+                    log.warning("%s", msg)
+                    if len(stats.problems) < 200:
+                        stats.problems.append(msg)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(produce())
+                for _ in range(settings.jobs):
+                    tg.create_task(work())
+        finally:
+            phase.close()
+        for line in reversed(dirs):  # deepest first: setting a parent's mtime is the last touch
+            await asyncio.to_thread(restorer._set_meta, restorer.dest(line), line)
+        for root, meta in snap.data.get("root_meta", {}).items():
+            if root in wanted and root in ROOTS:
+                where = target if restorer.single_root else target / root
+                if where.is_dir():
+                    line = ManifestLine(root, "", "dir", 0, meta["mtime_ns"], meta["mode"], meta["uid"], meta["gid"], 0)
+                    await asyncio.to_thread(restorer._set_meta, os.fsencode(where), line)
+        if stats.failed == 0:
+            (target / MARKER).unlink(missing_ok=True)
+    stats.seconds = time.monotonic() - started
+    return snap, stats
+
+
+async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncIterator[bytes]:
+    """The snapshot's dump, decompressed, with the search_path correction applied."""
+    key = repo.snapshot_key(snap.id, "database.sql.gz")
+    fix = SearchPathFix()
+    async for data in gunzip_stream(store.iter_object(key)):
+        out = fix.feed(data)
+        if out:
+            yield out
+    tail = fix.flush()
+    if tail:
+        yield tail
+    if fix.replaced == 0:
+        log.warning("the dump had no search_path line to correct; restoring it as it is")
+
+
+async def restore_database(settings: Settings, reporter: Reporter, which: str) -> tuple[Snapshot, dict]:
+    """Stop the app containers, pipe the dump into psql in the database container, start them."""
+    started = time.monotonic()
+    settings.require("bucket")
+    async with connect() as docker, Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        await repo.check_config()
+        snap = await repo.resolve(which)
+        stack = Stack(docker, settings.project, settings.db_container)
+        await stack.ping()
+        containers = await stack.containers()
+        db = [c for c in containers if c.name == settings.db_container]
+        if not db or not db[0].running:
+            raise StackError(f"database container {settings.db_container!r} is not running: start it (only it) first")
+        app = [c.name for c in containers if c.running and c.name != settings.db_container]
+        phase = reporter.phase("restore database", snap.data.get("database", {}).get("size"))
+        sent = 0
+
+        async def counted() -> AsyncIterator[bytes]:
+            nonlocal sent
+            async for chunk in dump_chunks(store, repo, snap):
+                sent += len(chunk)
+                phase.update(len(chunk))
+                yield chunk
+
+        try:
+            async with StackGuard(stack) as guard:
+                await guard.stop(app)
+                created = await ensure_database(docker, settings.db_container, settings.db_user, settings.db_name)
+                if created:
+                    log.info("created database %s", settings.db_name)
+                await pipe_into(docker, settings.db_container, psql_restore_command(settings.db_user, settings.db_name),
+                                counted(), "psql")
+                await guard.restore()
+        finally:
+            phase.close()
+    return snap, {"bytes": sent, "seconds": time.monotonic() - started, "downtime": guard.downtime,
+                  "restarted": app}
+
+
+async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
+    """Write the snapshot's database.sql.gz, as stored, to a file or stdout; check its sha256."""
+    settings.require("bucket")
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        await repo.check_config()
+        snap = await repo.resolve(which)
+        key = repo.snapshot_key(snap.id, "database.sql.gz")
+        h = hashlib.sha256()
+        size = 0
+        partial = None if dest == "-" else Path(dest + PARTIAL)
+        fh = os.fdopen(os.dup(1), "wb") if partial is None else open(partial, "wb")
+        try:
+            with fh:
+                async for chunk in store.iter_object(key):
+                    h.update(chunk)
+                    size += len(chunk)
+                    await asyncio.to_thread(fh.write, chunk)
+            expected = snap.data.get("database", {}).get("compressed_sha256")
+            if expected and h.hexdigest() != expected:
+                raise RepoError(f"{key} does not match snapshot.json's sha256: run `verify --read-data`")
+            if partial is not None:
+                os.replace(partial, dest)
+        except BaseException:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+            raise
+    return snap, size
