@@ -26,7 +26,8 @@ from immich_stream.dump import DumpResult, dump_database
 from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, RepoError
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
-from immich_stream.stack import Stack, StackGuard, connect, recover
+from immich_stream.locks import RepoLock, local_lock
+from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
 from immich_stream.store import MultipartUpload, Store, StreamWriter, md5_b64, part_size_for
 from immich_stream.walk import Entry, WalkProblem, walk
 
@@ -318,10 +319,9 @@ async def preflight_store(store: Store, repo: Repo, run_id: str) -> None:
 
 async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
     started = time.monotonic()
-    mode = settings.stop
     settings.require("bucket")
     library = settings.require_dir("library_dir")
-    postgres = settings.require_dir("postgres_dir") if mode == "all" else None
+    postgres = settings.require_dir("postgres_dir") if settings.stop == "all" else None
     roots: dict[str, Path] = {"library": library}
     if postgres is not None:
         roots = {"postgres": postgres, "library": library}
@@ -329,103 +329,113 @@ async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
         log.warning("library_dir and postgres_dir overlap: files under both are stored twice")
 
     snap_id = new_snapshot_id()
+    # Two backups of one stack on one host never overlap (the kernel drops the flock of a
+    # killed run); runs elsewhere and prune are kept apart by the repository lock.
+    with local_lock(f"backup-{settings.project}", state_dir()):
+        async with connect() as docker, Store(settings) as store:
+            stack = Stack(docker, settings.project, settings.db_container)
+            # A run killed with the stack down is repaired first, whatever else happens.
+            if await recover(stack):
+                log.info("the Immich stack left stopped by the earlier run is running again")
+            repo = Repo(store, settings.prefix)
+            await preflight_store(store, repo, snap_id)
+            async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait):
+                return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started)
+
+
+async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, stack: Stack, store: Store, repo: Repo,
+                         roots: dict[str, Path], snap_id: str, started: float) -> BackupResult:
+    mode = settings.stop
     stats = Stats()
     budget = ByteBudget(settings.max_memory)
-    async with connect() as docker, Store(settings) as store:
-        stack = Stack(docker, settings.project, settings.db_container)
-        # A run killed with the stack down is repaired first, whatever else happens.
-        if await recover(stack):
-            log.info("the Immich stack left stopped by the earlier run is running again")
-        repo = Repo(store, settings.prefix)
-        await preflight_store(store, repo, snap_id)
-        containers = await stack.preflight()
-        running = [c.name for c in containers if c.running]
-        prev = await repo.latest()
-        vanished = await vanished_files(repo, prev.id, roots) if prev else {}
-        log.info("backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s)", snap_id,
-                 ", ".join(f"{r} {p}" for r, p in roots.items()), store.bucket, settings.prefix, mode,
-                 prev.id if prev else "none")
+    containers = await stack.preflight()
+    running = [c.name for c in containers if c.running]
+    prev = await repo.latest()
+    vanished = await vanished_files(repo, prev.id, roots) if prev else {}
+    log.info("backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s)", snap_id,
+             ", ".join(f"{r} {p}" for r, p in roots.items()), store.bucket, settings.prefix, mode,
+             prev.id if prev else "none")
 
-        uploader = FileUploader(store, repo, budget, settings, stats)
-        cursor = PrevCursor(repo.read_manifest(prev.id) if prev else None)
-        dump_result: DumpResult | None = None
-        dump_key = repo.snapshot_key(snap_id, "database.sql.gz")
+    uploader = FileUploader(store, repo, budget, settings, stats)
+    cursor = PrevCursor(repo.read_manifest(prev.id) if prev else None)
+    dump_result: DumpResult | None = None
+    dump_key = repo.snapshot_key(snap_id, "database.sql.gz")
 
-        async def files(root: str) -> None:
-            phase = reporter.phase(f"{root} files")
-            try:
-                await backup_root(root, roots[root], snap_id, uploader, repo, cursor, vanished, manifest, stats,
-                                  phase, settings.jobs)
-            finally:
-                phase.close()
+    async def files(root: str) -> None:
+        phase = reporter.phase(f"{root} files")
+        try:
+            await backup_root(root, roots[root], snap_id, uploader, repo, cursor, vanished, manifest, stats,
+                              phase, settings.jobs)
+        finally:
+            phase.close()
 
-        async def dump() -> None:
-            nonlocal dump_result
-            phase = reporter.phase("database dump")
-            try:
-                async with StreamWriter(store, dump_key, budget, settings.part_size) as out:
-                    dump_result = await dump_database(
-                        docker, settings.db_container, settings.db_user, settings.db_name, out.write,
-                        lambda n: phase.update(n),
-                    )
-                    await out.finish()
-                dump_result.parts = out.parts
-            finally:
-                phase.close()
+    async def dump() -> None:
+        nonlocal dump_result
+        phase = reporter.phase("database dump")
+        try:
+            async with StreamWriter(store, dump_key, budget, settings.part_size) as out:
+                dump_result = await dump_database(
+                    docker, settings.db_container, settings.db_user, settings.db_name, out.write,
+                    lambda n: phase.update(n),
+                )
+                await out.finish()
+            dump_result.parts = out.parts
+        finally:
+            phase.close()
 
-        manifest = ManifestWriter(store, repo.snapshot_key(snap_id, "manifest.jsonl.gz"), budget, settings.part_size)
-        async with manifest:
-            async with StackGuard(stack) as guard:
-                db = settings.db_container
-                if mode == "all":
-                    await guard.stop([n for n in running if n != db])
-                    await guard.stop([db])
-                    await files("postgres")
-                    await guard.start([db])
-                    await stack.wait_db_ready(settings.db_user)
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(dump())
-                        tg.create_task(files("library"))
-                elif mode == "app":
-                    await guard.stop([n for n in running if n != db])
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(dump())
-                        tg.create_task(files("library"))
-                else:  # none: dump first, then files (Immich's advice for live backups)
-                    await dump()
-                    await files("library")
-                await guard.restore()
-            downtime = guard.downtime
-            await manifest.finish()
+    manifest = ManifestWriter(store, repo.snapshot_key(snap_id, "manifest.jsonl.gz"), budget, settings.part_size)
+    async with manifest:
+        async with StackGuard(stack) as guard:
+            db = settings.db_container
+            if mode == "all":
+                await guard.stop([n for n in running if n != db])
+                await guard.stop([db])
+                await files("postgres")
+                await guard.start([db])
+                await stack.wait_db_ready(settings.db_user)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(dump())
+                    tg.create_task(files("library"))
+            elif mode == "app":
+                await guard.stop([n for n in running if n != db])
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(dump())
+                    tg.create_task(files("library"))
+            else:  # none: dump first, then files (Immich's advice for live backups)
+                await dump()
+                await files("library")
+            await guard.restore()
+        downtime = guard.downtime
+        await manifest.finish()
 
-        assert dump_result is not None
-        complete = stats.failed == 0
-        seconds = time.monotonic() - started
-        summary = {
-            "id": snap_id,
-            "time": dt.datetime.now(dt.UTC).isoformat(),
-            "host": socket.gethostname(),
-            "version": __version__,
-            "mode": mode,
-            "parent": prev.id if prev else None,
-            "roots": {r: str(p) for r, p in roots.items()},
-            # The roots themselves are not in the manifest; Postgres refuses a data
-            # directory with the wrong owner or mode, so restore needs these.
-            "root_meta": {r: _root_meta(p) for r, p in roots.items()},
-            "complete": complete,
-            "files": {k: v for k, v in asdict(stats).items() if k != "problems"},
-            "problems": stats.problems,
-            "manifest": {"key": f"snapshots/{snap_id}/manifest.jsonl.gz", "lines": manifest.lines},
-            "database": {
-                "key": f"snapshots/{snap_id}/database.sql.gz", "name": settings.db_name,
-                "size": dump_result.raw_bytes, "compressed_size": dump_result.gz_bytes,
-                "sha256": dump_result.raw_sha256, "compressed_sha256": dump_result.gz_sha256,
-                "parts": dump_result.parts, "seconds": round(dump_result.seconds, 3),
-            },
-            "seconds": round(seconds, 3),
-            "downtime_seconds": round(downtime, 3),
-        }
-        await repo.commit(snap_id, summary)  # the commit point
-        log.info("snapshot %s committed", snap_id)
-        return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode,
-                            EXIT_OK if complete else EXIT_INCOMPLETE, summary)
+    assert dump_result is not None
+    complete = stats.failed == 0
+    seconds = time.monotonic() - started
+    summary = {
+        "id": snap_id,
+        "time": dt.datetime.now(dt.UTC).isoformat(),
+        "host": socket.gethostname(),
+        "version": __version__,
+        "mode": mode,
+        "parent": prev.id if prev else None,
+        "roots": {r: str(p) for r, p in roots.items()},
+        # The roots themselves are not in the manifest; Postgres refuses a data
+        # directory with the wrong owner or mode, so restore needs these.
+        "root_meta": {r: _root_meta(p) for r, p in roots.items()},
+        "complete": complete,
+        "files": {k: v for k, v in asdict(stats).items() if k != "problems"},
+        "problems": stats.problems,
+        "manifest": {"key": f"snapshots/{snap_id}/manifest.jsonl.gz", "lines": manifest.lines},
+        "database": {
+            "key": f"snapshots/{snap_id}/database.sql.gz", "name": settings.db_name,
+            "size": dump_result.raw_bytes, "compressed_size": dump_result.gz_bytes,
+            "sha256": dump_result.raw_sha256, "compressed_sha256": dump_result.gz_sha256,
+            "parts": dump_result.parts, "seconds": round(dump_result.seconds, 3),
+        },
+        "seconds": round(seconds, 3),
+        "downtime_seconds": round(downtime, 3),
+    }
+    await repo.commit(snap_id, summary)  # the commit point
+    log.info("snapshot %s committed", snap_id)
+    return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode,
+                        EXIT_OK if complete else EXIT_INCOMPLETE, summary)

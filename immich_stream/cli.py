@@ -22,6 +22,24 @@ from immich_stream.progress import Reporter, setup_logging
 log = logging.getLogger("immich_stream")
 
 
+# Flags that belong to some commands only (added by those commands' parsers).
+LOCAL_FLAGS = {"stop", "jobs", "part_size", "max_memory", "lock_wait", "stale_after",
+               "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within"}
+
+
+def _flag(p: argparse.ArgumentParser | Any, name: str) -> None:
+    spec = cfg.SPECS[name]
+    p.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"),
+                   help=spec.help)
+
+
+def _policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retention policy (restic's rules; any snapshot one rule keeps is kept)")
+    for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                 "keep_within"):
+        _flag(g, name)
+
+
 def _common_parser() -> argparse.ArgumentParser:
     """Options every command takes; each maps to a setting in config.SETTINGS."""
     p = argparse.ArgumentParser(add_help=False)
@@ -30,7 +48,7 @@ def _common_parser() -> argparse.ArgumentParser:
                    help="TOML config file (default: $IMMICH_STREAM_CONFIG, ~/.config/immich-stream/config.toml, "
                         "/etc/immich-stream/config.toml)")
     for spec in cfg.SETTINGS:
-        if spec.flag and spec.name not in ("stop", "jobs", "part_size", "max_memory"):
+        if spec.flag and spec.name not in LOCAL_FLAGS:
             kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help, "default": None}
             if spec.parse is cfg.parse_bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
@@ -46,8 +64,7 @@ def _common_parser() -> argparse.ArgumentParser:
 def _transfer_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transfer")
     for name in ("jobs", "part_size", "max_memory"):
-        spec = cfg.SPECS[name]
-        g.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-"), help=spec.help)
+        _flag(g, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stop", dest="stop", choices=cfg.STOP_MODES, default=None,
                    help="all: stop everything, cold copy of the DB directory (default); app: stop the app, dump "
                         "the running DB; none: no downtime, dump first then files")
+    b.add_argument("--prune", action="store_true", help="after a successful backup, prune with the configured policy")
+    _flag(b, "lock_wait")
     _transfer_options(b)
+    _policy_options(b)
+
+    pr = sub.add_parser("prune", parents=[common], help="remove snapshots a retention policy drops, then garbage",
+                        description="Remove the snapshots the retention policy drops, then every data object no "
+                                    "remaining snapshot references, stale incomplete snapshots and unfinished "
+                                    "multipart uploads.")
+    pr.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
+    _flag(pr, "lock_wait")
+    _flag(pr, "stale_after")
+    _policy_options(pr)
+
+    un = sub.add_parser("unlock", parents=[common], help="remove stale repository locks")
+    un.add_argument("--force", action="store_true", help="remove every lock, stale or not (say whose first)")
 
     sn = sub.add_parser("snapshots", parents=[common], help="list the committed snapshots, newest last")
     sn.add_argument("--json", action="store_true", help="machine-readable output")
@@ -113,7 +145,10 @@ async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter:
 
 async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
     from immich_stream.backup import run_backup
+    from immich_stream.prune import apply_policy
 
+    if args.prune:
+        apply_policy([], _policy(settings))  # no policy: refuse before the stack is touched
     result = await run_backup(settings, reporter)
     st = result.stats
     d = result.dump
@@ -135,6 +170,8 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     if len(st.problems) > 10:
         lines.append(f"problem   ... and {len(st.problems) - 10} more (see the log above and snapshot.json)")
     print("\n".join(lines), flush=True)
+    if args.prune:
+        await _run_prune(settings, reporter, dry_run=False)
     return result.exit_code
 
 
@@ -238,12 +275,60 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
     return 0
 
 
+def _policy(settings: cfg.Settings) -> Any:
+    from immich_stream.prune import Policy
+
+    return Policy(settings.keep_last, settings.keep_hourly, settings.keep_daily, settings.keep_weekly,
+                  settings.keep_monthly, settings.keep_yearly, settings.keep_within)
+
+
+async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> int:
+    from immich_stream.prune import prune
+
+    rep = await prune(settings, reporter, _policy(settings), dry_run, settings.stale_after, settings.lock_wait)
+    fs = cfg.format_size
+    would = "would remove" if dry_run else "removed"
+    lines = [f"prune {'(dry run, nothing changed)' if dry_run else 'done'}: policy {_policy(settings).describe()}",
+             f"snapshots  {len(rep.kept)} kept, {len(rep.removed)} {would}"
+             + (f": {', '.join(rep.removed)}" if rep.removed else ""),
+             f"data       {rep.objects_deleted} objects, {fs(rep.bytes_freed)} {'to free' if dry_run else 'freed'}",
+             f"garbage    {len(rep.incomplete_removed)} incomplete snapshots, {rep.uploads_aborted} unfinished "
+             f"uploads {would}",
+             f"time       {rep.seconds:.1f} s"]
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+async def cmd_prune(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    return await _run_prune(settings, reporter, args.dry_run)
+
+
+async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    from immich_stream.locks import unlock
+    from immich_stream.repo import Repo
+    from immich_stream.store import Store
+
+    settings.require("bucket")
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        removed, kept = await unlock(repo, args.force)
+    for lk in removed:
+        print(f"removed lock of {lk.describe()}")
+    for lk in kept:
+        print(f"kept live lock of {lk.describe()} (--force removes it)")
+    if not removed and not kept:
+        print("no locks")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[int]]] = {
     "config": cmd_config,
     "backup": cmd_backup,
     "snapshots": cmd_snapshots,
     "restore": cmd_restore,
     "verify": cmd_verify,
+    "prune": cmd_prune,
+    "unlock": cmd_unlock,
 }
 
 

@@ -73,6 +73,23 @@ def parse_positive_int(text: str | int) -> int:
     return n
 
 
+def parse_duration(text: str | int | float) -> float:
+    """'90s', '5m', '24h', '2d', or seconds -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (try 90s, 5m, 24h or 2d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def parse_count(text: str | int) -> int:
+    n = int(text)
+    if n < 0:
+        raise ValueError(f"{text!r} must be 0 or more")
+    return n
+
+
 def parse_path(text: str) -> Path:
     if not str(text).strip():
         raise ValueError("empty path")
@@ -153,6 +170,24 @@ SETTINGS: tuple[Spec, ...] = (
          "multipart part size (grown automatically to stay under 10,000 parts)"),
     Spec("max_memory", ("backup", "max_memory"), ("IMMICH_STREAM_MAX_MEMORY",), "--max-memory", parse_size,
          48 * MIB, "budget for file and part buffers in flight"),
+    Spec("lock_wait", ("backup", "lock_wait"), ("IMMICH_STREAM_LOCK_WAIT",), "--lock-wait", parse_duration, 300.0,
+         "how long backup and prune wait for a run holding the repository lock (e.g. 90s, 5m)"),
+    Spec("keep_last", ("prune", "keep_last"), ("IMMICH_STREAM_KEEP_LAST",), "--keep-last", parse_count, 0,
+         "keep the newest N snapshots"),
+    Spec("keep_hourly", ("prune", "keep_hourly"), ("IMMICH_STREAM_KEEP_HOURLY",), "--keep-hourly", parse_count, 0,
+         "keep the newest snapshot of each of the last N hours that have one"),
+    Spec("keep_daily", ("prune", "keep_daily"), ("IMMICH_STREAM_KEEP_DAILY",), "--keep-daily", parse_count, 0,
+         "... of each of the last N days (UTC)"),
+    Spec("keep_weekly", ("prune", "keep_weekly"), ("IMMICH_STREAM_KEEP_WEEKLY",), "--keep-weekly", parse_count, 0,
+         "... of each of the last N ISO weeks"),
+    Spec("keep_monthly", ("prune", "keep_monthly"), ("IMMICH_STREAM_KEEP_MONTHLY",), "--keep-monthly", parse_count,
+         0, "... of each of the last N months"),
+    Spec("keep_yearly", ("prune", "keep_yearly"), ("IMMICH_STREAM_KEEP_YEARLY",), "--keep-yearly", parse_count, 0,
+         "... of each of the last N years"),
+    Spec("keep_within", ("prune", "keep_within"), ("IMMICH_STREAM_KEEP_WITHIN",), "--keep-within", str, None,
+         "keep every snapshot within this long before the newest (restic's 1y2m3d4h: m is months)"),
+    Spec("stale_after", ("prune", "stale_after"), ("IMMICH_STREAM_STALE_AFTER",), "--stale-after", parse_duration,
+         86400.0, "prune removes incomplete snapshots and unfinished uploads older than this"),
     Spec("retries", ("s3", "retries"), ("IMMICH_STREAM_RETRIES",), None, parse_positive_int, 6,
          "attempts per S3 request on transient errors"),
 )
@@ -179,6 +214,15 @@ class Settings:
     jobs: int = 8
     part_size: int = 8 * MIB
     max_memory: int = 48 * MIB
+    lock_wait: float = 300.0
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    keep_within: str | None = None
+    stale_after: float = 86400.0
     retries: int = 6
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -41,6 +41,10 @@ class RepoError(ImmichStreamError):
     """The repository in the bucket is missing, damaged or of an unknown format."""
 
 
+class LockError(ImmichStreamError):
+    """Another run holds the repository (or this host's) lock."""
+
+
 class Interrupted(ImmichStreamError):
     """SIGINT or SIGTERM arrived; cleanup ran."""
 

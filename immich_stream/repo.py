@@ -224,6 +224,9 @@ class Repo:
 
     async def check_config(self) -> None:
         key = self.config_key()
+        if await self.store.head(key) is None:
+            raise RepoError(f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
+                            ": check S3_BUCKET and S3_PREFIX, or run `backup` first")
         try:
             cfg = json.loads(await self.store.get(key))
         except ValueError:

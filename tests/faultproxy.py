@@ -94,8 +94,11 @@ class FaultProxy:
                                          data=body, allow_redirects=False) as up:
             data = await up.read()
             self.requests.append((request.method, request.path_qs, up.status))
-            out_headers = {k: v for k, v in up.headers.items()
-                           if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+            dropped = ("transfer-encoding", "connection") if request.method == "HEAD" else (
+                "content-length", "transfer-encoding", "connection")  # HEAD: the size is the answer
+            out_headers = {k: v for k, v in up.headers.items() if k.lower() not in dropped}
+            if request.method == "HEAD":
+                return web.Response(status=up.status, headers=out_headers)
             return web.Response(status=up.status, body=data, headers=out_headers)
 
     def stop(self) -> None:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
-#   - Debian packages docker.io and debootstrap (when missing)
+#   - Debian packages docker.io, debootstrap and restic (when missing)
 #   - dockerd running (when not answering)
 #   - the local PostgreSQL test image (built once, then cached by tag)
 # Fast on the second run: every step checks before it acts.
@@ -14,6 +14,7 @@ log() { printf '[%(%Y-%m-%d %H:%M:%S)T] setup: %s\n' -1 "$*"; }
 need_pkgs=()
 command -v dockerd >/dev/null || need_pkgs+=(docker.io)
 command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
+command -v restic >/dev/null || need_pkgs+=(restic)  # the oracle for prune's retention rules
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq

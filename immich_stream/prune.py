@@ -1,0 +1,215 @@
+"""`prune`: apply a retention policy (restic's `forget` rules), then collect garbage.
+
+Garbage: data objects no remaining committed snapshot references, snapshot directories
+without snapshot.json, and unfinished multipart uploads, each left alone while younger
+than a threshold (a run may still be writing them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from immich_stream.config import Settings
+from immich_stream.errors import ConfigError
+from immich_stream.locks import RepoLock
+from immich_stream.progress import Reporter
+from immich_stream.repo import Repo, snapshot_time
+from immich_stream.store import Store
+
+log = logging.getLogger(__name__)
+
+RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+@dataclass
+class Policy:
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+    within: str | None = None  # e.g. "1y2m3d4h"
+
+    def empty(self) -> bool:
+        return not any(getattr(self, r) for r in RULES) and not self.within
+
+    def describe(self) -> str:
+        parts = [f"keep-{r} {getattr(self, r)}" for r in RULES if getattr(self, r)]
+        if self.within:
+            parts.append(f"keep-within {self.within}")
+        return ", ".join(parts) or "(none)"
+
+
+def parse_within(text: str) -> tuple[int, int, int, int]:
+    """'1y2m3d4h' -> (years, months, days, hours), restic's duration format."""
+    m = re.fullmatch(r"(?:(\d+)y)?(?:(\d+)m)?(?:(\d+)d)?(?:(\d+)h)?", text.strip())
+    if not m or not text.strip():
+        raise ConfigError(f"keep-within {text!r} is not a duration: write it like 30d, 6m, 1y2m3d or 12h")
+    y, mo, d, h = (int(g or 0) for g in m.groups())
+    return y, mo, d, h
+
+
+def _sub(t: dt.datetime, y: int, mo: int, d: int, h: int) -> dt.datetime:
+    """t minus a calendar duration, like Go's AddDate (days overflow into the next month)."""
+    month = t.month - mo - 1
+    year = t.year - y + month // 12
+    month = month % 12 + 1
+    base = dt.datetime(year, month, 1, t.hour, t.minute, t.second, t.microsecond, tzinfo=t.tzinfo)
+    return base + dt.timedelta(days=t.day - 1 - d, hours=-h)
+
+
+_BUCKETS: dict[str, Callable[[dt.datetime, int], Any]] = {
+    "last": lambda t, nr: nr,
+    "hourly": lambda t, nr: t.strftime("%Y%m%d%H"),
+    "daily": lambda t, nr: t.strftime("%Y%m%d"),
+    "weekly": lambda t, nr: t.isocalendar()[:2],
+    "monthly": lambda t, nr: t.strftime("%Y%m"),
+    "yearly": lambda t, nr: t.year,
+}
+
+
+def apply_policy(ids: list[str], policy: Policy) -> tuple[list[str], list[str]]:
+    """(keep, remove), each oldest first. restic's rules: newest first, each rule keeps
+    the newest snapshot of each of its last N periods (hour, day, ISO week, month, year,
+    in UTC) that have snapshots; keep-within keeps everything within the duration before
+    the newest snapshot. A snapshot kept by any rule is kept."""
+    if policy.empty():
+        raise ConfigError("no retention policy: give at least one of --keep-last, --keep-hourly, --keep-daily, "
+                          "--keep-weekly, --keep-monthly, --keep-yearly, --keep-within (or [prune] in the config)")
+    newest_first = sorted(ids, reverse=True)
+    counts = {r: getattr(policy, r) for r in RULES}
+    last: dict[str, Any] = {r: object() for r in RULES}
+    cutoff = None
+    if policy.within and newest_first:
+        cutoff = _sub(snapshot_time(newest_first[0]), *parse_within(policy.within))
+    keep: list[str] = []
+    remove: list[str] = []
+    for nr, sid in enumerate(newest_first):
+        t = snapshot_time(sid)
+        kept = False
+        for rule in RULES:
+            if counts[rule] > 0:
+                val = _BUCKETS[rule](t, nr)
+                if val != last[rule]:
+                    last[rule] = val
+                    counts[rule] -= 1
+                    kept = True
+        if cutoff is not None and t > cutoff:
+            kept = True
+        (keep if kept else remove).append(sid)
+    return sorted(keep), sorted(remove)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode(), digest_size=10).digest()
+
+
+@dataclass
+class PruneReport:
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    objects_deleted: int = 0
+    bytes_freed: int = 0
+    incomplete_removed: list[str] = field(default_factory=list)
+    uploads_aborted: int = 0
+    dry_run: bool = False
+    seconds: float = 0.0
+
+
+async def prune(settings: Settings, reporter: Reporter, policy: Policy, dry_run: bool, stale_after: float,
+                lock_wait: float) -> PruneReport:
+    started = time.monotonic()
+    settings.require("bucket")
+    apply_policy([], policy)  # refuses an empty policy before anything is touched
+    report = PruneReport(dry_run=dry_run)
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        await repo.check_config()
+        async with RepoLock(repo, "prune", exclusive=True, wait=lock_wait):
+            await _prune_locked(store, repo, policy, dry_run, stale_after, report)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool, stale_after: float,
+                        report: PruneReport) -> None:
+    now = dt.datetime.now(dt.UTC)
+    threshold = now - dt.timedelta(seconds=stale_after)
+    committed = await repo.snapshot_ids()
+    all_dirs = await repo.snapshot_ids(complete_only=False)
+    report.kept, report.removed = apply_policy(committed, policy)
+    log.info("policy %s: keeping %d snapshots, removing %d", policy.describe(), len(report.kept), len(report.removed))
+
+    # Every key a kept snapshot references (10-byte digests: ~100 bytes per file in memory).
+    referenced: set[bytes] = set()
+    for sid in report.kept:
+        async for line in repo.read_manifest(sid):
+            if line.key:
+                referenced.add(_digest(line.key))
+    kept_runs = set(report.kept)
+
+    # Snapshot directories to delete: removed ones, and incomplete ones once stale.
+    incomplete = [s for s in all_dirs if s not in committed]
+    doomed_dirs = list(report.removed)
+    for sid in incomplete:
+        if snapshot_time(sid) < threshold and await _newest_object(store, repo.snapshot_key(sid, "")) < threshold:
+            doomed_dirs.append(sid)
+            report.incomplete_removed.append(sid)
+
+    # Unreferenced data objects. A run that is neither committed nor older than the
+    # threshold may still be uploading: its objects are left alone.
+    doomed: list[str] = []
+    base = repo.object_key("data/")
+    async for obj in store.list(base):
+        rel = obj.key[len(repo.prefix) + 1:] if repo.prefix else obj.key
+        run = rel.split("/", 2)[1] if rel.count("/") >= 2 else ""
+        if _digest(rel) in referenced:
+            continue
+        if run not in committed and run not in kept_runs and _run_is_young(run, threshold, obj.last_modified):
+            continue
+        doomed.append(obj.key)
+        report.objects_deleted += 1
+        report.bytes_freed += obj.size
+
+    uploads = [(k, u) for k, u, started in await store.list_multipart(repo.object_key(""))
+               if started is None or started < threshold]
+    report.uploads_aborted = len(uploads)
+    if dry_run:
+        return
+    # snapshot.json first: from that moment the snapshot no longer exists for any reader.
+    commit_keys = [repo.snapshot_key(s, "snapshot.json") for s in report.removed]
+    if commit_keys:
+        await store.delete(commit_keys)
+    dir_keys = []
+    for sid in doomed_dirs:
+        async for obj in store.list(repo.snapshot_key(sid, "")):
+            dir_keys.append(obj.key)
+    await store.delete(dir_keys)
+    await store.delete(doomed)
+    for key, upload_id in uploads:
+        await store.abort_multipart(key, upload_id)
+
+
+def _run_is_young(run: str, threshold: dt.datetime, last_modified: Any) -> bool:
+    try:
+        started = snapshot_time(run)
+    except ValueError:
+        return False  # not one of our run ids: nothing writes there
+    newest = last_modified if isinstance(last_modified, dt.datetime) else started
+    return started >= threshold or newest >= threshold
+
+
+async def _newest_object(store: Store, prefix: str) -> dt.datetime:
+    newest = dt.datetime.min.replace(tzinfo=dt.UTC)
+    async for obj in store.list(prefix):
+        if isinstance(obj.last_modified, dt.datetime) and obj.last_modified > newest:
+            newest = obj.last_modified
+    return newest
