@@ -254,13 +254,13 @@ async def backup_root(
                         and old.mtime_ns == e.mtime_ns:
                     reuse(line, old)
                     stats.unchanged += 1
-                    phase.update(e.size, files=1)
+                    phase.update(0, files=1)  # the bar counts bytes read
                 else:
                     moved = vanished.pop((root, e.inode), None) if old is None else None
                     if moved is not None and moved.size == e.size and moved.mtime_ns == e.mtime_ns:
                         reuse(line, moved)
                         stats.moved += 1
-                        phase.update(e.size, files=1)
+                        phase.update(0, files=1)  # the bar counts bytes read
                     else:
                         fut = loop.create_future()
                         await work_q.put((e, line, fut, "changed" if old is not None else "new"))

@@ -16,7 +16,7 @@ from typing import Any
 
 from immich_stream import __version__
 from immich_stream import config as cfg
-from immich_stream.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, ImmichStreamError, Interrupted
+from immich_stream.errors import EXIT_SIGINT, EXIT_SIGTERM, ImmichStreamError, Interrupted
 from immich_stream.progress import Reporter, setup_logging
 
 log = logging.getLogger("immich_stream")
@@ -29,6 +29,7 @@ LOCAL_FLAGS = {"stop", "jobs", "part_size", "max_memory", "lock_wait", "stale_af
 
 def _flag(p: argparse.ArgumentParser | Any, name: str) -> None:
     spec = cfg.SPECS[name]
+    assert spec.flag is not None
     p.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"),
                    help=spec.help)
 

@@ -50,23 +50,29 @@ class LockInfo:
     def stale(self, now: float, stale_after: float) -> bool:
         if now - self.refreshed > stale_after:
             return True
-        return self.host == socket.gethostname() and not _pid_alive(self.pid)
+        return self.host == socket.gethostname() and not run_alive(self.pid)
 
 
-def _pid_alive(pid: int) -> bool:
+def run_alive(pid: int) -> bool:
+    """Is pid a running immich-stream process on this host?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie or a reused pid of another program is not a run.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"immich_stream" in cmdline or b"immich-stream" in cmdline
 
 
 async def list_locks(repo: Repo) -> list[LockInfo]:
     out = []
     base = repo.object_key("locks/")
-    async for obj in repo.store.list(base):
+    async for obj in repo.store.list_objects(base):
         try:
             d = json.loads(await repo.store.get(obj.key))
             out.append(LockInfo(obj.key, d["host"], int(d["pid"]), d["command"], bool(d["exclusive"]),

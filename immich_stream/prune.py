@@ -168,7 +168,7 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
     # threshold may still be uploading: its objects are left alone.
     doomed: list[str] = []
     base = repo.object_key("data/")
-    async for obj in store.list(base):
+    async for obj in store.list_objects(base):
         rel = obj.key[len(repo.prefix) + 1:] if repo.prefix else obj.key
         run = rel.split("/", 2)[1] if rel.count("/") >= 2 else ""
         if _digest(rel) in referenced:
@@ -190,7 +190,7 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
         await store.delete(commit_keys)
     dir_keys = []
     for sid in doomed_dirs:
-        async for obj in store.list(repo.snapshot_key(sid, "")):
+        async for obj in store.list_objects(repo.snapshot_key(sid, "")):
             dir_keys.append(obj.key)
     await store.delete(dir_keys)
     await store.delete(doomed)
@@ -209,7 +209,7 @@ def _run_is_young(run: str, threshold: dt.datetime, last_modified: Any) -> bool:
 
 async def _newest_object(store: Store, prefix: str) -> dt.datetime:
     newest = dt.datetime.min.replace(tzinfo=dt.UTC)
-    async for obj in store.list(prefix):
+    async for obj in store.list_objects(prefix):
         if isinstance(obj.last_modified, dt.datetime) and obj.last_modified > newest:
             newest = obj.last_modified
     return newest

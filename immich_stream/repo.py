@@ -242,7 +242,7 @@ class Repo:
         """Ids of snapshot directories, sorted; only committed ones (with snapshot.json) by default."""
         ids: dict[str, bool] = {}
         base = self._k("snapshots/")
-        async for obj in self.store.list(base):
+        async for obj in self.store.list_objects(base):
             sid, _, name = obj.key[len(base):].partition("/")
             ids[sid] = ids.get(sid, False) or name == "snapshot.json"
         return sorted(s for s, done in ids.items() if done or not complete_only)

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 import aiofiles.os
@@ -298,7 +299,7 @@ async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncIterator
         log.warning("the dump had no search_path line to correct; restoring it as it is")
 
 
-async def restore_database(settings: Settings, reporter: Reporter, which: str) -> tuple[Snapshot, dict]:
+async def restore_database(settings: Settings, reporter: Reporter, which: str) -> tuple[Snapshot, dict[str, Any]]:
     """Stop the app containers, pipe the dump into psql in the database container, start them."""
     started = time.monotonic()
     settings.require("bucket")

@@ -23,6 +23,7 @@ from typing import Any
 import aiodocker
 
 from immich_stream.errors import StackError
+from immich_stream.locks import run_alive
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ async def recover(stack: Stack) -> list[str]:
         raise StackError(f"cannot read {path} ({exc}): check which Immich containers are stopped, "
                          "start them, then delete that file") from None
     pid = state.get("pid")
-    if state.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+    if state.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and run_alive(pid):
         raise StackError(f"another immich-stream run (pid {pid}) has the Immich stack stopped: wait for it to finish")
     names = list(state.get("containers", []))
     log.warning("a previous run (pid %s, since %s) was killed with the stack stopped: starting %s",
@@ -256,17 +257,3 @@ async def recover(stack: Stack) -> list[str]:
     await guard.restore()
     return names
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie or a reused pid of another program is not a backup run.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return b"immich_stream" in cmdline or b"immich-stream" in cmdline

@@ -192,7 +192,7 @@ class Store:
         offset = 0
         attempt = 0
         while True:
-            async def open_body() -> Any:
+            async def open_body(offset: int = offset) -> Any:
                 kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
                 if offset:
                     kw["Range"] = f"bytes={offset}-"
@@ -231,7 +231,7 @@ class Store:
 
         return await self._call(f"look up {key}", go)
 
-    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+    async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}

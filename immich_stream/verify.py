@@ -53,7 +53,7 @@ async def verify(settings: Settings, reporter: Reporter, which: str | None, all_
             raise RepoError(f"no snapshots in s3://{store.bucket}/{repo.prefix}: run `backup` first")
         listing: dict[int, int] = {}
         base = repo.object_key("data/")
-        async for obj in store.list(base):
+        async for obj in store.list_objects(base):
             listing[_digest(obj.key[len(repo.prefix) + 1:] if repo.prefix else obj.key)] = obj.size
         read_done: set[int] = set()
         rng = random.Random()

@@ -84,8 +84,8 @@ class FaultProxy:
                 if rule.status is not None:
                     await request.read()
                     self.requests.append((request.method, request.path_qs, rule.status))
-                    body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
-                            f"<Message>injected by the test proxy</Message></Error>")
+                    body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                            "<Message>injected by the test proxy</Message></Error>")
                     return web.Response(status=rule.status, body=body.encode(), content_type="application/xml")
                 break
         body = await request.read()

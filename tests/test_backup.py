@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -311,3 +312,47 @@ def test_zero_staging_and_bounded_memory(env: dict, stack: ImmichStack, bucket: 
     # Memory follows --max-memory, not the 96 MiB file (buffering it would pass 150 MiB):
     # about 60 MiB of interpreter and S3 client, the 16 MiB budget, transient copies.
     assert r.maxrss_kib < 150 * 1024, f"peak RSS {r.maxrss_kib // 1024} MiB"
+
+
+def test_transient_s3_errors_are_retried(env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory) -> None:
+    make_library(stack.library, photos=10, large=[12 * MIB])
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = moto_env(env, moto_s3, proxy.endpoint)
+    env.update({"IMMICH_STREAM_PART_SIZE": "5MiB", "IMMICH_STREAM_RETRIES": "3"})
+    flaky = proxy.add(is_part_upload, status=503, times=2)  # SlowDown-like answers, then fine
+    flaky_put = proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, status=500, times=3)
+    r = run_cli("backup", "--stop", "app", env=env)
+    assert r.code == 0, r.err
+    assert flaky.hits == 2 and flaky_put.hits == 3
+    bucket = bucket_of(env)
+    [sid] = bucket.snapshots()
+    assert_files_in_bucket(bucket, sid, stack.library)
+    assert bucket.open_multipart_uploads() == []
+
+
+def test_file_changing_while_read_is_reported(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
+    make_library(stack.library, photos=3)
+    growing = stack.library / "upload" / "growing.mp4"
+    growing.write_bytes(os.urandom(4 * MIB))
+    stop = threading.Event()
+
+    def append() -> None:  # a file still being written while the backup runs
+        with open(growing, "ab") as fh:
+            while not stop.is_set():
+                fh.write(b"x" * 1024)
+                fh.flush()
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    try:
+        r = run_cli("backup", "--stop", "none", env=env)
+    finally:
+        stop.set()
+        writer.join()
+    assert r.code == 0, r.err
+    assert "upload/growing.mp4: changed while being read" in r.err
+    assert "files changed while being read" in r.out
+    line = library_lines(bucket.manifest(bucket.snapshots()[0]))[b"upload/growing.mp4"]
+    data = bucket.get(line["key"])
+    assert len(data) == line["size"] and hashlib.sha256(data).hexdigest() == line["sha256"]

@@ -9,7 +9,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 from tests.conftest import CONTAINERS, ImmichStack, bucket_of, docker, running_containers
