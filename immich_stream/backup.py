@@ -162,7 +162,7 @@ class FileUploader:
         async with self.budget.hold(entry.size):
             data, sha, md5 = await asyncio.to_thread(_read_exactly, fd, entry.size, None)
             self.stats.bytes_read += len(data)
-            await self.store.put(self.repo.object_key(key), data, md5=md5)
+            await self.store.put(self.repo.object_key(key), data, md5=md5, sha256=sha)
         line.size, line.sha256 = len(data), sha
         self.stats.bytes_uploaded += len(data)
         phase.update(len(data))
@@ -176,7 +176,7 @@ class FileUploader:
                 want = min(psize, entry.size - total)
                 await self.budget.acquire(want)
                 try:
-                    data, _, md5 = await asyncio.to_thread(_read_exactly, fd, want, sha)
+                    data, part_sha, md5 = await asyncio.to_thread(_read_exactly, fd, want, sha)
                 except BaseException:
                     await asyncio.shield(self.budget.release(want))
                     raise
@@ -185,7 +185,7 @@ class FileUploader:
                     break
                 total += len(data)
                 self.stats.bytes_read += len(data)
-                await mp.add(data, md5)  # the part's bytes are released once it is sent
+                await mp.add(data, md5, part_sha)  # the part's bytes are released once it is sent
                 phase.update(len(data))
                 if len(data) < want:
                     break  # the file shrank while being read: noticed by the caller's fstat
@@ -195,8 +195,8 @@ class FileUploader:
 
 
 def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
-    """Read up to `size` bytes; return them with their sha256 (or update `sha`, for a file
-    read in parts) and MD5. Bytes, not a bytearray: botocore and aiohttp copy a
+    """Read up to `size` bytes; return them with their own sha256 and MD5 (for the request
+    and its signature), updating `sha` (the whole file's, read in parts) if given. Bytes, not a bytearray: botocore and aiohttp copy a
     bytearray body several times over, a bytes body not at all; and os.read of a regular
     file returns the requested size in one buffer."""
     data = os.read(fd, size)
@@ -207,10 +207,9 @@ def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
             chunks.append(more)
             got += len(more)
         data = b"".join(chunks)
-    if sha is None:
-        return data, hashlib.sha256(data).hexdigest(), md5_b64(data)
-    sha.update(data)
-    return data, "", md5_b64(data)
+    if sha is not None:
+        sha.update(data)
+    return data, hashlib.sha256(data).hexdigest(), md5_b64(data)
 
 
 async def backup_root(

@@ -148,6 +148,20 @@ class Stack:
         if failures:
             raise StackError(f"cannot start {', '.join(failures)}: start them with `docker start` and check `docker logs`")
 
+    async def check_running(self, names: list[str], timeout: float = 10.0) -> None:
+        """Every named container is running (start them again while any is not)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = {c.name: c.running for c in await self.containers()}
+            down = [n for n in names if not state.get(n)]
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"{', '.join(down)} did not stay running: start them with `docker start` and check "
+                                 "`docker logs`")
+            await asyncio.sleep(0.5)
+            await self.start(down)
+
     async def wait_db_ready(self, user: str, timeout: float = 120.0) -> None:
         """Poll pg_isready inside the database container (no fixed sleep)."""
         from immich_stream.dump import run_in_container
@@ -181,6 +195,7 @@ class StackGuard:
         self.state_file = state_dir() / f"stack-{stack.project}.json"
         self.stopped_at: float | None = None
         self.started_at: float | None = None
+        self._stopping: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> StackGuard:
         return self
@@ -205,20 +220,28 @@ class StackGuard:
         if self.stopped_at is None:
             self.stopped_at = time.monotonic()
         log.info("stopping %s", ", ".join(names))
-        await self.stack.stop(names)
+        # Shielded: dockerd goes on stopping a container when the request is cancelled, so
+        # a cancelled run must wait for the stop before starting the container again, or
+        # the stop would land after the start.
+        self._stopping = asyncio.ensure_future(self.stack.stop(names))
+        await asyncio.shield(self._stopping)
 
     async def start(self, names: list[str]) -> None:
         await self.stack.start(names)
         self.stopped = [n for n in self.stopped if n not in names]
 
     async def restore(self) -> None:
-        """Start everything still stopped: the database first, then the rest."""
+        """Start everything still stopped: the database first, then the rest; check they run."""
+        if self._stopping is not None:
+            with contextlib.suppress(Exception):
+                await self._stopping
         if self.stopped:
             db_first = sorted(self.stopped, key=lambda n: n != self.stack.db_container)
             log.info("starting %s", ", ".join(db_first))
             if self.stack.db_container in db_first:
                 await self.stack.start([self.stack.db_container])
             await self.stack.start([n for n in db_first if n != self.stack.db_container])
+            await self.stack.check_running(db_first)
             self.stopped = []
         if self.started_at is None:
             self.started_at = time.monotonic()

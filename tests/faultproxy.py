@@ -23,6 +23,7 @@ class Rule:
     status: int | None = None  # answer this status instead of forwarding
     delay: float = 0.0  # seconds to wait before forwarding
     times: int | None = None  # how many requests it applies to (None: all)
+    corrupt: bool = False  # flip one byte of the request body on its way
     hits: int = 0
 
 
@@ -53,8 +54,9 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None) -> Rule:
-        rule = Rule(match, status, delay, times)
+    def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None,
+            corrupt: bool = False) -> Rule:
+        rule = Rule(match, status, delay, times, corrupt)
         self.rules.append(rule)
         return rule
 
@@ -76,19 +78,26 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
+        corrupt = False
+        body = await request.read()
         for rule in self.rules:
+            if rule.corrupt and not body:
+                continue  # nothing to corrupt in an empty body
             if (rule.times is None or rule.hits < rule.times) and rule.match(request.method, request.path, query):
                 rule.hits += 1
                 if rule.delay:
                     await asyncio.sleep(rule.delay)
                 if rule.status is not None:
-                    await request.read()
                     self.requests.append((request.method, request.path_qs, rule.status))
                     body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
                             "<Message>injected by the test proxy</Message></Error>")
                     return web.Response(status=rule.status, body=body.encode(), content_type="application/xml")
+                corrupt = rule.corrupt
                 break
-        body = await request.read()
+        if corrupt:
+            flipped = bytearray(body)
+            flipped[len(flipped) // 2] ^= 0x01
+            body = bytes(flipped)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                          data=body, allow_redirects=False) as up:

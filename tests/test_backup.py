@@ -356,3 +356,22 @@ def test_file_changing_while_read_is_reported(env: dict, stack: ImmichStack, buc
     line = library_lines(bucket.manifest(bucket.snapshots()[0]))[b"upload/growing.mp4"]
     data = bucket.get(line["key"])
     assert len(data) == line["size"] and hashlib.sha256(data).hexdigest() == line["sha256"]
+
+
+def test_bodies_corrupted_in_transit_are_rejected_and_resent(env: dict, stack: ImmichStack, rclone_s3: S3Server,
+                                                             proxy_factory) -> None:
+    """Every request carries Content-MD5 and the server checks it: a body altered on the
+    way is refused (BadDigest), sent again, and what lands is the file's bytes."""
+    make_library(stack.library, photos=6, large=[11 * MIB])
+    proxy = proxy_factory(rclone_s3.endpoint)
+    env = dict(env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_PART_SIZE="5MiB")
+    # Single PUTs only: rclone drops a whole multipart upload when one part fails its
+    # digest (AWS keeps it), so a corrupted part there fails the run cleanly instead.
+    single = proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p and "partNumber" not in q, corrupt=True,
+                       times=3)
+    r = run_cli("backup", "--stop", "none", env=env)
+    assert r.code == 0, r.err
+    assert single.hits == 3
+    assert [s for _, _, s in proxy.requests].count(400) == 3  # three BadDigest answers, each retried
+    bucket = bucket_of(env)
+    assert_files_in_bucket(bucket, bucket.snapshots()[0], stack.library)
