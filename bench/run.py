@@ -1,7 +1,9 @@
 """Benchmark: immich-stream against its peers, in one run, against one local S3 server.
 
-    bash tests/stack/demo.sh config        # once: machine, .venv, test stack (seeded DB)
     .venv/bin/python bench/run.py [--size-gib 1.5] [--jobs 8]
+
+(after `bash tests/run.sh` or `bash tests/stack/demo.sh` made .venv; the script brings up
+the test stack through tests/stack/demo.sh.)
 
 Generates an Immich-shaped library (cached under /var/tmp/immich-stream-bench), starts
 `rclone serve s3`, then measures each tool uploading the library to its own bucket:
@@ -124,7 +126,8 @@ def measure(name: str, cmd: list[str], env: dict[str, str]) -> dict:
         print(out[0].decode(errors="replace")[-3000:], file=sys.stderr)
         raise SystemExit(f"{name} failed with exit code {code}")
     return {"name": name, "wall": wall, "rss_mib": sum(peaks.values()) / 1024,
-            "written_mib": usage.ru_oublock * 512 / MIB, "output": out[0].decode(errors="replace")}
+            "written_mib": usage.ru_oublock * 512 / MIB, "cpu": usage.ru_utime + usage.ru_stime,
+            "output": out[0].decode(errors="replace")}
 
 
 STAGE_SCRIPT = r"""
@@ -154,6 +157,9 @@ def main() -> None:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
+    # The test stack (seeded database) that immich-stream backs up; set up like the demo.
+    subprocess.run(["bash", str(ROOT / "tests" / "stack" / "demo.sh"), "config"], check=True,
+                   stdout=subprocess.DEVNULL)
     library = BENCH / "library"
     size = make_library(library, args.size_gib)
     print(f"library: {size / MIB:.0f} MiB in {sum(1 for p in library.rglob('*') if p.is_file())} files at {library}")
@@ -234,14 +240,18 @@ def main() -> None:
         shutil.rmtree(s3dir, ignore_errors=True)
 
     base = results[0]["wall"]
-    print(f"\n{'tool':<44} {'wall s':>8} {'MiB/s':>8} {'x immich-stream':>16} {'peak RSS MiB':>13} {'disk MiB':>9}")
+    print(f"\n{'tool':<44} {'wall s':>8} {'MiB/s':>8} {'x immich-stream':>16} {'CPU s':>7} {'peak RSS MiB':>13} "
+          f"{'disk MiB':>9}")
     for r in results:
         mibs = size / MIB / r["wall"] if "nothing changed" not in r["name"] else float("nan")
-        print(f"{r['name']:<44} {r['wall']:>8.2f} {mibs:>8.1f} {r['wall'] / base:>16.2f} {r['rss_mib']:>13.0f} "
-              f"{r['written_mib']:>9.1f}")
+        print(f"{r['name']:<44} {r['wall']:>8.2f} {mibs:>8.1f} {r['wall'] / base:>16.2f} {r['cpu']:>7.1f} "
+              f"{r['rss_mib']:>13.0f} {r['written_mib']:>9.1f}")
     print("\n'x immich-stream' is wall time relative to immich-stream's full backup (>1: slower than it).")
-    summary = [ln for ln in results[0]["output"].splitlines() if ln.startswith(("files", "bytes", "database", "time"))]
-    print("immich-stream's own summary:\n  " + "\n  ".join(summary))
+    print("CPU s is the tool's own user+system time; the S3 server shares the same cores, so on a small")
+    print("machine a tool's CPU use slows the server too.")
+    for r in results[:2]:
+        summary = [ln for ln in r["output"].splitlines() if ln.startswith(("files", "bytes", "database", "time"))]
+        print(f"{r['name']}, its own summary:\n  " + "\n  ".join(summary))
 
 
 if __name__ == "__main__":

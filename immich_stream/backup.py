@@ -360,12 +360,15 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     dump_result: DumpResult | None = None
     dump_key = repo.snapshot_key(snap_id, "database.sql.gz")
 
+    phase_seconds: dict[str, float] = {}
+
     async def files(root: str) -> None:
         phase = reporter.phase(f"{root} files")
         try:
             await backup_root(root, roots[root], snap_id, uploader, repo, cursor, vanished, manifest, stats,
                               phase, settings.jobs)
         finally:
+            phase_seconds[phase.name] = round(phase.seconds, 3)
             phase.close()
 
     async def dump() -> None:
@@ -380,6 +383,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
                 await out.finish()
             dump_result.parts = out.parts
         finally:
+            phase_seconds[phase.name] = round(phase.seconds, 3)
             phase.close()
 
     manifest = ManifestWriter(store, repo.snapshot_key(snap_id, "manifest.jsonl.gz"), budget, settings.part_size)
@@ -432,6 +436,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
             "parts": dump_result.parts, "seconds": round(dump_result.seconds, 3),
         },
         "seconds": round(seconds, 3),
+        "phase_seconds": phase_seconds,
         "downtime_seconds": round(downtime, 3),
     }
     await repo.commit(snap_id, summary)  # the commit point

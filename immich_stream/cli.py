@@ -163,7 +163,8 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     ]
     if d is not None:
         lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
-    lines.append(f"time      {result.seconds:.1f} s in all, Immich down for {result.downtime:.1f} s")
+    phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.summary["phase_seconds"].items())
+    lines.append(f"time      {result.seconds:.1f} s in all ({phases}), Immich down for {result.downtime:.1f} s")
     if st.changed_while_read:
         lines.append(f"warning   {st.changed_while_read} files changed while being read")
     for problem in st.problems[:10]:
@@ -424,13 +425,19 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(first, ImmichStreamError):
             print(f"immich-stream: error: {first}", file=sys.stderr)
             return first.exit_code
-        log.debug("internal error", exc_info=group)
-        print(f"immich-stream: error: internal error {type(first).__name__}: {first} (run with -v for details; "
-              "please report it)", file=sys.stderr)
-        return 1
+        return _internal_error(first, group)
     except KeyboardInterrupt:  # a signal before the loop's handlers were installed
         print("immich-stream: error: interrupted", file=sys.stderr)
         return EXIT_SIGINT
+    except Exception as exc:  # a bug: still one line and exit 1; the traceback with -v
+        return _internal_error(exc, exc)
+
+
+def _internal_error(exc: BaseException, context: BaseException) -> int:
+    log.debug("internal error", exc_info=context)
+    print(f"immich-stream: error: internal error {type(exc).__name__}: {exc} (run with -v for the traceback; "
+          "please report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

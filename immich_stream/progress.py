@@ -91,6 +91,10 @@ class Phase:
             done += f" of {format_size(self.total)} ({100 * self.bytes / self.total:.0f}%)"
         return f"{self.files} files, {done}, {format_size(self.bytes / elapsed)}/s"
 
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self._start
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 import pytest
 
-from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, free_port, moto_env, running_containers
+from tests.conftest import CONTAINERS, SECRET, ImmichStack, S3Server, bucket_of, free_port, moto_env, running_containers
 from tests.faultproxy import is_part_upload, is_put
 from tests.helpers import USER_ID, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
@@ -45,11 +46,15 @@ def test_full_backup_streams_everything_and_restarts_the_stack(env: dict, stack:
     env["IMMICH_STREAM_PART_SIZE"] = "5MiB"  # the 13 MiB file goes up in 3 parts
     before = stack.started_at()
 
-    r = run_cli("backup", env=env)
+    r = run_cli("backup", "-v", env=env)
 
     assert r.code == 0, r.err
     assert running_containers() == set(CONTAINERS)
     assert all(stack.started_at()[c] != before[c] for c in CONTAINERS), "--stop all stops every container"
+    # cron-style output (no terminal): timestamped lines per phase, and never a secret
+    assert re.search(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] library files: done, \d+ files", r.err, re.M)
+    assert re.search(r"^\[[-\d :]+\] database dump: done", r.err, re.M)
+    assert SECRET not in r.err + r.out
     [sid] = bucket.snapshots()
     assert f"snapshot {sid} committed (stop: all)" in r.out
     lines = assert_files_in_bucket(bucket, sid, stack.library)
@@ -180,6 +185,10 @@ def test_missing_bucket_and_wrong_project_fail_before_stopping(env: dict, stack:
     assert r.code == 1 and "no containers of compose project 'not-immich' found" in r.last_error
     r = run_cli("backup", "--db-container", "nope_db", env=env)
     assert r.code == 1 and "database container 'nope_db' not found" in r.last_error
+    r = run_cli("backup", "--library-dir", str(stack.library / "missing"), env=env)
+    assert r.code == 2 and "library_dir" in r.last_error and "does not exist" in r.last_error
+    r = run_cli("backup", env=dict(env, DOCKER_HOST="unix:///nonexistent.sock"))
+    assert r.code == 1 and "cannot reach Docker at unix:///nonexistent.sock" in r.last_error
     assert stack.started_at() == before
 
 
