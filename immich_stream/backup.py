@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from immich_stream import __version__
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.dump import DumpResult, dump_database
-from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, RepoError
+from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, RepoError, StoreError
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
 from immich_stream.locks import RepoLock, local_lock
@@ -243,6 +243,7 @@ async def backup_root(
 
     async def produce() -> None:
         async for e in walk(root_b, on_problem):
+            uploader.store.last_activity = time.monotonic()  # walking unchanged files is progress too
             line = ManifestLine.from_entry(root, e)
             fut: asyncio.Future[bool] | None = None
             if e.type == "file":
@@ -301,6 +302,28 @@ async def backup_root(
         tg.create_task(write())
         for _ in range(jobs):
             tg.create_task(work())
+
+
+async def with_watchdog(store: Store, stall: float, work: Awaitable[None]) -> None:
+    """Run work; fail it when nothing has moved for `stall` seconds (no S3 answer, no dump
+    output, no file walked). A hung connection must not keep Immich down forever: the
+    failure unwinds through StackGuard, which starts the stack again."""
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, stall / 4))
+            idle = time.monotonic() - store.last_activity
+            if idle > stall:
+                raise StoreError(f"no progress for {idle:.0f} s (S3, the network or Docker stopped answering): "
+                                 "stopped; check them and run again (IMMICH_STREAM_STALL_TIMEOUT sets the limit)")
+
+    store.last_activity = time.monotonic()
+    async with asyncio.TaskGroup() as tg:
+        dog = tg.create_task(watch())
+        try:
+            await work
+        finally:
+            dog.cancel()
 
 
 def _root_meta(path: Path) -> dict[str, int]:
@@ -387,29 +410,34 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
             phase.close()
 
     manifest = ManifestWriter(store, repo.snapshot_key(snap_id, "manifest.jsonl.gz"), budget, settings.part_size)
-    async with manifest:
-        async with StackGuard(stack) as guard:
-            db = settings.db_container
-            if mode == "all":
-                await guard.stop([n for n in running if n != db])
-                await guard.stop([db])
-                await files("postgres")
-                await guard.start([db])
-                await stack.wait_db_ready(settings.db_user)
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(dump())
-                    tg.create_task(files("library"))
-            elif mode == "app":
-                await guard.stop([n for n in running if n != db])
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(dump())
-                    tg.create_task(files("library"))
-            else:  # none: dump first, then files (Immich's advice for live backups)
-                await dump()
-                await files("library")
-            await guard.restore()
-        downtime = guard.downtime
-        await manifest.finish()
+    guard = StackGuard(stack)
+
+    async def work() -> None:
+        async with manifest:
+            async with guard:
+                db = settings.db_container
+                if mode == "all":
+                    await guard.stop([n for n in running if n != db])
+                    await guard.stop([db])
+                    await files("postgres")
+                    await guard.start([db])
+                    await stack.wait_db_ready(settings.db_user)
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(dump())
+                        tg.create_task(files("library"))
+                elif mode == "app":
+                    await guard.stop([n for n in running if n != db])
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(dump())
+                        tg.create_task(files("library"))
+                else:  # none: dump first, then files (Immich's advice for live backups)
+                    await dump()
+                    await files("library")
+                await guard.restore()
+            await manifest.finish()
+
+    await with_watchdog(store, settings.stall_timeout, work())
+    downtime = guard.downtime
 
     assert dump_result is not None
     complete = stats.failed == 0

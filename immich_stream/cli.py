@@ -361,8 +361,14 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
         log.warning("%s received: stopping, cleaning up", name)
         task.cancel()
 
+    def dump_tasks() -> None:  # kill -USR1 <pid>: what is every task waiting for?
+        for t in asyncio.all_tasks(loop):
+            print(f"--- task {t.get_name()}", file=sys.stderr)
+            t.print_stack(limit=12, file=sys.stderr)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         return await fn()
     except asyncio.CancelledError:
@@ -370,7 +376,7 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
             raise
         raise Interrupted(received[0], EXIT_SIGINT if received[0] == "SIGINT" else EXIT_SIGTERM) from None
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
 

@@ -172,6 +172,8 @@ SETTINGS: tuple[Spec, ...] = (
          48 * MIB, "budget for file and part buffers in flight"),
     Spec("lock_wait", ("backup", "lock_wait"), ("IMMICH_STREAM_LOCK_WAIT",), "--lock-wait", parse_duration, 300.0,
          "how long backup and prune wait for a run holding the repository lock (e.g. 90s, 5m)"),
+    Spec("stall_timeout", ("backup", "stall_timeout"), ("IMMICH_STREAM_STALL_TIMEOUT",), None, parse_duration, 600.0,
+         "fail a backup when nothing has moved for this long (a hung connection must not keep Immich down)"),
     Spec("keep_last", ("prune", "keep_last"), ("IMMICH_STREAM_KEEP_LAST",), "--keep-last", parse_count, 0,
          "keep the newest N snapshots"),
     Spec("keep_hourly", ("prune", "keep_hourly"), ("IMMICH_STREAM_KEEP_HOURLY",), "--keep-hourly", parse_count, 0,
@@ -215,6 +217,7 @@ class Settings:
     part_size: int = 8 * MIB
     max_memory: int = 48 * MIB
     lock_wait: float = 300.0
+    stall_timeout: float = 600.0
     keep_last: int = 0
     keep_hourly: int = 0
     keep_daily: int = 0

@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -134,6 +135,7 @@ class Store:
         self._cm: Any = None
         self.requests = 0
         self.retried = 0
+        self.last_activity = time.monotonic()  # the stall watchdog reads this
         # every request, whoever sends it, counts against --jobs
         self._limit = asyncio.Semaphore(settings.jobs)
 
@@ -172,8 +174,11 @@ class Store:
             self.requests += 1
             try:
                 async with self._limit:
-                    return await fn()
+                    result = await fn()
+                self.last_activity = time.monotonic()
+                return result
             except Exception as exc:  # classified below; non-transient errors are raised at once
+                self.last_activity = time.monotonic()
                 if not is_transient(exc) or attempt == self.retries:
                     raise self._error(what, exc) from exc
                 self.retried += 1
@@ -242,6 +247,7 @@ class Store:
                         break
                     if not chunk:
                         return
+                    self.last_activity = time.monotonic()
                     offset += len(chunk)
                     yield chunk
             finally:

@@ -384,3 +384,20 @@ def test_bodies_corrupted_in_transit_are_rejected_and_resent(env: dict, stack: I
     assert [s for _, _, s in proxy.requests].count(400) == 3  # three BadDigest answers, each retried
     bucket = bucket_of(env)
     assert_files_in_bucket(bucket, bucket.snapshots()[0], stack.library)
+
+
+def test_stalled_s3_fails_the_run_and_restarts_the_stack(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                         proxy_factory) -> None:
+    """A server that accepts a request and never answers must not keep Immich down."""
+    make_library(stack.library, photos=10)
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = moto_env(env, moto_s3, proxy.endpoint)
+    env["IMMICH_STREAM_STALL_TIMEOUT"] = "3s"
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=3600)
+    started = time.monotonic()
+    r = run_cli("backup", env=env, timeout=120)
+    assert r.code == 1
+    assert "no progress for" in r.last_error and "S3, the network or Docker stopped answering" in r.last_error
+    assert time.monotonic() - started < 60
+    assert running_containers() == set(CONTAINERS)
+    assert bucket_of(env).snapshots() == []
