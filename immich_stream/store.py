@@ -88,6 +88,15 @@ def _body_payload(value: _Body, *args: Any, **kwargs: Any) -> aiohttp.payload.Pa
 aiohttp.payload.PAYLOAD_REGISTRY.register(_body_payload, _Body, order=aiohttp.payload.Order.try_first)
 
 
+def _drop_expect_header(params: dict[str, Any], **_: Any) -> None:
+    """botocore asks for `Expect: 100-continue` on every PUT with a file-like body; aiohttp
+    then waits for the server's 100 Continue with no timeout at all. A server that never
+    sends it (seen with rclone, about one run in ten of the bench) hung the backup. The
+    preflight already proved the credentials, which is what 100-continue would save a
+    body's bandwidth for."""
+    params.get("headers", {}).pop("Expect", None)
+
+
 def md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
@@ -159,6 +168,7 @@ class Store:
         session = aioboto3.Session()
         self._cm = session.client("s3", endpoint_url=s.endpoint_url, region_name=region, config=config, verify=verify)
         self._client = await self._cm.__aenter__()
+        self._client.meta.events.register_last("before-call.s3", _drop_expect_header)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
