@@ -183,11 +183,13 @@ class FileUploader:
                 await self.budget.release(want - len(data))
                 if not data and mp.parts > 0:
                     break
-                total += len(data)
-                self.stats.bytes_read += len(data)
+                n = len(data)
+                total += n
+                self.stats.bytes_read += n
                 await mp.add(data, md5, part_sha)  # the part's bytes are released once it is sent
-                phase.update(len(data))
-                if len(data) < want:
+                del data  # the upload task owns the part now: no second reference while it waits
+                phase.update(n)
+                if n < want:
                     break  # the file shrank while being read: noticed by the caller's fstat
             await mp.complete()
         line.size, line.sha256 = total, sha.hexdigest()

@@ -169,7 +169,7 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("part_size", ("backup", "part_size"), ("IMMICH_STREAM_PART_SIZE",), "--part-size", parse_size, 8 * MIB,
          "multipart part size (grown automatically to stay under 10,000 parts)"),
     Spec("max_memory", ("backup", "max_memory"), ("IMMICH_STREAM_MAX_MEMORY",), "--max-memory", parse_size,
-         48 * MIB, "budget for file and part buffers in flight"),
+         64 * MIB, "budget for file and part buffers in flight"),
     Spec("lock_wait", ("backup", "lock_wait"), ("IMMICH_STREAM_LOCK_WAIT",), "--lock-wait", parse_duration, 300.0,
          "how long backup and prune wait for a run holding the repository lock (e.g. 90s, 5m)"),
     Spec("stall_timeout", ("backup", "stall_timeout"), ("IMMICH_STREAM_STALL_TIMEOUT",), None, parse_duration, 600.0,
@@ -215,7 +215,7 @@ class Settings:
     stop: str = "all"
     jobs: int = 8
     part_size: int = 8 * MIB
-    max_memory: int = 48 * MIB
+    max_memory: int = 64 * MIB
     lock_wait: float = 300.0
     stall_timeout: float = 600.0
     keep_last: int = 0

@@ -78,10 +78,28 @@ class _S3SigV4(botocore.auth.S3SigV4Auth):
 botocore.auth.AUTH_TYPE_MAPS["s3v4"] = _S3SigV4
 
 
+class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
+    """Send the headers, then the body object itself. aiohttp coalesces headers and body
+    with b"".join() on Pythons before 3.12.9 (its writelines is unsafe there): one more
+    full copy of every request body in flight."""
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:
+            send_headers()
+        value = self._value
+        if content_length is not None and content_length < len(value):
+            value = value[:content_length]
+        await writer.write(value)
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+
 def _body_payload(value: _Body, *args: Any, **kwargs: Any) -> aiohttp.payload.Payload:
     if value.tell() == 0:
         # getvalue() of a BytesIO made from bytes returns those very bytes
-        return aiohttp.payload.BytesPayload(value.getvalue(), *args, **kwargs)
+        return _HeadersFirstPayload(value.getvalue(), *args, **kwargs)
     return aiohttp.payload.BytesIOPayload(value, *args, **kwargs)
 
 
@@ -402,17 +420,23 @@ class MultipartUpload:
         number = self._next
         self._next += 1
 
+        size = len(data)
+        holder = [data]  # the task's only reference, dropped before the budget is given back
+        del data
+
         async def send() -> None:
             try:
                 assert self.upload_id is not None
-                self._etags[number] = await self.store.upload_part(self.key, self.upload_id, number, data, md5, sha256)
+                self._etags[number] = await self.store.upload_part(self.key, self.upload_id, number, holder[0], md5,
+                                                                   sha256)
             except BaseException as exc:
                 if self._failure is None:
                     self._failure = exc
                 raise
             finally:
+                holder.clear()
                 self._slots.release()
-                await asyncio.shield(self.budget.release(len(data)))
+                await asyncio.shield(self.budget.release(size))
 
         task = asyncio.create_task(send())
         self._tasks.add(task)
