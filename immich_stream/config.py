@@ -444,6 +444,8 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
         value = getattr(s, spec.name)
         if spec.name in ("part_size", "max_memory"):
             shown = format_size(value)
+        elif spec.parse is parse_duration:
+            shown = f"{value:g} s"
         elif value is None:
             shown = "(not set)"
         else:
