@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.helpers import vm_hwm_kib  # noqa: E402  - peak RSS the way the tests measure it
 BENCH = Path(os.environ.get("IMMICH_STREAM_BENCH_DIR", "/var/tmp/immich-stream-bench"))
 DEMO = Path(os.environ.get("IMMICH_STREAM_DEMO_DIR", "/var/tmp/immich-stream-demo"))
 BIN = Path(sys.executable).parent
@@ -80,17 +82,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def vm_hwm_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def descendants(pid: int) -> list[int]:
