@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -120,9 +121,7 @@ class RepoLock:
                 conflicts = self._conflicts(await list_locks(self.repo))
                 if not conflicts:
                     break
-                await self.repo.store.delete([self.key])
-                if not self.exclusive and all(not c.exclusive for c in conflicts):
-                    break  # pragma: no cover - shared locks never conflict with each other
+                await self.repo.store.delete([self.key])  # and both back off, for a random while
             if time.monotonic() >= deadline:
                 holder = conflicts[0].describe()
                 raise LockError(f"the repository is locked by {holder}: wait for it to finish (or raise "
@@ -130,7 +129,7 @@ class RepoLock:
             if not said:
                 log.info("waiting up to %.0fs for %s to release the repository", self.wait, conflicts[0].describe())
                 said = True
-            await asyncio.sleep(min(POLL, max(deadline - time.monotonic(), 0.05)))
+            await asyncio.sleep(min(POLL * (0.5 + random.random()), max(deadline - time.monotonic(), 0.05)))
         self._refresher = asyncio.create_task(self._refresh())
         return self
 
