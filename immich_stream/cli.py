@@ -187,12 +187,12 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
     async with Store(settings) as store:
         repo = Repo(store, settings.prefix)
         await repo.check_config()
-        ids = await repo.snapshot_ids(complete_only=not args.all_)
-        complete = set(await repo.snapshot_ids()) if args.all_ else set(ids)
+        dirs = await repo.snapshot_dirs()
         rows = []
-        for sid in ids:
-            if sid not in complete:
-                rows.append({"id": sid, "complete": False, "committed": False})
+        for sid, committed in dirs.items():
+            if not committed:
+                if args.all_:
+                    rows.append({"id": sid, "complete": False, "committed": False})
                 continue
             data = (await repo.load_snapshot(sid)).data
             files = data.get("files", {})

@@ -8,7 +8,6 @@ than a threshold (a run may still be writing them).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import time
@@ -20,7 +19,7 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
 from immich_stream.locks import RepoLock
 from immich_stream.progress import Reporter
-from immich_stream.repo import Repo, snapshot_time
+from immich_stream.repo import Repo, key_digest, snapshot_time
 from immich_stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -108,10 +107,6 @@ def apply_policy(ids: list[str], policy: Policy) -> tuple[list[str], list[str]]:
     return sorted(keep), sorted(remove)
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode(), digest_size=10).digest()
-
-
 @dataclass
 class PruneReport:
     kept: list[str] = field(default_factory=list)
@@ -143,8 +138,8 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
                         report: PruneReport) -> None:
     now = dt.datetime.now(dt.UTC)
     threshold = now - dt.timedelta(seconds=stale_after)
-    committed = await repo.snapshot_ids()
-    all_dirs = await repo.snapshot_ids(complete_only=False)
+    dirs = await repo.snapshot_dirs()
+    committed = [s for s, done in dirs.items() if done]
     report.kept, report.removed = apply_policy(committed, policy)
     log.info("policy %s: keeping %d snapshots, removing %d", policy.describe(), len(report.kept), len(report.removed))
 
@@ -153,11 +148,10 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
     for sid in report.kept:
         async for line in repo.read_manifest(sid):
             if line.key:
-                referenced.add(_digest(line.key))
-    kept_runs = set(report.kept)
+                referenced.add(key_digest(line.key))
 
     # Snapshot directories to delete: removed ones, and incomplete ones once stale.
-    incomplete = [s for s in all_dirs if s not in committed]
+    incomplete = [s for s, done in dirs.items() if not done]
     doomed_dirs = list(report.removed)
     for sid in incomplete:
         if snapshot_time(sid) < threshold and await _newest_object(store, repo.snapshot_key(sid, "")) < threshold:
@@ -169,11 +163,11 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
     doomed: list[str] = []
     base = repo.object_key("data/")
     async for obj in store.list_objects(base):
-        rel = obj.key[len(repo.prefix) + 1:] if repo.prefix else obj.key
+        rel = repo.relative_key(obj.key)
         run = rel.split("/", 2)[1] if rel.count("/") >= 2 else ""
-        if _digest(rel) in referenced:
+        if key_digest(rel) in referenced:
             continue
-        if run not in committed and run not in kept_runs and _run_is_young(run, threshold, obj.last_modified):
+        if not dirs.get(run) and _run_is_young(run, threshold, obj.last_modified):
             continue
         doomed.append(obj.key)
         report.objects_deleted += 1

@@ -12,6 +12,7 @@ Commands talk to the bucket through this module; only here are keys built.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import re
@@ -184,6 +185,12 @@ async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         raise RepoError("a gzip stream ends early: the object is truncated; run `verify --read-data`")
 
 
+def key_digest(key: str) -> bytes:
+    """A compact stand-in for an object key in sets of a whole repository's keys
+    (10 bytes: collisions are out of reach for any library)."""
+    return hashlib.blake2b(key.encode(), digest_size=10).digest()
+
+
 class Repo:
     def __init__(self, store: Store, prefix: str) -> None:
         self.store = store
@@ -237,15 +244,23 @@ class Repo:
             raise RepoError(f"repository format {cfg['version']} is newer than this immich-stream knows "
                             f"({VERSION}): upgrade immich-stream")
 
+    def relative_key(self, key: str) -> str:
+        """A bucket key -> the key relative to the prefix (as manifests hold it)."""
+        return key[len(self.prefix) + 1:] if self.prefix else key
+
     # snapshots
-    async def snapshot_ids(self, complete_only: bool = True) -> list[str]:
-        """Ids of snapshot directories, sorted; only committed ones (with snapshot.json) by default."""
+    async def snapshot_dirs(self) -> dict[str, bool]:
+        """Every snapshot directory, sorted by id -> committed (has snapshot.json); one listing."""
         ids: dict[str, bool] = {}
         base = self._k("snapshots/")
         async for obj in self.store.list_objects(base):
             sid, _, name = obj.key[len(base):].partition("/")
             ids[sid] = ids.get(sid, False) or name == "snapshot.json"
-        return sorted(s for s, done in ids.items() if done or not complete_only)
+        return dict(sorted(ids.items()))
+
+    async def snapshot_ids(self) -> list[str]:
+        """Ids of the committed snapshots, sorted."""
+        return [s for s, committed in (await self.snapshot_dirs()).items() if committed]
 
     async def load_snapshot(self, snap_id: str) -> Snapshot:
         try:

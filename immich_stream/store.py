@@ -308,20 +308,6 @@ class Store:
                 return
             token = resp["NextContinuationToken"]
 
-    async def list_dirs(self, prefix: str) -> list[str]:
-        """The 'directories' directly under prefix (which ends in '/')."""
-        out: list[str] = []
-        token: str | None = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
-            if token:
-                kw["ContinuationToken"] = token
-            resp = await self._call(f"list {prefix}", lambda kw=kw: self._client.list_objects_v2(**kw))
-            out.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
-            if not resp.get("IsTruncated"):
-                return out
-            token = resp["NextContinuationToken"]
-
     async def delete(self, keys: list[str]) -> None:
         """Delete keys, 1,000 per request."""
         for i in range(0, len(keys), 1000):

@@ -17,14 +17,10 @@ from dataclasses import dataclass, field
 from immich_stream.config import Settings
 from immich_stream.errors import RepoError, StoreError
 from immich_stream.progress import Reporter
-from immich_stream.repo import Repo, Snapshot, gunzip_stream
+from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
 from immich_stream.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def _digest(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -51,11 +47,11 @@ async def verify(settings: Settings, reporter: Reporter, which: str | None, all_
         snaps = await repo.snapshots() if all_ else [await repo.resolve(which or "latest")]
         if not snaps:
             raise RepoError(f"no snapshots in s3://{store.bucket}/{repo.prefix}: run `backup` first")
-        listing: dict[int, int] = {}
+        listing: dict[bytes, int] = {}
         base = repo.object_key("data/")
         async for obj in store.list_objects(base):
-            listing[_digest(obj.key[len(repo.prefix) + 1:] if repo.prefix else obj.key)] = obj.size
-        read_done: set[int] = set()
+            listing[key_digest(repo.relative_key(obj.key))] = obj.size
+        read_done: set[bytes] = set()
         rng = random.Random()
         for snap in snaps:
             report.snapshots.append(snap.id)
@@ -65,8 +61,8 @@ async def verify(settings: Settings, reporter: Reporter, which: str | None, all_
     return report
 
 
-async def _verify_snapshot(store: Store, repo: Repo, snap: Snapshot, listing: dict[int, int], fraction: float,
-                           read_done: set[int], rng: random.Random, report: VerifyReport, reporter: Reporter,
+async def _verify_snapshot(store: Store, repo: Repo, snap: Snapshot, listing: dict[bytes, int], fraction: float,
+                           read_done: set[bytes], rng: random.Random, report: VerifyReport, reporter: Reporter,
                            jobs: int) -> None:
     phase = reporter.phase(f"verify {snap.id}")
     queue: asyncio.Queue[tuple[str, str, int, str] | None] = asyncio.Queue(jobs * 4)
@@ -80,7 +76,7 @@ async def _verify_snapshot(store: Store, repo: Repo, snap: Snapshot, listing: di
             if line.key is None or line.sha256 is None:
                 report.problem(f"snapshot {snap.id}: {where} has no object key: damaged manifest")
                 continue
-            d = _digest(line.key)
+            d = key_digest(line.key)
             size = listing.get(d)
             if size is None:
                 report.problem(f"snapshot {snap.id}: missing object {line.key} ({where})")
