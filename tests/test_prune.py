@@ -211,15 +211,22 @@ def put_lock(bucket: Bucket, host: str, refreshed_ago: float, command: str = "ba
     return key
 
 
-def test_prune_during_backup_waits_then_fails_naming_the_holder(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                               proxy_factory) -> None:
+def start_locked_backup(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                        proxy_factory) -> tuple[subprocess.Popen[str], dict, Bucket]:
+    """A backup slowed down by the proxy, returned once its lock object is in the bucket."""
     make_library(stack.library, photos=30)
     proxy = proxy_factory(moto_s3.endpoint)
-    env = moto_env(env, moto_s3, proxy.endpoint)
+    slow = moto_env(env, moto_s3, proxy.endpoint)
     proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.3)
-    backup = start_cli("backup", "--stop", "none", env=env)
-    bucket = bucket_of(env)
+    bucket = bucket_of(slow)
+    backup = start_cli("backup", "--stop", "none", env=slow)
     wait_for(lambda: bucket.keys("locks/"), 60, what="the backup's lock")
+    return backup, slow, bucket
+
+
+def test_prune_during_backup_waits_then_fails_naming_the_holder(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                               proxy_factory) -> None:
+    backup, env, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
     r = run_cli("prune", "--keep-last", "1", "--lock-wait", "2s", env=env)
     assert r.code == 1
     assert "the repository is locked by backup (pid" in r.last_error and socket.gethostname() in r.last_error
@@ -231,13 +238,7 @@ def test_prune_during_backup_waits_then_fails_naming_the_holder(env: dict, stack
 
 def test_killed_backup_lock_stops_nothing_and_local_lock(env: dict, stack: ImmichStack, moto_s3: S3Server,
                                                          proxy_factory) -> None:
-    make_library(stack.library, photos=30)
-    proxy = proxy_factory(moto_s3.endpoint)
-    slow = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.3)
-    bucket = bucket_of(slow)
-    first = start_cli("backup", "--stop", "none", env=slow)
-    wait_for(lambda: bucket.keys("locks/"), 60, what="the backup's lock")
+    first, slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
     # a second backup on the same host is refused by the local lock at once
     r = run_cli("backup", "--stop", "none", env=slow)
     assert r.code == 1 and "another immich-stream run on this host" in r.last_error
