@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed; no snapshot was committed
 EXIT_USAGE = 2  # bad command line or configuration
 EXIT_INCOMPLETE = 3  # snapshot committed, but some files could not be read
+EXIT_SUSPICIOUS = 4  # the library looks unmounted, empty or shrunk: refused, nothing stopped or committed
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -28,6 +29,8 @@ class ConfigError(ImmichStreamError):
 class StoreError(ImmichStreamError):
     """S3 could not be reached or refused a request."""
 
+    code: str | None = None  # the S3 error code, when the server gave one
+
 
 class StackError(ImmichStreamError):
     """Docker could not be reached, or a container could not be found, stopped or started."""
@@ -39,6 +42,12 @@ class DumpError(ImmichStreamError):
 
 class RepoError(ImmichStreamError):
     """The repository in the bucket is missing, damaged or of an unknown format."""
+
+
+class SuspiciousLibrary(ImmichStreamError):
+    """The library lacks Immich's marker files or lost too much since the last snapshot."""
+
+    exit_code = EXIT_SUSPICIOUS
 
 
 class LockError(ImmichStreamError):

@@ -126,10 +126,20 @@ def part_size_for(size: int, part_size: int) -> int:
     return max(part_size, needed)
 
 
-def stream_part_size(part_number: int, part_size: int) -> int:
-    """Part sizes for a stream of unknown length: double every 1,000 parts, so 10,000
-    parts hold 1,023,000 x part_size (8 TiB at 8 MiB), each part under S3's 5 GiB."""
-    return part_size * 2 ** ((part_number - 1) // 1000)
+PARTS_PER_STEP = 1000  # a stream's parts double in size every this many parts
+
+
+def stream_part_size(part_number: int, part_size: int, max_part: int) -> int:
+    """Part sizes for a stream of unknown length: double every 1,000 parts, up to
+    max_part (half the memory budget: a part is held whole before it is sent)."""
+    grown = part_size * 2 ** min((part_number - 1) // PARTS_PER_STEP, 20)
+    return max(part_size, min(grown, max_part))
+
+
+def max_stream_size(part_size: int, max_part: int) -> int:
+    """The largest stream (dump, manifest) that fits in 10,000 parts with these sizes."""
+    return sum(stream_part_size(n, part_size, max_part) for n in range(1, MAX_PARTS + 1, PARTS_PER_STEP)) * \
+        PARTS_PER_STEP
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -208,7 +218,10 @@ class Store:
             except Exception as exc:  # classified below; non-transient errors are raised at once
                 self.last_activity = time.monotonic()
                 if not is_transient(exc) or attempt == self.retries:
-                    raise self._error(what, exc) from exc
+                    error = self._error(what, exc)
+                    if isinstance(exc, ClientError):
+                        error.code = exc.response.get("Error", {}).get("Code")
+                    raise error from exc
                 self.retried += 1
                 wait = min(delay * 2 ** (attempt - 1), 20.0) * (0.5 + random.random())
                 log.debug("%s failed (%s), retry %d/%d in %.1fs", what, _short(exc), attempt, self.retries - 1, wait)
@@ -389,6 +402,7 @@ class MultipartUpload:
         self._next = 1
         self._failure: BaseException | None = None
         self._completed = False
+        self.size = 0  # bytes handed to add()
 
     async def __aenter__(self) -> MultipartUpload:
         self.upload_id = await self.store.create_multipart(self.key)
@@ -407,6 +421,7 @@ class MultipartUpload:
         self._next += 1
 
         size = len(data)
+        self.size += size
         holder = [data]  # the task's only reference, dropped before the budget is given back
         del data
 
@@ -449,7 +464,17 @@ class MultipartUpload:
     async def complete(self) -> None:
         await self._drain()
         assert self.upload_id is not None
-        await self.store.complete_multipart(self.key, self.upload_id, [self._etags[i] for i in range(1, self._next)])
+        try:
+            await self.store.complete_multipart(self.key, self.upload_id,
+                                                [self._etags[i] for i in range(1, self._next)])
+        except StoreError as exc:
+            # The server may have completed it and its answer got lost: the retry then
+            # finds no such upload. The key is this run's own, so an object there with
+            # exactly the bytes sent is this upload.
+            if exc.code != "NoSuchUpload" or await self.store.head(self.key) != self.size:
+                raise
+            log.info("the answer to completing %s was lost; the object is there with its %d bytes", self.key,
+                     self.size)
         self._completed = True
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -470,8 +495,11 @@ class MultipartUpload:
 class StreamWriter:
     """Upload a stream of unknown length (pg_dump, manifests) to one key.
 
-    Buffers up to one part (growing with the part number, see stream_part_size); a stream
-    that ends within the first part is sent as one PUT. Abort on error via MultipartUpload.
+    Memory: the writer reserves a whole part in the budget before filling it, so it never
+    waits for memory while holding unsent bytes (waiting then could wait for itself: the
+    deadlock of parts grown past the budget). Parts grow with the part number (see
+    stream_part_size) up to half the budget; a stream that ends within the first part is
+    sent as one PUT. Abort on error via MultipartUpload.
     """
 
     def __init__(self, store: Store, key: str, budget: ByteBudget, part_size: int, max_inflight: int = 3) -> None:
@@ -479,36 +507,46 @@ class StreamWriter:
         self.key = key
         self.budget = budget
         self.part_size = part_size
+        self.max_part = max(part_size, budget.limit // 2)
         self.max_inflight = max_inflight
         self.size = 0
         self.parts = 0  # how many requests the stream went up in (1 for a plain PUT)
         self._buf = bytearray()
-        self._held = 0
+        self._reserved = 0  # budget held for the part being filled
         self._mp: MultipartUpload | None = None
 
     async def __aenter__(self) -> StreamWriter:
         return self
 
     def _target(self) -> int:
-        return stream_part_size((self._mp.parts if self._mp else 0) + 1, self.part_size)
+        return stream_part_size((self._mp.parts if self._mp else 0) + 1, self.part_size, self.max_part)
 
     async def write(self, data: bytes) -> None:
-        if not data:
-            return
-        await self.budget.acquire(len(data))
-        self._held += len(data)
-        self._buf += data
-        self.size += len(data)
-        while len(self._buf) >= self._target():
-            target = self._target()
-            # bytes, not bytearray: botocore and aiohttp copy a bytearray body several times.
-            part = bytes(self._buf[:target])
-            del self._buf[:target]
-            if self._mp is None:
-                self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
-                await self._mp.__aenter__()
-            self._held -= len(part)  # handed over to the part upload, which releases it
-            await self._mp.add(part)
+        view = memoryview(data)
+        while view:
+            if not self._reserved:
+                target = self._target()
+                await self.budget.acquire(target)
+                self._reserved = target
+            room = self._reserved - len(self._buf)
+            self._buf += view[:room]
+            self.size += min(room, len(view))
+            view = view[room:]
+            if len(self._buf) >= self._reserved:
+                await self._send_part()
+
+    async def _send_part(self) -> None:
+        if self._mp is None:
+            self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
+            await self._mp.__aenter__()
+        if self._mp.parts >= MAX_PARTS - 1:  # one is kept for the end of the stream
+            raise StoreError(f"{self.key} would need more than {MAX_PARTS} parts (the stream passed "
+                             f"{self.size // MIB} MiB): raise --max-memory, parts grow to half of it")
+        # bytes, not bytearray: botocore and aiohttp copy a bytearray body several times.
+        part, self._buf = bytes(self._buf), bytearray()
+        self._reserved -= len(part)  # handed over: the part upload releases it once sent
+        await self._mp.add(part)
+        await self._release_reserved()
 
     async def finish(self) -> None:
         data, self._buf = bytes(self._buf), bytearray()
@@ -517,23 +555,23 @@ class StreamWriter:
             self.parts = 1
         else:
             if data or self._mp.parts == 0:
-                self._held -= len(data)
+                self._reserved -= len(data)
                 await self._mp.add(data)
             await self._mp.complete()
             self.parts = self._mp.parts
             await self._mp.__aexit__(None, None, None)
             self._mp = None
-        await self._release_held()
+        await self._release_reserved()
 
-    async def _release_held(self) -> None:
-        if self._held:
-            await asyncio.shield(self.budget.release(self._held))
-            self._held = 0
+    async def _release_reserved(self) -> None:
+        if self._reserved:
+            held, self._reserved = self._reserved, 0
+            await asyncio.shield(self.budget.release(held))
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._mp is not None:
             await self._mp.__aexit__(exc_type, exc, tb)
-        await self._release_held()
+        await self._release_reserved()
 
 
 def describe_credentials(settings: Settings) -> tuple[str, str]:

@@ -24,6 +24,7 @@ class Rule:
     delay: float = 0.0  # seconds to wait before forwarding
     times: int | None = None  # how many requests it applies to (None: all)
     corrupt: bool = False  # flip one byte of the request body on its way
+    after: bool = False  # forward the request, then answer `status` instead (a lost answer)
     hits: int = 0
 
 
@@ -55,8 +56,8 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None,
-            corrupt: bool = False) -> Rule:
-        rule = Rule(match, status, delay, times, corrupt)
+            corrupt: bool = False, after: bool = False) -> Rule:
+        rule = Rule(match, status, delay, times, corrupt, after)
         self.rules.append(rule)
         return rule
 
@@ -79,6 +80,7 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
         corrupt = False
+        lost_answer: int | None = None
         body = await request.read()
         for rule in self.rules:
             if rule.corrupt and not body:
@@ -87,6 +89,9 @@ class FaultProxy:
                 rule.hits += 1
                 if rule.delay:
                     await asyncio.sleep(rule.delay)
+                if rule.status is not None and rule.after:
+                    lost_answer = rule.status
+                    break
                 if rule.status is not None:
                     self.requests.append((request.method, request.path_qs, rule.status))
                     body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
@@ -103,6 +108,11 @@ class FaultProxy:
                                          data=body, allow_redirects=False) as up:
             data = await up.read()
             self.requests.append((request.method, request.path_qs, up.status))
+            if lost_answer is not None:  # the server did it; the client never hears so
+                self.requests.append((request.method, request.path_qs, lost_answer))
+                body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                        "<Message>injected by the test proxy after forwarding</Message></Error>")
+                return web.Response(status=lost_answer, body=body.encode(), content_type="application/xml")
             dropped = ("transfer-encoding", "connection") if request.method == "HEAD" else (
                 "content-length", "transfer-encoding", "connection")  # HEAD: the size is the answer
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in dropped}
