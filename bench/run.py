@@ -42,7 +42,7 @@ MIB = 1024 * 1024
 def make_library(root: Path, size_gib: float) -> int:
     """Photos of 1-6 MiB, two thumbnails each, a few videos of 20-80 MiB; deterministic."""
     marker = root / f".complete-{size_gib}"
-    if marker.exists():
+    if marker.exists() and (root / "backups" / ".immich").exists():
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     shutil.rmtree(root, ignore_errors=True)
     rng = random.Random(7)
@@ -74,6 +74,9 @@ def make_library(root: Path, size_gib: float) -> int:
         put(f"thumbs/{user}/{i % 256:02x}/{i * 7 % 256:02x}/{i}-thumbnail.webp", rng.randint(5_000, 20_000))
         put(f"thumbs/{user}/{i % 256:02x}/{i * 7 % 256:02x}/{i}-preview.jpeg", rng.randint(80_000, 300_000))
         i += 1
+    for d in ("library", "upload", "thumbs", "encoded-video", "profile", "backups"):  # Immich's markers
+        (root / d).mkdir(parents=True, exist_ok=True)
+        (root / d / ".immich").touch()
     marker.touch()
     return total
 

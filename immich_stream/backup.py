@@ -14,18 +14,18 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from immich_stream import __version__
 from immich_stream.budget import ByteBudget
-from immich_stream.config import Settings
+from immich_stream.config import Settings, format_size
 from immich_stream.dump import DumpResult, dump_database
-from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, RepoError, StoreError
+from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, StoreError, SuspiciousLibrary
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
+from immich_stream.repo import ManifestLine, ManifestWriter, ObjectIndex, Repo, new_snapshot_id
 from immich_stream.locks import RepoLock, local_lock
 from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
 from immich_stream.store import MultipartUpload, Store, StreamWriter, md5_b64, part_size_for
@@ -34,6 +34,7 @@ from immich_stream.walk import Entry, WalkProblem, walk
 log = logging.getLogger(__name__)
 
 ORDER_WINDOW = 4096  # manifest lines waiting for their upload, at most
+HASH_CHUNK = 1 << 20  # read size when a file is hashed to decide whether to upload it
 MAX_PROBLEMS_KEPT = 200
 
 
@@ -43,6 +44,8 @@ class Stats:
     changed: int = 0
     unchanged: int = 0
     moved: int = 0
+    touched: int = 0  # metadata changed, bytes the same (read and hashed, object reused)
+    reuploaded: int = 0  # unchanged, but the object it had was gone from the bucket
     skipped: int = 0
     failed: int = 0
     changed_while_read: int = 0
@@ -53,6 +56,15 @@ class Stats:
     bytes_read: int = 0
     bytes_uploaded: int = 0
     problems: list[str] = field(default_factory=list)
+    # files and bytes per root, for the next run's shrink check
+    roots: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count_file(self, root: str, size: int) -> None:
+        self.files += 1
+        self.bytes_total += size
+        totals = self.roots.setdefault(root, {"files": 0, "bytes": 0})
+        totals["files"] += 1
+        totals["bytes"] += size
 
     def problem(self, text: str) -> None:
         log.warning("%s", text)
@@ -70,6 +82,7 @@ class BackupResult:
     mode: str
     exit_code: int
     summary: dict[str, Any]
+    shrunk: bool = False  # the library looked shrunk and --allow-shrink let it through
 
 
 class PrevCursor:
@@ -101,12 +114,37 @@ class PrevCursor:
         return None
 
 
-async def vanished_files(repo: Repo, snap_id: str, roots: dict[str, Path]) -> dict[tuple[str, int], ManifestLine]:
-    """Files of the previous snapshot whose path is gone now, by (root, inode): candidates
-    for a move (Immich's storage-template migration renames files). Memory grows with the
-    number of deleted/moved files, not with the library."""
-    out: dict[tuple[str, int], ManifestLine] = {}
+# Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
+# refuses to start when one is missing: their absence means an unmounted or wrong library.
+MARKER_DIRS = ("library", "upload", "thumbs", "encoded-video", "profile", "backups")
+MARKER = ".immich"
+
+
+@dataclass
+class ParentInfo:
+    """What a run needs to know of the previous snapshot besides its sorted manifest."""
+
+    snap_id: str
+    # files of the previous snapshot whose path is gone now, by (root, device, inode): move
+    # candidates (Immich's storage-template migration renames files). Memory grows with
+    # the number of deleted/moved files, not with the library.
+    vanished: dict[tuple[str, int | None, int], ManifestLine] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)  # per root
+    bytes: dict[str, int] = field(default_factory=dict)
+    markers: set[str] = field(default_factory=set)  # MARKER_DIRS whose marker it had
+
+    def moved_from(self, root: str, line: ManifestLine) -> ManifestLine | None:
+        """The vanished line this new path may have been moved from (same device and inode)."""
+        found = self.vanished.pop((root, line.dev, line.inode), None)
+        if found is None:  # a manifest from before devices were recorded
+            found = self.vanished.pop((root, None, line.inode), None)
+        return found
+
+
+async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path]) -> ParentInfo:
+    info = ParentInfo(snap_id)
     batch: list[ManifestLine] = []
+    markers = {f"{d}/{MARKER}": d for d in MARKER_DIRS}
 
     def check(lines: list[ManifestLine]) -> list[ManifestLine]:
         gone = []
@@ -121,16 +159,117 @@ async def vanished_files(repo: Repo, snap_id: str, roots: dict[str, Path]) -> di
 
     async def flush() -> None:
         for ln in await asyncio.to_thread(check, batch):
-            out[(ln.root, ln.inode)] = ln
+            info.vanished[(ln.root, ln.dev, ln.inode)] = ln
         batch.clear()
 
     async for line in repo.read_manifest(snap_id):
-        if line.type == "file" and line.key and line.root in roots:
+        if line.type != "file":
+            continue
+        info.files[line.root] = info.files.get(line.root, 0) + 1
+        info.bytes[line.root] = info.bytes.get(line.root, 0) + line.size
+        if line.root == "library" and line.path in markers:
+            info.markers.add(markers[line.path])
+        if line.key and line.root in roots:
             batch.append(line)
             if len(batch) >= 2000:
                 await flush()
     await flush()
-    return out
+    return info
+
+
+async def count_files(root: Path) -> tuple[int, int]:
+    """(files, bytes) under root: a stat-only walk, run before anything is stopped."""
+    files = size = 0
+    async for e in walk(os.fsencode(root), lambda p: None):
+        if e.type == "file":
+            files += 1
+            size += e.size
+    return files, size
+
+
+async def check_library(library: Path, parent: ParentInfo | None, max_shrink: float, allow: bool) -> bool:
+    """Refuse a library that looks unmounted, empty or shrunk before anything is stopped
+    (retention would otherwise age the good snapshots out). True when it looks shrunk
+    but `allow` lets it through."""
+    fs = format_size
+    missing = [d for d in MARKER_DIRS if not os.path.isfile(library / d / MARKER)]
+    suspicious: list[str] = []
+    if missing:
+        had = [d for d in missing if parent is None or d in parent.markers]
+        if had:
+            suspicious.append(f"library_dir {library} lacks Immich's marker files ({', '.join(f'{d}/{MARKER}' for d in had)}"
+                              "): is the disk mounted, and is this Immich's UPLOAD_LOCATION?")
+        else:
+            log.warning("library_dir %s has no %s marker in %s (nor had the last snapshot: an old Immich?)",
+                        library, MARKER, ", ".join(missing))
+    if parent is not None and parent.files.get("library"):
+        files, size = await count_files(library)
+        old_files, old_bytes = parent.files["library"], parent.bytes.get("library", 0)
+        if files < old_files * (1 - max_shrink) or size < old_bytes * (1 - max_shrink):
+            suspicious.append(f"the library holds {files} files ({fs(size)}) where snapshot {parent.snap_id} had "
+                              f"{old_files} ({fs(old_bytes)}): it lost more than {max_shrink * 100:g}%")
+    if not suspicious:
+        return False
+    if allow:
+        for text in suspicious:
+            log.warning("%s; backing up anyway (--allow-shrink)", text)
+        return True
+    raise SuspiciousLibrary(f"{'; '.join(suspicious)}; nothing was stopped or committed: check the mount, or for a "
+                            "deliberate deletion run again with --allow-shrink")
+
+
+def check_shrink_at_end(stats: Stats, parent: ParentInfo | None, max_shrink: float, allow: bool) -> None:
+    """The same rule on what the (stopped) walk really found, before committing."""
+    if allow or parent is None or not parent.files.get("library"):
+        return
+    now = stats.roots.get("library", {"files": 0, "bytes": 0})
+    old_files, old_bytes = parent.files["library"], parent.bytes.get("library", 0)
+    if now["files"] < old_files * (1 - max_shrink) or now["bytes"] < old_bytes * (1 - max_shrink):
+        raise SuspiciousLibrary(
+            f"the library walked {now['files']} files ({format_size(now['bytes'])}) where snapshot {parent.snap_id} "
+            f"had {old_files} ({format_size(old_bytes)}): it lost more than {max_shrink * 100:g}% during the run; "
+            "nothing was committed: check the mount, or run again with --allow-shrink")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one file: reuse an object, read and hash first (reuse when the
+    bytes match), or upload."""
+
+    action: str  # "reuse", "check" or "upload"
+    kind: str  # the Stats counter it ends in: unchanged, moved, touched, reuploaded, changed, new
+    source: ManifestLine | None = None  # the line whose object may be reused
+
+
+def same_file(line: ManifestLine, old: ManifestLine) -> bool:
+    """Unchanged without reading: size, mtime, ctime, inode and device all equal. ctime
+    cannot be set back, so `cp -p`, `rsync -a` or exiftool -P rewriting a file with the
+    same size and mtime is noticed. A line from before ctime was recorded is compared by
+    size, mtime and inode (once: this run records ctime)."""
+    if (line.size, line.mtime_ns, line.inode) != (old.size, old.mtime_ns, old.inode):
+        return False
+    if old.ctime_ns is None:
+        return True
+    return line.ctime_ns == old.ctime_ns and line.dev == old.dev
+
+
+def classify(line: ManifestLine, old: ManifestLine | None, moved: ManifestLine | None,
+             exists: Callable[[str, int], bool]) -> Decision:
+    """The rules of an incremental run, in one place. `old` is the previous snapshot's line
+    for this path, `moved` a vanished line with this file's device and inode, `exists` says
+    whether an object with this key and size is in the bucket."""
+    if old is not None and old.type == "file" and old.key and old.sha256:
+        if not exists(old.key, old.size):
+            return Decision("upload", "reuploaded")
+        if same_file(line, old):
+            return Decision("reuse", "unchanged", old)
+        if old.size == line.size:
+            return Decision("check", "touched", old)  # a chown, a touch, or the same size rewritten
+        return Decision("upload", "changed")
+    if (moved is not None and moved.key and moved.sha256 and moved.size == line.size
+            and moved.mtime_ns == line.mtime_ns and exists(moved.key, moved.size)):
+        return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
+    return Decision("upload", "changed" if old is not None else "new")
 
 
 class FileUploader:
@@ -143,29 +282,55 @@ class FileUploader:
         self.part_size = settings.part_size
         self.stats = stats
 
-    async def upload(self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase) -> None:
-        """Upload; fills line.sha256/size. Raises OSError for a file that cannot be read."""
+    async def upload(self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase,
+                     source: ManifestLine | None = None) -> bool:
+        """Upload under `key`; fills line.key/sha256/size. With a `source` line, the file is
+        read and hashed first and source's object reused when the bytes are the same (no
+        upload). True when reused. Raises OSError for a file that cannot be read."""
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if entry.size <= self.part_size:
-                await self._single(fd, entry, line, key, phase)
+                reused = await self._single(fd, entry, line, key, phase, source)
             else:
-                await self._multipart(fd, entry, line, key, phase)
+                reused = source is not None and await self._same_bytes(fd, line, source, phase)
+                if not reused:
+                    await asyncio.to_thread(os.lseek, fd, 0, os.SEEK_SET)
+                    await self._multipart(fd, entry, line, key, phase)
             after = await asyncio.to_thread(os.fstat, fd)
         finally:
             os.close(fd)
         if after.st_mtime_ns != entry.mtime_ns or after.st_size != line.size:
             self.stats.changed_while_read += 1
             self.stats.problem(f"{line.root}/{line.path}: changed while being read; the snapshot holds the bytes read")
+        return reused
 
-    async def _single(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase) -> None:
+    def _reuse(self, line: ManifestLine, source: ManifestLine, sha: str, size: int) -> bool:
+        if sha != source.sha256 or size != source.size or source.key is None:
+            return False
+        line.key, line.sha256, line.size = source.key, sha, size
+        return True
+
+    async def _single(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase,
+                      source: ManifestLine | None) -> bool:
         async with self.budget.hold(entry.size):
             data, sha, md5 = await asyncio.to_thread(_read_exactly, fd, entry.size, None)
             self.stats.bytes_read += len(data)
+            if source is not None and self._reuse(line, source, sha, len(data)):
+                phase.update(len(data))
+                return True
             await self.store.put(self.repo.object_key(key), data, md5=md5, sha256=sha)
-        line.size, line.sha256 = len(data), sha
+        line.key, line.size, line.sha256 = key, len(data), sha
         self.stats.bytes_uploaded += len(data)
         phase.update(len(data))
+        return False
+
+    async def _same_bytes(self, fd: int, line: ManifestLine, source: ManifestLine, phase: Phase) -> bool:
+        """Hash a large file without uploading it; reuse source's object when it matches."""
+        async with self.budget.hold(HASH_CHUNK):
+            sha, size = await asyncio.to_thread(_hash_fd, fd)
+        self.stats.bytes_read += size
+        phase.update(size)
+        return self._reuse(line, source, sha, size)
 
     async def _multipart(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase) -> None:
         psize = part_size_for(entry.size, self.part_size)
@@ -192,8 +357,17 @@ class FileUploader:
                 if n < want:
                     break  # the file shrank while being read: noticed by the caller's fstat
             await mp.complete()
-        line.size, line.sha256 = total, sha.hexdigest()
+        line.key, line.size, line.sha256 = key, total, sha.hexdigest()
         self.stats.bytes_uploaded += total
+
+
+def _hash_fd(fd: int) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, HASH_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
@@ -221,7 +395,8 @@ async def backup_root(
     uploader: FileUploader,
     repo: Repo,
     prev: PrevCursor,
-    vanished: dict[tuple[str, int], ManifestLine],
+    parent: ParentInfo | None,
+    objects: ObjectIndex,
     manifest: ManifestWriter,
     stats: Stats,
     phase: Phase,
@@ -231,10 +406,7 @@ async def backup_root(
     root_b = os.fsencode(root_path)
     loop = asyncio.get_running_loop()
     order_q: asyncio.Queue[tuple[ManifestLine, asyncio.Future[bool] | None] | None] = asyncio.Queue(ORDER_WINDOW)
-    work_q: asyncio.Queue[tuple[Entry, ManifestLine, asyncio.Future[bool], str] | None] = asyncio.Queue(jobs * 2)
-
-    def reuse(line: ManifestLine, old: ManifestLine) -> None:
-        line.sha256, line.key = old.sha256, old.key
+    work_q: asyncio.Queue[tuple[Entry, ManifestLine, asyncio.Future[bool], Decision] | None] = asyncio.Queue(jobs * 2)
 
     def on_problem(p: WalkProblem) -> None:
         if p.message.startswith("skipped"):
@@ -249,23 +421,23 @@ async def backup_root(
             line = ManifestLine.from_entry(root, e)
             fut: asyncio.Future[bool] | None = None
             if e.type == "file":
-                stats.files += 1
-                stats.bytes_total += e.size
+                stats.count_file(root, e.size)
                 old = await prev.find(line)
-                if old is not None and old.type == "file" and old.key and old.size == e.size \
-                        and old.mtime_ns == e.mtime_ns:
-                    reuse(line, old)
+                moved = parent.moved_from(root, line) if parent is not None and old is None else None
+                decision = classify(line, old, moved, objects.has)
+                if decision.action == "reuse":
+                    assert decision.source is not None
+                    line.key, line.sha256 = decision.source.key, decision.source.sha256
                     stats.unchanged += 1
                     phase.update(0, files=1)  # the bar counts bytes read
                 else:
-                    moved = vanished.pop((root, e.inode), None) if old is None else None
-                    if moved is not None and moved.size == e.size and moved.mtime_ns == e.mtime_ns:
-                        reuse(line, moved)
-                        stats.moved += 1
-                        phase.update(0, files=1)  # the bar counts bytes read
-                    else:
-                        fut = loop.create_future()
-                        await work_q.put((e, line, fut, "changed" if old is not None else "new"))
+                    if decision.kind == "reuploaded":
+                        assert old is not None
+                        if stats.reuploaded < 20:
+                            log.warning("%s/%s: its object %s is missing from the bucket: uploading it again",
+                                        root, line.path, old.key)
+                    fut = loop.create_future()
+                    await work_q.put((e, line, fut, decision))
             elif e.type == "dir":
                 stats.dirs += 1
             else:
@@ -277,18 +449,19 @@ async def backup_root(
 
     async def work() -> None:
         while (item := await work_q.get()) is not None:
-            e, line, fut, kind = item
+            e, line, fut, decision = item
             try:
                 key = repo.data_key(snap_id, root, line.path)
-                line.key = key
-                await uploader.upload(os.path.join(root_b, e.relpath), e, line, key, phase)
-            except (OSError, RepoError) as exc:
+                reused = await uploader.upload(os.path.join(root_b, e.relpath), e, line, key, phase, decision.source)
+            except OSError as exc:
                 stats.failed += 1
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                stats.problem(f"{root}/{line.path}: cannot be read ({why}); left out of this snapshot")
+                stats.problem(f"{root}/{line.path}: cannot be read ({exc.strerror or exc}); left out of this snapshot")
                 fut.set_result(False)
                 phase.update(0, files=1)
                 continue
+            kind = decision.kind
+            if decision.action == "check" and not reused:
+                kind = "new" if kind == "moved" else "changed"
             setattr(stats, kind, getattr(stats, kind) + 1)
             phase.update(0, files=1)
             fut.set_result(True)
@@ -341,7 +514,7 @@ async def preflight_store(store: Store, repo: Repo, run_id: str) -> None:
     await repo.ensure_config()
 
 
-async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
+async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool = False) -> BackupResult:
     started = time.monotonic()
     settings.require("bucket")
     library = settings.require_dir("library_dir")
@@ -364,18 +537,25 @@ async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
             repo = Repo(store, settings.prefix)
             await preflight_store(store, repo, snap_id)
             async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait):
-                return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started)
+                return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started,
+                                            allow_shrink)
 
 
 async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, stack: Stack, store: Store, repo: Repo,
-                         roots: dict[str, Path], snap_id: str, started: float) -> BackupResult:
+                         roots: dict[str, Path], snap_id: str, started: float, allow_shrink: bool) -> BackupResult:
     mode = settings.stop
     stats = Stats()
     budget = ByteBudget(settings.max_memory)
     containers = await stack.preflight()
     running = [c.name for c in containers if c.running]
     prev = await repo.latest()
-    vanished = await vanished_files(repo, prev.id, roots) if prev else {}
+    parent = await scan_parent(repo, prev.id, roots) if prev else None
+    # Before anything is stopped: an unmounted or emptied library must not become the
+    # newest snapshot.
+    shrunk = await check_library(roots["library"], parent, settings.max_shrink, allow_shrink)
+    # Reused objects are checked against one listing: a lifecycle rule or a manual cleanup
+    # must not leave every later snapshot pointing at nothing.
+    objects = await ObjectIndex.load(repo)
     log.info("backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s)", snap_id,
              ", ".join(f"{r} {p}" for r, p in roots.items()), store.bucket, settings.prefix, mode,
              prev.id if prev else "none")
@@ -390,7 +570,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     async def files(root: str) -> None:
         phase = reporter.phase(f"{root} files")
         try:
-            await backup_root(root, roots[root], snap_id, uploader, repo, cursor, vanished, manifest, stats,
+            await backup_root(root, roots[root], snap_id, uploader, repo, cursor, parent, objects, manifest, stats,
                               phase, settings.jobs)
         finally:
             phase_seconds[phase.name] = round(phase.seconds, 3)
@@ -442,6 +622,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     downtime = guard.downtime
 
     assert dump_result is not None
+    check_shrink_at_end(stats, parent, settings.max_shrink, allow_shrink)
     complete = stats.failed == 0
     seconds = time.monotonic() - started
     summary = {
@@ -456,7 +637,9 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         # directory with the wrong owner or mode, so restore needs these.
         "root_meta": {r: _root_meta(p) for r, p in roots.items()},
         "complete": complete,
-        "files": {k: v for k, v in asdict(stats).items() if k != "problems"},
+        "files": {k: v for k, v in asdict(stats).items() if k not in ("problems", "roots")},
+        "root_totals": stats.roots,
+        "shrink_allowed": shrunk,
         "problems": stats.problems,
         "manifest": {"key": f"snapshots/{snap_id}/manifest.jsonl.gz", "lines": manifest.lines},
         "database": {
@@ -472,4 +655,4 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     await repo.commit(snap_id, summary)  # the commit point
     log.info("snapshot %s committed", snap_id)
     return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode,
-                        EXIT_OK if complete else EXIT_INCOMPLETE, summary)
+                        EXIT_OK if complete else EXIT_INCOMPLETE, summary, shrunk)

@@ -23,7 +23,7 @@ log = logging.getLogger("immich_stream")
 
 
 # Flags that belong to some commands only (added by those commands' parsers).
-LOCAL_FLAGS = {"stop", "jobs", "part_size", "max_memory", "lock_wait", "stale_after",
+LOCAL_FLAGS = {"stop", "max_shrink", "jobs", "part_size", "max_memory", "lock_wait", "stale_after",
                "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within"}
 
 
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all: stop everything, cold copy of the DB directory (default); app: stop the app, dump "
                         "the running DB; none: no downtime, dump first then files")
     b.add_argument("--prune", action="store_true", help="after a successful backup, prune with the configured policy")
+    b.add_argument("--allow-shrink", action="store_true",
+                   help="back up a library that lost more than --max-shrink of its files or bytes, or lacks Immich's "
+                        ".immich marker files (a deliberate mass deletion); --prune is then skipped")
+    _flag(b, "max_shrink")
     _flag(b, "lock_wait")
     _transfer_options(b)
     _policy_options(b)
@@ -150,7 +154,7 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
 
     if args.prune:
         apply_policy([], _policy(settings))  # no policy: refuse before the stack is touched
-    result = await run_backup(settings, reporter)
+    result = await run_backup(settings, reporter, allow_shrink=args.allow_shrink)
     st = result.stats
     d = result.dump
     fs = cfg.format_size
@@ -158,13 +162,16 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         f"snapshot {result.snapshot_id} committed (stop: {result.mode})"
         + ("" if result.exit_code == 0 else f" INCOMPLETE: {st.failed} files could not be read"),
         f"files     {st.files} in all: {st.new} new, {st.changed} changed, {st.unchanged} unchanged, "
-        f"{st.moved} moved, {st.skipped} skipped, {st.failed} failed",
+        f"{st.moved} moved, {st.touched} touched (bytes unchanged), {st.skipped} skipped, {st.failed} failed",
         f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(st.bytes_uploaded)} uploaded",
     ]
     if d is not None:
         lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
     phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.summary["phase_seconds"].items())
     lines.append(f"time      {result.seconds:.1f} s in all ({phases}), Immich down for {result.downtime:.1f} s")
+    if st.reuploaded:
+        lines.append(f"warning   {st.reuploaded} unchanged files were uploaded again: their objects were missing "
+                     "from the bucket (a lifecycle rule or a manual deletion?)")
     if st.changed_while_read:
         lines.append(f"warning   {st.changed_while_read} files changed while being read")
     for problem in st.problems[:10]:
@@ -172,7 +179,10 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     if len(st.problems) > 10:
         lines.append(f"problem   ... and {len(st.problems) - 10} more (see the log above and snapshot.json)")
     print("\n".join(lines), flush=True)
-    if args.prune:
+    if args.prune and result.shrunk:
+        log.warning("not pruning after a backup of a library that shrank (--allow-shrink): run prune by hand "
+                    "once the library is as it should be")
+    elif args.prune:
         await _run_prune(settings, reporter, dry_run=False)
     return result.exit_code
 

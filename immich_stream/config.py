@@ -90,6 +90,16 @@ def parse_count(text: str | int) -> int:
     return n
 
 
+def parse_percent(text: str | int | float) -> float:
+    """'50%' or '50' -> 0.5 (a fraction of 1)."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a percentage")
+    value = float(str(text).strip().removesuffix("%"))
+    if not 0 < value <= 100:
+        raise ValueError(f"{text!r} must be a percentage above 0 and at most 100, like 50%")
+    return value / 100
+
+
 def parse_path(text: str) -> Path:
     if not str(text).strip():
         raise ValueError("empty path")
@@ -192,6 +202,9 @@ SETTINGS: tuple[Spec, ...] = (
          86400.0, "prune removes incomplete snapshots and unfinished uploads older than this"),
     Spec("retries", ("s3", "retries"), ("IMMICH_STREAM_RETRIES",), None, parse_positive_int, 6,
          "attempts per S3 request on transient errors"),
+    Spec("max_shrink", ("backup", "max_shrink"), ("IMMICH_STREAM_MAX_SHRINK",), "--max-shrink", parse_percent, 0.5,
+         "refuse a backup whose library lost more than this share of its files or bytes since the last snapshot "
+         "(an unmounted disk must not become the newest snapshot); --allow-shrink overrides once"),
 )
 SPECS = {s.name: s for s in SETTINGS}
 
@@ -227,6 +240,7 @@ class Settings:
     keep_within: str | None = None
     stale_after: float = 86400.0
     retries: int = 6
+    max_shrink: float = 0.5
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     config_file: Path | None = None
@@ -446,6 +460,8 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
             shown = format_size(value)
         elif spec.parse is parse_duration:
             shown = f"{value:g} s"
+        elif spec.parse is parse_percent:
+            shown = f"{value * 100:g}%"
         elif value is None:
             shown = "(not set)"
         else:

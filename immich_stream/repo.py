@@ -11,6 +11,7 @@ Commands talk to the bucket through this module; only here are keys built.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import json
@@ -20,6 +21,7 @@ import secrets
 import socket
 import urllib.parse
 import zlib
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,11 @@ log = logging.getLogger(__name__)
 FORMAT = "immich-stream"
 VERSION = 1
 ROOTS = ("postgres", "library")  # manifest order: the cold copy is taken first
-MAX_KEY_BYTES = 1024
+MAX_KEY_BYTES = 1024  # S3's limit for a whole key
+MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) take per "/"-part
+# Keys of paths too long for S3 live here, named by the path's sha256. "%l" cannot begin an
+# escaped path (a '%' in a name is always escaped as %25), so these never collide with one.
+LONG_KEY_DIR = "%long"
 
 _PLAIN = re.compile(rb"[^\x20-\x24\x26-\x7e]")  # anything but printable ASCII without '%'
 
@@ -84,6 +90,10 @@ class ManifestLine:
     sha256: str | None = None
     key: str | None = None  # relative to the prefix
     target: str | None = None  # escaped symlink target
+    # None in manifests written before they were recorded: such lines are compared by
+    # size, mtime and inode alone, once; the next manifest has them.
+    ctime_ns: int | None = None
+    dev: int | None = None
 
     def to_json(self) -> str:
         d: dict[str, Any] = {
@@ -96,18 +106,23 @@ class ManifestLine:
             d["key"] = self.key
         if self.target is not None:
             d["target"] = self.target
+        if self.ctime_ns is not None:
+            d["ctime_ns"] = self.ctime_ns
+        if self.dev is not None:
+            d["dev"] = self.dev
         return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ManifestLine:
         d = json.loads(text)
         return cls(d["root"], d["path"], d["type"], d.get("size", 0), d["mtime_ns"], d["mode"], d.get("uid", 0),
-                   d.get("gid", 0), d.get("inode", 0), d.get("sha256"), d.get("key"), d.get("target"))
+                   d.get("gid", 0), d.get("inode", 0), d.get("sha256"), d.get("key"), d.get("target"),
+                   d.get("ctime_ns"), d.get("dev"))
 
     @classmethod
     def from_entry(cls, root: str, e: Entry) -> ManifestLine:
         return cls(root, escape_path(e.relpath), e.type, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.inode,
-                   target=escape_path(e.target) if e.target is not None else None)
+                   target=escape_path(e.target) if e.target is not None else None, ctime_ns=e.ctime_ns, dev=e.dev)
 
     @property
     def relpath(self) -> bytes:
@@ -191,6 +206,35 @@ def key_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=10).digest()
 
 
+class ObjectIndex:
+    """Which data objects exist, and with which size: built from one listing of data/,
+    8 bytes per object (a sorted array of digests of key and size), so a backup can check
+    every object it reuses without a request per file."""
+
+    def __init__(self) -> None:
+        self._digests = array("Q")
+        self.count = 0
+
+    @staticmethod
+    def _digest(key: str, size: int) -> int:
+        h = hashlib.blake2b(f"{size}\0{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little")
+
+    @classmethod
+    async def load(cls, repo: Repo) -> ObjectIndex:
+        index = cls()
+        async for obj in repo.store.list_objects(repo.object_key("data/")):
+            index._digests.append(cls._digest(repo.relative_key(obj.key), obj.size))
+        index._digests = array("Q", sorted(index._digests))
+        index.count = len(index._digests)
+        return index
+
+    def has(self, key: str, size: int) -> bool:
+        d = self._digest(key, size)
+        i = bisect.bisect_left(self._digests, d)
+        return i < len(self._digests) and self._digests[i] == d
+
+
 class Repo:
     def __init__(self, store: Store, prefix: str) -> None:
         self.store = store
@@ -204,10 +248,16 @@ class Repo:
         return self._k("config.json")
 
     def data_key(self, snap_id: str, root: str, path: str) -> str:
-        """The object key (relative to the prefix) for a file first uploaded by run snap_id."""
+        """The object key (relative to the prefix) for a file first uploaded by run snap_id:
+        the file's own path, so the bucket stays browsable, or for a path S3 cannot hold
+        (a key over 1,024 bytes, a part over 255) a stable key named by the path's sha256.
+        The manifest keeps the full path either way."""
         key = f"data/{snap_id}/{root}/{path}"
-        if len(self._k(key).encode()) > MAX_KEY_BYTES:
-            raise RepoError(f"path too long for an S3 key ({len(key)} bytes): {path[:80]}...")
+        if len(self._k(key).encode()) > MAX_KEY_BYTES or any(
+            len(part.encode()) > MAX_KEY_PART_BYTES for part in path.split("/")
+        ):
+            digest = hashlib.sha256(path.encode()).hexdigest()
+            key = f"data/{snap_id}/{root}/{LONG_KEY_DIR}/{digest}"
         return key
 
     def object_key(self, relkey: str) -> str:

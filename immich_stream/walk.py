@@ -31,6 +31,8 @@ class Entry:
     gid: int
     inode: int
     target: bytes | None = None  # symlinks
+    ctime_ns: int = 0  # changes with any write or metadata change, and cannot be set back
+    dev: int = 0  # inode numbers are unique per device only
 
 
 @dataclass(slots=True)
@@ -81,7 +83,7 @@ def _scan(root: bytes, rel: bytes) -> tuple[list[Entry], list[WalkProblem]]:
             problems.append(WalkProblem(child, f"skipped {what}"))
             continue
         entries.append(Entry(child, kind, st.st_size if kind == "file" else 0, st.st_mtime_ns,
-                             stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_ino, target))
+                             stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_ino, target, st.st_ctime_ns, st.st_dev))
     return entries, problems
 
 

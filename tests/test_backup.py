@@ -271,25 +271,6 @@ def test_sigkill_mid_run_next_run_starts_the_stack_first(env: dict, stack: Immic
     assert bucket_of(slow_env).snapshots() == []  # the killed run committed nothing
 
 
-def test_unstorable_file_gives_exit_3_and_a_committed_snapshot(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
-    make_library(stack.library, photos=5)
-    deep = stack.library / "library" / "deep"
-    for i in range(5):
-        deep = deep / (f"{i}" * 240)
-    deep.mkdir(parents=True)
-    (deep / "too-long-for-s3.jpg").write_bytes(b"x" * 100)
-    r = run_cli("backup", "--stop", "none", env=env)
-    assert r.code == 3, r.err
-    assert "INCOMPLETE: 1 files could not be read" in r.out
-    [sid] = bucket.snapshots()
-    snap = bucket.snapshot(sid)
-    assert snap["complete"] is False and snap["files"]["failed"] == 1
-    assert any("too-long-for-s3.jpg" in p for p in snap["problems"])
-    lines = library_lines(bucket.manifest(sid))
-    assert not any(p.endswith(b"too-long-for-s3.jpg") for p in lines)
-    assert sum(1 for m in lines.values() if m["type"] == "file") == len(tree(stack.library)) - 1
-
-
 def test_special_files_skipped_symlinks_recorded(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     make_library(stack.library, photos=3)
     os.mkfifo(stack.library / "upload" / "a-fifo")
