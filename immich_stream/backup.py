@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import hashlib
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -23,10 +25,11 @@ from immich_stream import __version__
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings, format_size
 from immich_stream.dump import DumpResult, dump_database
-from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, StoreError, SuspiciousLibrary
+from immich_stream.errors import (EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSTABLE, ImmichStreamError, StackError, StallError,
+                                  SuspiciousLibrary)
+from immich_stream.locks import RepoLock, local_lock
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ManifestLine, ManifestWriter, ObjectIndex, Repo, new_snapshot_id
-from immich_stream.locks import RepoLock, local_lock
 from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
 from immich_stream.store import MultipartUpload, Store, StreamWriter, md5_b64, part_size_for
 from immich_stream.walk import Entry, WalkProblem, walk
@@ -83,6 +86,7 @@ class BackupResult:
     exit_code: int
     summary: dict[str, Any]
     shrunk: bool = False  # the library looked shrunk and --allow-shrink let it through
+    unstable: list[str] = field(default_factory=list)  # containers that did not stay up after the restart
 
 
 class PrevCursor:
@@ -287,7 +291,7 @@ class FileUploader:
         """Upload under `key`; fills line.key/sha256/size. With a `source` line, the file is
         read and hashed first and source's object reused when the bytes are the same (no
         upload). True when reused. Raises OSError for a file that cannot be read."""
-        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = await asyncio.to_thread(_open_regular, path)
         try:
             if entry.size <= self.part_size:
                 reused = await self._single(fd, entry, line, key, phase, source)
@@ -361,6 +365,16 @@ class FileUploader:
         self.stats.bytes_uploaded += total
 
 
+def _open_regular(path: bytes) -> int:
+    """Open a file the walk saw as regular; refuse what replaced it since (a FIFO would
+    block the open forever, a symlink could point anywhere)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "no longer a regular file")
+    return fd
+
+
 def _hash_fd(fd: int) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -417,7 +431,7 @@ async def backup_root(
 
     async def produce() -> None:
         async for e in walk(root_b, on_problem):
-            uploader.store.last_activity = time.monotonic()  # walking unchanged files is progress too
+            uploader.store.touch()  # walking unchanged files is progress too
             line = ManifestLine.from_entry(root, e)
             fut: asyncio.Future[bool] | None = None
             if e.type == "file":
@@ -479,26 +493,40 @@ async def backup_root(
             tg.create_task(work())
 
 
-async def with_watchdog(store: Store, stall: float, work: Awaitable[None]) -> None:
-    """Run work; fail it when nothing has moved for `stall` seconds (no S3 answer, no dump
-    output, no file walked). A hung connection must not keep Immich down forever: the
-    failure unwinds through StackGuard, which starts the stack again."""
+async def with_watchdog(store: Store, stall: float, work: Awaitable[None],
+                        limit: Callable[[], ImmichStreamError | None] | None = None) -> None:
+    """Run work; fail it when nothing has moved for `stall` seconds (no byte acknowledged by
+    S3, no dump output, no file walked: errors, timeouts and retries do not count), or when
+    `limit` returns an error (--max-downtime). A hung connection must not keep Immich down:
+    the failure unwinds through StackGuard, which starts the stack again."""
 
     async def watch() -> None:
         while True:
-            await asyncio.sleep(min(5.0, stall / 4))
+            await asyncio.sleep(min(1.0, stall / 10))
+            if limit is not None and (error := limit()) is not None:
+                raise error
             idle = time.monotonic() - store.last_activity
             if idle > stall:
-                raise StoreError(f"no progress for {idle:.0f} s (S3, the network or Docker stopped answering): "
-                                 "stopped; check them and run again (IMMICH_STREAM_STALL_TIMEOUT sets the limit)")
+                raise StallError(_what_hung(store, idle))
 
-    store.last_activity = time.monotonic()
+    store.touch()
     async with asyncio.TaskGroup() as tg:
         dog = tg.create_task(watch())
         try:
             await work
         finally:
             dog.cancel()
+
+
+def _what_hung(store: Store, idle: float) -> str:
+    oldest = store.oldest_request()
+    if oldest is not None:
+        what, waited = oldest
+        hung = f"S3 at {store.settings.endpoint_url or 'AWS'} did not answer ({what}, waiting {waited:.0f} s)"
+    else:
+        hung = "no S3 request, file or dump output moved (a hung disk, network filesystem or Docker?)"
+    return (f"no progress for {idle:.0f} s: {hung}; the stack was started again and nothing was committed; "
+            "check it and run again (IMMICH_STREAM_STALL_TIMEOUT sets the limit)")
 
 
 def _root_meta(path: Path) -> dict[str, int]:
@@ -581,10 +609,12 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         phase = reporter.phase("database dump")
         try:
             async with StreamWriter(store, dump_key, budget, settings.part_size) as out:
+                def received(n: int) -> None:
+                    store.touch()  # dump bytes received are progress, as are bytes acknowledged
+                    phase.update(n)
+
                 dump_result = await dump_database(
-                    docker, settings.db_container, settings.db_user, settings.db_name, out.write,
-                    lambda n: phase.update(n),
-                )
+                    docker, settings.db_container, settings.db_user, settings.db_name, out.write, received)
                 await out.finish()
             dump_result.parts = out.parts
         finally:
@@ -601,7 +631,14 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
                 if mode == "all":
                     await guard.stop([n for n in running if n != db])
                     await guard.stop([db])
+                    before = await stack.run_state(db)
                     await files("postgres")
+                    # A copy of a data directory the database wrote into is no backup: see
+                    # that nothing (dockerd's restart policy, a user) started it meanwhile.
+                    if await stack.run_state(db) != before:
+                        raise StackError(f"{db} was started while its data directory was being copied (a restart "
+                                         "policy, or someone ran it): the cold copy is not cold, nothing was "
+                                         "committed; run again, or use --stop app")
                     await guard.start([db])
                     await stack.wait_db_ready(settings.db_user)
                     async with asyncio.TaskGroup() as tg:
@@ -618,7 +655,15 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
                 await guard.restore()
             await manifest.finish()
 
-    await with_watchdog(store, settings.stall_timeout, work())
+    max_downtime = getattr(settings, "max_downtime", None)
+
+    def downtime_limit() -> StallError | None:
+        if max_downtime and guard.down and guard.downtime > max_downtime:
+            return StallError(f"Immich was down for {guard.downtime:.0f} s, past --max-downtime "
+                              f"{max_downtime:g} s: the stack was started again and nothing was committed")
+        return None
+
+    await with_watchdog(store, settings.stall_timeout, work(), downtime_limit)
     downtime = guard.downtime
 
     assert dump_result is not None
@@ -651,8 +696,12 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         "seconds": round(seconds, 3),
         "phase_seconds": phase_seconds,
         "downtime_seconds": round(downtime, 3),
+        "unstable_containers": guard.unstable,
     }
     await repo.commit(snap_id, summary)  # the commit point
     log.info("snapshot %s committed", snap_id)
-    return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode,
-                        EXIT_OK if complete else EXIT_INCOMPLETE, summary, shrunk)
+    code = EXIT_OK if complete else EXIT_INCOMPLETE
+    if guard.unstable:
+        code = EXIT_UNSTABLE
+    return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode, code, summary, shrunk,
+                        guard.unstable)

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from immich_stream import __version__
+from immich_stream import __version__, cleanup
 from immich_stream import config as cfg
-from immich_stream.errors import EXIT_SIGINT, EXIT_SIGTERM, ImmichStreamError, Interrupted
+from immich_stream.errors import (EXIT_PRUNE_FAILED, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, ImmichStreamError,
+                                  Interrupted)
 from immich_stream.progress import Reporter, setup_logging
 
 log = logging.getLogger("immich_stream")
@@ -150,17 +156,20 @@ async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter:
 
 async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
     from immich_stream.backup import run_backup
-    from immich_stream.prune import apply_policy
+    from immich_stream.prune import apply_policy, parse_within
 
-    if args.prune:
-        apply_policy([], _policy(settings))  # no policy: refuse before the stack is touched
+    if args.prune:  # the whole policy is checked before the stack is touched
+        policy = _policy(settings)
+        apply_policy([], policy)
+        if policy.within:
+            parse_within(policy.within)
     result = await run_backup(settings, reporter, allow_shrink=args.allow_shrink)
     st = result.stats
     d = result.dump
     fs = cfg.format_size
     lines = [
         f"snapshot {result.snapshot_id} committed (stop: {result.mode})"
-        + ("" if result.exit_code == 0 else f" INCOMPLETE: {st.failed} files could not be read"),
+        + (f" INCOMPLETE: {st.failed} files could not be read" if st.failed else ""),
         f"files     {st.files} in all: {st.new} new, {st.changed} changed, {st.unchanged} unchanged, "
         f"{st.moved} moved, {st.touched} touched (bytes unchanged), {st.skipped} skipped, {st.failed} failed",
         f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(st.bytes_uploaded)} uploaded",
@@ -179,11 +188,23 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     if len(st.problems) > 10:
         lines.append(f"problem   ... and {len(st.problems) - 10} more (see the log above and snapshot.json)")
     print("\n".join(lines), flush=True)
-    if args.prune and result.shrunk:
+    if result.unstable:
+        print(f"immich-stream: error: snapshot {result.snapshot_id} committed, but {', '.join(result.unstable)} did "
+              f"not stay running after the restart: check `docker logs {result.unstable[0]}`", file=sys.stderr)
+    if not args.prune:
+        return result.exit_code
+    if result.shrunk:
         log.warning("not pruning after a backup of a library that shrank (--allow-shrink): run prune by hand "
                     "once the library is as it should be")
-    elif args.prune:
-        await _run_prune(settings, reporter, dry_run=False)
+    elif st.failed:
+        log.warning("not pruning after an incomplete snapshot: it must not push a complete one out")
+    else:
+        try:
+            await _run_prune(settings, reporter, dry_run=False)
+        except ImmichStreamError as exc:
+            print(f"immich-stream: error: snapshot {result.snapshot_id} committed, but prune failed: {exc}",
+                  file=sys.stderr)
+            return result.exit_code or EXIT_PRUNE_FAILED
     return result.exit_code
 
 
@@ -348,16 +369,50 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {s.name: getattr(args, s.name) for s in cfg.SETTINGS if getattr(args, s.name, None) is not None}
 
 
+class _BoundedExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The loop's thread pool (file reads, hashing). A read that hangs (a dead NFS server,
+    a FIFO) must not keep a failed run alive: shutting down waits a few seconds at most,
+    and main() then exits without joining such a thread."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
+        if wait:
+            deadline = time.monotonic() + 3.0
+            for thread in list(self._threads):
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+        loop = asyncio.new_event_loop()
+    loop.set_default_executor(_BoundedExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)))
+    return loop
+
+
+def _exit_past_hung_threads(code: int) -> None:
+    """Python joins every worker thread at exit: one stuck in a read would keep the
+    process (and its host lock) alive forever. The stack is already running again."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+             and not t.daemon]
+    if stuck:
+        log.warning("exiting with %d file operations still hanging (a dead network filesystem?)", len(stuck))
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+SIGNAL_EXIT = {"SIGHUP": EXIT_SIGHUP, "SIGINT": EXIT_SIGINT, "SIGTERM": EXIT_SIGTERM}
 
 
 async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
-    """Run fn; SIGINT/SIGTERM cancel it once (its finally blocks restart the stack), then exit 130/143."""
+    """Run fn. A first SIGINT/SIGTERM/SIGHUP cancels it (its finally blocks start the stack
+    again); a second one skips the cleanup still to come (aborting uploads, releasing the
+    lock: prune collects those) but never the restart, and the run exits right after it."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -365,10 +420,11 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
 
     def on_signal(name: str) -> None:
         if received:
-            log.warning("%s received again: still cleaning up (starting the stack again), please wait", name)
+            log.warning("%s received again: exiting as soon as the Immich stack is started again", name)
+            cleanup.hurry()
             return
         received.append(name)
-        log.warning("%s received: stopping, cleaning up", name)
+        log.warning("%s received: stopping, starting the Immich stack again, cleaning up", name)
         task.cancel()
 
     def dump_tasks() -> None:  # kill -USR1 <pid>: what is every task waiting for?
@@ -376,7 +432,7 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
             print(f"--- task {t.get_name()}", file=sys.stderr)
             t.print_stack(limit=12, file=sys.stderr)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
@@ -384,9 +440,9 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
     except asyncio.CancelledError:
         if not received:
             raise
-        raise Interrupted(received[0], EXIT_SIGINT if received[0] == "SIGINT" else EXIT_SIGTERM) from None
+        raise Interrupted(received[0], SIGNAL_EXIT[received[0]]) from None
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
 
@@ -422,6 +478,12 @@ def _tune_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    _exit_past_hung_threads(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     _tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)

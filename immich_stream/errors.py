@@ -10,6 +10,9 @@ EXIT_FAILED = 1  # the run failed; no snapshot was committed
 EXIT_USAGE = 2  # bad command line or configuration
 EXIT_INCOMPLETE = 3  # snapshot committed, but some files could not be read
 EXIT_SUSPICIOUS = 4  # the library looks unmounted, empty or shrunk: refused, nothing stopped or committed
+EXIT_UNSTABLE = 5  # snapshot committed, but a container did not stay running after the restart
+EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune asked for with --prune failed
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -30,6 +33,10 @@ class StoreError(ImmichStreamError):
     """S3 could not be reached or refused a request."""
 
     code: str | None = None  # the S3 error code, when the server gave one
+
+
+class StallError(ImmichStreamError):
+    """Nothing moved for the stall timeout, or the stack was down longer than allowed."""
 
 
 class StackError(ImmichStreamError):

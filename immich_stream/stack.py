@@ -107,6 +107,14 @@ class Stack:
         running = state == "running" if isinstance(state, str) else bool((state or {}).get("Running"))
         return Container(raw["Id"], names[0].lstrip("/"), labels.get(SERVICE_LABEL, ""), running)
 
+    async def run_state(self, name: str) -> tuple[bool, str]:
+        """(running, StartedAt) of a container: a restart changes StartedAt."""
+        raw = await self._get(name)
+        if raw is None:
+            raise StackError(f"container {name} disappeared: check `docker ps -a`")
+        state = raw.get("State") or {}
+        return bool(state.get("Running")), str(state.get("StartedAt", ""))
+
     async def preflight(self) -> list[Container]:
         """Docker answers, the project has containers, the database container exists and runs."""
         await self.ping()
@@ -124,6 +132,8 @@ class Stack:
         return containers
 
     async def stop(self, names: list[str]) -> None:
+        """Stop containers; every stop is awaited, then the first failure raised: a restart
+        must never race a stop still in flight (it would land after the start)."""
         async def one(name: str) -> None:
             try:
                 await self.docker.containers.container(name).stop(t=STOP_TIMEOUT)
@@ -131,7 +141,10 @@ class Stack:
                 if exc.status != 304:  # 304: already stopped
                     raise StackError(f"cannot stop container {name}: {exc.message}") from None
 
-        await asyncio.gather(*(one(n) for n in names))
+        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def start(self, names: list[str]) -> None:
         """Start containers; try every one, then report all that failed."""
@@ -148,19 +161,18 @@ class Stack:
         if failures:
             raise StackError(f"cannot start {', '.join(failures)}: start them with `docker start` and check `docker logs`")
 
-    async def check_running(self, names: list[str], timeout: float = 10.0) -> None:
-        """Every named container is running (start them again while any is not)."""
+    async def check_running(self, names: list[str], timeout: float = 10.0) -> list[str]:
+        """Start again, for `timeout` seconds, any named container that is not running;
+        return those that still are not (a crash-looping app is reported, not waited for)."""
         deadline = time.monotonic() + timeout
         while True:
             state = {c.name: c.running for c in await self.containers()}
             down = [n for n in names if not state.get(n)]
-            if not down:
-                return
-            if time.monotonic() > deadline:
-                raise StackError(f"{', '.join(down)} did not stay running: start them with `docker start` and check "
-                                 "`docker logs`")
+            if not down or time.monotonic() > deadline:
+                return down
             await asyncio.sleep(0.5)
-            await self.start(down)
+            with contextlib.suppress(StackError):
+                await self.start(down)
 
     async def wait_db_ready(self, user: str, timeout: float = 120.0) -> None:
         """Poll pg_isready inside the database container (no fixed sleep)."""
@@ -181,12 +193,15 @@ class Stack:
                          "check `docker logs " + self.db_container + "`")
 
 
+RESTART_DEADLINE = 120.0  # seconds the restart may take when Docker itself hangs
+
+
 class StackGuard:
     """Stops containers and guarantees they are started again.
 
     `async with StackGuard(stack) as guard:` ... `await guard.stop(names)` ... on leaving the
-    block (success, error, cancellation) every container it stopped that is not running is
-    started again. The state file makes this survive SIGKILL: see `recover()`.
+    block (success, error, cancellation, a signal during cleanup) every container it stopped
+    is started again. The state file makes this survive SIGKILL: see `recover()`.
     """
 
     def __init__(self, stack: Stack) -> None:
@@ -195,7 +210,9 @@ class StackGuard:
         self.state_file = state_dir() / f"stack-{stack.project}.json"
         self.stopped_at: float | None = None
         self.started_at: float | None = None
+        self.unstable: list[str] = []  # restarted, but did not stay running
         self._stopping: asyncio.Future[None] | None = None
+        self._restoring: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> StackGuard:
         return self
@@ -230,19 +247,48 @@ class StackGuard:
         await self.stack.start(names)
         self.stopped = [n for n in self.stopped if n not in names]
 
+    @property
+    def down(self) -> bool:
+        return bool(self.stopped)
+
     async def restore(self) -> None:
-        """Start everything still stopped: the database first, then the rest; check they run."""
+        """Start everything still stopped, the database first; see that they stay up.
+        Runs to its end once begun: a cancellation (a signal during cleanup) is noted and
+        raised only after the restart was issued."""
+        if self._restoring is None:
+            self._restoring = asyncio.ensure_future(self._restore())
+        cancelled = False
+        while not self._restoring.done():
+            try:
+                await asyncio.shield(self._restoring)
+            except asyncio.CancelledError:
+                if self._restoring.done():
+                    break
+                cancelled = True  # finish starting the stack first
+        self._restoring.result()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _restore(self) -> None:
         if self._stopping is not None:
             with contextlib.suppress(Exception):
                 await self._stopping
         if self.stopped:
             db_first = sorted(self.stopped, key=lambda n: n != self.stack.db_container)
             log.info("starting %s", ", ".join(db_first))
-            if self.stack.db_container in db_first:
-                await self.stack.start([self.stack.db_container])
-            await self.stack.start([n for n in db_first if n != self.stack.db_container])
-            await self.stack.check_running(db_first)
+            try:
+                async with asyncio.timeout(RESTART_DEADLINE):
+                    if self.stack.db_container in db_first:
+                        await self.stack.start([self.stack.db_container])
+                    await self.stack.start([n for n in db_first if n != self.stack.db_container])
+                    self.unstable = await self.stack.check_running(db_first)
+            except TimeoutError:
+                raise StackError(f"Docker did not start {', '.join(db_first)} within {RESTART_DEADLINE:.0f} s: "
+                                 "check dockerd, then start them with `docker start`; the next run retries") from None
             self.stopped = []
+            if self.unstable:
+                log.error("%s did not stay running after the restart: check `docker logs %s`",
+                          ", ".join(self.unstable), self.unstable[0])
         if self.started_at is None:
             self.started_at = time.monotonic()
         with contextlib.suppress(FileNotFoundError):
@@ -255,8 +301,7 @@ class StackGuard:
         return (self.started_at or time.monotonic()) - self.stopped_at
 
     async def __aexit__(self, *exc: object) -> None:
-        # Shielded: a second Ctrl-C must not leave the stack down.
-        await asyncio.shield(self.restore())
+        await self.restore()
 
 
 async def recover(stack: Stack) -> list[str]:

@@ -23,6 +23,7 @@ import aiohttp.payload
 import botocore.auth
 from botocore.exceptions import BotoCoreError, ClientError
 
+from immich_stream import cleanup
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.errors import StoreError
@@ -172,7 +173,8 @@ class Store:
         self._cm: Any = None
         self.requests = 0
         self.retried = 0
-        self.last_activity = time.monotonic()  # the stall watchdog reads this
+        self.last_activity = time.monotonic()  # the stall watchdog reads this: see touch()
+        self._inflight: dict[object, tuple[str, float]] = {}
         # every request, whoever sends it, counts against --jobs
         self._limit = asyncio.Semaphore(settings.jobs)
 
@@ -187,7 +189,7 @@ class Store:
             retries={"max_attempts": 1, "mode": "standard"},  # retries are ours, in _call
             max_pool_connections=s.jobs + 4,
             connect_timeout=10,
-            read_timeout=120,
+            read_timeout=getattr(s, "read_timeout", 120.0),
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -204,19 +206,36 @@ class Store:
             await self._cm.__aexit__(None, None, None)
             self._cm = self._client = None
 
+    def oldest_request(self) -> tuple[str, float] | None:
+        """(what, seconds) of the request waiting longest for its answer, if any."""
+        if not self._inflight:
+            return None
+        what, since = min(self._inflight.values(), key=lambda v: v[1])
+        return what, time.monotonic() - since
+
+    def touch(self) -> None:
+        """Progress: bytes acknowledged by S3, files walked, dump bytes received."""
+        self.last_activity = time.monotonic()
+
     # -- the one retry wrapper ------------------------------------------------------------
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         delay = 0.25
         for attempt in range(1, self.retries + 1):
             self.requests += 1
+            token = object()
             try:
                 async with self._limit:
-                    result = await fn()
+                    self._inflight[token] = (what, time.monotonic())
+                    try:
+                        result = await fn()
+                    finally:
+                        del self._inflight[token]
                 self.last_activity = time.monotonic()
                 return result
             except Exception as exc:  # classified below; non-transient errors are raised at once
-                self.last_activity = time.monotonic()
+                # An error or a timeout is not progress: the stall watchdog must see a server
+                # that only ever times out as stalled, however many retries that takes.
                 if not is_transient(exc) or attempt == self.retries:
                     error = self._error(what, exc)
                     if isinstance(exc, ClientError):
@@ -485,11 +504,9 @@ class MultipartUpload:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.upload_id is not None:
-            try:
-                await asyncio.shield(self.store.abort_multipart(self.key, self.upload_id))
-            except Exception as abort_exc:  # the original error matters more; say this one too
-                log.warning("could not abort the unfinished upload of %s (%s); `prune` removes it later",
-                            self.key, abort_exc)
+            # Bounded: S3 may be what failed. The original error matters more.
+            await cleanup.best_effort(f"abort the unfinished upload of {self.key}",
+                                      self.store.abort_multipart(self.key, self.upload_id))
 
 
 class StreamWriter:

@@ -378,7 +378,7 @@ def test_stalled_s3_fails_the_run_and_restarts_the_stack(env: dict, stack: Immic
     started = time.monotonic()
     r = run_cli("backup", env=env, timeout=120)
     assert r.code == 1
-    assert "no progress for" in r.last_error and "S3, the network or Docker stopped answering" in r.last_error
+    assert "no progress for" in r.last_error and "did not answer (upload" in r.last_error
     assert time.monotonic() - started < 60
     assert running_containers() == set(CONTAINERS)
     assert bucket_of(env).snapshots() == []
