@@ -363,12 +363,13 @@ async def run_backup(settings: Settings, reporter: Reporter) -> BackupResult:
                 log.info("the Immich stack left stopped by the earlier run is running again")
             repo = Repo(store, settings.prefix)
             await preflight_store(store, repo, snap_id)
-            async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait):
-                return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started)
+            async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait, run=snap_id) as lock:
+                return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started,
+                                            lock)
 
 
 async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, stack: Stack, store: Store, repo: Repo,
-                         roots: dict[str, Path], snap_id: str, started: float) -> BackupResult:
+                         roots: dict[str, Path], snap_id: str, started: float, lock: RepoLock) -> BackupResult:
     mode = settings.stop
     stats = Stats()
     budget = ByteBudget(settings.max_memory)
@@ -469,6 +470,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         "phase_seconds": phase_seconds,
         "downtime_seconds": round(downtime, 3),
     }
+    await lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     await repo.commit(snap_id, summary)  # the commit point
     log.info("snapshot %s committed", snap_id)
     return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode,
