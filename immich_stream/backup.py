@@ -564,13 +564,14 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
                 log.info("the Immich stack left stopped by the earlier run is running again")
             repo = Repo(store, settings.prefix)
             await preflight_store(store, repo, snap_id)
-            async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait):
+            async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait, run=snap_id) as lock:
                 return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started,
-                                            allow_shrink)
+                                            lock, allow_shrink)
 
 
 async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, stack: Stack, store: Store, repo: Repo,
-                         roots: dict[str, Path], snap_id: str, started: float, allow_shrink: bool) -> BackupResult:
+                         roots: dict[str, Path], snap_id: str, started: float, lock: RepoLock,
+                         allow_shrink: bool) -> BackupResult:
     mode = settings.stop
     stats = Stats()
     budget = ByteBudget(settings.max_memory)
@@ -698,6 +699,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         "downtime_seconds": round(downtime, 3),
         "unstable_containers": guard.unstable,
     }
+    await lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     await repo.commit(snap_id, summary)  # the commit point
     log.info("snapshot %s committed", snap_id)
     code = EXIT_OK if complete else EXIT_INCOMPLETE

@@ -344,12 +344,16 @@ async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter:
     settings.require("bucket")
     async with Store(settings) as store:
         repo = Repo(store, settings.prefix)
-        removed, kept = await unlock(repo, args.force)
-    for lk in removed:
-        print(f"removed lock of {lk.describe()}")
+        removed, forced, kept = await unlock(repo, args.force)
+    for lk in removed + forced:
+        # Without its lock a run cannot commit, and prune no longer spares its uploads.
+        endangers = (f": run {lk.run} can no longer commit; its uploads (data/{lk.run}/, snapshots/{lk.run}/) "
+                     "that no committed snapshot uses become collectable by the next prune") if lk.run else ""
+        live = " (it was live)" if lk in forced else ""
+        print(f"removed lock of {lk.describe()}{live}{endangers}")
     for lk in kept:
         print(f"kept live lock of {lk.describe()} (--force removes it)")
-    if not removed and not kept:
+    if not removed and not forced and not kept:
         print("no locks")
     return 0
 

@@ -125,7 +125,9 @@ def parse_endpoint(text: str) -> str:
 
 def parse_prefix(text: str) -> str:
     prefix = str(text).strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+    if not prefix:  # prune would take the whole bucket (other applications' objects too) for its own
+        raise ValueError(f"{text!r} is empty: give the repository its own prefix, e.g. immich-backup")
+    if any(part in ("", ".", "..") for part in prefix.split("/")):
         raise ValueError(f"{text!r} has empty, '.' or '..' parts")
     return prefix
 

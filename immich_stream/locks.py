@@ -1,10 +1,18 @@
-"""Locks: a repository lock object per run under <prefix>/locks/, plus a local flock.
+"""Locks: a repository lock object per run under <prefix>/locks/, plus local flocks.
 
-A backup takes a shared lock, prune an exclusive one. Lock objects are JSON (host, pid,
-command, start, last refresh), rewritten every REFRESH seconds while the run lasts. A lock
-is stale when it has not been refreshed for `stale` seconds, or at once when it belongs
-to this host and its process is gone (a run killed with SIGKILL). Stale locks are ignored
-by every run and removed by `unlock`.
+A backup takes a shared lock, prune an exclusive one. A lock object is JSON (host, pid,
+command, the backup's run id, a random run token, start), rewritten every REFRESH seconds
+while the run lasts. Staleness is judged on the S3 server's clock alone: a lock is stale
+when its LastModified is more than `stale` seconds older than the server's present (the
+LastModified of an object written just now), never by the holder's clock. A lock is also
+stale at once when this host's state directory proves that its token belonged to a local
+run that is gone (the run's flock on runs/<token>.run is free: a run killed with
+SIGKILL). A hostname or pid proves nothing: containers share hostnames, pid namespaces
+reuse pids. Stale locks are ignored by every run and removed by `unlock`; prune still
+spares the uploads of every run whose lock object exists.
+
+A run commits only after `ensure_held()`: its lock object still exists with its token,
+and it was never left unrefreshed long enough for another run to judge it stale.
 """
 
 from __future__ import annotations
@@ -17,20 +25,32 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from immich_stream.errors import LockError
+from typing import Any
+
+from immich_stream.errors import LockError, StoreError
 from immich_stream.repo import Repo
 
 log = logging.getLogger(__name__)
 
-REFRESH = 60.0  # seconds between refreshes of a held lock
-STALE = 30 * 60.0  # seconds without refresh after which a lock is stale (restic's figure)
+REFRESH = 60.0  # seconds between refreshes of a held lock (at most)
+STALE = 30 * 60.0  # seconds (server clock) without refresh after which a lock is stale (restic's figure)
 POLL = 2.0  # seconds between looks while waiting for a lock
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+
+
+def lock_stale() -> float:
+    """STALE, or IMMICH_STREAM_LOCK_STALE (a duration; for tests, which cannot wait 30 minutes)."""
+    from immich_stream.config import parse_duration
+
+    value = os.environ.get("IMMICH_STREAM_LOCK_STALE")
+    return parse_duration(value) if value else STALE
 
 
 @dataclass
@@ -40,18 +60,22 @@ class LockInfo:
     pid: int
     command: str
     exclusive: bool
-    started: float
-    refreshed: float
+    started: float  # the holder's clock: shown, never compared
+    run: str | None  # the backup's run id: its uploads are data/<run>/ and snapshots/<run>/
+    token: str | None  # random per run; None in locks of older versions
+    modified: dt.datetime | None  # LastModified: the server's clock
 
     def describe(self) -> str:
         since = dt.datetime.fromtimestamp(self.started, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         kind = "exclusive" if self.exclusive else "shared"
-        return f"{self.command} (pid {self.pid} on {self.host}, {kind}, since {since})"
+        run = f", run {self.run}" if self.run else ""
+        return f"{self.command} (pid {self.pid} on {self.host}, {kind}{run}, since {since})"
 
-    def stale(self, now: float, stale_after: float) -> bool:
-        if now - self.refreshed > stale_after:
-            return True
-        return self.host == socket.gethostname() and not run_alive(self.pid)
+    def stale(self, server_now: dt.datetime | None, stale_after: float) -> bool:
+        if server_now is not None and self.modified is not None:
+            if (server_now - self.modified).total_seconds() > stale_after:
+                return True
+        return self.token is not None and local_run_gone(self.token)
 
 
 def run_alive(pid: int) -> bool:
@@ -70,58 +94,163 @@ def run_alive(pid: int) -> bool:
     return b"immich_stream" in cmdline or b"immich-stream" in cmdline
 
 
+# -- this host's runs: runs/<token>.run in the state directory, flocked while the run lives --
+
+def _run_file(token: str) -> Path:
+    from immich_stream.stack import state_dir  # stack imports this module
+
+    return state_dir() / "runs" / f"{token}.run"
+
+
+def _claim_run(token: str) -> int:
+    path = _run_file(token)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh random name: nobody else holds it
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release_run(token: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        _run_file(token).unlink()
+    os.close(fd)
+
+
+def local_run_gone(token: str) -> bool:
+    """True only when this host's state directory proves the run with this token is gone:
+    its run file exists and nobody holds its flock (the kernel dropped it with the process)."""
+    if not _TOKEN.fullmatch(token):
+        return False
+    try:
+        fd = os.open(_run_file(token), os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False  # not a run of this host, as far as this state directory knows
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _forget_run(token: str | None) -> None:
+    """Remove the run file of a gone run whose lock was removed."""
+    if token is not None and local_run_gone(token):
+        with contextlib.suppress(OSError):
+            _run_file(token).unlink()
+
+
+# -- lock objects --------------------------------------------------------------------------------
+
 async def list_locks(repo: Repo) -> list[LockInfo]:
     out = []
     base = repo.object_key("locks/")
     async for obj in repo.store.list_objects(base):
+        if not obj.key.endswith(".json"):  # a folder marker or a stray file: not a lock
+            if obj.key != base:
+                log.warning("ignoring %s: not a lock object", obj.key)
+            continue
         try:
             d = json.loads(await repo.store.get(obj.key))
-            out.append(LockInfo(obj.key, d["host"], int(d["pid"]), d["command"], bool(d["exclusive"]),
-                                float(d["started"]), float(d["refreshed"])))
-        except (ValueError, KeyError, TypeError):
+            out.append(LockInfo(obj.key, str(d["host"]), int(d["pid"]), str(d["command"]), bool(d["exclusive"]),
+                                float(d["started"]), d.get("run") or None, d.get("token") or None,
+                                obj.last_modified if isinstance(obj.last_modified, dt.datetime) else None))
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring unreadable lock object %s (remove it with `unlock --force`)", obj.key)
-        except Exception as exc:  # vanished between list and get: released meanwhile
+        except StoreError as exc:  # vanished between list and get: released meanwhile
             if "NoSuchKey" in str(exc) or "404" in str(exc):
                 continue
             raise
     return out
 
 
-class RepoLock:
-    """`async with RepoLock(repo, "backup", exclusive=False, wait=60):` ..."""
+def own_time(locks: list[LockInfo], key: str) -> dt.datetime | None:
+    """The server's present: the LastModified of our own lock, written just before listing."""
+    return next((lk.modified for lk in locks if lk.key == key), None)
 
-    def __init__(self, repo: Repo, command: str, exclusive: bool, wait: float, stale: float = STALE) -> None:
+
+async def server_now(repo: Repo) -> dt.datetime | None:
+    """The S3 server's present: the LastModified of a probe object written just now
+    (None when the server does not say: then no lock is judged stale by age)."""
+    key = repo.preflight_key("clock-" + secrets.token_hex(4))
+    await repo.store.put(key, b"immich-stream clock probe\n")
+    try:
+        async for obj in repo.store.list_objects(key):
+            if obj.key == key and isinstance(obj.last_modified, dt.datetime):
+                return obj.last_modified
+        return None
+    finally:
+        await repo.store.delete([key])
+
+
+class RepoLock:
+    """`async with RepoLock(repo, "backup", exclusive=False, wait=60, run=snap_id) as lock:` ...
+    and `await lock.ensure_held()` right before committing."""
+
+    def __init__(self, repo: Repo, command: str, exclusive: bool, wait: float, stale: float | None = None,
+                 run: str | None = None) -> None:
         self.repo = repo
         self.command = command
         self.exclusive = exclusive
         self.wait = wait
-        self.stale = stale
+        self.stale = lock_stale() if stale is None else stale
+        self.run = run
+        self.token = secrets.token_hex(16)
         self.key = repo.object_key(f"locks/{int(time.time())}-{socket.gethostname()}-{os.getpid()}-"
-                                   f"{secrets.token_hex(3)}.json")
+                                   f"{self.token[:8]}.json")
         self.started = time.time()
         self._refresher: asyncio.Task[None] | None = None
+        self._run_fd: int | None = None
+        self._last_ok: float | None = None  # monotonic start of our last successful write of the lock
+        self._lost: str | None = None  # why this run can no longer prove it holds the lock
 
     def _body(self) -> bytes:
+        # "refreshed" (our clock) only for older versions, which require it; nobody compares it.
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                           "exclusive": self.exclusive, "started": self.started, "refreshed": time.time()}).encode()
+                           "exclusive": self.exclusive, "started": self.started, "refreshed": time.time(),
+                           "run": self.run, "token": self.token}).encode()
+
+    async def _write(self) -> None:
+        sent = time.monotonic()
+        await self.repo.store.put(self.key, self._body(), "application/json")
+        if self._last_ok is not None and sent - self._last_ok > self.stale / 2 and self._lost is None:
+            self._lost = (f"the lock went unrefreshed for {sent - self._last_ok:.0f}s: another run may have "
+                          "judged it stale meanwhile")
+        self._last_ok = sent
 
     def _conflicts(self, locks: list[LockInfo]) -> list[LockInfo]:
-        now = time.time()
+        now = own_time(locks, self.key)
         return [lk for lk in locks if lk.key != self.key and not lk.stale(now, self.stale)
                 and (self.exclusive or lk.exclusive)]
 
     async def __aenter__(self) -> RepoLock:
+        self._run_fd = _claim_run(self.token)  # before the lock object exists, released after it is gone
+        try:
+            await self._acquire()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.repo.store.delete([self.key]))
+            _release_run(self.token, self._run_fd)
+            raise
+        self._refresher = asyncio.create_task(self._refresh())
+        return self
+
+    async def _acquire(self) -> None:
         deadline = time.monotonic() + self.wait
         said = False
         while True:
+            # Write first: our own lock's LastModified is the server's present, against which
+            # the others' ages are judged; two runs that write at once both see each other.
+            await self._write()
             conflicts = self._conflicts(await list_locks(self.repo))
             if not conflicts:
-                await self.repo.store.put(self.key, self._body(), "application/json")
-                # Two runs may have looked at the same moment: look again after writing.
-                conflicts = self._conflicts(await list_locks(self.repo))
-                if not conflicts:
-                    break
-                await self.repo.store.delete([self.key])  # and both back off, for a random while
+                return
+            await self.repo.store.delete([self.key])  # and back off, for a random while
+            self._last_ok = None
             if time.monotonic() >= deadline:
                 holder = conflicts[0].describe()
                 raise LockError(f"the repository is locked by {holder}: wait for it to finish (or raise "
@@ -130,16 +259,48 @@ class RepoLock:
                 log.info("waiting up to %.0fs for %s to release the repository", self.wait, conflicts[0].describe())
                 said = True
             await asyncio.sleep(min(POLL * (0.5 + random.random()), max(deadline - time.monotonic(), 0.05)))
-        self._refresher = asyncio.create_task(self._refresh())
-        return self
+
+    async def _still_ours(self) -> bool:
+        """Does our lock object exist with our token?"""
+        try:
+            if await self.repo.store.head(self.key) is None:
+                return False
+            d: Any = json.loads(await self.repo.store.get(self.key))
+        except StoreError as exc:
+            if "NoSuchKey" in str(exc) or "404" in str(exc):
+                return False
+            raise
+        except ValueError:
+            return False
+        return isinstance(d, dict) and d.get("token") == self.token
 
     async def _refresh(self) -> None:
-        while True:
-            await asyncio.sleep(REFRESH)
+        interval = min(REFRESH, self.stale / 6)
+        while self._lost is None:
+            await asyncio.sleep(interval)
             try:
-                await self.repo.store.put(self.key, self._body(), "application/json")
-            except Exception as exc:  # the run itself notices S3 failing; a missed refresh is not fatal
+                if not await self._still_ours():
+                    # Never write it again: prune or unlock relied on it being gone.
+                    self._lost = "its lock object was removed (by `unlock --force`?)"
+                    log.error("the repository lock %s was removed: this run will not commit", self.key)
+                    return
+                await self._write()
+            except StoreError as exc:  # ensure_held refuses the commit if this lasts
                 log.warning("could not refresh the lock %s: %s", self.key, exc)
+
+    async def ensure_held(self) -> None:
+        """Raise LockError unless this run provably still holds its lock: the lock object
+        exists with our token, and no gap between our successful writes of it (nor the
+        time since the last) was long enough for another run to judge it stale."""
+        what = f"{self.command} {self.run}" if self.run else self.command
+        if self._lost is None and not await self._still_ours():
+            self._lost = "its lock object was removed (by `unlock --force`?)"
+        if self._lost is None and self._last_ok is not None and time.monotonic() - self._last_ok > self.stale / 2:
+            self._lost = (f"the lock could not be refreshed for {time.monotonic() - self._last_ok:.0f}s: another run "
+                          "may have judged it stale")
+        if self._lost is not None:
+            raise LockError(f"{what} lost the repository lock ({self._lost}); nothing was committed: "
+                            "run it again (prune collects its uploads)")
 
     async def __aexit__(self, *exc: object) -> None:
         if self._refresher is not None:
@@ -150,10 +311,15 @@ class RepoLock:
         async def release() -> None:
             try:
                 await self.repo.store.delete([self.key])
-            except Exception as err:
+            except StoreError as err:
                 log.warning("could not remove the lock %s (%s): it goes stale by itself", self.key, err)
 
-        await asyncio.shield(release())
+        try:
+            await asyncio.shield(release())
+        finally:
+            if self._run_fd is not None:
+                _release_run(self.token, self._run_fd)
+                self._run_fd = None
 
 
 @contextlib.contextmanager
@@ -177,12 +343,18 @@ def local_lock(name: str, state: Path) -> Iterator[None]:
         os.close(fd)
 
 
-async def unlock(repo: Repo, force: bool, stale: float = STALE) -> tuple[list[LockInfo], list[LockInfo]]:
-    """Remove stale locks (every lock with force). Returns (removed, kept)."""
-    now = time.time()
+async def unlock(repo: Repo, force: bool, stale: float | None = None
+                 ) -> tuple[list[LockInfo], list[LockInfo], list[LockInfo]]:
+    """Remove stale locks (every lock with force). Returns (removed stale, removed live, kept)."""
+    stale = lock_stale() if stale is None else stale
+    now = await server_now(repo)
     locks = await list_locks(repo)
-    removed = [lk for lk in locks if force or lk.stale(now, stale)]
-    kept = [lk for lk in locks if lk not in removed]
-    if removed:
-        await repo.store.delete([lk.key for lk in removed])
-    return removed, kept
+    gone = [lk for lk in locks if lk.stale(now, stale)]
+    live = [lk for lk in locks if lk not in gone]
+    removed_live = live if force else []
+    kept = [] if force else live
+    if gone or removed_live:
+        await repo.store.delete([lk.key for lk in gone + removed_live])
+    for lk in gone:
+        _forget_run(lk.token)
+    return gone, removed_live, kept

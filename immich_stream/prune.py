@@ -2,7 +2,10 @@
 
 Garbage: data objects no remaining committed snapshot references, snapshot directories
 without snapshot.json, and unfinished multipart uploads, each left alone while younger
-than a threshold (a run may still be writing them).
+than a threshold (a run may still be writing them) or while the run that wrote them still
+has a lock object (stale or not). Keys under the prefix that are not ours (folder markers,
+stray files, ids that do not parse) are left alone with a warning; nothing outside
+<prefix>/ is ever touched. The newest committed snapshot is never removed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
-from immich_stream.locks import RepoLock
+from immich_stream.locks import RepoLock, list_locks
 from immich_stream.progress import Reporter
 from immich_stream.repo import Repo, key_digest, snapshot_time
 from immich_stream.store import Store
@@ -38,7 +41,8 @@ class Policy:
     within: str | None = None  # e.g. "1y2m3d4h"
 
     def empty(self) -> bool:
-        return not any(getattr(self, r) for r in RULES) and not self.within
+        """Keeps nothing: no rule, or only a zero --keep-within (0d, 0h ...)."""
+        return not any(getattr(self, r) for r in RULES) and (not self.within or not any(parse_within(self.within)))
 
     def describe(self) -> str:
         parts = [f"keep-{r} {getattr(self, r)}" for r in RULES if getattr(self, r)]
@@ -81,7 +85,9 @@ def apply_policy(ids: list[str], policy: Policy) -> tuple[list[str], list[str]]:
     in UTC) that have snapshots; keep-within keeps everything within the duration before
     the newest snapshot. A snapshot kept by any rule is kept."""
     if policy.empty():
-        raise ConfigError("no retention policy: give at least one of --keep-last, --keep-hourly, --keep-daily, "
+        what = f"retention policy keep-within {policy.within} keeps nothing" if policy.within else \
+            "no retention policy"
+        raise ConfigError(f"{what}: give at least one of --keep-last, --keep-hourly, --keep-daily, "
                           "--keep-weekly, --keep-monthly, --keep-yearly, --keep-within (or [prune] in the config)")
     newest_first = sorted(ids, reverse=True)
     counts = {r: getattr(policy, r) for r in RULES}
@@ -103,6 +109,8 @@ def apply_policy(ids: list[str], policy: Policy) -> tuple[list[str], list[str]]:
                     kept = True
         if cutoff is not None and t > cutoff:
             kept = True
+        if nr == 0:
+            kept = True  # whatever the policy: never the newest snapshot
         (keep if kept else remove).append(sid)
     return sorted(keep), sorted(remove)
 
@@ -142,6 +150,11 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
     committed = [s for s, done in dirs.items() if done]
     report.kept, report.removed = apply_policy(committed, policy)
     log.info("policy %s: keeping %d snapshots, removing %d", policy.describe(), len(report.kept), len(report.removed))
+    # Runs whose lock object exists, stale or not, may still commit: nothing of theirs goes.
+    # (Listed after taking our exclusive lock: a run starting later waits for us.)
+    busy = {lk.run for lk in await list_locks(repo) if lk.run}
+    if busy:
+        log.info("leaving alone the uploads of runs that still hold a lock: %s", ", ".join(sorted(busy)))
 
     # Every key a kept snapshot references (10-byte digests: ~100 bytes per file in memory).
     referenced: set[bytes] = set()
@@ -151,7 +164,7 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
                 referenced.add(key_digest(line.key))
 
     # Snapshot directories to delete: removed ones, and incomplete ones once stale.
-    incomplete = [s for s, done in dirs.items() if not done]
+    incomplete = [s for s, done in dirs.items() if not done and s not in busy]
     doomed_dirs = list(report.removed)
     for sid in incomplete:
         if snapshot_time(sid) < threshold and await _newest_object(store, repo.snapshot_key(sid, "")) < threshold:
@@ -164,8 +177,10 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
     base = repo.object_key("data/")
     async for obj in store.list_objects(base):
         rel = repo.relative_key(obj.key)
-        run = rel.split("/", 2)[1] if rel.count("/") >= 2 else ""
-        if key_digest(rel) in referenced:
+        run = _run_of(rel, "data")
+        if run is None:
+            continue
+        if run in busy or key_digest(rel) in referenced:
             continue
         if not dirs.get(run) and _run_is_young(run, threshold, obj.last_modified):
             continue
@@ -173,8 +188,21 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
         report.objects_deleted += 1
         report.bytes_freed += obj.size
 
-    uploads = [(k, u) for k, u, started in await store.list_multipart(repo.object_key(""))
-               if started is None or started < threshold]
+    # Unfinished uploads of our runs only (the listing's prefix ends in "/": a sibling
+    # prefix such as immich-backup2 is another repository's).
+    uploads = []
+    mine = repo.object_key("")
+    for key, upload_id, started in await store.list_multipart(mine):
+        if not key.startswith(mine):
+            continue
+        rel = repo.relative_key(key)
+        run = _run_of(rel, rel.partition("/")[0]) if rel.startswith(("data/", "snapshots/")) else None
+        if run is None:
+            if not rel.startswith(("data/", "snapshots/")):
+                log.warning("leaving alone the unfinished upload of %s: not one of ours", key)
+            continue
+        if run not in busy and (started is None or started < threshold):
+            uploads.append((key, upload_id))
     report.uploads_aborted = len(uploads)
     if dry_run:
         return
@@ -192,11 +220,30 @@ async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool,
         await store.abort_multipart(key, upload_id)
 
 
+_RUN_ID = re.compile(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}")
+
+
+def _run_of(rel: str, top: str) -> str | None:
+    """The run id of a key <top>/<run id>/<rest> relative to the prefix; None (with a
+    warning) for anything else under <top>/: not ours to delete."""
+    _, _, tail = rel.partition("/")
+    run, sep, rest = tail.partition("/")
+    if not run and not rest:
+        return None  # the folder marker data/ (or snapshots/)
+    ok = _RUN_ID.fullmatch(run) is not None and bool(sep)
+    if ok:
+        try:
+            snapshot_time(run)
+        except ValueError:
+            ok = False
+    if not ok:
+        log.warning("leaving alone %s/%s: not written by an immich-stream run", top, tail)
+        return None
+    return run
+
+
 def _run_is_young(run: str, threshold: dt.datetime, last_modified: Any) -> bool:
-    try:
-        started = snapshot_time(run)
-    except ValueError:
-        return False  # not one of our run ids: nothing writes there
+    started = snapshot_time(run)
     newest = last_modified if isinstance(last_modified, dt.datetime) else started
     return started >= threshold or newest >= threshold
 

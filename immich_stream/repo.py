@@ -296,15 +296,32 @@ class Repo:
 
     def relative_key(self, key: str) -> str:
         """A bucket key -> the key relative to the prefix (as manifests hold it)."""
-        return key[len(self.prefix) + 1:] if self.prefix else key
+        base = f"{self.prefix}/" if self.prefix else ""
+        if not key.startswith(base):  # nothing outside our prefix is ours to read or delete
+            raise RepoError(f"{key} is outside the repository prefix {self.prefix!r}")
+        return key[len(base):]
 
     # snapshots
     async def snapshot_dirs(self) -> dict[str, bool]:
-        """Every snapshot directory, sorted by id -> committed (has snapshot.json); one listing."""
+        """Every snapshot directory, sorted by id -> committed (has snapshot.json); one listing.
+        Keys that are not <id>/<name> with a valid id (folder markers, stray files) are skipped."""
         ids: dict[str, bool] = {}
         base = self._k("snapshots/")
         async for obj in self.store.list_objects(base):
             sid, _, name = obj.key[len(base):].partition("/")
+            if not sid and not name:
+                continue  # the folder marker snapshots/ that consoles and sync tools create
+            valid = re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}", sid) is not None
+            try:
+                valid = valid and snapshot_time(sid) is not None
+            except ValueError:
+                valid = False
+            if not valid:
+                log.warning("ignoring %s: not part of a snapshot (snapshot ids look like 2024-01-31T020000Z-1a2b)",
+                            obj.key)
+                continue
+            if not name:
+                continue  # a folder marker snapshots/<id>/: not a file of the snapshot
             ids[sid] = ids.get(sid, False) or name == "snapshot.json"
         return dict(sorted(ids.items()))
 

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,6 +113,24 @@ def test_retention_by_hand() -> None:
         apply_policy(ids, Policy())
 
 
+@pytest.mark.parametrize("within", ["0d", "0h", "0m", "0y", "0y0m0d0h"])
+def test_policy_that_keeps_nothing_is_refused(within: str) -> None:
+    ids = [sid(t, i) for i, t in enumerate(times())]
+    with pytest.raises(ConfigError, match=f"keep-within {within} keeps nothing"):
+        apply_policy(ids, Policy(within=within))
+    with pytest.raises(ConfigError, match="keeps nothing"):
+        apply_policy([], Policy(within=within))  # refused before any listing
+
+
+def test_newest_snapshot_is_kept_whatever_the_policy() -> None:
+    ids = [sid(t, i) for i, t in enumerate(times())]
+    keep, remove = apply_policy(ids, Policy(last=1, within="0d"))
+    assert keep == [max(ids)] and len(remove) == len(ids) - 1
+    for policy in POLICIES:
+        for n in (1, 2, 7, len(ids)):
+            assert max(ids[:n]) in apply_policy(ids[:n], policy)[0]
+
+
 # -- prune against the bucket --------------------------------------------------------------------
 
 def data_keys(bucket: Bucket) -> set[str]:
@@ -161,6 +180,25 @@ def test_prune_refuses_without_policy(env: dict) -> None:
     assert r.code == 2 and "no retention policy" in r.last_error
 
 
+def test_prune_with_a_policy_that_keeps_nothing_touches_nothing(env: dict, stack: ImmichStack,
+                                                                bucket: Bucket) -> None:
+    make_library(stack.library, photos=2)
+    env = dict(env, IMMICH_STREAM_STOP="none")
+    assert run_cli("backup", env=env).code == 0
+    assert run_cli("backup", env=env).code == 0
+    before = bucket.keys()
+    assert len(bucket.snapshots()) == 2
+    for within in ("0d", "0h", "0m", "0y"):
+        r = run_cli("prune", "--keep-within", within, env=env)
+        assert r.code == 2, r.err
+        assert r.err.strip() == r.last_error and f"keep-within {within} keeps nothing" in r.last_error
+    r = run_cli("backup", "--prune", "--keep-within", "0d", env=env)
+    assert r.code == 2 and "keeps nothing" in r.last_error
+    assert bucket.keys() == before, "a policy that keeps nothing changed the bucket"
+    r = run_cli("verify", "--all", "--read-data", env=env)
+    assert r.code == 0 and "2 snapshots" in r.out and "no problems" in r.out
+
+
 def test_backup_with_prune_uses_configured_policy(env: dict, stack: ImmichStack, bucket: Bucket,
                                                   tmp_path: Path) -> None:
     make_library(stack.library, photos=2)
@@ -182,12 +220,12 @@ def test_stale_incomplete_snapshots_and_uploads_go_fresh_ones_stay(env: dict, st
     old_id = sid(dt.datetime.now(dt.UTC) - dt.timedelta(days=3), 1)
     bucket.put(f"snapshots/{old_id}/manifest.jsonl.gz", b"killed run")
     bucket.put(f"data/{old_id}/library/orphan.jpg", b"from a killed run")
-    old_upload = bucket.s3.create_multipart_upload(Bucket=bucket.name, Key="immich-backup/data/x/old.mp4")
+    old_upload = bucket.s3.create_multipart_upload(Bucket=bucket.name, Key=f"immich-backup/data/{old_id}/old.mp4")
     time.sleep(3)
     fresh_id = sid(dt.datetime.now(dt.UTC), 2)
     bucket.put(f"snapshots/{fresh_id}/manifest.jsonl.gz", b"a run in progress")
     bucket.put(f"data/{fresh_id}/library/in-progress.jpg", b"being uploaded")
-    bucket.s3.create_multipart_upload(Bucket=bucket.name, Key="immich-backup/data/x/fresh.mp4")
+    bucket.s3.create_multipart_upload(Bucket=bucket.name, Key=f"immich-backup/data/{fresh_id}/fresh.mp4")
 
     r = run_cli("prune", "--keep-last", "5", "--stale-after", "2s", env=env)
     assert r.code == 0, r.err
@@ -196,30 +234,41 @@ def test_stale_incomplete_snapshots_and_uploads_go_fresh_ones_stay(env: dict, st
     assert f"snapshots/{old_id}/manifest.jsonl.gz" not in keys and f"data/{old_id}/library/orphan.jpg" not in keys
     assert f"snapshots/{fresh_id}/manifest.jsonl.gz" in keys and f"data/{fresh_id}/library/in-progress.jpg" in keys
     uploads = bucket.s3.list_multipart_uploads(Bucket=bucket.name).get("Uploads", [])
-    assert [u["Key"] for u in uploads] == ["immich-backup/data/x/fresh.mp4"]
+    assert [u["Key"] for u in uploads] == [f"immich-backup/data/{fresh_id}/fresh.mp4"]
     assert old_upload["UploadId"] not in {u["UploadId"] for u in uploads}
 
 
 # -- locks ---------------------------------------------------------------------------------------
 
 def put_lock(bucket: Bucket, host: str, refreshed_ago: float, command: str = "backup", exclusive: bool = False,
-             pid: int = 4242) -> str:
+             pid: int = 4242, run: str | None = None) -> str:
+    """A lock object of another host, written now; its body claims (by the holder's clock)
+    to have been refreshed `refreshed_ago` seconds ago."""
     now = time.time()
     key = f"locks/test-{host}-{int(refreshed_ago)}.json"
-    bucket.put(key, json.dumps({"host": host, "pid": pid, "command": command, "exclusive": exclusive,
-                                "started": now - refreshed_ago - 10, "refreshed": now - refreshed_ago}).encode())
+    body = {"host": host, "pid": pid, "command": command, "exclusive": exclusive,
+            "started": now - refreshed_ago - 10, "refreshed": now - refreshed_ago}
+    if run:
+        body.update(run=run, token="f" * 32)
+    bucket.put(key, json.dumps(body).encode())
     return key
 
 
-def start_locked_backup(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                        proxy_factory) -> tuple[subprocess.Popen[str], dict, Bucket]:
-    """A backup slowed down by the proxy, returned once its lock object is in the bucket."""
+def start_locked_backup(env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory,
+                        wrapper: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], dict, Bucket]:
+    """A backup slowed down by the proxy, returned once its lock object is in the bucket.
+    `wrapper` runs it under another command (e.g. in its own pid namespace)."""
     make_library(stack.library, photos=30)
     proxy = proxy_factory(moto_s3.endpoint)
     slow = moto_env(env, moto_s3, proxy.endpoint)
     proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.3)
     bucket = bucket_of(slow)
-    backup = start_cli("backup", "--stop", "none", env=slow)
+    if wrapper:
+        backup = subprocess.Popen([*wrapper, sys.executable, "-m", "immich_stream", "backup", "--stop", "none"],
+                                  env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  stdin=subprocess.DEVNULL)
+    else:
+        backup = start_cli("backup", "--stop", "none", env=slow)
     wait_for(lambda: bucket.keys("locks/"), 60, what="the backup's lock")
     return backup, slow, bucket
 
@@ -256,11 +305,14 @@ def test_killed_backup_lock_stops_nothing_and_local_lock(env: dict, stack: Immic
     assert bucket.keys("locks/") == {}
 
 
-def test_foreign_locks_fresh_block_stale_do_not_unlock_force(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
+def test_foreign_locks_judged_by_server_clock_unlock_force_says_what_it_endangers(
+        env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     make_library(stack.library, photos=2)
     env = dict(env, IMMICH_STREAM_STOP="none")
     assert run_cli("backup", env=env).code == 0
-    fresh = put_lock(bucket, "other-host", refreshed_ago=5, command="prune", exclusive=True)
+    # Written just now, though its holder's clock says three hours ago (another machine's
+    # clock): fresh by the server's clock, so it blocks.
+    fresh = put_lock(bucket, "other-host", refreshed_ago=3 * 3600, command="prune", exclusive=True)
     before = running_containers()
     r = run_cli("backup", "--lock-wait", "1s", env=env)
     assert r.code == 1 and "locked by prune (pid 4242 on other-host, exclusive" in r.last_error
@@ -268,13 +320,112 @@ def test_foreign_locks_fresh_block_stale_do_not_unlock_force(env: dict, stack: I
     r = run_cli("unlock", env=env)
     assert "kept live lock of prune (pid 4242 on other-host" in r.out
     r = run_cli("unlock", "--force", env=env)
-    assert "removed lock of prune (pid 4242 on other-host" in r.out
+    assert "removed lock of prune (pid 4242 on other-host" in r.out and "(it was live)" in r.out
     assert fresh not in bucket.keys()
 
-    stale = put_lock(bucket, "other-host", refreshed_ago=3 * 3600, command="backup", exclusive=False)
-    r = run_cli("prune", "--keep-last", "1", "--lock-wait", "1s", env=env)
-    assert r.code == 0, r.err  # not refreshed for three hours: stale, ignored
+    run = sid(dt.datetime.now(dt.UTC), 7)
+    live = put_lock(bucket, "other-host", refreshed_ago=0, run=run)
+    r = run_cli("unlock", "--force", env=env)
+    assert r.code == 0 and f"run {run} can no longer commit; its uploads (data/{run}/, snapshots/{run}/)" in r.out
+    assert live not in bucket.keys()
+
+    # Stale only once the server's clock says so (IMMICH_STREAM_LOCK_STALE shortens the 30 minutes).
+    quick = dict(env, IMMICH_STREAM_LOCK_STALE="2s")
+    stale = put_lock(bucket, "other-host", refreshed_ago=0, command="backup", exclusive=False)
+    time.sleep(3)
+    r = run_cli("prune", "--keep-last", "1", "--lock-wait", "1s", env=quick)
+    assert r.code == 0, r.err  # not refreshed for 3 s by the server's clock: stale, ignored
     assert stale in bucket.keys("locks/")
-    r = run_cli("unlock", env=env)
+    r = run_cli("unlock", env=quick)
     assert "removed lock of backup (pid 4242 on other-host" in r.out
     assert bucket.keys("locks/") == {}
+
+
+def test_prune_racing_a_backup_on_a_host_of_the_same_name_waits(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                                proxy_factory, tmp_path: Path) -> None:
+    # Two "hosts" of one hostname (containers): the backup runs in its own pid namespace (its
+    # pid is 1 there, some other process here) with its own state directory.
+    env = dict(env, IMMICH_STREAM_JOBS="2")
+    backup, slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory,
+                                               wrapper=("unshare", "--pid", "--fork"))
+    wait_for(lambda: bucket.keys("data/"), 60, what="the backup's first uploads")
+    time.sleep(1.5)  # older than --stale-after below
+    other_host = dict(slow, IMMICH_STREAM_STATE_DIR=str(tmp_path / "other-host-state"))
+    r = run_cli("prune", "--keep-last", "1", "--stale-after", "1s", "--lock-wait", "3s", env=other_host)
+    assert backup.poll() is None, "the backup ended before prune looked: the race did not happen"
+    assert r.code == 1 and "the repository is locked by backup (pid" in r.last_error, r.err
+    out, err = backup.communicate(timeout=180)
+    assert backup.returncode == 0, err
+    assert len(bucket.snapshots()) == 1
+    r = run_cli("verify", "--all", "--read-data", env=other_host)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+
+
+@pytest.mark.parametrize("lock_stale", [None, "6s"], ids=["commit-check", "refresher"])
+def test_backup_whose_lock_was_removed_does_not_commit(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                       proxy_factory, lock_stale: str | None) -> None:
+    # With a short staleness the lock is refreshed every second: the refresher sees it gone
+    # and must not write it again.
+    if lock_stale:
+        env = dict(env, IMMICH_STREAM_LOCK_STALE=lock_stale)
+    backup, slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
+    for key in bucket.keys("locks/"):
+        bucket.delete(key)  # as `unlock --force` elsewhere would, while the backup runs
+    assert backup.poll() is None
+    out, err = backup.communicate(timeout=180)
+    assert backup.returncode == 1, out + err
+    last = [ln for ln in err.splitlines() if ln.startswith("immich-stream: error:")][-1]
+    assert "lost the repository lock" in last and "nothing was committed" in last
+    if lock_stale:
+        assert "was removed: this run will not commit" in err  # seen by the refresher, before the commit
+    assert bucket.snapshots() == [] and bucket.snapshots(complete_only=False), "committed without its lock"
+    assert bucket.keys("locks/") == {}, "the lost lock was written again"
+    assert running_containers() == set(CONTAINERS)
+
+
+# -- odd bucket contents -------------------------------------------------------------------------
+
+def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(env: dict, stack: ImmichStack,
+                                                                             moto_s3: S3Server) -> None:
+    # moto keeps keys ending in "/" as objects (as AWS does) and dates every multipart upload
+    # 2010: stale for any threshold.
+    env = moto_env(env, moto_s3)
+    env["IMMICH_STREAM_STOP"] = "none"
+    bucket = bucket_of(env)
+    make_library(stack.library, photos=2)
+    assert run_cli("backup", env=env).code == 0
+    assert run_cli("backup", env=env).code == 0
+    first, second = bucket.snapshots()
+    s3, name = bucket.s3, bucket.name
+    run = sid(dt.datetime.now(dt.UTC) - dt.timedelta(days=3), 9)
+    odd = ["immich-backup/", "immich-backup/snapshots/", "immich-backup/data/", "immich-backup/locks/",
+           "immich-backup/snapshots/README.txt", "immich-backup/snapshots/not-an-id/snapshot.json",
+           "immich-backup/data/stray.bin", "immich-backup/data/not-a-run/library/x.jpg",
+           f"immich-backup2/data/{run}/library/other.jpg", "other-app/file.bin"]
+    for key in odd:
+        s3.put_object(Bucket=name, Key=key, Body=b"" if key.endswith("/") else b"not immich-stream's")
+    others = {s3.create_multipart_upload(Bucket=name, Key=key)["UploadId"]
+              for key in (f"immich-backup2/data/{run}/library/big.mp4", "other-app/big.bin",
+                          "immich-backup/stray-upload.bin")}
+
+    r = run_cli("snapshots", env=env)
+    assert r.code == 0, r.err
+    assert first in r.out and second in r.out and "2 snapshots" in r.out
+    r = run_cli("prune", "--keep-last", "1", "--stale-after", "1s", env=env)
+    assert r.code == 0, r.err
+    assert bucket.snapshots() == [second, "not-an-id"]  # the stray "snapshot" is not ours: left alone
+    listed = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name)
+              for o in page.get("Contents", [])}
+    assert set(odd) <= listed, f"prune deleted what is not its own: {set(odd) - listed}"
+    uploads = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=name).get("Uploads", [])}
+    assert others <= uploads, "prune aborted another prefix's (or a stray) multipart upload"
+    r = run_cli("verify", "--all", "--read-data", env=env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+
+    # A repository at the bucket's root would make every key its own: refused.
+    s3.put_object(Bucket=name, Key="config.json", Body=bucket.get("config.json"))
+    for prefix in ("", "/"):
+        r = run_cli("prune", "--keep-last", "1", "--stale-after", "1s", "--prefix", prefix, env=env)
+        assert r.code == 2 and r.err.strip() == r.last_error and "prefix" in r.last_error and "empty" in r.last_error
+    uploads = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=name).get("Uploads", [])}
+    assert others <= uploads
