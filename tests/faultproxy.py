@@ -24,6 +24,8 @@ class Rule:
     delay: float = 0.0  # seconds to wait before forwarding
     times: int | None = None  # how many requests it applies to (None: all)
     corrupt: bool = False  # flip one byte of the request body on its way
+    code: str = "InternalError"  # the S3 error Code answered with `status`
+    headers: dict[str, str] | None = None  # extra headers of that answer (e.g. a server's Date)
     hits: int = 0
 
 
@@ -55,8 +57,8 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None,
-            corrupt: bool = False) -> Rule:
-        rule = Rule(match, status, delay, times, corrupt)
+            corrupt: bool = False, code: str = "InternalError", headers: dict[str, str] | None = None) -> Rule:
+        rule = Rule(match, status, delay, times, corrupt, code, headers)
         self.rules.append(rule)
         return rule
 
@@ -89,9 +91,10 @@ class FaultProxy:
                     await asyncio.sleep(rule.delay)
                 if rule.status is not None:
                     self.requests.append((request.method, request.path_qs, rule.status))
-                    body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                    body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{rule.code}</Code>"
                             "<Message>injected by the test proxy</Message></Error>")
-                    return web.Response(status=rule.status, body=body.encode(), content_type="application/xml")
+                    return web.Response(status=rule.status, body=body.encode(), content_type="application/xml",
+                                        headers=rule.headers)
                 corrupt = rule.corrupt
                 break
         if corrupt:
