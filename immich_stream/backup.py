@@ -656,7 +656,7 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
                 await guard.restore()
             await manifest.finish()
 
-    max_downtime = getattr(settings, "max_downtime", None)
+    max_downtime = settings.max_downtime
 
     def downtime_limit() -> StallError | None:
         if max_downtime and guard.down and guard.downtime > max_downtime:

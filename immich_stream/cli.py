@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from immich_stream import __version__, cleanup
@@ -29,7 +30,7 @@ log = logging.getLogger("immich_stream")
 
 
 # Flags that belong to some commands only (added by those commands' parsers).
-LOCAL_FLAGS = {"stop", "max_shrink", "jobs", "part_size", "max_memory", "lock_wait", "stale_after",
+LOCAL_FLAGS = {"stop", "max_shrink", "max_downtime", "jobs", "part_size", "max_memory", "lock_wait", "stale_after",
                "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within"}
 
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="back up a library that lost more than --max-shrink of its files or bytes, or lacks Immich's "
                         ".immich marker files (a deliberate mass deletion); --prune is then skipped")
     _flag(b, "max_shrink")
+    _flag(b, "max_downtime")
     _flag(b, "lock_wait")
     _transfer_options(b)
     _policy_options(b)
@@ -369,6 +371,40 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Await
 }
 
 
+def _check_writable(path: Path, what: str, named: Path | None = None) -> None:
+    """Refuse, before anything starts, a directory this process could not create or write:
+    its nearest existing ancestor must be a directory we may write (os.access also says
+    no for root on a read-only file system)."""
+    existing = path.absolute()
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise cfg.ConfigError(f"{what} {named or path}: {existing} is not a directory: choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise cfg.ConfigError(f"{what} {named or path}: {existing} is not writable ({why}): choose "
+                              "a place this user may write to, or run as a user who may")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Local paths a command will write, checked before it touches S3 or the stack."""
+    from immich_stream.stack import state_dir
+
+    if args.command == "backup" or (args.command == "restore" and args.database):
+        _check_writable(state_dir(), "state directory (IMMICH_STREAM_STATE_DIR)")
+    if args.command == "restore" and args.to:
+        _check_writable(Path(args.to), "restore --to")
+    if args.command == "restore" and args.dump_to and args.dump_to != "-":
+        dest = Path(args.dump_to)
+        if dest.is_dir():
+            raise cfg.ConfigError(f"restore --dump-to {dest} is a directory: give a file name, "
+                                  f"e.g. {dest / 'immich.sql.gz'}")
+        if not dest.absolute().parent.is_dir():
+            raise cfg.ConfigError(f"restore --dump-to {dest}: directory {dest.absolute().parent} does not exist: "
+                                  "create it first or choose another path")
+        _check_writable(dest.absolute().parent, "restore --dump-to", dest)
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {s.name: getattr(args, s.name) for s in cfg.SETTINGS if getattr(args, s.name, None) is not None}
 
@@ -496,6 +532,7 @@ def _main(argv: list[str] | None = None) -> int:
     reporter = Reporter.for_terminal(quiet=args.quiet)
     try:
         settings = cfg.load(flags=_flags(args), config_path=args.config_path)
+        _check_args(args)
         command = COMMANDS[args.command]
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             return runner.run(_run_with_signals(lambda: command(args, settings, reporter)))

@@ -8,7 +8,9 @@ remembers where each value came from, so `immich-stream config` can say so.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
+import math
 import os
 import re
 import tomllib
@@ -29,6 +31,17 @@ S3_MAX_PART_SIZE = 5 * 1024 * MIB
 
 STOP_MODES = ("all", "app", "none")
 
+# Bounds of the numeric settings: outside them a value is a typo or a unit mistake, and
+# one noticed only after the stack was stopped costs downtime.
+MAX_JOBS = 256
+MAX_RETRIES = 20
+MAX_PART_SIZE = 1024 * MIB  # parts are buffered in memory; files needing more grow it themselves
+MAX_MEMORY = 8 * 1024 * MIB
+DAY = 86400.0
+# Tests of the stall watchdog and of prune's garbage need durations of seconds.
+SHORT_DURATIONS_ENV = "IMMICH_STREAM_TEST_SHORT_DURATIONS"
+RELAXED_FLOOR = 1.0
+
 # The original backup script's variables that no longer mean anything: nothing is staged
 # on local disk, and snapshot ids are generated.
 OBSOLETE_ENV = {
@@ -37,11 +50,20 @@ OBSOLETE_ENV = {
 }
 
 
+def _text(value: Any, what: str) -> str:
+    """A value that must be text: a TOML number, boolean or list is a mistake here."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not {what} (write it as a quoted string)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{value!r} contains a control character")
+    return value
+
+
 def parse_size(text: str | int) -> int:
     """'8MiB', '64M', '1GiB', '1048576' -> bytes (binary units; K/M/G mean KiB/MiB/GiB)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"{text!r} is not a size (try 8MiB, 512KiB or a number of bytes)")
     return int(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
@@ -55,39 +77,60 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_duration(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds / length:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_bool(text: str | bool) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); a TOML boolean. Nothing else: a
+    number in the config file is more likely a count written under the wrong key."""
     if isinstance(text, bool):
         return text
-    low = str(text).strip().lower()
+    low = text.strip().lower() if isinstance(text, str) else None
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{text!r} is not true or false")
+    raise ValueError(f"{text!r} is not true or false (write true/false, yes/no, on/off or 1/0)")
 
 
-def parse_positive_int(text: str | int) -> int:
-    n = int(text)
-    if n < 1:
-        raise ValueError(f"{text!r} must be 1 or more")
-    return n
+def parse_int(text: str | int) -> int:
+    """A whole number; never a boolean (TOML's true is not 1 here) or a fraction."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if not isinstance(text, str) or not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
 
 
 def parse_duration(text: str | int | float) -> float:
     """'90s', '5m', '24h', '2d', or seconds -> seconds."""
-    if isinstance(text, (int, float)):
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise ValueError(f"{text!r} is not a duration (try 90s, 5m, 24h or 2d)")
         return float(text)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"{text!r} is not a duration (try 90s, 5m, 24h or 2d)")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
-def parse_count(text: str | int) -> int:
-    n = int(text)
-    if n < 0:
-        raise ValueError(f"{text!r} must be 0 or more")
-    return n
+def parse_within_parts(text: str) -> tuple[int, int, int, int]:
+    """'1y2m3d4h' -> (years, months, days, hours): restic's --keep-within format (m is
+    months). The same rules as prune.parse_within, which prune applies."""
+    m = re.fullmatch(r"(?:(\d+)y)?(?:(\d+)m)?(?:(\d+)d)?(?:(\d+)h)?", text.strip()) if isinstance(text, str) else None
+    if not m or not text.strip():
+        raise ValueError(f"{text!r} is not a duration: write it like 30d, 6m, 1y2m3d or 12h (m is months)")
+    y, mo, d, h = (int(g or 0) for g in m.groups())
+    return y, mo, d, h
+
+
+def parse_keep_within(text: str) -> str:
+    parse_within_parts(text)
+    return text.strip()
 
 
 def parse_percent(text: str | int | float) -> float:
@@ -101,26 +144,81 @@ def parse_percent(text: str | int | float) -> float:
 
 
 def parse_path(text: str) -> Path:
-    if not str(text).strip():
+    if not _text(text, "a path").strip():
         raise ValueError("empty path")
-    return Path(os.path.expanduser(str(text)))
+    return Path(os.path.expanduser(text))
 
 
 def parse_stop(text: str) -> str:
     if text not in STOP_MODES:
         raise ValueError(f"{text!r} is not one of {', '.join(STOP_MODES)}")
-    return text
+    return str(text)
+
+
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 
 
 def parse_endpoint(text: str) -> str:
-    url = urllib.parse.urlsplit(str(text).strip())
+    text = _text(text, "a URL").strip()
+    if "@" in text:  # never echo it: what precedes @ is a password
+        raise ValueError("the URL holds user:password@: remove it and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} contains a space")
+    url = urllib.parse.urlsplit(text)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError(f"{text!r} is not an http:// or https:// URL")
     try:
         url.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
         raise ValueError(f"{text!r} has a bad port ({exc})") from None
-    return str(text).strip().rstrip("/")
+    host = url.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?", host):
+            raise ValueError(f"{text!r} has no valid host name ({host!r})") from None
+    if url.query or url.fragment:
+        raise ValueError(f"{text!r} has a ?query or #fragment: give the server's base URL")
+    return text.rstrip("/")
+
+
+def parse_region(text: str) -> str:
+    text = _text(text, "a region").strip()
+    if not re.fullmatch(r"[a-z0-9]+(?:-[a-z0-9]+)*", text):
+        raise ValueError(f"{text!r} is not a region name: lower-case letters, digits and '-', like eu-central-1")
+    return text
+
+
+def parse_bucket(text: str) -> str:
+    text = _text(text, "a bucket name").strip()
+    # S3's rules (3-63 lower-case) plus what older AWS buckets and self-hosted servers allow
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?", text):
+        raise ValueError(f"{text!r} is not a bucket name: letters, digits, '.', '-', '_' only (no s3:// and no "
+                         "/: the path inside the bucket is the prefix)")
+    return text
+
+
+def parse_project(text: str) -> str:
+    text = _text(text, "a project name").strip()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", text):
+        raise ValueError(f"{text!r} is not a Docker Compose project name: lower-case letters, digits, '-' and '_'")
+    return text
+
+
+def parse_container(text: str) -> str:
+    text = _text(text, "a container name").strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]+", text):
+        raise ValueError(f"{text!r} is not a container name (letters, digits, '_', '.', '-'; see `docker ps`)")
+    return text
+
+
+def parse_pg_name(text: str) -> str:
+    """A Postgres role or database name: any text, but Postgres cuts names at 63 bytes."""
+    if not _text(text, "a name").strip():
+        raise ValueError("empty name")
+    if len(text.encode()) > 63:
+        raise ValueError(f"{text!r} is longer than Postgres's 63 bytes")
+    return text
 
 
 def parse_prefix(text: str) -> str:
@@ -143,6 +241,8 @@ class Spec:
     help: str
     dotenv: str | None = None  # the variable in Immich's .env that sets it
     relative_to_immich_dir: bool = False
+    low: float | None = None  # the range of a number, size or duration (inclusive)
+    high: float | None = None
 
 
 SETTINGS: tuple[Spec, ...] = (
@@ -153,20 +253,20 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("postgres_dir", ("immich", "postgres_dir"), ("POSTGRES_DIR",), "--postgres-dir", parse_path, None,
          "the Postgres data directory (Immich's DB_DATA_LOCATION)", dotenv="DB_DATA_LOCATION",
          relative_to_immich_dir=True),
-    Spec("project", ("immich", "project"), ("COMPOSE_PROJECT_NAME",), "--project", str, "immich",
+    Spec("project", ("immich", "project"), ("COMPOSE_PROJECT_NAME",), "--project", parse_project, "immich",
          "the Docker Compose project name (default: name: in IMMICH_DIR/docker-compose.yml, else immich)"),
-    Spec("db_container", ("immich", "db_container"), ("DB_CONTAINER",), "--db-container", str, "immich_postgres",
-         "the database container"),
-    Spec("db_user", ("immich", "db_user"), ("DB_USER",), "--db-user", str, "postgres",
+    Spec("db_container", ("immich", "db_container"), ("DB_CONTAINER",), "--db-container", parse_container,
+         "immich_postgres", "the database container"),
+    Spec("db_user", ("immich", "db_user"), ("DB_USER",), "--db-user", parse_pg_name, "postgres",
          "the database user for pg_dump and psql", dotenv="DB_USERNAME"),
-    Spec("db_name", ("immich", "db_name"), ("DB_NAME",), "--db-name", str, "immich",
+    Spec("db_name", ("immich", "db_name"), ("DB_NAME",), "--db-name", parse_pg_name, "immich",
          "the database name", dotenv="DB_DATABASE_NAME"),
-    Spec("bucket", ("s3", "bucket"), ("S3_BUCKET",), "--bucket", str, None, "the S3 bucket"),
+    Spec("bucket", ("s3", "bucket"), ("S3_BUCKET",), "--bucket", parse_bucket, None, "the S3 bucket"),
     Spec("prefix", ("s3", "prefix"), ("S3_PREFIX",), "--prefix", parse_prefix, "immich-backup",
          "the key prefix of the repository in the bucket"),
     Spec("endpoint_url", ("s3", "endpoint_url"), ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"), "--endpoint-url",
          parse_endpoint, None, "an S3-compatible server's URL (default: AWS)"),
-    Spec("region", ("s3", "region"), ("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"), "--region", str, None,
+    Spec("region", ("s3", "region"), ("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"), "--region", parse_region, None,
          "the S3 region"),
     Spec("path_style", ("s3", "path_style"), ("S3_PATH_STYLE",), "--path-style", parse_bool, False,
          "path-style addressing (most self-hosted S3 servers want it)"),
@@ -176,37 +276,45 @@ SETTINGS: tuple[Spec, ...] = (
          "a CA bundle for the S3 server's certificate"),
     Spec("stop", ("backup", "stop"), ("IMMICH_STREAM_STOP",), "--stop", parse_stop, "all",
          "what to stop: all (cold copy of the DB directory), app (keep the DB up), none"),
-    Spec("jobs", ("backup", "jobs"), ("IMMICH_STREAM_JOBS",), "--jobs", parse_positive_int, 8,
-         "concurrent S3 requests"),
+    Spec("jobs", ("backup", "jobs"), ("IMMICH_STREAM_JOBS",), "--jobs", parse_int, 8,
+         "concurrent S3 requests", low=1, high=MAX_JOBS),
     Spec("part_size", ("backup", "part_size"), ("IMMICH_STREAM_PART_SIZE",), "--part-size", parse_size, 8 * MIB,
          "multipart part size (grown automatically to stay under 10,000 parts)"),
     Spec("max_memory", ("backup", "max_memory"), ("IMMICH_STREAM_MAX_MEMORY",), "--max-memory", parse_size,
-         64 * MIB, "budget for file and part buffers in flight"),
+         64 * MIB, "budget for file and part buffers in flight", high=MAX_MEMORY),
     Spec("lock_wait", ("backup", "lock_wait"), ("IMMICH_STREAM_LOCK_WAIT",), "--lock-wait", parse_duration, 300.0,
-         "how long backup and prune wait for a run holding the repository lock (e.g. 90s, 5m)"),
+         "how long backup and prune wait for a run holding the repository lock (e.g. 90s, 5m)", low=0, high=DAY),
     Spec("stall_timeout", ("backup", "stall_timeout"), ("IMMICH_STREAM_STALL_TIMEOUT",), None, parse_duration, 600.0,
-         "fail a backup when nothing has moved for this long (a hung connection must not keep Immich down)"),
-    Spec("keep_last", ("prune", "keep_last"), ("IMMICH_STREAM_KEEP_LAST",), "--keep-last", parse_count, 0,
-         "keep the newest N snapshots"),
-    Spec("keep_hourly", ("prune", "keep_hourly"), ("IMMICH_STREAM_KEEP_HOURLY",), "--keep-hourly", parse_count, 0,
-         "keep the newest snapshot of each of the last N hours that have one"),
-    Spec("keep_daily", ("prune", "keep_daily"), ("IMMICH_STREAM_KEEP_DAILY",), "--keep-daily", parse_count, 0,
-         "... of each of the last N days (UTC)"),
-    Spec("keep_weekly", ("prune", "keep_weekly"), ("IMMICH_STREAM_KEEP_WEEKLY",), "--keep-weekly", parse_count, 0,
-         "... of each of the last N ISO weeks"),
-    Spec("keep_monthly", ("prune", "keep_monthly"), ("IMMICH_STREAM_KEEP_MONTHLY",), "--keep-monthly", parse_count,
-         0, "... of each of the last N months"),
-    Spec("keep_yearly", ("prune", "keep_yearly"), ("IMMICH_STREAM_KEEP_YEARLY",), "--keep-yearly", parse_count, 0,
-         "... of each of the last N years"),
-    Spec("keep_within", ("prune", "keep_within"), ("IMMICH_STREAM_KEEP_WITHIN",), "--keep-within", str, None,
+         "fail a backup when nothing has moved for this long (a hung connection must not keep Immich down)",
+         low=30, high=DAY),
+    Spec("keep_last", ("prune", "keep_last"), ("IMMICH_STREAM_KEEP_LAST",), "--keep-last", parse_int, 0,
+         "keep the newest N snapshots", low=0),
+    Spec("keep_hourly", ("prune", "keep_hourly"), ("IMMICH_STREAM_KEEP_HOURLY",), "--keep-hourly", parse_int, 0,
+         "keep the newest snapshot of each of the last N hours that have one", low=0),
+    Spec("keep_daily", ("prune", "keep_daily"), ("IMMICH_STREAM_KEEP_DAILY",), "--keep-daily", parse_int, 0,
+         "... of each of the last N days (UTC)", low=0),
+    Spec("keep_weekly", ("prune", "keep_weekly"), ("IMMICH_STREAM_KEEP_WEEKLY",), "--keep-weekly", parse_int, 0,
+         "... of each of the last N ISO weeks", low=0),
+    Spec("keep_monthly", ("prune", "keep_monthly"), ("IMMICH_STREAM_KEEP_MONTHLY",), "--keep-monthly", parse_int,
+         0, "... of each of the last N months", low=0),
+    Spec("keep_yearly", ("prune", "keep_yearly"), ("IMMICH_STREAM_KEEP_YEARLY",), "--keep-yearly", parse_int, 0,
+         "... of each of the last N years", low=0),
+    Spec("keep_within", ("prune", "keep_within"), ("IMMICH_STREAM_KEEP_WITHIN",), "--keep-within",
+         parse_keep_within, None,
          "keep every snapshot within this long before the newest (restic's 1y2m3d4h: m is months)"),
     Spec("stale_after", ("prune", "stale_after"), ("IMMICH_STREAM_STALE_AFTER",), "--stale-after", parse_duration,
-         86400.0, "prune removes incomplete snapshots and unfinished uploads older than this"),
-    Spec("retries", ("s3", "retries"), ("IMMICH_STREAM_RETRIES",), None, parse_positive_int, 6,
-         "attempts per S3 request on transient errors"),
+         86400.0, "prune removes incomplete snapshots and unfinished uploads older than this", low=3600,
+         high=365 * DAY),
+    Spec("retries", ("s3", "retries"), ("IMMICH_STREAM_RETRIES",), None, parse_int, 6,
+         "attempts per S3 request on transient errors", low=1, high=MAX_RETRIES),
+    Spec("read_timeout", ("s3", "read_timeout"), ("IMMICH_STREAM_READ_TIMEOUT",), None, parse_duration, 120.0,
+         "how long one S3 request may wait for the server's answer before it is retried", low=5, high=3600),
     Spec("max_shrink", ("backup", "max_shrink"), ("IMMICH_STREAM_MAX_SHRINK",), "--max-shrink", parse_percent, 0.5,
          "refuse a backup whose library lost more than this share of its files or bytes since the last snapshot "
          "(an unmounted disk must not become the newest snapshot); --allow-shrink overrides once"),
+    Spec("max_downtime", ("backup", "max_downtime"), ("IMMICH_STREAM_MAX_DOWNTIME",), "--max-downtime",
+         parse_duration, None, "start the stack again and fail the run when Immich has been down this long "
+         "(default: no limit)", low=10, high=7 * DAY),
 )
 SPECS = {s.name: s for s in SETTINGS}
 
@@ -243,6 +351,8 @@ class Settings:
     stale_after: float = 86400.0
     retries: int = 6
     max_shrink: float = 0.5
+    read_timeout: float = 120.0
+    max_downtime: float | None = None
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     config_file: Path | None = None
@@ -365,7 +475,8 @@ def load(
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(
-                f"config file {config_file}: {section} must be a [section] (immich, s3, backup, prune): move it under one"
+                f"config file {config_file}: {section} must be a [section] (immich, s3, backup, prune): "
+                "move it under one"
             )
         for key, value in table.items():
             spec = known.get((section, key))
@@ -407,10 +518,11 @@ def load(
             if name:
                 raw["project"] = (name, f"{immich_dir}/docker-compose.yml name:", None)
 
+    short = environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0")
     settings = Settings(config_file=config_file, extra=extra)
     for spec in SETTINGS:
         if spec.name in raw:
-            value = _parse(spec.name, *raw[spec.name])
+            value = _parse(spec.name, *raw[spec.name], short_durations=short)
             setattr(settings, spec.name, value)
             settings.sources[spec.name] = raw[spec.name][1]
         else:
@@ -419,29 +531,59 @@ def load(
     return settings
 
 
-def _parse(name: str, value: Any, source: str, base: Path | None) -> Any:
+def _shown(spec: Spec, value: float) -> str:
+    if spec.parse is parse_size:
+        return format_size(value)
+    if spec.parse is parse_duration:
+        return format_duration(value)
+    return str(value)
+
+
+def _parse(name: str, value: Any, source: str, base: Path | None, short_durations: bool = False) -> Any:
     spec = SPECS[name]
     try:
         parsed = spec.parse(value)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{name} from {source} is invalid: {exc}") from None
+    low, high = spec.low, spec.high
+    if short_durations and spec.parse is parse_duration and low is not None:
+        low = min(low, RELAXED_FLOOR)
+    if (low is not None and parsed < low) or (high is not None and parsed > high):
+        if high is None:
+            allowed = f"{_shown(spec, low)} or more"  # type: ignore[arg-type]
+        elif low is None:
+            allowed = f"at most {_shown(spec, high)}"
+        else:
+            allowed = f"{_shown(spec, low)} to {_shown(spec, high)}"
+        raise ConfigError(f"{name} {_shown(spec, parsed)} (from {source}) is out of range: choose {allowed}")
     if isinstance(parsed, Path) and not parsed.is_absolute():
         parsed = (base or Path.cwd()) / parsed
     return parsed
 
 
 def min_part_size(environ: Mapping[str, str] | None = None) -> int:
+    """S3's 5 MiB part minimum, or the lower one IMMICH_STREAM_MIN_PART_SIZE sets for servers
+    that accept smaller parts."""
     environ = os.environ if environ is None else environ
     value = environ.get("IMMICH_STREAM_MIN_PART_SIZE")
-    return parse_size(value) if value else S3_MIN_PART_SIZE
+    if not value:
+        return S3_MIN_PART_SIZE
+    try:
+        floor = parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"IMMICH_STREAM_MIN_PART_SIZE is invalid: {exc}") from None
+    if not 1 <= floor <= S3_MIN_PART_SIZE:
+        raise ConfigError(f"IMMICH_STREAM_MIN_PART_SIZE {value!r} is out of range: it lowers S3's 5 MiB minimum, "
+                          "so give 1 byte to 5MiB, or unset it")
+    return floor
 
 
 def _validate(s: Settings, environ: Mapping[str, str]) -> None:
     floor = min_part_size(environ)
-    if not floor <= s.part_size <= S3_MAX_PART_SIZE:
+    if not floor <= s.part_size <= MAX_PART_SIZE:
         raise ConfigError(
-            f"part_size {format_size(s.part_size)} (from {s.sources['part_size']}) is outside what S3 accepts "
-            f"({format_size(floor)} to 5 GiB): choose a size in that range"
+            f"part_size {format_size(s.part_size)} (from {s.sources['part_size']}) is out of range: choose "
+            f"{format_size(floor)} (S3's smallest part) to {format_size(MAX_PART_SIZE)} (parts are held in memory)"
         )
     if s.max_memory < 2 * s.part_size:
         raise ConfigError(
@@ -452,6 +594,7 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")
     if s.immich_dir is not None:
         s.require_dir("immich_dir")
+
 
 def describe(s: Settings) -> list[tuple[str, str, str]]:
     """(setting, value, source) rows for `immich-stream config`; nothing secret is in Settings."""

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +40,19 @@ class Container:
     running: bool
 
 
-def state_dir() -> Path:
-    explicit = os.environ.get("IMMICH_STREAM_STATE_DIR")
+def state_dir(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
+    """Where the host lock and the stack's recovery file live. As root, one system-wide
+    place: a cron run and an interactive `sudo` run (whose HOME may differ) must share the
+    lock and find each other's recovery file. Other users: XDG_STATE_HOME."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("IMMICH_STREAM_STATE_DIR")
     if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return Path(os.path.expanduser(explicit))
+    if (os.geteuid() if euid is None else euid) == 0:
+        return Path("/var/lib/immich-stream")
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative one is to be ignored
+        base = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
     return Path(base) / "immich-stream"
 
 

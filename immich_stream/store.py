@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import io
 import logging
@@ -35,7 +36,8 @@ MAX_PARTS = 10_000
 MIB = 1024 * 1024
 
 _TRANSIENT_CODES = {
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+    # Not RequestTimeTooSkewed: this machine's clock is off, and no retry sets it right.
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
     "Throttling", "ThrottlingException", "RequestLimitExceeded", "OperationAborted", "503", "500", "502", "504",
     # The body arrived other than it was sent (the server checked Content-MD5): the bytes
     # in memory are fine, so sending them again is the cure.
@@ -189,7 +191,7 @@ class Store:
             retries={"max_attempts": 1, "mode": "standard"},  # retries are ours, in _call
             max_pool_connections=s.jobs + 4,
             connect_timeout=10,
-            read_timeout=getattr(s, "read_timeout", 120.0),
+            read_timeout=s.read_timeout,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -251,6 +253,22 @@ class Store:
         where = self.settings.endpoint_url or "AWS S3"
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "?")
+            # S3 refuses requests signed more than 15 minutes off its clock. A HEAD's 403 has
+            # no body to say so, but the answer's Date header shows how far off we are.
+            skew = None
+            try:
+                server = email.utils.parsedate_to_datetime(
+                    exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date", ""))
+                skew = time.time() - server.timestamp()
+            except (TypeError, ValueError):
+                pass
+            if code == "RequestTimeTooSkewed" or (code in ("403", "AccessDenied", "SignatureDoesNotMatch")
+                                                  and skew is not None and abs(skew) > 15 * 60):
+                off = f" by {abs(skew) / 60:.0f} minutes" if skew is not None and abs(skew) > 60 else ""
+                return StoreError(
+                    f"{what}: S3 refused the request because this machine's clock is off{off} ({code}): check it "
+                    "with `date -u`, and enable NTP (`timedatectl set-ntp true`)"
+                )
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist on {where}: create it or fix S3_BUCKET")
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"):

@@ -206,6 +206,7 @@ def base_env(tmp: Path) -> dict[str, str]:
         "HOME": str(home),
         "XDG_CONFIG_HOME": str(home / ".config"),
         "IMMICH_STREAM_STATE_DIR": str(tmp / "state"),
+        "IMMICH_STREAM_TEST_SHORT_DURATIONS": "1",  # stall and stale tests wait seconds, not minutes
         "PYTHONUNBUFFERED": "1",
     })
     return env

@@ -25,6 +25,8 @@ class Rule:
     times: int | None = None  # how many requests it applies to (None: all)
     corrupt: bool = False  # flip one byte of the request body on its way
     after: bool = False  # forward the request, then answer `status` instead (a lost answer)
+    code: str = "InternalError"  # the S3 error Code answered with `status`
+    headers: dict[str, str] | None = None  # extra headers of that answer (e.g. a server's Date)
     hits: int = 0
 
 
@@ -56,8 +58,9 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None,
-            corrupt: bool = False, after: bool = False) -> Rule:
-        rule = Rule(match, status, delay, times, corrupt, after)
+            corrupt: bool = False, after: bool = False, code: str = "InternalError",
+            headers: dict[str, str] | None = None) -> Rule:
+        rule = Rule(match, status, delay, times, corrupt, after, code, headers)
         self.rules.append(rule)
         return rule
 
@@ -94,9 +97,10 @@ class FaultProxy:
                     break
                 if rule.status is not None:
                     self.requests.append((request.method, request.path_qs, rule.status))
-                    body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                    body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{rule.code}</Code>"
                             "<Message>injected by the test proxy</Message></Error>")
-                    return web.Response(status=rule.status, body=body.encode(), content_type="application/xml")
+                    return web.Response(status=rule.status, body=body.encode(), content_type="application/xml",
+                                        headers=rule.headers)
                 corrupt = rule.corrupt
                 break
         if corrupt:

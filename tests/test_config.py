@@ -86,9 +86,9 @@ def test_original_script_obsolete_variables_are_accepted(tmp_path: Path, caplog:
     [
         ({"S3_ENDPOINT_URL": "ftp://example"}, "endpoint_url from env S3_ENDPOINT_URL is invalid"),
         ({"S3_ENDPOINT_URL": "http://host:notaport"}, "bad port"),
-        ({"IMMICH_STREAM_JOBS": "0"}, "jobs from env IMMICH_STREAM_JOBS is invalid"),
+        ({"IMMICH_STREAM_JOBS": "0"}, "jobs 0 (from env IMMICH_STREAM_JOBS) is out of range: choose 1 to 256"),
         ({"IMMICH_STREAM_PART_SIZE": "8 parsecs"}, "is not a size"),
-        ({"IMMICH_STREAM_PART_SIZE": "1MiB"}, "outside what S3 accepts"),
+        ({"IMMICH_STREAM_PART_SIZE": "1MiB"}, "part_size 1.0 MiB (from env IMMICH_STREAM_PART_SIZE) is out of range"),
         ({"S3_PATH_STYLE": "maybe"}, "is not true or false"),
         ({"IMMICH_STREAM_STOP": "some"}, "is not one of all, app, none"),
         ({"IMMICH_DIR": "/does/not/exist"}, "immich_dir /does/not/exist (from env IMMICH_DIR) does not exist"),
