@@ -601,14 +601,14 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
     rows = []
     for spec in SETTINGS:
         value = getattr(s, spec.name)
-        if spec.name in ("part_size", "max_memory"):
+        if value is None:
+            shown = "(not set)"
+        elif spec.name in ("part_size", "max_memory"):
             shown = format_size(value)
         elif spec.parse is parse_duration:
             shown = f"{value:g} s"
         elif spec.parse is parse_percent:
             shown = f"{value * 100:g}%"
-        elif value is None:
-            shown = "(not set)"
         else:
             shown = str(value)
         rows.append((spec.name, shown, s.sources.get(spec.name, "default")))

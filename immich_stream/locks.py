@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from immich_stream import cleanup
 from immich_stream.errors import LockError, StoreError
 from immich_stream.repo import Repo
 
@@ -308,14 +309,10 @@ class RepoLock:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
 
-        async def release() -> None:
-            try:
-                await self.repo.store.delete([self.key])
-            except StoreError as err:
-                log.warning("could not remove the lock %s (%s): it goes stale by itself", self.key, err)
-
         try:
-            await asyncio.shield(release())
+            # Bounded: S3 may be what failed; a lock left behind goes stale by itself (at
+            # once for runs on this host, whose run file shows the process gone).
+            await cleanup.best_effort(f"remove the lock {self.key}", self.repo.store.delete([self.key]))
         finally:
             if self._run_fd is not None:
                 _release_run(self.token, self._run_fd)

@@ -55,6 +55,9 @@ WRONG: dict[str, tuple[str, str]] = {
     "keep_within": ("2weeks", "30"),
     "stale_after": ("0s", '"1m"'),
     "retries": ("50", "0"),
+    "read_timeout": ("1s", '"2d"'),
+    "max_shrink": ("0%", "true"),
+    "max_downtime": ("1s", "-1"),
 }
 
 

@@ -1,0 +1,222 @@
+"""Immich is never left down (issue 9): a frozen S3 server, signals during cleanup, a
+database started during its cold copy, a crash-looping app, --max-downtime, a failing
+prune after a committed snapshot. Against the real stack and real S3 servers."""
+
+from __future__ import annotations
+
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (CONTAINERS, KEY, SECRET, ImmichStack, S3Server, _tool, bucket_of, docker, free_port,
+                            moto_env, running_containers, wait_port)
+from tests.faultproxy import is_put
+from tests.helpers import Bucket, make_library, run_cli, start_cli, wait_for
+from tests.test_prune import put_lock
+
+MIB = 1024 * 1024
+
+
+class OwnS3:
+    """An rclone serve s3 of this test's own, to freeze (SIGSTOP) without harming others."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [_tool("rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
+             "--auth-key", f"{KEY},{SECRET}", "--log-level", "ERROR"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.thaw()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def own_s3(tmp_path: Path) -> Iterator[OwnS3]:
+    server = OwnS3(tmp_path / "own-s3")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_frozen_s3_brings_the_stack_back_within_the_stall_bound(env: dict, stack: ImmichStack,
+                                                                 own_s3: OwnS3) -> None:
+    """A server that takes requests and never answers. The stall timeout (30 s) is longer
+    than a request's read timeout (5 s), and there are retries enough for minutes: timeouts
+    and retries must not count as progress."""
+    make_library(stack.library, photos=30, large=[20 * MIB])
+    env.update({"S3_ENDPOINT_URL": own_s3.endpoint, "S3_BUCKET": "frozen", "IMMICH_STREAM_STALL_TIMEOUT": "30s",
+                "IMMICH_STREAM_READ_TIMEOUT": "5s", "IMMICH_STREAM_RETRIES": "20", "IMMICH_STREAM_PART_SIZE": "5MiB"})
+    Bucket(own_s3.endpoint, "frozen", KEY, SECRET).s3.create_bucket(Bucket="frozen")
+    proc = start_cli("backup", env=env)
+    try:
+        wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
+                 what="the stack to stop")
+        assert proc.poll() is None, proc.communicate()
+        own_s3.freeze()
+        frozen = time.monotonic()
+        wait_for(lambda: running_containers() == set(CONTAINERS), 30 + 30 + 10, 0.2, "the stack to run again")
+        back = time.monotonic() - frozen
+        out, err = proc.communicate(timeout=60 + 10)
+        exited = time.monotonic() - frozen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        own_s3.thaw()
+    assert back < 30 + 30, f"Immich was down {back:.0f} s after S3 froze"
+    assert exited < back + 60, f"the process lived {exited - back:.0f} s after the restart"
+    assert proc.returncode == 1, err
+    last = [ln for ln in err.splitlines() if ln.startswith("immich-stream: error:")][-1]
+    assert "no progress for" in last and f"S3 at {own_s3.endpoint} did not answer" in last
+    bucket = Bucket(own_s3.endpoint, "frozen", KEY, SECRET)
+    assert bucket.snapshots() == []
+    # thawed, the next run works (no lock or state left that would stop it)
+    r = run_cli("backup", "--stop", "none", env=env)
+    assert r.code == 0, r.err
+    assert len(bucket.snapshots()) == 1
+
+
+def _slow_backup(env: dict, moto_s3: S3Server, proxy_factory, *args: str, delay: float = 0.3):
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = moto_env(env, moto_s3, proxy.endpoint)
+    proxy.add(is_put, delay=delay)
+    proc = start_cli("backup", *args, env=env)
+    wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
+             what="the stack to stop")
+    assert proc.poll() is None, proc.communicate()
+    wait_for(lambda: len(proxy.requests) > 5, 30, what="uploads to begin")
+    return proc, env, proxy
+
+
+def test_second_signal_skips_s3_cleanup_but_never_the_restart(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                              proxy_factory) -> None:
+    make_library(stack.library, photos=30, large=[30 * MIB])
+    env["IMMICH_STREAM_PART_SIZE"] = "5MiB"
+    proc, env, proxy = _slow_backup(env, moto_s3, proxy_factory, delay=1.0)
+    # aborting the unfinished uploads would take a long while: the user insists
+    proxy.add(lambda m, p, q: m == "DELETE" and "uploadId" in q, delay=60)
+    wait_for(lambda: any("uploadId" in path for _, path, _ in proxy.requests), 30, what="a multipart upload")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 15, "the second signal did not hurry the exit"
+    assert proc.returncode == 143, err
+    assert "SIGTERM received again: exiting as soon as the Immich stack is started again" in err
+    assert running_containers() == set(CONTAINERS)
+    assert bucket_of(env).snapshots() == []
+
+
+def test_database_started_during_its_cold_copy_fails_the_run(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                             proxy_factory) -> None:
+    make_library(stack.library, photos=3)
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = moto_env(env, moto_s3, proxy.endpoint)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/postgres/" in p, delay=0.05)  # a slow cold copy
+    proc = start_cli("backup", env=env)
+    wait_for(lambda: any("/postgres/" in path for _, path, _ in proxy.requests) or proc.poll() is not None, 60,
+             0.05, "the cold copy to begin")
+    docker("start", "immich_postgres")  # a restart policy, or an admin, during the copy
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "immich_postgres was started while its data directory was being copied" in err
+    assert running_containers() == set(CONTAINERS)
+    assert bucket_of(env).snapshots() == []
+
+
+def test_app_container_that_will_not_stay_up_is_reported_not_fatal(env: dict, stack: ImmichStack,
+                                                                   bucket: Bucket) -> None:
+    make_library(stack.library, photos=5)
+    before = stack.started_at()["immich_machine_learning"]
+    stop = threading.Event()
+
+    def crash_loop() -> None:  # once the backup starts it again, it dies at once, every time
+        restarted = False
+        while not stop.is_set():
+            started = docker("inspect", "-f", "{{.State.StartedAt}}", "immich_machine_learning", check=False)
+            if started != before:
+                restarted = True
+            if restarted:
+                docker("kill", "immich_machine_learning", check=False)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=crash_loop, daemon=True)
+    killer.start()
+    try:
+        r = run_cli("backup", env=env)
+    finally:
+        stop.set()
+        killer.join(5)
+    assert r.code == 5, r.err
+    assert "committed, but immich_machine_learning did not stay running after the restart" in r.last_error
+    [sid] = bucket.snapshots()
+    assert bucket.snapshot(sid)["unstable_containers"] == ["immich_machine_learning"]
+    assert {"immich_server", "immich_postgres", "immich_redis"} <= running_containers()
+
+
+def test_max_downtime_starts_the_stack_and_fails_cleanly(env: dict, stack: ImmichStack, moto_s3: S3Server,
+                                                         proxy_factory) -> None:
+    make_library(stack.library, photos=40)
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = moto_env(env, moto_s3, proxy.endpoint)
+    proxy.add(is_put, delay=0.3)
+    started = time.monotonic()
+    proc = start_cli("backup", "--max-downtime", "3s", env=env)
+    wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
+             what="the stack to stop")
+    down_at = time.monotonic()
+    wait_for(lambda: running_containers() == set(CONTAINERS), 30, 0.1, "the stack to run again")
+    assert time.monotonic() - down_at < 3 + 5
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "past --max-downtime 3 s: the stack was started again and nothing was committed" in err
+    assert bucket_of(env).snapshots() == []
+    assert time.monotonic() - started < 60
+
+
+def test_prune_failing_after_a_committed_snapshot_exits_6(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
+    make_library(stack.library, photos=3)
+    put_lock(bucket, "other-host", 0, command="backup")  # a live backup elsewhere: prune must wait for it
+    r = run_cli("backup", "--stop", "none", "--prune", "--keep-last", "1", "--lock-wait", "1s", env=env)
+    assert r.code == 6, r.err
+    [sid] = bucket.snapshots()
+    assert f"snapshot {sid} committed, but prune failed: the repository is locked by backup" in r.last_error
+    # a policy that cannot work is refused before anything is touched
+    before = stack.started_at()
+    r = run_cli("backup", "--prune", "--keep-within", "2weeks", env=env)
+    assert r.code == 2 and "keep_within" in r.last_error
+    assert stack.started_at() == before
+
+
+def test_sighup_is_a_clean_stop(env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory) -> None:
+    """An SSH session dropping during a manual run."""
+    make_library(stack.library, photos=40)
+    proc, env, _ = _slow_backup(env, moto_s3, proxy_factory)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 129, err
+    assert "interrupted by SIGHUP" in err
+    assert running_containers() == set(CONTAINERS)
+    assert bucket_of(env).snapshots() == []
+
+
+
