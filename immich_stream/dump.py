@@ -7,13 +7,15 @@ multipart upload of unknown length. Memory: one part buffer plus one compression
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
+import aiohttp
 
 from immich_stream.errors import DumpError, StackError
 
@@ -29,6 +31,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 COMPRESS_CHUNK = 1 << 20  # raw bytes gathered before one compression call (in a thread)
+EXIT_WAIT = 30.0  # seconds a failed restore waits for psql to exit (its rollback) before going on
 
 
 async def _exec(docker: aiodocker.Docker, container: str, cmd: list[str], stdin: bool = False) -> Any:
@@ -182,7 +185,11 @@ class SearchPathFix:
 
 
 def psql_restore_command(user: str, dbname: str) -> list[str]:
-    return ["psql", f"--dbname={dbname}", f"--username={user}", "--single-transaction",
+    # No --single-transaction: psql would COMMIT at end of input, and dockerd closes psql's
+    # stdin (a clean end of input) whenever our side of the exec stream closes, whatever
+    # the reason. The caller sends BEGIN first and COMMIT only after a verified stream;
+    # psql never commits on its own, and the server rolls back a transaction left open.
+    return ["psql", f"--dbname={dbname}", f"--username={user}",
             "--set", "ON_ERROR_STOP=on", "--quiet", "--no-psqlrc"]
 
 
@@ -204,36 +211,60 @@ async def ensure_database(docker: aiodocker.Docker, container: str, user: str, d
 
 
 async def pipe_into(
-    docker: aiodocker.Docker, container: str, cmd: list[str], chunks: AsyncIterator[bytes], what: str
+    docker: aiodocker.Docker, container: str, cmd: list[str], chunks: AsyncGenerator[bytes, None], what: str
 ) -> bytes:
     """Feed chunks to a command's stdin while reading its output; raise DumpError if it fails.
 
     Output is read concurrently (psql blocks when its output pipe is full) and only its
-    last 8 KiB kept. stdin is half-closed at the end so the output can still be read."""
+    last 8 KiB kept. stdin is half-closed at the end so the output can still be read.
+
+    The command sees end of input however this ends (dockerd closes its stdin when the
+    stream closes), so a prefix of `chunks` must be harmless on its own: the database
+    restore sends COMMIT last. On failure or cancellation we wait (bounded) for the command
+    to exit, so that nothing is started against the database while it rolls back."""
     exe = await _exec(docker, container, cmd, stdin=True)
     out = bytearray()
-    async with exe.start(detach=False) as stream:
+    fed = False  # every chunk was handed to the command
+    started = False
+    try:
+        async with exe.start(detach=False) as stream, contextlib.aclosing(chunks):
+            started = True
 
-        async def read() -> None:
-            while (msg := await stream.read_out()) is not None:
-                out.extend(msg.data)
-                del out[:-8192]
+            async def read() -> None:
+                while (msg := await stream.read_out()) is not None:
+                    out.extend(msg.data)
+                    del out[:-8192]
 
-        async def write() -> None:
-            async for chunk in chunks:
-                await stream.write_in(chunk)
-            transport = stream._resp.connection.transport if stream._resp and stream._resp.connection else None
-            if transport is not None and transport.can_write_eof():
-                transport.write_eof()  # EOF for the command, the answer still readable
-            else:  # pragma: no cover - every Docker transport here supports half-close
-                await stream.close()
+            async def write() -> None:
+                nonlocal fed
+                async for chunk in chunks:
+                    try:
+                        await stream.write_in(chunk)
+                    except (ConnectionError, aiohttp.ClientConnectionError):
+                        return  # the command is gone; its exit code and output say why
+                resp = stream._resp
+                transport = resp.connection.transport if resp is not None and resp.connection else None
+                if transport is None or transport.is_closing():
+                    return  # the command is gone before the end
+                fed = True
+                if transport.can_write_eof():
+                    transport.write_eof()  # EOF for the command, the answer still readable
+                else:  # pragma: no cover - every Docker transport here supports half-close
+                    await stream.close()
 
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(read())
-            tg.create_task(write())
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(read())
+                tg.create_task(write())
+    except BaseException:
+        if started:
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                await asyncio.wait_for(asyncio.shield(_exit_code(exe)), EXIT_WAIT)
+        raise
     code = await _exit_code(exe)
-    if code != 0:
+    if code != 0 or not fed:
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if "ERROR" in ln or "FATAL" in ln] or lines[-3:] or [f"exit code {code}"]
+        if not fed and code == 0:
+            errors = ["it stopped reading its input before the end"]
         raise DumpError(f"{what} failed in {container}: {' | '.join(errors[:3])}")
     return bytes(out)

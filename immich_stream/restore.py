@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
 import logging
 import os
+import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,47 +134,74 @@ class FileRestorer:
             return os.path.join(self.target, rel)
         return os.path.join(self.target, line.root.encode(), rel)
 
-    def _set_meta(self, path: bytes, line: ManifestLine, follow: bool = True) -> None:
+    def _meta_fd(self, fd: int, line: ManifestLine) -> None:
+        # Through the open descriptor: never through a symlink put in the file's place.
         if self.as_root:
             with contextlib.suppress(OSError):
-                os.chown(path, line.uid, line.gid, follow_symlinks=follow)
-        if follow:
-            os.chmod(path, line.mode)
-        os.utime(path, ns=(line.mtime_ns, line.mtime_ns), follow_symlinks=follow)
+                os.fchown(fd, line.uid, line.gid)
+        os.fchmod(fd, line.mode)  # after chown, which clears setuid bits
+        os.utime(fd, ns=(line.mtime_ns, line.mtime_ns))
 
-    async def in_place(self, path: bytes, line: ManifestLine) -> bool:
-        """True when path already holds exactly this file (size, then sha256)."""
+    def set_meta(self, path: bytes, line: ManifestLine) -> None:
+        """Owner, mode and mtime of a directory in place; a symlink there is refused, not followed."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            st = await aiofiles.os.stat(path, follow_symlinks=False)
+            self._meta_fd(fd, line)
+        finally:
+            os.close(fd)
+
+    def in_place(self, path: bytes, line: ManifestLine) -> bool:
+        """True when path already holds exactly this file (a regular file of that size and
+        sha256); its owner, mode and mtime are then set. Blocking: run it in a thread."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
-        if not os.path.isfile(path) or os.path.islink(path) or st.st_size != line.size:
-            return False
-
-        def digest() -> str:
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink: replaced by the file, never read through
+                return False
+            raise
+        with open(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != line.size:
+                return False
             h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    h.update(chunk)
-            return h.hexdigest()
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+            if h.hexdigest() != line.sha256:
+                return False
+            self._meta_fd(fd, line)
+            return True
 
-        return await asyncio.to_thread(digest) == line.sha256
+    @staticmethod
+    def create_partial(path: bytes) -> tuple[int, bytes]:
+        """A temporary file beside path, created exclusively and never through a symlink.
+        Its name carries a digest of the whole name (two long names sharing a prefix do not
+        collide) and is the same on every run, so a resumed restore reuses what a killed one
+        left. Whatever holds that name (a leftover, or a manifest entry named like it) is
+        unlinked first: never opened, never followed."""
+        directory, name = os.path.split(path)
+        tag = hashlib.sha256(name).hexdigest()[:16].encode()
+        partial = os.path.join(directory, b"." + name[:150] + b"." + tag + PARTIAL.encode())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(partial, flags, 0o600), partial
 
     async def file(self, line: ManifestLine) -> None:
         path = self.dest(line)
         await asyncio.to_thread(self.makedirs, os.path.dirname(path))
-        if await self.in_place(path, line):
-            await asyncio.to_thread(self._set_meta, path, line)
+        if await asyncio.to_thread(self.in_place, path, line):
             self.stats.skipped += 1
             self.phase.update(line.size, files=1)
             return
         if line.key is None or line.sha256 is None:
             raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
-        partial = os.path.join(os.path.dirname(path), b"." + os.path.basename(path)[:200] + PARTIAL.encode())
+        fd, partial = await asyncio.to_thread(self.create_partial, path)
         h = hashlib.sha256()
         size = 0
         try:
-            async with aiofiles.open(partial, "wb") as out:
+            async with aiofiles.open(fd, "wb") as out:
                 async for chunk in self.store.iter_object(self.repo.object_key(line.key), CHUNK):
                     async with self.budget.hold(len(chunk)):
                         h.update(chunk)
@@ -181,12 +210,12 @@ class FileRestorer:
                     self.stats.bytes_downloaded += len(chunk)
                     self.phase.update(len(chunk))
                 await out.flush()
-            if size != line.size or h.hexdigest() != line.sha256:
-                raise RepoError(f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
-                                f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
-                                "run `verify --read-data`")
-            await asyncio.to_thread(self._set_meta, partial, line)
-            await aiofiles.os.replace(partial, path)
+                if size != line.size or h.hexdigest() != line.sha256:
+                    raise RepoError(f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                                    f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                                    "run `verify --read-data`")
+                await asyncio.to_thread(self._meta_fd, out.fileno(), line)
+            await aiofiles.os.replace(partial, path)  # a symlink at path is replaced, not followed
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(partial)
@@ -204,7 +233,10 @@ class FileRestorer:
                 if os.path.islink(path) or os.path.isfile(path):
                     os.unlink(path)
             os.symlink(raw_target, path)
-            self._set_meta(path, line, follow=False)
+            if self.as_root:
+                with contextlib.suppress(OSError):
+                    os.chown(path, line.uid, line.gid, follow_symlinks=False)
+            os.utime(path, ns=(line.mtime_ns, line.mtime_ns), follow_symlinks=False)
 
         await asyncio.to_thread(make)
         self.stats.symlinks += 1
@@ -250,6 +282,13 @@ async def restore_files(
             for _ in range(settings.jobs):
                 await queue.put(None)
 
+        def problem(line: ManifestLine, exc: Exception) -> None:
+            stats.failed += 1
+            msg = f"{line.root}/{line.path}: {exc}"
+            log.warning("%s", msg)
+            if len(stats.problems) < 200:
+                stats.problems.append(msg)
+
         async def work() -> None:
             while (line := await queue.get()) is not None:
                 try:
@@ -257,11 +296,7 @@ async def restore_files(
                 except UnsafePath:
                     raise
                 except (RepoError, OSError) as exc:
-                    stats.failed += 1
-                    msg = f"{line.root}/{line.path}: {exc}"
-                    log.warning("%s", msg)
-                    if len(stats.problems) < 200:
-                        stats.problems.append(msg)
+                    problem(line, exc)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -271,32 +306,54 @@ async def restore_files(
         finally:
             phase.close()
         for line in reversed(dirs):  # deepest first: setting a parent's mtime is the last touch
-            await asyncio.to_thread(restorer._set_meta, restorer.dest(line), line)
+            try:
+                await asyncio.to_thread(restorer.set_meta, restorer.dest(line), line)
+            except OSError as exc:  # e.g. a symlink in the directory's place (refused, not followed)
+                problem(line, exc)
         for root, meta in snap.data.get("root_meta", {}).items():
             if root in wanted and root in ROOTS:
                 where = target if restorer.single_root else target / root
-                if where.is_dir():
+                if where.is_dir() and not where.is_symlink():
                     line = ManifestLine(root, "", "dir", 0, meta["mtime_ns"], meta["mode"], meta["uid"], meta["gid"], 0)
-                    await asyncio.to_thread(restorer._set_meta, os.fsencode(where), line)
+                    await asyncio.to_thread(restorer.set_meta, os.fsencode(where), line)
         if stats.failed == 0:
             (target / MARKER).unlink(missing_ok=True)
     stats.seconds = time.monotonic() - started
     return snap, stats
 
 
-async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncIterator[bytes]:
-    """The snapshot's dump, decompressed, with the search_path correction applied."""
+async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
+    """The snapshot's dump as one transaction for psql: BEGIN, the SQL with the search_path
+    correction applied, and COMMIT only once the whole stream arrived, the gzip ended
+    properly and the SQL matched snapshot.json's size and sha256. Whatever stops it earlier
+    (S3, a damaged object, a signal, psql) leaves the transaction without COMMIT, and the
+    server rolls it back when psql exits."""
     key = repo.snapshot_key(snap.id, "database.sql.gz")
+    db = snap.data.get("database", {})
+    expected_sha, expected_size = db.get("sha256"), db.get("size")
+    if not expected_sha:
+        raise RepoError(f"snapshot {snap.id} records no sha256 of its database dump: snapshot.json is damaged; "
+                        "use --dump-to to inspect the dump")
     fix = SearchPathFix()
-    async for data in gunzip_stream(store.iter_object(key)):
+    h = hashlib.sha256()
+    size = 0
+    yield b"BEGIN;\n"
+    async for data in gunzip_stream(store.iter_object(key)):  # raises when the gzip is corrupt or ends early
+        h.update(data)
+        size += len(data)
         out = fix.feed(data)
         if out:
             yield out
     tail = fix.flush()
     if tail:
         yield tail
+    if h.hexdigest() != expected_sha or (expected_size is not None and size != expected_size):
+        raise RepoError(f"{key} does not match snapshot.json ({size} bytes of SQL, sha256 {h.hexdigest()[:12]}..., "
+                        f"expected {expected_size} and {expected_sha[:12]}...): the database was not changed; "
+                        "run `verify --read-data`")
     if fix.replaced == 0:
         log.warning("the dump had no search_path line to correct; restoring it as it is")
+    yield b"\nCOMMIT;\n"  # a newline first: the dump's last line may lack one
 
 
 async def restore_database(settings: Settings, reporter: Reporter, which: str) -> tuple[Snapshot, dict[str, Any]]:
@@ -317,12 +374,13 @@ async def restore_database(settings: Settings, reporter: Reporter, which: str) -
         phase = reporter.phase("restore database", snap.data.get("database", {}).get("size"))
         sent = 0
 
-        async def counted() -> AsyncIterator[bytes]:
+        async def counted() -> AsyncGenerator[bytes, None]:
             nonlocal sent
-            async for chunk in dump_chunks(store, repo, snap):
-                sent += len(chunk)
-                phase.update(len(chunk))
-                yield chunk
+            async with contextlib.aclosing(dump_chunks(store, repo, snap)) as chunks:
+                async for chunk in chunks:
+                    sent += len(chunk)
+                    phase.update(len(chunk))
+                    yield chunk
 
         try:
             async with StackGuard(stack) as guard:

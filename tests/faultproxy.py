@@ -27,7 +27,10 @@ class Rule:
     after: bool = False  # forward the request, then answer `status` instead (a lost answer)
     code: str = "InternalError"  # the S3 error Code answered with `status`
     headers: dict[str, str] | None = None  # extra headers of that answer (e.g. a server's Date)
+    rate: float = 0.0  # stream the response body at this many bytes per second (0: at once)
+    cut_after: int | None = None  # send this many bytes of the response body, then drop the connection
     hits: int = 0
+    sent: int = 0  # response body bytes sent for the requests this rule matched (rate/cut_after rules)
 
 
 def is_part_upload(method: str, path: str, query: dict[str, str]) -> bool:
@@ -40,6 +43,11 @@ def is_put(method: str, path: str, query: dict[str, str]) -> bool:
 
 def any_request(method: str, path: str, query: dict[str, str]) -> bool:
     return True
+
+
+def get_of(suffix: str) -> Match:
+    """GETs of the object whose key ends with suffix."""
+    return lambda method, path, query: method == "GET" and path.endswith(suffix)
 
 
 class FaultProxy:
@@ -59,8 +67,8 @@ class FaultProxy:
 
     def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None,
             corrupt: bool = False, after: bool = False, code: str = "InternalError",
-            headers: dict[str, str] | None = None) -> Rule:
-        rule = Rule(match, status, delay, times, corrupt, after, code, headers)
+            headers: dict[str, str] | None = None, rate: float = 0.0, cut_after: int | None = None) -> Rule:
+        rule = Rule(match, status, delay, times, corrupt, after, code, headers, rate, cut_after)
         self.rules.append(rule)
         return rule
 
@@ -84,6 +92,7 @@ class FaultProxy:
         query = dict(request.query)
         corrupt = False
         lost_answer: int | None = None
+        streamed: Rule | None = None  # a rule that shapes the response body
         body = await request.read()
         for rule in self.rules:
             if rule.corrupt and not body:
@@ -102,6 +111,8 @@ class FaultProxy:
                     return web.Response(status=rule.status, body=body.encode(), content_type="application/xml",
                                         headers=rule.headers)
                 corrupt = rule.corrupt
+                if rule.rate or rule.cut_after is not None:
+                    streamed = rule
                 break
         if corrupt:
             flipped = bytearray(body)
@@ -110,6 +121,8 @@ class FaultProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                          data=body, allow_redirects=False) as up:
+            if streamed is not None and request.method != "HEAD":
+                return await self._stream(request, up, streamed)
             data = await up.read()
             self.requests.append((request.method, request.path_qs, up.status))
             if lost_answer is not None:  # the server did it; the client never hears so
@@ -123,6 +136,30 @@ class FaultProxy:
             if request.method == "HEAD":
                 return web.Response(status=up.status, headers=out_headers)
             return web.Response(status=up.status, body=data, headers=out_headers)
+
+    async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, rule: Rule) -> web.StreamResponse:
+        """Pass the body on slowly (rate) or only its first bytes (cut_after), announcing its full length."""
+        self.requests.append((request.method, request.path_qs, up.status))
+        headers = {k: v for k, v in up.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        await resp.prepare(request)
+        sent = 0
+        async for chunk in up.content.iter_chunked(16 << 10):
+            if rule.cut_after is not None and sent + len(chunk) >= rule.cut_after:
+                chunk = chunk[:rule.cut_after - sent]
+                await resp.write(chunk)
+                rule.sent += len(chunk)
+                await asyncio.sleep(0.05)  # let the bytes leave before the connection drops
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            await resp.write(chunk)
+            sent += len(chunk)
+            rule.sent += len(chunk)
+            if rule.rate:
+                await asyncio.sleep(len(chunk) / rule.rate)
+        await resp.write_eof()
+        return resp
 
     def stop(self) -> None:
         async def shutdown() -> None:

@@ -210,9 +210,13 @@ def test_restore_database_psql_error_restarts_stack(env: dict, stack: ImmichStac
     assert run_cli("backup", "--stop", "none", env=env).code == 0
     [sid] = bucket.snapshots()
     key = f"snapshots/{sid}/database.sql.gz"
-    bucket.put(key, gzip.compress(b"CREATE TABLE broken (;\n"))
+    broken = b"CREATE TABLE broken (;\n"
+    bucket.put(key, gzip.compress(broken))
+    meta = bucket.snapshot(sid)  # a dump that matches its snapshot.json, and still fails in psql
+    meta["database"].update(sha256=hashlib.sha256(broken).hexdigest(), size=len(broken))
+    bucket.put(f"snapshots/{sid}/snapshot.json", json.dumps(meta).encode())
     r = run_cli("restore", "--database", env=env)
     assert r.code == 1
     assert "psql failed in immich_postgres" in r.last_error and "syntax error" in r.last_error
     assert running_containers() == set(CONTAINERS)
-    assert stack.psql("SELECT count(*) FROM assets") == "90000"  # single transaction: nothing changed
+    assert stack.psql("SELECT count(*) FROM assets") == "90000"  # one transaction: nothing changed
