@@ -30,9 +30,10 @@ from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.dump import SearchPathFix, ensure_database, pipe_into, psql_restore_command
 from immich_stream.errors import ConfigError, RepoError, StackError
+from immich_stream.locks import local_lock
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
-from immich_stream.stack import Stack, StackGuard, connect
+from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
 from immich_stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -360,12 +361,23 @@ async def restore_database(settings: Settings, reporter: Reporter, which: str) -
     """Stop the app containers, pipe the dump into psql in the database container, start them."""
     started = time.monotonic()
     settings.require("bucket")
+    # The host lock of backups: a restore and a backup never stop and start one stack at once.
+    with local_lock(f"backup-{settings.project}", state_dir()):
+        return await _restore_database_locked(settings, reporter, which, started)
+
+
+async def _restore_database_locked(settings: Settings, reporter: Reporter, which: str,
+                                   started: float) -> tuple[Snapshot, dict[str, Any]]:
     async with connect() as docker, Store(settings) as store:
         repo = Repo(store, settings.prefix)
         await repo.check_config()
         snap = await repo.resolve(which)
         stack = Stack(docker, settings.project, settings.db_container)
         await stack.ping()
+        # A backup killed with the stack down left a note of what it stopped: act on it
+        # (start them) before this run's own stop and start would overwrite it.
+        if await recover(stack):
+            log.info("the Immich stack left stopped by an earlier run is running again")
         containers = await stack.containers()
         db = [c for c in containers if c.name == settings.db_container]
         if not db or not db[0].running:

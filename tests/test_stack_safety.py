@@ -5,7 +5,9 @@ prune after a committed snapshot. Against the real stack and real S3 servers."""
 from __future__ import annotations
 
 
+import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -220,3 +222,21 @@ def test_sighup_is_a_clean_stop(env: dict, stack: ImmichStack, moto_s3: S3Server
 
 
 
+
+
+def test_restore_database_first_starts_what_a_killed_backup_left_stopped(env: dict, stack: ImmichStack,
+                                                                         bucket: Bucket) -> None:
+    make_library(stack.library, photos=3)
+    assert run_cli("backup", "--stop", "none", env=env).code == 0
+    # what a backup killed with SIGKILL leaves: the server stopped, and a note saying so
+    docker("stop", "immich_server")
+    state = Path(env["IMMICH_STREAM_STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    note = state / "stack-immich.json"
+    note.write_text(json.dumps({"containers": ["immich_server"], "pid": 999999, "host": socket.gethostname(),
+                                "since": "2026-01-01T00:00:00+00:00"}))
+    r = run_cli("restore", "latest", "--database", env=env)
+    assert r.code == 0, r.err
+    assert "was killed with the stack stopped: starting immich_server" in r.err
+    assert not note.exists()
+    assert running_containers() == set(CONTAINERS)
