@@ -169,16 +169,17 @@ class Stack:
         if failures:
             raise StackError(f"cannot start {', '.join(failures)}: start them with `docker start` and check `docker logs`")
 
-    async def check_running(self, names: list[str], timeout: float = 10.0) -> list[str]:
+    async def check_running(self, names: list[str], timeout: float = 10.0, settle: float = 1.0) -> list[str]:
         """Start again, for `timeout` seconds, any named container that is not running;
-        return those that still are not (a crash-looping app is reported, not waited for)."""
+        return those that still are not (a crash-looping app is reported, not waited for).
+        Each look comes `settle` seconds after a start: one that dies at once shows it by then."""
         deadline = time.monotonic() + timeout
         while True:
+            await asyncio.sleep(settle)
             state = {c.name: c.running for c in await self.containers()}
             down = [n for n in names if not state.get(n)]
             if not down or time.monotonic() > deadline:
                 return down
-            await asyncio.sleep(0.5)
             with contextlib.suppress(StackError):
                 await self.start(down)
 

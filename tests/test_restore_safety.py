@@ -37,6 +37,7 @@ def test_failed_database_restore_changes_nothing(env: dict, stack: ImmichStack, 
                "INSERT INTO restore_marker VALUES ('in the snapshot')")
     try:
         near = stack.psql(NEAR_ZERO)
+        make_library(stack.library, photos=1)
         assert run_cli("backup", "--stop", "none", env=env).code == 0
         [sid] = bucket.snapshots()
         key, meta_key = f"snapshots/{sid}/database.sql.gz", f"snapshots/{sid}/snapshot.json"

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -112,10 +114,10 @@ def test_second_signal_skips_s3_cleanup_but_never_the_restart(env: dict, stack: 
                                                               proxy_factory) -> None:
     make_library(stack.library, photos=30, large=[30 * MIB])
     env["IMMICH_STREAM_PART_SIZE"] = "5MiB"
-    proc, env, proxy = _slow_backup(env, moto_s3, proxy_factory, delay=1.0)
+    proc, env, proxy = _slow_backup(env, moto_s3, proxy_factory, "--stop", "app", delay=1.0)
     # aborting the unfinished uploads would take a long while: the user insists
     proxy.add(lambda m, p, q: m == "DELETE" and "uploadId" in q, delay=60)
-    wait_for(lambda: any("uploadId" in path for _, path, _ in proxy.requests), 30, what="a multipart upload")
+    wait_for(lambda: any("?uploads" in path for _, path, _ in proxy.requests), 60, what="a multipart upload")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -148,27 +150,28 @@ def test_database_started_during_its_cold_copy_fails_the_run(env: dict, stack: I
 def test_app_container_that_will_not_stay_up_is_reported_not_fatal(env: dict, stack: ImmichStack,
                                                                    bucket: Bucket) -> None:
     make_library(stack.library, photos=5)
-    before = stack.started_at()["immich_machine_learning"]
     stop = threading.Event()
 
-    def crash_loop() -> None:  # once the backup starts it again, it dies at once, every time
-        restarted = False
-        while not stop.is_set():
-            started = docker("inspect", "-f", "{{.State.StartedAt}}", "immich_machine_learning", check=False)
-            if started != before:
-                restarted = True
-            if restarted:
-                docker("kill", "immich_machine_learning", check=False)
-            time.sleep(0.1)
+    events = subprocess.Popen(["docker", "events", "--filter", "container=immich_machine_learning", "--filter",
+                               "event=start", "--format", "{{.Time}}"], stdout=subprocess.PIPE, text=True)
 
+    def crash_loop() -> None:  # each time the backup starts it again, it dies at once
+        assert events.stdout is not None
+        for _ in events.stdout:
+            if stop.is_set():
+                return
+            kills.append(docker("kill", "immich_machine_learning", check=False))
+
+    kills: list[str] = []
     killer = threading.Thread(target=crash_loop, daemon=True)
     killer.start()
     try:
         r = run_cli("backup", env=env)
     finally:
         stop.set()
+        events.terminate()
         killer.join(5)
-    assert r.code == 5, r.err
+    assert r.code == 5, (kills, r.err[-3000:])
     assert "committed, but immich_machine_learning did not stay running after the restart" in r.last_error
     [sid] = bucket.snapshots()
     assert bucket.snapshot(sid)["unstable_containers"] == ["immich_machine_learning"]
@@ -240,3 +243,45 @@ def test_restore_database_first_starts_what_a_killed_backup_left_stopped(env: di
     assert "was killed with the stack stopped: starting immich_server" in r.err
     assert not note.exists()
     assert running_containers() == set(CONTAINERS)
+
+
+def test_a_fifo_swapped_in_for_a_file_is_refused_not_waited_for(tmp_path: Path) -> None:
+    from immich_stream.backup import _open_regular
+
+    fifo = tmp_path / "was-a-photo.jpg"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="no longer a regular file"):
+        _open_regular(os.fsencode(fifo))
+    assert time.monotonic() - started < 1
+
+
+def test_a_read_that_hangs_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """A thread stuck in a read (a dead NFS server; here a FIFO nobody writes to, opened
+    blocking) must not keep a failed run alive: Python would join it at exit forever."""
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    script = f"""
+import asyncio, sys
+from immich_stream import cli
+
+async def run() -> int:
+    try:
+        await asyncio.wait_for(asyncio.to_thread(open, {str(fifo)!r}, "rb"), 0.5)
+    except TimeoutError:
+        return 1
+    return 0
+
+def main() -> int:
+    with asyncio.Runner(loop_factory=cli._new_loop) as runner:
+        return runner.run(run())
+
+code = main()
+cli._exit_past_hung_threads(code)
+sys.exit(code)
+"""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "exiting with 1 file operations still hanging" in proc.stderr
+    assert time.monotonic() - started < 15
