@@ -25,8 +25,15 @@ from immich_stream import __version__
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings, format_size
 from immich_stream.dump import DumpResult, dump_database
-from immich_stream.errors import (EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSTABLE, ImmichStreamError, StackError, StallError,
-                                  SuspiciousLibrary)
+from immich_stream.errors import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_UNSTABLE,
+    ImmichStreamError,
+    StackError,
+    StallError,
+    SuspiciousLibrary,
+)
 from immich_stream.locks import RepoLock, local_lock
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ManifestLine, ManifestWriter, ObjectIndex, Repo, new_snapshot_id
@@ -201,25 +208,35 @@ async def check_library(library: Path, parent: ParentInfo | None, max_shrink: fl
     if missing:
         had = [d for d in missing if parent is None or d in parent.markers]
         if had:
-            suspicious.append(f"library_dir {library} lacks Immich's marker files ({', '.join(f'{d}/{MARKER}' for d in had)}"
-                              "): is the disk mounted, and is this Immich's UPLOAD_LOCATION?")
+            suspicious.append(
+                f"library_dir {library} lacks Immich's marker files ({', '.join(f'{d}/{MARKER}' for d in had)}"
+                "): is the disk mounted, and is this Immich's UPLOAD_LOCATION?"
+            )
         else:
-            log.warning("library_dir %s has no %s marker in %s (nor had the last snapshot: an old Immich?)",
-                        library, MARKER, ", ".join(missing))
+            log.warning(
+                "library_dir %s has no %s marker in %s (nor had the last snapshot: an old Immich?)",
+                library,
+                MARKER,
+                ", ".join(missing),
+            )
     if parent is not None and parent.files.get("library"):
         files, size = await count_files(library)
         old_files, old_bytes = parent.files["library"], parent.bytes.get("library", 0)
         if files < old_files * (1 - max_shrink) or size < old_bytes * (1 - max_shrink):
-            suspicious.append(f"the library holds {files} files ({fs(size)}) where snapshot {parent.snap_id} had "
-                              f"{old_files} ({fs(old_bytes)}): it lost more than {max_shrink * 100:g}%")
+            suspicious.append(
+                f"the library holds {files} files ({fs(size)}) where snapshot {parent.snap_id} had "
+                f"{old_files} ({fs(old_bytes)}): it lost more than {max_shrink * 100:g}%"
+            )
     if not suspicious:
         return False
     if allow:
         for text in suspicious:
             log.warning("%s; backing up anyway (--allow-shrink)", text)
         return True
-    raise SuspiciousLibrary(f"{'; '.join(suspicious)}; nothing was stopped or committed: check the mount, or for a "
-                            "deliberate deletion run again with --allow-shrink")
+    raise SuspiciousLibrary(
+        f"{'; '.join(suspicious)}; nothing was stopped or committed: check the mount, or for a "
+        "deliberate deletion run again with --allow-shrink"
+    )
 
 
 def check_shrink_at_end(stats: Stats, parent: ParentInfo | None, max_shrink: float, allow: bool) -> None:
@@ -232,7 +249,8 @@ def check_shrink_at_end(stats: Stats, parent: ParentInfo | None, max_shrink: flo
         raise SuspiciousLibrary(
             f"the library walked {now['files']} files ({format_size(now['bytes'])}) where snapshot {parent.snap_id} "
             f"had {old_files} ({format_size(old_bytes)}): it lost more than {max_shrink * 100:g}% during the run; "
-            "nothing was committed: check the mount, or run again with --allow-shrink")
+            "nothing was committed: check the mount, or run again with --allow-shrink"
+        )
 
 
 @dataclass(frozen=True)
@@ -257,8 +275,9 @@ def same_file(line: ManifestLine, old: ManifestLine) -> bool:
     return line.ctime_ns == old.ctime_ns and line.dev == old.dev
 
 
-def classify(line: ManifestLine, old: ManifestLine | None, moved: ManifestLine | None,
-             exists: Callable[[str, int], bool]) -> Decision:
+def classify(
+    line: ManifestLine, old: ManifestLine | None, moved: ManifestLine | None, exists: Callable[[str, int], bool]
+) -> Decision:
     """The rules of an incremental run, in one place. `old` is the previous snapshot's line
     for this path, `moved` a vanished line with this file's device and inode, `exists` says
     whether an object with this key and size is in the bucket."""
@@ -270,8 +289,14 @@ def classify(line: ManifestLine, old: ManifestLine | None, moved: ManifestLine |
         if old.size == line.size:
             return Decision("check", "touched", old)  # a chown, a touch, or the same size rewritten
         return Decision("upload", "changed")
-    if (moved is not None and moved.key and moved.sha256 and moved.size == line.size
-            and moved.mtime_ns == line.mtime_ns and exists(moved.key, moved.size)):
+    if (
+        moved is not None
+        and moved.key
+        and moved.sha256
+        and moved.size == line.size
+        and moved.mtime_ns == line.mtime_ns
+        and exists(moved.key, moved.size)
+    ):
         return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
     return Decision("upload", "changed" if old is not None else "new")
 
@@ -286,8 +311,9 @@ class FileUploader:
         self.part_size = settings.part_size
         self.stats = stats
 
-    async def upload(self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase,
-                     source: ManifestLine | None = None) -> bool:
+    async def upload(
+        self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None = None
+    ) -> bool:
         """Upload under `key`; fills line.key/sha256/size. With a `source` line, the file is
         read and hashed first and source's object reused when the bytes are the same (no
         upload). True when reused. Raises OSError for a file that cannot be read."""
@@ -314,8 +340,9 @@ class FileUploader:
         line.key, line.sha256, line.size = source.key, sha, size
         return True
 
-    async def _single(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase,
-                      source: ManifestLine | None) -> bool:
+    async def _single(
+        self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None
+    ) -> bool:
         async with self.budget.hold(entry.size):
             data, sha, md5 = await asyncio.to_thread(_read_exactly, fd, entry.size, None)
             self.stats.bytes_read += len(data)
@@ -448,8 +475,12 @@ async def backup_root(
                     if decision.kind == "reuploaded":
                         assert old is not None
                         if stats.reuploaded < 20:
-                            log.warning("%s/%s: its object %s is missing from the bucket: uploading it again",
-                                        root, line.path, old.key)
+                            log.warning(
+                                "%s/%s: its object %s is missing from the bucket: uploading it again",
+                                root,
+                                line.path,
+                                old.key,
+                            )
                     fut = loop.create_future()
                     await work_q.put((e, line, fut, decision))
             elif e.type == "dir":
@@ -493,8 +524,9 @@ async def backup_root(
             tg.create_task(work())
 
 
-async def with_watchdog(store: Store, stall: float, work: Awaitable[None],
-                        limit: Callable[[], ImmichStreamError | None] | None = None) -> None:
+async def with_watchdog(
+    store: Store, stall: float, work: Awaitable[None], limit: Callable[[], ImmichStreamError | None] | None = None
+) -> None:
     """Run work; fail it when nothing has moved for `stall` seconds (no byte acknowledged by
     S3, no dump output, no file walked: errors, timeouts and retries do not count), or when
     `limit` returns an error (--max-downtime). A hung connection must not keep Immich down:
@@ -525,8 +557,10 @@ def _what_hung(store: Store, idle: float) -> str:
         hung = f"S3 at {store.settings.endpoint_url or 'AWS'} did not answer ({what}, waiting {waited:.0f} s)"
     else:
         hung = "no S3 request, file or dump output moved (a hung disk, network filesystem or Docker?)"
-    return (f"no progress for {idle:.0f} s: {hung}; the stack was started again and nothing was committed; "
-            "check it and run again (IMMICH_STREAM_STALL_TIMEOUT sets the limit)")
+    return (
+        f"no progress for {idle:.0f} s: {hung}; the stack was started again and nothing was committed; "
+        "check it and run again (IMMICH_STREAM_STALL_TIMEOUT sets the limit)"
+    )
 
 
 def _root_meta(path: Path) -> dict[str, int]:
@@ -565,13 +599,24 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
             repo = Repo(store, settings.prefix)
             await preflight_store(store, repo, snap_id)
             async with RepoLock(repo, "backup", exclusive=False, wait=settings.lock_wait, run=snap_id) as lock:
-                return await _backup_locked(settings, reporter, docker, stack, store, repo, roots, snap_id, started,
-                                            lock, allow_shrink)
+                return await _backup_locked(
+                    settings, reporter, docker, stack, store, repo, roots, snap_id, started, lock, allow_shrink
+                )
 
 
-async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, stack: Stack, store: Store, repo: Repo,
-                         roots: dict[str, Path], snap_id: str, started: float, lock: RepoLock,
-                         allow_shrink: bool) -> BackupResult:
+async def _backup_locked(
+    settings: Settings,
+    reporter: Reporter,
+    docker: Any,
+    stack: Stack,
+    store: Store,
+    repo: Repo,
+    roots: dict[str, Path],
+    snap_id: str,
+    started: float,
+    lock: RepoLock,
+    allow_shrink: bool,
+) -> BackupResult:
     mode = settings.stop
     stats = Stats()
     budget = ByteBudget(settings.max_memory)
@@ -585,9 +630,15 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     # Reused objects are checked against one listing: a lifecycle rule or a manual cleanup
     # must not leave every later snapshot pointing at nothing.
     objects = await ObjectIndex.load(repo)
-    log.info("backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s)", snap_id,
-             ", ".join(f"{r} {p}" for r, p in roots.items()), store.bucket, settings.prefix, mode,
-             prev.id if prev else "none")
+    log.info(
+        "backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s)",
+        snap_id,
+        ", ".join(f"{r} {p}" for r, p in roots.items()),
+        store.bucket,
+        settings.prefix,
+        mode,
+        prev.id if prev else "none",
+    )
 
     uploader = FileUploader(store, repo, budget, settings, stats)
     cursor = PrevCursor(repo.read_manifest(prev.id) if prev else None)
@@ -599,8 +650,20 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     async def files(root: str) -> None:
         phase = reporter.phase(f"{root} files")
         try:
-            await backup_root(root, roots[root], snap_id, uploader, repo, cursor, parent, objects, manifest, stats,
-                              phase, settings.jobs)
+            await backup_root(
+                root,
+                roots[root],
+                snap_id,
+                uploader,
+                repo,
+                cursor,
+                parent,
+                objects,
+                manifest,
+                stats,
+                phase,
+                settings.jobs,
+            )
         finally:
             phase_seconds[phase.name] = round(phase.seconds, 3)
             phase.close()
@@ -610,12 +673,14 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         phase = reporter.phase("database dump")
         try:
             async with StreamWriter(store, dump_key, budget, settings.part_size) as out:
+
                 def received(n: int) -> None:
                     store.touch()  # dump bytes received are progress, as are bytes acknowledged
                     phase.update(n)
 
                 dump_result = await dump_database(
-                    docker, settings.db_container, settings.db_user, settings.db_name, out.write, received)
+                    docker, settings.db_container, settings.db_user, settings.db_name, out.write, received
+                )
                 await out.finish()
             dump_result.parts = out.parts
         finally:
@@ -637,9 +702,11 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
                     # A copy of a data directory the database wrote into is no backup: see
                     # that nothing (dockerd's restart policy, a user) started it meanwhile.
                     if await stack.run_state(db) != before:
-                        raise StackError(f"{db} was started while its data directory was being copied (a restart "
-                                         "policy, or someone ran it): the cold copy is not cold, nothing was "
-                                         "committed; run again, or use --stop app")
+                        raise StackError(
+                            f"{db} was started while its data directory was being copied (a restart "
+                            "policy, or someone ran it): the cold copy is not cold, nothing was "
+                            "committed; run again, or use --stop app"
+                        )
                     await guard.start([db])
                     await stack.wait_db_ready(settings.db_user)
                     async with asyncio.TaskGroup() as tg:
@@ -660,8 +727,10 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
 
     def downtime_limit() -> StallError | None:
         if max_downtime and guard.down and guard.downtime > max_downtime:
-            return StallError(f"Immich was down for {guard.downtime:.0f} s, past --max-downtime "
-                              f"{max_downtime:g} s: the stack was started again and nothing was committed")
+            return StallError(
+                f"Immich was down for {guard.downtime:.0f} s, past --max-downtime "
+                f"{max_downtime:g} s: the stack was started again and nothing was committed"
+            )
         return None
 
     await with_watchdog(store, settings.stall_timeout, work(), downtime_limit)
@@ -689,10 +758,14 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
         "problems": stats.problems,
         "manifest": {"key": f"snapshots/{snap_id}/manifest.jsonl.gz", "lines": manifest.lines},
         "database": {
-            "key": f"snapshots/{snap_id}/database.sql.gz", "name": settings.db_name,
-            "size": dump_result.raw_bytes, "compressed_size": dump_result.gz_bytes,
-            "sha256": dump_result.raw_sha256, "compressed_sha256": dump_result.gz_sha256,
-            "parts": dump_result.parts, "seconds": round(dump_result.seconds, 3),
+            "key": f"snapshots/{snap_id}/database.sql.gz",
+            "name": settings.db_name,
+            "size": dump_result.raw_bytes,
+            "compressed_size": dump_result.gz_bytes,
+            "sha256": dump_result.raw_sha256,
+            "compressed_sha256": dump_result.gz_sha256,
+            "parts": dump_result.parts,
+            "seconds": round(dump_result.seconds, 3),
         },
         "seconds": round(seconds, 3),
         "phase_seconds": phase_seconds,
@@ -705,5 +778,4 @@ async def _backup_locked(settings: Settings, reporter: Reporter, docker: Any, st
     code = EXIT_OK if complete else EXIT_INCOMPLETE
     if guard.unstable:
         code = EXIT_UNSTABLE
-    return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode, code, summary, shrunk,
-                        guard.unstable)
+    return BackupResult(snap_id, stats, dump_result, seconds, downtime, mode, code, summary, shrunk, guard.unstable)

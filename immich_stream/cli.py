@@ -22,29 +22,50 @@ from typing import Any
 
 from immich_stream import __version__, cleanup
 from immich_stream import config as cfg
-from immich_stream.errors import (EXIT_PRUNE_FAILED, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, ImmichStreamError,
-                                  Interrupted)
+from immich_stream.errors import (
+    EXIT_PRUNE_FAILED,
+    EXIT_SIGHUP,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ImmichStreamError,
+    Interrupted,
+)
 from immich_stream.progress import Reporter, setup_logging
 
 log = logging.getLogger("immich_stream")
 
 
 # Flags that belong to some commands only (added by those commands' parsers).
-LOCAL_FLAGS = {"stop", "max_shrink", "max_downtime", "jobs", "part_size", "max_memory", "lock_wait", "stale_after",
-               "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within"}
+LOCAL_FLAGS = {
+    "stop",
+    "max_shrink",
+    "max_downtime",
+    "jobs",
+    "part_size",
+    "max_memory",
+    "lock_wait",
+    "stale_after",
+    "keep_last",
+    "keep_hourly",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "keep_yearly",
+    "keep_within",
+}
 
 
 def _flag(p: argparse.ArgumentParser | Any, name: str) -> None:
     spec = cfg.SPECS[name]
     assert spec.flag is not None
-    p.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"),
-                   help=spec.help)
+    p.add_argument(
+        spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"), help=spec.help
+    )
 
 
 def _policy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("retention policy (restic's rules; any snapshot one rule keeps is kept)")
-    for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
-                 "keep_within"):
+    for name in ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within"):
         _flag(g, name)
 
 
@@ -52,9 +73,13 @@ def _common_parser() -> argparse.ArgumentParser:
     """Options every command takes; each maps to a setting in config.SETTINGS."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("settings (override the config file, Immich's .env and the environment)")
-    g.add_argument("--config", dest="config_path", metavar="PATH",
-                   help="TOML config file (default: $IMMICH_STREAM_CONFIG, ~/.config/immich-stream/config.toml, "
-                        "/etc/immich-stream/config.toml)")
+    g.add_argument(
+        "--config",
+        dest="config_path",
+        metavar="PATH",
+        help="TOML config file (default: $IMMICH_STREAM_CONFIG, ~/.config/immich-stream/config.toml, "
+        "/etc/immich-stream/config.toml)",
+    )
     for spec in cfg.SETTINGS:
         if spec.flag and spec.name not in LOCAL_FLAGS:
             kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help, "default": None}
@@ -80,33 +105,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="immich-stream",
         description="Back up a self-hosted Immich server straight into S3: nothing staged on local disk, "
-                    "only changes uploaded, the stack always started again.",
+        "only changes uploaded, the stack always started again.",
     )
     parser.add_argument("--version", action="version", version=f"immich-stream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     sub.add_parser("config", parents=[common], help="print the effective settings and where each came from")
 
-    b = sub.add_parser("backup", parents=[common], help="back up the library and the database into S3",
-                       description="Stop the Immich stack, stream the library, the Postgres data directory and "
-                                   "a pg_dump into S3, start the stack again (always).")
-    b.add_argument("--stop", dest="stop", choices=cfg.STOP_MODES, default=None,
-                   help="all: stop everything, cold copy of the DB directory (default); app: stop the app, dump "
-                        "the running DB; none: no downtime, dump first then files")
+    b = sub.add_parser(
+        "backup",
+        parents=[common],
+        help="back up the library and the database into S3",
+        description="Stop the Immich stack, stream the library, the Postgres data directory and "
+        "a pg_dump into S3, start the stack again (always).",
+    )
+    b.add_argument(
+        "--stop",
+        dest="stop",
+        choices=cfg.STOP_MODES,
+        default=None,
+        help="all: stop everything, cold copy of the DB directory (default); app: stop the app, dump "
+        "the running DB; none: no downtime, dump first then files",
+    )
     b.add_argument("--prune", action="store_true", help="after a successful backup, prune with the configured policy")
-    b.add_argument("--allow-shrink", action="store_true",
-                   help="back up a library that lost more than --max-shrink of its files or bytes, or lacks Immich's "
-                        ".immich marker files (a deliberate mass deletion); --prune is then skipped")
+    b.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        help="back up a library that lost more than --max-shrink of its files or bytes, or lacks Immich's "
+        ".immich marker files (a deliberate mass deletion); --prune is then skipped",
+    )
     _flag(b, "max_shrink")
     _flag(b, "max_downtime")
     _flag(b, "lock_wait")
     _transfer_options(b)
     _policy_options(b)
 
-    pr = sub.add_parser("prune", parents=[common], help="remove snapshots a retention policy drops, then garbage",
-                        description="Remove the snapshots the retention policy drops, then every data object no "
-                                    "remaining snapshot references, stale incomplete snapshots and unfinished "
-                                    "multipart uploads.")
+    pr = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="remove snapshots a retention policy drops, then garbage",
+        description="Remove the snapshots the retention policy drops, then every data object no "
+        "remaining snapshot references, stale incomplete snapshots and unfinished "
+        "multipart uploads.",
+    )
     pr.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
     _flag(pr, "lock_wait")
     _flag(pr, "stale_after")
@@ -119,17 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--json", action="store_true", help="machine-readable output")
     sn.add_argument("--all", dest="all_", action="store_true", help="also list incomplete snapshot directories")
 
-    r = sub.add_parser("restore", parents=[common], help="restore files (--to DIR) or the database (--database)",
-                       description="Restore a snapshot's files into a directory, or its database into the "
-                                   "database container (the app containers are stopped meanwhile).")
+    r = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="restore files (--to DIR) or the database (--database)",
+        description="Restore a snapshot's files into a directory, or its database into the "
+        "database container (the app containers are stopped meanwhile).",
+    )
     r.add_argument("snapshot", nargs="?", default="latest", help="a snapshot id (or a unique prefix), or latest")
     what = r.add_mutually_exclusive_group(required=True)
     what.add_argument("--to", metavar="DIR", help="restore files under DIR (DIR/library, DIR/postgres)")
     what.add_argument("--database", action="store_true", help="restore the database into DB_CONTAINER with psql")
-    what.add_argument("--dump-to", metavar="FILE", help="write the dump (database.sql.gz as stored) to FILE, - for stdout")
+    what.add_argument(
+        "--dump-to", metavar="FILE", help="write the dump (database.sql.gz as stored) to FILE, - for stdout"
+    )
     r.add_argument("--root", choices=("library", "postgres"), help="only this root, straight into DIR")
-    r.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only paths matching GLOB, relative to their root (* also matches /); repeatable")
+    r.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only paths matching GLOB, relative to their root (* also matches /); repeatable",
+    )
     r.add_argument("--overwrite", action="store_true", help="restore into a non-empty directory")
     _transfer_options(r)
 
@@ -181,8 +233,10 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.summary["phase_seconds"].items())
     lines.append(f"time      {result.seconds:.1f} s in all ({phases}), Immich down for {result.downtime:.1f} s")
     if st.reuploaded:
-        lines.append(f"warning   {st.reuploaded} unchanged files were uploaded again: their objects were missing "
-                     "from the bucket (a lifecycle rule or a manual deletion?)")
+        lines.append(
+            f"warning   {st.reuploaded} unchanged files were uploaded again: their objects were missing "
+            "from the bucket (a lifecycle rule or a manual deletion?)"
+        )
     if st.changed_while_read:
         lines.append(f"warning   {st.changed_while_read} files changed while being read")
     for problem in st.problems[:10]:
@@ -191,21 +245,28 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         lines.append(f"problem   ... and {len(st.problems) - 10} more (see the log above and snapshot.json)")
     print("\n".join(lines), flush=True)
     if result.unstable:
-        print(f"immich-stream: error: snapshot {result.snapshot_id} committed, but {', '.join(result.unstable)} did "
-              f"not stay running after the restart: check `docker logs {result.unstable[0]}`", file=sys.stderr)
+        print(
+            f"immich-stream: error: snapshot {result.snapshot_id} committed, but {', '.join(result.unstable)} did "
+            f"not stay running after the restart: check `docker logs {result.unstable[0]}`",
+            file=sys.stderr,
+        )
     if not args.prune:
         return result.exit_code
     if result.shrunk:
-        log.warning("not pruning after a backup of a library that shrank (--allow-shrink): run prune by hand "
-                    "once the library is as it should be")
+        log.warning(
+            "not pruning after a backup of a library that shrank (--allow-shrink): run prune by hand "
+            "once the library is as it should be"
+        )
     elif st.failed:
         log.warning("not pruning after an incomplete snapshot: it must not push a complete one out")
     else:
         try:
             await _run_prune(settings, reporter, dry_run=False)
         except ImmichStreamError as exc:
-            print(f"immich-stream: error: snapshot {result.snapshot_id} committed, but prune failed: {exc}",
-                  file=sys.stderr)
+            print(
+                f"immich-stream: error: snapshot {result.snapshot_id} committed, but prune failed: {exc}",
+                file=sys.stderr,
+            )
             return result.exit_code or EXIT_PRUNE_FAILED
     return result.exit_code
 
@@ -229,13 +290,21 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
                 continue
             data = (await repo.load_snapshot(sid)).data
             files = data.get("files", {})
-            rows.append({
-                "id": sid, "committed": True, "time": data.get("time"), "mode": data.get("mode"),
-                "complete": data.get("complete", True), "files": files.get("files"),
-                "bytes": files.get("bytes_total"), "bytes_new": files.get("bytes_uploaded"),
-                "dump_bytes": data.get("database", {}).get("compressed_size"), "seconds": data.get("seconds"),
-                "downtime_seconds": data.get("downtime_seconds"),
-            })
+            rows.append(
+                {
+                    "id": sid,
+                    "committed": True,
+                    "time": data.get("time"),
+                    "mode": data.get("mode"),
+                    "complete": data.get("complete", True),
+                    "files": files.get("files"),
+                    "bytes": files.get("bytes_total"),
+                    "bytes_new": files.get("bytes_uploaded"),
+                    "dump_bytes": data.get("database", {}).get("compressed_size"),
+                    "seconds": data.get("seconds"),
+                    "downtime_seconds": data.get("downtime_seconds"),
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -247,8 +316,10 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
             continue
         date = (r["time"] or "")[:19].replace("T", " ")
         flag = "" if r["complete"] else "  (some files missing)"
-        print(f"{r['id']:<25} {date:<19} {r['mode'] or '':<4} {r['files'] or 0:>8} {fs(r['bytes'] or 0):>10} "
-              f"{fs(r['bytes_new'] or 0):>10} {fs(r['dump_bytes'] or 0):>10} {r['seconds'] or 0:>6.0f}s{flag}")
+        print(
+            f"{r['id']:<25} {date:<19} {r['mode'] or '':<4} {r['files'] or 0:>8} {fs(r['bytes'] or 0):>10} "
+            f"{fs(r['bytes_new'] or 0):>10} {fs(r['dump_bytes'] or 0):>10} {r['seconds'] or 0:>6.0f}s{flag}"
+        )
     print(f"{len([r for r in rows if r['committed']])} snapshots")
     return 0
 
@@ -266,19 +337,33 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
         return 0
     if args.database:
         snap, info = await restore.restore_database(settings, reporter, args.snapshot)
-        print(f"restored database {settings.db_name} from snapshot {snap.id}: {fs(info['bytes'])} of SQL in "
-              f"{info['seconds']:.1f} s; Immich was down for {info['downtime']:.1f} s")
+        print(
+            f"restored database {settings.db_name} from snapshot {snap.id}: {fs(info['bytes'])} of SQL in "
+            f"{info['seconds']:.1f} s; Immich was down for {info['downtime']:.1f} s"
+        )
         return 0
-    snap, st = await restore.restore_files(settings, reporter, args.snapshot, Path(args.to),
-                                           [args.root] if args.root else None, args.include, args.overwrite)
-    print(f"restored snapshot {snap.id} into {args.to}: {st.files} files ({st.restored} downloaded, {st.skipped} "
-          f"already in place, {st.failed} failed), {st.dirs} directories, {st.symlinks} symlinks, "
-          f"{fs(st.bytes_downloaded)} downloaded in {st.seconds:.1f} s")
+    snap, st = await restore.restore_files(
+        settings,
+        reporter,
+        args.snapshot,
+        Path(args.to),
+        [args.root] if args.root else None,
+        args.include,
+        args.overwrite,
+    )
+    print(
+        f"restored snapshot {snap.id} into {args.to}: {st.files} files ({st.restored} downloaded, {st.skipped} "
+        f"already in place, {st.failed} failed), {st.dirs} directories, {st.symlinks} symlinks, "
+        f"{fs(st.bytes_downloaded)} downloaded in {st.seconds:.1f} s"
+    )
     for problem in st.problems[:10]:
         print(f"problem   {problem}")
     if st.failed:
-        print(f"immich-stream: error: {st.failed} files could not be restored; run the same command again to "
-              "retry them, and `verify --read-data`", file=sys.stderr)
+        print(
+            f"immich-stream: error: {st.failed} files could not be restored; run the same command again to "
+            "retry them, and `verify --read-data`",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -295,13 +380,16 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
             if not 0 < fraction <= 1:
                 raise ValueError
         except ValueError:
-            raise cfg.ConfigError(f"--read-data-subset {args.read_data_subset!r} is not a percentage: "
-                                  "give one like 10%") from None
+            raise cfg.ConfigError(
+                f"--read-data-subset {args.read_data_subset!r} is not a percentage: give one like 10%"
+            ) from None
     report = await verify(settings, reporter, args.snapshot, args.all_, fraction)
     what = "read and checked" if fraction else "checked (sizes; add --read-data to check contents)"
-    print(f"{len(report.snapshots)} snapshots, {report.objects} file references {what}, "
-          f"{cfg.format_size(report.bytes_read)} read, {report.seconds:.1f} s: "
-          + ("no problems" if not report.problems else f"{len(report.problems)} PROBLEMS"))
+    print(
+        f"{len(report.snapshots)} snapshots, {report.objects} file references {what}, "
+        f"{cfg.format_size(report.bytes_read)} read, {report.seconds:.1f} s: "
+        + ("no problems" if not report.problems else f"{len(report.problems)} PROBLEMS")
+    )
     for problem in report.problems:
         print(f"problem   {problem}")
     if report.problems:
@@ -313,8 +401,15 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
 def _policy(settings: cfg.Settings) -> Any:
     from immich_stream.prune import Policy
 
-    return Policy(settings.keep_last, settings.keep_hourly, settings.keep_daily, settings.keep_weekly,
-                  settings.keep_monthly, settings.keep_yearly, settings.keep_within)
+    return Policy(
+        settings.keep_last,
+        settings.keep_hourly,
+        settings.keep_daily,
+        settings.keep_weekly,
+        settings.keep_monthly,
+        settings.keep_yearly,
+        settings.keep_within,
+    )
 
 
 async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> int:
@@ -323,13 +418,15 @@ async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) 
     rep = await prune(settings, reporter, _policy(settings), dry_run, settings.stale_after, settings.lock_wait)
     fs = cfg.format_size
     would = "would remove" if dry_run else "removed"
-    lines = [f"prune {'(dry run, nothing changed)' if dry_run else 'done'}: policy {_policy(settings).describe()}",
-             f"snapshots  {len(rep.kept)} kept, {len(rep.removed)} {would}"
-             + (f": {', '.join(rep.removed)}" if rep.removed else ""),
-             f"data       {rep.objects_deleted} objects, {fs(rep.bytes_freed)} {'to free' if dry_run else 'freed'}",
-             f"garbage    {len(rep.incomplete_removed)} incomplete snapshots, {rep.uploads_aborted} unfinished "
-             f"uploads {would}",
-             f"time       {rep.seconds:.1f} s"]
+    lines = [
+        f"prune {'(dry run, nothing changed)' if dry_run else 'done'}: policy {_policy(settings).describe()}",
+        f"snapshots  {len(rep.kept)} kept, {len(rep.removed)} {would}"
+        + (f": {', '.join(rep.removed)}" if rep.removed else ""),
+        f"data       {rep.objects_deleted} objects, {fs(rep.bytes_freed)} {'to free' if dry_run else 'freed'}",
+        f"garbage    {len(rep.incomplete_removed)} incomplete snapshots, {rep.uploads_aborted} unfinished "
+        f"uploads {would}",
+        f"time       {rep.seconds:.1f} s",
+    ]
     print("\n".join(lines), flush=True)
     return 0
 
@@ -349,8 +446,14 @@ async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter:
         removed, forced, kept = await unlock(repo, args.force)
     for lk in removed + forced:
         # Without its lock a run cannot commit, and prune no longer spares its uploads.
-        endangers = (f": run {lk.run} can no longer commit; its uploads (data/{lk.run}/, snapshots/{lk.run}/) "
-                     "that no committed snapshot uses become collectable by the next prune") if lk.run else ""
+        endangers = (
+            (
+                f": run {lk.run} can no longer commit; its uploads (data/{lk.run}/, snapshots/{lk.run}/) "
+                "that no committed snapshot uses become collectable by the next prune"
+            )
+            if lk.run
+            else ""
+        )
         live = " (it was live)" if lk in forced else ""
         print(f"removed lock of {lk.describe()}{live}{endangers}")
     for lk in kept:
@@ -382,8 +485,10 @@ def _check_writable(path: Path, what: str, named: Path | None = None) -> None:
         raise cfg.ConfigError(f"{what} {named or path}: {existing} is not a directory: choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
-        raise cfg.ConfigError(f"{what} {named or path}: {existing} is not writable ({why}): choose "
-                              "a place this user may write to, or run as a user who may")
+        raise cfg.ConfigError(
+            f"{what} {named or path}: {existing} is not writable ({why}): choose "
+            "a place this user may write to, or run as a user who may"
+        )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -397,11 +502,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.command == "restore" and args.dump_to and args.dump_to != "-":
         dest = Path(args.dump_to)
         if dest.is_dir():
-            raise cfg.ConfigError(f"restore --dump-to {dest} is a directory: give a file name, "
-                                  f"e.g. {dest / 'immich.sql.gz'}")
+            raise cfg.ConfigError(
+                f"restore --dump-to {dest} is a directory: give a file name, e.g. {dest / 'immich.sql.gz'}"
+            )
         if not dest.absolute().parent.is_dir():
-            raise cfg.ConfigError(f"restore --dump-to {dest}: directory {dest.absolute().parent} does not exist: "
-                                  "create it first or choose another path")
+            raise cfg.ConfigError(
+                f"restore --dump-to {dest}: directory {dest.absolute().parent} does not exist: "
+                "create it first or choose another path"
+            )
         _check_writable(dest.absolute().parent, "restore --dump-to", dest)
 
 
@@ -436,8 +544,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def _exit_past_hung_threads(code: int) -> None:
     """Python joins every worker thread at exit: one stuck in a read would keep the
     process (and its host lock) alive forever. The stack is already running again."""
-    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
-             and not t.daemon]
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
     if stuck:
         log.warning("exiting with %d file operations still hanging (a dead network filesystem?)", len(stuck))
         for stream in (sys.stdout, sys.stderr):
@@ -554,8 +661,11 @@ def _main(argv: list[str] | None = None) -> int:
 
 def _internal_error(exc: BaseException, context: BaseException) -> int:
     log.debug("internal error", exc_info=context)
-    print(f"immich-stream: error: internal error {type(exc).__name__}: {exc} (run with -v for the traceback; "
-          "please report it)", file=sys.stderr)
+    print(
+        f"immich-stream: error: internal error {type(exc).__name__}: {exc} (run with -v for the traceback; "
+        "please report it)",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -68,9 +68,7 @@ async def run_in_container(docker: aiodocker.Docker, container: str, cmd: list[s
     return await _exit_code(exe), bytes(out)
 
 
-async def stream_out(
-    docker: aiodocker.Docker, container: str, cmd: list[str], what: str
-) -> AsyncIterator[bytes]:
+async def stream_out(docker: aiodocker.Docker, container: str, cmd: list[str], what: str) -> AsyncIterator[bytes]:
     """Yield a command's stdout as it comes; raise DumpError with its stderr if it fails."""
     exe = await _exec(docker, container, cmd)
     err = bytearray()
@@ -189,16 +187,24 @@ def psql_restore_command(user: str, dbname: str) -> list[str]:
     # stdin (a clean end of input) whenever our side of the exec stream closes, whatever
     # the reason. The caller sends BEGIN first and COMMIT only after a verified stream;
     # psql never commits on its own, and the server rolls back a transaction left open.
-    return ["psql", f"--dbname={dbname}", f"--username={user}",
-            "--set", "ON_ERROR_STOP=on", "--quiet", "--no-psqlrc"]
+    return ["psql", f"--dbname={dbname}", f"--username={user}", "--set", "ON_ERROR_STOP=on", "--quiet", "--no-psqlrc"]
 
 
 async def ensure_database(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> bool:
     """Create the database when it does not exist (a restore onto a fresh server). True if created."""
     code, out = await run_in_container(
-        docker, container,
-        ["psql", "--username", user, "--dbname", "postgres", "--no-psqlrc", "-Atc",
-         f"SELECT 1 FROM pg_database WHERE datname = '{dbname.replace(chr(39), chr(39) * 2)}'"],
+        docker,
+        container,
+        [
+            "psql",
+            "--username",
+            user,
+            "--dbname",
+            "postgres",
+            "--no-psqlrc",
+            "-Atc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{dbname.replace(chr(39), chr(39) * 2)}'",
+        ],
     )
     if code != 0:
         raise DumpError(f"psql failed in {container}: {out.decode(errors='replace').strip()}")

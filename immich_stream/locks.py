@@ -97,6 +97,7 @@ def run_alive(pid: int) -> bool:
 
 # -- this host's runs: runs/<token>.run in the state directory, flocked while the run lives --
 
+
 def _run_file(token: str) -> Path:
     from immich_stream.stack import state_dir  # stack imports this module
 
@@ -147,6 +148,7 @@ def _forget_run(token: str | None) -> None:
 
 # -- lock objects --------------------------------------------------------------------------------
 
+
 async def list_locks(repo: Repo) -> list[LockInfo]:
     out = []
     base = repo.object_key("locks/")
@@ -157,9 +159,19 @@ async def list_locks(repo: Repo) -> list[LockInfo]:
             continue
         try:
             d = json.loads(await repo.store.get(obj.key))
-            out.append(LockInfo(obj.key, str(d["host"]), int(d["pid"]), str(d["command"]), bool(d["exclusive"]),
-                                float(d["started"]), d.get("run") or None, d.get("token") or None,
-                                obj.last_modified if isinstance(obj.last_modified, dt.datetime) else None))
+            out.append(
+                LockInfo(
+                    obj.key,
+                    str(d["host"]),
+                    int(d["pid"]),
+                    str(d["command"]),
+                    bool(d["exclusive"]),
+                    float(d["started"]),
+                    d.get("run") or None,
+                    d.get("token") or None,
+                    obj.last_modified if isinstance(obj.last_modified, dt.datetime) else None,
+                )
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring unreadable lock object %s (remove it with `unlock --force`)", obj.key)
         except StoreError as exc:  # vanished between list and get: released meanwhile
@@ -192,8 +204,9 @@ class RepoLock:
     """`async with RepoLock(repo, "backup", exclusive=False, wait=60, run=snap_id) as lock:` ...
     and `await lock.ensure_held()` right before committing."""
 
-    def __init__(self, repo: Repo, command: str, exclusive: bool, wait: float, stale: float | None = None,
-                 run: str | None = None) -> None:
+    def __init__(
+        self, repo: Repo, command: str, exclusive: bool, wait: float, stale: float | None = None, run: str | None = None
+    ) -> None:
         self.repo = repo
         self.command = command
         self.exclusive = exclusive
@@ -201,8 +214,9 @@ class RepoLock:
         self.stale = lock_stale() if stale is None else stale
         self.run = run
         self.token = secrets.token_hex(16)
-        self.key = repo.object_key(f"locks/{int(time.time())}-{socket.gethostname()}-{os.getpid()}-"
-                                   f"{self.token[:8]}.json")
+        self.key = repo.object_key(
+            f"locks/{int(time.time())}-{socket.gethostname()}-{os.getpid()}-{self.token[:8]}.json"
+        )
         self.started = time.time()
         self._refresher: asyncio.Task[None] | None = None
         self._run_fd: int | None = None
@@ -211,22 +225,36 @@ class RepoLock:
 
     def _body(self) -> bytes:
         # "refreshed" (our clock) only for older versions, which require it; nobody compares it.
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                           "exclusive": self.exclusive, "started": self.started, "refreshed": time.time(),
-                           "run": self.run, "token": self.token}).encode()
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "command": self.command,
+                "exclusive": self.exclusive,
+                "started": self.started,
+                "refreshed": time.time(),
+                "run": self.run,
+                "token": self.token,
+            }
+        ).encode()
 
     async def _write(self) -> None:
         sent = time.monotonic()
         await self.repo.store.put(self.key, self._body(), "application/json")
         if self._last_ok is not None and sent - self._last_ok > self.stale / 2 and self._lost is None:
-            self._lost = (f"the lock went unrefreshed for {sent - self._last_ok:.0f}s: another run may have "
-                          "judged it stale meanwhile")
+            self._lost = (
+                f"the lock went unrefreshed for {sent - self._last_ok:.0f}s: another run may have "
+                "judged it stale meanwhile"
+            )
         self._last_ok = sent
 
     def _conflicts(self, locks: list[LockInfo]) -> list[LockInfo]:
         now = own_time(locks, self.key)
-        return [lk for lk in locks if lk.key != self.key and not lk.stale(now, self.stale)
-                and (self.exclusive or lk.exclusive)]
+        return [
+            lk
+            for lk in locks
+            if lk.key != self.key and not lk.stale(now, self.stale) and (self.exclusive or lk.exclusive)
+        ]
 
     async def __aenter__(self) -> RepoLock:
         self._run_fd = _claim_run(self.token)  # before the lock object exists, released after it is gone
@@ -254,8 +282,10 @@ class RepoLock:
             self._last_ok = None
             if time.monotonic() >= deadline:
                 holder = conflicts[0].describe()
-                raise LockError(f"the repository is locked by {holder}: wait for it to finish (or raise "
-                                f"--lock-wait); if that run is gone, `unlock` removes its lock once stale")
+                raise LockError(
+                    f"the repository is locked by {holder}: wait for it to finish (or raise "
+                    f"--lock-wait); if that run is gone, `unlock` removes its lock once stale"
+                )
             if not said:
                 log.info("waiting up to %.0fs for %s to release the repository", self.wait, conflicts[0].describe())
                 said = True
@@ -297,11 +327,15 @@ class RepoLock:
         if self._lost is None and not await self._still_ours():
             self._lost = "its lock object was removed (by `unlock --force`?)"
         if self._lost is None and self._last_ok is not None and time.monotonic() - self._last_ok > self.stale / 2:
-            self._lost = (f"the lock could not be refreshed for {time.monotonic() - self._last_ok:.0f}s: another run "
-                          "may have judged it stale")
+            self._lost = (
+                f"the lock could not be refreshed for {time.monotonic() - self._last_ok:.0f}s: another run "
+                "may have judged it stale"
+            )
         if self._lost is not None:
-            raise LockError(f"{what} lost the repository lock ({self._lost}); nothing was committed: "
-                            "run it again (prune collects its uploads)")
+            raise LockError(
+                f"{what} lost the repository lock ({self._lost}); nothing was committed: "
+                "run it again (prune collects its uploads)"
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         if self._refresher is not None:
@@ -331,8 +365,9 @@ def local_lock(name: str, state: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise LockError(f"another immich-stream run on this host holds {path} (pid {holder}): "
-                            "wait for it to finish") from None
+            raise LockError(
+                f"another immich-stream run on this host holds {path} (pid {holder}): wait for it to finish"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -340,8 +375,9 @@ def local_lock(name: str, state: Path) -> Iterator[None]:
         os.close(fd)
 
 
-async def unlock(repo: Repo, force: bool, stale: float | None = None
-                 ) -> tuple[list[LockInfo], list[LockInfo], list[LockInfo]]:
+async def unlock(
+    repo: Repo, force: bool, stale: float | None = None
+) -> tuple[list[LockInfo], list[LockInfo], list[LockInfo]]:
     """Remove stale locks (every lock with force). Returns (removed stale, removed live, kept)."""
     stale = lock_stale() if stale is None else stale
     now = await server_now(repo)

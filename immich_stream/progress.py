@@ -60,8 +60,14 @@ class Phase:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total_bytes, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, leave=True, dynamic_ncols=True,
+                total=total_bytes,
+                desc=name,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=True,
+                dynamic_ncols=True,
             )
 
     def set_total(self, total_bytes: int) -> None:

@@ -85,10 +85,11 @@ def apply_policy(ids: list[str], policy: Policy) -> tuple[list[str], list[str]]:
     in UTC) that have snapshots; keep-within keeps everything within the duration before
     the newest snapshot. A snapshot kept by any rule is kept."""
     if policy.empty():
-        what = f"retention policy keep-within {policy.within} keeps nothing" if policy.within else \
-            "no retention policy"
-        raise ConfigError(f"{what}: give at least one of --keep-last, --keep-hourly, --keep-daily, "
-                          "--keep-weekly, --keep-monthly, --keep-yearly, --keep-within (or [prune] in the config)")
+        what = f"retention policy keep-within {policy.within} keeps nothing" if policy.within else "no retention policy"
+        raise ConfigError(
+            f"{what}: give at least one of --keep-last, --keep-hourly, --keep-daily, "
+            "--keep-weekly, --keep-monthly, --keep-yearly, --keep-within (or [prune] in the config)"
+        )
     newest_first = sorted(ids, reverse=True)
     counts = {r: getattr(policy, r) for r in RULES}
     last: dict[str, Any] = {r: object() for r in RULES}
@@ -127,8 +128,9 @@ class PruneReport:
     seconds: float = 0.0
 
 
-async def prune(settings: Settings, reporter: Reporter, policy: Policy, dry_run: bool, stale_after: float,
-                lock_wait: float) -> PruneReport:
+async def prune(
+    settings: Settings, reporter: Reporter, policy: Policy, dry_run: bool, stale_after: float, lock_wait: float
+) -> PruneReport:
     started = time.monotonic()
     settings.require("bucket")
     apply_policy([], policy)  # refuses an empty policy before anything is touched
@@ -142,8 +144,9 @@ async def prune(settings: Settings, reporter: Reporter, policy: Policy, dry_run:
     return report
 
 
-async def _prune_locked(store: Store, repo: Repo, policy: Policy, dry_run: bool, stale_after: float,
-                        report: PruneReport) -> None:
+async def _prune_locked(
+    store: Store, repo: Repo, policy: Policy, dry_run: bool, stale_after: float, report: PruneReport
+) -> None:
     now = dt.datetime.now(dt.UTC)
     threshold = now - dt.timedelta(seconds=stale_after)
     dirs = await repo.snapshot_dirs()

@@ -97,8 +97,15 @@ class ManifestLine:
 
     def to_json(self) -> str:
         d: dict[str, Any] = {
-            "root": self.root, "path": self.path, "type": self.type, "size": self.size,
-            "mtime_ns": self.mtime_ns, "mode": self.mode, "uid": self.uid, "gid": self.gid, "inode": self.inode,
+            "root": self.root,
+            "path": self.path,
+            "type": self.type,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "inode": self.inode,
         }
         if self.sha256 is not None:
             d["sha256"] = self.sha256
@@ -115,14 +122,39 @@ class ManifestLine:
     @classmethod
     def from_json(cls, text: str | bytes) -> ManifestLine:
         d = json.loads(text)
-        return cls(d["root"], d["path"], d["type"], d.get("size", 0), d["mtime_ns"], d["mode"], d.get("uid", 0),
-                   d.get("gid", 0), d.get("inode", 0), d.get("sha256"), d.get("key"), d.get("target"),
-                   d.get("ctime_ns"), d.get("dev"))
+        return cls(
+            d["root"],
+            d["path"],
+            d["type"],
+            d.get("size", 0),
+            d["mtime_ns"],
+            d["mode"],
+            d.get("uid", 0),
+            d.get("gid", 0),
+            d.get("inode", 0),
+            d.get("sha256"),
+            d.get("key"),
+            d.get("target"),
+            d.get("ctime_ns"),
+            d.get("dev"),
+        )
 
     @classmethod
     def from_entry(cls, root: str, e: Entry) -> ManifestLine:
-        return cls(root, escape_path(e.relpath), e.type, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.inode,
-                   target=escape_path(e.target) if e.target is not None else None, ctime_ns=e.ctime_ns, dev=e.dev)
+        return cls(
+            root,
+            escape_path(e.relpath),
+            e.type,
+            e.size,
+            e.mtime_ns,
+            e.mode,
+            e.uid,
+            e.gid,
+            e.inode,
+            target=escape_path(e.target) if e.target is not None else None,
+            ctime_ns=e.ctime_ns,
+            dev=e.dev,
+        )
 
     @property
     def relpath(self) -> bytes:
@@ -282,8 +314,10 @@ class Repo:
     async def check_config(self) -> None:
         key = self.config_key()
         if await self.store.head(key) is None:
-            raise RepoError(f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
-                            ": check S3_BUCKET and S3_PREFIX, or run `backup` first")
+            raise RepoError(
+                f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
+                ": check S3_BUCKET and S3_PREFIX, or run `backup` first"
+            )
         try:
             cfg = json.loads(await self.store.get(key))
         except ValueError:
@@ -291,15 +325,17 @@ class Repo:
         if cfg.get("format") != FORMAT or not isinstance(cfg.get("version"), int):
             raise RepoError(f"{key} is not an immich-stream repository: choose another S3_PREFIX")
         if cfg["version"] > VERSION:
-            raise RepoError(f"repository format {cfg['version']} is newer than this immich-stream knows "
-                            f"({VERSION}): upgrade immich-stream")
+            raise RepoError(
+                f"repository format {cfg['version']} is newer than this immich-stream knows "
+                f"({VERSION}): upgrade immich-stream"
+            )
 
     def relative_key(self, key: str) -> str:
         """A bucket key -> the key relative to the prefix (as manifests hold it)."""
         base = f"{self.prefix}/" if self.prefix else ""
         if not key.startswith(base):  # nothing outside our prefix is ours to read or delete
             raise RepoError(f"{key} is outside the repository prefix {self.prefix!r}")
-        return key[len(base):]
+        return key[len(base) :]
 
     # snapshots
     async def snapshot_dirs(self) -> dict[str, bool]:
@@ -308,7 +344,7 @@ class Repo:
         ids: dict[str, bool] = {}
         base = self._k("snapshots/")
         async for obj in self.store.list_objects(base):
-            sid, _, name = obj.key[len(base):].partition("/")
+            sid, _, name = obj.key[len(base) :].partition("/")
             if not sid and not name:
                 continue  # the folder marker snapshots/ that consoles and sync tools create
             valid = re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}", sid) is not None
@@ -317,8 +353,9 @@ class Repo:
             except ValueError:
                 valid = False
             if not valid:
-                log.warning("ignoring %s: not part of a snapshot (snapshot ids look like 2024-01-31T020000Z-1a2b)",
-                            obj.key)
+                log.warning(
+                    "ignoring %s: not part of a snapshot (snapshot ids look like 2024-01-31T020000Z-1a2b)", obj.key
+                )
                 continue
             if not name:
                 continue  # a folder marker snapshots/<id>/: not a file of the snapshot

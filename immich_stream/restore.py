@@ -63,11 +63,11 @@ class UnsafePath(RepoError):
 def safe_relpath(line: ManifestLine) -> bytes:
     """The line's path, refused if it could point outside the target."""
     raw = line.relpath
-    if not raw or b"\x00" in raw or raw.startswith(b"/") or any(
-        part in (b"", b".", b"..") for part in raw.split(b"/")
-    ):
-        raise UnsafePath(f"refusing manifest path {line.path!r} in root {line.root}: absolute, '..', empty or NUL "
-                        "components; the manifest is damaged or forged")
+    if not raw or b"\x00" in raw or raw.startswith(b"/") or any(part in (b"", b".", b"..") for part in raw.split(b"/")):
+        raise UnsafePath(
+            f"refusing manifest path {line.path!r} in root {line.root}: absolute, '..', empty or NUL "
+            "components; the manifest is damaged or forged"
+        )
     if line.root not in ROOTS:
         raise UnsafePath(f"refusing manifest root {line.root!r}: not one of {', '.join(ROOTS)}")
     return raw
@@ -99,14 +99,23 @@ def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> None:
         if previous == snap.id:
             log.info("resuming the unfinished restore of %s into %s", snap.id, target)
             return
-        raise ConfigError(f"{target} holds an unfinished restore of snapshot {previous}: restore that one, "
-                          "or add --overwrite")
+        raise ConfigError(
+            f"{target} holds an unfinished restore of snapshot {previous}: restore that one, or add --overwrite"
+        )
     raise ConfigError(f"restore target {target} is not empty: choose an empty directory or add --overwrite")
 
 
 class FileRestorer:
-    def __init__(self, store: Store, repo: Repo, target: Path, single_root: bool, stats: RestoreStats,
-                 phase: Phase, budget: ByteBudget) -> None:
+    def __init__(
+        self,
+        store: Store,
+        repo: Repo,
+        target: Path,
+        single_root: bool,
+        stats: RestoreStats,
+        phase: Phase,
+        budget: ByteBudget,
+    ) -> None:
         self.store = store
         self.repo = repo
         self.target = os.fsencode(target)
@@ -125,8 +134,10 @@ class FileRestorer:
             existing = os.path.dirname(existing)
         real = os.path.realpath(existing)  # checked before anything is created below it
         if real != self.real_target and not real.startswith(self.real_target + b"/"):
-            raise UnsafePath(f"refusing to write under {os.fsdecode(path)}: it leads out of the restore target "
-                             "through a symlink; the manifest is damaged or forged")
+            raise UnsafePath(
+                f"refusing to write under {os.fsdecode(path)}: it leads out of the restore target "
+                "through a symlink; the manifest is damaged or forged"
+            )
         os.makedirs(path, 0o755, exist_ok=True)
 
     def dest(self, line: ManifestLine) -> bytes:
@@ -212,9 +223,11 @@ class FileRestorer:
                     self.phase.update(len(chunk))
                 await out.flush()
                 if size != line.size or h.hexdigest() != line.sha256:
-                    raise RepoError(f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
-                                    f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
-                                    "run `verify --read-data`")
+                    raise RepoError(
+                        f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                        f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                        "run `verify --read-data`"
+                    )
                 await asyncio.to_thread(self._meta_fd, out.fileno(), line)
             await aiofiles.os.replace(partial, path)  # a symlink at path is replaced, not followed
         except BaseException:
@@ -244,8 +257,13 @@ class FileRestorer:
 
 
 async def restore_files(
-    settings: Settings, reporter: Reporter, which: str, target: Path, roots: list[str] | None,
-    includes: list[str], overwrite: bool,
+    settings: Settings,
+    reporter: Reporter,
+    which: str,
+    target: Path,
+    roots: list[str] | None,
+    includes: list[str],
+    overwrite: bool,
 ) -> tuple[Snapshot, RestoreStats]:
     started = time.monotonic()
     settings.require("bucket")
@@ -333,8 +351,10 @@ async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerato
     db = snap.data.get("database", {})
     expected_sha, expected_size = db.get("sha256"), db.get("size")
     if not expected_sha:
-        raise RepoError(f"snapshot {snap.id} records no sha256 of its database dump: snapshot.json is damaged; "
-                        "use --dump-to to inspect the dump")
+        raise RepoError(
+            f"snapshot {snap.id} records no sha256 of its database dump: snapshot.json is damaged; "
+            "use --dump-to to inspect the dump"
+        )
     fix = SearchPathFix()
     h = hashlib.sha256()
     size = 0
@@ -349,9 +369,11 @@ async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerato
     if tail:
         yield tail
     if h.hexdigest() != expected_sha or (expected_size is not None and size != expected_size):
-        raise RepoError(f"{key} does not match snapshot.json ({size} bytes of SQL, sha256 {h.hexdigest()[:12]}..., "
-                        f"expected {expected_size} and {expected_sha[:12]}...): the database was not changed; "
-                        "run `verify --read-data`")
+        raise RepoError(
+            f"{key} does not match snapshot.json ({size} bytes of SQL, sha256 {h.hexdigest()[:12]}..., "
+            f"expected {expected_size} and {expected_sha[:12]}...): the database was not changed; "
+            "run `verify --read-data`"
+        )
     if fix.replaced == 0:
         log.warning("the dump had no search_path line to correct; restoring it as it is")
     yield b"\nCOMMIT;\n"  # a newline first: the dump's last line may lack one
@@ -366,8 +388,9 @@ async def restore_database(settings: Settings, reporter: Reporter, which: str) -
         return await _restore_database_locked(settings, reporter, which, started)
 
 
-async def _restore_database_locked(settings: Settings, reporter: Reporter, which: str,
-                                   started: float) -> tuple[Snapshot, dict[str, Any]]:
+async def _restore_database_locked(
+    settings: Settings, reporter: Reporter, which: str, started: float
+) -> tuple[Snapshot, dict[str, Any]]:
     async with connect() as docker, Store(settings) as store:
         repo = Repo(store, settings.prefix)
         await repo.check_config()
@@ -400,13 +423,17 @@ async def _restore_database_locked(settings: Settings, reporter: Reporter, which
                 created = await ensure_database(docker, settings.db_container, settings.db_user, settings.db_name)
                 if created:
                     log.info("created database %s", settings.db_name)
-                await pipe_into(docker, settings.db_container, psql_restore_command(settings.db_user, settings.db_name),
-                                counted(), "psql")
+                await pipe_into(
+                    docker,
+                    settings.db_container,
+                    psql_restore_command(settings.db_user, settings.db_name),
+                    counted(),
+                    "psql",
+                )
                 await guard.restore()
         finally:
             phase.close()
-    return snap, {"bytes": sent, "seconds": time.monotonic() - started, "downtime": guard.downtime,
-                  "restarted": app}
+    return snap, {"bytes": sent, "seconds": time.monotonic() - started, "downtime": guard.downtime, "restarted": app}
 
 
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:

@@ -142,6 +142,7 @@ class Stack:
     async def stop(self, names: list[str]) -> None:
         """Stop containers; every stop is awaited, then the first failure raised: a restart
         must never race a stop still in flight (it would land after the start)."""
+
         async def one(name: str) -> None:
             try:
                 await self.docker.containers.container(name).stop(t=STOP_TIMEOUT)
@@ -167,7 +168,9 @@ class Stack:
 
         await asyncio.gather(*(one(n) for n in names))
         if failures:
-            raise StackError(f"cannot start {', '.join(failures)}: start them with `docker start` and check `docker logs`")
+            raise StackError(
+                f"cannot start {', '.join(failures)}: start them with `docker start` and check `docker logs`"
+            )
 
     async def check_running(self, names: list[str], timeout: float = 10.0, settle: float = 1.0) -> list[str]:
         """Start again, for `timeout` seconds, any named container that is not running;
@@ -198,8 +201,10 @@ class Stack:
             except StackError as exc:
                 last = str(exc)
             await asyncio.sleep(0.25)
-        raise StackError(f"the database in {self.db_container} was not ready after {timeout:.0f}s ({last}): "
-                         "check `docker logs " + self.db_container + "`")
+        raise StackError(
+            f"the database in {self.db_container} was not ready after {timeout:.0f}s ({last}): "
+            "check `docker logs " + self.db_container + "`"
+        )
 
 
 RESTART_DEADLINE = 120.0  # seconds the restart may take when Docker itself hangs
@@ -229,8 +234,12 @@ class StackGuard:
     def _write_state(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        body = {"containers": self.stopped, "pid": os.getpid(), "host": socket.gethostname(),
-                "since": dt.datetime.now(dt.UTC).isoformat()}
+        body = {
+            "containers": self.stopped,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": dt.datetime.now(dt.UTC).isoformat(),
+        }
         with open(tmp, "w") as fh:
             json.dump(body, fh)
             fh.flush()
@@ -292,12 +301,17 @@ class StackGuard:
                     await self.stack.start([n for n in db_first if n != self.stack.db_container])
                     self.unstable = await self.stack.check_running(db_first)
             except TimeoutError:
-                raise StackError(f"Docker did not start {', '.join(db_first)} within {RESTART_DEADLINE:.0f} s: "
-                                 "check dockerd, then start them with `docker start`; the next run retries") from None
+                raise StackError(
+                    f"Docker did not start {', '.join(db_first)} within {RESTART_DEADLINE:.0f} s: "
+                    "check dockerd, then start them with `docker start`; the next run retries"
+                ) from None
             self.stopped = []
             if self.unstable:
-                log.error("%s did not stay running after the restart: check `docker logs %s`",
-                          ", ".join(self.unstable), self.unstable[0])
+                log.error(
+                    "%s did not stay running after the restart: check `docker logs %s`",
+                    ", ".join(self.unstable),
+                    self.unstable[0],
+                )
         if self.started_at is None:
             self.started_at = time.monotonic()
         with contextlib.suppress(FileNotFoundError):
@@ -321,16 +335,20 @@ async def recover(stack: Stack) -> list[str]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        raise StackError(f"cannot read {path} ({exc}): check which Immich containers are stopped, "
-                         "start them, then delete that file") from None
+        raise StackError(
+            f"cannot read {path} ({exc}): check which Immich containers are stopped, start them, then delete that file"
+        ) from None
     pid = state.get("pid")
     if state.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and run_alive(pid):
         raise StackError(f"another immich-stream run (pid {pid}) has the Immich stack stopped: wait for it to finish")
     names = list(state.get("containers", []))
-    log.warning("a previous run (pid %s, since %s) was killed with the stack stopped: starting %s",
-                pid, state.get("since"), ", ".join(names) or "nothing")
+    log.warning(
+        "a previous run (pid %s, since %s) was killed with the stack stopped: starting %s",
+        pid,
+        state.get("since"),
+        ", ".join(names) or "nothing",
+    )
     guard = StackGuard(stack)
     guard.stopped = names
     await guard.restore()
     return names
-

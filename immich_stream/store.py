@@ -37,15 +37,33 @@ MIB = 1024 * 1024
 
 _TRANSIENT_CODES = {
     # Not RequestTimeTooSkewed: this machine's clock is off, and no retry sets it right.
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "OperationAborted", "503", "500", "502", "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "OperationAborted",
+    "503",
+    "500",
+    "502",
+    "504",
     # The body arrived other than it was sent (the server checked Content-MD5): the bytes
     # in memory are fine, so sending them again is the cure.
-    "BadDigest", "XAmzContentSHA256Mismatch",
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
 }
 _TRANSIENT_BOTOCORE = (
-    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
-    "ConnectionError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError",
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ConnectionError",
+    "HTTPClientError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "ProxyConnectionError",
 )
 
 
@@ -141,8 +159,9 @@ def stream_part_size(part_number: int, part_size: int, max_part: int) -> int:
 
 def max_stream_size(part_size: int, max_part: int) -> int:
     """The largest stream (dump, manifest) that fits in 10,000 parts with these sizes."""
-    return sum(stream_part_size(n, part_size, max_part) for n in range(1, MAX_PARTS + 1, PARTS_PER_STEP)) * \
-        PARTS_PER_STEP
+    return (
+        sum(stream_part_size(n, part_size, max_part) for n in range(1, MAX_PARTS + 1, PARTS_PER_STEP)) * PARTS_PER_STEP
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -258,12 +277,14 @@ class Store:
             skew = None
             try:
                 server = email.utils.parsedate_to_datetime(
-                    exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date", ""))
+                    exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date", "")
+                )
                 skew = time.time() - server.timestamp()
             except (TypeError, ValueError):
                 pass
-            if code == "RequestTimeTooSkewed" or (code in ("403", "AccessDenied", "SignatureDoesNotMatch")
-                                                  and skew is not None and abs(skew) > 15 * 60):
+            if code == "RequestTimeTooSkewed" or (
+                code in ("403", "AccessDenied", "SignatureDoesNotMatch") and skew is not None and abs(skew) > 15 * 60
+            ):
                 off = f" by {abs(skew) / 60:.0f} minutes" if skew is not None and abs(skew) > 60 else ""
                 return StoreError(
                     f"{what}: S3 refused the request because this machine's clock is off{off} ({code}): check it "
@@ -276,7 +297,9 @@ class Store:
                     f"{what}: S3 refused access ({code}) on bucket {self.bucket!r}: check the credentials "
                     "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and their permissions"
                 )
-            return StoreError(f"{what}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": "))
+            return StoreError(
+                f"{what}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": ")
+            )
         if isinstance(exc, BotoCoreError) and type(exc).__name__ == "NoCredentialsError":
             return StoreError("no S3 credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         if is_transient(exc):
@@ -288,8 +311,9 @@ class Store:
 
     # -- objects ----------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes, content_type: str | None = None, md5: str | None = None,
-                  sha256: str | None = None) -> None:
+    async def put(
+        self, key: str, data: bytes, content_type: str | None = None, md5: str | None = None, sha256: str | None = None
+    ) -> None:
         """One PUT; md5 (base64) and sha256 (hex) of data may be given when already known."""
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ContentMD5": md5 or md5_b64(data)}
         if content_type:
@@ -305,6 +329,7 @@ class Store:
         offset = 0
         attempt = 0
         while True:
+
             async def open_body(offset: int = offset) -> Any:
                 kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
                 if offset:
@@ -369,7 +394,9 @@ class Store:
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
-                raise StoreError(f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}")
+                raise StoreError(
+                    f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}"
+                )
 
     # -- multipart ----------------------------------------------------------------------------
 
@@ -379,13 +406,18 @@ class Store:
         )
         return str(resp["UploadId"])
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes, md5: str | None = None,
-                          sha256: str | None = None) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes, md5: str | None = None, sha256: str | None = None
+    ) -> str:
         md5 = md5 or md5_b64(data)
         resp = await self._call(
             f"upload part {number} of {key}",
             lambda: self._client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=_Body(data, sha256),
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=_Body(data, sha256),
                 ContentMD5=md5,
             ),
         )
@@ -411,7 +443,9 @@ class Store:
         out: list[tuple[str, str, Any]] = []
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
-            resp = await self._call("list multipart uploads", lambda kw=dict(kw): self._client.list_multipart_uploads(**kw))
+            resp = await self._call(
+                "list multipart uploads", lambda kw=dict(kw): self._client.list_multipart_uploads(**kw)
+            )
             out.extend((u["Key"], u["UploadId"], u.get("Initiated")) for u in resp.get("Uploads", []))
             if not resp.get("IsTruncated"):
                 return out
@@ -465,8 +499,9 @@ class MultipartUpload:
         async def send() -> None:
             try:
                 assert self.upload_id is not None
-                self._etags[number] = await self.store.upload_part(self.key, self.upload_id, number, holder[0], md5,
-                                                                   sha256)
+                self._etags[number] = await self.store.upload_part(
+                    self.key, self.upload_id, number, holder[0], md5, sha256
+                )
             except BaseException as exc:
                 if self._failure is None:
                     self._failure = exc
@@ -502,16 +537,16 @@ class MultipartUpload:
         await self._drain()
         assert self.upload_id is not None
         try:
-            await self.store.complete_multipart(self.key, self.upload_id,
-                                                [self._etags[i] for i in range(1, self._next)])
+            await self.store.complete_multipart(
+                self.key, self.upload_id, [self._etags[i] for i in range(1, self._next)]
+            )
         except StoreError as exc:
             # The server may have completed it and its answer got lost: the retry then
             # finds no such upload. The key is this run's own, so an object there with
             # exactly the bytes sent is this upload.
             if exc.code != "NoSuchUpload" or await self.store.head(self.key) != self.size:
                 raise
-            log.info("the answer to completing %s was lost; the object is there with its %d bytes", self.key,
-                     self.size)
+            log.info("the answer to completing %s was lost; the object is there with its %d bytes", self.key, self.size)
         self._completed = True
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -523,8 +558,9 @@ class MultipartUpload:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.upload_id is not None:
             # Bounded: S3 may be what failed. The original error matters more.
-            await cleanup.best_effort(f"abort the unfinished upload of {self.key}",
-                                      self.store.abort_multipart(self.key, self.upload_id))
+            await cleanup.best_effort(
+                f"abort the unfinished upload of {self.key}", self.store.abort_multipart(self.key, self.upload_id)
+            )
 
 
 class StreamWriter:
@@ -575,8 +611,10 @@ class StreamWriter:
             self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
             await self._mp.__aenter__()
         if self._mp.parts >= MAX_PARTS - 1:  # one is kept for the end of the stream
-            raise StoreError(f"{self.key} would need more than {MAX_PARTS} parts (the stream passed "
-                             f"{self.size // MIB} MiB): raise --max-memory, parts grow to half of it")
+            raise StoreError(
+                f"{self.key} would need more than {MAX_PARTS} parts (the stream passed "
+                f"{self.size // MIB} MiB): raise --max-memory, parts grow to half of it"
+            )
         # bytes, not bytearray: botocore and aiohttp copy a bytearray body several times.
         part, self._buf = bytes(self._buf), bytearray()
         self._reserved -= len(part)  # handed over: the part upload releases it once sent

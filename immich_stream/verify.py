@@ -36,8 +36,9 @@ class VerifyReport:
         self.problems.append(text)
 
 
-async def verify(settings: Settings, reporter: Reporter, which: str | None, all_: bool,
-                 read_fraction: float) -> VerifyReport:
+async def verify(
+    settings: Settings, reporter: Reporter, which: str | None, all_: bool, read_fraction: float
+) -> VerifyReport:
     started = time.monotonic()
     settings.require("bucket")
     report = VerifyReport()
@@ -55,15 +56,25 @@ async def verify(settings: Settings, reporter: Reporter, which: str | None, all_
         rng = random.Random()
         for snap in snaps:
             report.snapshots.append(snap.id)
-            await _verify_snapshot(store, repo, snap, listing, read_fraction, read_done, rng, report, reporter,
-                                   settings.jobs)
+            await _verify_snapshot(
+                store, repo, snap, listing, read_fraction, read_done, rng, report, reporter, settings.jobs
+            )
     report.seconds = time.monotonic() - started
     return report
 
 
-async def _verify_snapshot(store: Store, repo: Repo, snap: Snapshot, listing: dict[bytes, int], fraction: float,
-                           read_done: set[bytes], rng: random.Random, report: VerifyReport, reporter: Reporter,
-                           jobs: int) -> None:
+async def _verify_snapshot(
+    store: Store,
+    repo: Repo,
+    snap: Snapshot,
+    listing: dict[bytes, int],
+    fraction: float,
+    read_done: set[bytes],
+    rng: random.Random,
+    report: VerifyReport,
+    reporter: Reporter,
+    jobs: int,
+) -> None:
     phase = reporter.phase(f"verify {snap.id}")
     queue: asyncio.Queue[tuple[str, str, int, str] | None] = asyncio.Queue(jobs * 4)
 
@@ -81,8 +92,9 @@ async def _verify_snapshot(store: Store, repo: Repo, snap: Snapshot, listing: di
             if size is None:
                 report.problem(f"snapshot {snap.id}: missing object {line.key} ({where})")
             elif size != line.size:
-                report.problem(f"snapshot {snap.id}: object {line.key} has {size} bytes, the manifest says "
-                               f"{line.size} ({where})")
+                report.problem(
+                    f"snapshot {snap.id}: object {line.key} has {size} bytes, the manifest says {line.size} ({where})"
+                )
             elif fraction > 0 and d not in read_done and (fraction >= 1 or rng.random() < fraction):
                 read_done.add(d)
                 await queue.put((line.key, line.sha256, line.size, where))
@@ -100,8 +112,10 @@ async def _verify_snapshot(store: Store, repo: Repo, snap: Snapshot, listing: di
                 n += len(chunk)
             report.bytes_read += n
             if n != size or h.hexdigest() != sha:
-                report.problem(f"snapshot {snap.id}: corrupt object {key} ({where}): sha256 {h.hexdigest()[:16]}... "
-                               f"does not match the manifest's {sha[:16]}...")
+                report.problem(
+                    f"snapshot {snap.id}: corrupt object {key} ({where}): sha256 {h.hexdigest()[:16]}... "
+                    f"does not match the manifest's {sha[:16]}..."
+                )
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -121,7 +135,9 @@ async def _verify_dump(store: Store, repo: Repo, snap: Snapshot, read: bool, rep
         report.problem(f"snapshot {snap.id}: missing database dump {key}")
         return
     if db.get("compressed_size") is not None and size != db["compressed_size"]:
-        report.problem(f"snapshot {snap.id}: database dump has {size} bytes, snapshot.json says {db['compressed_size']}")
+        report.problem(
+            f"snapshot {snap.id}: database dump has {size} bytes, snapshot.json says {db['compressed_size']}"
+        )
         return
     if not read:
         return

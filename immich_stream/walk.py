@@ -78,12 +78,28 @@ def _scan(root: bytes, rel: bytes) -> tuple[list[Entry], list[WalkProblem]]:
                 continue
         else:
             what = "socket" if stat.S_ISSOCK(m) else "FIFO" if stat.S_ISFIFO(m) else "device"
-            log.warning("skipping %s %s: only files, directories and symlinks are backed up",
-                        what, child.decode(errors="backslashreplace"))
+            log.warning(
+                "skipping %s %s: only files, directories and symlinks are backed up",
+                what,
+                child.decode(errors="backslashreplace"),
+            )
             problems.append(WalkProblem(child, f"skipped {what}"))
             continue
-        entries.append(Entry(child, kind, st.st_size if kind == "file" else 0, st.st_mtime_ns,
-                             stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_ino, target, st.st_ctime_ns, st.st_dev))
+        entries.append(
+            Entry(
+                child,
+                kind,
+                st.st_size if kind == "file" else 0,
+                st.st_mtime_ns,
+                stat.S_IMODE(m),
+                st.st_uid,
+                st.st_gid,
+                st.st_ino,
+                target,
+                st.st_ctime_ns,
+                st.st_dev,
+            )
+        )
     return entries, problems
 
 

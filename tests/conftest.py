@@ -67,6 +67,7 @@ def running_containers() -> set[str]:
 
 # -- machine and stack -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def machine() -> None:
     """Docker engine up and the test image built (idempotent; seconds when warm)."""
@@ -85,9 +86,18 @@ class ImmichStack:
 
     def wait_db(self, timeout: float = 60) -> None:
         # Over TCP: during first initialisation a temporary server answers on the socket only.
-        wait_for(lambda: subprocess.run(["docker", "exec", "immich_postgres", "pg_isready", "-h", "127.0.0.1",
-                                         "-U", "postgres"],
-                                        capture_output=True).returncode == 0, timeout, 0.2, "the database")
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["docker", "exec", "immich_postgres", "pg_isready", "-h", "127.0.0.1", "-U", "postgres"],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            timeout,
+            0.2,
+            "the database",
+        )
 
     def ensure_running(self) -> None:
         missing = set(CONTAINERS) - running_containers()
@@ -139,6 +149,7 @@ def stack(immich_stack: ImmichStack) -> ImmichStack:
 
 # -- S3 servers ------------------------------------------------------------------------------
 
+
 @dataclass
 class S3Server:
     endpoint: str
@@ -155,9 +166,21 @@ def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     root = tmp_path_factory.mktemp("rclone-s3")
     port = free_port()
     proc = subprocess.Popen(
-        [_tool("rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{KEY},{SECRET}", "--log-level", "ERROR"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            _tool("rclone"),
+            "serve",
+            "s3",
+            str(root),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{KEY},{SECRET}",
+            "--log-level",
+            "ERROR",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_port(port)
@@ -197,18 +220,24 @@ def proxy_factory() -> Iterator[type[FaultProxy]]:
 
 # -- environment of a CLI run ---------------------------------------------------------------
 
+
 def base_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "S3_", "IMMICH_", "DB_", "LIBRARY_DIR", "POSTGRES_DIR", "COMPOSE_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "S3_", "IMMICH_", "DB_", "LIBRARY_DIR", "POSTGRES_DIR", "COMPOSE_"))
+    }
     home = tmp / "home"
     home.mkdir(exist_ok=True)
-    env.update({
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "IMMICH_STREAM_STATE_DIR": str(tmp / "state"),
-        "IMMICH_STREAM_TEST_SHORT_DURATIONS": "1",  # stall and stale tests wait seconds, not minutes
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "IMMICH_STREAM_STATE_DIR": str(tmp / "state"),
+            "IMMICH_STREAM_TEST_SHORT_DURATIONS": "1",  # stall and stale tests wait seconds, not minutes
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -216,11 +245,16 @@ def base_env(tmp: Path) -> dict[str, str]:
 def s3_env(tmp_path: Path, rclone_s3: S3Server) -> dict[str, str]:
     """Settings for a backup to a fresh bucket on the rclone server (no stack)."""
     env = base_env(tmp_path)
-    env.update({
-        "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
-        "S3_ENDPOINT_URL": rclone_s3.endpoint, "S3_BUCKET": rclone_s3.new_bucket(), "S3_PATH_STYLE": "true",
-        "IMMICH_STREAM_RETRIES": "3",
-    })
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "S3_ENDPOINT_URL": rclone_s3.endpoint,
+            "S3_BUCKET": rclone_s3.new_bucket(),
+            "S3_PATH_STYLE": "true",
+            "IMMICH_STREAM_RETRIES": "3",
+        }
+    )
     return env
 
 
@@ -247,5 +281,4 @@ def moto_env(env: dict[str, str], moto: S3Server, endpoint: str | None = None) -
     return env
 
 
-__all__ = ["KEY", "SECRET", "CONTAINERS", "running_containers", "docker", "bucket_of", "moto_env", "free_port",
-           "time"]
+__all__ = ["CONTAINERS", "KEY", "SECRET", "bucket_of", "docker", "free_port", "moto_env", "running_containers", "time"]

@@ -65,9 +65,19 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def add(self, match: Match, status: int | None = None, delay: float = 0.0, times: int | None = None,
-            corrupt: bool = False, after: bool = False, code: str = "InternalError",
-            headers: dict[str, str] | None = None, rate: float = 0.0, cut_after: int | None = None) -> Rule:
+    def add(
+        self,
+        match: Match,
+        status: int | None = None,
+        delay: float = 0.0,
+        times: int | None = None,
+        corrupt: bool = False,
+        after: bool = False,
+        code: str = "InternalError",
+        headers: dict[str, str] | None = None,
+        rate: float = 0.0,
+        cut_after: int | None = None,
+    ) -> Rule:
         rule = Rule(match, status, delay, times, corrupt, after, code, headers, rate, cut_after)
         self.rules.append(rule)
         return rule
@@ -106,10 +116,13 @@ class FaultProxy:
                     break
                 if rule.status is not None:
                     self.requests.append((request.method, request.path_qs, rule.status))
-                    body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{rule.code}</Code>"
-                            "<Message>injected by the test proxy</Message></Error>")
-                    return web.Response(status=rule.status, body=body.encode(), content_type="application/xml",
-                                        headers=rule.headers)
+                    body = (
+                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{rule.code}</Code>"
+                        "<Message>injected by the test proxy</Message></Error>"
+                    )
+                    return web.Response(
+                        status=rule.status, body=body.encode(), content_type="application/xml", headers=rule.headers
+                    )
                 corrupt = rule.corrupt
                 if rule.rate or rule.cut_after is not None:
                     streamed = rule
@@ -119,19 +132,25 @@ class FaultProxy:
             flipped[len(flipped) // 2] ^= 0x01
             body = bytes(flipped)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
-        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
-                                         data=body, allow_redirects=False) as up:
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+        ) as up:
             if streamed is not None and request.method != "HEAD":
                 return await self._stream(request, up, streamed)
             data = await up.read()
             self.requests.append((request.method, request.path_qs, up.status))
             if lost_answer is not None:  # the server did it; the client never hears so
                 self.requests.append((request.method, request.path_qs, lost_answer))
-                body = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
-                        "<Message>injected by the test proxy after forwarding</Message></Error>")
+                body = (
+                    "<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                    "<Message>injected by the test proxy after forwarding</Message></Error>"
+                )
                 return web.Response(status=lost_answer, body=body.encode(), content_type="application/xml")
-            dropped = ("transfer-encoding", "connection") if request.method == "HEAD" else (
-                "content-length", "transfer-encoding", "connection")  # HEAD: the size is the answer
+            dropped = (
+                ("transfer-encoding", "connection")
+                if request.method == "HEAD"
+                else ("content-length", "transfer-encoding", "connection")
+            )  # HEAD: the size is the answer
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in dropped}
             if request.method == "HEAD":
                 return web.Response(status=up.status, headers=out_headers)
@@ -146,7 +165,7 @@ class FaultProxy:
         sent = 0
         async for chunk in up.content.iter_chunked(16 << 10):
             if rule.cut_after is not None and sent + len(chunk) >= rule.cut_after:
-                chunk = chunk[:rule.cut_after - sent]
+                chunk = chunk[: rule.cut_after - sent]
                 await resp.write(chunk)
                 rule.sent += len(chunk)
                 await asyncio.sleep(0.05)  # let the bytes leave before the connection drops

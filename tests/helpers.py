@@ -42,8 +42,10 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 240, cwd: str | No
     proc = start_cli(*args, env=env, cwd=cwd)
     out: list[str] = []
     err: list[str] = []
-    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read())),  # type: ignore[union-attr]
-               threading.Thread(target=lambda: err.append(proc.stderr.read()))]  # type: ignore[union-attr]
+    readers = [
+        threading.Thread(target=lambda: out.append(proc.stdout.read())),  # type: ignore[union-attr]
+        threading.Thread(target=lambda: err.append(proc.stderr.read())),
+    ]  # type: ignore[union-attr]
     for t in readers:
         t.start()
     deadline = time.monotonic() + timeout
@@ -79,7 +81,12 @@ def vm_hwm_kib(pid: int) -> int:
 def start_cli(*args: str, env: dict[str, str], cwd: str | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "immich_stream", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
 
 
@@ -90,17 +97,25 @@ class Bucket:
         self.name = name
         self.prefix = prefix
         self.s3 = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
             region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required"),
+            config=Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
         )
 
     def keys(self, under: str = "") -> dict[str, int]:
         out: dict[str, int] = {}
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=f"{self.prefix}/{under}"):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.name, Prefix=f"{self.prefix}/{under}"
+        ):
             for item in page.get("Contents", []):
-                out[item["Key"][len(self.prefix) + 1:]] = item["Size"]
+                out[item["Key"][len(self.prefix) + 1 :]] = item["Size"]
         return out
 
     def get(self, key: str) -> bytes:
@@ -115,7 +130,7 @@ class Bucket:
     def snapshots(self, complete_only: bool = True) -> list[str]:
         ids: dict[str, bool] = {}
         for key in self.keys("snapshots/"):
-            sid, _, name = key[len("snapshots/"):].partition("/")
+            sid, _, name = key[len("snapshots/") :].partition("/")
             ids[sid] = ids.get(sid, False) or name == "snapshot.json"
         return sorted(s for s, done in ids.items() if done or not complete_only)
 
@@ -147,8 +162,9 @@ def tree(root: Path) -> dict[bytes, Path]:
     return out
 
 
-def make_library(root: Path, seed: int = 1, photos: int = 40, odd_names: bool = True,
-                 large: list[int] | None = None) -> dict[bytes, bytes]:
+def make_library(
+    root: Path, seed: int = 1, photos: int = 40, odd_names: bool = True, large: list[int] | None = None
+) -> dict[bytes, bytes]:
     """An Immich-shaped library: library/, upload/, thumbs/, encoded-video/, profile/, backups/.
 
     Returns {relative path: sha256 hex} of every file written. Sizes are scaled down from
@@ -168,7 +184,10 @@ def make_library(root: Path, seed: int = 1, photos: int = 40, odd_names: bool = 
 
     for i in range(photos):
         year = 2015 + i % 8
-        put(f"library/{user}/{year}/{year}-0{1 + i % 9}-1{i % 10}/IMG_{1000 + i}.jpg".encode(), rng.randint(20_000, 400_000))
+        put(
+            f"library/{user}/{year}/{year}-0{1 + i % 9}-1{i % 10}/IMG_{1000 + i}.jpg".encode(),
+            rng.randint(20_000, 400_000),
+        )
         put(f"thumbs/{user}/{i:02x}/{i * 7 % 256:02x}/asset{i}-thumbnail.webp".encode(), rng.randint(2_000, 12_000))
         put(f"thumbs/{user}/{i:02x}/{i * 7 % 256:02x}/asset{i}-preview.jpeg".encode(), rng.randint(20_000, 60_000))
     for i in range(photos // 10 + 1):

@@ -90,8 +90,11 @@ def test_incremental_runs_upload_only_what_changed(env: dict, stack: ImmichStack
     assert r2.code == 0, r2.err
     first, second = bucket.snapshots()
     assert not bucket.keys(f"data/{second}/library/"), "an unchanged library uploads nothing"
-    assert all(m["key"].startswith(f"data/{first}/") for m in library_lines(bucket.manifest(second)).values()
-               if m["type"] == "file")
+    assert all(
+        m["key"].startswith(f"data/{first}/")
+        for m in library_lines(bucket.manifest(second)).values()
+        if m["type"] == "file"
+    )
 
     lib = stack.library
     user = USER_ID
@@ -151,8 +154,9 @@ def test_multipart_on_aws_shaped_server(env: dict, stack: ImmichStack, moto_s3: 
 
 def test_dump_through_many_small_parts_comes_back_intact(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     make_library(stack.library, photos=5, large=[3 * MIB + 12345])
-    env.update({"IMMICH_STREAM_MIN_PART_SIZE": "1MiB", "IMMICH_STREAM_PART_SIZE": "1MiB",
-                "IMMICH_STREAM_MAX_MEMORY": "4MiB"})
+    env.update(
+        {"IMMICH_STREAM_MIN_PART_SIZE": "1MiB", "IMMICH_STREAM_PART_SIZE": "1MiB", "IMMICH_STREAM_MAX_MEMORY": "4MiB"}
+    )
     r = run_cli("backup", "--stop", "none", env=env)
     assert r.code == 0, r.err
     [sid] = bucket.snapshots()
@@ -192,8 +196,9 @@ def test_missing_bucket_and_wrong_project_fail_before_stopping(env: dict, stack:
     assert stack.started_at() == before
 
 
-def test_s3_failing_mid_run_aborts_uploads_and_restarts(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                        proxy_factory) -> None:
+def test_s3_failing_mid_run_aborts_uploads_and_restarts(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     make_library(stack.library, photos=10, large=[12 * MIB])
     proxy = proxy_factory(moto_s3.endpoint)
     env = moto_env(env, moto_s3, proxy.endpoint)
@@ -233,16 +238,18 @@ def _start_slow_backup(env: dict, moto_s3: S3Server, proxy_factory):
     env = moto_env(env, moto_s3, proxy.endpoint)
     proxy.add(is_put, delay=0.3)  # every upload slow: the run is mid-way for a while
     proc = start_cli("backup", env=env)
-    wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
-             what="the stack to stop")
+    wait_for(
+        lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60, what="the stack to stop"
+    )
     assert proc.poll() is None, proc.communicate()
     wait_for(lambda: len(proxy.requests) > 5, 30, what="uploads to begin")
     return proc, env
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_mid_run_restarts_stack_and_commits_nothing(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                           proxy_factory, sig: signal.Signals) -> None:
+def test_signal_mid_run_restarts_stack_and_commits_nothing(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory, sig: signal.Signals
+) -> None:
     make_library(stack.library, photos=40)
     proc, env = _start_slow_backup(env, moto_s3, proxy_factory)
     proc.send_signal(sig)
@@ -255,8 +262,9 @@ def test_signal_mid_run_restarts_stack_and_commits_nothing(env: dict, stack: Imm
     assert bucket.open_multipart_uploads() == []
 
 
-def test_sigkill_mid_run_next_run_starts_the_stack_first(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                         proxy_factory) -> None:
+def test_sigkill_mid_run_next_run_starts_the_stack_first(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     make_library(stack.library, photos=40)
     proc, slow_env = _start_slow_backup(env, moto_s3, proxy_factory)
     proc.kill()
@@ -288,8 +296,14 @@ def test_zero_staging_and_bounded_memory(env: dict, stack: ImmichStack, bucket: 
     make_library(stack.library, photos=60, large=[96 * MIB])
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    env.update({"TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1",
-                "IMMICH_STREAM_MAX_MEMORY": "16MiB", "IMMICH_STREAM_PART_SIZE": "5MiB"})
+    env.update(
+        {
+            "TMPDIR": str(tmpdir),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "IMMICH_STREAM_MAX_MEMORY": "16MiB",
+            "IMMICH_STREAM_PART_SIZE": "5MiB",
+        }
+    )
     r = run_cli("backup", env=env)
     assert r.code == 0, r.err
     assert list(tmpdir.iterdir()) == []
@@ -348,8 +362,9 @@ def test_file_changing_while_read_is_reported(env: dict, stack: ImmichStack, buc
     assert len(data) == line["size"] and hashlib.sha256(data).hexdigest() == line["sha256"]
 
 
-def test_bodies_corrupted_in_transit_are_rejected_and_resent(env: dict, stack: ImmichStack, rclone_s3: S3Server,
-                                                             proxy_factory) -> None:
+def test_bodies_corrupted_in_transit_are_rejected_and_resent(
+    env: dict, stack: ImmichStack, rclone_s3: S3Server, proxy_factory
+) -> None:
     """Every request carries Content-MD5 and the server checks it: a body altered on the
     way is refused (BadDigest), sent again, and what lands is the file's bytes."""
     make_library(stack.library, photos=6, large=[11 * MIB])
@@ -357,8 +372,9 @@ def test_bodies_corrupted_in_transit_are_rejected_and_resent(env: dict, stack: I
     env = dict(env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_PART_SIZE="5MiB")
     # Single PUTs only: rclone drops a whole multipart upload when one part fails its
     # digest (AWS keeps it), so a corrupted part there fails the run cleanly instead.
-    single = proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p and "partNumber" not in q, corrupt=True,
-                       times=3)
+    single = proxy.add(
+        lambda m, p, q: is_put(m, p, q) and "/data/" in p and "partNumber" not in q, corrupt=True, times=3
+    )
     r = run_cli("backup", "--stop", "none", env=env)
     assert r.code == 0, r.err
     assert single.hits == 3
@@ -367,8 +383,9 @@ def test_bodies_corrupted_in_transit_are_rejected_and_resent(env: dict, stack: I
     assert_files_in_bucket(bucket, bucket.snapshots()[0], stack.library)
 
 
-def test_stalled_s3_fails_the_run_and_restarts_the_stack(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                         proxy_factory) -> None:
+def test_stalled_s3_fails_the_run_and_restarts_the_stack(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     """A server that accepts a request and never answers must not keep Immich down."""
     make_library(stack.library, photos=10)
     proxy = proxy_factory(moto_s3.endpoint)

@@ -96,10 +96,16 @@ def test_every_setting_refuses_a_wrong_value(tmp_path: Path, name: str, source: 
 @pytest.mark.parametrize(
     ("name", "value", "needle"),
     [
-        ("IMMICH_STREAM_STALL_TIMEOUT", "29s", "stall_timeout 29s (from env IMMICH_STREAM_STALL_TIMEOUT) is out of "
-                                               "range: choose 30s to 1d"),
-        ("IMMICH_STREAM_STALE_AFTER", "59m", "stale_after 59m (from env IMMICH_STREAM_STALE_AFTER) is out of range: "
-                                             "choose 1h to 365d"),
+        (
+            "IMMICH_STREAM_STALL_TIMEOUT",
+            "29s",
+            "stall_timeout 29s (from env IMMICH_STREAM_STALL_TIMEOUT) is out of range: choose 30s to 1d",
+        ),
+        (
+            "IMMICH_STREAM_STALE_AFTER",
+            "59m",
+            "stale_after 59m (from env IMMICH_STREAM_STALE_AFTER) is out of range: choose 1h to 365d",
+        ),
         ("IMMICH_STREAM_LOCK_WAIT", "2d", "lock_wait 2d (from env IMMICH_STREAM_LOCK_WAIT) is out of range"),
         ("IMMICH_STREAM_JOBS", "257", "jobs 257 (from env IMMICH_STREAM_JOBS) is out of range: choose 1 to 256"),
         ("IMMICH_STREAM_RETRIES", "21", "retries 21 (from env IMMICH_STREAM_RETRIES) is out of range: choose 1 to 20"),
@@ -110,8 +116,11 @@ def test_every_setting_refuses_a_wrong_value(tmp_path: Path, name: str, source: 
         ("S3_REGION", "eu central 1", "region from env S3_REGION is invalid: 'eu central 1' is not a region name"),
         ("S3_ENDPOINT_URL", "http://", "endpoint_url from env S3_ENDPOINT_URL is invalid"),
         ("S3_ENDPOINT_URL", "https://bad_host.example.com", "has no valid host name"),
-        ("IMMICH_STREAM_KEEP_WITHIN", "1w", "keep_within from env IMMICH_STREAM_KEEP_WITHIN is invalid: '1w' is not "
-                                            "a duration"),
+        (
+            "IMMICH_STREAM_KEEP_WITHIN",
+            "1w",
+            "keep_within from env IMMICH_STREAM_KEEP_WITHIN is invalid: '1w' is not a duration",
+        ),
     ],
 )
 def test_bounds_and_syntax_through_the_cli(tmp_path: Path, name: str, value: str, needle: str) -> None:
@@ -124,13 +133,23 @@ def test_bounds_and_syntax_through_the_cli(tmp_path: Path, name: str, value: str
 def test_keep_daily_true_in_toml_is_not_a_count(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text("[prune]\nkeep_daily = true\n")
-    assert_usage_error(run_cli("prune", "--config", str(conf), env=base_env(tmp_path)),
-                       f"keep_daily from config file {conf} is invalid: True is not a whole number")
+    assert_usage_error(
+        run_cli("prune", "--config", str(conf), env=base_env(tmp_path)),
+        f"keep_daily from config file {conf} is invalid: True is not a whole number",
+    )
 
 
 def test_booleans_accept_the_usual_words_only(tmp_path: Path) -> None:
-    for word, value in [("yes", True), ("No", False), ("ON", True), ("off", False), ("1", True), ("0", False),
-                        ("true", True), ("False", False)]:
+    for word, value in [
+        ("yes", True),
+        ("No", False),
+        ("ON", True),
+        ("off", False),
+        ("1", True),
+        ("0", False),
+        ("true", True),
+        ("False", False),
+    ]:
         assert cfg.load(environ={"S3_PATH_STYLE": word, "XDG_CONFIG_HOME": str(tmp_path)}).path_style is value
     conf = tmp_path / "c.toml"
     conf.write_text("[s3]\npath_style = true\nverify_tls = false\n")
@@ -140,13 +159,19 @@ def test_booleans_accept_the_usual_words_only(tmp_path: Path) -> None:
 
 def test_good_values_still_load(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text('[s3]\nbucket = "Legacy_Bucket.1"\nregion = "eu-central-1"\n'
-                    'endpoint_url = "https://[::1]:9000/s3/"\n[immich]\ndb_name = "immich db ü"\n'
-                    '[backup]\njobs = 256\nstall_timeout = 30\nmax_memory = "8GiB"\npart_size = "1GiB"\n'
-                    'lock_wait = 0\n[prune]\nkeep_within = "1y2m3d4h"\nstale_after = "1h"\nkeep_daily = 7\n')
+    conf.write_text(
+        '[s3]\nbucket = "Legacy_Bucket.1"\nregion = "eu-central-1"\n'
+        'endpoint_url = "https://[::1]:9000/s3/"\n[immich]\ndb_name = "immich db ü"\n'
+        '[backup]\njobs = 256\nstall_timeout = 30\nmax_memory = "8GiB"\npart_size = "1GiB"\n'
+        'lock_wait = 0\n[prune]\nkeep_within = "1y2m3d4h"\nstale_after = "1h"\nkeep_daily = 7\n'
+    )
     s = cfg.load(environ={}, config_path=str(conf))
     assert (s.bucket, s.region, s.endpoint_url, s.db_name) == (
-        "Legacy_Bucket.1", "eu-central-1", "https://[::1]:9000/s3", "immich db ü")
+        "Legacy_Bucket.1",
+        "eu-central-1",
+        "https://[::1]:9000/s3",
+        "immich db ü",
+    )
     assert (s.jobs, s.stall_timeout, s.max_memory, s.lock_wait) == (256, 30.0, 8 * 1024 * cfg.MIB, 0.0)
     assert (s.keep_within, s.stale_after, s.keep_daily) == ("1y2m3d4h", 3600.0, 7)
 
@@ -156,11 +181,14 @@ def test_keep_within_uses_prunes_rules(tmp_path: Path) -> None:
 
     for text in ("30d", "6m", "1y2m3d4h", "12h", " 2y ", "0d"):
         assert cfg.parse_within_parts(text) == parse_within(text)
-        assert cfg.load(environ={"IMMICH_STREAM_KEEP_WITHIN": text,
-                                 "XDG_CONFIG_HOME": str(tmp_path)}).keep_within == text.strip()
+        assert (
+            cfg.load(environ={"IMMICH_STREAM_KEEP_WITHIN": text, "XDG_CONFIG_HOME": str(tmp_path)}).keep_within
+            == text.strip()
+        )
 
 
 # -- refused before anything is touched -------------------------------------------------------
+
 
 class Listener:
     """A TCP port and a Unix socket nobody answers on: a client that connects is seen."""
@@ -207,10 +235,19 @@ def untouched_env(tmp_path: Path, listener: Listener) -> dict[str, str]:
     (immich / "library").mkdir(parents=True)
     (immich / "postgres").mkdir()
     env = base_env(tmp_path)
-    env.update({"IMMICH_DIR": str(immich), "LIBRARY_DIR": str(immich / "library"),
-                "POSTGRES_DIR": str(immich / "postgres"), "S3_BUCKET": "photos", "S3_ENDPOINT_URL": listener.endpoint,
-                "DOCKER_HOST": f"unix://{listener.unix_path}", "AWS_ACCESS_KEY_ID": "k",
-                "AWS_SECRET_ACCESS_KEY": "s", "IMMICH_STREAM_RETRIES": "1"})
+    env.update(
+        {
+            "IMMICH_DIR": str(immich),
+            "LIBRARY_DIR": str(immich / "library"),
+            "POSTGRES_DIR": str(immich / "postgres"),
+            "S3_BUCKET": "photos",
+            "S3_ENDPOINT_URL": listener.endpoint,
+            "DOCKER_HOST": f"unix://{listener.unix_path}",
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "IMMICH_STREAM_RETRIES": "1",
+        }
+    )
     return env
 
 
@@ -226,7 +263,11 @@ def untouched_env(tmp_path: Path, listener: Listener) -> dict[str, str]:
     ],
 )
 def test_bad_input_is_refused_before_s3_or_docker_is_touched(
-    untouched_env: dict[str, str], listener: Listener, args: list[str], extra: dict[str, str], needle: str,
+    untouched_env: dict[str, str],
+    listener: Listener,
+    args: list[str],
+    extra: dict[str, str],
+    needle: str,
 ) -> None:
     r = run_cli(*args, env={**untouched_env, **extra}, timeout=30)
     assert_usage_error(r, needle)
@@ -234,6 +275,7 @@ def test_bad_input_is_refused_before_s3_or_docker_is_touched(
 
 
 # -- local paths a command would write ---------------------------------------------------------
+
 
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
@@ -268,11 +310,15 @@ def test_restore_to_a_path_under_a_file(untouched_env: dict[str, str], listener:
     assert afile.read_text() == "x"
 
 
-def test_dump_to_an_unwritable_or_missing_place(untouched_env: dict[str, str], listener: Listener, tmp_path: Path,
-                                                read_only_dir: Path) -> None:
+def test_dump_to_an_unwritable_or_missing_place(
+    untouched_env: dict[str, str], listener: Listener, tmp_path: Path, read_only_dir: Path
+) -> None:
     cases = [
-        (read_only_dir / "dump.sql.gz", f"restore --dump-to {read_only_dir / 'dump.sql.gz'}: {read_only_dir} is not "
-                                         "writable (read-only file system)"),
+        (
+            read_only_dir / "dump.sql.gz",
+            f"restore --dump-to {read_only_dir / 'dump.sql.gz'}: {read_only_dir} is not "
+            "writable (read-only file system)",
+        ),
         (tmp_path / "no" / "such" / "dump.sql.gz", f"directory {tmp_path / 'no' / 'such'} does not exist"),
         (tmp_path, f"restore --dump-to {tmp_path} is a directory: give a file name"),
     ]
@@ -283,8 +329,9 @@ def test_dump_to_an_unwritable_or_missing_place(untouched_env: dict[str, str], l
     assert not (tmp_path / "no").exists()
 
 
-def test_backup_refuses_a_state_dir_it_cannot_create(untouched_env: dict[str, str], listener: Listener,
-                                                     tmp_path: Path) -> None:
+def test_backup_refuses_a_state_dir_it_cannot_create(
+    untouched_env: dict[str, str], listener: Listener, tmp_path: Path
+) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("x")
     env = {**untouched_env, "IMMICH_STREAM_STATE_DIR": str(afile / "state")}
@@ -295,12 +342,14 @@ def test_backup_refuses_a_state_dir_it_cannot_create(untouched_env: dict[str, st
 
 # -- where the state lives --------------------------------------------------------------------
 
+
 def test_state_dir_root_user_and_override() -> None:
     assert state_dir({"HOME": "/root", "XDG_STATE_HOME": "/root/.xdg"}, euid=0) == Path("/var/lib/immich-stream")
     assert state_dir({"HOME": "/home/ann"}, euid=1000) == Path("/home/ann/.local/state/immich-stream")
     assert state_dir({"HOME": "/home/ann", "XDG_STATE_HOME": "/srv/st"}, euid=1000) == Path("/srv/st/immich-stream")
     assert state_dir({"HOME": "/home/ann", "XDG_STATE_HOME": "rel"}, euid=1000) == Path(
-        "/home/ann/.local/state/immich-stream")  # a relative XDG_STATE_HOME is ignored, as the spec says
+        "/home/ann/.local/state/immich-stream"
+    )  # a relative XDG_STATE_HOME is ignored, as the spec says
     for euid in (0, 1000):
         assert state_dir({"IMMICH_STREAM_STATE_DIR": "/tmp/st", "HOME": "/home/ann"}, euid=euid) == Path("/tmp/st")
 
@@ -317,12 +366,14 @@ def test_state_dir_of_this_process_as_root(monkeypatch: pytest.MonkeyPatch) -> N
 
 # -- a clock problem is not a network problem ------------------------------------------------
 
+
 def is_get(method: str, path: str, query: dict[str, str]) -> bool:
     return method == "GET"
 
 
-def test_clock_skew_fails_at_once_with_a_clock_message(s3_env: dict[str, str], rclone_s3: S3Server,
-                                                       proxy_factory: type[FaultProxy]) -> None:
+def test_clock_skew_fails_at_once_with_a_clock_message(
+    s3_env: dict[str, str], rclone_s3: S3Server, proxy_factory: type[FaultProxy]
+) -> None:
     bucket_of(s3_env).put("config.json", json.dumps({"format": "immich-stream", "version": 1}).encode())
     proxy = proxy_factory(rclone_s3.endpoint)
     rule = proxy.add(is_get, status=403, code="RequestTimeTooSkewed")  # the HEAD of config.json passes
@@ -334,8 +385,9 @@ def test_clock_skew_fails_at_once_with_a_clock_message(s3_env: dict[str, str], r
     assert rule.hits == 1, proxy.requests  # not retried
 
 
-def test_clock_skew_on_a_head_is_told_by_the_servers_date(s3_env: dict[str, str], rclone_s3: S3Server,
-                                                          proxy_factory: type[FaultProxy]) -> None:
+def test_clock_skew_on_a_head_is_told_by_the_servers_date(
+    s3_env: dict[str, str], rclone_s3: S3Server, proxy_factory: type[FaultProxy]
+) -> None:
     # A HEAD's 403 has no body: S3's Date header, an hour after ours, is the only hint.
     an_hour_on = email.utils.formatdate(time.time() + 3600, usegmt=True)
     proxy = proxy_factory(rclone_s3.endpoint)

@@ -28,7 +28,12 @@ def immich_dir(tmp_path: Path) -> Path:
 def test_defaults_without_any_source(tmp_path: Path) -> None:
     s = cfg.load(environ={"XDG_CONFIG_HOME": str(tmp_path)})
     assert (s.prefix, s.project, s.db_container, s.db_user, s.db_name) == (
-        "immich-backup", "immich", "immich_postgres", "postgres", "immich")
+        "immich-backup",
+        "immich",
+        "immich_postgres",
+        "postgres",
+        "immich",
+    )
     assert s.bucket is None and s.verify_tls is True and s.stop == "all"
     assert set(s.sources.values()) == {"default"}
 
@@ -49,8 +54,12 @@ def test_precedence_file_env_dotenv_flags(immich_dir: Path, tmp_path: Path) -> N
         f'[immich]\ndir = "{immich_dir}"\ndb_name = "from_file"\ndb_user = "file_user"\ndb_container = "file_db"\n'
         '[s3]\nbucket = "file-bucket"\nprefix = "file/prefix"\n[backup]\njobs = 3\npart_size = "16MiB"\n'
     )
-    environ = {"S3_BUCKET": "env-bucket", "DB_USER": "env_user", "DB_CONTAINER": "env_db",
-               "XDG_CONFIG_HOME": str(tmp_path)}
+    environ = {
+        "S3_BUCKET": "env-bucket",
+        "DB_USER": "env_user",
+        "DB_CONTAINER": "env_db",
+        "XDG_CONFIG_HOME": str(tmp_path),
+    }
     s = cfg.load(flags={"db_container": "flag_db"}, environ=environ, config_path=str(conf))
     assert s.db_name == "immich_db"  # .env beats the config file
     assert s.db_user == "env_user"  # the environment beats .env
@@ -68,8 +77,13 @@ def test_default_config_location_is_read(tmp_path: Path) -> None:
 
 
 def test_endpoint_from_aws_endpoint_url_and_sizes(tmp_path: Path) -> None:
-    s = cfg.load(environ={"AWS_ENDPOINT_URL": "http://127.0.0.1:9000/", "IMMICH_STREAM_MAX_MEMORY": "1GiB",
-                          "XDG_CONFIG_HOME": str(tmp_path)})
+    s = cfg.load(
+        environ={
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9000/",
+            "IMMICH_STREAM_MAX_MEMORY": "1GiB",
+            "XDG_CONFIG_HOME": str(tmp_path),
+        }
+    )
     assert s.endpoint_url == "http://127.0.0.1:9000" and s.max_memory == 1024 * cfg.MIB
 
 
@@ -111,6 +125,7 @@ def test_bad_toml_names_the_line(tmp_path: Path) -> None:
 
 # -- through the CLI, as a user sees it ------------------------------------------------------
 
+
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = base_env(tmp_path)
     env.update(extra)
@@ -125,8 +140,13 @@ def test_help_and_version(tmp_path: Path) -> None:
 
 
 def test_config_command_shows_values_sources_and_hides_secrets(tmp_path: Path, immich_dir: Path) -> None:
-    env = cli_env(tmp_path, IMMICH_DIR=str(immich_dir), S3_BUCKET="b1", AWS_ACCESS_KEY_ID="AKIAEXAMPLEKEY1234",
-                  AWS_SECRET_ACCESS_KEY="very-secret-value-123")
+    env = cli_env(
+        tmp_path,
+        IMMICH_DIR=str(immich_dir),
+        S3_BUCKET="b1",
+        AWS_ACCESS_KEY_ID="AKIAEXAMPLEKEY1234",
+        AWS_SECRET_ACCESS_KEY="very-secret-value-123",
+    )
     r = run_cli("config", "--prefix", "nightly", env=env)
     assert r.code == 0, r.err
     rows = {line.split()[0]: line for line in r.out.splitlines()[1:]}
@@ -143,13 +163,19 @@ def test_config_command_shows_values_sources_and_hides_secrets(tmp_path: Path, i
     ("args", "extra", "needle"),
     [
         (["--endpoint-url", "localhost:9000"], {}, "endpoint_url from flag --endpoint-url is invalid"),
-        (["--library-dir", "/no/such/library"], {}, "library_dir /no/such/library (from flag --library-dir) does not exist"),
+        (
+            ["--library-dir", "/no/such/library"],
+            {},
+            "library_dir /no/such/library (from flag --library-dir) does not exist",
+        ),
         (["--config", "/no/such.toml"], {}, "config file /no/such.toml does not exist"),
         ([], {"IMMICH_STREAM_CONFIG": "__bad__"}, "is not valid TOML"),
         ([], {"IMMICH_STREAM_CONFIG": "__unreadable__"}, "cannot be read"),
     ],
 )
-def test_config_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], extra: dict[str, str], needle: str) -> None:
+def test_config_errors_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], extra: dict[str, str], needle: str
+) -> None:
     if extra.get("IMMICH_STREAM_CONFIG") == "__bad__":
         bad = tmp_path / "bad.toml"
         bad.write_text("[s3\nbucket=1\n")

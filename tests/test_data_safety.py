@@ -29,8 +29,10 @@ def rel(stack: ImmichStack, path: Path) -> bytes:
 
 # -- item 3: an unmounted, emptied or shrunk library ------------------------------------------
 
+
 def test_library_without_immich_markers_is_refused_before_the_stack_is_touched(
-        env: dict, stack: ImmichStack, bucket: Bucket) -> None:
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     """An unmounted disk leaves an empty directory (or one without Immich's .immich markers)."""
     (stack.library / "library").mkdir()
     (stack.library / "library" / "stray.jpg").write_bytes(b"not a library")
@@ -53,7 +55,8 @@ def test_library_without_immich_markers_is_refused_before_the_stack_is_touched(
 
 
 def test_emptied_or_shrunk_library_is_refused_and_allow_shrink_skips_prune(
-        env: dict, stack: ImmichStack, bucket: Bucket) -> None:
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     make_library(stack.library, photos=20)
     assert run_cli("backup", env=env).code == 0
     [good] = bucket.snapshots()
@@ -91,6 +94,7 @@ def test_emptied_or_shrunk_library_is_refused_and_allow_shrink_skips_prune(
 
 # -- item 5: a reused object that is gone -----------------------------------------------------
 
+
 def test_object_missing_from_the_bucket_is_uploaded_again(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     make_library(stack.library, photos=8)
     assert run_cli("backup", "--stop", "none", env=env).code == 0
@@ -115,8 +119,10 @@ def test_object_missing_from_the_bucket_is_uploaded_again(env: dict, stack: Immi
 
 # -- item 7: ctime, device, and metadata-only changes ----------------------------------------
 
-def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(env: dict, stack: ImmichStack,
-                                                                      bucket: Bucket) -> None:
+
+def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     make_library(stack.library, photos=8, large=[6 * MIB])
     env["IMMICH_STREAM_PART_SIZE"] = "5MiB"  # the 6 MiB video goes the multipart way
     assert run_cli("backup", "--stop", "none", env=env).code == 0
@@ -149,8 +155,7 @@ def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(env: dict, 
     assert lines[rel(stack, photos[2])]["key"] == old[rel(stack, photos[2])]["key"]
     assert lines[rel(stack, touched)]["mtime_ns"] == 1_600_000_000 * 10**9
     assert lines[rel(stack, photos[2])]["uid"] == 1234
-    assert set(bucket.keys(f"data/{second}/")) == {lines[rel(stack, rewritten)]["key"],
-                                                    lines[rel(stack, video)]["key"]}
+    assert set(bucket.keys(f"data/{second}/")) == {lines[rel(stack, rewritten)]["key"], lines[rel(stack, video)]["key"]}
     files = bucket.snapshot(second)["files"]
     assert files["changed"] == 2 and files["touched"] == 2, files
 
@@ -161,8 +166,9 @@ def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     from immich_stream.repo import ManifestLine
 
     def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
-        return ManifestLine("library", path, "file", 10, 100, 0o644, 0, 0, inode, sha, f"data/x/library/{path}",
-                            ctime_ns=ctime, dev=dev)
+        return ManifestLine(
+            "library", path, "file", 10, 100, 0o644, 0, 0, inode, sha, f"data/x/library/{path}", ctime_ns=ctime, dev=dev
+        )
 
     parent = ParentInfo("x")
     gone = line("upload/a.jpg", 1, 42)
@@ -186,8 +192,8 @@ def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
 
 # -- item 8: long names ------------------------------------------------------------------------
 
-def test_paths_too_long_for_s3_keys_round_trip(env: dict, stack: ImmichStack, bucket: Bucket,
-                                              tmp_path: Path) -> None:
+
+def test_paths_too_long_for_s3_keys_round_trip(env: dict, stack: ImmichStack, bucket: Bucket, tmp_path: Path) -> None:
     make_library(stack.library, photos=3)
     deep = stack.library / "library" / USER_ID
     for i in range(5):
@@ -219,8 +225,7 @@ def test_paths_too_long_for_s3_keys_round_trip(env: dict, stack: ImmichStack, bu
     assert run_cli("verify", sid, "--read-data", env=env).code == 0
 
 
-def test_unreadable_file_gives_exit_3_and_a_committed_snapshot(env: dict, stack: ImmichStack,
-                                                               bucket: Bucket) -> None:
+def test_unreadable_file_gives_exit_3_and_a_committed_snapshot(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     """A file even root cannot open (a write-only sysfs attribute bound into the library)."""
     source = Path("/sys/bus/pci/rescan")
     if not source.exists():
@@ -246,8 +251,10 @@ def test_unreadable_file_gives_exit_3_and_a_committed_snapshot(env: dict, stack:
 
 # -- item 10: a lost answer to CompleteMultipartUpload ----------------------------------------
 
-def test_lost_answer_to_complete_multipart_is_not_a_failure(env: dict, stack: ImmichStack, rclone_s3: S3Server,
-                                                            proxy_factory) -> None:
+
+def test_lost_answer_to_complete_multipart_is_not_a_failure(
+    env: dict, stack: ImmichStack, rclone_s3: S3Server, proxy_factory
+) -> None:
     """The server completed the upload; its answer was lost; the retry finds no such upload."""
     make_library(stack.library, photos=3, large=[11 * MIB])
     proxy = proxy_factory(rclone_s3.endpoint)
@@ -272,6 +279,7 @@ def test_lost_answer_to_complete_multipart_is_not_a_failure(env: dict, stack: Im
 
 # -- item 11: streams larger than the memory budget's parts -----------------------------------
 
+
 async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch) -> None:
     """Scaled down: 4 KiB parts, a 16 KiB budget, and parts that would double past it."""
     from immich_stream import store as store_mod
@@ -292,7 +300,7 @@ async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server,
     async with Store(settings) as store:
         async with StreamWriter(store, "big/stream", budget, 4096) as out:
             for i in range(0, len(data), 1000):
-                await asyncio.wait_for(out.write(data[i:i + 1000]), 30)  # a deadlock fails here
+                await asyncio.wait_for(out.write(data[i : i + 1000]), 30)  # a deadlock fails here
             await asyncio.wait_for(out.finish(), 30)
         assert out.parts > 16 and budget.used == 0
         assert budget.peak <= budget.limit

@@ -60,16 +60,22 @@ POLICIES = [
 @pytest.fixture(scope="module")
 def restic_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("restic")
-    env = {**os.environ, "RESTIC_REPOSITORY": str(root / "repo"), "RESTIC_PASSWORD": "test", "TZ": "UTC",
-           "RESTIC_CACHE_DIR": str(root / "cache")}
+    env = {
+        **os.environ,
+        "RESTIC_REPOSITORY": str(root / "repo"),
+        "RESTIC_PASSWORD": "test",
+        "TZ": "UTC",
+        "RESTIC_CACHE_DIR": str(root / "cache"),
+    }
     data = root / "data"
     data.mkdir()
     (data / "f").write_text("x")
     subprocess.run(["restic", "init", "-q"], env=env, check=True)
 
     def backup(t: dt.datetime) -> None:
-        subprocess.run(["restic", "backup", "-q", "--time", t.strftime("%Y-%m-%d %H:%M:%S"), str(data)],
-                       env=env, check=True)
+        subprocess.run(
+            ["restic", "backup", "-q", "--time", t.strftime("%Y-%m-%d %H:%M:%S"), str(data)], env=env, check=True
+        )
 
     # restic's backups take a shared lock: they can run side by side (each spends most of
     # its time deriving the key from the password).
@@ -85,12 +91,12 @@ def restic_keeps(env: dict[str, str], policy: Policy) -> list[str]:
             args += [f"--keep-{rule}", str(getattr(policy, rule))]
     if policy.within:
         args += ["--keep-within", policy.within]
-    out = subprocess.run(["restic", "forget", "--dry-run", "--json", *args], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["restic", "forget", "--dry-run", "--json", *args], env=env, check=True, capture_output=True, text=True
+    ).stdout
     groups = json.loads(out)
     kept = [s["time"] for g in groups for s in g["keep"]]
-    return sorted(dt.datetime.fromisoformat(k[:19]).replace(tzinfo=dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")
-                  for k in kept)
+    return sorted(dt.datetime.fromisoformat(k[:19]).replace(tzinfo=dt.UTC).strftime("%Y-%m-%dT%H%M%SZ") for k in kept)
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
@@ -103,8 +109,14 @@ def test_retention_keeps_exactly_what_restic_keeps(restic_repo: dict[str, str], 
 
 def test_retention_by_hand() -> None:
     d = lambda s: sid(dt.datetime.fromisoformat(s).replace(tzinfo=dt.UTC))  # noqa: E731
-    ids = [d("2024-03-01 10:00"), d("2024-03-01 12:00"), d("2024-03-02 09:00"), d("2024-03-04 08:00"),
-           d("2024-03-04 20:00"), d("2024-03-05 11:00")]
+    ids = [
+        d("2024-03-01 10:00"),
+        d("2024-03-01 12:00"),
+        d("2024-03-02 09:00"),
+        d("2024-03-04 08:00"),
+        d("2024-03-04 20:00"),
+        d("2024-03-05 11:00"),
+    ]
     keep, _ = apply_policy(ids, Policy(daily=3))
     assert keep == [d("2024-03-02 09:00"), d("2024-03-04 20:00"), d("2024-03-05 11:00")]  # days with snapshots
     keep, _ = apply_policy(ids, Policy(within="1d"))
@@ -133,6 +145,7 @@ def test_newest_snapshot_is_kept_whatever_the_policy() -> None:
 
 # -- prune against the bucket --------------------------------------------------------------------
 
+
 def data_keys(bucket: Bucket) -> set[str]:
     return set(bucket.keys("data/"))
 
@@ -141,8 +154,9 @@ def referenced(bucket: Bucket) -> set[str]:
     return {m["key"] for s in bucket.snapshots() for m in bucket.manifest(s) if m.get("key")}
 
 
-def test_prune_removes_snapshots_and_garbage_keeps_shared_objects(env: dict, stack: ImmichStack,
-                                                                  bucket: Bucket) -> None:
+def test_prune_removes_snapshots_and_garbage_keeps_shared_objects(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     make_library(stack.library, photos=6)
     env = dict(env, IMMICH_STREAM_STOP="none")
     assert run_cli("backup", env=env).code == 0
@@ -180,8 +194,7 @@ def test_prune_refuses_without_policy(env: dict) -> None:
     assert r.code == 2 and "no retention policy" in r.last_error
 
 
-def test_prune_with_a_policy_that_keeps_nothing_touches_nothing(env: dict, stack: ImmichStack,
-                                                                bucket: Bucket) -> None:
+def test_prune_with_a_policy_that_keeps_nothing_touches_nothing(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     make_library(stack.library, photos=2)
     env = dict(env, IMMICH_STREAM_STOP="none")
     assert run_cli("backup", env=env).code == 0
@@ -199,11 +212,12 @@ def test_prune_with_a_policy_that_keeps_nothing_touches_nothing(env: dict, stack
     assert r.code == 0 and "2 snapshots" in r.out and "no problems" in r.out
 
 
-def test_backup_with_prune_uses_configured_policy(env: dict, stack: ImmichStack, bucket: Bucket,
-                                                  tmp_path: Path) -> None:
+def test_backup_with_prune_uses_configured_policy(
+    env: dict, stack: ImmichStack, bucket: Bucket, tmp_path: Path
+) -> None:
     make_library(stack.library, photos=2)
     conf = tmp_path / "c.toml"
-    conf.write_text("[prune]\nkeep_last = 2\n[backup]\nstop = \"none\"\n")
+    conf.write_text('[prune]\nkeep_last = 2\n[backup]\nstop = "none"\n')
     env = dict(env, IMMICH_STREAM_CONFIG=str(conf))
     for _ in range(3):
         r = run_cli("backup", "--prune", env=env)
@@ -212,8 +226,9 @@ def test_backup_with_prune_uses_configured_policy(env: dict, stack: ImmichStack,
     assert "prune done: policy keep-last 2" in r.out
 
 
-def test_stale_incomplete_snapshots_and_uploads_go_fresh_ones_stay(env: dict, stack: ImmichStack,
-                                                                   bucket: Bucket) -> None:
+def test_stale_incomplete_snapshots_and_uploads_go_fresh_ones_stay(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     # rclone, not moto: moto reports every multipart upload as initiated in 2010.
     make_library(stack.library, photos=2)
     assert run_cli("backup", "--stop", "none", env=env).code == 0
@@ -240,22 +255,37 @@ def test_stale_incomplete_snapshots_and_uploads_go_fresh_ones_stay(env: dict, st
 
 # -- locks ---------------------------------------------------------------------------------------
 
-def put_lock(bucket: Bucket, host: str, refreshed_ago: float, command: str = "backup", exclusive: bool = False,
-             pid: int = 4242, run: str | None = None) -> str:
+
+def put_lock(
+    bucket: Bucket,
+    host: str,
+    refreshed_ago: float,
+    command: str = "backup",
+    exclusive: bool = False,
+    pid: int = 4242,
+    run: str | None = None,
+) -> str:
     """A lock object of another host, written now; its body claims (by the holder's clock)
     to have been refreshed `refreshed_ago` seconds ago."""
     now = time.time()
     key = f"locks/test-{host}-{int(refreshed_ago)}.json"
-    body = {"host": host, "pid": pid, "command": command, "exclusive": exclusive,
-            "started": now - refreshed_ago - 10, "refreshed": now - refreshed_ago}
+    body = {
+        "host": host,
+        "pid": pid,
+        "command": command,
+        "exclusive": exclusive,
+        "started": now - refreshed_ago - 10,
+        "refreshed": now - refreshed_ago,
+    }
     if run:
         body.update(run=run, token="f" * 32)
     bucket.put(key, json.dumps(body).encode())
     return key
 
 
-def start_locked_backup(env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory,
-                        wrapper: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], dict, Bucket]:
+def start_locked_backup(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory, wrapper: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], dict, Bucket]:
     """A backup slowed down by the proxy, returned once its lock object is in the bucket.
     `wrapper` runs it under another command (e.g. in its own pid namespace)."""
     make_library(stack.library, photos=30)
@@ -264,17 +294,23 @@ def start_locked_backup(env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_
     proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.3)
     bucket = bucket_of(slow)
     if wrapper:
-        backup = subprocess.Popen([*wrapper, sys.executable, "-m", "immich_stream", "backup", "--stop", "none"],
-                                  env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  stdin=subprocess.DEVNULL)
+        backup = subprocess.Popen(
+            [*wrapper, sys.executable, "-m", "immich_stream", "backup", "--stop", "none"],
+            env=slow,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
     else:
         backup = start_cli("backup", "--stop", "none", env=slow)
     wait_for(lambda: bucket.keys("locks/"), 60, what="the backup's lock")
     return backup, slow, bucket
 
 
-def test_prune_during_backup_waits_then_fails_naming_the_holder(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                               proxy_factory) -> None:
+def test_prune_during_backup_waits_then_fails_naming_the_holder(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     backup, env, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
     r = run_cli("prune", "--keep-last", "1", "--lock-wait", "2s", env=env)
     assert r.code == 1
@@ -285,8 +321,9 @@ def test_prune_during_backup_waits_then_fails_naming_the_holder(env: dict, stack
     assert run_cli("prune", "--keep-last", "1", "--lock-wait", "2s", env=env).code == 0
 
 
-def test_killed_backup_lock_stops_nothing_and_local_lock(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                         proxy_factory) -> None:
+def test_killed_backup_lock_stops_nothing_and_local_lock(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     first, slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
     # a second backup on the same host is refused by the local lock at once
     r = run_cli("backup", "--stop", "none", env=slow)
@@ -306,7 +343,8 @@ def test_killed_backup_lock_stops_nothing_and_local_lock(env: dict, stack: Immic
 
 
 def test_foreign_locks_judged_by_server_clock_unlock_force_says_what_it_endangers(
-        env: dict, stack: ImmichStack, bucket: Bucket) -> None:
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     make_library(stack.library, photos=2)
     env = dict(env, IMMICH_STREAM_STOP="none")
     assert run_cli("backup", env=env).code == 0
@@ -341,13 +379,15 @@ def test_foreign_locks_judged_by_server_clock_unlock_force_says_what_it_endanger
     assert bucket.keys("locks/") == {}
 
 
-def test_prune_racing_a_backup_on_a_host_of_the_same_name_waits(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                                proxy_factory, tmp_path: Path) -> None:
+def test_prune_racing_a_backup_on_a_host_of_the_same_name_waits(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory, tmp_path: Path
+) -> None:
     # Two "hosts" of one hostname (containers): the backup runs in its own pid namespace (its
     # pid is 1 there, some other process here) with its own state directory.
     env = dict(env, IMMICH_STREAM_JOBS="2")
-    backup, slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory,
-                                               wrapper=("unshare", "--pid", "--fork"))
+    backup, slow, bucket = start_locked_backup(
+        env, stack, moto_s3, proxy_factory, wrapper=("unshare", "--pid", "--fork")
+    )
     wait_for(lambda: bucket.keys("data/"), 60, what="the backup's first uploads")
     time.sleep(1.5)  # older than --stale-after below
     other_host = dict(slow, IMMICH_STREAM_STATE_DIR=str(tmp_path / "other-host-state"))
@@ -362,8 +402,9 @@ def test_prune_racing_a_backup_on_a_host_of_the_same_name_waits(env: dict, stack
 
 
 @pytest.mark.parametrize("lock_stale", [None, "6s"], ids=["commit-check", "refresher"])
-def test_backup_whose_lock_was_removed_does_not_commit(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                       proxy_factory, lock_stale: str | None) -> None:
+def test_backup_whose_lock_was_removed_does_not_commit(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory, lock_stale: str | None
+) -> None:
     # With a short staleness the lock is refreshed every second: the refresher sees it gone
     # and must not write it again.
     if lock_stale:
@@ -385,8 +426,10 @@ def test_backup_whose_lock_was_removed_does_not_commit(env: dict, stack: ImmichS
 
 # -- odd bucket contents -------------------------------------------------------------------------
 
-def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(env: dict, stack: ImmichStack,
-                                                                             moto_s3: S3Server) -> None:
+
+def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(
+    env: dict, stack: ImmichStack, moto_s3: S3Server
+) -> None:
     # moto keeps keys ending in "/" as objects (as AWS does) and dates every multipart upload
     # 2010: stale for any threshold.
     env = moto_env(env, moto_s3)
@@ -398,15 +441,24 @@ def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(e
     first, second = bucket.snapshots()
     s3, name = bucket.s3, bucket.name
     run = sid(dt.datetime.now(dt.UTC) - dt.timedelta(days=3), 9)
-    odd = ["immich-backup/", "immich-backup/snapshots/", "immich-backup/data/", "immich-backup/locks/",
-           "immich-backup/snapshots/README.txt", "immich-backup/snapshots/not-an-id/snapshot.json",
-           "immich-backup/data/stray.bin", "immich-backup/data/not-a-run/library/x.jpg",
-           f"immich-backup2/data/{run}/library/other.jpg", "other-app/file.bin"]
+    odd = [
+        "immich-backup/",
+        "immich-backup/snapshots/",
+        "immich-backup/data/",
+        "immich-backup/locks/",
+        "immich-backup/snapshots/README.txt",
+        "immich-backup/snapshots/not-an-id/snapshot.json",
+        "immich-backup/data/stray.bin",
+        "immich-backup/data/not-a-run/library/x.jpg",
+        f"immich-backup2/data/{run}/library/other.jpg",
+        "other-app/file.bin",
+    ]
     for key in odd:
         s3.put_object(Bucket=name, Key=key, Body=b"" if key.endswith("/") else b"not immich-stream's")
-    others = {s3.create_multipart_upload(Bucket=name, Key=key)["UploadId"]
-              for key in (f"immich-backup2/data/{run}/library/big.mp4", "other-app/big.bin",
-                          "immich-backup/stray-upload.bin")}
+    others = {
+        s3.create_multipart_upload(Bucket=name, Key=key)["UploadId"]
+        for key in (f"immich-backup2/data/{run}/library/big.mp4", "other-app/big.bin", "immich-backup/stray-upload.bin")
+    }
 
     r = run_cli("snapshots", env=env)
     assert r.code == 0, r.err
@@ -414,8 +466,9 @@ def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(e
     r = run_cli("prune", "--keep-last", "1", "--stale-after", "1s", env=env)
     assert r.code == 0, r.err
     assert bucket.snapshots() == [second, "not-an-id"]  # the stray "snapshot" is not ours: left alone
-    listed = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name)
-              for o in page.get("Contents", [])}
+    listed = {
+        o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name) for o in page.get("Contents", [])
+    }
     assert set(odd) <= listed, f"prune deleted what is not its own: {set(odd) - listed}"
     uploads = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=name).get("Uploads", [])}
     assert others <= uploads, "prune aborted another prefix's (or a stray) multipart upload"

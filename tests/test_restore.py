@@ -16,12 +16,14 @@ from tests.faultproxy import any_request
 from tests.helpers import USER_ID, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
 TABLES = ("users", "assets", "exif", "albums", "albums_assets", "geodata_places")
-NEAR_ZERO = "SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 2000000) @> \"earthCoord\""
+NEAR_ZERO = 'SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 2000000) @> "earthCoord"'
 
 
 def snapshot_of_tree(root: Path) -> dict[bytes, tuple[str, int, int]]:
-    return {rel: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns, stat.S_IMODE(p.stat().st_mode))
-            for rel, p in tree(root).items()}
+    return {
+        rel: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns, stat.S_IMODE(p.stat().st_mode))
+        for rel, p in tree(root).items()
+    }
 
 
 def row_counts(stack: ImmichStack) -> dict[str, str]:
@@ -67,13 +69,23 @@ def test_restored_cold_copy_of_postgres_starts(env: dict, stack: ImmichStack, tm
     assert (target / "PG_VERSION").stat().st_uid == owner  # ownership kept (restored as root)
     name = "immich_stream_restored_pg"
     subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-    docker("run", "-d", "--name", name, "-v", f"{target}:/var/lib/postgresql/data",
-           "immich-stream-test/postgres:15")
+    docker("run", "-d", "--name", name, "-v", f"{target}:/var/lib/postgresql/data", "immich-stream-test/postgres:15")
     try:
-        wait_for(lambda: subprocess.run(["docker", "exec", name, "pg_isready", "-h", "127.0.0.1", "-U", "postgres"],
-                                        capture_output=True).returncode == 0, 60, 0.2, "the restored cluster")
-        assert docker("exec", name, "psql", "-U", "postgres", "-d", "immich", "-Atc",
-                      "SELECT count(*) FROM assets") == rows
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["docker", "exec", name, "pg_isready", "-h", "127.0.0.1", "-U", "postgres"], capture_output=True
+                ).returncode
+                == 0
+            ),
+            60,
+            0.2,
+            "the restored cluster",
+        )
+        assert (
+            docker("exec", name, "psql", "-U", "postgres", "-d", "immich", "-Atc", "SELECT count(*) FROM assets")
+            == rows
+        )
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
@@ -126,8 +138,9 @@ def test_verify_finds_missing_and_corrupt_objects(env: dict, stack: ImmichStack,
     assert r.code == 1 and "database dump" in r.out
 
 
-def test_restore_refuses_paths_outside_the_target(env: dict, stack: ImmichStack, bucket: Bucket,
-                                                  tmp_path: Path) -> None:
+def test_restore_refuses_paths_outside_the_target(
+    env: dict, stack: ImmichStack, bucket: Bucket, tmp_path: Path
+) -> None:
     make_library(stack.library, photos=2)
     assert run_cli("backup", "--stop", "none", env=env).code == 0
     [sid] = bucket.snapshots()
@@ -136,8 +149,9 @@ def test_restore_refuses_paths_outside_the_target(env: dict, stack: ImmichStack,
     outside = tmp_path / "outside"
     outside.mkdir()
     forged = [dict(some, path="../escaped.jpg")] + lines
-    bucket.put(f"snapshots/{sid}/manifest.jsonl.gz",
-               gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged)))
+    bucket.put(
+        f"snapshots/{sid}/manifest.jsonl.gz", gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged))
+    )
     target = outside / "target"
     r = run_cli("restore", "--root", "library", "--to", str(target), env=env)
     assert r.code == 1
@@ -145,17 +159,21 @@ def test_restore_refuses_paths_outside_the_target(env: dict, stack: ImmichStack,
     assert not (outside / "escaped.jpg").exists()
 
     # a symlink out of the target, then a file "under" it
-    forged = [dict(some, path="link", type="symlink", target=str(outside), key=None),
-              dict(some, path="link/escaped2.jpg")] + lines
-    bucket.put(f"snapshots/{sid}/manifest.jsonl.gz",
-               gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged)))
+    forged = [
+        dict(some, path="link", type="symlink", target=str(outside), key=None),
+        dict(some, path="link/escaped2.jpg"),
+    ] + lines
+    bucket.put(
+        f"snapshots/{sid}/manifest.jsonl.gz", gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged))
+    )
     r = run_cli("restore", "--root", "library", "--to", str(tmp_path / "t2"), env=env)
     assert r.code == 1 and "leads out of the restore target" in r.last_error
     assert not (outside / "escaped2.jpg").exists()
 
 
-def test_interrupted_restore_resumes_without_downloading_again(env: dict, stack: ImmichStack, moto_s3,
-                                                              proxy_factory, tmp_path: Path) -> None:
+def test_interrupted_restore_resumes_without_downloading_again(
+    env: dict, stack: ImmichStack, moto_s3, proxy_factory, tmp_path: Path
+) -> None:
     from tests.conftest import moto_env
 
     make_library(stack.library, photos=40)
@@ -166,6 +184,7 @@ def test_interrupted_restore_resumes_without_downloading_again(env: dict, stack:
     proxy.add(any_request, delay=0.15)
     slow = dict(env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="2")
     proc = start_cli("restore", "--root", "library", "--to", str(target), env=slow)
+
     def finished() -> dict:
         return {rel: p for rel, p in tree(target).items() if b".immich-stream" not in rel} if target.exists() else {}
 

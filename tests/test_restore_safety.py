@@ -28,13 +28,14 @@ def fingerprint(stack: ImmichStack, oids: bool = True) -> str:
 
 
 MARKERS = "SELECT string_agg(note, ',' ORDER BY note) FROM restore_marker"
-NEAR_ZERO = "SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 2000000) @> \"earthCoord\""
+NEAR_ZERO = 'SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 2000000) @> "earthCoord"'
 
 
-def test_failed_database_restore_changes_nothing(env: dict, stack: ImmichStack, bucket: Bucket,
-                                                 proxy_factory) -> None:
-    stack.psql("DROP TABLE IF EXISTS restore_marker; CREATE TABLE restore_marker (note text); "
-               "INSERT INTO restore_marker VALUES ('in the snapshot')")
+def test_failed_database_restore_changes_nothing(env: dict, stack: ImmichStack, bucket: Bucket, proxy_factory) -> None:
+    stack.psql(
+        "DROP TABLE IF EXISTS restore_marker; CREATE TABLE restore_marker (note text); "
+        "INSERT INTO restore_marker VALUES ('in the snapshot')"
+    )
     try:
         near = stack.psql(NEAR_ZERO)
         make_library(stack.library, photos=1)
@@ -68,8 +69,12 @@ def test_failed_database_restore_changes_nothing(env: dict, stack: ImmichStack, 
         unchanged()
 
         # a different but valid gzip, applied to the end by psql: its sha256 is not the snapshot's
-        bucket.put(key, gzip.compress(sql.replace(b"-- PostgreSQL database dump", b"-- PostgreSQL database dumq", 1),
-                                      compresslevel=1))
+        bucket.put(
+            key,
+            gzip.compress(
+                sql.replace(b"-- PostgreSQL database dump", b"-- PostgreSQL database dumq", 1), compresslevel=1
+            ),
+        )
         r = run_cli("restore", "--database", env=env)
         assert r.code == 1 and "does not match snapshot.json" in r.last_error, r.err
         unchanged()
@@ -109,13 +114,15 @@ def test_failed_database_restore_changes_nothing(env: dict, stack: ImmichStack, 
         stack.psql("DROP TABLE IF EXISTS restore_marker")
 
 
-def test_restore_writes_only_inside_the_target(env: dict, stack: ImmichStack, bucket: Bucket, proxy_factory,
-                                               tmp_path: Path) -> None:
+def test_restore_writes_only_inside_the_target(
+    env: dict, stack: ImmichStack, bucket: Bucket, proxy_factory, tmp_path: Path
+) -> None:
     make_library(stack.library, photos=6, odd_names=False)
     assert run_cli("backup", "--stop", "none", env=env).code == 0
     [sid] = bucket.snapshots()
-    files = sorted((m for m in bucket.manifest(sid) if m["type"] == "file" and m["root"] == "library"),
-                   key=lambda m: -m["size"])
+    files = sorted(
+        (m for m in bucket.manifest(sid) if m["type"] == "file" and m["root"] == "library"), key=lambda m: -m["size"]
+    )
     big, other, third, fourth = files[:4]
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -125,8 +132,9 @@ def test_restore_writes_only_inside_the_target(env: dict, stack: ImmichStack, bu
     os.utime(victim, ns=(1_000_000_000, 1_000_000_000))
 
     def state() -> dict:
-        return {p.name: (p.read_bytes(), stat.S_IMODE(p.lstat().st_mode), p.lstat().st_mtime_ns)
-                for p in outside.iterdir()}
+        return {
+            p.name: (p.read_bytes(), stat.S_IMODE(p.lstat().st_mode), p.lstat().st_mtime_ns) for p in outside.iterdir()
+        }
 
     before = state()
     long_a, long_b = "x" * 200 + "-a.jpg", "x" * 200 + "-b.jpg"  # the same first 200 bytes
@@ -142,13 +150,20 @@ def test_restore_writes_only_inside_the_target(env: dict, stack: ImmichStack, bu
         dict(other, path=f"forged/{long_a}"),
         dict(third, path=f"forged/{long_b}"),
     ]
-    bucket.put(f"snapshots/{sid}/manifest.jsonl.gz",
-               gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged)))
+    bucket.put(
+        f"snapshots/{sid}/manifest.jsonl.gz", gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged))
+    )
     proxy = proxy_factory(env["S3_ENDPOINT_URL"])
     proxy.add(lambda method, path, query: method == "GET" and "/data/" in path, delay=0.5)  # downloads overlap
     target = tmp_path / "target"
-    r = run_cli("restore", "--root", "library", "--to", str(target),
-                env=dict(env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="4"))
+    r = run_cli(
+        "restore",
+        "--root",
+        "library",
+        "--to",
+        str(target),
+        env=dict(env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="4"),
+    )
 
     assert state() == before  # bytes, mode and mtime of everything outside
     assert r.code == 0, r.err
@@ -159,5 +174,6 @@ def test_restore_writes_only_inside_the_target(env: dict, stack: ImmichStack, bu
     assert (restored / long_b).read_bytes() == bucket.get(third["key"])
     assert (restored / "photo2.jpg").read_bytes() == bucket.get(fourth["key"])
     assert os.readlink(restored / ".photo.jpg.immich-stream-partial") == str(victim)  # restored as a symlink
-    assert sorted(tree(target)) == sorted(os.fsencode(f"forged/{n}") for n in ("photo.jpg", "photo2.jpg", long_a,
-                                                                                long_b))
+    assert sorted(tree(target)) == sorted(
+        os.fsencode(f"forged/{n}") for n in ("photo.jpg", "photo2.jpg", long_a, long_b)
+    )

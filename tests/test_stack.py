@@ -15,8 +15,10 @@ def test_stack_has_immich_names_and_compose_labels(stack: ImmichStack) -> None:
         assert labels["com.docker.compose.project"] == "immich"
         services[name] = labels["com.docker.compose.service"]
     assert services == {
-        "immich_server": "immich-server", "immich_machine_learning": "immich-machine-learning",
-        "immich_redis": "redis", "immich_postgres": "database",
+        "immich_server": "immich-server",
+        "immich_machine_learning": "immich-machine-learning",
+        "immich_redis": "redis",
+        "immich_postgres": "database",
     }
     mounts = json.loads(docker("inspect", "-f", "{{json .Mounts}}", "immich_postgres"))
     assert any(m["Type"] == "bind" and m["Source"] == str(stack.postgres) for m in mounts)
@@ -29,8 +31,7 @@ def test_seeded_database_answers(stack: ImmichStack) -> None:
     exts = set(stack.psql("SELECT extname FROM pg_extension").split())
     assert {"cube", "earthdistance"} <= exts
     # earthdistance works on the seeded geodata (what Immich's reverse geocoding does)
-    near = stack.psql(
-        "SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 2000000) @> \"earthCoord\"")
+    near = stack.psql('SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 2000000) @> "earthCoord"')
     assert int(near) > 0
     size = int(stack.psql("SELECT pg_database_size('immich')"))
     assert size > 40 * 1024 * 1024

@@ -4,7 +4,6 @@ prune after a committed snapshot. Against the real stack and real S3 servers."""
 
 from __future__ import annotations
 
-
 import json
 import os
 import signal
@@ -18,8 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (CONTAINERS, KEY, SECRET, ImmichStack, S3Server, _tool, bucket_of, docker, free_port,
-                            moto_env, running_containers, wait_port)
+from tests.conftest import (
+    CONTAINERS,
+    KEY,
+    SECRET,
+    ImmichStack,
+    S3Server,
+    _tool,
+    bucket_of,
+    docker,
+    free_port,
+    moto_env,
+    running_containers,
+    wait_port,
+)
 from tests.faultproxy import is_put
 from tests.helpers import Bucket, make_library, run_cli, start_cli, wait_for
 from tests.test_prune import put_lock
@@ -35,9 +46,24 @@ class OwnS3:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [_tool("rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{self.port}", "--config", "/dev/null",
-             "--auth-key", f"{KEY},{SECRET}", "--log-level", "ERROR"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                _tool("rclone"),
+                "serve",
+                "s3",
+                str(root),
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--config",
+                "/dev/null",
+                "--auth-key",
+                f"{KEY},{SECRET}",
+                "--log-level",
+                "ERROR",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port)
 
     def freeze(self) -> None:
@@ -61,19 +87,27 @@ def own_s3(tmp_path: Path) -> Iterator[OwnS3]:
         server.stop()
 
 
-def test_frozen_s3_brings_the_stack_back_within_the_stall_bound(env: dict, stack: ImmichStack,
-                                                                 own_s3: OwnS3) -> None:
+def test_frozen_s3_brings_the_stack_back_within_the_stall_bound(env: dict, stack: ImmichStack, own_s3: OwnS3) -> None:
     """A server that takes requests and never answers. The stall timeout (30 s) is longer
     than a request's read timeout (5 s), and there are retries enough for minutes: timeouts
     and retries must not count as progress."""
     make_library(stack.library, photos=30, large=[20 * MIB])
-    env.update({"S3_ENDPOINT_URL": own_s3.endpoint, "S3_BUCKET": "frozen", "IMMICH_STREAM_STALL_TIMEOUT": "30s",
-                "IMMICH_STREAM_READ_TIMEOUT": "5s", "IMMICH_STREAM_RETRIES": "20", "IMMICH_STREAM_PART_SIZE": "5MiB"})
+    env.update(
+        {
+            "S3_ENDPOINT_URL": own_s3.endpoint,
+            "S3_BUCKET": "frozen",
+            "IMMICH_STREAM_STALL_TIMEOUT": "30s",
+            "IMMICH_STREAM_READ_TIMEOUT": "5s",
+            "IMMICH_STREAM_RETRIES": "20",
+            "IMMICH_STREAM_PART_SIZE": "5MiB",
+        }
+    )
     Bucket(own_s3.endpoint, "frozen", KEY, SECRET).s3.create_bucket(Bucket="frozen")
     proc = start_cli("backup", env=env)
     try:
-        wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
-                 what="the stack to stop")
+        wait_for(
+            lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60, what="the stack to stop"
+        )
         assert proc.poll() is None, proc.communicate()
         own_s3.freeze()
         frozen = time.monotonic()
@@ -103,15 +137,17 @@ def _slow_backup(env: dict, moto_s3: S3Server, proxy_factory, *args: str, delay:
     env = moto_env(env, moto_s3, proxy.endpoint)
     proxy.add(is_put, delay=delay)
     proc = start_cli("backup", *args, env=env)
-    wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
-             what="the stack to stop")
+    wait_for(
+        lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60, what="the stack to stop"
+    )
     assert proc.poll() is None, proc.communicate()
     wait_for(lambda: len(proxy.requests) > 5, 30, what="uploads to begin")
     return proc, env, proxy
 
 
-def test_second_signal_skips_s3_cleanup_but_never_the_restart(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                              proxy_factory) -> None:
+def test_second_signal_skips_s3_cleanup_but_never_the_restart(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     make_library(stack.library, photos=30, large=[30 * MIB])
     env["IMMICH_STREAM_PART_SIZE"] = "5MiB"
     proc, env, proxy = _slow_backup(env, moto_s3, proxy_factory, "--stop", "app", delay=1.0)
@@ -130,15 +166,20 @@ def test_second_signal_skips_s3_cleanup_but_never_the_restart(env: dict, stack: 
     assert bucket_of(env).snapshots() == []
 
 
-def test_database_started_during_its_cold_copy_fails_the_run(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                             proxy_factory) -> None:
+def test_database_started_during_its_cold_copy_fails_the_run(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     make_library(stack.library, photos=3)
     proxy = proxy_factory(moto_s3.endpoint)
     env = moto_env(env, moto_s3, proxy.endpoint)
     proxy.add(lambda m, p, q: is_put(m, p, q) and "/postgres/" in p, delay=0.05)  # a slow cold copy
     proc = start_cli("backup", env=env)
-    wait_for(lambda: any("/postgres/" in path for _, path, _ in proxy.requests) or proc.poll() is not None, 60,
-             0.05, "the cold copy to begin")
+    wait_for(
+        lambda: any("/postgres/" in path for _, path, _ in proxy.requests) or proc.poll() is not None,
+        60,
+        0.05,
+        "the cold copy to begin",
+    )
     docker("start", "immich_postgres")  # a restart policy, or an admin, during the copy
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
@@ -147,13 +188,26 @@ def test_database_started_during_its_cold_copy_fails_the_run(env: dict, stack: I
     assert bucket_of(env).snapshots() == []
 
 
-def test_app_container_that_will_not_stay_up_is_reported_not_fatal(env: dict, stack: ImmichStack,
-                                                                   bucket: Bucket) -> None:
+def test_app_container_that_will_not_stay_up_is_reported_not_fatal(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     make_library(stack.library, photos=5)
     stop = threading.Event()
 
-    events = subprocess.Popen(["docker", "events", "--filter", "container=immich_machine_learning", "--filter",
-                               "event=start", "--format", "{{.Time}}"], stdout=subprocess.PIPE, text=True)
+    events = subprocess.Popen(
+        [
+            "docker",
+            "events",
+            "--filter",
+            "container=immich_machine_learning",
+            "--filter",
+            "event=start",
+            "--format",
+            "{{.Time}}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
     def crash_loop() -> None:  # each time the backup starts it again, it dies at once
         assert events.stdout is not None
@@ -178,16 +232,18 @@ def test_app_container_that_will_not_stay_up_is_reported_not_fatal(env: dict, st
     assert {"immich_server", "immich_postgres", "immich_redis"} <= running_containers()
 
 
-def test_max_downtime_starts_the_stack_and_fails_cleanly(env: dict, stack: ImmichStack, moto_s3: S3Server,
-                                                         proxy_factory) -> None:
+def test_max_downtime_starts_the_stack_and_fails_cleanly(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
     make_library(stack.library, photos=40)
     proxy = proxy_factory(moto_s3.endpoint)
     env = moto_env(env, moto_s3, proxy.endpoint)
     proxy.add(is_put, delay=0.3)
     started = time.monotonic()
     proc = start_cli("backup", "--max-downtime", "3s", env=env)
-    wait_for(lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60,
-             what="the stack to stop")
+    wait_for(
+        lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60, what="the stack to stop"
+    )
     down_at = time.monotonic()
     wait_for(lambda: running_containers() == set(CONTAINERS), 30, 0.1, "the stack to run again")
     assert time.monotonic() - down_at < 3 + 5
@@ -224,11 +280,9 @@ def test_sighup_is_a_clean_stop(env: dict, stack: ImmichStack, moto_s3: S3Server
     assert bucket_of(env).snapshots() == []
 
 
-
-
-
-def test_restore_database_first_starts_what_a_killed_backup_left_stopped(env: dict, stack: ImmichStack,
-                                                                         bucket: Bucket) -> None:
+def test_restore_database_first_starts_what_a_killed_backup_left_stopped(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
     make_library(stack.library, photos=3)
     assert run_cli("backup", "--stop", "none", env=env).code == 0
     # what a backup killed with SIGKILL leaves: the server stopped, and a note saying so
@@ -236,8 +290,16 @@ def test_restore_database_first_starts_what_a_killed_backup_left_stopped(env: di
     state = Path(env["IMMICH_STREAM_STATE_DIR"])
     state.mkdir(parents=True, exist_ok=True)
     note = state / "stack-immich.json"
-    note.write_text(json.dumps({"containers": ["immich_server"], "pid": 999999, "host": socket.gethostname(),
-                                "since": "2026-01-01T00:00:00+00:00"}))
+    note.write_text(
+        json.dumps(
+            {
+                "containers": ["immich_server"],
+                "pid": 999999,
+                "host": socket.gethostname(),
+                "since": "2026-01-01T00:00:00+00:00",
+            }
+        )
+    )
     r = run_cli("restore", "latest", "--database", env=env)
     assert r.code == 0, r.err
     assert "was killed with the stack stopped: starting immich_server" in r.err
