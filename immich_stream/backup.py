@@ -203,7 +203,7 @@ async def check_library(library: Path, parent: ParentInfo | None, max_shrink: fl
     (retention would otherwise age the good snapshots out). True when it looks shrunk
     but `allow` lets it through."""
     fs = format_size
-    missing = [d for d in MARKER_DIRS if not os.path.isfile(library / d / MARKER)]
+    missing = await asyncio.to_thread(lambda: [d for d in MARKER_DIRS if not os.path.isfile(library / d / MARKER)])
     suspicious: list[str] = []
     if missing:
         had = [d for d in missing if parent is None or d in parent.markers]

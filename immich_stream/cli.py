@@ -27,6 +27,7 @@ from immich_stream.errors import (
     EXIT_SIGHUP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    ConfigError,
     ImmichStreamError,
     Interrupted,
 )
@@ -380,7 +381,7 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
             if not 0 < fraction <= 1:
                 raise ValueError
         except ValueError:
-            raise cfg.ConfigError(
+            raise ConfigError(
                 f"--read-data-subset {args.read_data_subset!r} is not a percentage: give one like 10%"
             ) from None
     report = await verify(settings, reporter, args.snapshot, args.all_, fraction)
@@ -482,10 +483,10 @@ def _check_writable(path: Path, what: str, named: Path | None = None) -> None:
     while not os.path.lexists(existing):
         existing = existing.parent
     if not existing.is_dir():
-        raise cfg.ConfigError(f"{what} {named or path}: {existing} is not a directory: choose another path")
+        raise ConfigError(f"{what} {named or path}: {existing} is not a directory: choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
-        raise cfg.ConfigError(
+        raise ConfigError(
             f"{what} {named or path}: {existing} is not writable ({why}): choose "
             "a place this user may write to, or run as a user who may"
         )
@@ -502,11 +503,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.command == "restore" and args.dump_to and args.dump_to != "-":
         dest = Path(args.dump_to)
         if dest.is_dir():
-            raise cfg.ConfigError(
+            raise ConfigError(
                 f"restore --dump-to {dest} is a directory: give a file name, e.g. {dest / 'immich.sql.gz'}"
             )
         if not dest.absolute().parent.is_dir():
-            raise cfg.ConfigError(
+            raise ConfigError(
                 f"restore --dump-to {dest}: directory {dest.absolute().parent} does not exist: "
                 "create it first or choose another path"
             )

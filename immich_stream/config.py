@@ -66,7 +66,7 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"{text!r} is not a size (try 8MiB, 512KiB or a number of bytes)")
-    return int(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
+    return int(m.group(1)) << (10 * "_KMGT".index(m.group(2).upper() or "_"))
 
 
 def format_size(n: float) -> str:

@@ -73,9 +73,12 @@ class LockInfo:
         return f"{self.command} (pid {self.pid} on {self.host}, {kind}{run}, since {since})"
 
     def stale(self, server_now: dt.datetime | None, stale_after: float) -> bool:
-        if server_now is not None and self.modified is not None:
-            if (server_now - self.modified).total_seconds() > stale_after:
-                return True
+        if (
+            server_now is not None
+            and self.modified is not None
+            and (server_now - self.modified).total_seconds() > stale_after
+        ):
+            return True
         return self.token is not None and local_run_gone(self.token)
 
 

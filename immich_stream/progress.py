@@ -19,7 +19,7 @@ LOG_FORMAT = "[%(asctime)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-class _TqdmHandler(logging.StreamHandler):
+class _TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Log lines that do not tear the progress bars apart."""
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -82,6 +82,11 @@ def _matches(line: ManifestLine, roots: set[str], includes: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, g) for g in includes)
 
 
+def _mark_target(target: Path, snap_id: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    (target / MARKER).write_text(json.dumps({"snapshot": snap_id}) + "\n")
+
+
 def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise ConfigError(f"restore target {target} is not a directory: choose a directory")
@@ -274,8 +279,7 @@ async def restore_files(
         await repo.check_config()
         snap = await repo.resolve(which)
         _check_target(target, snap, overwrite)
-        target.mkdir(parents=True, exist_ok=True)
-        (target / MARKER).write_text(json.dumps({"snapshot": snap.id}) + "\n")
+        await asyncio.to_thread(_mark_target, target, snap.id)
         wanted = set(roots or ROOTS)
         everything = not includes and wanted >= set(snap.data.get("roots", {}))
         total = snap.data.get("files", {}).get("bytes_total") if everything else None
@@ -447,7 +451,7 @@ async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, 
         h = hashlib.sha256()
         size = 0
         partial = None if dest == "-" else Path(dest + PARTIAL)
-        fh = os.fdopen(os.dup(1), "wb") if partial is None else open(partial, "wb")
+        fh = os.fdopen(os.dup(1), "wb") if partial is None else await asyncio.to_thread(partial.open, "wb")
         try:
             with fh:
                 async for chunk in store.iter_object(key):

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from immich_stream.config import Settings
@@ -143,7 +144,7 @@ async def _verify_dump(store: Store, repo: Repo, snap: Snapshot, read: bool, rep
         return
     gz, raw = hashlib.sha256(), hashlib.sha256()
 
-    async def counted():  # type: ignore[no-untyped-def]
+    async def counted() -> AsyncIterator[bytes]:
         async for chunk in store.iter_object(key):
             gz.update(chunk)
             yield chunk

@@ -65,6 +65,17 @@ def running_containers() -> set[str]:
     return set(names.split())
 
 
+# Tests that use any of these need the Docker engine (and the test stack): they get the
+# `docker` marker, so `pytest -m "not docker"` runs the others alone, in seconds.
+DOCKER_FIXTURES = frozenset({"machine", "immich_stack", "stack", "env", "bucket", "restic_repo"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
+
+
 # -- machine and stack -----------------------------------------------------------------------
 
 

@@ -253,7 +253,7 @@ def test_signal_mid_run_restarts_stack_and_commits_nothing(
     make_library(stack.library, photos=40)
     proc, env = _start_slow_backup(env, moto_s3, proxy_factory)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
     assert f"interrupted by {sig.name}" in err
     assert running_containers() == set(CONTAINERS)

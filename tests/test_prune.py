@@ -58,7 +58,8 @@ POLICIES = [
 
 
 @pytest.fixture(scope="module")
-def restic_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def restic_repo(machine: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """restic (installed by the machine setup) as the oracle: about 30 s, so it runs with the docker tests."""
     root = tmp_path_factory.mktemp("restic")
     env = {
         **os.environ,
@@ -315,7 +316,7 @@ def test_prune_during_backup_waits_then_fails_naming_the_holder(
     r = run_cli("prune", "--keep-last", "1", "--lock-wait", "2s", env=env)
     assert r.code == 1
     assert "the repository is locked by backup (pid" in r.last_error and socket.gethostname() in r.last_error
-    out, err = backup.communicate(timeout=120)
+    _out, err = backup.communicate(timeout=120)
     assert backup.returncode == 0, err
     assert bucket.keys("locks/") == {}, "the backup left its lock behind"
     assert run_cli("prune", "--keep-last", "1", "--lock-wait", "2s", env=env).code == 0
@@ -394,7 +395,7 @@ def test_prune_racing_a_backup_on_a_host_of_the_same_name_waits(
     r = run_cli("prune", "--keep-last", "1", "--stale-after", "1s", "--lock-wait", "3s", env=other_host)
     assert backup.poll() is None, "the backup ended before prune looked: the race did not happen"
     assert r.code == 1 and "the repository is locked by backup (pid" in r.last_error, r.err
-    out, err = backup.communicate(timeout=180)
+    _out, err = backup.communicate(timeout=180)
     assert backup.returncode == 0, err
     assert len(bucket.snapshots()) == 1
     r = run_cli("verify", "--all", "--read-data", env=other_host)
@@ -409,7 +410,7 @@ def test_backup_whose_lock_was_removed_does_not_commit(
     # and must not write it again.
     if lock_stale:
         env = dict(env, IMMICH_STREAM_LOCK_STALE=lock_stale)
-    backup, slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
+    backup, _slow, bucket = start_locked_backup(env, stack, moto_s3, proxy_factory)
     for key in bucket.keys("locks/"):
         bucket.delete(key)  # as `unlock --force` elsewhere would, while the backup runs
     assert backup.poll() is None

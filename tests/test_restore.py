@@ -148,7 +148,7 @@ def test_restore_refuses_paths_outside_the_target(
     some = next(m for m in lines if m["type"] == "file")
     outside = tmp_path / "outside"
     outside.mkdir()
-    forged = [dict(some, path="../escaped.jpg")] + lines
+    forged = [dict(some, path="../escaped.jpg"), *lines]
     bucket.put(
         f"snapshots/{sid}/manifest.jsonl.gz", gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged))
     )
@@ -162,7 +162,8 @@ def test_restore_refuses_paths_outside_the_target(
     forged = [
         dict(some, path="link", type="symlink", target=str(outside), key=None),
         dict(some, path="link/escaped2.jpg"),
-    ] + lines
+        *lines,
+    ]
     bucket.put(
         f"snapshots/{sid}/manifest.jsonl.gz", gzip.compress(b"".join(json.dumps(m).encode() + b"\n" for m in forged))
     )

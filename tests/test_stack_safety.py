@@ -113,7 +113,7 @@ def test_frozen_s3_brings_the_stack_back_within_the_stall_bound(env: dict, stack
         frozen = time.monotonic()
         wait_for(lambda: running_containers() == set(CONTAINERS), 30 + 30 + 10, 0.2, "the stack to run again")
         back = time.monotonic() - frozen
-        out, err = proc.communicate(timeout=60 + 10)
+        _out, err = proc.communicate(timeout=60 + 10)
         exited = time.monotonic() - frozen
     finally:
         if proc.poll() is None:
@@ -158,7 +158,7 @@ def test_second_signal_skips_s3_cleanup_but_never_the_restart(
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 15, "the second signal did not hurry the exit"
     assert proc.returncode == 143, err
     assert "SIGTERM received again: exiting as soon as the Immich stack is started again" in err
@@ -181,7 +181,7 @@ def test_database_started_during_its_cold_copy_fails_the_run(
         "the cold copy to begin",
     )
     docker("start", "immich_postgres")  # a restart policy, or an admin, during the copy
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert "immich_postgres was started while its data directory was being copied" in err
     assert running_containers() == set(CONTAINERS)
@@ -247,7 +247,7 @@ def test_max_downtime_starts_the_stack_and_fails_cleanly(
     down_at = time.monotonic()
     wait_for(lambda: running_containers() == set(CONTAINERS), 30, 0.1, "the stack to run again")
     assert time.monotonic() - down_at < 3 + 5
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "past --max-downtime 3 s: the stack was started again and nothing was committed" in err
     assert bucket_of(env).snapshots() == []
@@ -273,7 +273,7 @@ def test_sighup_is_a_clean_stop(env: dict, stack: ImmichStack, moto_s3: S3Server
     make_library(stack.library, photos=40)
     proc, env, _ = _slow_backup(env, moto_s3, proxy_factory)
     proc.send_signal(signal.SIGHUP)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 129, err
     assert "interrupted by SIGHUP" in err
     assert running_containers() == set(CONTAINERS)
