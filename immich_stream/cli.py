@@ -30,6 +30,8 @@ from immich_stream.errors import (
     ConfigError,
     ImmichStreamError,
     Interrupted,
+    ProblemsFound,
+    backup_exit_code,
 )
 from immich_stream.progress import Reporter, setup_logging
 
@@ -229,9 +231,8 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         f"{st.moved} moved, {st.touched} touched (bytes unchanged), {st.skipped} skipped, {st.failed} failed",
         f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(st.bytes_uploaded)} uploaded",
     ]
-    if d is not None:
-        lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
-    phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.summary["phase_seconds"].items())
+    lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
+    phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.summary.phase_seconds.items())
     lines.append(f"time      {result.seconds:.1f} s in all ({phases}), Immich down for {result.downtime:.1f} s")
     if st.reuploaded:
         lines.append(
@@ -240,7 +241,7 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         )
     if st.changed_while_read:
         lines.append(f"warning   {st.changed_while_read} files changed while being read")
-    for problem in st.problems[:10]:
+    for problem in st.problems.kept[:10]:
         lines.append(f"problem   {problem}")
     if len(st.problems) > 10:
         lines.append(f"problem   ... and {len(st.problems) - 10} more (see the log above and snapshot.json)")
@@ -251,8 +252,9 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
             f"not stay running after the restart: check `docker logs {result.unstable[0]}`",
             file=sys.stderr,
         )
+    code = backup_exit_code(complete=not st.failed, unstable=bool(result.unstable))
     if not args.prune:
-        return result.exit_code
+        return code
     if result.shrunk:
         log.warning(
             "not pruning after a backup of a library that shrank (--allow-shrink): run prune by hand "
@@ -268,42 +270,37 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
                 f"immich-stream: error: snapshot {result.snapshot_id} committed, but prune failed: {exc}",
                 file=sys.stderr,
             )
-            return result.exit_code or EXIT_PRUNE_FAILED
-    return result.exit_code
+            return code or EXIT_PRUNE_FAILED
+    return code
 
 
 async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
     import json
 
-    from immich_stream.repo import Repo
-    from immich_stream.store import Store
+    from immich_stream.session import open_repo
 
-    settings.require("bucket")
-    async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
-        await repo.check_config()
+    async with open_repo(settings) as repo:
         dirs = await repo.snapshot_dirs()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for sid, committed in dirs.items():
             if not committed:
                 if args.all_:
                     rows.append({"id": sid, "complete": False, "committed": False})
                 continue
-            data = (await repo.load_snapshot(sid)).data
-            files = data.get("files", {})
+            s = (await repo.load_snapshot(sid)).summary
             rows.append(
                 {
                     "id": sid,
                     "committed": True,
-                    "time": data.get("time"),
-                    "mode": data.get("mode"),
-                    "complete": data.get("complete", True),
-                    "files": files.get("files"),
-                    "bytes": files.get("bytes_total"),
-                    "bytes_new": files.get("bytes_uploaded"),
-                    "dump_bytes": data.get("database", {}).get("compressed_size"),
-                    "seconds": data.get("seconds"),
-                    "downtime_seconds": data.get("downtime_seconds"),
+                    "time": s.time,
+                    "mode": s.mode,
+                    "complete": s.complete,
+                    "files": s.files.files,
+                    "bytes": s.files.bytes_total,
+                    "bytes_new": s.files.bytes_uploaded,
+                    "dump_bytes": s.database.compressed_size,
+                    "seconds": s.seconds,
+                    "downtime_seconds": s.downtime_seconds,
                 }
             )
     if args.json:
@@ -357,15 +354,13 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
         f"already in place, {st.failed} failed), {st.dirs} directories, {st.symlinks} symlinks, "
         f"{fs(st.bytes_downloaded)} downloaded in {st.seconds:.1f} s"
     )
-    for problem in st.problems[:10]:
+    for problem in st.problems.kept[:10]:
         print(f"problem   {problem}")
     if st.failed:
-        print(
-            f"immich-stream: error: {st.failed} files could not be restored; run the same command again to "
-            "retry them, and `verify --read-data`",
-            file=sys.stderr,
+        raise ProblemsFound(
+            f"{st.failed} files could not be restored; run the same command again to retry them, and "
+            "`verify --read-data`"
         )
-        return 1
     return 0
 
 
@@ -394,8 +389,7 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
     for problem in report.problems:
         print(f"problem   {problem}")
     if report.problems:
-        print(f"immich-stream: error: {len(report.problems)} problems found (listed above)", file=sys.stderr)
-        return 1
+        raise ProblemsFound(f"{len(report.problems)} problems found (listed above)")
     return 0
 
 
@@ -438,12 +432,9 @@ async def cmd_prune(args: argparse.Namespace, settings: cfg.Settings, reporter: 
 
 async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
     from immich_stream.locks import unlock
-    from immich_stream.repo import Repo
-    from immich_stream.store import Store
+    from immich_stream.session import open_repo
 
-    settings.require("bucket")
-    async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
+    async with open_repo(settings, check=False) as repo:  # whatever is there: unlock must always work
         removed, forced, kept = await unlock(repo, args.force)
     for lk in removed + forced:
         # Without its lock a run cannot commit, and prune no longer spares its uploads.

@@ -17,6 +17,13 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+def backup_exit_code(complete: bool, unstable: bool) -> int:
+    """A committed backup's exit code: a container that did not stay up outranks missing files."""
+    if unstable:
+        return EXIT_UNSTABLE
+    return EXIT_OK if complete else EXIT_INCOMPLETE
+
+
 class ImmichStreamError(Exception):
     """Base class: a failure with a one-line message for the user."""
 
@@ -33,6 +40,10 @@ class StoreError(ImmichStreamError):
     """S3 could not be reached or refused a request."""
 
     code: str | None = None  # the S3 error code, when the server gave one
+
+
+class ObjectNotFound(StoreError):
+    """The object asked for does not exist (NoSuchKey, or a 404 to a HEAD)."""
 
 
 class StallError(ImmichStreamError):
@@ -59,6 +70,10 @@ class SuspiciousLibrary(ImmichStreamError):
 
 class LockError(ImmichStreamError):
     """Another run holds the repository (or this host's) lock."""
+
+
+class ProblemsFound(ImmichStreamError):
+    """restore or verify finished, but listed problems (files not restored, objects missing or corrupt)."""
 
 
 class Interrupted(ImmichStreamError):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from immich_stream import cleanup
-from immich_stream.errors import LockError, StoreError
+from immich_stream.errors import LockError, ObjectNotFound, StoreError
 from immich_stream.repo import Repo
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _forget_run(token: str | None) -> None:
 
 async def list_locks(repo: Repo) -> list[LockInfo]:
     out = []
-    base = repo.object_key("locks/")
+    base = repo.locks_prefix()
     async for obj in repo.store.list_objects(base):
         if not obj.key.endswith(".json"):  # a folder marker or a stray file: not a lock
             if obj.key != base:
@@ -177,10 +177,8 @@ async def list_locks(repo: Repo) -> list[LockInfo]:
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring unreadable lock object %s (remove it with `unlock --force`)", obj.key)
-        except StoreError as exc:  # vanished between list and get: released meanwhile
-            if "NoSuchKey" in str(exc) or "404" in str(exc):
-                continue
-            raise
+        except ObjectNotFound:  # vanished between list and get: released meanwhile
+            continue
     return out
 
 
@@ -217,9 +215,7 @@ class RepoLock:
         self.stale = lock_stale() if stale is None else stale
         self.run = run
         self.token = secrets.token_hex(16)
-        self.key = repo.object_key(
-            f"locks/{int(time.time())}-{socket.gethostname()}-{os.getpid()}-{self.token[:8]}.json"
-        )
+        self.key = repo.lock_key(f"{int(time.time())}-{socket.gethostname()}-{os.getpid()}-{self.token[:8]}.json")
         self.started = time.time()
         self._refresher: asyncio.Task[None] | None = None
         self._run_fd: int | None = None
@@ -300,10 +296,8 @@ class RepoLock:
             if await self.repo.store.head(self.key) is None:
                 return False
             d: Any = json.loads(await self.repo.store.get(self.key))
-        except StoreError as exc:
-            if "NoSuchKey" in str(exc) or "404" in str(exc):
-                return False
-            raise
+        except ObjectNotFound:
+            return False
         except ValueError:
             return False
         return isinstance(d, dict) and d.get("token") == self.token

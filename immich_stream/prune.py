@@ -20,9 +20,10 @@ from typing import Any
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
-from immich_stream.locks import RepoLock, list_locks
+from immich_stream.locks import list_locks
 from immich_stream.progress import Reporter
-from immich_stream.repo import Repo, key_digest, snapshot_time
+from immich_stream.repo import Repo, key_digest, run_of, snapshot_time
+from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,8 @@ async def prune(
     settings.require("bucket")
     apply_policy([], policy)  # refuses an empty policy before anything is touched
     report = PruneReport(dry_run=dry_run)
-    async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
-        await repo.check_config()
-        async with RepoLock(repo, "prune", exclusive=True, wait=lock_wait):
-            await _prune_locked(store, repo, policy, dry_run, stale_after, report)
+    async with open_repo(settings, lock=LockSpec("prune", exclusive=True, wait=lock_wait)) as repo:
+        await _prune_locked(repo.store, repo, policy, dry_run, stale_after, report)
     report.seconds = time.monotonic() - started
     return report
 
@@ -170,17 +168,17 @@ async def _prune_locked(
     incomplete = [s for s, done in dirs.items() if not done and s not in busy]
     doomed_dirs = list(report.removed)
     for sid in incomplete:
-        if snapshot_time(sid) < threshold and await _newest_object(store, repo.snapshot_key(sid, "")) < threshold:
+        if snapshot_time(sid) < threshold and await _newest_object(store, repo.snapshot_prefix(sid)) < threshold:
             doomed_dirs.append(sid)
             report.incomplete_removed.append(sid)
 
     # Unreferenced data objects. A run that is neither committed nor older than the
     # threshold may still be uploading: its objects are left alone.
     doomed: list[str] = []
-    base = repo.object_key("data/")
+    base = repo.data_prefix()
     async for obj in store.list_objects(base):
         rel = repo.relative_key(obj.key)
-        run = _run_of(rel, "data")
+        run = _run_of(rel)
         if run is None:
             continue
         if run in busy or key_digest(rel) in referenced:
@@ -199,7 +197,7 @@ async def _prune_locked(
         if not key.startswith(mine):
             continue
         rel = repo.relative_key(key)
-        run = _run_of(rel, rel.partition("/")[0]) if rel.startswith(("data/", "snapshots/")) else None
+        run = _run_of(rel) if rel.startswith(("data/", "snapshots/")) else None
         if run is None:
             if not rel.startswith(("data/", "snapshots/")):
                 log.warning("leaving alone the unfinished upload of %s: not one of ours", key)
@@ -210,12 +208,12 @@ async def _prune_locked(
     if dry_run:
         return
     # snapshot.json first: from that moment the snapshot no longer exists for any reader.
-    commit_keys = [repo.snapshot_key(s, "snapshot.json") for s in report.removed]
+    commit_keys = [repo.summary_key(s) for s in report.removed]
     if commit_keys:
         await store.delete(commit_keys)
     dir_keys = []
     for sid in doomed_dirs:
-        async for obj in store.list_objects(repo.snapshot_key(sid, "")):
+        async for obj in store.list_objects(repo.snapshot_prefix(sid)):
             dir_keys.append(obj.key)
     await store.delete(dir_keys)
     await store.delete(doomed)
@@ -223,25 +221,12 @@ async def _prune_locked(
         await store.abort_multipart(key, upload_id)
 
 
-_RUN_ID = re.compile(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}")
-
-
-def _run_of(rel: str, top: str) -> str | None:
-    """The run id of a key <top>/<run id>/<rest> relative to the prefix; None (with a
-    warning) for anything else under <top>/: not ours to delete."""
-    _, _, tail = rel.partition("/")
-    run, sep, rest = tail.partition("/")
-    if not run and not rest:
-        return None  # the folder marker data/ (or snapshots/)
-    ok = _RUN_ID.fullmatch(run) is not None and bool(sep)
-    if ok:
-        try:
-            snapshot_time(run)
-        except ValueError:
-            ok = False
-    if not ok:
+def _run_of(rel: str) -> str | None:
+    """repo.run_of, with a warning for what is left alone (a folder marker is not worth one)."""
+    run = run_of(rel)
+    top, _, tail = rel.partition("/")
+    if run is None and tail.partition("/")[::2] != ("", ""):
         log.warning("leaving alone %s/%s: not written by an immich-stream run", top, tail)
-        return None
     return run
 
 

@@ -23,13 +23,17 @@ import urllib.parse
 import zlib
 from array import array
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from immich_stream.budget import ByteBudget
 from immich_stream.errors import RepoError
 from immich_stream.store import Store, StreamWriter
+from immich_stream.summary import SnapshotSummary
 from immich_stream.walk import Entry, sort_key
+
+if TYPE_CHECKING:
+    from immich_stream.locks import RepoLock
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,10 @@ MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) t
 # Keys of paths too long for S3 live here, named by the path's sha256. "%l" cannot begin an
 # escaped path (a '%' in a name is always escaped as %25), so these never collide with one.
 LONG_KEY_DIR = "%long"
+# the files of a snapshot directory snapshots/<id>/
+MANIFEST = "manifest.jsonl.gz"
+DUMP = "database.sql.gz"
+SUMMARY = "snapshot.json"  # written last: the commit marker
 
 _PLAIN = re.compile(rb"[^\x20-\x24\x26-\x7e]")  # anything but printable ASCII without '%'
 
@@ -74,6 +82,30 @@ def new_snapshot_id(now: dt.datetime | None = None) -> str:
 
 def snapshot_time(snap_id: str) -> dt.datetime:
     return dt.datetime.strptime(snap_id[:18], "%Y-%m-%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+
+
+_SNAPSHOT_ID = re.compile(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}")
+
+
+def is_snapshot_id(text: str) -> bool:
+    """The shape new_snapshot_id makes, with a real date and time."""
+    if _SNAPSHOT_ID.fullmatch(text) is None:
+        return False
+    try:
+        snapshot_time(text)
+    except ValueError:
+        return False
+    return True
+
+
+def run_of(rel: str) -> str | None:
+    """The run id of a key data/<id>/... or snapshots/<id>/... (relative to the prefix);
+    None for anything else (a folder marker, a stray file): not ours to delete."""
+    top, _, tail = rel.partition("/")
+    run, sep, _ = tail.partition("/")
+    if top not in ("data", "snapshots") or not sep or not is_snapshot_id(run):
+        return None
+    return run
 
 
 @dataclass(slots=True)
@@ -167,7 +199,7 @@ class ManifestLine:
 @dataclass
 class Snapshot:
     id: str
-    data: dict[str, Any] = field(default_factory=dict)
+    summary: SnapshotSummary
 
     @property
     def time(self) -> dt.datetime:
@@ -255,7 +287,7 @@ class ObjectIndex:
     @classmethod
     async def load(cls, repo: Repo) -> ObjectIndex:
         index = cls()
-        async for obj in repo.store.list_objects(repo.object_key("data/")):
+        async for obj in repo.store.list_objects(repo.data_prefix()):
             index._digests.append(cls._digest(repo.relative_key(obj.key), obj.size))
         index._digests = array("Q", sorted(index._digests))
         index.count = len(index._digests)
@@ -271,6 +303,7 @@ class Repo:
     def __init__(self, store: Store, prefix: str) -> None:
         self.store = store
         self.prefix = prefix.strip("/")
+        self.lock: RepoLock | None = None  # set by session.open_repo while it holds one
 
     def _k(self, rest: str) -> str:
         return f"{self.prefix}/{rest}" if self.prefix else rest
@@ -295,8 +328,27 @@ class Repo:
     def object_key(self, relkey: str) -> str:
         return self._k(relkey)
 
-    def snapshot_key(self, snap_id: str, name: str) -> str:
-        return self._k(f"snapshots/{snap_id}/{name}")
+    def data_prefix(self) -> str:
+        return self._k("data/")
+
+    def snapshot_prefix(self, snap_id: str) -> str:
+        """Every object of one snapshot directory starts with this."""
+        return self._k(f"snapshots/{snap_id}/")
+
+    def summary_key(self, snap_id: str) -> str:
+        return self.snapshot_prefix(snap_id) + SUMMARY
+
+    def manifest_key(self, snap_id: str) -> str:
+        return self.snapshot_prefix(snap_id) + MANIFEST
+
+    def dump_key(self, snap_id: str) -> str:
+        return self.snapshot_prefix(snap_id) + DUMP
+
+    def locks_prefix(self) -> str:
+        return self._k("locks/")
+
+    def lock_key(self, name: str) -> str:
+        return self.locks_prefix() + name
 
     def preflight_key(self, run_id: str) -> str:
         return self._k(f"preflight/{socket.gethostname()}-{run_id}")
@@ -347,19 +399,14 @@ class Repo:
             sid, _, name = obj.key[len(base) :].partition("/")
             if not sid and not name:
                 continue  # the folder marker snapshots/ that consoles and sync tools create
-            valid = re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}", sid) is not None
-            try:
-                valid = valid and snapshot_time(sid) is not None
-            except ValueError:
-                valid = False
-            if not valid:
+            if not is_snapshot_id(sid):
                 log.warning(
                     "ignoring %s: not part of a snapshot (snapshot ids look like 2024-01-31T020000Z-1a2b)", obj.key
                 )
                 continue
             if not name:
                 continue  # a folder marker snapshots/<id>/: not a file of the snapshot
-            ids[sid] = ids.get(sid, False) or name == "snapshot.json"
+            ids[sid] = ids.get(sid, False) or name == SUMMARY
         return dict(sorted(ids.items()))
 
     async def snapshot_ids(self) -> list[str]:
@@ -368,10 +415,10 @@ class Repo:
 
     async def load_snapshot(self, snap_id: str) -> Snapshot:
         try:
-            data = json.loads(await self.store.get(self.snapshot_key(snap_id, "snapshot.json")))
+            summary = SnapshotSummary.from_json(await self.store.get(self.summary_key(snap_id)))
         except ValueError:
             raise RepoError(f"snapshot {snap_id}: snapshot.json is damaged") from None
-        return Snapshot(snap_id, data)
+        return Snapshot(snap_id, summary)
 
     async def snapshots(self) -> list[Snapshot]:
         return [await self.load_snapshot(s) for s in await self.snapshot_ids()]
@@ -393,12 +440,12 @@ class Repo:
         ids = await self.snapshot_ids()
         return await self.load_snapshot(ids[-1]) if ids else None
 
-    async def commit(self, snap_id: str, summary: dict[str, Any]) -> None:
-        body = json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
-        await self.store.put(self.snapshot_key(snap_id, "snapshot.json"), body, "application/json")
+    async def commit(self, summary: SnapshotSummary) -> None:
+        """Write snapshot.json: from now on the snapshot exists."""
+        await self.store.put(self.summary_key(summary.id), summary.to_json(), "application/json")
 
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        key = self.snapshot_key(snap_id, "manifest.jsonl.gz")
+        key = self.manifest_key(snap_id)
         rest = b""
         async for data in gunzip_stream(self.store.iter_object(key)):
             lines = (rest + data).split(b"\n")

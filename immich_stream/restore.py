@@ -31,8 +31,10 @@ from immich_stream.config import Settings
 from immich_stream.dump import SearchPathFix, ensure_database, pipe_into, psql_restore_command
 from immich_stream.errors import ConfigError, RepoError, StackError
 from immich_stream.locks import local_lock
+from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
+from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
 from immich_stream.store import Store
 
@@ -52,7 +54,7 @@ class RestoreStats:
     symlinks: int = 0
     bytes_downloaded: int = 0
     failed: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)
     seconds: float = 0.0
 
 
@@ -271,18 +273,16 @@ async def restore_files(
     overwrite: bool,
 ) -> tuple[Snapshot, RestoreStats]:
     started = time.monotonic()
-    settings.require("bucket")
     stats = RestoreStats()
     budget = ByteBudget(settings.max_memory)
-    async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
-        await repo.check_config()
+    async with open_repo(settings) as repo:
+        store = repo.store
         snap = await repo.resolve(which)
         _check_target(target, snap, overwrite)
         await asyncio.to_thread(_mark_target, target, snap.id)
         wanted = set(roots or ROOTS)
-        everything = not includes and wanted >= set(snap.data.get("roots", {}))
-        total = snap.data.get("files", {}).get("bytes_total") if everything else None
+        everything = not includes and wanted >= set(snap.summary.roots)
+        total = (snap.summary.files.bytes_total or None) if everything else None
         phase = reporter.phase("restore files", total)
         restorer = FileRestorer(store, repo, target, roots is not None and len(roots) == 1, stats, phase, budget)
         dirs: list[ManifestLine] = []
@@ -307,10 +307,7 @@ async def restore_files(
 
         def problem(line: ManifestLine, exc: Exception) -> None:
             stats.failed += 1
-            msg = f"{line.root}/{line.path}: {exc}"
-            log.warning("%s", msg)
-            if len(stats.problems) < 200:
-                stats.problems.append(msg)
+            stats.problems.add(f"{line.root}/{line.path}: {exc}")
 
         async def work() -> None:
             while (line := await queue.get()) is not None:
@@ -333,11 +330,11 @@ async def restore_files(
                 await asyncio.to_thread(restorer.set_meta, restorer.dest(line), line)
             except OSError as exc:  # e.g. a symlink in the directory's place (refused, not followed)
                 problem(line, exc)
-        for root, meta in snap.data.get("root_meta", {}).items():
+        for root, meta in snap.summary.root_meta.items():
             if root in wanted and root in ROOTS:
                 where = target if restorer.single_root else target / root
                 if where.is_dir() and not where.is_symlink():
-                    line = ManifestLine(root, "", "dir", 0, meta["mtime_ns"], meta["mode"], meta["uid"], meta["gid"], 0)
+                    line = ManifestLine(root, "", "dir", 0, meta.mtime_ns, meta.mode, meta.uid, meta.gid, 0)
                     await asyncio.to_thread(restorer.set_meta, os.fsencode(where), line)
         if stats.failed == 0:
             (target / MARKER).unlink(missing_ok=True)
@@ -351,9 +348,9 @@ async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerato
     properly and the SQL matched snapshot.json's size and sha256. Whatever stops it earlier
     (S3, a damaged object, a signal, psql) leaves the transaction without COMMIT, and the
     server rolls it back when psql exits."""
-    key = repo.snapshot_key(snap.id, "database.sql.gz")
-    db = snap.data.get("database", {})
-    expected_sha, expected_size = db.get("sha256"), db.get("size")
+    key = repo.dump_key(snap.id)
+    db = snap.summary.database
+    expected_sha, expected_size = db.sha256, db.size
     if not expected_sha:
         raise RepoError(
             f"snapshot {snap.id} records no sha256 of its database dump: snapshot.json is damaged; "
@@ -395,9 +392,8 @@ async def restore_database(settings: Settings, reporter: Reporter, which: str) -
 async def _restore_database_locked(
     settings: Settings, reporter: Reporter, which: str, started: float
 ) -> tuple[Snapshot, dict[str, Any]]:
-    async with connect() as docker, Store(settings) as store:
-        repo = Repo(store, settings.prefix)
-        await repo.check_config()
+    async with connect() as docker, open_repo(settings) as repo:
+        store = repo.store
         snap = await repo.resolve(which)
         stack = Stack(docker, settings.project, settings.db_container)
         await stack.ping()
@@ -410,7 +406,7 @@ async def _restore_database_locked(
         if not db or not db[0].running:
             raise StackError(f"database container {settings.db_container!r} is not running: start it (only it) first")
         app = [c.name for c in containers if c.running and c.name != settings.db_container]
-        phase = reporter.phase("restore database", snap.data.get("database", {}).get("size"))
+        phase = reporter.phase("restore database", snap.summary.database.size)
         sent = 0
 
         async def counted() -> AsyncGenerator[bytes, None]:
@@ -442,12 +438,10 @@ async def _restore_database_locked(
 
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
     """Write the snapshot's database.sql.gz, as stored, to a file or stdout; check its sha256."""
-    settings.require("bucket")
-    async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
-        await repo.check_config()
+    async with open_repo(settings) as repo:
+        store = repo.store
         snap = await repo.resolve(which)
-        key = repo.snapshot_key(snap.id, "database.sql.gz")
+        key = repo.dump_key(snap.id)
         h = hashlib.sha256()
         size = 0
         partial = None if dest == "-" else Path(dest + PARTIAL)
@@ -458,7 +452,7 @@ async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, 
                     h.update(chunk)
                     size += len(chunk)
                     await asyncio.to_thread(fh.write, chunk)
-            expected = snap.data.get("database", {}).get("compressed_sha256")
+            expected = snap.summary.database.compressed_sha256
             if expected and h.hexdigest() != expected:
                 raise RepoError(f"{key} does not match snapshot.json's sha256: run `verify --read-data`")
             if partial is not None:

@@ -28,7 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from immich_stream import cleanup
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
-from immich_stream.errors import StoreError
+from immich_stream.errors import ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -299,9 +299,8 @@ class Store:
                     f"{what}: S3 refused access ({code}) on bucket {self.bucket!r}: check the credentials "
                     "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and their permissions"
                 )
-            return StoreError(
-                f"{what}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": ")
-            )
+            kind = ObjectNotFound if code in ("NoSuchKey", "404", "NotFound") else StoreError
+            return kind(f"{what}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}".rstrip(": "))
         if isinstance(exc, BotoCoreError) and type(exc).__name__ == "NoCredentialsError":
             return StoreError("no S3 credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         if is_transient(exc):

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 from immich_stream.config import Settings
 from immich_stream.errors import RepoError, StoreError
+from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
+from immich_stream.session import open_repo
 from immich_stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,28 +31,26 @@ class VerifyReport:
     snapshots: list[str] = field(default_factory=list)
     objects: int = 0
     bytes_read: int = 0
-    problems: list[str] = field(default_factory=list)
+    # every problem is listed, at error level: finding them is what verify is for
+    problems: Problems = field(default_factory=lambda: Problems(logging.ERROR, limit=None))
     seconds: float = 0.0
 
     def problem(self, text: str) -> None:
-        log.error("%s", text)
-        self.problems.append(text)
+        self.problems.add(text)
 
 
 async def verify(
     settings: Settings, reporter: Reporter, which: str | None, all_: bool, read_fraction: float
 ) -> VerifyReport:
     started = time.monotonic()
-    settings.require("bucket")
     report = VerifyReport()
-    async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
-        await repo.check_config()
+    async with open_repo(settings) as repo:
+        store = repo.store
         snaps = await repo.snapshots() if all_ else [await repo.resolve(which or "latest")]
         if not snaps:
             raise RepoError(f"no snapshots in s3://{store.bucket}/{repo.prefix}: run `backup` first")
         listing: dict[bytes, int] = {}
-        base = repo.object_key("data/")
+        base = repo.data_prefix()
         async for obj in store.list_objects(base):
             listing[key_digest(repo.relative_key(obj.key))] = obj.size
         read_done: set[bytes] = set()
@@ -129,16 +129,14 @@ async def _verify_snapshot(
 
 
 async def _verify_dump(store: Store, repo: Repo, snap: Snapshot, read: bool, report: VerifyReport) -> None:
-    key = repo.snapshot_key(snap.id, "database.sql.gz")
-    db = snap.data.get("database", {})
+    key = repo.dump_key(snap.id)
+    db = snap.summary.database
     size = await store.head(key)
     if size is None:
         report.problem(f"snapshot {snap.id}: missing database dump {key}")
         return
-    if db.get("compressed_size") is not None and size != db["compressed_size"]:
-        report.problem(
-            f"snapshot {snap.id}: database dump has {size} bytes, snapshot.json says {db['compressed_size']}"
-        )
+    if db.compressed_size is not None and size != db.compressed_size:
+        report.problem(f"snapshot {snap.id}: database dump has {size} bytes, snapshot.json says {db.compressed_size}")
         return
     if not read:
         return
@@ -156,7 +154,7 @@ async def _verify_dump(store: Store, repo: Repo, snap: Snapshot, read: bool, rep
         report.problem(f"snapshot {snap.id}: database dump does not decompress: {exc}")
         return
     report.bytes_read += size
-    if db.get("compressed_sha256") and gz.hexdigest() != db["compressed_sha256"]:
+    if db.compressed_sha256 and gz.hexdigest() != db.compressed_sha256:
         report.problem(f"snapshot {snap.id}: database dump is corrupt (sha256 of {key} does not match snapshot.json)")
-    elif db.get("sha256") and raw.hexdigest() != db["sha256"]:
+    elif db.sha256 and raw.hexdigest() != db.sha256:
         report.problem(f"snapshot {snap.id}: database dump decompresses to other bytes than were dumped")

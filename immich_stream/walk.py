@@ -39,6 +39,7 @@ class Entry:
 class WalkProblem:
     relpath: bytes
     message: str
+    skipped: bool = False  # a socket, FIFO or device: left out on purpose (and warned about), not a failure
 
 
 def sort_key(relpath: bytes) -> tuple[bytes, ...]:
@@ -83,7 +84,7 @@ def _scan(root: bytes, rel: bytes) -> tuple[list[Entry], list[WalkProblem]]:
                 what,
                 child.decode(errors="backslashreplace"),
             )
-            problems.append(WalkProblem(child, f"skipped {what}"))
+            problems.append(WalkProblem(child, f"skipped {what}", skipped=True))
             continue
         entries.append(
             Entry(

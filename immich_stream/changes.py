@@ -1,0 +1,152 @@
+"""What changed since the parent snapshot: the previous manifest read alongside the walk,
+files that vanished from their path (move candidates), and the rules that decide, per
+file, whether its object is reused, its bytes checked, or it is uploaded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from immich_stream.repo import ManifestLine, Repo
+
+# Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
+# refuses to start when one is missing: their absence means an unmounted or wrong library.
+MARKER_DIRS = ("library", "upload", "thumbs", "encoded-video", "profile", "backups")
+MARKER = ".immich"
+
+
+class PrevCursor:
+    """Walks the previous manifest alongside the file walk (both in the same order)."""
+
+    def __init__(self, lines: AsyncIterator[ManifestLine] | None) -> None:
+        self._it = lines
+        self._cur: ManifestLine | None = None
+        self._started = False
+
+    async def _advance(self) -> None:
+        assert self._it is not None
+        try:
+            self._cur = await anext(self._it)
+        except StopAsyncIteration:
+            self._cur, self._it = None, None
+
+    async def find(self, line: ManifestLine) -> ManifestLine | None:
+        if self._it is None and not self._started:
+            return None
+        if not self._started:
+            self._started = True
+            await self._advance()
+        want = line.order()
+        while self._cur is not None and self._cur.order() < want:
+            await self._advance()
+        if self._cur is not None and self._cur.order() == want:
+            return self._cur
+        return None
+
+
+@dataclass
+class ParentInfo:
+    """What a run needs to know of the previous snapshot besides its sorted manifest."""
+
+    snap_id: str
+    # files of the previous snapshot whose path is gone now, by (root, device, inode): move
+    # candidates (Immich's storage-template migration renames files). Memory grows with
+    # the number of deleted/moved files, not with the library.
+    vanished: dict[tuple[str, int | None, int], ManifestLine] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)  # per root
+    bytes: dict[str, int] = field(default_factory=dict)
+    markers: set[str] = field(default_factory=set)  # MARKER_DIRS whose marker it had
+
+    def moved_from(self, root: str, line: ManifestLine) -> ManifestLine | None:
+        """The vanished line this new path may have been moved from (same device and inode)."""
+        found = self.vanished.pop((root, line.dev, line.inode), None)
+        if found is None:  # a manifest from before devices were recorded
+            found = self.vanished.pop((root, None, line.inode), None)
+        return found
+
+
+async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path]) -> ParentInfo:
+    info = ParentInfo(snap_id)
+    batch: list[ManifestLine] = []
+    markers = {f"{d}/{MARKER}": d for d in MARKER_DIRS}
+
+    def check(lines: list[ManifestLine]) -> list[ManifestLine]:
+        gone = []
+        for ln in lines:
+            try:
+                os.lstat(os.path.join(os.fsencode(roots[ln.root]), ln.relpath))
+            except FileNotFoundError:
+                gone.append(ln)
+            except OSError:
+                pass
+        return gone
+
+    async def flush() -> None:
+        for ln in await asyncio.to_thread(check, batch):
+            info.vanished[(ln.root, ln.dev, ln.inode)] = ln
+        batch.clear()
+
+    async for line in repo.read_manifest(snap_id):
+        if line.type != "file":
+            continue
+        info.files[line.root] = info.files.get(line.root, 0) + 1
+        info.bytes[line.root] = info.bytes.get(line.root, 0) + line.size
+        if line.root == "library" and line.path in markers:
+            info.markers.add(markers[line.path])
+        if line.key and line.root in roots:
+            batch.append(line)
+            if len(batch) >= 2000:
+                await flush()
+    await flush()
+    return info
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one file: reuse an object, read and hash first (reuse when the
+    bytes match), or upload."""
+
+    action: str  # "reuse", "check" or "upload"
+    kind: str  # the Stats counter it ends in: unchanged, moved, touched, reuploaded, changed, new
+    source: ManifestLine | None = None  # the line whose object may be reused
+
+
+def same_file(line: ManifestLine, old: ManifestLine) -> bool:
+    """Unchanged without reading: size, mtime, ctime, inode and device all equal. ctime
+    cannot be set back, so `cp -p`, `rsync -a` or exiftool -P rewriting a file with the
+    same size and mtime is noticed. A line from before ctime was recorded is compared by
+    size, mtime and inode (once: this run records ctime)."""
+    if (line.size, line.mtime_ns, line.inode) != (old.size, old.mtime_ns, old.inode):
+        return False
+    if old.ctime_ns is None:
+        return True
+    return line.ctime_ns == old.ctime_ns and line.dev == old.dev
+
+
+def classify(
+    line: ManifestLine, old: ManifestLine | None, moved: ManifestLine | None, exists: Callable[[str, int], bool]
+) -> Decision:
+    """The rules of an incremental run, in one place. `old` is the previous snapshot's line
+    for this path, `moved` a vanished line with this file's device and inode, `exists` says
+    whether an object with this key and size is in the bucket."""
+    if old is not None and old.type == "file" and old.key and old.sha256:
+        if not exists(old.key, old.size):
+            return Decision("upload", "reuploaded")
+        if same_file(line, old):
+            return Decision("reuse", "unchanged", old)
+        if old.size == line.size:
+            return Decision("check", "touched", old)  # a chown, a touch, or the same size rewritten
+        return Decision("upload", "changed")
+    if (
+        moved is not None
+        and moved.key
+        and moved.sha256
+        and moved.size == line.size
+        and moved.mtime_ns == line.mtime_ns
+        and exists(moved.key, moved.size)
+    ):
+        return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
+    return Decision("upload", "changed" if old is not None else "new")

@@ -1,0 +1,53 @@
+"""The one way a command opens the repository (restic's openWithReadLock/ExclusiveLock):
+require a bucket, open the S3 client, check (or create) the format, take the lock."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from immich_stream.config import Settings
+from immich_stream.locks import RepoLock
+from immich_stream.repo import Repo
+from immich_stream.store import Store
+
+
+@dataclass(frozen=True)
+class LockSpec:
+    """A repository lock: backups share it (each with its run id), prune takes it alone."""
+
+    command: str
+    exclusive: bool
+    wait: float
+    run: str | None = None
+
+
+@contextlib.asynccontextmanager
+async def open_repo(
+    settings: Settings, *, lock: LockSpec | None = None, create_for: str | None = None, check: bool = True
+) -> AsyncIterator[Repo]:
+    """`async with open_repo(settings) as repo:` ... `repo.store` is the bucket.
+
+    create_for: a run id; prove the bucket writable (a probe object named by it) and create
+    config.json in a new repository (backup). check=False skips the format check (unlock
+    must work on whatever is there). With `lock`, repo.lock holds it until the block ends."""
+    settings.require("bucket")
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        if create_for is not None:
+            key = repo.preflight_key(create_for)
+            await store.put(key, b"immich-stream preflight\n")
+            await store.delete([key])
+            await repo.ensure_config()
+        elif check:
+            await repo.check_config()
+        if lock is None:
+            yield repo
+            return
+        async with RepoLock(repo, lock.command, exclusive=lock.exclusive, wait=lock.wait, run=lock.run) as held:
+            repo.lock = held
+            try:
+                yield repo
+            finally:
+                repo.lock = None

@@ -1,0 +1,216 @@
+"""The upload stage: N workers fed by a bounded queue; each reads a file once (sha256 and
+per-request MD5 while reading) and uploads it, or reuses the parent's object when the
+bytes turn out the same. Memory is bounded by the queue and the ByteBudget."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from immich_stream.budget import ByteBudget
+from immich_stream.changes import Decision
+from immich_stream.config import Settings
+from immich_stream.progress import Phase
+from immich_stream.repo import ManifestLine, Repo
+from immich_stream.store import MultipartUpload, Store, md5_b64, part_size_for
+from immich_stream.summary import RunStats
+from immich_stream.walk import Entry
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20  # read size when a file is hashed to decide whether to upload it
+
+
+class FileUploader:
+    """Reads a file once (sha256 and per-request MD5 while reading) and uploads it."""
+
+    def __init__(self, store: Store, repo: Repo, budget: ByteBudget, settings: Settings, stats: RunStats) -> None:
+        self.store = store
+        self.repo = repo
+        self.budget = budget
+        self.part_size = settings.part_size
+        self.stats = stats
+
+    async def upload(
+        self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None = None
+    ) -> bool:
+        """Upload under `key`; fills line.key/sha256/size. With a `source` line, the file is
+        read and hashed first and source's object reused when the bytes are the same (no
+        upload). True when reused. Raises OSError for a file that cannot be read."""
+        fd = await asyncio.to_thread(_open_regular, path)
+        try:
+            if entry.size <= self.part_size:
+                reused = await self._single(fd, entry, line, key, phase, source)
+            else:
+                reused = source is not None and await self._same_bytes(fd, line, source, phase)
+                if not reused:
+                    await asyncio.to_thread(os.lseek, fd, 0, os.SEEK_SET)
+                    await self._multipart(fd, entry, line, key, phase)
+            after = await asyncio.to_thread(os.fstat, fd)
+        finally:
+            os.close(fd)
+        if after.st_mtime_ns != entry.mtime_ns or after.st_size != line.size:
+            self.stats.changed_while_read += 1
+            self.stats.problem(f"{line.root}/{line.path}: changed while being read; the snapshot holds the bytes read")
+        return reused
+
+    def _reuse(self, line: ManifestLine, source: ManifestLine, sha: str, size: int) -> bool:
+        if sha != source.sha256 or size != source.size or source.key is None:
+            return False
+        line.key, line.sha256, line.size = source.key, sha, size
+        return True
+
+    async def _single(
+        self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None
+    ) -> bool:
+        async with self.budget.hold(entry.size):
+            data, sha, md5 = await asyncio.to_thread(_read_exactly, fd, entry.size, None)
+            self.stats.bytes_read += len(data)
+            if source is not None and self._reuse(line, source, sha, len(data)):
+                phase.update(len(data))
+                return True
+            await self.store.put(self.repo.object_key(key), data, md5=md5, sha256=sha)
+        line.key, line.size, line.sha256 = key, len(data), sha
+        self.stats.bytes_uploaded += len(data)
+        phase.update(len(data))
+        return False
+
+    async def _same_bytes(self, fd: int, line: ManifestLine, source: ManifestLine, phase: Phase) -> bool:
+        """Hash a large file without uploading it; reuse source's object when it matches."""
+        async with self.budget.hold(HASH_CHUNK):
+            sha, size = await asyncio.to_thread(_hash_fd, fd)
+        self.stats.bytes_read += size
+        phase.update(size)
+        return self._reuse(line, source, sha, size)
+
+    async def _multipart(self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase) -> None:
+        psize = part_size_for(entry.size, self.part_size)
+        sha = hashlib.sha256()
+        total = 0
+        async with MultipartUpload(self.store, self.repo.object_key(key), self.budget) as mp:
+            while total < entry.size or mp.parts == 0:
+                want = min(psize, entry.size - total)
+                await self.budget.acquire(want)
+                try:
+                    data, part_sha, md5 = await asyncio.to_thread(_read_exactly, fd, want, sha)
+                except BaseException:
+                    await asyncio.shield(self.budget.release(want))
+                    raise
+                await self.budget.release(want - len(data))
+                if not data and mp.parts > 0:
+                    break
+                n = len(data)
+                total += n
+                self.stats.bytes_read += n
+                await mp.add(data, md5, part_sha)  # the part's bytes are released once it is sent
+                del data  # the upload task owns the part now: no second reference while it waits
+                phase.update(n)
+                if n < want:
+                    break  # the file shrank while being read: noticed by the caller's fstat
+            await mp.complete()
+        line.key, line.size, line.sha256 = key, total, sha.hexdigest()
+        self.stats.bytes_uploaded += total
+
+
+def _open_regular(path: bytes) -> int:
+    """Open a file the walk saw as regular; refuse what replaced it since (a FIFO would
+    block the open forever, a symlink could point anywhere)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "no longer a regular file")
+    return fd
+
+
+def _hash_fd(fd: int) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, HASH_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
+    """Read up to `size` bytes; return them with their own sha256 and MD5 (for the request
+    and its signature), updating `sha` (the whole file's, read in parts) if given. Bytes, not a bytearray: botocore and aiohttp copy a
+    bytearray body several times over, a bytes body not at all; and os.read of a regular
+    file returns the requested size in one buffer."""
+    data = os.read(fd, size)
+    if 0 < len(data) < size:  # short read: a file that shrank, or a pipe-like oddity
+        chunks = [data]
+        got = len(data)
+        while got < size and (more := os.read(fd, size - got)):
+            chunks.append(more)
+            got += len(more)
+        data = b"".join(chunks)
+    if sha is not None:
+        sha.update(data)
+    return data, hashlib.sha256(data).hexdigest(), md5_b64(data)
+
+
+@dataclass
+class _Job:
+    path: bytes
+    entry: Entry
+    line: ManifestLine
+    key: str
+    decision: Decision
+    done: asyncio.Future[bool]
+
+
+class UploadWorkers:
+    """`jobs` workers and their bounded queue. submit() hands a file over and returns a
+    future that says, once the file is done, whether its line belongs in the manifest
+    (False: it could not be read; it is a problem and left out of this snapshot)."""
+
+    def __init__(self, uploader: FileUploader, stats: RunStats, phase: Phase, jobs: int) -> None:
+        self.uploader = uploader
+        self.stats = stats
+        self.phase = phase
+        self.jobs = jobs
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(jobs * 2)
+
+    async def submit(
+        self, path: bytes, entry: Entry, line: ManifestLine, key: str, decision: Decision
+    ) -> asyncio.Future[bool]:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(path, entry, line, key, decision, done))
+        return done
+
+    async def close(self) -> None:
+        """No more files: each worker ends once the queue is empty."""
+        for _ in range(self.jobs):
+            await self._queue.put(None)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(self.jobs):
+                tg.create_task(self._work())
+
+    async def _work(self) -> None:
+        stats = self.stats
+        while (job := await self._queue.get()) is not None:
+            line, decision = job.line, job.decision
+            try:
+                reused = await self.uploader.upload(job.path, job.entry, line, job.key, self.phase, decision.source)
+            except OSError as exc:
+                stats.failed += 1
+                stats.problem(
+                    f"{line.root}/{line.path}: cannot be read ({exc.strerror or exc}); left out of this snapshot"
+                )
+                job.done.set_result(False)
+                self.phase.update(0, files=1)
+                continue
+            kind = decision.kind
+            if decision.action == "check" and not reused:
+                kind = "new" if kind == "moved" else "changed"
+            setattr(stats, kind, getattr(stats, kind) + 1)
+            self.phase.update(0, files=1)
+            job.done.set_result(True)
