@@ -29,14 +29,14 @@ from immich_stream import __version__
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import ParentInfo, PrevCursor, classify, scan_parent
 from immich_stream.config import Settings
-from immich_stream.dump import DumpResult, dump_database
 from immich_stream.errors import StackError, StallError
+from immich_stream.hoststate import stack_lock
 from immich_stream.library import check_library, check_shrink_at_end
-from immich_stream.locks import local_lock
+from immich_stream.postgres import DumpResult, dump_database
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ManifestLine, ManifestWriter, ObjectIndex, Repo, new_snapshot_id
 from immich_stream.session import LockSpec, open_repo
-from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
+from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import StreamWriter
 from immich_stream.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.upload import FileUploader, UploadWorkers
@@ -382,7 +382,7 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
     snap_id = new_snapshot_id()
     # Two backups of one stack on one host never overlap (the kernel drops the flock of a
     # killed run); runs elsewhere and prune are kept apart by the repository lock.
-    with local_lock(f"backup-{settings.project}", state_dir()):
+    with stack_lock(settings.project):
         async with connect() as docker:
             stack = Stack(docker, settings.project, settings.db_container)
             # A run killed with the stack down is repaired first, whatever else happens.

@@ -485,7 +485,7 @@ def _check_writable(path: Path, what: str, named: Path | None = None) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Local paths a command will write, checked before it touches S3 or the stack."""
-    from immich_stream.stack import state_dir
+    from immich_stream.hoststate import state_dir
 
     if args.command == "backup" or (args.command == "restore" and args.database):
         _check_writable(state_dir(), "state directory (IMMICH_STREAM_STATE_DIR)")

@@ -20,22 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import random
-import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from immich_stream import cleanup
 from immich_stream.errors import LockError, ObjectNotFound, StoreError
+from immich_stream.hoststate import claim_run, forget_run, local_run_gone, release_run
 from immich_stream.repo import Repo
 
 log = logging.getLogger(__name__)
@@ -43,7 +40,6 @@ log = logging.getLogger(__name__)
 REFRESH = 60.0  # seconds between refreshes of a held lock (at most)
 STALE = 30 * 60.0  # seconds (server clock) without refresh after which a lock is stale (restic's figure)
 POLL = 2.0  # seconds between looks while waiting for a lock
-_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 def lock_stale() -> float:
@@ -80,73 +76,6 @@ class LockInfo:
         ):
             return True
         return self.token is not None and local_run_gone(self.token)
-
-
-def run_alive(pid: int) -> bool:
-    """Is pid a running immich-stream process on this host?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie or a reused pid of another program is not a run.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return b"immich_stream" in cmdline or b"immich-stream" in cmdline
-
-
-# -- this host's runs: runs/<token>.run in the state directory, flocked while the run lives --
-
-
-def _run_file(token: str) -> Path:
-    from immich_stream.stack import state_dir  # stack imports this module
-
-    return state_dir() / "runs" / f"{token}.run"
-
-
-def _claim_run(token: str) -> int:
-    path = _run_file(token)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh random name: nobody else holds it
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _release_run(token: str, fd: int) -> None:
-    with contextlib.suppress(OSError):
-        _run_file(token).unlink()
-    os.close(fd)
-
-
-def local_run_gone(token: str) -> bool:
-    """True only when this host's state directory proves the run with this token is gone:
-    its run file exists and nobody holds its flock (the kernel dropped it with the process)."""
-    if not _TOKEN.fullmatch(token):
-        return False
-    try:
-        fd = os.open(_run_file(token), os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False  # not a run of this host, as far as this state directory knows
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
-
-
-def _forget_run(token: str | None) -> None:
-    """Remove the run file of a gone run whose lock was removed."""
-    if token is not None and local_run_gone(token):
-        with contextlib.suppress(OSError):
-            _run_file(token).unlink()
 
 
 # -- lock objects --------------------------------------------------------------------------------
@@ -256,13 +185,13 @@ class RepoLock:
         ]
 
     async def __aenter__(self) -> RepoLock:
-        self._run_fd = _claim_run(self.token)  # before the lock object exists, released after it is gone
+        self._run_fd = claim_run(self.token)  # before the lock object exists, released after it is gone
         try:
             await self._acquire()
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.repo.store.delete([self.key]))
-            _release_run(self.token, self._run_fd)
+            release_run(self.token, self._run_fd)
             raise
         self._refresher = asyncio.create_task(self._refresh())
         return self
@@ -346,30 +275,8 @@ class RepoLock:
             await cleanup.best_effort(f"remove the lock {self.key}", self.repo.store.delete([self.key]))
         finally:
             if self._run_fd is not None:
-                _release_run(self.token, self._run_fd)
+                release_run(self.token, self._run_fd)
                 self._run_fd = None
-
-
-@contextlib.contextmanager
-def local_lock(name: str, state: Path) -> Iterator[None]:
-    """An flock on this host: two backups of the same project never run at once. The
-    kernel releases it when the process dies, however it dies."""
-    state.mkdir(parents=True, exist_ok=True)
-    path = state / f"{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise LockError(
-                f"another immich-stream run on this host holds {path} (pid {holder}): wait for it to finish"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 async def unlock(
@@ -386,5 +293,5 @@ async def unlock(
     if gone or removed_live:
         await repo.store.delete([lk.key for lk in gone + removed_live])
     for lk in gone:
-        _forget_run(lk.token)
+        forget_run(lk.token)
     return gone, removed_live, kept

@@ -28,14 +28,15 @@ import aiofiles.os
 
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
-from immich_stream.dump import SearchPathFix, ensure_database, pipe_into, psql_restore_command
+from immich_stream.docker_exec import pipe_into
 from immich_stream.errors import ConfigError, RepoError, StackError
-from immich_stream.locks import local_lock
+from immich_stream.hoststate import stack_lock
+from immich_stream.postgres import SearchPathFix, ensure_database, psql_restore_command
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
 from immich_stream.session import open_repo
-from immich_stream.stack import Stack, StackGuard, connect, recover, state_dir
+from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -385,7 +386,7 @@ async def restore_database(settings: Settings, reporter: Reporter, which: str) -
     started = time.monotonic()
     settings.require("bucket")
     # The host lock of backups: a restore and a backup never stop and start one stack at once.
-    with local_lock(f"backup-{settings.project}", state_dir()):
+    with stack_lock(settings.project):
         return await _restore_database_locked(settings, reporter, which, started)
 
 

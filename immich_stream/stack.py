@@ -15,15 +15,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiodocker
 
 from immich_stream.errors import StackError
-from immich_stream.locks import run_alive
+from immich_stream.hoststate import run_alive, stack_state_file
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +37,6 @@ class Container:
     name: str
     service: str
     running: bool
-
-
-def state_dir(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
-    """Where the host lock and the stack's recovery file live. As root, one system-wide
-    place: a cron run and an interactive `sudo` run (whose HOME may differ) must share the
-    lock and find each other's recovery file. Other users: XDG_STATE_HOME."""
-    environ = os.environ if environ is None else environ
-    explicit = environ.get("IMMICH_STREAM_STATE_DIR")
-    if explicit:
-        return Path(os.path.expanduser(explicit))
-    if (os.geteuid() if euid is None else euid) == 0:
-        return Path("/var/lib/immich-stream")
-    base = environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(base):  # the XDG spec: a relative one is to be ignored
-        base = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "immich-stream"
 
 
 @contextlib.asynccontextmanager
@@ -188,7 +171,7 @@ class Stack:
 
     async def wait_db_ready(self, user: str, timeout: float = 120.0) -> None:
         """Poll pg_isready inside the database container (no fixed sleep)."""
-        from immich_stream.dump import run_in_container
+        from immich_stream.docker_exec import run_in_container
 
         deadline = time.monotonic() + timeout
         last = ""
@@ -221,7 +204,7 @@ class StackGuard:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.stopped: list[str] = []  # in stop order
-        self.state_file = state_dir() / f"stack-{stack.project}.json"
+        self.state_file = stack_state_file(stack.project)
         self.stopped_at: float | None = None
         self.started_at: float | None = None
         self.unstable: list[str] = []  # restarted, but did not stay running
@@ -329,7 +312,7 @@ class StackGuard:
 
 async def recover(stack: Stack) -> list[str]:
     """Start containers a killed earlier run left stopped (its state file says which)."""
-    path = state_dir() / f"stack-{stack.project}.json"
+    path = stack_state_file(stack.project)
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:

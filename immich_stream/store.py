@@ -95,11 +95,6 @@ class _S3SigV4(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore has
         return str(super().payload(request))
 
 
-# Only changes anything for bodies that carry their hash; every other request is signed
-# exactly as botocore would.
-botocore.auth.AUTH_TYPE_MAPS["s3v4"] = _S3SigV4
-
-
 class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
     """Send the headers, then the body object itself. aiohttp coalesces headers and body
     with b"".join() on Pythons before 3.12.9 (its writelines is unsafe there): one more
@@ -125,8 +120,20 @@ def _body_payload(value: _Body, *args: Any, **kwargs: Any) -> aiohttp.payload.Pa
     return aiohttp.payload.BytesIOPayload(value, *args, **kwargs)
 
 
-# A factory is accepted at run time although the hints say a Payload class.
-aiohttp.payload.PAYLOAD_REGISTRY.register(_body_payload, _Body, order=aiohttp.payload.Order.try_first)  # type: ignore[arg-type]
+_installed = False
+
+
+def install_patches() -> None:
+    """Process-wide changes to botocore and aiohttp, made once, by the first Store opened
+    (not at import). Each only changes anything for a _Body: every other request is
+    signed and sent exactly as botocore and aiohttp would."""
+    global _installed
+    if _installed:
+        return
+    botocore.auth.AUTH_TYPE_MAPS["s3v4"] = _S3SigV4
+    # A factory is accepted at run time although the hints say a Payload class.
+    aiohttp.payload.PAYLOAD_REGISTRY.register(_body_payload, _Body, order=aiohttp.payload.Order.try_first)  # type: ignore[arg-type]
+    _installed = True
 
 
 def _drop_expect_header(params: dict[str, Any], **_: Any) -> None:
@@ -205,6 +212,7 @@ class Store:
         import aioboto3
         from aiobotocore.config import AioConfig
 
+        install_patches()
         s = self.settings
         config = AioConfig(
             signature_version="s3v4",

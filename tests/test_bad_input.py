@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config as cfg
-from immich_stream.stack import state_dir
+from immich_stream.hoststate import state_dir
 from tests.conftest import S3Server, base_env, bucket_of
 from tests.faultproxy import FaultProxy, any_request
 from tests.helpers import Result, run_cli
