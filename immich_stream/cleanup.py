@@ -29,16 +29,6 @@ def hurry() -> None:
     _hurry = True
 
 
-def hurrying() -> bool:
-    return _hurry
-
-
-def reset() -> None:
-    """For a new run in the same process (tests)."""
-    global _deadline, _hurry
-    _deadline, _hurry = None, False
-
-
 async def best_effort(what: str, step: Awaitable[object]) -> bool:
     """Run one cleanup step within the shared deadline; True when it finished."""
     global _deadline

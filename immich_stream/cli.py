@@ -336,8 +336,8 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
     if args.database:
         snap, info = await restore.restore_database(settings, reporter, args.snapshot)
         print(
-            f"restored database {settings.db_name} from snapshot {snap.id}: {fs(info['bytes'])} of SQL in "
-            f"{info['seconds']:.1f} s; Immich was down for {info['downtime']:.1f} s"
+            f"restored database {settings.db_name} from snapshot {snap.id}: {fs(info.bytes)} of SQL in "
+            f"{info.seconds:.1f} s; Immich was down for {info.downtime:.1f} s"
         )
         return 0
     snap, st = await restore.restore_files(
@@ -410,7 +410,7 @@ def _policy(settings: cfg.Settings) -> Any:
 async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> int:
     from immich_stream.prune import prune
 
-    rep = await prune(settings, reporter, _policy(settings), dry_run, settings.stale_after, settings.lock_wait)
+    rep = await prune(settings, _policy(settings), dry_run, settings.stale_after, settings.lock_wait)
     fs = cfg.format_size
     would = "would remove" if dry_run else "removed"
     lines = [

@@ -27,7 +27,6 @@ MIB = 1024 * 1024
 # S3 refuses parts under 5 MiB (but the last). Servers that accept smaller parts can be
 # tested with smaller ones through IMMICH_STREAM_MIN_PART_SIZE.
 S3_MIN_PART_SIZE = 5 * MIB
-S3_MAX_PART_SIZE = 5 * 1024 * MIB
 
 STOP_MODES = ("all", "app", "none")
 
@@ -239,10 +238,8 @@ class Spec:
     env: tuple[str, ...]  # environment variables, first set wins
     flag: str | None  # the command-line flag (argparse dest == name)
     parse: Callable[[Any], Any]
-    default: Any
     help: str
     dotenv: str | None = None  # the variable in Immich's .env that sets it
-    relative_to_immich_dir: bool = False
     low: float | None = None  # the range of a number, size or duration (inclusive)
     high: float | None = None
 
@@ -254,7 +251,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_DIR",),
         "--immich-dir",
         parse_path,
-        None,
         "Immich's install directory (holds docker-compose.yml and .env)",
     ),
     Spec(
@@ -263,10 +259,8 @@ SETTINGS: tuple[Spec, ...] = (
         ("LIBRARY_DIR",),
         "--library-dir",
         parse_path,
-        None,
         "the photo library (Immich's UPLOAD_LOCATION)",
         dotenv="UPLOAD_LOCATION",
-        relative_to_immich_dir=True,
     ),
     Spec(
         "postgres_dir",
@@ -274,10 +268,8 @@ SETTINGS: tuple[Spec, ...] = (
         ("POSTGRES_DIR",),
         "--postgres-dir",
         parse_path,
-        None,
         "the Postgres data directory (Immich's DB_DATA_LOCATION)",
         dotenv="DB_DATA_LOCATION",
-        relative_to_immich_dir=True,
     ),
     Spec(
         "project",
@@ -285,7 +277,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("COMPOSE_PROJECT_NAME",),
         "--project",
         parse_project,
-        "immich",
         "the Docker Compose project name (default: name: in IMMICH_DIR/docker-compose.yml, else immich)",
     ),
     Spec(
@@ -294,7 +285,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("DB_CONTAINER",),
         "--db-container",
         parse_container,
-        "immich_postgres",
         "the database container",
     ),
     Spec(
@@ -303,7 +293,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("DB_USER",),
         "--db-user",
         parse_pg_name,
-        "postgres",
         "the database user for pg_dump and psql",
         dotenv="DB_USERNAME",
     ),
@@ -313,18 +302,16 @@ SETTINGS: tuple[Spec, ...] = (
         ("DB_NAME",),
         "--db-name",
         parse_pg_name,
-        "immich",
         "the database name",
         dotenv="DB_DATABASE_NAME",
     ),
-    Spec("bucket", ("s3", "bucket"), ("S3_BUCKET",), "--bucket", parse_bucket, None, "the S3 bucket"),
+    Spec("bucket", ("s3", "bucket"), ("S3_BUCKET",), "--bucket", parse_bucket, "the S3 bucket"),
     Spec(
         "prefix",
         ("s3", "prefix"),
         ("S3_PREFIX",),
         "--prefix",
         parse_prefix,
-        "immich-backup",
         "the key prefix of the repository in the bucket",
     ),
     Spec(
@@ -333,7 +320,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
         "--endpoint-url",
         parse_endpoint,
-        None,
         "an S3-compatible server's URL (default: AWS)",
     ),
     Spec(
@@ -342,7 +328,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
         "--region",
         parse_region,
-        None,
         "the S3 region",
     ),
     Spec(
@@ -351,7 +336,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("S3_PATH_STYLE",),
         "--path-style",
         parse_bool,
-        False,
         "path-style addressing (most self-hosted S3 servers want it)",
     ),
     Spec(
@@ -360,7 +344,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("S3_VERIFY_TLS",),
         None,
         parse_bool,
-        True,
         "verify the S3 server's TLS certificate",
     ),
     Spec(
@@ -369,7 +352,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("S3_CA_BUNDLE", "AWS_CA_BUNDLE"),
         None,
         parse_path,
-        None,
         "a CA bundle for the S3 server's certificate",
     ),
     Spec(
@@ -378,7 +360,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_STOP",),
         "--stop",
         parse_stop,
-        "all",
         "what to stop: all (cold copy of the DB directory), app (keep the DB up), none",
     ),
     Spec(
@@ -387,7 +368,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_JOBS",),
         "--jobs",
         parse_int,
-        8,
         "concurrent S3 requests",
         low=1,
         high=MAX_JOBS,
@@ -398,7 +378,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_PART_SIZE",),
         "--part-size",
         parse_size,
-        8 * MIB,
         "multipart part size (grown automatically to stay under 10,000 parts)",
     ),
     Spec(
@@ -407,7 +386,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_MAX_MEMORY",),
         "--max-memory",
         parse_size,
-        64 * MIB,
         "budget for file and part buffers in flight",
         high=MAX_MEMORY,
     ),
@@ -417,7 +395,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_LOCK_WAIT",),
         "--lock-wait",
         parse_duration,
-        300.0,
         "how long backup and prune wait for a run holding the repository lock (e.g. 90s, 5m)",
         low=0,
         high=DAY,
@@ -428,7 +405,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_STALL_TIMEOUT",),
         None,
         parse_duration,
-        600.0,
         "fail a backup when nothing has moved for this long (a hung connection must not keep Immich down)",
         low=30,
         high=DAY,
@@ -439,7 +415,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_LAST",),
         "--keep-last",
         parse_int,
-        0,
         "keep the newest N snapshots",
         low=0,
     ),
@@ -449,7 +424,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_HOURLY",),
         "--keep-hourly",
         parse_int,
-        0,
         "keep the newest snapshot of each of the last N hours that have one",
         low=0,
     ),
@@ -459,7 +433,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_DAILY",),
         "--keep-daily",
         parse_int,
-        0,
         "... of each of the last N days (UTC)",
         low=0,
     ),
@@ -469,7 +442,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_WEEKLY",),
         "--keep-weekly",
         parse_int,
-        0,
         "... of each of the last N ISO weeks",
         low=0,
     ),
@@ -479,7 +451,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_MONTHLY",),
         "--keep-monthly",
         parse_int,
-        0,
         "... of each of the last N months",
         low=0,
     ),
@@ -489,7 +460,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_YEARLY",),
         "--keep-yearly",
         parse_int,
-        0,
         "... of each of the last N years",
         low=0,
     ),
@@ -499,7 +469,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_KEEP_WITHIN",),
         "--keep-within",
         parse_keep_within,
-        None,
         "keep every snapshot within this long before the newest (restic's 1y2m3d4h: m is months)",
     ),
     Spec(
@@ -508,7 +477,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_STALE_AFTER",),
         "--stale-after",
         parse_duration,
-        86400.0,
         "prune removes incomplete snapshots and unfinished uploads older than this",
         low=3600,
         high=365 * DAY,
@@ -519,7 +487,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_RETRIES",),
         None,
         parse_int,
-        6,
         "attempts per S3 request on transient errors",
         low=1,
         high=MAX_RETRIES,
@@ -530,7 +497,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_READ_TIMEOUT",),
         None,
         parse_duration,
-        120.0,
         "how long one S3 request may wait for the server's answer before it is retried",
         low=5,
         high=3600,
@@ -541,7 +507,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_MAX_SHRINK",),
         "--max-shrink",
         parse_percent,
-        0.5,
         "refuse a backup whose library lost more than this share of its files or bytes since the last snapshot "
         "(an unmounted disk must not become the newest snapshot); --allow-shrink overrides once",
     ),
@@ -551,7 +516,6 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_MAX_DOWNTIME",),
         "--max-downtime",
         parse_duration,
-        None,
         "start the stack again and fail the run when Immich has been down this long (default: no limit)",
         low=10,
         high=7 * DAY,

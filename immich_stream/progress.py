@@ -70,12 +70,6 @@ class Phase:
                 dynamic_ncols=True,
             )
 
-    def set_total(self, total_bytes: int) -> None:
-        self.total = total_bytes
-        if self._bar is not None:
-            self._bar.total = total_bytes
-            self._bar.refresh()
-
     def update(self, nbytes: int = 0, files: int = 0) -> None:
         self.files += files
         self.bytes += nbytes

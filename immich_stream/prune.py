@@ -21,7 +21,6 @@ from typing import Any
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
 from immich_stream.locks import list_locks
-from immich_stream.progress import Reporter
 from immich_stream.repo import Repo, key_digest, run_of, snapshot_time
 from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import Store
@@ -125,17 +124,14 @@ class PruneReport:
     bytes_freed: int = 0
     incomplete_removed: list[str] = field(default_factory=list)
     uploads_aborted: int = 0
-    dry_run: bool = False
     seconds: float = 0.0
 
 
-async def prune(
-    settings: Settings, reporter: Reporter, policy: Policy, dry_run: bool, stale_after: float, lock_wait: float
-) -> PruneReport:
+async def prune(settings: Settings, policy: Policy, dry_run: bool, stale_after: float, lock_wait: float) -> PruneReport:
     started = time.monotonic()
     settings.require("bucket")
     apply_policy([], policy)  # refuses an empty policy before anything is touched
-    report = PruneReport(dry_run=dry_run)
+    report = PruneReport()
     async with open_repo(settings, lock=LockSpec("prune", exclusive=True, wait=lock_wait)) as repo:
         await _prune_locked(repo.store, repo, policy, dry_run, stale_after, report)
     report.seconds = time.monotonic() - started

@@ -277,7 +277,6 @@ class ObjectIndex:
 
     def __init__(self) -> None:
         self._digests = array("Q")
-        self.count = 0
 
     @staticmethod
     def _digest(key: str, size: int) -> int:
@@ -290,7 +289,6 @@ class ObjectIndex:
         async for obj in repo.store.list_objects(repo.data_prefix()):
             index._digests.append(cls._digest(repo.relative_key(obj.key), obj.size))
         index._digests = array("Q", sorted(index._digests))
-        index.count = len(index._digests)
         return index
 
     def has(self, key: str, size: int) -> bool:

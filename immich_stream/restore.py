@@ -21,7 +21,6 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiofiles
 import aiofiles.os
@@ -57,6 +56,13 @@ class RestoreStats:
     failed: int = 0
     problems: Problems = field(default_factory=Problems)
     seconds: float = 0.0
+
+
+@dataclass
+class DatabaseRestored:
+    bytes: int  # of SQL sent to psql
+    seconds: float
+    downtime: float  # the app containers were stopped this long
 
 
 class UnsafePath(RepoError):
@@ -381,7 +387,7 @@ async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerato
     yield b"\nCOMMIT;\n"  # a newline first: the dump's last line may lack one
 
 
-async def restore_database(settings: Settings, reporter: Reporter, which: str) -> tuple[Snapshot, dict[str, Any]]:
+async def restore_database(settings: Settings, reporter: Reporter, which: str) -> tuple[Snapshot, DatabaseRestored]:
     """Stop the app containers, pipe the dump into psql in the database container, start them."""
     started = time.monotonic()
     settings.require("bucket")
@@ -392,7 +398,7 @@ async def restore_database(settings: Settings, reporter: Reporter, which: str) -
 
 async def _restore_database_locked(
     settings: Settings, reporter: Reporter, which: str, started: float
-) -> tuple[Snapshot, dict[str, Any]]:
+) -> tuple[Snapshot, DatabaseRestored]:
     async with connect() as docker, open_repo(settings) as repo:
         store = repo.store
         snap = await repo.resolve(which)
@@ -434,7 +440,7 @@ async def _restore_database_locked(
                 await guard.restore()
         finally:
             phase.close()
-    return snap, {"bytes": sent, "seconds": time.monotonic() - started, "downtime": guard.downtime, "restarted": app}
+    return snap, DatabaseRestored(sent, time.monotonic() - started, guard.downtime)
 
 
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:

@@ -27,7 +27,6 @@ from immich_stream.hoststate import run_alive, stack_state_file
 log = logging.getLogger(__name__)
 
 PROJECT_LABEL = "com.docker.compose.project"
-SERVICE_LABEL = "com.docker.compose.service"
 STOP_TIMEOUT = 30  # seconds Docker waits before SIGKILL; Postgres stops on SIGINT in well under that
 
 
@@ -35,7 +34,6 @@ STOP_TIMEOUT = 30  # seconds Docker waits before SIGKILL; Postgres stops on SIGI
 class Container:
     id: str
     name: str
-    service: str
     running: bool
 
 
@@ -93,10 +91,9 @@ class Stack:
     @staticmethod
     def _info(raw: dict[str, Any]) -> Container:
         names = raw.get("Names") or [raw.get("Name", "")]
-        labels = raw.get("Labels") or raw.get("Config", {}).get("Labels") or {}
         state = raw.get("State")
         running = state == "running" if isinstance(state, str) else bool((state or {}).get("Running"))
-        return Container(raw["Id"], names[0].lstrip("/"), labels.get(SERVICE_LABEL, ""), running)
+        return Container(raw["Id"], names[0].lstrip("/"), running)
 
     async def run_state(self, name: str) -> tuple[bool, str]:
         """(running, StartedAt) of a container: a restart changes StartedAt."""

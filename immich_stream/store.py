@@ -201,8 +201,6 @@ class Store:
         self.retries = retries or settings.retries
         self._client: Any = None
         self._cm: Any = None
-        self.requests = 0
-        self.retried = 0
         self.last_activity = time.monotonic()  # the stall watchdog reads this: see touch()
         self._inflight: dict[object, tuple[str, float]] = {}
         # every request, whoever sends it, counts against --jobs
@@ -253,7 +251,6 @@ class Store:
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         delay = 0.25
         for attempt in range(1, self.retries + 1):
-            self.requests += 1
             token = object()
             try:
                 async with self._limit:
@@ -272,7 +269,6 @@ class Store:
                     if isinstance(exc, ClientError):
                         error.code = exc.response.get("Error", {}).get("Code")
                     raise error from exc
-                self.retried += 1
                 wait = min(delay * 2 ** (attempt - 1), 20.0) * (0.5 + random.random())
                 log.debug("%s failed (%s), retry %d/%d in %.1fs", what, _short(exc), attempt, self.retries - 1, wait)
                 await asyncio.sleep(wait)
