@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from immich_stream import __version__
+from immich_stream import __version__, cleanup
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import ParentInfo, PrevCursor, classify, scan_parent
 from immich_stream.config import Settings
-from immich_stream.errors import StackError, StallError
+from immich_stream.errors import AfterCommitError, StackError, StallError
 from immich_stream.hoststate import stack_lock
 from immich_stream.library import check_library, check_shrink_at_end
 from immich_stream.postgres import DumpResult, dump_database
@@ -203,6 +203,11 @@ async def run_phases(mode: str, steps: Steps) -> None:
     await steps.start_all()
 
 
+def stream_budget_share(max_memory: int, part_size: int) -> int:
+    """The streams' part of --max-memory: a quarter, and at least a part for each of the two."""
+    return max(2 * part_size, max_memory // 4)
+
+
 class BackupRun:
     """One run's state: the stages' shared parts, the stack guard, what the summary needs."""
 
@@ -232,9 +237,14 @@ class BackupRun:
         self.parent = parent
         self.objects = objects
         self.stats = RunStats()
-        self.budget = ByteBudget(settings.max_memory)
+        # Two budgets: a stream (the dump, the manifest) holds a part reserved while it fills,
+        # and the manifest fills only as files finish. Sharing one budget, a large file
+        # could wait for memory the manifest holds while the manifest waits for that file.
+        stream_share = stream_budget_share(settings.max_memory, settings.part_size)
+        self.stream_budget = ByteBudget(stream_share)
+        self.budget = ByteBudget(max(settings.max_memory - stream_share, settings.part_size))
         self.uploader = FileUploader(repo.store, repo, self.budget, settings, self.stats)
-        self.manifest = ManifestWriter(repo.store, repo.manifest_key(snap_id), self.budget, settings.part_size)
+        self.manifest = ManifestWriter(repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size)
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
         self.phase_seconds: dict[str, float] = {}
@@ -246,8 +256,14 @@ class BackupRun:
         await self.guard.stop([n for n in self.running if n != self.settings.db_container])
 
     async def stop_db(self) -> None:
-        await self.guard.stop([self.settings.db_container])
-        self._db_state = await self.stack.run_state(self.settings.db_container)
+        db = self.settings.db_container
+        await self.guard.stop([db])
+        self._db_state = await self.stack.run_state(db)
+        if self._db_state[0]:
+            raise StackError(
+                f"{db} is running again right after it was stopped (a restart policy, or someone "
+                "started it): no cold copy can be taken; nothing was committed; use --stop app"
+            )
 
     async def check_cold(self) -> None:
         # A copy of a data directory the database wrote into is no backup: see that
@@ -293,7 +309,7 @@ class BackupRun:
             phase.update(n)
 
         try:
-            async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.budget, s.part_size) as out:
+            async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(self.docker, s.db_container, s.db_user, s.db_name, out.write, received)
                 await out.finish()
             result.parts = out.parts
@@ -389,10 +405,21 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
             if await recover(stack):
                 log.info("the Immich stack left stopped by the earlier run is running again")
             lock = LockSpec("backup", exclusive=False, wait=settings.lock_wait, run=snap_id)
-            async with open_repo(settings, create_for=snap_id, lock=lock) as repo:
-                return await _backup_locked(
-                    settings, reporter, docker, stack, repo, roots, snap_id, started, allow_shrink
-                )
+            result: BackupResult | None = None
+            try:
+                async with open_repo(settings, create_for=snap_id, lock=lock) as repo:
+                    result = await _backup_locked(
+                        settings, reporter, docker, stack, repo, roots, snap_id, started, allow_shrink
+                    )
+            except asyncio.CancelledError:
+                if result is None:
+                    raise
+                # A signal while the lock was being released: the snapshot stands.
+                raise AfterCommitError(
+                    f"snapshot {snap_id} committed, then interrupted by "
+                    f"{cleanup.signal_name() or 'a signal'} while finishing"
+                ) from None
+            return result
 
 
 async def _backup_locked(

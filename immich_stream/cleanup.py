@@ -2,25 +2,35 @@
 
 Starting the stack again is not done here: that is StackGuard's, and it is never skipped.
 What is here is the rest (aborting multipart uploads, removing the lock object), which
-needs S3, the very thing that may have failed. Each such step gets what is left of one
-shared deadline, never raises, and is skipped once the user asked twice to stop: prune
-collects what it leaves behind.
+needs S3, the very thing that may have failed. Each step is bounded (STEP seconds; the
+aborts of concurrent uploads run side by side, so a failing run spends at most a few
+steps), never raises, and is skipped once the user asked twice to stop: prune collects
+what it leaves behind. No deadline is shared across steps: one failing scope must not
+use up the time of a later, healthy one (the prune after a backup, say).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable
 
 log = logging.getLogger(__name__)
 
-DEADLINE = 20.0  # seconds all S3 cleanup of one failing run may take together
-STEP = 10.0  # seconds one cleanup step may take
+STEP = 8.0  # seconds one cleanup step may take
 
-_deadline: float | None = None
 _hurry = False
+_signal: str | None = None
+
+
+def signalled(name: str) -> None:
+    """The first SIGINT/SIGTERM/SIGHUP: remembered so later messages can name it."""
+    global _signal
+    _signal = _signal or name
+
+
+def signal_name() -> str | None:
+    return _signal
 
 
 def hurry() -> None:
@@ -30,26 +40,17 @@ def hurry() -> None:
 
 
 async def best_effort(what: str, step: Awaitable[object]) -> bool:
-    """Run one cleanup step within the shared deadline; True when it finished."""
-    global _deadline
+    """Run one cleanup step, at most STEP seconds; True when it finished."""
     if _hurry:
         _close(step)
         log.warning("skipped: %s (asked to stop again); prune removes what is left", what)
         return False
-    now = time.monotonic()
-    if _deadline is None:
-        _deadline = now + DEADLINE
-    budget = min(STEP, _deadline - now)
-    if budget <= 0:
-        _close(step)
-        log.warning("skipped: %s (cleanup is out of time); prune removes what is left", what)
-        return False
     try:
-        async with asyncio.timeout(budget):
+        async with asyncio.timeout(STEP):
             await step
         return True
     except TimeoutError:
-        log.warning("could not %s within %.0f s; prune removes what is left", what, budget)
+        log.warning("could not %s within %.0f s; prune removes what is left", what, STEP)
     except Exception as exc:  # cleanup must not hide the error that caused it
         log.warning("could not %s (%s); prune removes what is left", what, str(exc).splitlines()[0][:200])
     return False

@@ -27,6 +27,7 @@ from immich_stream.errors import (
     EXIT_SIGHUP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    AfterCommitError,
     ConfigError,
     ImmichStreamError,
     Interrupted,
@@ -265,6 +266,11 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     else:
         try:
             await _run_prune(settings, reporter, dry_run=False)
+        except asyncio.CancelledError:  # a signal during the prune: the snapshot stands
+            raise AfterCommitError(
+                f"snapshot {result.snapshot_id} committed, then prune was interrupted by "
+                f"{cleanup.signal_name() or 'a signal'}"
+            ) from None
         except ImmichStreamError as exc:
             print(
                 f"immich-stream: error: snapshot {result.snapshot_id} committed, but prune failed: {exc}",
@@ -563,6 +569,7 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
             cleanup.hurry()
             return
         received.append(name)
+        cleanup.signalled(name)
         log.warning("%s received: stopping, starting the Immich stack again, cleaning up", name)
         task.cancel()
 

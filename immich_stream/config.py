@@ -128,7 +128,10 @@ def parse_within_parts(text: str) -> tuple[int, int, int, int]:
 
 
 def parse_keep_within(text: str) -> str:
-    parse_within_parts(text)
+    y, mo, d, h = parse_within_parts(text)
+    # Prune subtracts it from a snapshot's time: refuse what no calendar can subtract.
+    if y * 12 + mo > 12 * 1000 or d > 366 * 1000 or h > 24 * 366 * 1000:
+        raise ValueError(f"{text!r} reaches back more than 1000 years: keep-within that long keeps everything anyway")
     return text.strip()
 
 
@@ -610,6 +613,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read ({exc.strerror}): check its permissions") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}; fix that line") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

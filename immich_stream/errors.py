@@ -76,6 +76,13 @@ class ProblemsFound(ImmichStreamError):
     """restore or verify finished, but listed problems (files not restored, objects missing or corrupt)."""
 
 
+class AfterCommitError(ImmichStreamError):
+    """The snapshot was committed; what came after it (prune, releasing the lock) failed or
+    was interrupted. Never said as "nothing was committed"."""
+
+    exit_code = EXIT_PRUNE_FAILED
+
+
 class Interrupted(ImmichStreamError):
     """SIGINT or SIGTERM arrived; cleanup ran."""
 

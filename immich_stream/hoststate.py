@@ -97,9 +97,13 @@ def claim_run(token: str) -> int:
     return fd
 
 
-def release_run(token: str, fd: int) -> None:
-    with contextlib.suppress(OSError):
-        run_file(token).unlink()
+def release_run(token: str, fd: int, lock_removed: bool = True) -> None:
+    """The run is over. While its lock object may still be in the bucket (removing it
+    failed), its run file stays, unlocked: other runs on this host then see that lock as
+    stale at once (local_run_gone) instead of after 30 minutes."""
+    if lock_removed:
+        with contextlib.suppress(OSError):
+            run_file(token).unlink()
     os.close(fd)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from immich_stream import cleanup
-from immich_stream.errors import LockError, ObjectNotFound, StoreError
+from immich_stream.errors import ConfigError, LockError, ObjectNotFound, StoreError
 from immich_stream.hoststate import claim_run, forget_run, local_run_gone, release_run
 from immich_stream.repo import Repo
 
@@ -47,7 +47,18 @@ def lock_stale() -> float:
     from immich_stream.config import parse_duration
 
     value = os.environ.get("IMMICH_STREAM_LOCK_STALE")
-    return parse_duration(value) if value else STALE
+    if not value:
+        return STALE
+    try:
+        stale = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"IMMICH_STREAM_LOCK_STALE {value!r} is invalid: {exc}") from None
+    if not 10 <= stale <= 7 * 86400:
+        raise ConfigError(
+            f"IMMICH_STREAM_LOCK_STALE {value!r} must be 10s to 7d (a lock refreshed less often "
+            "than a sixth of it goes stale)"
+        )
+    return stale
 
 
 @dataclass
@@ -269,13 +280,14 @@ class RepoLock:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
 
+        removed = False
         try:
             # Bounded: S3 may be what failed; a lock left behind goes stale by itself (at
             # once for runs on this host, whose run file shows the process gone).
-            await cleanup.best_effort(f"remove the lock {self.key}", self.repo.store.delete([self.key]))
+            removed = await cleanup.best_effort(f"remove the lock {self.key}", self.repo.store.delete([self.key]))
         finally:
             if self._run_fd is not None:
-                release_run(self.token, self._run_fd)
+                release_run(self.token, self._run_fd, lock_removed=removed)
                 self._run_fd = None
 
 

@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import stat
 import time
@@ -28,7 +29,7 @@ import aiofiles.os
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.docker_exec import pipe_into
-from immich_stream.errors import ConfigError, RepoError, StackError
+from immich_stream.errors import ConfigError, RepoError, StackError, StallError
 from immich_stream.hoststate import stack_lock
 from immich_stream.postgres import SearchPathFix, ensure_database, psql_restore_command
 from immich_stream.problems import Problems
@@ -37,6 +38,7 @@ from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_strea
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import Store
+from immich_stream.watchdog import with_watchdog
 
 log = logging.getLogger(__name__)
 
@@ -424,8 +426,10 @@ async def _restore_database_locked(
                     phase.update(len(chunk))
                     yield chunk
 
-        try:
-            async with StackGuard(stack) as guard:
+        guard = StackGuard(stack)
+
+        async def work() -> None:
+            async with guard:
                 await guard.stop(app)
                 created = await ensure_database(docker, settings.db_container, settings.db_user, settings.db_name)
                 if created:
@@ -438,6 +442,15 @@ async def _restore_database_locked(
                     "psql",
                 )
                 await guard.restore()
+
+        def s3_hung() -> StallError | None:
+            # psql may rightly be silent for long (an index on a large table): only S3
+            # not answering for the stall timeout fails the restore (rolled back, apps started).
+            what = store.hung(settings.stall_timeout)
+            return StallError(f"{what}: the restore was rolled back and the stack started again") if what else None
+
+        try:
+            await with_watchdog(store, math.inf, work(), s3_hung)
         finally:
             phase.close()
     return snap, DatabaseRestored(sent, time.monotonic() - started, guard.downtime)

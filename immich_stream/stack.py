@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_LABEL = "com.docker.compose.project"
 STOP_TIMEOUT = 30  # seconds Docker waits before SIGKILL; Postgres stops on SIGINT in well under that
+STOP_WAIT = STOP_TIMEOUT + 30  # seconds a stop request may take before Docker is taken to hang
 
 
 @dataclass
@@ -125,7 +126,14 @@ class Stack:
 
         async def one(name: str) -> None:
             try:
-                await self.docker.containers.container(name).stop(t=STOP_TIMEOUT)
+                # Bounded: dockerd kills the container after STOP_TIMEOUT; a stop that takes
+                # much longer is Docker hanging (a container stuck on a dead NFS mount).
+                async with asyncio.timeout(STOP_WAIT):
+                    await self.docker.containers.container(name).stop(t=STOP_TIMEOUT)
+            except TimeoutError:
+                raise StackError(
+                    f"Docker did not stop {name} within {STOP_WAIT} s: check dockerd and `docker inspect {name}`"
+                ) from None
             except aiodocker.DockerError as exc:
                 if exc.status != 304:  # 304: already stopped
                     raise StackError(f"cannot stop container {name}: {exc.message}") from None
@@ -141,7 +149,10 @@ class Stack:
 
         async def one(name: str) -> None:
             try:
-                await self.docker.containers.container(name).start()
+                async with asyncio.timeout(STOP_WAIT):
+                    await self.docker.containers.container(name).start()
+            except TimeoutError:
+                failures.append(f"{name} (Docker did not answer within {STOP_WAIT} s)")
             except aiodocker.DockerError as exc:
                 if exc.status != 304:  # 304: already running
                     failures.append(f"{name} ({exc.message})")
@@ -269,8 +280,10 @@ class StackGuard:
 
     async def _restore(self) -> None:
         if self._stopping is not None:
+            # Each stop is bounded (STOP_WAIT); wait for them all, then start whatever is
+            # not running, whether its stop succeeded, failed or hung.
             with contextlib.suppress(Exception):
-                await self._stopping
+                await asyncio.wait_for(asyncio.shield(self._stopping), STOP_WAIT + 5)
         if self.stopped:
             db_first = sorted(self.stopped, key=lambda n: n != self.stack.db_container)
             log.info("starting %s", ", ".join(db_first))

@@ -203,6 +203,8 @@ class Store:
         self._cm: Any = None
         self.last_activity = time.monotonic()  # the stall watchdog reads this: see touch()
         self._inflight: dict[object, tuple[str, float]] = {}
+        self.last_answer = time.monotonic()  # any answer or downloaded byte: see hung()
+        self._reading = 0  # downloads with a body open
         # every request, whoever sends it, counts against --jobs
         self._limit = asyncio.Semaphore(settings.jobs)
 
@@ -242,6 +244,16 @@ class Store:
         what, since = min(self._inflight.values(), key=lambda v: v[1])
         return what, time.monotonic() - since
 
+    def hung(self, stall: float) -> str | None:
+        """What S3 is not answering, when requests or downloads are waiting and nothing
+        at all came back for `stall` seconds (timeouts and retries included)."""
+        quiet = time.monotonic() - self.last_answer
+        if (not self._inflight and not self._reading) or quiet <= stall:
+            return None
+        oldest = self.oldest_request()
+        what = f" ({oldest[0]})" if oldest else ""
+        return f"S3 at {self.settings.endpoint_url or 'AWS'} answered nothing for {quiet:.0f} s{what}"
+
     def touch(self) -> None:
         """Progress: bytes acknowledged by S3, files walked, dump bytes received."""
         self.last_activity = time.monotonic()
@@ -259,11 +271,11 @@ class Store:
                         result = await fn()
                     finally:
                         del self._inflight[token]
-                self.last_activity = time.monotonic()
+                self.last_answer = time.monotonic()
                 return result
             except Exception as exc:  # classified below; non-transient errors are raised at once
-                # An error or a timeout is not progress: the stall watchdog must see a server
-                # that only ever times out as stalled, however many retries that takes.
+                # Neither an error, a timeout nor a retry is progress; nor is an answer to a
+                # small request (a lock refresh): callers touch() for bytes of data only.
                 if not is_transient(exc) or attempt == self.retries:
                     error = self._error(what, exc)
                     if isinstance(exc, ClientError):
@@ -317,13 +329,22 @@ class Store:
     # -- objects ----------------------------------------------------------------------------
 
     async def put(
-        self, key: str, data: bytes, content_type: str | None = None, md5: str | None = None, sha256: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None = None,
+        md5: str | None = None,
+        sha256: str | None = None,
+        progress: bool = False,
     ) -> None:
-        """One PUT; md5 (base64) and sha256 (hex) of data may be given when already known."""
+        """One PUT; md5 (base64) and sha256 (hex) of data may be given when already known.
+        `progress`: the bytes are backup data, and their acknowledgement is progress."""
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ContentMD5": md5 or md5_b64(data)}
         if content_type:
             kw["ContentType"] = content_type
         await self._call(f"upload {key}", lambda: self._client.put_object(Body=_Body(data, sha256), **kw))
+        if progress:
+            self.touch()
 
     async def get(self, key: str) -> bytes:
         chunks = [c async for c in self.iter_object(key)]
@@ -342,6 +363,7 @@ class Store:
                 return (await self._client.get_object(**kw))["Body"]
 
             body = await self._call(f"download {key}", open_body)
+            self._reading += 1
             try:
                 while True:
                     try:
@@ -355,10 +377,11 @@ class Store:
                         break
                     if not chunk:
                         return
-                    self.last_activity = time.monotonic()
+                    self.last_answer = time.monotonic()
                     offset += len(chunk)
                     yield chunk
             finally:
+                self._reading -= 1
                 body.close()
 
     async def head(self, key: str) -> int | None:
@@ -426,6 +449,7 @@ class Store:
                 ContentMD5=md5,
             ),
         )
+        self.touch()  # parts carry backup data (files, the dump, manifests)
         return str(resp["ETag"])
 
     async def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
@@ -436,6 +460,7 @@ class Store:
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=parts
             ),
         )
+        self.touch()
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         await self._call(
@@ -629,7 +654,7 @@ class StreamWriter:
     async def finish(self) -> None:
         data, self._buf = bytes(self._buf), bytearray()
         if self._mp is None:
-            await self.store.put(self.key, data)
+            await self.store.put(self.key, data, progress=True)
             self.parts = 1
         else:
             if data or self._mp.parts == 0:

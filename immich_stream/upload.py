@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,7 @@ class FileUploader:
             if source is not None and self._reuse(line, source, sha, len(data)):
                 phase.update(len(data))
                 return True
-            await self.store.put(self.repo.object_key(key), data, md5=md5, sha256=sha)
+            await self.store.put(self.repo.object_key(key), data, md5=md5, sha256=sha, progress=True)
         line.key, line.size, line.sha256 = key, len(data), sha
         self.stats.bytes_uploaded += len(data)
         phase.update(len(data))
@@ -84,7 +85,7 @@ class FileUploader:
     async def _same_bytes(self, fd: int, line: ManifestLine, source: ManifestLine, phase: Phase) -> bool:
         """Hash a large file without uploading it; reuse source's object when it matches."""
         async with self.budget.hold(HASH_CHUNK):
-            sha, size = await asyncio.to_thread(_hash_fd, fd)
+            sha, size = await asyncio.to_thread(_hash_fd, fd, self.store.touch)
         self.stats.bytes_read += size
         phase.update(size)
         return self._reuse(line, source, sha, size)
@@ -128,12 +129,14 @@ def _open_regular(path: bytes) -> int:
     return fd
 
 
-def _hash_fd(fd: int) -> tuple[str, int]:
+def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
+    """sha256 and size of a file; bytes read are progress (hashing a 50 GB video is not a stall)."""
     h = hashlib.sha256()
     size = 0
     while chunk := os.read(fd, HASH_CHUNK):
         h.update(chunk)
         size += len(chunk)
+        progress()
     return h.hexdigest(), size
 
 

@@ -306,6 +306,6 @@ async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server,
         assert budget.peak <= budget.limit
         got = await store.get("big/stream")
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-    # the documented maximum with the defaults: 10,000 parts growing up to half the budget
+    # the documented maximum with --max-memory 256MiB (streams get 64 MiB, parts grow to 32)
     monkeypatch.undo()
     assert max_stream_size(8 * MIB, 32 * MIB) == (1000 * 8 + 1000 * 16 + 8000 * 32) * MIB  # 273 GiB

@@ -347,3 +347,77 @@ sys.exit(code)
     assert proc.returncode == 1, proc.stderr
     assert "exiting with 1 file operations still hanging" in proc.stderr
     assert time.monotonic() - started < 15
+
+
+def test_lock_refreshes_are_not_progress_a_blocked_dump_still_stalls(env: dict, stack: ImmichStack) -> None:
+    """pg_dump blocked by a table lock sends nothing; the lock refresher's small requests
+    (every 10 s here) must not keep the watchdog quiet while Immich is down."""
+    make_library(stack.library, photos=3)
+    env.update({"IMMICH_STREAM_STALL_TIMEOUT": "30s", "IMMICH_STREAM_LOCK_STALE": "60s"})
+    holder = subprocess.Popen(
+        ["docker", "exec", "-i", "immich_postgres", "psql", "-U", "postgres", "-d", "immich"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert holder.stdin is not None
+    holder.stdin.write("BEGIN; LOCK TABLE assets IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);\n")
+    holder.stdin.flush()
+    time.sleep(2)
+    proc = start_cli("backup", "--stop", "app", env=env)
+    try:
+        wait_for(
+            lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60, what="the stack to stop"
+        )
+        down = time.monotonic()
+        wait_for(lambda: running_containers() == set(CONTAINERS), 30 + 30, 0.2, "the stack to run again")
+        back = time.monotonic() - down
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        holder.kill()
+        docker(
+            "exec",
+            "immich_postgres",
+            "psql",
+            "-U",
+            "postgres",
+            "-d",
+            "immich",
+            "-Atc",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' "
+            "AND pid <> pg_backend_pid()",
+            check=False,
+        )
+        if proc.poll() is None:
+            proc.kill()
+    assert back < 30 + 30
+    assert proc.returncode == 1 and "no progress for" in err, err[-500:]
+
+
+def test_a_file_larger_than_the_budget_never_waits_for_the_manifest(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
+    """Scaled down: 64 KiB parts, a 192 KiB budget, thousands of manifest lines, then a file
+    whose parts need the whole file budget: the manifest's reserved part must not block it."""
+    make_library(stack.library, photos=3)
+    many = stack.library / "library" / "many"
+    many.mkdir(parents=True)
+    for i in range(3000):
+        (many / f"file-with-a-fairly-long-name-to-fill-the-manifest-{i:05d}.jpg").write_bytes(b"x" * 10)
+    big = stack.library / "library" / "zzz-last" / "big.mp4"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(2 * MIB))
+    env.update(
+        {
+            "IMMICH_STREAM_MIN_PART_SIZE": "64KiB",
+            "IMMICH_STREAM_PART_SIZE": "64KiB",
+            "IMMICH_STREAM_MAX_MEMORY": "192KiB",
+            "IMMICH_STREAM_STALL_TIMEOUT": "30s",
+        }
+    )
+    r = run_cli("backup", "--stop", "none", env=env, timeout=180)
+    assert r.code == 0, r.err[-800:]
+    [sid] = bucket.snapshots()
+    line = next(m for m in bucket.manifest(sid) if m["path"].endswith("big.mp4"))
+    assert bucket.get(line["key"]) == big.read_bytes()
