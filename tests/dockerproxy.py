@@ -102,6 +102,8 @@ class DockerProxy:
                 tg.create_task(_pipe(ureader, cwriter))
         except* (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a reset or a malformed request: drop both sides, as a broken connection would
+        except* asyncio.CancelledError:
+            pass  # the proxy is shutting down: this connection ends with it
         finally:
             for w in (cwriter, uwriter):
                 w.close()
