@@ -340,20 +340,23 @@ def churn(library: Path, rng: random.Random, it: int) -> None:
         old.unlink()
 
 
-def schedule(rng: random.Random, n: int) -> list[Plan]:
-    """Faults in shuffled rounds of all five (each kind n/5 times), commands in shuffled
-    rounds of all six for every fault but docker-stop, which goes with a command that
-    stops containers (drawn among those)."""
-    faults: list[str] = []
-    ops: list[str] = []
-    while len(faults) < n:
-        faults += rng.sample(FAULTS, len(FAULTS))
-    while len(ops) < n:
-        ops += rng.sample(OPS, len(OPS))
+def schedule(seed: int, n: int) -> list[Plan]:
+    """Faults in shuffled rounds of all of them (each kind n/5 times with the five), commands
+    in shuffled rounds of all six for every fault but docker-stop, which goes with a command
+    that stops containers. Iteration i depends only on (seed, i): a shorter run with the same
+    seed is a prefix of a longer one."""
+    def rounds(items: tuple[str, ...], what: str) -> Iterator[str]:
+        block = 0
+        while True:
+            yield from random.Random(f"{seed}/{what}/{block}").sample(items, len(items))
+            block += 1
+
+    faults, ops = rounds(FAULTS, "faults"), rounds(OPS, "ops")
     plans = []
-    rounds = iter(ops)
-    for fault in faults[:n]:
-        op = rng.choice(STOPPING_OPS) if fault == "docker-stop" else next(rounds)
+    for i in range(1, n + 1):
+        rng = random.Random(f"{seed}/iteration/{i}")
+        fault = next(faults)
+        op = rng.choice(STOPPING_OPS) if fault == "docker-stop" else next(ops)
         plan = Plan(op, fault, moment=rng.uniform(0.05, 1.0), gap=rng.uniform(0.05, 1.5),
                     flaky_seed=rng.randrange(1 << 30))
         if fault == "docker-stop":
@@ -361,6 +364,17 @@ def schedule(rng: random.Random, n: int) -> list[Plan]:
             plan.container = rng.choice(sorted(stoppable))
         plans.append(plan)
     return plans
+
+
+def repair_database() -> None:
+    """Put the seeded database back (the test's own repair after a failed invariant)."""
+    for cmd in (["psql", "-U", "postgres", "-d", "postgres", "-q", "-v", "ON_ERROR_STOP=1", "-c",
+                 "DROP DATABASE IF EXISTS immich WITH (FORCE)"],
+                ["createdb", "-U", "postgres", "immich"],
+                ["psql", "-U", "postgres", "-d", "immich", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-f", PRISTINE]):
+        proc = subprocess.run(["docker", "exec", "immich_postgres", *cmd], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"repairing the database: {' '.join(cmd[:3])} failed: {proc.stderr.strip()[-500:]}")
 
 
 # -- the suite -------------------------------------------------------------------------------
@@ -381,8 +395,7 @@ def chaos_s3(tmp_path: Path) -> Iterator[RcloneS3]:
 def test_chaos_immich_is_never_left_down(stack: ImmichStack, chaos_s3: RcloneS3, tmp_path: Path) -> None:
     unknown = set(FAULTS) - set(REQUIRED_FAULTS) - set(SIGNAL_PAIRS)
     assert not unknown, f"IMMICH_STREAM_CHAOS_FAULTS: unknown {sorted(unknown)}"
-    rng = random.Random(SEED)
-    plans = schedule(rng, ITERATIONS)
+    plans = schedule(SEED, ITERATIONS)
     codes = documented_exit_codes() - {2}  # a usage error here would be the test's own mistake
     env = base_env(tmp_path)
     bucket_name = "chaos-" + str(SEED)
@@ -431,7 +444,7 @@ def test_chaos_immich_is_never_left_down(stack: ImmichStack, chaos_s3: RcloneS3,
     # fraction of it), three snapshots for prune and restore, proof the product works here.
     usual: dict[str, float] = {}
     restore_root = tmp_path / "restore"
-    churn(stack.library, rng, 0)
+    churn(stack.library, random.Random(f"{SEED}/churn/0"), 0)
     for op in ("backup-all", "backup-app", "backup-none", "restore-files", "restore-db", "prune"):
         shutil.rmtree(restore_root, ignore_errors=True)
         o = execute(command(op, restore_root), env, None, 0, chaos_s3)
@@ -456,7 +469,7 @@ def test_chaos_immich_is_never_left_down(stack: ImmichStack, chaos_s3: RcloneS3,
         drawn[plan.fault] += 1
         ops_done[plan.op] += 1
         if plan.op.startswith("backup"):
-            churn(stack.library, rng, i)
+            churn(stack.library, random.Random(f"{SEED}/churn/{i}"), i)
         shutil.rmtree(restore_root, ignore_errors=True)
         run_env = dict(env)
         proxy: FaultProxy | None = None
@@ -568,9 +581,8 @@ def test_chaos_immich_is_never_left_down(stack: ImmichStack, chaos_s3: RcloneS3,
         if rows != rows_before:
             found.append(f"the database holds {rows}, not {rows_before}")
             data_lost += 1
-            stack.psql("SELECT 1")  # the container answers: put the seeded database back
-            subprocess.run(["docker", "exec", "immich_postgres", "psql", "-U", "postgres", "-d", "immich", "-q",
-                            "-1", "-v", "ON_ERROR_STOP=1", "-f", PRISTINE], check=True, capture_output=True)
+            repair_database()
+            assert db_rows(stack) == rows_before, "the test could not repair the database"
 
         # -- every committed snapshot whole, the new ones read back completely
         missing = missing_references(bucket)
