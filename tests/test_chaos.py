@@ -55,7 +55,7 @@ from tests.dockerproxy import DockerProxy, docker_api
 from tests.faultproxy import FaultProxy, any_request
 from tests.helpers import REPO_ROOT, USER_ID, Bucket, make_library, run_cli, start_cli
 
-SEED = int(os.environ.get("IMMICH_STREAM_CHAOS_SEED", "9"))
+SEED = int(os.environ.get("IMMICH_STREAM_CHAOS_SEED", "5588"))  # a seed whose 20 draws cover most (command, fault) pairs
 ITERATIONS = int(os.environ.get("IMMICH_STREAM_CHAOS_ITERATIONS", "20"))
 STALL = 30.0  # IMMICH_STREAM_STALL_TIMEOUT of every run (the smallest the product accepts)
 RESTART_BOUND = STALL + 30  # the stack runs again within this of the fault
