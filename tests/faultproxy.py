@@ -7,9 +7,10 @@ The one fake in the suite: real servers cannot be told "fail the 3rd part upload
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +32,7 @@ class Rule:
     cut_after: int | None = None  # send this many bytes of the response body, then drop the connection
     hits: int = 0
     sent: int = 0  # response body bytes sent for the requests this rule matched (rate/cut_after rules)
+    flaky: Flaky | None = None  # fail a seeded random share of the matching requests (add_flaky)
 
 
 def is_part_upload(method: str, path: str, query: dict[str, str]) -> bool:
@@ -105,6 +107,12 @@ class FaultProxy:
         streamed: Rule | None = None  # a rule that shapes the response body
         body = await request.read()
         for rule in self.rules:
+            if rule.flaky is not None:
+                if rule.match(request.method, request.path, query):
+                    failed = await self._flaky(rule, request)
+                    if failed is not None:
+                        return failed
+                continue
             if rule.corrupt and not body:
                 continue  # nothing to corrupt in an empty body
             if (rule.times is None or rule.hits < rule.times) and rule.match(request.method, request.path, query):
@@ -193,3 +201,62 @@ class FaultProxy:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    # -- flaky: a seeded random share of requests fails (the chaos suite) ------------------
+
+    def add_flaky(
+        self, match: Match, rate: float = 0.10, seed: int = 0, slow: tuple[float, float] = (2.0, 6.0)
+    ) -> Rule:
+        """Fail `rate` of the matching requests, drawn from random.Random(seed): each failure
+        is a 500, a 503, a reset (the connection closed without an answer) or a slow answer
+        (forwarded after a delay drawn from `slow`). Other rules still apply to the rest."""
+        rule = Rule(match, flaky=Flaky(rate, seed, slow))
+        self.rules.append(rule)
+        return rule
+
+    async def _flaky(self, rule: Rule, request: web.Request) -> web.StreamResponse | None:
+        assert rule.flaky is not None
+        kind, delay = rule.flaky.draw()
+        if kind is None:
+            return None
+        rule.hits += 1
+        if kind == "slow":
+            await asyncio.sleep(delay)
+            return None  # then forwarded as usual
+        if kind == "reset":
+            self.requests.append((request.method, request.path_qs, 0))
+            assert request.transport is not None
+            request.transport.abort()  # no answer at all: the client sees the connection drop
+            raise asyncio.CancelledError  # aiohttp drops a handler cancelled by a lost connection silently
+        status = int(kind)
+        self.requests.append((request.method, request.path_qs, status))
+        code = "InternalError" if status == 500 else "ServiceUnavailable"
+        body = (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+            "<Message>injected by the test proxy</Message></Error>"
+        )
+        return web.Response(status=status, body=body.encode(), content_type="application/xml")
+
+
+FLAKY_KINDS = ("500", "503", "reset", "slow")
+
+
+@dataclass
+class Flaky:
+    rate: float
+    seed: int
+    slow: tuple[float, float]
+    counts: dict[str, int] = field(default_factory=dict)  # failures injected, by kind
+    seen: int = 0  # matching requests
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def draw(self) -> tuple[str | None, float]:
+        """(kind or None, delay): the same seed gives the same sequence of draws."""
+        self.seen += 1
+        fail, kind, delay = self._rng.random(), self._rng.choice(FLAKY_KINDS), self._rng.uniform(*self.slow)
+        if fail >= self.rate:
+            return None, 0.0
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return kind, delay
