@@ -44,7 +44,7 @@ POLL = 2.0  # seconds between looks while waiting for a lock
 
 def lock_stale() -> float:
     """STALE, or IMMICH_STREAM_LOCK_STALE (a duration; for tests, which cannot wait 30 minutes)."""
-    from immich_stream.config import parse_duration
+    from immich_stream.config import RELAXED_FLOOR, SHORT_DURATIONS_ENV, parse_duration
 
     value = os.environ.get("IMMICH_STREAM_LOCK_STALE")
     if not value:
@@ -53,7 +53,8 @@ def lock_stale() -> float:
         stale = parse_duration(value)
     except ValueError as exc:
         raise ConfigError(f"IMMICH_STREAM_LOCK_STALE {value!r} is invalid: {exc}") from None
-    if not 10 <= stale <= 7 * 86400:
+    floor = RELAXED_FLOOR if os.environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0") else 10
+    if not floor <= stale <= 7 * 86400:
         raise ConfigError(
             f"IMMICH_STREAM_LOCK_STALE {value!r} must be 10s to 7d (a lock refreshed less often "
             "than a sixth of it goes stale)"

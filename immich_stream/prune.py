@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from immich_stream.locks import list_locks
 from immich_stream.repo import Repo, key_digest, run_of, snapshot_time
 from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import Store
+from immich_stream.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,11 @@ async def prune(settings: Settings, policy: Policy, dry_run: bool, stale_after: 
     apply_policy([], policy)  # refuses an empty policy before anything is touched
     report = PruneReport()
     async with open_repo(settings, lock=LockSpec("prune", exclusive=True, wait=lock_wait)) as repo:
-        await _prune_locked(repo.store, repo, policy, dry_run, stale_after, report)
+        # A frozen S3 must not keep prune (and its exclusive lock) alive for hours of retries.
+        hung = s3_hang(repo.store, settings.stall_timeout, "prune stopped; run it again")
+        await with_watchdog(
+            repo.store, math.inf, _prune_locked(repo.store, repo, policy, dry_run, stale_after, report), hung
+        )
     report.seconds = time.monotonic() - started
     return report
 

@@ -29,7 +29,7 @@ import aiofiles.os
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.docker_exec import pipe_into
-from immich_stream.errors import ConfigError, RepoError, StackError, StallError
+from immich_stream.errors import ConfigError, RepoError, StackError
 from immich_stream.hoststate import stack_lock
 from immich_stream.postgres import SearchPathFix, ensure_database, psql_restore_command
 from immich_stream.problems import Problems
@@ -38,7 +38,7 @@ from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_strea
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import Store
-from immich_stream.watchdog import with_watchdog
+from immich_stream.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 
@@ -327,11 +327,20 @@ async def restore_files(
                 except (RepoError, OSError) as exc:
                     problem(line, exc)
 
-        try:
+        async def transfer() -> None:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(produce())
                 for _ in range(settings.jobs):
                     tg.create_task(work())
+
+        try:
+            # A frozen S3 must not keep a restore alive for hours of timeouts and retries.
+            await with_watchdog(
+                repo.store,
+                math.inf,
+                transfer(),
+                s3_hang(repo.store, settings.stall_timeout, "the restore stopped; the same command resumes it"),
+            )
         finally:
             phase.close()
         for line in reversed(dirs):  # deepest first: setting a parent's mtime is the last touch
@@ -443,14 +452,11 @@ async def _restore_database_locked(
                 )
                 await guard.restore()
 
-        def s3_hung() -> StallError | None:
-            # psql may rightly be silent for long (an index on a large table): only S3
-            # not answering for the stall timeout fails the restore (rolled back, apps started).
-            what = store.hung(settings.stall_timeout)
-            return StallError(f"{what}: the restore was rolled back and the stack started again") if what else None
-
+        # psql may rightly be silent for long (an index on a large table): only S3 not
+        # answering for the stall timeout fails the restore (rolled back, apps started).
+        hung = s3_hang(store, settings.stall_timeout, "the restore was rolled back and the stack started again")
         try:
-            await with_watchdog(store, math.inf, work(), s3_hung)
+            await with_watchdog(store, math.inf, work(), hung)
         finally:
             phase.close()
     return snap, DatabaseRestored(sent, time.monotonic() - started, guard.downtime)

@@ -48,3 +48,14 @@ def _what_hung(store: Store, idle: float) -> str:
         f"no progress for {idle:.0f} s: {hung}; the stack was started again and nothing was committed; "
         "check it and run again (IMMICH_STREAM_STALL_TIMEOUT sets the limit)"
     )
+
+
+def s3_hang(store: Store, stall: float, outcome: str) -> Callable[[], StallError | None]:
+    """A watchdog limit: S3 answered nothing at all (timeouts and retries included) for the
+    stall timeout while requests or downloads wait."""
+
+    def check() -> StallError | None:
+        what = store.hung(stall)
+        return StallError(f"{what}: {outcome}; check S3 and run again") if what else None
+
+    return check

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -172,33 +173,62 @@ class S3Server:
         return name
 
 
+class RcloneServer:
+    """A real S3 server: `rclone serve s3` over a directory, on a free port of its own, that a
+    test may freeze (SIGSTOP: connections stay open, no answer ever comes) and thaw."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.frozen = False
+        self.proc = subprocess.Popen(
+            [
+                _tool("rclone"),
+                "serve",
+                "s3",
+                str(root),
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--config",
+                "/dev/null",
+                "--auth-key",
+                f"{KEY},{SECRET}",
+                "--log-level",
+                "ERROR",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.frozen = False
+
+    def stop(self) -> None:
+        self.thaw()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    root = tmp_path_factory.mktemp("rclone-s3")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            _tool("rclone"),
-            "serve",
-            "s3",
-            str(root),
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--auth-key",
-            f"{KEY},{SECRET}",
-            "--log-level",
-            "ERROR",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = RcloneServer(tmp_path_factory.mktemp("rclone-s3"))
     try:
-        wait_port(port)
-        yield S3Server(f"http://127.0.0.1:{port}", "rclone")
+        yield S3Server(server.endpoint, "rclone")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

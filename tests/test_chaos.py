@@ -54,12 +54,10 @@ from tests.conftest import (
     KEY,
     SECRET,
     ImmichStack,
-    _tool,
+    RcloneServer,
     base_env,
     bucket_of,
-    free_port,
     running_containers,
-    wait_port,
 )
 from tests.dockerproxy import DockerProxy, docker_api
 from tests.faultproxy import FaultProxy, any_request
@@ -97,52 +95,7 @@ def documented_exit_codes() -> set[int]:
 # -- the real parts ------------------------------------------------------------------------
 
 
-class RcloneS3:
-    """A dedicated `rclone serve s3` that the test may freeze and thaw."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.frozen = False
-        self.proc = subprocess.Popen(
-            [
-                _tool("rclone"),
-                "serve",
-                "s3",
-                str(root),
-                "--addr",
-                f"127.0.0.1:{self.port}",
-                "--config",
-                "/dev/null",
-                "--auth-key",
-                f"{KEY},{SECRET}",
-                "--log-level",
-                "ERROR",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port)
-
-    def freeze(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)  # connections stay open, no answer ever comes
-        self.frozen = True
-
-    def thaw(self) -> None:
-        if self.frozen:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.frozen = False
-
-    def stop(self) -> None:
-        self.thaw()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+RcloneS3 = RcloneServer
 
 
 _LIST = "/containers/json?" + urllib.parse.urlencode(

@@ -22,14 +22,12 @@ from tests.conftest import (
     KEY,
     SECRET,
     ImmichStack,
+    RcloneServer,
     S3Server,
-    _tool,
     bucket_of,
     docker,
-    free_port,
     moto_env,
     running_containers,
-    wait_port,
 )
 from tests.faultproxy import is_put
 from tests.helpers import Bucket, make_library, run_cli, start_cli, wait_for
@@ -38,44 +36,7 @@ from tests.test_prune import put_lock
 MIB = 1024 * 1024
 
 
-class OwnS3:
-    """An rclone serve s3 of this test's own, to freeze (SIGSTOP) without harming others."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                _tool("rclone"),
-                "serve",
-                "s3",
-                str(root),
-                "--addr",
-                f"127.0.0.1:{self.port}",
-                "--config",
-                "/dev/null",
-                "--auth-key",
-                f"{KEY},{SECRET}",
-                "--log-level",
-                "ERROR",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port)
-
-    def freeze(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.thaw()
-        self.proc.terminate()
-        self.proc.wait(10)
+OwnS3 = RcloneServer
 
 
 @pytest.fixture
