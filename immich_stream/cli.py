@@ -32,6 +32,7 @@ from immich_stream.errors import (
     ImmichStreamError,
     Interrupted,
     ProblemsFound,
+    StallError,
     backup_exit_code,
 )
 from immich_stream.progress import Reporter, setup_logging
@@ -554,7 +555,28 @@ def _exit_past_hung_threads(code: int) -> None:
 SIGNAL_EXIT = {"SIGHUP": EXIT_SIGHUP, "SIGINT": EXIT_SIGINT, "SIGTERM": EXIT_SIGTERM}
 
 
-async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
+async def _with_s3_hang_watch(fn: Callable[[], Awaitable[int]], stall: float) -> int:
+    """Every command fails when S3 answers nothing at all (timeouts and retries included)
+    for the stall timeout while requests wait: a frozen server must not keep a restore, a
+    prune or a verify alive for hours. (Backup has its own, finer watchdog as well.)"""
+    from immich_stream.store import OPEN_STORES
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for store in list(OPEN_STORES):
+                if what := store.hung(stall):
+                    raise StallError(f"{what}: stopped; check S3 and run again")
+
+    async with asyncio.TaskGroup() as tg:
+        dog = tg.create_task(watch())
+        try:
+            return await fn()
+        finally:
+            dog.cancel()
+
+
+async def _run_with_signals(fn: Callable[[], Awaitable[int]], stall: float = 600.0) -> int:
     """Run fn. A first SIGINT/SIGTERM/SIGHUP cancels it (its finally blocks start the stack
     again); a second one skips the cleanup still to come (aborting uploads, releasing the
     lock: prune collects those) but never the restart, and the run exits right after it."""
@@ -582,7 +604,7 @@ async def _run_with_signals(fn: Callable[[], Awaitable[int]]) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
-        return await fn()
+        return await _with_s3_hang_watch(fn, stall)
     except asyncio.CancelledError:
         if not received:
             raise
@@ -641,7 +663,7 @@ def _main(argv: list[str] | None = None) -> int:
         _check_args(args)
         command = COMMANDS[args.command]
         with asyncio.Runner(loop_factory=_new_loop) as runner:
-            return runner.run(_run_with_signals(lambda: command(args, settings, reporter)))
+            return runner.run(_run_with_signals(lambda: command(args, settings, reporter), settings.stall_timeout))
     except ImmichStreamError as exc:
         print(f"immich-stream: error: {exc}", file=sys.stderr)
         return exc.exit_code

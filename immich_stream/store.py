@@ -16,6 +16,7 @@ import io
 import logging
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -185,6 +186,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
 
 
+# Every Store open in this process: the CLI's S3-hang watchdog looks at all of them.
+OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
 @dataclass
 class ObjectInfo:
     key: str
@@ -230,9 +235,11 @@ class Store:
         self._cm = session.client("s3", endpoint_url=s.endpoint_url, region_name=region, config=config, verify=verify)
         self._client = await self._cm.__aenter__()
         self._client.meta.events.register_last("before-call.s3", _drop_expect_header)
+        OPEN_STORES.add(self)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        OPEN_STORES.discard(self)
         if self._cm is not None:
             await self._cm.__aexit__(None, None, None)
             self._cm = self._client = None
