@@ -663,7 +663,9 @@ def _main(argv: list[str] | None = None) -> int:
         _check_args(args)
         command = COMMANDS[args.command]
         with asyncio.Runner(loop_factory=_new_loop) as runner:
-            return runner.run(_run_with_signals(lambda: command(args, settings, reporter), settings.stall_timeout))
+            # A little after the stall timeout: backup's own watchdog, which names what hung, speaks first.
+            outer = settings.stall_timeout + 15
+            return runner.run(_run_with_signals(lambda: command(args, settings, reporter), outer))
     except ImmichStreamError as exc:
         print(f"immich-stream: error: {exc}", file=sys.stderr)
         return exc.exit_code
