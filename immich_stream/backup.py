@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import os
 import socket
@@ -27,14 +28,22 @@ from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup
 from immich_stream.budget import ByteBudget
-from immich_stream.changes import ParentInfo, PrevCursor, classify, scan_parent
-from immich_stream.config import Settings
+from immich_stream.changes import ParentInfo, Source, decide, scan_parent
+from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, StackError, StallError
 from immich_stream.hoststate import stack_lock
 from immich_stream.library import check_library, check_shrink_at_end
 from immich_stream.postgres import DumpResult, dump_database
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repo import ManifestLine, ManifestWriter, ObjectIndex, Repo, new_snapshot_id
+from immich_stream.repo import (
+    JournalWriter,
+    ManifestLine,
+    ManifestWriter,
+    ObjectIndex,
+    Repo,
+    new_snapshot_id,
+    snapshot_time,
+)
 from immich_stream.session import LockSpec, open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import StreamWriter
@@ -68,10 +77,12 @@ class LineSink(Protocol):
 
 class OrderedManifest:
     """Manifest lines in walk order: each waits (in a bounded window) until its upload has
-    finished; a line whose file could not be read is dropped."""
+    finished; a line whose file could not be read is dropped. Lines of files read in this
+    pass also go to the journal (what an interrupted run leaves for the next one)."""
 
-    def __init__(self, sink: LineSink, window: int = ORDER_WINDOW) -> None:
+    def __init__(self, sink: LineSink | None, journal: LineSink | None = None, window: int = ORDER_WINDOW) -> None:
         self.sink = sink
+        self.journal = journal
         self._queue: asyncio.Queue[tuple[ManifestLine, asyncio.Future[bool] | None] | None] = asyncio.Queue(window)
 
     async def put(self, line: ManifestLine, upload: asyncio.Future[bool] | None = None) -> None:
@@ -83,8 +94,27 @@ class OrderedManifest:
     async def run(self) -> None:
         while (item := await self._queue.get()) is not None:
             line, upload = item
-            if upload is None or await upload:
+            if upload is not None and not await upload:
+                continue
+            if self.sink is not None:
                 await self.sink.add(line)
+            if upload is not None and self.journal is not None:
+                await self.journal.add(line)
+
+
+@dataclass
+class Sources:
+    """Where one pass may take objects from instead of reading files: the parent snapshot,
+    this run's live pass and interrupted runs (each read alongside the walk), the parent's
+    vanished files (moves), and the bucket's listing."""
+
+    primary: Source | None
+    others: list[Source]
+    parent: ParentInfo | None
+    objects: ObjectIndex
+
+    def moved(self, root: str, line: ManifestLine) -> ManifestLine | None:
+        return self.parent.moved_from(root, line) if self.parent is not None else None
 
 
 async def walk_root(
@@ -92,9 +122,7 @@ async def walk_root(
     root_path: Path,
     snap_id: str,
     repo: Repo,
-    prev: PrevCursor,
-    parent: ParentInfo | None,
-    objects: ObjectIndex,
+    sources: Sources,
     workers: UploadWorkers,
     ordered: OrderedManifest,
     stats: RunStats,
@@ -103,6 +131,7 @@ async def walk_root(
     """The walker and the change classifier: every entry becomes a manifest line (in walk
     order); a file whose object cannot simply be reused goes to the upload workers."""
     root_b = os.fsencode(root_path)
+    own = f"data/{snap_id}/"
 
     def on_problem(p: WalkProblem) -> None:
         if p.skipped:
@@ -117,18 +146,21 @@ async def walk_root(
         upload: asyncio.Future[bool] | None = None
         if e.type == "file":
             stats.count_file(root, e.size)
-            old = await prev.find(line)
-            moved = parent.moved_from(root, line) if parent is not None and old is None else None
-            decision = classify(line, old, moved, objects.has)
+            decision = await decide(
+                line, sources.primary, sources.others, functools.partial(sources.moved, root), sources.objects.has, own
+            )
             if decision.action == "reuse":
                 assert decision.source is not None
                 line.key, line.sha256 = decision.source.key, decision.source.sha256
-                stats.unchanged += 1
+                setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
                 phase.update(0, files=1)  # the bar counts bytes read
             else:
-                if decision.kind == "reuploaded" and old is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
+                if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
                     log.warning(
-                        "%s/%s: its object %s is missing from the bucket: uploading it again", root, line.path, old.key
+                        "%s/%s: its object %s is missing from the bucket: uploading it again",
+                        root,
+                        line.path,
+                        decision.gone.key,
                     )
                 key = repo.data_key(snap_id, root, line.path)
                 upload = await workers.submit(os.path.join(root_b, e.relpath), e, line, key, decision)
@@ -144,20 +176,17 @@ async def backup_root(
     root_path: Path,
     snap_id: str,
     uploader: FileUploader,
-    prev: PrevCursor,
-    parent: ParentInfo | None,
-    objects: ObjectIndex,
-    manifest: LineSink,
+    sources: Sources,
+    ordered: OrderedManifest,
     stats: RunStats,
     phase: Phase,
     jobs: int,
 ) -> None:
     """One root through the stages: walk and classify, upload, write lines in order."""
     workers = UploadWorkers(uploader, stats, phase, jobs)
-    ordered = OrderedManifest(manifest)
 
     async def produce() -> None:
-        await walk_root(root, root_path, snap_id, uploader.repo, prev, parent, objects, workers, ordered, stats, phase)
+        await walk_root(root, root_path, snap_id, uploader.repo, sources, workers, ordered, stats, phase)
         await workers.close()
         await ordered.close()
 
@@ -170,42 +199,69 @@ async def backup_root(
 class Steps(Protocol):
     """What run_phases orders: BackupRun in a backup, a recorder in the unit tests."""
 
+    async def live_pass(self) -> None: ...
     async def stop_apps(self) -> None: ...
     async def stop_db(self) -> None: ...
     async def files(self, root: str) -> None: ...
     async def check_cold(self) -> None: ...
     async def start_db(self) -> None: ...
     async def dump(self) -> None: ...
+    async def dump_snapshot(self) -> None: ...
     async def start_all(self) -> None: ...
 
 
-async def run_phases(mode: str, steps: Steps) -> None:
-    """The order of a run per --stop mode (DESIGN.md): `all` copies the data directory
-    cold, then dumps and walks the library with only the database up; `app` keeps the
-    database up throughout; `none` stops nothing and dumps first (Immich's advice)."""
+async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
+    """The order of a run per --stop mode (DESIGN.md, docs/architecture.md).
+
+    `all` and `app` first upload what changed while Immich runs (the live pass), then stop
+    it for a pass that re-reads only what changed since. `all` copies the data directory
+    cold and walks the library with everything stopped, then starts the database and
+    pg_dump, and starts the app again once pg_dump holds its snapshot (its first bytes)
+    while the dump streams on. `app` keeps the database up and dumps while the library is
+    walked. `none` stops nothing; the walk starts once pg_dump holds its snapshot
+    (Immich's order: the database's state before the files')."""
+    if mode in ("all", "app") and live:
+        await steps.live_pass()
     if mode == "all":
         await steps.stop_apps()
         await steps.stop_db()
         await steps.files("postgres")
         await steps.check_cold()
+        await steps.files("library")
         await steps.start_db()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(steps.dump())
-            tg.create_task(steps.files("library"))
+            await steps.dump_snapshot()
+            await steps.start_all()
     elif mode == "app":
         await steps.stop_apps()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(steps.dump())
-            tg.create_task(steps.files("library"))
+            await steps.files("library")
+            await steps.dump_snapshot()
+            await steps.start_all()
     else:
-        await steps.dump()
-        await steps.files("library")
-    await steps.start_all()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(steps.dump())
+            await steps.dump_snapshot()
+            await steps.files("library")
+        await steps.start_all()
 
 
 def stream_budget_share(max_memory: int, part_size: int) -> int:
     """The streams' part of --max-memory: a quarter, and at least a part for each of the two."""
     return max(2 * part_size, max_memory // 4)
+
+
+@dataclass
+class Earlier:
+    """What a run may reuse, opened afresh for each pass (a cursor is read once): the parent
+    snapshot's manifest and the journals interrupted runs left."""
+
+    parent_id: str | None
+    parent: ParentInfo | None
+    resumable: dict[str, dict[str, list[str]]]  # run id -> pass -> journal keys
+    objects: ObjectIndex
 
 
 class BackupRun:
@@ -221,9 +277,7 @@ class BackupRun:
         roots: dict[str, Path],
         snap_id: str,
         running: list[str],
-        prev: PrevCursor,
-        parent: ParentInfo | None,
-        objects: ObjectIndex,
+        earlier: Earlier,
     ) -> None:
         self.settings = settings
         self.reporter = reporter
@@ -233,10 +287,10 @@ class BackupRun:
         self.roots = roots
         self.snap_id = snap_id
         self.running = running
-        self.prev = prev
-        self.parent = parent
-        self.objects = objects
+        self.earlier = earlier
+        self.started = time.monotonic()
         self.stats = RunStats()
+        self.live_stats: RunStats | None = None
         # Two budgets: a stream (the dump, the manifest) holds a part reserved while it fills,
         # and the manifest fills only as files finish. Sharing one budget, a large file
         # could wait for memory the manifest holds while the manifest waits for that file.
@@ -245,15 +299,80 @@ class BackupRun:
         self.budget = ByteBudget(max(settings.max_memory - stream_share, settings.part_size))
         self.uploader = FileUploader(repo.store, repo, self.budget, settings, self.stats)
         self.manifest = ManifestWriter(repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size)
+        self.journal = JournalWriter(repo, snap_id, "main")
+        self.live_journal: JournalWriter | None = None
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
         self.phase_seconds: dict[str, float] = {}
+        self.timeline: dict[str, float] = {}
+        self._main_sources: Sources | None = None
+        self._dump_snapshot = asyncio.Event()
         self._db_state: Any = None
+
+    def mark(self, name: str) -> None:
+        self.timeline.setdefault(name, round(time.monotonic() - self.started, 3))
+
+    def sources(self, own_live: bool) -> Sources:
+        """Fresh cursors over everything this pass may reuse, best first."""
+        e, repo = self.earlier, self.repo
+        primary = Source.of_run(repo.read_manifest(e.parent_id), e.parent_id) if e.parent_id else None
+        others = []
+        if own_live and self.live_journal is not None and self.live_journal.chunks:
+            keys = [repo.journal_key(self.snap_id, "live", n) for n in range(self.live_journal.chunks)]
+            others.append(Source.of_run(repo.read_lines(keys), self.snap_id, checked=False))
+        for run_id, passes in e.resumable.items():
+            for keys in passes.values():
+                others.append(Source.of_run(repo.read_lines(keys), run_id, kind="resumed"))
+        return Sources(primary, others, e.parent, e.objects)
 
     # -- the steps run_phases orders -------------------------------------------------------
 
+    async def live_pass(self) -> None:
+        """Upload what changed while Immich runs: the stopped pass then re-reads only what
+        changed after this pass read it. Nothing of it is in the snapshot but through the
+        stopped pass; its reads and problems are its own."""
+        self.mark("live_pass_started")
+        stats = RunStats()
+        self.live_stats = stats
+        journal = JournalWriter(self.repo, self.snap_id, "live")
+        self.live_journal = journal
+        uploader = FileUploader(self.repo.store, self.repo, self.budget, self.settings, stats)
+        sources = self.sources(own_live=False)
+        try:
+            for root, path in self.roots.items():
+                phase = self.reporter.phase(f"{root} files (live)")
+                try:
+                    await backup_root(
+                        root,
+                        path,
+                        self.snap_id,
+                        uploader,
+                        sources,
+                        OrderedManifest(None, journal),
+                        stats,
+                        phase,
+                        self.settings.jobs,
+                    )
+                finally:
+                    self.phase_seconds[phase.name] = round(phase.seconds, 3)
+                    phase.close()
+        except BaseException:
+            # What was uploaded is kept for the next run.
+            await cleanup.best_effort("writing the live pass's journal", journal.flush())
+            raise
+        await journal.flush()  # the stopped pass reads it back
+        self.mark("live_pass_done")
+        log.info(
+            "live pass: %d of %d files read, %s uploaded while Immich ran; stopping it for the rest",
+            stats.files - stats.unchanged,
+            stats.files,
+            format_size(stats.bytes_uploaded),
+        )
+
     async def stop_apps(self) -> None:
+        self.mark("stop_started")
         await self.guard.stop([n for n in self.running if n != self.settings.db_container])
+        self.mark("apps_stopped")
 
     async def stop_db(self) -> None:
         db = self.settings.db_container
@@ -264,6 +383,7 @@ class BackupRun:
                 f"{db} is running again right after it was stopped (a restart policy, or someone "
                 "started it): no cold copy can be taken; nothing was committed; use --stop app"
             )
+        self.mark("db_stopped")
 
     async def check_cold(self) -> None:
         # A copy of a data directory the database wrote into is no backup: see that
@@ -277,10 +397,15 @@ class BackupRun:
             )
 
     async def start_db(self) -> None:
+        self.mark("db_starting")
         await self.guard.start([self.settings.db_container])
         await self.stack.wait_db_ready(self.settings.db_user)
 
     async def files(self, root: str) -> None:
+        """The pass whose lines make the snapshot (with the stack stopped, but in `none`)."""
+        if self._main_sources is None:
+            self._main_sources = self.sources(own_live=True)
+        self.mark(f"{root}_files_started")
         phase = self.reporter.phase(f"{root} files")
         try:
             await backup_root(
@@ -288,10 +413,8 @@ class BackupRun:
                 self.roots[root],
                 self.snap_id,
                 self.uploader,
-                self.prev,
-                self.parent,
-                self.objects,
-                self.manifest,
+                self._main_sources,
+                OrderedManifest(self.manifest, self.journal),
                 self.stats,
                 phase,
                 self.settings.jobs,
@@ -299,6 +422,7 @@ class BackupRun:
         finally:
             self.phase_seconds[phase.name] = round(phase.seconds, 3)
             phase.close()
+        self.mark(f"{root}_files_done")
 
     async def dump(self) -> None:
         s, store = self.settings, self.repo.store
@@ -306,8 +430,13 @@ class BackupRun:
 
         def received(n: int) -> None:
             store.touch()  # dump bytes received are progress, as are bytes acknowledged
+            if n and not self._dump_snapshot.is_set():
+                # pg_dump writes nothing before it has taken its snapshot and its locks
+                self.mark("dump_snapshot")
+                self._dump_snapshot.set()
             phase.update(n)
 
+        self.mark("dump_started")
         try:
             async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(self.docker, s.db_container, s.db_user, s.db_name, out.write, received)
@@ -317,27 +446,59 @@ class BackupRun:
         finally:
             self.phase_seconds[phase.name] = round(phase.seconds, 3)
             phase.close()
+        self.mark("dump_done")
+        self._dump_snapshot.set()
+
+    async def dump_snapshot(self) -> None:
+        """Until pg_dump holds its snapshot: the database's state is then fixed."""
+        await self._dump_snapshot.wait()
 
     async def start_all(self) -> None:
         await self.guard.restore()
+        self.mark("stack_started")
 
     # -- the whole transfer ---------------------------------------------------------------
 
     async def transfer(self) -> None:
-        """The phases with the stack guarded (always started again), then the manifest's end."""
-        async with self.manifest:
-            async with self.guard:
-                await run_phases(self.settings.stop, self)
-            await self.manifest.finish()
+        """The phases with the stack guarded (always started again), then the manifest's end.
+        On a failure the journal's last lines are written: the next run resumes from there."""
+        try:
+            async with self.manifest:
+                async with self.guard:
+                    await run_phases(self.settings.stop, self, self.settings.live_pass)
+                await self.manifest.finish()
+        except BaseException:
+            await cleanup.best_effort("writing the run's journal", self.journal.flush())
+            raise
 
     def downtime_limit(self) -> StallError | None:
         limit = self.settings.max_downtime
         if limit and self.guard.down and self.guard.downtime > limit:
             return StallError(
                 f"Immich was down for {self.guard.downtime:.0f} s, past --max-downtime "
-                f"{limit:g} s: the stack was started again and nothing was committed"
+                f"{limit:g} s: the stack was started again and nothing was committed; what was "
+                "uploaded is kept, and the next run goes on from there"
             )
         return None
+
+    def downtime(self) -> dict[str, float]:
+        """Where the downtime went, from the timeline: stop, data directory, stopped pass,
+        database start (until pg_dump held its snapshot), start."""
+        t = self.timeline
+        if "stop_started" not in t:
+            return {}
+        stopped = t.get("db_stopped", t.get("apps_stopped", t["stop_started"]))
+        pg_done = t.get("postgres_files_done", stopped)
+        lib_done = t.get("library_files_done", pg_done)
+        ready = max(t.get("dump_snapshot", lib_done), lib_done)
+        end = t.get("stack_started", ready)
+        return {
+            "stop": round(stopped - t["stop_started"], 3),
+            "data_directory": round(pg_done - stopped, 3),
+            "stopped_pass": round(lib_done - pg_done, 3),
+            "database_start": round(ready - lib_done, 3),
+            "start": round(end - ready, 3),
+        }
 
     def summary(self, seconds: float, shrunk: bool, prev_id: str | None) -> SnapshotSummary:
         d = self.dump_result
@@ -371,6 +532,9 @@ class BackupRun:
             seconds=round(seconds, 3),
             phase_seconds=self.phase_seconds,
             downtime_seconds=round(self.guard.downtime, 3),
+            downtime=self.downtime(),
+            live_files=self.live_stats.counts() if self.live_stats is not None else None,
+            timeline=self.timeline,
             unstable_containers=self.guard.unstable,
         )
 
@@ -378,6 +542,24 @@ class BackupRun:
 def _root_meta(path: Path) -> RootMeta:
     st = os.stat(path)
     return RootMeta(mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
+
+
+MAX_RESUMED_RUNS = 3
+
+
+async def resumable_runs(repo: Repo, snap_id: str, stale_after: float) -> dict[str, dict[str, list[str]]]:
+    """The journals of the newest runs that never committed (killed, failed, stalled, past
+    --max-downtime) and are not yet stale: their uploads are reused when the file is
+    unchanged, so a first backup interrupted at 80% does not start again from zero."""
+    newest = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=stale_after)
+    runs: dict[str, dict[str, list[str]]] = {}
+    dirs = await repo.snapshot_dirs()
+    for sid in sorted((s for s, done in dirs.items() if not done and s != snap_id), reverse=True):
+        if snapshot_time(sid) < newest or len(runs) >= MAX_RESUMED_RUNS:
+            break
+        if passes := await repo.journals(sid):
+            runs[sid] = passes
+    return runs
 
 
 def backup_roots(settings: Settings) -> dict[str, Path]:
@@ -442,14 +624,16 @@ async def _backup_locked(
     # Reused objects are checked against one listing: a lifecycle rule or a manual cleanup
     # must not leave every later snapshot pointing at nothing.
     objects = await ObjectIndex.load(repo)
+    resumable = await resumable_runs(repo, snap_id, settings.stale_after)
     log.info(
-        "backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s)",
+        "backup %s of %s to s3://%s/%s (stop: %s, previous snapshot: %s%s)",
         snap_id,
         ", ".join(f"{r} {p}" for r, p in roots.items()),
         repo.store.bucket,
         settings.prefix,
         settings.stop,
         prev.id if prev else "none",
+        f"; resuming the uploads of {', '.join(resumable)}" if resumable else "",
     )
     run = BackupRun(
         settings,
@@ -460,9 +644,7 @@ async def _backup_locked(
         roots,
         snap_id,
         running=[c.name for c in containers if c.running],
-        prev=PrevCursor(repo.read_manifest(prev.id) if prev else None),
-        parent=parent,
-        objects=objects,
+        earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), run.downtime_limit)
 
@@ -473,6 +655,9 @@ async def _backup_locked(
     await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     await repo.commit(summary)  # the commit point
     log.info("snapshot %s committed", snap_id)
+    # The journals served their purpose: the manifest holds it all now (prune removes them
+    # if this fails).
+    await cleanup.best_effort("removing the run's journal", repo.delete_journals(snap_id))
     return BackupResult(
         snap_id,
         run.stats,

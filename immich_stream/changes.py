@@ -10,12 +10,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immich_stream.repo import ManifestLine, Repo
+from immich_stream.repo import ManifestLine, Repo, snapshot_time
 
 # Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
 # refuses to start when one is missing: their absence means an unmounted or wrong library.
 MARKER_DIRS = ("library", "upload", "thumbs", "encoded-video", "profile", "backups")
 MARKER = ".immich"
+
+# A file whose mtime or ctime is this close to (or after) the moment a run read it may be
+# rewritten in the same timestamp tick without its stat changing (git's "racily clean"
+# entries): such a line is not trusted by stat alone. Local filesystems tick in
+# milliseconds; FAT, SMB and some NFS servers in 1 or 2 seconds.
+RACY_WINDOW_NS = 3 * 10**9
 
 
 class PrevCursor:
@@ -45,6 +51,31 @@ class PrevCursor:
         if self._cur is not None and self._cur.order() == want:
             return self._cur
         return None
+
+
+@dataclass
+class Source:
+    """An earlier manifest whose objects a run may reuse, read alongside the walk.
+
+    `read_after_ns`: every line in it was read at or after this moment (the start of the
+    run that wrote it: snapshot ids are start times), so a line whose timestamps are older
+    than that by RACY_WINDOW_NS cannot hide a rewrite in the same tick. `checked`: its
+    objects must be in the bucket's listing (False for this run's own uploads, made after
+    the listing). `kind`: the counter a reuse from it ends in."""
+
+    cursor: PrevCursor
+    read_after_ns: int
+    checked: bool = True
+    kind: str = "unchanged"
+
+    @classmethod
+    def of_run(cls, lines: AsyncIterator[ManifestLine], run_id: str, **kw: object) -> Source:
+        started = int(snapshot_time(run_id).timestamp()) * 10**9
+        return cls(PrevCursor(lines), started, **kw)  # type: ignore[arg-type]
+
+    def racy(self, line: ManifestLine) -> bool:
+        newest = max(line.mtime_ns, line.ctime_ns or 0)
+        return newest >= self.read_after_ns - RACY_WINDOW_NS
 
 
 @dataclass
@@ -112,6 +143,7 @@ class Decision:
     action: str  # "reuse", "check" or "upload"
     kind: str  # the Stats counter it ends in: unchanged, moved, touched, reuploaded, changed, new
     source: ManifestLine | None = None  # the line whose object may be reused
+    gone: ManifestLine | None = None  # reuploaded: the line whose object is missing
 
 
 def same_file(line: ManifestLine, old: ManifestLine) -> bool:
@@ -127,15 +159,22 @@ def same_file(line: ManifestLine, old: ManifestLine) -> bool:
 
 
 def classify(
-    line: ManifestLine, old: ManifestLine | None, moved: ManifestLine | None, exists: Callable[[str, int], bool]
+    line: ManifestLine,
+    old: ManifestLine | None,
+    moved: ManifestLine | None,
+    exists: Callable[[str, int], bool],
+    racy: bool = False,
 ) -> Decision:
     """The rules of an incremental run, in one place. `old` is the previous snapshot's line
     for this path, `moved` a vanished line with this file's device and inode, `exists` says
-    whether an object with this key and size is in the bucket."""
+    whether an object with this key and size is in the bucket, `racy` that old's stat is
+    too close to the moment it was read to prove the bytes unchanged."""
     if old is not None and old.type == "file" and old.key and old.sha256:
         if not exists(old.key, old.size):
-            return Decision("upload", "reuploaded")
+            return Decision("upload", "reuploaded", gone=old)
         if same_file(line, old):
+            if racy:
+                return Decision("check", "rechecked", old)
             return Decision("reuse", "unchanged", old)
         if old.size == line.size:
             return Decision("check", "touched", old)  # a chown, a touch, or the same size rewritten
@@ -150,3 +189,47 @@ def classify(
     ):
         return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
     return Decision("upload", "changed" if old is not None else "new")
+
+
+def _usable(old: ManifestLine | None) -> bool:
+    return old is not None and old.type == "file" and bool(old.key) and bool(old.sha256)
+
+
+async def decide(
+    line: ManifestLine,
+    primary: Source | None,
+    others: list[Source],
+    moved: Callable[[ManifestLine], ManifestLine | None],
+    exists: Callable[[str, int], bool],
+    own_prefix: str,
+) -> Decision:
+    """classify() against the parent snapshot (`primary`), then against `others`: this
+    run's earlier (live) pass and interrupted runs, whose lines hold what they read and
+    uploaded. A reuse from one of those is counted as what it is relative to the parent."""
+    old = await primary.cursor.find(line) if primary is not None else None
+    base = classify(line, old, None, exists, primary is not None and old is not None and primary.racy(old))
+    if base.action == "reuse":
+        return base
+
+    def kind_of(cand: ManifestLine) -> str:
+        if old is None:
+            return "new" if (cand.key or "").startswith(own_prefix) else "moved"
+        if cand.key == old.key:
+            return base.kind if base.action == "check" else "touched"
+        return "reuploaded" if base.kind == "reuploaded" else "changed"
+
+    check: Decision | None = None
+    for src in others:
+        cand = await src.cursor.find(line)
+        if cand is None or not _usable(cand) or (src.checked and not exists(cand.key or "", cand.size)):
+            continue
+        if same_file(line, cand) and not src.racy(cand):
+            return Decision("reuse", kind_of(cand) if src.kind == "unchanged" else src.kind, cand)
+        if check is None and cand.size == line.size:
+            # the same size: read and hash it, and take this object if the bytes match
+            check = Decision("check", kind_of(cand) if src.kind == "unchanged" else src.kind, cand)
+    if check is not None:
+        return check
+    if base.action == "check" or old is not None:
+        return base
+    return classify(line, None, moved(line), exists)

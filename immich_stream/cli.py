@@ -43,6 +43,7 @@ log = logging.getLogger("immich_stream")
 # Flags that belong to some commands only (added by those commands' parsers).
 LOCAL_FLAGS = {
     "stop",
+    "live_pass",
     "max_shrink",
     "max_downtime",
     "jobs",
@@ -63,6 +64,9 @@ LOCAL_FLAGS = {
 def _flag(p: argparse.ArgumentParser | Any, name: str) -> None:
     spec = cfg.SPECS[name]
     assert spec.flag is not None
+    if spec.parse is cfg.parse_bool:
+        p.add_argument(spec.flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=spec.help)
+        return
     p.add_argument(
         spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"), help=spec.help
     )
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="back up a library that lost more than --max-shrink of its files or bytes, or lacks Immich's "
         ".immich marker files (a deliberate mass deletion); --prune is then skipped",
     )
+    _flag(b, "live_pass")
     _flag(b, "max_shrink")
     _flag(b, "max_downtime")
     _flag(b, "lock_wait")

@@ -366,6 +366,15 @@ SETTINGS: tuple[Spec, ...] = (
         "what to stop: all (cold copy of the DB directory), app (keep the DB up), none",
     ),
     Spec(
+        "live_pass",
+        ("backup", "live_pass"),
+        ("IMMICH_STREAM_LIVE_PASS",),
+        "--live-pass",
+        parse_bool,
+        "upload new and changed files while Immich runs, then stop it only for a pass that re-reads what "
+        "changed since (--no-live-pass: one pass, the whole upload with the stack stopped)",
+    ),
+    Spec(
         "jobs",
         ("backup", "jobs"),
         ("IMMICH_STREAM_JOBS",),
@@ -544,6 +553,7 @@ class Settings:
     verify_tls: bool = True
     ca_bundle: Path | None = None
     stop: str = "all"
+    live_pass: bool = True
     jobs: int = 8
     part_size: int = 8 * MIB
     max_memory: int = 64 * MIB

@@ -7,6 +7,8 @@ Commands talk to the bucket through this module; only here are keys built.
     <prefix>/snapshots/<id>/manifest.jsonl.gz   one JSON line per entry, in walk order
     <prefix>/snapshots/<id>/database.sql.gz     the pg_dump stream
     <prefix>/snapshots/<id>/snapshot.json       the summary; written last = the commit marker
+    <prefix>/snapshots/<id>/journal/<pass>-<n>.jsonl.gz  what an uncommitted run has read and
+                                                uploaded so far (deleted once it commits)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import re
 import secrets
 import socket
+import time
 import urllib.parse
 import zlib
 from array import array
@@ -49,6 +52,12 @@ LONG_KEY_DIR = "%long"
 MANIFEST = "manifest.jsonl.gz"
 DUMP = "database.sql.gz"
 SUMMARY = "snapshot.json"  # written last: the commit marker
+JOURNAL_DIR = "journal/"
+# A journal chunk is written at least this often while its run reads files, and once this
+# many bytes were read or its compressed lines pass JOURNAL_MAX_PENDING.
+JOURNAL_SECONDS = 60.0
+JOURNAL_BYTES = 1 << 30
+JOURNAL_MAX_PENDING = 4 << 20
 
 _PLAIN = re.compile(rb"[^\x20-\x24\x26-\x7e]")  # anything but printable ASCII without '%'
 
@@ -241,6 +250,51 @@ class ManifestWriter:
         await self._out.__aexit__(*exc)
 
 
+class JournalWriter:
+    """What one pass of a run has read (and uploaded), in walk order, as a series of small
+    gzip objects written as the pass goes: a run that is killed or fails leaves behind
+    what it uploaded, and the next run takes those objects instead of reading and sending
+    the files again. Lines come only after their upload finished (OrderedManifest)."""
+
+    def __init__(self, repo: Repo, snap_id: str, pass_name: str) -> None:
+        self.repo = repo
+        self.snap_id = snap_id
+        self.pass_name = pass_name
+        self.chunks = 0
+        self.lines = 0
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_lines = 0
+        self._bytes = 0
+        self._since = time.monotonic()
+
+    async def add(self, line: ManifestLine) -> None:
+        self._pending.append(self._z.compress(line.to_json().encode() + b"\n"))
+        self._pending_size += len(self._pending[-1])
+        self._pending_lines += 1
+        self._bytes += line.size
+        if (
+            self._bytes >= JOURNAL_BYTES
+            or self._pending_size >= JOURNAL_MAX_PENDING
+            or time.monotonic() - self._since >= JOURNAL_SECONDS
+        ):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the lines added since the last chunk as the next chunk (nothing if none)."""
+        if not self._pending_lines:
+            return
+        body = b"".join([*self._pending, self._z.flush()])
+        key = self.repo.journal_key(self.snap_id, self.pass_name, self.chunks)
+        await self.repo.store.put(key, body, "application/gzip")
+        self.chunks += 1
+        self.lines += self._pending_lines
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._pending, self._pending_size, self._pending_lines, self._bytes = [], 0, 0, 0
+        self._since = time.monotonic()
+
+
 async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Decompress a (possibly multi-member) gzip stream chunk by chunk; raise if truncated."""
     z = zlib.decompressobj(31)
@@ -341,6 +395,27 @@ class Repo:
 
     def dump_key(self, snap_id: str) -> str:
         return self.snapshot_prefix(snap_id) + DUMP
+
+    def journal_prefix(self, snap_id: str) -> str:
+        return self.snapshot_prefix(snap_id) + JOURNAL_DIR
+
+    def journal_key(self, snap_id: str, pass_name: str, seq: int) -> str:
+        return f"{self.journal_prefix(snap_id)}{pass_name}-{seq:06d}.jsonl.gz"
+
+    async def journals(self, snap_id: str) -> dict[str, list[str]]:
+        """An uncommitted run's journal chunks: pass name -> keys, in the order written."""
+        passes: dict[str, list[str]] = {}
+        base = self.journal_prefix(snap_id)
+        async for obj in self.store.list_objects(base):
+            name, sep, rest = obj.key[len(base) :].rpartition("-")
+            if sep and rest.endswith(".jsonl.gz") and rest[: -len(".jsonl.gz")].isdigit():
+                passes.setdefault(name, []).append(obj.key)
+        return {name: sorted(keys) for name, keys in sorted(passes.items())}
+
+    async def delete_journals(self, snap_id: str) -> None:
+        keys = [obj.key async for obj in self.store.list_objects(self.journal_prefix(snap_id))]
+        if keys:
+            await self.store.delete(keys)
 
     def locks_prefix(self) -> str:
         return self._k("locks/")
@@ -443,7 +518,17 @@ class Repo:
         await self.store.put(self.summary_key(summary.id), summary.to_json(), "application/json")
 
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        key = self.manifest_key(snap_id)
+        async for line in self.read_lines([self.manifest_key(snap_id)]):
+            yield line
+
+    async def read_lines(self, keys: list[str]) -> AsyncIterator[ManifestLine]:
+        """The lines of gzipped JSON-lines objects, one after the other (a manifest is one
+        object; a journal pass is many)."""
+        for key in keys:
+            async for line in self._read_lines(key):
+                yield line
+
+    async def _read_lines(self, key: str) -> AsyncIterator[ManifestLine]:
         rest = b""
         async for data in gunzip_stream(self.store.iter_object(key)):
             lines = (rest + data).split(b"\n")

@@ -28,6 +28,8 @@ class FileCounts:
     moved: int = 0
     touched: int = 0  # metadata changed, bytes the same (read and hashed, object reused)
     reuploaded: int = 0  # unchanged, but the object it had was gone from the bucket
+    rechecked: int = 0  # stat unchanged but too close to when it was read to trust: read and hashed
+    resumed: int = 0  # object taken from a run that was interrupted before it committed
     skipped: int = 0
     failed: int = 0
     changed_while_read: int = 0
@@ -114,6 +116,13 @@ class SnapshotSummary:
     seconds: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     downtime_seconds: float | None = None
+    # where the downtime went: stop, data_directory, stopped_pass, database_start, start
+    downtime: dict[str, float] = field(default_factory=dict)
+    # what the live pass (before the stack was stopped) found and uploaded; the `files`
+    # counters are relative to the parent snapshot over both passes
+    live_files: FileCounts | None = None
+    # seconds since the run started at which its milestones were reached
+    timeline: dict[str, float] = field(default_factory=dict)
     unstable_containers: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -213,7 +213,7 @@ class UploadWorkers:
                 continue
             kind = decision.kind
             if decision.action == "check" and not reused:
-                kind = "new" if kind == "moved" else "changed"
+                kind = "new" if kind in ("moved", "new", "resumed") else "changed"
             setattr(stats, kind, getattr(stats, kind) + 1)
             self.phase.update(0, files=1)
             job.done.set_result(True)

@@ -235,8 +235,10 @@ def test_wrong_database_name_fails_with_pg_dump_message(env: dict, stack: Immich
 
 def _start_slow_backup(env: dict, moto_s3: S3Server, proxy_factory):
     proxy = proxy_factory(moto_s3.endpoint)
-    env = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(is_put, delay=0.3)  # every upload slow: the run is mid-way for a while
+    # every upload slow: the run is mid-way, with the stack stopped, for a while (one pass:
+    # a live pass would upload everything before the stack is stopped)
+    env = {**moto_env(env, moto_s3, proxy.endpoint), "IMMICH_STREAM_LIVE_PASS": "0"}
+    proxy.add(is_put, delay=0.3)
     proc = start_cli("backup", env=env)
     wait_for(
         lambda: "immich_server" not in running_containers() or proc.poll() is not None, 60, what="the stack to stop"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from immich_stream.backup import OrderedManifest, backup_root, run_phases
+from immich_stream.backup import OrderedManifest, Sources, backup_root, run_phases
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import ParentInfo, PrevCursor, classify
 from immich_stream.config import Settings
@@ -176,15 +176,23 @@ async def test_ordered_manifest_window_bounds_lines_waiting() -> None:
 
 
 class Recorder:
-    def __init__(self, fail: str | None = None) -> None:
+    def __init__(self, fail: str | None = None, release_on: str = "start_all") -> None:
         self.calls: list[str] = []
         self.fail = fail
+        self.release_on = release_on  # the step after which the dump may end
+        self.snapshot = asyncio.Event()
+        self.released = asyncio.Event()
 
     async def _step(self, name: str) -> None:
         self.calls.append(name)
         await asyncio.sleep(0)
         if name == self.fail:
             raise RuntimeError(name)
+        if name == self.release_on:
+            self.released.set()
+
+    async def live_pass(self) -> None:
+        await self._step("live_pass")
 
     async def stop_apps(self) -> None:
         await self._step("stop_apps")
@@ -202,31 +210,51 @@ class Recorder:
         await self._step("start_db")
 
     async def dump(self) -> None:
-        await self._step("dump")
+        self.calls.append("dump")
+        await self.snapshot.wait()  # pg_dump's first bytes: its snapshot is held
+        self.calls.append("dump streams on")
+        await self.released.wait()
+        self.calls.append("dump done")
+
+    async def dump_snapshot(self) -> None:
+        await asyncio.sleep(0)
+        self.snapshot.set()
+        await asyncio.sleep(0)
+        self.calls.append("dump_snapshot")
 
     async def start_all(self) -> None:
         await self._step("start_all")
 
 
-async def test_phases_all_copy_the_data_directory_cold_then_dump_and_library_together() -> None:
+async def test_phases_all_live_pass_then_cold_copy_and_library_then_start_once_the_dump_holds_its_snapshot() -> None:
     r = Recorder()
     await run_phases("all", r)
-    assert r.calls[:5] == ["stop_apps", "stop_db", "files postgres", "check_cold", "start_db"]
-    assert sorted(r.calls[5:7]) == ["dump", "files library"]
-    assert r.calls[7:] == ["start_all"]
+    assert r.calls[:7] == [
+        "live_pass", "stop_apps", "stop_db", "files postgres", "check_cold", "files library", "start_db"
+    ]  # fmt: skip
+    # the stack starts while the dump still streams, after pg_dump holds its snapshot
+    assert r.calls[7:] == ["dump", "dump streams on", "dump_snapshot", "start_all", "dump done"]
+
+
+async def test_phases_without_the_live_pass_are_the_stopped_ones() -> None:
+    r = Recorder()
+    await run_phases("all", r, live=False)
+    assert "live_pass" not in r.calls and r.calls[0] == "stop_apps"
 
 
 async def test_phases_app_keep_the_database_up() -> None:
     r = Recorder()
     await run_phases("app", r)
-    assert r.calls[0] == "stop_apps" and sorted(r.calls[1:3]) == ["dump", "files library"]
-    assert r.calls[3:] == ["start_all"] and "stop_db" not in r.calls and "files postgres" not in r.calls
+    assert r.calls[:2] == ["live_pass", "stop_apps"] and sorted(r.calls[2:4]) == ["dump", "files library"]
+    assert r.calls.index("files library") < r.calls.index("start_all") < r.calls.index("dump done")
+    assert "stop_db" not in r.calls and "files postgres" not in r.calls
 
 
-async def test_phases_none_dump_first_stop_nothing() -> None:
-    r = Recorder()
-    await run_phases("none", r)
-    assert r.calls == ["dump", "files library", "start_all"]
+async def test_phases_none_walk_files_once_the_dump_holds_its_snapshot() -> None:
+    r = Recorder(release_on="files library")
+    await asyncio.wait_for(run_phases("none", r), 5)
+    assert r.calls == ["dump", "dump streams on", "dump_snapshot", "files library", "dump done", "start_all"]
+    assert "live_pass" not in r.calls
 
 
 async def test_phases_a_warm_copy_stops_before_the_database_starts() -> None:
@@ -459,9 +487,8 @@ async def test_upload_stage_puts_every_file_in_walk_order_and_reports_unreadable
         repo = Repo(store, "")
         uploader = FileUploader(store, repo, ByteBudget(s3_settings.max_memory), s3_settings, stats)
         phase = Reporter().phase("library files")
-        await backup_root(
-            "library", root, "run1", uploader, PrevCursor(None), None, ObjectIndex(), sink, stats, phase, jobs=3
-        )
+        sources = Sources(None, [], None, ObjectIndex())
+        await backup_root("library", root, "run1", uploader, sources, OrderedManifest(sink), stats, phase, jobs=3)
         got = {ln.path: await store.get(ln.key) for ln in sink.lines if ln.type == "file" and ln.key}
     paths = [ln.path for ln in sink.lines]
     assert paths == sorted(paths, key=lambda p: tuple(p.split("/"))), "manifest lines are in walk order"
