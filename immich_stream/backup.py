@@ -112,6 +112,7 @@ class Sources:
     others: list[Source]
     parent: ParentInfo | None
     objects: ObjectIndex
+    resumed: set[str] = field(default_factory=set)  # ids of the interrupted runs among others
 
     def moved(self, root: str, line: ManifestLine) -> ManifestLine | None:
         return self.parent.moved_from(root, line) if self.parent is not None else None
@@ -147,7 +148,13 @@ async def walk_root(
         if e.type == "file":
             stats.count_file(root, e.size)
             decision = await decide(
-                line, sources.primary, sources.others, functools.partial(sources.moved, root), sources.objects.has, own
+                line,
+                sources.primary,
+                sources.others,
+                functools.partial(sources.moved, root),
+                sources.objects.has,
+                own,
+                sources.resumed,
             )
             if decision.action == "reuse":
                 assert decision.source is not None
@@ -323,7 +330,7 @@ class BackupRun:
         for run_id, passes in e.resumable.items():
             for keys in passes.values():
                 others.append(Source.of_run(repo.read_lines(keys), run_id, kind="resumed"))
-        return Sources(primary, others, e.parent, e.objects)
+        return Sources(primary, others, e.parent, e.objects, set(e.resumable))
 
     # -- the steps run_phases orders -------------------------------------------------------
 

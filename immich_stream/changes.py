@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immich_stream.repo import ManifestLine, Repo, snapshot_time
+from immich_stream.repo import ManifestLine, Repo, run_of, snapshot_time
 
 # Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
 # refuses to start when one is missing: their absence means an unmounted or wrong library.
@@ -202,6 +202,7 @@ async def decide(
     moved: Callable[[ManifestLine], ManifestLine | None],
     exists: Callable[[str, int], bool],
     own_prefix: str,
+    resumed: Container[str] = (),
 ) -> Decision:
     """classify() against the parent snapshot (`primary`), then against `others`: this
     run's earlier (live) pass and interrupted runs, whose lines hold what they read and
@@ -213,7 +214,9 @@ async def decide(
 
     def kind_of(cand: ManifestLine) -> str:
         if old is None:
-            return "new" if (cand.key or "").startswith(own_prefix) else "moved"
+            if (cand.key or "").startswith(own_prefix):
+                return "new"
+            return "resumed" if run_of(cand.key or "") in resumed else "moved"
         if cand.key == old.key:
             return base.kind if base.action == "check" else "touched"
         return "reuploaded" if base.kind == "reuploaded" else "changed"

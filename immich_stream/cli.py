@@ -235,12 +235,21 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         f"snapshot {result.snapshot_id} committed (stop: {result.mode})"
         + (f" INCOMPLETE: {st.failed} files could not be read" if st.failed else ""),
         f"files     {st.files} in all: {st.new} new, {st.changed} changed, {st.unchanged} unchanged, "
-        f"{st.moved} moved, {st.touched} touched (bytes unchanged), {st.skipped} skipped, {st.failed} failed",
+        f"{st.moved} moved, {st.touched} touched (bytes unchanged), {st.skipped} skipped, {st.failed} failed"
+        + (f", {st.resumed} taken from an interrupted run" if st.resumed else ""),
         f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(st.bytes_uploaded)} uploaded",
     ]
     lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
+    live = result.summary.live_files
+    if live is not None:
+        lines.append(
+            f"live      {live.files - live.unchanged - live.resumed} files read, {fs(live.bytes_uploaded)} uploaded "
+            "while Immich ran; the stopped pass read what changed since"
+        )
     phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.summary.phase_seconds.items())
-    lines.append(f"time      {result.seconds:.1f} s in all ({phases}), Immich down for {result.downtime:.1f} s")
+    lines.append(f"time      {result.seconds:.1f} s in all ({phases})")
+    spent = ", ".join(f"{name.replace('_', ' ')} {sec:.1f} s" for name, sec in result.summary.downtime.items())
+    lines.append(f"downtime  Immich down for {result.downtime:.1f} s" + (f" ({spent})" if spent else ""))
     if st.reuploaded:
         lines.append(
             f"warning   {st.reuploaded} unchanged files were uploaded again: their objects were missing "

@@ -781,6 +781,22 @@ def _parse(name: str, value: Any, source: str, base: Path | None, short_duration
     return parsed
 
 
+def env_duration(name: str, default: float, floor: float, ceiling: float, why: str) -> float:
+    """A duration only tests and experts set, from the environment variable `name`; below
+    `floor` only with IMMICH_STREAM_TEST_SHORT_DURATIONS (tests cannot wait minutes)."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name} {value!r} is invalid: {exc}") from None
+    low = RELAXED_FLOOR if os.environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0") else floor
+    if not low <= seconds <= ceiling:
+        raise ConfigError(f"{name} {value!r} must be {format_duration(floor)} to {format_duration(ceiling)} ({why})")
+    return seconds
+
+
 def min_part_size(environ: Mapping[str, str] | None = None) -> int:
     """S3's 5 MiB part minimum, or the lower one IMMICH_STREAM_MIN_PART_SIZE sets for servers
     that accept smaller parts."""

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from immich_stream import cleanup
-from immich_stream.errors import ConfigError, LockError, ObjectNotFound, StoreError
+from immich_stream.config import env_duration
+from immich_stream.errors import LockError, ObjectNotFound, StoreError
 from immich_stream.hoststate import claim_run, forget_run, local_run_gone, release_run
 from immich_stream.repo import Repo
 
@@ -44,22 +45,9 @@ POLL = 2.0  # seconds between looks while waiting for a lock
 
 def lock_stale() -> float:
     """STALE, or IMMICH_STREAM_LOCK_STALE (a duration; for tests, which cannot wait 30 minutes)."""
-    from immich_stream.config import RELAXED_FLOOR, SHORT_DURATIONS_ENV, parse_duration
-
-    value = os.environ.get("IMMICH_STREAM_LOCK_STALE")
-    if not value:
-        return STALE
-    try:
-        stale = parse_duration(value)
-    except ValueError as exc:
-        raise ConfigError(f"IMMICH_STREAM_LOCK_STALE {value!r} is invalid: {exc}") from None
-    floor = RELAXED_FLOOR if os.environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0") else 10
-    if not floor <= stale <= 7 * 86400:
-        raise ConfigError(
-            f"IMMICH_STREAM_LOCK_STALE {value!r} must be 10s to 7d (a lock refreshed less often "
-            "than a sixth of it goes stale)"
-        )
-    return stale
+    return env_duration(
+        "IMMICH_STREAM_LOCK_STALE", STALE, 10, 7 * 86400, "a lock refreshed less often than a sixth of it goes stale"
+    )
 
 
 @dataclass

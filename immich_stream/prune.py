@@ -173,6 +173,20 @@ async def _prune_locked(
         if snapshot_time(sid) < threshold and await _newest_object(store, repo.snapshot_prefix(sid)) < threshold:
             doomed_dirs.append(sid)
             report.incomplete_removed.append(sid)
+    # What an interrupted run that is not yet stale uploaded (its journal) is what the next
+    # backup resumes from: objects it names are kept as if a snapshot referenced them.
+    # A committed snapshot's journal is a leftover (its run could not delete it).
+    journal_keys: list[str] = []
+    for sid, done in dirs.items():
+        if sid in doomed_dirs or sid in busy:
+            continue
+        passes = await repo.journals(sid)
+        if done:
+            journal_keys.extend(k for keys in passes.values() for k in keys)
+            continue
+        async for line in repo.read_lines([k for keys in passes.values() for k in keys]):
+            if line.key:
+                referenced.add(key_digest(line.key))
 
     # Unreferenced data objects. A run that is neither committed nor older than the
     # threshold may still be uploading: its objects are left alone.
@@ -218,6 +232,7 @@ async def _prune_locked(
         async for obj in store.list_objects(repo.snapshot_prefix(sid)):
             dir_keys.append(obj.key)
     await store.delete(dir_keys)
+    await store.delete(journal_keys)
     await store.delete(doomed)
     for key, upload_id in uploads:
         await store.abort_multipart(key, upload_id)

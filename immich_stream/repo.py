@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from immich_stream.budget import ByteBudget
+from immich_stream.config import env_duration
 from immich_stream.errors import RepoError
 from immich_stream.store import Store, StreamWriter
 from immich_stream.summary import SnapshotSummary
@@ -268,6 +269,9 @@ class JournalWriter:
         self._pending_lines = 0
         self._bytes = 0
         self._since = time.monotonic()
+        self.interval = env_duration(
+            "IMMICH_STREAM_JOURNAL_INTERVAL", JOURNAL_SECONDS, 10, 3600, "how often a run's journal is written"
+        )
 
     async def add(self, line: ManifestLine) -> None:
         self._pending.append(self._z.compress(line.to_json().encode() + b"\n"))
@@ -277,7 +281,7 @@ class JournalWriter:
         if (
             self._bytes >= JOURNAL_BYTES
             or self._pending_size >= JOURNAL_MAX_PENDING
-            or time.monotonic() - self._since >= JOURNAL_SECONDS
+            or time.monotonic() - self._since >= self.interval
         ):
             await self.flush()
 
