@@ -74,8 +74,10 @@ class Source:
         return cls(PrevCursor(lines), started, **kw)  # type: ignore[arg-type]
 
     def racy(self, line: ManifestLine) -> bool:
-        newest = max(line.mtime_ns, line.ctime_ns or 0)
-        return newest >= self.read_after_ns - RACY_WINDOW_NS
+        # ctime: every write sets it to the present and nothing can set it back, while
+        # mtime is what Immich or a camera says (a photo "from 2030" is not racy forever)
+        changed = line.ctime_ns if line.ctime_ns is not None else line.mtime_ns
+        return changed >= self.read_after_ns - RACY_WINDOW_NS
 
 
 @dataclass

@@ -246,3 +246,31 @@ def test_killed_run_is_resumed_and_prune_keeps_its_uploads_until_stale(
     assert reused <= set(still), "objects the snapshot took from the killed run stay"
     assert len(still) < len(uploaded) or len(reused) == len(uploaded)
     assert run_cli("verify", "--read-data", env=env).code == 0
+
+
+def test_stopped_pass_past_max_downtime_is_abandoned_and_the_next_run_takes_the_live_uploads(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
+    make_library(stack.library, photos=10)
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = moto_env(env, moto_s3, proxy.endpoint)
+    # the stopped pass reads the live pass's journal back: make that slow
+    proxy.add(lambda m, p, q: m == "GET" and "/journal/live-" in p, delay=8.0)
+    r = run_cli("backup", "--stop", "app", "--max-downtime", "2s", env=env)
+    assert r.code == 1, r.err
+    assert "past --max-downtime 2 s: the stack was started again and nothing was committed" in r.err
+    assert "the next run goes on from there" in r.err
+    assert running_containers() == set(CONTAINERS)
+    bucket = bucket_of(env)
+    assert bucket.snapshots() == []
+    (abandoned,) = bucket.snapshots(complete_only=False)
+    uploaded = bucket.keys(f"data/{abandoned}/library/")
+    assert uploaded, "the live pass had uploaded the library"
+
+    proxy.rules.clear()
+    r = run_cli("backup", "--stop", "app", env=env)
+    assert r.code == 0, r.err
+    sid = bucket.snapshots()[-1]
+    s = _summary(bucket, sid)
+    assert s["files"]["resumed"] == len(uploaded) and not bucket.keys(f"data/{sid}/library/")
+    assert_files_in_bucket(bucket, sid, stack.library)

@@ -21,7 +21,7 @@ import pytest
 
 from immich_stream.backup import OrderedManifest, Sources, backup_root, run_phases
 from immich_stream.budget import ByteBudget
-from immich_stream.changes import ParentInfo, PrevCursor, classify
+from immich_stream.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
 from immich_stream.config import Settings
 from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSTABLE, LockError, RepoError, backup_exit_code
 from immich_stream.hoststate import claim_run, local_lock, local_run_gone, release_run
@@ -124,6 +124,59 @@ async def test_prev_cursor_orders_postgres_before_library() -> None:
     cursor = PrevCursor(_lines(pg, lib))
     assert await cursor.find(line("base/1", root="postgres")) is pg
     assert await cursor.find(line("a")) is lib
+
+
+RUN = "2026-01-01T000000Z-aaaa"  # a run that started at 1767225600 s
+STARTED = 1_767_225_600 * 10**9
+
+
+def _source(*items: ManifestLine, **kw: Any) -> Source:
+    return Source.of_run(_lines(*items), RUN, **kw)
+
+
+def _no_move(_line: ManifestLine) -> None:
+    return None
+
+
+async def test_a_line_read_in_the_same_moments_as_its_last_change_is_not_trusted_by_stat() -> None:
+    old_enough = STARTED - RACY_WINDOW_NS - 1
+    calm = line("a", ctime=old_enough)
+    racy = line("b", ctime=STARTED - RACY_WINDOW_NS + 1)
+    future = line("c", mtime=STARTED * 2, ctime=old_enough)  # a camera's clock: mtime proves nothing
+    src = _source(calm, racy, future)
+    d = [await decide(ln, src, [], _no_move, exists, "data/new/") for ln in (line("a", ctime=old_enough),
+         line("b", ctime=racy.ctime_ns), line("c", mtime=STARTED * 2, ctime=old_enough))]  # fmt: skip
+    assert [(x.action, x.kind) for x in d] == [("reuse", "unchanged"), ("check", "rechecked"), ("reuse", "unchanged")]
+    assert d[1].source is racy, "read and hashed: the object is kept when the bytes match"
+
+
+async def test_the_live_pass_and_interrupted_runs_are_sources_counted_as_what_they_are() -> None:
+    t = STARTED - RACY_WINDOW_NS - 1
+    parent = _source(line("changed", ctime=t - 5), line("same", ctime=t))
+    live = _source(
+        line("changed", ctime=t, key="data/now/library/changed"),
+        line("new", ctime=t, key="data/now/library/new"),
+        checked=False,
+    )
+    resumed = _source(line("resumed", ctime=t, key=f"data/{RUN}/library/resumed"), kind="resumed")
+    sources = [live, resumed]
+    want = {
+        "same": ("reuse", "unchanged"),
+        "changed": ("reuse", "changed"),
+        "new": ("reuse", "new"),
+        "resumed": ("reuse", "resumed"),
+        "zz-unknown": ("upload", "new"),
+    }
+    got = {}
+    for path in sorted(want):
+        d = await decide(line(path, ctime=t), parent, sources, _no_move, missing_but_own, "data/now/", {RUN})
+        got[path] = (d.action, d.kind)
+    assert got == want
+
+
+def missing_but_own(key: str, _size: int) -> bool:
+    """The bucket's listing, taken before this run uploaded anything."""
+    return not key.startswith("data/now/")
 
 
 def test_vanished_file_is_a_move_candidate_once() -> None:
