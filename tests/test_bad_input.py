@@ -39,6 +39,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "region": ("eu central 1", '"EU-CENTRAL-1"'),
     "path_style": ("maybe", "1"),
     "verify_tls": ("nope", '"y"'),
+    "live_pass": ("sometimes", "2"),
     "ca_bundle": ("/no/such/ca.pem", '""'),
     "stop": ("some", "1"),
     "jobs": ("100000000", "0"),
