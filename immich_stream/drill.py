@@ -129,13 +129,23 @@ class Throwaway:
                 config["Cmd"] = self.like["Config"]["Cmd"]  # e.g. shared_preload_libraries for vector extensions
             if shm := (self.like.get("HostConfig") or {}).get("ShmSize"):
                 config["HostConfig"]["ShmSize"] = shm
-        try:
+
+        async def create() -> None:
             await self.docker.volumes.create(  # type: ignore[no-untyped-call]
                 {"Name": self.name, "Labels": labels}
             )
             container = await self.docker.containers.create(config, name=self.name)
             await container.start()
+
+        # Shielded: a Ctrl-C during a create request must not leave a container that
+        # dockerd makes after we gave up on it; the removal below waits for it.
+        task = asyncio.ensure_future(create())
+        try:
+            await asyncio.shield(task)
         except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, REMOVE_TIMEOUT)
             await self.remove()
             if isinstance(exc, aiodocker.DockerError):
                 raise StackError(f"cannot start a throwaway container from {self.image}: {exc.message}") from None

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,12 @@ TABLES = ("users", "assets", "exif", "albums", "albums_assets", "geodata_places"
 def drill_leftovers() -> list[str]:
     containers = docker("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split()
     volumes = docker("volume", "ls", "--filter", f"label={LABEL}", "--format", "{{.Name}}").split()
-    return containers + volumes
+    return [f"container {c}" for c in containers] + [f"volume {v}" for v in volumes]
+
+
+def wait_drill_container(pid: int) -> None:
+    mine = f"container immich-stream-drill-{pid}-"
+    wait_for(lambda: any(x.startswith(mine) for x in drill_leftovers()), 60, 0.05, "the drill container")
 
 
 def row_counts(stack: ImmichStack) -> dict[str, int]:
@@ -35,7 +39,9 @@ def row_counts(stack: ImmichStack) -> dict[str, int]:
 def no_earth_image(machine: None) -> str:
     """The test image without the earthdistance extension (built locally, cached by tag)."""
     if subprocess.run(["docker", "image", "inspect", NO_EARTH_IMAGE], capture_output=True).returncode != 0:
-        dockerfile = "FROM immich-stream-test/postgres:15\nRUN rm -f /usr/share/postgresql/15/extension/earthdistance*\n"
+        dockerfile = (
+            "FROM immich-stream-test/postgres:15\nRUN rm -f /usr/share/postgresql/15/extension/earthdistance*\n"
+        )
         subprocess.run(
             ["docker", "build", "-q", "-t", NO_EARTH_IMAGE, "-"],
             input=dockerfile.encode(),
@@ -47,13 +53,12 @@ def no_earth_image(machine: None) -> str:
 
 
 @pytest.fixture
-def backed_up(env: dict, stack: ImmichStack, bucket: Bucket) -> Iterator[str]:
+def backed_up(env: dict, stack: ImmichStack, bucket: Bucket) -> str:
     make_library(stack.library, photos=6, odd_names=False)
     r = run_cli("backup", "--stop", "none", env=env)
     assert r.code == 0, r.err
     [sid] = bucket.snapshots()
-    yield sid
-    assert drill_leftovers() == []
+    return sid
 
 
 def test_snapshot_records_what_a_restore_needs(env: dict, stack: ImmichStack, bucket: Bucket, backed_up: str) -> None:
@@ -93,11 +98,20 @@ def test_drill_of_a_good_snapshot_passes(env: dict, stack: ImmichStack, backed_u
 def test_drill_interrupted_leaves_nothing_behind(env: dict, stack: ImmichStack, backed_up: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         proc = start_cli("drill", env=env)
-        wait_for(lambda: drill_leftovers(), 60, 0.05, "the drill container")
+        wait_drill_container(proc.pid)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=90)
         assert proc.returncode in (130, 143), err
-        assert drill_leftovers() == []
+        assert drill_leftovers() == [], err
+    # SIGKILL: nothing can clean up; the next drill removes what the dead one left
+    proc = start_cli("drill", env=env)
+    wait_drill_container(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert any(f"immich-stream-drill-{proc.pid}-" in x for x in drill_leftovers())
+    r = run_cli("drill", env=env)
+    assert r.code == 0, r.err
+    assert drill_leftovers() == []
     assert running_containers() == set(CONTAINERS)
 
 
@@ -142,7 +156,9 @@ def test_incompatible_image_refused_before_anything_changes(
         r = run_cli("restore", "--database", env=dict(env, DB_CONTAINER=name))
         assert r.code == 1 and "lacks the extension earthdistance" in r.last_error, r.err
         assert stack.started_at() == before
-        tables = docker("exec", name, "psql", "-U", "postgres", "-Atc", "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        tables = docker(
+            "exec", name, "psql", "-U", "postgres", "-Atc", "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
         assert tables == "0"
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -180,6 +196,7 @@ def test_pg_dumpall_file_restores_and_drills(env: dict, stack: ImmichStack, tmp_
 
 
 def test_config_files_round_trip_without_secrets(env: dict, stack: ImmichStack, bucket: Bucket, tmp_path: Path) -> None:
+    make_library(stack.library, photos=2, odd_names=False)
     dotenv = stack.dir / ".env"
     original = dotenv.read_text()
     extra = "IMMICH_VERSION=v1.123.4\nJWT_SECRET=jwt-secret-value\nMAPS_API_KEY='key-value'\n"
