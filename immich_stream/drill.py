@@ -381,7 +381,7 @@ async def run_drill(
             async with Throwaway(docker, image, user, dbname, live if same else None) as box:
                 await box.wait_ready()
                 where = report.source + (f" ({report.came_from})" if report.came_from else "")
-                scanner, whole = await prepare_dump(docker, box.name, user, dbname, sql, where)
+                scanner, whole = await prepare_dump(docker, box.name, user, dbname, sql, where, from_file is not None)
 
                 async def counted() -> AsyncGenerator[bytes, None]:
                     async with contextlib.aclosing(psql_stream(whole, scanner, user, log_missing=False)) as chunks:

@@ -485,15 +485,24 @@ async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerato
 
 
 async def prepare_dump(
-    docker: aiodocker.Docker, container: str, user: str, dbname: str, sql: AsyncIterator[bytes], came_from: str
+    docker: aiodocker.Docker,
+    container: str,
+    user: str,
+    dbname: str,
+    sql: AsyncIterator[bytes],
+    came_from: str,
+    from_file: bool = False,
 ) -> tuple[DumpScanner, AsyncIterator[bytes]]:
     """Read the dump's head and refuse, before anything is changed, a target server that
     cannot take it. Returns the scanner (it counts the rows as the rest streams) and the
     whole SQL to send."""
     scanner = DumpScanner(dbname)
     whole = await read_head(sql, scanner)
-    if not scanner.source_version and not scanner.copy_seen and not scanner.extensions:
-        raise DumpError("the input is not a pg_dump or pg_dumpall SQL dump (no header, no COPY): nothing was changed")
+    if from_file and not scanner.source_version and not scanner.copy_seen and not scanner.extensions:
+        raise DumpError(
+            f"{came_from} is not a pg_dump or pg_dumpall SQL dump (no header, no COPY; a custom-format "
+            "dump needs pg_restore): nothing was changed"
+        )
     await check_target(docker, container, user, scanner, came_from)
     return scanner, whole
 
@@ -546,7 +555,7 @@ async def _restore_database_locked(
             nonlocal sent
             # Before anything is stopped: the dump's version and extensions against the server.
             scanner, whole = await prepare_dump(
-                docker, settings.db_container, settings.db_user, settings.db_name, sql, came_from
+                docker, settings.db_container, settings.db_user, settings.db_name, sql, came_from, from_file is not None
             )
 
             async def counted() -> AsyncGenerator[bytes, None]:

@@ -223,3 +223,43 @@ def test_config_files_round_trip_without_secrets(env: dict, stack: ImmichStack, 
     expected = expected.replace("'key-value'", "immich-stream-removed-secret")
     assert (out / ".env").read_text() == expected
     assert (out / ".env").stat().st_mode & 0o077 == 0
+
+
+def test_dump_scanner_counts_rows_across_every_chunk_boundary() -> None:
+    from immich_stream.postgres import DumpScanner
+
+    sql = (
+        b"-- Dumped from database version 14.10 (Debian)\n"
+        b'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n'
+        b"CREATE EXTENSION IF NOT EXISTS vchord CASCADE;\n"
+        b"COPY public.a (x, y) FROM stdin;\n1\t2\n3\t\\\\.\n\\.\n\n"
+        b'COPY public."B" (x) FROM stdin;\n\\.\nCOPY public.c (x) FROM stdin;\nz\n\\.\n'
+    )
+    for cut in range(len(sql) + 1):
+        for cut2 in range(cut, len(sql) + 1, 7):
+            d = DumpScanner()
+            for part in (sql[:cut], sql[cut:cut2], sql[cut2:]):
+                d.feed(part)
+            assert d.tables == {"public.a": 2, 'public."B"': 0, "public.c": 1}, (cut, cut2)
+            assert d.needed_extensions == ["uuid-ossp", "vchord"] and d.source_major == 14
+
+
+def test_secrets_are_removed_from_config_files() -> None:
+    from immich_stream.metadata import SECRET_PLACEHOLDER as P
+    from immich_stream.metadata import redact
+
+    env = "DB_PASSWORD=hunter2\nexport API_KEY='k'\nUPLOAD_LOCATION=./library\n# DB_PASSWORD=old\n"
+    text, names = redact(".env", env)
+    assert text == f"DB_PASSWORD={P}\nexport API_KEY={P}\nUPLOAD_LOCATION=./library\n# DB_PASSWORD=old\n"
+    assert names == ["DB_PASSWORD", "API_KEY"]
+    compose = (
+        "    environment:\n      POSTGRES_PASSWORD: ${DB_PASSWORD}\n      REDIS_PASSWORD: s3cret\n"
+        "      - JWT_SECRET=abc\n    image: x:${IMMICH_VERSION:-release}\n"
+    )
+    text, names = redact("docker-compose.yml", compose)
+    assert (
+        "s3cret" not in text
+        and "abc" not in text
+        and "${DB_PASSWORD}" in text
+        and names == ["REDIS_PASSWORD", "JWT_SECRET"]
+    )
