@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from immich_stream import __version__, cleanup
+from immich_stream import __version__, cleanup, metadata
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import ParentInfo, Source, decide, scan_parent
 from immich_stream.config import Settings, format_size
@@ -623,6 +623,7 @@ async def _backup_locked(
     allow_shrink: bool,
 ) -> BackupResult:
     containers = await stack.preflight()
+    source = await metadata.collect(docker, settings)  # images, versions, config files: for drill and rebuild
     prev = await repo.latest()
     parent = await scan_parent(repo, prev.id, roots) if prev else None
     # Before anything is stopped: an unmounted or emptied library must not become the
@@ -658,6 +659,7 @@ async def _backup_locked(
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     seconds = time.monotonic() - started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
+    metadata.record(summary, source, run.dump_result)
     assert repo.lock is not None and run.dump_result is not None
     await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     await repo.commit(summary)  # the commit point

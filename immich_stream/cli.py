@@ -193,7 +193,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="only paths matching GLOB, relative to their root (* also matches /); repeatable",
     )
     r.add_argument("--overwrite", action="store_true", help="restore into a non-empty directory")
+    r.add_argument(
+        "--from-file",
+        metavar="PATH",
+        help="with --database: restore this pg_dump or pg_dumpall file (plain or gzip; - for stdin) instead "
+        "of a snapshot's dump, e.g. one of Immich's own backups/ files",
+    )
+    r.add_argument(
+        "--config-files",
+        action="store_true",
+        help="with --to DIR: write the docker-compose.yml and .env the snapshot recorded (secrets left as "
+        "placeholders) into DIR, to rebuild a lost machine",
+    )
     _transfer_options(r)
+
+    d = sub.add_parser(
+        "drill",
+        parents=[common],
+        help="prove a snapshot restores: its dump into a throwaway PostgreSQL container, rows compared",
+        description="Restore a snapshot's database dump into a throwaway PostgreSQL container (the "
+        "database container's image, no network, a temporary volume; the live database is never "
+        "touched), compare every table's row count with snapshot.json, run an earthdistance query, "
+        "optionally re-hash N library files from S3. The container and its volume are always removed.",
+    )
+    d.add_argument("snapshot", nargs="?", default="latest", help="a snapshot id (or a unique prefix), or latest")
+    d.add_argument("--image", metavar="IMAGE", help="PostgreSQL image to drill with (default: DB_CONTAINER's image)")
+    d.add_argument("--files", type=int, default=0, metavar="N", help="also re-hash N random library files from S3")
+    d.add_argument("--from-file", metavar="PATH", help="drill this pg_dump or pg_dumpall file (- for stdin) instead")
+    d.add_argument("--json", action="store_true", help="machine-readable report on stdout")
 
     v = sub.add_parser("verify", parents=[common], help="check that snapshots can be restored")
     v.add_argument("snapshot", nargs="?", default=None, help="a snapshot id, or latest (default)")
@@ -299,6 +326,7 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
     import json
 
     from immich_stream.session import open_repo
+    from immich_stream.summary import _to_dict
 
     async with open_repo(settings) as repo:
         dirs = await repo.snapshot_dirs()
@@ -322,13 +350,23 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
                     "dump_bytes": s.database.compressed_size,
                     "seconds": s.seconds,
                     "downtime_seconds": s.downtime_seconds,
+                    "immich_version": s.immich.version,
+                    "postgres_version": s.database.server_version,
+                    "immich": _to_dict(s.immich),
+                    "database": {k: v for k, v in _to_dict(s.database).items() if k != "tables"},
+                    "tables": s.database.tables,
+                    "config_files": sorted(s.config_files),
+                    "config_secrets": s.config_secrets,
                 }
             )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     fs = cfg.format_size
-    print(f"{'id':<25} {'date (UTC)':<19} {'mode':<4} {'files':>8} {'size':>10} {'new':>10} {'dump':>10} {'took':>7}")
+    print(
+        f"{'id':<25} {'date (UTC)':<19} {'mode':<4} {'files':>8} {'size':>10} {'new':>10} {'dump':>10} {'took':>7}"
+        f"  {'immich':<10} {'postgres':<8}"
+    )
     for r in rows:
         if not r["committed"]:
             print(f"{r['id']:<25} {'(incomplete: no snapshot.json; ignored, removed by prune)'}")
@@ -337,7 +375,8 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
         flag = "" if r["complete"] else "  (some files missing)"
         print(
             f"{r['id']:<25} {date:<19} {r['mode'] or '':<4} {r['files'] or 0:>8} {fs(r['bytes'] or 0):>10} "
-            f"{fs(r['bytes_new'] or 0):>10} {fs(r['dump_bytes'] or 0):>10} {r['seconds'] or 0:>6.0f}s{flag}"
+            f"{fs(r['bytes_new'] or 0):>10} {fs(r['dump_bytes'] or 0):>10} {r['seconds'] or 0:>6.0f}s"
+            f"  {r['immich_version'] or '-':<10} {(r['postgres_version'] or '-').split(' ')[0]:<8}{flag}"
         )
     print(f"{len([r for r in rows if r['committed']])} snapshots")
     return 0
@@ -349,15 +388,31 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
     from immich_stream import restore
 
     fs = cfg.format_size
+    if args.from_file and not args.database:
+        raise ConfigError("--from-file goes with --database: restore --database --from-file PATH")
+    if args.config_files:
+        from immich_stream.metadata import SECRET_PLACEHOLDER
+
+        if not args.to:
+            raise ConfigError("--config-files needs --to DIR: restore latest --config-files --to DIR")
+        snap, written, secrets = await restore.write_config_files(settings, args.snapshot, Path(args.to))
+        print(f"wrote {', '.join(str(p) for p in written)} from snapshot {snap.id}")
+        if secrets:
+            print(
+                f"secrets were not recorded: set {', '.join(secrets)} (now "
+                f"{SECRET_PLACEHOLDER}) in those files before `docker compose up`"
+            )
+        return 0
     if args.dump_to:
         snap, size = await restore.dump_to(settings, args.snapshot, args.dump_to)
         if args.dump_to != "-":
             print(f"wrote the dump of snapshot {snap.id} to {args.dump_to} ({fs(size)}, sha256 checked)")
         return 0
     if args.database:
-        snap, info = await restore.restore_database(settings, reporter, args.snapshot)
+        restored, info = await restore.restore_database(settings, reporter, args.snapshot, args.from_file)
         print(
-            f"restored database {settings.db_name} from snapshot {snap.id}: {fs(info.bytes)} of SQL in "
+            f"restored database {settings.db_name} from "
+            f"{f'snapshot {restored.id}' if restored else f'file {args.from_file}'}: {fs(info.bytes)} of SQL in "
             f"{info.seconds:.1f} s; Immich was down for {info.downtime:.1f} s"
         )
         return 0
@@ -411,6 +466,37 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
         print(f"problem   {problem}")
     if report.problems:
         raise ProblemsFound(f"{len(report.problems)} problems found (listed above)")
+    return 0
+
+
+async def cmd_drill(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+    from immich_stream.drill import run_drill
+
+    if args.files < 0:
+        raise ConfigError(f"--files {args.files}: give a number of files, 0 or more")
+    report = await run_drill(settings, reporter, args.snapshot, args.image, args.files, args.from_file)
+    if args.json:
+        print(report.to_json())
+    else:
+        total = sum(t.restored or 0 for t in report.tables.values())
+        lines = [
+            f"drill of {report.source}" + (f" ({report.came_from})" if report.came_from else ""),
+            f"database  restored into a throwaway {report.image} (PostgreSQL {report.server_version or '?'}): "
+            f"{cfg.format_size(report.sql_bytes)} of SQL, {len(report.tables)} tables, {total} rows, "
+            f"compared with {report.expected_from}",
+            f"geo       {report.earthdistance or 'no earthdistance extension in the dump'}",
+        ]
+        if args.files:
+            lines.append(
+                f"files     {report.files_checked} of {args.files} library files re-hashed from S3, "
+                f"{cfg.format_size(report.files_bytes)}"
+            )
+        lines.append(f"time      {report.seconds:.1f} s; the container and its volume were removed")
+        print("\n".join(lines))
+        for m in report.mismatches:
+            print(f"mismatch  {m}")
+    if report.mismatches:
+        raise ProblemsFound(f"the drill found {len(report.mismatches)} mismatches (listed above)")
     return 0
 
 
@@ -482,6 +568,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Await
     "snapshots": cmd_snapshots,
     "restore": cmd_restore,
     "verify": cmd_verify,
+    "drill": cmd_drill,
     "prune": cmd_prune,
     "unlock": cmd_unlock,
 }
@@ -512,6 +599,9 @@ def _check_args(args: argparse.Namespace) -> None:
         _check_writable(state_dir(), "state directory (IMMICH_STREAM_STATE_DIR)")
     if args.command == "restore" and args.to:
         _check_writable(Path(args.to), "restore --to")
+    from_file = getattr(args, "from_file", None)
+    if args.command in ("restore", "drill") and from_file and from_file != "-" and not Path(from_file).is_file():
+        raise ConfigError(f"--from-file {args.from_file} is not a file: give the path of a pg_dump or pg_dumpall file")
     if args.command == "restore" and args.dump_to and args.dump_to != "-":
         dest = Path(args.dump_to)
         if dest.is_dir():

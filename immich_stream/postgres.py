@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiodocker
@@ -33,6 +34,19 @@ COMPRESS_CHUNK = 1 << 20  # raw bytes gathered before one compression call (in a
 
 
 @dataclass
+class ServerFacts:
+    """What a restore target must offer: asked of the server after the dump (no downtime)."""
+
+    version: str | None = None  # server_version, e.g. "15.4 (Debian 15.4-1)"
+    version_num: int | None = None  # server_version_num, e.g. 150004
+    extensions: dict[str, str] = field(default_factory=dict)  # pg_extension: name -> version
+
+    @property
+    def major(self) -> int | None:
+        return self.version_num // 10000 if self.version_num else None
+
+
+@dataclass
 class DumpResult:
     raw_bytes: int = 0
     gz_bytes: int = 0
@@ -40,6 +54,105 @@ class DumpResult:
     gz_sha256: str = ""
     parts: int = 0
     seconds: float = 0.0
+    tables: dict[str, int] = field(default_factory=dict)  # rows per COPY block, counted as it streamed
+    server: ServerFacts = field(default_factory=ServerFacts)
+
+
+TABLE_NAME = re.compile(r'^(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)\.(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)$')
+DUMPED_FROM = b"-- Dumped from database version "
+CLUSTER_DUMP = b"-- PostgreSQL database cluster dump"
+
+
+class DumpScanner:
+    """Reads pg_dump (or pg_dumpall) SQL as it passes, in any chunking: rows of every
+    `COPY ... FROM stdin` block per table (COPY's text format puts one row on a line and
+    escapes a lone `\\.`), the source server's version, the extensions it creates, and for
+    a cluster dump the database each block belongs to (`\\connect`). No query, no copy of
+    the data: inside a COPY block only newlines are counted."""
+
+    def __init__(self, database: str = "") -> None:
+        self.database = database  # in a cluster dump, the database whose tables count
+        self.cluster = False
+        self.source_version: str | None = None  # "15.4 (Debian ...)" from the dump's header
+        self.extensions: dict[str, list[str]] = {}  # database ("" before any \connect) -> names
+        self.rows: dict[str, dict[str, int]] = {}  # database -> table -> rows
+        self.copy_seen = False  # a COPY block of the database of interest has begun
+        self._db = ""
+        self._table: str | None = None
+        self._carry = b""
+
+    @property
+    def tables(self) -> dict[str, int]:
+        """Rows per table of the database of interest (the only one in a pg_dump)."""
+        return self.rows.get(self.database if self.cluster else "", {})
+
+    @property
+    def needed_extensions(self) -> list[str]:
+        if not self.cluster:
+            return sorted(self.extensions.get("", []))
+        return sorted({e for names in self.extensions.values() for e in names})
+
+    @property
+    def source_major(self) -> int | None:
+        m = re.match(r"(\d+)(?:\.(\d+))?", self.source_version or "")
+        if not m:
+            return None
+        major = int(m.group(1))
+        return major if major >= 10 else major * 100 + int(m.group(2) or 0)  # 9.6 -> 906
+
+    def feed(self, data: bytes) -> None:
+        buf = self._carry + data if self._carry else data
+        self._carry = b""
+        pos, n = 0, len(buf)
+        while pos < n:
+            if self._table is not None:  # pos is at the start of a line inside a COPY block
+                counts = self.rows[self._db]
+                if buf.startswith(b"\\.\n", pos):  # the end line right here
+                    self._table = None
+                    pos += 3
+                    continue
+                end = buf.find(b"\n\\.\n", pos)  # a row's newline, then the end line
+                if end >= 0:
+                    counts[self._table] += buf.count(b"\n", pos, end + 1)
+                    self._table = None
+                    pos = end + 4
+                    continue
+                last = buf.rfind(b"\n", pos)
+                if last >= 0:
+                    counts[self._table] += buf.count(b"\n", pos, last + 1)
+                    pos = last + 1
+                self._carry = buf[pos:]
+                return
+            eol = buf.find(b"\n", pos)
+            if eol < 0:
+                self._carry = buf[pos:]
+                return
+            self._line(buf[pos:eol])
+            pos = eol + 1
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
+            name = line[5:].split(b" (", 1)[0].split(b" FROM stdin;", 1)[0].decode("utf-8", "replace")
+            self._table = name
+            self.rows.setdefault(self._db, {}).setdefault(name, 0)
+            if not self.cluster or self._db == self.database:
+                self.copy_seen = True
+        elif line.startswith(b"CREATE EXTENSION "):
+            m = re.match(rb'CREATE EXTENSION (?:IF NOT EXISTS )?("(?:[^"]|"")+"|[^\s;]+)', line)
+            if m:
+                name = m.group(1).decode("utf-8", "replace").strip('"').replace('""', '"')
+                names = self.extensions.setdefault(self._db, [])
+                if name not in names:
+                    names.append(name)
+        elif line.startswith(DUMPED_FROM):
+            if self.source_version is None:
+                self.source_version = line[len(DUMPED_FROM) :].decode("utf-8", "replace").strip()
+        elif line.startswith(CLUSTER_DUMP):
+            self.cluster = True
+        elif line.startswith(b"\\connect "):
+            m = re.search(rb"dbname='((?:[^']|'')*)'", line)
+            raw = m.group(1).replace(b"''", b"'") if m else line.split()[-1].strip(b'"')
+            self._db = raw.decode("utf-8", "replace")
 
 
 def pg_dump_command(user: str, dbname: str) -> list[str]:
@@ -50,8 +163,9 @@ def pg_dump_command(user: str, dbname: str) -> list[str]:
 class GzipChunker:
     """Compress in ~1 MiB batches in a worker thread; hash both sides as they pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, scanner: DumpScanner | None = None) -> None:
         self._z = _gz.compressobj(GZIP_LEVEL, _gz.DEFLATED, 31)
+        self.scanner = scanner
         self.raw = hashlib.sha256()
         self.gz = hashlib.sha256()
         self.raw_bytes = 0
@@ -60,6 +174,8 @@ class GzipChunker:
     def _compress(self, data: bytes, final: bool) -> bytes:
         self.raw.update(data)
         self.raw_bytes += len(data)
+        if self.scanner is not None:
+            self.scanner.feed(data)
         out = self._z.compress(data) + (self._z.flush() if final else b"")
         self.gz.update(out)
         self.gz_bytes += len(out)
@@ -77,10 +193,12 @@ async def dump_database(
     write: Callable[[bytes], Any],
     progress: Callable[[int], None] | None = None,
 ) -> DumpResult:
-    """Run pg_dump and feed its gzip-compressed output to `await write(chunk)`."""
+    """Run pg_dump and feed its gzip-compressed output to `await write(chunk)`; count the
+    rows of its COPY blocks as they pass, then ask the server for its version and extensions."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    gz = GzipChunker()
+    scanner = DumpScanner()
+    gz = GzipChunker(scanner)
     pending: list[bytes] = []
     pending_size = 0
     async for data in stream_out(docker, container, pg_dump_command(user, dbname), "pg_dump"):
@@ -92,7 +210,109 @@ async def dump_database(
             await write(await gz.compress(b"".join(pending)))
             pending, pending_size = [], 0
     await write(await gz.compress(b"".join(pending), final=True))
-    return DumpResult(gz.raw_bytes, gz.gz_bytes, gz.raw.hexdigest(), gz.gz.hexdigest(), 0, loop.time() - start)
+    seconds = loop.time() - start
+    # After the dump, not before: the apps may already be running again, nothing waits on this.
+    server = await server_facts(docker, container, user, dbname)
+    return DumpResult(
+        gz.raw_bytes, gz.gz_bytes, gz.raw.hexdigest(), gz.gz.hexdigest(), 0, seconds, scanner.tables, server
+    )
+
+
+async def psql_query(docker: aiodocker.Docker, container: str, user: str, dbname: str, sql: str) -> list[list[str]]:
+    """Rows of one query (unaligned, tab-separated), through psql in the container."""
+    cmd = ["psql", f"--username={user}", f"--dbname={dbname}", "--no-psqlrc", "-X", "-At", "-F", "\t", "-c", sql]
+    code, out = await run_in_container(docker, container, cmd)
+    text = out.decode("utf-8", "replace")
+    if code != 0:
+        raise DumpError(f"psql failed in {container}: {text.strip().splitlines()[-1] if text.strip() else code}")
+    return [line.split("\t") for line in text.splitlines() if line]
+
+
+async def server_facts(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> ServerFacts:
+    rows = await psql_query(
+        docker,
+        container,
+        user,
+        dbname,
+        "SELECT 'v', current_setting('server_version'), current_setting('server_version_num') "
+        "UNION ALL SELECT 'e', extname, extversion FROM pg_extension",
+    )
+    facts = ServerFacts()
+    for row in rows:
+        kind, a, b = [*row, "", ""][:3]
+        if kind == "v":
+            facts.version, facts.version_num = a, int(b)
+        elif kind == "e":
+            facts.extensions[a] = b
+    return facts
+
+
+class Incompatible(DumpError):
+    """The target server cannot take the dump (older major version, missing extension):
+    refused before anything was changed."""
+
+
+async def check_target(
+    docker: aiodocker.Docker,
+    container: str,
+    user: str,
+    dump: DumpScanner,
+    came_from: str,
+) -> ServerFacts:
+    """Refuse a restore that cannot work, before anything is changed: a server older than
+    the dump's, or an extension the dump creates that the server does not have."""
+    rows = await psql_query(
+        docker,
+        container,
+        user,
+        "postgres",
+        "SELECT 'v', current_setting('server_version_num') UNION ALL SELECT 'a', name FROM pg_available_extensions",
+    )
+    available = {r[1] for r in rows if r[0] == "a" and len(r) > 1}
+    num = next(int(r[1]) for r in rows if r[0] == "v")
+    target = ServerFacts(version_num=num)
+    where = f" (the dump came from {came_from})" if came_from else ""
+    major = num // 10000 if num >= 100000 else num // 100
+    src = dump.source_major
+    if src is not None and major < src:
+        raise Incompatible(
+            f"{container} runs PostgreSQL {major}, older than the dump's {dump.source_version}{where}: "
+            f"restore into PostgreSQL {src} or newer; nothing was changed"
+        )
+    missing = [e for e in dump.needed_extensions if e not in available]
+    if missing:
+        raise Incompatible(
+            f"{container} lacks the extension{'s' if len(missing) > 1 else ''} {', '.join(missing)} that the "
+            f"dump creates{where}: use the image the snapshot came from (or one that has them); "
+            "nothing was changed"
+        )
+    return target
+
+
+HEAD_LIMIT = 64 << 20  # SQL read ahead to find the version and extensions before a restore starts
+
+
+async def read_head(sql: AsyncIterator[bytes], scanner: DumpScanner) -> AsyncGenerator[bytes, None]:
+    """Read (and hold) the SQL up to its first COPY block of the database of interest, so
+    that its header and CREATE EXTENSION lines are known before anything is changed; then
+    return a stream of the whole SQL (held part first) that feeds the scanner as it goes."""
+    head: list[bytes] = []
+    size = 0
+    async for chunk in sql:
+        head.append(chunk)
+        size += len(chunk)
+        scanner.feed(chunk)
+        if scanner.copy_seen or size >= HEAD_LIMIT:
+            break
+
+    async def whole() -> AsyncGenerator[bytes, None]:
+        while head:
+            yield head.pop(0)
+        async for chunk in sql:
+            scanner.feed(chunk)
+            yield chunk
+
+    return whole()
 
 
 SEARCH_PATH_DUMP = b"SELECT pg_catalog.set_config('search_path', '', false);"

@@ -93,6 +93,25 @@ class DatabaseInfo:
     compressed_sha256: str | None = None  # of database.sql.gz
     parts: int = 0
     seconds: float = 0.0
+    # Since 0.2 (absent, i.e. None or empty, in older snapshots): what a restore needs.
+    tables: dict[str, int] | None = None  # rows per table, counted in the dump's COPY blocks
+    server_version: str | None = None  # the server's server_version
+    server_version_num: int | None = None
+    extensions: dict[str, str] = field(default_factory=dict)  # pg_extension: name -> version
+    image: str | None = None  # the database container's image, as configured
+    image_id: str | None = None  # and its id (sha256:...)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImmichInfo:
+    """The Immich server the snapshot came from (since 0.2)."""
+
+    version: str | None = None  # the best known: image label, image tag, or IMMICH_VERSION
+    image: str | None = None  # the server container's image, as configured
+    image_id: str | None = None
+    env_version: str | None = None  # IMMICH_VERSION in IMMICH_DIR/.env, when set
+    container: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -124,6 +143,11 @@ class SnapshotSummary:
     # seconds since the run started at which its milestones were reached
     timeline: dict[str, float] = field(default_factory=dict)
     unstable_containers: list[str] = field(default_factory=list)
+    immich: ImmichInfo = field(default_factory=ImmichInfo)
+    # IMMICH_DIR's docker-compose.yml and .env (file name -> text), secret values replaced
+    # by SECRET_PLACEHOLDER; config_secrets names the variables replaced.
+    config_files: dict[str, str] = field(default_factory=dict)
+    config_secrets: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:

@@ -1,0 +1,440 @@
+"""`drill`: prove a snapshot restores, without touching the live database.
+
+The snapshot's dump goes, through the same code as `restore --database` (search_path
+correction, one transaction, sha256 checked before COMMIT), into a throwaway PostgreSQL
+container: the database container's own image (or --image), no network, its data on a
+temporary volume. Then every table's row count is compared with what snapshot.json
+recorded (or, for older snapshots and --from-file, with the dump's own COPY blocks), an
+earthdistance query runs when the extension is there, and --files N re-hashes N random
+library files from S3. The container and its volume are removed whatever happens; a drill
+killed with SIGKILL leaves them labelled, and the next drill removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiodocker
+
+from immich_stream.config import Settings
+from immich_stream.docker_exec import pipe_into, run_in_container
+from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StackError, StoreError
+from immich_stream.metadata import came_from as came_from_text
+from immich_stream.postgres import TABLE_NAME, DumpScanner, psql_query, psql_restore_command
+from immich_stream.progress import Reporter
+from immich_stream.repo import ManifestLine, Repo, Snapshot
+from immich_stream.restore import file_sql, prepare_dump, psql_stream, snapshot_sql
+from immich_stream.session import open_repo
+from immich_stream.stack import connect
+from immich_stream.store import Store
+from immich_stream.watchdog import s3_hang, with_watchdog
+
+log = logging.getLogger(__name__)
+
+LABEL = "immich-stream.drill"  # value: "<host> <pid>" of the drill that made it
+READY_TIMEOUT = 180.0
+REMOVE_TIMEOUT = 60.0
+DEFAULT_PGDATA = "/var/lib/postgresql/data"
+ONE_DEGREE_M = (111_000, 111_700)  # earth_distance of one degree of longitude on the equator
+
+
+@dataclass
+class TableCheck:
+    expected: int | None  # snapshot.json (or, without it, the dump)
+    dumped: int | None  # rows in the dump's COPY block
+    restored: int | None  # rows in the throwaway database afterwards (None: no such table)
+
+
+@dataclass
+class DrillReport:
+    source: str  # "snapshot <id>" or "file <path>"
+    snapshot: str | None = None
+    came_from: str = ""
+    image: str = ""
+    server_version: str | None = None
+    expected_from: str = ""  # "snapshot.json" or "the dump"
+    tables: dict[str, TableCheck] = field(default_factory=dict)
+    earthdistance: str | None = None  # None: the extension is not in the dump
+    files_checked: int = 0
+    files_bytes: int = 0
+    sql_bytes: int = 0
+    seconds: float = 0.0
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return json.dumps(d, indent=2)
+
+
+class Throwaway:
+    """A PostgreSQL container that exists only for the drill: created with a fresh volume,
+    removed with it on the way out, whatever the way out is."""
+
+    def __init__(self, docker: aiodocker.Docker, image: str, user: str, dbname: str, like: dict[str, Any] | None):
+        self.docker = docker
+        self.image = image
+        self.user = user
+        self.dbname = dbname
+        self.like = like  # the live database container's inspect data (its Cmd, when the image is the same)
+        self.name = f"immich-stream-drill-{os.getpid()}-{secrets.token_hex(4)}"
+
+    async def _pgdata(self) -> str:
+        try:
+            info = await self.docker.images.inspect(self.image)
+        except aiodocker.DockerError as exc:
+            raise ConfigError(
+                f"image {self.image} is not available ({exc.message}): give --image NAME of a local PostgreSQL image"
+            ) from None
+        for item in (info.get("Config") or {}).get("Env") or []:
+            if item.startswith("PGDATA="):
+                return str(item.split("=", 1)[1])
+        return DEFAULT_PGDATA
+
+    async def __aenter__(self) -> Throwaway:
+        pgdata = await self._pgdata()
+        labels = {LABEL: f"{socket.gethostname()} {os.getpid()}"}
+        env = [f"POSTGRES_USER={self.user}", f"POSTGRES_PASSWORD={secrets.token_hex(16)}", f"POSTGRES_DB={self.dbname}"]
+        config: dict[str, Any] = {
+            "Image": self.image,
+            "Env": env,
+            "Labels": labels,
+            # No network: nothing can reach it, and it can reach nothing.
+            "HostConfig": {
+                "NetworkMode": "none",
+                "Mounts": [{"Type": "volume", "Source": self.name, "Target": pgdata}],
+            },
+        }
+        if self.like is not None:
+            live_env = (self.like.get("Config") or {}).get("Env") or []
+            env += [e for e in live_env if e.startswith("POSTGRES_INITDB_ARGS=")]
+            if (self.like.get("Config") or {}).get("Cmd"):
+                config["Cmd"] = self.like["Config"]["Cmd"]  # e.g. shared_preload_libraries for vector extensions
+            if shm := (self.like.get("HostConfig") or {}).get("ShmSize"):
+                config["HostConfig"]["ShmSize"] = shm
+
+        async def create() -> None:
+            await self.docker.volumes.create(  # type: ignore[no-untyped-call]
+                {"Name": self.name, "Labels": labels}
+            )
+            container = await self.docker.containers.create(config, name=self.name)
+            await container.start()
+
+        # Shielded: a Ctrl-C during a create request must not leave a container that
+        # dockerd makes after we gave up on it; the removal below waits for it.
+        task = asyncio.ensure_future(create())
+        try:
+            await asyncio.shield(task)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, REMOVE_TIMEOUT)
+            await self.remove()
+            if isinstance(exc, aiodocker.DockerError):
+                raise StackError(f"cannot start a throwaway container from {self.image}: {exc.message}") from None
+            raise
+        log.info("throwaway database container %s started from %s", self.name, self.image)
+        return self
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            info = (await self.docker.containers.get(self.name))._container
+            if not (info.get("State") or {}).get("Running"):
+                logs = await self.docker.containers.container(self.name).log(stdout=True, stderr=True, tail=5)
+                tail = " | ".join(line.strip() for line in logs if line.strip())[-400:]
+                raise DumpError(f"the throwaway PostgreSQL container from {self.image} exited: {tail or 'no output'}")
+            code, _ = await run_in_container(
+                self.docker, self.name, ["pg_isready", "-h", "127.0.0.1", "-U", self.user, "-d", self.dbname]
+            )
+            if code == 0:
+                return
+            await asyncio.sleep(0.25)
+        raise DumpError(
+            f"the throwaway PostgreSQL container from {self.image} was not ready after {READY_TIMEOUT:.0f} s"
+        )
+
+    async def remove(self) -> None:
+        await remove_drill_objects(self.docker, self.name)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.remove()
+
+
+async def remove_drill_objects(docker: aiodocker.Docker, name: str) -> None:
+    """Remove a drill's container and volume; bounded, and shielded from a cancellation
+    (a Ctrl-C must not leave them behind)."""
+
+    async def remove() -> None:
+        with contextlib.suppress(aiodocker.DockerError):
+            await docker.containers.container(name).delete(force=True, v=True)
+        with contextlib.suppress(aiodocker.DockerError):
+            await (await docker.volumes.get(name)).delete()  # type: ignore[no-untyped-call]
+
+    task = asyncio.ensure_future(asyncio.wait_for(remove(), REMOVE_TIMEOUT))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task  # a second cancellation: still wait for the removal
+        raise
+    except TimeoutError:
+        log.warning("could not remove the drill container %s within %.0f s: remove it with docker rm -f", name, 60)
+
+
+async def remove_leftovers(docker: aiodocker.Docker) -> None:
+    """Containers and volumes of drills on this host whose process is gone (SIGKILL)."""
+    host = socket.gethostname()
+    names: set[str] = set()
+    try:
+        for c in await docker.containers.list(all=True, filters=json.dumps({"label": [LABEL]})):
+            owner = (c._container.get("Labels") or {}).get(LABEL, "")
+            names.update(n.lstrip("/") for n in c._container.get("Names") or [] if _dead(owner, host))
+        for v in (
+            await docker.volumes.list(  # type: ignore[no-untyped-call]
+                filters={"label": [LABEL]}
+            )
+        ).get("Volumes") or []:
+            if _dead((v.get("Labels") or {}).get(LABEL, ""), host):
+                names.add(v["Name"])
+    except aiodocker.DockerError as exc:
+        raise StackError(f"cannot list containers: {exc.message}") from None
+    for name in sorted(names):
+        log.info("removing %s, left by a drill that was killed", name)
+        await remove_drill_objects(docker, name)
+
+
+def _dead(owner: str, host: str) -> bool:
+    h, _, pid = owner.rpartition(" ")
+    if h != host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _count_query(tables: list[str]) -> str:
+    """Rows of each table (ONLY: a parent's count must not include its partitions), -1 for
+    a table that does not exist, in one query that cannot fail on a missing table."""
+    parts = []
+    for i, name in enumerate(tables):
+        lit = name.replace("'", "''")
+        inner = f"SELECT count(*) AS c FROM ONLY {name}".replace("'", "''")
+        parts.append(
+            f"SELECT {i}, CASE WHEN to_regclass('{lit}') IS NULL THEN -1 ELSE "
+            f"(xpath('/row/c/text()', query_to_xml('{inner}', false, true, '')))[1]::text::bigint END"
+        )
+    return " UNION ALL ".join(parts)
+
+
+async def count_rows(
+    docker: aiodocker.Docker, container: str, user: str, dbname: str, tables: list[str]
+) -> dict[str, int | None]:
+    good = [t for t in tables if TABLE_NAME.match(t)]
+    out: dict[str, int | None] = {t: None for t in tables}
+    if not good:
+        return out
+    for i, n in await psql_query(docker, container, user, dbname, _count_query(good)):
+        out[good[int(i)]] = None if int(n) < 0 else int(n)
+    return out
+
+
+async def earthdistance_check(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> str:
+    """Immich's place search: ll_to_earth and earth_box, as the search_path correction makes them work."""
+    rows = await psql_query(
+        docker, container, user, dbname, "SELECT round(earth_distance(ll_to_earth(0, 0), ll_to_earth(0, 1)))"
+    )
+    metres = float(rows[0][0])
+    if not ONE_DEGREE_M[0] <= metres <= ONE_DEGREE_M[1]:
+        raise DumpError(f"earth_distance of one degree is {metres:.0f} m")
+    geo = await psql_query(
+        docker,
+        container,
+        user,
+        dbname,
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'geodata_places' AND column_name = 'earthCoord'",
+    )
+    if geo and geo[0][0] != "0":
+        near = await psql_query(
+            docker,
+            container,
+            user,
+            dbname,
+            'SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 1000000) @> "earthCoord"',
+        )
+        return f"ok ({metres:.0f} m per degree; {near[0][0]} places within 1000 km of 0,0)"
+    return f"ok ({metres:.0f} m per degree)"
+
+
+async def check_files(
+    store: Store, repo: Repo, snap: Snapshot, n: int, report: DrillReport, reporter: Reporter
+) -> None:
+    """Re-hash n randomly chosen library files from S3 against the manifest."""
+    rng = random.Random()
+    sample: list[ManifestLine] = []
+    seen = 0
+    async for line in repo.read_manifest(snap.id):  # reservoir sampling: one pass, n lines held
+        if line.type != "file" or line.root != "library":
+            continue
+        seen += 1
+        if len(sample) < n:
+            sample.append(line)
+        elif (j := rng.randrange(seen)) < n:
+            sample[j] = line
+    phase = reporter.phase("drill files", sum(line.size for line in sample))
+    try:
+        for line in sample:
+            where = f"library/{line.path}"
+            if line.key is None or line.sha256 is None:
+                report.mismatches.append(f"{where}: its manifest line has no object")
+                continue
+            h = hashlib.sha256()
+            size = 0
+            try:
+                async for chunk in store.iter_object(repo.object_key(line.key)):
+                    h.update(chunk)
+                    size += len(chunk)
+                    phase.update(len(chunk))
+            except ObjectNotFound:
+                report.mismatches.append(f"{where}: its object {line.key} is missing")
+                continue
+            report.files_checked += 1
+            report.files_bytes += size
+            if size != line.size or h.hexdigest() != line.sha256:
+                report.mismatches.append(
+                    f"{where}: {size} bytes, sha256 {h.hexdigest()[:12]}..., manifest says {line.size} and {line.sha256[:12]}..."
+                )
+    finally:
+        phase.close()
+
+
+async def _live_db(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    try:
+        return (await docker.containers.get(name))._container
+    except aiodocker.DockerError:
+        return None
+
+
+async def run_drill(
+    settings: Settings,
+    reporter: Reporter,
+    which: str,
+    image: str | None = None,
+    files: int = 0,
+    from_file: str | None = None,
+) -> DrillReport:
+    started = time.monotonic()
+    async with connect() as docker, contextlib.AsyncExitStack() as exits:
+        try:
+            await docker.version()
+        except Exception as exc:
+            raise StackError(f"cannot reach Docker ({type(exc).__name__}): is dockerd running?") from None
+        await remove_leftovers(docker)
+        store: Store | None = None
+        repo: Repo | None = None
+        snap: Snapshot | None = None
+        if from_file is None:
+            settings.require("bucket")
+            repo = await exits.enter_async_context(open_repo(settings))
+            store = repo.store
+            snap = await repo.resolve(which)
+            sql: AsyncGenerator[bytes, None] = snapshot_sql(store, repo, snap)
+            report = DrillReport(f"snapshot {snap.id}", snap.id, came_from_text(snap.summary))
+        else:
+            sql = file_sql(from_file)
+            report = DrillReport(f"file {from_file}")
+        exits.push_async_callback(sql.aclose)
+        live = await _live_db(docker, settings.db_container)
+        if image is None:
+            if live is None:
+                raise ConfigError(
+                    f"database container {settings.db_container!r} not found: give --image with a local PostgreSQL image"
+                )
+            image = str((live.get("Config") or {}).get("Image") or live["Image"])
+        same = live is not None and image in ((live.get("Config") or {}).get("Image"), live.get("Image"))
+        report.image = image
+        user, dbname = settings.db_user, settings.db_name
+        phase = reporter.phase("drill restore", snap.summary.database.size if snap else None)
+
+        async def restore_and_check() -> None:
+            async with Throwaway(docker, image, user, dbname, live if same else None) as box:
+                await box.wait_ready()
+                where = report.source + (f" ({report.came_from})" if report.came_from else "")
+                scanner, whole = await prepare_dump(docker, box.name, user, dbname, sql, where, from_file is not None)
+
+                async def counted() -> AsyncGenerator[bytes, None]:
+                    async with contextlib.aclosing(psql_stream(whole, scanner, user, log_missing=False)) as chunks:
+                        async for chunk in chunks:
+                            report.sql_bytes += len(chunk)
+                            phase.update(len(chunk))
+                            yield chunk
+
+                target_db = "postgres" if scanner.cluster else dbname
+                await pipe_into(docker, box.name, psql_restore_command(user, target_db), counted(), "psql")
+                rows = await psql_query(docker, box.name, user, dbname, "SELECT current_setting('server_version')")
+                report.server_version = rows[0][0] if rows else None
+                await compare(docker, box.name, scanner)
+
+        async def compare(docker: aiodocker.Docker, box: str, scanner: DumpScanner) -> None:
+            recorded = snap.summary.database.tables if snap is not None else None
+            dumped = scanner.tables
+            expected = recorded if recorded is not None else dumped
+            report.expected_from = "snapshot.json" if recorded is not None else "the dump"
+            names = sorted(set(expected) | set(dumped))
+            restored = await count_rows(docker, box, user, dbname, names)
+            for name in names:
+                check = TableCheck(expected.get(name), dumped.get(name), restored.get(name))
+                report.tables[name] = check
+                if check.restored is None:
+                    report.mismatches.append(f"table {name}: missing after the restore")
+                elif check.expected is None:
+                    report.mismatches.append(
+                        f"table {name}: {check.restored} rows restored, but snapshot.json records no such table"
+                    )
+                elif check.restored != check.expected:
+                    report.mismatches.append(
+                        f"table {name}: {check.restored} rows restored, {report.expected_from} records {check.expected}"
+                    )
+            if "earthdistance" in scanner.needed_extensions:
+                try:
+                    report.earthdistance = await earthdistance_check(docker, box, user, dbname)
+                except DumpError as exc:
+                    report.earthdistance = f"FAILED: {exc}"
+                    report.mismatches.append(f"earthdistance query failed: {exc}")
+
+        try:
+            if store is None:
+                await restore_and_check()
+            else:
+                hung = s3_hang(store, settings.stall_timeout, "the drill stopped; nothing live was touched")
+                await with_watchdog(store, math.inf, restore_and_check(), hung)
+        finally:
+            phase.close()
+        if files and snap is not None and store is not None and repo is not None:
+            try:
+                await check_files(store, repo, snap, files, report, reporter)
+            except StoreError as exc:
+                report.mismatches.append(f"library files: {exc}")
+    report.seconds = time.monotonic() - started
+    return report
