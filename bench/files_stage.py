@@ -45,7 +45,16 @@ async def files_stage(directory: Path) -> tuple[RunStats, float]:
         phase = Reporter("quiet").phase("files")
         async with ManifestWriter(repo.store, repo.manifest_key(snap_id), stream_budget, settings.part_size) as mf:
             await backup_root(
-                "library", directory, snap_id, uploader, PrevCursor(None), None, ObjectIndex(), mf, stats, phase,
+                "library",
+                directory,
+                snap_id,
+                uploader,
+                PrevCursor(None),
+                None,
+                ObjectIndex(),
+                mf,
+                stats,
+                phase,
                 settings.jobs,
             )
             await mf.finish()

