@@ -239,9 +239,16 @@ class _DirectBody:
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
+        self._rest = b""
 
     async def read(self, n: int = -1) -> bytes:
-        return await self._resp.content.read(n)
+        """The next bytes as received, up to n: aiohttp's read(n) joins its buffered chunks
+        into one (a copy of every byte, in the event loop), readany() hands over the first
+        one as it came; a large chunk is sliced."""
+        chunk, self._rest = self._rest or await self._resp.content.readany(), b""
+        if 0 <= n < len(chunk):
+            chunk, self._rest = chunk[:n], chunk[n:]
+        return chunk
 
     def close(self) -> None:
         self._resp.close()  # returns the connection when the body was read to its end
@@ -579,8 +586,9 @@ class Store:
         chunks = [c async for c in self.iter_object(key)]
         return b"".join(chunks)
 
-    async def iter_object(self, key: str, chunk_size: int = MIB) -> AsyncIterator[bytes]:
-        """An object's bytes in chunks; a broken connection resumes where it stopped (Range)."""
+    async def iter_object(self, key: str, chunk_size: int = MIB, small: bool = False) -> AsyncIterator[bytes]:
+        """An object's bytes in chunks; a broken connection resumes where it stopped (Range).
+        `small`: the object is at most SMALL_OBJECT bytes (see _call)."""
         offset = 0
         attempt = 0
         while True:
@@ -594,7 +602,7 @@ class Store:
 
                 return await self._direct_or(lambda d: d.get(key, offset), slow)
 
-            body = await self._call(f"download {key}", open_body)
+            body = await self._call(f"download {key}", open_body, small=small)
             self._reading += 1
             try:
                 while True:
