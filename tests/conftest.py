@@ -8,6 +8,7 @@ for faults the real servers cannot be made to produce on demand.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -253,10 +254,12 @@ class SeaweedServer:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         config = root / "s3.json"
-        config.write_text(
-            '{"identities":[{"name":"t","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-            '"actions":["Admin","Read","List","Tagging","Write"]}]}' % (KEY, SECRET)
-        )
+        identity = {
+            "name": "t",
+            "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
         data = root / "data"
         data.mkdir()
         # every port P also takes P+10000 (gRPC): pick ones whose partner is free too

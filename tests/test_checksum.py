@@ -89,12 +89,12 @@ async def test_corrupted_part_is_rejected_and_sent_again(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     parts = [os.urandom(5 * MIB), os.urandom(1 * MIB)]
     budget = ByteBudget(64 * MIB)
-    async with Store(settings_for(proxy.endpoint, bucket, checksum, tmp_path)) as store:
-        async with MultipartUpload(store, "lib/video.mp4", budget) as mp:
-            for part in parts:
-                await budget.acquire(len(part))
-                await mp.add(part)
-            await mp.complete()
+    settings = settings_for(proxy.endpoint, bucket, checksum, tmp_path)
+    async with Store(settings) as store, MultipartUpload(store, "lib/video.mp4", budget) as mp:
+        for part in parts:
+            await budget.acquire(len(part))
+            await mp.add(part)
+        await mp.complete()
 
     assert rule.hits == 1
     assert len(rejected(proxy)) == 1, proxy.requests
