@@ -389,7 +389,7 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_JOBS",),
         "--jobs",
         parse_int,
-        "concurrent S3 requests",
+        "concurrent S3 requests (small files: up to 4x as many; the memory budget bounds them all)",
         low=1,
         high=MAX_JOBS,
     ),

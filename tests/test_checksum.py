@@ -22,6 +22,14 @@ from tests.faultproxy import FaultProxy, is_part_upload, is_put
 from tests.helpers import Bucket
 
 MIB = 1024 * 1024
+HEADERS = {"md5": "content-md5", "sha256": "x-amz-checksum-sha256", "crc32c": "x-amz-checksum-crc32c"}
+
+
+def assert_carried_only(headers: dict[str, str], checksum: str) -> None:
+    """The corrupted request carried the chosen check, and no other (sha256 and crc32c
+    replace the MD5 pass, they do not add to it)."""
+    assert HEADERS[checksum] in headers, headers
+    assert not {h for c, h in HEADERS.items() if c != checksum} & set(headers), headers
 
 
 def settings_for(endpoint: str, bucket: str, checksum: str, tmp: Path) -> config.Settings:
@@ -69,6 +77,7 @@ async def test_corrupted_put_is_rejected_and_sent_again(
         await store.put("lib/photo.jpg", data)
 
     assert rule.hits == 1  # one body arrived with a byte flipped...
+    assert_carried_only(rule.headers_seen[0], checksum)
     assert len(rejected(proxy)) == 1, proxy.requests  # ...the server refused it...
     stored = Bucket(seaweed_s3.endpoint, bucket, KEY, SECRET, "lib").get("photo.jpg")
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()  # ...and the retry landed it
@@ -97,6 +106,7 @@ async def test_corrupted_part_is_rejected_and_sent_again(
         await mp.complete()
 
     assert rule.hits == 1
+    assert_carried_only(rule.headers_seen[0], checksum)
     assert len(rejected(proxy)) == 1, proxy.requests
     stored = Bucket(seaweed_s3.endpoint, bucket, KEY, SECRET, "lib").get("video.mp4")
     assert stored == b"".join(parts)
