@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.helpers import vm_hwm_kib  # noqa: E402  - peak RSS the way the tests measure it
+
 BENCH = Path(os.environ.get("IMMICH_STREAM_BENCH_DIR", "/var/tmp/immich-stream-bench"))
 DEMO = Path(os.environ.get("IMMICH_STREAM_DEMO_DIR", "/var/tmp/immich-stream-demo"))
 BIN = Path(sys.executable).parent
@@ -60,7 +61,7 @@ def make_library(root: Path, size_gib: float) -> int:
             while left:
                 n = min(left, len(block))
                 off = rng.randrange(0, len(block) - n + 1)
-                fh.write(block[off:off + n])
+                fh.write(block[off : off + n])
                 left -= n
         total += size
 
@@ -69,8 +70,10 @@ def make_library(root: Path, size_gib: float) -> int:
         year = 2012 + i % 12
         if i % 40 == 39:
             put(f"encoded-video/{user}/{i % 256:02x}/{i * 7 % 256:02x}/{i}.mp4", rng.randint(20 * MIB, 80 * MIB))
-        put(f"library/{user}/{year}/{year}-{1 + i % 12:02d}-{1 + i % 28:02d}/IMG_{i:05d}.jpg",
-            rng.randint(1 * MIB, 6 * MIB))
+        put(
+            f"library/{user}/{year}/{year}-{1 + i % 12:02d}-{1 + i % 28:02d}/IMG_{i:05d}.jpg",
+            rng.randint(1 * MIB, 6 * MIB),
+        )
         put(f"thumbs/{user}/{i % 256:02x}/{i * 7 % 256:02x}/{i}-thumbnail.webp", rng.randint(5_000, 20_000))
         put(f"thumbs/{user}/{i % 256:02x}/{i * 7 % 256:02x}/{i}-preview.jpeg", rng.randint(80_000, 300_000))
         i += 1
@@ -119,9 +122,14 @@ def measure(name: str, cmd: list[str], env: dict[str, str]) -> dict:
     if code != 0:
         print(out[0].decode(errors="replace")[-3000:], file=sys.stderr)
         raise SystemExit(f"{name} failed with exit code {code}")
-    return {"name": name, "wall": wall, "rss_mib": sum(peaks.values()) / 1024,
-            "written_mib": usage.ru_oublock * 512 / MIB, "cpu": usage.ru_utime + usage.ru_stime,
-            "output": out[0].decode(errors="replace")}
+    return {
+        "name": name,
+        "wall": wall,
+        "rss_mib": sum(peaks.values()) / 1024,
+        "written_mib": usage.ru_oublock * 512 / MIB,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "output": out[0].decode(errors="replace"),
+    }
 
 
 STAGE_SCRIPT = r"""
@@ -152,8 +160,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
 
     # The test stack (seeded database) that immich-stream backs up; set up like the demo.
-    subprocess.run(["bash", str(ROOT / "tests" / "stack" / "demo.sh"), "config"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(["bash", str(ROOT / "tests" / "stack" / "demo.sh"), "config"], check=True, stdout=subprocess.DEVNULL)
     library = BENCH / "library"
     size = make_library(library, args.size_gib)
     print(f"library: {size / MIB:.0f} MiB in {sum(1 for p in library.rglob('*') if p.is_file())} files at {library}")
@@ -173,21 +180,37 @@ def main() -> None:
     s3dir.mkdir(parents=True)
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([tools["rclone"], "serve", "s3", str(s3dir), "--addr", f"127.0.0.1:{port}",
-                               "--auth-key", f"{KEY},{SECRET}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [tools["rclone"], "serve", "s3", str(s3dir), "--addr", f"127.0.0.1:{port}", "--auth-key", f"{KEY},{SECRET}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
-    env.update({"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_REGION": "us-east-1"})
-    rclone_env = dict(env, RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other",
-                      RCLONE_CONFIG_B_ACCESS_KEY_ID=KEY, RCLONE_CONFIG_B_SECRET_ACCESS_KEY=SECRET,
-                      RCLONE_CONFIG_B_ENDPOINT=endpoint, RCLONE_CONFIG_B_FORCE_PATH_STYLE="true")
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+    )
+    rclone_env = dict(
+        env,
+        RCLONE_CONFIG_B_TYPE="s3",
+        RCLONE_CONFIG_B_PROVIDER="Other",
+        RCLONE_CONFIG_B_ACCESS_KEY_ID=KEY,
+        RCLONE_CONFIG_B_SECRET_ACCESS_KEY=SECRET,
+        RCLONE_CONFIG_B_ENDPOINT=endpoint,
+        RCLONE_CONFIG_B_FORCE_PATH_STYLE="true",
+    )
     results = []
     try:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY,
-                          aws_secret_access_key=SECRET)
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY, aws_secret_access_key=SECRET
+        )
 
         def bucket(name: str) -> str:
             s3.create_bucket(Bucket=name)  # through the server: it caches its directory listing
@@ -196,8 +219,15 @@ def main() -> None:
         def drop(name: str) -> None:
             pass  # buckets go with the server's directory at the end
 
-        ienv = dict(env, IMMICH_DIR=str(DEMO / "immich"), LIBRARY_DIR=str(library), S3_ENDPOINT_URL=endpoint,
-                    S3_PATH_STYLE="true", S3_BUCKET=bucket("immich-stream"), IMMICH_STREAM_JOBS=str(args.jobs))
+        ienv = dict(
+            env,
+            IMMICH_DIR=str(DEMO / "immich"),
+            LIBRARY_DIR=str(library),
+            S3_ENDPOINT_URL=endpoint,
+            S3_PATH_STYLE="true",
+            S3_BUCKET=bucket("immich-stream"),
+            IMMICH_STREAM_JOBS=str(args.jobs),
+        )
         ist = [sys.executable, "-m", "immich_stream", "backup", "--stop", "none"]
         results.append(measure("immich-stream backup (files + pg_dump)", ist, ienv))
         results.append(measure("immich-stream re-run, nothing changed", ist, ienv))
@@ -210,23 +240,66 @@ def main() -> None:
             results.append(measure("rclone sync, nothing changed", [*rc, "sync", str(library), dest], rclone_env))
             drop("rclone")
         if "s5cmd" not in skip:
-            results.append(measure("s5cmd cp", [tools["s5cmd"], "--endpoint-url", endpoint, "--numworkers",
-                                                str(args.jobs), "cp", f"{library}/", f"s3://{bucket('s5cmd')}/lib/"], env))
+            results.append(
+                measure(
+                    "s5cmd cp",
+                    [
+                        tools["s5cmd"],
+                        "--endpoint-url",
+                        endpoint,
+                        "--numworkers",
+                        str(args.jobs),
+                        "cp",
+                        f"{library}/",
+                        f"s3://{bucket('s5cmd')}/lib/",
+                    ],
+                    env,
+                )
+            )
             drop("s5cmd")
         if "aws" not in skip:
             # The aws CLI v1 cannot read rclone's multipart answers ('ETag' KeyError): it
             # gets single PUTs (threshold above any file here), which favours it if anything.
             aws_config = BENCH / "aws-config"
-            aws_config.write_text(f"[default]\ns3 =\n  multipart_threshold = 4GB\n"
-                                  f"  max_concurrent_requests = {args.jobs}\n")
+            aws_config.write_text(
+                f"[default]\ns3 =\n  multipart_threshold = 4GB\n  max_concurrent_requests = {args.jobs}\n"
+            )
             aenv = dict(env, AWS_CONFIG_FILE=str(aws_config))
-            results.append(measure("aws s3 cp --recursive", [str(aws_venv / "bin" / "aws"), "--endpoint-url", endpoint,
-                                    "s3", "cp", "--recursive", "--only-show-errors", str(library),
-                                    f"s3://{bucket('aws')}/lib/"], aenv))
+            results.append(
+                measure(
+                    "aws s3 cp --recursive",
+                    [
+                        str(aws_venv / "bin" / "aws"),
+                        "--endpoint-url",
+                        endpoint,
+                        "s3",
+                        "cp",
+                        "--recursive",
+                        "--only-show-errors",
+                        str(library),
+                        f"s3://{bucket('aws')}/lib/",
+                    ],
+                    aenv,
+                )
+            )
             drop("aws")
         if "stage" not in skip:
-            results.append(measure("stage to /tmp + boto3 threads (the seed)", [
-                sys.executable, "-c", STAGE_SCRIPT, str(library), bucket("stage"), "lib", endpoint, str(args.jobs)], env))
+            results.append(
+                measure(
+                    "stage to /tmp + boto3 threads (the seed)",
+                    [
+                        sys.executable,
+                        "-c",
+                        STAGE_SCRIPT,
+                        str(library),
+                        bucket("stage"),
+                        "lib",
+                        endpoint,
+                        str(args.jobs),
+                    ],
+                    env,
+                )
+            )
             drop("stage")
     finally:
         server.terminate()
@@ -234,12 +307,16 @@ def main() -> None:
         shutil.rmtree(s3dir, ignore_errors=True)
 
     base = results[0]["wall"]
-    print(f"\n{'tool':<44} {'wall s':>8} {'MiB/s':>8} {'x immich-stream':>16} {'CPU s':>7} {'peak RSS MiB':>13} "
-          f"{'disk MiB':>9}")
+    print(
+        f"\n{'tool':<44} {'wall s':>8} {'MiB/s':>8} {'x immich-stream':>16} {'CPU s':>7} {'peak RSS MiB':>13} "
+        f"{'disk MiB':>9}"
+    )
     for r in results:
         mibs = size / MIB / r["wall"] if "nothing changed" not in r["name"] else float("nan")
-        print(f"{r['name']:<44} {r['wall']:>8.2f} {mibs:>8.1f} {r['wall'] / base:>16.2f} {r['cpu']:>7.1f} "
-              f"{r['rss_mib']:>13.0f} {r['written_mib']:>9.1f}")
+        print(
+            f"{r['name']:<44} {r['wall']:>8.2f} {mibs:>8.1f} {r['wall'] / base:>16.2f} {r['cpu']:>7.1f} "
+            f"{r['rss_mib']:>13.0f} {r['written_mib']:>9.1f}"
+        )
     print("\n'x immich-stream' is wall time relative to immich-stream's full backup (>1: slower than it).")
     print("CPU s is the tool's own user+system time; the S3 server shares the same cores, so on a small")
     print("machine a tool's CPU use slows the server too.")

@@ -8,6 +8,7 @@ remembers where each value came from, so `immich-stream config` can say so.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import logging
 import math
@@ -29,6 +30,7 @@ MIB = 1024 * 1024
 S3_MIN_PART_SIZE = 5 * MIB
 
 STOP_MODES = ("all", "app", "none")
+CHECKSUMS = ("md5", "sha256", "crc32c")
 
 # Bounds of the numeric settings: outside them a value is a typo or a unit mistake, and
 # one noticed only after the stack was stopped costs downtime.
@@ -158,6 +160,13 @@ def parse_stop(text: str) -> str:
 
 
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+
+
+def parse_checksum(text: str) -> str:
+    text = _text(text, "a checksum").strip().lower()
+    if text not in CHECKSUMS:
+        raise ValueError(f"{text!r} is not one of {', '.join(CHECKSUMS)}")
+    return text
 
 
 def parse_endpoint(text: str) -> str:
@@ -358,6 +367,15 @@ SETTINGS: tuple[Spec, ...] = (
         "a CA bundle for the S3 server's certificate",
     ),
     Spec(
+        "checksum",
+        ("s3", "checksum"),
+        ("IMMICH_STREAM_CHECKSUM",),
+        "--checksum",
+        parse_checksum,
+        "the integrity check every upload carries, which the server verifies: md5 (Content-MD5, every server), "
+        "sha256 or crc32c (x-amz-checksum-*: AWS, MinIO, SeaweedFS; not rclone serve s3)",
+    ),
+    Spec(
         "stop",
         ("backup", "stop"),
         ("IMMICH_STREAM_STOP",),
@@ -380,7 +398,7 @@ SETTINGS: tuple[Spec, ...] = (
         ("IMMICH_STREAM_JOBS",),
         "--jobs",
         parse_int,
-        "concurrent S3 requests",
+        "concurrent S3 requests (small files: up to 4x as many; the memory budget bounds them all)",
         low=1,
         high=MAX_JOBS,
     ),
@@ -552,6 +570,7 @@ class Settings:
     path_style: bool = False
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    checksum: str = "md5"
     stop: str = "all"
     live_pass: bool = True
     jobs: int = 8
@@ -827,6 +846,11 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         raise ConfigError(
             f"max_memory {format_size(s.max_memory)} must hold at least two parts of {format_size(s.part_size)}: "
             "raise --max-memory or lower --part-size"
+        )
+    if s.checksum == "crc32c" and importlib.util.find_spec("crc32c") is None:
+        raise ConfigError(
+            f"checksum crc32c (from {s.sources['checksum']}) needs the crc32c package: "
+            "pip install 'immich-stream[crc32c]', or choose md5 or sha256"
         )
     if s.ca_bundle is not None and not s.ca_bundle.is_file():
         raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")

@@ -23,10 +23,9 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiodocker
-import aiofiles
-import aiofiles.os
 
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
@@ -47,7 +46,7 @@ from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
-from immich_stream.store import Store
+from immich_stream.store import SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ log = logging.getLogger(__name__)
 MARKER = ".immich-stream-restore"  # in the target while a restore is unfinished
 PARTIAL = ".immich-stream-partial"
 CHUNK = 1 << 20
+READ_CHUNK = 4 << 20  # up to this much of a download at a time, as the connection delivers it
+WRITE_BATCH = 2 << 20  # hashed and written in one trip to a worker thread
 
 
 @dataclass
@@ -226,37 +227,90 @@ class FileRestorer:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return os.open(partial, flags, 0o600), partial
 
+    def open_target(self, path: bytes, line: ManifestLine) -> tuple[int, bytes] | None:
+        """Everything before a download, in one trip to a worker thread: the directory, the
+        check for the file already in place (None), the partial file with its final size
+        allocated (a fragmented or half-full disk shows now, not at the end)."""
+        self.makedirs(os.path.dirname(path))
+        if self.in_place(path, line):
+            return None
+        if line.key is None or line.sha256 is None:
+            raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
+        fd, partial = self.create_partial(path)
+        if line.size > 0:
+            try:
+                os.posix_fallocate(fd, 0, line.size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    os.close(fd)
+                    os.unlink(partial)
+                    raise
+        return fd, partial
+
+    @staticmethod
+    def write_hashed(fd: int, chunks: list[bytes], h: Any) -> None:
+        """Hash and write a batch of downloaded chunks (in a worker thread: sha256 of a
+        restore is seconds of CPU the event loop must not spend)."""
+        for chunk in chunks:
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+
+    def finish_file(self, fd: int, partial: bytes, path: bytes, line: ManifestLine) -> None:
+        self._meta_fd(fd, line)
+        os.close(fd)
+        os.replace(partial, path)  # a symlink at path is replaced, not followed
+
     async def file(self, line: ManifestLine) -> None:
         path = self.dest(line)
-        await asyncio.to_thread(self.makedirs, os.path.dirname(path))
-        if await asyncio.to_thread(self.in_place, path, line):
+        opened = await asyncio.to_thread(self.open_target, path, line)
+        if opened is None:
             self.stats.skipped += 1
             self.phase.update(line.size, files=1)
             return
-        if line.key is None or line.sha256 is None:
-            raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
-        fd, partial = await asyncio.to_thread(self.create_partial, path)
+        assert line.key is not None and line.sha256 is not None
+        fd, partial = opened
         h = hashlib.sha256()
         size = 0
+        batch: list[bytes] = []
+        held = 0  # bytes of batch, held in the budget until written
+
+        async def write() -> None:
+            nonlocal size, held, batch
+            await asyncio.to_thread(self.write_hashed, fd, batch, h)
+            size += held
+            self.stats.bytes_downloaded += held
+            self.phase.update(held)
+            batch = []
+            await self.budget.release(held)
+            held = 0
+
         try:
-            async with aiofiles.open(fd, "wb") as out:
-                async for chunk in self.store.iter_object(self.repo.object_key(line.key), CHUNK):
-                    async with self.budget.hold(len(chunk)):
-                        h.update(chunk)
-                        size += len(chunk)
-                        await out.write(chunk)
-                    self.stats.bytes_downloaded += len(chunk)
-                    self.phase.update(len(chunk))
-                await out.flush()
-                if size != line.size or h.hexdigest() != line.sha256:
-                    raise RepoError(
-                        f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
-                        f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
-                        "run `verify --read-data`"
-                    )
-                await asyncio.to_thread(self._meta_fd, out.fileno(), line)
-            await aiofiles.os.replace(partial, path)  # a symlink at path is replaced, not followed
+            try:
+                small = line.size <= SMALL_OBJECT
+                async for chunk in self.store.iter_object(self.repo.object_key(line.key), READ_CHUNK, small=small):
+                    await self.budget.acquire(len(chunk))
+                    held += len(chunk)
+                    batch.append(chunk)
+                    if held >= WRITE_BATCH:
+                        await write()
+                if batch:
+                    await write()
+            finally:
+                if held:
+                    await asyncio.shield(self.budget.release(held))
+            if size != line.size or h.hexdigest() != line.sha256:
+                raise RepoError(
+                    f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                    f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                    "run `verify --read-data`"
+                )
+            await asyncio.to_thread(self.finish_file, fd, partial, path, line)
+            fd = -1
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(partial)
             raise
@@ -305,7 +359,11 @@ async def restore_files(
         phase = reporter.phase("restore files", total)
         restorer = FileRestorer(store, repo, target, roots is not None and len(roots) == 1, stats, phase, budget)
         dirs: list[ManifestLine] = []
-        queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(settings.jobs * 4)
+        # Small files are round trips more than bytes (two thumbnails per photo): SMALL_FACTOR
+        # times as many of them at once; a larger file holds one of --jobs slots.
+        workers = settings.jobs * SMALL_FACTOR
+        large = asyncio.Semaphore(settings.jobs)
+        queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(workers * 2)
 
         async def produce() -> None:
             async for line in repo.read_manifest(snap.id):
@@ -321,7 +379,7 @@ async def restore_files(
                 else:
                     stats.files += 1
                     await queue.put(line)
-            for _ in range(settings.jobs):
+            for _ in range(workers):
                 await queue.put(None)
 
         def problem(line: ManifestLine, exc: Exception) -> None:
@@ -331,7 +389,11 @@ async def restore_files(
         async def work() -> None:
             while (line := await queue.get()) is not None:
                 try:
-                    await restorer.file(line)
+                    if line.size <= SMALL_OBJECT:
+                        await restorer.file(line)
+                    else:
+                        async with large:
+                            await restorer.file(line)
                 except UnsafePath:
                     raise
                 except (RepoError, OSError) as exc:
@@ -340,7 +402,7 @@ async def restore_files(
         async def transfer() -> None:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(produce())
-                for _ in range(settings.jobs):
+                for _ in range(workers):
                     tg.create_task(work())
 
         try:

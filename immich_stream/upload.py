@@ -1,5 +1,5 @@
 """The upload stage: N workers fed by a bounded queue; each reads a file once (sha256 and
-per-request MD5 while reading) and uploads it, or reuses the parent's object when the
+the request's checksum while reading) and uploads it, or reuses the parent's object when the
 bytes turn out the same. Memory is bounded by the queue and the ByteBudget."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from immich_stream.changes import Decision
 from immich_stream.config import Settings
 from immich_stream.progress import Phase
 from immich_stream.repo import ManifestLine, Repo
-from immich_stream.store import MultipartUpload, Store, md5_b64, part_size_for
+from immich_stream.store import SMALL_FACTOR, SMALL_OBJECT, MultipartUpload, Store, check_value, part_size_for
 from immich_stream.summary import RunStats
 from immich_stream.walk import Entry
 
@@ -29,13 +29,14 @@ HASH_CHUNK = 1 << 20  # read size when a file is hashed to decide whether to upl
 
 
 class FileUploader:
-    """Reads a file once (sha256 and per-request MD5 while reading) and uploads it."""
+    """Reads a file once (sha256 and the request's checksum while reading) and uploads it."""
 
     def __init__(self, store: Store, repo: Repo, budget: ByteBudget, settings: Settings, stats: RunStats) -> None:
         self.store = store
         self.repo = repo
         self.budget = budget
         self.part_size = settings.part_size
+        self.checksum = settings.checksum
         self.stats = stats
 
     async def upload(
@@ -44,18 +45,18 @@ class FileUploader:
         """Upload under `key`; fills line.key/sha256/size. With a `source` line, the file is
         read and hashed first and source's object reused when the bytes are the same (no
         upload). True when reused. Raises OSError for a file that cannot be read."""
-        fd = await asyncio.to_thread(_open_regular, path)
-        try:
-            if entry.size <= self.part_size:
-                reused = await self._single(fd, entry, line, key, phase, source)
-            else:
+        if entry.size <= self.part_size:
+            reused, after = await self._single(path, entry, line, key, phase, source)
+        else:
+            fd = await asyncio.to_thread(_open_regular, path)
+            try:
                 reused = source is not None and await self._same_bytes(fd, line, source, phase)
                 if not reused:
                     await asyncio.to_thread(os.lseek, fd, 0, os.SEEK_SET)
                     await self._multipart(fd, entry, line, key, phase)
-            after = await asyncio.to_thread(os.fstat, fd)
-        finally:
-            os.close(fd)
+                after = await asyncio.to_thread(os.fstat, fd)
+            finally:
+                os.close(fd)
         if after.st_mtime_ns != entry.mtime_ns or after.st_size != line.size:
             self.stats.changed_while_read += 1
             self.stats.problem(f"{line.root}/{line.path}: changed while being read; the snapshot holds the bytes read")
@@ -68,19 +69,22 @@ class FileUploader:
         return True
 
     async def _single(
-        self, fd: int, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None
-    ) -> bool:
+        self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None
+    ) -> tuple[bool, os.stat_result]:
+        """A file of one PUT: opened, read, hashed and checked again in one trip to a worker
+        thread (most files of a data directory or a thumbnail folder are this small, and each
+        trip costs the event loop more than the hashing)."""
         async with self.budget.hold(entry.size):
-            data, sha, md5 = await asyncio.to_thread(_read_exactly, fd, entry.size, None)
+            data, sha, check, after = await asyncio.to_thread(_read_file, path, entry.size, self.checksum)
             self.stats.bytes_read += len(data)
             if source is not None and self._reuse(line, source, sha, len(data)):
                 phase.update(len(data))
-                return True
-            await self.store.put(self.repo.object_key(key), data, md5=md5, sha256=sha, progress=True)
+                return True, after
+            await self.store.put(self.repo.object_key(key), data, check=check, sha256=sha, progress=True)
         line.key, line.size, line.sha256 = key, len(data), sha
         self.stats.bytes_uploaded += len(data)
         phase.update(len(data))
-        return False
+        return False, after
 
     async def _same_bytes(self, fd: int, line: ManifestLine, source: ManifestLine, phase: Phase) -> bool:
         """Hash a large file without uploading it; reuse source's object when it matches."""
@@ -99,7 +103,7 @@ class FileUploader:
                 want = min(psize, entry.size - total)
                 await self.budget.acquire(want)
                 try:
-                    data, part_sha, md5 = await asyncio.to_thread(_read_exactly, fd, want, sha)
+                    data, part_sha, check = await asyncio.to_thread(_read_exactly, fd, want, sha, self.checksum)
                 except BaseException:
                     await asyncio.shield(self.budget.release(want))
                     raise
@@ -109,7 +113,7 @@ class FileUploader:
                 n = len(data)
                 total += n
                 self.stats.bytes_read += n
-                await mp.add(data, md5, part_sha)  # the part's bytes are released once it is sent
+                await mp.add(data, check, part_sha)  # the part's bytes are released once it is sent
                 del data  # the upload task owns the part now: no second reference while it waits
                 phase.update(n)
                 if n < want:
@@ -129,6 +133,16 @@ def _open_regular(path: bytes) -> int:
     return fd
 
 
+def _read_file(path: bytes, size: int, checksum: str) -> tuple[bytes, str, str, os.stat_result]:
+    """_read_exactly of a whole file by path, with its fstat after the read."""
+    fd = _open_regular(path)
+    try:
+        data, sha, check = _read_exactly(fd, size, None, checksum)
+        return data, sha, check, os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
     """sha256 and size of a file; bytes read are progress (hashing a 50 GB video is not a stall)."""
     h = hashlib.sha256()
@@ -140,11 +154,12 @@ def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
-    """Read up to `size` bytes; return them with their own sha256 and MD5 (for the request
-    and its signature), updating `sha` (the whole file's, read in parts) if given. Bytes, not a bytearray: botocore and aiohttp copy a
-    bytearray body several times over, a bytes body not at all; and os.read of a regular
-    file returns the requested size in one buffer."""
+def _read_exactly(fd: int, size: int, sha: Any, checksum: str) -> tuple[bytes, str, str]:
+    """Read up to `size` bytes; return them with their own sha256 (for the signature, and
+    the manifest when the file is one part) and the `checksum` header's value, updating
+    `sha` (the whole file's, read in parts) if given. Bytes, not a bytearray: botocore and
+    aiohttp copy a bytearray body several times over, a bytes body not at all; and os.read
+    of a regular file returns the requested size in one buffer."""
     data = os.read(fd, size)
     if 0 < len(data) < size:  # short read: a file that shrank, or a pipe-like oddity
         chunks = [data]
@@ -155,7 +170,8 @@ def _read_exactly(fd: int, size: int, sha: Any) -> tuple[bytes, str, str]:
         data = b"".join(chunks)
     if sha is not None:
         sha.update(data)
-    return data, hashlib.sha256(data).hexdigest(), md5_b64(data)
+    own = hashlib.sha256(data).hexdigest()
+    return data, own, check_value(checksum, data, own)
 
 
 @dataclass
@@ -177,8 +193,11 @@ class UploadWorkers:
         self.uploader = uploader
         self.stats = stats
         self.phase = phase
-        self.jobs = jobs
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(jobs * 2)
+        # Small files are round trips more than bytes: up to SMALL_FACTOR x jobs of them at once
+        # (Store allows as many small PUTs in flight); larger ones hold one of `jobs` slots.
+        self.jobs = jobs * SMALL_FACTOR
+        self._large = asyncio.Semaphore(jobs)
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(self.jobs * 2)
 
     async def submit(
         self, path: bytes, entry: Entry, line: ManifestLine, key: str, decision: Decision
@@ -202,7 +221,13 @@ class UploadWorkers:
         while (job := await self._queue.get()) is not None:
             line, decision = job.line, job.decision
             try:
-                reused = await self.uploader.upload(job.path, job.entry, line, job.key, self.phase, decision.source)
+                if job.entry.size <= SMALL_OBJECT:
+                    reused = await self.uploader.upload(job.path, job.entry, line, job.key, self.phase, decision.source)
+                else:
+                    async with self._large:
+                        reused = await self.uploader.upload(
+                            job.path, job.entry, line, job.key, self.phase, decision.source
+                        )
             except OSError as exc:
                 stats.failed += 1
                 stats.problem(

