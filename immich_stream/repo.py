@@ -58,7 +58,8 @@ JOURNAL_DIR = "journal/"
 # many bytes were read or its compressed lines pass JOURNAL_MAX_PENDING.
 JOURNAL_SECONDS = 60.0
 JOURNAL_BYTES = 1 << 30
-JOURNAL_MAX_PENDING = 4 << 20
+JOURNAL_MAX_PENDING = 1 << 20
+JOURNAL_MAX_OBJECT = 4 * JOURNAL_MAX_PENDING  # a chunk is read whole; a bigger one is not ours
 
 _PLAIN = re.compile(rb"[^\x20-\x24\x26-\x7e]")  # anything but printable ASCII without '%'
 
@@ -413,6 +414,9 @@ class Repo:
         async for obj in self.store.list_objects(base):
             name, sep, rest = obj.key[len(base) :].rpartition("-")
             if sep and rest.endswith(".jsonl.gz") and rest[: -len(".jsonl.gz")].isdigit():
+                if obj.size > JOURNAL_MAX_OBJECT:  # not one we wrote: never read whole into memory
+                    log.warning("ignoring %s: %d bytes is more than a journal chunk holds", obj.key, obj.size)
+                    continue
                 passes.setdefault(name, []).append(obj.key)
         return {name: sorted(keys) for name, keys in sorted(passes.items())}
 
@@ -522,19 +526,26 @@ class Repo:
         await self.store.put(self.summary_key(summary.id), summary.to_json(), "application/json")
 
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        async for line in self.read_lines([self.manifest_key(snap_id)]):
+        async for line in self._read_lines(self.store.iter_object(self.manifest_key(snap_id))):
             yield line
 
     async def read_lines(self, keys: list[str]) -> AsyncIterator[ManifestLine]:
-        """The lines of gzipped JSON-lines objects, one after the other (a manifest is one
-        object; a journal pass is many)."""
+        """The lines of a journal pass: small gzipped JSON-lines objects, each fetched whole
+        (no connection is held while the walk reads them slowly: a run reads several
+        journals beside the manifest, more than the connection pool has to spare)."""
         for key in keys:
-            async for line in self._read_lines(key):
+            body = await self.store.get(key)
+
+            async def slices(body: bytes = body) -> AsyncIterator[bytes]:
+                for i in range(0, len(body), 64 << 10):
+                    yield body[i : i + (64 << 10)]
+
+            async for line in self._read_lines(slices()):
                 yield line
 
-    async def _read_lines(self, key: str) -> AsyncIterator[ManifestLine]:
+    async def _read_lines(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[ManifestLine]:
         rest = b""
-        async for data in gunzip_stream(self.store.iter_object(key)):
+        async for data in gunzip_stream(chunks):
             lines = (rest + data).split(b"\n")
             rest = lines.pop()
             for raw in lines:

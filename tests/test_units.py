@@ -29,7 +29,9 @@ from immich_stream.postgres import SEARCH_PATH_DUMP, SEARCH_PATH_FIXED, SearchPa
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repo import (
+    JOURNAL_MAX_OBJECT,
     LONG_KEY_DIR,
+    JournalWriter,
     ManifestLine,
     ObjectIndex,
     Repo,
@@ -586,3 +588,33 @@ async def test_upload_workers_reuse_matching_bytes_and_leave_out_what_cannot_be_
     assert stats.failed == 1 and list(stats.problems) == [
         "library/z.jpg: cannot be read (no longer a regular file); left out of this snapshot"
     ]
+
+
+async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_order(
+    s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMMICH_STREAM_TEST_SHORT_DURATIONS", "1")
+    monkeypatch.setenv("IMMICH_STREAM_JOURNAL_INTERVAL", "1s")
+    run = "2026-01-01T000000Z-bbbb"
+    async with Store(s3_settings) as store:
+        repo = Repo(store, "p")
+        journal = JournalWriter(repo, run, "live")
+        lines = [line(f"d/{i:04d}.jpg") for i in range(300)]
+        for i, ln in enumerate(lines):
+            await journal.add(ln)
+            if i == 99:
+                assert journal.chunks == 0, "nothing is written before a second has passed"
+                await asyncio.sleep(1.1)  # the next line is written with everything before it
+        assert journal.chunks == 1, "one chunk after the interval"
+        await journal.flush()
+        await journal.flush()  # nothing new: no empty chunk
+        assert journal.chunks == 2 and journal.lines == 300
+        # a key that is not a chunk this program wrote, and an oversized one, are not read
+        await store.put(f"p/snapshots/{run}/journal/live-notanumber.jsonl.gz", b"x")
+        await store.put(repo.journal_key(run, "live", 7), b"\0" * (JOURNAL_MAX_OBJECT + 1))
+        passes = await repo.journals(run)
+        assert list(passes) == ["live"] and len(passes["live"]) == 2
+        back = [ln async for ln in repo.read_lines(passes["live"])]
+        assert [ln.path for ln in back] == [ln.path for ln in lines]
+        await repo.delete_journals(run)
+        assert await repo.journals(run) == {}
