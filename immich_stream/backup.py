@@ -124,7 +124,7 @@ async def walk_root(
                 assert decision.source is not None
                 line.key, line.sha256 = decision.source.key, decision.source.sha256
                 stats.unchanged += 1
-                phase.update(0, files=1)  # the bar counts bytes read
+                phase.update(e.size, files=1)  # done without reading: progress toward the total
             else:
                 if decision.kind == "reuploaded" and old is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
                     log.warning(
@@ -249,6 +249,8 @@ class BackupRun:
         self.dump_result: DumpResult | None = None
         self.phase_seconds: dict[str, float] = {}
         self._db_state: Any = None
+        self.dump_estimate: int | None = None
+        reporter.downtime = lambda: self.guard.downtime if self.guard.down else None
 
     # -- the steps run_phases orders -------------------------------------------------------
 
@@ -281,7 +283,14 @@ class BackupRun:
         await self.stack.wait_db_ready(self.settings.db_user)
 
     async def files(self, root: str) -> None:
-        phase = self.reporter.phase(f"{root} files")
+        p = self.parent  # its totals are the estimate; without one, a stat-only walk counts ahead
+        known = p is not None and root in p.files
+        phase = self.reporter.phase(
+            f"{root} files",
+            p.bytes.get(root) if p else None,
+            p.files.get(root) if p else None,
+            None if known else self.roots[root],
+        )
         try:
             await backup_root(
                 root,
@@ -302,7 +311,7 @@ class BackupRun:
 
     async def dump(self) -> None:
         s, store = self.settings, self.repo.store
-        phase = self.reporter.phase("database dump")
+        phase = self.reporter.phase("database dump", self.dump_estimate)  # bytes of SQL, as last time
 
         def received(n: int) -> None:
             store.touch()  # dump bytes received are progress, as are bytes acknowledged
@@ -464,6 +473,7 @@ async def _backup_locked(
         parent=parent,
         objects=objects,
     )
+    run.dump_estimate = prev.summary.database.size if prev else None
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), run.downtime_limit)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
