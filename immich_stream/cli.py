@@ -211,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--read-data", action="store_true", help="download everything and check every sha256")
     v.add_argument("--read-data-subset", metavar="N%", help="download and check a random N%% of the files")
     _transfer_options(v)
+
+    sc = sub.add_parser(
+        "schedule",
+        parents=[common],
+        help="run a command at fixed times of day, forever (for a container; on a host use cron or systemd)",
+        description="Sleep until the next --at time (local time; set TZ), run `immich-stream ARGS` as its own "
+        "process, repeat. SIGTERM is passed on to a running backup, which starts the stack again first.",
+    )
+    sc.add_argument("--at", action="append", required=True, metavar="HH:MM", help="a time of day; repeatable")
+    sc.add_argument("--run-now", action="store_true", help="run once right away, then keep the schedule")
+    sc.add_argument("run", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command to run, e.g. -- backup")
     return parser
 
 
@@ -760,6 +771,13 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter, as_json: bool) -> Outcome:
+    if args.command == "schedule":  # not async: a loop of child processes
+        from immich_stream.schedule import parse_times, run_schedule
+
+        run = args.run[1:] if args.run[:1] == ["--"] else args.run
+        if not run or run[0] not in COMMANDS:
+            raise ConfigError("schedule: give the command to run after --, e.g. `schedule --at 03:00 -- backup`")
+        return Outcome(run_schedule(parse_times(args.at), run, args.run_now))
     command = COMMANDS[args.command]
     # With --json, stdout carries the one document at the end: the human text goes nowhere.
     human = contextlib.redirect_stdout(io.StringIO()) if as_json else contextlib.nullcontext()
@@ -776,7 +794,7 @@ COMMITTED_CODES = (EXIT_INCOMPLETE, EXIT_UNSTABLE, EXIT_PRUNE_FAILED)
 def _monitored(settings: cfg.Settings, name: str, command: str) -> bool:
     """A ping URL or metrics file from the config file or the environment is the nightly
     backup's; another command uses one only when its own command line names it."""
-    if getattr(settings, name) is None or command == "config":
+    if getattr(settings, name) is None or command in ("config", "schedule"):
         return False
     return command == "backup" or settings.sources.get(name, "").startswith("flag")
 

@@ -4,6 +4,7 @@ textfile, snapshots --check-age, and progress figures a person can read."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ import pytest
 
 from immich_stream.progress import Reporter
 from tests.conftest import CONTAINERS, ImmichStack, free_port, running_containers
-from tests.helpers import REPO_ROOT, Bucket, make_library, run_cli, tree
+from tests.helpers import REPO_ROOT, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
 MIB = 1024 * 1024
 
@@ -286,3 +287,26 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         text=True,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_schedule_runs_the_command_then_sleeps_until_the_next_time(s3_env: dict, pings: PingServer) -> None:
+    import signal
+
+    from immich_stream.schedule import next_run, parse_times
+
+    proc = start_cli(
+        "schedule", "--at", "03:30", "--at", "15:00", "--run-now", "--", "unlock", "--ping", pings.url, env=s3_env
+    )
+    try:
+        wait_for(lambda: len(pings.requests) == 2, timeout=60, what="the first run's pings")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert re.search(r"next run at \d{4}-\d\d-\d\d (03:30|15:00) .*: immich-stream unlock", err), err
+    tz = dt.UTC
+    times = parse_times(["15:00", "03:30"])
+    assert next_run(dt.datetime(2024, 5, 1, 3, 30, tzinfo=tz), times) == dt.datetime(2024, 5, 1, 15, 0, tzinfo=tz)
+    assert next_run(dt.datetime(2024, 5, 1, 23, 0, tzinfo=tz), times) == dt.datetime(2024, 5, 2, 3, 30, tzinfo=tz)
