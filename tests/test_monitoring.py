@@ -319,3 +319,26 @@ def test_schedule_runs_the_command_then_sleeps_until_the_next_time(s3_env: dict,
     times = parse_times(["15:00", "03:30"])
     assert next_run(dt.datetime(2024, 5, 1, 3, 30, tzinfo=tz), times) == dt.datetime(2024, 5, 1, 15, 0, tzinfo=tz)
     assert next_run(dt.datetime(2024, 5, 1, 23, 0, tzinfo=tz), times) == dt.datetime(2024, 5, 2, 3, 30, tzinfo=tz)
+
+
+def test_compose_backup_file_is_valid_and_its_own_project(tmp_path: Path) -> None:
+    """docker compose reads it (no daemon needed for `config`); it is not Immich's project,
+    whose containers every backup stops."""
+    shutil.copy(REPO_ROOT / "contrib/compose.backup.yml", tmp_path)
+    (tmp_path / ".env").write_text("UPLOAD_LOCATION=./library\nDB_DATA_LOCATION=./postgres\nDB_USERNAME=postgres\n")
+    compose = Path(sys.executable).parent / "docker-compose"
+    r = subprocess.run(
+        [str(compose), "-f", "compose.backup.yml", "config", "--format", "json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    conf = json.loads(r.stdout)
+    assert conf["name"] == "immich-backup"
+    [svc] = conf["services"].values()
+    assert svc["environment"]["COMPOSE_PROJECT_NAME"] == "immich"
+    mounts = {v["target"]: v for v in svc["volumes"]}
+    assert mounts["/data/library"]["read_only"] and mounts["/data/postgres"]["read_only"]
+    assert "/var/run/docker.sock" in mounts and "/state" in mounts
+    assert svc["command"][:1] == ["schedule"] and svc["stop_grace_period"]
