@@ -212,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--read-data-subset", metavar="N%", help="download and check a random N%% of the files")
     _transfer_options(v)
 
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check everything a backup needs, and what the S3 server verifies",
+        description="Configuration, Docker and the containers, the directories, S3 (credentials, bucket, "
+        "clock, write/read/delete, multipart, Content-MD5 and checksum checks, listing), the repository "
+        "and its locks. Exit 0 only when a backup would work.",
+    )
+
     sc = sub.add_parser(
         "schedule",
         parents=[common],
@@ -535,6 +544,22 @@ async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter:
 # A command returns its exit code, its summary dict, or an Outcome (monitor.py): the --json
 # document, the pings and the metrics are made from that, the same way for every command.
 CommandResult = int | dict[str, Any] | Outcome
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
+    from immich_stream.doctor import run_doctor, table
+
+    doc = await run_doctor(settings)
+    print("\n".join(table(doc)), flush=True)
+    rows = [{"check": c.name, "status": c.status, "detail": c.detail} for c in doc.checks]
+    failed = [f"{c.name}: {c.detail}" for c in doc.checks if c.status == "FAIL"]
+    if failed:
+        return Outcome(
+            1, {"checks": rows}, failed, error=f"doctor: {len(failed)} of {len(rows)} checks failed (listed above)"
+        )
+    return Outcome(0, {"checks": rows})
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[Any]]] = {
     "config": cmd_config,
     "backup": cmd_backup,
@@ -543,6 +568,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Await
     "verify": cmd_verify,
     "prune": cmd_prune,
     "unlock": cmd_unlock,
+    "doctor": cmd_doctor,
 }
 
 

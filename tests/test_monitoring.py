@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream.progress import Reporter
-from tests.conftest import CONTAINERS, ImmichStack, free_port, running_containers
+from tests.conftest import CONTAINERS, ImmichStack, S3Server, free_port, running_containers
 from tests.helpers import REPO_ROOT, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
 MIB = 1024 * 1024
@@ -251,6 +251,10 @@ def test_backup_json_ping_metrics_and_check_age(
     success = re.search(r"^immich_stream_last_success_timestamp_seconds.*$", text, re.M)
     assert success
 
+    r = run_cli("doctor", env=env)  # everything a backup needs is there: exit 0
+    assert r.code == 0, r.out + r.err
+    assert "1 snapshots, newest " + sid in r.out and r.out.rstrip().endswith("a backup would work")
+
     # An incremental run under cron: the parent's totals, a percentage, the human summary unchanged.
     r = run_cli("backup", env=env)
     assert r.code == 0, r.err
@@ -342,3 +346,41 @@ def test_compose_backup_file_is_valid_and_its_own_project(tmp_path: Path) -> Non
     assert mounts["/data/library"]["read_only"] and mounts["/data/postgres"]["read_only"]
     assert "/var/run/docker.sock" in mounts and "/state" in mounts
     assert svc["command"][:1] == ["schedule"] and svc["stop_grace_period"]
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def doctor_rows(out: str) -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in out.splitlines()[:-1]:
+        status, rest = line.split(None, 1)
+        name, _, detail = rest.partition("  ")
+        rows[name.strip()] = (status, detail.strip())
+    return rows
+
+
+def test_doctor_tells_what_each_s3_server_verifies(s3_env: dict, moto_s3: S3Server, tmp_path: Path) -> None:
+    s3_env["LIBRARY_DIR"] = str(tmp_path)  # no Immich markers: that row fails
+    r = run_cli("doctor", env=dict(s3_env, IMMICH_STREAM_STOP="app"))
+    assert r.code == 1 and "doctor: " in r.last_error
+    rows = doctor_rows(r.out)
+    assert rows["Immich markers"][0] == "FAIL" and "Docker and containers" in rows
+    for name in ("S3 reachable, credentials, bucket", "clock skew", "write, read, delete", "repository"):
+        assert rows[name][0] == "ok", (name, rows[name])
+    # rclone serve s3: checks Content-MD5, stores a wrong sha256 checksum as given, small parts fine
+    assert rows["server checks Content-MD5"][0] == "ok"
+    assert rows["server checks x-amz-checksum-sha256"][0] == "WARN"
+    assert "under 5 MiB accepted" in rows["multipart upload"][1]
+    assert "doctor/" not in str(bucket_keys(s3_env))  # every probe removed again
+
+    moto = dict(s3_env, S3_ENDPOINT_URL=moto_s3.endpoint, S3_BUCKET=moto_s3.new_bucket())
+    rows = doctor_rows(run_cli("doctor", env=dict(moto, IMMICH_STREAM_STOP="app")).out)
+    assert rows["server checks Content-MD5"][0] == "WARN"  # moto verifies nothing
+    assert "enforces S3's 5 MiB minimum" in rows["multipart upload"][1]
+
+
+def bucket_keys(env: dict) -> dict[str, int]:
+    from tests.conftest import KEY, SECRET
+
+    return Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET).keys()
