@@ -160,7 +160,7 @@ async def walk_root(
                 assert decision.source is not None
                 line.key, line.sha256 = decision.source.key, decision.source.sha256
                 setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
-                phase.update(0, files=1)  # the bar counts bytes read
+                phase.update(e.size, files=1)  # done without reading: progress toward the total
             else:
                 if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
                     log.warning(
@@ -315,6 +315,8 @@ class BackupRun:
         self._main_sources: Sources | None = None
         self._dump_snapshot = asyncio.Event()
         self._db_state: Any = None
+        self.dump_estimate: int | None = None
+        reporter.downtime = lambda: self.guard.downtime if self.guard.down else None
 
     def mark(self, name: str) -> None:
         self.timeline.setdefault(name, round(time.monotonic() - self.started, 3))
@@ -332,6 +334,17 @@ class BackupRun:
                 others.append(Source.of_run(repo.read_lines(keys), run_id, kind="resumed"))
         return Sources(primary, others, e.parent, e.objects, set(e.resumable))
 
+    def _phase(self, name: str, root: str) -> Phase:
+        """A progress bar with a total: the parent's, or a stat-only walk that counts ahead."""
+        p = self.earlier.parent
+        known = p is not None and root in p.files
+        return self.reporter.phase(
+            name,
+            p.bytes.get(root) if p else None,
+            p.files.get(root) if p else None,
+            None if known else self.roots[root],
+        )
+
     # -- the steps run_phases orders -------------------------------------------------------
 
     async def live_pass(self) -> None:
@@ -347,7 +360,7 @@ class BackupRun:
         sources = self.sources(own_live=False)
         try:
             for root, path in self.roots.items():
-                phase = self.reporter.phase(f"{root} files (live)")
+                phase = self._phase(f"{root} files (live)", root)
                 try:
                     await backup_root(
                         root,
@@ -413,7 +426,7 @@ class BackupRun:
         if self._main_sources is None:
             self._main_sources = self.sources(own_live=True)
         self.mark(f"{root}_files_started")
-        phase = self.reporter.phase(f"{root} files")
+        phase = self._phase(f"{root} files", root)
         try:
             await backup_root(
                 root,
@@ -433,7 +446,7 @@ class BackupRun:
 
     async def dump(self) -> None:
         s, store = self.settings, self.repo.store
-        phase = self.reporter.phase("database dump")
+        phase = self.reporter.phase("database dump", self.dump_estimate)  # bytes of SQL, as last time
 
         def received(n: int) -> None:
             store.touch()  # dump bytes received are progress, as are bytes acknowledged
@@ -654,6 +667,7 @@ async def _backup_locked(
         running=[c.name for c in containers if c.running],
         earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
+    run.dump_estimate = prev.summary.database.size if prev else None
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), run.downtime_limit)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)

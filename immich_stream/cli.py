@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import io
+import json
 import logging
 import os
 import signal
@@ -23,10 +25,12 @@ from typing import Any
 from immich_stream import __version__, cleanup
 from immich_stream import config as cfg
 from immich_stream.errors import (
+    EXIT_INCOMPLETE,
     EXIT_PRUNE_FAILED,
     EXIT_SIGHUP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    EXIT_UNSTABLE,
     AfterCommitError,
     ConfigError,
     ImmichStreamError,
@@ -35,7 +39,8 @@ from immich_stream.errors import (
     StallError,
     backup_exit_code,
 )
-from immich_stream.progress import Reporter, setup_logging
+from immich_stream.monitor import LogTail, Outcome, Pinger, document, metrics_text, outcome_of, plain, write_metrics
+from immich_stream.progress import Reporter, format_eta, setup_logging
 
 log = logging.getLogger("immich_stream")
 
@@ -100,6 +105,12 @@ def _common_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("output")
     v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress")
     v.add_argument("-v", "--verbose", action="store_true", help="debug output")
+    v.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document on stdout at the end (summary, exit code, problems); progress and log "
+        "lines as JSON lines on stderr",
+    )
     return p
 
 
@@ -167,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--force", action="store_true", help="remove every lock, stale or not (say whose first)")
 
     sn = sub.add_parser("snapshots", parents=[common], help="list the committed snapshots, newest last")
-    sn.add_argument("--json", action="store_true", help="machine-readable output")
+    sn.add_argument(
+        "--check-age",
+        metavar="AGE",
+        help="exit 1 with one line when the newest committed snapshot is older than AGE (e.g. 36h, 2d)",
+    )
     sn.add_argument("--all", dest="all_", action="store_true", help="also list incomplete snapshot directories")
 
     r = sub.add_parser(
@@ -220,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image", metavar="IMAGE", help="PostgreSQL image to drill with (default: DB_CONTAINER's image)")
     d.add_argument("--files", type=int, default=0, metavar="N", help="also re-hash N random library files from S3")
     d.add_argument("--from-file", metavar="PATH", help="drill this pg_dump or pg_dumpall file (- for stdin) instead")
-    d.add_argument("--json", action="store_true", help="machine-readable report on stdout")
 
     v = sub.add_parser("verify", parents=[common], help="check that snapshots can be restored")
     v.add_argument("snapshot", nargs="?", default=None, help="a snapshot id, or latest (default)")
@@ -228,10 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--read-data", action="store_true", help="download everything and check every sha256")
     v.add_argument("--read-data-subset", metavar="N%", help="download and check a random N%% of the files")
     _transfer_options(v)
+
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check everything a backup needs, and what the S3 server verifies",
+        description="Configuration, Docker and the containers, the directories, S3 (credentials, bucket, "
+        "clock, write/read/delete, multipart, Content-MD5 and checksum checks, listing), the repository "
+        "and its locks. Exit 0 only when a backup would work.",
+    )
+
+    sc = sub.add_parser(
+        "schedule",
+        parents=[common],
+        help="run a command at fixed times of day, forever (for a container; on a host use cron or systemd)",
+        description="Sleep until the next --at time (local time; set TZ), run `immich-stream ARGS` as its own "
+        "process, repeat. SIGTERM is passed on to a running backup, which starts the stack again first.",
+    )
+    sc.add_argument("--at", action="append", required=True, metavar="HH:MM", help="a time of day; repeatable")
+    sc.add_argument("--run-now", action="store_true", help="run once right away, then keep the schedule")
+    sc.add_argument("run", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command to run, e.g. -- backup")
     return parser
 
 
-async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
     settings.check_dirs()
     rows = cfg.describe(settings)
     from immich_stream.store import describe_credentials
@@ -242,10 +276,13 @@ async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter:
     print(f"config file: {settings.config_file or '(none found)'}")
     for name, value, source in rows:
         print(f"{name:<{width}}  {value:<{vwidth}}  {source}")
-    return 0
+    return {
+        "config_file": str(settings.config_file or ""),
+        "settings": {n: {"value": v, "source": s} for n, v, s in rows},
+    }
 
 
-async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream.backup import run_backup
     from immich_stream.prune import apply_policy, parse_within
 
@@ -296,8 +333,12 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
             file=sys.stderr,
         )
     code = backup_exit_code(complete=not st.failed, unstable=bool(result.unstable))
+    out = Outcome(code, json.loads(result.summary.to_json()), list(st.problems.kept))
+    out.summary["shrunk"] = result.shrunk
+    if result.unstable:
+        out.problems.append(f"{', '.join(result.unstable)} did not stay running after the restart")
     if not args.prune:
-        return code
+        return out
     if result.shrunk:
         log.warning(
             "not pruning after a backup of a library that shrank (--allow-shrink): run prune by hand "
@@ -307,7 +348,7 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         log.warning("not pruning after an incomplete snapshot: it must not push a complete one out")
     else:
         try:
-            await _run_prune(settings, reporter, dry_run=False)
+            out.summary["prune"] = await _run_prune(settings, reporter, dry_run=False)
         except asyncio.CancelledError:  # a signal during the prune: the snapshot stands
             raise AfterCommitError(
                 f"snapshot {result.snapshot_id} committed, then prune was interrupted by "
@@ -318,13 +359,12 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
                 f"immich-stream: error: snapshot {result.snapshot_id} committed, but prune failed: {exc}",
                 file=sys.stderr,
             )
-            return code or EXIT_PRUNE_FAILED
-    return code
+            out.code = code or EXIT_PRUNE_FAILED
+            out.problems.append(f"prune failed: {exc}")
+    return out
 
 
-async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
-    import json
-
+async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream.session import open_repo
     from immich_stream.summary import _to_dict
 
@@ -359,9 +399,9 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
                     "config_secrets": s.config_secrets,
                 }
             )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+    summary = {"snapshots": rows}
+    if args.check_age:
+        return _check_age(args.check_age, [r for r in rows if r["committed"]], summary)
     fs = cfg.format_size
     print(
         f"{'id':<25} {'date (UTC)':<19} {'mode':<4} {'files':>8} {'size':>10} {'new':>10} {'dump':>10} {'took':>7}"
@@ -379,10 +419,38 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
             f"  {r['immich_version'] or '-':<10} {(r['postgres_version'] or '-').split(' ')[0]:<8}{flag}"
         )
     print(f"{len([r for r in rows if r['committed']])} snapshots")
-    return 0
+    return Outcome(0, summary)
 
 
-async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+def _check_age(limit_text: str, committed: list[dict[str, Any]], summary: dict[str, Any]) -> Outcome:
+    """For monitoring that runs a command (Nagios, Zabbix, Uptime Kuma's command checks):
+    one line, exit 1 when the newest committed snapshot is too old."""
+    import datetime as dt
+
+    from immich_stream.monitor import snapshot_time
+
+    limit = cfg.parse_duration(limit_text)
+    if not committed:
+        return Outcome(1, summary, error="no committed snapshot in the repository: run a backup, check its log")
+    newest = committed[-1]
+    try:
+        taken = dt.datetime.fromisoformat(newest["time"]).timestamp()
+    except (TypeError, ValueError):
+        taken = snapshot_time(newest["id"]) or 0.0
+    age = time.time() - taken
+    summary["newest"], summary["newest_age_seconds"] = newest["id"], round(age)
+    if age > limit:
+        return Outcome(
+            1,
+            summary,
+            error=f"the newest snapshot {newest['id']} is {format_eta(age)} old, older than --check-age "
+            f"{limit_text}: check the backup's log (cron mail, journalctl -u immich-stream)",
+        )
+    print(f"ok: the newest snapshot {newest['id']} is {format_eta(age)} old (limit {limit_text})")
+    return Outcome(0, summary)
+
+
+async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from pathlib import Path
 
     from immich_stream import restore
@@ -402,12 +470,12 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
                 f"secrets were not recorded: set {', '.join(secrets)} (now "
                 f"{SECRET_PLACEHOLDER}) in those files before `docker compose up`"
             )
-        return 0
+        return Outcome(0, {"snapshot": snap.id, "written": [str(p) for p in written], "secrets": secrets})
     if args.dump_to:
         snap, size = await restore.dump_to(settings, args.snapshot, args.dump_to)
         if args.dump_to != "-":
             print(f"wrote the dump of snapshot {snap.id} to {args.dump_to} ({fs(size)}, sha256 checked)")
-        return 0
+        return Outcome(0, {"snapshot": snap.id, "dump_to": args.dump_to, "bytes": size})
     if args.database:
         restored, info = await restore.restore_database(settings, reporter, args.snapshot, args.from_file)
         print(
@@ -415,7 +483,7 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
             f"{f'snapshot {restored.id}' if restored else f'file {args.from_file}'}: {fs(info.bytes)} of SQL in "
             f"{info.seconds:.1f} s; Immich was down for {info.downtime:.1f} s"
         )
-        return 0
+        return Outcome(0, {"snapshot": restored.id if restored else None, "database": settings.db_name, **plain(info)})
     snap, st = await restore.restore_files(
         settings,
         reporter,
@@ -432,15 +500,18 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
     )
     for problem in st.problems.kept[:10]:
         print(f"problem   {problem}")
+    out = Outcome(0, {"snapshot": snap.id, "to": args.to, **plain(st)}, list(st.problems.kept))
+    out.summary.pop("problems")
     if st.failed:
-        raise ProblemsFound(
+        out.code = ProblemsFound.exit_code
+        out.error = (
             f"{st.failed} files could not be restored; run the same command again to retry them, and "
             "`verify --read-data`"
         )
-    return 0
+    return out
 
 
-async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream.verify import verify
 
     fraction = 0.0
@@ -464,40 +535,45 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
     )
     for problem in report.problems:
         print(f"problem   {problem}")
+    out = Outcome(0, {**plain(report), "read_fraction": fraction}, list(report.problems))
+    out.summary.pop("problems")
     if report.problems:
-        raise ProblemsFound(f"{len(report.problems)} problems found (listed above)")
-    return 0
+        out.code = ProblemsFound.exit_code
+        out.error = f"{len(report.problems)} problems found (listed above)"
+    return out
 
 
-async def cmd_drill(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+async def cmd_drill(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
+    import json
+
     from immich_stream.drill import run_drill
 
     if args.files < 0:
         raise ConfigError(f"--files {args.files}: give a number of files, 0 or more")
     report = await run_drill(settings, reporter, args.snapshot, args.image, args.files, args.from_file)
-    if args.json:
-        print(report.to_json())
-    else:
-        total = sum(t.restored or 0 for t in report.tables.values())
-        lines = [
-            f"drill of {report.source}" + (f" ({report.came_from})" if report.came_from else ""),
-            f"database  restored into a throwaway {report.image} (PostgreSQL {report.server_version or '?'}): "
-            f"{cfg.format_size(report.sql_bytes)} of SQL, {len(report.tables)} tables, {total} rows, "
-            f"compared with {report.expected_from}",
-            f"geo       {report.earthdistance or 'no earthdistance extension in the dump'}",
-        ]
-        if args.files:
-            lines.append(
-                f"files     {report.files_checked} of {args.files} library files re-hashed from S3, "
-                f"{cfg.format_size(report.files_bytes)}"
-            )
-        lines.append(f"time      {report.seconds:.1f} s; the container and its volume were removed")
-        print("\n".join(lines))
-        for m in report.mismatches:
-            print(f"mismatch  {m}")
+    # the human report (swallowed under --json, whose document carries the same)
+    total = sum(t.restored or 0 for t in report.tables.values())
+    lines = [
+        f"drill of {report.source}" + (f" ({report.came_from})" if report.came_from else ""),
+        f"database  restored into a throwaway {report.image} (PostgreSQL {report.server_version or '?'}): "
+        f"{cfg.format_size(report.sql_bytes)} of SQL, {len(report.tables)} tables, {total} rows, "
+        f"compared with {report.expected_from}",
+        f"geo       {report.earthdistance or 'no earthdistance extension in the dump'}",
+    ]
+    if args.files:
+        lines.append(
+            f"files     {report.files_checked} of {args.files} library files re-hashed from S3, "
+            f"{cfg.format_size(report.files_bytes)}"
+        )
+    lines.append(f"time      {report.seconds:.1f} s; the container and its volume were removed")
+    print("\n".join(lines))
+    for m in report.mismatches:
+        print(f"mismatch  {m}")
+    out = Outcome(0, json.loads(report.to_json()), list(report.mismatches))
     if report.mismatches:
-        raise ProblemsFound(f"the drill found {len(report.mismatches)} mismatches (listed above)")
-    return 0
+        out.code = ProblemsFound.exit_code
+        out.error = f"the drill found {len(report.mismatches)} mismatches (listed above)"
+    return out
 
 
 def _policy(settings: cfg.Settings) -> Any:
@@ -514,7 +590,7 @@ def _policy(settings: cfg.Settings) -> Any:
     )
 
 
-async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> int:
+async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> dict[str, Any]:
     from immich_stream.prune import prune
 
     rep = await prune(settings, _policy(settings), dry_run, settings.stale_after, settings.lock_wait)
@@ -530,14 +606,14 @@ async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) 
         f"time       {rep.seconds:.1f} s",
     ]
     print("\n".join(lines), flush=True)
-    return 0
+    return {"dry_run": dry_run, "policy": _policy(settings).describe(), **plain(rep)}
 
 
-async def cmd_prune(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+async def cmd_prune(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
     return await _run_prune(settings, reporter, args.dry_run)
 
 
-async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> int:
+async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
     from immich_stream.locks import unlock
     from immich_stream.session import open_repo
 
@@ -559,10 +635,33 @@ async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter:
         print(f"kept live lock of {lk.describe()} (--force removes it)")
     if not removed and not forced and not kept:
         print("no locks")
-    return 0
+    return {
+        "removed": [lk.describe() for lk in removed],
+        "forced": [lk.describe() for lk in forced],
+        "kept": [lk.describe() for lk in kept],
+    }
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[int]]] = {
+# A command returns its exit code, its summary dict, or an Outcome (monitor.py): the --json
+# document, the pings and the metrics are made from that, the same way for every command.
+CommandResult = int | dict[str, Any] | Outcome
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
+    from immich_stream.doctor import run_doctor, table
+
+    doc = await run_doctor(settings)
+    print("\n".join(table(doc)), flush=True)
+    rows = [{"check": c.name, "status": c.status, "detail": c.detail} for c in doc.checks]
+    failed = [f"{c.name}: {c.detail}" for c in doc.checks if c.status == "FAIL"]
+    if failed:
+        return Outcome(
+            1, {"checks": rows}, failed, error=f"doctor: {len(failed)} of {len(rows)} checks failed (listed above)"
+        )
+    return Outcome(0, {"checks": rows})
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[Any]]] = {
     "config": cmd_config,
     "backup": cmd_backup,
     "snapshots": cmd_snapshots,
@@ -571,6 +670,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Await
     "drill": cmd_drill,
     "prune": cmd_prune,
     "unlock": cmd_unlock,
+    "doctor": cmd_doctor,
 }
 
 
@@ -602,6 +702,13 @@ def _check_args(args: argparse.Namespace) -> None:
     from_file = getattr(args, "from_file", None)
     if args.command in ("restore", "drill") and from_file and from_file != "-" and not Path(from_file).is_file():
         raise ConfigError(f"--from-file {args.from_file} is not a file: give the path of a pg_dump or pg_dumpall file")
+    if args.command == "restore" and args.dump_to == "-" and args.json:
+        raise ConfigError("restore --dump-to - writes the dump to stdout, where --json writes its document: drop one")
+    if getattr(args, "check_age", None):
+        try:
+            cfg.parse_duration(args.check_age)
+        except ValueError as exc:
+            raise ConfigError(f"--check-age: {exc}") from None
     if args.command == "restore" and args.dump_to and args.dump_to != "-":
         dest = Path(args.dump_to)
         if dest.is_dir():
@@ -659,7 +766,7 @@ def _exit_past_hung_threads(code: int) -> None:
 SIGNAL_EXIT = {"SIGHUP": EXIT_SIGHUP, "SIGINT": EXIT_SIGINT, "SIGTERM": EXIT_SIGTERM}
 
 
-async def _with_s3_hang_watch(fn: Callable[[], Awaitable[int]], stall: float) -> int:
+async def _with_s3_hang_watch(fn: Callable[[], Awaitable[Any]], stall: float) -> Any:
     """Every command fails when S3 answers nothing at all (timeouts and retries included)
     for the stall timeout while requests wait: a frozen server must not keep a restore, a
     prune or a verify alive for hours. (Backup has its own, finer watchdog as well.)"""
@@ -680,7 +787,7 @@ async def _with_s3_hang_watch(fn: Callable[[], Awaitable[int]], stall: float) ->
             dog.cancel()
 
 
-async def _run_with_signals(fn: Callable[[], Awaitable[int]], stall: float = 600.0) -> int:
+async def _run_with_signals(fn: Callable[[], Awaitable[Any]], stall: float = 600.0) -> Any:
     """Run fn. A first SIGINT/SIGTERM/SIGHUP cancels it (its finally blocks start the stack
     again); a second one skips the cleanup still to come (aborting uploads, releasing the
     lock: prune collects those) but never the restart, and the run exits right after it."""
@@ -759,41 +866,141 @@ def _main(argv: list[str] | None = None) -> int:
     _tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
+    as_json = bool(args.json)
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
-    setup_logging(verbosity, interactive=sys.stderr.isatty())
-    reporter = Reporter.for_terminal(quiet=args.quiet)
+    setup_logging(verbosity, interactive=sys.stderr.isatty(), json_lines=as_json)
+    tail = LogTail()  # the body of a failure ping
+    logging.getLogger("immich_stream").addHandler(tail)
+    reporter = Reporter.for_terminal(quiet=args.quiet, json_lines=as_json)
+    started, t0 = time.time(), time.monotonic()
+    settings: cfg.Settings | None = None
+    pinger: Pinger | None = None
     try:
         settings = cfg.load(flags=_flags(args), config_path=args.config_path)
         _check_args(args)
-        command = COMMANDS[args.command]
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
-            # A little after the stall timeout: backup's own watchdog, which names what hung, speaks first.
-            outer = settings.stall_timeout + 15
-            return runner.run(_run_with_signals(lambda: command(args, settings, reporter), outer))
+        if _monitored(settings, "ping_url", args.command):
+            assert settings.ping_url is not None
+            pinger = Pinger(settings.ping_url, args.command)
+            pinger.start()
+        outcome = _run_command(args, settings, reporter, as_json)
     except ImmichStreamError as exc:
-        print(f"immich-stream: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        outcome = Outcome(exc.exit_code, error=str(exc))
     except BaseExceptionGroup as group:  # from a TaskGroup: report the error that started it
         first = _first_leaf(group)
         if isinstance(first, ImmichStreamError):
-            print(f"immich-stream: error: {first}", file=sys.stderr)
-            return first.exit_code
-        return _internal_error(first, group)
+            outcome = Outcome(first.exit_code, error=str(first))
+        else:
+            outcome = _internal_error(first, group)
     except KeyboardInterrupt:  # a signal before the loop's handlers were installed
-        print("immich-stream: error: interrupted", file=sys.stderr)
-        return EXIT_SIGINT
+        outcome = Outcome(EXIT_SIGINT, error="interrupted")
     except Exception as exc:  # a bug: still one line and exit 1; the traceback with -v
-        return _internal_error(exc, exc)
+        outcome = _internal_error(exc, exc)
+    if outcome.error:
+        print(f"immich-stream: error: {outcome.error}", file=sys.stderr, flush=True)
+    _report(args, settings, outcome, pinger, tail, started, time.monotonic() - t0)
+    return outcome.code
 
 
-def _internal_error(exc: BaseException, context: BaseException) -> int:
+def _run_command(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter, as_json: bool) -> Outcome:
+    if args.command == "schedule":  # not async: a loop of child processes
+        from immich_stream.schedule import parse_times, run_schedule
+
+        run = args.run[1:] if args.run[:1] == ["--"] else args.run
+        if not run or run[0] not in COMMANDS:
+            raise ConfigError("schedule: give the command to run after --, e.g. `schedule --at 03:00 -- backup`")
+        return Outcome(run_schedule(parse_times(args.at), run, args.run_now))
+    command = COMMANDS[args.command]
+    # With --json, stdout carries the one document at the end: the human text goes nowhere.
+    human = contextlib.redirect_stdout(io.StringIO()) if as_json else contextlib.nullcontext()
+    with human, asyncio.Runner(loop_factory=_new_loop) as runner:
+        # A little after the stall timeout: backup's own watchdog, which names what hung, speaks first.
+        outer = settings.stall_timeout + 15
+        return outcome_of(runner.run(_run_with_signals(lambda: command(args, settings, reporter), outer)))
+
+
+# Exit codes of a backup that committed its snapshot (not clean, but not nothing either).
+COMMITTED_CODES = (EXIT_INCOMPLETE, EXIT_UNSTABLE, EXIT_PRUNE_FAILED)
+
+
+def _monitored(settings: cfg.Settings, name: str, command: str) -> bool:
+    """A ping URL or metrics file from the config file or the environment is the nightly
+    backup's; another command uses one only when its own command line names it."""
+    if getattr(settings, name) is None or command in ("config", "schedule"):
+        return False
+    return command == "backup" or settings.sources.get(name, "").startswith("flag")
+
+
+def _headline(command: str, outcome: Outcome) -> str:
+    s = outcome.summary
+    if command == "backup" and "id" in s:
+        files = s.get("files", {})
+        text = (
+            f"snapshot {s['id']} committed: {files.get('files', 0)} files, "
+            f"{cfg.format_size(files.get('bytes_uploaded', 0))} uploaded, Immich down for "
+            f"{s.get('downtime_seconds') or 0:.0f} s"
+        )
+        return text + (f"; exit {outcome.code}: {'; '.join(outcome.problems[-3:])}" if outcome.code else "")
+    if outcome.error:
+        return f"{command} failed (exit {outcome.code}): {outcome.error}"
+    return f"{command} finished (exit {outcome.code})"
+
+
+def _report(
+    args: argparse.Namespace,
+    settings: cfg.Settings | None,
+    outcome: Outcome,
+    pinger: Pinger | None,
+    tail: LogTail,
+    started: float,
+    seconds: float,
+) -> None:
+    """Tell monitoring (ping, metrics file) and, with --json, print the document. Never
+    changes the exit code."""
+    command = args.command
+    error_line = [f"immich-stream: error: {outcome.error}"] if outcome.error else []
+    if pinger is not None:
+        committed = command == "backup" and outcome.code in COMMITTED_CODES
+        pinger.finish(
+            outcome.code, outcome.code != 0 and not committed, _headline(command, outcome), tail.text(error_line)
+        )
+    if settings is not None and _monitored(settings, "metrics_file", command):
+        assert settings.metrics_file is not None
+        ids: list[str] | None = None
+        if command == "snapshots" and "snapshots" in outcome.summary:
+            ids = [r["id"] for r in outcome.summary["snapshots"] if r.get("committed")]
+        elif command == "backup" and "id" in outcome.summary:
+            ids = _snapshot_ids(settings)
+        write_metrics(
+            settings.metrics_file,
+            metrics_text(settings.metrics_file, command, outcome, time.time(), seconds, ids),
+        )
+    if args.json:
+        print(json.dumps(document(command, outcome, started, seconds), indent=2), flush=True)
+
+
+def _snapshot_ids(settings: cfg.Settings) -> list[str] | None:
+    """The committed snapshots, for the per-snapshot metrics; None when S3 does not say
+    (the metrics file then keeps the figures it had)."""
+    from immich_stream.session import open_repo
+
+    async def listing() -> list[str]:
+        async with asyncio.timeout(60), open_repo(settings) as repo:
+            return await repo.snapshot_ids()
+
+    try:
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            return runner.run(listing())
+    except (ImmichStreamError, TimeoutError, OSError) as exc:
+        log.warning("could not list the snapshots for the metrics file (%s): their ages are left as they were", exc)
+        return None
+
+
+def _internal_error(exc: BaseException, context: BaseException) -> Outcome:
     log.debug("internal error", exc_info=context)
-    print(
-        f"immich-stream: error: internal error {type(exc).__name__}: {exc} (run with -v for the traceback; "
-        "please report it)",
-        file=sys.stderr,
+    return Outcome(
+        1,
+        error=f"internal error {type(exc).__name__}: {exc} (run with -v for the traceback; please report it)",
     )
-    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

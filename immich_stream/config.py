@@ -234,6 +234,20 @@ def parse_pg_name(text: str) -> str:
     return text
 
 
+def parse_ping_url(text: str) -> str:
+    """A healthchecks.io-style ping URL, an Uptime Kuma push URL, or ntfy+https://host/topic."""
+    text = _text(text, "a URL").strip()
+    if any(c.isspace() for c in text):
+        raise ValueError("the URL contains a space")
+    url = urllib.parse.urlsplit(text.removeprefix("ntfy+"))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        # never echo it: a ping URL is a credential
+        raise ValueError("not an http:// or https:// URL (or ntfy+https://host/topic for ntfy)")
+    if text.startswith("ntfy+") and not url.path.strip("/"):
+        raise ValueError("an ntfy URL needs its topic: ntfy+https://ntfy.sh/your-topic")
+    return text
+
+
 def parse_prefix(text: str) -> str:
     prefix = str(text).strip("/")
     if not prefix:  # prune would take the whole bucket (other applications' objects too) for its own
@@ -550,6 +564,24 @@ SETTINGS: tuple[Spec, ...] = (
         low=10,
         high=7 * DAY,
     ),
+    Spec(
+        "ping_url",
+        ("monitor", "ping_url"),
+        ("IMMICH_STREAM_PING_URL",),
+        "--ping",
+        parse_ping_url,
+        "ping this URL when a backup starts and ends (healthchecks.io; an Uptime Kuma push URL; "
+        "ntfy+https://host/topic); from the config file or the environment only backup pings",
+    ),
+    Spec(
+        "metrics_file",
+        ("monitor", "metrics_file"),
+        ("IMMICH_STREAM_METRICS_FILE",),
+        "--metrics-file",
+        parse_path,
+        "write Prometheus metrics here at the end (node_exporter's textfile collector); from the "
+        "config file or the environment only backup writes it",
+    ),
 )
 SPECS = {s.name: s for s in SETTINGS}
 
@@ -590,6 +622,8 @@ class Settings:
     max_shrink: float = 0.5
     read_timeout: float = 120.0
     max_downtime: float | None = None
+    ping_url: str | None = None
+    metrics_file: Path | None = None
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     config_file: Path | None = None
@@ -714,7 +748,7 @@ def load(
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(
-                f"config file {config_file}: {section} must be a [section] (immich, s3, backup, prune): "
+                f"config file {config_file}: {section} must be a [section] (immich, s3, backup, prune, monitor): "
                 "move it under one"
             )
         for key, value in table.items():
@@ -856,6 +890,17 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")
     if s.immich_dir is not None:
         s.require_dir("immich_dir")
+    if s.metrics_file is not None:  # found out at the end of a night's backup would be too late
+        where = s.sources["metrics_file"]
+        if s.metrics_file.is_dir():
+            raise ConfigError(
+                f"metrics_file {s.metrics_file} (from {where}) is a directory: give a file name ending in .prom"
+            )
+        if not s.metrics_file.parent.is_dir():
+            raise ConfigError(
+                f"metrics_file {s.metrics_file} (from {where}): directory {s.metrics_file.parent} does not "
+                "exist: create it (node_exporter's --collector.textfile.directory) or fix the path"
+            )
 
 
 def describe(s: Settings) -> list[tuple[str, str, str]]:
@@ -865,6 +910,9 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
         value = getattr(s, spec.name)
         if value is None:
             shown = "(not set)"
+        elif spec.name == "ping_url":  # whoever holds it can ping: show where it goes only
+            url = urllib.parse.urlsplit(value.removeprefix("ntfy+"))
+            shown = f"{value[: value.index(':')]}://{url.hostname}/... (hidden)"
         elif spec.name in ("part_size", "max_memory"):
             shown = format_size(value)
         elif spec.parse is parse_duration:

@@ -73,7 +73,7 @@ def test_snapshot_records_what_a_restore_needs(env: dict, stack: ImmichStack, bu
 
     r = run_cli("snapshots", env=env)
     assert r.code == 0 and "postgres" in r.out and " 15." in r.out, r.out
-    [row] = json.loads(run_cli("snapshots", "--json", env=env).out)
+    [row] = json.loads(run_cli("snapshots", "--json", env=env).out)["summary"]["snapshots"]
     assert row["postgres_version"].startswith("15.") and row["tables"]["public.assets"] == counts["public.assets"]
 
 
@@ -83,7 +83,7 @@ def test_drill_of_a_good_snapshot_passes(env: dict, stack: ImmichStack, backed_u
     try:
         r = run_cli("drill", "latest", "--files", "3", "--json", env=env)
         assert r.code == 0, r.err + r.out
-        report = json.loads(r.out)
+        report = json.loads(r.out)["summary"]
         assert report["ok"] and report["mismatches"] == [] and report["expected_from"] == "snapshot.json"
         assert report["tables"]["public.assets"]["restored"] == 90000
         assert report["earthdistance"].startswith("ok")
@@ -177,7 +177,7 @@ def test_pg_dumpall_file_restores_and_drills(env: dict, stack: ImmichStack, tmp_
 
     r = run_cli("drill", "--from-file", str(path), "--json", env=env)
     assert r.code == 0, r.err + r.out
-    report = json.loads(r.out)
+    report = json.loads(r.out)["summary"]
     assert report["expected_from"] == "the dump"
     assert {t: report["tables"][t]["restored"] for t in counts} == counts
 

@@ -212,7 +212,7 @@ def test_snapshots_listing_and_dump_to(env: dict, stack: ImmichStack, bucket: Bu
     bucket.put("snapshots/2030-01-01T000000Z-dead/manifest.jsonl.gz", b"half-written")
     r = run_cli("snapshots", "--json", env=env)
     assert r.code == 0
-    rows = json.loads(r.out)
+    rows = json.loads(r.out)["summary"]["snapshots"]
     assert [x["mode"] for x in rows] == ["none", "app"]
     assert all(x["files"] == len(tree(stack.library)) and x["dump_bytes"] > 1_000_000 for x in rows)
     assert rows[0]["bytes_new"] > 0 and rows[1]["bytes_new"] == 0

@@ -1,0 +1,234 @@
+"""`doctor`: check, in order, everything a backup needs, and what the S3 server really
+verifies; print a table of what works and what to change. Exit 0 only when a backup
+would work (warnings allowed).
+
+Every probe object lives under <prefix>/doctor/ and is removed again; the repository
+itself is only read."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from immich_stream.changes import MARKER, MARKER_DIRS
+from immich_stream.config import Settings, format_size, min_part_size
+from immich_stream.errors import ImmichStreamError, StoreError
+
+OK, WARN, FAIL, SKIP = "ok", "WARN", "FAIL", "skip"
+SKEW_WARN = 60.0
+SKEW_FAIL = 15 * 60.0  # S3 refuses requests signed further off
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+class Doctor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.checks: list[Check] = []
+
+    def add(self, name: str, status: str, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    async def probe(self, name: str, fn: Callable[[], Awaitable[tuple[str, str]]]) -> bool:
+        """Run one check; an error of ours becomes a FAIL row with its message."""
+        try:
+            status, detail = await fn()
+        except ImmichStreamError as exc:
+            self.add(name, FAIL, str(exc))
+            return False
+        self.add(name, status, detail)
+        return status != FAIL
+
+    # -- local ------------------------------------------------------------------------------
+
+    def config(self) -> None:
+        s = self.settings
+        missing = [n for n in ("bucket", "library_dir") if getattr(s, n) is None]
+        if s.stop == "all" and s.postgres_dir is None:
+            missing.append("postgres_dir")
+        if missing:
+            self.add("configuration", FAIL, f"not set: {', '.join(missing)} (see `immich-stream config`)")
+        else:
+            self.add("configuration", OK, f"config file {s.config_file or '(none)'}; stop: {s.stop}")
+
+    def directories(self) -> None:
+        s = self.settings
+        for name in ("library_dir", "postgres_dir"):
+            if getattr(s, name) is None:
+                continue
+            try:
+                path = s.require_dir(name)
+            except ImmichStreamError as exc:
+                self.add(name, FAIL, str(exc))
+                continue
+            if name == "library_dir":
+                missing = [d for d in MARKER_DIRS if not (path / d / MARKER).is_file()]
+                if missing:
+                    self.add(
+                        "Immich markers",
+                        FAIL if len(missing) == len(MARKER_DIRS) else WARN,
+                        f"no {MARKER} in {', '.join(missing)} under {path}: is this UPLOAD_LOCATION, and mounted?",
+                    )
+                else:
+                    self.add("Immich markers", OK, f"{MARKER} in all of {', '.join(MARKER_DIRS)}")
+            elif not os.access(path / "PG_VERSION", os.R_OK):
+                self.add(name, FAIL, f"{path}/PG_VERSION is not readable: the cold copy needs root (or use --stop app)")
+                continue
+            self.add(name, OK, str(path))
+
+    async def docker(self) -> None:
+        from immich_stream.stack import Stack, connect
+
+        s = self.settings
+
+        async def check() -> tuple[str, str]:
+            async with connect() as docker:
+                stack = Stack(docker, s.project, s.db_container)
+                containers = await stack.preflight()
+            running = sum(1 for c in containers if c.running)
+            return OK, f"project {s.project}: {len(containers)} containers, {running} running; {s.db_container} found"
+
+        await self.probe("Docker and containers", check)
+
+    # -- S3 ---------------------------------------------------------------------------------
+
+    async def s3(self) -> None:
+        from immich_stream.locks import list_locks, server_now
+        from immich_stream.repo import Repo
+        from immich_stream.store import Store
+
+        s = self.settings
+        if s.bucket is None:
+            self.add("S3", SKIP, "no bucket set")
+            return
+        async with Store(s, retries=2) as store:
+            repo = Repo(store, s.prefix)
+            base = f"{s.prefix}/doctor/{secrets.token_hex(4)}"
+
+            async def reach() -> tuple[str, str]:
+                async for _ in store.list_objects(f"{s.prefix}/"):
+                    break
+                return OK, f"bucket {s.bucket} on {s.endpoint_url or 'AWS S3'}: listed with these credentials"
+
+            if not await self.probe("S3 reachable, credentials, bucket", reach):
+                return
+
+            async def clock() -> tuple[str, str]:
+                server = await server_now(repo)
+                if server is None:
+                    return WARN, "the server gave no LastModified to compare with"
+                skew = time.time() - server.timestamp()
+                # LastModified has whole seconds: up to 1 s of that is rounding
+                status = FAIL if abs(skew) > SKEW_FAIL else WARN if abs(skew) > SKEW_WARN else OK
+                fix = ": fix this machine's clock (timedatectl set-ntp true)" if status != OK else ""
+                return status, f"this machine is {skew:+.0f} s off the server's clock{fix}"
+
+            await self.probe("clock skew", clock)
+            data = secrets.token_bytes(1024)
+            key = f"{base}/probe"
+
+            async def roundtrip() -> tuple[str, str]:
+                await store.put(key, data)
+                if await store.get(key) != data:
+                    return FAIL, "an object read back differs from what was written"
+                listed = [o.key async for o in store.list_objects(f"{base}/")]
+                await store.delete([key])
+                gone = await store.head(key) is None
+                if key not in listed or not gone:
+                    return WARN, "listing lags behind writes and deletes (eventual consistency): prune may misjudge"
+                return OK, f"write, read, list and delete under {s.prefix}/doctor/"
+
+            if not await self.probe("write, read, delete", roundtrip):
+                return
+
+            async def multipart() -> tuple[str, str]:
+                mkey = f"{base}/multipart"
+                upload = await store.create_multipart(mkey)
+                try:
+                    etags = [await store.upload_part(mkey, upload, n, data) for n in (1, 2)]
+                    await store.complete_multipart(mkey, upload, etags)
+                except StoreError:
+                    await store.abort_multipart(mkey, upload)
+                    return OK, "multipart works; the server enforces S3's 5 MiB minimum part size"
+                await store.delete([mkey])
+                floor = min_part_size()
+                return OK, f"multipart works; parts under 5 MiB accepted (parts used: {format_size(floor)} and up)"
+
+            await self.probe("multipart upload", multipart)
+
+            async def content_md5() -> tuple[str, str]:
+                bad = f"{base}/bad-md5"
+                try:
+                    # the --checksum header of other bytes (Content-MD5 by default)
+                    wrong, _ = await store._hashes(data + b"x", None, None)
+                    await store.put(bad, data, check=wrong)
+                except StoreError:
+                    return OK, "a wrong Content-MD5 is refused: bytes corrupted on the way are caught"
+                await store.delete([bad])
+                return (
+                    WARN,
+                    "a wrong Content-MD5 was accepted: corruption in transit is only found by verify --read-data",
+                )
+
+            await self.probe("server checks Content-MD5", content_md5)
+
+            async def checksum_sha256() -> tuple[str, str]:
+                bad = f"{base}/bad-sha256"
+                wrong = base64.b64encode(hashlib.sha256(data + b"x").digest()).decode()
+                client: Any = store._client  # a request the tool itself never sends: a wrong checksum
+                try:
+                    await client.put_object(Bucket=store.bucket, Key=bad, Body=data, ChecksumSHA256=wrong)
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "?")
+                    return OK, f"a wrong x-amz-checksum-sha256 is refused ({code})"
+                await store.delete([bad])
+                return WARN, "a wrong x-amz-checksum-sha256 was accepted (stored as given): rely on Content-MD5"
+
+            await self.probe("server checks x-amz-checksum-sha256", checksum_sha256)
+
+            async def repository() -> tuple[str, str]:
+                if await store.head(repo.config_key()) is None:
+                    return OK, f"no repository at {s.prefix}/ yet: the first backup creates it"
+                await repo.check_config()
+                ids = await repo.snapshot_ids()
+                locks = await list_locks(repo)
+                held = "; ".join(lk.describe() for lk in locks) or "no locks"
+                newest = f", newest {ids[-1]}" if ids else ""
+                return OK, f"format ok, {len(ids)} snapshots{newest}; {held}"
+
+            await self.probe("repository", repository)
+
+
+async def run_doctor(settings: Settings) -> Doctor:
+    doc = Doctor(settings)
+    doc.config()
+    await doc.docker()
+    doc.directories()
+    await doc.s3()
+    return doc
+
+
+def table(doc: Doctor) -> list[str]:
+    width = max(len(c.name) for c in doc.checks)
+    lines = [f"{c.status:<4}  {c.name:<{width}}  {c.detail}" for c in doc.checks]
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    verdict = "a backup would work" if doc.ok else "a backup would NOT work: fix the FAIL lines"
+    return [*lines, f"{when}: {verdict}"]

@@ -1,0 +1,74 @@
+"""`schedule`: run a command at fixed times of day, forever (the sidecar container's cron).
+
+Each run is its own process (`python -m immich_stream ARGS`), as under cron or systemd: a
+run that ends badly leaves nothing behind in the loop. SIGTERM (docker stop) is passed on
+to a running backup, which starts the stack again before it exits; the loop waits for it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import signal
+import subprocess
+import sys
+import threading
+from types import FrameType
+
+from immich_stream.errors import ConfigError
+
+log = logging.getLogger("immich_stream")
+
+
+def parse_times(texts: list[str]) -> list[dt.time]:
+    times = []
+    for text in texts:
+        m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
+        if not m:
+            raise ConfigError(f"--at {text!r} is not a time of day: write it as HH:MM, like 03:30")
+        times.append(dt.time(int(m.group(1)), int(m.group(2))))
+    return sorted(set(times))
+
+
+def next_run(now: dt.datetime, times: list[dt.time]) -> dt.datetime:
+    """The first of the daily times after now (local time, as now is given)."""
+    for day in (now.date(), now.date() + dt.timedelta(days=1)):
+        for t in times:
+            at = dt.datetime.combine(day, t, tzinfo=now.tzinfo)
+            if at > now:
+                return at
+    raise AssertionError("unreachable: every time of day comes again tomorrow")
+
+
+def run_schedule(times: list[dt.time], command: list[str], run_now: bool = False) -> int:
+    """Sleep until the next time, run the command, repeat; exit on SIGTERM/SIGINT."""
+    stop = threading.Event()
+    child: list[subprocess.Popen[bytes]] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        for proc in child:  # a backup under way starts the stack again, then exits
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    first = run_now
+    while not stop.is_set():
+        if not first:
+            at = next_run(dt.datetime.now().astimezone(), times)
+            log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), " ".join(command))
+            # wait in short steps: a suspended host or a clock change must not skip a day
+            while not stop.is_set() and dt.datetime.now().astimezone() < at:
+                stop.wait(min(60.0, max(0.1, (at - dt.datetime.now().astimezone()).total_seconds())))
+            if stop.is_set():
+                break
+        first = False
+        proc = subprocess.Popen([sys.executable, "-m", "immich_stream", *command])
+        child[:] = [proc]
+        code = proc.wait()
+        child.clear()
+        log.log(logging.INFO if code == 0 else logging.ERROR, "immich-stream %s exited with %d", command[0], code)
+    log.info("schedule stopped")
+    return 0
