@@ -36,6 +36,7 @@ from immich_stream.library import check_library, check_shrink_at_end
 from immich_stream.postgres import DumpResult, dump_database
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import (
+    STOPPED_DIR,
     JournalWriter,
     ManifestLine,
     ManifestWriter,
@@ -113,6 +114,7 @@ class Sources:
     parent: ParentInfo | None
     objects: ObjectIndex
     resumed: set[str] = field(default_factory=set)  # ids of the interrupted runs among others
+    key_dir: str = ""  # where this pass's uploads go under <root>/ (STOPPED_DIR after a live pass)
 
     def moved(self, root: str, line: ManifestLine) -> ManifestLine | None:
         return self.parent.moved_from(root, line) if self.parent is not None else None
@@ -160,6 +162,11 @@ async def walk_root(
                 assert decision.source is not None
                 line.key, line.sha256 = decision.source.key, decision.source.sha256
                 setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
+                if decision.kind == "resumed":
+                    # in this run's journal too: a run that resumed another and is itself
+                    # interrupted must not lose what it took over
+                    upload = asyncio.get_running_loop().create_future()
+                    upload.set_result(True)
                 phase.update(e.size, files=1)  # done without reading: progress toward the total
             else:
                 if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
@@ -169,7 +176,7 @@ async def walk_root(
                         line.path,
                         decision.gone.key,
                     )
-                key = repo.data_key(snap_id, root, line.path)
+                key = repo.data_key(snap_id, root, line.path, sources.key_dir)
                 upload = await workers.submit(os.path.join(root_b, e.relpath), e, line, key, decision)
         elif e.type == "dir":
             stats.dirs += 1
@@ -308,6 +315,9 @@ class BackupRun:
         self.manifest = ManifestWriter(repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size)
         self.journal = JournalWriter(repo, snap_id, "main")
         self.live_journal: JournalWriter | None = None
+        # After a live pass the stopped pass uploads under <root>/%stopped/: it never
+        # overwrites an object the live pass wrote (a journal line vouches for those bytes).
+        self.key_dir = ""
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
         self.phase_seconds: dict[str, float] = {}
@@ -328,10 +338,12 @@ class BackupRun:
         others = []
         if own_live and self.live_journal is not None and self.live_journal.chunks:
             keys = [repo.journal_key(self.snap_id, "live", n) for n in range(self.live_journal.chunks)]
-            others.append(Source.of_run(repo.read_lines(keys), self.snap_id, checked=False))
+            lines = repo.read_journal(keys, f"this run's live journal ({self.snap_id})")
+            others.append(Source.of_run(lines, self.snap_id, checked=False))
         for run_id, passes in e.resumable.items():
-            for keys in passes.values():
-                others.append(Source.of_run(repo.read_lines(keys), run_id, kind="resumed"))
+            for name, keys in passes.items():
+                lines = repo.read_journal(keys, f"the {name} journal of the interrupted run {run_id}")
+                others.append(Source.of_run(lines, run_id, kind="resumed"))
         return Sources(primary, others, e.parent, e.objects, set(e.resumable))
 
     def _phase(self, name: str, root: str) -> Phase:
@@ -425,6 +437,8 @@ class BackupRun:
         """The pass whose lines make the snapshot (with the stack stopped, but in `none`)."""
         if self._main_sources is None:
             self._main_sources = self.sources(own_live=True)
+            if self.live_journal is not None:
+                self._main_sources.key_dir = STOPPED_DIR
         self.mark(f"{root}_files_started")
         phase = self._phase(f"{root} files", root)
         try:
@@ -571,13 +585,16 @@ async def resumable_runs(repo: Repo, snap_id: str, stale_after: float) -> dict[s
     """The journals of the newest runs that never committed (killed, failed, stalled, past
     --max-downtime) and are not yet stale: their uploads are reused when the file is
     unchanged, so a first backup interrupted at 80% does not start again from zero."""
-    newest = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=stale_after)
+    threshold = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=stale_after)
     runs: dict[str, dict[str, list[str]]] = {}
     dirs = await repo.snapshot_dirs()
     for sid in sorted((s for s, done in dirs.items() if not done and s != snap_id), reverse=True):
-        if snapshot_time(sid) < newest or len(runs) >= MAX_RESUMED_RUNS:
+        if len(runs) >= MAX_RESUMED_RUNS:
             break
-        if passes := await repo.journals(sid):
+        # stale by its newest chunk, as prune judges it: a first backup running for longer
+        # than --stale-after before it was killed is still resumed
+        passes, newest = await repo.journal_info(sid)
+        if passes and (newest is None or newest >= threshold or snapshot_time(sid) >= threshold):
             runs[sid] = passes
     return runs
 

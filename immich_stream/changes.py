@@ -203,7 +203,7 @@ async def decide(
     others: list[Source],
     moved: Callable[[ManifestLine], ManifestLine | None],
     exists: Callable[[str, int], bool],
-    own_prefix: str,
+    own_prefix: str | tuple[str, ...],
     resumed: Container[str] = (),
 ) -> Decision:
     """classify() against the parent snapshot (`primary`), then against `others`: this

@@ -184,7 +184,8 @@ async def _prune_locked(
         if done:
             journal_keys.extend(k for keys in passes.values() for k in keys)
             continue
-        async for line in repo.read_lines([k for keys in passes.values() for k in keys]):
+        keys = [k for keys in passes.values() for k in keys]
+        async for line in repo.read_journal(keys, f"the journal of the interrupted run {sid}"):
             if line.key:
                 referenced.add(key_digest(line.key))
 

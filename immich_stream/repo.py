@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from immich_stream.budget import ByteBudget
 from immich_stream.config import env_duration
-from immich_stream.errors import RepoError
+from immich_stream.errors import RepoError, StoreError
 from immich_stream.store import Store, StreamWriter
 from immich_stream.summary import SnapshotSummary
 from immich_stream.walk import Entry, sort_key
@@ -49,6 +49,7 @@ MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) t
 # Keys of paths too long for S3 live here, named by the path's sha256. "%l" cannot begin an
 # escaped path (a '%' in a name is always escaped as %25), so these never collide with one.
 LONG_KEY_DIR = "%long"
+STOPPED_DIR = "%stopped"  # like %long, cannot start an escaped path (a bare % is escaped)
 # the files of a snapshot directory snapshots/<id>/
 MANIFEST = "manifest.jsonl.gz"
 DUMP = "database.sql.gz"
@@ -291,13 +292,16 @@ class JournalWriter:
         if not self._pending_lines:
             return
         body = b"".join([*self._pending, self._z.flush()])
-        key = self.repo.journal_key(self.snap_id, self.pass_name, self.chunks)
-        await self.repo.store.put(key, body, "application/gzip")
-        self.chunks += 1
-        self.lines += self._pending_lines
+        lines = self._pending_lines
+        # A new gzip member for the next chunk before the PUT: if it fails, these lines are
+        # lost from the journal (the run fails anyway), the next chunk is still readable.
         self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
         self._pending, self._pending_size, self._pending_lines, self._bytes = [], 0, 0, 0
         self._since = time.monotonic()
+        key = self.repo.journal_key(self.snap_id, self.pass_name, self.chunks)
+        await self.repo.store.put(key, body, "application/gzip")
+        self.chunks += 1
+        self.lines += lines
 
 
 async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -369,17 +373,19 @@ class Repo:
     def config_key(self) -> str:
         return self._k("config.json")
 
-    def data_key(self, snap_id: str, root: str, path: str) -> str:
+    def data_key(self, snap_id: str, root: str, path: str, key_dir: str = "") -> str:
         """The object key (relative to the prefix) for a file first uploaded by run snap_id:
         the file's own path, so the bucket stays browsable, or for a path S3 cannot hold
         (a key over 1,024 bytes, a part over 255) a stable key named by the path's sha256.
-        The manifest keeps the full path either way."""
-        key = f"data/{snap_id}/{root}/{path}"
+        The manifest keeps the full path either way. `key_dir` (STOPPED_DIR) keeps a second
+        upload of a path by the same run apart from the first: no object is overwritten."""
+        base = f"data/{snap_id}/{root}/{key_dir + '/' if key_dir else ''}"
+        key = base + path
         if len(self._k(key).encode()) > MAX_KEY_BYTES or any(
             len(part.encode()) > MAX_KEY_PART_BYTES for part in path.split("/")
         ):
             digest = hashlib.sha256(path.encode()).hexdigest()
-            key = f"data/{snap_id}/{root}/{LONG_KEY_DIR}/{digest}"
+            key = f"{base}{LONG_KEY_DIR}/{digest}"
         return key
 
     def object_key(self, relkey: str) -> str:
@@ -409,16 +415,23 @@ class Repo:
 
     async def journals(self, snap_id: str) -> dict[str, list[str]]:
         """An uncommitted run's journal chunks: pass name -> keys, in the order written."""
+        return (await self.journal_info(snap_id))[0]
+
+    async def journal_info(self, snap_id: str) -> tuple[dict[str, list[str]], dt.datetime | None]:
+        """journals(), and when the newest chunk was written (the server's clock)."""
         passes: dict[str, list[str]] = {}
+        newest: dt.datetime | None = None
         base = self.journal_prefix(snap_id)
         async for obj in self.store.list_objects(base):
+            if isinstance(obj.last_modified, dt.datetime) and (newest is None or obj.last_modified > newest):
+                newest = obj.last_modified
             name, sep, rest = obj.key[len(base) :].rpartition("-")
             if sep and rest.endswith(".jsonl.gz") and rest[: -len(".jsonl.gz")].isdigit():
                 if obj.size > JOURNAL_MAX_OBJECT:  # not one we wrote: never read whole into memory
                     log.warning("ignoring %s: %d bytes is more than a journal chunk holds", obj.key, obj.size)
                     continue
                 passes.setdefault(name, []).append(obj.key)
-        return {name: sorted(keys) for name, keys in sorted(passes.items())}
+        return {name: sorted(keys) for name, keys in sorted(passes.items())}, newest
 
     async def delete_journals(self, snap_id: str) -> None:
         keys = [obj.key async for obj in self.store.list_objects(self.journal_prefix(snap_id))]
@@ -528,6 +541,17 @@ class Repo:
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
         async for line in self._read_lines(self.store.iter_object(self.manifest_key(snap_id))):
             yield line
+
+    async def read_journal(self, keys: list[str], what: str) -> AsyncIterator[ManifestLine]:
+        """read_lines for a journal another run (or a later version) wrote: a chunk that
+        cannot be read or parsed ends it with a warning instead of failing the reader
+        (a journal only saves work; without it files are read and uploaded again)."""
+        try:
+            async for line in self.read_lines(keys):
+                if line.root in ROOTS and line.type == "file" and line.key:
+                    yield line
+        except (RepoError, StoreError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s cannot be read (%s): its uploads are not reused", what, str(exc).splitlines()[0][:200])
 
     async def read_lines(self, keys: list[str]) -> AsyncIterator[ManifestLine]:
         """The lines of a journal pass: small gzipped JSON-lines objects, each fetched whole

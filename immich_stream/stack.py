@@ -292,6 +292,10 @@ class StackGuard:
                     if self.stack.db_container in db_first:
                         await self.stack.start([self.stack.db_container])
                     await self.stack.start([n for n in db_first if n != self.stack.db_container])
+                    # Up from here (for the downtime and --max-downtime); whether they stay
+                    # up is checked next and reported, never a reason to stop them again.
+                    self.stopped = []
+                    self.started_at = time.monotonic()
                     self.unstable = await self.stack.check_running(db_first)
             except TimeoutError:
                 raise StackError(

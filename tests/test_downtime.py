@@ -61,6 +61,7 @@ def test_file_changed_between_the_passes_is_captured_with_its_stopped_time_bytes
     env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
 ) -> None:
     written = make_library(stack.library, photos=20)
+    time.sleep(4.5)  # older than the racy window: only the change itself can make it read again
     target_rel = next(p for p in written if p.endswith(b"IMG_1005.jpg"))
     target = stack.library / os.fsdecode(target_rel)
     proxy = proxy_factory(moto_s3.endpoint)
@@ -73,6 +74,8 @@ def test_file_changed_between_the_passes_is_captured_with_its_stopped_time_bytes
         wait_for(lambda: any(p.endswith("IMG_1005.jpg") for p in _data_puts(proxy)), 60, 0.02, "the live upload")
         assert "immich_server" in running_containers(), "the live pass runs with Immich up"
         st = target.stat()
+        live_key = next(p for p in _data_puts(proxy) if p.endswith("IMG_1005.jpg")).split("/immich-backup/")[1]
+        live_bytes = target.read_bytes()
         stopped_bytes = os.urandom(st.st_size)
         target.write_bytes(stopped_bytes)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -85,6 +88,8 @@ def test_file_changed_between_the_passes_is_captured_with_its_stopped_time_bytes
     sid = bucket.snapshots()[-1]
     lines = assert_files_in_bucket(bucket, sid, stack.library)
     assert bucket.get(lines[target_rel]["key"]) == stopped_bytes
+    # a second upload by the same run never overwrites the first (a journal line vouches for it)
+    assert "/%stopped/" in lines[target_rel]["key"] and bucket.get(live_key) == live_bytes
     assert lines[target_rel]["sha256"] == hashlib.sha256(stopped_bytes).hexdigest()
     assert sum(p.endswith("IMG_1005.jpg") for p in _data_puts(proxy)) == 2, "uploaded live, then again stopped"
 

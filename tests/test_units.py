@@ -31,6 +31,7 @@ from immich_stream.progress import Reporter
 from immich_stream.repo import (
     JOURNAL_MAX_OBJECT,
     LONG_KEY_DIR,
+    STOPPED_DIR,
     JournalWriter,
     ManifestLine,
     ObjectIndex,
@@ -618,3 +619,27 @@ async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_ord
         assert [ln.path for ln in back] == [ln.path for ln in lines]
         await repo.delete_journals(run)
         assert await repo.journals(run) == {}
+
+
+async def test_a_damaged_or_foreign_journal_is_skipped_not_fatal(s3_settings: Settings) -> None:
+    run = "2026-01-01T000000Z-cccc"
+    async with Store(s3_settings) as store:
+        repo = Repo(store, "p")
+        journal = JournalWriter(repo, run, "live")
+        await journal.add(line("a.jpg"))
+        await journal.add(line("b.jpg", root="a-root-of-a-later-version"))
+        await journal.flush()
+        await store.put(repo.journal_key(run, "live", 1), b"not gzip at all")
+        keys = (await repo.journals(run))["live"]
+        got = [ln.path async for ln in repo.read_journal(keys, "a test journal")]
+        assert got == ["a.jpg"], "the unknown root is skipped, the damaged chunk ends the journal"
+
+
+def test_a_second_upload_by_the_same_run_has_a_key_of_its_own() -> None:
+    repo = Repo(None, "p")  # type: ignore[arg-type]
+    first = repo.data_key("run", "library", "a/b.jpg")
+    again = repo.data_key("run", "library", "a/b.jpg", STOPPED_DIR)
+    assert first == "data/run/library/a/b.jpg" and again == "data/run/library/%stopped/a/b.jpg"
+    long_path = "x" * 300
+    assert repo.data_key("run", "library", long_path, STOPPED_DIR).startswith("data/run/library/%stopped/%long/")
+    assert escape_path(b"%stopped") != "%stopped", "no file name can become the reserved folder"
