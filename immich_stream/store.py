@@ -477,6 +477,8 @@ class _Fetcher:
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Broken(f"{type(exc).__name__}: {exc}") from exc
                 if not n:
+                    if resp.length:  # http.client ends a body cut short quietly
+                        raise _Broken(f"the connection closed with {resp.length} bytes of the body to come")
                     reusable = not resp.will_close
                     return
                 try:
