@@ -1,9 +1,11 @@
 """Benchmark: immich-stream against its peers, in one run, against one local S3 server.
 
-    .venv/bin/python bench/run.py [--size-gib 1.5] [--jobs 8]
+    flock /tmp/immich-docker-tests.lock .venv/bin/python bench/run.py [--size-gib 1.5] [--jobs 8]
+        [--rounds 3] [--skip rclone,aws,stage]
 
 (after `bash tests/run.sh` or `bash tests/stack/demo.sh` made .venv; the script brings up
-the test stack through tests/stack/demo.sh.)
+the test stack through tests/stack/demo.sh: the stack's container names are fixed, so hold
+the lock the test runs hold.)
 
 Generates an Immich-shaped library (cached under /var/tmp/immich-stream-bench), starts
 `rclone serve s3`, then measures each tool uploading the library to its own bucket:
@@ -13,7 +15,10 @@ and prints ratios against immich-stream. Not a test: nothing here asserts a time
 Peers: s5cmd cp, rclone copy, the aws CLI (s3 cp --recursive, in its own virtualenv:
 awscli pins botocore), and the original approach (copy the tree to a temp dir, then
 upload with boto3 threads). immich-stream also dumps the database (--stop none) in the
-same run; the peers upload files only.
+same run; the peers upload files only, so the row that matters is immich-stream against
+s5cmd plus `pg_dump | gzip -1` (the same dump, from the same container) run one after the
+other. The server's ingest limit is s5cmd uploading one 1 GiB object, 16 parts of 64 MiB
+all in flight. With --rounds N these four are repeated N times, interleaved.
 """
 
 from __future__ import annotations
@@ -156,6 +161,7 @@ def main() -> None:
     ap.add_argument("--size-gib", type=float, default=1.5)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma-separated peers to skip: s5cmd,rclone,aws,stage")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the backup, s5cmd, dump and ingest rows")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -229,9 +235,26 @@ def main() -> None:
             IMMICH_STREAM_JOBS=str(args.jobs),
         )
         ist = [sys.executable, "-m", "immich_stream", "backup", "--stop", "none"]
-        results.append(measure("immich-stream backup (files + pg_dump)", ist, ienv))
-        results.append(measure("immich-stream re-run, nothing changed", ist, ienv))
-        drop("immich-stream")
+        dump = ["bash", "-c", 'set -o pipefail; docker exec immich_postgres "$@" | gzip -1 > /dev/null', "dump"]
+        dump += ["pg_dump", "--clean", "--if-exists", "--dbname=immich", "--username=postgres"]
+        big = BENCH / "one-gib"
+        if not big.exists() or big.stat().st_size != 1024 * MIB:
+            with open(big, "wb") as fh:
+                for _ in range(128):
+                    fh.write(os.urandom(8 * MIB))
+        for i in range(args.rounds):
+            ienv["S3_BUCKET"] = bucket(f"immich-stream-{i}")
+            results.append(measure("immich-stream backup (files + pg_dump)", ist, ienv))
+            if i == 0:
+                results.append(measure("immich-stream re-run, nothing changed", ist, ienv))
+            s5 = [tools["s5cmd"], "--endpoint-url", endpoint, "--numworkers", str(args.jobs), "cp"]
+            results.append(measure("s5cmd cp", [*s5, f"{library}/", f"s3://{bucket(f's5cmd-{i}')}/lib/"], env))
+            results.append(measure("pg_dump | gzip -1", dump, env))
+            ingest = [*s5, "--concurrency", "16", "--part-size", "64", str(big), f"s3://{bucket(f'ingest-{i}')}/one"]
+            results.append(measure("ingest limit: s5cmd, 1 GiB, 16 parts in flight", ingest, env))
+        rows(results, size)
+        if skip >= {"rclone", "aws", "stage"}:
+            return
 
         if "rclone" not in skip:
             dest = f"B:{bucket('rclone')}/lib"
@@ -239,24 +262,6 @@ def main() -> None:
             results.append(measure("rclone copy", [*rc, "copy", str(library), dest], rclone_env))
             results.append(measure("rclone sync, nothing changed", [*rc, "sync", str(library), dest], rclone_env))
             drop("rclone")
-        if "s5cmd" not in skip:
-            results.append(
-                measure(
-                    "s5cmd cp",
-                    [
-                        tools["s5cmd"],
-                        "--endpoint-url",
-                        endpoint,
-                        "--numworkers",
-                        str(args.jobs),
-                        "cp",
-                        f"{library}/",
-                        f"s3://{bucket('s5cmd')}/lib/",
-                    ],
-                    env,
-                )
-            )
-            drop("s5cmd")
         if "aws" not in skip:
             # The aws CLI v1 cannot read rclone's multipart answers ('ETag' KeyError): it
             # gets single PUTs (threshold above any file here), which favours it if anything.
@@ -306,6 +311,33 @@ def main() -> None:
         server.wait()
         shutil.rmtree(s3dir, ignore_errors=True)
 
+    print_table(results, size)
+
+
+def rows(results: list[dict], size: int) -> None:
+    """The issue-12 row per round: immich-stream's backup against s5cmd + pg_dump | gzip -1,
+    and its throughput against the server's ingest limit."""
+    ist = [r for r in results if r["name"].startswith("immich-stream backup")]
+    s5 = [r for r in results if r["name"] == "s5cmd cp"]
+    dumps = [r for r in results if r["name"] == "pg_dump | gzip -1"]
+    ingest = [r for r in results if r["name"].startswith("ingest limit")]
+    print(
+        f"\n{'round':<6} {'immich-stream s':>16} {'s5cmd + dump s':>15} {'ratio':>6} {'MiB/s':>7} {'ingest MiB/s':>13} {'share':>6}"
+    )
+    for i, (a, b, d, g) in enumerate(zip(ist, s5, dumps, ingest, strict=True)):
+        peer = b["wall"] + d["wall"]
+        rate, limit = size / MIB / a["wall"], 1024 / g["wall"]
+        print(
+            f"{i + 1:<6} {a['wall']:>16.2f} {b['wall']:>7.2f}+{d['wall']:<7.2f} {a['wall'] / peer:>6.2f} "
+            f"{rate:>7.1f} {limit:>13.1f} {rate / limit:>6.0%}"
+        )
+        print(
+            f"       CPU s {a['cpu']:.1f} / {b['cpu']:.1f}+{d['cpu']:.1f}, "
+            f"peak RSS MiB {a['rss_mib']:.0f} / {b['rss_mib']:.0f}+{d['rss_mib']:.0f}"
+        )
+
+
+def print_table(results: list[dict], size: int) -> None:
     base = results[0]["wall"]
     print(
         f"\n{'tool':<44} {'wall s':>8} {'MiB/s':>8} {'x immich-stream':>16} {'CPU s':>7} {'peak RSS MiB':>13} "
@@ -320,7 +352,7 @@ def main() -> None:
     print("\n'x immich-stream' is wall time relative to immich-stream's full backup (>1: slower than it).")
     print("CPU s is the tool's own user+system time; the S3 server shares the same cores, so on a small")
     print("machine a tool's CPU use slows the server too.")
-    for r in results[:2]:
+    for r in [r for r in results if r["name"].startswith("immich-stream")][:2]:
         summary = [ln for ln in r["output"].splitlines() if ln.startswith(("files", "bytes", "database", "time"))]
         print(f"{r['name']}, its own summary:\n  " + "\n  ".join(summary))
 

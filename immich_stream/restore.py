@@ -46,7 +46,7 @@ from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
-from immich_stream.store import SMALL_FACTOR, SMALL_OBJECT, Store
+from immich_stream.store import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 MARKER = ".immich-stream-restore"  # in the target while a restore is unfinished
 PARTIAL = ".immich-stream-partial"
 CHUNK = 1 << 20
-READ_CHUNK = 4 << 20  # up to this much of a download at a time, as the connection delivers it
-WRITE_BATCH = 2 << 20  # hashed and written in one trip to a worker thread
 
 
 @dataclass
@@ -248,18 +246,27 @@ class FileRestorer:
         return fd, partial
 
     @staticmethod
-    def write_hashed(fd: int, chunks: list[bytes], h: Any) -> None:
-        """Hash and write a batch of downloaded chunks (in a worker thread: sha256 of a
-        restore is seconds of CPU the event loop must not spend)."""
-        for chunk in chunks:
-            h.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+    def write_hashed(fd: int, data: memoryview, h: Any) -> None:
+        """Hash and write a piece of a download (in the thread that received it: see
+        Store.download; hashlib and os.write give the GIL up while they work)."""
+        h.update(data)
+        while data:
+            data = data[os.write(fd, data) :]
 
-    def finish_file(self, fd: int, partial: bytes, path: bytes, line: ManifestLine) -> None:
-        self._meta_fd(fd, line)
-        os.close(fd)
+    def finish_file(self, fd: int, partial: bytes, path: bytes, line: ManifestLine, h: Any, size: int) -> None:
+        """The size and sha256 checked against the manifest, owner, mode and mtime set, the
+        file renamed into place, in one trip to a worker thread. Closes fd, whatever happens."""
+        assert line.sha256 is not None
+        try:
+            if size != line.size or h.hexdigest() != line.sha256:
+                raise RepoError(
+                    f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                    f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                    "run `verify --read-data`"
+                )
+            self._meta_fd(fd, line)
+        finally:
+            os.close(fd)
         os.replace(partial, path)  # a symlink at path is replaced, not followed
 
     async def file(self, line: ManifestLine) -> None:
@@ -273,44 +280,29 @@ class FileRestorer:
         fd, partial = opened
         h = hashlib.sha256()
         size = 0
-        batch: list[bytes] = []
-        held = 0  # bytes of batch, held in the budget until written
 
-        async def write() -> None:
-            nonlocal size, held, batch
-            await asyncio.to_thread(self.write_hashed, fd, batch, h)
-            size += held
-            self.stats.bytes_downloaded += held
-            self.phase.update(held)
-            batch = []
-            await self.budget.release(held)
-            held = 0
+        def sink(data: memoryview) -> None:
+            nonlocal size
+            self.write_hashed(fd, data, h)
+            size += len(data)
 
+        # the download's receive buffer (the data goes from it to the file)
+        held = min(max(line.size, 1), CHUNK_SHARED)
         try:
+            await self.budget.acquire(held)
             try:
-                small = line.size <= SMALL_OBJECT
-                async for chunk in self.store.iter_object(self.repo.object_key(line.key), READ_CHUNK, small=small):
-                    await self.budget.acquire(len(chunk))
-                    held += len(chunk)
-                    batch.append(chunk)
-                    if held >= WRITE_BATCH:
-                        await write()
-                if batch:
-                    await write()
-            finally:
-                if held:
-                    await asyncio.shield(self.budget.release(held))
-            if size != line.size or h.hexdigest() != line.sha256:
-                raise RepoError(
-                    f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
-                    f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
-                    "run `verify --read-data`"
+                await self.store.download(
+                    self.repo.object_key(line.key), sink, line.size, small=line.size <= SMALL_OBJECT
                 )
-            await asyncio.to_thread(self.finish_file, fd, partial, path, line)
-            fd = -1
+            finally:
+                await asyncio.shield(self.budget.release(held))
+                self.stats.bytes_downloaded += size
+                self.phase.update(size)
+            owned, fd = fd, -1  # finish_file closes it
+            await asyncio.to_thread(self.finish_file, owned, partial, path, line, h, size)
         except BaseException:
             if fd >= 0:
-                os.close(fd)
+                os.close(fd)  # Store.download returned: nothing writes to it any more
             with contextlib.suppress(OSError):
                 os.unlink(partial)
             raise

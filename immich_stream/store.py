@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import email.utils
 import functools
 import hashlib
+import http.client
 import io
 import logging
 import os
 import random
+import socket
 import ssl
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -242,9 +247,9 @@ class _DirectBody:
         self._rest = b""
 
     async def read(self, n: int = -1) -> bytes:
-        """The next bytes as received, up to n: aiohttp's read(n) joins its buffered chunks
-        into one (a copy of every byte, in the event loop), readany() hands over the first
-        one as it came; a large chunk is sliced."""
+        """The next bytes as received, up to n: aiohttp's read(n) waits for n bytes and
+        joins them, readany() hands over whatever arrived (one chunk when the reader keeps
+        up); a chunk larger than n is sliced."""
         chunk, self._rest = self._rest or await self._resp.content.readany(), b""
         if 0 <= n < len(chunk):
             chunk, self._rest = chunk[:n], chunk[n:]
@@ -267,13 +272,23 @@ class _Direct:
     unchanged. A region redirect (which botocore follows) switches the Store back to
     aiobotocore for good."""
 
-    def __init__(self, client: Any, base: str, region: str, session: aiohttp.ClientSession, proxy: str | None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        base: str,
+        region: str,
+        session: aiohttp.ClientSession,
+        proxy: str | None,
+        settings: Settings,
+        sslctx: ssl.SSLContext | bool,
+    ) -> None:
         self._client = client
         self._proxy = proxy
         self._base = base.rstrip("/")
         self._region = region
         self._creds = client._request_signer._credentials
         self.session = session
+        self.fetcher = _Fetcher(base, sslctx, settings) if proxy is None else None
 
     @classmethod
     async def open(cls, client: Any, bucket: str, settings: Settings) -> _Direct | None:
@@ -307,7 +322,7 @@ class _Direct:
         proxies = urllib.request.getproxies()  # botocore's rule: the environment's proxy, unless no_proxy
         scheme, host = urllib.parse.urlsplit(url).scheme, urllib.parse.urlsplit(url).hostname or ""
         proxy = proxies.get(scheme) if not urllib.request.proxy_bypass(host) else None
-        return cls(client, url, region, session, proxy)
+        return cls(client, url, region, session, proxy, settings, sslctx)
 
     def url(self, key: str) -> str:
         return f"{self._base}/{urllib.parse.quote(key, safe='/~')}"
@@ -333,10 +348,13 @@ class _Direct:
                 raise _client_error(op, resp, body)
             return {k.lower(): v for k, v in resp.headers.items()}
 
-    async def get(self, key: str, offset: int) -> _DirectBody:
+    async def signed_get(self, key: str, offset: int) -> tuple[str, dict[str, str]]:
         url = self.url(key)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        signed = await self._signed("GET", url, headers, EMPTY_SHA256)
+        return url, await self._signed("GET", url, headers, EMPTY_SHA256)
+
+    async def get(self, key: str, offset: int) -> _DirectBody:
+        url, signed = await self.signed_get(key, offset)
         resp = await self.session.get(yarl.URL(url, encoded=True), headers=signed, proxy=self._proxy)
         if resp.status >= 300:
             try:
@@ -348,9 +366,13 @@ class _Direct:
 
 
 def _client_error(op: str, resp: aiohttp.ClientResponse, body: bytes) -> ClientError:
+    return _error_answer(op, resp.status, resp.reason or "", {k.lower(): v for k, v in resp.headers.items()}, body)
+
+
+def _error_answer(op: str, status: int, reason: str, headers: dict[str, str], body: bytes) -> ClientError:
     """The ClientError botocore raises for this answer: the S3 error Code and Message from
     the XML body, or the status code as the Code when there is none."""
-    code, message = str(resp.status), resp.reason or ""
+    code, message = str(status), reason
     if body:
         try:
             root = ElementTree.fromstring(body)
@@ -358,14 +380,139 @@ def _client_error(op: str, resp: aiohttp.ClientResponse, body: bytes) -> ClientE
             message = root.findtext("Message") or message
         except ElementTree.ParseError:
             pass
-    headers = {k.lower(): v for k, v in resp.headers.items()}
     return ClientError(
         {
             "Error": {"Code": code, "Message": message},
-            "ResponseMetadata": {"HTTPStatusCode": resp.status, "HTTPHeaders": headers},
+            "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers},
         },
         op,
     )
+
+
+class _Broken(ConnectionError):
+    """The connection failed or broke during a threaded GET (transient: resumed)."""
+
+
+class _SinkFailed(Exception):
+    """The caller's sink raised: its error, not S3's (never retried, raised as it was)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Fetcher:
+    """GET bodies read in worker threads over blocking keep-alive connections, straight
+    into a reused buffer that the caller's sink consumes (hashes and writes) in the same
+    thread.
+
+    Through aiohttp every byte of a download passed through the event loop's one thread
+    in 64 KiB pieces, copied twice (uvloop's read, the HTTP parser's body slice), then
+    again into a batch for a worker thread: a restore used 2.2 CPU seconds of the loop
+    per GiB, and on two cores shared with the S3 server (and anything else) the loop's
+    thread was the limit. Here a thread receives (recv_into, the GIL released), hashes
+    and writes 1 MiB at a time, and the loop only signs the request."""
+
+    def __init__(self, base: str, sslctx: ssl.SSLContext | bool, settings: Settings) -> None:
+        parts = urllib.parse.urlsplit(base)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        if sslctx is True:
+            sslctx = ssl.create_default_context()
+        elif sslctx is False:
+            sslctx = ssl.create_default_context()
+            sslctx.check_hostname = False
+            sslctx.verify_mode = ssl.CERT_NONE
+        self._ssl = sslctx
+        self._timeout = settings.read_timeout
+        self._idle: list[http.client.HTTPConnection] = []
+        self._buffers: list[bytearray] = []
+        self._lock = threading.Lock()
+        self.pool = concurrent.futures.ThreadPoolExecutor(settings.jobs * SMALL_FACTOR, thread_name_prefix="s3-get")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._ssl)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+
+    def fetch(
+        self,
+        url: str,
+        headers: dict[str, str],
+        size_hint: int,
+        sink: Callable[[memoryview], None],
+        received: Callable[[int], None],
+        current: list[http.client.HTTPConnection],
+        stop: threading.Event,
+    ) -> None:
+        """GET url into sink (blocking: in a worker thread). `received(n)` after each piece;
+        `current` holds the connection while in use, for the loop to shut down; `stop`
+        ends the transfer between pieces."""
+        target = urllib.parse.urlsplit(url)
+        path = target.path + ("?" + target.query if target.query else "")
+        conn = self._connection()
+        current.append(conn)
+        reusable = False
+        big = size_hint > CHUNK_SHARED
+        buf = self._buffer() if big else bytearray(max(size_hint, 1))
+        try:
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                if resp.status >= 300:
+                    body = resp.read()
+                    reusable = not resp.will_close
+                    answer = {k.lower(): v for k, v in resp.getheaders()}
+                    raise _error_answer("GetObject", resp.status, resp.reason or "", answer, body)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Broken(f"{type(exc).__name__}: {exc}") from exc
+            view = memoryview(buf)
+            while not stop.is_set():
+                try:
+                    n = resp.readinto(view)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Broken(f"{type(exc).__name__}: {exc}") from exc
+                if not n:
+                    if resp.length:  # http.client ends a body cut short quietly
+                        raise _Broken(f"the connection closed with {resp.length} bytes of the body to come")
+                    reusable = not resp.will_close
+                    return
+                try:
+                    sink(view[:n])
+                except BaseException as exc:
+                    raise _SinkFailed(exc) from exc
+                received(n)
+            raise _Broken("stopped")
+        finally:
+            current.remove(conn)
+            if big:
+                with self._lock:
+                    self._buffers.append(buf)
+            if reusable:
+                with self._lock:
+                    self._idle.append(conn)
+            else:
+                conn.close()
+
+    def _buffer(self) -> bytearray:
+        with self._lock:
+            if self._buffers:
+                return self._buffers.pop()
+        return bytearray(CHUNK_SHARED)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        self._buffers.clear()
+
+
+CHUNK_SHARED = MIB  # a larger download is read 1 MiB at a time into a reused buffer
 
 
 # Every Store open in this process: the CLI's S3-hang watchdog looks at all of them.
@@ -431,6 +578,8 @@ class Store:
         OPEN_STORES.discard(self)
         if self._direct is not None:
             await self._direct.session.close()
+            if self._direct.fetcher is not None:
+                await asyncio.to_thread(self._direct.fetcher.close)
             self._direct = None
         if self._cm is not None:
             await self._cm.__aexit__(None, None, None)
@@ -473,6 +622,8 @@ class Store:
                         del self._inflight[token]
                 self.last_answer = time.monotonic()
                 return result
+            except _SinkFailed as exc:  # the caller's own error (e.g. its disk is full)
+                raise exc.error from None
             except Exception as exc:  # classified below; non-transient errors are raised at once
                 # Neither an error, a timeout nor a retry is progress; nor is an answer to a
                 # small request (a lock refresh): callers touch() for bytes of data only.
@@ -581,6 +732,62 @@ class Store:
         )
         if progress:
             self.touch()
+
+    async def download(self, key: str, sink: Callable[[memoryview], None], size_hint: int, small: bool = False) -> None:
+        """The object's bytes into sink, in order, each exactly once, called in a worker
+        thread (see _Fetcher); a broken connection resumes where it stopped (Range). sink
+        must not keep the view it is given. When this returns or raises, sink is done being
+        called. Errors sink raises are raised as they are. `size_hint`: the expected size."""
+        d = self._direct
+        if d is None or d.fetcher is None:
+            async for chunk in self.iter_object(key, CHUNK_SHARED, small=small):
+                await asyncio.to_thread(sink, memoryview(chunk))
+            return
+        fetcher = d.fetcher
+        offset = 0
+
+        def received(n: int) -> None:
+            nonlocal offset
+            offset += n
+            self.last_answer = time.monotonic()  # a plain store: read by the watchdog in the loop
+
+        async def attempt() -> None:
+            url, headers = await d.signed_get(key, offset)
+            current: list[http.client.HTTPConnection] = []
+            stop = threading.Event()
+            job = fetcher.pool.submit(
+                fetcher.fetch, url, headers, max(size_hint - offset, 0), sink, received, current, stop
+            )
+            self._reading += 1
+            try:
+                await asyncio.wrap_future(job)
+            except asyncio.CancelledError:
+                # The thread cannot be cancelled: stop it, and break a receive that waits
+                # for a frozen server, then wait for it, so that sink is not called after.
+                stop.set()
+                for conn in list(current):
+                    with contextlib.suppress(OSError, AttributeError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wrap_future(job)
+                raise
+            finally:
+                self._reading -= 1
+
+        try:
+            await self._call(f"download {key}", attempt, small=small)
+        except StoreError as exc:
+            cause = exc.__cause__
+            if (
+                offset == 0
+                and isinstance(cause, ClientError)
+                and cause.response.get("Error", {}).get("Code") in _REDIRECT_CODES
+            ):
+                log.debug("S3 answered %s: requests go through botocore from now on", _short(cause))
+                self._direct = None
+                await self.download(key, sink, size_hint, small)
+                return
+            raise
 
     async def get(self, key: str) -> bytes:
         chunks = [c async for c in self.iter_object(key)]
