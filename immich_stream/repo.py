@@ -57,8 +57,8 @@ SUMMARY = "snapshot.json"  # written last: the commit marker
 JOURNAL_DIR = "journal/"
 # A journal chunk is written at least this often while its run reads files, and once this
 # many bytes were read or its compressed lines pass JOURNAL_MAX_PENDING.
-JOURNAL_SECONDS = 60.0
-JOURNAL_BYTES = 1 << 30
+JOURNAL_SECONDS = 15.0  # a small PUT; a kill loses at most this long of uploads (plus the order window)
+JOURNAL_BYTES = 256 << 20
 JOURNAL_MAX_PENDING = 1 << 20
 JOURNAL_MAX_OBJECT = 4 * JOURNAL_MAX_PENDING  # a chunk is read whole; a bigger one is not ours
 
