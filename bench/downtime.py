@@ -249,8 +249,9 @@ def main() -> None:
         label = "live pass (default)" if name == "live" else "--no-live-pass"
         print(f"{label:<24} {run:<20} {wall:>8.1f} {down:>14.1f}")
     print(
-        f"\nkilled at {killed_at / MIB:.0f} MiB sent ({killed_at / size:.0%} of the library); the next run sent "
-        f"{resumed / MIB:.0f} MiB ({resumed / size:.0%} of the library) in {wall:.1f} s, Immich down {down:.1f} s"
+        f"\nfirst backup reads {first / MIB:.0f} MiB (library {size / MIB:.0f}, data directory {pg_size / MIB:.0f}); "
+        f"killed at {killed_at / MIB:.0f} MiB sent ({killed_at / first:.0%}); the next run sent "
+        f"{resumed / MIB:.0f} MiB ({resumed / first:.0%}) in {k_wall:.1f} s, Immich down {k_down:.1f} s\n  {k_summary}"
     )
     for name, run, _, _, summary in rows:
         print(f"{name}, {run}:\n  {summary}")

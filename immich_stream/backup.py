@@ -489,6 +489,8 @@ class BackupRun:
 
     async def start_all(self) -> None:
         await self.guard.restore()
+        if self.guard.started_at is not None:  # the start call, not the stay-up check after it
+            self.timeline.setdefault("stack_started", round(self.guard.started_at - self.started, 3))
         self.mark("stack_started")
 
     # -- the whole transfer ---------------------------------------------------------------
