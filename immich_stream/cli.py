@@ -30,6 +30,7 @@ from immich_stream.errors import (
     EXIT_SIGHUP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    EXIT_THAWING,
     EXIT_UNSTABLE,
     AfterCommitError,
     ConfigError,
@@ -63,6 +64,11 @@ LOCAL_FLAGS = {
     "keep_monthly",
     "keep_yearly",
     "keep_within",
+    "storage_class",
+    "storage_class_library",
+    "storage_class_postgres",
+    "thaw_days",
+    "thaw_tier",
 }
 
 
@@ -120,6 +126,19 @@ def _transfer_options(p: argparse.ArgumentParser) -> None:
         _flag(g, name)
 
 
+def _thaw_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("archived objects (GLACIER, DEEP_ARCHIVE): thawed before they are read")
+    _flag(g, "thaw_days")
+    _flag(g, "thaw_tier")
+    g.add_argument(
+        "--no-wait",
+        dest="no_wait",
+        action="store_true",
+        help=f"request the thaws, then exit {EXIT_THAWING} instead of waiting; the same command run again "
+        "later carries on (thaws in progress are not requested twice)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_parser()
     parser = argparse.ArgumentParser(
@@ -159,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(b, "max_downtime")
     _flag(b, "lock_wait")
     _transfer_options(b)
+    g = b.add_argument_group("storage class of file data")
+    for name in ("storage_class", "storage_class_library", "storage_class_postgres"):
+        _flag(g, name)
     _policy_options(b)
 
     pr = sub.add_parser(
@@ -221,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "placeholders) into DIR, to rebuild a lost machine",
     )
     _transfer_options(r)
+    _thaw_options(r)
 
     d = sub.add_parser(
         "drill",
@@ -235,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image", metavar="IMAGE", help="PostgreSQL image to drill with (default: DB_CONTAINER's image)")
     d.add_argument("--files", type=int, default=0, metavar="N", help="also re-hash N random library files from S3")
     d.add_argument("--from-file", metavar="PATH", help="drill this pg_dump or pg_dumpall file (- for stdin) instead")
+    _thaw_options(d)
 
     v = sub.add_parser("verify", parents=[common], help="check that snapshots can be restored")
     v.add_argument("snapshot", nargs="?", default=None, help="a snapshot id, or latest (default)")
@@ -242,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--read-data", action="store_true", help="download everything and check every sha256")
     v.add_argument("--read-data-subset", metavar="N%", help="download and check a random N%% of the files")
     _transfer_options(v)
+    _thaw_options(v)
 
     sub.add_parser(
         "doctor",
@@ -492,6 +517,7 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
         [args.root] if args.root else None,
         args.include,
         args.overwrite,
+        wait=not args.no_wait,
     )
     print(
         f"restored snapshot {snap.id} into {args.to}: {st.files} files ({st.restored} downloaded, {st.skipped} "
@@ -526,7 +552,7 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
             raise ConfigError(
                 f"--read-data-subset {args.read_data_subset!r} is not a percentage: give one like 10%"
             ) from None
-    report = await verify(settings, reporter, args.snapshot, args.all_, fraction)
+    report = await verify(settings, reporter, args.snapshot, args.all_, fraction, wait=not args.no_wait)
     what = "read and checked" if fraction else "checked (sizes; add --read-data to check contents)"
     print(
         f"{len(report.snapshots)} snapshots, {report.objects} file references {what}, "
@@ -550,7 +576,9 @@ async def cmd_drill(args: argparse.Namespace, settings: cfg.Settings, reporter: 
 
     if args.files < 0:
         raise ConfigError(f"--files {args.files}: give a number of files, 0 or more")
-    report = await run_drill(settings, reporter, args.snapshot, args.image, args.files, args.from_file)
+    report = await run_drill(
+        settings, reporter, args.snapshot, args.image, args.files, args.from_file, wait=not args.no_wait
+    )
     # the human report (swallowed under --json, whose document carries the same)
     total = sum(t.restored or 0 for t in report.tables.values())
     lines = [

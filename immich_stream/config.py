@@ -31,6 +31,24 @@ S3_MIN_PART_SIZE = 5 * MIB
 
 STOP_MODES = ("all", "app", "none")
 CHECKSUMS = ("md5", "sha256", "crc32c")
+# S3's storage classes (x-amz-storage-class). GLACIER and DEEP_ARCHIVE objects must be thawed
+# (RestoreObject) before they can be read; GLACIER_IR is read like STANDARD_IA.
+STORAGE_CLASSES = (
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "REDUCED_REDUNDANCY",
+    "EXPRESS_ONEZONE",
+    "SNOW",
+    "OUTPOSTS",
+)
+THAW_TIERS = ("Standard", "Bulk", "Expedited")
+SSE_MODES = ("AES256", "aws:kms")
+SSE_C_KEY_BYTES = 32
 
 # Bounds of the numeric settings: outside them a value is a typo or a unit mistake, and
 # one noticed only after the stack was stopped costs downtime.
@@ -166,6 +184,36 @@ def parse_checksum(text: str) -> str:
     text = _text(text, "a checksum").strip().lower()
     if text not in CHECKSUMS:
         raise ValueError(f"{text!r} is not one of {', '.join(CHECKSUMS)}")
+    return text
+
+
+def parse_storage_class(text: str) -> str:
+    text = _text(text, "a storage class").strip().upper().replace("-", "_")
+    if text not in STORAGE_CLASSES:
+        raise ValueError(f"{text!r} is not an S3 storage class: one of {', '.join(STORAGE_CLASSES)}")
+    return text
+
+
+def parse_thaw_tier(text: str) -> str:
+    low = _text(text, "a thaw tier").strip().lower()
+    for tier in THAW_TIERS:
+        if tier.lower() == low:
+            return tier
+    raise ValueError(f"{text!r} is not one of {', '.join(THAW_TIERS)}")
+
+
+def parse_sse(text: str) -> str:
+    low = _text(text, "an encryption mode").strip().lower()
+    for mode in SSE_MODES:
+        if mode.lower() == low:
+            return mode
+    raise ValueError(f"{text!r} is not one of {', '.join(SSE_MODES)} (SSE-C: --sse-c-key-file)")
+
+
+def parse_kms_key_id(text: str) -> str:
+    text = _text(text, "a KMS key id").strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not a KMS key id, alias or ARN")
     return text
 
 
@@ -390,6 +438,85 @@ SETTINGS: tuple[Spec, ...] = (
         "sha256 or crc32c (x-amz-checksum-*: AWS, MinIO, SeaweedFS; not rclone serve s3)",
     ),
     Spec(
+        "storage_class",
+        ("s3", "storage_class"),
+        ("IMMICH_STREAM_STORAGE_CLASS",),
+        "--storage-class",
+        parse_storage_class,
+        "S3 storage class of file data (library and postgres objects), e.g. STANDARD_IA, GLACIER_IR, "
+        "DEEP_ARCHIVE; manifests, snapshot.json, the dump and locks are always STANDARD",
+    ),
+    Spec(
+        "storage_class_library",
+        ("s3", "storage_class_library"),
+        ("IMMICH_STREAM_STORAGE_CLASS_LIBRARY",),
+        "--storage-class-library",
+        parse_storage_class,
+        "storage class of the library's objects (default: --storage-class)",
+    ),
+    Spec(
+        "storage_class_postgres",
+        ("s3", "storage_class_postgres"),
+        ("IMMICH_STREAM_STORAGE_CLASS_POSTGRES",),
+        "--storage-class-postgres",
+        parse_storage_class,
+        "storage class of the Postgres data directory's objects (default: --storage-class)",
+    ),
+    Spec(
+        "thaw_days",
+        ("s3", "thaw_days"),
+        ("IMMICH_STREAM_THAW_DAYS",),
+        "--thaw-days",
+        parse_int,
+        "restore, drill, verify --read-data: how many days a thawed copy of a GLACIER/DEEP_ARCHIVE object stays",
+        low=1,
+        high=30,
+    ),
+    Spec(
+        "thaw_tier",
+        ("s3", "thaw_tier"),
+        ("IMMICH_STREAM_THAW_TIER",),
+        "--thaw-tier",
+        parse_thaw_tier,
+        "the thaw's speed and price: Standard (3-5 h; DEEP_ARCHIVE 12 h), Bulk (cheapest, 5-12 h; 48 h), "
+        "Expedited (1-5 min, GLACIER only)",
+    ),
+    Spec(
+        "thaw_poll",
+        ("s3", "thaw_poll"),
+        ("IMMICH_STREAM_THAW_POLL",),
+        None,
+        parse_duration,
+        "how often a waiting restore asks whether archived objects are thawed",
+        low=60,
+        high=DAY,
+    ),
+    Spec(
+        "sse",
+        ("s3", "sse"),
+        ("IMMICH_STREAM_SSE",),
+        "--sse",
+        parse_sse,
+        "server-side encryption of every object written: AES256 (SSE-S3) or aws:kms (SSE-KMS)",
+    ),
+    Spec(
+        "sse_kms_key_id",
+        ("s3", "sse_kms_key_id"),
+        ("IMMICH_STREAM_SSE_KMS_KEY_ID",),
+        "--sse-kms-key-id",
+        parse_kms_key_id,
+        "with --sse aws:kms: the KMS key (id, alias or ARN; default: the account's aws/s3 key)",
+    ),
+    Spec(
+        "sse_c_key_file",
+        ("s3", "sse_c_key_file"),
+        ("IMMICH_STREAM_SSE_C_KEY_FILE",),
+        "--sse-c-key-file",
+        parse_path,
+        "SSE-C: a file of exactly 32 random bytes (mode 600) that every request for an object's bytes carries; "
+        "losing it loses the backup",
+    ),
+    Spec(
         "stop",
         ("backup", "stop"),
         ("IMMICH_STREAM_STOP",),
@@ -603,6 +730,15 @@ class Settings:
     verify_tls: bool = True
     ca_bundle: Path | None = None
     checksum: str = "md5"
+    storage_class: str | None = None
+    storage_class_library: str | None = None
+    storage_class_postgres: str | None = None
+    thaw_days: int = 7
+    thaw_tier: str = "Standard"
+    thaw_poll: float = 300.0
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    sse_c_key_file: Path | None = None
     stop: str = "all"
     live_pass: bool = True
     jobs: int = 8
@@ -890,6 +1026,17 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")
     if s.immich_dir is not None:
         s.require_dir("immich_dir")
+    if s.sse_kms_key_id is not None and s.sse != "aws:kms":
+        raise ConfigError(
+            f"sse_kms_key_id (from {s.sources['sse_kms_key_id']}) needs --sse aws:kms: add it, or drop the key id"
+        )
+    if s.sse_c_key_file is not None:
+        if s.sse is not None:
+            raise ConfigError(
+                f"sse {s.sse} (from {s.sources['sse']}) and sse_c_key_file (from {s.sources['sse_c_key_file']}) "
+                "exclude each other: choose SSE-S3/KMS or SSE-C"
+            )
+        read_sse_c_key(s.sse_c_key_file, s.sources["sse_c_key_file"])
     if s.metrics_file is not None:  # found out at the end of a night's backup would be too late
         where = s.sources["metrics_file"]
         if s.metrics_file.is_dir():
@@ -901,6 +1048,39 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
                 f"metrics_file {s.metrics_file} (from {where}): directory {s.metrics_file.parent} does not "
                 "exist: create it (node_exporter's --collector.textfile.directory) or fix the path"
             )
+
+
+def storage_class_for(s: Settings, root: str) -> str | None:
+    """The storage class of a root's file objects: its own setting, else --storage-class."""
+    own: str | None = getattr(s, f"storage_class_{root}", None)
+    return own or s.storage_class
+
+
+def read_sse_c_key(path: Path, source: str = "settings") -> bytes:
+    """The SSE-C key: exactly 32 bytes, in a file only its owner may read (the key is the
+    backup: whoever reads it reads every object, whoever loses it loses them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            f"sse_c_key_file {path} (from {source}) cannot be read ({exc.strerror}): fix the path"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"sse_c_key_file {path} (from {source}) is readable by group or others (mode "
+                f"{st.st_mode & 0o777:o}): chmod 600 {path}"
+            )
+        key = os.read(fd, SSE_C_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(key) != SSE_C_KEY_BYTES:
+        raise ConfigError(
+            f"sse_c_key_file {path} (from {source}) must hold exactly {SSE_C_KEY_BYTES} raw bytes, not "
+            f"{'more' if len(key) > SSE_C_KEY_BYTES else len(key)}: make one with `head -c 32 /dev/urandom > FILE`"
+        )
+    return key
 
 
 def describe(s: Settings) -> list[tuple[str, str, str]]:

@@ -40,6 +40,7 @@ from immich_stream.restore import file_sql, prepare_dump, psql_stream, snapshot_
 from immich_stream.session import open_repo
 from immich_stream.stack import connect
 from immich_stream.store import Store
+from immich_stream.thaw import thaw
 from immich_stream.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,14 @@ async def earthdistance_check(docker: aiodocker.Docker, container: str, user: st
 
 
 async def check_files(
-    store: Store, repo: Repo, snap: Snapshot, n: int, report: DrillReport, reporter: Reporter
+    store: Store,
+    repo: Repo,
+    snap: Snapshot,
+    n: int,
+    report: DrillReport,
+    reporter: Reporter,
+    settings: Settings,
+    wait: bool = True,
 ) -> None:
     """Re-hash n randomly chosen library files from S3 against the manifest."""
     rng = random.Random()
@@ -302,6 +310,8 @@ async def check_files(
             sample.append(line)
         elif (j := rng.randrange(seen)) < n:
             sample[j] = line
+    # the sample's archived objects (GLACIER, DEEP_ARCHIVE) thawed first: a HEAD each tells
+    await thaw(store, [repo.object_key(x.key) for x in sample if x.key], settings, reporter, wait, check_class=True)
     phase = reporter.phase("drill files", sum(line.size for line in sample))
     try:
         for line in sample:
@@ -343,6 +353,7 @@ async def run_drill(
     image: str | None = None,
     files: int = 0,
     from_file: str | None = None,
+    wait: bool = True,
 ) -> DrillReport:
     started = time.monotonic()
     async with connect() as docker, contextlib.AsyncExitStack() as exits:
@@ -433,7 +444,7 @@ async def run_drill(
             phase.close()
         if files and snap is not None and store is not None and repo is not None:
             try:
-                await check_files(store, repo, snap, files, report, reporter)
+                await check_files(store, repo, snap, files, report, reporter, settings, wait)
             except StoreError as exc:
                 report.mismatches.append(f"library files: {exc}")
     report.seconds = time.monotonic() - started

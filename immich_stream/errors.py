@@ -12,6 +12,9 @@ EXIT_INCOMPLETE = 3  # snapshot committed, but some files could not be read
 EXIT_SUSPICIOUS = 4  # the library looks unmounted, empty or shrunk: refused, nothing stopped or committed
 EXIT_UNSTABLE = 5  # snapshot committed, but a container did not stay running after the restart
 EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune asked for with --prune failed
+EXIT_THAWING = (
+    75  # restore/drill/verify --no-wait: thaws of archived objects requested; run it again later (EX_TEMPFAIL)
+)
 EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -74,6 +77,12 @@ class LockError(ImmichStreamError):
 
 class ProblemsFound(ImmichStreamError):
     """restore or verify finished, but listed problems (files not restored, objects missing or corrupt)."""
+
+
+class ThawPending(ImmichStreamError):
+    """--no-wait: objects in GLACIER/DEEP_ARCHIVE are being thawed; the same command run later carries on."""
+
+    exit_code = EXIT_THAWING
 
 
 class AfterCommitError(ImmichStreamError):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from immich_stream.budget import ByteBudget
-from immich_stream.config import env_duration
+from immich_stream.config import env_duration, storage_class_for
 from immich_stream.errors import RepoError, StoreError
 from immich_stream.store import Store, StreamWriter
 from immich_stream.summary import SnapshotSummary
@@ -365,6 +365,16 @@ class Repo:
         self.store = store
         self.prefix = prefix.strip("/")
         self.lock: RepoLock | None = None  # set by session.open_repo while it holds one
+        store.storage_class_for = self.storage_class_for
+
+    def storage_class_for(self, key: str) -> str | None:
+        """The configured storage class of an object to be written: file data
+        (data/<id>/<root>/...) only; everything else (manifests, snapshot.json, journals, the
+        dump, config.json, locks) stays STANDARD so listing, verify and restore never wait."""
+        parts = self.relative_key(key).split("/", 3) if key.startswith(self._k("")) else []
+        if len(parts) == 4 and parts[0] == "data" and parts[2] in ROOTS:
+            return storage_class_for(self.store.settings, parts[2])
+        return None
 
     def _k(self, rest: str) -> str:
         return f"{self.prefix}/{rest}" if self.prefix else rest

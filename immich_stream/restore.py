@@ -43,10 +43,11 @@ from immich_stream.postgres import (
 )
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, unescape_path
+from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
+from immich_stream.thaw import archived_digests, thaw
 from immich_stream.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,7 @@ async def restore_files(
     roots: list[str] | None,
     includes: list[str],
     overwrite: bool,
+    wait: bool = True,
 ) -> tuple[Snapshot, RestoreStats]:
     started = time.monotonic()
     stats = RestoreStats()
@@ -346,6 +348,7 @@ async def restore_files(
         _check_target(target, snap, overwrite)
         await asyncio.to_thread(_mark_target, target, snap.id)
         wanted = set(roots or ROOTS)
+        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait)
         everything = not includes and wanted >= set(snap.summary.roots)
         total = (snap.summary.files.bytes_total or None) if everything else None
         phase = reporter.phase("restore files", total)
@@ -422,6 +425,23 @@ async def restore_files(
             (target / MARKER).unlink(missing_ok=True)
     stats.seconds = time.monotonic() - started
     return snap, stats
+
+
+async def _thaw_needed(
+    repo: Repo, snap: Snapshot, settings: Settings, reporter: Reporter, roots: set[str], includes: list[str], wait: bool
+) -> None:
+    """Thaw the archived objects (GLACIER, DEEP_ARCHIVE) this restore will download, before
+    any download starts (see thaw.py); one listing of data/ when none is archived."""
+    archived = await archived_digests(repo)
+    if not archived:
+        return
+    needed: dict[bytes, str] = {}
+    async for line in repo.read_manifest(snap.id):
+        if line.type == "file" and line.key is not None and _matches(line, roots, includes):
+            d = key_digest(line.key)
+            if d in archived:
+                needed.setdefault(d, repo.object_key(line.key))
+    await thaw(repo.store, needed.values(), settings, reporter, wait)
 
 
 async def snapshot_sql(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:

@@ -46,7 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from immich_stream import cleanup
 from immich_stream.budget import ByteBudget
-from immich_stream.config import Settings
+from immich_stream.config import Settings, read_sse_c_key
 from immich_stream.errors import ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ class _Direct:
         self._creds = client._request_signer._credentials
         self.session = session
         self.fetcher = _Fetcher(base, sslctx, settings) if proxy is None else None
+        self.sse_c: dict[str, str] = {}  # SSE-C headers every GET carries (set by Store)
 
     @classmethod
     async def open(cls, client: Any, bucket: str, settings: Settings) -> _Direct | None:
@@ -351,6 +352,7 @@ class _Direct:
     async def signed_get(self, key: str, offset: int) -> tuple[str, dict[str, str]]:
         url = self.url(key)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        headers.update(self.sse_c)
         return url, await self._signed("GET", url, headers, EMPTY_SHA256)
 
     async def get(self, key: str, offset: int) -> _DirectBody:
@@ -524,6 +526,18 @@ class ObjectInfo:
     key: str
     size: int
     last_modified: Any = None
+    storage_class: str | None = None  # as listed (None: the server did not say, i.e. STANDARD)
+
+
+@dataclass
+class HeadInfo:
+    size: int
+    storage_class: str  # STANDARD when the server sends no x-amz-storage-class
+    restore: str | None  # x-amz-restore: None (no thaw requested), 'ongoing-request="true"' ...
+
+
+# Classes whose objects must be thawed (RestoreObject) before a GET; GLACIER_IR need not.
+ARCHIVED_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
 
 class Store:
@@ -546,6 +560,22 @@ class Store:
         # budget bounds its memory as it bounds every other buffer
         self._limit = asyncio.Semaphore(settings.jobs)
         self._small_limit = asyncio.Semaphore(settings.jobs * SMALL_FACTOR)
+        # The storage class of an object about to be written, by its key (repo.Repo sets
+        # it: only repo.py knows which keys are file data). None: no header (STANDARD).
+        self.storage_class_for: Callable[[str], str | None] = lambda key: None
+        # SSE-C: the key rides on every request for an object's bytes (PUT, parts, GET,
+        # HEAD); never logged, never in an error message.
+        self._sse_c_headers: dict[str, str] = {}
+        self._sse_c_kw: dict[str, Any] = {}
+        if settings.sse_c_key_file is not None:
+            key = read_sse_c_key(settings.sse_c_key_file)
+            self._sse_c_headers = {
+                "x-amz-server-side-encryption-customer-algorithm": "AES256",
+                "x-amz-server-side-encryption-customer-key": base64.b64encode(key).decode(),
+                "x-amz-server-side-encryption-customer-key-MD5": md5_b64(key),
+            }
+            self._sse_c_kw = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key}
+        self._sse_unconfirmed = False  # warned once that the server did not confirm SSE
 
     async def __aenter__(self) -> Store:
         import aioboto3
@@ -571,6 +601,8 @@ class Store:
         self._client.meta.events.register_last("before-call.s3", _drop_expect_header)
         if os.environ.get("IMMICH_STREAM_BOTOCORE_ONLY", "") in ("", "0"):  # the slow path, for comparison
             self._direct = await _Direct.open(self._client, self.bucket, s)
+            if self._direct is not None:
+                self._direct.sse_c = self._sse_c_headers
         OPEN_STORES.add(self)
         return self
 
@@ -659,6 +691,27 @@ class Store:
                     f"{what}: S3 refused the request because this machine's clock is off{off} ({code}): check it "
                     "with `date -u`, and enable NTP (`timedatectl set-ntp true`)"
                 )
+            reading = what.startswith(("download", "look up"))
+            if reading and code in ("InvalidRequest", "InvalidArgument", "400", "BadRequest"):
+                if not self._sse_c_headers:
+                    return StoreError(
+                        f"{what}: S3 refused to serve it ({code}): it may be encrypted with SSE-C: give its key "
+                        "with --sse-c-key-file"
+                    )
+                return StoreError(
+                    f"{what}: S3 refused to serve it ({code}): it may not be SSE-C encrypted, or not with the key "
+                    "in --sse-c-key-file"
+                )
+            if reading and self._sse_c_headers and code in ("AccessDenied", "403"):
+                return StoreError(
+                    f"{what}: S3 refused access ({code}): the key in --sse-c-key-file may not be the one the "
+                    "object was written with (or the credentials lack permission)"
+                )
+            if code == "InvalidObjectState":
+                return StoreError(
+                    f"{what}: the object is archived (GLACIER/DEEP_ARCHIVE) and not thawed: restore, drill and "
+                    "verify --read-data thaw what they read first; run one of them"
+                )
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist on {where}: create it or fix S3_BUCKET")
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"):
@@ -722,16 +775,64 @@ class Store:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, _CHECK_PARAMS[self.checksum]: value}
         if content_type:
             kw["ContentType"] = headers["Content-Type"] = content_type
-        await self._call(
+        extra_headers, extra_kw = self._write_options(key)
+        headers.update(extra_headers)
+        kw.update(extra_kw)
+
+        async def slow() -> dict[str, str]:
+            resp = await self._client.put_object(Body=_Body(data, sha256), **kw)
+            return dict(resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+
+        answer = await self._call(
             f"upload {key}",
-            lambda: self._direct_or(
-                lambda d: d.put("PutObject", key, data, headers, sha256),
-                lambda: self._client.put_object(Body=_Body(data, sha256), **kw),
-            ),
+            lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, sha256), slow),
             small=len(data) <= SMALL_OBJECT,
         )
+        self._check_sse(key, answer)
         if progress:
             self.touch()
+
+    def _write_options(self, key: str) -> tuple[dict[str, str], dict[str, Any]]:
+        """(headers, botocore parameters) a PutObject or CreateMultipartUpload of key carries:
+        its storage class (file data only), server-side encryption."""
+        headers: dict[str, str] = {}
+        kw: dict[str, Any] = {}
+        storage_class = self.storage_class_for(key)
+        if storage_class and storage_class != "STANDARD":
+            headers["x-amz-storage-class"] = kw["StorageClass"] = storage_class
+        if self.settings.sse:
+            headers["x-amz-server-side-encryption"] = kw["ServerSideEncryption"] = self.settings.sse
+            if self.settings.sse_kms_key_id:
+                headers["x-amz-server-side-encryption-aws-kms-key-id"] = kw["SSEKMSKeyId"] = (
+                    self.settings.sse_kms_key_id
+                )
+        headers.update(self._sse_c_headers)
+        kw.update(self._sse_c_kw)
+        return headers, kw
+
+    def _check_sse(self, key: str, answer: dict[str, str]) -> None:
+        """The server's answer to a write names the encryption it applied: a different one
+        fails the run; none at all (a server that does not say) is warned about once."""
+        if self.settings.sse:
+            name, wanted = "x-amz-server-side-encryption", self.settings.sse
+        elif self._sse_c_headers:
+            name, wanted = "x-amz-server-side-encryption-customer-algorithm", "AES256"
+        else:
+            return
+        got = {k.lower(): v for k, v in answer.items()}.get(name)
+        if got is None:
+            if not self._sse_unconfirmed:
+                self._sse_unconfirmed = True
+                log.warning(
+                    "S3 at %s did not confirm server-side encryption (no %s in its answer): check that it supports it",
+                    self.settings.endpoint_url or "AWS",
+                    name,
+                )
+        elif got != wanted:
+            raise StoreError(
+                f"upload {key}: S3 applied server-side encryption {got!r}, not the {wanted!r} asked for: "
+                "check the bucket's default encryption and --sse"
+            )
 
     async def download(self, key: str, sink: Callable[[memoryview], None], size_hint: int, small: bool = False) -> None:
         """The object's bytes into sink, in order, each exactly once, called in a worker
@@ -802,7 +903,7 @@ class Store:
 
             async def open_body(offset: int = offset) -> Any:
                 async def slow() -> Any:
-                    kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+                    kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw}
                     if offset:
                         kw["Range"] = f"bytes={offset}-"
                     return (await self._client.get_object(**kw))["Body"]
@@ -833,17 +934,42 @@ class Store:
 
     async def head(self, key: str) -> int | None:
         """The object's size, or None when it does not exist."""
+        info = await self.head_info(key)
+        return None if info is None else info.size
 
-        async def go() -> int | None:
+    async def head_info(self, key: str) -> HeadInfo | None:
+        """The object's size, storage class and thaw state, or None when it does not exist."""
+
+        async def go() -> HeadInfo | None:
             try:
-                resp = await self._client.head_object(Bucket=self.bucket, Key=key)
+                resp = await self._client.head_object(Bucket=self.bucket, Key=key, **self._sse_c_kw)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-            return int(resp["ContentLength"])
+            return HeadInfo(int(resp["ContentLength"]), resp.get("StorageClass") or "STANDARD", resp.get("Restore"))
 
         return await self._call(f"look up {key}", go)
+
+    async def restore_object(self, key: str, days: int, tier: str) -> str:
+        """Ask S3 to thaw an archived object for `days`: "requested" (202), "thawed" (200: a
+        thawed copy is there already, its expiry extended) or "in progress" (409
+        RestoreAlreadyInProgress: asked for before, not an error)."""
+
+        async def go() -> str:
+            try:
+                resp = await self._client.restore_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    RestoreRequest={"Days": days, "GlacierJobParameters": {"Tier": tier}},
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "RestoreAlreadyInProgress":
+                    return "in progress"
+                raise
+            return "thawed" if resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 else "requested"
+
+        return await self._call(f"thaw {key}", go, small=True)
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         token: str | None = None
@@ -853,7 +979,7 @@ class Store:
                 kw["ContinuationToken"] = token
             resp = await self._call(f"list {prefix}", functools.partial(self._client.list_objects_v2, **kw))
             for item in resp.get("Contents", []):
-                yield ObjectInfo(item["Key"], int(item["Size"]), item.get("LastModified"))
+                yield ObjectInfo(item["Key"], int(item["Size"]), item.get("LastModified"), item.get("StorageClass"))
             if not resp.get("IsTruncated"):
                 return
             token = resp["NextContinuationToken"]
@@ -879,7 +1005,9 @@ class Store:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if self.checksum in _CHECK_ALGORITHMS:  # AWS wants the parts' algorithm declared up front
             kw["ChecksumAlgorithm"] = _CHECK_ALGORITHMS[self.checksum]
+        kw.update(self._write_options(key)[1])
         resp = await self._call(f"start upload of {key}", lambda: self._client.create_multipart_upload(**kw))
+        self._check_sse(key, resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
         return str(resp["UploadId"])
 
     async def upload_part(
@@ -891,8 +1019,9 @@ class Store:
         query = f"?partNumber={number}&uploadId={urllib.parse.quote(upload_id, safe='~')}"
 
         async def direct(d: _Direct) -> str:
-            headers = await d.put("UploadPart", key, data, {CHECK_HEADERS[self.checksum]: value}, sha256, query)
-            return headers["etag"]
+            headers = {CHECK_HEADERS[self.checksum]: value, **self._sse_c_headers}
+            answer = await d.put("UploadPart", key, data, headers, sha256, query)
+            return answer["etag"]
 
         async def slow() -> str:
             resp = await self._client.upload_part(
@@ -902,6 +1031,7 @@ class Store:
                 PartNumber=number,
                 Body=_Body(data, sha256),
                 **{param: value},
+                **self._sse_c_kw,
             )
             return str(resp["ETag"])
 
@@ -921,7 +1051,7 @@ class Store:
         await self._call(
             f"finish upload of {key}",
             lambda: self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}, **self._sse_c_kw
             ),
         )
         self.touch()

@@ -21,7 +21,8 @@ from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
 from immich_stream.session import open_repo
-from immich_stream.store import Store
+from immich_stream.store import ARCHIVED_CLASSES, Store
+from immich_stream.thaw import thaw
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class VerifyReport:
 
 
 async def verify(
-    settings: Settings, reporter: Reporter, which: str | None, all_: bool, read_fraction: float
+    settings: Settings, reporter: Reporter, which: str | None, all_: bool, read_fraction: float, wait: bool = True
 ) -> VerifyReport:
     started = time.monotonic()
     report = VerifyReport()
@@ -50,9 +51,22 @@ async def verify(
         if not snaps:
             raise RepoError(f"no snapshots in s3://{store.bucket}/{repo.prefix}: run `backup` first")
         listing: dict[bytes, int] = {}
+        archived: set[bytes] = set()  # GLACIER, DEEP_ARCHIVE: sizes need no thaw, contents do
         base = repo.data_prefix()
         async for obj in store.list_objects(base):
-            listing[key_digest(repo.relative_key(obj.key))] = obj.size
+            d = key_digest(repo.relative_key(obj.key))
+            listing[d] = obj.size
+            if obj.storage_class in ARCHIVED_CLASSES:
+                archived.add(d)
+        if read_fraction > 0 and archived:
+            # --read-data(-subset) thaws every archived object the snapshots reference first,
+            # with the same --thaw-days/--thaw-tier/--no-wait as restore
+            needed: dict[bytes, str] = {}
+            for snap in snaps:
+                async for line in repo.read_manifest(snap.id):
+                    if line.type == "file" and line.key is not None and key_digest(line.key) in archived:
+                        needed.setdefault(key_digest(line.key), repo.object_key(line.key))
+            await thaw(store, needed.values(), settings, reporter, wait)
         read_done: set[bytes] = set()
         rng = random.Random()
         for snap in snaps:

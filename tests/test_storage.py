@@ -1,0 +1,247 @@
+"""Storage classes, thawing archived objects, and server-side encryption.
+
+Storage classes and RestoreObject: moto's server, which keeps an object's class, refuses a
+GET of a GLACIER/DEEP_ARCHIVE object until it is thawed, and answers x-amz-restore. How
+fast a thaw finishes is moto's "s3::keyrestore" state transition (set over its HTTP API):
+`manual` with times=1 moves a thaw one step (none -> in progress -> done) per HEAD.
+
+SSE-C: of the three test servers only SeaweedFS honours it (a GET without the key is
+refused); moto and rclone serve s3 accept the headers and ignore them. SSE-S3 (AES256):
+moto and SeaweedFS answer x-amz-server-side-encryption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from immich_stream import config
+from immich_stream.budget import ByteBudget
+from immich_stream.store import MultipartUpload, Store
+from tests.conftest import KEY, SECRET, ImmichStack, S3Server, base_env, moto_env
+from tests.faultproxy import FaultProxy
+from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
+
+MIB = 1024 * 1024
+EXIT_THAWING = 75
+
+
+def set_restore_speed(moto: S3Server, transition: dict[str, object] | None) -> None:
+    """How moto's server finishes thaws (None: its default, at once)."""
+    path = "set-transition" if transition else "unset-transition"
+    body: dict[str, object] = {"model_name": "s3::keyrestore"}
+    if transition:
+        body["transition"] = transition
+    req = urllib.request.Request(
+        f"{moto.endpoint}/moto-api/state-manager/{path}", data=json.dumps(body).encode(), method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+
+
+@pytest.fixture
+def slow_thaws(moto_s3: S3Server) -> Iterator[None]:
+    set_restore_speed(moto_s3, {"progression": "manual", "times": 1})
+    try:
+        yield
+    finally:
+        set_restore_speed(moto_s3, None)
+
+
+def classes(bucket: Bucket) -> dict[str, str]:
+    out = {}
+    for page in bucket.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=bucket.prefix + "/"):
+        for item in page.get("Contents", []):
+            out[item["Key"][len(bucket.prefix) + 1 :]] = item.get("StorageClass", "STANDARD")
+    return out
+
+
+def digests(root: Path) -> dict[bytes, str]:
+    return {rel: file_digest(p) for rel, p in tree(root).items() if b".immich-stream" not in rel}
+
+
+def restore_posts(proxy: FaultProxy) -> int:
+    return sum(1 for method, path, _ in proxy.requests if method == "POST" and "restore" in path)
+
+
+def test_file_data_gets_its_class_metadata_stays_standard_and_archived_restore_waits_for_thaws(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, slow_thaws: None, tmp_path: Path
+) -> None:
+    make_library(stack.library, photos=8, large=[6 * MIB])  # the large file goes up in parts
+    env = moto_env(env, moto_s3)
+    env.update({"IMMICH_STREAM_PART_SIZE": "5MiB", "IMMICH_STREAM_STORAGE_CLASS": "STANDARD_IA"})
+    r = run_cli("backup", "--storage-class-library", "deep_archive", "--sse", "AES256", env=env)
+    assert r.code == 0, r.err
+    bucket = Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET)
+    listed = classes(bucket)
+    library = {k: c for k, c in listed.items() if k.startswith("data/") and k.split("/")[2] == "library"}
+    postgres = {k: c for k, c in listed.items() if k.startswith("data/") and k.split("/")[2] == "postgres"}
+    rest = {k: c for k, c in listed.items() if not k.startswith("data/")}
+    assert library and set(library.values()) == {"DEEP_ARCHIVE"}
+    assert postgres and set(postgres.values()) == {"STANDARD_IA"}  # from the environment
+    assert any(k.endswith("/snapshot.json") for k in rest) and any(k.endswith("database.sql.gz") for k in rest)
+    assert set(rest.values()) == {"STANDARD"}, rest  # listing and verify never need a thaw
+    big = next(k for k in library if k.endswith("large-0.mp4"))
+    for key in (big, next(k for k in rest if k.endswith("snapshot.json"))):
+        assert bucket.s3.head_object(Bucket=bucket.name, Key=f"immich-backup/{key}")["ServerSideEncryption"] == "AES256"
+
+    r = run_cli("verify", env=env)  # sizes from the listing: no GET of an archived object
+    assert r.code == 0, r.err
+    assert "no problems" in r.out
+
+    target = tmp_path / "restored"
+    env["IMMICH_STREAM_THAW_POLL"] = "1s"
+    r = run_cli("restore", "--root", "library", "--to", str(target), "--thaw-tier", "bulk", env=env)
+    assert r.code == 0, r.err
+    n = len(library)
+    assert f"0 of {n} archived objects thawed ({n} thaws requested now, tier Bulk, kept 7 days)" in r.err
+    assert f"{n} of {n} archived objects thawed" in r.err
+    assert digests(target) == digests(stack.library)
+
+
+def test_no_wait_exits_and_the_same_command_later_restores(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, slow_thaws: None, proxy_factory: type[FaultProxy], tmp_path: Path
+) -> None:
+    make_library(stack.library, photos=5)
+    env = moto_env(env, moto_s3)
+    assert run_cli("backup", "--stop", "none", "--storage-class", "GLACIER", env=env).code == 0
+    proxy = proxy_factory(env["S3_ENDPOINT_URL"])
+    env["S3_ENDPOINT_URL"] = proxy.endpoint
+    target = tmp_path / "restored"
+    args = ("restore", "--root", "library", "--to", str(target), "--no-wait", "--thaw-days", "2")
+
+    r = run_cli(*args, env=env)
+    assert r.code == EXIT_THAWING, r.err
+    assert "archived objects are still being thawed" in r.last_error
+    assert "run the same command again later" in r.last_error
+    requested = restore_posts(proxy)
+    assert requested > 0
+    assert not [p for p in tree(target) if b".immich-stream" not in p]  # nothing downloaded yet
+
+    r = run_cli(*args, env=env)  # the thaws are in progress: not requested again
+    assert r.code == EXIT_THAWING, r.err
+    assert restore_posts(proxy) == requested
+
+    set_restore_speed(moto_s3, None)  # the thaws finish
+    r = run_cli(*args, env=env)
+    assert r.code == 0, r.err
+    assert restore_posts(proxy) == requested
+    assert digests(target) == digests(stack.library)
+
+    r = run_cli("verify", "--read-data", env=env)  # thawed: the contents can be read
+    assert r.code == 0, r.err
+
+
+@pytest.mark.parametrize(
+    "args, extra, message",
+    [
+        (["--storage-class", "GLACEIR"], {}, "storage_class from flag --storage-class is invalid: 'GLACEIR'"),
+        ([], {"IMMICH_STREAM_STORAGE_CLASS_LIBRARY": "cold"}, "storage_class_library from env"),
+        (["--sse", "aes"], {}, "sse from flag --sse is invalid"),
+        (["--sse-kms-key-id", "alias/x"], {}, "needs --sse aws:kms"),
+    ],
+)
+def test_bad_storage_settings_are_one_line_errors_before_anything_runs(
+    tmp_path: Path, args: list[str], extra: dict[str, str], message: str
+) -> None:
+    env = base_env(tmp_path) | extra | {"S3_BUCKET": "b", "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+    r = run_cli("backup", *args, env=env)
+    assert r.code == 2, r.err
+    assert message in r.last_error
+    assert len(r.err.strip().splitlines()) == 1
+
+
+def test_sse_c_key_file_must_be_32_private_bytes(tmp_path: Path) -> None:
+    env = base_env(tmp_path) | {"S3_BUCKET": "b", "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+    key = tmp_path / "sse.key"
+    key.write_bytes(os.urandom(31))
+    key.chmod(0o600)
+    r = run_cli("snapshots", "--sse-c-key-file", str(key), env=env)
+    assert r.code == 2 and "must hold exactly 32 raw bytes, not 31" in r.last_error
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o640)
+    r = run_cli("snapshots", "--sse-c-key-file", str(key), env=env)
+    assert r.code == 2 and "readable by group or others (mode 640): chmod 600" in r.last_error
+    r = run_cli("snapshots", "--sse-c-key-file", str(key), "--sse", "AES256", env=env)
+    assert r.code == 2 and "exclude each other" in r.last_error
+
+
+def store_settings(endpoint: str, bucket: str, tmp: Path, key_file: Path | None) -> config.Settings:
+    env = {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "S3_ENDPOINT_URL": endpoint,
+        "S3_BUCKET": bucket,
+        "S3_PATH_STYLE": "true",
+        "IMMICH_STREAM_RETRIES": "2",
+        "HOME": str(tmp),
+    }
+    if key_file is not None:
+        env["IMMICH_STREAM_SSE_C_KEY_FILE"] = str(key_file)
+    return config.load(environ=env)
+
+
+@pytest.mark.parametrize("path", ["direct", "botocore"])
+async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
+    path: str, seaweed_s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request for bytes carries the key (single PUT, multipart, threaded GET, streamed
+    GET, HEAD): SeaweedFS stores the object encrypted and serves it only with the key."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    if path == "botocore":
+        monkeypatch.setenv("IMMICH_STREAM_BOTOCORE_ONLY", "1")
+    key_file = tmp_path / "sse.key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    bucket = seaweed_s3.new_bucket()
+    small, parts = os.urandom(300_000), [os.urandom(5 * MIB), os.urandom(MIB)]
+    budget = ByteBudget(64 * MIB)
+    async with Store(store_settings(seaweed_s3.endpoint, bucket, tmp_path, key_file)) as store:
+        await store.put("p/small.jpg", small)
+        async with MultipartUpload(store, "p/video.mp4", budget) as mp:
+            for part in parts:
+                await budget.acquire(len(part))
+                await mp.add(part)
+            await mp.complete()
+        got: list[bytes] = []
+        await store.download("p/video.mp4", lambda view: got.append(bytes(view)), 6 * MIB)
+        assert b"".join(got) == b"".join(parts)
+        assert await store.get("p/small.jpg") == small
+        assert await store.head("p/video.mp4") == 6 * MIB
+
+    # the server honours it: no key, no bytes (for this tool, and for any other client)
+    raw = Bucket(seaweed_s3.endpoint, bucket, KEY, SECRET, "p")
+    with pytest.raises(Exception, match=r"InvalidArgument|customer"):
+        raw.get("small.jpg")
+    async with Store(store_settings(seaweed_s3.endpoint, bucket, tmp_path, None)) as store:
+        with pytest.raises(Exception, match="--sse-c-key-file") as caught:
+            await store.get("p/small.jpg")
+        assert "\n" not in str(caught.value)
+        with pytest.raises(Exception, match="--sse-c-key-file"):
+            await store.download("p/video.mp4", lambda view: None, 6 * MIB)
+
+
+def test_sse_c_backup_and_restore_with_the_cli(
+    env: dict, stack: ImmichStack, seaweed_s3: S3Server, tmp_path: Path
+) -> None:
+    make_library(stack.library, photos=4)
+    env = dict(env, S3_ENDPOINT_URL=seaweed_s3.endpoint, S3_BUCKET=seaweed_s3.new_bucket())
+    key_file = tmp_path / "sse.key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    keyed = dict(env, IMMICH_STREAM_SSE_C_KEY_FILE=str(key_file))
+    r = run_cli("backup", "--stop", "none", env=keyed)
+    assert r.code == 0, r.err
+    assert "did not confirm" not in r.err  # SeaweedFS answers the SSE-C algorithm
+    r = run_cli("restore", "--root", "library", "--to", str(tmp_path / "a"), env=keyed)
+    assert r.code == 0, r.err
+    assert digests(tmp_path / "a") == digests(stack.library)
+    r = run_cli("restore", "--root", "library", "--to", str(tmp_path / "b"), env=env)
+    assert r.code == 1, r.err
+    assert "--sse-c-key-file" in r.last_error
