@@ -20,7 +20,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from immich_stream.changes import MARKER, MARKER_DIRS
-from immich_stream.config import Settings, format_size, min_part_size
+from immich_stream.config import Settings, format_size, min_part_size, storage_class_for
 from immich_stream.errors import ImmichStreamError, StoreError
 
 OK, WARN, FAIL, SKIP = "ok", "WARN", "FAIL", "skip"
@@ -68,6 +68,17 @@ class Doctor:
             self.add("configuration", FAIL, f"not set: {', '.join(missing)} (see `immich-stream config`)")
         else:
             self.add("configuration", OK, f"config file {s.config_file or '(none)'}; stop: {s.stop}")
+        if s.storage_class or s.storage_class_library or s.storage_class_postgres or s.sse or s.sse_c_key_file:
+            lib, pg = storage_class_for(s, "library") or "STANDARD", storage_class_for(s, "postgres") or "STANDARD"
+            sse = (
+                f"SSE {s.sse}"
+                if s.sse
+                else "SSE-C (every command needs the key file)"
+                if s.sse_c_key_file
+                else "no SSE"
+            )
+            archived = " (restores wait for thaws)" if {lib, pg} & {"GLACIER", "DEEP_ARCHIVE"} else ""
+            self.add("storage class, encryption", OK, f"library {lib}, postgres {pg}{archived}; {sse}")
 
     def directories(self) -> None:
         s = self.settings
