@@ -62,6 +62,15 @@ WRONG: dict[str, tuple[str, str]] = {
     "max_downtime": ("1s", "-1"),
     "ping_url": ("ftp://hc-ping.com/x", '"ntfy+https://ntfy.sh/"'),
     "metrics_file": ("/no/such/dir/immich.prom", '""'),
+    "storage_class": ("GLACEIR", '"cold"'),
+    "storage_class_library": ("fast", "1"),
+    "storage_class_postgres": ("S3", "[]"),
+    "thaw_days": ("0", "31"),
+    "thaw_tier": ("fast", "1"),
+    "thaw_poll": ("1s", '"2d"'),
+    "sse": ("aes", "true"),
+    "sse_kms_key_id": ("two words", "5"),
+    "sse_c_key_file": ("/no/such/key", '""'),
 }
 
 
