@@ -346,9 +346,10 @@ async def restore_files(
         store = repo.store
         snap = await repo.resolve(which)
         _check_target(target, snap, overwrite)
-        await asyncio.to_thread(_mark_target, target, snap.id)
         wanted = set(roots or ROOTS)
+        # before the target is marked: a --no-wait run leaves nothing behind to resume
         await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait)
+        await asyncio.to_thread(_mark_target, target, snap.id)
         everything = not includes and wanted >= set(snap.summary.roots)
         total = (snap.summary.files.bytes_total or None) if everything else None
         phase = reporter.phase("restore files", total)
