@@ -34,6 +34,7 @@ class Rule:
     sent: int = 0  # response body bytes sent for the requests this rule matched (rate/cut_after rules)
     flaky: Flaky | None = None  # fail a seeded random share of the matching requests (add_flaky)
     headers_seen: list[dict[str, str]] = field(default_factory=list)  # request headers, lowercase, of each hit
+    requests_seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path?query, headers)
 
 
 def is_part_upload(method: str, path: str, query: dict[str, str]) -> bool:
@@ -119,6 +120,7 @@ class FaultProxy:
             if (rule.times is None or rule.hits < rule.times) and rule.match(request.method, request.path, query):
                 rule.hits += 1
                 rule.headers_seen.append({k.lower(): v for k, v in request.headers.items()})
+                rule.requests_seen.append((request.method, request.path_qs, rule.headers_seen[-1]))
                 if rule.delay:
                     await asyncio.sleep(rule.delay)
                 if rule.status is not None and rule.after:

@@ -12,6 +12,7 @@ moto and SeaweedFS answer x-amz-server-side-encryption.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.request
@@ -245,3 +246,56 @@ def test_sse_c_backup_and_restore_with_the_cli(
     r = run_cli("restore", "--root", "library", "--to", str(tmp_path / "b"), env=env)
     assert r.code == 1, r.err
     assert "--sse-c-key-file" in r.last_error
+
+
+async def test_which_requests_carry_the_class_and_the_sse_c_headers(
+    moto_s3: S3Server, proxy_factory: type[FaultProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only file data gets the class: its PUT and CreateMultipartUpload, not its parts (S3
+    refuses them there), nor any metadata object. The SSE-C key rides on every request for
+    bytes (PUT, multipart start, parts, completion, the threaded GET, HEAD)."""
+    from immich_stream.repo import Repo
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    key_file = tmp_path / "sse.key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    proxy = proxy_factory(moto_s3.endpoint)
+    seen = proxy.add(lambda m, p, q: True)  # forwards everything, records the headers
+    settings = store_settings(proxy.endpoint, moto_s3.new_bucket(), tmp_path, key_file)
+    settings.storage_class, settings.storage_class_postgres = "GLACIER_IR", "ONEZONE_IA"
+    budget = ByteBudget(64 * MIB)
+    async with Store(settings) as store:
+        repo = Repo(store, "r")
+        data = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", "a.jpg"))
+        pg = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "postgres", "base/1"))
+        big = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", "v.mp4"))
+        meta = repo.summary_key("2030-01-01T000000Z-abcd")
+        await store.put(data, b"photo")
+        await store.put(pg, b"page")
+        await store.put(meta, b"{}")
+        async with MultipartUpload(store, big, budget) as mp:
+            for part in (os.urandom(5 * MIB), b"end"):
+                await budget.acquire(len(part))
+                await mp.add(part)
+            await mp.complete()
+        await store.download(data, lambda view: None, 5)
+        assert await store.head(big) == 5 * MIB + 3
+    sent = seen.requests_seen
+
+    def of(method: str, needle: str) -> list[dict[str, str]]:
+        return [h for m, p, h in sent if m == method and needle in p]
+
+    assert [h.get("x-amz-storage-class") for h in of("PUT", "/a.jpg")] == ["GLACIER_IR"]
+    assert [h.get("x-amz-storage-class") for h in of("PUT", "/base/1")] == ["ONEZONE_IA"]
+    assert [h.get("x-amz-storage-class") for h in of("PUT", "/snapshot.json")] == [None]
+    assert [h.get("x-amz-storage-class") for h in of("POST", "v.mp4?uploads")] == ["GLACIER_IR"]
+    parts = of("PUT", "partNumber=")
+    assert len(parts) == 2 and all("x-amz-storage-class" not in h for h in parts)
+    bodies = [h for m, p, h in sent if "/r/" in p and not (m == "GET" and "list-type" in p)]
+    assert len(bodies) >= 8  # 3 PUTs, start, 2 parts, completion, GET, HEAD
+    for h in bodies:
+        assert h.get("x-amz-server-side-encryption-customer-algorithm") == "AES256", h
+        assert h.get("x-amz-server-side-encryption-customer-key-md5")
+        assert len(base64.b64decode(h["x-amz-server-side-encryption-customer-key"])) == 32
