@@ -299,3 +299,63 @@ async def test_which_requests_carry_the_class_and_the_sse_c_headers(
         assert h.get("x-amz-server-side-encryption-customer-algorithm") == "AES256", h
         assert h.get("x-amz-server-side-encryption-customer-key-md5")
         assert len(base64.b64decode(h["x-amz-server-side-encryption-customer-key"])) == 32
+
+
+async def test_thaw_requests_once_then_waits_or_stops(
+    moto_s3: S3Server,
+    slow_thaws: None,
+    proxy_factory: type[FaultProxy],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The thaw step on its own (what restore, drill and verify --read-data run first),
+    against moto's RestoreObject and x-amz-restore: GLACIER objects are thawed before they
+    are read, a thaw is requested once, --no-wait stops with ThawPending (exit 75), waiting
+    polls until every object is readable."""
+    from immich_stream.errors import EXIT_THAWING, ThawPending
+    from immich_stream.progress import Reporter
+    from immich_stream.repo import Repo
+    from immich_stream.thaw import archived_digests, thaw
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    proxy = proxy_factory(moto_s3.endpoint)
+    settings = store_settings(proxy.endpoint, moto_s3.new_bucket(), tmp_path, None)
+    settings.storage_class, settings.thaw_poll, settings.thaw_days = "GLACIER", 0.2, 3
+    bodies = {f"p{i}.jpg": os.urandom(1000 + i) for i in range(3)}
+    async with Store(settings) as store:
+        repo = Repo(store, "r")
+        keys = {repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", n)): b for n, b in bodies.items()}
+        for key, body in keys.items():
+            await store.put(key, body)
+        await store.put(repo.summary_key("2030-01-01T000000Z-abcd"), b"{}")
+        assert len(await archived_digests(repo)) == 3  # from the listing: the summary is not archived
+        with pytest.raises(Exception, match=r"archived .* not thawed"):
+            await store.get(next(iter(keys)))  # S3 refuses a GET before the thaw
+
+        with pytest.raises(ThawPending, match="3 of 3 archived objects are still being thawed") as caught:
+            await thaw(store, keys, settings, Reporter(), wait=False)
+        assert caught.value.exit_code == EXIT_THAWING
+        assert restore_posts(proxy) == 3
+        with pytest.raises(ThawPending):  # later: in progress, nothing requested twice
+            await thaw(store, keys, settings, Reporter(), wait=False)
+        assert restore_posts(proxy) == 3
+
+        caplog.set_level("INFO", "immich_stream")
+        report = await thaw(store, keys, settings, Reporter(), wait=True)
+        assert (report.archived, report.thawed, report.requested) == (3, 3, 0)
+        assert restore_posts(proxy) == 3
+        assert "3 of 3 archived objects thawed" in caplog.text
+        for key, body in keys.items():
+            assert await store.get(key) == body
+
+        # never asked before, and waited for: requested, polled until done (moto: two polls)
+        fresh = {repo.object_key(repo.data_key("2030-01-02T000000Z-abcd", "postgres", f"f{i}")): b"x" for i in range(2)}
+        for key, body in fresh.items():
+            await store.put(key, body)
+        report = await thaw(store, fresh, settings, Reporter(), wait=True)
+        assert (report.archived, report.thawed, report.requested) == (2, 2, 2)
+        assert "0 of 2 archived objects thawed (2 thaws requested now, tier Standard, kept 3 days)" in caplog.text
+        assert report.seconds >= 2 * settings.thaw_poll
+        assert [await store.get(key) for key in fresh] == [b"x", b"x"]
