@@ -13,6 +13,7 @@ moto and SeaweedFS answer x-amz-server-side-encryption.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import urllib.request
@@ -359,3 +360,109 @@ async def test_thaw_requests_once_then_waits_or_stops(
         assert "0 of 2 archived objects thawed (2 thaws requested now, tier Standard, kept 3 days)" in caplog.text
         assert report.seconds >= 2 * settings.thaw_poll
         assert [await store.get(key) for key in fresh] == [b"x", b"x"]
+
+        # drill's way (a few sampled keys, no listing): HEAD tells which are archived
+        mixed = [repo.summary_key("2030-01-01T000000Z-abcd"), *keys]
+        report = await thaw(store, mixed, settings, Reporter(), wait=True, check_class=True)
+        assert (report.archived, report.thawed, report.requested) == (3, 3, 0)
+
+
+async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes]) -> str:
+    """A committed snapshot of `files` (library paths -> bytes) written through the
+    repository code, as a backup would, without Docker: the file data in the settings'
+    storage class, everything else STANDARD."""
+    import datetime as dt
+    import gzip
+
+    from immich_stream.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
+    from immich_stream.summary import DatabaseInfo, ManifestInfo, SnapshotSummary
+
+    budget = ByteBudget(64 * MIB)
+    async with Store(settings) as store:
+        repo = Repo(store, settings.prefix)
+        await repo.ensure_config()
+        sid = new_snapshot_id()
+        lines = []
+        for path, body in sorted(files.items()):
+            key = repo.data_key(sid, "library", path)
+            await store.put(repo.object_key(key), body)
+            sha = hashlib.sha256(body).hexdigest()
+            lines.append(ManifestLine("library", path, "file", len(body), 10**18, 0o644, 0, 0, 1, sha, key))
+        async with ManifestWriter(store, repo.manifest_key(sid), budget, settings.part_size) as mw:
+            for line in lines:
+                await mw.add(line)
+            await mw.finish()
+        sql = b"-- an empty dump\n"
+        dump = gzip.compress(sql)
+        await store.put(repo.dump_key(sid), dump)
+        database = DatabaseInfo(
+            repo.relative_key(repo.dump_key(sid)),
+            "immich",
+            len(sql),
+            len(dump),
+            hashlib.sha256(sql).hexdigest(),
+            hashlib.sha256(dump).hexdigest(),
+        )
+        summary = SnapshotSummary(
+            id=sid,
+            time=dt.datetime.now(dt.UTC).isoformat(),
+            roots={"library": "/photos"},
+            manifest=ManifestInfo(repo.relative_key(repo.manifest_key(sid)), len(lines)),
+            database=database,
+        )
+        await repo.commit(summary)
+    return sid
+
+
+async def test_cli_restore_and_verify_of_a_glacier_snapshot_without_docker(
+    moto_s3: S3Server,
+    slow_thaws: None,
+    proxy_factory: type[FaultProxy],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """restore --no-wait (exit 75), again (nothing requested twice), restore waiting for the
+    thaws, verify with and without --read-data: the CLI against archived objects."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    bucket = moto_s3.new_bucket()
+    proxy = proxy_factory(moto_s3.endpoint)
+    settings = store_settings(proxy.endpoint, bucket, tmp_path, None)
+    settings.storage_class = "GLACIER"
+    files = {f"u/2024/IMG_{i}.jpg": os.urandom(20_000 + i) for i in range(4)}
+    await synthetic_snapshot(settings, files)
+    listed = classes(Bucket(moto_s3.endpoint, bucket, KEY, SECRET))
+    assert {c for k, c in listed.items() if k.startswith("data/")} == {"GLACIER"}
+    assert {c for k, c in listed.items() if not k.startswith("data/")} == {"STANDARD"}
+
+    env = base_env(tmp_path) | {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "S3_ENDPOINT_URL": proxy.endpoint,
+        "S3_BUCKET": bucket,
+        "S3_PATH_STYLE": "true",
+        "IMMICH_STREAM_THAW_POLL": "1s",
+    }
+    r = run_cli("verify", env=env)  # sizes from the listing: no thaw, no GET
+    assert r.code == 0 and "no problems" in r.out, r.err
+    assert restore_posts(proxy) == 0
+
+    target = tmp_path / "restored"
+    args = ("restore", "--root", "library", "--to", str(target))
+    r = run_cli(*args, "--no-wait", env=env)
+    assert r.code == EXIT_THAWING, r.err
+    assert r.last_error == (
+        "immich-stream: error: 4 of 4 archived objects are still being thawed (tier Standard: Expedited takes "
+        "minutes, Standard hours, Bulk up to two days): run the same command again later"
+    )
+    assert restore_posts(proxy) == 4 and not target.exists()
+    r = run_cli(*args, "--no-wait", env=env)
+    assert r.code == EXIT_THAWING and restore_posts(proxy) == 4  # in progress: not asked again
+    r = run_cli(*args, env=env)  # waits (moto: the next poll finds them thawed)
+    assert r.code == 0, r.err
+    assert "4 of 4 archived objects thawed" in r.err
+    assert restore_posts(proxy) == 4
+    assert {os.fsdecode(rel): p.read_bytes() for rel, p in tree(target).items()} == files
+
+    r = run_cli("verify", "--read-data", env=env)  # thawed: the contents can be checked
+    assert r.code == 0 and "no problems" in r.out, r.err
