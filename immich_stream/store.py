@@ -810,9 +810,10 @@ class Store:
         kw.update(self._sse_c_kw)
         return headers, kw
 
-    def _check_sse(self, key: str, answer: dict[str, str]) -> None:
+    def _check_sse(self, key: str, answer: dict[str, str], silent_ok: bool = False) -> None:
         """The server's answer to a write names the encryption it applied: a different one
-        fails the run; none at all (a server that does not say) is warned about once."""
+        fails the run; none at all (a server that does not say) is warned about once, unless
+        `silent_ok` (SeaweedFS does not say it when a multipart upload starts)."""
         if self.settings.sse:
             name, wanted = "x-amz-server-side-encryption", self.settings.sse
         elif self._sse_c_headers:
@@ -821,7 +822,7 @@ class Store:
             return
         got = {k.lower(): v for k, v in answer.items()}.get(name)
         if got is None:
-            if not self._sse_unconfirmed:
+            if not self._sse_unconfirmed and not silent_ok:
                 self._sse_unconfirmed = True
                 log.warning(
                     "S3 at %s did not confirm server-side encryption (no %s in its answer): check that it supports it",
@@ -1007,7 +1008,7 @@ class Store:
             kw["ChecksumAlgorithm"] = _CHECK_ALGORITHMS[self.checksum]
         kw.update(self._write_options(key)[1])
         resp = await self._call(f"start upload of {key}", lambda: self._client.create_multipart_upload(**kw))
-        self._check_sse(key, resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+        self._check_sse(key, resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}), silent_ok=True)
         return str(resp["UploadId"])
 
     async def upload_part(
