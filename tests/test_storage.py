@@ -466,3 +466,14 @@ async def test_cli_restore_and_verify_of_a_glacier_snapshot_without_docker(
 
     r = run_cli("verify", "--read-data", env=env)  # thawed: the contents can be checked
     assert r.code == 0 and "no problems" in r.out, r.err
+
+
+def test_drill_thaws_the_files_it_re_hashes(env: dict, stack: ImmichStack, moto_s3: S3Server, slow_thaws: None) -> None:
+    make_library(stack.library, photos=6, odd_names=False)
+    env = moto_env(env, moto_s3) | {"IMMICH_STREAM_THAW_POLL": "1s"}
+    assert run_cli("backup", "--stop", "none", "--storage-class-library", "GLACIER", env=env).code == 0
+    r = run_cli("drill", "latest", "--files", "3", "--json", env=env)
+    assert r.code == 0, r.err + r.out
+    report = json.loads(r.out)["summary"]
+    assert report["ok"] and report["files_checked"] == 3, report
+    assert "0 of 3 archived objects thawed (3 thaws requested now" in r.err
