@@ -62,6 +62,8 @@ WRONG: dict[str, tuple[str, str]] = {
     "max_downtime": ("1s", "-1"),
     "ping_url": ("ftp://hc-ping.com/x", '"ntfy+https://ntfy.sh/"'),
     "metrics_file": ("/no/such/dir/immich.prom", '""'),
+    "age_identity": ("/no/such/age-key.txt", '""'),
+    "age_recipients": ("age1notakey", "5"),
 }
 
 

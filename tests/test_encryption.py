@@ -1,0 +1,178 @@
+"""Client-side encryption with age: every object a standalone age file that Debian's `age`
+opens, with the repository's identity or the offline recovery key; nothing readable in the
+bucket without one; damage caught; and backup, verify, restore, prune and drill unchanged
+from the user's side."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONTAINERS, ImmichStack, bucket_of, running_containers
+from tests.helpers import make_library, run_cli, tree
+from tests.test_restore import row_counts, snapshot_of_tree
+
+AGE = shutil.which("age")
+pytestmark = pytest.mark.skipif(AGE is None, reason="the age CLI is not installed (apt-get install age)")
+INTRO = b"age-encryption.org/v1\n"
+
+
+def keygen(path: Path) -> str:
+    """A new age identity file (mode 0600, as age-keygen writes it); its public key."""
+    subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
+    os.chmod(path, 0o600)
+    return subprocess.run(["age-keygen", "-y", str(path)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def age_decrypt(data: bytes, identity: Path) -> bytes:
+    p = subprocess.run([AGE or "age", "-d", "-i", str(identity)], input=data, capture_output=True)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, str, Path, str]:
+    own, offline = tmp_path / "keys" / "immich-stream.key", tmp_path / "offline.key"
+    own.parent.mkdir()
+    return own, keygen(own), offline, keygen(offline)
+
+
+@pytest.fixture
+def enc_env(env: dict[str, str], keys: tuple[Path, str, Path, str]) -> dict[str, str]:
+    own, _, _, offline_pub = keys
+    return dict(env, IMMICH_STREAM_AGE_IDENTITY=str(own), IMMICH_STREAM_AGE_RECIPIENTS=offline_pub)
+
+
+def test_encrypted_repository_round_trip_and_age_opens_every_object(
+    enc_env: dict[str, str], stack: ImmichStack, keys: tuple[Path, str, Path, str], tmp_path: Path
+) -> None:
+    own, own_pub, offline, offline_pub = keys
+    make_library(stack.library, photos=12)
+    secret = os.urandom(24).hex().encode()  # plaintext that must appear in no object
+    marker = stack.library / "library" / "secret-note.txt"
+    marker.write_bytes(b"family secret " + secret * 50)
+    video = stack.library / "encoded-video" / "big.mp4"  # several parts at 6 MiB
+    video.parent.mkdir(exist_ok=True)
+    video.write_bytes(os.urandom(13 * 1024 * 1024 + 12345) + secret)
+    env = dict(enc_env, IMMICH_STREAM_PART_SIZE="6MiB")
+    rows = row_counts(stack)
+    before = snapshot_of_tree(stack.library)
+
+    r = run_cli("backup", env=env)
+    assert r.code == 0, r.err
+    bucket = bucket_of(env)
+    cfg = json.loads(bucket.get("config.json"))
+    assert cfg["version"] == 2 and cfg["encryption"]["recipients"] == [own_pub, offline_pub]
+    keys_ = bucket.keys()
+    sealed = [k for k in keys_ if k.startswith(("data/", "snapshots/"))]
+    assert sealed and all(k in ("config.json",) or k in sealed for k in keys_), keys_
+    for k in sealed:
+        body = bucket.get(k)
+        assert body.startswith(INTRO), k
+        assert secret not in body and b"CREATE TABLE" not in body, k
+    [sid] = bucket.snapshots()
+    manifest_raw = bucket.get(f"snapshots/{sid}/manifest.jsonl.gz")
+    for identity in (own, offline):  # the standard tool opens objects with either key
+        lines = [json.loads(x) for x in gzip.decompress(age_decrypt(manifest_raw, identity)).splitlines()]
+        big = next(x for x in lines if x["path"] == "encoded-video/big.mp4")
+        assert big["stored"] == keys_[big["key"]] > big["size"]
+        assert age_decrypt(bucket.get(big["key"]), identity) == video.read_bytes()  # a multipart object
+        note = next(x for x in lines if x["path"] == "library/secret-note.txt")
+        assert age_decrypt(bucket.get(note["key"]), identity) == marker.read_bytes()
+        sql = gzip.decompress(age_decrypt(bucket.get(f"snapshots/{sid}/database.sql.gz"), identity))
+        assert b"CREATE TABLE public.assets" in sql
+        summary = json.loads(age_decrypt(bucket.get(f"snapshots/{sid}/snapshot.json"), identity))
+        assert summary["id"] == sid
+
+    # incremental: an unchanged library uploads nothing but the dump and the manifest
+    r = run_cli("backup", "--stop", "none", "--json", env=env)
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    files = doc["summary"]["files"]
+    assert files["new"] == files["changed"] == 0 and files["unchanged"] > 10, files
+    r = run_cli("verify", "--read-data", env=env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+    r = run_cli("prune", "--keep-last", "1", env=env)
+    assert r.code == 0, r.err
+    assert len(bucket.snapshots()) == 1
+
+    # disaster: a new machine with only the offline key on paper
+    stack.clear_library()
+    stack.psql("DROP DATABASE immich WITH (FORCE)", db="postgres")
+    stack.psql("CREATE DATABASE immich", db="postgres")
+    offline_env = {k: v for k, v in env.items() if not k.startswith("IMMICH_STREAM_AGE")}
+    offline_env["IMMICH_STREAM_AGE_IDENTITY"] = str(offline)
+    r = run_cli("restore", "latest", "--root", "library", "--to", str(stack.library), env=offline_env)
+    assert r.code == 0, r.err
+    assert snapshot_of_tree(stack.library) == before
+    r = run_cli("restore", "--database", env=offline_env)
+    assert r.code == 0, r.err
+    assert row_counts(stack) == rows
+    assert running_containers() == set(CONTAINERS)
+    r = run_cli("drill", "latest", "--files", "3", env=offline_env, timeout=300)
+    assert r.code == 0, r.out + r.err
+
+
+def test_flipped_byte_in_a_ciphertext_is_caught_by_verify_and_refused_by_restore(
+    enc_env: dict[str, str], stack: ImmichStack, tmp_path: Path
+) -> None:
+    make_library(stack.library, photos=6)
+    assert run_cli("backup", "--stop", "none", env=enc_env).code == 0
+    bucket = bucket_of(enc_env)
+    [sid] = bucket.snapshots()
+    photos = sorted(k for k in bucket.keys("data/") if k.endswith(".jpg"))
+    victim = photos[0]
+    data = bytearray(bucket.get(victim))
+    data[len(data) // 2] ^= 0x01  # same size: only the authentication can see it
+    bucket.put(victim, bytes(data))
+
+    r = run_cli("verify", env=enc_env)
+    assert r.code == 0, r.out + r.err  # sizes alone cannot see it
+    r = run_cli("verify", "--read-data", env=enc_env)
+    assert r.code == 1
+    assert f"corrupt object {victim}" in r.out and "failed authentication" in r.out, r.out
+
+    target = tmp_path / "restored"
+    r = run_cli("restore", sid, "--root", "library", "--to", str(target), env=enc_env)
+    assert r.code == 1, r.out + r.err
+    restored = {os.fsdecode(p) for p in tree(target)}
+    rel = victim.split("/library/", 1)[1]
+    assert rel not in restored and len(restored) > 5, restored
+    assert not [p for p in restored if ".partial" in p or "immich-stream" in p]
+
+
+def test_key_problems_are_one_line_errors_before_the_stack_is_touched(
+    env: dict[str, str], enc_env: dict[str, str], stack: ImmichStack, tmp_path: Path
+) -> None:
+    make_library(stack.library, photos=2)
+    assert run_cli("backup", "--stop", "none", env=enc_env).code == 0
+    started = stack.started_at()
+
+    def refused(r_env: dict[str, str], *needles: str) -> None:
+        r = run_cli("backup", env=r_env)
+        assert r.code == 2, (r.code, r.out, r.err)
+        assert r.err.strip().count("\n") == 0 and r.last_error.startswith("immich-stream: error: "), r.err
+        for needle in needles:
+            assert needle in r.last_error, r.last_error
+        assert stack.started_at() == started and running_containers() == set(CONTAINERS)
+
+    plain = {k: v for k, v in enc_env.items() if not k.startswith("IMMICH_STREAM_AGE")}
+    refused(plain, "is encrypted with age", "IMMICH_STREAM_AGE_IDENTITY")
+    other = tmp_path / "other.key"
+    keygen(other)
+    refused(dict(enc_env, IMMICH_STREAM_AGE_IDENTITY=str(other)), "no identity in", "belongs to the repository")
+    os.chmod(enc_env["IMMICH_STREAM_AGE_IDENTITY"], 0o644)
+    refused(enc_env, "readable by others", "chmod 600")
+    os.chmod(enc_env["IMMICH_STREAM_AGE_IDENTITY"], 0o600)
+    refused(dict(enc_env, IMMICH_STREAM_AGE_RECIPIENTS=""), "differ from the repository's", "key rotate")
+    refused(dict(enc_env, IMMICH_STREAM_AGE_IDENTITY=str(tmp_path / "missing.key")), "does not exist", "age-keygen")
+    # a plain repository never gets encrypted objects
+    plain_env = dict(env, S3_PREFIX="plain-repo")
+    assert run_cli("backup", "--stop", "none", env=plain_env).code == 0
+    refused(dict(plain_env, IMMICH_STREAM_AGE_IDENTITY=enc_env["IMMICH_STREAM_AGE_IDENTITY"]), "is not encrypted")
