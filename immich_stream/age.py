@@ -326,6 +326,11 @@ class Decryptor:
         self._counter = 0
         self.plain = 0  # plaintext bytes returned
 
+    @property
+    def has_header(self) -> bool:
+        """The header was read, and one of the identities opened it."""
+        return self._aead is not None
+
     def _header(self) -> bool:
         end = self._buf.find(b"\n--- ")
         if end < 0:

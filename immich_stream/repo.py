@@ -604,7 +604,12 @@ class Repo:
         await self.store.put(self.summary_key(summary.id), summary.to_json(), "application/json")
 
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        async for line in self._read_lines(self.store.iter_object(self.manifest_key(snap_id))):
+        async for line in self.read_lines_at(self.manifest_key(snap_id)):
+            yield line
+
+    async def read_lines_at(self, key: str) -> AsyncIterator[ManifestLine]:
+        """The lines of a manifest-like object, streamed."""
+        async for line in self._read_lines(self.store.iter_object(key)):
             yield line
 
     async def read_journal(self, keys: list[str], what: str) -> AsyncIterator[ManifestLine]:

@@ -792,7 +792,7 @@ class Store:
     async def _download(self, key: str, sink: Callable[[memoryview], None], size_hint: int, small: bool) -> None:
         d = self._direct
         if d is None or d.fetcher is None:
-            async for chunk in self._iter_raw(key, CHUNK_SHARED, small=small):
+            async for chunk in self.iter_raw(key, CHUNK_SHARED, small=small):
                 await asyncio.to_thread(sink, memoryview(chunk))
             return
         fetcher = d.fetcher
@@ -851,12 +851,12 @@ class Store:
         plaintext, authenticated chunk by chunk (DecryptError when it is damaged)."""
         sealing = self.sealing_for(key)
         if sealing is None:
-            async for chunk in self._iter_raw(key, chunk_size, small):
+            async for chunk in self.iter_raw(key, chunk_size, small):
                 yield chunk
             return
         dec = sealing.decryptor()
         try:
-            async for chunk in self._iter_raw(key, chunk_size, small):
+            async for chunk in self.iter_raw(key, chunk_size, small):
                 for piece in dec.feed(chunk) if len(chunk) <= 65536 else await asyncio.to_thread(dec.feed, chunk):
                     yield piece
             for piece in dec.finish():
@@ -864,7 +864,8 @@ class Store:
         except DecryptError as exc:
             raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
 
-    async def _iter_raw(self, key: str, chunk_size: int, small: bool) -> AsyncIterator[bytes]:
+    async def iter_raw(self, key: str, chunk_size: int, small: bool = False) -> AsyncIterator[bytes]:
+        """The object's bytes as stored (encrypted or not)."""
         offset = 0
         attempt = 0
         while True:
