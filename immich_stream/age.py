@@ -288,21 +288,26 @@ class Encryptor:
     def push(self, data: bytes, final: bool = False) -> bytes:
         if self.done:
             raise ValueError("the age file was already finished")
-        view = memoryview(self._held + data) if self._held else memoryview(data)
         out = [self._pending]
         self._pending = b""
-        if final:
-            if not view:  # only an empty file's one chunk is empty
-                out.append(self._seal(b"", True))
-            for i in range(0, len(view), CHUNK):
-                out.append(self._seal(view[i : i + CHUNK], i + CHUNK >= len(view)))
+        view = memoryview(data)
+        held = self._held
+        if held and len(held) < CHUNK and view:  # top the held chunk up first (no copy of data)
+            take = CHUNK - len(held)
+            held, view = held + bytes(view[:take]), view[take:]
+        # the stream is now `held` (at most one chunk) followed by `view`
+        keep = 0 if final else ((len(view) - 1) % CHUNK + 1 if view else len(held))
+        pieces: list[bytes | memoryview] = [held] if held else []
+        pieces += [view[i : i + CHUNK] for i in range(0, len(view), CHUNK)]
+        if keep:
+            self._held = bytes(pieces.pop())
+        else:
             self._held = b""
-            self.done = True
-            return b"".join(out)
-        keep = (len(view) - 1) % CHUNK + 1 if view else 0
-        for i in range(0, len(view) - keep, CHUNK):
-            out.append(self._seal(view[i : i + CHUNK], False))
-        self._held = bytes(view[len(view) - keep :])
+        if final and not pieces:  # only an empty file's one chunk is empty
+            pieces = [b""]
+        for i, piece in enumerate(pieces):
+            out.append(self._seal(piece, final and i == len(pieces) - 1))
+        self.done = final
         return b"".join(out)
 
     def finish(self) -> bytes:
