@@ -403,19 +403,25 @@ class Decryptor:
         return out
 
     def feed(self, data: bytes | memoryview) -> list[bytes]:
-        self._buf += data
-        if self._aead is None and not self._header():
-            return []
+        if self._aead is None:
+            self._buf += data
+            if not self._header():
+                return []
+            data, self._buf = bytes(self._buf), bytearray()  # the chunks that came with the header
+        view = memoryview(data)
         out: list[bytes] = []
-        n = (len(self._buf) - 1) // SEALED_CHUNK  # whole chunks that are certainly not the last
-        if n > 0:
-            view = memoryview(self._buf)
-            try:
-                for i in range(n):
-                    out.append(self._open(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], False))
-            finally:
-                view.release()
-            del self._buf[: n * SEALED_CHUNK]
+        if self._buf:  # complete the chunk begun in an earlier piece; open it once more follows
+            take = min(SEALED_CHUNK - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if not view:
+                return out
+            out.append(self._open(bytes(self._buf), False))
+            self._buf.clear()
+        n = (len(view) - 1) // SEALED_CHUNK  # whole chunks that are certainly not the last
+        for i in range(n):
+            out.append(self._open(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], False))
+        self._buf += view[n * SEALED_CHUNK :]
         return out
 
     def finish(self) -> list[bytes]:

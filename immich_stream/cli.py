@@ -686,7 +686,8 @@ async def cmd_key(args: argparse.Namespace, settings: cfg.Settings, reporter: Re
     else:
         report = await keys.reencrypt(settings, reporter)
     print("\n".join(keys.summary_lines(report)), flush=True)
-    return plain(report)
+    result: dict[str, Any] = plain(report)
+    return result
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[Any]]] = {

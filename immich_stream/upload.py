@@ -20,7 +20,15 @@ from immich_stream.changes import Decision
 from immich_stream.config import Settings
 from immich_stream.progress import Phase
 from immich_stream.repo import ManifestLine, Repo
-from immich_stream.store import SMALL_FACTOR, SMALL_OBJECT, MultipartUpload, Store, check_value, part_size_for
+from immich_stream.store import (
+    SMALL_FACTOR,
+    SMALL_OBJECT,
+    MultipartUpload,
+    Store,
+    check_value,
+    part_size_for,
+    sealed_hashes,
+)
 from immich_stream.summary import RunStats
 from immich_stream.walk import Entry
 
@@ -169,10 +177,9 @@ def _read_file(
 
 
 def _seal(sealing: Sealing, data: bytes, checksum: str) -> tuple[bytes, str, str]:
-    """(data sealed, its checksum header value, its sha256)"""
+    """(data sealed, its checksum header value, the payload hash to sign)"""
     out = sealing.seal(data)
-    sha = hashlib.sha256(out).hexdigest()
-    return out, check_value(checksum, out, sha), sha
+    return out, *sealed_hashes(checksum, out)
 
 
 def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:

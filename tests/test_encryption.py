@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from immich_stream.restore import PARTIAL
-
 from tests.conftest import CONTAINERS, ImmichStack, bucket_of, running_containers
 from tests.helpers import make_library, run_cli, tree
 from tests.test_restore import row_counts, snapshot_of_tree
@@ -248,3 +247,41 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
     r = run_cli("restore", first, "--root", "library", "--to", str(target), env=new_env)
     assert r.code == 0, r.err
     assert (target / "encoded-video" / "rotate.mp4").read_bytes() == big.read_bytes()
+
+
+@pytest.mark.parametrize("checksum", ["md5", "sha256", "crc32c"])
+async def test_encrypted_streams_on_a_server_that_enforces_part_sizes_and_checksums(
+    checksum: str,
+    seaweed_s3: S3Server,
+    proxy_factory: type[FaultProxy],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SeaweedFS refuses a part under 5 MiB that is not the last, and verifies the checksum
+    headers: encrypted streams of awkward lengths land whole (age opens them), and a part
+    corrupted on the way is refused and sent again, as in a plain repository."""
+    bucket = seaweed_s3.new_bucket()
+    proxy = proxy_factory(seaweed_s3.endpoint)
+    rule = proxy.add(lambda m, p, q: is_part_upload(m, p, q) and q.get("partNumber") == "2", corrupt=True, times=1)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    key_file = tmp_path / "k.txt"
+    keygen(key_file)
+    ident = age.read_identity_file(key_file)
+    part = 5 * MIB + age.CHUNK  # the smallest part size allowed with encryption
+    lengths = [3 * part, 2 * part + 1, part - 1, 0]  # exact multiples end with the held chunk alone
+    settings = settings_for(proxy.endpoint, bucket, checksum, tmp_path)
+    data = {n: os.urandom(n) for n in lengths}
+    async with Store(settings) as store:
+        store.sealing = age.Sealing((ident[0].recipient,), tuple(ident), ("lib/",))
+        for n, body in data.items():
+            async with StreamWriter(store, f"lib/stream-{n}", ByteBudget(4 * part), part) as out:
+                for i in range(0, n, 1_000_000):
+                    await out.write(body[i : i + 1_000_000])
+                await out.finish()
+            assert out.stored == age.sealed_size(n, 1)
+            assert b"".join([c async for c in store.iter_object(f"lib/stream-{n}")]) == body
+    assert rule.hits == 1 and len(rejected(proxy)) == 1, proxy.requests
+    raw = Bucket(seaweed_s3.endpoint, bucket, KEY, SECRET, "lib")
+    for n, body in data.items():
+        assert age_decrypt(raw.get(f"stream-{n}"), key_file) == body
