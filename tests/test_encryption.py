@@ -14,9 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from immich_stream import age
+from immich_stream.budget import ByteBudget
 from immich_stream.restore import PARTIAL
-from tests.conftest import CONTAINERS, ImmichStack, bucket_of, running_containers
-from tests.helpers import make_library, run_cli, tree
+from immich_stream.store import Store, StreamWriter
+from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, bucket_of, running_containers
+from tests.faultproxy import FaultProxy, is_part_upload
+from tests.helpers import Bucket, make_library, run_cli, tree
+from tests.test_checksum import MIB, rejected, settings_for
 from tests.test_restore import row_counts, snapshot_of_tree
 
 AGE = shutil.which("age")
@@ -234,7 +239,7 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
 
     r = run_cli("key", "reencrypt", env=env)
     assert r.code == 0, r.err
-    for k, size in bucket.keys().items():
+    for k in bucket.keys():
         if k.startswith(("data/", "snapshots/")):
             age_decrypt(bucket.get(k), new_only)  # every object opens with the new key alone
     assert age_decrypt(bucket.get(old_obj["key"]), new_only) == big.read_bytes()
