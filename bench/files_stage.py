@@ -22,9 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from immich_stream import config  # noqa: E402
-from immich_stream.backup import backup_root, stream_budget_share  # noqa: E402
+from immich_stream.backup import OrderedManifest, Sources, backup_root, stream_budget_share  # noqa: E402
 from immich_stream.budget import ByteBudget  # noqa: E402
-from immich_stream.changes import PrevCursor  # noqa: E402
 from immich_stream.progress import Reporter  # noqa: E402
 from immich_stream.repo import ManifestWriter, ObjectIndex, new_snapshot_id  # noqa: E402
 from immich_stream.session import open_repo  # noqa: E402
@@ -49,10 +48,8 @@ async def files_stage(directory: Path) -> tuple[RunStats, float]:
                 directory,
                 snap_id,
                 uploader,
-                PrevCursor(None),
-                None,
-                ObjectIndex(),
-                mf,
+                Sources(None, [], None, ObjectIndex()),
+                OrderedManifest(mf),
                 stats,
                 phase,
                 settings.jobs,

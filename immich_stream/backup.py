@@ -160,7 +160,7 @@ async def walk_root(
             )
             if decision.action == "reuse":
                 assert decision.source is not None
-                line.key, line.sha256 = decision.source.key, decision.source.sha256
+                line.key, line.sha256, line.stored = decision.source.key, decision.source.sha256, decision.source.stored
                 setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
                 if decision.kind == "resumed":
                     # in this run's journal too: a run that resumed another and is itself
@@ -475,7 +475,7 @@ class BackupRun:
             async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(self.docker, s.db_container, s.db_user, s.db_name, out.write, received)
                 await out.finish()
-            result.parts = out.parts
+            result.parts, result.stored = out.parts, out.stored
             self.dump_result = result
         finally:
             self.phase_seconds[phase.name] = round(phase.seconds, 3)
@@ -562,6 +562,7 @@ class BackupRun:
                 compressed_size=d.gz_bytes,
                 sha256=d.raw_sha256,
                 compressed_sha256=d.gz_sha256,
+                stored_size=d.stored,
                 parts=d.parts,
                 seconds=round(d.seconds, 3),
             ),

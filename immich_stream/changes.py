@@ -172,7 +172,7 @@ def classify(
     whether an object with this key and size is in the bucket, `racy` that old's stat is
     too close to the moment it was read to prove the bytes unchanged."""
     if old is not None and old.type == "file" and old.key and old.sha256:
-        if not exists(old.key, old.size):
+        if not exists(old.key, old.object_size):
             return Decision("upload", "reuploaded", gone=old)
         if same_file(line, old):
             if racy:
@@ -187,7 +187,7 @@ def classify(
         and moved.sha256
         and moved.size == line.size
         and moved.mtime_ns == line.mtime_ns
-        and exists(moved.key, moved.size)
+        and exists(moved.key, moved.object_size)
     ):
         return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
     return Decision("upload", "changed" if old is not None else "new")
@@ -226,7 +226,7 @@ async def decide(
     check: Decision | None = None
     for src in others:
         cand = await src.cursor.find(line)
-        if cand is None or not _usable(cand) or (src.checked and not exists(cand.key or "", cand.size)):
+        if cand is None or not _usable(cand) or (src.checked and not exists(cand.key or "", cand.object_size)):
             continue
         if same_file(line, cand) and not src.racy(cand):
             return Decision("reuse", kind_of(cand) if src.kind == "unchanged" else src.kind, cand)

@@ -277,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         "and its locks. Exit 0 only when a backup would work.",
     )
 
+    k = sub.add_parser(
+        "key",
+        parents=[common],
+        help="the age keys of an encrypted repository: show, rotate, reencrypt",
+        description="show: the recipients every object is encrypted to. rotate: a new identity (written first "
+        "in the identity file, above the old ones, which keep opening older objects) and config.json's "
+        "recipients (the identity's and IMMICH_STREAM_AGE_RECIPIENTS); --reencrypt then rewrites every "
+        "object for them. reencrypt: that rewrite alone (it continues where an interrupted one stopped); "
+        "afterwards the old identities can be deleted from the file.",
+    )
+    k.add_argument("action", choices=("show", "rotate", "reencrypt"))
+    k.add_argument("--reencrypt", action="store_true", help="rotate: rewrite every object for the new keys")
+    _flag(k, "lock_wait")
+    _transfer_options(k)
+
     sc = sub.add_parser(
         "schedule",
         parents=[common],
@@ -689,6 +704,20 @@ async def cmd_doctor(args: argparse.Namespace, settings: cfg.Settings, reporter:
     return Outcome(0, {"checks": rows})
 
 
+async def cmd_key(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
+    from immich_stream import keys
+
+    if args.action == "show":
+        report = await keys.show(settings)
+    elif args.action == "rotate":
+        report = await keys.rotate(settings, reporter, args.reencrypt)
+    else:
+        report = await keys.reencrypt(settings, reporter)
+    print("\n".join(keys.summary_lines(report)), flush=True)
+    result: dict[str, Any] = plain(report)
+    return result
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Awaitable[Any]]] = {
     "config": cmd_config,
     "backup": cmd_backup,
@@ -699,6 +728,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, cfg.Settings, Reporter], Await
     "prune": cmd_prune,
     "unlock": cmd_unlock,
     "doctor": cmd_doctor,
+    "key": cmd_key,
 }
 
 

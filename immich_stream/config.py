@@ -171,6 +171,16 @@ def parse_path(text: str) -> Path:
     return Path(os.path.expanduser(text))
 
 
+def parse_recipients(value: str | list[str]) -> tuple[str, ...]:
+    """age1... public keys: a TOML list, or text separated by commas or whitespace."""
+    items = value if isinstance(value, list) else re.split(r"[\s,]+", _text(value, "a list of age1... keys"))
+    out = tuple(_text(v, "an age1... key").strip() for v in items if str(v).strip())
+    for r in out:
+        if not re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", r):
+            raise ValueError(f"{r[:70]!r} is not an age recipient (age1... as `age-keygen -y` prints it)")
+    return out
+
+
 def parse_stop(text: str) -> str:
     if text not in STOP_MODES:
         raise ValueError(f"{text!r} is not one of {', '.join(STOP_MODES)}")
@@ -709,8 +719,26 @@ SETTINGS: tuple[Spec, ...] = (
         "write Prometheus metrics here at the end (node_exporter's textfile collector); from the "
         "config file or the environment only backup writes it",
     ),
+    Spec(
+        "age_identity",
+        ("encryption", "identity_file"),
+        ("IMMICH_STREAM_AGE_IDENTITY",),
+        "--age-identity",
+        parse_path,
+        "encrypt the repository with age: an identity file from age-keygen (mode 0600); chosen when the "
+        "repository is created, then needed by every command",
+    ),
+    Spec(
+        "age_recipients",
+        ("encryption", "recipients"),
+        ("IMMICH_STREAM_AGE_RECIPIENTS",),
+        None,
+        parse_recipients,
+        "more age public keys (age1...) every object is also encrypted to, e.g. an offline recovery key",
+    ),
 )
 SPECS = {s.name: s for s in SETTINGS}
+ENCRYPTION_CHUNK = 64 * 1024  # age's chunk: an encrypted part's first chunk waits for the next part
 
 
 @dataclasses.dataclass
@@ -760,6 +788,8 @@ class Settings:
     max_downtime: float | None = None
     ping_url: str | None = None
     metrics_file: Path | None = None
+    age_identity: Path | None = None
+    age_recipients: tuple[str, ...] = ()
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     config_file: Path | None = None
@@ -1017,6 +1047,15 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
             f"max_memory {format_size(s.max_memory)} must hold at least two parts of {format_size(s.part_size)}: "
             "raise --max-memory or lower --part-size"
         )
+    if s.age_identity is not None and s.part_size < floor + ENCRYPTION_CHUNK:
+        raise ConfigError(
+            f"part_size {format_size(s.part_size)} is too small with encryption: an encrypted part is up to "
+            f"64 KiB shorter than its plaintext; choose at least {format_size(floor + ENCRYPTION_CHUNK)}"
+        )
+    if s.age_identity is not None or s.age_recipients:  # a missing or open key: before anything starts
+        from immich_stream.age import load_keys
+
+        load_keys(s.age_identity, s.age_recipients)
     if s.checksum == "crc32c" and importlib.util.find_spec("crc32c") is None:
         raise ConfigError(
             f"checksum crc32c (from {s.sources['checksum']}) needs the crc32c package: "

@@ -19,6 +19,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from immich_stream.age import load_keys
 from immich_stream.changes import MARKER, MARKER_DIRS
 from immich_stream.config import Settings, format_size, min_part_size, storage_class_for
 from immich_stream.errors import ImmichStreamError, StoreError
@@ -218,12 +219,13 @@ class Doctor:
             async def repository() -> tuple[str, str]:
                 if await store.head(repo.config_key()) is None:
                     return OK, f"no repository at {s.prefix}/ yet: the first backup creates it"
-                await repo.check_config()
+                await repo.check_config(load_keys(s.age_identity, s.age_recipients), writing=True)
                 ids = await repo.snapshot_ids()
                 locks = await list_locks(repo)
                 held = "; ".join(lk.describe() for lk in locks) or "no locks"
                 newest = f", newest {ids[-1]}" if ids else ""
-                return OK, f"format ok, {len(ids)} snapshots{newest}; {held}"
+                sealed = ", encrypted (age)" if store.sealing is not None else ""
+                return OK, f"format ok{sealed}, {len(ids)} snapshots{newest}; {held}"
 
             await self.probe("repository", repository)
 

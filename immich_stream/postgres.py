@@ -56,6 +56,7 @@ class DumpResult:
     seconds: float = 0.0
     tables: dict[str, int] = field(default_factory=dict)  # rows per COPY block, counted as it streamed
     server: ServerFacts = field(default_factory=ServerFacts)
+    stored: int | None = None  # bytes in the bucket, when encrypted
 
 
 TABLE_NAME = re.compile(r'^(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)\.(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)$')

@@ -29,9 +29,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from immich_stream.age import Keys, Recipient, Sealing
 from immich_stream.budget import ByteBudget
 from immich_stream.config import env_duration, storage_class_for
-from immich_stream.errors import RepoError, StoreError
+from immich_stream.errors import ConfigError, RepoError, StoreError
 from immich_stream.store import Store, StreamWriter
 from immich_stream.summary import SnapshotSummary
 from immich_stream.walk import Entry, sort_key
@@ -42,7 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "immich-stream"
-VERSION = 1
+VERSION = 2  # the newest this program reads; a plain repository is written as version 1
+PLAIN_VERSION = 1
+ENCRYPTED_VERSION = 2  # objects under data/ and snapshots/ are age files (age.py)
+AGE_SCHEME = "age-encryption.org/v1"
 ROOTS = ("postgres", "library")  # manifest order: the cold copy is taken first
 MAX_KEY_BYTES = 1024  # S3's limit for a whole key
 MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) take per "/"-part
@@ -138,6 +142,8 @@ class ManifestLine:
     # size, mtime and inode alone, once; the next manifest has them.
     ctime_ns: int | None = None
     dev: int | None = None
+    # bytes of the object in the bucket when that differs from size (encrypted: an age file)
+    stored: int | None = None
 
     def to_json(self) -> str:
         d: dict[str, Any] = {
@@ -161,6 +167,8 @@ class ManifestLine:
             d["ctime_ns"] = self.ctime_ns
         if self.dev is not None:
             d["dev"] = self.dev
+        if self.stored is not None:
+            d["stored"] = self.stored
         return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
@@ -181,6 +189,7 @@ class ManifestLine:
             d.get("target"),
             d.get("ctime_ns"),
             d.get("dev"),
+            d.get("stored"),
         )
 
     @classmethod
@@ -199,6 +208,11 @@ class ManifestLine:
             ctime_ns=e.ctime_ns,
             dev=e.dev,
         )
+
+    @property
+    def object_size(self) -> int:
+        """The size of the object in the bucket (a listing shows it)."""
+        return self.size if self.stored is None else self.stored
 
     @property
     def relpath(self) -> bytes:
@@ -459,33 +473,84 @@ class Repo:
         return self._k(f"preflight/{socket.gethostname()}-{run_id}")
 
     # config.json
-    async def ensure_config(self) -> None:
-        """Create config.json in a new repository; refuse an unknown format."""
+    async def ensure_config(self, keys: Keys | None = None) -> None:
+        """Create config.json in a new repository (encrypted when there are keys); refuse an
+        unknown format, and keys that do not fit the repository (see check_config)."""
         key = self.config_key()
         if await self.store.head(key) is None:
-            body = {"format": FORMAT, "version": VERSION, "created": dt.datetime.now(dt.UTC).isoformat()}
+            body: dict[str, Any] = {
+                "format": FORMAT,
+                "version": PLAIN_VERSION if keys is None else ENCRYPTED_VERSION,
+                "created": dt.datetime.now(dt.UTC).isoformat(),
+            }
+            if keys is not None:
+                body["encryption"] = {"scheme": AGE_SCHEME, "recipients": [str(r) for r in keys.recipients]}
             await self.store.put(key, json.dumps(body, indent=2).encode() + b"\n", "application/json")
-            return
-        await self.check_config()
+        await self.check_config(keys, writing=True)
 
-    async def check_config(self) -> None:
+    def where(self) -> str:
+        return f"s3://{self.store.bucket}/{self.prefix}"
+
+    def _encryption(self, cfg: dict[str, Any], keys: Keys | None, writing: bool) -> None:
+        """Set up the store's sealing from config.json's encryption block and the keys."""
+        enc = cfg.get("encryption")
+        if enc is None:
+            if keys is not None:
+                raise ConfigError(
+                    f"the repository at {self.where()} is not encrypted, and one never mixes encrypted and "
+                    "plain objects: unset the age identity, or choose a new S3_PREFIX for an encrypted repository"
+                )
+            self.store.sealing = None
+            return
+        if not isinstance(enc, dict) or enc.get("scheme") != AGE_SCHEME or not isinstance(enc.get("recipients"), list):
+            raise RepoError(f"{self.config_key()}: unknown encryption {enc!r}: upgrade immich-stream")
+        if keys is None:
+            raise ConfigError(
+                f"the repository at {self.where()} is encrypted with age: set IMMICH_STREAM_AGE_IDENTITY (or "
+                "[encryption] identity_file) to its identity file, or to the offline recovery key's"
+            )
+        current = [Recipient.parse(r) for r in enc["recipients"]]
+        known = set(current) | {Recipient.parse(r) for r in enc.get("retired", [])}
+        mine = [i.recipient for i in keys.identities]
+        if not known.intersection(mine):
+            raise ConfigError(
+                f"no identity in {keys.path} belongs to the repository at {self.where()} (it encrypts to "
+                f"{', '.join(str(r)[:16] + '...' for r in current)}): give the identity file it was created with"
+            )
+        if writing and set(keys.recipients) != set(current):
+            theirs = ", ".join(str(r) for r in current)
+            raise ConfigError(
+                f"the age recipients ({keys.path} and IMMICH_STREAM_AGE_RECIPIENTS) differ from the repository's "
+                f"({theirs}): set them as they were, or change them with `key rotate`"
+            )
+        self.store.sealing = Sealing(tuple(current), keys.identities, (self.data_prefix(), self._k("snapshots/")))
+
+    async def read_config(self) -> dict[str, Any]:
+        key = self.config_key()
+        try:
+            cfg = json.loads(await self.store.get(key))
+        except ValueError:
+            raise RepoError(f"{key} is not JSON: this prefix holds something else; choose another S3_PREFIX") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("version"), int):
+            raise RepoError(f"{key} is not an immich-stream repository: choose another S3_PREFIX")
+        return cfg
+
+    async def check_config(self, keys: Keys | None = None, writing: bool = False) -> None:
+        """Check the repository's format and set up its encryption: an encrypted one needs
+        an identity it was encrypted to; a writer (backup) also the same recipients."""
         key = self.config_key()
         if await self.store.head(key) is None:
             raise RepoError(
                 f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
                 ": check S3_BUCKET and S3_PREFIX, or run `backup` first"
             )
-        try:
-            cfg = json.loads(await self.store.get(key))
-        except ValueError:
-            raise RepoError(f"{key} is not JSON: this prefix holds something else; choose another S3_PREFIX") from None
-        if cfg.get("format") != FORMAT or not isinstance(cfg.get("version"), int):
-            raise RepoError(f"{key} is not an immich-stream repository: choose another S3_PREFIX")
+        cfg = await self.read_config()
         if cfg["version"] > VERSION:
             raise RepoError(
                 f"repository format {cfg['version']} is newer than this immich-stream knows "
                 f"({VERSION}): upgrade immich-stream"
             )
+        self._encryption(cfg, keys, writing)
 
     def relative_key(self, key: str) -> str:
         """A bucket key -> the key relative to the prefix (as manifests hold it)."""
@@ -550,7 +615,12 @@ class Repo:
         await self.store.put(self.summary_key(summary.id), summary.to_json(), "application/json")
 
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        async for line in self._read_lines(self.store.iter_object(self.manifest_key(snap_id))):
+        async for line in self.read_lines_at(self.manifest_key(snap_id)):
+            yield line
+
+    async def read_lines_at(self, key: str) -> AsyncIterator[ManifestLine]:
+        """The lines of a manifest-like object, streamed."""
+        async for line in self._read_lines(self.store.iter_object(key)):
             yield line
 
     async def read_journal(self, keys: list[str], what: str) -> AsyncIterator[ManifestLine]:

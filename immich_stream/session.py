@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from immich_stream.age import load_keys
 from immich_stream.config import Settings
 from immich_stream.locks import RepoLock
 from immich_stream.repo import Repo
@@ -33,15 +34,16 @@ async def open_repo(
     config.json in a new repository (backup). check=False skips the format check (unlock
     must work on whatever is there). With `lock`, repo.lock holds it until the block ends."""
     settings.require("bucket")
+    keys = load_keys(settings.age_identity, settings.age_recipients)
     async with Store(settings) as store:
         repo = Repo(store, settings.prefix)
         if create_for is not None:
             key = repo.preflight_key(create_for)
             await store.put(key, b"immich-stream preflight\n")
             await store.delete([key])
-            await repo.ensure_config()
+            await repo.ensure_config(keys)
         elif check:
-            await repo.check_config()
+            await repo.check_config(keys)
         if lock is None:
             yield repo
             return

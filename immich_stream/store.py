@@ -45,6 +45,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from immich_stream import cleanup
+from immich_stream.age import DecryptError, Sealing
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings, read_sse_c_key
 from immich_stream.errors import ObjectNotFound, StoreError
@@ -189,6 +190,21 @@ def check_value(kind: str, data: bytes, sha256_hex: str | None = None) -> str:
 
         return base64.b64encode(crc32c.crc32c(data).to_bytes(4, "big")).decode()
     raise ValueError(f"unknown checksum {kind!r}")
+
+
+UNSIGNED = "UNSIGNED-PAYLOAD"
+
+
+def sealed_hashes(checksum: str, data: bytes) -> tuple[str, str]:
+    """(checksum header value, payload hash to sign) of an encrypted body. Its sha256 is not
+    computed for the signature alone (UNSIGNED-PAYLOAD, a second pass over every byte): the
+    server still verifies the checksum header, which is signed, and age authenticates every
+    chunk, so a body changed on the way is refused on the way in or at the latest on the
+    way out."""
+    if checksum == "sha256":
+        sha = hashlib.sha256(data).hexdigest()
+        return check_value(checksum, data, sha), sha
+    return check_value(checksum, data), UNSIGNED
 
 
 def part_size_for(size: int, part_size: int) -> int:
@@ -551,6 +567,8 @@ class Store:
         self._cm: Any = None
         self._direct: _Direct | None = None
         self.checksum = settings.checksum
+        # set by Repo for an encrypted repository: which keys are age files (see age.py)
+        self.sealing: Sealing | None = None
         self.last_activity = time.monotonic()  # the stall watchdog reads this: see touch()
         self._inflight: dict[object, tuple[str, float]] = {}
         self.last_answer = time.monotonic()  # any answer or downloaded byte: see hung()
@@ -746,6 +764,17 @@ class Store:
             self._direct = None
             return await slow()
 
+    def sealing_for(self, key: str) -> Sealing | None:
+        """How the object at key is encrypted, or None when it is stored as it is."""
+        s = self.sealing
+        return s if s is not None and s.applies(key) else None
+
+    def stored_size(self, key: str, size: int) -> int | None:
+        """The bytes in the bucket of an object of `size` plain bytes written now; None when
+        the object is stored as it is (its size is the plain size)."""
+        s = self.sealing_for(key)
+        return s.size(size) if s is not None else None
+
     async def _hashes(self, data: bytes, check: str | None, sha256: str | None) -> tuple[str, str]:
         """(checksum header value, sha256 hex) of data, computing what the caller did not
         give; in a worker thread unless data is small (a part of the dump is megabytes)."""
@@ -766,11 +795,25 @@ class Store:
         check: str | None = None,
         sha256: str | None = None,
         progress: bool = False,
+        sealed: bool = False,
     ) -> None:
         """One PUT with the --checksum header; its value (base64) and the sha256 (hex) of data
         may be given when already known. `progress`: the bytes are backup data, and their
-        acknowledgement is progress."""
-        value, sha256 = await self._hashes(data, check, sha256)
+        acknowledgement is progress. In an encrypted repository data is sealed first (check
+        and sha256 then describe the plaintext and are not used), unless `sealed` says the
+        caller did (check and sha256 are then the ciphertext's)."""
+        sealing = None if sealed else self.sealing_for(key)
+        if sealing is not None:
+            plain = data
+
+            def seal_and_hash() -> tuple[bytes, str, str]:
+                out = sealing.seal(plain)
+                return out, *sealed_hashes(self.checksum, out)
+
+            data, value, wire_sha = seal_and_hash() if len(plain) <= 65536 else await asyncio.to_thread(seal_and_hash)
+            del plain
+        else:
+            value, wire_sha = await self._hashes(data, check, sha256)
         headers = {CHECK_HEADERS[self.checksum]: value}
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, _CHECK_PARAMS[self.checksum]: value}
         if content_type:
@@ -780,12 +823,12 @@ class Store:
         kw.update(extra_kw)
 
         async def slow() -> dict[str, str]:
-            resp = await self._client.put_object(Body=_Body(data, sha256), **kw)
+            resp = await self._client.put_object(Body=_Body(data, wire_sha), **kw)
             return dict(resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
 
         answer = await self._call(
             f"upload {key}",
-            lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, sha256), slow),
+            lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, wire_sha), slow),
             small=len(data) <= SMALL_OBJECT,
         )
         self._check_sse(key, answer)
@@ -839,10 +882,34 @@ class Store:
         """The object's bytes into sink, in order, each exactly once, called in a worker
         thread (see _Fetcher); a broken connection resumes where it stopped (Range). sink
         must not keep the view it is given. When this returns or raises, sink is done being
-        called. Errors sink raises are raised as they are. `size_hint`: the expected size."""
+        called. Errors sink raises are raised as they are. `size_hint`: the expected size
+        (of the plaintext). An encrypted object is decrypted on the way: sink gets only
+        authenticated plaintext, and a damaged object raises DecryptError."""
+        sealing = self.sealing_for(key)
+        if sealing is None:
+            await self._download(key, sink, size_hint, small)
+            return
+        dec = sealing.decryptor()
+
+        def opened(view: memoryview) -> None:
+            pieces = dec.feed(view)  # 64 KiB each: one write (and hash update) per piece received
+            if pieces:
+                sink(memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces)))
+
+        def last() -> None:
+            for piece in dec.finish():
+                sink(memoryview(piece))
+
+        try:
+            await self._download(key, opened, sealing.size(size_hint), small)
+            await asyncio.to_thread(last)
+        except DecryptError as exc:
+            raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
+
+    async def _download(self, key: str, sink: Callable[[memoryview], None], size_hint: int, small: bool) -> None:
         d = self._direct
         if d is None or d.fetcher is None:
-            async for chunk in self.iter_object(key, CHUNK_SHARED, small=small):
+            async for chunk in self.iter_raw(key, CHUNK_SHARED, small=small):
                 await asyncio.to_thread(sink, memoryview(chunk))
             return
         fetcher = d.fetcher
@@ -887,7 +954,7 @@ class Store:
             ):
                 log.debug("S3 answered %s: requests go through botocore from now on", _short(cause))
                 self._direct = None
-                await self.download(key, sink, size_hint, small)
+                await self._download(key, sink, size_hint, small)
                 return
             raise
 
@@ -897,7 +964,25 @@ class Store:
 
     async def iter_object(self, key: str, chunk_size: int = MIB, small: bool = False) -> AsyncIterator[bytes]:
         """An object's bytes in chunks; a broken connection resumes where it stopped (Range).
-        `small`: the object is at most SMALL_OBJECT bytes (see _call)."""
+        `small`: the object is at most SMALL_OBJECT bytes (see _call). An encrypted object's
+        plaintext, authenticated chunk by chunk (DecryptError when it is damaged)."""
+        sealing = self.sealing_for(key)
+        if sealing is None:
+            async for chunk in self.iter_raw(key, chunk_size, small):
+                yield chunk
+            return
+        dec = sealing.decryptor()
+        try:
+            async for chunk in self.iter_raw(key, chunk_size, small):
+                for piece in dec.feed(chunk) if len(chunk) <= 65536 else await asyncio.to_thread(dec.feed, chunk):
+                    yield piece
+            for piece in dec.finish():
+                yield piece
+        except DecryptError as exc:
+            raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
+
+    async def iter_raw(self, key: str, chunk_size: int, small: bool = False) -> AsyncIterator[bytes]:
+        """The object's bytes as stored (encrypted or not)."""
         offset = 0
         attempt = 0
         while True:
@@ -1098,26 +1183,44 @@ class MultipartUpload:
         self._next = 1
         self._failure: BaseException | None = None
         self._completed = False
-        self.size = 0  # bytes handed to add()
+        self.size = 0  # bytes sent (after encryption, in an encrypted repository)
+        sealing = store.sealing_for(key)
+        self._enc = sealing.encryptor() if sealing is not None else None
 
     async def __aenter__(self) -> MultipartUpload:
         self.upload_id = await self.store.create_multipart(self.key)
         return self
 
-    async def add(self, data: bytes, check: str | None = None, sha256: str | None = None) -> None:
+    async def add(self, data: bytes, check: str | None = None, sha256: str | None = None, final: bool = False) -> None:
         """Queue the next part (its bytes must already be held in the budget by the caller,
-        who hands them over: they are released once the part is sent)."""
+        who hands them over: they are released once the part is sent). In an encrypted
+        repository the part is sealed here, and check/sha256 (the plaintext's) are not
+        used; `final`: nothing follows (else complete() seals the last chunk, held back)."""
+        size = len(data)  # what the caller holds in the budget
         try:
             self._raise_failure()
             await self._slots.acquire()
         except BaseException:
-            await asyncio.shield(self.budget.release(len(data)))
+            await asyncio.shield(self.budget.release(size))
             raise
+        if self._enc is not None:
+            enc, plain, checksum = self._enc, data, self.store.checksum
+
+            def seal() -> tuple[bytes, str, str]:
+                out = enc.push(plain, final)
+                return out, *sealed_hashes(checksum, out)
+
+            del data
+            try:
+                data, check, sha256 = await asyncio.to_thread(seal)
+            except BaseException:
+                self._slots.release()
+                await asyncio.shield(self.budget.release(size))
+                raise
+            del plain
         number = self._next
         self._next += 1
-
-        size = len(data)
-        self.size += size
+        self.size += len(data)
         holder = [data]  # the task's only reference, dropped before the budget is given back
         del data
 
@@ -1149,6 +1252,10 @@ class MultipartUpload:
     def parts(self) -> int:
         return self._next - 1
 
+    @property
+    def sealed(self) -> bool:
+        return self._enc is not None
+
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
@@ -1159,6 +1266,8 @@ class MultipartUpload:
         self._raise_failure()
 
     async def complete(self) -> None:
+        if self._enc is not None and not self._enc.done:
+            await self.add(b"", final=True)  # the held-back last chunk
         await self._drain()
         assert self.upload_id is not None
         try:
@@ -1206,6 +1315,7 @@ class StreamWriter:
         self.max_part = max(part_size, budget.limit // 2)
         self.max_inflight = max_inflight
         self.size = 0
+        self.stored: int | None = None  # bytes in the bucket, once finished, when encrypted
         self.parts = 0  # how many requests the stream went up in (1 for a plain PUT)
         self._buf = bytearray()
         self._reserved = 0  # budget held for the part being filled
@@ -1251,12 +1361,14 @@ class StreamWriter:
         if self._mp is None:
             await self.store.put(self.key, data, progress=True)
             self.parts = 1
+            self.stored = self.store.stored_size(self.key, len(data))
         else:
             if data or self._mp.parts == 0:
                 self._reserved -= len(data)
-                await self._mp.add(data)
+                await self._mp.add(data, final=True)
             await self._mp.complete()
             self.parts = self._mp.parts
+            self.stored = self._mp.size if self._mp.sealed else None
             await self._mp.__aexit__(None, None, None)
             self._mp = None
         await self._release_reserved()

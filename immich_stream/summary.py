@@ -91,6 +91,7 @@ class DatabaseInfo:
     compressed_size: int | None = None  # bytes of database.sql.gz
     sha256: str | None = None  # of the SQL
     compressed_sha256: str | None = None  # of database.sql.gz
+    stored_size: int | None = None  # bytes of its object, when that differs (an encrypted repository)
     parts: int = 0
     seconds: float = 0.0
     # Since 0.2 (absent, i.e. None or empty, in older snapshots): what a restore needs.

@@ -14,12 +14,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from immich_stream.age import Sealing
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import Decision
 from immich_stream.config import Settings
 from immich_stream.progress import Phase
 from immich_stream.repo import ManifestLine, Repo
-from immich_stream.store import SMALL_FACTOR, SMALL_OBJECT, MultipartUpload, Store, check_value, part_size_for
+from immich_stream.store import (
+    SMALL_FACTOR,
+    SMALL_OBJECT,
+    MultipartUpload,
+    Store,
+    check_value,
+    part_size_for,
+    sealed_hashes,
+)
 from immich_stream.summary import RunStats
 from immich_stream.walk import Entry
 
@@ -65,7 +74,7 @@ class FileUploader:
     def _reuse(self, line: ManifestLine, source: ManifestLine, sha: str, size: int) -> bool:
         if sha != source.sha256 or size != source.size or source.key is None:
             return False
-        line.key, line.sha256, line.size = source.key, sha, size
+        line.key, line.sha256, line.size, line.stored = source.key, sha, size, source.stored
         return True
 
     async def _single(
@@ -74,16 +83,27 @@ class FileUploader:
         """A file of one PUT: opened, read, hashed and checked again in one trip to a worker
         thread (most files of a data directory or a thumbnail folder are this small, and each
         trip costs the event loop more than the hashing)."""
-        async with self.budget.hold(entry.size):
-            data, sha, check, after = await asyncio.to_thread(_read_file, path, entry.size, self.checksum)
-            self.stats.bytes_read += len(data)
-            if source is not None and self._reuse(line, source, sha, len(data)):
-                phase.update(len(data))
+        full_key = self.repo.object_key(key)
+        sealing = self.store.sealing_for(full_key)
+        # encrypted: the plaintext and its sealed copy are both held while it is sealed
+        async with self.budget.hold(entry.size * (2 if sealing else 1)):
+            # with source, the plaintext's sha256 decides first: nothing is sealed for a reuse
+            data, size, sha, check, wire_sha, after = await asyncio.to_thread(
+                _read_file, path, entry.size, self.checksum, sealing if source is None else None
+            )
+            self.stats.bytes_read += size
+            if source is not None and self._reuse(line, source, sha, size):
+                phase.update(size)
                 return True, after
-            await self.store.put(self.repo.object_key(key), data, check=check, sha256=sha, progress=True)
-        line.key, line.size, line.sha256 = key, len(data), sha
-        self.stats.bytes_uploaded += len(data)
-        phase.update(len(data))
+            if sealing is not None and source is not None:
+                data, check, wire_sha = await asyncio.to_thread(_seal, sealing, data, self.checksum)
+            await self.store.put(
+                full_key, data, check=check, sha256=wire_sha, progress=True, sealed=sealing is not None
+            )
+        line.key, line.size, line.sha256 = key, size, sha
+        line.stored = len(data) if sealing is not None else None
+        self.stats.bytes_uploaded += size
+        phase.update(size)
         return False, after
 
     async def _same_bytes(self, fd: int, line: ManifestLine, source: ManifestLine, phase: Phase) -> bool:
@@ -99,11 +119,13 @@ class FileUploader:
         sha = hashlib.sha256()
         total = 0
         async with MultipartUpload(self.store, self.repo.object_key(key), self.budget) as mp:
+            # an encrypted part's checksums are of its ciphertext: MultipartUpload computes them
+            checksum = None if mp.sealed else self.checksum
             while total < entry.size or mp.parts == 0:
                 want = min(psize, entry.size - total)
                 await self.budget.acquire(want)
                 try:
-                    data, part_sha, check = await asyncio.to_thread(_read_exactly, fd, want, sha, self.checksum)
+                    data, part_sha, check = await asyncio.to_thread(_read_exactly, fd, want, sha, checksum)
                 except BaseException:
                     await asyncio.shield(self.budget.release(want))
                     raise
@@ -113,13 +135,15 @@ class FileUploader:
                 n = len(data)
                 total += n
                 self.stats.bytes_read += n
-                await mp.add(data, check, part_sha)  # the part's bytes are released once it is sent
+                # final: the last part a file of this size has (or a short read, after which the loop ends)
+                await mp.add(data, check, part_sha, final=n < want or total >= entry.size)
                 del data  # the upload task owns the part now: no second reference while it waits
                 phase.update(n)
                 if n < want:
                     break  # the file shrank while being read: noticed by the caller's fstat
             await mp.complete()
         line.key, line.size, line.sha256 = key, total, sha.hexdigest()
+        line.stored = mp.size if mp.sealed else None
         self.stats.bytes_uploaded += total
 
 
@@ -133,14 +157,29 @@ def _open_regular(path: bytes) -> int:
     return fd
 
 
-def _read_file(path: bytes, size: int, checksum: str) -> tuple[bytes, str, str, os.stat_result]:
-    """_read_exactly of a whole file by path, with its fstat after the read."""
+def _read_file(
+    path: bytes, size: int, checksum: str, sealing: Sealing | None
+) -> tuple[bytes, int, str, str, str, os.stat_result]:
+    """_read_exactly of a whole file by path: (the bytes to send, the file's size and
+    sha256, the checksum header's value and the sha256 of the bytes to send, its fstat
+    after the read).
+    With `sealing`, the bytes to send are the sealed file, and the checksums theirs."""
     fd = _open_regular(path)
     try:
-        data, sha, check = _read_exactly(fd, size, None, checksum)
-        return data, sha, check, os.fstat(fd)
+        data, sha, check = _read_exactly(fd, size, None, None if sealing else checksum)
+        after = os.fstat(fd)
     finally:
         os.close(fd)
+    if sealing is None:
+        return data, len(data), sha, check, sha, after
+    sealed, check, wire_sha = _seal(sealing, data, checksum)
+    return sealed, len(data), sha, check, wire_sha, after
+
+
+def _seal(sealing: Sealing, data: bytes, checksum: str) -> tuple[bytes, str, str]:
+    """(data sealed, its checksum header value, the payload hash to sign)"""
+    out = sealing.seal(data)
+    return out, *sealed_hashes(checksum, out)
 
 
 def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
@@ -154,7 +193,7 @@ def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _read_exactly(fd: int, size: int, sha: Any, checksum: str) -> tuple[bytes, str, str]:
+def _read_exactly(fd: int, size: int, sha: Any, checksum: str | None) -> tuple[bytes, str, str]:
     """Read up to `size` bytes; return them with their own sha256 (for the signature, and
     the manifest when the file is one part) and the `checksum` header's value, updating
     `sha` (the whole file's, read in parts) if given. Bytes, not a bytearray: botocore and
@@ -171,7 +210,7 @@ def _read_exactly(fd: int, size: int, sha: Any, checksum: str) -> tuple[bytes, s
     if sha is not None:
         sha.update(data)
     own = hashlib.sha256(data).hexdigest()
-    return data, own, check_value(checksum, data, own)
+    return data, own, check_value(checksum, data, own) if checksum else ""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from immich_stream.age import DecryptError
 from immich_stream.config import Settings
 from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
@@ -106,9 +107,10 @@ async def _verify_snapshot(
             size = listing.get(d)
             if size is None:
                 report.problem(f"snapshot {snap.id}: missing object {line.key} ({where})")
-            elif size != line.size:
+            elif size != line.object_size:
                 report.problem(
-                    f"snapshot {snap.id}: object {line.key} has {size} bytes, the manifest says {line.size} ({where})"
+                    f"snapshot {snap.id}: object {line.key} has {size} bytes, the manifest says {line.object_size} "
+                    f"({where})"
                 )
             elif fraction > 0 and d not in read_done and (fraction >= 1 or rng.random() < fraction):
                 read_done.add(d)
@@ -122,10 +124,15 @@ async def _verify_snapshot(
             key, sha, size, where = item
             h = hashlib.sha256()
             n = 0
-            async for chunk in store.iter_object(repo.object_key(key)):
-                h.update(chunk)
-                n += len(chunk)
-            report.bytes_read += n
+            try:
+                async for chunk in store.iter_object(repo.object_key(key)):
+                    h.update(chunk)
+                    n += len(chunk)
+            except DecryptError as exc:  # an encrypted object that does not authenticate
+                report.problem(f"snapshot {snap.id}: corrupt object {key} ({where}): {exc.detail}")
+                continue
+            finally:
+                report.bytes_read += n
             if n != size or h.hexdigest() != sha:
                 report.problem(
                     f"snapshot {snap.id}: corrupt object {key} ({where}): sha256 {h.hexdigest()[:16]}... "
@@ -149,8 +156,9 @@ async def _verify_dump(store: Store, repo: Repo, snap: Snapshot, read: bool, rep
     if size is None:
         report.problem(f"snapshot {snap.id}: missing database dump {key}")
         return
-    if db.compressed_size is not None and size != db.compressed_size:
-        report.problem(f"snapshot {snap.id}: database dump has {size} bytes, snapshot.json says {db.compressed_size}")
+    expected = db.stored_size if db.stored_size is not None else db.compressed_size
+    if expected is not None and size != expected:
+        report.problem(f"snapshot {snap.id}: database dump has {size} bytes, snapshot.json says {expected}")
         return
     if not read:
         return

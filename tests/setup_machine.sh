@@ -1,6 +1,6 @@
 #!/bin/bash
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
-#   - Debian packages docker.io, debootstrap and restic (when missing)
+#   - Debian packages docker.io, debootstrap, restic and age (when missing)
 #   - dockerd running (when not answering)
 #   - the local PostgreSQL test image (built once, then cached by tag)
 # Fast on the second run: every step checks before it acts.
@@ -15,6 +15,7 @@ need_pkgs=()
 command -v dockerd >/dev/null || need_pkgs+=(docker.io)
 command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
 command -v restic >/dev/null || need_pkgs+=(restic)  # the oracle for prune's retention rules
+command -v age >/dev/null || need_pkgs+=(age)  # the standard tool that must open encrypted objects
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq

@@ -71,6 +71,8 @@ WRONG: dict[str, tuple[str, str]] = {
     "sse": ("aes", "true"),
     "sse_kms_key_id": ("two words", "5"),
     "sse_c_key_file": ("/no/such/key", '""'),
+    "age_identity": ("/no/such/age-key.txt", '""'),
+    "age_recipients": ("age1notakey", "5"),
 }
 
 

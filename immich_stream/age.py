@@ -1,0 +1,492 @@
+"""The age file format (age-encryption.org/v1), X25519 recipients only, streamed.
+
+Every object of an encrypted repository is a standalone age file: `age -d -i key.txt`
+opens it without this program. The primitives are the `cryptography` package's (X25519,
+HKDF-SHA256, HMAC-SHA256, ChaCha20-Poly1305); this module only frames them as the spec
+(https://age-encryption.org/v1) says:
+
+    age-encryption.org/v1
+    -> X25519 <ephemeral share, base64>
+    <the file key wrapped for that recipient, base64>
+    ...one stanza per recipient...
+    --- <HMAC of the header, base64>
+    <16-byte nonce><payload: 64 KiB chunks, each ChaCha20-Poly1305 with a 16-byte tag>
+
+A chunk's nonce is its 11-byte big-endian counter and a final flag, so a truncated or
+reordered file fails authentication, and the last chunk must be known when it is sealed:
+the Encryptor holds back the last chunk of what it was given until it learns whether more
+follows (push(final=True) or finish()).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from immich_stream.errors import ConfigError, RepoError
+
+INTRO = b"age-encryption.org/v1\n"
+CHUNK = 64 * 1024
+TAG = 16
+SEALED_CHUNK = CHUNK + TAG
+NONCE = 16  # the payload nonce after the header
+X25519_LABEL = b"age-encryption.org/v1/X25519"
+STANZA_BYTES = len(b"-> X25519 ") + 43 + 1 + 43 + 1  # share line and body line of one recipient
+FOOTER_BYTES = len(b"--- ") + 43 + 1
+MAX_HEADER = 64 * 1024  # a header this long is not one we (or age) wrote for a few recipients
+_ZERO_NONCE = bytes(12)
+
+
+class DecryptError(RepoError):
+    """Ciphertext that does not open: damaged, truncated, not age, or for other recipients
+    (a damaged repository, as a wrong sha256 is)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message  # what is wrong, without the object's name
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.b64encode(data).rstrip(b"=")
+
+
+def _unb64(text: bytes) -> bytes:
+    """age's canonical base64: standard alphabet, no padding; anything else is refused."""
+    if b"=" in text or b"\r" in text:
+        raise DecryptError("not canonical base64")
+    try:
+        data = base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        raise DecryptError("not base64") from None
+    if _b64(data) != text:
+        raise DecryptError("not canonical base64")
+    return data
+
+
+def _hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
+
+
+# -- bech32 (BIP 173), the encoding of age's keys -----------------------------------------
+
+_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+
+
+def _polymod(values: Iterable[int]) -> int:
+    chk = 1
+    for v in values:
+        top = chk >> 25
+        chk = (chk & 0x1FFFFFF) << 5 ^ v
+        for i in range(5):
+            chk ^= _GEN[i] if (top >> i) & 1 else 0
+    return chk
+
+
+def _hrp_expand(hrp: str) -> list[int]:
+    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
+
+
+def _convert(data: Iterable[int], frombits: int, tobits: int, pad: bool) -> list[int]:
+    acc = bits = 0
+    out: list[int] = []
+    maxv = (1 << tobits) - 1
+    for value in data:
+        acc = (acc << frombits) | value
+        bits += frombits
+        while bits >= tobits:
+            bits -= tobits
+            out.append((acc >> bits) & maxv)
+    if pad and bits:
+        out.append((acc << (tobits - bits)) & maxv)
+    elif not pad and (bits >= frombits or (acc << (tobits - bits)) & maxv):
+        raise ValueError("invalid padding")
+    return out
+
+
+def bech32_encode(hrp: str, data: bytes) -> str:
+    five = _convert(data, 8, 5, True)
+    checksum = _polymod(_hrp_expand(hrp) + five + [0] * 6) ^ 1
+    five += [(checksum >> 5 * (5 - i)) & 31 for i in range(6)]
+    return hrp + "1" + "".join(_CHARSET[d] for d in five)
+
+
+def bech32_decode(text: str) -> tuple[str, bytes]:
+    if text.lower() != text and text.upper() != text:
+        raise ValueError("mixed case")
+    text = text.lower()
+    hrp, sep, rest = text.rpartition("1")
+    if not sep or not hrp or len(rest) < 6 or any(c not in _CHARSET for c in rest):
+        raise ValueError("not bech32")
+    five = [_CHARSET.index(c) for c in rest]
+    if _polymod(_hrp_expand(hrp) + five) != 1:
+        raise ValueError("bad checksum")
+    return hrp, bytes(_convert(five[:-6], 5, 8, False))
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipient:
+    public: bytes  # 32 bytes
+
+    @classmethod
+    def parse(cls, text: str) -> Recipient:
+        try:
+            hrp, data = bech32_decode(text.strip())
+        except ValueError:
+            hrp, data = "", b""
+        if hrp != "age" or len(data) != 32:
+            raise ConfigError(f"{text.strip()[:80]!r} is not an age recipient (age1... as age-keygen prints it)")
+        return cls(data)
+
+    def __str__(self) -> str:
+        return bech32_encode("age", self.public)
+
+    def stanza(self, file_key: bytes) -> bytes:
+        ephemeral = X25519PrivateKey.generate()
+        share = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(self.public))
+        wrap = _hkdf(shared, share + self.public, X25519_LABEL)
+        body = ChaCha20Poly1305(wrap).encrypt(_ZERO_NONCE, file_key, None)
+        return b"-> X25519 " + _b64(share) + b"\n" + _b64(body) + b"\n"
+
+
+class Identity:
+    """An X25519 identity (AGE-SECRET-KEY-1...). Never printed: repr shows its recipient."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = X25519PrivateKey.from_private_bytes(secret)
+        pub = self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.recipient = Recipient(pub)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(secrets.token_bytes(32))
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        try:
+            hrp, data = bech32_decode(text.strip())
+        except ValueError:
+            hrp, data = "", b""
+        if hrp != "age-secret-key-" or len(data) != 32:
+            raise ConfigError("an identity line is not an age X25519 secret key (AGE-SECRET-KEY-1..., from age-keygen)")
+        return cls(data)
+
+    def secret_text(self) -> str:
+        raw = self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return bech32_encode("age-secret-key-", raw).upper()
+
+    def __repr__(self) -> str:
+        return f"Identity({self.recipient})"
+
+    def unwrap(self, share: bytes, body: bytes) -> bytes | None:
+        """The file key from an X25519 stanza addressed to this identity, else None."""
+        if len(share) != 32 or len(body) != 32:
+            raise DecryptError("malformed X25519 stanza")
+        try:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(share))
+        except ValueError:  # an all-zero shared secret: a malicious share
+            raise DecryptError("malformed X25519 stanza") from None
+        wrap = _hkdf(shared, share + self.recipient.public, X25519_LABEL)
+        try:
+            return ChaCha20Poly1305(wrap).decrypt(_ZERO_NONCE, body, None)
+        except InvalidTag:
+            return None
+
+
+def read_identity_file(path: Path) -> list[Identity]:
+    """The identities of an age identity file (age-keygen's format: comments, blank lines,
+    one AGE-SECRET-KEY-1 per line; the first is the current one). Refused when others than
+    its owner may read it: whoever reads it reads every backup."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"age_identity {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"age_identity {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"run `chmod 600 {path}`"
+            )
+        text = path.read_text("ascii")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"age_identity {path} does not exist: create it with `age-keygen -o {path}` (new repository) "
+            "or restore the one this repository was encrypted with"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"age_identity {path} cannot be read: {exc}") from None
+    keys = [Identity.parse(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"age_identity {path} holds no AGE-SECRET-KEY-1 line: create one with age-keygen")
+    return keys
+
+
+def identity_file_text(identities: list[Identity], comments: list[str]) -> str:
+    lines = [f"# {c}" for c in comments]
+    for ident in identities:
+        lines.append(f"# public key: {ident.recipient}")
+        lines.append(ident.secret_text())
+    return "\n".join(lines) + "\n"
+
+
+# -- the format ------------------------------------------------------------------------------
+
+
+def header_size(recipients: int) -> int:
+    return len(INTRO) + STANZA_BYTES * recipients + FOOTER_BYTES
+
+
+def sealed_size(plain: int, recipients: int) -> int:
+    """Bytes of an age file of `plain` bytes for that many X25519 recipients."""
+    chunks = max(1, -(-plain // CHUNK))
+    return header_size(recipients) + NONCE + plain + TAG * chunks
+
+
+def _nonce(counter: int, final: bool) -> bytes:
+    return counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+class Encryptor:
+    """One age file, given plaintext in pieces. The output is the file's bytes in order;
+    each push() returns every chunk it can seal, holding back the last one (whole or not)
+    until push(final=True) or finish() says it is the last."""
+
+    def __init__(self, recipients: list[Recipient]) -> None:
+        file_key = secrets.token_bytes(16)
+        head = INTRO + b"".join(r.stanza(file_key) for r in recipients) + b"---"
+        mac = hmac.new(_hkdf(file_key, b"", b"header"), head, hashlib.sha256).digest()
+        nonce = secrets.token_bytes(NONCE)
+        self._pending = head + b" " + _b64(mac) + b"\n" + nonce
+        self._aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
+        self._counter = 0
+        self._held = b""
+        self.done = False
+
+    def _seal(self, chunk: bytes | memoryview, final: bool) -> bytes:
+        out = self._aead.encrypt(_nonce(self._counter, final), chunk, None)
+        self._counter += 1
+        return out
+
+    def push(self, data: bytes, final: bool = False) -> bytes:
+        if self.done:
+            raise ValueError("the age file was already finished")
+        out = [self._pending]
+        self._pending = b""
+        view = memoryview(data)
+        held = self._held
+        if held and len(held) < CHUNK and view:  # top the held chunk up first (no copy of data)
+            take = CHUNK - len(held)
+            held, view = held + bytes(view[:take]), view[take:]
+        # the stream is now `held` (at most one chunk) followed by `view`
+        keep = 0 if final else ((len(view) - 1) % CHUNK + 1 if view else len(held))
+        pieces: list[bytes | memoryview] = [held] if held else []
+        pieces += [view[i : i + CHUNK] for i in range(0, len(view), CHUNK)]
+        if keep:
+            self._held = bytes(pieces.pop())
+        else:
+            self._held = b""
+        if final and not pieces:  # only an empty file's one chunk is empty
+            pieces = [b""]
+        for i, piece in enumerate(pieces):
+            out.append(self._seal(piece, final and i == len(pieces) - 1))
+        self.done = final
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The rest of the file (the held chunk, sealed as the last); b"" when done."""
+        return b"" if self.done else self.push(b"", final=True)
+
+
+def seal(data: bytes, recipients: list[Recipient]) -> bytes:
+    return Encryptor(recipients).push(data, final=True)
+
+
+class Decryptor:
+    """One age file, given its bytes in pieces in order: feed() returns the plaintext it
+    can authenticate so far (a chunk is held until the next byte shows it was not the
+    last); finish() checks the file ended where its last chunk said. Raises DecryptError."""
+
+    def __init__(self, identities: list[Identity]) -> None:
+        self._identities = identities
+        self._buf = bytearray()
+        self._aead: ChaCha20Poly1305 | None = None
+        self._counter = 0
+        self.plain = 0  # plaintext bytes returned
+
+    @property
+    def has_header(self) -> bool:
+        """The header was read, and one of the identities opened it."""
+        return self._aead is not None
+
+    def _header(self) -> bool:
+        end = self._buf.find(b"\n--- ")
+        if end < 0:
+            if len(self._buf) > MAX_HEADER or (len(self._buf) >= len(INTRO) and not self._buf.startswith(INTRO)):
+                raise DecryptError("not an age file (no age-encryption.org/v1 header)")
+            return False
+        eol = self._buf.find(b"\n", end + 1)
+        if eol < 0 or len(self._buf) < eol + 1 + NONCE:
+            return False
+        header = bytes(self._buf[: eol + 1])
+        if not header.startswith(INTRO):
+            raise DecryptError("not an age file (no age-encryption.org/v1 header)")
+        lines = header[len(INTRO) : end + 1].split(b"\n")[:-1]
+        mac = _unb64(header[end + 5 : eol])
+        file_key = self._file_key(lines)
+        want = hmac.new(_hkdf(file_key, b"", b"header"), header[: end + 4], hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, want):
+            raise DecryptError("the age header's MAC does not match: the header was altered")
+        nonce = bytes(self._buf[eol + 1 : eol + 1 + NONCE])
+        self._aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
+        del self._buf[: eol + 1 + NONCE]
+        return True
+
+    def _file_key(self, lines: list[bytes]) -> bytes:
+        i = 0
+        stanzas: list[tuple[list[bytes], bytes]] = []
+        while i < len(lines):
+            if not lines[i].startswith(b"-> "):
+                raise DecryptError("malformed age header")
+            args = lines[i][3:].split(b" ")
+            i += 1
+            body = b""
+            while True:  # the body's lines are 64 columns; a shorter one ends it
+                if i >= len(lines):
+                    raise DecryptError("malformed age header")
+                body += lines[i]
+                i += 1
+                if len(lines[i - 1]) < 64:
+                    break
+            stanzas.append((args, _unb64(body)))
+        for args, body in stanzas:
+            if args[0] != b"X25519":
+                continue  # another kind of recipient (or grease): not ours
+            if len(args) != 2:
+                raise DecryptError("malformed X25519 stanza")
+            share = _unb64(args[1])
+            for ident in self._identities:
+                key = ident.unwrap(share, body)
+                if key is not None:
+                    if len(key) != 16:
+                        raise DecryptError("malformed file key")
+                    return key
+        raise DecryptError("no identity in the identity file opens it (encrypted to other recipients)")
+
+    def _open(self, chunk: bytes | memoryview, final: bool) -> bytes:
+        assert self._aead is not None
+        try:
+            out = self._aead.decrypt(_nonce(self._counter, final), chunk, None)
+        except InvalidTag:
+            raise DecryptError(f"chunk {self._counter} failed authentication: the object is damaged") from None
+        if final and not out and self._counter:
+            raise DecryptError("the last chunk is empty: not a valid age file")
+        self._counter += 1
+        self.plain += len(out)
+        return out
+
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
+        if self._aead is None:
+            self._buf += data
+            if not self._header():
+                return []
+            data, self._buf = bytes(self._buf), bytearray()  # the chunks that came with the header
+        view = memoryview(data)
+        out: list[bytes] = []
+        if self._buf:  # complete the chunk begun in an earlier piece; open it once more follows
+            take = min(SEALED_CHUNK - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if not view:
+                return out
+            out.append(self._open(bytes(self._buf), False))
+            self._buf.clear()
+        n = (len(view) - 1) // SEALED_CHUNK  # whole chunks that are certainly not the last
+        for i in range(n):
+            out.append(self._open(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], False))
+        self._buf += view[n * SEALED_CHUNK :]
+        return out
+
+    def finish(self) -> list[bytes]:
+        if self._aead is None:
+            self._header()
+            if self._aead is None:
+                raise DecryptError("the age file ends inside its header: truncated")
+        if len(self._buf) < TAG:
+            raise DecryptError("the age file ends without its last chunk: truncated")
+        out = self._open(bytes(self._buf), True)
+        self._buf.clear()
+        return [out] if out else []
+
+
+def open_sealed(data: bytes, identities: list[Identity]) -> bytes:
+    d = Decryptor(identities)
+    return b"".join(d.feed(data) + d.finish())
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """How a Store encrypts: objects under `prefixes` (data/ and snapshots/ of the
+    repository) are age files for `recipients`, opened with any of `identities`."""
+
+    recipients: tuple[Recipient, ...]
+    identities: tuple[Identity, ...]
+    prefixes: tuple[str, ...]
+
+    def applies(self, key: str) -> bool:
+        return key.startswith(self.prefixes)
+
+    def size(self, plain: int) -> int:
+        return sealed_size(plain, len(self.recipients))
+
+    def encryptor(self) -> Encryptor:
+        return Encryptor(list(self.recipients))
+
+    def decryptor(self) -> Decryptor:
+        return Decryptor(list(self.identities))
+
+    def seal(self, data: bytes) -> bytes:
+        return seal(data, list(self.recipients))
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys the settings name: the identity file's identities (the first is the current
+    one, older ones after `key rotate`) and the extra recipients (an offline recovery key)."""
+
+    identities: tuple[Identity, ...]
+    extra: tuple[Recipient, ...]
+    path: Path
+
+    @property
+    def recipients(self) -> tuple[Recipient, ...]:
+        own = self.identities[0].recipient
+        return (own, *(r for r in self.extra if r != own))
+
+
+def load_keys(identity_file: Path | None, recipients: tuple[str, ...]) -> Keys | None:
+    if identity_file is None:
+        if recipients:
+            raise ConfigError(
+                "age recipients are set but no identity: set IMMICH_STREAM_AGE_IDENTITY (or [encryption] "
+                "identity_file) to a key made with age-keygen"
+            )
+        return None
+    return Keys(tuple(read_identity_file(identity_file)), tuple(Recipient.parse(r) for r in recipients), identity_file)

@@ -1,0 +1,275 @@
+"""`key show`, `key rotate`, `key reencrypt`: the age keys of an encrypted repository.
+
+Rotation writes the new identity first (into the identity file, above the old ones, which
+keep opening older objects), then config.json's recipients: a crash between the two leaves a
+file that still opens everything. `reencrypt` rewrites every object that the current identity
+cannot open for the current recipients, one object at a time (each replaced whole by its PUT
+or completed multipart upload: never half), then the manifests and snapshot.json files, which
+record the objects' sizes. It can be run again after an interruption and continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from immich_stream.age import DecryptError, Decryptor, Identity, Keys, Recipient, Sealing, identity_file_text, load_keys
+from immich_stream.budget import ByteBudget
+from immich_stream.config import Settings
+from immich_stream.errors import ConfigError
+from immich_stream.progress import Reporter
+from immich_stream.repo import MANIFEST, SUMMARY, ManifestWriter, Repo
+from immich_stream.session import LockSpec, open_repo
+from immich_stream.store import MultipartUpload, Store
+from immich_stream.watchdog import s3_hang, with_watchdog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KeyReport:
+    recipients: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
+    new_recipient: str | None = None
+    objects_checked: int = 0
+    objects_reencrypted: int = 0
+    bytes_reencrypted: int = 0
+    manifests_rewritten: int = 0
+    seconds: float = 0.0
+
+
+def _keys(settings: Settings) -> Keys:
+    keys = load_keys(settings.age_identity, settings.age_recipients)
+    if keys is None:
+        raise ConfigError("key: set IMMICH_STREAM_AGE_IDENTITY (or [encryption] identity_file) to the identity file")
+    return keys
+
+
+async def _encryption(repo: Repo) -> dict[str, Any]:
+    cfg = await repo.read_config()
+    if not isinstance(cfg.get("encryption"), dict):
+        raise ConfigError(f"the repository at {repo.where()} is not encrypted: there are no keys to manage")
+    return cfg
+
+
+async def show(settings: Settings) -> KeyReport:
+    async with open_repo(settings) as repo:
+        enc = (await _encryption(repo))["encryption"]
+    return KeyReport(list(enc["recipients"]), list(enc.get("retired", [])))
+
+
+def write_identity_file(path: Path, identities: list[Identity]) -> None:
+    """Replace the identity file atomically, mode 0600 from its first byte."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = identity_file_text(
+        identities,
+        [
+            f"immich-stream identity, rotated {now}: the first key encrypts new backups,",
+            "the ones below it still open older objects: keep them until `key reencrypt` has run",
+        ],
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) -> KeyReport:
+    """A new identity for new backups; the old ones stay in the file for older objects."""
+    started = time.monotonic()
+    keys = _keys(settings)
+    lock = LockSpec("key rotate", exclusive=True, wait=settings.lock_wait)
+    async with open_repo(settings, lock=lock) as repo:
+        cfg = await _encryption(repo)
+        enc = cfg["encryption"]
+        new = Identity.generate()
+        recipients = [new.recipient, *(r for r in keys.extra if r != new.recipient)]
+        before = [Recipient.parse(r) for r in [*enc["recipients"], *enc.get("retired", [])]]
+        retired = [r for r in dict.fromkeys(before) if r not in recipients]
+        # the file first: with it, every object (old and new) opens whatever happens next
+        await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities])
+        cfg["encryption"] = dict(enc, recipients=[str(r) for r in recipients], retired=[str(r) for r in retired])
+        cfg["rotated"] = dt.datetime.now(dt.UTC).isoformat()
+        await repo.store.put(repo.config_key(), json.dumps(cfg, indent=2).encode() + b"\n", "application/json")
+        log.info("new recipient %s; %d retired", new.recipient, len(retired))
+        report = KeyReport([str(r) for r in recipients], [str(r) for r in retired], str(new.recipient))
+        if reencrypt_after:
+            assert repo.store.sealing is not None
+            repo.store.sealing = Sealing(tuple(recipients), (new, *keys.identities), repo.store.sealing.prefixes)
+            await _guarded(repo, settings, _reencrypt(repo, settings, new, report, reporter))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def reencrypt(settings: Settings, reporter: Reporter) -> KeyReport:
+    """Every object the current identity does not open, encrypted again for the current
+    recipients; then the manifests, which record the objects' sizes."""
+    started = time.monotonic()
+    keys = _keys(settings)
+    lock = LockSpec("key reencrypt", exclusive=True, wait=settings.lock_wait)
+    async with open_repo(settings, lock=lock) as repo:
+        enc = (await _encryption(repo))["encryption"]
+        current = [Recipient.parse(r) for r in enc["recipients"]]
+        if keys.identities[0].recipient not in current:
+            raise ConfigError(
+                f"the first identity in {keys.path} is not one the repository encrypts to: run `key rotate` "
+                "with this file, or give the file `key rotate` wrote"
+            )
+        report = KeyReport([str(r) for r in current], list(enc.get("retired", [])))
+        await _guarded(repo, settings, _reencrypt(repo, settings, keys.identities[0], report, reporter))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _guarded(repo: Repo, settings: Settings, work: Any) -> None:
+    hung = s3_hang(repo.store, settings.stall_timeout, "stopped; run `key reencrypt` to continue")
+    await with_watchdog(repo.store, math.inf, work, hung)
+
+
+async def _opens(store: Store, key: str, identity: Identity) -> bool:
+    """Whether the object is already encrypted for `identity` (its header decides: only
+    the first bytes are read)."""
+    probe = Decryptor([identity])
+    async for chunk in store.iter_raw(key, 64 << 10, small=True):
+        try:
+            probe.feed(chunk)
+        except DecryptError as exc:
+            if "no identity" in str(exc):
+                return False
+            raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
+        if probe.has_header:
+            return True
+    raise DecryptError(f"{key}: the age file ends inside its header: truncated")
+
+
+async def _rewrite(store: Store, key: str, size: int, budget: ByteBudget, part_size: int) -> int:
+    """The object decrypted and encrypted again under the same key (the store's sealing is
+    the current one), replaced whole by one PUT or a completed multipart upload; returns
+    the plaintext bytes. `size`: the object's size in the bucket."""
+    if size <= part_size:
+        async with budget.hold(2 * size):
+            data = await store.get(key)
+            await store.put(key, data)
+            return len(data)
+    total = 0
+    async with MultipartUpload(store, key, budget) as mp:
+        buf = bytearray()
+        async for chunk in store.iter_object(key):
+            buf += chunk
+            total += len(chunk)
+            while len(buf) >= part_size:
+                await budget.acquire(part_size)
+                await mp.add(bytes(buf[:part_size]))
+                del buf[:part_size]
+        await budget.acquire(len(buf))
+        await mp.add(bytes(buf), final=True)
+        await mp.complete()
+    return total
+
+
+async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report: KeyReport, reporter: Reporter) -> None:
+    """Every object opened by the current identity was written for the current recipients
+    (backups refuse other recipients, and a change of recipients is a rotation): the others
+    are written again, then the manifests and summaries with the sizes that follows."""
+    store = repo.store
+    sealing = store.sealing
+    assert sealing is not None
+    budget = ByteBudget(settings.max_memory // 2)
+    part = settings.part_size
+    sem = asyncio.Semaphore(settings.jobs)
+    phase = reporter.phase("re-encrypt")
+
+    async def one(key: str, size: int) -> None:
+        async with sem:
+            report.objects_checked += 1
+            if not await _opens(store, key, identity):
+                report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
+                report.objects_reencrypted += 1
+            phase.update(0, files=1)
+
+    async def each(prefix: str, skip: tuple[str, ...] = ()) -> None:
+        async with asyncio.TaskGroup() as tg:
+            async for obj in store.list_objects(prefix):
+                if not obj.key.endswith(skip):
+                    await sem.acquire()  # bounded: one listing page ahead of the work at most
+                    sem.release()
+                    tg.create_task(one(obj.key, obj.size))
+
+    try:
+        await each(repo.data_prefix())  # the files first: manifests record their new sizes after
+        await each(repo._k("snapshots/"), skip=(MANIFEST, SUMMARY, REWRITE))
+        for sid, committed in (await repo.snapshot_dirs()).items():
+            await _rewrite_snapshot(repo, sealing, sid, committed, budget, part)
+            report.manifests_rewritten += 1
+    finally:
+        phase.close()
+
+
+REWRITE = "manifest.rewrite.jsonl.gz"  # a manifest on its way back (deleted after)
+
+
+async def _rewrite_snapshot(
+    repo: Repo, sealing: Sealing, sid: str, committed: bool, budget: ByteBudget, part_size: int
+) -> None:
+    """The manifest with every object's size for the current recipients, copied out and
+    back (streamed both ways: a manifest can be larger than memory), then snapshot.json,
+    the commit marker, last as at a backup."""
+    store = repo.store
+    manifest = repo.manifest_key(sid)
+    if await store.head(manifest) is None:
+        return
+    tmp = repo.snapshot_prefix(sid) + REWRITE
+
+    async def copy(src: str, dst: str, fix: bool) -> None:
+        async with ManifestWriter(store, dst, budget, part_size) as out:
+            async for line in repo.read_lines_at(src):
+                if fix and line.key:
+                    line.stored = sealing.size(line.size)
+                await out.add(line)
+            await out.finish()
+
+    await copy(manifest, tmp, True)
+    await copy(tmp, manifest, False)
+    await store.delete([tmp])
+    if committed:
+        snap = await repo.load_snapshot(sid)
+        db = snap.summary.database
+        if db.compressed_size is not None:
+            db.stored_size = sealing.size(db.compressed_size)
+        await store.put(repo.summary_key(sid), snap.summary.to_json(), "application/json")
+
+
+def summary_lines(report: KeyReport) -> list[str]:
+    lines = [f"recipients {', '.join(report.recipients)}"]
+    if report.new_recipient:
+        lines.insert(0, f"new identity {report.new_recipient} (first in the identity file; back the file up now)")
+    if report.retired:
+        lines.append(f"retired    {', '.join(report.retired)} (their identities stay in the file for older objects)")
+    if report.objects_checked:
+        lines.append(
+            f"re-encrypt {report.objects_reencrypted} of {report.objects_checked} objects, "
+            f"{report.bytes_reencrypted} bytes; {report.manifests_rewritten} snapshots' manifests rewritten"
+        )
+    return lines
