@@ -109,7 +109,13 @@ async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) 
         before = [Recipient.parse(r) for r in [*enc["recipients"], *enc.get("retired", [])]]
         retired = [r for r in dict.fromkeys(before) if r not in recipients]
         # the file first: with it, every object (old and new) opens whatever happens next
-        await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities])
+        try:
+            await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities])
+        except OSError as exc:
+            raise ConfigError(
+                f"key rotate: cannot write the new identity into {keys.path} ({exc.strerror or exc}): nothing was "
+                "changed; make its directory writable (a read-only secret mount cannot be rotated in place)"
+            ) from None
         cfg["encryption"] = dict(enc, recipients=[str(r) for r in recipients], retired=[str(r) for r in retired])
         cfg["rotated"] = dt.datetime.now(dt.UTC).isoformat()
         await repo.store.put(repo.config_key(), json.dumps(cfg, indent=2).encode() + b"\n", "application/json")
