@@ -1,0 +1,88 @@
+"""Review of the age encryption change (branch crypt): failing tests that prove findings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from immich_stream import config
+from immich_stream.age import load_keys
+from immich_stream.locks import RepoLock
+from immich_stream.repo import Repo
+from immich_stream.store import Store
+from tests.conftest import bucket_of
+from tests.helpers import run_cli
+from tests.test_encryption import AGE, keygen
+
+
+def _secret(path: Path) -> str:
+    return next(x for x in path.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1"))
+
+
+@pytest.mark.parametrize("var", ["IMMICH_STREAM_AGE_IDENTITY", "IMMICH_STREAM_AGE_RECIPIENTS"])
+def test_a_secret_key_put_in_the_wrong_setting_is_never_printed(var: str, tmp_path: Path) -> None:
+    """A user who puts the key itself (not its file) in IMMICH_STREAM_AGE_IDENTITY, or the
+    secret key in the recipients, must get an error that does not print the secret."""
+    own = tmp_path / "own.key"
+    keygen(own)
+    secret = _secret(own)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMMICH_", "S3_", "AWS_"))}
+    env.update(HOME=str(tmp_path), S3_BUCKET="b", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
+    env.update(S3_ENDPOINT_URL="http://127.0.0.1:9", IMMICH_STREAM_AGE_IDENTITY=str(own))
+    env[var] = secret
+    for command in ("config", "backup"):
+        r = run_cli(command, env=env, timeout=60)
+        assert r.code != 0
+        printed = r.out + r.err
+        assert secret[16:60] not in printed.upper(), f"{command} printed the secret key: {r.last_error}"
+
+
+def _settings(env: dict[str, str]) -> config.Settings:
+    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    return config.load(environ=env)
+
+
+def test_backup_waiting_for_the_lock_during_key_rotate_writes_to_the_retired_key(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """open_repo reads config.json (and the identity file) and fixes store.sealing BEFORE it
+    waits for the repository lock; nothing reads them again once the lock is held. A backup
+    that started while `key rotate --reencrypt` held the exclusive lock therefore writes its
+    objects for the retired recipient after the re-encryption finished: the user, told that
+    old keys may go once `key reencrypt` has run, then deletes the only key that opens them.
+
+    The interleaving is forced in the order open_repo runs (config, then lock)."""
+    own = tmp_path / "own.key"
+    keygen(own)
+    env = dict(s3_env, IMMICH_STREAM_AGE_IDENTITY=str(own), IMMICH_STREAM_STOP="none")
+    settings = _settings(env)
+    data_key = "data/review/after-rotate.jpg"
+
+    async def main() -> None:
+        keys = load_keys(settings.age_identity, settings.age_recipients)
+        async with Store(settings) as store:
+            repo = Repo(store, settings.prefix)
+            await repo.ensure_config(keys)  # a new encrypted repository
+            await store.put(repo.object_key("data/review/before.jpg"), b"old photo")
+        # the backup: open_repo's steps before RepoLock
+        async with Store(settings) as store:
+            repo = Repo(store, settings.prefix)
+            await repo.ensure_config(keys)
+            # ... it now waits for the lock that `key rotate --reencrypt` holds:
+            r = await asyncio.to_thread(run_cli, "key", "rotate", "--reencrypt", env=env)
+            assert r.code == 0, r.err
+            async with RepoLock(repo, "backup", exclusive=False, wait=30, run="x"):
+                await store.put(repo.object_key(data_key), b"photo taken after the rotation")
+
+    asyncio.run(main())
+    new_only = tmp_path / "new-only.key"
+    new_only.write_text(_secret(own) + "\n")  # what the docs allow once reencrypt has run
+    os.chmod(new_only, 0o600)
+    bucket = bucket_of(env)
+    for k in ("data/review/before.jpg", data_key):
+        p = subprocess.run([AGE or "age", "-d", "-i", str(new_only)], input=bucket.get(k), capture_output=True)
+        assert p.returncode == 0, f"{k} does not open with the new key after `key rotate --reencrypt`: {p.stderr!r}"
