@@ -14,9 +14,9 @@ from immich_stream.age import load_keys
 from immich_stream.locks import RepoLock
 from immich_stream.repo import Repo
 from immich_stream.store import Store
-from tests.conftest import bucket_of
-from tests.helpers import run_cli
-from tests.test_encryption import AGE, keygen
+from tests.conftest import ImmichStack, bucket_of
+from tests.helpers import make_library, run_cli
+from tests.test_encryption import AGE, enc_env, keygen, keys  # noqa: F401 (fixtures)
 
 
 def _secret(path: Path) -> str:
@@ -86,3 +86,35 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_to_the_retired_key
     for k in ("data/review/before.jpg", data_key):
         p = subprocess.run([AGE or "age", "-d", "-i", str(new_only)], input=bucket.get(k), capture_output=True)
         assert p.returncode == 0, f"{k} does not open with the new key after `key rotate --reencrypt`: {p.stderr!r}"
+
+
+def test_verify_after_a_reencrypt_interrupted_after_the_data_objects(
+    enc_env: dict[str, str], stack: ImmichStack, keys: tuple[Path, str, Path, str]
+) -> None:
+    """`key reencrypt` rewrites every data object first and the manifests (their `stored`
+    sizes) last. Interrupted in between (a kill, a stall: the docstring says run it again),
+    with the number of recipients changed by the rotation, every rewritten object now has
+    another size than its manifest says: verify fails the repository, and the next backup
+    re-uploads every such file as 'reuploaded', though nothing is damaged."""
+    from immich_stream import keys as keymod
+    from immich_stream.budget import ByteBudget
+    from immich_stream.session import open_repo
+
+    make_library(stack.library, photos=4)
+    env = dict(enc_env, IMMICH_STREAM_STOP="none")
+    assert run_cli("backup", env=env).code == 0
+    env = dict(env, IMMICH_STREAM_AGE_RECIPIENTS="")  # the rotation drops the offline key: 2 -> 1
+    assert run_cli("key", "rotate", env=env).code == 0
+    settings = _settings(env)
+
+    async def data_phase_only() -> int:  # what _reencrypt does before the manifests
+        async with open_repo(settings) as repo:
+            n = 0
+            async for obj in repo.store.list_objects(repo.data_prefix()):
+                await keymod._rewrite(repo.store, obj.key, obj.size, ByteBudget(64 << 20), settings.part_size)
+                n += 1
+            return n
+
+    assert asyncio.run(data_phase_only()) > 0
+    r = run_cli("verify", "--all", env=env)
+    assert r.code == 0, r.out + r.err
