@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,37 @@ def test_verify_after_a_reencrypt_interrupted_after_the_data_objects(
     assert asyncio.run(data_phase_only()) > 0
     r = run_cli("verify", "--all", env=env)
     assert r.code == 0, r.out + r.err
+
+
+def _flip(bucket: Any, key: str, at: int = -40) -> None:
+    body = bytearray(bucket.get(key))
+    body[at] ^= 1
+    bucket.put(key, bytes(body))
+
+
+def test_damaged_ciphertext_is_a_one_line_error_in_every_command(
+    enc_env: dict[str, str], stack: ImmichStack, tmp_path: Path
+) -> None:
+    """A DecryptError anywhere must end as `immich-stream: error: ...` (or a listed problem),
+    never a traceback or an 'internal error'."""
+    make_library(stack.library, photos=3)
+    env = dict(enc_env, IMMICH_STREAM_STOP="none")
+    assert run_cli("backup", env=env).code == 0
+    assert run_cli("backup", env=env).code == 0
+    bucket = bucket_of(env)
+    first, second = bucket.snapshots()
+    _flip(bucket, f"snapshots/{first}/snapshot.json")
+    _flip(bucket, f"snapshots/{second}/database.sql.gz")
+    _flip(bucket, f"snapshots/{second}/manifest.jsonl.gz")
+    outcomes = {}
+    for args in (
+        ("snapshots",),
+        ("restore", second, "--dump-to", str(tmp_path / "dump.sql.gz")),
+        ("drill",),
+        ("verify", "--all", "--read-data"),
+        ("prune", "--keep-last", "1"),
+    ):
+        r = run_cli(*args, env=env)
+        outcomes[args[0]] = (r.code, r.last_error)
+        assert "Traceback" not in r.err and "internal error" not in r.err, (args, r.err[-2000:])
+    assert all(code != 0 and err for code, err in outcomes.values()), outcomes
