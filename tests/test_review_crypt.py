@@ -17,7 +17,9 @@ from immich_stream.repo import Repo
 from immich_stream.store import Store
 from tests.conftest import ImmichStack, bucket_of
 from tests.helpers import make_library, run_cli
-from tests.test_encryption import AGE, enc_env, keygen, keys  # noqa: F401 (fixtures)
+from tests.test_encryption import AGE, keygen
+
+pytest_plugins = ["tests.test_encryption"]  # its fixtures keys and enc_env
 
 
 def _secret(path: Path) -> str:
@@ -64,15 +66,15 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_to_the_retired_key
     data_key = "data/review/after-rotate.jpg"
 
     async def main() -> None:
-        keys = load_keys(settings.age_identity, settings.age_recipients)
+        ks = load_keys(settings.age_identity, settings.age_recipients)
         async with Store(settings) as store:
             repo = Repo(store, settings.prefix)
-            await repo.ensure_config(keys)  # a new encrypted repository
+            await repo.ensure_config(ks)  # a new encrypted repository
             await store.put(repo.object_key("data/review/before.jpg"), b"old photo")
         # the backup: open_repo's steps before RepoLock
         async with Store(settings) as store:
             repo = Repo(store, settings.prefix)
-            await repo.ensure_config(keys)
+            await repo.ensure_config(ks)
             # ... it now waits for the lock that `key rotate --reencrypt` holds:
             r = await asyncio.to_thread(run_cli, "key", "rotate", "--reencrypt", env=env)
             assert r.code == 0, r.err
