@@ -171,8 +171,29 @@ def parse_path(text: str) -> Path:
     return Path(os.path.expanduser(text))
 
 
+AGE_SECRET = "AGE-SECRET-KEY-"  # an age secret key: never echoed in a message
+
+
+def _holds_secret(value: Any) -> bool:
+    return AGE_SECRET in str(value).upper()
+
+
+def parse_identity_path(text: str) -> Path:
+    if _holds_secret(text):
+        raise ValueError(
+            "holds an age secret key, not a path (the key is not shown): put the key in a file of mode 0600 "
+            "(age-keygen -o FILE) and give that file's path"
+        )
+    return parse_path(text)
+
+
 def parse_recipients(value: str | list[str]) -> tuple[str, ...]:
     """age1... public keys: a TOML list, or text separated by commas or whitespace."""
+    if _holds_secret(value):
+        raise ValueError(
+            "holds an age secret key (not shown): recipients are public keys (age1..., as `age-keygen -y FILE` "
+            "prints them); the secret key belongs in the identity file alone"
+        )
     items = value if isinstance(value, list) else re.split(r"[\s,]+", _text(value, "a list of age1... keys"))
     out = tuple(_text(v, "an age1... key").strip() for v in items if str(v).strip())
     for r in out:
@@ -724,7 +745,7 @@ SETTINGS: tuple[Spec, ...] = (
         ("encryption", "identity_file"),
         ("IMMICH_STREAM_AGE_IDENTITY",),
         "--age-identity",
-        parse_path,
+        parse_identity_path,
         "encrypt the repository with age: an identity file from age-keygen (mode 0600); chosen when the "
         "repository is created, then needed by every command",
     ),

@@ -40,6 +40,7 @@ class KeyReport:
     recipients: list[str] = field(default_factory=list)
     retired: list[str] = field(default_factory=list)
     new_recipient: str | None = None
+    dropped: list[str] = field(default_factory=list)  # extra recipients the settings no longer name
     objects_checked: int = 0
     objects_reencrypted: int = 0
     bytes_reencrypted: int = 0
@@ -108,6 +109,14 @@ async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) 
         recipients = [new.recipient, *(r for r in keys.extra if r != new.recipient)]
         before = [Recipient.parse(r) for r in [*enc["recipients"], *enc.get("retired", [])]]
         retired = [r for r in dict.fromkeys(before) if r not in recipients]
+        own = {i.recipient for i in keys.identities}
+        dropped = [r for r in (Recipient.parse(x) for x in enc["recipients"]) if r not in recipients and r not in own]
+        for r in dropped:  # an offline recovery key left out by mistake must not go unnoticed
+            log.warning(
+                "%s is no longer a recipient (IMMICH_STREAM_AGE_RECIPIENTS does not name it): new objects are not "
+                "encrypted to it",
+                r,
+            )
         # the file first: with it, every object (old and new) opens whatever happens next
         try:
             await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities])
@@ -121,6 +130,7 @@ async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) 
         await repo.store.put(repo.config_key(), json.dumps(cfg, indent=2).encode() + b"\n", "application/json")
         log.info("new recipient %s; %d retired", new.recipient, len(retired))
         report = KeyReport([str(r) for r in recipients], [str(r) for r in retired], str(new.recipient))
+        report.dropped = [str(r) for r in dropped]
         if reencrypt_after:
             assert repo.store.sealing is not None
             repo.store.sealing = Sealing(tuple(recipients), (new, *keys.identities), repo.store.sealing.prefixes)
@@ -205,13 +215,16 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
     budget = ByteBudget(settings.max_memory // 2)
     part = settings.part_size
     sem = asyncio.Semaphore(settings.jobs)
+    # a large object's rewrite also holds a receive buffer of up to a part beside the budget
+    large = asyncio.Semaphore(2)
     phase = reporter.phase("re-encrypt")
 
     async def one(key: str, size: int) -> None:
         async with sem:
             report.objects_checked += 1
             if not await _opens(store, key, identity):
-                report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
+                async with large if size > part else contextlib.nullcontext():
+                    report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
                 report.objects_reencrypted += 1
             phase.update(0, files=1)
 
@@ -271,6 +284,8 @@ def summary_lines(report: KeyReport) -> list[str]:
     lines = [f"recipients {', '.join(report.recipients)}"]
     if report.new_recipient:
         lines.insert(0, f"new identity {report.new_recipient} (first in the identity file; back the file up now)")
+    if report.dropped:
+        lines.append(f"dropped    {', '.join(report.dropped)}: no longer a recipient of new objects")
     if report.retired:
         lines.append(f"retired    {', '.join(report.retired)} (their identities stay in the file for older objects)")
     if report.objects_checked:

@@ -49,6 +49,13 @@ async def open_repo(
             return
         async with RepoLock(repo, lock.command, exclusive=lock.exclusive, wait=lock.wait, run=lock.run) as held:
             repo.lock = held
+            if create_for is not None or check:
+                # Again, now that nobody holds the repository alone: a `key rotate` that held it
+                # while this waited has changed config.json's recipients and the identity file
+                # (objects written for the old ones would not open with the new key alone).
+                await repo.check_config(
+                    load_keys(settings.age_identity, settings.age_recipients), writing=create_for is not None
+                )
             try:
                 yield repo
             finally:

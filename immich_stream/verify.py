@@ -107,7 +107,10 @@ async def _verify_snapshot(
             size = listing.get(d)
             if size is None:
                 report.problem(f"snapshot {snap.id}: missing object {line.key} ({where})")
-            elif size != line.object_size:
+            elif size != line.object_size and not (
+                # re-encrypted by a `key reencrypt` that stopped before it rewrote this manifest
+                store.sealing is not None and size == store.sealing.size(line.size)
+            ):
                 report.problem(
                     f"snapshot {snap.id}: object {line.key} has {size} bytes, the manifest says {line.object_size} "
                     f"({where})"

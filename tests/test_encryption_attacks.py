@@ -1,8 +1,9 @@
-"""Review of the age encryption change (branch crypt): failing tests that prove findings."""
+"""Attacks on the age encryption found by review: each failed before its fix."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 import pytest
 
 from immich_stream import config
-from immich_stream.age import load_keys
+from immich_stream.age import Identity, load_keys
+from immich_stream.keys import write_identity_file
 from immich_stream.locks import RepoLock
 from immich_stream.repo import Repo
+from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import Store
 from tests.conftest import ImmichStack, bucket_of
 from tests.helpers import make_library, run_cli
@@ -49,16 +52,13 @@ def _settings(env: dict[str, str]) -> config.Settings:
     return config.load(environ=env)
 
 
-def test_backup_waiting_for_the_lock_during_key_rotate_writes_to_the_retired_key(
+def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
     s3_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """open_repo reads config.json (and the identity file) and fixes store.sealing BEFORE it
-    waits for the repository lock; nothing reads them again once the lock is held. A backup
-    that started while `key rotate --reencrypt` held the exclusive lock therefore writes its
-    objects for the retired recipient after the re-encryption finished: the user, told that
-    old keys may go once `key reencrypt` has run, then deletes the only key that opens them.
-
-    The interleaving is forced in the order open_repo runs (config, then lock)."""
+    """A backup opens the repository (config.json, the identity file) and then waits for
+    the lock; a `key rotate` that held the repository meanwhile changed both. The backup
+    must write for the new recipients (the old key may be deleted once `key reencrypt`
+    has run), so open_repo reads them again once it holds the lock."""
     own = tmp_path / "own.key"
     keygen(own)
     env = dict(s3_env, IMMICH_STREAM_AGE_IDENTITY=str(own), IMMICH_STREAM_STOP="none")
@@ -67,28 +67,42 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_to_the_retired_key
 
     async def main() -> None:
         ks = load_keys(settings.age_identity, settings.age_recipients)
+        assert ks is not None
         async with Store(settings) as store:
             repo = Repo(store, settings.prefix)
             await repo.ensure_config(ks)  # a new encrypted repository
             await store.put(repo.object_key("data/review/before.jpg"), b"old photo")
-        # the backup: open_repo's steps before RepoLock
+            rotation = RepoLock(repo, "key rotate", exclusive=True, wait=5)
+            await rotation.__aenter__()  # what `key rotate` holds while it works
+        backup = asyncio.create_task(_backup_put(settings, data_key))
+        await asyncio.sleep(3)  # the backup has read config.json and waits for the lock
+        assert not backup.done()
+        # the rotation: the identity file first, then config.json (as keys.rotate does)
+        new = Identity.generate()
+        write_identity_file(own, [new, *ks.identities])
         async with Store(settings) as store:
             repo = Repo(store, settings.prefix)
-            await repo.ensure_config(ks)
-            # ... it now waits for the lock that `key rotate --reencrypt` holds:
-            r = await asyncio.to_thread(run_cli, "key", "rotate", "--reencrypt", env=env)
-            assert r.code == 0, r.err
-            async with RepoLock(repo, "backup", exclusive=False, wait=30, run="x"):
-                await store.put(repo.object_key(data_key), b"photo taken after the rotation")
+            cfg = await repo.read_config()
+            cfg["encryption"]["recipients"] = [str(new.recipient)]
+            cfg["encryption"]["retired"] = [str(ks.identities[0].recipient)]
+            await store.put(repo.config_key(), json.dumps(cfg).encode(), "application/json")
+            rotation.repo = repo
+            await rotation.__aexit__(None, None, None)
+        await asyncio.wait_for(backup, 60)
 
     asyncio.run(main())
     new_only = tmp_path / "new-only.key"
     new_only.write_text(_secret(own) + "\n")  # what the docs allow once reencrypt has run
     os.chmod(new_only, 0o600)
-    bucket = bucket_of(env)
-    for k in ("data/review/before.jpg", data_key):
-        p = subprocess.run([AGE or "age", "-d", "-i", str(new_only)], input=bucket.get(k), capture_output=True)
-        assert p.returncode == 0, f"{k} does not open with the new key after `key rotate --reencrypt`: {p.stderr!r}"
+    p = subprocess.run(
+        [AGE or "age", "-d", "-i", str(new_only)], input=bucket_of(env).get(data_key), capture_output=True
+    )
+    assert p.returncode == 0, f"written after the rotation, yet not for the new key: {p.stderr!r}"
+
+
+async def _backup_put(settings: config.Settings, data_key: str) -> None:
+    async with open_repo(settings, lock=LockSpec("backup", exclusive=False, wait=60, run="x"), create_for="x") as repo:
+        await repo.store.put(repo.object_key(data_key), b"photo taken after the rotation")
 
 
 def test_verify_after_a_reencrypt_interrupted_after_the_data_objects(
