@@ -360,7 +360,9 @@ def doctor_rows(out: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_doctor_tells_what_each_s3_server_verifies(s3_env: dict, moto_s3: S3Server, tmp_path: Path) -> None:
+def test_doctor_tells_what_each_s3_server_verifies(
+    s3_env: dict, moto_s3: S3Server, seaweed_s3: S3Server, tmp_path: Path
+) -> None:
     s3_env["LIBRARY_DIR"] = str(tmp_path)  # no Immich markers: that row fails
     r = run_cli("doctor", env=dict(s3_env, IMMICH_STREAM_STOP="app"))
     assert r.code == 1 and "doctor: " in r.last_error
@@ -378,6 +380,13 @@ def test_doctor_tells_what_each_s3_server_verifies(s3_env: dict, moto_s3: S3Serv
     rows = doctor_rows(run_cli("doctor", env=dict(moto, IMMICH_STREAM_STOP="app")).out)
     assert rows["server checks Content-MD5"][0] == "WARN"  # moto verifies nothing
     assert "enforces S3's 5 MiB minimum" in rows["multipart upload"][1]
+
+    weed = dict(s3_env, S3_ENDPOINT_URL=seaweed_s3.endpoint, S3_BUCKET=seaweed_s3.new_bucket())
+    rows = doctor_rows(run_cli("doctor", env=dict(weed, IMMICH_STREAM_STOP="app")).out)
+    assert rows["server checks Content-MD5"][0] == "ok"  # SeaweedFS verifies both
+    assert rows["server checks x-amz-checksum-sha256"][0] == "ok"
+    assert "enforces S3's 5 MiB minimum" in rows["multipart upload"][1]
+    assert rows["repository"][0] == "ok", rows["repository"]
 
 
 def bucket_keys(env: dict) -> dict[str, int]:
