@@ -62,6 +62,9 @@ WRONG: dict[str, tuple[str, str]] = {
     "max_downtime": ("1s", "-1"),
     "ping_url": ("ftp://hc-ping.com/x", '"ntfy+https://ntfy.sh/"'),
     "metrics_file": ("/no/such/dir/immich.prom", '""'),
+    "limit_upload": ("-1", '"fast"'),
+    "limit_download": ("1e6", "true"),
+    "exclude": ("library", '["thumbs", "upload"]'),
 }
 
 
