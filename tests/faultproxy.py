@@ -189,7 +189,7 @@ class FaultProxy:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in dropped}
             if request.method == "HEAD":
                 return web.Response(status=up.status, headers=out_headers)
-            if self.record_sent and len(data) > 64 << 10:
+            if self.record_sent and data:
                 return await self._send_recorded(request, up.status, out_headers, data)
             return web.Response(status=up.status, body=data, headers=out_headers)
 
