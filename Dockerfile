@@ -3,14 +3,17 @@
 # BASE: any image with Python 3.11+ and its venv module (a local one where registries
 # cannot be reached: docker build --build-arg BASE=my/python:3.11 ...).
 # PIP_ARGS: extra pip options, e.g. "--no-index --find-links /src/wheels" to install offline
-# from wheels put into ./wheels first (pip download -d wheels .).
+# from wheels put into ./wheels first (pip wheel -w wheels .: this package and its dependencies).
+# PACKAGE: what pip installs: /src (built from the source here) or, offline, immich-stream
+# (its wheel from wheels/, nothing to build).
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 ARG PIP_ARGS=""
+ARG PACKAGE=/src
 # .dockerignore lets in pyproject.toml, README.md, immich_stream/ and wheels/ only
 COPY . /src
 RUN python3 -m venv /opt/immich-stream \
-    && /opt/immich-stream/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS /src \
+    && /opt/immich-stream/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS $PACKAGE \
     && rm -rf /src
 # /state keeps which containers a killed run left stopped, so the next run starts them first.
 ENV PATH=/opt/immich-stream/bin:$PATH \

@@ -22,13 +22,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup, metadata
 from immich_stream.budget import ByteBudget
-from immich_stream.changes import ParentInfo, Source, decide, scan_parent
+from immich_stream.changes import ParentInfo, Source, decide, scan_parent, walk_filter
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, StackError, StallError
 from immich_stream.hoststate import stack_lock
@@ -130,9 +131,11 @@ async def walk_root(
     ordered: OrderedManifest,
     stats: RunStats,
     phase: Phase,
+    exclude: Collection[str] = (),
 ) -> None:
     """The walker and the change classifier: every entry becomes a manifest line (in walk
-    order); a file whose object cannot simply be reused goes to the upload workers."""
+    order); a file whose object cannot simply be reused goes to the upload workers.
+    `exclude`: the library's folders left out (--exclude), their markers kept."""
     root_b = os.fsencode(root_path)
     own = f"data/{snap_id}/"
 
@@ -143,7 +146,7 @@ async def walk_root(
             stats.failed += 1
             stats.problem(f"{root}/{p.relpath.decode(errors='backslashreplace')}: {p.message}")
 
-    async for e in walk(root_b, on_problem):
+    async for e in walk(root_b, on_problem, *walk_filter(root, exclude)):
         repo.store.touch()  # walking unchanged files is progress too
         line = ManifestLine.from_entry(root, e)
         upload: asyncio.Future[bool] | None = None
@@ -195,12 +198,13 @@ async def backup_root(
     stats: RunStats,
     phase: Phase,
     jobs: int,
+    exclude: Collection[str] = (),
 ) -> None:
     """One root through the stages: walk and classify, upload, write lines in order."""
     workers = UploadWorkers(uploader, stats, phase, jobs)
 
     async def produce() -> None:
-        await walk_root(root, root_path, snap_id, uploader.repo, sources, workers, ordered, stats, phase)
+        await walk_root(root, root_path, snap_id, uploader.repo, sources, workers, ordered, stats, phase, exclude)
         await workers.close()
         await ordered.close()
 
@@ -384,6 +388,7 @@ class BackupRun:
                         stats,
                         phase,
                         self.settings.jobs,
+                        self.settings.exclude,
                     )
                 finally:
                     self.phase_seconds[phase.name] = round(phase.seconds, 3)
@@ -452,6 +457,7 @@ class BackupRun:
                 self.stats,
                 phase,
                 self.settings.jobs,
+                self.settings.exclude,
             )
         finally:
             self.phase_seconds[phase.name] = round(phase.seconds, 3)
@@ -573,6 +579,7 @@ class BackupRun:
             live_files=self.live_stats.counts() if self.live_stats is not None else None,
             timeline=self.timeline,
             unstable_containers=self.guard.unstable,
+            excluded=list(self.settings.exclude),
         )
 
 
@@ -658,10 +665,10 @@ async def _backup_locked(
     containers = await stack.preflight()
     source = await metadata.collect(docker, settings)  # images, versions, config files: for drill and rebuild
     prev = await repo.latest()
-    parent = await scan_parent(repo, prev.id, roots) if prev else None
+    parent = await scan_parent(repo, prev.id, roots, settings.exclude) if prev else None
     # Before anything is stopped: an unmounted or emptied library must not become the
     # newest snapshot.
-    shrunk = await check_library(roots["library"], parent, settings.max_shrink, allow_shrink)
+    shrunk = await check_library(roots["library"], parent, settings.max_shrink, allow_shrink, settings.exclude)
     # Reused objects are checked against one listing: a lifecycle rule or a manual cleanup
     # must not leave every later snapshot pointing at nothing.
     objects = await ObjectIndex.load(repo)
@@ -676,6 +683,8 @@ async def _backup_locked(
         prev.id if prev else "none",
         f"; resuming the uploads of {', '.join(resumable)}" if resumable else "",
     )
+    if settings.exclude:
+        log.info("leaving out the library's %s (--exclude): markers only", ", ".join(settings.exclude))
     run = BackupRun(
         settings,
         reporter,

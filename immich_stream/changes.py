@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Container
+from collections.abc import AsyncIterator, Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +101,25 @@ class ParentInfo:
         return found
 
 
-async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path]) -> ParentInfo:
+def walk_filter(root: str, exclude: Collection[str]) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """walk()'s (prune, keep) for --exclude: the excluded folders of the library are walked
+    for their marker only (Immich refuses to start without it)."""
+    if root != "library" or not exclude:
+        return frozenset(), frozenset()
+    return frozenset(os.fsencode(d) for d in exclude), frozenset({os.fsencode(MARKER)})
+
+
+def is_excluded(root: str, path: str, exclude: Collection[str]) -> bool:
+    """A file --exclude leaves out: under an excluded folder of the library, but not its marker."""
+    if root != "library" or not exclude:
+        return False
+    top, sep, rest = path.partition("/")
+    return bool(sep) and top in exclude and rest != MARKER
+
+
+async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path], exclude: Collection[str] = ()) -> ParentInfo:
+    """`exclude`: this run's --exclude; the parent's files there are left out of its
+    totals, so the shrink check compares the same part of the library."""
     info = ParentInfo(snap_id)
     batch: list[ManifestLine] = []
     markers = {f"{d}/{MARKER}": d for d in MARKER_DIRS}
@@ -123,7 +141,7 @@ async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path]) -> Paren
         batch.clear()
 
     async for line in repo.read_manifest(snap_id):
-        if line.type != "file":
+        if line.type != "file" or is_excluded(line.root, line.path, exclude):
             continue
         info.files[line.root] = info.files.get(line.root, 0) + 1
         info.bytes[line.root] = info.bytes.get(line.root, 0) + line.size

@@ -49,6 +49,7 @@ log = logging.getLogger("immich_stream")
 # Flags that belong to some commands only (added by those commands' parsers).
 LOCAL_FLAGS = {
     "stop",
+    "exclude",
     "live_pass",
     "max_shrink",
     "max_downtime",
@@ -172,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="back up a library that lost more than --max-shrink of its files or bytes, or lacks Immich's "
         ".immich marker files (a deliberate mass deletion); --prune is then skipped",
+    )
+    b.add_argument(
+        "--exclude",
+        dest="exclude",
+        action="append",
+        default=None,
+        metavar="FOLDER",
+        help=cfg.SPECS["exclude"].help,
     )
     _flag(b, "live_pass")
     _flag(b, "max_shrink")
@@ -539,9 +548,16 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
         f"already in place, {st.failed} failed), {st.dirs} directories, {st.symlinks} symlinks, "
         f"{fs(st.bytes_downloaded)} downloaded in {st.seconds:.1f} s"
     )
+    if snap.summary.excluded and args.root in (None, "library"):
+        print(
+            f"snapshot {snap.id} was taken with --exclude {','.join(snap.summary.excluded)}: those folders hold only their "
+            "markers; once Immich runs, regenerate them in Administration > Jobs (thumbnails, transcoding)"
+        )
     for problem in st.problems.kept[:10]:
         print(f"problem   {problem}")
-    out = Outcome(0, {"snapshot": snap.id, "to": args.to, **plain(st)}, list(st.problems.kept))
+    out = Outcome(
+        0, {"snapshot": snap.id, "to": args.to, "excluded": snap.summary.excluded, **plain(st)}, list(st.problems.kept)
+    )
     out.summary.pop("problems")
     if st.failed:
         out.code = ProblemsFound.exit_code

@@ -30,6 +30,9 @@ MIB = 1024 * 1024
 S3_MIN_PART_SIZE = 5 * MIB
 
 STOP_MODES = ("all", "app", "none")
+# Immich's folders that Immich regenerates from the originals (its admin UI's jobs): --exclude
+EXCLUDABLE = ("thumbs", "encoded-video")
+MAX_RATE = 100_000.0  # MiB/s: more is a unit mistake (--limit-* take MiB/s, not bytes)
 CHECKSUMS = ("md5", "sha256", "crc32c")
 # S3's storage classes (x-amz-storage-class). GLACIER and DEEP_ARCHIVE objects must be thawed
 # (RestoreObject) before they can be read; GLACIER_IR is read like STANDARD_IA.
@@ -163,6 +166,42 @@ def parse_percent(text: str | int | float) -> float:
     if not 0 < value <= 100:
         raise ValueError(f"{text!r} must be a percentage above 0 and at most 100, like 50%")
     return value / 100
+
+
+def parse_rate(text: str | int | float) -> float:
+    """'4', '2.5', '2.5MiB/s' -> MiB/s; 0 means no limit."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a rate in MiB/s")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:MiB/s|M)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{text!r} is not a rate: give MiB/s as a number, like 4 or 2.5 (0: no limit)")
+        value = float(m.group(1))
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a rate in MiB/s")
+    return value
+
+
+def parse_exclude(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'thumbs', 'thumbs,encoded-video', or a list of them (TOML, repeated flags) -> the
+    names, each once, in EXCLUDABLE's order."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{value!r} is not a list of folder names")
+    names: set[str] = set()
+    for item in items:
+        for name in _text(item, "a folder name").split(","):
+            name = name.strip().strip("/")
+            if not name:
+                continue
+            if name not in EXCLUDABLE:
+                raise ValueError(
+                    f"{name!r} cannot be excluded: only Immich's regenerable folders {' and '.join(EXCLUDABLE)} can"
+                )
+            names.add(name)
+    return tuple(n for n in EXCLUDABLE if n in names)
 
 
 def parse_path(text: str) -> Path:
@@ -548,6 +587,35 @@ SETTINGS: tuple[Spec, ...] = (
         "losing it loses the backup",
     ),
     Spec(
+        "limit_upload",
+        ("s3", "limit_upload"),
+        ("IMMICH_STREAM_LIMIT_UPLOAD",),
+        "--limit-upload",
+        parse_rate,
+        "upload at most this many MiB/s, all requests together, paced evenly (e.g. 2.5; 0: no limit)",
+        low=0,
+        high=MAX_RATE,
+    ),
+    Spec(
+        "limit_download",
+        ("s3", "limit_download"),
+        ("IMMICH_STREAM_LIMIT_DOWNLOAD",),
+        "--limit-download",
+        parse_rate,
+        "download at most this many MiB/s, all requests together, paced evenly (0: no limit)",
+        low=0,
+        high=MAX_RATE,
+    ),
+    Spec(
+        "exclude",
+        ("backup", "exclude"),
+        ("IMMICH_STREAM_EXCLUDE",),
+        "--exclude",
+        parse_exclude,
+        "leave out Immich's regenerable folders: thumbs, encoded-video (repeatable or a comma list; their "
+        ".immich markers are kept, Immich regenerates the files after a restore)",
+    ),
+    Spec(
         "stop",
         ("backup", "stop"),
         ("IMMICH_STREAM_STOP",),
@@ -788,6 +856,9 @@ class Settings:
     sse: str | None = None
     sse_kms_key_id: str | None = None
     sse_c_key_file: Path | None = None
+    limit_upload: float = 0.0  # MiB/s, 0: no limit
+    limit_download: float = 0.0
+    exclude: tuple[str, ...] = ()
     stop: str = "all"
     live_pass: bool = True
     jobs: int = 8
@@ -1159,6 +1230,10 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
             shown = f"{value:g} s"
         elif spec.parse is parse_percent:
             shown = f"{value * 100:g}%"
+        elif spec.parse is parse_rate:
+            shown = f"{value:g} MiB/s" if value else "no limit"
+        elif spec.parse is parse_exclude:
+            shown = ", ".join(value) if value else "(nothing)"
         else:
             shown = str(value)
         rows.append((spec.name, shown, s.sources.get(spec.name, "default")))

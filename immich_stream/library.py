@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
-from immich_stream.changes import MARKER, MARKER_DIRS, ParentInfo
+from immich_stream.changes import MARKER, MARKER_DIRS, ParentInfo, walk_filter
 from immich_stream.config import format_size
 from immich_stream.errors import SuspiciousLibrary
 from immich_stream.walk import walk
@@ -17,20 +18,24 @@ from immich_stream.walk import walk
 log = logging.getLogger(__name__)
 
 
-async def count_files(root: Path) -> tuple[int, int]:
-    """(files, bytes) under root: a stat-only walk, run before anything is stopped."""
+async def count_files(root: Path, exclude: Collection[str] = ()) -> tuple[int, int]:
+    """(files, bytes) under root: a stat-only walk, run before anything is stopped; the
+    library's --exclude folders count as the backup's walk sees them (markers only)."""
     files = size = 0
-    async for e in walk(os.fsencode(root), lambda p: None):
+    async for e in walk(os.fsencode(root), lambda p: None, *walk_filter("library", exclude)):
         if e.type == "file":
             files += 1
             size += e.size
     return files, size
 
 
-async def check_library(library: Path, parent: ParentInfo | None, max_shrink: float, allow: bool) -> bool:
+async def check_library(
+    library: Path, parent: ParentInfo | None, max_shrink: float, allow: bool, exclude: Collection[str] = ()
+) -> bool:
     """Refuse a library that looks unmounted, empty or shrunk before anything is stopped
     (retention would otherwise age the good snapshots out). True when it looks shrunk
-    but `allow` lets it through."""
+    but `allow` lets it through. With --exclude, `parent` must have been scanned with the
+    same exclude: both sides then leave those folders out."""
     fs = format_size
     missing = await asyncio.to_thread(lambda: [d for d in MARKER_DIRS if not os.path.isfile(library / d / MARKER)])
     suspicious: list[str] = []
@@ -49,7 +54,7 @@ async def check_library(library: Path, parent: ParentInfo | None, max_shrink: fl
                 ", ".join(missing),
             )
     if parent is not None and parent.files.get("library"):
-        files, size = await count_files(library)
+        files, size = await count_files(library, exclude)
         old_files, old_bytes = parent.files["library"], parent.bytes.get("library", 0)
         if files < old_files * (1 - max_shrink) or size < old_bytes * (1 - max_shrink):
             suspicious.append(

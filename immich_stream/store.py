@@ -49,6 +49,7 @@ from immich_stream.age import DecryptError, Sealing
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings, read_sse_c_key
 from immich_stream.errors import ObjectNotFound, StoreError
+from immich_stream.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,9 +104,19 @@ class _Body(io.BytesIO):
     When the caller already has that hash (computed in a worker thread while reading),
     it rides along here and the signer uses it."""
 
-    def __init__(self, data: bytes, sha256_hex: str | None = None) -> None:
+    def __init__(self, data: bytes, sha256_hex: str | None = None, pace: _Pace | None = None) -> None:
         super().__init__(data)
         self.sha256_hex = sha256_hex
+        self.pace = pace
+
+
+@dataclass
+class _Pace:
+    """--limit-upload for one request body: sent slice by slice through `limit`, and
+    `sent(n)` told of each slice the connection took."""
+
+    limit: RateLimit
+    sent: Callable[[int], None]
 
 
 class _S3SigV4(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore has no type hints
@@ -120,7 +131,10 @@ class _S3SigV4(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore has
 class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
     """Send the headers, then the body object itself. aiohttp coalesces headers and body
     with b"".join() on Pythons before 3.12.9 (its writelines is unsafe there): one more
-    full copy of every request body in flight."""
+    full copy of every request body in flight. With a `pace` (--limit-upload) the body
+    goes out in slices at the limit's rate (views: no copies)."""
+
+    pace: _Pace | None = None
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         send_headers = getattr(writer, "send_headers", None)
@@ -129,7 +143,17 @@ class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
         value = self._value
         if content_length is not None and content_length < len(value):
             value = value[:content_length]
-        await writer.write(value)
+        pace = self.pace
+        if pace is None:
+            await writer.write(value)
+            return
+        view = memoryview(value)
+        step = pace.limit.chunk
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            await pace.limit.take(len(piece))
+            await writer.write(piece)
+            pace.sent(len(piece))
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
@@ -138,7 +162,9 @@ class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
 def _body_payload(value: _Body, *args: Any, **kwargs: Any) -> aiohttp.payload.Payload:
     if value.tell() == 0:
         # getvalue() of a BytesIO made from bytes returns those very bytes
-        return _HeadersFirstPayload(value.getvalue(), *args, **kwargs)
+        payload = _HeadersFirstPayload(value.getvalue(), *args, **kwargs)
+        payload.pace = value.pace
+        return payload
     return aiohttp.payload.BytesIOPayload(value, *args, **kwargs)
 
 
@@ -352,13 +378,20 @@ class _Direct:
         return dict(request.headers.items())
 
     async def put(
-        self, op: str, key: str, data: bytes, headers: dict[str, str], sha256_hex: str, query: str = ""
+        self,
+        op: str,
+        key: str,
+        data: bytes,
+        headers: dict[str, str],
+        sha256_hex: str,
+        query: str = "",
+        pace: _Pace | None = None,
     ) -> dict[str, str]:
         """One PUT; returns the answer's headers (lowercase names)."""
         url = self.url(key) + query
         signed = await self._signed("PUT", url, headers, sha256_hex)
         async with self.session.put(
-            yarl.URL(url, encoded=True), data=_Body(data), headers=signed, proxy=self._proxy
+            yarl.URL(url, encoded=True), data=_Body(data, pace=pace), headers=signed, proxy=self._proxy
         ) as resp:
             body = await resp.read()
             if resp.status >= 300:
@@ -466,10 +499,11 @@ class _Fetcher:
         received: Callable[[int], None],
         current: list[http.client.HTTPConnection],
         stop: threading.Event,
+        limit: RateLimit | None = None,
     ) -> None:
         """GET url into sink (blocking: in a worker thread). `received(n)` after each piece;
         `current` holds the connection while in use, for the loop to shut down; `stop`
-        ends the transfer between pieces."""
+        ends the transfer between pieces; `limit` (--limit-download) paces the pieces."""
         target = urllib.parse.urlsplit(url)
         path = target.path + ("?" + target.query if target.query else "")
         conn = self._connection()
@@ -490,10 +524,15 @@ class _Fetcher:
                 raise _Broken(f"{type(exc).__name__}: {exc}") from exc
             view = memoryview(buf)
             while not stop.is_set():
+                piece = view if limit is None else view[: limit.chunk]
+                if limit is not None and not limit.take_blocking(len(piece), stop):
+                    break
                 try:
-                    n = resp.readinto(view)
+                    n = resp.readinto(piece)
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Broken(f"{type(exc).__name__}: {exc}") from exc
+                if limit is not None:
+                    limit.give_back(len(piece) - n)
                 if not n:
                     if resp.length:  # http.client ends a body cut short quietly
                         raise _Broken(f"the connection closed with {resp.length} bytes of the body to come")
@@ -594,6 +633,9 @@ class Store:
             }
             self._sse_c_kw = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key}
         self._sse_unconfirmed = False  # warned once that the server did not confirm SSE
+        # --limit-upload / --limit-download: one bucket per direction for every request
+        self.upload_limit = RateLimit.mib_per_s(settings.limit_upload)
+        self.download_limit = RateLimit.mib_per_s(settings.limit_download)
 
     async def __aenter__(self) -> Store:
         import aioboto3
@@ -655,6 +697,15 @@ class Store:
     def touch(self) -> None:
         """Progress: bytes acknowledged by S3, files walked, dump bytes received."""
         self.last_activity = time.monotonic()
+
+    def _pace(self) -> _Pace | None:
+        """How a body of backup data is sent: at --limit-upload's rate, if set."""
+        return None if self.upload_limit is None else _Pace(self.upload_limit, self._sent)
+
+    def _sent(self, n: int) -> None:
+        # A request slowed down on purpose is not a hung server: each slice the server's
+        # connection took is progress and an answer (a frozen server stops taking them).
+        self.last_answer = self.last_activity = time.monotonic()
 
     # -- the one retry wrapper ------------------------------------------------------------
 
@@ -821,14 +872,15 @@ class Store:
         extra_headers, extra_kw = self._write_options(key)
         headers.update(extra_headers)
         kw.update(extra_kw)
+        pace = self._pace() if progress else None  # locks and probes are never held back
 
         async def slow() -> dict[str, str]:
-            resp = await self._client.put_object(Body=_Body(data, wire_sha), **kw)
+            resp = await self._client.put_object(Body=_Body(data, wire_sha, pace), **kw)
             return dict(resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
 
         answer = await self._call(
             f"upload {key}",
-            lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, wire_sha), slow),
+            lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, wire_sha, pace=pace), slow),
             small=len(data) <= SMALL_OBJECT,
         )
         self._check_sse(key, answer)
@@ -925,7 +977,15 @@ class Store:
             current: list[http.client.HTTPConnection] = []
             stop = threading.Event()
             job = fetcher.pool.submit(
-                fetcher.fetch, url, headers, max(size_hint - offset, 0), sink, received, current, stop
+                fetcher.fetch,
+                url,
+                headers,
+                max(size_hint - offset, 0),
+                sink,
+                received,
+                current,
+                stop,
+                self.download_limit,
             )
             self._reading += 1
             try:
@@ -985,6 +1045,9 @@ class Store:
         """The object's bytes as stored (encrypted or not)."""
         offset = 0
         attempt = 0
+        limit = self.download_limit
+        if limit is not None:
+            chunk_size = min(chunk_size, limit.chunk)
         while True:
 
             async def open_body(offset: int = offset) -> Any:
@@ -1011,6 +1074,8 @@ class Store:
                         break
                     if not chunk:
                         return
+                    if limit is not None:
+                        await limit.take(len(chunk))
                     self.last_answer = time.monotonic()
                     offset += len(chunk)
                     yield chunk
@@ -1104,9 +1169,11 @@ class Store:
         param = _CHECK_PARAMS[self.checksum]
         query = f"?partNumber={number}&uploadId={urllib.parse.quote(upload_id, safe='~')}"
 
+        pace = self._pace()
+
         async def direct(d: _Direct) -> str:
             headers = {CHECK_HEADERS[self.checksum]: value, **self._sse_c_headers}
-            answer = await d.put("UploadPart", key, data, headers, sha256, query)
+            answer = await d.put("UploadPart", key, data, headers, sha256, query, pace)
             return answer["etag"]
 
         async def slow() -> str:
@@ -1115,7 +1182,7 @@ class Store:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=_Body(data, sha256),
+                Body=_Body(data, sha256, pace),
                 **{param: value},
                 **self._sse_c_kw,
             )

@@ -144,6 +144,8 @@ class SnapshotSummary:
     # seconds since the run started at which its milestones were reached
     timeline: dict[str, float] = field(default_factory=dict)
     unstable_containers: list[str] = field(default_factory=list)
+    # the library's folders --exclude left out (thumbs, encoded-video): Immich regenerates them
+    excluded: list[str] = field(default_factory=list)
     immich: ImmichInfo = field(default_factory=ImmichInfo)
     # IMMICH_DIR's docker-compose.yml and .env (file name -> text), secret values replaced
     # by SECRET_PLACEHOLDER; config_secrets names the variables replaced.

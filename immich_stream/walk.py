@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,14 @@ def sort_key(relpath: bytes) -> tuple[bytes, ...]:
     return tuple(relpath.split(b"/")) if relpath else ()
 
 
-def _scan(root: bytes, rel: bytes) -> tuple[list[Entry], list[WalkProblem]]:
-    """List one directory (runs in a thread)."""
+def _scan(root: bytes, rel: bytes, only: Collection[bytes] | None = None) -> tuple[list[Entry], list[WalkProblem]]:
+    """List one directory (runs in a thread); `only`: just these names in it."""
     entries: list[Entry] = []
     problems: list[WalkProblem] = []
     path = os.path.join(root, rel) if rel else root
     try:
         with os.scandir(path) as it:
-            names = sorted(e.name for e in it)
+            names = sorted(e.name for e in it if only is None or e.name in only)
     except OSError as exc:
         problems.append(WalkProblem(rel, f"cannot list directory: {exc.strerror}"))
         return entries, problems
@@ -104,11 +104,17 @@ def _scan(root: bytes, rel: bytes) -> tuple[list[Entry], list[WalkProblem]]:
     return entries, problems
 
 
-async def walk(root: bytes | str, on_problem: Callable[[WalkProblem], None]) -> AsyncIterator[Entry]:
+async def walk(
+    root: bytes | str,
+    on_problem: Callable[[WalkProblem], None],
+    prune: Collection[bytes] = (),
+    keep: Collection[bytes] = (),
+) -> AsyncIterator[Entry]:
     """Yield every entry under root (not root itself) in sort_key order.
 
     Problems (unreadable directories, vanished files, skipped special files) go to
-    `on_problem` and the walk goes on.
+    `on_problem` and the walk goes on. A directory whose relpath is in `prune` is yielded,
+    but of its contents only the names in `keep` (--exclude: Immich's marker files).
     """
     root_b = os.fsencode(root)
     # A stack of pending directory listings; each is consumed in order, directories
@@ -126,7 +132,8 @@ async def walk(root: bytes | str, on_problem: Callable[[WalkProblem], None]) -> 
         entry = level.pop()
         yield entry
         if entry.type == "dir":
-            entries, probs = await asyncio.to_thread(_scan, root_b, entry.relpath)
+            only = keep if entry.relpath in prune else None
+            entries, probs = await asyncio.to_thread(_scan, root_b, entry.relpath, only)
             for p in probs:
                 on_problem(p)
             stack.append(entries[::-1])

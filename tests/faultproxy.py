@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,21 @@ def any_request(method: str, path: str, query: dict[str, str]) -> bool:
     return True
 
 
+def per_second(events: list[tuple[float, int]]) -> list[int]:
+    """Bytes per whole second from the first event to the last (the last, partial second
+    left out)."""
+    if not events:
+        return []
+    start = events[0][0]
+    seconds = int(events[-1][0] - start)
+    out = [0] * max(seconds, 0)
+    for t, n in events:
+        i = int(t - start)
+        if i < seconds:
+            out[i] += n
+    return out
+
+
 def get_of(suffix: str) -> Match:
     """GETs of the object whose key ends with suffix."""
     return lambda method, path, query: method == "GET" and path.endswith(suffix)
@@ -59,6 +75,11 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.rules: list[Rule] = []
         self.requests: list[tuple[str, str, int]] = []
+        # (monotonic time, bytes) of request bodies as they arrive, and of response bodies
+        # as the client takes them (record_sent): how evenly bytes move, second by second
+        self.arrived: list[tuple[float, int]] = []
+        self.record_sent = False
+        self.sent: list[tuple[float, int]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -107,7 +128,11 @@ class FaultProxy:
         corrupt = False
         lost_answer: int | None = None
         streamed: Rule | None = None  # a rule that shapes the response body
-        body = await request.read()
+        chunks = []
+        async for chunk in request.content.iter_any():
+            self.arrived.append((time.monotonic(), len(chunk)))
+            chunks.append(chunk)
+        body = b"".join(chunks)
         for rule in self.rules:
             if rule.flaky is not None:
                 if rule.match(request.method, request.path, query):
@@ -166,7 +191,25 @@ class FaultProxy:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in dropped}
             if request.method == "HEAD":
                 return web.Response(status=up.status, headers=out_headers)
+            if self.record_sent and data:
+                return await self._send_recorded(request, up.status, out_headers, data)
             return web.Response(status=up.status, body=data, headers=out_headers)
+
+    async def _send_recorded(
+        self, request: web.Request, status: int, headers: dict[str, str], data: bytes
+    ) -> web.StreamResponse:
+        """The body in 64 KiB writes, each awaited until the connection took it (as far as
+        the kernel's socket buffers let us see), its time recorded in `sent`."""
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        view = memoryview(data)
+        for start in range(0, len(view), 64 << 10):
+            piece = view[start : start + (64 << 10)]
+            await resp.write(piece)
+            self.sent.append((time.monotonic(), len(piece)))
+        await resp.write_eof()
+        return resp
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, rule: Rule) -> web.StreamResponse:
         """Pass the body on slowly (rate) or only its first bytes (cut_after), announcing its full length."""

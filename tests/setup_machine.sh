@@ -1,6 +1,6 @@
 #!/bin/bash
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
-#   - Debian packages docker.io, debootstrap, restic and age (when missing)
+#   - Debian packages docker.io, debootstrap, restic, age and Debian's Python tools (when missing)
 #   - dockerd running (when not answering)
 #   - the local PostgreSQL test image (built once, then cached by tag)
 # Fast on the second run: every step checks before it acts.
@@ -16,6 +16,11 @@ command -v dockerd >/dev/null || need_pkgs+=(docker.io)
 command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
 command -v restic >/dev/null || need_pkgs+=(restic)  # the oracle for prune's retention rules
 command -v age >/dev/null || need_pkgs+=(age)  # the standard tool that must open encrypted objects
+# tests/test_image.py: Debian's Python goes into the image's local base, and its pip,
+# setuptools and wheel build immich-stream's wheel offline
+for pkg in python3.11-venv python3-pip python3-setuptools python3-wheel; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need_pkgs+=("$pkg")
+done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq

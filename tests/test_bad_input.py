@@ -73,6 +73,9 @@ WRONG: dict[str, tuple[str, str]] = {
     "sse_c_key_file": ("/no/such/key", '""'),
     "age_identity": ("/no/such/age-key.txt", '""'),
     "age_recipients": ("age1notakey", "5"),
+    "limit_upload": ("-1", '"fast"'),
+    "limit_download": ("1e6", "true"),
+    "exclude": ("library", '["thumbs", "upload"]'),
 }
 
 

@@ -1,0 +1,226 @@
+"""--limit-upload / --limit-download (a smooth, shared bandwidth limit) and --exclude of
+Immich's regenerable folders (thumbs, encoded-video)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from immich_stream import config as cfg
+from immich_stream.errors import ConfigError
+from immich_stream.ratelimit import MIB, RateLimit
+from tests.conftest import ImmichStack, S3Server, base_env
+from tests.faultproxy import FaultProxy, per_second
+from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def test_limits_parse_decimals_and_zero_means_none() -> None:
+    s = cfg.load({"limit_upload": "2.5"}, environ={"IMMICH_STREAM_LIMIT_DOWNLOAD": "0.5MiB/s"})
+    assert (s.limit_upload, s.limit_download) == (2.5, 0.5)
+    assert cfg.load({"limit_upload": "0"}, environ={}).limit_upload == 0
+    assert RateLimit.mib_per_s(0) is None and RateLimit.mib_per_s(None) is None
+    assert RateLimit.mib_per_s(2.5).rate == 2.5 * MIB  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"limit_upload .* is not a rate"):
+        cfg.load({"limit_upload": "fast"}, environ={})
+    with pytest.raises(ConfigError, match="out of range"):
+        cfg.load({"limit_download": "1000000"}, environ={})
+
+
+def test_exclude_accepts_only_regenerable_folders(tmp_path: Path) -> None:
+    s = cfg.load({"exclude": ["encoded-video", "thumbs"]}, environ={})
+    assert s.exclude == ("thumbs", "encoded-video")
+    assert cfg.load({}, environ={"IMMICH_STREAM_EXCLUDE": "thumbs, thumbs"}).exclude == ("thumbs",)
+    conf = tmp_path / "c.toml"
+    conf.write_text('[backup]\nexclude = ["encoded-video"]\n')
+    assert cfg.load({}, environ={}, config_path=str(conf)).exclude == ("encoded-video",)
+    assert cfg.load({}, environ={}).exclude == ()  # off by default
+    for bad in ("library", "thumbs,upload", ["profile"]):
+        with pytest.raises(ConfigError, match="cannot be excluded: only Immich's regenerable folders"):
+            cfg.load({"exclude": bad}, environ={})
+
+
+def test_exclude_of_another_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    r = run_cli("backup", "--exclude", "thumbs", "--exclude", "library", env=base_env(tmp_path))
+    assert r.code == ConfigError.exit_code
+    assert r.last_error.startswith("immich-stream: error: exclude from flag --exclude is invalid: 'library'")
+    assert len([ln for ln in r.err.splitlines() if ln.strip()]) == 1
+
+
+# -- the token bucket ----------------------------------------------------------------------
+
+
+async def test_one_bucket_paces_threads_and_coroutines_together() -> None:
+    limit = RateLimit(2 * MIB)  # burst: 256 KiB
+    moved = 0
+    lock = threading.Lock()
+
+    def thread_side() -> None:
+        nonlocal moved
+        for _ in range(8):
+            assert limit.take_blocking(64 << 10)
+            with lock:
+                moved += 64 << 10
+
+    async def loop_side() -> None:
+        nonlocal moved
+        for _ in range(8):
+            await limit.take(64 << 10)
+            moved += 64 << 10
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=thread_side) for _ in range(2)]
+    for t in threads:
+        t.start()
+    ticks = 0
+
+    async def ticker() -> None:  # the event loop keeps running while threads wait
+        nonlocal ticks
+        while any(t.is_alive() for t in threads):
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(loop_side(), loop_side(), ticker())
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    assert moved == 32 * (64 << 10)  # 2 MiB
+    # 2 MiB at 2 MiB/s, less the 256 KiB burst: at least 0.875 s (a lower bound only)
+    assert elapsed >= 0.85
+    assert ticks >= 20
+
+
+def test_a_stopped_thread_stops_waiting() -> None:
+    limit = RateLimit(64 << 10)
+    assert limit.take_blocking(limit.burst)
+    stop = threading.Event()
+    stop.set()
+    start = time.monotonic()
+    assert not limit.take_blocking(1 << 20, stop)
+    assert time.monotonic() - start < 0.5
+
+
+# -- against the real servers --------------------------------------------------------------
+
+LIMIT = 4  # MiB/s
+
+
+def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
+    """Bytes moved for >= ~5 s, no second far above the limit, no second silent."""
+    assert sum(n for _, n in events) >= total
+    span = events[-1][0] - events[0][0]
+    assert span >= 4.5, f"{what}: {total / MIB:.0f} MiB moved in {span:.1f} s at a limit of {LIMIT} MiB/s"
+    seconds = per_second(events)
+    assert seconds, what
+    # The first second may carry the burst and the sockets' buffers; then steady.
+    assert all(n <= 1.5 * LIMIT * MIB for n in seconds[1:]), f"{what}: bursty: {[n // 1024 for n in seconds]} KiB/s"
+    assert all(n > 0 for n in seconds), f"{what}: a silent second: {[n // 1024 for n in seconds]} KiB/s"
+
+
+@pytest.mark.parametrize("path", ["direct", "botocore"])
+def test_limits_pace_backup_and_restore(
+    path: str,
+    env: dict[str, str],
+    stack: ImmichStack,
+    rclone_s3: S3Server,
+    proxy_factory: type[FaultProxy],
+    tmp_path: Path,
+) -> None:
+    """A 12 MiB file (two 8 MiB parts at most) among ~13 MiB of photos: the server sees
+    the bytes arrive at the limit, second by second, not as part-sized bursts."""
+    written = make_library(stack.library, photos=40, odd_names=False, large=[12 * MIB])
+    total = sum(p.stat().st_size for p in tree(stack.library).values())
+    assert total >= 24 * MIB
+    proxy = proxy_factory(rclone_s3.endpoint)
+    env = dict(env, S3_ENDPOINT_URL=proxy.endpoint)
+    if path == "botocore":
+        env["IMMICH_STREAM_BOTOCORE_ONLY"] = "1"
+    r = run_cli("backup", "--stop", "none", "--limit-upload", str(LIMIT), env=env)
+    assert r.code == 0, r.err
+    _check_even(proxy.arrived, total, "upload")
+
+    bucket = Bucket(rclone_s3.endpoint, env["S3_BUCKET"], *_creds(env))
+    (sid,) = bucket.snapshots()
+    big = next(k for k in bucket.keys("data/") if k.endswith("large-0.mp4"))
+    assert bucket.keys(big)[big] == 12 * MIB
+
+    proxy.record_sent = True
+    target = tmp_path / "restored"
+    r = run_cli(
+        "restore", sid, "--root", "library", "--to", str(target), env=dict(env, IMMICH_STREAM_LIMIT_DOWNLOAD="4")
+    )
+    assert r.code == 0, r.err
+    _check_even(proxy.sent, total, "download")
+    got = {rel: file_digest(p).encode() for rel, p in tree(target).items()}
+    assert got == written
+
+
+def _creds(env: dict[str, str]) -> tuple[str, str, str]:
+    return env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("S3_PREFIX", "immich-backup")
+
+
+# -- --exclude ------------------------------------------------------------------------------
+
+EXCLUDED = ("thumbs", "encoded-video")
+
+
+def _excluded(rel: bytes) -> bool:
+    top, _, rest = rel.partition(b"/")
+    return top.decode() in EXCLUDED and rest != b".immich"
+
+
+def test_exclude_round_trip_keeps_markers(
+    env: dict[str, str], stack: ImmichStack, bucket: Bucket, tmp_path: Path
+) -> None:
+    written = make_library(stack.library, photos=20)
+    r = run_cli("backup", "--stop", "none", "--exclude", "thumbs,encoded-video", env=env)
+    assert r.code == 0, r.err
+    (sid,) = bucket.snapshots()
+    assert bucket.snapshot(sid)["excluded"] == list(EXCLUDED)
+    data = [k.split("/", 3)[3] for k in bucket.keys("data/")]  # data/<id>/library/<path>
+    assert not [k for k in data if _excluded(k.encode())]
+    assert "thumbs/.immich" in data and "encoded-video/.immich" in data
+    assert any(k.startswith("library/") for k in data)  # the originals are there
+    paths = {ln["path"] for ln in bucket.manifest(sid) if ln["root"] == "library"}
+    assert {"thumbs", "thumbs/.immich", "encoded-video", "encoded-video/.immich"} <= paths
+
+    target = tmp_path / "restored"
+    r = run_cli("restore", sid, "--root", "library", "--to", str(target), env=env)
+    assert r.code == 0, r.err
+    assert f"snapshot {sid} was taken with --exclude thumbs,encoded-video" in r.out
+    got = {rel: file_digest(p).encode() for rel, p in tree(target).items()}
+    assert got == {rel: d for rel, d in written.items() if not _excluded(rel)}
+    for folder in ("library", "upload", "thumbs", "encoded-video", "profile", "backups"):
+        assert (target / folder / ".immich").is_file()  # Immich starts on it
+
+    # Without the exclude, the next run uploads the folders again.
+    r = run_cli("backup", "--stop", "none", env=env)
+    assert r.code == 0, r.err
+    second = bucket.snapshots()[-1]
+    assert bucket.snapshot(second)["excluded"] == []
+    again = [k.split("/", 3)[3] for k in bucket.keys(f"data/{second}/")]
+    assert {rel.decode() for rel in written if _excluded(rel)} <= set(again)
+    restored = tmp_path / "second"
+    r = run_cli("restore", second, "--root", "library", "--to", str(restored), env=env)
+    assert r.code == 0, r.err
+    assert "was taken with --exclude" not in r.out
+    assert {rel: file_digest(p).encode() for rel, p in tree(restored).items()} == written
+
+
+def test_exclude_after_a_full_backup_is_not_a_shrunk_library(
+    env: dict[str, str], stack: ImmichStack, bucket: Bucket
+) -> None:
+    # thumbs and encoded-video hold most of the files (two thumbnails per photo): leaving
+    # them out must not read as a library that lost more than --max-shrink
+    written = make_library(stack.library, photos=30, odd_names=False)
+    assert sum(_excluded(rel) for rel in written) > len(written) / 2
+    assert run_cli("backup", "--stop", "none", env=env).code == 0
+    r = run_cli("backup", "--stop", "none", "--exclude", "thumbs", "--exclude", "encoded-video", env=env)
+    assert r.code == 0, r.err
+    last = bucket.snapshot(bucket.snapshots()[-1])
+    assert last["excluded"] == list(EXCLUDED) and not last["shrink_allowed"]
