@@ -359,6 +359,7 @@ class BackupRun:
             p.bytes.get(root) if p else None,
             p.files.get(root) if p else None,
             None if known else self.roots[root],
+            self.settings.exclude if root == "library" else (),
         )
 
     # -- the steps run_phases orders -------------------------------------------------------

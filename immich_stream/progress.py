@@ -82,7 +82,8 @@ class _Counter:
     uploads): the first backup of a library gets a total within seconds or minutes, not at
     its end. Regular files only, symlinks not followed: what the backup reads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, skip: tuple[str, ...] = ()) -> None:
+        self._skip = {os.fsencode(os.path.join(root, name)) for name in skip}  # --exclude: markers only
         self.files = 0
         self.bytes = 0
         self.done = False
@@ -104,7 +105,10 @@ class _Counter:
                             st = e.stat(follow_symlinks=False)
                         except OSError:
                             continue
-                        if stat.S_ISDIR(st.st_mode):
+                        if stat.S_ISDIR(st.st_mode) and e.path in self._skip:
+                            if os.path.isfile(os.path.join(e.path, b".immich")):
+                                self.files += 1  # the one file of it a backup reads
+                        elif stat.S_ISDIR(st.st_mode):
                             stack.append(e.path)
                         elif stat.S_ISREG(st.st_mode):
                             self.files += 1
@@ -132,6 +136,7 @@ class Phase:
         total_files: int | None = None,
         count: Path | None = None,
         downtime: Callable[[], float | None] | None = None,
+        count_skip: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.total = total_bytes
@@ -145,7 +150,7 @@ class Phase:
         self._last_log = self._start
         self._last_tenth = 0
         self._bar: Any = None
-        self._counter = _Counter(count) if count is not None and mode != "quiet" else None
+        self._counter = _Counter(count, count_skip) if count is not None and mode != "quiet" else None
         if mode == "bar":
             from tqdm import tqdm
 
@@ -290,7 +295,8 @@ class Reporter:
         total_bytes: int | None = None,
         total_files: int | None = None,
         count: Path | None = None,
+        count_skip: tuple[str, ...] = (),
     ) -> Phase:
         """count: a directory to count (stat only, in a thread) for the totals, when no
-        earlier snapshot gives them."""
-        return Phase(name, total_bytes, self.mode, self.interval, total_files, count, self.downtime)
+        earlier snapshot gives them; count_skip: its folders the backup leaves out."""
+        return Phase(name, total_bytes, self.mode, self.interval, total_files, count, self.downtime, count_skip)
