@@ -125,7 +125,10 @@ class FileUploader:
                 want = min(psize, entry.size - total)
                 await self.budget.acquire(want)
                 try:
-                    data, part_sha, check = await asyncio.to_thread(_read_exactly, fd, want, sha, checksum)
+                    # sealed: the part's own sha256 (of plaintext) would go unused, so it is not computed
+                    data, part_sha, check = await asyncio.to_thread(
+                        _read_exactly, fd, want, sha, checksum, not mp.sealed
+                    )
                 except BaseException:
                     await asyncio.shield(self.budget.release(want))
                     raise
@@ -193,9 +196,9 @@ def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _read_exactly(fd: int, size: int, sha: Any, checksum: str | None) -> tuple[bytes, str, str]:
+def _read_exactly(fd: int, size: int, sha: Any, checksum: str | None, own: bool = True) -> tuple[bytes, str, str]:
     """Read up to `size` bytes; return them with their own sha256 (for the signature, and
-    the manifest when the file is one part) and the `checksum` header's value, updating
+    the manifest when the file is one part; "" unless `own`) and the `checksum` header's value, updating
     `sha` (the whole file's, read in parts) if given. Bytes, not a bytearray: botocore and
     aiohttp copy a bytearray body several times over, a bytes body not at all; and os.read
     of a regular file returns the requested size in one buffer."""
@@ -209,8 +212,8 @@ def _read_exactly(fd: int, size: int, sha: Any, checksum: str | None) -> tuple[b
         data = b"".join(chunks)
     if sha is not None:
         sha.update(data)
-    own = hashlib.sha256(data).hexdigest()
-    return data, own, check_value(checksum, data, own) if checksum else ""
+    digest = hashlib.sha256(data).hexdigest() if own else ""
+    return data, digest, check_value(checksum, data, digest or None) if checksum else ""
 
 
 @dataclass
