@@ -329,6 +329,7 @@ class Decryptor:
         self._buf = bytearray()
         self._aead: ChaCha20Poly1305 | None = None
         self._counter = 0
+        self._out = bytearray()  # feed_view's buffer
         self.plain = 0  # plaintext bytes returned
 
     @property
@@ -423,6 +424,46 @@ class Decryptor:
             out.append(self._open(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], False))
         self._buf += view[n * SEALED_CHUNK :]
         return out
+
+    def feed_view(self, data: bytes | memoryview) -> memoryview:
+        """feed(), the plaintext in one buffer this Decryptor allocates once and reuses
+        (no bytes object per 64 KiB chunk, no join): the view is valid until the next
+        call, and the caller must not keep it."""
+        if self._aead is None or not hasattr(self._aead, "decrypt_into"):
+            pieces = self.feed(data)  # the header (or an old `cryptography`)
+            if len(pieces) <= 1:
+                return memoryview(pieces[0] if pieces else b"")
+            return memoryview(b"".join(pieces))
+        view = memoryview(data)
+        begun = bool(self._buf)
+        if begun:  # complete the chunk begun in an earlier piece; open it once more follows
+            take = min(SEALED_CHUNK - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if not view:
+                return memoryview(b"")
+        n = (len(view) - 1) // SEALED_CHUNK  # whole chunks that are certainly not the last
+        total = n + begun
+        if len(self._out) < total * CHUNK:
+            self._out = bytearray(total * CHUNK)  # a new one: a view of the old may be alive
+        out = memoryview(self._out)
+        if begun:
+            self._open_into(self._buf, out[:CHUNK])
+            self._buf.clear()
+        for i in range(n):
+            at = (i + begun) * CHUNK
+            self._open_into(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], out[at : at + CHUNK])
+        self._buf += view[n * SEALED_CHUNK :]
+        return out[: total * CHUNK]
+
+    def _open_into(self, chunk: bytes | bytearray | memoryview, into: memoryview) -> None:
+        assert self._aead is not None
+        try:
+            self._aead.decrypt_into(_nonce(self._counter, False), chunk, None, into)
+        except InvalidTag:
+            raise DecryptError(f"chunk {self._counter} failed authentication: the object is damaged") from None
+        self._counter += 1
+        self.plain += CHUNK
 
     def finish(self) -> list[bytes]:
         if self._aead is None:

@@ -944,9 +944,10 @@ class Store:
         dec = sealing.decryptor()
 
         def opened(view: memoryview) -> None:
-            pieces = dec.feed(view)  # 64 KiB each: one write (and hash update) per piece received
-            if pieces:
-                sink(memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces)))
+            plain = dec.feed_view(view)  # one write (and hash update) per piece received
+            if plain:
+                sink(plain)
+            plain.release()
 
         def last() -> None:
             for piece in dec.finish():

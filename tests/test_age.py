@@ -104,3 +104,42 @@ def test_identity_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert len(age.read_identity_file(path)) == 1
     with pytest.raises(ConfigError, match="not an age recipient"):
         age.Recipient.parse("age1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq")
+
+
+def _viewed(sealed: bytes, ident: age.Identity, seed: int) -> bytes:
+    """Opened through feed_view() in random pieces, as a download receives them; each view
+    copied out before the next call (the buffer behind it is reused)."""
+    rng = random.Random(seed)
+    dec = age.Decryptor([ident])
+    out, i = [], 0
+    while i < len(sealed):
+        step = rng.choice([1, age.SEALED_CHUNK - 1, age.SEALED_CHUNK, age.SEALED_CHUNK + 1, rng.randint(1, 1 << 20)])
+        view = dec.feed_view(sealed[i : i + step])
+        out.append(bytes(view))
+        view.release()
+        i += step
+    return b"".join(out + dec.finish())
+
+
+@pytest.mark.parametrize("size", [*SIZES, 5 * age.CHUNK + 7, 4 << 20])
+def test_feed_view_reuses_its_buffer_and_opens_the_same_plaintext(
+    size: int, identity: tuple[Path, age.Identity]
+) -> None:
+    _, ident = identity
+    data = os.urandom(size)
+    sealed = age.seal(data, [ident.recipient])
+    for seed in range(6):
+        assert _viewed(sealed, ident, seed) == data
+    # the buffer is allocated once for pieces of one size, not once a call
+    dec = age.Decryptor([ident])
+    buffers = set()
+    for i in range(0, len(sealed), 1 << 20):
+        view = dec.feed_view(sealed[i : i + (1 << 20)])
+        if len(view):
+            buffers.add(id(view.obj))
+        view.release()
+    assert len(buffers) <= 2  # the header's first piece comes from feed(), then one buffer
+    damaged = bytearray(sealed)
+    damaged[len(sealed) // 2] ^= 1
+    with pytest.raises(age.DecryptError):
+        _viewed(bytes(damaged), ident, 0)
