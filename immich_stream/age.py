@@ -26,6 +26,7 @@ import hmac
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,7 +330,8 @@ class Decryptor:
         self._buf = bytearray()
         self._aead: ChaCha20Poly1305 | None = None
         self._counter = 0
-        self._out = bytearray()  # feed_view's buffer
+        self._tail = bytearray()  # the chunk begun in an earlier piece (SEALED_CHUNK once used)
+        self._tlen = 0
         self.plain = 0  # plaintext bytes returned
 
     @property
@@ -337,16 +339,18 @@ class Decryptor:
         """The header was read, and one of the identities opened it."""
         return self._aead is not None
 
-    def _header(self) -> bool:
-        end = self._buf.find(b"\n--- ")
+    def _header(self, buf: bytes | bytearray) -> int:
+        """Read the header at the start of buf: its length with the payload nonce (0 while
+        buf holds only part of it)."""
+        end = buf.find(b"\n--- ")
         if end < 0:
-            if len(self._buf) > MAX_HEADER or (len(self._buf) >= len(INTRO) and not self._buf.startswith(INTRO)):
+            if len(buf) > MAX_HEADER or (len(buf) >= len(INTRO) and not buf.startswith(INTRO)):
                 raise DecryptError("not an age file (no age-encryption.org/v1 header)")
-            return False
-        eol = self._buf.find(b"\n", end + 1)
-        if eol < 0 or len(self._buf) < eol + 1 + NONCE:
-            return False
-        header = bytes(self._buf[: eol + 1])
+            return 0
+        eol = buf.find(b"\n", end + 1)
+        if eol < 0 or len(buf) < eol + 1 + NONCE:
+            return 0
+        header = bytes(buf[: eol + 1])
         if not header.startswith(INTRO):
             raise DecryptError("not an age file (no age-encryption.org/v1 header)")
         lines = header[len(INTRO) : end + 1].split(b"\n")[:-1]
@@ -355,10 +359,9 @@ class Decryptor:
         want = hmac.new(_hkdf(file_key, b"", b"header"), header[: end + 4], hashlib.sha256).digest()
         if not hmac.compare_digest(mac, want):
             raise DecryptError("the age header's MAC does not match: the header was altered")
-        nonce = bytes(self._buf[eol + 1 : eol + 1 + NONCE])
+        nonce = bytes(buf[eol + 1 : eol + 1 + NONCE])
         self._aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
-        del self._buf[: eol + 1 + NONCE]
-        return True
+        return eol + 1 + NONCE
 
     def _file_key(self, lines: list[bytes]) -> bytes:
         i = 0
@@ -403,60 +406,83 @@ class Decryptor:
         self.plain += len(out)
         return out
 
-    def feed(self, data: bytes | memoryview) -> list[bytes]:
-        if self._aead is None:
-            self._buf += data
-            if not self._header():
-                return []
-            data, self._buf = bytes(self._buf), bytearray()  # the chunks that came with the header
+    def _payload(self, data: bytes | memoryview) -> memoryview | None:
+        """The payload bytes in data (None while the header is incomplete). The header is
+        parsed from a copy of the first bytes only, not of the whole first piece."""
         view = memoryview(data)
-        out: list[bytes] = []
-        if self._buf:  # complete the chunk begun in an earlier piece; open it once more follows
-            take = min(SEALED_CHUNK - len(self._buf), len(view))
-            self._buf += view[:take]
+        if self._aead is not None:
+            return view
+        if not self._buf:
+            used = self._header(bytes(view[: MAX_HEADER + 128]))
+            if used:
+                return view[used:]
+        self._buf += view
+        used = self._header(self._buf)
+        if not used:
+            return None
+        rest = memoryview(self._buf)[used:]
+        self._buf = bytearray()
+        return rest
+
+    def _chunks(self, view: memoryview) -> tuple[list[memoryview], memoryview | None]:
+        """The whole chunks so far that are certainly not the last (a byte follows them),
+        and the rest to _keep() once they are opened (None: nothing to keep, the tail is
+        being filled). The tail is a buffer of its own, filled in place: buffers allocated
+        and freed over and over in threads cost a page fault per 4 KiB."""
+        chunks = []
+        if self._tlen:  # complete the chunk begun in an earlier piece; open it once more follows
+            take = min(SEALED_CHUNK - self._tlen, len(view))
+            self._tail[self._tlen : self._tlen + take] = view[:take]
+            self._tlen += take
             view = view[take:]
             if not view:
-                return out
-            out.append(self._open(bytes(self._buf), False))
-            self._buf.clear()
-        n = (len(view) - 1) // SEALED_CHUNK  # whole chunks that are certainly not the last
-        for i in range(n):
-            out.append(self._open(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], False))
-        self._buf += view[n * SEALED_CHUNK :]
+                return [], None
+            chunks.append(memoryview(self._tail))
+            self._tlen = 0
+        n = (len(view) - 1) // SEALED_CHUNK
+        chunks += [view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK] for i in range(n)]
+        return chunks, view[n * SEALED_CHUNK :]
+
+    def _keep(self, rest: memoryview | None) -> None:
+        if rest is not None and len(rest):
+            if not self._tail:
+                self._tail = bytearray(SEALED_CHUNK)
+            self._tail[: len(rest)] = rest
+            self._tlen = len(rest)
+
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
+        view = self._payload(data)
+        if view is None:
+            return []
+        chunks, rest = self._chunks(view)
+        out = [self._open(chunk, False) for chunk in chunks]
+        self._keep(rest)
         return out
 
     def feed_view(self, data: bytes | memoryview) -> memoryview:
-        """feed(), the plaintext in one buffer this Decryptor allocates once and reuses
-        (no bytes object per 64 KiB chunk, no join): the view is valid until the next
-        call, and the caller must not keep it."""
-        if self._aead is None or not hasattr(self._aead, "decrypt_into"):
-            pieces = self.feed(data)  # the header (or an old `cryptography`)
-            if len(pieces) <= 1:
-                return memoryview(pieces[0] if pieces else b"")
-            return memoryview(b"".join(pieces))
-        view = memoryview(data)
-        begun = bool(self._buf)
-        if begun:  # complete the chunk begun in an earlier piece; open it once more follows
-            take = min(SEALED_CHUNK - len(self._buf), len(view))
-            self._buf += view[:take]
-            view = view[take:]
-            if not view:
-                return memoryview(b"")
-        n = (len(view) - 1) // SEALED_CHUNK  # whole chunks that are certainly not the last
-        total = n + begun
-        if len(self._out) < total * CHUNK:
-            self._out = bytearray(total * CHUNK)  # a new one: a view of the old may be alive
-        out = memoryview(self._out)
-        if begun:
-            self._open_into(self._buf, out[:CHUNK])
-            self._buf.clear()
-        for i in range(n):
-            at = (i + begun) * CHUNK
-            self._open_into(view[i * SEALED_CHUNK : (i + 1) * SEALED_CHUNK], out[at : at + CHUNK])
-        self._buf += view[n * SEALED_CHUNK :]
-        return out[: total * CHUNK]
+        """feed(), the plaintext written into one buffer per thread that is allocated once
+        and reused by every Decryptor (no bytes object per 64 KiB chunk, no join, no fresh
+        memory): the view is valid until this thread's next feed_view, and the caller must
+        not keep it."""
+        view = self._payload(data)
+        if view is None:
+            return memoryview(b"")
+        chunks, rest = self._chunks(view)
+        if not hasattr(self._aead, "decrypt_into"):  # an older `cryptography`
+            plain = b"".join(self._open(chunk, False) for chunk in chunks)
+            self._keep(rest)
+            return memoryview(plain)
+        need = len(chunks) * CHUNK
+        out = getattr(_per_thread, "out", None)
+        if out is None or len(out) < need:
+            out = _per_thread.out = bytearray(max(need, 1 << 20))  # a new one: a view of the old may be alive
+        into = memoryview(out)
+        for i, chunk in enumerate(chunks):
+            self._open_into(chunk, into[i * CHUNK : (i + 1) * CHUNK])
+        self._keep(rest)
+        return into[:need]
 
-    def _open_into(self, chunk: bytes | bytearray | memoryview, into: memoryview) -> None:
+    def _open_into(self, chunk: memoryview, into: memoryview) -> None:
         assert self._aead is not None
         try:
             self._aead.decrypt_into(_nonce(self._counter, False), chunk, None, into)
@@ -466,15 +492,16 @@ class Decryptor:
         self.plain += CHUNK
 
     def finish(self) -> list[bytes]:
-        if self._aead is None:
-            self._header()
-            if self._aead is None:
-                raise DecryptError("the age file ends inside its header: truncated")
-        if len(self._buf) < TAG:
+        if self._aead is None:  # feed() read the header as soon as it was whole
+            raise DecryptError("the age file ends inside its header: truncated")
+        if self._tlen < TAG:
             raise DecryptError("the age file ends without its last chunk: truncated")
-        out = self._open(bytes(self._buf), True)
-        self._buf.clear()
+        out = self._open(bytes(self._tail[: self._tlen]), True)
+        self._tlen = 0
         return [out] if out else []
+
+
+_per_thread = threading.local()  # feed_view's output buffer
 
 
 def open_sealed(data: bytes, identities: list[Identity]) -> bytes:
