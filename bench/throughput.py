@@ -14,13 +14,22 @@ Needs no Docker (the database dump is bench/run.py's part). Against one local S3
   of the same objects into an empty directory.
 
 Prints wall seconds, MiB/s, the ratio immich-stream / s5cmd (<= 1.0: as fast or faster),
-CPU seconds (user+system of the tool, from wait4) and peak RSS (sum of VmHWM over the
+CPU seconds (user+system of the tool, from wait4), the S3 server's CPU seconds during the
+same run, how many cores the two kept busy together, and peak RSS (sum of VmHWM over the
 process tree). Not a test: nothing here asserts a time.
+
+The floor: the server shares the machine's cores, so when s5cmd's run already keeps every
+core busy, no client can finish sooner than (its own CPU + the server's) / cores. For
+immich-stream that is at least s5cmd's own CPU (the same requests, the same copies in and
+out of the kernel) plus what it checks that s5cmd does not (the sha256 of every byte, and
+on upload the Content-MD5 that `rclone serve s3` verifies) plus the interpreter's start
+(measured here); the line "floor" prints that least wall time as a ratio to s5cmd's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -130,10 +139,12 @@ class Server:
             ]
         else:
             cfg = workdir / "s3.json"
-            cfg.write_text(
-                '{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-                '"actions":["Admin","Read","List","Tagging","Write"]}]}' % (KEY, SECRET)
-            )
+            identity = {
+                "name": "b",
+                "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+            cfg.write_text(json.dumps({"identities": [identity]}))
             ports = [free_port() for _ in range(4)]
             cmd = [
                 str(BIN / "weed"),
@@ -175,6 +186,11 @@ class Server:
                     raise
                 time.sleep(0.3)
 
+    def cpu(self) -> float:
+        """CPU seconds (user+system) the server has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def bucket(self, name: str) -> str:
         self.s3.create_bucket(Bucket=name)
         return name
@@ -194,10 +210,43 @@ def drop_caches_of(path: Path) -> None:
 
 
 def row(name: str, r: dict, size: int) -> str:
+    served = f" + server {r['server_cpu']:.1f} = {r['busy']:.2f} cores busy" if "server_cpu" in r else ""
     return (
         f"  {name:<34} {r['wall']:>7.2f} s {size / MIB / r['wall']:>7.1f} MiB/s "
-        f"{r['cpu']:>6.1f} CPU s {r['rss_mib']:>7.0f} MiB RSS"
+        f"{r['cpu']:>6.1f} CPU s{served} {r['rss_mib']:>7.0f} MiB RSS"
     )
+
+
+def served(server: Server, name: str, cmd: list[str], env: dict[str, str]) -> dict:
+    """measure(), with the server's CPU seconds during the run and the cores both kept busy."""
+    before = server.cpu()
+    r = measure(name, cmd, env)
+    r["server_cpu"] = server.cpu() - before
+    r["busy"] = (r["cpu"] + r["server_cpu"]) / r["wall"]
+    return r
+
+
+def rate_mib_s(name: str) -> float:
+    """MiB/s of hashlib's `name` on this machine, now (one thread, 256 MiB)."""
+    import hashlib
+
+    data = os.urandom(64 * MIB)
+    start = time.perf_counter()
+    for _ in range(4):
+        hashlib.new(name, data).digest()
+    return 256 / (time.perf_counter() - start)
+
+
+def start_cpu(env: dict[str, str]) -> float:
+    """CPU seconds of immich-stream's start: `snapshots` (imports, the S3 client, two requests)."""
+    return min(measure("start", [sys.executable, "-m", "immich_stream", "snapshots"], env)["cpu"] for _ in range(3))
+
+
+def floor(peer: dict, extra_cpu: float) -> float:
+    """The least wall time a client doing s5cmd's work plus `extra_cpu` can take beside this
+    server on this machine's cores (see the module's docstring)."""
+    cores = os.cpu_count() or 1
+    return max(peer["wall"], (peer["cpu"] + extra_cpu + peer["server_cpu"]) / cores)
 
 
 def main() -> None:
@@ -235,6 +284,8 @@ def main() -> None:
     s5 = [s5cmd, "--endpoint-url", server.endpoint, "--numworkers", str(args.s5cmd_workers)]
     results: dict[str, list[tuple[dict, dict]]] = {}
     sizes: dict[str, int] = {}
+    start_env: dict[str, str] | None = None
+    extra: dict[str, float] = {}
     try:
         if "small" in only:
             pgdata = BENCH / "pgdata"
@@ -244,14 +295,16 @@ def main() -> None:
             drop_caches_of(pgdata)
             for i in range(args.rounds):
                 b = server.bucket(f"small-ist-{i}")
-                ist = measure(
+                ist = served(
+                    server,
                     "immich-stream files stage",
                     [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(pgdata)],
                     dict(ienv, S3_BUCKET=b),
                 )
                 b = server.bucket(f"small-s5-{i}")
-                peer = measure("s5cmd cp", [*s5, "cp", f"{pgdata}/", f"s3://{b}/pg/"], env)
+                peer = served(server, "s5cmd cp", [*s5, "cp", f"{pgdata}/", f"s3://{b}/pg/"], env)
                 results.setdefault("small", []).append((ist, peer))
+                start_env = start_env or dict(ienv, S3_BUCKET=f"small-ist-{i}")
                 print(
                     row("immich-stream", ist, size)
                     + "\n"
@@ -268,7 +321,8 @@ def main() -> None:
             print(f"restore: {size / MIB:.0f} MiB library, objects under s3://{b}/immich-backup/data/")
             for i in range(args.rounds):
                 dest = work / f"restore-{i}"
-                ist = measure(
+                ist = served(
+                    server,
                     "immich-stream restore",
                     [sys.executable, "-m", "immich_stream", "restore", "latest", "--to", str(dest)],
                     benv,
@@ -276,15 +330,26 @@ def main() -> None:
                 shutil.rmtree(dest)
                 dest = work / f"s5-{i}"
                 dest.mkdir()
-                peer = measure("s5cmd cp (download)", [*s5, "cp", f"s3://{b}/immich-backup/data/*", f"{dest}/"], env)
+                peer = served(
+                    server, "s5cmd cp (download)", [*s5, "cp", f"s3://{b}/immich-backup/data/*", f"{dest}/"], env
+                )
                 shutil.rmtree(dest)
                 results.setdefault("restore", []).append((ist, peer))
+                start_env = start_env or benv
                 print(
                     row("immich-stream", ist, size)
                     + "\n"
                     + row("s5cmd", peer, size)
                     + f"\n  ratio {ist['wall'] / peer['wall']:.2f}"
                 )
+        if start_env is not None:  # what immich-stream checks that s5cmd does not, in CPU seconds
+            start = start_cpu(start_env)
+            sha256, md5 = rate_mib_s("sha256"), rate_mib_s("md5")
+            print(f"\nstart {start:.2f} CPU s; sha256 {sha256:.0f} MiB/s, md5 {md5:.0f} MiB/s (one core)")
+            if "small" in sizes:
+                extra["small"] = start + sizes["small"] / MIB * (1 / sha256 + (1 / md5 if not args.checksum else 0))
+            if "restore" in sizes:
+                extra["restore"] = start + sizes["restore"] / MIB / sha256
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -302,6 +367,13 @@ def main() -> None:
             f"{statistics.median(a['rss_mib'] for a, _ in pairs):>8.0f}/{statistics.median(b['rss_mib'] for _, b in pairs):<7.0f}"
             f"  (ratios {', '.join(f'{r:.2f}' for r in ratios)})"
         )
+        busy_is = statistics.median(a["busy"] for a, _ in pairs)
+        busy_peer = statistics.median(b["busy"] for _, b in pairs)
+        line = f"{'':<10} cores busy (tool + server): {busy_is:.2f} / {busy_peer:.2f} of {os.cpu_count()}"
+        if job in extra:
+            least = statistics.median(floor(b, extra[job]) / b["wall"] for _, b in pairs)
+            line += f"; floor with the checks s5cmd skips: ratio >= {least:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":
