@@ -75,17 +75,21 @@ def main() -> None:
     try:
         for i in range(args.rounds):
             for name, extra in variants.items():
-                venv = dict(env, S3_BUCKET=server.bucket(f"{name}-{i}"), **extra)
+                bucket = server.bucket(f"{name}-{i}")
+                venv = dict(env, S3_BUCKET=bucket, **extra)
+                os.sync()  # no run pays for writing back what the one before wrote
                 up = measure(
                     f"{name} backup", [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(library)], venv
                 )
                 dest = work / f"restore-{name}-{i}"
+                os.sync()
                 down = measure(
                     f"{name} restore",
                     [sys.executable, "-m", "immich_stream", "restore", "latest", "--to", str(dest)],
                     venv,
                 )
                 shutil.rmtree(dest)
+                server.drop(bucket)
                 results.setdefault((name, "backup"), []).append(up)
                 results.setdefault((name, "restore"), []).append(down)
                 print(row(f"{name} backup (round {i + 1})", up, size) + "\n" + row(f"{name} restore", down, size))
