@@ -343,9 +343,13 @@ class Decryptor:
         """Read the header at the start of buf: its length with the payload nonce (0 while
         buf holds only part of it)."""
         end = buf.find(b"\n--- ")
+        if len(buf) >= len(INTRO) and not buf.startswith(INTRO):
+            raise DecryptError("not an age file (no age-encryption.org/v1 header)")
+        # judged by where the closing line starts, not by how much is buffered: the same
+        # file opens or not whatever pieces it arrives in
+        if end > MAX_HEADER or (end < 0 and len(buf) > MAX_HEADER + 4):
+            raise DecryptError("the age header is longer than 64 KiB (hundreds of recipients): not one written here")
         if end < 0:
-            if len(buf) > MAX_HEADER or (len(buf) >= len(INTRO) and not buf.startswith(INTRO)):
-                raise DecryptError("not an age file (no age-encryption.org/v1 header)")
             return 0
         eol = buf.find(b"\n", end + 1)
         if eol < 0 or len(buf) < eol + 1 + NONCE:

@@ -143,3 +143,26 @@ def test_feed_view_reuses_its_buffer_and_opens_the_same_plaintext(
     damaged[len(sealed) // 2] ^= 1
     with pytest.raises(age.DecryptError):
         _viewed(bytes(damaged), ident, 0)
+
+
+@pytest.mark.parametrize("count", [668, 669, 670, 700])
+def test_a_header_near_the_limit_opens_or_not_whatever_the_pieces(count: int) -> None:
+    """The header limit (64 KiB, about 668 recipients) judged by where its closing line
+    starts: the same file opens, or is refused, however the network splits it (a review
+    found 670 recipients refused in one piece and opened in 4 KiB pieces)."""
+    ident = age.Identity.generate()
+    recipients = [ident.recipient] + [age.Identity.generate().recipient for _ in range(count - 1)]
+    sealed = age.seal(b"hello", recipients)
+
+    def outcome(step: int) -> bytes | str:
+        dec = age.Decryptor([ident])
+        try:
+            out = [p for i in range(0, len(sealed), step) for p in dec.feed(sealed[i : i + step])]
+            return b"".join(out + dec.finish())
+        except age.DecryptError as exc:
+            return str(exc)
+
+    outcomes = {step: outcome(step) for step in (1 << 20, 65000, 4096, 16)}
+    assert len(set(outcomes.values())) == 1, outcomes
+    expected: bytes | str = b"hello" if count < 669 else "the age header is longer than 64 KiB"
+    assert all(str(o).startswith(str(expected)) for o in outcomes.values()), outcomes
