@@ -108,18 +108,26 @@ def test_a_stopped_thread_stops_waiting() -> None:
 # -- against the real servers --------------------------------------------------------------
 
 LIMIT = 4  # MiB/s
+# What the sockets between the client and the proxy take at once, outside any pacing
+# (the proxy's send buffer and the client's receive buffer, autotuned up to about 4 and
+# 6 MiB on loopback): a download can look that far ahead of the client's pace.
+BUFFERS = 10 * MIB
 
 
 def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
-    """Bytes moved for >= ~5 s, no second far above the limit, no second silent."""
+    """Bytes moved at the limit (but what the sockets' buffers took at once), no second
+    far above it, no second silent."""
     assert sum(n for _, n in events) >= total
-    span = events[-1][0] - events[0][0]
-    assert span >= 4.5, f"{what}: {total / MIB:.0f} MiB moved in {span:.1f} s at a limit of {LIMIT} MiB/s"
     seconds = per_second(events)
-    assert seconds, what
+    assert seconds, f"{what}: {total / MIB:.0f} MiB moved in under a second at a limit of {LIMIT} MiB/s"
+    shown = [n // 1024 for n in seconds]
+    assert seconds[0] <= BUFFERS + LIMIT * MIB, f"{what}: the first second moved too much: {shown} KiB/s"
+    span = events[-1][0] - events[0][0]
+    least = (total - BUFFERS) / (LIMIT * MIB)
+    assert span >= least, f"{what}: {total / MIB:.0f} MiB moved in {span:.1f} s at a limit of {LIMIT} MiB/s"
     # The first second may carry the burst and the sockets' buffers; then steady.
-    assert all(n <= 1.5 * LIMIT * MIB for n in seconds[1:]), f"{what}: bursty: {[n // 1024 for n in seconds]} KiB/s"
-    assert all(n > 0 for n in seconds), f"{what}: a silent second: {[n // 1024 for n in seconds]} KiB/s"
+    assert all(n <= 1.5 * LIMIT * MIB for n in seconds[1:]), f"{what}: bursty: {shown} KiB/s"
+    assert all(n > 0 for n in seconds), f"{what}: a silent second: {shown} KiB/s"
 
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])
