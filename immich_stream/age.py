@@ -479,7 +479,7 @@ class Decryptor:
         need = len(chunks) * CHUNK
         out = getattr(_per_thread, "out", None)
         if out is None or len(out) < need:
-            out = _per_thread.out = bytearray(max(need, 1 << 20))  # a new one: a view of the old may be alive
+            out = _per_thread.out = bytearray(need)  # a new one: a view of the old may be alive
         into = memoryview(out)
         for i, chunk in enumerate(chunks):
             self._open_into(chunk, into[i * CHUNK : (i + 1) * CHUNK])
