@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -202,6 +203,12 @@ class FaultProxy:
         the kernel's socket buffers let us see), its time recorded in `sent`."""
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(data)
+        # A server's send buffer is not the user's line: loopback autotunes it up to 4 MiB
+        # per connection, which counted megabytes as sent that the client had not let in.
+        # Held small, what is counted is what the client's receive window let through.
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
         await resp.prepare(request)
         view = memoryview(data)
         for start in range(0, len(view), 64 << 10):

@@ -108,22 +108,25 @@ def test_a_stopped_thread_stops_waiting() -> None:
 # -- against the real servers --------------------------------------------------------------
 
 LIMIT = 4  # MiB/s
-# What the sockets between the client and the proxy take at once, outside any pacing
-# (the proxy's send buffer and the client's receive buffer, autotuned up to about 4 and
-# 6 MiB on loopback): a download can look that far ahead of the client's pace.
-BUFFERS = 10 * MIB
+# What the first second may carry beyond the limit, outside any pacing: the first receive
+# windows of every request in flight. A restore fetches up to 32 small files at once, and on
+# loopback (64 KiB segments, round trips of microseconds) each window opens to a whole photo
+# before the paced reader has taken a slice; the proxy's own send buffer is kept small (see
+# faultproxy), so this is the client's side only. Seen: 7.8-8.4 MiB (direct), 13.4-14.9
+# MiB (botocore); before the proxy's buffer was held down, up to 25 MiB, a CI failure.
+WINDOWS = 16 * MIB
 
 
 def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
-    """Bytes moved at the limit (but what the sockets' buffers took at once), no second
-    far above it, no second silent."""
+    """Bytes moved at the limit (but the first windows), no second far above it, no second
+    silent. An unpaced transfer of these ~25 MiB over loopback takes well under a second."""
     assert sum(n for _, n in events) >= total
     seconds = per_second(events)
     assert seconds, f"{what}: {total / MIB:.0f} MiB moved in under a second at a limit of {LIMIT} MiB/s"
     shown = [n // 1024 for n in seconds]
-    assert seconds[0] <= BUFFERS + LIMIT * MIB, f"{what}: the first second moved too much: {shown} KiB/s"
+    assert seconds[0] <= WINDOWS + LIMIT * MIB, f"{what}: the first second moved too much: {shown} KiB/s"
     span = events[-1][0] - events[0][0]
-    least = (total - BUFFERS) / (LIMIT * MIB)
+    least = (total - WINDOWS) / (LIMIT * MIB)
     assert span >= least, f"{what}: {total / MIB:.0f} MiB moved in {span:.1f} s at a limit of {LIMIT} MiB/s"
     # The first second may carry the burst and the sockets' buffers; then steady.
     assert all(n <= 1.5 * LIMIT * MIB for n in seconds[1:]), f"{what}: bursty: {shown} KiB/s"
