@@ -1221,9 +1221,16 @@ class Store:
         out: list[tuple[str, str, Any]] = []
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
-            resp = await self._call(
-                "list multipart uploads", functools.partial(self._client.list_multipart_uploads, **kw)
-            )
+            try:
+                resp = await self._call(
+                    "list multipart uploads", functools.partial(self._client.list_multipart_uploads, **kw)
+                )
+            except StoreError as exc:
+                # `rclone serve s3` keeps uploads in memory and answers NoSuchUpload to this
+                # listing until one was started in the bucket (since it started): none.
+                if exc.code == "NoSuchUpload":
+                    return out
+                raise
             out.extend((u["Key"], u["UploadId"], u.get("Initiated")) for u in resp.get("Uploads", []))
             if not resp.get("IsTruncated"):
                 return out
