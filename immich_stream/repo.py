@@ -90,6 +90,18 @@ def unescape_path(text: str) -> bytes:
     return urllib.parse.unquote_to_bytes(text)
 
 
+def key_path(path: str) -> str:
+    """An escaped path (escape_path) -> its form in an object key (docs/format.md,
+    "Escaped paths"): also a backslash (SeaweedFS stores a raw one as "/", a folder) and a
+    whole "." or ".." part (no name the walk reads is one, but rclone and SeaweedFS refuse
+    them) become %XX. unescape_path reverses this too."""
+    path = path.replace("\\", "%5C")
+    wrapped = f"/{path}/"
+    if "/./" in wrapped or "/../" in wrapped:
+        path = "/".join(part.replace(".", "%2E") if part in (".", "..") else part for part in path.split("/"))
+    return path
+
+
 def new_snapshot_id(now: dt.datetime | None = None) -> str:
     """Sortable by time; the random tail only breaks ties within one second."""
     now = now or dt.datetime.now(dt.UTC)
@@ -405,9 +417,10 @@ class Repo:
         The manifest keeps the full path either way. `key_dir` (STOPPED_DIR) keeps a second
         upload of a path by the same run apart from the first: no object is overwritten."""
         base = f"data/{snap_id}/{root}/{key_dir + '/' if key_dir else ''}"
-        key = base + path
+        escaped = key_path(path)
+        key = base + escaped
         if len(self._k(key).encode()) > MAX_KEY_BYTES or any(
-            len(part.encode()) > MAX_KEY_PART_BYTES for part in path.split("/")
+            len(part.encode()) > MAX_KEY_PART_BYTES for part in escaped.split("/")
         ):
             digest = hashlib.sha256(path.encode()).hexdigest()
             key = f"{base}{LONG_KEY_DIR}/{digest}"

@@ -7,7 +7,10 @@ or frozen upload, which no real server can be told to do."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import (
     ImmichStack,
@@ -15,9 +18,81 @@ from tests.conftest import (
     S3Server,
     bucket_of,
 )
-from tests.helpers import make_library, run_cli
+from tests.helpers import USER_ID, make_library, run_cli, tree
 
 MIB = 1024 * 1024
+
+# -- 3: odd file names, byte for byte, on SeaweedFS and rclone ---------------------------------
+
+ODD = "library/" + USER_ID + "/odd/"
+ODD_NAMES = [
+    b"back\\slash.jpg",  # SeaweedFS turned a raw \ into / (a folder): missing, re-uploaded, pruned
+    b"dir\\with\\two.jpg",
+    b"\\leading.jpg",
+    b"trailing\\",
+    b"100% real %41.jpg",  # a literal %41 must stay three characters
+    b"  spaces  around  .jpg",
+    "ünïcødé 写真 📷 e\u0301.jpg".encode(),
+    b"a" * 255,  # the longest name Linux allows, fits a key part as it is
+    b"\\%" + b"b" * 253,  # 255 bytes that pass 255 once escaped: stored under %long/
+    b"non-utf8-\xff\\x.jpg",
+]
+
+
+def _odd_library(library: Path) -> dict[bytes, bytes]:
+    make_library(library, photos=3, odd_names=False)
+    written = {}
+    for n, name in enumerate(ODD_NAMES):
+        path = os.fsencode(library) + b"/" + os.fsencode(ODD) + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = f"odd file {n} ".encode() * (50 + n)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        written[os.fsencode(ODD) + name] = data
+    return written
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "rclone"])
+def test_odd_file_names_are_stored_exactly_on_every_server(
+    server: str, request: pytest.FixtureRequest, env: dict, stack: ImmichStack, tmp_path: Path
+) -> None:
+    s3: S3Server = request.getfixturevalue("seaweed_s3" if server == "seaweedfs" else "rclone_s3")
+    env = dict(env, S3_ENDPOINT_URL=s3.endpoint, S3_BUCKET=s3.new_bucket())
+    odd = _odd_library(stack.library)
+    bucket = bucket_of(env)
+
+    r = run_cli("backup", "--stop", "none", env=env)
+    assert r.code == 0, r.err
+    [first] = bucket.snapshots()
+    keys = bucket.keys("data/")
+    for line in bucket.manifest(first):
+        if line["type"] == "file":
+            assert line["key"] in keys, f"{line['key']!r} is not in the bucket as sent"
+    r = run_cli("verify", "--read-data", env=env)
+    assert r.code == 0, r.err
+
+    r = run_cli("backup", "--stop", "none", env=env)
+    assert r.code == 0, r.err
+    second = bucket.snapshots()[-1]
+    assert second != first
+    assert bucket.keys(f"data/{second}/") == {}, "the second backup uploaded files again"
+    files = bucket.snapshot(second)["files"]
+    assert files["new"] == files["changed"] == files["reuploaded"] == 0, files
+
+    r = run_cli("prune", "--keep-last", "5", env=env)
+    assert r.code == 0, r.err
+    assert bucket.keys("data/") == keys, "prune deleted objects of kept snapshots"
+    r = run_cli("verify", "--read-data", env=env)
+    assert r.code == 0, r.err
+
+    target = tmp_path / "restore"
+    r = run_cli("restore", "--root", "library", "--to", str(target), env=env)
+    assert r.code == 0, r.err
+    restored = tree(target)
+    for rel, data in odd.items():
+        assert rel in restored, f"{rel!r} was not restored"
+        assert restored[rel].read_bytes() == data
+
 
 # -- 14: rclone answers NoSuchUpload to a listing of multipart uploads before the first -----
 
