@@ -2,27 +2,34 @@
 verifies; print a table of what works and what to change. Exit 0 only when a backup
 would work (warnings allowed).
 
-Every probe object lives under <prefix>/doctor/ and is removed again; the repository
-itself is only read."""
+Every probe object lives under <prefix>/doctor/<random>/ and is removed again, also when
+doctor is interrupted (a bounded cleanup in a finally); probes older than the lock stale
+threshold that a killed doctor left are removed by the next doctor. The repository itself
+is only read."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from immich_stream import cleanup
 from immich_stream.age import load_keys
 from immich_stream.changes import MARKER, MARKER_DIRS
 from immich_stream.config import Settings, format_size, min_part_size, storage_class_for
 from immich_stream.errors import ImmichStreamError, StoreError
+
+if TYPE_CHECKING:
+    from immich_stream.store import Store
 
 OK, WARN, FAIL, SKIP = "ok", "WARN", "FAIL", "skip"
 SKEW_WARN = 60.0
@@ -36,10 +43,18 @@ class Check:
     detail: str
 
 
+# A name with what S3 servers have mangled or refused: a backslash (SeaweedFS: "/"), a '%'
+# that looks like an escape, a control character, a byte that is not UTF-8, spaces and
+# Unicode. Its key is built as a file's would be (repo.key_path).
+ODD_NAME = b"odd \\ name %41 \x01\xff \xc3\xbc\xe5\x86\x99.jpg"
+
+
 class Doctor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.checks: list[Check] = []
+        # the server's clock (from the clock probe) and when it was read (monotonic)
+        self._server_time: tuple[dt.datetime, float] | None = None
 
     def add(self, name: str, status: str, detail: str) -> None:
         self.checks.append(Check(name, status, detail))
@@ -131,9 +146,9 @@ class Doctor:
         if s.bucket is None:
             self.add("S3", SKIP, "no bucket set")
             return
-        async with Store(s, retries=2) as store:
+        base = f"{s.prefix}/doctor/{secrets.token_hex(4)}"
+        async with Store(s, retries=2) as store, self._probes_removed(store, base):
             repo = Repo(store, s.prefix)
-            base = f"{s.prefix}/doctor/{secrets.token_hex(4)}"
 
             async def reach() -> tuple[str, str]:
                 async for _ in store.list_objects(f"{s.prefix}/"):
@@ -147,6 +162,7 @@ class Doctor:
                 server = await server_now(repo)
                 if server is None:
                     return WARN, "the server gave no LastModified to compare with"
+                self._server_time = (server, time.monotonic())
                 skew = time.time() - server.timestamp()
                 # LastModified has whole seconds: up to 1 s of that is rounding
                 status = FAIL if abs(skew) > SKEW_FAIL else WARN if abs(skew) > SKEW_WARN else OK
@@ -170,6 +186,33 @@ class Doctor:
 
             if not await self.probe("write, read, delete", roundtrip):
                 return
+
+            async def odd_names() -> tuple[str, str]:
+                from immich_stream.repo import escape_path, key_path
+
+                okey = f"{base}/odd/{key_path(escape_path(ODD_NAME))}"
+                await store.put(okey, data)
+                listed = [o.key async for o in store.list_objects(f"{base}/odd/")]
+                back = await store.get(okey) if okey in listed else None
+                await store.delete([okey, *listed])
+                if okey not in listed or back != data:
+                    where = f"listed as {listed[0]!r}" if listed else "not listed"
+                    return FAIL, (
+                        f"a key with a file's odd name ({okey.rsplit('/', 1)[1]!r}) was {where}: files with "
+                        "such names would be missed by verify and pruned; report it with the server's name"
+                    )
+                raw = f"{base}/raw/a\\b"
+                await store.put(raw, data)
+                mangled = [o.key async for o in store.list_objects(f"{base}/raw/")]
+                await store.delete([raw, *mangled])
+                note = (
+                    "a raw \\ is kept as sent too"
+                    if mangled == [raw]
+                    else "a raw \\ becomes / on this server (keys escape it as %5C)"
+                )
+                return OK, f"a key with \\, %, a control character, non-UTF-8 and Unicode is stored exactly; {note}"
+
+            await self.probe("odd file names", odd_names)
 
             async def multipart() -> tuple[str, str]:
                 mkey = f"{base}/multipart"
@@ -228,6 +271,38 @@ class Doctor:
                 return OK, f"format ok{sealed}, {len(ids)} snapshots{newest}; {held}"
 
             await self.probe("repository", repository)
+
+    @contextlib.asynccontextmanager
+    async def _probes_removed(self, store: Store, base: str) -> AsyncIterator[None]:
+        """Whatever happens inside (SIGINT and SIGTERM included), remove the probes after,
+        bounded (cleanup.best_effort)."""
+        try:
+            yield
+        finally:
+            await cleanup.best_effort("remove doctor's probe objects", self._sweep(store, base))
+
+    async def _sweep(self, store: Store, base: str) -> None:
+        """Remove this doctor's probes (objects and unfinished uploads under base), and
+        those of earlier doctors older than the lock stale threshold on the server's clock
+        (one killed before its cleanup; a younger one may be another doctor's, running)."""
+        from immich_stream.locks import lock_stale
+
+        top = f"{self.settings.prefix}/doctor/"
+        old: dt.datetime | None = None
+        if self._server_time is not None:
+            server, then = self._server_time
+            old = server + dt.timedelta(seconds=time.monotonic() - then - lock_stale())
+
+        def gone(key: str, when: Any) -> bool:
+            mine = key.startswith(f"{base}/")
+            return mine or (old is not None and isinstance(when, dt.datetime) and when < old)
+
+        keys = [o.key async for o in store.list_objects(top) if gone(o.key, o.last_modified)]
+        if keys:
+            await store.delete(keys)
+        for key, upload_id, started in await store.list_multipart(top):
+            if key.startswith(top) and gone(key, started):
+                await store.abort_multipart(key, upload_id)
 
 
 async def run_doctor(settings: Settings) -> Doctor:

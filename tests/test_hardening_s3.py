@@ -8,17 +8,24 @@ or frozen upload, which no real server can be told to do."""
 from __future__ import annotations
 
 import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from tests.conftest import (
+    KEY,
+    SECRET,
     ImmichStack,
     RcloneServer,
     S3Server,
     bucket_of,
 )
-from tests.helpers import USER_ID, make_library, run_cli, tree
+from tests.faultproxy import FaultProxy, is_part_upload
+from tests.helpers import USER_ID, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
 MIB = 1024 * 1024
 
@@ -115,3 +122,85 @@ def test_prune_works_on_a_restarted_rclone_server(env: dict, stack: ImmichStack,
         assert len(bucket_of(env).snapshots()) == 1
     finally:
         server.stop()
+
+
+# -- 24: doctor: the round trip of odd names (3), its probes when it is interrupted (24) -------
+
+
+def test_doctor_checks_odd_names_round_trip(s3_env: dict, seaweed_s3: S3Server, tmp_path: Path) -> None:
+    from tests.test_monitoring import doctor_rows
+
+    weed = dict(s3_env, S3_ENDPOINT_URL=seaweed_s3.endpoint, S3_BUCKET=seaweed_s3.new_bucket())
+    weed["LIBRARY_DIR"] = str(tmp_path)
+    rows = doctor_rows(run_cli("doctor", env=dict(weed, IMMICH_STREAM_STOP="app")).out)
+    status, detail = rows["odd file names"]
+    assert status == "ok", detail
+    assert "stored exactly" in detail and "a raw \\ becomes /" in detail
+    assert "doctor/" not in str(bucket_of(weed).keys(""))
+
+
+def _doctor_keys(env: dict) -> list[str]:
+    bucket = Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET, "immich-backup")
+    return list(bucket.keys("doctor/"))
+
+
+def _uploads(env: dict) -> list[str]:
+    try:
+        return Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET).open_multipart_uploads()
+    except ClientError as exc:  # rclone before its first multipart upload (item 14)
+        if exc.response["Error"]["Code"] == "NoSuchUpload":
+            return []
+        raise
+
+
+def _held_probe(where: str) -> Callable[[str, str, dict[str, str]], bool]:
+    """Where doctor hangs: reading back its probe object (written, not yet deleted), or
+    sending the second part of its multipart probe (the upload open)."""
+    if where == "object":
+        return lambda m, p, q: m == "GET" and "/doctor/" in p and p.endswith("/probe")
+    return lambda m, p, q: is_part_upload(m, p, q) and q.get("partNumber") == "2"
+
+
+@pytest.mark.parametrize(("sig", "where"), [(signal.SIGINT, "object"), (signal.SIGTERM, "upload")])
+def test_an_interrupted_doctor_removes_its_probes(
+    sig: signal.Signals, where: str, s3_env: dict, proxy_factory: type[FaultProxy], tmp_path: Path
+) -> None:
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    held = proxy.add(_held_probe(where), delay=3600)
+    env = dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint, LIBRARY_DIR=str(tmp_path), IMMICH_STREAM_STOP="app")
+    proc = start_cli("doctor", env=env)
+    try:
+        wait_for(lambda: held.hits >= 1, 60, 0.1, "doctor's probe")
+        assert _doctor_keys(s3_env) if where == "object" else _uploads(s3_env), "the probe is there"
+        proc.send_signal(sig)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    assert _uploads(s3_env) == []
+    assert _doctor_keys(s3_env) == []
+
+
+def test_doctor_collects_probes_a_killed_doctor_left(
+    s3_env: dict, proxy_factory: type[FaultProxy], tmp_path: Path
+) -> None:
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    held = proxy.add(_held_probe("object"), delay=3600)
+    env = dict(s3_env, LIBRARY_DIR=str(tmp_path), IMMICH_STREAM_STOP="app", IMMICH_STREAM_LOCK_STALE="2s")
+    proc = start_cli("doctor", env=dict(env, S3_ENDPOINT_URL=proxy.endpoint))
+    try:
+        wait_for(lambda: held.hits >= 1, 60, 0.1, "doctor's multipart probe")
+        os.kill(proc.pid, signal.SIGKILL)  # no finally runs
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _doctor_keys(s3_env), "the killed doctor left its probe"
+    time.sleep(3)  # older than the stale threshold
+    run_cli("doctor", env=env)
+    assert _uploads(s3_env) == []
+    assert _doctor_keys(s3_env) == []
