@@ -18,6 +18,7 @@ import base64
 import concurrent.futures
 import contextlib
 import email.utils
+import fcntl
 import functools
 import hashlib
 import http.client
@@ -27,6 +28,8 @@ import os
 import random
 import socket
 import ssl
+import sys
+import termios
 import threading
 import time
 import urllib.parse
@@ -110,13 +113,32 @@ class _Body(io.BytesIO):
         self.pace = pace
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pace:
-    """--limit-upload for one request body: sent slice by slice through `limit`, and
-    `sent(n)` told of each slice the connection took."""
+    """How one body of backup data is sent: slice by slice (through `limit`, --limit-upload,
+    when set), `sent(n)` told of each slice the connection took. `sock` is the connection's
+    socket while the body is on its way: the stall watchdog reads how much of what was
+    written the server has yet to acknowledge (Store.check_moving), so a part that takes
+    minutes on a slow uplink is progress all along, also for its last bytes, which sit in
+    the kernel's send buffer after the last write."""
 
-    limit: RateLimit
+    limit: RateLimit | None
     sent: Callable[[int], None]
+    sock: Any = None
+    unacked: int = -1  # bytes in the socket's send queue at the last look (-1: not looked yet)
+
+
+SLICE = MIB  # a body of backup data is written in slices this large (progress between them)
+
+
+def _unacked(sock: Any) -> int | None:
+    """Bytes written to a TCP socket that its peer has not acknowledged yet (Linux's
+    SIOCOUTQ); None where that cannot be read."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
 class _S3SigV4(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore has no type hints
@@ -131,8 +153,8 @@ class _S3SigV4(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore has
 class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
     """Send the headers, then the body object itself. aiohttp coalesces headers and body
     with b"".join() on Pythons before 3.12.9 (its writelines is unsafe there): one more
-    full copy of every request body in flight. With a `pace` (--limit-upload) the body
-    goes out in slices at the limit's rate (views: no copies)."""
+    full copy of every request body in flight. With a `pace` (backup data) the body goes
+    out in slices (views: no copies), at --limit-upload's rate when set."""
 
     pace: _Pace | None = None
 
@@ -147,11 +169,15 @@ class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
         if pace is None:
             await writer.write(value)
             return
+        transport = getattr(writer, "transport", None)
+        pace.sock = transport.get_extra_info("socket") if transport is not None else None
+        pace.unacked = -1
         view = memoryview(value)
-        step = pace.limit.chunk
+        step = pace.limit.chunk if pace.limit is not None else SLICE
         for start in range(0, len(view), step):
             piece = view[start : start + step]
-            await pace.limit.take(len(piece))
+            if pace.limit is not None:
+                await pace.limit.take(len(piece))
             await writer.write(piece)
             pace.sent(len(piece))
 
@@ -611,6 +637,7 @@ class Store:
         self.last_activity = time.monotonic()  # the stall watchdog reads this: see touch()
         self._inflight: dict[object, tuple[str, float]] = {}
         self.last_answer = time.monotonic()  # any answer or downloaded byte: see hung()
+        self._sending: set[_Pace] = set()  # bodies of backup data on their way (check_moving)
         self._reading = 0  # downloads with a body open
         # every request, whoever sends it, counts against --jobs; a small PUT against a limit
         # SMALL_FACTOR times higher: its cost is the round trip, not bandwidth, and the byte
@@ -687,6 +714,7 @@ class Store:
     def hung(self, stall: float) -> str | None:
         """What S3 is not answering, when requests or downloads are waiting and nothing
         at all came back for `stall` seconds (timeouts and retries included)."""
+        self.check_moving()
         quiet = time.monotonic() - self.last_answer
         if (not self._inflight and not self._reading) or quiet <= stall:
             return None
@@ -698,14 +726,38 @@ class Store:
         """Progress: bytes acknowledged by S3, files walked, dump bytes received."""
         self.last_activity = time.monotonic()
 
-    def _pace(self) -> _Pace | None:
-        """How a body of backup data is sent: at --limit-upload's rate, if set."""
-        return None if self.upload_limit is None else _Pace(self.upload_limit, self._sent)
+    def _pace(self) -> _Pace:
+        """How a body of backup data is sent (at --limit-upload's rate, if set); watched by
+        check_moving until _sent_all."""
+        pace = _Pace(self.upload_limit, self._sent)
+        self._sending.add(pace)
+        return pace
+
+    def _sent_all(self, pace: _Pace | None) -> None:
+        if pace is not None:
+            self._sending.discard(pace)
+            pace.sock = None
 
     def _sent(self, n: int) -> None:
-        # A request slowed down on purpose is not a hung server: each slice the server's
-        # connection took is progress and an answer (a frozen server stops taking them).
+        # Bytes moving are progress and an answer, however slowly they go (a slow uplink,
+        # --limit-upload): a frozen server stops taking them.
         self.last_answer = self.last_activity = time.monotonic()
+
+    def check_moving(self) -> None:
+        """Progress of bodies on their way: a send queue that shrank since the last look
+        means the server acknowledged bytes. Called by the watchdogs before they judge."""
+        moved = False
+        for pace in list(self._sending):
+            if pace.sock is None:
+                continue
+            unacked = _unacked(pace.sock)
+            if unacked is None:
+                continue
+            if 0 <= unacked < pace.unacked:
+                moved = True
+            pace.unacked = unacked
+        if moved:
+            self._sent(0)
 
     # -- the one retry wrapper ------------------------------------------------------------
 
@@ -872,17 +924,20 @@ class Store:
         extra_headers, extra_kw = self._write_options(key)
         headers.update(extra_headers)
         kw.update(extra_kw)
-        pace = self._pace() if progress else None  # locks and probes are never held back
+        pace = self._pace() if progress else None  # locks and probes are neither held back nor progress
 
         async def slow() -> dict[str, str]:
             resp = await self._client.put_object(Body=_Body(data, wire_sha, pace), **kw)
             return dict(resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
 
-        answer = await self._call(
-            f"upload {key}",
-            lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, wire_sha, pace=pace), slow),
-            small=len(data) <= SMALL_OBJECT,
-        )
+        try:
+            answer = await self._call(
+                f"upload {key}",
+                lambda: self._direct_or(lambda d: d.put("PutObject", key, data, headers, wire_sha, pace=pace), slow),
+                small=len(data) <= SMALL_OBJECT,
+            )
+        finally:
+            self._sent_all(pace)
         self._check_sse(key, answer)
         if progress:
             self.touch()
@@ -971,7 +1026,8 @@ class Store:
         def received(n: int) -> None:
             nonlocal offset
             offset += n
-            self.last_answer = time.monotonic()  # a plain store: read by the watchdog in the loop
+            # bytes moving: progress and an answer (plain stores: read by the watchdogs in the loop)
+            self.last_answer = self.last_activity = time.monotonic()
 
         async def attempt() -> None:
             url, headers = await d.signed_get(key, offset)
@@ -1077,7 +1133,7 @@ class Store:
                         return
                     if limit is not None:
                         await limit.take(len(chunk))
-                    self.last_answer = time.monotonic()
+                    self.last_answer = self.last_activity = time.monotonic()  # bytes moving
                     offset += len(chunk)
                     yield chunk
             finally:
@@ -1189,7 +1245,10 @@ class Store:
             )
             return str(resp["ETag"])
 
-        etag = await self._call(f"upload part {number} of {key}", lambda: self._direct_or(direct, slow))
+        try:
+            etag = await self._call(f"upload part {number} of {key}", lambda: self._direct_or(direct, slow))
+        finally:
+            self._sent_all(pace)
         self.touch()  # parts carry backup data (files, the dump, manifests)
         return etag, value
 

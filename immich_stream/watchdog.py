@@ -14,8 +14,10 @@ from immich_stream.store import Store
 async def with_watchdog(
     store: Store, stall: float, work: Awaitable[None], limit: Callable[[], ImmichStreamError | None] | None = None
 ) -> None:
-    """Run work; fail it when nothing has moved for `stall` seconds (no byte acknowledged by
-    S3, no dump output, no file walked: errors, timeouts and retries do not count), or when
+    """Run work; fail it when nothing has moved for `stall` seconds (no byte of backup data
+    taken by the connection or acknowledged by S3, however slowly they go, no byte
+    downloaded, no dump output, no file walked: errors, timeouts, retries and answers to
+    locks and probes do not count), or when
     `limit` returns an error (--max-downtime). A hung connection must not keep Immich down:
     the failure unwinds through StackGuard, which starts the stack again."""
 
@@ -24,6 +26,7 @@ async def with_watchdog(
             await asyncio.sleep(min(1.0, stall / 10))
             if limit is not None and (error := limit()) is not None:
                 raise error
+            store.check_moving()
             idle = time.monotonic() - store.last_activity
             if idle > stall:
                 raise StallError(_what_hung(store, idle))

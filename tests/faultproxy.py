@@ -35,6 +35,8 @@ class Rule:
     hits: int = 0
     sent: int = 0  # response body bytes sent for the requests this rule matched (rate/cut_after rules)
     flaky: Flaky | None = None  # fail a seeded random share of the matching requests (add_flaky)
+    upload_rate: float = 0.0  # take the request body at this many bytes per second (a slow uplink)
+    hold_after: int | None = None  # with upload_rate: stop taking the body after this many bytes (frozen)
     headers_seen: list[dict[str, str]] = field(default_factory=list)  # request headers, lowercase, of each hit
     requests_seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path?query, headers)
 
@@ -103,8 +105,11 @@ class FaultProxy:
         headers: dict[str, str] | None = None,
         rate: float = 0.0,
         cut_after: int | None = None,
+        upload_rate: float = 0.0,
+        hold_after: int | None = None,
     ) -> Rule:
         rule = Rule(match, status, delay, times, corrupt, after, code, headers, rate, cut_after)
+        rule.upload_rate, rule.hold_after = upload_rate, hold_after
         self.rules.append(rule)
         return rule
 
@@ -130,11 +135,17 @@ class FaultProxy:
         lost_answer: int | None = None
         streamed: Rule | None = None  # a rule that shapes the response body
         chunks = []
-        async for chunk in request.content.iter_any():
-            self.arrived.append((time.monotonic(), len(chunk)))
-            chunks.append(chunk)
+        throttle = self._throttle(request, query)
+        if throttle is not None:
+            await self._read_slowly(request, throttle, chunks)
+        else:
+            async for chunk in request.content.iter_any():
+                self.arrived.append((time.monotonic(), len(chunk)))
+                chunks.append(chunk)
         body = b"".join(chunks)
         for rule in self.rules:
+            if rule.upload_rate:
+                continue  # applied while the body was read
             if rule.flaky is not None:
                 if rule.match(request.method, request.path, query):
                     failed = await self._flaky(rule, request)
@@ -195,6 +206,36 @@ class FaultProxy:
             if self.record_sent and data:
                 return await self._send_recorded(request, up.status, out_headers, data)
             return web.Response(status=up.status, body=data, headers=out_headers)
+
+    def _throttle(self, request: web.Request, query: dict[str, str]) -> Rule | None:
+        for rule in self.rules:
+            if (
+                rule.upload_rate
+                and (rule.times is None or rule.hits < rule.times)
+                and rule.match(request.method, request.path, query)
+            ):
+                rule.hits += 1
+                return rule
+        return None
+
+    async def _read_slowly(self, request: web.Request, rule: Rule, chunks: list[bytes]) -> None:
+        """The body at rule.upload_rate, as a slow uplink delivers it: the receive buffer
+        held small, so the client's socket sees the pace (not megabytes taken at once by
+        loopback's autotuned buffers); after hold_after bytes nothing more is taken."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        taken = 0
+        while True:
+            if rule.hold_after is not None and taken >= rule.hold_after:
+                await asyncio.sleep(3600)
+            chunk = await request.content.read(16 << 10)
+            if not chunk:
+                return
+            taken += len(chunk)
+            self.arrived.append((time.monotonic(), len(chunk)))
+            chunks.append(chunk)
+            await asyncio.sleep(len(chunk) / rule.upload_rate)
 
     async def _send_recorded(
         self, request: web.Request, status: int, headers: dict[str, str], data: bytes

@@ -17,12 +17,14 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.conftest import (
+    CONTAINERS,
     KEY,
     SECRET,
     ImmichStack,
     RcloneServer,
     S3Server,
     bucket_of,
+    running_containers,
 )
 from tests.faultproxy import FaultProxy, is_part_upload
 from tests.helpers import USER_ID, Bucket, make_library, run_cli, start_cli, tree, wait_for
@@ -122,6 +124,53 @@ def test_prune_works_on_a_restarted_rclone_server(env: dict, stack: ImmichStack,
         assert len(bucket_of(env).snapshots()) == 1
     finally:
         server.stop()
+
+
+# -- 11: a slow uplink is progress; a frozen server is not ------------------------------------
+
+
+def _slow_env(env: dict, proxy: FaultProxy) -> dict:
+    return dict(
+        env,
+        S3_ENDPOINT_URL=proxy.endpoint,
+        IMMICH_STREAM_PART_SIZE="5MiB",
+        IMMICH_STREAM_STALL_TIMEOUT="4s",
+    )
+
+
+def test_a_slow_uplink_is_progress_not_a_stall(env: dict, stack: ImmichStack, proxy_factory: type[FaultProxy]) -> None:
+    """A part that takes longer than the stall timeout to send (a 5 MiB part at 0.5 MiB/s:
+    10 s against 4 s) is bytes moving the whole time: the backup goes on and commits."""
+    make_library(stack.library, photos=3, odd_names=False, large=[11 * MIB])
+    proxy = proxy_factory(env["S3_ENDPOINT_URL"])
+    slow = proxy.add(lambda m, p, q: is_part_upload(m, p, q) and "/data/" in p, upload_rate=0.5 * MIB)
+    started = time.monotonic()
+    r = run_cli("backup", "--stop", "none", env=_slow_env(env, proxy), timeout=180)
+    assert r.code == 0, r.err
+    assert slow.hits >= 2
+    assert time.monotonic() - started > 10  # the parts really took longer than the stall timeout
+    bucket = bucket_of(env)
+    [sid] = bucket.snapshots()
+    [big] = [m for m in bucket.manifest(sid) if m["path"].endswith("large-0.mp4")]
+    assert bucket.keys("data/")[big["key"]] == 11 * MIB
+
+
+def test_a_server_that_stops_reading_a_part_trips_the_watchdog(
+    env: dict, stack: ImmichStack, proxy_factory: type[FaultProxy]
+) -> None:
+    """The same upload, but the server stops taking the body after 1 MiB: no byte moves
+    any more (the socket buffers fill and stay full), so the stall timeout ends the run and
+    the stack runs again."""
+    make_library(stack.library, photos=3, odd_names=False, large=[11 * MIB])
+    proxy = proxy_factory(env["S3_ENDPOINT_URL"])
+    proxy.add(lambda m, p, q: is_part_upload(m, p, q) and "/data/" in p, upload_rate=0.5 * MIB, hold_after=MIB)
+    started = time.monotonic()
+    r = run_cli("backup", "--stop", "app", env=_slow_env(env, proxy), timeout=180)
+    assert r.code == 1, r.err
+    assert "no progress for" in r.last_error, r.err
+    assert time.monotonic() - started < 90
+    assert running_containers() == set(CONTAINERS)
+    assert bucket_of(env).snapshots() == []
 
 
 # -- 24: doctor: the round trip of odd names (3), its probes when it is interrupted (24) -------
