@@ -31,7 +31,7 @@ from immich_stream import __version__, cleanup, metadata
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import ParentInfo, Source, decide, scan_parent, walk_filter
 from immich_stream.config import Settings, format_size
-from immich_stream.errors import AfterCommitError, StackError, StallError, StoreError
+from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
 from immich_stream.hoststate import stack_lock
 from immich_stream.library import check_library, check_shrink_at_end
 from immich_stream.postgres import DumpResult, dump_database
@@ -710,7 +710,13 @@ async def _backup_locked(
         earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
     run.dump_estimate = prev.summary.database.size if prev else None
-    await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), run.downtime_limit)
+    lock = repo.lock
+
+    def limits() -> ImmichStreamError | None:
+        # a lost lock stops the run at once: it could not commit, and the stack may be down
+        return (lock.lost() if lock is not None else None) or run.downtime_limit()
+
+    await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     seconds = time.monotonic() - started

@@ -252,10 +252,10 @@ class RepoLock:
             return False
         return isinstance(d, dict) and d.get("token") == self.token
 
-    def _lose(self, why: str) -> None:
+    def _lose(self, why: str, said: str) -> None:
         if self._lost is None:
             self._lost = why
-            log.error("the repository lock %s is lost (%s): this run will not commit", self.key, why)
+            log.error("the repository lock %s %s: this run will not commit", self.key, said)
 
     async def _rewrite(self) -> None:
         """Write our lock again if it is still ours, then read back the server's view of it:
@@ -263,7 +263,7 @@ class RepoLock:
         removed it while our write was on its way (its tombstone)."""
         if not await self._still_ours():
             # Never write it again: prune or unlock relied on it being gone.
-            self._lose("its lock object was removed (by `unlock --force`?)")
+            self._lose("its lock object was removed (by `unlock --force`?)", "was removed")
             return
         await self._write()
         modified: dt.datetime | None = None
@@ -275,14 +275,15 @@ class RepoLock:
                 removed = True
         if removed:
             await self.repo.store.delete([self.key])  # it must stay removed
-            self._lose("its lock object was removed (by `unlock --force`?)")
+            self._lose("its lock object was removed (by `unlock --force`?)", "was removed")
             return
         if modified is not None and self._server_last is not None:
             gap = (modified - self._server_last).total_seconds()
             if gap > self.stale / 2:
                 self._lose(
                     f"by the S3 server's clock it went unrefreshed for {gap:.0f}s (was this machine "
-                    "suspended?): another run may have judged it stale"
+                    "suspended?): another run may have judged it stale",
+                    f"went unrefreshed for {gap:.0f}s by the S3 server's clock",
                 )
         if modified is not None:
             self._server_last = modified
@@ -300,7 +301,6 @@ class RepoLock:
         """Raise LockError unless this run provably still holds its lock: the lock object
         exists with our token, and no gap between our successful writes of it (nor the
         time since the last) was long enough for another run to judge it stale."""
-        what = f"{self.command} {self.run}" if self.run else self.command
         if self._lost is None and self._last_ok is not None and _clock() - self._last_ok > self.stale / 2:
             self._lost = (
                 f"the lock could not be refreshed for {_clock() - self._last_ok:.0f}s: another run "
@@ -310,11 +310,20 @@ class RepoLock:
             # Written once more now, so that the server's clock measures the time since the
             # last refresh, suspends included.
             await self._rewrite()
-        if self._lost is not None:
-            raise LockError(
-                f"{what} lost the repository lock ({self._lost}); nothing was committed: "
-                "run it again (prune collects its uploads)"
-            )
+        if (error := self.lost()) is not None:
+            raise error
+
+    def lost(self) -> LockError | None:
+        """The error to stop with once the lock is known lost (the refresher found it
+        removed or unrefreshed too long), else None: a backup checks this as it goes, so a
+        run that can no longer commit does not upload (or keep Immich down) for nothing."""
+        if self._lost is None:
+            return None
+        what = f"{self.command} {self.run}" if self.run else self.command
+        return LockError(
+            f"{what} lost the repository lock ({self._lost}); nothing was committed: "
+            "run it again (prune collects its uploads)"
+        )
 
     async def __aexit__(self, *exc: object) -> None:
         cancelled = False

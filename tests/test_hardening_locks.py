@@ -223,6 +223,34 @@ def test_lock_removed_by_unlock_force_while_its_refresh_is_in_flight_is_not_writ
     assert [k for k in bucket.keys("locks/") if k.endswith(".json")] == [], "the removed lock was written again"
 
 
+def test_backup_that_lost_its_lock_stops_at_once_and_starts_the_stack(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> None:
+    """The refresher finds the lock removed: the run cannot commit, so it stops then, not
+    after uploading the rest with Immich down."""
+    env = dict(env, IMMICH_STREAM_LOCK_STALE="12s", IMMICH_STREAM_LIVE_PASS="0")  # a refresh every 2 s
+    make_library(stack.library, photos=60)
+    proxy = proxy_factory(moto_s3.endpoint)
+    slow = moto_env(env, moto_s3, proxy.endpoint)
+    bucket = bucket_of(slow)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=2.0)  # a minute of uploads
+    backup = start_cli("backup", env=slow)
+    wait_for(
+        lambda: "immich_server" not in running_containers() or backup.poll() is not None, 60, what="the stack to stop"
+    )
+    assert backup.poll() is None, backup.communicate()
+    r = run_cli("unlock", "--force", env=dict(slow, S3_ENDPOINT_URL=moto_s3.endpoint))
+    assert r.code == 0 and "removed lock of backup" in r.out, r.out + r.err
+    removed = time.monotonic()
+    _out, err = backup.communicate(timeout=240)
+    assert backup.returncode == 1, err
+    assert time.monotonic() - removed < 20, "the run went on uploading without its lock"
+    last = [ln for ln in err.splitlines() if ln.startswith("immich-stream: error:")][-1]
+    assert "lost the repository lock" in last and "nothing was committed" in last, last
+    assert bucket.snapshots() == []
+    assert running_containers() == set(CONTAINERS)
+
+
 def test_killed_runs_lock_is_collected_by_prune_once_stale_by_the_servers_clock(
     env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory, tmp_path: Path
 ) -> None:
