@@ -31,7 +31,7 @@ from immich_stream import __version__, cleanup, metadata
 from immich_stream.budget import ByteBudget
 from immich_stream.changes import ParentInfo, Source, decide, scan_parent, walk_filter
 from immich_stream.config import Settings, format_size
-from immich_stream.errors import AfterCommitError, StackError, StallError
+from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
 from immich_stream.hoststate import stack_lock
 from immich_stream.library import check_library, check_shrink_at_end
 from immich_stream.postgres import DumpResult, dump_database
@@ -645,11 +645,23 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
                 if result is None:
                     raise
                 # A signal while the lock was being released: the snapshot stands.
-                raise AfterCommitError(
-                    f"snapshot {snap_id} committed, then interrupted by "
-                    f"{cleanup.signal_name() or 'a signal'} while finishing"
-                ) from None
+                raise _interrupted_after_commit(snap_id) from None
             return result
+
+
+def _interrupted_after_commit(snap_id: str) -> AfterCommitError:
+    return AfterCommitError(
+        f"snapshot {snap_id} committed, then interrupted by {cleanup.signal_name() or 'a signal'} while finishing"
+    )
+
+
+async def _committed(repo: Repo, snap_id: str) -> bool:
+    """Is snapshot.json in the bucket? (Bounded; False when S3 cannot say.)"""
+    try:
+        async with asyncio.timeout(cleanup.STEP):
+            return await repo.store.head(repo.summary_key(snap_id)) is not None
+    except (TimeoutError, StoreError):
+        return False
 
 
 async def _backup_locked(
@@ -698,7 +710,13 @@ async def _backup_locked(
         earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
     run.dump_estimate = prev.summary.database.size if prev else None
-    await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), run.downtime_limit)
+    lock = repo.lock
+
+    def limits() -> ImmichStreamError | None:
+        # a lost lock stops the run at once: it could not commit, and the stack may be down
+        return (lock.lost() if lock is not None else None) or run.downtime_limit()
+
+    await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     seconds = time.monotonic() - started
@@ -706,11 +724,20 @@ async def _backup_locked(
     metadata.record(summary, source, run.dump_result)
     assert repo.lock is not None and run.dump_result is not None
     await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
-    await repo.commit(summary)  # the commit point
+    try:
+        await repo.commit(summary)  # the commit point
+    except asyncio.CancelledError:
+        # A signal while snapshot.json was on its way: what the bucket holds decides.
+        if await _committed(repo, snap_id):
+            raise _interrupted_after_commit(snap_id) from None
+        raise
     log.info("snapshot %s committed", snap_id)
-    # The journals served their purpose: the manifest holds it all now (prune removes them
-    # if this fails).
-    await cleanup.best_effort("removing the run's journal", repo.delete_journals(snap_id))
+    try:
+        # The journals served their purpose: the manifest holds it all now (prune removes
+        # them if this fails).
+        await cleanup.best_effort("removing the run's journal", repo.delete_journals(snap_id))
+    except asyncio.CancelledError:
+        raise _interrupted_after_commit(snap_id) from None
     return BackupResult(
         snap_id,
         run.stats,

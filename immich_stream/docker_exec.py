@@ -2,6 +2,10 @@
 
 Short commands (run_in_container), a command's output as a stream (stream_out), chunks fed
 to a command's stdin (pipe_into). Postgres's use of them is in postgres.py.
+
+Creating an exec, starting it (the attach handshake) and asking for its exit code are
+requests with the client's deadline (stack.DeadlineDocker); the output that follows is a
+stream without one (pg_dump and psql may rightly be silent for long).
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ async def exec_in(docker: aiodocker.Docker, container: str, cmd: list[str], stdi
         raise StackError(f"cannot run {cmd[0]} in {container}: {exc.message}") from None
 
 
+async def attach(exe: Any) -> Any:
+    """Start an exec attached (its stream); the handshake bounded like any request."""
+    stream = exe.start(detach=False)
+    deadline = getattr(exe.docker, "deadline", None)
+    try:
+        async with asyncio.timeout(deadline):
+            await stream._init()  # what `async with stream` would do first, unbounded
+    except TimeoutError:
+        raise StackError(
+            f"Docker did not start the exec within {deadline:.0f} s: dockerd seems wedged; check it and run again"
+        ) from None
+    return stream
+
+
 async def exit_code_of(exe: Any) -> int:
     # The exit code can be None for a moment after the output ends.
     delay = 0.01
@@ -47,7 +65,7 @@ async def run_in_container(docker: aiodocker.Docker, container: str, cmd: list[s
     """Run a short command; return (exit code, stdout+stderr)."""
     exe = await exec_in(docker, container, cmd)
     out = bytearray()
-    async with exe.start(detach=False) as stream:
+    async with await attach(exe) as stream:
         while (msg := await stream.read_out()) is not None:
             out += msg.data
     return await exit_code_of(exe), bytes(out)
@@ -57,7 +75,7 @@ async def stream_out(docker: aiodocker.Docker, container: str, cmd: list[str], w
     """Yield a command's stdout as it comes; raise DumpError with its stderr if it fails."""
     exe = await exec_in(docker, container, cmd)
     err = bytearray()
-    async with exe.start(detach=False) as stream:
+    async with await attach(exe) as stream:
         while (msg := await stream.read_out()) is not None:
             if msg.stream == 1:
                 yield msg.data
@@ -87,7 +105,7 @@ async def pipe_into(
     fed = False  # every chunk was handed to the command
     started = False
     try:
-        async with exe.start(detach=False) as stream, contextlib.aclosing(chunks):
+        async with await attach(exe) as stream, contextlib.aclosing(chunks):
             started = True
 
             async def read() -> None:

@@ -37,7 +37,7 @@ from immich_stream.postgres import TABLE_NAME, DumpScanner, psql_query, psql_res
 from immich_stream.progress import Reporter
 from immich_stream.repo import ManifestLine, Repo, Snapshot
 from immich_stream.restore import file_sql, prepare_dump, psql_stream, snapshot_sql
-from immich_stream.session import open_repo
+from immich_stream.session import open_repo, reader
 from immich_stream.stack import connect
 from immich_stream.store import Store
 from immich_stream.thaw import thaw
@@ -359,6 +359,8 @@ async def run_drill(
     async with connect() as docker, contextlib.AsyncExitStack() as exits:
         try:
             await docker.version()
+        except StackError:
+            raise  # a deadline: says so itself
         except Exception as exc:
             raise StackError(f"cannot reach Docker ({type(exc).__name__}): is dockerd running?") from None
         await remove_leftovers(docker)
@@ -367,7 +369,7 @@ async def run_drill(
         snap: Snapshot | None = None
         if from_file is None:
             settings.require("bucket")
-            repo = await exits.enter_async_context(open_repo(settings))
+            repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "drill")))
             store = repo.store
             snap = await repo.resolve(which)
             sql: AsyncGenerator[bytes, None] = snapshot_sql(store, repo, snap)

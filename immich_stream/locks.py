@@ -8,11 +8,18 @@ LastModified of an object written just now), never by the holder's clock. A lock
 stale at once when this host's state directory proves that its token belonged to a local
 run that is gone (the run's flock on runs/<token>.run is free: a run killed with
 SIGKILL). A hostname or pid proves nothing: containers share hostnames, pid namespaces
-reuse pids. Stale locks are ignored by every run and removed by `unlock`; prune still
-spares the uploads of every run whose lock object exists.
+reuse pids. Stale locks are ignored by every run and removed by `unlock` and by prune
+(which then collects the dead run's uploads once they are older than --stale-after);
+prune spares the uploads of every run whose lock is live.
 
 A run commits only after `ensure_held()`: its lock object still exists with its token,
-and it was never left unrefreshed long enough for another run to judge it stale.
+and it was never left unrefreshed long enough for another run to judge it stale, by the
+server's clock (each write of the lock reads back its LastModified: a machine suspended
+for hours has a monotonic clock that saw no time pass) and by this host's boot-time clock.
+
+`unlock` leaves a tombstone (<lock>.removed) before removing a lock: a refresh whose write
+was on its way while the lock was removed sees it right after writing, removes the lock
+again and stops; nothing re-creates a removed lock. Tombstones are collected once stale.
 """
 
 from __future__ import annotations
@@ -41,6 +48,17 @@ log = logging.getLogger(__name__)
 REFRESH = 60.0  # seconds between refreshes of a held lock (at most)
 STALE = 30 * 60.0  # seconds (server clock) without refresh after which a lock is stale (restic's figure)
 POLL = 2.0  # seconds between looks while waiting for a lock
+TOMBSTONE = ".removed"  # beside a lock `unlock` removed: its run must not write it again
+
+
+def _clock() -> float:
+    """Seconds, counting time the machine spent suspended (CLOCK_BOOTTIME) where there is one."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def tombstone_key(lock_key: str) -> str:
+    return lock_key + TOMBSTONE
 
 
 def lock_stale() -> float:
@@ -85,8 +103,8 @@ async def list_locks(repo: Repo) -> list[LockInfo]:
     out = []
     base = repo.locks_prefix()
     async for obj in repo.store.list_objects(base):
-        if not obj.key.endswith(".json"):  # a folder marker or a stray file: not a lock
-            if obj.key != base:
+        if not obj.key.endswith(".json"):  # a folder marker, a tombstone or a stray file: not a lock
+            if obj.key != base and not obj.key.endswith(TOMBSTONE):
                 log.warning("ignoring %s: not a lock object", obj.key)
             continue
         try:
@@ -148,7 +166,8 @@ class RepoLock:
         self.started = time.time()
         self._refresher: asyncio.Task[None] | None = None
         self._run_fd: int | None = None
-        self._last_ok: float | None = None  # monotonic start of our last successful write of the lock
+        self._last_ok: float | None = None  # _clock() at the start of our last successful write of the lock
+        self._server_last: dt.datetime | None = None  # our lock's LastModified after that write
         self._lost: str | None = None  # why this run can no longer prove it holds the lock
 
     def _body(self) -> bytes:
@@ -167,7 +186,7 @@ class RepoLock:
         ).encode()
 
     async def _write(self) -> None:
-        sent = time.monotonic()
+        sent = _clock()
         await self.repo.store.put(self.key, self._body(), "application/json")
         if self._last_ok is not None and sent - self._last_ok > self.stale / 2 and self._lost is None:
             self._lost = (
@@ -203,8 +222,10 @@ class RepoLock:
             # Write first: our own lock's LastModified is the server's present, against which
             # the others' ages are judged; two runs that write at once both see each other.
             await self._write()
-            conflicts = self._conflicts(await list_locks(self.repo))
+            locks = await list_locks(self.repo)
+            conflicts = self._conflicts(locks)
             if not conflicts:
+                self._server_last = own_time(locks, self.key)
                 return
             await self.repo.store.delete([self.key])  # and back off, for a random while
             self._last_ok = None
@@ -231,17 +252,48 @@ class RepoLock:
             return False
         return isinstance(d, dict) and d.get("token") == self.token
 
+    def _lose(self, why: str, said: str) -> None:
+        if self._lost is None:
+            self._lost = why
+            log.error("the repository lock %s %s: this run will not commit", self.key, said)
+
+    async def _rewrite(self) -> None:
+        """Write our lock again if it is still ours, then read back the server's view of it:
+        its LastModified (how long the server saw it unrefreshed) and whether `unlock`
+        removed it while our write was on its way (its tombstone)."""
+        if not await self._still_ours():
+            # Never write it again: prune or unlock relied on it being gone.
+            self._lose("its lock object was removed (by `unlock --force`?)", "was removed")
+            return
+        await self._write()
+        modified: dt.datetime | None = None
+        removed = False
+        async for obj in self.repo.store.list_objects(self.key):
+            if obj.key == self.key and isinstance(obj.last_modified, dt.datetime):
+                modified = obj.last_modified
+            elif obj.key == tombstone_key(self.key):
+                removed = True
+        if removed:
+            await self.repo.store.delete([self.key])  # it must stay removed
+            self._lose("its lock object was removed (by `unlock --force`?)", "was removed")
+            return
+        if modified is not None and self._server_last is not None:
+            gap = (modified - self._server_last).total_seconds()
+            if gap > self.stale / 2:
+                self._lose(
+                    f"by the S3 server's clock it went unrefreshed for {gap:.0f}s (was this machine "
+                    "suspended?): another run may have judged it stale",
+                    f"went unrefreshed for {gap:.0f}s by the S3 server's clock",
+                )
+        if modified is not None:
+            self._server_last = modified
+
     async def _refresh(self) -> None:
         interval = min(REFRESH, self.stale / 6)
         while self._lost is None:
             await asyncio.sleep(interval)
             try:
-                if not await self._still_ours():
-                    # Never write it again: prune or unlock relied on it being gone.
-                    self._lost = "its lock object was removed (by `unlock --force`?)"
-                    log.error("the repository lock %s was removed: this run will not commit", self.key)
-                    return
-                await self._write()
+                await self._rewrite()
             except StoreError as exc:  # ensure_held refuses the commit if this lasts
                 log.warning("could not refresh the lock %s: %s", self.key, exc)
 
@@ -249,25 +301,38 @@ class RepoLock:
         """Raise LockError unless this run provably still holds its lock: the lock object
         exists with our token, and no gap between our successful writes of it (nor the
         time since the last) was long enough for another run to judge it stale."""
-        what = f"{self.command} {self.run}" if self.run else self.command
-        if self._lost is None and not await self._still_ours():
-            self._lost = "its lock object was removed (by `unlock --force`?)"
-        if self._lost is None and self._last_ok is not None and time.monotonic() - self._last_ok > self.stale / 2:
+        if self._lost is None and self._last_ok is not None and _clock() - self._last_ok > self.stale / 2:
             self._lost = (
-                f"the lock could not be refreshed for {time.monotonic() - self._last_ok:.0f}s: another run "
+                f"the lock could not be refreshed for {_clock() - self._last_ok:.0f}s: another run "
                 "may have judged it stale"
             )
-        if self._lost is not None:
-            raise LockError(
-                f"{what} lost the repository lock ({self._lost}); nothing was committed: "
-                "run it again (prune collects its uploads)"
-            )
+        if self._lost is None:
+            # Written once more now, so that the server's clock measures the time since the
+            # last refresh, suspends included.
+            await self._rewrite()
+        if (error := self.lost()) is not None:
+            raise error
+
+    def lost(self) -> LockError | None:
+        """The error to stop with once the lock is known lost (the refresher found it
+        removed or unrefreshed too long), else None: a backup checks this as it goes, so a
+        run that can no longer commit does not upload (or keep Immich down) for nothing."""
+        if self._lost is None:
+            return None
+        what = f"{self.command} {self.run}" if self.run else self.command
+        return LockError(
+            f"{what} lost the repository lock ({self._lost}); nothing was committed: "
+            "run it again (prune collects its uploads)"
+        )
 
     async def __aexit__(self, *exc: object) -> None:
+        cancelled = False
         if self._refresher is not None:
             self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            try:
+                await asyncio.wait([self._refresher])  # never swallows a cancellation of our own
+            except asyncio.CancelledError:
+                cancelled = True  # remove the lock first, then pass it on
 
         removed = False
         try:
@@ -278,6 +343,8 @@ class RepoLock:
             if self._run_fd is not None:
                 release_run(self.token, self._run_fd, lock_removed=removed)
                 self._run_fd = None
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 async def unlock(
@@ -291,8 +358,26 @@ async def unlock(
     live = [lk for lk in locks if lk not in gone]
     removed_live = live if force else []
     kept = [] if force else live
-    if gone or removed_live:
-        await repo.store.delete([lk.key for lk in gone + removed_live])
-    for lk in gone:
-        forget_run(lk.token)
+    await remove_locks(repo, gone + removed_live, now, stale)
     return gone, removed_live, kept
+
+
+async def remove_locks(repo: Repo, locks: list[LockInfo], now: dt.datetime | None, stale: float) -> None:
+    """Remove lock objects, each after its tombstone (see the module's docstring), and the
+    tombstones that are stale themselves (their runs stopped long ago)."""
+    if locks:
+        await asyncio.gather(*(repo.store.put(tombstone_key(lk.key), b"removed\n") for lk in locks))
+        await repo.store.delete([lk.key for lk in locks])
+    for lk in locks:
+        forget_run(lk.token)
+    if now is None:
+        return
+    old = [
+        obj.key
+        async for obj in repo.store.list_objects(repo.locks_prefix())
+        if obj.key.endswith(TOMBSTONE)
+        and isinstance(obj.last_modified, dt.datetime)
+        and (now - obj.last_modified).total_seconds() > stale
+    ]
+    if old:
+        await repo.store.delete(old)

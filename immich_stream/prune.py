@@ -3,7 +3,7 @@
 Garbage: data objects no remaining committed snapshot references, snapshot directories
 without snapshot.json, and unfinished multipart uploads, each left alone while younger
 than a threshold (a run may still be writing them) or while the run that wrote them still
-has a lock object (stale or not). Keys under the prefix that are not ours (folder markers,
+has a live lock; stale locks are removed (their runs can no longer commit). Keys under the prefix that are not ours (folder markers,
 stray files, ids that do not parse) are left alone with a warning; nothing outside
 <prefix>/ is ever touched. The newest committed snapshot is never removed.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
-from immich_stream.locks import list_locks
+from immich_stream.locks import list_locks, own_time, remove_locks
 from immich_stream.repo import Repo, key_digest, run_of, snapshot_time
 from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import Store
@@ -153,9 +153,19 @@ async def _prune_locked(
     committed = [s for s, done in dirs.items() if done]
     report.kept, report.removed = apply_policy(committed, policy)
     log.info("policy %s: keeping %d snapshots, removing %d", policy.describe(), len(report.kept), len(report.removed))
-    # Runs whose lock object exists, stale or not, may still commit: nothing of theirs goes.
-    # (Listed after taking our exclusive lock: a run starting later waits for us.)
-    busy = {lk.run for lk in await list_locks(repo) if lk.run}
+    # Runs whose lock is live may still commit: nothing of theirs goes. (Listed after taking
+    # our exclusive lock: a run starting later waits for us.) A run whose lock went stale by
+    # the server's clock never commits (RepoLock.ensure_held): its lock goes, and its uploads
+    # are collected like any others once older than --stale-after.
+    assert repo.lock is not None
+    locks = await list_locks(repo)
+    server_now = own_time(locks, repo.lock.key)
+    dead = [lk for lk in locks if lk.key != repo.lock.key and lk.stale(server_now, repo.lock.stale)]
+    if dead and not dry_run:
+        await remove_locks(repo, dead, server_now, repo.lock.stale)
+    for lk in dead:
+        log.info("%s the stale lock of %s", "would remove" if dry_run else "removed", lk.describe())
+    busy = {lk.run for lk in locks if lk.run and lk not in dead}
     if busy:
         log.info("leaving alone the uploads of runs that still hold a lock: %s", ", ".join(sorted(busy)))
 

@@ -44,7 +44,7 @@ from immich_stream.postgres import (
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
-from immich_stream.session import open_repo
+from immich_stream.session import open_repo, reader
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.thaw import archived_digests, thaw
@@ -342,7 +342,7 @@ async def restore_files(
     started = time.monotonic()
     stats = RestoreStats()
     budget = ByteBudget(settings.max_memory)
-    async with open_repo(settings) as repo:
+    async with open_repo(settings, lock=reader(settings, "restore")) as repo:
         store = repo.store
         snap = await repo.resolve(which)
         _check_target(target, snap, overwrite)
@@ -601,7 +601,7 @@ async def _restore_database_locked(
         store: Store | None = None
         snap: Snapshot | None = None
         if from_file is None:
-            repo = await exits.enter_async_context(open_repo(settings))
+            repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "restore")))
             store = repo.store
             snap = await repo.resolve(which)
             sql = snapshot_sql(store, repo, snap)
@@ -675,7 +675,7 @@ async def _restore_database_locked(
 async def write_config_files(settings: Settings, which: str, target: Path) -> tuple[Snapshot, list[Path], list[str]]:
     """The snapshot's recorded docker-compose.yml and .env into target (never over an
     existing file); returns the files written and the secrets left as placeholders."""
-    async with open_repo(settings) as repo:
+    async with open_repo(settings, lock=reader(settings, "restore")) as repo:
         snap = await repo.resolve(which)
     files = snap.summary.config_files
     if not files:
@@ -708,7 +708,7 @@ async def write_config_files(settings: Settings, which: str, target: Path) -> tu
 
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
     """Write the snapshot's database.sql.gz, as stored, to a file or stdout; check its sha256."""
-    async with open_repo(settings) as repo:
+    async with open_repo(settings, lock=reader(settings, "restore")) as repo:
         store = repo.store
         snap = await repo.resolve(which)
         key = repo.dump_key(snap.id)

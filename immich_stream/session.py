@@ -1,5 +1,9 @@
 """The one way a command opens the repository (restic's openWithReadLock/ExclusiveLock):
-require a bucket, open the S3 client, check (or create) the format, take the lock."""
+require a bucket, open the S3 client, check (or create) the format, take the lock.
+
+Who locks how: backups share the repository (each with its run id); restore, verify and
+drill share it as readers (`reader()`), so that prune, which deletes, waits for them or
+refuses naming them; prune and key rewrites hold it alone."""
 
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ class LockSpec:
     exclusive: bool
     wait: float
     run: str | None = None
+
+
+def reader(settings: Settings, command: str) -> LockSpec:
+    """The shared lock of a command that reads snapshots: many at once, and beside backups."""
+    return LockSpec(command, exclusive=False, wait=settings.lock_wait)
 
 
 @contextlib.asynccontextmanager

@@ -3,6 +3,11 @@
 `StackGuard` remembers which containers it stopped, in memory and in a small state file
 written before the first stop and removed after the last start, so that a run killed with
 SIGKILL is repaired by the next one (`recover()`), before it does anything else.
+
+Every Docker API request has a deadline (`docker_deadline()`; a stop its own, longer one):
+a wedged dockerd fails the call with one line (StackError) instead of keeping the run, and
+the repository lock it holds, alive for ever. The output of a command running in a
+container (pg_dump, psql) is a stream with no deadline: only its start is bounded.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
+import aiohttp
 
+from immich_stream.config import env_duration
 from immich_stream.errors import StackError
 from immich_stream.hoststate import run_alive, stack_state_file
 
@@ -29,6 +36,32 @@ log = logging.getLogger(__name__)
 PROJECT_LABEL = "com.docker.compose.project"
 STOP_TIMEOUT = 30  # seconds Docker waits before SIGKILL; Postgres stops on SIGINT in well under that
 STOP_WAIT = STOP_TIMEOUT + 30  # seconds a stop request may take before Docker is taken to hang
+DOCKER_DEADLINE = 60.0  # seconds any other Docker API request may take
+
+
+def docker_deadline() -> float:
+    """DOCKER_DEADLINE, or IMMICH_STREAM_DOCKER_DEADLINE (a duration)."""
+    return env_duration(
+        "IMMICH_STREAM_DOCKER_DEADLINE", DOCKER_DEADLINE, 10, 3600, "how long one Docker API request may take"
+    )
+
+
+class DeadlineDocker(aiodocker.Docker):
+    """aiodocker whose every request has a deadline (the client-level timeout; long-running
+    ones, exec streams and `stop`, set their own), reported as one line."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__(timeout=aiohttp.ClientTimeout(total=deadline))
+        self.deadline = deadline
+
+    async def _do_query(self, path: Any, method: str, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+        try:
+            return await super()._do_query(path, method, *args, **kwargs)
+        except TimeoutError:
+            raise StackError(
+                f"Docker did not answer {method} {path} within {self.deadline:.0f} s: dockerd seems wedged; "
+                "check it (`docker info`, its logs) and run again"
+            ) from None
 
 
 @dataclass
@@ -40,8 +73,9 @@ class Container:
 
 @contextlib.asynccontextmanager
 async def connect() -> AsyncIterator[aiodocker.Docker]:
+    deadline = docker_deadline()
     try:
-        docker = aiodocker.Docker()
+        docker = DeadlineDocker(deadline)
     except Exception as exc:
         raise StackError(f"cannot reach Docker ({exc}): is dockerd running, and may this user use it?") from None
     try:
@@ -59,6 +93,8 @@ class Stack:
     async def ping(self) -> None:
         try:
             await self.docker.version()
+        except StackError:
+            raise  # a deadline: says so itself
         except Exception as exc:
             where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
             raise StackError(
@@ -129,7 +165,7 @@ class Stack:
                 # Bounded: dockerd kills the container after STOP_TIMEOUT; a stop that takes
                 # much longer is Docker hanging (a container stuck on a dead NFS mount).
                 async with asyncio.timeout(STOP_WAIT):
-                    await self.docker.containers.container(name).stop(t=STOP_TIMEOUT)
+                    await self.docker.containers.container(name).stop(t=STOP_TIMEOUT, timeout=None)
             except TimeoutError:
                 raise StackError(
                     f"Docker did not stop {name} within {STOP_WAIT} s: check dockerd and `docker inspect {name}`"
@@ -153,6 +189,8 @@ class Stack:
                     await self.docker.containers.container(name).start()
             except TimeoutError:
                 failures.append(f"{name} (Docker did not answer within {STOP_WAIT} s)")
+            except StackError:  # the request's own deadline
+                failures.append(f"{name} (Docker did not answer)")
             except aiodocker.DockerError as exc:
                 if exc.status != 304:  # 304: already running
                     failures.append(f"{name} ({exc.message})")

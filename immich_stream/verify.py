@@ -21,7 +21,7 @@ from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
-from immich_stream.session import open_repo
+from immich_stream.session import open_repo, reader
 from immich_stream.store import ARCHIVED_CLASSES, Store
 from immich_stream.thaw import thaw
 
@@ -46,7 +46,7 @@ async def verify(
 ) -> VerifyReport:
     started = time.monotonic()
     report = VerifyReport()
-    async with open_repo(settings) as repo:
+    async with open_repo(settings, lock=reader(settings, "verify")) as repo:
         store = repo.store
         snaps = await repo.snapshots() if all_ else [await repo.resolve(which or "latest")]
         if not snaps:

@@ -6,7 +6,8 @@ request that asks for an upgrade (`docker exec` attach: pg_dump, psql, pg_isread
 connection becomes a raw byte stream both ways, half-close included (psql needs EOF on
 its stdin while its answer is still read). The one exception: `POST /v*/containers/<name
 or id>/stop` of the chosen container is answered HTTP 500 {"message": "injected"} and
-never reaches dockerd, so that container keeps running.
+never reaches dockerd, so that container keeps running. And `hang`: a request it matches is
+read but never forwarded nor answered (a wedged dockerd), until `stop()`.
 
 Responses are not parsed: the client (aiohttp) sends its next request on a connection
 only after reading the previous answer, so an injected answer never interleaves with one
@@ -21,6 +22,7 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 DOCKER_SOCK = "/var/run/docker.sock"
@@ -63,6 +65,9 @@ class DockerProxy:
         self.injected: list[str] = []  # paths of the stop requests answered 500
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
         self.upgrades = 0  # connections that became raw streams (exec attach)
+        # (method, path) -> True: hold that request forever, unanswered (dockerd wedged)
+        self.hang: Callable[[str, str], bool] | None = None
+        self.hung: list[tuple[str, str]] = []  # the requests held so far
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="docker-proxy")
@@ -128,6 +133,9 @@ class DockerProxy:
                     headers[k.strip().lower()] = v.strip().lower()
             path = target.split(b"?", 1)[0].decode()
             self.requests.append((method.decode(), path))
+            if self.hang is not None and self.hang(method.decode(), path):
+                self.hung.append((method.decode(), path))
+                await asyncio.Event().wait()  # never set: cancelled by stop()
             m = _STOP.match(path)
             if method == b"POST" and m and m.group(1) in self.fail_names:
                 await _copy_body(reader, headers, None)
