@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import bucket_of
-from tests.helpers import Bucket, run_cli, tree
+from tests.helpers import REPO_ROOT, Bucket, run_cli, tree
 
 EXIT_PARTIAL = 7
 DUMP_SQL = b"-- PostgreSQL database dump\nSELECT 1;\n-- PostgreSQL database dump complete\n"
@@ -162,6 +162,8 @@ def test_restore_goes_past_missing_and_corrupt_objects_and_names_other_copies(
         assert "does not match" in damaged[0] and "no other snapshot holds a copy" in damaged[0]
         assert "2 files could not be restored" in r.last_error
     assert "0 downloaded, 40 already in place, 2 failed" in r.out  # the rerun resumed
+    readme = (REPO_ROOT / "README.md").read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^\| 7 \| restore finished, but some files could not be restored", readme, re.M)
 
     # the other copy brings it back
     r = run_cli(
