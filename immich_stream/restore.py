@@ -976,7 +976,9 @@ def _open_dump_dest(dest: str) -> tuple[int, str | None]:
     except FileNotFoundError:
         mode = None
     if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        return os.open(dest, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), None
+        fd = os.open(dest, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # ENXIO: a FIFO without a reader yet
+        os.set_blocking(fd, True)
+        return fd, None
     if mode is not None and not stat.S_ISREG(mode):
         raise ConfigError(f"--dump-to {dest} is not a file, a character device or a pipe: give a file name")
     partial = dest + PARTIAL
@@ -1025,9 +1027,6 @@ async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, 
             if exc.errno != errno.ENXIO:
                 raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
             fd, partial = await _open_stream(dest), None
-        else:
-            if partial is None:
-                os.set_blocking(fd, True)
         try:
             with os.fdopen(fd, "wb") as fh:
                 async for chunk in store.iter_object(key):

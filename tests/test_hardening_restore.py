@@ -17,13 +17,14 @@ import os
 import re
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import bucket_of
-from tests.helpers import REPO_ROOT, Bucket, run_cli, tree
+from tests.helpers import REPO_ROOT, Bucket, run_cli, start_cli, tree
 
 EXIT_PARTIAL = 7
 DUMP_SQL = b"-- PostgreSQL database dump\nSELECT 1;\n-- PostgreSQL database dump complete\n"
@@ -298,10 +299,13 @@ def test_dump_to_and_metrics_file_stream_into_a_device_or_a_fifo(s3_env: dict[st
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    proc = start_cli("restore", "--dump-to", str(fifo), env=s3_env)  # its reader comes later
+    time.sleep(3)
+    assert proc.poll() is None
     reader, got = _fifo_reader(fifo)
-    r = run_cli("restore", "--dump-to", str(fifo), env=s3_env, timeout=60)
+    _out, err = proc.communicate(timeout=60)
     reader.join(10)
-    assert r.code == 0, r.err
+    assert proc.returncode == 0, err
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert gzip.decompress(got[0]) == DUMP_SQL
     reader, got = _fifo_reader(fifo)
