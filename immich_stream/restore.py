@@ -139,10 +139,14 @@ def _marker_snapshot(marker: Path) -> str | None:
     without following a symlink)."""
     try:
         fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as fh:
-            previous = json.loads(fh.read(4096)).get("snapshot")
+    except OSError:
+        return None
+    try:
+        previous = json.loads(os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b"").get("snapshot")
     except (OSError, ValueError, AttributeError):
         return None
+    finally:
+        os.close(fd)
     return previous if isinstance(previous, str) else None
 
 
