@@ -175,6 +175,38 @@ def test_restore_goes_past_missing_and_corrupt_objects_and_names_other_copies(
     assert (tmp_path / "o" / "upload" / "a-first-copy.jpg").read_bytes() == lost_body
 
 
+def test_restore_goes_past_a_refused_object_but_stops_when_s3_stops_answering(
+    s3_env: dict[str, str], proxy_factory, tmp_path: Path
+) -> None:
+    """A server that answers about one object (AccessDenied: a per-object policy) fails that
+    file only; a server that answers nothing (every download cut off) fails the run at once
+    instead of listing every file of the library, and the same command resumes."""
+    entries = {"upload/a-refused.jpg": Entry(b"refused " * 100), **photos(30)}
+    write_snapshot(s3_env, entries)
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    refused = proxy.add(lambda m, path, q: m == "GET" and path.endswith("/a-refused.jpg"), 403, code="AccessDenied")
+    env = dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="1")
+    target = tmp_path / "target"
+    r = run_cli("restore", "--root", "library", "--to", str(target), env=env)
+    assert r.code == EXIT_PARTIAL, r.err
+    assert refused.hits >= 1
+    [line] = [ln for ln in r.err.splitlines() if "library/upload/a-refused.jpg: not restored" in ln]
+    assert "AccessDenied" in line
+    assert restored(target) == {os.fsencode(p): e.body for p, e in entries.items() if p != "upload/a-refused.jpg"}
+
+    proxy.rules.clear()
+    cut = proxy.add(lambda m, path, q: m == "GET" and "/data/" in path, cut_after=0)
+    fresh = tmp_path / "fresh"
+    r = run_cli("restore", "--root", "library", "--to", str(fresh), env=env)
+    assert r.code == 1, r.err
+    assert "cannot reach S3" in r.last_error and "not restored" not in r.err, r.err
+    assert cut.hits < 3 * 31  # it stopped early, not after trying every file
+    proxy.rules.clear()
+    r = run_cli("restore", "--root", "library", "--to", str(fresh), env=env)  # resumed, no --overwrite
+    assert r.code == 0, r.err
+    assert restored(fresh) == {os.fsencode(p): e.body for p, e in entries.items()}
+
+
 # -- item 7: nothing written through a symlink ---------------------------------------------------
 
 
