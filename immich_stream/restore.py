@@ -521,17 +521,17 @@ LOOKUP_LIMIT = 1000  # files not restored that are looked up in other snapshots 
 COPIES_NAMED = 3  # other snapshots named per file
 
 
-async def _name_failures(
-    repo: Repo, snap: Snapshot, failures: list[tuple[ManifestLine, str]], problems: Problems
+async def _find_copies(
+    repo: Repo, snap: Snapshot, failures: list[tuple[ManifestLine, str]], copies: list[dict[str, str]]
 ) -> None:
-    """Each file not restored in one line, with the other committed snapshots whose manifests
-    hold the same content (sha256) under another object: a copy to restore it from. The
-    manifests are streamed one at a time, newest first."""
+    """For each file not restored, the other committed snapshots whose manifests hold the
+    same content (sha256) under another object: a copy to restore it from (into copies:
+    snapshot -> the path it holds it at). The manifests are streamed one at a time, newest
+    first; one that cannot be read is skipped."""
     by_sha: dict[str, list[int]] = {}
     for i, (line, _) in enumerate(failures):
         assert line.sha256 is not None
         by_sha.setdefault(line.sha256, []).append(i)
-    copies: list[dict[str, str]] = [{} for _ in failures]  # snapshot -> the path it holds the copy at
     others = [s for s in reversed(await repo.snapshot_ids()) if s != snap.id]
     if others:
         log.info("looking for other copies of %d files in %d other snapshots", len(failures), len(others))
@@ -541,11 +541,14 @@ async def _name_failures(
                 if other.type != "file" or other.sha256 not in by_sha:
                     continue
                 for i in by_sha[other.sha256]:
-                    mine = failures[i][0]
-                    if other.key != mine.key and len(copies[i]) < COPIES_NAMED:
+                    if other.key != failures[i][0].key and len(copies[i]) < COPIES_NAMED:
                         copies[i].setdefault(sid, f"{other.root}/{other.path}")
         except (RepoError, StoreError) as exc:
             log.warning("could not look for other copies in snapshot %s: %s", sid, exc)
+
+
+def _name_failures(failures: list[tuple[ManifestLine, str]], copies: list[dict[str, str]], problems: Problems) -> None:
+    """Each file not restored in one line: the path, why, and where another copy is."""
     for (line, why), found in zip(failures, copies, strict=True):
         where = f"{line.root}/{line.path}"
         if found:
@@ -680,7 +683,16 @@ async def restore_files(
                 with contextlib.suppress(InTheWay, OSError):  # nothing of it restored, or not a directory
                     await asyncio.to_thread(restorer.set_meta, b"" if single else root.encode(), line)
         if failures:
-            await _name_failures(repo, snap, failures, stats.problems)
+            copies: list[dict[str, str]] = [{} for _ in failures]
+            try:
+                await with_watchdog(
+                    repo.store,
+                    math.inf,
+                    _find_copies(repo, snap, failures, copies),
+                    s3_hang(repo.store, settings.stall_timeout, "the search for other copies stopped"),
+                )
+            finally:  # named even when S3 stops answering meanwhile
+                _name_failures(failures, copies, stats.problems)
         if stats.failed == 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(MARKER, dir_fd=target_fd)
