@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import stat
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -388,3 +389,107 @@ def test_restore_that_matches_nothing_says_so(s3_env: dict[str, str], tmp_path: 
     r = run_cli("restore", "--include", "upload/p001.jpg", "--to", str(target), env=s3_env)
     assert r.code == 0, r.err
     assert list(restored(target)) == [b"library/upload/p001.jpg"]
+
+
+# -- review: exit 7 never hides a total failure --------------------------------------------------
+
+
+def test_restore_that_brings_back_no_file_is_a_failure_not_partial(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """Every object missing (a wiped data/ prefix): not a "partial" restore (exit 7) but a
+    failed one (exit 1), said in one line; the target stays resumable."""
+    entries = photos(10)
+    sid = write_snapshot(s3_env, entries)
+    bucket = bucket_of(s3_env)
+    for m in bucket.manifest(sid):
+        bucket.delete(m["key"])
+    target = tmp_path / "target"
+    r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)
+    assert r.code == 1, r.err
+    assert "none of the 10 files could be restored" in r.last_error, r.err
+    assert restored(target) == {}
+    r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)  # resumes, no --overwrite
+    assert r.code == 1 and "none of the 10 files" in r.last_error, r.err
+
+
+@pytest.mark.parametrize("fault", ["cut", "503"])
+def test_restore_resumed_while_s3_fails_every_download_stops_instead_of_partial(
+    s3_env: dict[str, str], proxy_factory, tmp_path: Path, fault: str
+) -> None:
+    """A rerun where every other file is already in place: the files found in place are no
+    answer from S3, and a server that fails every download after its retries (no answer, or
+    503 SlowDown) is not a set of bad objects: the run stops at once (exit 1), resumably,
+    instead of ending "partial" with every missing file listed."""
+    entries = photos(30)
+    write_snapshot(s3_env, entries)
+    target = tmp_path / "target"
+    assert run_cli("restore", "--root", "library", "--to", str(target), env=s3_env).code == 0
+    gone = sorted((target / "upload").iterdir())[::2]
+    for p in gone:
+        p.unlink()
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    data_get = lambda m, path, q: m == "GET" and "/data/" in path  # noqa: E731
+    rule = proxy.add(data_get, cut_after=0) if fault == "cut" else proxy.add(data_get, 503, code="SlowDown")
+    env = dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="1", IMMICH_STREAM_RETRIES="2")
+    r = run_cli("restore", "--root", "library", "--to", str(target), "--overwrite", env=env)
+    assert r.code == 1, r.err
+    assert "not restored" not in r.err, r.err
+    assert rule.hits < 2 * len(gone)  # it stopped early, not after trying every file
+    proxy.rules.clear()
+    r = run_cli("restore", "--root", "library", "--to", str(target), env=env)  # resumed, no --overwrite
+    assert r.code == 0, r.err
+    assert restored(target) == {os.fsencode(p): e.body for p, e in entries.items()}
+
+
+def test_restore_into_a_full_disk_stops_at_once_and_resumes(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """A full target file system is not a bad object: the restore stops at the first file
+    that does not fit (exit 1, one line naming the disk), not after failing every other file
+    of the library one by one as "partial"; once there is room the same command finishes."""
+    entries = {f"upload/big{i:02d}.jpg": Entry(bytes([i]) * 12000) for i in range(20)}
+    write_snapshot(s3_env, entries)
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        target = small / "target"
+        r = run_cli("restore", "--root", "library", "--to", str(target), env=dict(s3_env, IMMICH_STREAM_JOBS="1"))
+        assert r.code == 1, r.err
+        assert "not restored" not in r.err, r.err
+        assert "no space left" in r.last_error.lower() and str(target) in r.last_error, r.err
+        subprocess.run(["mount", "-o", "remount,size=2m", str(small)], check=True)
+        r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)
+        assert r.code == 0, r.err
+        assert restored(target) == {os.fsencode(p): e.body for p, e in entries.items()}
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+# -- review: --dump-to into a FIFO that is replaced while the restore waits for its reader ------
+
+
+@pytest.mark.parametrize("swap", ["symlink", "file"])
+def test_dump_to_a_fifo_replaced_while_waiting_never_writes_into_the_replacement(
+    s3_env: dict[str, str], tmp_path: Path, swap: str
+) -> None:
+    write_snapshot(s3_env, photos(2))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "shadow"
+    victim.write_bytes(b"root:secret\n" * 50)
+    fifo = tmp_path / "dump.fifo"
+    os.mkfifo(fifo)
+    proc = start_cli("restore", "--dump-to", str(fifo), env=s3_env)  # waits for a reader
+    time.sleep(3)
+    assert proc.poll() is None
+    before = outside_state(outside)
+    fifo.unlink()
+    if swap == "symlink":
+        fifo.symlink_to(victim)
+    else:
+        fifo.write_bytes(b"someone's file\n" * 50)
+    _out, err = proc.communicate(timeout=60)
+    assert outside_state(outside) == before
+    if swap == "file":
+        assert fifo.read_bytes() == b"someone's file\n" * 50
+    assert proc.returncode == 2, err
+    assert "changed" in err.strip().splitlines()[-1], err
