@@ -55,6 +55,7 @@ from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
+from immich_stream.store import _TRANSIENT_CODES as SERVER_CODES  # the server's trouble, not an object's
 from immich_stream.store import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.thaw import archived_digests, thaw
 from immich_stream.watchdog import s3_hang, with_watchdog
@@ -202,6 +203,15 @@ class InTheWay(ImmichStreamError):
     """Something in the target where the snapshot has another type that this restore may not
     replace (a directory with files where it has a file; anything without --overwrite):
     that path is not restored, the rest is."""
+
+
+# The target's file system, not one file: full, over quota, read-only, out of descriptors.
+TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE}
+
+
+class TargetFailed(ImmichStreamError):
+    """The target's file system refuses every file (see TARGET_ERRNOS): the restore stops
+    at once and resumes, instead of failing the rest of the library one file at a time."""
 
 
 class FileRestorer:
@@ -445,13 +455,14 @@ class FileRestorer:
         finally:
             os.close(parent)
 
-    async def file(self, line: ManifestLine) -> None:
+    async def file(self, line: ManifestLine) -> bool:
+        """Restore one file; True when it was downloaded, False when found in place."""
         rel = self.dest(line)
         opened = await asyncio.to_thread(self.open_target, rel, line)
         if opened is None:
             self.stats.skipped += 1
             self.phase.update(line.size, files=1)
-            return
+            return False
         assert line.key is not None and line.sha256 is not None
         parent, fd, partial = opened
         h = hashlib.sha256()
@@ -486,6 +497,7 @@ class FileRestorer:
             raise
         self.stats.restored += 1
         self.phase.update(0, files=1)
+        return True
 
     async def symlink(self, line: ManifestLine) -> None:
         head, name = os.path.split(self.dest(line))
@@ -597,6 +609,11 @@ async def restore_files(
         queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(workers * 2)
 
         def problem(line: ManifestLine, exc: Exception | str) -> None:
+            if isinstance(exc, OSError) and exc.errno in TARGET_ERRNOS:
+                raise TargetFailed(
+                    f"cannot write into {target}: {exc.strerror} (at {line.root}/{line.path}): make room (or fix "
+                    "the file system), then run the same command again: it resumes"
+                ) from None
             stats.failed += 1
             if line.type == "file" and line.sha256 is not None and len(failures) < LOOKUP_LIMIT:
                 failures.append((line, str(exc)))
@@ -627,33 +644,40 @@ async def restore_files(
             for _ in range(workers):
                 await queue.put(None)
 
-        unanswered = 0  # files in a row that failed without an answer from S3 about them
+        # downloads in a row that failed without an answer from S3 about their object (a file
+        # found in place is no answer: a resumed run alternates them with the missing ones)
+        unanswered = 0
 
         async def work() -> None:
             nonlocal unanswered
             while (line := await queue.get()) is not None:
                 try:
                     if line.size <= SMALL_OBJECT:
-                        await restorer.file(line)
+                        downloaded = await restorer.file(line)
                     else:
                         async with large:
-                            await restorer.file(line)
+                            downloaded = await restorer.file(line)
                 except UnsafePath:
                     raise
                 except ObjectNotFound:
                     problem(line, f"its object {line.key} is missing from the bucket")
                 except StoreError as exc:
                     # A server that answers about this object (access denied, archived) fails
-                    # this file; one that does not answer at all fails the run (it resumes).
-                    if exc.code is None:
+                    # this file; one that does not answer at all, or only with its own trouble
+                    # after every retry (503 SlowDown, 500), fails the run (it resumes).
+                    if exc.code is None or exc.code in SERVER_CODES:
                         unanswered += 1
                         if unanswered > workers:
-                            raise
+                            raise StoreError(
+                                f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
+                                "command resumes it"
+                            ) from exc
                     problem(line, exc)
                 except (RepoError, InTheWay, OSError) as exc:
                     problem(line, exc)
                 else:
-                    unanswered = 0
+                    if downloaded:
+                        unanswered = 0
 
         async def transfer() -> None:
             async with asyncio.TaskGroup() as tg:
@@ -992,9 +1016,7 @@ def _open_dump_dest(dest: str) -> tuple[int, str | None]:
     except FileNotFoundError:
         mode = None
     if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        fd = os.open(dest, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # ENXIO: a FIFO without a reader yet
-        os.set_blocking(fd, True)
-        return fd, None
+        return _open_same_stream(dest), None  # ENXIO: a FIFO without a reader yet
     if mode is not None and not stat.S_ISREG(mode):
         raise ConfigError(f"--dump-to {dest} is not a file, a character device or a pipe: give a file name")
     partial = dest + PARTIAL
@@ -1013,19 +1035,40 @@ def _open_dump_dest(dest: str) -> tuple[int, str | None]:
     return fd, partial
 
 
+def _open_same_stream(dest: str, expected: tuple[int, int] | None = None) -> int:
+    """dest opened for writing as a stream, checked through the descriptor to be the device
+    or pipe seen before (expected: its st_dev, st_ino) and not what took its name meanwhile
+    (a symlink to a file, a file): that is never written."""
+    fd = os.open(dest, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)) or (
+        expected is not None and (st.st_dev, st.st_ino) != expected
+    ):
+        os.close(fd)
+        raise ConfigError(
+            f"--dump-to {dest} changed while the restore opened it (it is no longer the device or pipe it was): "
+            "nothing was written to it; check what replaced it, then run again"
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
 async def _open_stream(dest: str) -> int:
     """A FIFO opens for writing only once it has a reader: wait for one without blocking a
-    thread (a signal still ends the run), then write to it blocking."""
+    thread (a signal still ends the run), then write to it blocking. Only that FIFO: if
+    something else takes its name meanwhile, nothing is written (see _open_same_stream)."""
+    try:
+        st = os.stat(dest)
+    except OSError as exc:
+        raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
+    seen = (st.st_dev, st.st_ino)
     while True:
         try:
-            fd = os.open(dest, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return _open_same_stream(dest, seen)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
             await asyncio.sleep(0.2)
-            continue
-        os.set_blocking(fd, True)
-        return fd
 
 
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
