@@ -186,13 +186,17 @@ async def _check_something_matches(
         )
     if not includes:
         return
-    async for line in repo.read_manifest(snap.id):  # up to the first match
+    folder = None  # a directory matched: it alone is not what a restore is for
+    async for line in repo.read_manifest(snap.id):  # up to the first file or symlink matched
         if _matches(line, wanted, includes):
-            return
+            if line.type != "dir":
+                return
+            folder = folder or line.path
     within = f" under {', '.join(roots)}" if roots else ""
+    hint = f" (only the folder {folder}: add /* to take what it holds, e.g. {folder}/*)" if folder else ""
     raise NothingMatched(
-        f"nothing matched --include {', '.join(includes)} in snapshot {snap.id}{within}: patterns match paths "
-        "relative to the root (library/upload/a.jpg is upload/a.jpg; * crosses /); nothing was written"
+        f"nothing matched --include {', '.join(includes)} in snapshot {snap.id}{within}{hint}: patterns match "
+        "paths relative to the root (library/upload/a.jpg is upload/a.jpg; * crosses /); nothing was written"
     )
 
 
@@ -609,6 +613,10 @@ async def restore_files(
         queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(workers * 2)
 
         def problem(line: ManifestLine, exc: Exception | str) -> None:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                fs = os.fstatvfs(target_fd)
+                if line.size > fs.f_blocks * fs.f_frsize:  # a damaged size, not a full disk: this file only
+                    exc = RepoError(f"its manifest size ({line.size} bytes) is more than the whole target file system")
             if isinstance(exc, OSError) and exc.errno in TARGET_ERRNOS:
                 raise TargetFailed(
                     f"cannot write into {target}: {exc.strerror} (at {line.root}/{line.path}): make room (or fix "

@@ -493,3 +493,29 @@ def test_dump_to_a_fifo_replaced_while_waiting_never_writes_into_the_replacement
         assert fifo.read_bytes() == b"someone's file\n" * 50
     assert proc.returncode == 2, err
     assert "changed" in err.strip().splitlines()[-1], err
+
+
+def test_restore_goes_past_a_file_larger_than_the_whole_disk(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """A damaged manifest line claiming a size no disk holds is that file's problem, not a
+    full disk: the rest is restored (exit 7), and a rerun does not stop at the same file."""
+    entries = {"upload/a-huge.jpg": Entry(b"small really", fields={"size": 1 << 40}), **photos(10)}
+    write_snapshot(s3_env, entries)
+    target = tmp_path / "target"
+    for _run in range(2):
+        r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)
+        assert r.code == EXIT_PARTIAL, r.err
+        [line] = [ln for ln in r.err.splitlines() if "library/upload/a-huge.jpg: not restored" in ln]
+        assert "more than the whole target file system" in line, line
+        assert restored(target) == {os.fsencode(p): e.body for p, e in entries.items() if p != "upload/a-huge.jpg"}
+
+
+def test_restore_include_of_a_folder_alone_says_nothing_matched(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """--include upload (the folder, not what it holds) selects a directory and no file: a
+    restore of 0 files is said (exit 1) with the pattern that would take the folder's files."""
+    sid = write_snapshot(s3_env, {"upload": Entry(kind="dir"), **photos(3)})
+    target = tmp_path / "target"
+    r = run_cli("restore", "--include", "upload", "--to", str(target), env=s3_env)
+    assert r.code == 1, r.err
+    assert f"nothing matched --include upload in snapshot {sid}" in r.last_error, r.err
+    assert "upload/*" in r.last_error, r.err
+    assert not target.exists() or not any(target.iterdir())
