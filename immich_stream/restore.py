@@ -364,7 +364,9 @@ class FileRestorer:
                 return False
             raise
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != line.size:  # a directory: see make_room
+        # A hard link shares its owner, mode and mtime with a file elsewhere (a `cp -al` copy,
+        # or planted): never set through it; the file is replaced by one of its own instead.
+        if not stat.S_ISREG(st.st_mode) or st.st_size != line.size or st.st_nlink != 1:  # a directory: see make_room
             os.close(fd)
             return False
         with open(fd, "rb") as fh:

@@ -519,3 +519,24 @@ def test_restore_include_of_a_folder_alone_says_nothing_matched(s3_env: dict[str
     assert f"nothing matched --include upload in snapshot {sid}" in r.last_error, r.err
     assert "upload/*" in r.last_error, r.err
     assert not target.exists() or not any(target.iterdir())
+
+
+def test_restore_never_changes_a_file_outside_through_a_hard_link(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """A target file hard-linked to one outside (a `cp -al` copy, or planted) with the
+    snapshot's content is not "in place": owner, mode and mtime set through it would change
+    the file outside (a forged mode could make it setuid). It is replaced by a file of its own."""
+    body = b"shared photo " * 100
+    write_snapshot(s3_env, {"upload/a.jpg": Entry(body, mode=0o4755), **photos(2)})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.jpg").write_bytes(body)
+    os.chmod(outside / "a.jpg", 0o644)
+    target = tmp_path / "target"
+    (target / "upload").mkdir(parents=True)
+    os.link(outside / "a.jpg", target / "upload" / "a.jpg")
+    before = outside_state(outside)
+    r = run_cli("restore", "--root", "library", "--to", str(target), "--overwrite", env=s3_env)
+    assert r.code == 0, r.err
+    assert outside_state(outside) == before
+    got = target / "upload" / "a.jpg"
+    assert got.read_bytes() == body and stat.S_IMODE(got.stat().st_mode) == 0o4755 and got.stat().st_nlink == 1
