@@ -1081,6 +1081,10 @@ async def _open_stream(dest: str) -> int:
             await asyncio.sleep(0.2)
 
 
+class DumpToFailed(ImmichStreamError):
+    """--dump-to could not be written to the end (exit 1)."""
+
+
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
     """Write the snapshot's database.sql.gz, as stored, to a file, a device or pipe, or
     stdout (see _open_dump_dest); check its sha256. A file appears only once whole."""
@@ -1097,11 +1101,17 @@ async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, 
                 raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
             fd, partial = await _open_stream(dest), None
         try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in store.iter_object(key):
-                    h.update(chunk)
-                    size += len(chunk)
-                    await asyncio.to_thread(fh.write, chunk)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    async for chunk in store.iter_object(key):
+                        h.update(chunk)
+                        size += len(chunk)
+                        await asyncio.to_thread(fh.write, chunk)
+            except OSError as exc:  # the local side: a reader that left (`| head`), a full disk
+                why = "its reader closed it" if exc.errno == errno.EPIPE else exc.strerror
+                raise DumpToFailed(
+                    f"--dump-to {dest}: {why} after at most {size} bytes: the dump was not delivered whole; run again"
+                ) from None
             expected = snap.summary.database.compressed_sha256
             if expected and h.hexdigest() != expected:
                 raise RepoError(f"{key} does not match snapshot.json's sha256: run `verify --read-data`")

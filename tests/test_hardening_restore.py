@@ -540,3 +540,26 @@ def test_restore_never_changes_a_file_outside_through_a_hard_link(s3_env: dict[s
     assert outside_state(outside) == before
     got = target / "upload" / "a.jpg"
     assert got.read_bytes() == body and stat.S_IMODE(got.stat().st_mode) == 0o4755 and got.stat().st_nlink == 1
+
+
+def test_dump_to_a_pipe_whose_reader_leaves_early_says_so_in_one_line(
+    s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dump-to into a FIFO whose reader stops after a few bytes (`| head`): exit 1 with one
+    line saying the dump was not delivered whole, not an "internal error"."""
+    sql = (
+        b"-- PostgreSQL database dump\n"
+        + os.urandom(1 << 20).hex().encode()
+        + b"\n-- PostgreSQL database dump complete\n"
+    )
+    monkeypatch.setattr(__import__(__name__, fromlist=["_"]), "DUMP_SQL", sql)
+    write_snapshot(s3_env, photos(1))
+    fifo = tmp_path / "dump.fifo"
+    os.mkfifo(fifo)
+    proc = start_cli("restore", "--dump-to", str(fifo), env=s3_env)
+    with open(fifo, "rb") as fh:
+        assert len(fh.read(10)) == 10
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "internal error" not in last and "closed" in last and "not delivered whole" in last, err
