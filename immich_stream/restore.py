@@ -104,6 +104,23 @@ def safe_relpath(line: ManifestLine) -> bytes:
     return raw
 
 
+def _damaged(line: ManifestLine) -> str | None:
+    """What in a manifest line no file system takes (a damaged or forged line): that entry
+    is not restored, the rest is. None for a sound line."""
+    if not 0 <= line.size < 1 << 63:
+        return f"size {line.size}"
+    if not 0 <= line.mode <= 0o7777:
+        return f"mode {line.mode:o}"
+    if not -(1 << 63) <= line.mtime_ns < 1 << 63:
+        return f"mtime {line.mtime_ns} ns"
+    for what, ident in (("uid", line.uid), ("gid", line.gid)):
+        if not 0 <= ident < (1 << 32) - 1:
+            return f"{what} {ident}"
+    if line.type == "symlink" and (not line.target or b"\x00" in unescape_path(line.target)):
+        return "a symlink target that is empty or holds NUL"
+    return None
+
+
 def _matches(line: ManifestLine, roots: set[str], includes: list[str]) -> bool:
     if line.root not in roots:
         return False
@@ -635,6 +652,11 @@ async def restore_files(
                 if not _matches(line, wanted, includes):
                     continue
                 rel = restorer.dest(line)  # refuses unsafe paths before anything is written for them
+                if (damage := _damaged(line)) is not None:
+                    if line.type == "file":
+                        stats.files += 1
+                    problem(line, RepoError(f"its manifest line is damaged ({damage}): run `verify`"))
+                    continue
                 if line.type == "dir":
                     try:
                         await asyncio.to_thread(restorer.make_dir, rel)

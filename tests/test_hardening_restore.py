@@ -563,3 +563,28 @@ def test_dump_to_a_pipe_whose_reader_leaves_early_says_so_in_one_line(
     assert proc.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert "internal error" not in last and "closed" in last and "not delivered whole" in last, err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Entry(kind="symlink", target="a\x00b"),
+        Entry(b"x" * 10, fields={"mtime_ns": 10**30}),
+        Entry(b"x" * 10, fields={"uid": -5}),
+        Entry(kind="dir", fields={"gid": 1 << 40}),
+    ],
+    ids=["nul-in-symlink-target", "mtime-out-of-range", "negative-uid", "dir-gid-out-of-range"],
+)
+def test_restore_goes_past_a_damaged_manifest_line(s3_env: dict[str, str], tmp_path: Path, bad: Entry) -> None:
+    """A manifest line with a value no file system takes (damaged or forged) costs that entry
+    only: named in one line, the rest restored, exit 7; not an "internal error" that stops
+    every rerun at the same line."""
+    entries = {"upload/bad": bad, **photos(5)}
+    write_snapshot(s3_env, entries)
+    target = tmp_path / "target"
+    r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)
+    assert r.code == EXIT_PARTIAL, r.err
+    assert "internal error" not in r.err
+    [line] = [ln for ln in r.err.splitlines() if "library/upload/bad: not restored" in ln]
+    assert "damaged" in line, line
+    assert restored(target) == {os.fsencode(p): e.body for p, e in photos(5).items()}
