@@ -1044,11 +1044,12 @@ def _open_dump_dest(dest: str) -> tuple[int, str | None]:
     if dest == "-":
         return os.dup(1), None
     try:
-        mode: int | None = os.stat(dest).st_mode
+        st = os.stat(dest)
+        mode: int | None = st.st_mode
     except FileNotFoundError:
         mode = None
     if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        return _open_same_stream(dest), None  # ENXIO: a FIFO without a reader yet
+        return _open_same_stream(dest, (st.st_dev, st.st_ino)), None  # ENXIO: a FIFO without a reader yet
     if mode is not None and not stat.S_ISREG(mode):
         raise ConfigError(f"--dump-to {dest} is not a file, a character device or a pipe: give a file name")
     partial = dest + PARTIAL
