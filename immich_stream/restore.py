@@ -55,8 +55,7 @@ from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
 from immich_stream.session import open_repo
 from immich_stream.stack import Stack, StackGuard, connect, recover
-from immich_stream.store import _TRANSIENT_CODES as SERVER_CODES  # the server's trouble, not an object's
-from immich_stream.store import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
+from immich_stream.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.thaw import archived_digests, thaw
 from immich_stream.watchdog import s3_hang, with_watchdog
 
@@ -225,6 +224,20 @@ class InTheWay(ImmichStreamError):
     replace (a directory with files where it has a file; anything without --overwrite):
     that path is not restored, the rest is."""
 
+
+# S3 answers about the server or the credentials, never about one object: a download that
+# ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
+# which a per-object policy gives.
+SERVER_CODES = _TRANSIENT_CODES | {
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "RequestTimeTooSkewed",
+}
 
 # The target's file system, not one file: full, over quota, read-only, out of descriptors.
 TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE}

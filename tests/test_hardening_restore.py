@@ -411,13 +411,13 @@ def test_restore_that_brings_back_no_file_is_a_failure_not_partial(s3_env: dict[
     assert r.code == 1 and "none of the 10 files" in r.last_error, r.err
 
 
-@pytest.mark.parametrize("fault", ["cut", "503"])
+@pytest.mark.parametrize("fault", ["cut", "503", "expired-credentials"])
 def test_restore_resumed_while_s3_fails_every_download_stops_instead_of_partial(
     s3_env: dict[str, str], proxy_factory, tmp_path: Path, fault: str
 ) -> None:
     """A rerun where every other file is already in place: the files found in place are no
     answer from S3, and a server that fails every download after its retries (no answer, or
-    503 SlowDown) is not a set of bad objects: the run stops at once (exit 1), resumably,
+    503 SlowDown) or refuses the credentials (ExpiredToken) is not a set of bad objects: the run stops at once (exit 1), resumably,
     instead of ending "partial" with every missing file listed."""
     entries = photos(30)
     write_snapshot(s3_env, entries)
@@ -428,7 +428,12 @@ def test_restore_resumed_while_s3_fails_every_download_stops_instead_of_partial(
         p.unlink()
     proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
     data_get = lambda m, path, q: m == "GET" and "/data/" in path  # noqa: E731
-    rule = proxy.add(data_get, cut_after=0) if fault == "cut" else proxy.add(data_get, 503, code="SlowDown")
+    if fault == "cut":
+        rule = proxy.add(data_get, cut_after=0)
+    elif fault == "503":
+        rule = proxy.add(data_get, 503, code="SlowDown")
+    else:  # credentials that expired during the run: no object's fault
+        rule = proxy.add(data_get, 403, code="ExpiredToken")
     env = dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="1", IMMICH_STREAM_RETRIES="2")
     r = run_cli("restore", "--root", "library", "--to", str(target), "--overwrite", env=env)
     assert r.code == 1, r.err
