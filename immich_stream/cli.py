@@ -560,11 +560,13 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
         0, {"snapshot": snap.id, "to": args.to, "excluded": snap.summary.excluded, **plain(st)}, list(st.problems.kept)
     )
     out.summary.pop("problems")
+    out.summary.pop("first_failure")
     if st.files and st.restored + st.skipped == 0:  # not "partial": nothing of it came back
         out.code = ProblemsFound.exit_code
         out.error = (
             f"none of the {st.files} files could be restored (each named above, with the snapshots that hold another "
-            "copy): nothing is in place; run the same command again once the cause is fixed (it resumes)"
+            f"copy; the first: {st.first_failure}): nothing is in place; run the same command again once the cause "
+            "is fixed (it resumes)"
         )
     elif st.failed:
         out.code = EXIT_PARTIAL

@@ -75,6 +75,7 @@ class RestoreStats:
     symlinks: int = 0
     bytes_downloaded: int = 0
     failed: int = 0
+    first_failure: str = ""  # why the first file was not restored (said when none was)
     problems: Problems = field(default_factory=Problems)
     seconds: float = 0.0
 
@@ -655,6 +656,7 @@ async def restore_files(
                     "the file system), then run the same command again: it resumes"
                 ) from None
             stats.failed += 1
+            stats.first_failure = stats.first_failure or str(exc)
             if line.type == "file" and line.sha256 is not None and len(failures) < LOOKUP_LIMIT:
                 failures.append((line, str(exc)))
             else:

@@ -406,6 +406,7 @@ def test_restore_that_brings_back_no_file_is_a_failure_not_partial(s3_env: dict[
     r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)
     assert r.code == 1, r.err
     assert "none of the 10 files could be restored" in r.last_error, r.err
+    assert "is missing from the bucket" in r.last_error, r.err  # why, in the one line
     assert restored(target) == {}
     r = run_cli("restore", "--root", "library", "--to", str(target), env=s3_env)  # resumes, no --overwrite
     assert r.code == 1 and "none of the 10 files" in r.last_error, r.err
