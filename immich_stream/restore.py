@@ -657,7 +657,9 @@ async def restore_files(
                 ) from None
             stats.failed += 1
             stats.first_failure = stats.first_failure or str(exc)
-            if line.type == "file" and line.sha256 is not None and len(failures) < LOOKUP_LIMIT:
+            # only a bad object calls for another copy; a target in the way or a local error does not
+            looked_up = isinstance(exc, (str, StoreError, RepoError))
+            if looked_up and line.type == "file" and line.sha256 is not None and len(failures) < LOOKUP_LIMIT:
                 failures.append((line, str(exc)))
             else:
                 stats.problems.add(f"{line.root}/{line.path}: not restored: {exc}")

@@ -594,3 +594,20 @@ def test_restore_goes_past_a_damaged_manifest_line(s3_env: dict[str, str], tmp_p
     [line] = [ln for ln in r.err.splitlines() if "library/upload/bad: not restored" in ln]
     assert "damaged" in line, line
     assert restored(target) == {os.fsencode(p): e.body for p, e in photos(5).items()}
+
+
+def test_a_file_kept_out_by_the_target_is_not_reported_as_without_a_copy(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A file not restored because of the target (a directory with files in its place) has a
+    sound object: its line says what to move, not "no other snapshot holds a copy" (which
+    reads as data lost)."""
+    entries = {"upload/busy.jpg": Entry(b"a sound object"), **photos(3)}
+    write_snapshot(s3_env, entries)
+    target = tmp_path / "target"
+    (target / "upload" / "busy.jpg").mkdir(parents=True)
+    (target / "upload" / "busy.jpg" / "mine.txt").write_bytes(b"someone's file")
+    r = run_cli("restore", "--root", "library", "--to", str(target), "--overwrite", env=s3_env)
+    assert r.code == EXIT_PARTIAL, r.err
+    [busy] = [ln for ln in r.err.splitlines() if "library/upload/busy.jpg: not restored" in ln]
+    assert "not empty" in busy and "copy" not in busy, busy
