@@ -574,8 +574,8 @@ async def _find_copies(
     repo: Repo, snap: Snapshot, failures: list[tuple[ManifestLine, str]], copies: list[dict[str, str]]
 ) -> None:
     """For each file not restored, the other committed snapshots whose manifests hold the
-    same content (sha256) under another object: a copy to restore it from (into copies:
-    snapshot -> the path it holds it at). The manifests are streamed one at a time, newest
+    same content (sha256) under another object that is in the bucket: a copy to restore it
+    from (into copies: snapshot -> the path it holds it at). The manifests are streamed one at a time, newest
     first; one that cannot be read is skipped."""
     by_sha: dict[str, list[int]] = {}
     for i, (line, _) in enumerate(failures):
@@ -584,14 +584,28 @@ async def _find_copies(
     others = [s for s in reversed(await repo.snapshot_ids()) if s != snap.id]
     if others:
         log.info("looking for other copies of %d files in %d other snapshots", len(failures), len(others))
+    present: dict[str, bool] = {}  # object key -> in the bucket (a copy lost too is not named)
+    tried = [0] * len(failures)  # keys looked up per file: bounded, however many snapshots miss it
+
+    async def there(key: str) -> bool:
+        if key not in present:
+            present[key] = await repo.store.head(repo.object_key(key)) is not None
+        return present[key]
+
     for sid in others:
         try:
             async for other in repo.read_manifest(sid):
-                if other.type != "file" or other.sha256 not in by_sha:
+                if other.type != "file" or other.sha256 not in by_sha or other.key is None:
                     continue
                 for i in by_sha[other.sha256]:
-                    if other.key != failures[i][0].key and len(copies[i]) < COPIES_NAMED:
-                        copies[i].setdefault(sid, f"{other.root}/{other.path}")
+                    if other.key == failures[i][0].key or len(copies[i]) >= COPIES_NAMED or sid in copies[i]:
+                        continue
+                    if other.key not in present:
+                        if tried[i] >= 2 * COPIES_NAMED:
+                            continue
+                        tried[i] += 1
+                    if await there(other.key):
+                        copies[i][sid] = f"{other.root}/{other.path}"
         except (RepoError, StoreError) as exc:
             log.warning("could not look for other copies in snapshot %s: %s", sid, exc)
 

@@ -611,3 +611,18 @@ def test_a_file_kept_out_by_the_target_is_not_reported_as_without_a_copy(
     assert r.code == EXIT_PARTIAL, r.err
     [busy] = [ln for ln in r.err.splitlines() if "library/upload/busy.jpg: not restored" in ln]
     assert "not empty" in busy and "copy" not in busy, busy
+
+
+def test_restore_names_only_other_copies_that_are_in_the_bucket(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """The other copy a line names must be there: one whose object is missing too is not
+    named (in a disaster the user would chase it for nothing)."""
+    body = b"grandma again " * 300
+    sid_old = write_snapshot(s3_env, {"upload/first.jpg": Entry(body), **photos(2, "old")}, hours_ago=24)
+    sid = write_snapshot(s3_env, {"upload/lost.jpg": Entry(body), **photos(3)})
+    bucket = bucket_of(s3_env)
+    bucket.delete(key_of(bucket, sid, "upload/lost.jpg"))
+    bucket.delete(key_of(bucket, sid_old, "upload/first.jpg"))
+    r = run_cli("restore", sid, "--root", "library", "--to", str(tmp_path / "t"), env=s3_env)
+    assert r.code == EXIT_PARTIAL, r.err
+    [lost] = [ln for ln in r.err.splitlines() if "library/upload/lost.jpg: not restored" in ln]
+    assert sid_old not in lost and "no other snapshot holds a copy" in lost, lost
