@@ -26,6 +26,7 @@ from immich_stream import __version__, cleanup
 from immich_stream import config as cfg
 from immich_stream.errors import (
     EXIT_INCOMPLETE,
+    EXIT_PARTIAL,
     EXIT_PRUNE_FAILED,
     EXIT_SIGHUP,
     EXIT_SIGINT,
@@ -559,11 +560,19 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
         0, {"snapshot": snap.id, "to": args.to, "excluded": snap.summary.excluded, **plain(st)}, list(st.problems.kept)
     )
     out.summary.pop("problems")
-    if st.failed:
+    out.summary.pop("first_failure")
+    if st.files and st.restored + st.skipped == 0:  # not "partial": nothing of it came back
         out.code = ProblemsFound.exit_code
         out.error = (
-            f"{st.failed} files could not be restored; run the same command again to retry them, and "
-            "`verify --read-data`"
+            f"none of the {st.files} files could be restored (each named above, with the snapshots that hold another "
+            f"copy; the first: {st.first_failure}): nothing is in place; run the same command again once the cause "
+            "is fixed (it resumes)"
+        )
+    elif st.failed:
+        out.code = EXIT_PARTIAL
+        out.error = (
+            f"{st.failed} files could not be restored (each named above, with the snapshots that hold another "
+            "copy); the rest is in place; run the same command again to retry them, and `verify --read-data`"
         )
     return out
 
@@ -765,6 +774,17 @@ def _check_writable(path: Path, what: str, named: Path | None = None) -> None:
         )
 
 
+def _is_stream(path: str) -> bool:
+    """A character device or a pipe (/dev/null, a FIFO): written as a stream, never replaced."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Local paths a command will write, checked before it touches S3 or the stack."""
     from immich_stream.hoststate import state_dir
@@ -783,7 +803,7 @@ def _check_args(args: argparse.Namespace) -> None:
             cfg.parse_duration(args.check_age)
         except ValueError as exc:
             raise ConfigError(f"--check-age: {exc}") from None
-    if args.command == "restore" and args.dump_to and args.dump_to != "-":
+    if args.command == "restore" and args.dump_to and args.dump_to != "-" and not _is_stream(args.dump_to):
         dest = Path(args.dump_to)
         if dest.is_dir():
             raise ConfigError(

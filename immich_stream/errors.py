@@ -12,6 +12,7 @@ EXIT_INCOMPLETE = 3  # snapshot committed, but some files could not be read
 EXIT_SUSPICIOUS = 4  # the library looks unmounted, empty or shrunk: refused, nothing stopped or committed
 EXIT_UNSTABLE = 5  # snapshot committed, but a container did not stay running after the restart
 EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune asked for with --prune failed
+EXIT_PARTIAL = 7  # restore finished, but some files could not be restored (each named); the rest is in place
 EXIT_THAWING = (
     75  # restore/drill/verify --no-wait: thaws of archived objects requested; run it again later (EX_TEMPFAIL)
 )
@@ -77,6 +78,10 @@ class LockError(ImmichStreamError):
 
 class ProblemsFound(ImmichStreamError):
     """restore or verify finished, but listed problems (files not restored, objects missing or corrupt)."""
+
+
+class NothingMatched(ImmichStreamError):
+    """restore: --root or --include selects nothing in the snapshot; nothing was written."""
 
 
 class ThawPending(ImmichStreamError):

@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 import urllib.error
@@ -246,7 +247,7 @@ class Metrics:
 def _previous(path: Path, names: tuple[str, ...]) -> list[str]:
     """Lines of an earlier metrics file worth keeping when this run has no newer figures."""
     try:
-        text = path.read_text()
+        text = path.read_text() if path.is_file() else ""  # never wait on a pipe (or read a device)
     except (OSError, UnicodeDecodeError):
         return []
     keep: list[str] = []
@@ -320,9 +321,12 @@ def metrics_text(
 
 def write_metrics(path: Path, text: str) -> None:
     """Atomically (a temporary file in the same directory, renamed): the collector never
-    reads half a file. A failure is logged, never raised."""
+    reads half a file. A character device or a pipe (/dev/null, a FIFO) is written as a
+    stream instead, never replaced by a file. A failure is logged, never raised."""
     tmp: str | None = None
     try:
+        if _write_stream(path, text):
+            return
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -339,3 +343,19 @@ def write_metrics(path: Path, text: str) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _write_stream(path: Path, text: str) -> bool:
+    """Write text to path if it is a character device or a pipe (a FIFO without a reader is
+    an error, not a wait); False for anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return False
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return True

@@ -30,7 +30,16 @@ import aiodocker
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.docker_exec import pipe_into
-from immich_stream.errors import ConfigError, DumpError, RepoError, StackError
+from immich_stream.errors import (
+    ConfigError,
+    DumpError,
+    ImmichStreamError,
+    NothingMatched,
+    ObjectNotFound,
+    RepoError,
+    StackError,
+    StoreError,
+)
 from immich_stream.hoststate import stack_lock
 from immich_stream.metadata import came_from as came_from_text
 from immich_stream.postgres import (
@@ -46,7 +55,7 @@ from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
 from immich_stream.session import open_repo, reader
 from immich_stream.stack import Stack, StackGuard, connect, recover
-from immich_stream.store import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
+from immich_stream.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.thaw import archived_digests, thaw
 from immich_stream.watchdog import s3_hang, with_watchdog
 
@@ -66,6 +75,7 @@ class RestoreStats:
     symlinks: int = 0
     bytes_downloaded: int = 0
     failed: int = 0
+    first_failure: str = ""  # why the first file was not restored (said when none was)
     problems: Problems = field(default_factory=Problems)
     seconds: float = 0.0
 
@@ -94,6 +104,23 @@ def safe_relpath(line: ManifestLine) -> bytes:
     return raw
 
 
+def _damaged(line: ManifestLine) -> str | None:
+    """What in a manifest line no file system takes (a damaged or forged line): that entry
+    is not restored, the rest is. None for a sound line."""
+    if not 0 <= line.size < 1 << 63:
+        return f"size {line.size}"
+    if not 0 <= line.mode <= 0o7777:
+        return f"mode {line.mode:o}"
+    if not -(1 << 63) <= line.mtime_ns < 1 << 63:
+        return f"mtime {line.mtime_ns} ns"
+    for what, ident in (("uid", line.uid), ("gid", line.gid)):
+        if not 0 <= ident < (1 << 32) - 1:
+            return f"{what} {ident}"
+    if line.type == "symlink" and (not line.target or b"\x00" in unescape_path(line.target)):
+        return "a symlink target that is empty or holds NUL"
+    return None
+
+
 def _matches(line: ManifestLine, roots: set[str], includes: list[str]) -> bool:
     if line.root not in roots:
         return False
@@ -103,9 +130,42 @@ def _matches(line: ManifestLine, roots: set[str], includes: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, g) for g in includes)
 
 
-def _mark_target(target: Path, snap_id: str) -> None:
+def _open_target(target: Path) -> int:
+    """The target directory (made when absent), opened once: every path below it is reached
+    from this descriptor one name at a time, never through a symlink. The target itself may
+    be a symlink: the user named it."""
     target.mkdir(parents=True, exist_ok=True)
-    (target / MARKER).write_text(json.dumps({"snapshot": snap_id}) + "\n")
+    return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _mark_target(target_fd: int, snap_id: str) -> None:
+    """The resume marker, created anew: whatever holds its name (a planted symlink, a hard
+    link) is unlinked, never followed or written through."""
+    try:
+        os.unlink(MARKER, dir_fd=target_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise ConfigError(f"{MARKER} in the restore target is a directory: remove it") from None
+    fd = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=target_fd)
+    with open(fd, "w") as fh:
+        fh.write(json.dumps({"snapshot": snap_id}) + "\n")
+
+
+def _marker_snapshot(marker: Path) -> str | None:
+    """The snapshot an unfinished restore's marker names; None for anything else (read
+    without following a symlink)."""
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        previous = json.loads(os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b"").get("snapshot")
+    except (OSError, ValueError, AttributeError):
+        return None
+    finally:
+        os.close(fd)
+    return previous if isinstance(previous, str) else None
 
 
 def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> None:
@@ -117,27 +177,93 @@ def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> None:
     if not entries or overwrite:
         return
     marker = target / MARKER
-    if marker.exists():
-        try:
-            previous = json.loads(marker.read_text()).get("snapshot")
-        except (OSError, ValueError):
-            previous = None
+    if os.path.lexists(marker):
+        previous = _marker_snapshot(marker)
         if previous == snap.id:
             log.info("resuming the unfinished restore of %s into %s", snap.id, target)
             return
+        if previous is None:
+            raise ConfigError(f"{marker} is not a restore's marker: remove it, or add --overwrite")
         raise ConfigError(
             f"{target} holds an unfinished restore of snapshot {previous}: restore that one, or add --overwrite"
         )
     raise ConfigError(f"restore target {target} is not empty: choose an empty directory or add --overwrite")
 
 
+async def _check_something_matches(
+    repo: Repo, snap: Snapshot, roots: list[str] | None, wanted: set[str], includes: list[str]
+) -> None:
+    """A --root the snapshot lacks, or --include patterns that match nothing, are said at
+    once (exit 1), before anything is written: a restore of 0 files is not a success."""
+    present = set(snap.summary.roots)
+    if roots and present and not wanted & present:
+        raise NothingMatched(
+            f"nothing matched: snapshot {snap.id} holds no {', '.join(roots)} root (it holds "
+            f"{', '.join(sorted(present))}; a backup with --stop app or none takes no cold copy): nothing was written"
+        )
+    if not includes:
+        return
+    folder = None  # a directory matched: it alone is not what a restore is for
+    async for line in repo.read_manifest(snap.id):  # up to the first file or symlink matched
+        if _matches(line, wanted, includes):
+            if line.type != "dir":
+                return
+            folder = folder or line.path
+    within = f" under {', '.join(roots)}" if roots else ""
+    hint = f" (only the folder {folder}: add /* to take what it holds, e.g. {folder}/*)" if folder else ""
+    raise NothingMatched(
+        f"nothing matched --include {', '.join(includes)} in snapshot {snap.id}{within}{hint}: patterns match "
+        "paths relative to the root (library/upload/a.jpg is upload/a.jpg; * crosses /); nothing was written"
+    )
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class InTheWay(ImmichStreamError):
+    """Something in the target where the snapshot has another type that this restore may not
+    replace (a directory with files where it has a file; anything without --overwrite):
+    that path is not restored, the rest is."""
+
+
+# S3 answers about the server or the credentials, never about one object: a download that
+# ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
+# which a per-object policy gives.
+SERVER_CODES = _TRANSIENT_CODES | {
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "RequestTimeTooSkewed",
+}
+
+# The target's file system, not one file: full, over quota, read-only, out of descriptors.
+TARGET_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE}
+
+
+class TargetFailed(ImmichStreamError):
+    """The target's file system refuses every file (see TARGET_ERRNOS): the restore stops
+    at once and resumes, instead of failing the rest of the library one file at a time."""
+
+
 class FileRestorer:
+    """Writes below the target only through descriptors: each directory is opened from its
+    parent, one name at a time, with O_NOFOLLOW; files are created with O_EXCL beside their
+    name and renamed into place (a rename replaces a symlink, it never follows one). A symlink
+    or file in the place of a directory is never written through: refused, or with
+    --overwrite replaced by the directory."""
+
     def __init__(
         self,
         store: Store,
         repo: Repo,
         target: Path,
+        target_fd: int,
         single_root: bool,
+        overwrite: bool,
         stats: RestoreStats,
         phase: Phase,
         budget: ByteBudget,
@@ -145,32 +271,101 @@ class FileRestorer:
         self.store = store
         self.repo = repo
         self.target = os.fsencode(target)
+        self.target_fd = target_fd
         self.single_root = single_root
+        self.overwrite = overwrite
         self.stats = stats
         self.phase = phase
         self.budget = budget
         self.as_root = os.geteuid() == 0
-        self.real_target = os.path.realpath(self.target)
 
-    def makedirs(self, path: bytes) -> None:
-        """mkdir -p, refusing to go through a symlink out of the target (a forged
-        manifest could put `a -> /etc` before `a/passwd`)."""
-        existing = path
-        while not os.path.lexists(existing):
-            existing = os.path.dirname(existing)
-        real = os.path.realpath(existing)  # checked before anything is created below it
-        if real != self.real_target and not real.startswith(self.real_target + b"/"):
-            raise UnsafePath(
-                f"refusing to write under {os.fsdecode(path)}: it leads out of the restore target "
-                "through a symlink; the manifest is damaged or forged"
-            )
-        os.makedirs(path, 0o755, exist_ok=True)
+    def shown(self, rel: bytes) -> str:
+        return os.fsdecode(os.path.join(self.target, rel))
 
     def dest(self, line: ManifestLine) -> bytes:
+        """The line's path relative to the target."""
         rel = safe_relpath(line)
         if self.single_root:
-            return os.path.join(self.target, rel)
-        return os.path.join(self.target, line.root.encode(), rel)
+            if rel == MARKER.encode():
+                raise UnsafePath(
+                    f"refusing manifest path {line.path!r} in root {line.root}: {MARKER} is the name of "
+                    "restore's own marker; the manifest is damaged or forged"
+                )
+            return rel
+        return line.root.encode() + b"/" + rel
+
+    def open_dir(self, rel: bytes, create: bool) -> int:
+        """The directory rel (b"" is the target), opened one name at a time from the target,
+        never through a symlink. create: missing directories are made, and with --overwrite a
+        file or symlink in the place of one is replaced by it. Blocking."""
+        fd = os.open(".", DIR_FLAGS, dir_fd=self.target_fd)
+        try:
+            done = b""
+            for name in rel.split(b"/") if rel else []:
+                done = os.path.join(done, name)
+                child = self._enter(fd, name, done, create)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _enter(self, parent: int, name: bytes, rel: bytes, create: bool) -> int:
+        for _ in range(3):  # another worker may make the same directory at the same time
+            try:
+                return os.open(name, DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=parent)
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                continue  # it became one meanwhile
+            link = stat.S_ISLNK(st.st_mode)
+            if link and create and not self.overwrite:
+                raise UnsafePath(
+                    f"refusing to write under {self.shown(rel)}: it is a symlink, and a restore never writes "
+                    "through one (it leads out of the restore target or back into it); the manifest is damaged "
+                    "or forged, or add --overwrite to replace it with the directory"
+                )
+            if not create or not self.overwrite:
+                what = "a symlink" if link else "a file"
+                raise InTheWay(
+                    f"{self.shown(rel)} is {what} where the snapshot has a directory: add --overwrite to replace it"
+                )
+            os.unlink(name, dir_fd=parent)  # the file or symlink goes; nothing is followed
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+        raise InTheWay(f"{self.shown(rel)} changed type while it was restored: run the same command again")
+
+    def make_dir(self, rel: bytes) -> None:
+        os.close(self.open_dir(rel, create=True))
+
+    def make_room(self, parent: int, name: bytes) -> None:
+        """A file or symlink arrives at name by a rename, which replaces a file or a symlink
+        there (never following it) but not a directory: an empty one goes with --overwrite."""
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        if not self.overwrite:
+            raise InTheWay("a directory is in its place: add --overwrite to replace it")
+        try:
+            os.rmdir(name, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise InTheWay(
+                "a directory that is not empty is in its place: move it away, then run the same command again"
+            ) from None
 
     def _meta_fd(self, fd: int, line: ManifestLine) -> None:
         # Through the open descriptor: never through a symlink put in the file's place.
@@ -180,29 +375,32 @@ class FileRestorer:
         os.fchmod(fd, line.mode)  # after chown, which clears setuid bits
         os.utime(fd, ns=(line.mtime_ns, line.mtime_ns))
 
-    def set_meta(self, path: bytes, line: ManifestLine) -> None:
+    def set_meta(self, rel: bytes, line: ManifestLine) -> None:
         """Owner, mode and mtime of a directory in place; a symlink there is refused, not followed."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = self.open_dir(rel, create=False)
         try:
             self._meta_fd(fd, line)
         finally:
             os.close(fd)
 
-    def in_place(self, path: bytes, line: ManifestLine) -> bool:
-        """True when path already holds exactly this file (a regular file of that size and
+    def in_place(self, parent: int, name: bytes, line: ManifestLine) -> bool:
+        """True when name already holds exactly this file (a regular file of that size and
         sha256); its owner, mode and mtime are then set. Blocking: run it in a thread."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
         except FileNotFoundError:
             return False
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink: replaced by the file, never read through
                 return False
             raise
+        st = os.fstat(fd)
+        # A hard link shares its owner, mode and mtime with a file elsewhere (a `cp -al` copy,
+        # or planted): never set through it; the file is replaced by one of its own instead.
+        if not stat.S_ISREG(st.st_mode) or st.st_size != line.size or st.st_nlink != 1:  # a directory: see make_room
+            os.close(fd)
+            return False
         with open(fd, "rb") as fh:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != line.size:
-                return False
             h = hashlib.sha256()
             while chunk := fh.read(CHUNK):
                 h.update(chunk)
@@ -212,39 +410,52 @@ class FileRestorer:
             return True
 
     @staticmethod
-    def create_partial(path: bytes) -> tuple[int, bytes]:
-        """A temporary file beside path, created exclusively and never through a symlink.
-        Its name carries a digest of the whole name (two long names sharing a prefix do not
-        collide) and is the same on every run, so a resumed restore reuses what a killed one
-        left. Whatever holds that name (a leftover, or a manifest entry named like it) is
-        unlinked first: never opened, never followed."""
-        directory, name = os.path.split(path)
+    def partial_name(name: bytes) -> bytes:
+        """A temporary name beside name. It carries a digest of the whole name (two long names
+        sharing a prefix do not collide) and is the same on every run, so a resumed restore
+        finds what a killed one left."""
         tag = hashlib.sha256(name).hexdigest()[:16].encode()
-        partial = os.path.join(directory, b"." + name[:150] + b"." + tag + PARTIAL.encode())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(partial, flags, 0o600), partial
+        return b"." + name[:150] + b"." + tag + PARTIAL.encode()
 
-    def open_target(self, path: bytes, line: ManifestLine) -> tuple[int, bytes] | None:
-        """Everything before a download, in one trip to a worker thread: the directory, the
-        check for the file already in place (None), the partial file with its final size
-        allocated (a fragmented or half-full disk shows now, not at the end)."""
-        self.makedirs(os.path.dirname(path))
-        if self.in_place(path, line):
-            return None
-        if line.key is None or line.sha256 is None:
-            raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
-        fd, partial = self.create_partial(path)
-        if line.size > 0:
-            try:
-                os.posix_fallocate(fd, 0, line.size)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    os.close(fd)
-                    os.unlink(partial)
-                    raise
-        return fd, partial
+    @classmethod
+    def create_partial(cls, parent: int, name: bytes) -> tuple[int, bytes]:
+        """The temporary file for name, created exclusively and never through a symlink.
+        Whatever holds its name (a leftover, or a manifest entry named like it) is unlinked
+        first: never opened, never followed."""
+        partial = cls.partial_name(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=parent)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(partial, flags, 0o600, dir_fd=parent), partial
+
+    def open_target(self, rel: bytes, line: ManifestLine) -> tuple[int, int, bytes] | None:
+        """Everything before a download, in one trip to a worker thread: the directory (its
+        descriptor is returned), the check for the file already in place (None), room made,
+        the partial file with its final size allocated (a fragmented or half-full disk shows
+        now, not at the end)."""
+        head, name = os.path.split(rel)
+        parent = self.open_dir(head, create=True)
+        try:
+            if self.in_place(parent, name, line):
+                os.close(parent)
+                return None
+            if line.key is None or line.sha256 is None:
+                raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
+            self.make_room(parent, name)
+            fd, partial = self.create_partial(parent, name)
+            if line.size > 0:
+                try:
+                    os.posix_fallocate(fd, 0, line.size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        os.close(fd)
+                        os.unlink(partial, dir_fd=parent)
+                        raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(parent)
+            raise
+        return parent, fd, partial
 
     @staticmethod
     def write_hashed(fd: int, data: memoryview, h: Any) -> None:
@@ -254,31 +465,43 @@ class FileRestorer:
         while data:
             data = data[os.write(fd, data) :]
 
-    def finish_file(self, fd: int, partial: bytes, path: bytes, line: ManifestLine, h: Any, size: int) -> None:
+    def finish_file(
+        self, parent: int, fd: int, partial: bytes, name: bytes, line: ManifestLine, h: Any, size: int
+    ) -> None:
         """The size and sha256 checked against the manifest, owner, mode and mtime set, the
-        file renamed into place, in one trip to a worker thread. Closes fd, whatever happens."""
+        file renamed into place, in one trip to a worker thread. Owns (closes) fd and parent
+        whatever happens, and removes the partial file unless it was renamed."""
         assert line.sha256 is not None
         try:
-            if size != line.size or h.hexdigest() != line.sha256:
-                raise RepoError(
-                    f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
-                    f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
-                    "run `verify --read-data`"
-                )
-            self._meta_fd(fd, line)
+            try:
+                if size != line.size or h.hexdigest() != line.sha256:
+                    raise RepoError(
+                        f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                        f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                        "run `verify --read-data`"
+                    )
+                self._meta_fd(fd, line)
+            finally:
+                os.close(fd)
+            # a symlink at name is replaced, not followed
+            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial, dir_fd=parent)
+            raise
         finally:
-            os.close(fd)
-        os.replace(partial, path)  # a symlink at path is replaced, not followed
+            os.close(parent)
 
-    async def file(self, line: ManifestLine) -> None:
-        path = self.dest(line)
-        opened = await asyncio.to_thread(self.open_target, path, line)
+    async def file(self, line: ManifestLine) -> bool:
+        """Restore one file; True when it was downloaded, False when found in place."""
+        rel = self.dest(line)
+        opened = await asyncio.to_thread(self.open_target, rel, line)
         if opened is None:
             self.stats.skipped += 1
             self.phase.update(line.size, files=1)
-            return
+            return False
         assert line.key is not None and line.sha256 is not None
-        fd, partial = opened
+        parent, fd, partial = opened
         h = hashlib.sha256()
         size = 0
 
@@ -289,6 +512,7 @@ class FileRestorer:
 
         # the download's receive buffer (the data goes from it to the file)
         held = min(max(line.size, 1), CHUNK_SHARED)
+        owned = True  # fd and parent: until finish_file takes them
         try:
             await self.budget.acquire(held)
             try:
@@ -299,34 +523,103 @@ class FileRestorer:
                 await asyncio.shield(self.budget.release(held))
                 self.stats.bytes_downloaded += size
                 self.phase.update(size)
-            owned, fd = fd, -1  # finish_file closes it
-            await asyncio.to_thread(self.finish_file, owned, partial, path, line, h, size)
+            owned = False  # a cancellation while the thread runs must not close them under it
+            await asyncio.to_thread(self.finish_file, parent, fd, partial, os.path.basename(rel), line, h, size)
         except BaseException:
-            if fd >= 0:
+            if owned:
                 os.close(fd)  # Store.download returned: nothing writes to it any more
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
+                with contextlib.suppress(OSError):
+                    os.unlink(partial, dir_fd=parent)
+                os.close(parent)
             raise
         self.stats.restored += 1
         self.phase.update(0, files=1)
+        return True
 
     async def symlink(self, line: ManifestLine) -> None:
-        path = self.dest(line)
+        head, name = os.path.split(self.dest(line))
         raw_target = unescape_path(line.target or "")
 
         def make() -> None:
-            self.makedirs(os.path.dirname(path))
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.islink(path) or os.path.isfile(path):
-                    os.unlink(path)
-            os.symlink(raw_target, path)
-            if self.as_root:
-                with contextlib.suppress(OSError):
-                    os.chown(path, line.uid, line.gid, follow_symlinks=False)
-            os.utime(path, ns=(line.mtime_ns, line.mtime_ns), follow_symlinks=False)
+            parent = self.open_dir(head, create=True)
+            try:
+                self.make_room(parent, name)
+                # made beside its name, then renamed over whatever is there: never followed
+                tmp = self.partial_name(name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                os.symlink(raw_target, tmp, dir_fd=parent)
+                try:
+                    if self.as_root:
+                        with contextlib.suppress(OSError):
+                            os.chown(tmp, line.uid, line.gid, dir_fd=parent, follow_symlinks=False)
+                    os.utime(tmp, ns=(line.mtime_ns, line.mtime_ns), dir_fd=parent, follow_symlinks=False)
+                    os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=parent)
+                    raise
+            finally:
+                os.close(parent)
 
         await asyncio.to_thread(make)
         self.stats.symlinks += 1
+
+
+LOOKUP_LIMIT = 1000  # files not restored that are looked up in other snapshots (the rest: named only)
+COPIES_NAMED = 3  # other snapshots named per file
+
+
+async def _find_copies(
+    repo: Repo, snap: Snapshot, failures: list[tuple[ManifestLine, str]], copies: list[dict[str, str]]
+) -> None:
+    """For each file not restored, the other committed snapshots whose manifests hold the
+    same content (sha256) under another object that is in the bucket: a copy to restore it
+    from (into copies: snapshot -> the path it holds it at). The manifests are streamed one at a time, newest
+    first; one that cannot be read is skipped."""
+    by_sha: dict[str, list[int]] = {}
+    for i, (line, _) in enumerate(failures):
+        assert line.sha256 is not None
+        by_sha.setdefault(line.sha256, []).append(i)
+    others = [s for s in reversed(await repo.snapshot_ids()) if s != snap.id]
+    if others:
+        log.info("looking for other copies of %d files in %d other snapshots", len(failures), len(others))
+    present: dict[str, bool] = {}  # object key -> in the bucket (a copy lost too is not named)
+    tried = [0] * len(failures)  # keys looked up per file: bounded, however many snapshots miss it
+
+    async def there(key: str) -> bool:
+        if key not in present:
+            present[key] = await repo.store.head(repo.object_key(key)) is not None
+        return present[key]
+
+    for sid in others:
+        try:
+            async for other in repo.read_manifest(sid):
+                if other.type != "file" or other.sha256 not in by_sha or other.key is None:
+                    continue
+                for i in by_sha[other.sha256]:
+                    if other.key == failures[i][0].key or len(copies[i]) >= COPIES_NAMED or sid in copies[i]:
+                        continue
+                    if other.key not in present:
+                        if tried[i] >= 2 * COPIES_NAMED:
+                            continue
+                        tried[i] += 1
+                    if await there(other.key):
+                        copies[i][sid] = f"{other.root}/{other.path}"
+        except (RepoError, StoreError) as exc:
+            log.warning("could not look for other copies in snapshot %s: %s", sid, exc)
+
+
+def _name_failures(failures: list[tuple[ManifestLine, str]], copies: list[dict[str, str]], problems: Problems) -> None:
+    """Each file not restored in one line: the path, why, and where another copy is."""
+    for (line, why), found in zip(failures, copies, strict=True):
+        where = f"{line.root}/{line.path}"
+        if found:
+            named = ", ".join(f"snapshot {sid}" + ("" if p == where else f" as {p}") for sid, p in found.items())
+            tail = f"another copy: {named}"
+        else:
+            tail = "no other snapshot holds a copy"
+        problems.add(f"{where}: not restored: {why}; {tail}")
 
 
 async def restore_files(
@@ -342,58 +635,112 @@ async def restore_files(
     started = time.monotonic()
     stats = RestoreStats()
     budget = ByteBudget(settings.max_memory)
-    async with open_repo(settings, lock=reader(settings, "restore")) as repo:
+    async with open_repo(settings, lock=reader(settings, "restore")) as repo, contextlib.AsyncExitStack() as exits:
         store = repo.store
         snap = await repo.resolve(which)
         _check_target(target, snap, overwrite)
         wanted = set(roots or ROOTS)
+        await _check_something_matches(repo, snap, roots, wanted, includes)
         # before the target is marked: a --no-wait run leaves nothing behind to resume
         await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait)
-        await asyncio.to_thread(_mark_target, target, snap.id)
+        target_fd = await asyncio.to_thread(_open_target, target)
+        exits.callback(os.close, target_fd)
+        await asyncio.to_thread(_mark_target, target_fd, snap.id)
         everything = not includes and wanted >= set(snap.summary.roots)
         total = (snap.summary.files.bytes_total or None) if everything else None
         phase = reporter.phase("restore files", total)
-        restorer = FileRestorer(store, repo, target, roots is not None and len(roots) == 1, stats, phase, budget)
+        single = roots is not None and len(roots) == 1
+        restorer = FileRestorer(store, repo, target, target_fd, single, overwrite, stats, phase, budget)
         dirs: list[ManifestLine] = []
+        failures: list[tuple[ManifestLine, str]] = []  # files not restored, named at the end
         # Small files are round trips more than bytes (two thumbnails per photo): SMALL_FACTOR
         # times as many of them at once; a larger file holds one of --jobs slots.
         workers = settings.jobs * SMALL_FACTOR
         large = asyncio.Semaphore(settings.jobs)
         queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(workers * 2)
 
+        def problem(line: ManifestLine, exc: Exception | str) -> None:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                fs = os.fstatvfs(target_fd)
+                if line.size > fs.f_blocks * fs.f_frsize:  # a damaged size, not a full disk: this file only
+                    exc = RepoError(f"its manifest size ({line.size} bytes) is more than the whole target file system")
+            if isinstance(exc, OSError) and exc.errno in TARGET_ERRNOS:
+                raise TargetFailed(
+                    f"cannot write into {target}: {exc.strerror} (at {line.root}/{line.path}): make room (or fix "
+                    "the file system), then run the same command again: it resumes"
+                ) from None
+            stats.failed += 1
+            stats.first_failure = stats.first_failure or str(exc)
+            # only a bad object calls for another copy; a target in the way or a local error does not
+            looked_up = isinstance(exc, (str, StoreError, RepoError))
+            if looked_up and line.type == "file" and line.sha256 is not None and len(failures) < LOOKUP_LIMIT:
+                failures.append((line, str(exc)))
+            else:
+                stats.problems.add(f"{line.root}/{line.path}: not restored: {exc}")
+
         async def produce() -> None:
             async for line in repo.read_manifest(snap.id):
                 if not _matches(line, wanted, includes):
                     continue
-                restorer.dest(line)  # refuses unsafe paths before anything is written for them
+                rel = restorer.dest(line)  # refuses unsafe paths before anything is written for them
+                if (damage := _damaged(line)) is not None:
+                    if line.type == "file":
+                        stats.files += 1
+                    problem(line, RepoError(f"its manifest line is damaged ({damage}): run `verify`"))
+                    continue
                 if line.type == "dir":
+                    try:
+                        await asyncio.to_thread(restorer.make_dir, rel)
+                    except (InTheWay, OSError) as exc:
+                        problem(line, exc)
+                        continue
                     dirs.append(line)  # modes and mtimes once their contents are written
-                    await asyncio.to_thread(restorer.makedirs, restorer.dest(line))
                     stats.dirs += 1
                 elif line.type == "symlink":
-                    await restorer.symlink(line)
+                    try:
+                        await restorer.symlink(line)
+                    except (InTheWay, OSError) as exc:
+                        problem(line, exc)
                 else:
                     stats.files += 1
                     await queue.put(line)
             for _ in range(workers):
                 await queue.put(None)
 
-        def problem(line: ManifestLine, exc: Exception) -> None:
-            stats.failed += 1
-            stats.problems.add(f"{line.root}/{line.path}: {exc}")
+        # downloads in a row that failed without an answer from S3 about their object (a file
+        # found in place is no answer: a resumed run alternates them with the missing ones)
+        unanswered = 0
 
         async def work() -> None:
+            nonlocal unanswered
             while (line := await queue.get()) is not None:
                 try:
                     if line.size <= SMALL_OBJECT:
-                        await restorer.file(line)
+                        downloaded = await restorer.file(line)
                     else:
                         async with large:
-                            await restorer.file(line)
+                            downloaded = await restorer.file(line)
                 except UnsafePath:
                     raise
-                except (RepoError, OSError) as exc:
+                except ObjectNotFound:
+                    problem(line, f"its object {line.key} is missing from the bucket")
+                except StoreError as exc:
+                    # A server that answers about this object (access denied, archived) fails
+                    # this file; one that does not answer at all, or only with its own trouble
+                    # after every retry (503 SlowDown, 500), fails the run (it resumes).
+                    if exc.code is None or exc.code in SERVER_CODES:
+                        unanswered += 1
+                        if unanswered > workers:
+                            raise StoreError(
+                                f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
+                                "command resumes it"
+                            ) from exc
                     problem(line, exc)
+                except (RepoError, InTheWay, OSError) as exc:
+                    problem(line, exc)
+                else:
+                    if downloaded:
+                        unanswered = 0
 
         async def transfer() -> None:
             async with asyncio.TaskGroup() as tg:
@@ -414,16 +761,28 @@ async def restore_files(
         for line in reversed(dirs):  # deepest first: setting a parent's mtime is the last touch
             try:
                 await asyncio.to_thread(restorer.set_meta, restorer.dest(line), line)
-            except OSError as exc:  # e.g. a symlink in the directory's place (refused, not followed)
-                problem(line, exc)
+            except (InTheWay, OSError) as exc:  # e.g. a symlink in the directory's place (refused, not followed)
+                stats.failed += 1
+                stats.problems.add(f"{line.root}/{line.path}: {exc}")
         for root, meta in snap.summary.root_meta.items():
             if root in wanted and root in ROOTS:
-                where = target if restorer.single_root else target / root
-                if where.is_dir() and not where.is_symlink():
-                    line = ManifestLine(root, "", "dir", 0, meta.mtime_ns, meta.mode, meta.uid, meta.gid, 0)
-                    await asyncio.to_thread(restorer.set_meta, os.fsencode(where), line)
+                line = ManifestLine(root, "", "dir", 0, meta.mtime_ns, meta.mode, meta.uid, meta.gid, 0)
+                with contextlib.suppress(InTheWay, OSError):  # nothing of it restored, or not a directory
+                    await asyncio.to_thread(restorer.set_meta, b"" if single else root.encode(), line)
+        if failures:
+            copies: list[dict[str, str]] = [{} for _ in failures]
+            try:
+                await with_watchdog(
+                    repo.store,
+                    math.inf,
+                    _find_copies(repo, snap, failures, copies),
+                    s3_hang(repo.store, settings.stall_timeout, "the search for other copies stopped"),
+                )
+            finally:  # named even when S3 stops answering meanwhile
+                _name_failures(failures, copies, stats.problems)
         if stats.failed == 0:
-            (target / MARKER).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(MARKER, dir_fd=target_fd)
     stats.seconds = time.monotonic() - started
     return snap, stats
 
@@ -706,22 +1065,107 @@ async def write_config_files(settings: Settings, which: str, target: Path) -> tu
     return snap, written, snap.summary.config_secrets
 
 
+def _open_dump_dest(dest: str) -> tuple[int, str | None]:
+    """Where --dump-to writes: (descriptor, partial file to rename to dest at the end, or
+    None). A character device or a pipe (/dev/null, a FIFO; a symlink to one, as
+    /dev/stdout is) is written as a stream, never replaced by a file. A file is written to
+    dest.immich-stream-partial, created exclusively and never through a symlink: whatever
+    holds that name (a leftover, a planted symlink or hard link) is unlinked first, never
+    opened."""
+    if dest == "-":
+        return os.dup(1), None
+    try:
+        st = os.stat(dest)
+        mode: int | None = st.st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return _open_same_stream(dest, (st.st_dev, st.st_ino)), None  # ENXIO: a FIFO without a reader yet
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ConfigError(f"--dump-to {dest} is not a file, a character device or a pipe: give a file name")
+    partial = dest + PARTIAL
+    try:
+        os.unlink(partial)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"--dump-to: cannot remove {partial} ({exc.strerror}): remove it, then run again") from None
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            f"--dump-to: {partial} was created again by something else as it was removed: choose another place"
+        ) from None
+    return fd, partial
+
+
+def _open_same_stream(dest: str, expected: tuple[int, int] | None = None) -> int:
+    """dest opened for writing as a stream, checked through the descriptor to be the device
+    or pipe seen before (expected: its st_dev, st_ino) and not what took its name meanwhile
+    (a symlink to a file, a file): that is never written."""
+    fd = os.open(dest, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)) or (
+        expected is not None and (st.st_dev, st.st_ino) != expected
+    ):
+        os.close(fd)
+        raise ConfigError(
+            f"--dump-to {dest} changed while the restore opened it (it is no longer the device or pipe it was): "
+            "nothing was written to it; check what replaced it, then run again"
+        )
+    os.set_blocking(fd, True)
+    return fd
+
+
+async def _open_stream(dest: str) -> int:
+    """A FIFO opens for writing only once it has a reader: wait for one without blocking a
+    thread (a signal still ends the run), then write to it blocking. Only that FIFO: if
+    something else takes its name meanwhile, nothing is written (see _open_same_stream)."""
+    try:
+        st = os.stat(dest)
+    except OSError as exc:
+        raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
+    seen = (st.st_dev, st.st_ino)
+    while True:
+        try:
+            return _open_same_stream(dest, seen)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
+            await asyncio.sleep(0.2)
+
+
+class DumpToFailed(ImmichStreamError):
+    """--dump-to could not be written to the end (exit 1)."""
+
+
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
-    """Write the snapshot's database.sql.gz, as stored, to a file or stdout; check its sha256."""
+    """Write the snapshot's database.sql.gz, as stored, to a file, a device or pipe, or
+    stdout (see _open_dump_dest); check its sha256. A file appears only once whole."""
     async with open_repo(settings, lock=reader(settings, "restore")) as repo:
         store = repo.store
         snap = await repo.resolve(which)
         key = repo.dump_key(snap.id)
         h = hashlib.sha256()
         size = 0
-        partial = None if dest == "-" else Path(dest + PARTIAL)
-        fh = os.fdopen(os.dup(1), "wb") if partial is None else await asyncio.to_thread(partial.open, "wb")
         try:
-            with fh:
-                async for chunk in store.iter_object(key):
-                    h.update(chunk)
-                    size += len(chunk)
-                    await asyncio.to_thread(fh.write, chunk)
+            fd, partial = await asyncio.to_thread(_open_dump_dest, dest)
+        except OSError as exc:  # a FIFO without a reader yet (ENXIO), or the file's directory
+            if exc.errno != errno.ENXIO:
+                raise ConfigError(f"--dump-to {dest}: {exc.strerror}") from None
+            fd, partial = await _open_stream(dest), None
+        try:
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    async for chunk in store.iter_object(key):
+                        h.update(chunk)
+                        size += len(chunk)
+                        await asyncio.to_thread(fh.write, chunk)
+            except OSError as exc:  # the local side: a reader that left (`| head`), a full disk
+                why = "its reader closed it" if exc.errno == errno.EPIPE else exc.strerror
+                raise DumpToFailed(
+                    f"--dump-to {dest}: {why} after at most {size} bytes: the dump was not delivered whole; run again"
+                ) from None
             expected = snap.summary.database.compressed_sha256
             if expected and h.hexdigest() != expected:
                 raise RepoError(f"{key} does not match snapshot.json's sha256: run `verify --read-data`")
@@ -729,6 +1173,7 @@ async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, 
                 os.replace(partial, dest)
         except BaseException:
             if partial is not None:
-                partial.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
             raise
     return snap, size
