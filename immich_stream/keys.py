@@ -27,7 +27,7 @@ from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
 from immich_stream.progress import Reporter
-from immich_stream.repo import MANIFEST, SUMMARY, ManifestWriter, Repo
+from immich_stream.repo import MANIFEST, SUMMARY, ManifestWriter, Repo, run_of
 from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import MultipartUpload, Store
 from immich_stream.watchdog import s3_hang, with_watchdog
@@ -45,6 +45,7 @@ class KeyReport:
     objects_reencrypted: int = 0
     bytes_reencrypted: int = 0
     manifests_rewritten: int = 0
+    skipped: list[str] = field(default_factory=list)  # objects that are not age files of this repository's
     seconds: float = 0.0
 
 
@@ -97,8 +98,18 @@ def write_identity_file(path: Path, identities: list[Identity]) -> None:
         os.close(dirfd)
 
 
-async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) -> KeyReport:
-    """A new identity for new backups; the old ones stay in the file for older objects."""
+async def rotate(
+    settings: Settings,
+    reporter: Reporter,
+    reencrypt_after: bool,
+    drop: tuple[str, ...] = (),
+    drop_missing: bool = False,
+) -> KeyReport:
+    """A new identity for new backups; the old ones stay in the file for older objects.
+    A recipient of the repository that the settings no longer name (an offline recovery
+    key left out of IMMICH_STREAM_AGE_RECIPIENTS by mistake) is dropped only when `drop`
+    names it or `drop_missing` says so; otherwise nothing changes."""
+    to_drop = {Recipient.parse(r) for r in drop}
     started = time.monotonic()
     keys = _keys(settings)
     lock = LockSpec("key rotate", exclusive=True, wait=settings.lock_wait)
@@ -111,12 +122,16 @@ async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) 
         retired = [r for r in dict.fromkeys(before) if r not in recipients]
         own = {i.recipient for i in keys.identities}
         dropped = [r for r in (Recipient.parse(x) for x in enc["recipients"]) if r not in recipients and r not in own]
-        for r in dropped:  # an offline recovery key left out by mistake must not go unnoticed
-            log.warning(
-                "%s is no longer a recipient (IMMICH_STREAM_AGE_RECIPIENTS does not name it): new objects are not "
-                "encrypted to it",
-                r,
+        # an offline recovery key left out by mistake must not be dropped (and every object
+        # re-encrypted without it) on a warning: only on the user's word, before anything changes
+        kept = [r for r in dropped if r not in to_drop and not drop_missing]
+        if kept:
+            raise ConfigError(
+                f"key rotate: the repository's recipient {kept[0]} is not in IMMICH_STREAM_AGE_RECIPIENTS: add it "
+                f"there to keep it, or pass --drop-recipient {kept[0]} to stop encrypting to it; nothing was changed"
             )
+        for r in dropped:
+            log.warning("%s is no longer a recipient (dropped as asked): new objects are not encrypted to it", r)
         # the file first: with it, every object (old and new) opens whatever happens next
         try:
             await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities])
@@ -219,13 +234,25 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
     large = asyncio.Semaphore(2)
     phase = reporter.phase("re-encrypt")
 
+    def skip(key: str, why: str) -> None:
+        # a folder marker, a stray file, an object no identity opens: not one this rotation
+        # can rewrite; reported, and the rotation goes on (verify names the damaged ones)
+        log.warning("skipped %s: %s", key, why)
+        report.skipped.append(key)
+
     async def one(key: str, size: int) -> None:
         async with sem:
+            if key.endswith("/") or run_of(repo.relative_key(key)) is None:
+                skip(key, "not an object of this repository (a folder marker or a stray file)")
+                return
             report.objects_checked += 1
-            if not await _opens(store, key, identity):
-                async with large if size > part else contextlib.nullcontext():
-                    report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
-                report.objects_reencrypted += 1
+            try:
+                if not await _opens(store, key, identity):
+                    async with large if size > part else contextlib.nullcontext():
+                        report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
+                    report.objects_reencrypted += 1
+            except DecryptError as exc:
+                skip(key, f"not an age file this repository's identities open ({exc.detail}); left as it is")
             phase.update(0, files=1)
 
     async def each(prefix: str, skip: tuple[str, ...] = ()) -> None:
@@ -288,6 +315,9 @@ def summary_lines(report: KeyReport) -> list[str]:
         lines.append(f"dropped    {', '.join(report.dropped)}: no longer a recipient of new objects")
     if report.retired:
         lines.append(f"retired    {', '.join(report.retired)} (their identities stay in the file for older objects)")
+    if report.skipped:
+        shown = ", ".join(report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")
+        lines.append(f"skipped    {len(report.skipped)} objects that are not this repository's age files: {shown}")
     if report.objects_checked:
         lines.append(
             f"re-encrypt {report.objects_reencrypted} of {report.objects_checked} objects, "

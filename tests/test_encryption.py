@@ -202,7 +202,7 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
     [first] = bucket.snapshots()
 
     # rotate, and drop the offline key: 1 recipient instead of 2, so every size changes
-    r = run_cli("key", "rotate", env=dict(env, IMMICH_STREAM_AGE_RECIPIENTS=""))
+    r = run_cli("key", "rotate", "--drop-recipient", offline_pub, env=dict(env, IMMICH_STREAM_AGE_RECIPIENTS=""))
     assert r.code == 0, r.err
     cfg = json.loads(bucket.get("config.json"))
     new_pub = cfg["encryption"]["recipients"][0]
