@@ -261,6 +261,16 @@ def sealed_size(plain: int, recipients: int) -> int:
     return header_size(recipients) + NONCE + plain + TAG * chunks
 
 
+def plain_size(stored: int, recipients: int) -> int | None:
+    """The plaintext bytes of an age file of `stored` bytes for that many X25519
+    recipients (sealed_size's inverse), None when no plaintext gives that size."""
+    body = stored - header_size(recipients) - NONCE  # plaintext plus a tag per chunk
+    if body < TAG:
+        return None
+    plain = body - TAG * max(1, -(-body // SEALED_CHUNK))
+    return plain if plain >= 0 and sealed_size(plain, recipients) == stored else None
+
+
 def _nonce(counter: int, final: bool) -> bytes:
     return counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 

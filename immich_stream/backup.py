@@ -164,6 +164,8 @@ async def walk_root(
             if decision.action == "reuse":
                 assert decision.source is not None
                 line.key, line.sha256, line.stored = decision.source.key, decision.source.sha256, decision.source.stored
+                if line.stored is not None and line.key:  # re-sealed by an interrupted `key reencrypt`?
+                    line.stored = sources.objects.size_of(line.key, line.stored) or line.stored
                 setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
                 if decision.kind == "resumed":
                     # in this run's journal too: a run that resumed another and is itself

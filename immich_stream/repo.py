@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from immich_stream.age import Keys, Recipient, Sealing
+from immich_stream.age import Keys, Recipient, Sealing, plain_size
 from immich_stream.budget import ByteBudget
 from immich_stream.config import env_duration, storage_class_for
 from immich_stream.errors import ConfigError, RepoError, StoreError
@@ -347,13 +347,25 @@ def key_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=10).digest()
 
 
+# the recipients an object may have been sealed for when its manifest was written
+MAX_RECIPIENTS_GUESS = 32
+
+
 class ObjectIndex:
     """Which data objects exist, and with which size: built from one listing of data/,
     8 bytes per object (a sorted array of digests of key and size), so a backup can check
-    every object it reuses without a request per file."""
+    every object it reuses without a request per file.
 
-    def __init__(self) -> None:
+    In an encrypted repository an object's size depends on its number of recipients: a
+    `key reencrypt` that was interrupted after rewriting objects, before their manifests,
+    leaves objects sealed for the current recipients under manifests that record the old
+    size. Such an object is the same file (age authenticates it, the manifest's sha256
+    binds it): it counts as present when it has the size the current recipients give to
+    the plaintext the recorded size implies."""
+
+    def __init__(self, sealing: Sealing | None = None) -> None:
         self._digests = array("Q")
+        self.sealing = sealing
 
     @staticmethod
     def _digest(key: str, size: int) -> int:
@@ -362,16 +374,31 @@ class ObjectIndex:
 
     @classmethod
     async def load(cls, repo: Repo) -> ObjectIndex:
-        index = cls()
+        index = cls(repo.store.sealing)
         async for obj in repo.store.list_objects(repo.data_prefix()):
             index._digests.append(cls._digest(repo.relative_key(obj.key), obj.size))
         index._digests = array("Q", sorted(index._digests))
         return index
 
-    def has(self, key: str, size: int) -> bool:
+    def _has(self, key: str, size: int) -> bool:
         d = self._digest(key, size)
         i = bisect.bisect_left(self._digests, d)
         return i < len(self._digests) and self._digests[i] == d
+
+    def has(self, key: str, size: int) -> bool:
+        return self.size_of(key, size) is not None
+
+    def size_of(self, key: str, size: int) -> int | None:
+        """The size of the object at key in the listing, given the size a manifest
+        recorded for it (see the class docstring); None when it is not there."""
+        if self._has(key, size):
+            return size
+        if self.sealing is not None:
+            for n in range(1, MAX_RECIPIENTS_GUESS + 1):
+                plain = plain_size(size, n)
+                if plain is not None and self._has(key, now := self.sealing.size(plain)):
+                    return now
+        return None
 
 
 class Repo:

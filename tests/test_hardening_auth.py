@@ -15,8 +15,8 @@ from immich_stream import config
 from immich_stream.age import load_keys
 from immich_stream.repo import Repo, new_snapshot_id
 from immich_stream.store import Store
-from tests.conftest import S3Server, bucket_of, moto_env
-from tests.helpers import run_cli
+from tests.conftest import ImmichStack, S3Server, bucket_of, moto_env
+from tests.helpers import make_library, run_cli, start_cli, wait_for
 from tests.test_encryption import AGE, age_decrypt, keygen
 
 pytestmark = pytest.mark.skipif(AGE is None, reason="the age CLI is not installed (apt-get install age)")
@@ -130,3 +130,56 @@ def test_key_reencrypt_completes_past_folder_markers_and_stray_objects(
         assert age_decrypt(bucket.get(key), new_only) == data  # re-encrypted for the new key alone
     for key, data in foreign.items():
         assert bucket.get(key) == data  # left as they were
+
+
+# -- 19: an interrupted re-encryption costs no re-upload ------------------------------------
+
+
+def test_backup_after_a_killed_reencrypt_uploads_only_the_changed_files(
+    env: dict[str, str], stack: ImmichStack, tmp_path: Path
+) -> None:
+    own, offline = tmp_path / "own.key", tmp_path / "offline.key"
+    keygen(own)
+    env = dict(
+        env,
+        IMMICH_STREAM_AGE_IDENTITY=str(own),
+        IMMICH_STREAM_AGE_RECIPIENTS=keygen(offline),
+        IMMICH_STREAM_STOP="none",
+        IMMICH_STREAM_JOBS="1",  # a slow re-encryption, so the kill lands in the middle of it
+    )
+    make_library(stack.library, photos=60)
+    assert run_cli("backup", env=env).code == 0
+    bucket = bucket_of(env)
+    sealed_for_two = bucket.keys("data/")
+    # the offline key dropped: 2 recipients -> 1, so every object re-sealed is 98 bytes shorter
+    env = dict(env, IMMICH_STREAM_AGE_RECIPIENTS="")
+    assert run_cli("key", "rotate", "--drop-missing-recipients", env=env).code == 0
+    proc = start_cli("key", "reencrypt", env=env)
+    try:
+
+        def resealed() -> int:
+            now = bucket.keys("data/")
+            return sum(1 for k, size in now.items() if size != sealed_for_two[k])
+
+        wait_for(lambda: resealed() >= 20, timeout=120, interval=0.05, what="a third of the objects re-sealed")
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate()
+    done = resealed()
+    assert 20 <= done < len(sealed_for_two), f"the kill did not land midway ({done} of {len(sealed_for_two)})"
+
+    changed = stack.library / "library" / "edited-after-the-kill.jpg"
+    changed.write_bytes(os.urandom(20_000))
+    r = run_cli("backup", "--json", env=env)
+    assert r.code == 0, r.err
+    added = set(bucket.keys("data/")) - set(sealed_for_two)
+    assert len(added) == 1 and next(iter(added)).endswith("edited-after-the-kill.jpg"), (
+        f"{len(added)} objects uploaded for 1 changed file ({done} were re-sealed by the killed reencrypt)"
+    )
+    assert json.loads(r.out)["summary"]["files"]["reuploaded"] == 0, r.out
+    r = run_cli("verify", "--all", "--read-data", env=env)
+    assert r.code == 0, r.out + r.err
+    assert run_cli("key", "reencrypt", env=env).code == 0  # and the rotation completes
+    r = run_cli("verify", "--all", "--read-data", env=env)
+    assert r.code == 0, r.out + r.err
