@@ -318,7 +318,9 @@ class BackupRun:
         self.stream_budget = ByteBudget(stream_share)
         self.budget = ByteBudget(max(settings.max_memory - stream_share, settings.part_size))
         self.uploader = FileUploader(repo.store, repo, self.budget, settings, self.stats)
-        self.manifest = ManifestWriter(repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size)
+        self.manifest = ManifestWriter(
+            repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size, repo.manifest_mac(snap_id)
+        )
         self.journal = JournalWriter(repo, snap_id, "main")
         self.live_journal: JournalWriter | None = None
         # After a live pass the stopped pass uploads under <root>/%stopped/: it never

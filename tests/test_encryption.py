@@ -212,7 +212,8 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
     secrets_ = [x for x in own.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1")]
     assert len(secrets_) == 2  # the new one first, the old one kept for older objects
     new_only = tmp_path / "new-only.key"
-    new_only.write_text(secrets_[0] + "\n")
+    auth_line = [x for x in own.read_text().splitlines() if x.startswith("# immich-stream-auth: ")]
+    new_only.write_text("\n".join([secrets_[0], *auth_line]) + "\n")  # the repository's authentication key too
     os.chmod(new_only, 0o600)
     # the old recipients are refused for a backup now; the new ones work
     r = run_cli("backup", env=env)
