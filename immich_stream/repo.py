@@ -780,8 +780,6 @@ class Repo:
             summary = SnapshotSummary.from_json(json.dumps(raw))
         except ValueError:
             raise RepoError(f"snapshot {snap_id}: snapshot.json is damaged") from None
-        if summary.id != snap_id:
-            raise RepoError(f"snapshot {snap_id}: snapshot.json names another snapshot ({summary.id[:40]!r})")
         return Snapshot(snap_id, summary)
 
     async def snapshots(self) -> list[Snapshot]:

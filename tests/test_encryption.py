@@ -109,6 +109,11 @@ def test_encrypted_repository_round_trip_and_age_opens_every_object(
     assert r.code == 0, r.err
     assert len(bucket.snapshots()) == 1
 
+    # the recovery material: the offline key and the repository's authentication line
+    r = run_cli("key", "show", env=env)
+    auth_line = next(x.split(None, 2)[2] for x in r.out.splitlines() if x.startswith("auth key"))
+    offline.write_text(offline.read_text() + auth_line + "\n")
+
     # disaster: a new machine with only the offline key on paper
     stack.clear_library()
     stack.psql("DROP DATABASE immich WITH (FORCE)", db="postgres")
