@@ -703,7 +703,10 @@ class Repo:
         """A MAC on a snapshot written before authentication: its manifest copied out and
         back with MAC lines (streamed), then snapshot.json with its MAC, last."""
         assert self.auth is not None
-        raw = json.loads(await self.store.get(self.summary_key(sid)))
+        try:
+            raw = json.loads(await self.store.get(self.summary_key(sid)))
+        except ValueError:
+            raise RepoError(f"snapshot {sid}: snapshot.json is damaged: `prune` cannot judge it; delete it") from None
         if isinstance(raw, dict) and self._summary_mac_ok(sid, raw):
             return  # done by an earlier, interrupted set-up
         manifest, tmp = self.manifest_key(sid), self.snapshot_prefix(sid) + MANIFEST_REWRITE
