@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from immich_stream.auth import RepoAuth
+from immich_stream.auth import parse as parse_auth
 from immich_stream.errors import ConfigError, RepoError
 
 INTRO = b"age-encryption.org/v1\n"
@@ -240,11 +242,13 @@ def read_identity_file(path: Path) -> list[Identity]:
     return keys
 
 
-def identity_file_text(identities: list[Identity], comments: list[str]) -> str:
+def identity_file_text(identities: list[Identity], comments: list[str], auth: RepoAuth | None = None) -> str:
     lines = [f"# {c}" for c in comments]
     for ident in identities:
         lines.append(f"# public key: {ident.recipient}")
         lines.append(ident.secret_text())
+    if auth is not None:
+        lines.append(auth.line())
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +263,16 @@ def sealed_size(plain: int, recipients: int) -> int:
     """Bytes of an age file of `plain` bytes for that many X25519 recipients."""
     chunks = max(1, -(-plain // CHUNK))
     return header_size(recipients) + NONCE + plain + TAG * chunks
+
+
+def plain_size(stored: int, recipients: int) -> int | None:
+    """The plaintext bytes of an age file of `stored` bytes for that many X25519
+    recipients (sealed_size's inverse), None when no plaintext gives that size."""
+    body = stored - header_size(recipients) - NONCE  # plaintext plus a tag per chunk
+    if body < TAG:
+        return None
+    plain = body - TAG * max(1, -(-body // SEALED_CHUNK))
+    return plain if plain >= 0 and sealed_size(plain, recipients) == stored else None
 
 
 def _nonce(counter: int, final: bool) -> bytes:
@@ -546,6 +560,7 @@ class Keys:
     identities: tuple[Identity, ...]
     extra: tuple[Recipient, ...]
     path: Path
+    auth: RepoAuth | None = None  # the repository authentication key the file holds (auth.py)
 
     @property
     def recipients(self) -> tuple[Recipient, ...]:
@@ -561,4 +576,9 @@ def load_keys(identity_file: Path | None, recipients: tuple[str, ...]) -> Keys |
                 "identity_file) to a key made with age-keygen"
             )
         return None
-    return Keys(tuple(read_identity_file(identity_file)), tuple(Recipient.parse(r) for r in recipients), identity_file)
+    identities = tuple(read_identity_file(identity_file))
+    try:
+        auth = parse_auth(identity_file.read_text("ascii"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"age_identity {identity_file} cannot be read: {exc}") from None
+    return Keys(identities, tuple(Recipient.parse(r) for r in recipients), identity_file, auth)

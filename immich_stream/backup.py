@@ -164,6 +164,8 @@ async def walk_root(
             if decision.action == "reuse":
                 assert decision.source is not None
                 line.key, line.sha256, line.stored = decision.source.key, decision.source.sha256, decision.source.stored
+                if line.stored is not None and line.key:  # re-sealed by an interrupted `key reencrypt`?
+                    line.stored = sources.objects.size_of(line.key, line.stored) or line.stored
                 setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
                 if decision.kind == "resumed":
                     # in this run's journal too: a run that resumed another and is itself
@@ -316,7 +318,9 @@ class BackupRun:
         self.stream_budget = ByteBudget(stream_share)
         self.budget = ByteBudget(max(settings.max_memory - stream_share, settings.part_size))
         self.uploader = FileUploader(repo.store, repo, self.budget, settings, self.stats)
-        self.manifest = ManifestWriter(repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size)
+        self.manifest = ManifestWriter(
+            repo.store, repo.manifest_key(snap_id), self.stream_budget, settings.part_size, repo.manifest_mac(snap_id)
+        )
         self.journal = JournalWriter(repo, snap_id, "main")
         self.live_journal: JournalWriter | None = None
         # After a live pass the stopped pass uploads under <root>/%stopped/: it never

@@ -299,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("action", choices=("show", "rotate", "reencrypt"))
     k.add_argument("--reencrypt", action="store_true", help="rotate: rewrite every object for the new keys")
+    k.add_argument(
+        "--drop-recipient",
+        action="append",
+        default=[],
+        metavar="AGE1...",
+        help="rotate: stop encrypting to this recipient of the repository (repeatable); without it, a recipient "
+        "IMMICH_STREAM_AGE_RECIPIENTS no longer names is refused",
+    )
+    k.add_argument(
+        "--drop-missing-recipients",
+        action="store_true",
+        help="rotate: drop every recipient of the repository that IMMICH_STREAM_AGE_RECIPIENTS no longer names",
+    )
     _flag(k, "lock_wait")
     _transfer_options(k)
 
@@ -735,7 +748,9 @@ async def cmd_key(args: argparse.Namespace, settings: cfg.Settings, reporter: Re
     if args.action == "show":
         report = await keys.show(settings)
     elif args.action == "rotate":
-        report = await keys.rotate(settings, reporter, args.reencrypt)
+        report = await keys.rotate(
+            settings, reporter, args.reencrypt, tuple(args.drop_recipient), args.drop_missing_recipients
+        )
     else:
         report = await keys.reencrypt(settings, reporter)
     print("\n".join(keys.summary_lines(report)), flush=True)

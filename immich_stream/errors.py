@@ -13,6 +13,7 @@ EXIT_SUSPICIOUS = 4  # the library looks unmounted, empty or shrunk: refused, no
 EXIT_UNSTABLE = 5  # snapshot committed, but a container did not stay running after the restart
 EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune asked for with --prune failed
 EXIT_PARTIAL = 7  # restore finished, but some files could not be restored (each named); the rest is in place
+EXIT_FORGED = 8  # what the repository says failed authentication: altered by someone without its key
 EXIT_THAWING = (
     75  # restore/drill/verify --no-wait: thaws of archived objects requested; run it again later (EX_TEMPFAIL)
 )
@@ -64,6 +65,13 @@ class DumpError(ImmichStreamError):
 
 class RepoError(ImmichStreamError):
     """The repository in the bucket is missing, damaged or of an unknown format."""
+
+
+class ForgedError(RepoError):
+    """config.json, a snapshot.json or a manifest of an authenticated repository does not
+    carry a valid MAC: someone who can write the bucket (but has no key) altered it."""
+
+    exit_code = EXIT_FORGED
 
 
 class SuspiciousLibrary(ImmichStreamError):

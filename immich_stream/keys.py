@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -23,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from immich_stream.age import DecryptError, Decryptor, Identity, Keys, Recipient, Sealing, identity_file_text, load_keys
+from immich_stream.auth import RepoAuth
 from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
 from immich_stream.progress import Reporter
-from immich_stream.repo import MANIFEST, SUMMARY, ManifestWriter, Repo
+from immich_stream.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
 from immich_stream.session import LockSpec, open_repo
 from immich_stream.store import MultipartUpload, Store
 from immich_stream.watchdog import s3_hang, with_watchdog
@@ -45,6 +45,8 @@ class KeyReport:
     objects_reencrypted: int = 0
     bytes_reencrypted: int = 0
     manifests_rewritten: int = 0
+    auth_line: str | None = None  # the repository authentication key's line (auth.py), for the recovery key
+    skipped: list[str] = field(default_factory=list)  # objects that are not age files of this repository's
     seconds: float = 0.0
 
 
@@ -65,11 +67,15 @@ async def _encryption(repo: Repo) -> dict[str, Any]:
 async def show(settings: Settings) -> KeyReport:
     async with open_repo(settings) as repo:
         enc = (await _encryption(repo))["encryption"]
-    return KeyReport(list(enc["recipients"]), list(enc.get("retired", [])))
+        auth = repo.auth.line() if repo.auth is not None else None
+    report = KeyReport(list(enc["recipients"]), list(enc.get("retired", [])))
+    report.auth_line = auth
+    return report
 
 
-def write_identity_file(path: Path, identities: list[Identity]) -> None:
-    """Replace the identity file atomically, mode 0600 from its first byte."""
+def write_identity_file(path: Path, identities: list[Identity], auth: RepoAuth | None = None) -> None:
+    """Replace the identity file atomically, mode 0600 from its first byte (with the
+    repository authentication key's line, when there is one: auth.py)."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = identity_file_text(
         identities,
@@ -77,6 +83,7 @@ def write_identity_file(path: Path, identities: list[Identity]) -> None:
             f"immich-stream identity, rotated {now}: the first key encrypts new backups,",
             "the ones below it still open older objects: keep them until `key reencrypt` has run",
         ],
+        auth,
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -97,8 +104,18 @@ def write_identity_file(path: Path, identities: list[Identity]) -> None:
         os.close(dirfd)
 
 
-async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) -> KeyReport:
-    """A new identity for new backups; the old ones stay in the file for older objects."""
+async def rotate(
+    settings: Settings,
+    reporter: Reporter,
+    reencrypt_after: bool,
+    drop: tuple[str, ...] = (),
+    drop_missing: bool = False,
+) -> KeyReport:
+    """A new identity for new backups; the old ones stay in the file for older objects.
+    A recipient of the repository that the settings no longer name (an offline recovery
+    key left out of IMMICH_STREAM_AGE_RECIPIENTS by mistake) is dropped only when `drop`
+    names it or `drop_missing` says so; otherwise nothing changes."""
+    to_drop = {Recipient.parse(r) for r in drop}
     started = time.monotonic()
     keys = _keys(settings)
     lock = LockSpec("key rotate", exclusive=True, wait=settings.lock_wait)
@@ -111,15 +128,20 @@ async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) 
         retired = [r for r in dict.fromkeys(before) if r not in recipients]
         own = {i.recipient for i in keys.identities}
         dropped = [r for r in (Recipient.parse(x) for x in enc["recipients"]) if r not in recipients and r not in own]
-        for r in dropped:  # an offline recovery key left out by mistake must not go unnoticed
-            log.warning(
-                "%s is no longer a recipient (IMMICH_STREAM_AGE_RECIPIENTS does not name it): new objects are not "
-                "encrypted to it",
-                r,
+        # an offline recovery key left out by mistake must not be dropped (and every object
+        # re-encrypted without it) on a warning: only on the user's word, before anything changes
+        kept = [r for r in dropped if r not in to_drop and not drop_missing]
+        if kept:
+            raise ConfigError(
+                f"key rotate: the repository's recipient {kept[0]} is not in IMMICH_STREAM_AGE_RECIPIENTS: add it "
+                f"there to keep it, or pass --drop-recipient {kept[0]} to stop encrypting to it; nothing was changed"
             )
+        for r in dropped:
+            log.warning("%s is no longer a recipient (dropped as asked): new objects are not encrypted to it", r)
         # the file first: with it, every object (old and new) opens whatever happens next
         try:
-            await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities])
+            # repo.auth, not keys.auth: opening the repository may have just set the key up
+            await asyncio.to_thread(write_identity_file, keys.path, [new, *keys.identities], repo.auth)
         except OSError as exc:
             raise ConfigError(
                 f"key rotate: cannot write the new identity into {keys.path} ({exc.strerror or exc}): nothing was "
@@ -127,7 +149,7 @@ async def rotate(settings: Settings, reporter: Reporter, reencrypt_after: bool) 
             ) from None
         cfg["encryption"] = dict(enc, recipients=[str(r) for r in recipients], retired=[str(r) for r in retired])
         cfg["rotated"] = dt.datetime.now(dt.UTC).isoformat()
-        await repo.store.put(repo.config_key(), json.dumps(cfg, indent=2).encode() + b"\n", "application/json")
+        await repo.write_config(cfg)
         log.info("new recipient %s; %d retired", new.recipient, len(retired))
         report = KeyReport([str(r) for r in recipients], [str(r) for r in retired], str(new.recipient))
         report.dropped = [str(r) for r in dropped]
@@ -219,13 +241,25 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
     large = asyncio.Semaphore(2)
     phase = reporter.phase("re-encrypt")
 
+    def skip(key: str, why: str) -> None:
+        # a folder marker, a stray file, an object no identity opens: not one this rotation
+        # can rewrite; reported, and the rotation goes on (verify names the damaged ones)
+        log.warning("skipped %s: %s", key, why)
+        report.skipped.append(key)
+
     async def one(key: str, size: int) -> None:
         async with sem:
+            if key.endswith("/") or run_of(repo.relative_key(key)) is None:
+                skip(key, "not an object of this repository (a folder marker or a stray file)")
+                return
             report.objects_checked += 1
-            if not await _opens(store, key, identity):
-                async with large if size > part else contextlib.nullcontext():
-                    report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
-                report.objects_reencrypted += 1
+            try:
+                if not await _opens(store, key, identity):
+                    async with large if size > part else contextlib.nullcontext():
+                        report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
+                    report.objects_reencrypted += 1
+            except DecryptError as exc:
+                skip(key, f"not an age file this repository's identities open ({exc.detail}); left as it is")
             phase.update(0, files=1)
 
     async def each(prefix: str, skip: tuple[str, ...] = ()) -> None:
@@ -246,7 +280,7 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
         phase.close()
 
 
-REWRITE = "manifest.rewrite.jsonl.gz"  # a manifest on its way back (deleted after)
+REWRITE = MANIFEST_REWRITE  # a manifest on its way back (deleted after)
 
 
 async def _rewrite_snapshot(
@@ -262,7 +296,7 @@ async def _rewrite_snapshot(
     tmp = repo.snapshot_prefix(sid) + REWRITE
 
     async def copy(src: str, dst: str, fix: bool) -> None:
-        async with ManifestWriter(store, dst, budget, part_size) as out:
+        async with ManifestWriter(store, dst, budget, part_size, repo.manifest_mac(sid)) as out:
             async for line in repo.read_lines_at(src):
                 if fix and line.key:
                     line.stored = sealing.size(line.size)
@@ -277,7 +311,7 @@ async def _rewrite_snapshot(
         db = snap.summary.database
         if db.compressed_size is not None:
             db.stored_size = sealing.size(db.compressed_size)
-        await store.put(repo.summary_key(sid), snap.summary.to_json(), "application/json")
+        await repo.commit(snap.summary)
 
 
 def summary_lines(report: KeyReport) -> list[str]:
@@ -286,8 +320,16 @@ def summary_lines(report: KeyReport) -> list[str]:
         lines.insert(0, f"new identity {report.new_recipient} (first in the identity file; back the file up now)")
     if report.dropped:
         lines.append(f"dropped    {', '.join(report.dropped)}: no longer a recipient of new objects")
+    if report.auth_line:
+        lines.append(
+            f"auth key   {report.auth_line}\n           (this line belongs in every copy of the identity file, "
+            "the offline recovery key's too: without it a restore cannot check what the bucket says)"
+        )
     if report.retired:
         lines.append(f"retired    {', '.join(report.retired)} (their identities stay in the file for older objects)")
+    if report.skipped:
+        shown = ", ".join(report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")
+        lines.append(f"skipped    {len(report.skipped)} objects that are not this repository's age files: {shown}")
     if report.objects_checked:
         lines.append(
             f"re-encrypt {report.objects_reencrypted} of {report.objects_checked} objects, "

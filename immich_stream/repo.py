@@ -13,6 +13,7 @@ Commands talk to the bucket through this module; only here are keys built.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import datetime as dt
 import hashlib
@@ -29,7 +30,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from immich_stream.age import Keys, Recipient, Sealing
+from immich_stream.age import Keys, Recipient, Sealing, plain_size
+from immich_stream.auth import (
+    MAX_BLOCK,
+    TRUST_ENV,
+    ManifestMac,
+    RepoAuth,
+    add_to_identity_file,
+    canonical,
+    forged,
+    is_auth_line,
+    trust_bucket,
+)
 from immich_stream.budget import ByteBudget
 from immich_stream.config import env_duration, storage_class_for
 from immich_stream.errors import ConfigError, RepoError, StoreError
@@ -58,6 +70,7 @@ STOPPED_DIR = "%stopped"  # like %long, cannot start an escaped path (a bare % i
 MANIFEST = "manifest.jsonl.gz"
 DUMP = "database.sql.gz"
 SUMMARY = "snapshot.json"  # written last: the commit marker
+MANIFEST_REWRITE = "manifest.rewrite.jsonl.gz"  # a manifest on its way back (key reencrypt, auth set-up)
 JOURNAL_DIR = "journal/"
 # A journal chunk is written at least this often while its run reads files, and once this
 # many bytes were read or its compressed lines pass JOURNAL_MAX_PENDING.
@@ -245,10 +258,14 @@ class Snapshot:
 
 
 class ManifestWriter:
-    """Gzipped JSON lines streamed to S3 as they come (no whole manifest in memory)."""
+    """Gzipped JSON lines streamed to S3 as they come (no whole manifest in memory); in an
+    authenticated repository each flushed block is followed by its MAC line (auth.py)."""
 
-    def __init__(self, store: Store, key: str, budget: ByteBudget, part_size: int) -> None:
+    def __init__(
+        self, store: Store, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
+    ) -> None:
         self._out = StreamWriter(store, key, budget, part_size)
+        self._mac = mac
         self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -260,18 +277,22 @@ class ManifestWriter:
     async def add(self, line: ManifestLine) -> None:
         raw = line.to_json().encode() + b"\n"
         self.lines += 1
+        if self._mac is not None:
+            self._mac.add(raw)
         self._pending.append(raw)
         self._pending_size += len(raw)
         if self._pending_size >= 1 << 20:
             await self._flush()
 
-    async def _flush(self) -> None:
+    async def _flush(self, end: bool = False) -> None:
+        if self._mac is not None and (self._pending or end):
+            self._pending.append(self._mac.seal_line(end))
         data = self._z.compress(b"".join(self._pending))
         self._pending, self._pending_size = [], 0
         await self._out.write(data)
 
     async def finish(self) -> None:
-        await self._flush()
+        await self._flush(end=True)
         await self._out.write(self._z.flush())
         await self._out.finish()
 
@@ -359,13 +380,25 @@ def key_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=10).digest()
 
 
+# the recipients an object may have been sealed for when its manifest was written
+MAX_RECIPIENTS_GUESS = 32
+
+
 class ObjectIndex:
     """Which data objects exist, and with which size: built from one listing of data/,
     8 bytes per object (a sorted array of digests of key and size), so a backup can check
-    every object it reuses without a request per file."""
+    every object it reuses without a request per file.
 
-    def __init__(self) -> None:
+    In an encrypted repository an object's size depends on its number of recipients: a
+    `key reencrypt` that was interrupted after rewriting objects, before their manifests,
+    leaves objects sealed for the current recipients under manifests that record the old
+    size. Such an object is the same file (age authenticates it, the manifest's sha256
+    binds it): it counts as present when it has the size the current recipients give to
+    the plaintext the recorded size implies."""
+
+    def __init__(self, sealing: Sealing | None = None) -> None:
         self._digests = array("Q")
+        self.sealing = sealing
 
     @staticmethod
     def _digest(key: str, size: int) -> int:
@@ -374,16 +407,31 @@ class ObjectIndex:
 
     @classmethod
     async def load(cls, repo: Repo) -> ObjectIndex:
-        index = cls()
+        index = cls(repo.store.sealing)
         async for obj in repo.store.list_objects(repo.data_prefix()):
             index._digests.append(cls._digest(repo.relative_key(obj.key), obj.size))
         index._digests = array("Q", sorted(index._digests))
         return index
 
-    def has(self, key: str, size: int) -> bool:
+    def _has(self, key: str, size: int) -> bool:
         d = self._digest(key, size)
         i = bisect.bisect_left(self._digests, d)
         return i < len(self._digests) and self._digests[i] == d
+
+    def has(self, key: str, size: int) -> bool:
+        return self.size_of(key, size) is not None
+
+    def size_of(self, key: str, size: int) -> int | None:
+        """The size of the object at key in the listing, given the size a manifest
+        recorded for it (see the class docstring); None when it is not there."""
+        if self._has(key, size):
+            return size
+        if self.sealing is not None:
+            for n in range(1, MAX_RECIPIENTS_GUESS + 1):
+                plain = plain_size(size, n)
+                if plain is not None and self._has(key, now := self.sealing.size(plain)):
+                    return now
+        return None
 
 
 class Repo:
@@ -391,6 +439,10 @@ class Repo:
         self.store = store
         self.prefix = prefix.strip("/")
         self.lock: RepoLock | None = None  # set by session.open_repo while it holds one
+        # the repository authentication key (auth.py), once check_config accepted it; with
+        # auth_required every snapshot.json and manifest must carry a valid MAC
+        self.auth: RepoAuth | None = None
+        self.auth_required = False
         if isinstance(store, Store):  # (unit tests build keys without one)
             store.storage_class_for = self.storage_class_for
 
@@ -498,8 +550,20 @@ class Repo:
             }
             if keys is not None:
                 body["encryption"] = {"scheme": AGE_SCHEME, "recipients": [str(r) for r in keys.recipients]}
-            await self.store.put(key, json.dumps(body, indent=2).encode() + b"\n", "application/json")
-        await self.check_config(keys, writing=True)
+                self.auth = keys.auth  # a new repository is authenticated from its first byte when it can be
+            await self.write_config(body)
+        await self.check_config(keys, writing=True, defer=True)
+
+    async def write_config(self, cfg: dict[str, Any]) -> None:
+        """config.json, with its MAC in an authenticated repository."""
+        body = {k: v for k, v in cfg.items() if k != "auth"}
+        if self.auth is not None and isinstance(body.get("encryption"), dict):
+            body["auth"] = {
+                "scheme": "hmac-sha256",
+                "key_id": self.auth.key_id,
+                "mac": self.auth.mac("config.json", canonical(body)),
+            }
+        await self.store.put(self.config_key(), json.dumps(body, indent=2).encode() + b"\n", "application/json")
 
     def where(self) -> str:
         return f"s3://{self.store.bucket}/{self.prefix}"
@@ -548,9 +612,14 @@ class Repo:
             raise RepoError(f"{key} is not an immich-stream repository: choose another S3_PREFIX")
         return cfg
 
-    async def check_config(self, keys: Keys | None = None, writing: bool = False) -> None:
+    async def check_config(
+        self, keys: Keys | None = None, writing: bool = False, upgrade: bool = False, defer: bool = False
+    ) -> None:
         """Check the repository's format and set up its encryption: an encrypted one needs
-        an identity it was encrypted to; a writer (backup) also the same recipients."""
+        an identity it was encrypted to; a writer (backup) also the same recipients.
+        config.json's MAC is checked before any of it is believed (auth.py); `upgrade` (a
+        writer holding its lock) may set authentication up on a repository without it;
+        `defer`: such a writer's first look, before its lock (the check under it decides)."""
         key = self.config_key()
         if await self.store.head(key) is None:
             raise RepoError(
@@ -563,7 +632,126 @@ class Repo:
                 f"repository format {cfg['version']} is newer than this immich-stream knows "
                 f"({VERSION}): upgrade immich-stream"
             )
-        self._encryption(cfg, keys, writing)
+        if keys is not None and keys.auth is not None:  # believe nothing in it (its recipients) before its MAC
+            setup = self._authenticate(cfg, keys, upgrade, defer)
+            self._encryption(cfg, keys, writing)
+        else:  # nothing to check it with: a wrong identity file is the likelier mistake, say that first
+            self._encryption(cfg, keys, writing)
+            setup = self._authenticate(cfg, keys, upgrade, defer)
+        if setup is not None and keys is not None:
+            await self._set_up_auth(cfg, keys, setup)
+
+    def _authenticate(self, cfg: dict[str, Any], keys: Keys | None, upgrade: bool, defer: bool) -> RepoAuth | None:
+        """Check config.json's MAC with the identity file's key; the key to set up
+        authentication with (on trust, the repository as it is) when that is due."""
+        self.auth, self.auth_required = None, False
+        if keys is None or cfg.get("encryption") is None:
+            return None  # a plain repository has no authenticity (docs/threat-model.md)
+        mine, claim = keys.auth, cfg.get("auth")
+        if mine is None:
+            if upgrade and claim is None:
+                return RepoAuth.generate()  # trust on first use: this run has the identity and the lock
+            if not upgrade and trust_bucket():
+                log.warning("%s=1: reading %s without checking its authenticity", TRUST_ENV, self.where())
+                return None
+            if claim is None and defer:
+                return None  # a writer's first look, before its lock: set up once it holds the lock
+            if claim is None:
+                raise ConfigError(
+                    f"{keys.path} holds no repository authentication key: run `backup` once on the backup host "
+                    f"(it adds the `# immich-stream-auth:` line and authenticates the repository as it is), or set "
+                    f"{TRUST_ENV}=1 to read it unchecked"
+                )
+            raise ConfigError(
+                f"the repository at {self.where()} is authenticated and {keys.path} lacks its key: add the "
+                f"`# immich-stream-auth:` line that `key show` prints on the backup host (keep it with your "
+                f"recovery key){'' if upgrade else f', or set {TRUST_ENV}=1 to read it unchecked'}"
+            )
+        if claim is None:
+            if mine.ready and not trust_bucket():
+                raise forged(
+                    f"{self.config_key()} carries no MAC, yet {keys.path} holds the repository's authentication key "
+                    f"(if this repository was written by an older immich-stream, set {TRUST_ENV}=1 for one backup "
+                    "to authenticate it as it is)"
+                )
+            if upgrade:
+                return RepoAuth(mine.key, ready=False)
+            if defer:
+                return None
+            self.auth = mine  # the set-up on trust is under way: what has a MAC must match
+            return None
+        body = {k: v for k, v in cfg.items() if k != "auth"}
+        if not isinstance(claim, dict) or not mine.check("config.json", claim.get("mac"), canonical(body)):
+            raise forged(f"{self.config_key()}: its MAC does not match (its recipients cannot be believed)")
+        self.auth, self.auth_required = mine, mine.ready
+        return None if mine.ready or not upgrade else mine  # an interrupted set-up: finish it
+
+    async def _set_up_auth(self, cfg: dict[str, Any], keys: Keys, auth: RepoAuth) -> None:
+        """Trust on first use: the key into the identity file (marked pending), a MAC on
+        every committed snapshot as it is, config.json's MAC, then the key marked ready."""
+        pending = RepoAuth(auth.key, ready=False)
+        try:
+            await asyncio.to_thread(add_to_identity_file, keys.path, pending)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot add the repository authentication key to {keys.path} ({exc.strerror or exc}): make the "
+                "file writable for one backup (a read-only secret mount: mount it writable once); nothing was changed"
+            ) from None
+        self.auth, self.auth_required = pending, False
+        ids = await self.snapshot_ids()
+        for sid in ids:
+            await self._authenticate_snapshot(sid)
+        await self.write_config(cfg)
+        ready = RepoAuth(auth.key, ready=True)
+        await asyncio.to_thread(add_to_identity_file, keys.path, ready)
+        self.auth, self.auth_required = ready, True
+        (log.warning if ids else log.info)(
+            "repository authentication set up: %d existing snapshots were authenticated as they are (trust on "
+            "first use); %s gained a `# immich-stream-auth:` line: copy it to your recovery key (`key show`)",
+            len(ids),
+            keys.path,
+        )
+
+    async def _authenticate_snapshot(self, sid: str) -> None:
+        """A MAC on a snapshot written before authentication: its manifest copied out and
+        back with MAC lines (streamed), then snapshot.json with its MAC, last."""
+        assert self.auth is not None
+        try:
+            raw = json.loads(await self.store.get(self.summary_key(sid)))
+        except ValueError:
+            raise RepoError(f"snapshot {sid}: snapshot.json is damaged: `prune` cannot judge it; delete it") from None
+        if isinstance(raw, dict) and self._summary_mac_ok(sid, raw):
+            return  # done by an earlier, interrupted set-up
+        manifest, tmp = self.manifest_key(sid), self.snapshot_prefix(sid) + MANIFEST_REWRITE
+        if await self.store.head(manifest) is not None:
+            budget = ByteBudget(64 << 20)
+            part = self.store.settings.part_size
+            for src, dst in ((manifest, tmp), (tmp, manifest)):
+                async with ManifestWriter(self.store, dst, budget, part, self.manifest_mac(sid)) as out:
+                    async for line in self.read_lines_at(src):
+                        await out.add(line)
+                    await out.finish()
+            await self.store.delete([tmp])
+        await self.commit((await self.load_snapshot(sid)).summary)
+
+    def manifest_mac(self, snap_id: str) -> ManifestMac | None:
+        """The MAC chain a manifest of this snapshot is written (and read) with."""
+        return ManifestMac(self.auth, snap_id) if self.auth is not None else None
+
+    def _summary_mac_ok(self, snap_id: str, raw: dict[str, Any]) -> bool:
+        assert self.auth is not None
+        body = {k: v for k, v in raw.items() if k != "auth"}
+        return self.auth.check("snapshot.json", raw.get("auth"), snap_id.encode(), canonical(body))
+
+    def summary_bytes(self, summary: SnapshotSummary) -> bytes:
+        """snapshot.json as stored: with its MAC in an authenticated repository."""
+        body = summary.to_json()
+        if self.auth is None:
+            return body
+        d = json.loads(body)
+        d.pop("auth", None)
+        d["auth"] = self.auth.mac("snapshot.json", summary.id.encode(), canonical(d))
+        return json.dumps(d, indent=2, sort_keys=True).encode() + b"\n"
 
     def relative_key(self, key: str) -> str:
         """A bucket key -> the key relative to the prefix (as manifests hold it)."""
@@ -598,7 +786,14 @@ class Repo:
 
     async def load_snapshot(self, snap_id: str) -> Snapshot:
         try:
-            summary = SnapshotSummary.from_json(await self.store.get(self.summary_key(snap_id)))
+            raw = json.loads(await self.store.get(self.summary_key(snap_id)))
+            if not isinstance(raw, dict):
+                raise ValueError("not an object")
+            checked = self.auth is not None and ("auth" in raw or self.auth_required)
+            if checked and not self._summary_mac_ok(snap_id, raw):
+                raise forged(f"snapshot {snap_id}: snapshot.json carries no valid MAC")
+            raw.pop("auth", None)
+            summary = SnapshotSummary.from_json(json.dumps(raw))
         except ValueError:
             raise RepoError(f"snapshot {snap_id}: snapshot.json is damaged") from None
         return Snapshot(snap_id, summary)
@@ -625,15 +820,20 @@ class Repo:
 
     async def commit(self, summary: SnapshotSummary) -> None:
         """Write snapshot.json: from now on the snapshot exists."""
-        await self.store.put(self.summary_key(summary.id), summary.to_json(), "application/json")
+        await self.store.put(self.summary_key(summary.id), self.summary_bytes(summary), "application/json")
 
     async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
         async for line in self.read_lines_at(self.manifest_key(snap_id)):
             yield line
 
     async def read_lines_at(self, key: str) -> AsyncIterator[ManifestLine]:
-        """The lines of a manifest-like object, streamed."""
-        async for line in self._read_lines(self.store.iter_object(key)):
+        """The lines of a manifest-like object, streamed; in an authenticated repository a
+        block of lines only once its MAC matched (auth.py)."""
+        parts = self.relative_key(key).split("/")
+        mac = None
+        if len(parts) == 3 and parts[0] == "snapshots" and is_snapshot_id(parts[1]):
+            mac = self.manifest_mac(parts[1])
+        async for line in self._read_lines(self.store.iter_object(key), mac, key):
             yield line
 
     async def read_journal(self, keys: list[str], what: str) -> AsyncIterator[ManifestLine]:
@@ -661,13 +861,38 @@ class Repo:
             async for line in self._read_lines(slices()):
                 yield line
 
-    async def _read_lines(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[ManifestLine]:
+    async def _read_lines(
+        self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = ""
+    ) -> AsyncIterator[ManifestLine]:
         rest = b""
+        block: list[ManifestLine] = []
+        hold = mac is not None and self.auth_required  # otherwise (a set-up under way) lines pass at once
         async for data in gunzip_stream(chunks):
             lines = (rest + data).split(b"\n")
             rest = lines.pop()
             for raw in lines:
-                if raw:
+                if not raw:
+                    continue
+                if mac is None:
                     yield ManifestLine.from_json(raw)
+                elif is_auth_line(raw):
+                    mac.check_line(raw, where)
+                    for line in block:
+                        yield line
+                    block.clear()
+                else:
+                    if mac.ended:
+                        raise forged(f"{where}: lines after its last authenticated block")
+                    mac.add(raw + b"\n")
+                    if not hold:
+                        yield ManifestLine.from_json(raw)
+                        continue
+                    if mac.block_bytes > MAX_BLOCK:
+                        raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
+                    block.append(ManifestLine.from_json(raw))
         if rest:
+            if mac is not None:
+                raise forged(f"{where}: its last line has no end")
             yield ManifestLine.from_json(rest)
+        if mac is not None and not mac.ended and (hold or mac.seq):
+            raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")

@@ -52,7 +52,7 @@ async def open_repo(
             await store.delete([key])
             await repo.ensure_config(keys)
         elif check:
-            await repo.check_config(keys)
+            await repo.check_config(keys, defer=lock is not None and lock.exclusive)
         if lock is None:
             yield repo
             return
@@ -62,8 +62,12 @@ async def open_repo(
                 # Again, now that nobody holds the repository alone: a `key rotate` that held it
                 # while this waited has changed config.json's recipients and the identity file
                 # (objects written for the old ones would not open with the new key alone).
+                # A writer holding it (a backup, prune, key rotate) also sets up the repository's
+                # authentication when it has none yet (auth.py: trust on first use).
                 await repo.check_config(
-                    load_keys(settings.age_identity, settings.age_recipients), writing=create_for is not None
+                    load_keys(settings.age_identity, settings.age_recipients),
+                    writing=create_for is not None,
+                    upgrade=create_for is not None or lock.exclusive,
                 )
             try:
                 yield repo

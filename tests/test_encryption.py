@@ -109,6 +109,11 @@ def test_encrypted_repository_round_trip_and_age_opens_every_object(
     assert r.code == 0, r.err
     assert len(bucket.snapshots()) == 1
 
+    # the recovery material: the offline key and the repository's authentication line
+    r = run_cli("key", "show", env=env)
+    auth_line = next(x.split(None, 2)[2] for x in r.out.splitlines() if x.startswith("auth key"))
+    offline.write_text(offline.read_text() + auth_line + "\n")
+
     # disaster: a new machine with only the offline key on paper
     stack.clear_library()
     stack.psql("DROP DATABASE immich WITH (FORCE)", db="postgres")
@@ -202,7 +207,7 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
     [first] = bucket.snapshots()
 
     # rotate, and drop the offline key: 1 recipient instead of 2, so every size changes
-    r = run_cli("key", "rotate", env=dict(env, IMMICH_STREAM_AGE_RECIPIENTS=""))
+    r = run_cli("key", "rotate", "--drop-recipient", offline_pub, env=dict(env, IMMICH_STREAM_AGE_RECIPIENTS=""))
     assert r.code == 0, r.err
     cfg = json.loads(bucket.get("config.json"))
     new_pub = cfg["encryption"]["recipients"][0]
@@ -212,7 +217,8 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
     secrets_ = [x for x in own.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1")]
     assert len(secrets_) == 2  # the new one first, the old one kept for older objects
     new_only = tmp_path / "new-only.key"
-    new_only.write_text(secrets_[0] + "\n")
+    auth_line = [x for x in own.read_text().splitlines() if x.startswith("# immich-stream-auth: ")]
+    new_only.write_text("\n".join([secrets_[0], *auth_line]) + "\n")  # the repository's authentication key too
     os.chmod(new_only, 0o600)
     # the old recipients are refused for a backup now; the new ones work
     r = run_cli("backup", env=env)
