@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from immich_stream.age import load_keys
 from immich_stream.config import Settings
+from immich_stream.errors import RepoError
 from immich_stream.locks import RepoLock
 from immich_stream.repo import Repo
-from immich_stream.store import Store
+from immich_stream.store import Store, why_no_repository
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,13 @@ async def open_repo(
             await store.delete([key])
             await repo.ensure_config(keys)
         elif check:
-            await repo.check_config(keys)
+            try:
+                await repo.check_config(keys)
+            except RepoError:  # no (readable) config.json: the bucket or the server may be why
+                reason = await why_no_repository(store, settings.endpoint_url)
+                if reason is not None:
+                    raise reason from None
+                raise
         if lock is None:
             yield repo
             return
