@@ -8,6 +8,7 @@ downtime); `record` copies it and the dump's facts into the summary.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 import aiodocker
 
 from immich_stream.config import Settings, read_dotenv
+from immich_stream.errors import ConfigError
 from immich_stream.postgres import DumpResult
 from immich_stream.stack import PROJECT_LABEL
 from immich_stream.summary import ImmichInfo, SnapshotSummary
@@ -419,7 +421,10 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
     info.database = _image_info(*await _inspect(docker, settings.db_container))
     name = await _server_container(docker, settings.project)
     server = _image_info(*await _inspect(docker, name))
-    env_version = read_dotenv(settings.immich_dir / ".env").get("IMMICH_VERSION") if settings.immich_dir else None
+    env_version = None
+    if settings.immich_dir:
+        with contextlib.suppress(ConfigError):  # changed since the settings were read: leave it out
+            env_version = read_dotenv(settings.immich_dir / ".env").get("IMMICH_VERSION")
     tag = image_tag(server.image)
     tag_version = tag if tag and re.match(r"^v?\d+\.\d+", tag) else None
     info.immich = ImmichInfo(
