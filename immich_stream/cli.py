@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from immich_stream import __version__, cleanup
 from immich_stream import config as cfg
@@ -33,6 +33,7 @@ from immich_stream.errors import (
     EXIT_SIGTERM,
     EXIT_THAWING,
     EXIT_UNSTABLE,
+    EXIT_USAGE,
     AfterCommitError,
     ConfigError,
     ImmichStreamError,
@@ -74,6 +75,33 @@ LOCAL_FLAGS = {
 }
 
 
+class UsageError(Exception):
+    """argparse's complaint about the command line, to be said in one line (not 31 of usage)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is raised for main() to print as one line (and, under
+    --json, as the JSON document too) instead of the usage text and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def _usage_error(exc: UsageError, argv: list[str]) -> int:
+    command = next((a for a in argv if a in (*COMMANDS, "schedule")), "")
+    where = exc.prog.removeprefix("immich-stream").strip()
+    line = f"{where + ': ' if where else ''}{exc}; see `immich-stream {command + ' ' if command else ''}--help`"
+    print(f"immich-stream: error: {line}", file=sys.stderr, flush=True)
+    options = argv[: argv.index("--")] if "--" in argv else argv  # what follows -- is schedule's command
+    if "--json" in options:
+        print(json.dumps(document(command, Outcome(EXIT_USAGE, error=line), time.time(), 0.0), indent=2), flush=True)
+    return EXIT_USAGE
+
+
 def _flag(p: argparse.ArgumentParser | Any, name: str) -> None:
     spec = cfg.SPECS[name]
     assert spec.flag is not None
@@ -91,9 +119,9 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
         _flag(g, name)
 
 
-def _common_parser() -> argparse.ArgumentParser:
+def _common_parser() -> _Parser:
     """Options every command takes; each maps to a setting in config.SETTINGS."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("settings (override the config file, Immich's .env and the environment)")
     g.add_argument(
         "--config",
@@ -143,7 +171,7 @@ def _thaw_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common_parser()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="immich-stream",
         description="Back up a self-hosted Immich server straight into S3: nothing staged on local disk, "
         "only changes uploaded, the stack always started again.",
@@ -811,6 +839,30 @@ def _check_args(args: argparse.Namespace) -> None:
     from_file = getattr(args, "from_file", None)
     if args.command in ("restore", "drill") and from_file and from_file != "-" and not Path(from_file).is_file():
         raise ConfigError(f"--from-file {args.from_file} is not a file: give the path of a pg_dump or pg_dumpall file")
+    if args.command == "backup" and not args.prune:
+        policy = [cfg.SPECS[n].flag for n in cfg.SPECS if n.startswith("keep_") and getattr(args, n, None) is not None]
+        if policy:
+            raise ConfigError(
+                f"backup {policy[0]} does nothing without --prune: add --prune to prune after the backup, "
+                f"or run `prune {policy[0]} ...` on its own"
+            )
+    if args.command == "restore" and (args.database or args.dump_to):
+        files_only = [
+            flag
+            for flag, given in (
+                ("--include", args.include),
+                ("--root", args.root),
+                ("--overwrite", args.overwrite),
+                ("--config-files", args.config_files),
+            )
+            if given
+        ]
+        if files_only:
+            what = "--database" if args.database else "--dump-to"
+            raise ConfigError(
+                f"restore {what} restores the database dump; {', '.join(files_only)} only apply to files "
+                "(restore --to DIR): drop them, or restore the files in a run of their own"
+            )
     if args.command == "restore" and args.dump_to == "-" and args.json:
         raise ConfigError("restore --dump-to - writes the dump to stdout, where --json writes its document: drop one")
     if getattr(args, "check_age", None):
@@ -974,7 +1026,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     _tune_malloc()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _usage_error(exc, argv)
     as_json = bool(args.json)
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
     setup_logging(verbosity, interactive=sys.stderr.isatty(), json_lines=as_json)
@@ -1015,8 +1071,17 @@ def _run_command(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
         from immich_stream.schedule import parse_times, run_schedule
 
         run = args.run[1:] if args.run[:1] == ["--"] else args.run
-        if not run or run[0] not in COMMANDS:
+        if not run:
             raise ConfigError("schedule: give the command to run after --, e.g. `schedule --at 03:00 -- backup`")
+        if run[0] not in COMMANDS:
+            raise ConfigError(
+                f"schedule: {run[0]!r} is not an immich-stream command: give one of {', '.join(COMMANDS)} "
+                "after --, e.g. `schedule --at 03:00 -- backup`"
+            )
+        try:  # a typo in the command's flags is found now, not at 03:00
+            build_parser().parse_args(run)
+        except UsageError as exc:
+            raise ConfigError(f"schedule -- {' '.join(run)}: {exc}; see `immich-stream {run[0]} --help`") from None
         return Outcome(run_schedule(parse_times(args.at), run, args.run_now))
     command = COMMANDS[args.command]
     # With --json, stdout carries the one document at the end: the human text goes nowhere.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import ipaddress
 import logging
 import math
@@ -124,7 +125,7 @@ def parse_int(text: str | int) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         return text
     if not isinstance(text, str) or not re.fullmatch(r"\s*[+-]?\d+\s*", text):
-        raise ValueError(f"{text!r} is not a whole number")
+        raise ValueError(f"{text!r} is not a whole number: give a plain count like 7, without a unit")
     return int(text)
 
 
@@ -154,33 +155,55 @@ def parse_keep_within(text: str) -> str:
     y, mo, d, h = parse_within_parts(text)
     # Prune subtracts it from a snapshot's time: refuse what no calendar can subtract.
     if y * 12 + mo > 12 * 1000 or d > 366 * 1000 or h > 24 * 366 * 1000:
-        raise ValueError(f"{text!r} reaches back more than 1000 years: keep-within that long keeps everything anyway")
+        raise ValueError(
+            f"{text!r} reaches back more than 1000 years: keep-within that long keeps everything anyway: choose a shorter one, like 1y"
+        )
     return text.strip()
 
 
 def parse_percent(text: str | int | float) -> float:
-    """'50%' or '50' -> 0.5 (a fraction of 1)."""
-    if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a percentage")
-    value = float(str(text).strip().removesuffix("%"))
+    """'50%' or '50' -> 0.5 (a fraction of 1). A bare number below 1 is refused: 0.5 is
+    more likely meant as half (50%) than as half a percent, so that one needs its '%'."""
+    hint = "write a percentage like 50% (a number from 1 to 100; 0.5% needs its %)"
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"{text!r} is not a percentage: {hint}")
+    raw = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(%?)", raw)
+    if not m:
+        raise ValueError(f"{text!r} is not a percentage: {hint}")
+    value = float(m.group(1))
+    if not m.group(2) and 0 < value < 1:
+        raise ValueError(f"{text!r} is ambiguous (half is 50%, not 0.5): {hint}")
     if not 0 < value <= 100:
         raise ValueError(f"{text!r} must be a percentage above 0 and at most 100, like 50%")
     return value / 100
 
 
+# --limit-*: the units rclone's --bwlimit takes (binary: 500k is 500 KiB/s), and ours
+# (a bare number is MiB/s). Below MIN_RATE the pacer's smallest slice (16 KiB) is more
+# than a second's worth: an 8 MiB part would take minutes, which is a typo, not a limit.
+RATE_UNITS = {"b": 1 / MIB, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0**2, "p": 1024.0**3}
+MIN_RATE = 16 / 1024  # MiB/s
+
+
 def parse_rate(text: str | int | float) -> float:
-    """'4', '2.5', '2.5MiB/s' -> MiB/s; 0 means no limit."""
-    if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a rate in MiB/s")
+    """'4', '2.5', '2.5MiB/s', '60M', '500k', '1G' -> MiB/s; 0 means no limit."""
+    hint = "give MiB/s as a number (4, 2.5) or with a unit as rclone takes it (500k, 60M, 60MiB, 1G); 0: no limit"
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"{text!r} is not a rate: {hint}")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:MiB/s|M)?\s*", str(text), re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(?:i?b)?|(b))?(?:/s)?\s*", text, re.IGNORECASE)
         if not m:
-            raise ValueError(f"{text!r} is not a rate: give MiB/s as a number, like 4 or 2.5 (0: no limit)")
-        value = float(m.group(1))
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a rate in MiB/s")
+            raise ValueError(f"{text!r} is not a rate: {hint}")
+        value = float(m.group(1)) * RATE_UNITS[(m.group(2) or m.group(3) or "m").lower()]
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a rate: {hint}")
+    if 0 < value < MIN_RATE:
+        raise ValueError(
+            f"{text!r} is below {MIN_RATE * 1024:g} KiB/s, too slow to move a part: give 16k or more, or 0 for no limit"
+        )
     return value
 
 
@@ -189,7 +212,7 @@ def parse_exclude(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     names, each once, in EXCLUDABLE's order."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise ValueError(f"{value!r} is not a list of folder names")
+        raise ValueError(f"{value!r} is not a list of folder names: write thumbs, encoded-video, or a list of them")
     names: set[str] = set()
     for item in items:
         for name in _text(item, "a folder name").split(","):
@@ -361,13 +384,19 @@ def parse_ping_url(text: str) -> str:
     if url.scheme not in ("http", "https") or not url.hostname:
         # never echo it: a ping URL is a credential
         raise ValueError("not an http:// or https:// URL (or ntfy+https://host/topic for ntfy)")
+    try:
+        port = url.port
+    except ValueError:  # not a number, or past 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("has a malformed port: give a port from 1 to 65535, or none (80, 443)")
     if text.startswith("ntfy+") and not url.path.strip("/"):
         raise ValueError("an ntfy URL needs its topic: ntfy+https://ntfy.sh/your-topic")
     return text
 
 
 def parse_prefix(text: str) -> str:
-    prefix = str(text).strip("/")
+    prefix = _text(text, "a key prefix").strip("/")
     if not prefix:  # prune would take the whole bucket (other applications' objects too) for its own
         raise ValueError(f"{text!r} is empty: give the repository its own prefix, e.g. immich-backup")
     if any(part in ("", ".", "..") for part in prefix.split("/")):
@@ -827,6 +856,44 @@ SETTINGS: tuple[Spec, ...] = (
     ),
 )
 SPECS = {s.name: s for s in SETTINGS}
+TOML_KEYS: dict[tuple[str, str], Spec] = {s.toml: s for s in SETTINGS}
+SECTIONS = tuple(dict.fromkeys(s.toml[0] for s in SETTINGS))
+
+
+def _check_section(path: Path, section: str, table: Any) -> dict[str, Any]:
+    """The [section]'s table, or a ConfigError naming the unknown section or key and the
+    nearest valid one: a typo (kep_daily) must not silently leave the default in force."""
+    import difflib
+
+    if not isinstance(table, dict):
+        home = [s.toml[0] for s in SETTINGS if s.toml[1] == section]
+        where = f"put it under [{home[0]}]" if home else f"move it under one of [{'], ['.join(SECTIONS)}]"
+        raise ConfigError(f"config file {path}: {section} is outside any [section]: {where}")
+    if section not in SECTIONS:
+        near = difflib.get_close_matches(section, SECTIONS, n=1)
+        hint = f"did you mean [{near[0]}]? " if near else ""
+        raise ConfigError(
+            f"config file {path}: unknown section [{section}]: {hint}the sections are [{'], ['.join(SECTIONS)}]"
+        )
+    keys = [k for (sec, k) in TOML_KEYS if sec == section]
+    for key in table:
+        if key in keys:
+            continue
+        elsewhere = [sec for (sec, k) in TOML_KEYS if k == key]
+        if elsewhere:
+            raise ConfigError(f"config file {path}: {key} belongs in [{elsewhere[0]}], not [{section}]: move it there")
+        near = difflib.get_close_matches(key, keys, n=1)
+        other = [] if near else difflib.get_close_matches(key, [k for (_, k) in TOML_KEYS], n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        if other:
+            hint = f"did you mean {other[0]} (in [{next(sec for (sec, k) in TOML_KEYS if k == other[0])}])? "
+        raise ConfigError(
+            f"config file {path}: unknown key {key!r} in [{section}]: {hint}the README's Configuration section "
+            "lists every key"
+        )
+    return table
+
+
 ENCRYPTION_CHUNK = 64 * 1024  # age's chunk: an encrypted part's first chunk waits for the next part
 
 
@@ -885,8 +952,6 @@ class Settings:
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     config_file: Path | None = None
-    # keys from the config file that no setting declares (other commands' sections, typos)
-    extra: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def require(self, *names: str) -> None:
         """Raise ConfigError for the first of `names` that is unset."""
@@ -938,8 +1003,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
 
 
-def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse a docker-compose style .env file (KEY=VALUE, # comments, optional quotes)."""
+def read_dotenv(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Immich's .env as docker compose reads it: python-dotenv's parser (quotes, escapes,
+    `export`, comments, values over several lines), then compose's interpolation of
+    unquoted and double-quoted values: `${VAR}`, `$VAR`, `${VAR:-default}`, `${VAR-default}`,
+    `${VAR:+alt}`, `${VAR:?error}`, `$$`; the environment first, then the file's earlier
+    values (compose-go's order). A line compose would refuse is a ConfigError naming it."""
+    from dotenv.parser import parse_stream
+
+    environ = os.environ if environ is None else environ
     values: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -947,19 +1019,53 @@ def read_dotenv(path: Path) -> dict[str, str]:
         return values
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read ({exc.strerror}): check its permissions") from None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:  # never echo the line: it may hold a password
+            raise ConfigError(
+                f"{path} line {binding.original.line} is not KEY=VALUE as docker compose reads it: fix that line "
+                "(quote a value with spaces or #)"
+            )
+        if binding.key is None or binding.value is None:
+            continue  # a comment, a blank line, or a bare KEY (compose takes it from the environment)
+        raw = binding.original.string.partition("=")[2].lstrip()
+        if raw.startswith("'"):  # single quotes: taken literally, as compose does
+            values[binding.key] = binding.value
             continue
-        key, _, value = line.partition("=")
-        key = key.strip().removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
+
+        def lookup(name: str) -> str | None:
+            return environ[name] if name in environ else values.get(name)
+
+        try:
+            values[binding.key] = interpolate(binding.value, lookup)
+        except ValueError as exc:
+            raise ConfigError(f"{path} line {binding.original.line}: {binding.key}: {exc}") from None
     return values
+
+
+_INTERPOLATION = re.compile(
+    r"\$(?:(?P<escaped>\$)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+?])(?P<arg>[^}]*))?\})"
+)
+
+
+def interpolate(value: str, lookup: Callable[[str], str | None]) -> str:
+    """Docker compose's variable substitution (one level; defaults are taken as written)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group("escaped"):
+            return "$"
+        name = m.group("bare") or m.group("name")
+        found, op, arg = lookup(name), m.group("op"), m.group("arg") or ""
+        empty = not found  # the ':' forms also treat an empty value as unset
+        if op in (":-", "-"):
+            return arg if (found is None or (op == ":-" and empty)) else found or ""
+        if op in (":+", "+"):
+            return "" if (found is None or (op == ":+" and empty)) else arg
+        if op in (":?", "?") and (found is None or (op == ":?" and empty)):
+            raise ValueError(f"${{{name}}} is required: {arg or 'set it'}")
+        return found or ""
+
+    return _INTERPOLATION.sub(sub, value)
 
 
 def compose_project_name(immich_dir: Path) -> str | None:
@@ -1001,20 +1107,10 @@ def load(
                 data = _read_toml(candidate)
                 break
 
-    known: dict[tuple[str, str], Spec] = {s.toml: s for s in SETTINGS}
-    extra: dict[str, dict[str, Any]] = {}
     for section, table in data.items():
-        if not isinstance(table, dict):
-            raise ConfigError(
-                f"config file {config_file}: {section} must be a [section] (immich, s3, backup, prune, monitor): "
-                "move it under one"
-            )
-        for key, value in table.items():
-            spec = known.get((section, key))
-            if spec is None:
-                extra.setdefault(section, {})[key] = value
-                continue
-            assert config_file is not None
+        assert config_file is not None
+        for key, value in _check_section(config_file, section, table).items():
+            spec = TOML_KEYS[(section, key)]
             raw[spec.name] = (value, f"config file {config_file}", config_file.parent)
 
     def from_env() -> None:
@@ -1036,7 +1132,7 @@ def load(
     dotenv_names: set[str] = set()
     if "immich_dir" in raw:
         immich_dir = _parse("immich_dir", *raw["immich_dir"])
-        dotenv = read_dotenv(immich_dir / ".env")
+        dotenv = read_dotenv(immich_dir / ".env", environ)
         file_values = {n: v for n, v in raw.items() if v[1].startswith("config file")}
         for spec in SETTINGS:
             if spec.dotenv and dotenv.get(spec.dotenv):
@@ -1050,7 +1146,7 @@ def load(
                 raw["project"] = (name, f"{immich_dir}/docker-compose.yml name:", None)
 
     short = environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0")
-    settings = Settings(config_file=config_file, extra=extra)
+    settings = Settings(config_file=config_file)
     for spec in SETTINGS:
         if spec.name in raw:
             value = _parse(spec.name, *raw[spec.name], short_durations=short)
@@ -1067,11 +1163,15 @@ def _shown(spec: Spec, value: float) -> str:
         return format_size(value)
     if spec.parse is parse_duration:
         return format_duration(value)
+    if spec.parse is parse_rate:
+        return f"{value:g} MiB/s"
     return str(value)
 
 
 def _parse(name: str, value: Any, source: str, base: Path | None, short_durations: bool = False) -> Any:
     spec = SPECS[name]
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{name} from {source} is empty: give a value, or remove it to get the default")
     try:
         parsed = spec.parse(value)
     except (ValueError, TypeError) as exc:

@@ -116,6 +116,14 @@ class Doctor:
                     )
                 else:
                     self.add("Immich markers", OK, f"{MARKER} in all of {', '.join(MARKER_DIRS)}")
+            elif not os.path.lexists(path / "PG_VERSION"):
+                self.add(
+                    name,
+                    FAIL,
+                    f"{path} has no PG_VERSION: it is not a Postgres data directory; set DB_DATA_LOCATION "
+                    "(or POSTGRES_DIR) to the one the database container mounts",
+                )
+                continue
             elif not os.access(path / "PG_VERSION", os.R_OK):
                 self.add(name, FAIL, f"{path}/PG_VERSION is not readable: the cold copy needs root (or use --stop app)")
                 continue

@@ -47,6 +47,12 @@ class StoreError(ImmichStreamError):
     code: str | None = None  # the S3 error code, when the server gave one
 
 
+class CredentialsMissing(StoreError):
+    """No S3 credentials anywhere in the AWS chain: configuration, not a failed run."""
+
+    exit_code = EXIT_USAGE
+
+
 class ObjectNotFound(StoreError):
     """The object asked for does not exist (NoSuchKey, or a 404 to a HEAD)."""
 

@@ -42,33 +42,56 @@ def next_run(now: dt.datetime, times: list[dt.time]) -> dt.datetime:
 
 
 def run_schedule(times: list[dt.time], command: list[str], run_now: bool = False) -> int:
-    """Sleep until the next time, run the command, repeat; exit on SIGTERM/SIGINT."""
+    """Sleep until the next time, run the command, repeat; exit on SIGTERM/SIGINT.
+
+    A signal can arrive at any moment, also while a child is being started (before the loop
+    knows it) or between runs: whichever signal came first is passed on to a child started
+    after it, at once, so no run is left going on its own and none is started for nothing.
+    The handlers in place before are put back at the end."""
     stop = threading.Event()
+    received: list[int] = []
     child: list[subprocess.Popen[bytes]] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
         stop.set()
         for proc in child:  # a backup under way starts the stack again, then exits
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
         signal.signal(sig, on_signal)
-    first = run_now
-    while not stop.is_set():
-        if not first:
-            at = next_run(dt.datetime.now().astimezone(), times)
-            log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), " ".join(command))
-            # wait in short steps: a suspended host or a clock change must not skip a day
-            while not stop.is_set() and dt.datetime.now().astimezone() < at:
-                stop.wait(min(60.0, max(0.1, (at - dt.datetime.now().astimezone()).total_seconds())))
-            if stop.is_set():
-                break
-        first = False
-        proc = subprocess.Popen([sys.executable, "-m", "immich_stream", *command])
-        child[:] = [proc]
-        code = proc.wait()
-        child.clear()
-        log.log(logging.INFO if code == 0 else logging.ERROR, "immich-stream %s exited with %d", command[0], code)
+    try:
+        first = run_now
+        while not stop.is_set():
+            if not first:
+                at = next_run(dt.datetime.now().astimezone(), times)
+                log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), " ".join(command))
+                # wait in short steps: a suspended host or a clock change must not skip a day
+                while not stop.is_set() and dt.datetime.now().astimezone() < at:
+                    stop.wait(min(60.0, max(0.1, (at - dt.datetime.now().astimezone()).total_seconds())))
+                if stop.is_set():
+                    break
+            first = False
+            proc = subprocess.Popen([sys.executable, "-m", "immich_stream", *command])
+            # The child exists: note it with the handlers held off, so that a signal is either
+            # seen here (it came before) or passed on by the handler (it comes after), never lost.
+            signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            try:
+                child[:] = [proc]
+                missed = received[0] if received else None
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            if missed is not None and proc.poll() is None:
+                log.info("a signal came while immich-stream %s was starting: passing it on", command[0])
+                proc.send_signal(missed)
+            code = proc.wait()
+            child.clear()
+            log.log(logging.INFO if code == 0 else logging.ERROR, "immich-stream %s exited with %d", command[0], code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log.info("schedule stopped")
     return 0

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from immich_stream.age import load_keys
 from immich_stream.config import Settings
+from immich_stream.errors import ForgedError, RepoError
 from immich_stream.locks import RepoLock
 from immich_stream.repo import Repo
-from immich_stream.store import Store
+from immich_stream.store import Store, why_no_repository
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,15 @@ async def open_repo(
             await store.delete([key])
             await repo.ensure_config(keys)
         elif check:
-            await repo.check_config(keys, defer=lock is not None and lock.exclusive)
+            try:
+                await repo.check_config(keys, defer=lock is not None and lock.exclusive)
+            except ForgedError:
+                raise
+            except RepoError:  # no (readable) config.json: the bucket or the server may be why
+                reason = await why_no_repository(store, settings.endpoint_url)
+                if reason is not None:
+                    raise reason from None
+                raise
         if lock is None:
             yield repo
             return
