@@ -153,6 +153,11 @@ class SnapshotSummary:
     config_secrets: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def uploaded_bytes(self) -> int:
+        """File bytes this run added to the bucket: the stopped pass's and the live pass's."""
+        return self.files.bytes_uploaded + (self.live_files.bytes_uploaded if self.live_files is not None else 0)
+
     def to_json(self) -> bytes:
         return json.dumps(_to_dict(self), indent=2, sort_keys=True).encode() + b"\n"
 
