@@ -14,7 +14,7 @@ from typing import Any
 
 from immich_stream.changes import MARKER, MARKER_DIRS, ParentInfo, followed, walk_filter
 from immich_stream.config import format_size
-from immich_stream.errors import SuspiciousLibrary
+from immich_stream.errors import DumpError, SuspiciousLibrary
 from immich_stream.postgres import count_rows_up_to
 from immich_stream.walk import walk
 
@@ -145,7 +145,11 @@ async def check_database(
     limits = {t: math.ceil(n * (1 - max_shrink)) for t, n in before.items() if n >= MIN_TABLE_ROWS}
     if not limits:
         return False
-    now = await count_rows_up_to(docker, container, user, dbname, limits)
+    try:
+        now = await count_rows_up_to(docker, container, user, dbname, limits)
+    except DumpError as exc:  # the dump's own counts still decide before the commit
+        log.warning("could not count the database's rows before stopping anything (%s): checking the dump instead", exc)
+        return False
     # Tables not there now are judged at the end, from the dump (a rename shows there).
     seen = {t: n for t, n in now.items() if n is not None}
     tables = shrunk_tables(seen, {t: before[t] for t in seen}, max_shrink)

@@ -270,7 +270,6 @@ class Phase:
         elif self._mode in ("log", "json"):
             self._emit(done=True)
 
-
     def _close_bar(self) -> None:
         """Close the bar and move the live bars below it up by one line. tqdm prints a
         closed bar's last line where the cursor is and moves the cursor down, but goes on
