@@ -374,3 +374,47 @@ def test_database_shrink_rule_tells_a_rename_from_an_emptied_table() -> None:
     ]
     assert shrunk_tables({**before, "public.exif": 44999}, before, 0.5) == ["public.exif 90000 -> 44999"]
     assert shrunk_tables({**before, "public.exif": 45000}, before, 0.5) == []
+
+
+def test_killed_sidecar_is_repaired_by_the_next_container_run(
+    image: str,  # noqa: F811
+    env: dict,
+    stack: ImmichStack,
+    bucket: Bucket,
+) -> None:
+    """A sidecar killed with the stack stopped: the next container run, sharing the state
+    volume (and, with host networking, the host name, and pid 1), starts the stack first."""
+    make_library(stack.library, photos=2, odd_names=False)
+    subprocess.run(["docker", "rm", "-f", SIDECAR], capture_output=True)
+    subprocess.run(["docker", "volume", "rm", "-f", STATE_VOLUME], capture_output=True)
+    common = [
+        "--label",
+        "com.docker.compose.project=immich",
+        "-v",
+        f"{STATE_VOLUME}:/state",
+        *_sidecar_args(env, stack),
+    ]
+    try:
+        # slowed down so that it is caught with the stack stopped
+        docker("run", "-d", "--name", SIDECAR, *common, "-e", "IMMICH_STREAM_LIMIT_UPLOAD=2", image, "backup")
+
+        def stopped() -> bool:
+            logs = subprocess.run(["docker", "logs", SIDECAR], capture_output=True, text=True).stderr
+            return "stopping immich_postgres" in logs
+
+        wait_for(stopped, 180, 0.1, "the sidecar to stop the stack")
+        docker("kill", SIDECAR)
+        assert "immich_server" not in running_containers()
+        proc = subprocess.run(
+            ["docker", "run", "--rm", *common, image, "backup", "--stop", "none"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "was killed with the stack stopped" in proc.stderr
+        assert running_containers() >= set(CONTAINERS)
+    finally:
+        subprocess.run(["docker", "rm", "-f", SIDECAR], capture_output=True)
+        subprocess.run(["docker", "volume", "rm", "-f", STATE_VOLUME], capture_output=True)
+        stack.ensure_running()
