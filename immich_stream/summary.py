@@ -156,7 +156,9 @@ class SnapshotSummary:
     @property
     def uploaded_bytes(self) -> int:
         """File bytes this run added to the bucket: the stopped pass's and the live pass's."""
-        return self.files.bytes_uploaded + (self.live_files.bytes_uploaded if self.live_files is not None else 0)
+        live: Any = self.live_files  # read back from snapshot.json, an optional field stays a dict
+        live_bytes = live.get("bytes_uploaded", 0) if isinstance(live, dict) else getattr(live, "bytes_uploaded", 0)
+        return self.files.bytes_uploaded + int(live_bytes or 0)
 
     def to_json(self) -> bytes:
         return json.dumps(_to_dict(self), indent=2, sort_keys=True).encode() + b"\n"

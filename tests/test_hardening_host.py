@@ -245,6 +245,7 @@ def test_uploaded_counts_the_live_pass_too(env: dict, stack: ImmichStack, bucket
     assert summary["live_files"]["bytes_uploaded"] > 0  # the live pass uploaded most of it
     assert summary["bytes_uploaded"] == added
     r = run_cli("snapshots", "--json", env=env)
+    assert r.code == 0, r.err
     [row] = json.loads(r.out)["summary"]["snapshots"]
     assert row["bytes_new"] == added
 
