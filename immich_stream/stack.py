@@ -277,7 +277,6 @@ class StackGuard:
             "containers": self.stopped,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "container": own_container_id(),  # a pid means nothing across containers
             "since": dt.datetime.now(dt.UTC).isoformat(),
         }
         with open(tmp, "w") as fh:
@@ -393,15 +392,7 @@ async def recover(stack: Stack) -> list[str]:
             f"cannot read {path} ({exc}): check which Immich containers are stopped, start them, then delete that file"
         ) from None
     pid = state.get("pid")
-    container = state.get("container")
-    if isinstance(container, str) and container != own_container_id():
-        # Written in another container (a killed sidecar's predecessor, sharing the state
-        # volume and, with host networking, the host name): alive only if it still runs.
-        other = await stack._get(container)
-        if other is not None and (other.get("State") or {}).get("Running"):
-            name = str(other.get("Name", container)).lstrip("/")
-            raise StackError(f"another immich-stream run (container {name}) has the Immich stack stopped: wait for it")
-    elif state.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and run_alive(pid):
+    if state.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and run_alive(pid):
         raise StackError(f"another immich-stream run (pid {pid}) has the Immich stack stopped: wait for it to finish")
     names = list(state.get("containers", []))
     log.warning(
