@@ -29,11 +29,11 @@ from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup, metadata
 from immich_stream.budget import ByteBudget
-from immich_stream.changes import ParentInfo, Source, decide, scan_parent, walk_filter
+from immich_stream.changes import ParentInfo, Source, decide, followed, scan_parent, walk_filter
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
-from immich_stream.hoststate import stack_lock
-from immich_stream.library import check_library, check_shrink_at_end
+from immich_stream.hoststate import stack_lock, state_dir
+from immich_stream.library import check_database, check_database_at_end, check_library, check_shrink_at_end
 from immich_stream.postgres import DumpResult, dump_database
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import (
@@ -146,7 +146,7 @@ async def walk_root(
             stats.failed += 1
             stats.problem(f"{root}/{p.relpath.decode(errors='backslashreplace')}: {p.message}")
 
-    async for e in walk(root_b, on_problem, *walk_filter(root, exclude)):
+    async for e in walk(root_b, on_problem, *walk_filter(root, exclude), followed(root)):
         repo.store.touch()  # walking unchanged files is progress too
         line = ManifestLine.from_entry(root, e)
         upload: asyncio.Future[bool] | None = None
@@ -680,12 +680,28 @@ async def _backup_locked(
     allow_shrink: bool,
 ) -> BackupResult:
     containers = await stack.preflight()
+    if settings.stop != "none":
+        await stack.check_recovery_record(state_dir())  # before the live pass: nothing stopped or uploaded
     source = await metadata.collect(docker, settings)  # images, versions, config files: for drill and rebuild
     prev = await repo.latest()
     parent = await scan_parent(repo, prev.id, roots, settings.exclude) if prev else None
     # Before anything is stopped: an unmounted or emptied library must not become the
     # newest snapshot.
     shrunk = await check_library(roots["library"], parent, settings.max_shrink, allow_shrink, settings.exclude)
+    # The same for the database: an emptied or re-initialised one (a fresh Immich) must
+    # not become the newest snapshot either.
+    parent_tables = prev.summary.database.tables if prev else None
+    if prev is not None:
+        shrunk |= await check_database(
+            docker,
+            settings.db_container,
+            settings.db_user,
+            settings.db_name,
+            parent_tables,
+            prev.id,
+            settings.max_shrink,
+            allow_shrink,
+        )
     # Reused objects are checked against one listing: a lifecycle rule or a manual cleanup
     # must not leave every later snapshot pointing at nothing.
     objects = await ObjectIndex.load(repo)
@@ -723,6 +739,10 @@ async def _backup_locked(
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
+    if prev is not None and run.dump_result is not None:
+        shrunk |= check_database_at_end(
+            run.dump_result.tables, parent_tables, prev.id, settings.max_shrink, allow_shrink
+        )
     seconds = time.monotonic() - started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
     metadata.record(summary, source, run.dump_result)

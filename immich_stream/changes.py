@@ -109,6 +109,12 @@ def walk_filter(root: str, exclude: Collection[str]) -> tuple[frozenset[bytes], 
     return frozenset(os.fsencode(d) for d in exclude), frozenset({os.fsencode(MARKER)})
 
 
+def followed(root: str) -> frozenset[bytes]:
+    """The top-level folders of a root whose symlinks are followed: Immich's own, which
+    Immich itself follows (`library -> /mnt/photos`)."""
+    return frozenset(os.fsencode(d) for d in MARKER_DIRS) if root == "library" else frozenset()
+
+
 def is_excluded(root: str, path: str, exclude: Collection[str]) -> bool:
     """A file --exclude leaves out: under an excluded folder of the library, but not its marker."""
     if root != "library" or not exclude:

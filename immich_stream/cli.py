@@ -392,7 +392,7 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
         f"files     {st.files} in all: {st.new} new, {st.changed} changed, {st.unchanged} unchanged, "
         f"{st.moved} moved, {st.touched} touched (bytes unchanged), {st.skipped} skipped, {st.failed} failed"
         + (f", {st.resumed} taken from an interrupted run" if st.resumed else ""),
-        f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(st.bytes_uploaded)} uploaded",
+        f"bytes     {fs(st.bytes_total)} in the snapshot, {fs(st.bytes_read)} read, {fs(result.summary.uploaded_bytes)} uploaded",
     ]
     lines.append(f"database  {fs(d.raw_bytes)} dumped, {fs(d.gz_bytes)} compressed, {d.seconds:.1f} s")
     live = result.summary.live_files
@@ -426,6 +426,7 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
     code = backup_exit_code(complete=not st.failed, unstable=bool(result.unstable))
     out = Outcome(code, json.loads(result.summary.to_json()), list(st.problems.kept))
     out.summary["shrunk"] = result.shrunk
+    out.summary["bytes_uploaded"] = result.summary.uploaded_bytes  # both passes
     if result.unstable:
         out.problems.append(f"{', '.join(result.unstable)} did not stay running after the restart")
     if not args.prune:
@@ -477,7 +478,7 @@ async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, report
                     "complete": s.complete,
                     "files": s.files.files,
                     "bytes": s.files.bytes_total,
-                    "bytes_new": s.files.bytes_uploaded,
+                    "bytes_new": s.uploaded_bytes,
                     "dump_bytes": s.database.compressed_size,
                     "seconds": s.seconds,
                     "downtime_seconds": s.downtime_seconds,
@@ -1110,7 +1111,7 @@ def _headline(command: str, outcome: Outcome) -> str:
         files = s.get("files", {})
         text = (
             f"snapshot {s['id']} committed: {files.get('files', 0)} files, "
-            f"{cfg.format_size(files.get('bytes_uploaded', 0))} uploaded, Immich down for "
+            f"{cfg.format_size(s.get('bytes_uploaded', files.get('bytes_uploaded', 0)))} uploaded, Immich down for "
             f"{s.get('downtime_seconds') or 0:.0f} s"
         )
         return text + (f"; exit {outcome.code}: {'; '.join(outcome.problems[-3:])}" if outcome.code else "")

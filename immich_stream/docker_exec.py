@@ -21,6 +21,8 @@ import aiohttp
 from immich_stream.errors import DumpError, StackError
 
 EXIT_WAIT = 30.0  # seconds a failed command fed by pipe_into gets to exit (a rollback) before we go on
+EXIT_POLL = 0.5  # seconds between looks at whether a command fed by pipe_into is still running
+EXIT_DRAIN = 2.0  # seconds to read what a command that exited early still has on its way
 
 
 async def exec_in(docker: aiodocker.Docker, container: str, cmd: list[str], stdin: bool = False) -> Any:
@@ -130,9 +132,25 @@ async def pipe_into(
                 else:  # pragma: no cover - every Docker transport here supports half-close
                     await stream.close()
 
+            async def watch(reader: asyncio.Task[None], writer: asyncio.Task[None]) -> None:
+                # dockerd stops reading our side once the command exited (psql stopping at
+                # its first error) but keeps the stream open: notice the exit, stop feeding
+                # it, take what it said, and go, so that the failure is reported when it
+                # happens, not when a buffer somewhere gives up.
+                while not writer.done():
+                    await asyncio.wait({writer}, timeout=EXIT_POLL)
+                    try:
+                        if writer.done() or (await exe.inspect()).get("Running", True):
+                            continue
+                    except aiodocker.DockerError:
+                        return  # no answer: the stream's end tells, as before
+                    writer.cancel()
+                    await asyncio.wait({reader}, timeout=EXIT_DRAIN)  # its last words
+                    reader.cancel()
+
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(read())
-                tg.create_task(write())
+                reader = tg.create_task(read())
+                tg.create_task(watch(reader, tg.create_task(write())))
     except BaseException:
         if started:
             with contextlib.suppress(Exception):  # the first failure is the one to report

@@ -33,7 +33,7 @@ from immich_stream.config import Settings
 from immich_stream.docker_exec import pipe_into, run_in_container
 from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StackError, StoreError
 from immich_stream.metadata import came_from as came_from_text
-from immich_stream.postgres import TABLE_NAME, DumpScanner, psql_query, psql_restore_command
+from immich_stream.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
 from immich_stream.progress import Reporter
 from immich_stream.repo import ManifestLine, Repo, Snapshot
 from immich_stream.restore import file_sql, prepare_dump, psql_stream, snapshot_sql
@@ -395,6 +395,9 @@ async def run_drill(
                 await box.wait_ready()
                 where = report.source + (f" ({report.came_from})" if report.came_from else "")
                 scanner, whole = await prepare_dump(docker, box.name, user, dbname, sql, where, from_file is not None)
+                # as `restore --database` does: an image need not create POSTGRES_DB
+                if not scanner.cluster and await ensure_database(docker, box.name, user, dbname):
+                    log.info("created database %s in %s", dbname, box.name)
 
                 async def counted() -> AsyncGenerator[bytes, None]:
                     async with contextlib.aclosing(psql_stream(whole, scanner, user, log_missing=False)) as chunks:

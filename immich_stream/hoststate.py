@@ -1,6 +1,6 @@
 """This host's own state (the state directory): the host lock of backups, the run files
-that prove a run on this host is gone, and where the stack's recovery file lives. Nothing
-here talks to S3 or Docker."""
+that prove a run on this host is gone, where the stack's recovery file lives, and which
+container (if any) this process runs in. Nothing here talks to S3 or Docker."""
 
 from __future__ import annotations
 
@@ -63,6 +63,37 @@ def local_lock(name: str, state: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+_CONTAINER_ID = re.compile(rb"/containers/([0-9a-f]{64})/")
+_CGROUP_ID = re.compile(rb"(?:docker[-/]|/libpod-)([0-9a-f]{64})")
+
+
+def own_container_id() -> str | None:
+    """The id of the container this process runs in (or the 12-character prefix Docker
+    makes its hostname), None outside one. Docker bind-mounts /etc/hostname from
+    .../containers/<id>/hostname: that holds with host networking and a private cgroup
+    namespace alike; the cgroup path and the hostname are the fallbacks."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            for line in fh:
+                fields = line.split()
+                mounted_at = fields[4] if len(fields) > 4 else b""
+                if mounted_at in (b"/etc/hostname", b"/etc/hosts", b"/etc/resolv.conf") and (
+                    m := _CONTAINER_ID.search(fields[3])
+                ):
+                    return m.group(1).decode()
+    except OSError:
+        pass
+    try:
+        if m := _CGROUP_ID.search(Path("/proc/self/cgroup").read_bytes()):
+            return m.group(1).decode()
+    except OSError:
+        pass
+    host = os.uname().nodename
+    if os.path.exists("/.dockerenv") and re.fullmatch(r"[0-9a-f]{12}", host):
+        return host
+    return None
 
 
 def run_alive(pid: int) -> bool:

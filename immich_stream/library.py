@@ -1,18 +1,21 @@
-"""Is this still Immich's library? Refuse one that looks unmounted, emptied or shrunk,
-before anything is stopped and again before committing: retention would otherwise age the
-good snapshots out."""
+"""Is this still Immich's library, and its database? Refuse one that looks unmounted,
+emptied, re-initialised or shrunk, before anything is stopped and again before committing:
+retention would otherwise age the good snapshots out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
-from immich_stream.changes import MARKER, MARKER_DIRS, ParentInfo, walk_filter
+from immich_stream.changes import MARKER, MARKER_DIRS, ParentInfo, followed, walk_filter
 from immich_stream.config import format_size
-from immich_stream.errors import SuspiciousLibrary
+from immich_stream.errors import DumpError, SuspiciousLibrary
+from immich_stream.postgres import count_rows_up_to
 from immich_stream.walk import walk
 
 log = logging.getLogger(__name__)
@@ -22,7 +25,7 @@ async def count_files(root: Path, exclude: Collection[str] = ()) -> tuple[int, i
     """(files, bytes) under root: a stat-only walk, run before anything is stopped; the
     library's --exclude folders count as the backup's walk sees them (markers only)."""
     files = size = 0
-    async for e in walk(os.fsencode(root), lambda p: None, *walk_filter("library", exclude)):
+    async for e in walk(os.fsencode(root), lambda p: None, *walk_filter("library", exclude), followed("library")):
         if e.type == "file":
             files += 1
             size += e.size
@@ -87,3 +90,94 @@ def check_shrink_at_end(
             f"had {old_files} ({format_size(old_bytes)}): it lost more than {max_shrink * 100:g}% during the run; "
             "nothing was committed: check the mount, or run again with --allow-shrink"
         )
+
+
+# Tables smaller than this in the parent snapshot are left out of the database's shrink
+# check: sessions, jobs and such come and go by the handful.
+MIN_TABLE_ROWS = 100
+
+
+def shrunk_tables(now: Mapping[str, int | None], before: Mapping[str, int], max_shrink: float) -> list[str]:
+    """The tables (`name old -> new`) that lost more than max_shrink of their rows since the
+    parent snapshot. A table that is gone counts as emptied, unless tables new since then
+    hold about as many rows (Immich renaming its tables in an upgrade)."""
+    out: list[str] = []
+    gone: list[str] = []
+    for name, old in sorted(before.items()):
+        if old < MIN_TABLE_ROWS:
+            continue
+        new = now.get(name)
+        if new is None:
+            gone.append(name)
+        elif new < old * (1 - max_shrink):
+            out.append(f"{name} {old} -> {new}")
+    if gone:
+        lost = sum(before[t] for t in gone)
+        added = sum(n or 0 for t, n in now.items() if t not in before)
+        if added < lost * (1 - max_shrink):
+            out += [f"{t} {before[t]} -> gone" for t in gone]
+    return out
+
+
+def _database_refusal(tables: list[str], snap_id: str, max_shrink: float, when: str, what: str) -> str:
+    return (
+        f"the database lost more than {max_shrink * 100:g}% of the rows of {', '.join(tables)} since snapshot "
+        f"{snap_id}{when}: an emptied or re-initialised database (a fresh Immich?); {what}: check DB_CONTAINER "
+        "and DB_NAME, or for a deliberate deletion run again with --allow-shrink"
+    )
+
+
+async def check_database(
+    docker: Any,
+    container: str,
+    user: str,
+    dbname: str,
+    before: Mapping[str, int] | None,
+    snap_id: str,
+    max_shrink: float,
+    allow: bool,
+) -> bool:
+    """The library's shrink rule for the database, before anything is stopped: each table
+    the parent snapshot counted (snapshot.json's rows per table) against the live one,
+    counted only as far as the rule needs. True when it shrank and `allow` let it through."""
+    if not before:
+        return False
+    limits = {t: math.ceil(n * (1 - max_shrink)) for t, n in before.items() if n >= MIN_TABLE_ROWS}
+    if not limits:
+        return False
+    try:
+        now = await count_rows_up_to(docker, container, user, dbname, limits)
+    except DumpError as exc:  # the dump's own counts still decide before the commit
+        log.warning("could not count the database's rows before stopping anything (%s): checking the dump instead", exc)
+        return False
+    # Tables not there now are judged at the end, from the dump (a rename shows there).
+    seen = {t: n for t, n in now.items() if n is not None}
+    tables = shrunk_tables(seen, {t: before[t] for t in seen}, max_shrink)
+    if not tables:
+        return False
+    if allow:
+        log.warning(
+            "the database lost rows of %s since snapshot %s; backing up anyway (--allow-shrink)",
+            ", ".join(tables),
+            snap_id,
+        )
+        return True
+    raise SuspiciousLibrary(_database_refusal(tables, snap_id, max_shrink, "", "nothing was stopped or committed"))
+
+
+def check_database_at_end(
+    dumped: Mapping[str, int], before: Mapping[str, int] | None, snap_id: str, max_shrink: float, allow: bool
+) -> bool:
+    """The same rule on what pg_dump really wrote, before committing. True when it shrank
+    and `allow` let it through."""
+    if not before:
+        return False
+    tables = shrunk_tables(dumped, before, max_shrink)
+    if not tables:
+        return False
+    if allow:
+        log.warning("the database lost rows of %s; backing up anyway (--allow-shrink)", ", ".join(tables))
+        return True
+    raise SuspiciousLibrary(
+        _database_refusal(tables, snap_id, max_shrink, " (in the dump)", "nothing was committed, the stack runs again")
+    )

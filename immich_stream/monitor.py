@@ -285,8 +285,10 @@ def metrics_text(
             m.add(
                 "immich_stream_backup_files", files.get(kind), "files in the snapshot, by what the run did", kind=kind
             )
-        for kind, key in (("total", "bytes_total"), ("read", "bytes_read"), ("uploaded", "bytes_uploaded")):
+        for kind, key in (("total", "bytes_total"), ("read", "bytes_read")):
             m.add("immich_stream_backup_bytes", files.get(key), "bytes in the snapshot, read, uploaded", kind=kind)
+        uploaded = s.get("bytes_uploaded", files.get("bytes_uploaded"))  # both passes
+        m.add("immich_stream_backup_bytes", uploaded, "bytes in the snapshot, read, uploaded", kind="uploaded")
         db = s.get("database", {})
         m.add("immich_stream_backup_dump_bytes", db.get("size"), "the database dump", kind="sql")
         m.add("immich_stream_backup_dump_bytes", db.get("compressed_size"), "the database dump", kind="gzip")

@@ -229,6 +229,29 @@ async def psql_query(docker: aiodocker.Docker, container: str, user: str, dbname
     return [line.split("\t") for line in text.splitlines() if line]
 
 
+async def count_rows_up_to(
+    docker: aiodocker.Docker, container: str, user: str, dbname: str, limits: dict[str, int]
+) -> dict[str, int | None]:
+    """Rows of each table, counted only up to its limit (what a shrink check needs: a
+    bounded read, however large the table), None for a table that does not exist; one
+    query that cannot fail on a missing table. Names as pg_dump's COPY lines give them."""
+    good = [t for t in limits if TABLE_NAME.match(t)]
+    out: dict[str, int | None] = {}
+    if not good:
+        return out
+    parts = []
+    for i, name in enumerate(good):
+        lit = name.replace("'", "''")
+        inner = f"SELECT count(*) AS c FROM (SELECT 1 FROM ONLY {name} LIMIT {int(limits[name])}) s".replace("'", "''")
+        parts.append(
+            f"SELECT {i}, CASE WHEN to_regclass('{lit}') IS NULL THEN -1 ELSE "
+            f"(xpath('/row/c/text()', query_to_xml('{inner}', false, true, '')))[1]::text::bigint END"
+        )
+    for index, rows in await psql_query(docker, container, user, dbname, " UNION ALL ".join(parts)):
+        out[good[int(index)]] = None if int(rows) < 0 else int(rows)
+    return out
+
+
 async def server_facts(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> ServerFacts:
     rows = await psql_query(
         docker,

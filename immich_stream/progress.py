@@ -266,9 +266,25 @@ class Phase:
             if tb and tb != self._bar.total:
                 self._bar.total = tb
             self._bar.set_postfix_str(self._postfix(tf), refresh=False)
-            self._bar.close()
+            self._close_bar()
         elif self._mode in ("log", "json"):
             self._emit(done=True)
+
+    def _close_bar(self) -> None:
+        """Close the bar and move the live bars below it up by one line. tqdm prints a
+        closed bar's last line where the cursor is and moves the cursor down, but goes on
+        drawing the others at their old offsets (it repositions only overflowing bars): a
+        library bar beside a finished dump bar would be drawn a line too low, under a
+        stale copy of itself."""
+        from tqdm import tqdm
+
+        bar = self._bar
+        pos = abs(bar.pos)
+        bar.close()
+        with tqdm.get_lock():
+            for other in list(getattr(tqdm, "_instances", ())):
+                if other.pos > pos:  # unfixed bars (no position= given) have pos >= 0
+                    other.pos -= 1
 
 
 class Reporter:

@@ -43,6 +43,7 @@ from immich_stream.errors import (
 from immich_stream.hoststate import stack_lock
 from immich_stream.metadata import came_from as came_from_text
 from immich_stream.postgres import (
+    CLUSTER_DUMP,
     DumpScanner,
     SearchPathFix,
     check_target,
@@ -829,6 +830,11 @@ async def snapshot_sql(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerat
         )
 
 
+DUMP_COMPLETE = b"-- PostgreSQL database dump complete"
+CLUSTER_COMPLETE = b"-- PostgreSQL database cluster dump complete"
+TRAILER_SPAN = 4096  # pg_dump 17.6+ writes a \\unrestrict line after its closing comment
+
+
 async def file_sql(path: str) -> AsyncGenerator[bytes, None]:
     """SQL from a file or stdin (`-`), gzip-compressed or plain (told by its first bytes)."""
     fh = os.fdopen(os.dup(0), "rb") if path == "-" else None
@@ -855,8 +861,28 @@ async def file_sql(path: str) -> AsyncGenerator[bytes, None]:
                 yield chunk
 
         stream = gunzip_stream(whole()) if first[:2] == b"\x1f\x8b" else whole()
+        head = tail = b""
         async for data in stream:
+            if len(head) < TRAILER_SPAN:
+                head += data[: TRAILER_SPAN - len(head)]
+            tail = (tail + data)[-TRAILER_SPAN:]
             yield data
+        # A dump cut short (at a statement boundary, gzipped or not) is still valid SQL:
+        # only pg_dump's own closing line tells it is whole. Raising here, before the
+        # COMMIT, rolls the restore back.
+        cluster = CLUSTER_DUMP in head
+        closing = CLUSTER_COMPLETE if cluster else DUMP_COMPLETE
+        if closing not in tail:
+            # a pg_dumpall cannot be one transaction (CREATE DATABASE): what it ran stays
+            outcome = (
+                "what it held was restored up to the cut: restore the whole dump again"
+                if cluster
+                else "the database was not changed (rolled back): give the whole dump"
+            )
+            raise DumpError(
+                f"--from-file {path} ends without {'pg_dumpall' if cluster else 'pg_dump'}'s closing line "
+                f'"{closing.decode()}": it was cut short; {outcome}'
+            )
     finally:
         if fh is not None:
             fh.close()

@@ -18,18 +18,20 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 import aiohttp
 
 from immich_stream.config import env_duration
-from immich_stream.errors import StackError
-from immich_stream.hoststate import run_alive, stack_state_file
+from immich_stream.errors import ConfigError, StackError
+from immich_stream.hoststate import own_container_id, run_alive, stack_state_file, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,52 @@ class Stack:
         self.docker = docker
         self.project = project
         self.db_container = db_container
+        self._own: dict[str, Any] | None = None
+        self._own_looked = False
+
+    async def own_container(self) -> dict[str, Any] | None:
+        """The inspect data of the container this process runs in, None outside one (or
+        when Docker does not know it: another engine's container)."""
+        if not self._own_looked:
+            cid = own_container_id()
+            self._own = await self._get(cid) if cid else None
+            self._own_looked = True
+        return self._own
+
+    async def own_name(self) -> str | None:
+        own = await self.own_container()
+        if own is None:
+            return None
+        return str(own.get("Name", "")).lstrip("/") or None
+
+    async def check_recovery_record(self, state: Path) -> None:
+        """In a container, the state directory must outlive it: the recovery file there is
+        what starts the stack again after a run killed with the stack stopped. A path in the
+        container's own layer, a tmpfs, or an anonymous volume of a `docker run --rm`
+        container goes with the container. Refused before anything is stopped."""
+        own = await self.own_container()
+        if own is None:
+            return
+        state = state if state.is_absolute() else Path.cwd() / state
+        mount: dict[str, Any] | None = None
+        for m in own.get("Mounts") or []:
+            dest = str(m.get("Destination", ""))
+            if (state == Path(dest) or Path(dest) in state.parents) and (
+                mount is None or len(dest) > len(mount["Destination"])
+            ):
+                mount = m
+        kind = (mount or {}).get("Type")
+        anonymous = kind == "volume" and re.fullmatch(r"[0-9a-f]{64}", str((mount or {}).get("Name", "")))
+        auto_remove = bool((own.get("HostConfig") or {}).get("AutoRemove"))
+        if kind in ("bind", "volume") and not (anonymous and auto_remove):
+            return
+        name = str(own.get("Name", "")).lstrip("/")
+        raise ConfigError(
+            f"the state directory {state} is not on a volume that outlives this container ({name}): the record of "
+            "which containers a run stopped would go with it, and a killed run would leave Immich stopped; mount "
+            f"one (docker run -v immich-stream-state:{state} ..., as contrib/compose.backup.yml does) or use "
+            "--stop none; nothing was stopped"
+        )
 
     async def ping(self) -> None:
         try:
@@ -277,8 +325,16 @@ class StackGuard:
 
     async def stop(self, names: list[str]) -> None:
         names = [n for n in names if n not in self.stopped]
+        # Run as a service of Immich's own compose project (a sidecar added to its
+        # docker-compose.yml): never stop ourselves, stop the others around us.
+        own = await self.stack.own_name()
+        if own in names:
+            log.info("%s (this container) belongs to compose project %s: it is left running", own, self.stack.project)
+            names.remove(own)
         if not names:
             return
+        if not self.stopped:
+            await self.stack.check_recovery_record(state_dir())
         self.stopped.extend(names)
         self._write_state()  # before the first stop: a SIGKILL from here on is recoverable
         if self.stopped_at is None:

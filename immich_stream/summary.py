@@ -153,6 +153,13 @@ class SnapshotSummary:
     config_secrets: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def uploaded_bytes(self) -> int:
+        """File bytes this run added to the bucket: the stopped pass's and the live pass's."""
+        live: Any = self.live_files  # read back from snapshot.json, an optional field stays a dict
+        live_bytes = live.get("bytes_uploaded", 0) if isinstance(live, dict) else getattr(live, "bytes_uploaded", 0)
+        return self.files.bytes_uploaded + int(live_bytes or 0)
+
     def to_json(self) -> bytes:
         return json.dumps(_to_dict(self), indent=2, sort_keys=True).encode() + b"\n"
 

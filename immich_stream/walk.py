@@ -5,7 +5,9 @@ before its contents. `sort_key` gives the same order for paths read back from a 
 so the walk and the previous manifest can be merged like two sorted lists.
 
 Names are bytes end to end (spaces, newlines, invalid UTF-8 all survive). Symlinks are
-recorded, never followed; sockets, FIFOs and devices are skipped with a warning.
+recorded, never followed, but for the top-level folders named in `follow` (Immich's own
+folders, which Immich follows: `library -> /mnt/photos`): those are walked as the
+directories they point at. Sockets, FIFOs and devices are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def sort_key(relpath: bytes) -> tuple[bytes, ...]:
     return tuple(relpath.split(b"/")) if relpath else ()
 
 
-def _scan(root: bytes, rel: bytes, only: Collection[bytes] | None = None) -> tuple[list[Entry], list[WalkProblem]]:
-    """List one directory (runs in a thread); `only`: just these names in it."""
+def _scan(
+    root: bytes, rel: bytes, only: Collection[bytes] | None = None, follow: Collection[bytes] = ()
+) -> tuple[list[Entry], list[WalkProblem]]:
+    """List one directory (runs in a thread); `only`: just these names in it; `follow`:
+    names whose symlink to a directory is walked as that directory."""
     entries: list[Entry] = []
     problems: list[WalkProblem] = []
     path = os.path.join(root, rel) if rel else root
@@ -66,6 +71,17 @@ def _scan(root: bytes, rel: bytes, only: Collection[bytes] | None = None) -> tup
             continue
         m = st.st_mode
         target = None
+        if stat.S_ISLNK(m) and name in follow:
+            try:
+                st = os.stat(os.path.join(root, child))
+            except OSError as exc:
+                # never a success without its contents: a folder Immich uses that points nowhere
+                problems.append(WalkProblem(child, f"is a symlink to a folder that cannot be read: {exc.strerror}"))
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                problems.append(WalkProblem(child, "is a symlink to something that is not a folder"))
+                continue
+            m = st.st_mode
         if stat.S_ISREG(m):
             kind = "file"
         elif stat.S_ISDIR(m):
@@ -109,18 +125,20 @@ async def walk(
     on_problem: Callable[[WalkProblem], None],
     prune: Collection[bytes] = (),
     keep: Collection[bytes] = (),
+    follow: Collection[bytes] = (),
 ) -> AsyncIterator[Entry]:
     """Yield every entry under root (not root itself) in sort_key order.
 
     Problems (unreadable directories, vanished files, skipped special files) go to
     `on_problem` and the walk goes on. A directory whose relpath is in `prune` is yielded,
     but of its contents only the names in `keep` (--exclude: Immich's marker files).
+    `follow`: names at the top whose symlink to a directory is walked as that directory.
     """
     root_b = os.fsencode(root)
     # A stack of pending directory listings; each is consumed in order, directories
     # descended into as they come, so memory is bounded by depth x directory width.
     stack: list[list[Entry]] = []
-    entries, probs = await asyncio.to_thread(_scan, root_b, b"")
+    entries, probs = await asyncio.to_thread(_scan, root_b, b"", None, follow)
     for p in probs:
         on_problem(p)
     stack.append(entries[::-1])

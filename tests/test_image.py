@@ -212,6 +212,8 @@ def test_backup_from_the_image(
             f"{stack.library}:/data/library:ro",
             "-v",
             f"{stack.postgres}:/data/postgres:ro",
+            "-v",  # the recovery file must outlive a --rm container (as compose.backup.yml's volume)
+            "immich-stream-test-image-state:/state",
             *[a for k, v in settings.items() for a in ("-e", f"{k}={v}")],
             image,
             "backup",
@@ -234,3 +236,4 @@ def test_backup_from_the_image(
     assert any(ln["root"] == "postgres" and ln["path"] == "PG_VERSION" for ln in bucket.manifest(sid))
     assert bucket.get(summary["database"]["key"])[:2] == b"\x1f\x8b"  # the dump, gzipped
     assert running_containers() == set(CONTAINERS)  # the stack was started again
+    subprocess.run(["docker", "volume", "rm", "-f", "immich-stream-test-image-state"], capture_output=True)
