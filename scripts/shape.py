@@ -1,6 +1,6 @@
 """Print the functions and classes of Python files with their lengths in lines (nested ones indented).
 
-python scripts/shape.py immich_stream/backup.py
+python scripts/shape.py immich_stream/backup/run.py
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream import age
 from immich_stream.errors import ConfigError
+from immich_stream.repository import age
 
 AGE = shutil.which("age")
 needs_age = pytest.mark.skipif(AGE is None, reason="the age CLI is not installed (apt-get install age)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config as cfg
-from immich_stream.hoststate import state_dir
+from immich_stream.host.hoststate import state_dir
 from tests.conftest import S3Server, base_env, bucket_of
 from tests.faultproxy import FaultProxy, any_request
 from tests.helpers import Result, run_cli
@@ -195,7 +195,7 @@ def test_good_values_still_load(tmp_path: Path) -> None:
 
 
 def test_keep_within_uses_prunes_rules(tmp_path: Path) -> None:
-    from immich_stream.prune import parse_within
+    from immich_stream.repository.prune import parse_within
 
     for text in ("30d", "6m", "1y2m3d4h", "12h", " 2y ", "0d"):
         assert cfg.parse_within_parts(text) == parse_within(text)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config
-from immich_stream.budget import ByteBudget
-from immich_stream.store import MultipartUpload, Store
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import MultipartUpload, Store
 from tests.conftest import KEY, SECRET, S3Server
 from tests.faultproxy import FaultProxy, is_part_upload, is_put
 from tests.helpers import Bucket

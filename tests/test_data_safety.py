@@ -162,8 +162,8 @@ def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(
 
 def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     """Pure rules: inode numbers repeat across filesystems, and a rename changes ctime."""
-    from immich_stream.changes import ParentInfo, classify
-    from immich_stream.repo import ManifestLine
+    from immich_stream.backup.changes import ParentInfo, classify
+    from immich_stream.repository.repo import ManifestLine
 
     def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
         return ManifestLine(
@@ -282,10 +282,10 @@ def test_lost_answer_to_complete_multipart_is_not_a_failure(
 
 async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch) -> None:
     """Scaled down: 4 KiB parts, a 16 KiB budget, and parts that would double past it."""
-    from immich_stream import store as store_mod
-    from immich_stream.budget import ByteBudget
     from immich_stream.config import Settings
-    from immich_stream.store import Store, StreamWriter, max_stream_size, stream_part_size
+    from immich_stream.s3 import store as store_mod
+    from immich_stream.s3.budget import ByteBudget
+    from immich_stream.s3.store import Store, StreamWriter, max_stream_size, stream_part_size
     from tests.conftest import KEY, SECRET
 
     monkeypatch.setattr(store_mod, "PARTS_PER_STEP", 8)  # the growth schedule, 125x compressed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream.metadata import redact
+from immich_stream.host.metadata import redact
 from tests.conftest import CONTAINERS, ImmichStack, docker, running_containers
 from tests.helpers import Bucket, make_library, run_cli, start_cli, wait_for
 
@@ -230,7 +230,7 @@ def test_config_files_round_trip_without_secrets(env: dict, stack: ImmichStack, 
 
 
 def test_dump_scanner_counts_rows_across_every_chunk_boundary() -> None:
-    from immich_stream.postgres import DumpScanner
+    from immich_stream.host.postgres import DumpScanner
 
     sql = (
         b"-- Dumped from database version 14.10 (Debian)\n"
@@ -249,8 +249,8 @@ def test_dump_scanner_counts_rows_across_every_chunk_boundary() -> None:
 
 
 def test_secrets_are_removed_from_config_files() -> None:
-    from immich_stream.metadata import SECRET_PLACEHOLDER as P
-    from immich_stream.metadata import redact
+    from immich_stream.host.metadata import SECRET_PLACEHOLDER as P
+    from immich_stream.host.metadata import redact
 
     env = "DB_PASSWORD=hunter2\nexport API_KEY='k'\nUPLOAD_LOCATION=./library\n# DB_PASSWORD=old\n"
     text, names = redact(".env", env)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream import age
-from immich_stream.budget import ByteBudget
-from immich_stream.restore import PARTIAL
-from immich_stream.store import Store, StreamWriter
+from immich_stream.repository import age
+from immich_stream.restore.files import PARTIAL
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import Store, StreamWriter
 from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, bucket_of, running_containers
 from tests.faultproxy import FaultProxy, is_part_upload
 from tests.helpers import Bucket, make_library, run_cli, tree

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from immich_stream import config
-from immich_stream.age import Identity, load_keys
-from immich_stream.keys import write_identity_file
-from immich_stream.locks import RepoLock
-from immich_stream.repo import Repo
-from immich_stream.session import LockSpec, open_repo
-from immich_stream.store import Store
+from immich_stream.repository.age import Identity, load_keys
+from immich_stream.repository.keys import write_identity_file
+from immich_stream.repository.locks import RepoLock
+from immich_stream.repository.repo import Repo
+from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.s3.store import Store
 from tests.conftest import ImmichStack, bucket_of
 from tests.helpers import make_library, run_cli
 from tests.test_encryption import AGE, keygen
@@ -113,9 +113,9 @@ def test_verify_after_a_reencrypt_interrupted_after_the_data_objects(
     with the number of recipients changed by the rotation, every rewritten object now has
     another size than its manifest says: verify fails the repository, and the next backup
     re-uploads every such file as 'reuploaded', though nothing is damaged."""
-    from immich_stream import keys as keymod
-    from immich_stream.budget import ByteBudget
-    from immich_stream.session import open_repo
+    from immich_stream.repository import keys as keymod
+    from immich_stream.repository.session import open_repo
+    from immich_stream.s3.budget import ByteBudget
 
     make_library(stack.library, photos=4)
     env = dict(enc_env, IMMICH_STREAM_STOP="none")

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config
-from immich_stream.age import load_keys
 from immich_stream.errors import EXIT_FORGED
-from immich_stream.repo import Repo, new_snapshot_id
-from immich_stream.store import Store
-from immich_stream.summary import ManifestInfo, SnapshotSummary
+from immich_stream.repository.age import load_keys
+from immich_stream.repository.repo import Repo, new_snapshot_id
+from immich_stream.repository.summary import ManifestInfo, SnapshotSummary
+from immich_stream.s3.store import Store
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers
 from tests.helpers import USER_ID, Bucket, Result, make_library, run_cli, start_cli, wait_for
 from tests.test_encryption import AGE, age_decrypt, keygen

@@ -362,7 +362,7 @@ def test_one_off_container_without_a_state_volume_stops_nothing(
 
 
 def test_database_shrink_rule_tells_a_rename_from_an_emptied_table() -> None:
-    from immich_stream.library import shrunk_tables
+    from immich_stream.backup.library import shrunk_tables
 
     before = {"public.assets": 90000, "public.exif": 90000, "public.users": 5, "public.albums": 100}
     # Immich renaming its tables in an upgrade: the rows are there under new names

@@ -12,7 +12,7 @@ import pytest
 
 from immich_stream import config as cfg
 from immich_stream.errors import ConfigError
-from immich_stream.ratelimit import MIB, RateLimit
+from immich_stream.s3.pacing import MIB, RateLimit
 from tests.conftest import ImmichStack, S3Server, base_env
 from tests.faultproxy import FaultProxy, per_second
 from tests.helpers import Bucket, file_digest, make_library, run_cli, tree

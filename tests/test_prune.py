@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream.errors import ConfigError
-from immich_stream.prune import Policy, apply_policy
+from immich_stream.repository.prune import Policy, apply_policy
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers
 from tests.faultproxy import is_put
 from tests.helpers import Bucket, make_library, run_cli, start_cli, wait_for

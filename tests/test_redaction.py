@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream.config import read_dotenv
-from immich_stream.metadata import SECRET_PLACEHOLDER, redact
+from immich_stream.host.metadata import SECRET_PLACEHOLDER, redact
 from tests.conftest import ImmichStack, _tool
 from tests.helpers import Bucket, make_library, run_cli
 

@@ -271,7 +271,7 @@ def test_restore_database_first_starts_what_a_killed_backup_left_stopped(
 
 
 def test_a_fifo_swapped_in_for_a_file_is_refused_not_waited_for(tmp_path: Path) -> None:
-    from immich_stream.upload import _open_regular
+    from immich_stream.backup.upload import _open_regular
 
     fifo = tmp_path / "was-a-photo.jpg"
     os.mkfifo(fifo)

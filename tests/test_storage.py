@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config
-from immich_stream.budget import ByteBudget
-from immich_stream.store import MultipartUpload, Store
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import MultipartUpload, Store
 from tests.conftest import KEY, SECRET, ImmichStack, S3Server, base_env, moto_env
 from tests.faultproxy import FaultProxy
 from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
@@ -255,7 +255,7 @@ async def test_which_requests_carry_the_class_and_the_sse_c_headers(
     """Only file data gets the class: its PUT and CreateMultipartUpload, not its parts (S3
     refuses them there), nor any metadata object. The SSE-C key rides on every request for
     bytes (PUT, multipart start, parts, completion, the threaded GET, HEAD)."""
-    from immich_stream.repo import Repo
+    from immich_stream.repository.repo import Repo
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -316,8 +316,8 @@ async def test_thaw_requests_once_then_waits_or_stops(
     polls until every object is readable."""
     from immich_stream.errors import EXIT_THAWING, ThawPending
     from immich_stream.progress import Reporter
-    from immich_stream.repo import Repo
-    from immich_stream.thaw import archived_digests, thaw
+    from immich_stream.repository.repo import Repo
+    from immich_stream.repository.thaw import archived_digests, thaw
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -374,8 +374,8 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
     import datetime as dt
     import gzip
 
-    from immich_stream.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
-    from immich_stream.summary import DatabaseInfo, ManifestInfo, SnapshotSummary
+    from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
+    from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, SnapshotSummary
 
     budget = ByteBudget(64 * MIB)
     async with Store(settings) as store:

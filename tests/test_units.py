@@ -19,16 +19,17 @@ from typing import Any
 
 import pytest
 
-from immich_stream.backup import OrderedManifest, Sources, backup_root, run_phases
-from immich_stream.budget import ByteBudget
-from immich_stream.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
+from immich_stream.backup.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
+from immich_stream.backup.run import OrderedManifest, Sources, backup_root, run_phases
+from immich_stream.backup.upload import FileUploader, UploadWorkers
+from immich_stream.backup.walk import walk
 from immich_stream.config import Settings
 from immich_stream.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSTABLE, LockError, RepoError, backup_exit_code
-from immich_stream.hoststate import claim_run, local_lock, local_run_gone, release_run
-from immich_stream.postgres import SEARCH_PATH_DUMP, SEARCH_PATH_FIXED, SearchPathFix
+from immich_stream.host.hoststate import claim_run, local_lock, local_run_gone, release_run
+from immich_stream.host.postgres import SEARCH_PATH_DUMP, SEARCH_PATH_FIXED, SearchPathFix
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
-from immich_stream.repo import (
+from immich_stream.repository.repo import (
     JOURNAL_MAX_OBJECT,
     LONG_KEY_DIR,
     STOPPED_DIR,
@@ -43,10 +44,9 @@ from immich_stream.repo import (
     run_of,
     unescape_path,
 )
-from immich_stream.store import MAX_PARTS, MIB, Store, part_size_for, stream_part_size
-from immich_stream.summary import DatabaseInfo, FileCounts, RunStats, SnapshotSummary
-from immich_stream.upload import FileUploader, UploadWorkers
-from immich_stream.walk import walk
+from immich_stream.repository.summary import DatabaseInfo, FileCounts, RunStats, SnapshotSummary
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import MAX_PARTS, MIB, Store, part_size_for, stream_part_size
 from tests.conftest import KEY, SECRET, S3Server
 
 SHA = "a" * 64

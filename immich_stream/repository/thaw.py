@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from immich_stream.config import Settings
 from immich_stream.errors import ThawPending
 from immich_stream.progress import Reporter
-from immich_stream.repo import Repo, key_digest
-from immich_stream.store import ARCHIVED_CLASSES, Store
+from immich_stream.repository.repo import Repo, key_digest
+from immich_stream.s3.store import ARCHIVED_CLASSES, Store
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from immich_stream.age import Sealing
-from immich_stream.budget import ByteBudget
-from immich_stream.changes import Decision
+from immich_stream.backup.changes import Decision
+from immich_stream.backup.walk import Entry
 from immich_stream.config import Settings
 from immich_stream.progress import Phase
-from immich_stream.repo import ManifestLine, Repo
-from immich_stream.store import (
+from immich_stream.repository.age import Sealing
+from immich_stream.repository.repo import ManifestLine, Repo
+from immich_stream.repository.summary import RunStats
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import (
     SMALL_FACTOR,
     SMALL_OBJECT,
     MultipartUpload,
@@ -29,8 +31,6 @@ from immich_stream.store import (
     part_size_for,
     sealed_hashes,
 )
-from immich_stream.summary import RunStats
-from immich_stream.walk import Entry
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from immich_stream.errors import ImmichStreamError, StallError
-from immich_stream.store import Store
+from immich_stream.s3.store import Store
 
 
 async def with_watchdog(

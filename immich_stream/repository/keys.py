@@ -21,16 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from immich_stream.age import DecryptError, Decryptor, Identity, Keys, Recipient, Sealing, identity_file_text, load_keys
-from immich_stream.auth import RepoAuth
-from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
 from immich_stream.progress import Reporter
-from immich_stream.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
-from immich_stream.session import LockSpec, open_repo
-from immich_stream.store import MultipartUpload, Store
-from immich_stream.watchdog import s3_hang, with_watchdog
+from immich_stream.repository.age import (
+    DecryptError,
+    Decryptor,
+    Identity,
+    Keys,
+    Recipient,
+    Sealing,
+    identity_file_text,
+    load_keys,
+)
+from immich_stream.repository.auth import RepoAuth
+from immich_stream.repository.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
+from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import MultipartUpload, Store
+from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 

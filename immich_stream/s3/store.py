@@ -48,11 +48,11 @@ from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from immich_stream import cleanup
-from immich_stream.age import DecryptError, Sealing
-from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings, read_sse_c_key
 from immich_stream.errors import CredentialsMissing, ObjectNotFound, StoreError
-from immich_stream.ratelimit import RateLimit
+from immich_stream.repository.age import DecryptError, Sealing
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.pacing import RateLimit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

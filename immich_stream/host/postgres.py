@@ -16,8 +16,8 @@ from typing import Any
 
 import aiodocker
 
-from immich_stream.docker_exec import run_in_container, stream_out
 from immich_stream.errors import DumpError
+from immich_stream.host.docker_exec import run_in_container, stream_out
 
 try:  # same gzip format, several times faster than zlib
     from isal import isal_zlib as _gz

@@ -37,9 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from immich_stream.auth import RepoAuth
-from immich_stream.auth import parse as parse_auth
 from immich_stream.errors import ConfigError, RepoError
+from immich_stream.repository.auth import RepoAuth
+from immich_stream.repository.auth import parse as parse_auth
 
 INTRO = b"age-encryption.org/v1\n"
 CHUNK = 64 * 1024

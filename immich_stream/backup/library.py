@@ -12,11 +12,11 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from immich_stream.changes import MARKER, MARKER_DIRS, ParentInfo, followed, walk_filter
+from immich_stream.backup.changes import MARKER, MARKER_DIRS, ParentInfo, followed, walk_filter
+from immich_stream.backup.walk import walk
 from immich_stream.config import format_size
 from immich_stream.errors import DumpError, SuspiciousLibrary
-from immich_stream.postgres import count_rows_up_to
-from immich_stream.walk import walk
+from immich_stream.host.postgres import count_rows_up_to
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from immich_stream import cleanup
-from immich_stream.age import load_keys
-from immich_stream.changes import MARKER, MARKER_DIRS
+from immich_stream.backup.changes import MARKER, MARKER_DIRS
 from immich_stream.config import Settings, format_size, min_part_size, storage_class_for
 from immich_stream.errors import ImmichStreamError, StoreError
+from immich_stream.repository.age import load_keys
 
 if TYPE_CHECKING:
-    from immich_stream.store import Store
+    from immich_stream.s3.store import Store
 
 OK, WARN, FAIL, SKIP = "ok", "WARN", "FAIL", "skip"
 SKEW_WARN = 60.0
@@ -130,7 +130,7 @@ class Doctor:
             self.add(name, OK, str(path))
 
     async def docker(self) -> None:
-        from immich_stream.stack import Stack, connect
+        from immich_stream.host.stack import Stack, connect
 
         s = self.settings
 
@@ -146,9 +146,9 @@ class Doctor:
     # -- S3 ---------------------------------------------------------------------------------
 
     async def s3(self) -> None:
-        from immich_stream.locks import list_locks, server_now
-        from immich_stream.repo import Repo
-        from immich_stream.store import Store
+        from immich_stream.repository.locks import list_locks, server_now
+        from immich_stream.repository.repo import Repo
+        from immich_stream.s3.store import Store
 
         s = self.settings
         if s.bucket is None:
@@ -196,7 +196,7 @@ class Doctor:
                 return
 
             async def odd_names() -> tuple[str, str]:
-                from immich_stream.repo import escape_path, key_path
+                from immich_stream.repository.repo import escape_path, key_path
 
                 okey = f"{base}/odd/{key_path(escape_path(ODD_NAME))}"
                 await store.put(okey, data)
@@ -293,7 +293,7 @@ class Doctor:
         """Remove this doctor's probes (objects and unfinished uploads under base), and
         those of earlier doctors older than the lock stale threshold on the server's clock
         (one killed before its cleanup; a younger one may be another doctor's, running)."""
-        from immich_stream.locks import lock_stale
+        from immich_stream.repository.locks import lock_stale
 
         top = f"{self.settings.prefix}/doctor/"
         old: dt.datetime | None = None

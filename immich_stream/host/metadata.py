@@ -21,9 +21,9 @@ import aiodocker
 
 from immich_stream.config import Settings, read_dotenv
 from immich_stream.errors import ConfigError
-from immich_stream.postgres import DumpResult
-from immich_stream.stack import PROJECT_LABEL
-from immich_stream.summary import ImmichInfo, SnapshotSummary
+from immich_stream.host.postgres import DumpResult
+from immich_stream.host.stack import PROJECT_LABEL
+from immich_stream.repository.summary import ImmichInfo, SnapshotSummary
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from immich_stream.age import load_keys
 from immich_stream.config import Settings
 from immich_stream.errors import ForgedError, RepoError
-from immich_stream.locks import RepoLock
-from immich_stream.repo import Repo
-from immich_stream.store import Store, why_no_repository
+from immich_stream.repository.age import load_keys
+from immich_stream.repository.locks import RepoLock
+from immich_stream.repository.repo import Repo
+from immich_stream.s3.store import Store, why_no_repository
 
 
 @dataclass(frozen=True)

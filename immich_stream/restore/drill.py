@@ -30,18 +30,18 @@ from typing import Any
 import aiodocker
 
 from immich_stream.config import Settings
-from immich_stream.docker_exec import pipe_into, run_in_container
 from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StackError, StoreError
-from immich_stream.metadata import came_from as came_from_text
-from immich_stream.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
+from immich_stream.host.docker_exec import pipe_into, run_in_container
+from immich_stream.host.metadata import came_from as came_from_text
+from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
+from immich_stream.host.stack import connect
 from immich_stream.progress import Reporter
-from immich_stream.repo import ManifestLine, Repo, Snapshot
-from immich_stream.restore import file_sql, prepare_dump, psql_stream, snapshot_sql
-from immich_stream.session import open_repo, reader
-from immich_stream.stack import connect
-from immich_stream.store import Store
-from immich_stream.thaw import thaw
-from immich_stream.watchdog import s3_hang, with_watchdog
+from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
+from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.thaw import thaw
+from immich_stream.restore.files import file_sql, prepare_dump, psql_stream, snapshot_sql
+from immich_stream.s3.store import Store
+from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 

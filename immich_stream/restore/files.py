@@ -27,9 +27,7 @@ from typing import Any
 
 import aiodocker
 
-from immich_stream.budget import ByteBudget
 from immich_stream.config import Settings
-from immich_stream.docker_exec import pipe_into
 from immich_stream.errors import (
     ConfigError,
     DumpError,
@@ -40,9 +38,10 @@ from immich_stream.errors import (
     StackError,
     StoreError,
 )
-from immich_stream.hoststate import stack_lock
-from immich_stream.metadata import came_from as came_from_text
-from immich_stream.postgres import (
+from immich_stream.host.docker_exec import pipe_into
+from immich_stream.host.hoststate import stack_lock
+from immich_stream.host.metadata import came_from as came_from_text
+from immich_stream.host.postgres import (
     CLUSTER_DUMP,
     DumpScanner,
     SearchPathFix,
@@ -51,14 +50,15 @@ from immich_stream.postgres import (
     psql_restore_command,
     read_head,
 )
+from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
-from immich_stream.session import open_repo, reader
-from immich_stream.stack import Stack, StackGuard, connect, recover
-from immich_stream.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
-from immich_stream.thaw import archived_digests, thaw
-from immich_stream.watchdog import s3_hang, with_watchdog
+from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
+from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.thaw import archived_digests, thaw
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
+from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from immich_stream.age import DecryptError
 from immich_stream.config import Settings
 from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
-from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
-from immich_stream.session import open_repo, reader
-from immich_stream.store import ARCHIVED_CLASSES, Store
-from immich_stream.thaw import thaw
+from immich_stream.repository.age import DecryptError
+from immich_stream.repository.repo import Repo, Snapshot, gunzip_stream, key_digest
+from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.thaw import thaw
+from immich_stream.s3.store import ARCHIVED_CLASSES, Store
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from typing import Any
 from immich_stream import cleanup
 from immich_stream.config import env_duration
 from immich_stream.errors import LockError, ObjectNotFound, StoreError
-from immich_stream.hoststate import claim_run, forget_run, local_run_gone, release_run
-from immich_stream.repo import Repo
+from immich_stream.host.hoststate import claim_run, forget_run, local_run_gone, release_run
+from immich_stream.repository.repo import Repo
 
 log = logging.getLogger(__name__)
 

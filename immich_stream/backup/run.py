@@ -27,16 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from immich_stream import __version__, cleanup, metadata
-from immich_stream.budget import ByteBudget
-from immich_stream.changes import ParentInfo, Source, decide, followed, scan_parent, walk_filter
+from immich_stream import __version__, cleanup
+from immich_stream.backup.changes import ParentInfo, Source, decide, followed, scan_parent, walk_filter
+from immich_stream.backup.library import check_database, check_database_at_end, check_library, check_shrink_at_end
+from immich_stream.backup.upload import FileUploader, UploadWorkers
+from immich_stream.backup.walk import WalkProblem, walk
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
-from immich_stream.hoststate import stack_lock, state_dir
-from immich_stream.library import check_database, check_database_at_end, check_library, check_shrink_at_end
-from immich_stream.postgres import DumpResult, dump_database
+from immich_stream.host import metadata
+from immich_stream.host.hoststate import stack_lock, state_dir
+from immich_stream.host.postgres import DumpResult, dump_database
+from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repo import (
+from immich_stream.repository.repo import (
     STOPPED_DIR,
     JournalWriter,
     ManifestLine,
@@ -46,13 +49,11 @@ from immich_stream.repo import (
     new_snapshot_id,
     snapshot_time,
 )
-from immich_stream.session import LockSpec, open_repo
-from immich_stream.stack import Stack, StackGuard, connect, recover
-from immich_stream.store import StreamWriter
-from immich_stream.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
-from immich_stream.upload import FileUploader, UploadWorkers
-from immich_stream.walk import WalkProblem, walk
-from immich_stream.watchdog import with_watchdog
+from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import StreamWriter
+from immich_stream.s3.watchdog import with_watchdog
 
 log = logging.getLogger(__name__)
 

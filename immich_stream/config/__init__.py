@@ -1245,7 +1245,7 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
             f"64 KiB shorter than its plaintext; choose at least {format_size(floor + ENCRYPTION_CHUNK)}"
         )
     if s.age_identity is not None or s.age_recipients:  # a missing or open key: before anything starts
-        from immich_stream.age import load_keys
+        from immich_stream.repository.age import load_keys
 
         load_keys(s.age_identity, s.age_recipients)
     if s.checksum == "crc32c" and importlib.util.find_spec("crc32c") is None:

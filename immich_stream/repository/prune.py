@@ -21,11 +21,11 @@ from typing import Any
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
-from immich_stream.locks import list_locks, own_time, remove_locks
-from immich_stream.repo import Repo, key_digest, run_of, snapshot_time
-from immich_stream.session import LockSpec, open_repo
-from immich_stream.store import Store
-from immich_stream.watchdog import s3_hang, with_watchdog
+from immich_stream.repository.locks import list_locks, own_time, remove_locks
+from immich_stream.repository.repo import Repo, key_digest, run_of, snapshot_time
+from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.s3.store import Store
+from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 

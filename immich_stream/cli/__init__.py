@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from immich_stream import __version__, cleanup
 from immich_stream import config as cfg
+from immich_stream.cli.monitor import LogTail, Outcome, Pinger, document, metrics_text, outcome_of, plain, write_metrics
 from immich_stream.errors import (
     EXIT_INCOMPLETE,
     EXIT_PARTIAL,
@@ -42,7 +43,6 @@ from immich_stream.errors import (
     StallError,
     backup_exit_code,
 )
-from immich_stream.monitor import LogTail, Outcome, Pinger, document, metrics_text, outcome_of, plain, write_metrics
 from immich_stream.progress import Reporter, format_eta, setup_logging
 
 log = logging.getLogger("immich_stream")
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
     settings.check_dirs()
     rows = cfg.describe(settings)
-    from immich_stream.store import describe_credentials
+    from immich_stream.s3.store import describe_credentials
 
     rows.append(("credentials", *describe_credentials(settings)))
     width = max(len(r[0]) for r in rows)
@@ -374,8 +374,8 @@ async def cmd_config(args: argparse.Namespace, settings: cfg.Settings, reporter:
 
 
 async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.backup import run_backup
-    from immich_stream.prune import apply_policy, parse_within
+    from immich_stream.backup.run import run_backup
+    from immich_stream.repository.prune import apply_policy, parse_within
 
     if args.prune:  # the whole policy is checked before the stack is touched
         policy = _policy(settings)
@@ -457,8 +457,8 @@ async def cmd_backup(args: argparse.Namespace, settings: cfg.Settings, reporter:
 
 
 async def cmd_snapshots(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.session import open_repo
-    from immich_stream.summary import _to_dict
+    from immich_stream.repository.session import open_repo
+    from immich_stream.repository.summary import _to_dict
 
     async with open_repo(settings) as repo:
         dirs = await repo.snapshot_dirs()
@@ -519,7 +519,7 @@ def _check_age(limit_text: str, committed: list[dict[str, Any]], summary: dict[s
     one line, exit 1 when the newest committed snapshot is too old."""
     import datetime as dt
 
-    from immich_stream.monitor import snapshot_time
+    from immich_stream.cli.monitor import snapshot_time
 
     limit = cfg.parse_duration(limit_text)
     if not committed:
@@ -545,13 +545,13 @@ def _check_age(limit_text: str, committed: list[dict[str, Any]], summary: dict[s
 async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from pathlib import Path
 
-    from immich_stream import restore
+    from immich_stream.restore import files as restore
 
     fs = cfg.format_size
     if args.from_file and not args.database:
         raise ConfigError("--from-file goes with --database: restore --database --from-file PATH")
     if args.config_files:
-        from immich_stream.metadata import SECRET_PLACEHOLDER
+        from immich_stream.host.metadata import SECRET_PLACEHOLDER
 
         if not args.to:
             raise ConfigError("--config-files needs --to DIR: restore latest --config-files --to DIR")
@@ -620,7 +620,7 @@ async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter
 
 
 async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.verify import verify
+    from immich_stream.checks.verify import verify
 
     fraction = 0.0
     if args.read_data:
@@ -654,7 +654,7 @@ async def cmd_verify(args: argparse.Namespace, settings: cfg.Settings, reporter:
 async def cmd_drill(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     import json
 
-    from immich_stream.drill import run_drill
+    from immich_stream.restore.drill import run_drill
 
     if args.files < 0:
         raise ConfigError(f"--files {args.files}: give a number of files, 0 or more")
@@ -687,7 +687,7 @@ async def cmd_drill(args: argparse.Namespace, settings: cfg.Settings, reporter: 
 
 
 def _policy(settings: cfg.Settings) -> Any:
-    from immich_stream.prune import Policy
+    from immich_stream.repository.prune import Policy
 
     return Policy(
         settings.keep_last,
@@ -701,7 +701,7 @@ def _policy(settings: cfg.Settings) -> Any:
 
 
 async def _run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> dict[str, Any]:
-    from immich_stream.prune import prune
+    from immich_stream.repository.prune import prune
 
     rep = await prune(settings, _policy(settings), dry_run, settings.stale_after, settings.lock_wait)
     fs = cfg.format_size
@@ -724,8 +724,8 @@ async def cmd_prune(args: argparse.Namespace, settings: cfg.Settings, reporter: 
 
 
 async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
-    from immich_stream.locks import unlock
-    from immich_stream.session import open_repo
+    from immich_stream.repository.locks import unlock
+    from immich_stream.repository.session import open_repo
 
     async with open_repo(settings, check=False) as repo:  # whatever is there: unlock must always work
         removed, forced, kept = await unlock(repo, args.force)
@@ -758,7 +758,7 @@ CommandResult = int | dict[str, Any] | Outcome
 
 
 async def cmd_doctor(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.doctor import run_doctor, table
+    from immich_stream.checks.doctor import run_doctor, table
 
     doc = await run_doctor(settings)
     print("\n".join(table(doc)), flush=True)
@@ -772,7 +772,7 @@ async def cmd_doctor(args: argparse.Namespace, settings: cfg.Settings, reporter:
 
 
 async def cmd_key(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
-    from immich_stream import keys
+    from immich_stream.repository import keys
 
     if args.action == "show":
         report = await keys.show(settings)
@@ -831,7 +831,7 @@ def _is_stream(path: str) -> bool:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Local paths a command will write, checked before it touches S3 or the stack."""
-    from immich_stream.hoststate import state_dir
+    from immich_stream.host.hoststate import state_dir
 
     if args.command == "backup" or (args.command == "restore" and args.database):
         _check_writable(state_dir(), "state directory (IMMICH_STREAM_STATE_DIR)")
@@ -932,7 +932,7 @@ async def _with_s3_hang_watch(fn: Callable[[], Awaitable[Any]], stall: float) ->
     """Every command fails when S3 answers nothing at all (timeouts and retries included)
     for the stall timeout while requests wait: a frozen server must not keep a restore, a
     prune or a verify alive for hours. (Backup has its own, finer watchdog as well.)"""
-    from immich_stream.store import OPEN_STORES
+    from immich_stream.s3.store import OPEN_STORES
 
     async def watch() -> None:
         while True:
@@ -1069,7 +1069,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter, as_json: bool) -> Outcome:
     if args.command == "schedule":  # not async: a loop of child processes
-        from immich_stream.schedule import parse_times, run_schedule
+        from immich_stream.cli.schedule import parse_times, run_schedule
 
         run = args.run[1:] if args.run[:1] == ["--"] else args.run
         if not run:
@@ -1156,7 +1156,7 @@ def _report(
 def _snapshot_ids(settings: cfg.Settings) -> list[str] | None:
     """The committed snapshots, for the per-snapshot metrics; None when S3 does not say
     (the metrics file then keeps the figures it had)."""
-    from immich_stream.session import open_repo
+    from immich_stream.repository.session import open_repo
 
     async def listing() -> list[str]:
         async with asyncio.timeout(60), open_repo(settings) as repo:

@@ -30,8 +30,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from immich_stream.age import Keys, Recipient, Sealing, plain_size
-from immich_stream.auth import (
+from immich_stream.backup.walk import Entry, sort_key
+from immich_stream.config import env_duration, storage_class_for
+from immich_stream.errors import ConfigError, RepoError, StoreError
+from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
+from immich_stream.repository.auth import (
     MAX_BLOCK,
     TRUST_ENV,
     ManifestMac,
@@ -42,15 +45,12 @@ from immich_stream.auth import (
     is_auth_line,
     trust_bucket,
 )
-from immich_stream.budget import ByteBudget
-from immich_stream.config import env_duration, storage_class_for
-from immich_stream.errors import ConfigError, RepoError, StoreError
-from immich_stream.store import Store, StreamWriter
-from immich_stream.summary import SnapshotSummary
-from immich_stream.walk import Entry, sort_key
+from immich_stream.repository.summary import SnapshotSummary
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import Store, StreamWriter
 
 if TYPE_CHECKING:
-    from immich_stream.locks import RepoLock
+    from immich_stream.repository.locks import RepoLock
 
 log = logging.getLogger(__name__)
 

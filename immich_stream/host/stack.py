@@ -31,7 +31,7 @@ import aiohttp
 
 from immich_stream.config import env_duration
 from immich_stream.errors import ConfigError, StackError
-from immich_stream.hoststate import own_container_id, run_alive, stack_state_file, state_dir
+from immich_stream.host.hoststate import own_container_id, run_alive, stack_state_file, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class Stack:
 
     async def wait_db_ready(self, user: str, timeout: float = 120.0) -> None:
         """Poll pg_isready inside the database container (no fixed sleep)."""
-        from immich_stream.docker_exec import run_in_container
+        from immich_stream.host.docker_exec import run_in_container
 
         deadline = time.monotonic() + timeout
         last = ""

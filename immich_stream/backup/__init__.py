@@ -1,0 +1,1 @@
+"""The backup pipeline: walk, change detection, upload, the library's guards, the run itself."""

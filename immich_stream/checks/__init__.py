@@ -1,0 +1,1 @@
+"""Checks of a repository and of a setup: verify, doctor."""
