@@ -894,6 +894,42 @@ def _check_section(path: Path, section: str, table: Any) -> dict[str, Any]:
     return table
 
 
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Knobs for tests and experts, each a documented IMMICH_STREAM_* variable, read once by
+    load() and passed down with the Settings: the library below the commands never reads the
+    environment for them. None means the owner's built-in default."""
+
+    lock_stale: float | None = None  # IMMICH_STREAM_LOCK_STALE (repository/locks.py: STALE)
+    journal_interval: float | None = None  # IMMICH_STREAM_JOURNAL_INTERVAL (repository/repo.py)
+    docker_deadline: float | None = None  # IMMICH_STREAM_DOCKER_DEADLINE (host/stack.py)
+    botocore_only: bool = False  # IMMICH_STREAM_BOTOCORE_ONLY: no direct path (s3/), for comparison
+    min_part_size: int = S3_MIN_PART_SIZE  # IMMICH_STREAM_MIN_PART_SIZE, for servers with smaller parts
+    short_durations: bool = False  # IMMICH_STREAM_TEST_SHORT_DURATIONS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Tuning:
+        def duration(name: str, floor: float, ceiling: float, why: str) -> float | None:
+            if not environ.get(name):
+                return None
+            return env_duration(name, 0.0, floor, ceiling, why, environ)
+
+        return cls(
+            lock_stale=duration(
+                "IMMICH_STREAM_LOCK_STALE", 10, 7 * 86400, "a lock refreshed less often than a sixth of it goes stale"
+            ),
+            journal_interval=duration(
+                "IMMICH_STREAM_JOURNAL_INTERVAL", 10, 3600, "how often a run's journal is written"
+            ),
+            docker_deadline=duration(
+                "IMMICH_STREAM_DOCKER_DEADLINE", 10, 3600, "how long one Docker API request may take"
+            ),
+            botocore_only=environ.get("IMMICH_STREAM_BOTOCORE_ONLY", "") not in ("", "0"),
+            min_part_size=min_part_size(environ),
+            short_durations=environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0"),
+        )
+
+
 ENCRYPTION_CHUNK = 64 * 1024  # age's chunk: an encrypted part's first chunk waits for the next part
 
 
@@ -951,6 +987,7 @@ class Settings:
     age_recipients: tuple[str, ...] = ()
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    tuning: Tuning = dataclasses.field(default_factory=Tuning)
     config_file: Path | None = None
 
     def require(self, *names: str) -> None:
@@ -1154,6 +1191,7 @@ def load(
             settings.sources[spec.name] = raw[spec.name][1]
         else:
             settings.sources[spec.name] = "default"
+    settings.tuning = Tuning.from_env(environ)
     _validate(settings, environ)
     return settings
 
@@ -1192,17 +1230,20 @@ def _parse(name: str, value: Any, source: str, base: Path | None, short_duration
     return parsed
 
 
-def env_duration(name: str, default: float, floor: float, ceiling: float, why: str) -> float:
+def env_duration(
+    name: str, default: float, floor: float, ceiling: float, why: str, environ: Mapping[str, str] | None = None
+) -> float:
     """A duration only tests and experts set, from the environment variable `name`; below
     `floor` only with IMMICH_STREAM_TEST_SHORT_DURATIONS (tests cannot wait minutes)."""
-    value = os.environ.get(name)
+    environ = os.environ if environ is None else environ
+    value = environ.get(name)
     if not value:
         return default
     try:
         seconds = parse_duration(value)
     except ValueError as exc:
         raise ConfigError(f"{name} {value!r} is invalid: {exc}") from None
-    low = RELAXED_FLOOR if os.environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0") else floor
+    low = RELAXED_FLOOR if environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0") else floor
     if not low <= seconds <= ceiling:
         raise ConfigError(f"{name} {value!r} must be {format_duration(floor)} to {format_duration(ceiling)} ({why})")
     return seconds
