@@ -112,6 +112,13 @@ def setting(
 
 @dataclasses.dataclass
 class Settings:
+    """Every setting's value, resolved by load(). The fields made by setting() are the
+    settings, in the order the command line's --help and `immich-stream config` show them;
+    the env= exceptions are the original backup script's names (IMMICH_DIR, DB_*, S3_*) and
+    the AWS SDK's (AWS_*); key= and flag= where the config file or the command line names
+    it otherwise ([immich] dir, [encryption] identity_file, --ping); flag=False: set only
+    in the config file or the environment."""
+
     # [immich]
     immich_dir: Path | None = setting(
         "immich",
