@@ -23,11 +23,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
-import stat
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from immich_stream.errors import ConfigError, RepoError
+from immich_stream.config.keys import bech32_encode, identity_file_keys, identity_key, read_age_keys, recipient_key
+from immich_stream.errors import RepoError
 from immich_stream.repository.auth import RepoAuth
-from immich_stream.repository.auth import parse as parse_auth
 
 INTRO = b"age-encryption.org/v1\n"
 CHUNK = 64 * 1024
@@ -83,63 +80,6 @@ def _hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
 
 
-# -- bech32 (BIP 173), the encoding of age's keys -----------------------------------------
-
-_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-
-
-def _polymod(values: Iterable[int]) -> int:
-    chk = 1
-    for v in values:
-        top = chk >> 25
-        chk = (chk & 0x1FFFFFF) << 5 ^ v
-        for i in range(5):
-            chk ^= _GEN[i] if (top >> i) & 1 else 0
-    return chk
-
-
-def _hrp_expand(hrp: str) -> list[int]:
-    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-
-
-def _convert(data: Iterable[int], frombits: int, tobits: int, pad: bool) -> list[int]:
-    acc = bits = 0
-    out: list[int] = []
-    maxv = (1 << tobits) - 1
-    for value in data:
-        acc = (acc << frombits) | value
-        bits += frombits
-        while bits >= tobits:
-            bits -= tobits
-            out.append((acc >> bits) & maxv)
-    if pad and bits:
-        out.append((acc << (tobits - bits)) & maxv)
-    elif not pad and (bits >= frombits or (acc << (tobits - bits)) & maxv):
-        raise ValueError("invalid padding")
-    return out
-
-
-def bech32_encode(hrp: str, data: bytes) -> str:
-    five = _convert(data, 8, 5, True)
-    checksum = _polymod(_hrp_expand(hrp) + five + [0] * 6) ^ 1
-    five += [(checksum >> 5 * (5 - i)) & 31 for i in range(6)]
-    return hrp + "1" + "".join(_CHARSET[d] for d in five)
-
-
-def bech32_decode(text: str) -> tuple[str, bytes]:
-    if text.lower() != text and text.upper() != text:
-        raise ValueError("mixed case")
-    text = text.lower()
-    hrp, sep, rest = text.rpartition("1")
-    if not sep or not hrp or len(rest) < 6 or any(c not in _CHARSET for c in rest):
-        raise ValueError("not bech32")
-    five = [_CHARSET.index(c) for c in rest]
-    if _polymod(_hrp_expand(hrp) + five) != 1:
-        raise ValueError("bad checksum")
-    return hrp, bytes(_convert(five[:-6], 5, 8, False))
-
-
 # -- keys ----------------------------------------------------------------------------------
 
 
@@ -149,13 +89,7 @@ class Recipient:
 
     @classmethod
     def parse(cls, text: str) -> Recipient:
-        try:
-            hrp, data = bech32_decode(text.strip())
-        except ValueError:
-            hrp, data = "", b""
-        if hrp != "age" or len(data) != 32:
-            raise ConfigError(f"{text.strip()[:80]!r} is not an age recipient (age1... as age-keygen prints it)")
-        return cls(data)
+        return cls(recipient_key(text))
 
     def __str__(self) -> str:
         return bech32_encode("age", self.public)
@@ -183,13 +117,7 @@ class Identity:
 
     @classmethod
     def parse(cls, text: str) -> Identity:
-        try:
-            hrp, data = bech32_decode(text.strip())
-        except ValueError:
-            hrp, data = "", b""
-        if hrp != "age-secret-key-" or len(data) != 32:
-            raise ConfigError("an identity line is not an age X25519 secret key (AGE-SECRET-KEY-1..., from age-keygen)")
-        return cls(data)
+        return cls(identity_key(text))
 
     def secret_text(self) -> str:
         raw = self._key.private_bytes(
@@ -216,30 +144,8 @@ class Identity:
 
 
 def read_identity_file(path: Path) -> list[Identity]:
-    """The identities of an age identity file (age-keygen's format: comments, blank lines,
-    one AGE-SECRET-KEY-1 per line; the first is the current one). Refused when others than
-    its owner may read it: whoever reads it reads every backup."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"age_identity {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(
-                f"age_identity {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                f"run `chmod 600 {path}`"
-            )
-        text = path.read_text("ascii")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"age_identity {path} does not exist: create it with `age-keygen -o {path}` (new repository) "
-            "or restore the one this repository was encrypted with"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"age_identity {path} cannot be read: {exc}") from None
-    keys = [Identity.parse(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not keys:
-        raise ConfigError(f"age_identity {path} holds no AGE-SECRET-KEY-1 line: create one with age-keygen")
-    return keys
+    """The identities of an age identity file (its checks: config/keys.py)."""
+    return [Identity(secret) for secret in identity_file_keys(path)]
 
 
 def identity_file_text(identities: list[Identity], comments: list[str], auth: RepoAuth | None = None) -> str:
@@ -569,16 +475,11 @@ class Keys:
 
 
 def load_keys(identity_file: Path | None, recipients: tuple[str, ...]) -> Keys | None:
-    if identity_file is None:
-        if recipients:
-            raise ConfigError(
-                "age recipients are set but no identity: set IMMICH_STREAM_AGE_IDENTITY (or [encryption] "
-                "identity_file) to a key made with age-keygen"
-            )
+    """The keys the settings name (read and checked by config/keys.py, as load() did)."""
+    found = read_age_keys(identity_file, recipients)
+    if found is None or identity_file is None:
         return None
-    identities = tuple(read_identity_file(identity_file))
-    try:
-        auth = parse_auth(identity_file.read_text("ascii"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"age_identity {identity_file} cannot be read: {exc}") from None
-    return Keys(identities, tuple(Recipient.parse(r) for r in recipients), identity_file, auth)
+    auth = None if found.auth is None else RepoAuth(*found.auth)
+    return Keys(
+        tuple(Identity(s) for s in found.secrets), tuple(Recipient(p) for p in found.recipients), identity_file, auth
+    )

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from immich_stream.errors import ConfigError, ForgedError
+from immich_stream.config.keys import AUTH_LINE, AUTH_PENDING, auth_key
+from immich_stream.errors import ForgedError
 
-LINE = "# immich-stream-auth: "
-PENDING = " pending"
+LINE = AUTH_LINE
+PENDING = AUTH_PENDING
 TRUST_ENV = "IMMICH_STREAM_TRUST_BUCKET"
 MAX_BLOCK = 16 << 20  # plaintext bytes of manifest lines between two MAC lines (the writer: ~1 MiB)
 
@@ -83,25 +84,8 @@ class RepoAuth:
 
 def parse(text: str) -> RepoAuth | None:
     """The authentication key of an identity file's text (its last such line), or None."""
-    found: RepoAuth | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line.startswith(LINE.strip()):
-            continue
-        value = line[len(LINE.strip()) :].strip()
-        ready = not value.endswith(PENDING)
-        value = value.removesuffix(PENDING).strip()
-        try:
-            key = base64.b64decode(value, validate=True)
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise ConfigError(
-                "the identity file's `# immich-stream-auth:` line is damaged: copy it again from `key show` "
-                "(on the backup host) or from your recovery copy"
-            )
-        found = RepoAuth(key, ready)
-    return found
+    found = auth_key(text)
+    return None if found is None else RepoAuth(*found)
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
