@@ -14,7 +14,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, running_containers
-from tests.helpers import USER_ID, Bucket, make_library, run_cli, tree
+from tests.helpers import USER_ID, Bucket, make_library, make_settings, run_cli, tree
 
 MIB = 1024 * 1024
 
@@ -280,9 +280,8 @@ def test_lost_answer_to_complete_multipart_is_not_a_failure(
 # -- item 11: streams larger than the memory budget's parts -----------------------------------
 
 
-async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch) -> None:
+async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch, tmp_path: Path) -> None:
     """Scaled down: 4 KiB parts, a 16 KiB budget, and parts that would double past it."""
-    from immich_stream.config import Settings
     from immich_stream.s3 import store as store_mod
     from immich_stream.s3.budget import ByteBudget
     from immich_stream.s3.store import Store, StreamWriter, max_stream_size, stream_part_size
@@ -292,7 +291,9 @@ async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     bucket = rclone_s3.new_bucket()
-    settings = Settings(bucket=bucket, endpoint_url=rclone_s3.endpoint, path_style=True, jobs=8, retries=3)
+    settings = make_settings(
+        endpoint=rclone_s3.endpoint, bucket=bucket, home=tmp_path, IMMICH_STREAM_JOBS="8", IMMICH_STREAM_RETRIES="3"
+    )
     budget = ByteBudget(16 * 1024)
     assert [stream_part_size(n, 4096, 8192) for n in (1, 8, 9, 17, 25, 80)] == [4096] * 2 + [8192] * 4
     data = os.urandom(40 * 4096 + 123)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import bucket_of
-from tests.helpers import REPO_ROOT, Bucket, run_cli, start_cli, tree
+from tests.helpers import REPO_ROOT, Bucket, make_settings, run_cli, start_cli, tree
 
 EXIT_PARTIAL = 7
 DUMP_SQL = b"-- PostgreSQL database dump\nSELECT 1;\n-- PostgreSQL database dump complete\n"
@@ -46,13 +46,12 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
     """A committed snapshot of the library entries (path -> Entry, in walk order) written
     through the repository code as a backup writes one; every file gets an object of this
     snapshot's own (as a backup that first saw it writes it)."""
-    from immich_stream import config
     from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
     from immich_stream.repository.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
     from immich_stream.s3.budget import ByteBudget
     from immich_stream.s3.store import Store
 
-    settings = config.load(environ=env)
+    settings = make_settings(env)
 
     async def main() -> str:
         async with Store(settings) as store:

@@ -48,6 +48,7 @@ from immich_stream.repository.summary import DatabaseInfo, FileCounts, RunStats,
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import MAX_PARTS, MIB, Store, part_size_for, stream_part_size
 from tests.conftest import KEY, SECRET, S3Server
+from tests.helpers import make_settings
 
 SHA = "a" * 64
 
@@ -520,12 +521,15 @@ async def test_walk_marks_special_files_as_skipped(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def s3_settings(rclone_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def s3_settings(
+    rclone_s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    return Settings(
-        bucket=rclone_s3.new_bucket(), endpoint_url=rclone_s3.endpoint, path_style=True, jobs=4, retries=2,
-        part_size=5 * MIB, max_memory=64 * MIB,
+    return make_settings(
+        endpoint=rclone_s3.endpoint, bucket=rclone_s3.new_bucket(), home=tmp_path_factory.mktemp("home"),
+        IMMICH_STREAM_JOBS="4", IMMICH_STREAM_RETRIES="2", IMMICH_STREAM_PART_SIZE="5MiB",
+        IMMICH_STREAM_MAX_MEMORY="64MiB",
     )  # fmt: skip
 
 
