@@ -72,10 +72,18 @@ def running_containers() -> set[str]:
 DOCKER_FIXTURES = frozenset({"machine", "immich_stack", "stack", "env", "bucket", "restic_repo"})
 
 
+# Tests on SeaweedFS get the `slow` marker: starting it, and the tens of MiB those tests move
+# through it, take most of the seconds of what needs no Docker (scripts/check leaves them out).
+SLOW_FIXTURES = frozenset({"seaweed_s3"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if DOCKER_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.docker)
+        if SLOW_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.slow)
 
 
 # -- machine and stack -----------------------------------------------------------------------
@@ -302,12 +310,10 @@ class SeaweedServer:
         wait_for(answers, 60, 0.3, "SeaweedFS's S3 API")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        # Killed, not terminated: its data is a throwaway directory, and a graceful stop of
+        # its master, volume and filer takes seconds at the end of every session.
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,7 @@ def test_every_setting_has_a_wrong_value() -> None:
     assert set(WRONG) == set(cfg.SPECS), "add a wrong value for the new setting to WRONG"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["env", "toml"])
 @pytest.mark.parametrize("name", list(WRONG))
 def test_every_setting_refuses_a_wrong_value(tmp_path: Path, name: str, source: str) -> None:
@@ -111,6 +112,7 @@ def test_every_setting_refuses_a_wrong_value(tmp_path: Path, name: str, source: 
     assert "hunter2" not in r.err  # a password in an endpoint URL is never echoed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "value", "needle"),
     [
@@ -148,6 +150,7 @@ def test_bounds_and_syntax_through_the_cli(tmp_path: Path, name: str, value: str
     assert_usage_error(run_cli("config", env=env), needle)
 
 
+@pytest.mark.slow
 def test_keep_daily_true_in_toml_is_not_a_count(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text("[prune]\nkeep_daily = true\n")
@@ -269,6 +272,7 @@ def untouched_env(tmp_path: Path, listener: Listener) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "extra", "needle"),
     [
@@ -311,6 +315,7 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(ro)], check=True)
 
 
+@pytest.mark.slow
 def test_restore_to_a_read_only_place(untouched_env: dict[str, str], listener: Listener, read_only_dir: Path) -> None:
     for target in (read_only_dir / "new" / "dir", read_only_dir / "existing"):
         r = run_cli("restore", "--to", str(target), env=untouched_env, timeout=30)
@@ -318,6 +323,7 @@ def test_restore_to_a_read_only_place(untouched_env: dict[str, str], listener: L
     assert listener.connections() == 0
 
 
+@pytest.mark.slow
 def test_restore_to_a_path_under_a_file(untouched_env: dict[str, str], listener: Listener, tmp_path: Path) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -328,6 +334,7 @@ def test_restore_to_a_path_under_a_file(untouched_env: dict[str, str], listener:
     assert afile.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_dump_to_an_unwritable_or_missing_place(
     untouched_env: dict[str, str], listener: Listener, tmp_path: Path, read_only_dir: Path
 ) -> None:
@@ -347,6 +354,7 @@ def test_dump_to_an_unwritable_or_missing_place(
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.slow
 def test_backup_refuses_a_state_dir_it_cannot_create(
     untouched_env: dict[str, str], listener: Listener, tmp_path: Path
 ) -> None:
@@ -389,6 +397,7 @@ def is_get(method: str, path: str, query: dict[str, str]) -> bool:
     return method == "GET"
 
 
+@pytest.mark.slow
 def test_clock_skew_fails_at_once_with_a_clock_message(
     s3_env: dict[str, str], rclone_s3: S3Server, proxy_factory: type[FaultProxy]
 ) -> None:
@@ -403,6 +412,7 @@ def test_clock_skew_fails_at_once_with_a_clock_message(
     assert rule.hits == 1, proxy.requests  # not retried
 
 
+@pytest.mark.slow
 def test_clock_skew_on_a_head_is_told_by_the_servers_date(
     s3_env: dict[str, str], rclone_s3: S3Server, proxy_factory: type[FaultProxy]
 ) -> None:

@@ -132,6 +132,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_help_and_version(tmp_path: Path) -> None:
     r = run_cli("--help", env=cli_env(tmp_path))
     assert r.code == 0 and "config" in r.out and "backup" in r.out
@@ -139,6 +140,7 @@ def test_help_and_version(tmp_path: Path) -> None:
     assert r.code == 0 and r.out.startswith("immich-stream 0.")
 
 
+@pytest.mark.slow
 def test_config_command_shows_values_sources_and_hides_secrets(tmp_path: Path, immich_dir: Path) -> None:
     env = cli_env(
         tmp_path,
@@ -159,6 +161,7 @@ def test_config_command_shows_values_sources_and_hides_secrets(tmp_path: Path, i
     assert "hunter2" not in r.out + r.err  # the DB password in .env is never shown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "extra", "needle"),
     [
@@ -188,6 +191,7 @@ def test_config_errors_exit_2_with_one_line(
     assert len(r.err.strip().splitlines()) == 1, r.err
 
 
+@pytest.mark.slow
 def test_backup_without_bucket_exit_2(tmp_path: Path, immich_dir: Path) -> None:
     r = run_cli("backup", env=cli_env(tmp_path, IMMICH_DIR=str(immich_dir)))
     assert r.code == 2

@@ -29,6 +29,7 @@ def _secret(path: Path) -> str:
     return next(x for x in path.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var", ["IMMICH_STREAM_AGE_IDENTITY", "IMMICH_STREAM_AGE_RECIPIENTS"])
 def test_a_secret_key_put_in_the_wrong_setting_is_never_printed(var: str, tmp_path: Path) -> None:
     """A user who puts the key itself (not its file) in IMMICH_STREAM_AGE_IDENTITY, or the
@@ -47,6 +48,7 @@ def test_a_secret_key_put_in_the_wrong_setting_is_never_printed(var: str, tmp_pa
         assert secret[16:60] not in printed.upper(), f"{command} printed the secret key: {r.last_error}"
 
 
+@pytest.mark.slow
 def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
     s3_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -55,6 +55,7 @@ def two_keys(s3_env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Pa
 # -- 17: dropping a recipient is explicit ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_key_rotate_never_drops_the_offline_recipient_by_omission(
     two_keys: tuple[dict[str, str], Path, str, Path, str],
 ) -> None:
@@ -83,6 +84,7 @@ def test_key_rotate_never_drops_the_offline_recipient_by_omission(
     ]
 
 
+@pytest.mark.slow
 def test_key_rotate_drops_missing_recipients_when_told_to(
     two_keys: tuple[dict[str, str], Path, str, Path, str],
 ) -> None:
@@ -97,6 +99,7 @@ def test_key_rotate_drops_missing_recipients_when_told_to(
 # -- 15: foreign objects under data/ do not stop a re-encryption ------------------------------
 
 
+@pytest.mark.slow
 def test_key_reencrypt_completes_past_folder_markers_and_stray_objects(
     two_keys: tuple[dict[str, str], Path, str, Path, str], moto_s3: S3Server, tmp_path: Path
 ) -> None:

@@ -45,6 +45,7 @@ def test_exclude_accepts_only_regenerable_folders(tmp_path: Path) -> None:
             cfg.load({"exclude": bad}, environ={})
 
 
+@pytest.mark.slow
 def test_exclude_of_another_folder_is_a_one_line_error(tmp_path: Path) -> None:
     r = run_cli("backup", "--exclude", "thumbs", "--exclude", "library", env=base_env(tmp_path))
     assert r.code == ConfigError.exit_code

@@ -95,6 +95,7 @@ def json_lines(text: str) -> list[dict]:
 # -- pings (no Docker: commands that need only S3) ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_healthchecks_ping_start_then_success(s3_env: dict, pings: PingServer) -> None:
     r = run_cli("unlock", "--ping", f"{pings.url}/ping/abc-123", env=s3_env)
     assert r.code == 0, r.err
@@ -104,6 +105,7 @@ def test_healthchecks_ping_start_then_success(s3_env: dict, pings: PingServer) -
     assert "immich-stream/" in end.headers["User-Agent"]
 
 
+@pytest.mark.slow
 def test_failure_pings_fail_with_the_last_log_lines(s3_env: dict, pings: PingServer) -> None:
     s3_env["S3_BUCKET"] = "no-such-bucket-here"
     r = run_cli("prune", "--keep-last", "3", "--ping", f"{pings.url}/hc", env=s3_env)
@@ -112,6 +114,7 @@ def test_failure_pings_fail_with_the_last_log_lines(s3_env: dict, pings: PingSer
     assert r.last_error in pings.requests[1].body  # what a phone shows: the reason
 
 
+@pytest.mark.slow
 def test_config_file_ping_is_the_backups_only(s3_env: dict, pings: PingServer, tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(f'[monitor]\nping_url = "{pings.url}/nightly"\n')
@@ -122,6 +125,7 @@ def test_config_file_ping_is_the_backups_only(s3_env: dict, pings: PingServer, t
     assert "/nightly" not in r.out and "(hidden)" in r.out  # a ping URL is a credential
 
 
+@pytest.mark.slow
 def test_a_dead_or_failing_ping_server_never_fails_the_run(s3_env: dict, pings: PingServer) -> None:
     dead = f"http://127.0.0.1:{free_port()}/x"
     r = run_cli("unlock", "--ping", dead, env=s3_env)
@@ -133,6 +137,7 @@ def test_a_dead_or_failing_ping_server_never_fails_the_run(s3_env: dict, pings: 
     assert len(pings.requests) == 4  # each ping tried twice: a 5xx may be passing
 
 
+@pytest.mark.slow
 def test_uptime_kuma_push_url(s3_env: dict, pings: PingServer) -> None:
     s3_env["S3_BUCKET"] = "no-such-bucket-here"
     r = run_cli("unlock", "--ping", f"{pings.url}/api/push/Tok3n?status=up&msg=OK&ping=", env=s3_env)
@@ -142,6 +147,7 @@ def test_uptime_kuma_push_url(s3_env: dict, pings: PingServer) -> None:
     assert p.query["status"] == "down" and "no-such-bucket-here" in p.query["msg"]
 
 
+@pytest.mark.slow
 def test_ntfy_topic(s3_env: dict, pings: PingServer) -> None:
     r = run_cli("unlock", "--ping", f"ntfy+{pings.url}/immich-backups", env=s3_env)
     assert r.code == 0, r.err
@@ -153,6 +159,7 @@ def test_ntfy_topic(s3_env: dict, pings: PingServer) -> None:
 # -- --json and the metrics file without a stack -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_json_document_of_a_failed_command(s3_env: dict) -> None:
     s3_env["S3_BUCKET"] = "no-such-bucket-here"
     r = run_cli("prune", "--keep-last", "3", "--json", env=s3_env)
@@ -163,6 +170,7 @@ def test_json_document_of_a_failed_command(s3_env: dict) -> None:
     json_lines(r.err)  # stderr: JSON lines, and the one error line a person reads
 
 
+@pytest.mark.slow
 def test_metrics_file_keeps_the_last_success_across_a_failure(s3_env: dict, tmp_path: Path) -> None:
     prom = tmp_path / "immich.prom"
     r = run_cli("unlock", "--metrics-file", str(prom), env=s3_env)
@@ -182,6 +190,7 @@ def test_metrics_file_keeps_the_last_success_across_a_failure(s3_env: dict, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".immich.prom")] == []  # written atomically
 
 
+@pytest.mark.slow
 def test_metrics_file_in_a_missing_directory_is_refused_up_front(s3_env: dict) -> None:
     r = run_cli("unlock", "--metrics-file", "/no/such/dir/immich.prom", env=s3_env)
     assert r.code == 2 and "metrics_file /no/such/dir/immich.prom" in r.last_error
@@ -302,6 +311,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
+@pytest.mark.slow
 def test_schedule_runs_the_command_then_sleeps_until_the_next_time(s3_env: dict, pings: PingServer) -> None:
     import signal
 
@@ -360,6 +370,7 @@ def doctor_rows(out: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_doctor_tells_what_each_s3_server_verifies(
     s3_env: dict, moto_s3: S3Server, seaweed_s3: S3Server, tmp_path: Path
 ) -> None:

@@ -260,6 +260,7 @@ def assert_one_line_exit_2(r: Any, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "toml", "needles"),
     [
@@ -283,6 +284,7 @@ def test_bad_settings_through_the_cli_one_line_exit_2(
     assert "secret-uuid" not in r.err
 
 
+@pytest.mark.slow
 def test_limit_upload_60mib_is_accepted_by_the_cli(tmp_path: Path) -> None:
     r = run_cli("config", "--limit-upload", "60MiB", "--limit-download", "500k", env=base_env(tmp_path), timeout=60)
     assert r.code == 0, r.err

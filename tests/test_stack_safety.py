@@ -281,6 +281,7 @@ def test_a_fifo_swapped_in_for_a_file_is_refused_not_waited_for(tmp_path: Path) 
     assert time.monotonic() - started < 1
 
 
+@pytest.mark.slow
 def test_a_read_that_hangs_does_not_keep_the_process_alive(tmp_path: Path) -> None:
     """A thread stuck in a read (a dead NFS server; here a FIFO nobody writes to, opened
     blocking) must not keep a failed run alive: Python would join it at exit forever."""

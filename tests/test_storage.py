@@ -139,6 +139,7 @@ def test_no_wait_exits_and_the_same_command_later_restores(
     assert r.code == 0, r.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, extra, message",
     [
@@ -158,6 +159,7 @@ def test_bad_storage_settings_are_one_line_errors_before_anything_runs(
     assert len(r.err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sse_c_key_file_must_be_32_private_bytes(tmp_path: Path) -> None:
     env = base_env(tmp_path) | {"S3_BUCKET": "b", "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
     key = tmp_path / "sse.key"
@@ -417,6 +419,7 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
     return sid
 
 
+@pytest.mark.slow
 async def test_cli_restore_and_verify_of_a_glacier_snapshot_without_docker(
     moto_s3: S3Server,
     slow_thaws: None,
