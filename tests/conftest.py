@@ -68,7 +68,8 @@ def running_containers() -> set[str]:
 
 
 # Tests that use any of these need the Docker engine (and the test stack): they get the
-# `docker` marker, so `pytest -m "not docker"` runs the others alone, in seconds.
+# `docker` marker, so `pytest -m "not docker"` runs the others alone (and with `and not slow`,
+# as scripts/check does, in seconds).
 DOCKER_FIXTURES = frozenset({"machine", "immich_stack", "stack", "env", "bucket", "restic_repo"})
 
 
@@ -166,6 +167,20 @@ def stack(immich_stack: ImmichStack) -> ImmichStack:
     immich_stack.ensure_running()
     immich_stack.clear_library()
     return immich_stack
+
+
+@pytest.fixture
+def immich_dir(tmp_path: Path) -> Path:
+    """An Immich folder as its installer leaves it: .env, docker-compose.yml (name: my-immich)."""
+    d = tmp_path / "immich-app"
+    (d / "library").mkdir(parents=True)
+    (d / "postgres").mkdir()
+    (d / ".env").write_text(
+        "# Immich's .env\nUPLOAD_LOCATION=./library\nDB_DATA_LOCATION=./postgres\n"
+        "DB_USERNAME=immich_user\nDB_DATABASE_NAME='immich_db'  \nDB_PASSWORD=hunter2\n"
+    )
+    (d / "docker-compose.yml").write_text("#\nname: my-immich\n\nservices:\n  immich-server:\n    image: x\n")
+    return d
 
 
 # -- S3 servers ------------------------------------------------------------------------------
