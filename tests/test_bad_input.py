@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config as cfg
-from immich_stream.host.hoststate import state_dir
 from tests.conftest import S3Server, base_env, bucket_of
 from tests.faultproxy import FaultProxy, any_request
 from tests.helpers import Result, run_cli
@@ -197,17 +196,6 @@ def test_good_values_still_load(tmp_path: Path) -> None:
     assert (s.keep_within, s.stale_after, s.keep_daily) == ("1y2m3d4h", 3600.0, 7)
 
 
-def test_keep_within_uses_prunes_rules(tmp_path: Path) -> None:
-    from immich_stream.repository.prune import parse_within
-
-    for text in ("30d", "6m", "1y2m3d4h", "12h", " 2y ", "0d"):
-        assert cfg.parse_within_parts(text) == parse_within(text)
-        assert (
-            cfg.load(environ={"IMMICH_STREAM_KEEP_WITHIN": text, "XDG_CONFIG_HOME": str(tmp_path)}).keep_within
-            == text.strip()
-        )
-
-
 # -- refused before anything is touched -------------------------------------------------------
 
 
@@ -367,27 +355,6 @@ def test_backup_refuses_a_state_dir_it_cannot_create(
 
 
 # -- where the state lives --------------------------------------------------------------------
-
-
-def test_state_dir_root_user_and_override() -> None:
-    assert state_dir({"HOME": "/root", "XDG_STATE_HOME": "/root/.xdg"}, euid=0) == Path("/var/lib/immich-stream")
-    assert state_dir({"HOME": "/home/ann"}, euid=1000) == Path("/home/ann/.local/state/immich-stream")
-    assert state_dir({"HOME": "/home/ann", "XDG_STATE_HOME": "/srv/st"}, euid=1000) == Path("/srv/st/immich-stream")
-    assert state_dir({"HOME": "/home/ann", "XDG_STATE_HOME": "rel"}, euid=1000) == Path(
-        "/home/ann/.local/state/immich-stream"
-    )  # a relative XDG_STATE_HOME is ignored, as the spec says
-    for euid in (0, 1000):
-        assert state_dir({"IMMICH_STREAM_STATE_DIR": "/tmp/st", "HOME": "/home/ann"}, euid=euid) == Path("/tmp/st")
-
-
-def test_state_dir_of_this_process_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    monkeypatch.delenv("IMMICH_STREAM_STATE_DIR", raising=False)
-    monkeypatch.setenv("HOME", "/home/someone-else")  # sudo may keep the caller's HOME
-    assert state_dir() == Path("/var/lib/immich-stream")
 
 
 # -- a clock problem is not a network problem ------------------------------------------------

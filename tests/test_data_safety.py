@@ -160,36 +160,6 @@ def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(
     assert files["changed"] == 2 and files["touched"] == 2, files
 
 
-def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
-    """Pure rules: inode numbers repeat across filesystems, and a rename changes ctime."""
-    from immich_stream.backup.changes import ParentInfo, classify
-    from immich_stream.repository.repo import ManifestLine
-
-    def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
-        return ManifestLine(
-            "library", path, "file", 10, 100, 0o644, 0, 0, inode, sha, f"data/x/library/{path}", ctime_ns=ctime, dev=dev
-        )
-
-    parent = ParentInfo("x")
-    gone = line("upload/a.jpg", 1, 42)
-    parent.vanished[("library", 1, 42)] = gone
-    other_fs = line("library/b.jpg", 2, 42)
-    assert parent.moved_from("library", other_fs) is None, "same inode on another device is another file"
-    same_fs = line("library/c.jpg", 1, 42, ctime=9)
-    found = parent.moved_from("library", same_fs)
-    assert found is gone
-    decision = classify(same_fs, None, found, lambda key, size: True)
-    assert (decision.action, decision.kind) == ("check", "moved"), "a move is confirmed by its bytes"
-    # unchanged needs ctime and device too; an old line without them is trusted once
-    old = line("p.jpg", 1, 7, ctime=5)
-    assert classify(line("p.jpg", 1, 7, ctime=5), old, None, lambda k, s: True).action == "reuse"
-    assert classify(line("p.jpg", 1, 7, ctime=6), old, None, lambda k, s: True).action == "check"
-    assert classify(line("p.jpg", 3, 7, ctime=5), old, None, lambda k, s: True).action == "check"
-    legacy = line("p.jpg", None, 7, ctime=None)
-    assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda k, s: True).action == "reuse"
-    assert classify(line("p.jpg", 1, 7), old, None, lambda k, s: False).kind == "reuploaded"
-
-
 # -- item 8: long names ------------------------------------------------------------------------
 
 

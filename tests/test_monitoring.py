@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import re
 import shutil
 import subprocess
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream.progress import Reporter
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, free_port, running_containers
 from tests.helpers import REPO_ROOT, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
@@ -197,37 +195,6 @@ def test_metrics_file_in_a_missing_directory_is_refused_up_front(s3_env: dict) -
 
 
 # -- progress figures -------------------------------------------------------------------------
-
-
-def test_progress_lines_have_totals_percent_and_eta(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for i in range(20):
-        (tmp_path / f"f{i}").write_bytes(b"x" * 1000)
-    reporter = Reporter("log", interval=0)
-    reporter.downtime = lambda: 65.0
-    with caplog.at_level(logging.INFO, logger="immich_stream"):
-        phase = reporter.phase("library files", count=tmp_path)  # no parent: counted ahead
-        time.sleep(0.3)  # the counting thread is done in milliseconds
-        time.sleep(0.01)
-        phase.update(5000, files=5)
-        phase.close()
-    first, done = [r.getMessage() for r in caplog.records]
-    assert re.fullmatch(
-        r"library files: 5 files of 20, 4\.9 KiB of 19\.5 KiB \(25%\), .*/s, ETA \d+s, Immich down for 1m05s", first
-    ), first
-    assert done.startswith("library files: done, 5 files of 20")
-
-    json_reporter = Reporter("json")
-    phase = json_reporter.phase("database dump", total_bytes=4000)  # the last dump's size: an estimate
-    phase.update(1000)
-    time.sleep(1.05)
-    phase.update(1000)
-    phase.close()
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert events[0]["percent_done"] == 0.5 and events[0]["totals"] == "estimate"
-    assert events[0]["seconds_remaining"] is not None and events[0]["total_bytes"] == 4000
-    assert events[-1]["done"] is True and events[-1]["bytes_done"] == 2000
 
 
 # -- the real stack ---------------------------------------------------------------------------

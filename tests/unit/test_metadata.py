@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from immich_stream.host.metadata import redact
-
 
 def test_secrets_are_removed_from_config_files() -> None:
     from immich_stream.host.metadata import SECRET_PLACEHOLDER as P
+    from immich_stream.host.metadata import redact
 
     env = "DB_PASSWORD=hunter2\nexport API_KEY='k'\nUPLOAD_LOCATION=./library\n# DB_PASSWORD=old\n"
     text, names = redact(".env", env)

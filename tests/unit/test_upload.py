@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
+
+import pytest
 
 from immich_stream.backup.changes import classify
 from immich_stream.backup.upload import FileUploader, UploadWorkers
@@ -57,3 +60,14 @@ async def test_upload_workers_reuse_matching_bytes_and_leave_out_what_cannot_be_
     assert stats.failed == 1 and list(stats.problems) == [
         "library/z.jpg: cannot be read (no longer a regular file); left out of this snapshot"
     ]
+
+
+def test_a_fifo_swapped_in_for_a_file_is_refused_not_waited_for(tmp_path: Path) -> None:
+    from immich_stream.backup.upload import _open_regular
+
+    fifo = tmp_path / "was-a-photo.jpg"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="no longer a regular file"):
+        _open_regular(os.fsencode(fifo))
+    assert time.monotonic() - started < 1
