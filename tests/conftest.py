@@ -68,14 +68,23 @@ def running_containers() -> set[str]:
 
 
 # Tests that use any of these need the Docker engine (and the test stack): they get the
-# `docker` marker, so `pytest -m "not docker"` runs the others alone, in seconds.
+# `docker` marker, so `pytest -m "not docker"` runs the others alone (and with `and not slow`,
+# as scripts/check does, in seconds).
 DOCKER_FIXTURES = frozenset({"machine", "immich_stack", "stack", "env", "bucket", "restic_repo"})
+
+
+# Tests on SeaweedFS get the `slow` marker: starting it, and the tens of MiB those tests move
+# through it, take most of the seconds of what needs no Docker (scripts/check leaves them out).
+SLOW_FIXTURES = frozenset({"seaweed_s3"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if DOCKER_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.docker)
+        if SLOW_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.slow)
 
 
 # -- machine and stack -----------------------------------------------------------------------
@@ -158,6 +167,20 @@ def stack(immich_stack: ImmichStack) -> ImmichStack:
     immich_stack.ensure_running()
     immich_stack.clear_library()
     return immich_stack
+
+
+@pytest.fixture
+def immich_dir(tmp_path: Path) -> Path:
+    """An Immich folder as its installer leaves it: .env, docker-compose.yml (name: my-immich)."""
+    d = tmp_path / "immich-app"
+    (d / "library").mkdir(parents=True)
+    (d / "postgres").mkdir()
+    (d / ".env").write_text(
+        "# Immich's .env\nUPLOAD_LOCATION=./library\nDB_DATA_LOCATION=./postgres\n"
+        "DB_USERNAME=immich_user\nDB_DATABASE_NAME='immich_db'  \nDB_PASSWORD=hunter2\n"
+    )
+    (d / "docker-compose.yml").write_text("#\nname: my-immich\n\nservices:\n  immich-server:\n    image: x\n")
+    return d
 
 
 # -- S3 servers ------------------------------------------------------------------------------
@@ -302,12 +325,10 @@ class SeaweedServer:
         wait_for(answers, 60, 0.3, "SeaweedFS's S3 API")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        # Killed, not terminated: its data is a throwaway directory, and a graceful stop of
+        # its master, volume and filer takes seconds at the end of every session.
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 from botocore.config import Config
+
+from immich_stream import config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USER_ID = "a1b2c3d4-0000-4000-8000-000000000001"  # the Immich user of generated libraries
@@ -88,6 +91,41 @@ def start_cli(*args: str, env: dict[str, str], cwd: str | None = None) -> subpro
         stdin=subprocess.DEVNULL,
         cwd=cwd,
     )
+
+
+def make_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    endpoint: str | None = None,
+    bucket: str | None = None,
+    home: Path | None = None,
+    export_credentials: bool = False,
+    **variables: str,
+) -> config.Settings:
+    """The one way tests build `Settings`: what `config.load` makes of a CLI run's environment.
+
+    `env` is that environment (the `s3_env` fixture, say); without it, one is made for
+    `endpoint` and `bucket` with the test credentials and path-style addressing. `variables`
+    add or replace environment variables (IMMICH_STREAM_RETRIES="2", ...). `home` keeps the
+    user's own config file out (XDG_CONFIG_HOME under it). `export_credentials` also puts the
+    AWS keys into os.environ, where botocore reads them when a Store opens.
+    """
+    from tests.conftest import KEY, SECRET
+
+    environ = dict(env) if env is not None else {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    if endpoint is not None:
+        environ["S3_ENDPOINT_URL"] = endpoint
+    if bucket is not None:
+        environ["S3_BUCKET"] = bucket
+    if env is None:
+        environ["S3_PATH_STYLE"] = "true"
+    if home is not None:
+        environ["HOME"] = str(home)
+        environ["XDG_CONFIG_HOME"] = str(home / ".config")
+    environ.update(variables)
+    if export_credentials:
+        os.environ.update({k: environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    return config.load(environ=environ)
 
 
 class Bucket:

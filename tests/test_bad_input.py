@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from immich_stream import config as cfg
-from immich_stream.host.hoststate import state_dir
 from tests.conftest import S3Server, base_env, bucket_of
 from tests.faultproxy import FaultProxy, any_request
 from tests.helpers import Result, run_cli
@@ -94,6 +93,7 @@ def test_every_setting_has_a_wrong_value() -> None:
     assert set(WRONG) == set(cfg.SPECS), "add a wrong value for the new setting to WRONG"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["env", "toml"])
 @pytest.mark.parametrize("name", list(WRONG))
 def test_every_setting_refuses_a_wrong_value(tmp_path: Path, name: str, source: str) -> None:
@@ -111,6 +111,7 @@ def test_every_setting_refuses_a_wrong_value(tmp_path: Path, name: str, source: 
     assert "hunter2" not in r.err  # a password in an endpoint URL is never echoed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "value", "needle"),
     [
@@ -148,6 +149,7 @@ def test_bounds_and_syntax_through_the_cli(tmp_path: Path, name: str, value: str
     assert_usage_error(run_cli("config", env=env), needle)
 
 
+@pytest.mark.slow
 def test_keep_daily_true_in_toml_is_not_a_count(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text("[prune]\nkeep_daily = true\n")
@@ -155,54 +157,6 @@ def test_keep_daily_true_in_toml_is_not_a_count(tmp_path: Path) -> None:
         run_cli("prune", "--config", str(conf), env=base_env(tmp_path)),
         f"keep_daily from config file {conf} is invalid: True is not a whole number",
     )
-
-
-def test_booleans_accept_the_usual_words_only(tmp_path: Path) -> None:
-    for word, value in [
-        ("yes", True),
-        ("No", False),
-        ("ON", True),
-        ("off", False),
-        ("1", True),
-        ("0", False),
-        ("true", True),
-        ("False", False),
-    ]:
-        assert cfg.load(environ={"S3_PATH_STYLE": word, "XDG_CONFIG_HOME": str(tmp_path)}).path_style is value
-    conf = tmp_path / "c.toml"
-    conf.write_text("[s3]\npath_style = true\nverify_tls = false\n")
-    s = cfg.load(environ={}, config_path=str(conf))
-    assert (s.path_style, s.verify_tls) == (True, False)
-
-
-def test_good_values_still_load(tmp_path: Path) -> None:
-    conf = tmp_path / "c.toml"
-    conf.write_text(
-        '[s3]\nbucket = "Legacy_Bucket.1"\nregion = "eu-central-1"\n'
-        'endpoint_url = "https://[::1]:9000/s3/"\n[immich]\ndb_name = "immich db ü"\n'
-        '[backup]\njobs = 256\nstall_timeout = 30\nmax_memory = "8GiB"\npart_size = "1GiB"\n'
-        'lock_wait = 0\n[prune]\nkeep_within = "1y2m3d4h"\nstale_after = "1h"\nkeep_daily = 7\n'
-    )
-    s = cfg.load(environ={}, config_path=str(conf))
-    assert (s.bucket, s.region, s.endpoint_url, s.db_name) == (
-        "Legacy_Bucket.1",
-        "eu-central-1",
-        "https://[::1]:9000/s3",
-        "immich db ü",
-    )
-    assert (s.jobs, s.stall_timeout, s.max_memory, s.lock_wait) == (256, 30.0, 8 * 1024 * cfg.MIB, 0.0)
-    assert (s.keep_within, s.stale_after, s.keep_daily) == ("1y2m3d4h", 3600.0, 7)
-
-
-def test_keep_within_uses_prunes_rules(tmp_path: Path) -> None:
-    from immich_stream.repository.prune import parse_within
-
-    for text in ("30d", "6m", "1y2m3d4h", "12h", " 2y ", "0d"):
-        assert cfg.parse_within_parts(text) == parse_within(text)
-        assert (
-            cfg.load(environ={"IMMICH_STREAM_KEEP_WITHIN": text, "XDG_CONFIG_HOME": str(tmp_path)}).keep_within
-            == text.strip()
-        )
 
 
 # -- refused before anything is touched -------------------------------------------------------
@@ -269,6 +223,7 @@ def untouched_env(tmp_path: Path, listener: Listener) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "extra", "needle"),
     [
@@ -311,6 +266,7 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(ro)], check=True)
 
 
+@pytest.mark.slow
 def test_restore_to_a_read_only_place(untouched_env: dict[str, str], listener: Listener, read_only_dir: Path) -> None:
     for target in (read_only_dir / "new" / "dir", read_only_dir / "existing"):
         r = run_cli("restore", "--to", str(target), env=untouched_env, timeout=30)
@@ -318,6 +274,7 @@ def test_restore_to_a_read_only_place(untouched_env: dict[str, str], listener: L
     assert listener.connections() == 0
 
 
+@pytest.mark.slow
 def test_restore_to_a_path_under_a_file(untouched_env: dict[str, str], listener: Listener, tmp_path: Path) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -328,6 +285,7 @@ def test_restore_to_a_path_under_a_file(untouched_env: dict[str, str], listener:
     assert afile.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_dump_to_an_unwritable_or_missing_place(
     untouched_env: dict[str, str], listener: Listener, tmp_path: Path, read_only_dir: Path
 ) -> None:
@@ -347,6 +305,7 @@ def test_dump_to_an_unwritable_or_missing_place(
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.slow
 def test_backup_refuses_a_state_dir_it_cannot_create(
     untouched_env: dict[str, str], listener: Listener, tmp_path: Path
 ) -> None:
@@ -361,27 +320,6 @@ def test_backup_refuses_a_state_dir_it_cannot_create(
 # -- where the state lives --------------------------------------------------------------------
 
 
-def test_state_dir_root_user_and_override() -> None:
-    assert state_dir({"HOME": "/root", "XDG_STATE_HOME": "/root/.xdg"}, euid=0) == Path("/var/lib/immich-stream")
-    assert state_dir({"HOME": "/home/ann"}, euid=1000) == Path("/home/ann/.local/state/immich-stream")
-    assert state_dir({"HOME": "/home/ann", "XDG_STATE_HOME": "/srv/st"}, euid=1000) == Path("/srv/st/immich-stream")
-    assert state_dir({"HOME": "/home/ann", "XDG_STATE_HOME": "rel"}, euid=1000) == Path(
-        "/home/ann/.local/state/immich-stream"
-    )  # a relative XDG_STATE_HOME is ignored, as the spec says
-    for euid in (0, 1000):
-        assert state_dir({"IMMICH_STREAM_STATE_DIR": "/tmp/st", "HOME": "/home/ann"}, euid=euid) == Path("/tmp/st")
-
-
-def test_state_dir_of_this_process_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    monkeypatch.delenv("IMMICH_STREAM_STATE_DIR", raising=False)
-    monkeypatch.setenv("HOME", "/home/someone-else")  # sudo may keep the caller's HOME
-    assert state_dir() == Path("/var/lib/immich-stream")
-
-
 # -- a clock problem is not a network problem ------------------------------------------------
 
 
@@ -389,6 +327,7 @@ def is_get(method: str, path: str, query: dict[str, str]) -> bool:
     return method == "GET"
 
 
+@pytest.mark.slow
 def test_clock_skew_fails_at_once_with_a_clock_message(
     s3_env: dict[str, str], rclone_s3: S3Server, proxy_factory: type[FaultProxy]
 ) -> None:
@@ -403,6 +342,7 @@ def test_clock_skew_fails_at_once_with_a_clock_message(
     assert rule.hits == 1, proxy.requests  # not retried
 
 
+@pytest.mark.slow
 def test_clock_skew_on_a_head_is_told_by_the_servers_date(
     s3_env: dict[str, str], rclone_s3: S3Server, proxy_factory: type[FaultProxy]
 ) -> None:

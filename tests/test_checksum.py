@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream import config
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import MultipartUpload, Store
 from tests.conftest import KEY, SECRET, S3Server
 from tests.faultproxy import FaultProxy, is_part_upload, is_put
-from tests.helpers import Bucket
+from tests.helpers import Bucket, make_settings
 
 MIB = 1024 * 1024
 HEADERS = {"md5": "content-md5", "sha256": "x-amz-checksum-sha256", "crc32c": "x-amz-checksum-crc32c"}
@@ -30,29 +29,6 @@ def assert_carried_only(headers: dict[str, str], checksum: str) -> None:
     replace the MD5 pass, they do not add to it)."""
     assert HEADERS[checksum] in headers, headers
     assert not {h for c, h in HEADERS.items() if c != checksum} & set(headers), headers
-
-
-def settings_for(endpoint: str, bucket: str, checksum: str, tmp: Path) -> config.Settings:
-    env = {
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "S3_ENDPOINT_URL": endpoint,
-        "S3_BUCKET": bucket,
-        "S3_PATH_STYLE": "true",
-        "IMMICH_STREAM_CHECKSUM": checksum,
-        "IMMICH_STREAM_RETRIES": "3",
-        "HOME": str(tmp),
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # botocore reads the credentials from the environment
-    try:
-        return config.load(environ=env)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def rejected(proxy: FaultProxy) -> list[tuple[str, str, int]]:
@@ -73,7 +49,15 @@ async def test_corrupted_put_is_rejected_and_sent_again(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     data = os.urandom(300_000)
-    async with Store(settings_for(proxy.endpoint, bucket, checksum, tmp_path)) as store:
+    async with Store(
+        make_settings(
+            endpoint=proxy.endpoint,
+            bucket=bucket,
+            home=tmp_path,
+            IMMICH_STREAM_CHECKSUM=checksum,
+            IMMICH_STREAM_RETRIES="3",
+        )
+    ) as store:
         await store.put("lib/photo.jpg", data)
 
     assert rule.hits == 1  # one body arrived with a byte flipped...
@@ -98,7 +82,13 @@ async def test_corrupted_part_is_rejected_and_sent_again(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     parts = [os.urandom(5 * MIB), os.urandom(1 * MIB)]
     budget = ByteBudget(64 * MIB)
-    settings = settings_for(proxy.endpoint, bucket, checksum, tmp_path)
+    settings = make_settings(
+        endpoint=proxy.endpoint,
+        bucket=bucket,
+        home=tmp_path,
+        IMMICH_STREAM_CHECKSUM=checksum,
+        IMMICH_STREAM_RETRIES="3",
+    )
     async with Store(settings) as store, MultipartUpload(store, "lib/video.mp4", budget) as mp:
         for part in parts:
             await budget.acquire(len(part))

@@ -14,7 +14,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, running_containers
-from tests.helpers import USER_ID, Bucket, make_library, run_cli, tree
+from tests.helpers import USER_ID, Bucket, make_library, make_settings, run_cli, tree
 
 MIB = 1024 * 1024
 
@@ -160,36 +160,6 @@ def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(
     assert files["changed"] == 2 and files["touched"] == 2, files
 
 
-def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
-    """Pure rules: inode numbers repeat across filesystems, and a rename changes ctime."""
-    from immich_stream.backup.changes import ParentInfo, classify
-    from immich_stream.repository.repo import ManifestLine
-
-    def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
-        return ManifestLine(
-            "library", path, "file", 10, 100, 0o644, 0, 0, inode, sha, f"data/x/library/{path}", ctime_ns=ctime, dev=dev
-        )
-
-    parent = ParentInfo("x")
-    gone = line("upload/a.jpg", 1, 42)
-    parent.vanished[("library", 1, 42)] = gone
-    other_fs = line("library/b.jpg", 2, 42)
-    assert parent.moved_from("library", other_fs) is None, "same inode on another device is another file"
-    same_fs = line("library/c.jpg", 1, 42, ctime=9)
-    found = parent.moved_from("library", same_fs)
-    assert found is gone
-    decision = classify(same_fs, None, found, lambda key, size: True)
-    assert (decision.action, decision.kind) == ("check", "moved"), "a move is confirmed by its bytes"
-    # unchanged needs ctime and device too; an old line without them is trusted once
-    old = line("p.jpg", 1, 7, ctime=5)
-    assert classify(line("p.jpg", 1, 7, ctime=5), old, None, lambda k, s: True).action == "reuse"
-    assert classify(line("p.jpg", 1, 7, ctime=6), old, None, lambda k, s: True).action == "check"
-    assert classify(line("p.jpg", 3, 7, ctime=5), old, None, lambda k, s: True).action == "check"
-    legacy = line("p.jpg", None, 7, ctime=None)
-    assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda k, s: True).action == "reuse"
-    assert classify(line("p.jpg", 1, 7), old, None, lambda k, s: False).kind == "reuploaded"
-
-
 # -- item 8: long names ------------------------------------------------------------------------
 
 
@@ -280,9 +250,8 @@ def test_lost_answer_to_complete_multipart_is_not_a_failure(
 # -- item 11: streams larger than the memory budget's parts -----------------------------------
 
 
-async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch) -> None:
+async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch, tmp_path: Path) -> None:
     """Scaled down: 4 KiB parts, a 16 KiB budget, and parts that would double past it."""
-    from immich_stream.config import Settings
     from immich_stream.s3 import store as store_mod
     from immich_stream.s3.budget import ByteBudget
     from immich_stream.s3.store import Store, StreamWriter, max_stream_size, stream_part_size
@@ -292,7 +261,9 @@ async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     bucket = rclone_s3.new_bucket()
-    settings = Settings(bucket=bucket, endpoint_url=rclone_s3.endpoint, path_style=True, jobs=8, retries=3)
+    settings = make_settings(
+        endpoint=rclone_s3.endpoint, bucket=bucket, home=tmp_path, IMMICH_STREAM_JOBS="8", IMMICH_STREAM_RETRIES="3"
+    )
     budget = ByteBudget(16 * 1024)
     assert [stream_part_size(n, 4096, 8192) for n in (1, 8, 9, 17, 25, 80)] == [4096] * 2 + [8192] * 4
     data = os.urandom(40 * 4096 + 123)

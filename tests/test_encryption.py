@@ -20,8 +20,8 @@ from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import Store, StreamWriter
 from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, bucket_of, running_containers
 from tests.faultproxy import FaultProxy, is_part_upload
-from tests.helpers import Bucket, make_library, run_cli, tree
-from tests.test_checksum import MIB, rejected, settings_for
+from tests.helpers import Bucket, make_library, make_settings, run_cli, tree
+from tests.test_checksum import MIB, rejected
 from tests.test_restore import row_counts, snapshot_of_tree
 
 AGE = shutil.which("age")
@@ -281,7 +281,13 @@ async def test_encrypted_streams_on_a_server_that_enforces_part_sizes_and_checks
     ident = age.read_identity_file(key_file)
     part = 5 * MIB + age.CHUNK  # the smallest part size allowed with encryption
     lengths = [3 * part, 2 * part + 1, part - 1, 0]  # exact multiples end with the held chunk alone
-    settings = settings_for(proxy.endpoint, bucket, checksum, tmp_path)
+    settings = make_settings(
+        endpoint=proxy.endpoint,
+        bucket=bucket,
+        home=tmp_path,
+        IMMICH_STREAM_CHECKSUM=checksum,
+        IMMICH_STREAM_RETRIES="3",
+    )
     data = {n: os.urandom(n) for n in lengths}
     async with Store(settings) as store:
         store.sealing = age.Sealing((ident[0].recipient,), tuple(ident), ("lib/",))

@@ -19,7 +19,7 @@ from immich_stream.repository.repo import Repo
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.s3.store import Store
 from tests.conftest import ImmichStack, bucket_of
-from tests.helpers import make_library, run_cli
+from tests.helpers import make_library, make_settings, run_cli
 from tests.test_encryption import AGE, keygen
 
 pytest_plugins = ["tests.test_encryption"]  # its fixtures keys and enc_env
@@ -29,6 +29,7 @@ def _secret(path: Path) -> str:
     return next(x for x in path.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var", ["IMMICH_STREAM_AGE_IDENTITY", "IMMICH_STREAM_AGE_RECIPIENTS"])
 def test_a_secret_key_put_in_the_wrong_setting_is_never_printed(var: str, tmp_path: Path) -> None:
     """A user who puts the key itself (not its file) in IMMICH_STREAM_AGE_IDENTITY, or the
@@ -47,11 +48,7 @@ def test_a_secret_key_put_in_the_wrong_setting_is_never_printed(var: str, tmp_pa
         assert secret[16:60] not in printed.upper(), f"{command} printed the secret key: {r.last_error}"
 
 
-def _settings(env: dict[str, str]) -> config.Settings:
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    return config.load(environ=env)
-
-
+@pytest.mark.slow
 def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
     s3_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -62,7 +59,7 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
     own = tmp_path / "own.key"
     keygen(own)
     env = dict(s3_env, IMMICH_STREAM_AGE_IDENTITY=str(own), IMMICH_STREAM_STOP="none")
-    settings = _settings(env)
+    settings = make_settings(env, export_credentials=True)
     data_key = "data/review/after-rotate.jpg"
 
     async def main() -> None:
@@ -122,7 +119,7 @@ def test_verify_after_a_reencrypt_interrupted_after_the_data_objects(
     assert run_cli("backup", env=env).code == 0
     env = dict(env, IMMICH_STREAM_AGE_RECIPIENTS="")  # the rotation drops the offline key: 2 -> 1
     assert run_cli("key", "rotate", "--drop-missing-recipients", env=env).code == 0
-    settings = _settings(env)
+    settings = make_settings(env, export_credentials=True)
 
     async def data_phase_only() -> int:  # what _reencrypt does before the manifests
         async with open_repo(settings) as repo:

@@ -14,28 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream import config
 from immich_stream.errors import EXIT_FORGED
 from immich_stream.repository.age import load_keys
 from immich_stream.repository.repo import Repo, new_snapshot_id
 from immich_stream.repository.summary import ManifestInfo, SnapshotSummary
 from immich_stream.s3.store import Store
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers
-from tests.helpers import USER_ID, Bucket, Result, make_library, run_cli, start_cli, wait_for
+from tests.helpers import USER_ID, Bucket, Result, make_library, make_settings, run_cli, start_cli, wait_for
 from tests.test_encryption import AGE, age_decrypt, keygen
 
 pytestmark = pytest.mark.skipif(AGE is None, reason="the age CLI is not installed (apt-get install age)")
 
 
-def _settings(env: dict[str, str]) -> config.Settings:
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    return config.load(environ=env)
-
-
 def _new_repository(env: dict[str, str], objects: dict[str, bytes]) -> None:
     """An encrypted repository with these data objects (keys relative to the prefix),
     sealed for its recipients, as a backup would leave them."""
-    settings = _settings(env)
+    settings = make_settings(env, export_credentials=True)
 
     async def main() -> None:
         keys = load_keys(settings.age_identity, settings.age_recipients)
@@ -61,6 +55,7 @@ def two_keys(s3_env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Pa
 # -- 17: dropping a recipient is explicit ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_key_rotate_never_drops_the_offline_recipient_by_omission(
     two_keys: tuple[dict[str, str], Path, str, Path, str],
 ) -> None:
@@ -89,6 +84,7 @@ def test_key_rotate_never_drops_the_offline_recipient_by_omission(
     ]
 
 
+@pytest.mark.slow
 def test_key_rotate_drops_missing_recipients_when_told_to(
     two_keys: tuple[dict[str, str], Path, str, Path, str],
 ) -> None:
@@ -103,6 +99,7 @@ def test_key_rotate_drops_missing_recipients_when_told_to(
 # -- 15: foreign objects under data/ do not stop a re-encryption ------------------------------
 
 
+@pytest.mark.slow
 def test_key_reencrypt_completes_past_folder_markers_and_stray_objects(
     two_keys: tuple[dict[str, str], Path, str, Path, str], moto_s3: S3Server, tmp_path: Path
 ) -> None:

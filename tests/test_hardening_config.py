@@ -36,6 +36,7 @@ def assert_one_line_exit_2(r: Result, *needles: str) -> None:
 # -- argparse: one line, a pointer to --help, and the JSON document under --json ---------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -53,6 +54,7 @@ def test_a_command_line_argparse_refuses_is_one_line_with_a_pointer_to_help(
     assert r.out == ""
 
 
+@pytest.mark.slow
 def test_a_command_line_error_under_json_also_prints_the_json_document(tmp_path: Path) -> None:
     r = run_cli("backup", "--json", "--jobs", "4", "--stop", "sometimes", env=base_env(tmp_path), timeout=60)
     assert_one_line_exit_2(r, "invalid choice: 'sometimes'")
@@ -64,6 +66,7 @@ def test_a_command_line_error_under_json_also_prints_the_json_document(tmp_path:
 # -- flags that a combination would silently ignore --------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -83,6 +86,7 @@ def test_flags_a_combination_would_ignore_are_refused(tmp_path: Path, args: list
     assert_one_line_exit_2(r, needle)
 
 
+@pytest.mark.slow
 def test_backup_prune_with_a_policy_is_still_accepted_by_the_parser(tmp_path: Path) -> None:
     # the refusal is about the missing --prune only: with it, the run goes on (to the missing bucket)
     r = run_cli("backup", "--prune", "--keep-daily", "7", env=base_env(tmp_path), timeout=60)
@@ -92,6 +96,7 @@ def test_backup_prune_with_a_policy_is_still_accepted_by_the_parser(tmp_path: Pa
 # -- schedule ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("run", "needle"),
     [
@@ -109,6 +114,7 @@ def test_schedule_names_the_bad_command(tmp_path: Path, run: list[str], needle: 
 # -- credentials ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_missing_credentials_are_a_configuration_error_exit_2(tmp_path: Path, rclone_s3: S3Server) -> None:
     env = base_env(tmp_path)
     env.update(
@@ -175,6 +181,7 @@ def snapshots_env(tmp_path: Path, endpoint: str, bucket: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_snapshots_against_a_server_that_is_not_s3_says_so(tmp_path: Path, web_server: str) -> None:
     r = run_cli("snapshots", env=snapshots_env(tmp_path, web_server, "photos"), timeout=120)
     assert r.code == 1, (r.code, r.err)
@@ -182,6 +189,7 @@ def test_snapshots_against_a_server_that_is_not_s3_says_so(tmp_path: Path, web_s
     assert "no immich-stream repository" not in r.err
 
 
+@pytest.mark.slow
 def test_snapshots_of_a_bucket_that_does_not_exist_says_so(tmp_path: Path, rclone_s3: S3Server) -> None:
     r = run_cli("snapshots", env=snapshots_env(tmp_path, rclone_s3.endpoint, "no-such-bucket-22"), timeout=120)
     assert r.code == 1, (r.code, r.err)
@@ -189,6 +197,7 @@ def test_snapshots_of_a_bucket_that_does_not_exist_says_so(tmp_path: Path, rclon
     assert "no immich-stream repository" not in r.err
 
 
+@pytest.mark.slow
 def test_snapshots_of_an_empty_bucket_says_no_repository(tmp_path: Path, rclone_s3: S3Server) -> None:
     r = run_cli("snapshots", env=snapshots_env(tmp_path, rclone_s3.endpoint, rclone_s3.new_bucket()), timeout=120)
     assert r.code == 1, (r.code, r.err)
@@ -287,6 +296,7 @@ def test_schedule_puts_the_signal_handlers_back(tmp_path: Path, monkeypatch: pyt
 # -- doctor -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_doctor_reports_a_missing_pg_version_as_missing_not_as_needing_root(tmp_path: Path) -> None:
     pg = tmp_path / "not-pgdata"
     (pg / "base").mkdir(parents=True)

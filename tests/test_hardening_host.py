@@ -5,12 +5,10 @@ container run whose recovery file would vanish with it."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -179,63 +177,6 @@ def test_drill_reports_a_failed_restore_when_it_fails(env: dict, stack: ImmichSt
 # -- 23: progress on a terminal; the summary's "uploaded" -----------------------------------
 
 
-class _Screen(io.StringIO):
-    """A terminal as tqdm drives it: characters overwrite, \\r, \\n, ESC[nA moves up, ESC[K clears."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[list[str]] = [[]]
-        self.row = self.col = 0
-
-    def isatty(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        for m in re.finditer(r"\x1b\[(\d*)([A-Za-z])|(.)", text, re.S):
-            while len(self.rows) <= self.row:
-                self.rows.append([])
-            line = self.rows[self.row]
-            if m.group(2) == "A":
-                self.row = max(0, self.row - int(m.group(1) or 1))
-            elif m.group(2) == "K":
-                del line[self.col :]
-            elif m.group(3) == "\r":
-                self.col = 0
-            elif m.group(3) == "\n":
-                self.row, self.col = self.row + 1, 0
-            elif m.group(3) is not None:
-                line.extend(" " * (self.col - len(line) + 1))
-                line[self.col] = m.group(3)
-                self.col += 1
-        return len(text)
-
-    def lines(self) -> list[str]:
-        return ["".join(r).rstrip() for r in self.rows if "".join(r).strip()]
-
-
-def test_a_finished_bar_leaves_no_stale_copy_of_the_live_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    from immich_stream.progress import Reporter
-
-    screen = _Screen()
-    monkeypatch.setattr(sys, "stderr", screen)
-    reporter = Reporter("bar")
-    dump = reporter.phase("database dump", 1000)
-    lib = reporter.phase("library files", 5000, 10)
-    for _ in range(3):
-        time.sleep(0.12)  # past tqdm's mininterval: each update is drawn
-        dump.update(300)
-        lib.update(300, files=1)
-    dump.update(100)
-    dump.close()
-    for _ in range(3):
-        time.sleep(0.12)
-        lib.update(1000, files=2)
-    lib.close()
-    lines = screen.lines()
-    assert [ln.split(":")[0] for ln in lines] == ["database dump", "library files"], lines
-    assert "100%" in lines[0]
-
-
 def test_uploaded_counts_the_live_pass_too(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
     make_library(stack.library, photos=10, odd_names=False)
     r = run_cli("backup", "--stop", "all", "--json", env=env)
@@ -359,22 +300,6 @@ def test_one_off_container_without_a_state_volume_stops_nothing(
     )
     assert proc.returncode == 0, proc.stderr
     assert len(bucket.snapshots()) == 1
-
-
-def test_database_shrink_rule_tells_a_rename_from_an_emptied_table() -> None:
-    from immich_stream.backup.library import shrunk_tables
-
-    before = {"public.assets": 90000, "public.exif": 90000, "public.users": 5, "public.albums": 100}
-    # Immich renaming its tables in an upgrade: the rows are there under new names
-    assert shrunk_tables({"public.asset": 90010, "public.asset_exif": 90000, "public.users": 5}, before, 0.5) == []
-    # a fresh schema of a newer Immich: new names, empty; small tables never count
-    assert shrunk_tables({"public.asset": 0, "public.users": 0}, before, 0.5) == [
-        "public.albums 100 -> gone",
-        "public.assets 90000 -> gone",
-        "public.exif 90000 -> gone",
-    ]
-    assert shrunk_tables({**before, "public.exif": 44999}, before, 0.5) == ["public.exif 90000 -> 44999"]
-    assert shrunk_tables({**before, "public.exif": 45000}, before, 0.5) == []
 
 
 def test_killed_sidecar_is_repaired_by_the_next_container_run(

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import bucket_of
-from tests.helpers import REPO_ROOT, Bucket, run_cli, start_cli, tree
+from tests.helpers import REPO_ROOT, Bucket, make_settings, run_cli, start_cli, tree
 
 EXIT_PARTIAL = 7
 DUMP_SQL = b"-- PostgreSQL database dump\nSELECT 1;\n-- PostgreSQL database dump complete\n"
@@ -46,13 +46,12 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
     """A committed snapshot of the library entries (path -> Entry, in walk order) written
     through the repository code as a backup writes one; every file gets an object of this
     snapshot's own (as a backup that first saw it writes it)."""
-    from immich_stream import config
     from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
     from immich_stream.repository.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
     from immich_stream.s3.budget import ByteBudget
     from immich_stream.s3.store import Store
 
-    settings = config.load(environ=env)
+    settings = make_settings(env)
 
     async def main() -> str:
         async with Store(settings) as store:
@@ -132,6 +131,7 @@ def outside_state(outside: Path) -> dict[str, tuple[bytes, int, int]]:
 # -- item 1: one bad object does not cost the rest ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_goes_past_missing_and_corrupt_objects_and_names_other_copies(
     s3_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -176,6 +176,7 @@ def test_restore_goes_past_missing_and_corrupt_objects_and_names_other_copies(
     assert (tmp_path / "o" / "upload" / "a-first-copy.jpg").read_bytes() == lost_body
 
 
+@pytest.mark.slow
 def test_restore_goes_past_a_refused_object_but_stops_when_s3_stops_answering(
     s3_env: dict[str, str], proxy_factory, tmp_path: Path
 ) -> None:
@@ -211,6 +212,7 @@ def test_restore_goes_past_a_refused_object_but_stops_when_s3_stops_answering(
 # -- item 7: nothing written through a symlink ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_never_writes_through_a_planted_or_forged_symlink(s3_env: dict[str, str], tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -257,6 +259,7 @@ def test_restore_never_writes_through_a_planted_or_forged_symlink(s3_env: dict[s
 # -- item 16: a path whose type changed --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_overwrite_replaces_paths_whose_type_changed(s3_env: dict[str, str], tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -318,6 +321,7 @@ def _fifo_reader(path: Path) -> tuple[threading.Thread, list[bytes]]:
     return t, got
 
 
+@pytest.mark.slow
 def test_dump_to_and_metrics_file_stream_into_a_device_or_a_fifo(s3_env: dict[str, str], tmp_path: Path) -> None:
     write_snapshot(s3_env, photos(2))
     null = tmp_path / "null"  # a device node of the test's own: /dev/null itself is the machine's
@@ -349,6 +353,7 @@ def test_dump_to_and_metrics_file_stream_into_a_device_or_a_fifo(s3_env: dict[st
     assert b'immich_stream_last_exit_code{command="snapshots"} 0' in got[0]
 
 
+@pytest.mark.slow
 def test_dump_to_never_writes_through_a_planted_partial_file(s3_env: dict[str, str], tmp_path: Path) -> None:
     write_snapshot(s3_env, photos(2))
     outside = tmp_path / "outside"
@@ -373,6 +378,7 @@ def test_dump_to_never_writes_through_a_planted_partial_file(s3_env: dict[str, s
 # -- item 20: a restore that matches nothing ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_that_matches_nothing_says_so(s3_env: dict[str, str], tmp_path: Path) -> None:
     sid = write_snapshot(s3_env, photos(3))  # library only, as --stop app and --stop none take
     target = tmp_path / "target"
@@ -394,6 +400,7 @@ def test_restore_that_matches_nothing_says_so(s3_env: dict[str, str], tmp_path: 
 # -- review: exit 7 never hides a total failure --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_that_brings_back_no_file_is_a_failure_not_partial(s3_env: dict[str, str], tmp_path: Path) -> None:
     """Every object missing (a wiped data/ prefix): not a "partial" restore (exit 7) but a
     failed one (exit 1), said in one line; the target stays resumable."""
@@ -412,6 +419,7 @@ def test_restore_that_brings_back_no_file_is_a_failure_not_partial(s3_env: dict[
     assert r.code == 1 and "none of the 10 files" in r.last_error, r.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["cut", "503", "expired-credentials"])
 def test_restore_resumed_while_s3_fails_every_download_stops_instead_of_partial(
     s3_env: dict[str, str], proxy_factory, tmp_path: Path, fault: str
@@ -446,6 +454,7 @@ def test_restore_resumed_while_s3_fails_every_download_stops_instead_of_partial(
     assert restored(target) == {os.fsencode(p): e.body for p, e in entries.items()}
 
 
+@pytest.mark.slow
 def test_restore_into_a_full_disk_stops_at_once_and_resumes(s3_env: dict[str, str], tmp_path: Path) -> None:
     """A full target file system is not a bad object: the restore stops at the first file
     that does not fit (exit 1, one line naming the disk), not after failing every other file
@@ -473,6 +482,7 @@ def test_restore_into_a_full_disk_stops_at_once_and_resumes(s3_env: dict[str, st
 # -- review: --dump-to into a FIFO that is replaced while the restore waits for its reader ------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("swap", ["symlink", "file"])
 def test_dump_to_a_fifo_replaced_while_waiting_never_writes_into_the_replacement(
     s3_env: dict[str, str], tmp_path: Path, swap: str
@@ -501,6 +511,7 @@ def test_dump_to_a_fifo_replaced_while_waiting_never_writes_into_the_replacement
     assert "changed" in err.strip().splitlines()[-1], err
 
 
+@pytest.mark.slow
 def test_restore_goes_past_a_file_larger_than_the_whole_disk(s3_env: dict[str, str], tmp_path: Path) -> None:
     """A damaged manifest line claiming a size no disk holds is that file's problem, not a
     full disk: the rest is restored (exit 7), and a rerun does not stop at the same file."""
@@ -515,6 +526,7 @@ def test_restore_goes_past_a_file_larger_than_the_whole_disk(s3_env: dict[str, s
         assert restored(target) == {os.fsencode(p): e.body for p, e in entries.items() if p != "upload/a-huge.jpg"}
 
 
+@pytest.mark.slow
 def test_restore_include_of_a_folder_alone_says_nothing_matched(s3_env: dict[str, str], tmp_path: Path) -> None:
     """--include upload (the folder, not what it holds) selects a directory and no file: a
     restore of 0 files is said (exit 1) with the pattern that would take the folder's files."""
@@ -527,6 +539,7 @@ def test_restore_include_of_a_folder_alone_says_nothing_matched(s3_env: dict[str
     assert not target.exists() or not any(target.iterdir())
 
 
+@pytest.mark.slow
 def test_restore_never_changes_a_file_outside_through_a_hard_link(s3_env: dict[str, str], tmp_path: Path) -> None:
     """A target file hard-linked to one outside (a `cp -al` copy, or planted) with the
     snapshot's content is not "in place": owner, mode and mtime set through it would change
@@ -548,6 +561,7 @@ def test_restore_never_changes_a_file_outside_through_a_hard_link(s3_env: dict[s
     assert got.read_bytes() == body and stat.S_IMODE(got.stat().st_mode) == 0o4755 and got.stat().st_nlink == 1
 
 
+@pytest.mark.slow
 def test_dump_to_a_pipe_whose_reader_leaves_early_says_so_in_one_line(
     s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -571,6 +585,7 @@ def test_dump_to_a_pipe_whose_reader_leaves_early_says_so_in_one_line(
     assert "internal error" not in last and "closed" in last and "not delivered whole" in last, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad",
     [
@@ -596,6 +611,7 @@ def test_restore_goes_past_a_damaged_manifest_line(s3_env: dict[str, str], tmp_p
     assert restored(target) == {os.fsencode(p): e.body for p, e in photos(5).items()}
 
 
+@pytest.mark.slow
 def test_a_file_kept_out_by_the_target_is_not_reported_as_without_a_copy(
     s3_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -613,6 +629,7 @@ def test_a_file_kept_out_by_the_target_is_not_reported_as_without_a_copy(
     assert "not empty" in busy and "copy" not in busy, busy
 
 
+@pytest.mark.slow
 def test_restore_names_only_other_copies_that_are_in_the_bucket(s3_env: dict[str, str], tmp_path: Path) -> None:
     """The other copy a line names must be there: one whose object is missing too is not
     named (in a disaster the user would chase it for nothing)."""

@@ -176,6 +176,7 @@ def test_a_server_that_stops_reading_a_part_trips_the_watchdog(
 # -- 24: doctor: the round trip of odd names (3), its probes when it is interrupted (24) -------
 
 
+@pytest.mark.slow
 def test_doctor_checks_odd_names_round_trip(s3_env: dict, seaweed_s3: S3Server, tmp_path: Path) -> None:
     from tests.test_monitoring import doctor_rows
 
@@ -210,6 +211,7 @@ def _held_probe(where: str) -> Callable[[str, str, dict[str, str]], bool]:
     return lambda m, p, q: is_part_upload(m, p, q) and q.get("partNumber") == "2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "where"), [(signal.SIGINT, "object"), (signal.SIGTERM, "upload")])
 def test_an_interrupted_doctor_removes_its_probes(
     sig: signal.Signals, where: str, s3_env: dict, proxy_factory: type[FaultProxy], tmp_path: Path
@@ -233,6 +235,7 @@ def test_an_interrupted_doctor_removes_its_probes(
     assert _doctor_keys(s3_env) == []
 
 
+@pytest.mark.slow
 def test_doctor_collects_probes_a_killed_doctor_left(
     s3_env: dict, proxy_factory: type[FaultProxy], tmp_path: Path
 ) -> None:

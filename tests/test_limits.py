@@ -3,16 +3,12 @@ Immich's regenerable folders (thumbs, encoded-video)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from immich_stream import config as cfg
 from immich_stream.errors import ConfigError
-from immich_stream.s3.pacing import MIB, RateLimit
+from immich_stream.s3.pacing import MIB
 from tests.conftest import ImmichStack, S3Server, base_env
 from tests.faultproxy import FaultProxy, per_second
 from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
@@ -20,31 +16,7 @@ from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
 # -- settings ------------------------------------------------------------------------------
 
 
-def test_limits_parse_decimals_and_zero_means_none() -> None:
-    s = cfg.load({"limit_upload": "2.5"}, environ={"IMMICH_STREAM_LIMIT_DOWNLOAD": "0.5MiB/s"})
-    assert (s.limit_upload, s.limit_download) == (2.5, 0.5)
-    assert cfg.load({"limit_upload": "0"}, environ={}).limit_upload == 0
-    assert RateLimit.mib_per_s(0) is None and RateLimit.mib_per_s(None) is None
-    assert RateLimit.mib_per_s(2.5).rate == 2.5 * MIB  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match=r"limit_upload .* is not a rate"):
-        cfg.load({"limit_upload": "fast"}, environ={})
-    with pytest.raises(ConfigError, match="out of range"):
-        cfg.load({"limit_download": "1000000"}, environ={})
-
-
-def test_exclude_accepts_only_regenerable_folders(tmp_path: Path) -> None:
-    s = cfg.load({"exclude": ["encoded-video", "thumbs"]}, environ={})
-    assert s.exclude == ("thumbs", "encoded-video")
-    assert cfg.load({}, environ={"IMMICH_STREAM_EXCLUDE": "thumbs, thumbs"}).exclude == ("thumbs",)
-    conf = tmp_path / "c.toml"
-    conf.write_text('[backup]\nexclude = ["encoded-video"]\n')
-    assert cfg.load({}, environ={}, config_path=str(conf)).exclude == ("encoded-video",)
-    assert cfg.load({}, environ={}).exclude == ()  # off by default
-    for bad in ("library", "thumbs,upload", ["profile"]):
-        with pytest.raises(ConfigError, match="cannot be excluded: only Immich's regenerable folders"):
-            cfg.load({"exclude": bad}, environ={})
-
-
+@pytest.mark.slow
 def test_exclude_of_another_folder_is_a_one_line_error(tmp_path: Path) -> None:
     r = run_cli("backup", "--exclude", "thumbs", "--exclude", "library", env=base_env(tmp_path))
     assert r.code == ConfigError.exit_code
@@ -53,56 +25,6 @@ def test_exclude_of_another_folder_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 # -- the token bucket ----------------------------------------------------------------------
-
-
-async def test_one_bucket_paces_threads_and_coroutines_together() -> None:
-    limit = RateLimit(2 * MIB)  # burst: 256 KiB
-    moved = 0
-    lock = threading.Lock()
-
-    def thread_side() -> None:
-        nonlocal moved
-        for _ in range(8):
-            assert limit.take_blocking(64 << 10)
-            with lock:
-                moved += 64 << 10
-
-    async def loop_side() -> None:
-        nonlocal moved
-        for _ in range(8):
-            await limit.take(64 << 10)
-            moved += 64 << 10
-
-    start = time.monotonic()
-    threads = [threading.Thread(target=thread_side) for _ in range(2)]
-    for t in threads:
-        t.start()
-    ticks = 0
-
-    async def ticker() -> None:  # the event loop keeps running while threads wait
-        nonlocal ticks
-        while any(t.is_alive() for t in threads):
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    await asyncio.gather(loop_side(), loop_side(), ticker())
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - start
-    assert moved == 32 * (64 << 10)  # 2 MiB
-    # 2 MiB at 2 MiB/s, less the 256 KiB burst: at least 0.875 s (a lower bound only)
-    assert elapsed >= 0.85
-    assert ticks >= 20
-
-
-def test_a_stopped_thread_stops_waiting() -> None:
-    limit = RateLimit(64 << 10)
-    assert limit.take_blocking(limit.burst)
-    stop = threading.Event()
-    stop.set()
-    start = time.monotonic()
-    assert not limit.take_blocking(1 << 20, stop)
-    assert time.monotonic() - start < 0.5
 
 
 # -- against the real servers --------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import re
 import shutil
 import subprocess
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream.progress import Reporter
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, free_port, running_containers
 from tests.helpers import REPO_ROOT, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
@@ -95,6 +93,7 @@ def json_lines(text: str) -> list[dict]:
 # -- pings (no Docker: commands that need only S3) ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_healthchecks_ping_start_then_success(s3_env: dict, pings: PingServer) -> None:
     r = run_cli("unlock", "--ping", f"{pings.url}/ping/abc-123", env=s3_env)
     assert r.code == 0, r.err
@@ -104,6 +103,7 @@ def test_healthchecks_ping_start_then_success(s3_env: dict, pings: PingServer) -
     assert "immich-stream/" in end.headers["User-Agent"]
 
 
+@pytest.mark.slow
 def test_failure_pings_fail_with_the_last_log_lines(s3_env: dict, pings: PingServer) -> None:
     s3_env["S3_BUCKET"] = "no-such-bucket-here"
     r = run_cli("prune", "--keep-last", "3", "--ping", f"{pings.url}/hc", env=s3_env)
@@ -112,6 +112,7 @@ def test_failure_pings_fail_with_the_last_log_lines(s3_env: dict, pings: PingSer
     assert r.last_error in pings.requests[1].body  # what a phone shows: the reason
 
 
+@pytest.mark.slow
 def test_config_file_ping_is_the_backups_only(s3_env: dict, pings: PingServer, tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(f'[monitor]\nping_url = "{pings.url}/nightly"\n')
@@ -122,6 +123,7 @@ def test_config_file_ping_is_the_backups_only(s3_env: dict, pings: PingServer, t
     assert "/nightly" not in r.out and "(hidden)" in r.out  # a ping URL is a credential
 
 
+@pytest.mark.slow
 def test_a_dead_or_failing_ping_server_never_fails_the_run(s3_env: dict, pings: PingServer) -> None:
     dead = f"http://127.0.0.1:{free_port()}/x"
     r = run_cli("unlock", "--ping", dead, env=s3_env)
@@ -133,6 +135,7 @@ def test_a_dead_or_failing_ping_server_never_fails_the_run(s3_env: dict, pings: 
     assert len(pings.requests) == 4  # each ping tried twice: a 5xx may be passing
 
 
+@pytest.mark.slow
 def test_uptime_kuma_push_url(s3_env: dict, pings: PingServer) -> None:
     s3_env["S3_BUCKET"] = "no-such-bucket-here"
     r = run_cli("unlock", "--ping", f"{pings.url}/api/push/Tok3n?status=up&msg=OK&ping=", env=s3_env)
@@ -142,6 +145,7 @@ def test_uptime_kuma_push_url(s3_env: dict, pings: PingServer) -> None:
     assert p.query["status"] == "down" and "no-such-bucket-here" in p.query["msg"]
 
 
+@pytest.mark.slow
 def test_ntfy_topic(s3_env: dict, pings: PingServer) -> None:
     r = run_cli("unlock", "--ping", f"ntfy+{pings.url}/immich-backups", env=s3_env)
     assert r.code == 0, r.err
@@ -153,6 +157,7 @@ def test_ntfy_topic(s3_env: dict, pings: PingServer) -> None:
 # -- --json and the metrics file without a stack -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_json_document_of_a_failed_command(s3_env: dict) -> None:
     s3_env["S3_BUCKET"] = "no-such-bucket-here"
     r = run_cli("prune", "--keep-last", "3", "--json", env=s3_env)
@@ -163,6 +168,7 @@ def test_json_document_of_a_failed_command(s3_env: dict) -> None:
     json_lines(r.err)  # stderr: JSON lines, and the one error line a person reads
 
 
+@pytest.mark.slow
 def test_metrics_file_keeps_the_last_success_across_a_failure(s3_env: dict, tmp_path: Path) -> None:
     prom = tmp_path / "immich.prom"
     r = run_cli("unlock", "--metrics-file", str(prom), env=s3_env)
@@ -182,43 +188,13 @@ def test_metrics_file_keeps_the_last_success_across_a_failure(s3_env: dict, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".immich.prom")] == []  # written atomically
 
 
+@pytest.mark.slow
 def test_metrics_file_in_a_missing_directory_is_refused_up_front(s3_env: dict) -> None:
     r = run_cli("unlock", "--metrics-file", "/no/such/dir/immich.prom", env=s3_env)
     assert r.code == 2 and "metrics_file /no/such/dir/immich.prom" in r.last_error
 
 
 # -- progress figures -------------------------------------------------------------------------
-
-
-def test_progress_lines_have_totals_percent_and_eta(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for i in range(20):
-        (tmp_path / f"f{i}").write_bytes(b"x" * 1000)
-    reporter = Reporter("log", interval=0)
-    reporter.downtime = lambda: 65.0
-    with caplog.at_level(logging.INFO, logger="immich_stream"):
-        phase = reporter.phase("library files", count=tmp_path)  # no parent: counted ahead
-        time.sleep(0.3)  # the counting thread is done in milliseconds
-        time.sleep(0.01)
-        phase.update(5000, files=5)
-        phase.close()
-    first, done = [r.getMessage() for r in caplog.records]
-    assert re.fullmatch(
-        r"library files: 5 files of 20, 4\.9 KiB of 19\.5 KiB \(25%\), .*/s, ETA \d+s, Immich down for 1m05s", first
-    ), first
-    assert done.startswith("library files: done, 5 files of 20")
-
-    json_reporter = Reporter("json")
-    phase = json_reporter.phase("database dump", total_bytes=4000)  # the last dump's size: an estimate
-    phase.update(1000)
-    time.sleep(1.05)
-    phase.update(1000)
-    phase.close()
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert events[0]["percent_done"] == 0.5 and events[0]["totals"] == "estimate"
-    assert events[0]["seconds_remaining"] is not None and events[0]["total_bytes"] == 4000
-    assert events[-1]["done"] is True and events[-1]["bytes_done"] == 2000
 
 
 # -- the real stack ---------------------------------------------------------------------------
@@ -302,6 +278,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
+@pytest.mark.slow
 def test_schedule_runs_the_command_then_sleeps_until_the_next_time(s3_env: dict, pings: PingServer) -> None:
     import signal
 
@@ -360,6 +337,7 @@ def doctor_rows(out: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_doctor_tells_what_each_s3_server_verifies(
     s3_env: dict, moto_s3: S3Server, seaweed_s3: S3Server, tmp_path: Path
 ) -> None:

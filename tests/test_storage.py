@@ -27,7 +27,7 @@ from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import MultipartUpload, Store
 from tests.conftest import KEY, SECRET, ImmichStack, S3Server, base_env, moto_env
 from tests.faultproxy import FaultProxy
-from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
+from tests.helpers import Bucket, file_digest, make_library, make_settings, run_cli, tree
 
 MIB = 1024 * 1024
 EXIT_THAWING = 75
@@ -139,6 +139,7 @@ def test_no_wait_exits_and_the_same_command_later_restores(
     assert r.code == 0, r.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, extra, message",
     [
@@ -158,6 +159,7 @@ def test_bad_storage_settings_are_one_line_errors_before_anything_runs(
     assert len(r.err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sse_c_key_file_must_be_32_private_bytes(tmp_path: Path) -> None:
     env = base_env(tmp_path) | {"S3_BUCKET": "b", "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
     key = tmp_path / "sse.key"
@@ -171,21 +173,6 @@ def test_sse_c_key_file_must_be_32_private_bytes(tmp_path: Path) -> None:
     assert r.code == 2 and "readable by group or others (mode 640): chmod 600" in r.last_error
     r = run_cli("snapshots", "--sse-c-key-file", str(key), "--sse", "AES256", env=env)
     assert r.code == 2 and "exclude each other" in r.last_error
-
-
-def store_settings(endpoint: str, bucket: str, tmp: Path, key_file: Path | None) -> config.Settings:
-    env = {
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "S3_ENDPOINT_URL": endpoint,
-        "S3_BUCKET": bucket,
-        "S3_PATH_STYLE": "true",
-        "IMMICH_STREAM_RETRIES": "2",
-        "HOME": str(tmp),
-    }
-    if key_file is not None:
-        env["IMMICH_STREAM_SSE_C_KEY_FILE"] = str(key_file)
-    return config.load(environ=env)
 
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])
@@ -204,7 +191,15 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     bucket = seaweed_s3.new_bucket()
     small, parts = os.urandom(300_000), [os.urandom(5 * MIB), os.urandom(MIB)]
     budget = ByteBudget(64 * MIB)
-    async with Store(store_settings(seaweed_s3.endpoint, bucket, tmp_path, key_file)) as store:
+    async with Store(
+        make_settings(
+            endpoint=seaweed_s3.endpoint,
+            bucket=bucket,
+            home=tmp_path,
+            IMMICH_STREAM_RETRIES="2",
+            IMMICH_STREAM_SSE_C_KEY_FILE=str(key_file),
+        )
+    ) as store:
         await store.put("p/small.jpg", small)
         async with MultipartUpload(store, "p/video.mp4", budget) as mp:
             for part in parts:
@@ -221,7 +216,9 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     raw = Bucket(seaweed_s3.endpoint, bucket, KEY, SECRET, "p")
     with pytest.raises(Exception, match=r"InvalidArgument|customer"):
         raw.get("small.jpg")
-    async with Store(store_settings(seaweed_s3.endpoint, bucket, tmp_path, None)) as store:
+    async with Store(
+        make_settings(endpoint=seaweed_s3.endpoint, bucket=bucket, home=tmp_path, IMMICH_STREAM_RETRIES="2")
+    ) as store:
         with pytest.raises(Exception, match="--sse-c-key-file") as caught:
             await store.get("p/small.jpg")
         assert "\n" not in str(caught.value)
@@ -264,7 +261,13 @@ async def test_which_requests_carry_the_class_and_the_sse_c_headers(
     key_file.chmod(0o600)
     proxy = proxy_factory(moto_s3.endpoint)
     seen = proxy.add(lambda m, p, q: True)  # forwards everything, records the headers
-    settings = store_settings(proxy.endpoint, moto_s3.new_bucket(), tmp_path, key_file)
+    settings = make_settings(
+        endpoint=proxy.endpoint,
+        bucket=moto_s3.new_bucket(),
+        home=tmp_path,
+        IMMICH_STREAM_RETRIES="2",
+        IMMICH_STREAM_SSE_C_KEY_FILE=str(key_file),
+    )
     settings.storage_class, settings.storage_class_postgres = "GLACIER_IR", "ONEZONE_IA"
     budget = ByteBudget(64 * MIB)
     async with Store(settings) as store:
@@ -322,7 +325,9 @@ async def test_thaw_requests_once_then_waits_or_stops(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     proxy = proxy_factory(moto_s3.endpoint)
-    settings = store_settings(proxy.endpoint, moto_s3.new_bucket(), tmp_path, None)
+    settings = make_settings(
+        endpoint=proxy.endpoint, bucket=moto_s3.new_bucket(), home=tmp_path, IMMICH_STREAM_RETRIES="2"
+    )
     settings.storage_class, settings.thaw_poll, settings.thaw_days = "GLACIER", 0.2, 3
     bodies = {f"p{i}.jpg": os.urandom(1000 + i) for i in range(3)}
     async with Store(settings) as store:
@@ -414,6 +419,7 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
     return sid
 
 
+@pytest.mark.slow
 async def test_cli_restore_and_verify_of_a_glacier_snapshot_without_docker(
     moto_s3: S3Server,
     slow_thaws: None,
@@ -427,7 +433,7 @@ async def test_cli_restore_and_verify_of_a_glacier_snapshot_without_docker(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     bucket = moto_s3.new_bucket()
     proxy = proxy_factory(moto_s3.endpoint)
-    settings = store_settings(proxy.endpoint, bucket, tmp_path, None)
+    settings = make_settings(endpoint=proxy.endpoint, bucket=bucket, home=tmp_path, IMMICH_STREAM_RETRIES="2")
     settings.storage_class = "GLACIER"
     files = {f"u/2024/IMG_{i}.jpg": os.urandom(20_000 + i) for i in range(4)}
     await synthetic_snapshot(settings, files)

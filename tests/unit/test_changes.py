@@ -1,0 +1,166 @@
+"""Unit tests of immich_stream/backup/changes.py: the change classifier, the previous-manifest cursor, move candidates."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from immich_stream.backup.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
+from immich_stream.repository.repo import (
+    ManifestLine,
+)
+from tests.unit.lines import exists, line, missing
+
+# -- the change classifier ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "moved", "objects", "want"),
+    [
+        (line("a"), None, None, exists, ("upload", "new")),
+        (line("a"), line("a"), None, exists, ("reuse", "unchanged")),
+        (line("a"), line("a"), None, missing, ("upload", "reuploaded")),
+        (line("a", mtime=200), line("a"), None, exists, ("check", "touched")),
+        (line("a", ctime=6), line("a"), None, exists, ("check", "touched")),
+        (line("a", size=11), line("a"), None, exists, ("upload", "changed")),
+        (line("a"), line("a", sha=None), None, exists, ("upload", "changed")),
+        (line("b", ctime=9), None, line("a"), exists, ("check", "moved")),
+        (line("b", size=11), None, line("a"), exists, ("upload", "new")),
+        (line("b"), None, line("a"), missing, ("upload", "new")),
+    ],
+    ids=[
+        "new file",
+        "unchanged",
+        "unchanged but object gone",
+        "touched",
+        "ctime changed",
+        "size changed",
+        "old line without sha",
+        "moved",
+        "moved but other size",
+        "moved but object gone",
+    ],
+)
+def test_classify_rules(new: ManifestLine, old: ManifestLine | None, moved: ManifestLine | None, objects: Any,
+                        want: tuple[str, str]) -> None:  # fmt: skip
+    d = classify(new, old, moved, objects)
+    assert (d.action, d.kind) == want
+    if d.action == "reuse":
+        assert d.source is old, "the reused object is the previous snapshot's"
+
+
+async def _lines(*items: ManifestLine) -> AsyncIterator[ManifestLine]:
+    for it in items:
+        yield it
+
+
+async def test_prev_cursor_merges_the_previous_manifest_in_walk_order() -> None:
+    prev = [line("a"), line("b/x"), line("c")]
+    cursor = PrevCursor(_lines(*prev))
+    assert await cursor.find(line("a")) is prev[0]
+    assert await cursor.find(line("b")) is None, "a path only in the new walk"
+    assert await cursor.find(line("b/x")) is prev[1]
+    assert await cursor.find(line("d")) is None, "c was deleted; d is new"
+    assert await cursor.find(line("e")) is None, "past the end"
+    assert await PrevCursor(None).find(line("a")) is None, "no previous snapshot"
+
+
+async def test_prev_cursor_orders_postgres_before_library() -> None:
+    pg = line("base/1", root="postgres")
+    lib = line("a")
+    cursor = PrevCursor(_lines(pg, lib))
+    assert await cursor.find(line("base/1", root="postgres")) is pg
+    assert await cursor.find(line("a")) is lib
+
+
+RUN = "2026-01-01T000000Z-aaaa"  # a run that started at 1767225600 s
+STARTED = 1_767_225_600 * 10**9
+
+
+def _source(*items: ManifestLine, **kw: Any) -> Source:
+    return Source.of_run(_lines(*items), RUN, **kw)
+
+
+def _no_move(_line: ManifestLine) -> None:
+    return None
+
+
+async def test_a_line_read_in_the_same_moments_as_its_last_change_is_not_trusted_by_stat() -> None:
+    old_enough = STARTED - RACY_WINDOW_NS - 1
+    calm = line("a", ctime=old_enough)
+    racy = line("b", ctime=STARTED - RACY_WINDOW_NS + 1)
+    future = line("c", mtime=STARTED * 2, ctime=old_enough)  # a camera's clock: mtime proves nothing
+    src = _source(calm, racy, future)
+    d = [await decide(ln, src, [], _no_move, exists, "data/new/") for ln in (line("a", ctime=old_enough),
+         line("b", ctime=racy.ctime_ns), line("c", mtime=STARTED * 2, ctime=old_enough))]  # fmt: skip
+    assert [(x.action, x.kind) for x in d] == [("reuse", "unchanged"), ("check", "rechecked"), ("reuse", "unchanged")]
+    assert d[1].source is racy, "read and hashed: the object is kept when the bytes match"
+
+
+async def test_the_live_pass_and_interrupted_runs_are_sources_counted_as_what_they_are() -> None:
+    t = STARTED - RACY_WINDOW_NS - 1
+    parent = _source(line("changed", ctime=t - 5), line("same", ctime=t))
+    live = _source(
+        line("changed", ctime=t, key="data/now/library/changed"),
+        line("new", ctime=t, key="data/now/library/new"),
+        checked=False,
+    )
+    resumed = _source(line("resumed", ctime=t, key=f"data/{RUN}/library/resumed"), kind="resumed")
+    sources = [live, resumed]
+    want = {
+        "same": ("reuse", "unchanged"),
+        "changed": ("reuse", "changed"),
+        "new": ("reuse", "new"),
+        "resumed": ("reuse", "resumed"),
+        "zz-unknown": ("upload", "new"),
+    }
+    got = {}
+    for path in sorted(want):
+        d = await decide(line(path, ctime=t), parent, sources, _no_move, missing_but_own, "data/now/", {RUN})
+        got[path] = (d.action, d.kind)
+    assert got == want
+
+
+def missing_but_own(key: str, _size: int) -> bool:
+    """The bucket's listing, taken before this run uploaded anything."""
+    return not key.startswith("data/now/")
+
+
+def test_vanished_file_is_a_move_candidate_once() -> None:
+    parent = ParentInfo("x")
+    gone = line("upload/a.jpg", inode=42)
+    parent.vanished[("library", 1, 42)] = gone
+    assert parent.moved_from("library", line("library/a.jpg", inode=42)) is gone
+    assert parent.moved_from("library", line("library/b.jpg", inode=42)) is None, "one object moves to one path"
+
+
+def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
+    """Pure rules: inode numbers repeat across filesystems, and a rename changes ctime."""
+    from immich_stream.backup.changes import ParentInfo, classify
+    from immich_stream.repository.repo import ManifestLine
+
+    def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
+        return ManifestLine(
+            "library", path, "file", 10, 100, 0o644, 0, 0, inode, sha, f"data/x/library/{path}", ctime_ns=ctime, dev=dev
+        )
+
+    parent = ParentInfo("x")
+    gone = line("upload/a.jpg", 1, 42)
+    parent.vanished[("library", 1, 42)] = gone
+    other_fs = line("library/b.jpg", 2, 42)
+    assert parent.moved_from("library", other_fs) is None, "same inode on another device is another file"
+    same_fs = line("library/c.jpg", 1, 42, ctime=9)
+    found = parent.moved_from("library", same_fs)
+    assert found is gone
+    decision = classify(same_fs, None, found, lambda key, size: True)
+    assert (decision.action, decision.kind) == ("check", "moved"), "a move is confirmed by its bytes"
+    # unchanged needs ctime and device too; an old line without them is trusted once
+    old = line("p.jpg", 1, 7, ctime=5)
+    assert classify(line("p.jpg", 1, 7, ctime=5), old, None, lambda k, s: True).action == "reuse"
+    assert classify(line("p.jpg", 1, 7, ctime=6), old, None, lambda k, s: True).action == "check"
+    assert classify(line("p.jpg", 3, 7, ctime=5), old, None, lambda k, s: True).action == "check"
+    legacy = line("p.jpg", None, 7, ctime=None)
+    assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda k, s: True).action == "reuse"
+    assert classify(line("p.jpg", 1, 7), old, None, lambda k, s: False).kind == "reuploaded"
