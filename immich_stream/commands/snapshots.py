@@ -9,7 +9,7 @@ from typing import Any
 
 from immich_stream import config as cfg
 from immich_stream.commands.common import Subparsers
-from immich_stream.commands.monitor import Outcome
+from immich_stream.commands.monitor import Outcome, snapshot_time
 from immich_stream.errors import ConfigError
 from immich_stream.progress import Reporter, format_eta
 
@@ -94,8 +94,6 @@ def _check_age(limit_text: str, committed: list[dict[str, Any]], summary: dict[s
     """For monitoring that runs a command (Nagios, Zabbix, Uptime Kuma's command checks):
     one line, exit 1 when the newest committed snapshot is too old."""
     import datetime as dt
-
-    from immich_stream.commands.monitor import snapshot_time
 
     limit = cfg.parse_duration(limit_text)
     if not committed:
