@@ -223,7 +223,7 @@ def run_schedule_in_process(
     """run_schedule with --run-now, a SIGTERM arriving while its child is being started:
     before the child exists, or after it exists but before the loop has noted it. The child
     is a process that records the signal it gets (a backup would start the stack again)."""
-    from immich_stream.cli import schedule
+    from immich_stream.commands import schedule
 
     marker = tmp_path / "child-got"
     real_popen = subprocess.Popen
@@ -275,7 +275,7 @@ def test_a_sigterm_just_before_schedule_starts_its_child_starts_nothing_or_stops
 
 
 def test_schedule_puts_the_signal_handlers_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from immich_stream.cli import schedule
+    from immich_stream.commands import schedule
 
     real_popen = subprocess.Popen
     monkeypatch.setattr(schedule.subprocess, "Popen", lambda *a, **k: real_popen(["true"]))

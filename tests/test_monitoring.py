@@ -282,7 +282,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 def test_schedule_runs_the_command_then_sleeps_until_the_next_time(s3_env: dict, pings: PingServer) -> None:
     import signal
 
-    from immich_stream.cli.schedule import next_run, parse_times
+    from immich_stream.commands.schedule import next_run, parse_times
 
     proc = start_cli(
         "schedule", "--at", "03:30", "--at", "15:00", "--run-now", "--", "unlock", "--ping", pings.url, env=s3_env

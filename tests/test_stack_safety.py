@@ -278,7 +278,7 @@ def test_a_read_that_hangs_does_not_keep_the_process_alive(tmp_path: Path) -> No
     os.mkfifo(fifo)
     script = f"""
 import asyncio, sys
-from immich_stream import cli
+from immich_stream.commands import runtime
 
 async def run() -> int:
     try:
@@ -288,11 +288,11 @@ async def run() -> int:
     return 0
 
 def main() -> int:
-    with asyncio.Runner(loop_factory=cli._new_loop) as runner:
+    with asyncio.Runner(loop_factory=runtime.new_loop) as runner:
         return runner.run(run())
 
 code = main()
-cli._exit_past_hung_threads(code)
+runtime.exit_past_hung_threads(code)
 sys.exit(code)
 """
     started = time.monotonic()

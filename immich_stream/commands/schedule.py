@@ -7,6 +7,7 @@ to a running backup, which starts the stack again before it exits; the loop wait
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import logging
 import re
@@ -16,9 +17,51 @@ import sys
 import threading
 from types import FrameType
 
+from immich_stream.commands.common import Subparsers, UsageError
 from immich_stream.errors import ConfigError
 
 log = logging.getLogger("immich_stream")
+
+
+def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    sc = sub.add_parser(
+        "schedule",
+        parents=[common],
+        help="run a command at fixed times of day, forever (for a container; on a host use cron or systemd)",
+        description="Sleep until the next --at time (local time; set TZ), run `immich-stream ARGS` as its own "
+        "process, repeat. SIGTERM is passed on to a running backup, which starts the stack again first.",
+    )
+    sc.add_argument("--at", action="append", required=True, metavar="HH:MM", help="a time of day; repeatable")
+    sc.add_argument("--run-now", action="store_true", help="run once right away, then keep the schedule")
+    sc.add_argument("run", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command to run, e.g. -- backup")
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command: list[str] = args.run[1:] if args.run[:1] == ["--"] else args.run
+    return command
+
+
+def check(args: argparse.Namespace) -> None:
+    """The command to run is one of ours and its flags parse: a typo is found now, not at 03:00."""
+    from immich_stream.commands import COMMANDS, build_parser
+
+    command = _command(args)
+    if not command:
+        raise ConfigError("schedule: give the command to run after --, e.g. `schedule --at 03:00 -- backup`")
+    if command[0] not in COMMANDS:
+        raise ConfigError(
+            f"schedule: {command[0]!r} is not an immich-stream command: give one of {', '.join(COMMANDS)} "
+            "after --, e.g. `schedule --at 03:00 -- backup`"
+        )
+    try:
+        build_parser().parse_args(command)
+    except UsageError as exc:
+        raise ConfigError(f"schedule -- {' '.join(command)}: {exc}; see `immich-stream {command[0]} --help`") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Not async like the other commands: a loop of child processes."""
+    return run_schedule(parse_times(args.at), _command(args), args.run_now)
 
 
 def parse_times(texts: list[str]) -> list[dt.time]:

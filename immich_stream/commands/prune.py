@@ -1,0 +1,65 @@
+"""`prune`: remove the snapshots the retention policy drops, then garbage (repository/prune.py).
+
+`backup --prune` runs the same prune after a committed snapshot (run_prune)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from immich_stream import config as cfg
+from immich_stream.commands.common import Subparsers, flag, policy_options
+from immich_stream.commands.monitor import plain
+from immich_stream.progress import Reporter
+
+
+def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    pr = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="remove snapshots a retention policy drops, then garbage",
+        description="Remove the snapshots the retention policy drops, then every data object no "
+        "remaining snapshot references, stale incomplete snapshots and unfinished "
+        "multipart uploads.",
+    )
+    pr.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
+    flag(pr, "lock_wait")
+    flag(pr, "stale_after")
+    policy_options(pr)
+
+
+def policy(settings: cfg.Settings) -> Any:
+    from immich_stream.repository.prune import Policy
+
+    return Policy(
+        settings.keep_last,
+        settings.keep_hourly,
+        settings.keep_daily,
+        settings.keep_weekly,
+        settings.keep_monthly,
+        settings.keep_yearly,
+        settings.keep_within,
+    )
+
+
+async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> dict[str, Any]:
+    from immich_stream.repository.prune import prune
+
+    rep = await prune(settings, policy(settings), dry_run, settings.stale_after, settings.lock_wait)
+    fs = cfg.format_size
+    would = "would remove" if dry_run else "removed"
+    lines = [
+        f"prune {'(dry run, nothing changed)' if dry_run else 'done'}: policy {policy(settings).describe()}",
+        f"snapshots  {len(rep.kept)} kept, {len(rep.removed)} {would}"
+        + (f": {', '.join(rep.removed)}" if rep.removed else ""),
+        f"data       {rep.objects_deleted} objects, {fs(rep.bytes_freed)} {'to free' if dry_run else 'freed'}",
+        f"garbage    {len(rep.incomplete_removed)} incomplete snapshots, {rep.uploads_aborted} unfinished "
+        f"uploads {would}",
+        f"time       {rep.seconds:.1f} s",
+    ]
+    print("\n".join(lines), flush=True)
+    return {"dry_run": dry_run, "policy": policy(settings).describe(), **plain(rep)}
+
+
+async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
+    return await run_prune(settings, reporter, args.dry_run)
