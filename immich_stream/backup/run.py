@@ -634,7 +634,7 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
     # Two backups of one stack on one host never overlap (the kernel drops the flock of a
     # killed run); runs elsewhere and prune are kept apart by the repository lock.
     with stack_lock(settings.project):
-        async with connect() as docker:
+        async with connect(settings.tuning.docker_deadline) as docker:
             stack = Stack(docker, settings.project, settings.db_container)
             # A run killed with the stack down is repaired first, whatever else happens.
             if await recover(stack):

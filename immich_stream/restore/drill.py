@@ -356,7 +356,7 @@ async def run_drill(
     wait: bool = True,
 ) -> DrillReport:
     started = time.monotonic()
-    async with connect() as docker, contextlib.AsyncExitStack() as exits:
+    async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
         try:
             await docker.version()
         except StackError:

@@ -982,7 +982,7 @@ async def restore_database(
 async def _restore_database_locked(
     settings: Settings, reporter: Reporter, which: str, started: float, from_file: str | None = None
 ) -> tuple[Snapshot | None, DatabaseRestored]:
-    async with connect() as docker, contextlib.AsyncExitStack() as exits:
+    async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
         store: Store | None = None
         snap: Snapshot | None = None
         if from_file is None:
