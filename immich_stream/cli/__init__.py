@@ -545,7 +545,7 @@ def _check_age(limit_text: str, committed: list[dict[str, Any]], summary: dict[s
 async def cmd_restore(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from pathlib import Path
 
-    from immich_stream.restore import files as restore
+    from immich_stream import restore
 
     fs = cfg.format_size
     if args.from_file and not args.database:

@@ -33,7 +33,7 @@ from immich_stream.progress import Reporter
 from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
-from immich_stream.restore.files import file_sql, prepare_dump, psql_stream, snapshot_sql
+from immich_stream.restore.database import file_sql, prepare_dump, psql_stream, snapshot_sql
 from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
