@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from immich_stream.backup.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
-from immich_stream.backup.run import OrderedManifest, Sources, backup_root, run_phases
+from immich_stream.backup.roots import OrderedManifest, Sources, backup_root
+from immich_stream.backup.run import run_phases
 from immich_stream.backup.upload import FileUploader, UploadWorkers
 from immich_stream.backup.walk import walk
 from immich_stream.config import Settings
