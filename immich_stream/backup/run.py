@@ -41,7 +41,7 @@ from immich_stream.repository.repo import (
     snapshot_time,
 )
 from immich_stream.repository.session import LockSpec, open_repo
-from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
+from immich_stream.repository.summary import DatabaseInfo, ImmichInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import StreamWriter
 from immich_stream.s3.watchdog import with_watchdog
@@ -418,6 +418,23 @@ class BackupRun:
         )
 
 
+def record_source(summary: SnapshotSummary, source: metadata.SourceInfo, dump: DumpResult | None) -> None:
+    """Put what a restore needs into the summary (before it is committed): where the
+    snapshot came from (host/metadata.py's collect) and the dump's facts."""
+    db = summary.database
+    db.image, db.image_id = source.database.image, source.database.image_id
+    if dump is not None:
+        db.tables = dict(dump.tables)
+        db.server_version, db.server_version_num = dump.server.version, dump.server.version_num
+        db.extensions = dict(dump.server.extensions)
+    im = source.immich
+    summary.immich = ImmichInfo(
+        version=im.version, image=im.image, image_id=im.image_id, env_version=im.env_version, container=im.container
+    )
+    summary.config_files = source.config_files
+    summary.config_secrets = source.config_secrets
+
+
 def _root_meta(path: Path) -> RootMeta:
     st = os.stat(path)
     return RootMeta(mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
@@ -560,7 +577,7 @@ async def _backup_locked(ctx: RunContext) -> BackupResult:
         )
     seconds = time.monotonic() - ctx.started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
-    metadata.record(summary, source, run.dump_result)
+    record_source(summary, source, run.dump_result)
     assert repo.lock is not None and run.dump_result is not None
     await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     try:

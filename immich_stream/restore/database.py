@@ -21,7 +21,6 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, DumpError, RepoError, StackError
 from immich_stream.host.docker_exec import pipe_into
 from immich_stream.host.hoststate import stack_lock
-from immich_stream.host.metadata import came_from as came_from_text
 from immich_stream.host.postgres import (
     CLUSTER_DUMP,
     DumpScanner,
@@ -35,6 +34,7 @@ from immich_stream.host.stack import Docker, Stack, StackGuard, connect, recover
 from immich_stream.progress import Reporter
 from immich_stream.repository.repo import Repo, Snapshot, gunzip_stream
 from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.restore.restorer import CHUNK
 from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -47,6 +47,18 @@ class DatabaseRestored:
     bytes: int  # of SQL sent to psql
     seconds: float
     downtime: float  # the app containers were stopped this long
+
+
+def came_from_text(summary: SnapshotSummary) -> str:
+    """`Immich v1.2 (ghcr.io/...), PostgreSQL 14.10 (ghcr.io/immich-app/postgres:14...)`, or ""."""
+    parts = []
+    im = summary.immich
+    if im.version or im.image:
+        parts.append(f"Immich {im.version or '?'}" + (f" ({im.image})" if im.image else ""))
+    db = summary.database
+    if db.server_version or db.image:
+        parts.append(f"PostgreSQL {db.server_version or '?'}" + (f" ({db.image})" if db.image else ""))
+    return ", ".join(parts)
 
 
 async def snapshot_sql(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:

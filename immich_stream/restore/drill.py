@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StoreError
 from immich_stream.host.docker_exec import pipe_into
-from immich_stream.host.metadata import came_from as came_from_text
 from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
 from immich_stream.host.stack import Docker, connect
 from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
@@ -33,7 +32,7 @@ from immich_stream.progress import Reporter
 from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
-from immich_stream.restore.database import file_sql, prepare_dump, psql_stream, snapshot_sql
+from immich_stream.restore.database import came_from_text, file_sql, prepare_dump, psql_stream, snapshot_sql
 from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
