@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/files_stage.py DIR        (settings from the environment, as the CLI)
 
-Runs exactly what `backup` runs for one root (backup.backup_root with a real Store, Repo,
+Runs exactly what `backup` runs for one root (backup.roots.backup_root with a real Store, Repo,
 ManifestWriter and the budgets backup uses), minus the stack and the dump: it is what
 bench/throughput.py times against s5cmd for the small-file case, and what a profiler
 wraps (`py-spy record -- python bench/files_stage.py DIR`, or IMMICH_STREAM_PROFILE=out.prof
@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from immich_stream import config  # noqa: E402
-from immich_stream.backup.run import OrderedManifest, Sources, backup_root, stream_budget_share  # noqa: E402
+from immich_stream.backup.roots import OrderedManifest, Sources, backup_root  # noqa: E402
+from immich_stream.backup.run import stream_budget_share  # noqa: E402
 from immich_stream.s3.budget import ByteBudget  # noqa: E402
 from immich_stream.progress import Reporter  # noqa: E402
 from immich_stream.repository.repo import ManifestWriter, ObjectIndex, new_snapshot_id  # noqa: E402

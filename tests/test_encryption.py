@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream.repository import age
-from immich_stream.restore.files import PARTIAL
+from immich_stream.restore.restorer import PARTIAL
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import Store, StreamWriter
 from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, bucket_of, running_containers

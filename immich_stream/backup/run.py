@@ -1,37 +1,29 @@
 """`backup`: preflight, stop, stream files and pg_dump into S3, start, commit.
 
-The stages (restic's archiver, in asyncio), each its own unit:
-
-    walk_root (walk + classify)  --files to read-->  UploadWorkers (upload.py)
-         |                                                 |
-         +--every line, in walk order--> OrderedManifest <-+ (a line waits for its upload)
-                                               |
-                                         ManifestWriter (repo.py)
-
-run_phases orders the stack's stops and starts around them per --stop mode; BackupRun
-holds one run's state and is what run_phases drives. Memory is bounded by the queues
-(entries) and the ByteBudget (buffers), whatever the library size.
+run_backup builds one RunContext (what the run is given: settings, reporter, stack,
+repository, roots, snapshot id) and passes it down. The files stages of a pass are in
+roots.py (FilesPass: walk and classify, upload, lines in order). run_phases orders the
+stack's stops and starts around them per --stop mode; BackupRun holds one run's state and
+is what run_phases drives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup
-from immich_stream.backup.changes import ParentInfo, Source, decide, followed, scan_parent, walk_filter
+from immich_stream.backup.changes import ParentInfo, Source, scan_parent
 from immich_stream.backup.library import check_database, check_database_at_end, check_library, check_shrink_at_end
-from immich_stream.backup.upload import FileUploader, UploadWorkers
-from immich_stream.backup.walk import WalkProblem, walk
+from immich_stream.backup.roots import FilesPass, OrderedManifest, Sources
+from immich_stream.backup.upload import FileUploader
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
 from immich_stream.host import metadata
@@ -42,7 +34,6 @@ from immich_stream.progress import Phase, Reporter
 from immich_stream.repository.repo import (
     STOPPED_DIR,
     JournalWriter,
-    ManifestLine,
     ManifestWriter,
     ObjectIndex,
     Repo,
@@ -50,15 +41,12 @@ from immich_stream.repository.repo import (
     snapshot_time,
 )
 from immich_stream.repository.session import LockSpec, open_repo
-from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
+from immich_stream.repository.summary import DatabaseInfo, ImmichInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import StreamWriter
 from immich_stream.s3.watchdog import with_watchdog
 
 log = logging.getLogger(__name__)
-
-ORDER_WINDOW = 4096  # manifest lines waiting for their upload, at most
-MAX_REUPLOAD_WARNINGS = 20
 
 
 @dataclass
@@ -72,149 +60,6 @@ class BackupResult:
     summary: SnapshotSummary
     shrunk: bool = False  # the library looked shrunk and --allow-shrink let it through
     unstable: list[str] = field(default_factory=list)  # containers that did not stay up after the restart
-
-
-class LineSink(Protocol):
-    async def add(self, line: ManifestLine) -> None: ...
-
-
-class OrderedManifest:
-    """Manifest lines in walk order: each waits (in a bounded window) until its upload has
-    finished; a line whose file could not be read is dropped. Lines of files read in this
-    pass also go to the journal (what an interrupted run leaves for the next one)."""
-
-    def __init__(self, sink: LineSink | None, journal: LineSink | None = None, window: int = ORDER_WINDOW) -> None:
-        self.sink = sink
-        self.journal = journal
-        self._queue: asyncio.Queue[tuple[ManifestLine, asyncio.Future[bool] | None] | None] = asyncio.Queue(window)
-
-    async def put(self, line: ManifestLine, upload: asyncio.Future[bool] | None = None) -> None:
-        await self._queue.put((line, upload))
-
-    async def close(self) -> None:
-        await self._queue.put(None)
-
-    async def run(self) -> None:
-        while (item := await self._queue.get()) is not None:
-            line, upload = item
-            if upload is not None and not await upload:
-                continue
-            if self.sink is not None:
-                await self.sink.add(line)
-            if upload is not None and self.journal is not None:
-                await self.journal.add(line)
-
-
-@dataclass
-class Sources:
-    """Where one pass may take objects from instead of reading files: the parent snapshot,
-    this run's live pass and interrupted runs (each read alongside the walk), the parent's
-    vanished files (moves), and the bucket's listing."""
-
-    primary: Source | None
-    others: list[Source]
-    parent: ParentInfo | None
-    objects: ObjectIndex
-    resumed: set[str] = field(default_factory=set)  # ids of the interrupted runs among others
-    key_dir: str = ""  # where this pass's uploads go under <root>/ (STOPPED_DIR after a live pass)
-
-    def moved(self, root: str, line: ManifestLine) -> ManifestLine | None:
-        return self.parent.moved_from(root, line) if self.parent is not None else None
-
-
-async def walk_root(
-    root: str,
-    root_path: Path,
-    snap_id: str,
-    repo: Repo,
-    sources: Sources,
-    workers: UploadWorkers,
-    ordered: OrderedManifest,
-    stats: RunStats,
-    phase: Phase,
-    exclude: Collection[str] = (),
-) -> None:
-    """The walker and the change classifier: every entry becomes a manifest line (in walk
-    order); a file whose object cannot simply be reused goes to the upload workers.
-    `exclude`: the library's folders left out (--exclude), their markers kept."""
-    root_b = os.fsencode(root_path)
-    own = f"data/{snap_id}/"
-
-    def on_problem(p: WalkProblem) -> None:
-        if p.skipped:
-            stats.skipped += 1  # the walk already warned
-        else:
-            stats.failed += 1
-            stats.problem(f"{root}/{p.relpath.decode(errors='backslashreplace')}: {p.message}")
-
-    async for e in walk(root_b, on_problem, *walk_filter(root, exclude), followed(root)):
-        repo.store.touch()  # walking unchanged files is progress too
-        line = ManifestLine.from_entry(root, e)
-        upload: asyncio.Future[bool] | None = None
-        if e.type == "file":
-            stats.count_file(root, e.size)
-            decision = await decide(
-                line,
-                sources.primary,
-                sources.others,
-                functools.partial(sources.moved, root),
-                sources.objects.has,
-                own,
-                sources.resumed,
-            )
-            if decision.action == "reuse":
-                assert decision.source is not None
-                line.key, line.sha256, line.stored = decision.source.key, decision.source.sha256, decision.source.stored
-                if line.stored is not None and line.key:  # re-sealed by an interrupted `key reencrypt`?
-                    line.stored = sources.objects.size_of(line.key, line.stored) or line.stored
-                setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
-                if decision.kind == "resumed":
-                    # in this run's journal too: a run that resumed another and is itself
-                    # interrupted must not lose what it took over
-                    upload = asyncio.get_running_loop().create_future()
-                    upload.set_result(True)
-                phase.update(e.size, files=1)  # done without reading: progress toward the total
-            else:
-                if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
-                    log.warning(
-                        "%s/%s: its object %s is missing from the bucket: uploading it again",
-                        root,
-                        line.path,
-                        decision.gone.key,
-                    )
-                key = repo.data_key(snap_id, root, line.path, sources.key_dir)
-                upload = await workers.submit(os.path.join(root_b, e.relpath), e, line, key, decision)
-        elif e.type == "dir":
-            stats.dirs += 1
-        else:
-            stats.symlinks += 1
-        await ordered.put(line, upload)
-
-
-async def backup_root(
-    root: str,
-    root_path: Path,
-    snap_id: str,
-    uploader: FileUploader,
-    sources: Sources,
-    ordered: OrderedManifest,
-    stats: RunStats,
-    phase: Phase,
-    jobs: int,
-    exclude: Collection[str] = (),
-) -> None:
-    """One root through the stages: walk and classify, upload, write lines in order."""
-    workers = UploadWorkers(uploader, stats, phase, jobs)
-
-    async def produce() -> None:
-        await walk_root(root, root_path, snap_id, uploader.repo, sources, workers, ordered, stats, phase, exclude)
-        await workers.close()
-        await ordered.close()
-
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(produce())
-        tg.create_task(ordered.run())
-        tg.create_task(workers.run())
 
 
 class Steps(Protocol):
@@ -285,31 +130,32 @@ class Earlier:
     objects: ObjectIndex
 
 
+@dataclass
+class RunContext:
+    """What one backup run is given, built once by run_backup and passed down. The Docker
+    client is the stack's (`stack.docker`), handed only to host/ functions."""
+
+    settings: Settings
+    reporter: Reporter
+    stack: Stack
+    repo: Repo
+    roots: dict[str, Path]  # in manifest order (backup_roots)
+    snap_id: str
+    started: float  # time.monotonic() when the command started
+    allow_shrink: bool = False
+
+
 class BackupRun:
     """One run's state: the stages' shared parts, the stack guard, what the summary needs."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        reporter: Reporter,
-        docker: Any,
-        stack: Stack,
-        repo: Repo,
-        roots: dict[str, Path],
-        snap_id: str,
-        running: list[str],
-        earlier: Earlier,
-    ) -> None:
-        self.settings = settings
-        self.reporter = reporter
-        self.docker = docker
-        self.stack = stack
-        self.repo = repo
-        self.roots = roots
-        self.snap_id = snap_id
+    def __init__(self, ctx: RunContext, running: list[str], earlier: Earlier) -> None:
+        self.ctx = ctx
+        settings, reporter, stack, repo, snap_id = ctx.settings, ctx.reporter, ctx.stack, ctx.repo, ctx.snap_id
+        self.settings, self.reporter, self.stack, self.repo = settings, reporter, stack, repo
+        self.roots, self.snap_id = ctx.roots, snap_id
         self.running = running
         self.earlier = earlier
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # the timeline's zero: the transfer's start
         self.stats = RunStats()
         self.live_stats: RunStats | None = None
         # Two budgets: a stream (the dump, the manifest) holds a part reserved while it fills,
@@ -331,7 +177,7 @@ class BackupRun:
         self.dump_result: DumpResult | None = None
         self.phase_seconds: dict[str, float] = {}
         self.timeline: dict[str, float] = {}
-        self._main_sources: Sources | None = None
+        self._main_pass: FilesPass | None = None
         self._dump_snapshot = asyncio.Event()
         self._db_state: Any = None
         self.dump_estimate: int | None = None
@@ -354,6 +200,18 @@ class BackupRun:
                 lines = repo.read_journal(keys, f"the {name} journal of the interrupted run {run_id}")
                 others.append(Source.of_run(lines, run_id, kind="resumed"))
         return Sources(primary, others, e.parent, e.objects, set(e.resumable))
+
+    def _files_pass(self, uploader: FileUploader, sources: Sources, stats: RunStats) -> FilesPass:
+        return FilesPass(self.snap_id, uploader, sources, stats, self.settings.jobs, self.settings.exclude)
+
+    async def _root(self, files: FilesPass, root: str, name: str, ordered: OrderedManifest) -> None:
+        """One root of a pass under its own progress bar."""
+        phase = self._phase(name, root)
+        try:
+            await files.root(root, self.roots[root], ordered, phase)
+        finally:
+            self.phase_seconds[phase.name] = round(phase.seconds, 3)
+            phase.close()
 
     def _phase(self, name: str, root: str) -> Phase:
         """A progress bar with a total: the parent's, or a stat-only walk that counts ahead."""
@@ -379,26 +237,10 @@ class BackupRun:
         journal = JournalWriter(self.repo, self.snap_id, "live")
         self.live_journal = journal
         uploader = FileUploader(self.repo.store, self.repo, self.budget, self.settings, stats)
-        sources = self.sources(own_live=False)
+        files = self._files_pass(uploader, self.sources(own_live=False), stats)
         try:
-            for root, path in self.roots.items():
-                phase = self._phase(f"{root} files (live)", root)
-                try:
-                    await backup_root(
-                        root,
-                        path,
-                        self.snap_id,
-                        uploader,
-                        sources,
-                        OrderedManifest(None, journal),
-                        stats,
-                        phase,
-                        self.settings.jobs,
-                        self.settings.exclude,
-                    )
-                finally:
-                    self.phase_seconds[phase.name] = round(phase.seconds, 3)
-                    phase.close()
+            for root in self.roots:
+                await self._root(files, root, f"{root} files (live)", OrderedManifest(None, journal))
         except BaseException:
             # What was uploaded is kept for the next run.
             await cleanup.best_effort("writing the live pass's journal", journal.flush())
@@ -446,28 +288,13 @@ class BackupRun:
 
     async def files(self, root: str) -> None:
         """The pass whose lines make the snapshot (with the stack stopped, but in `none`)."""
-        if self._main_sources is None:
-            self._main_sources = self.sources(own_live=True)
+        if self._main_pass is None:
+            sources = self.sources(own_live=True)
             if self.live_journal is not None:
-                self._main_sources.key_dir = STOPPED_DIR
+                sources.key_dir = STOPPED_DIR
+            self._main_pass = self._files_pass(self.uploader, sources, self.stats)
         self.mark(f"{root}_files_started")
-        phase = self._phase(f"{root} files", root)
-        try:
-            await backup_root(
-                root,
-                self.roots[root],
-                self.snap_id,
-                self.uploader,
-                self._main_sources,
-                OrderedManifest(self.manifest, self.journal),
-                self.stats,
-                phase,
-                self.settings.jobs,
-                self.settings.exclude,
-            )
-        finally:
-            self.phase_seconds[phase.name] = round(phase.seconds, 3)
-            phase.close()
+        await self._root(self._main_pass, root, f"{root} files", OrderedManifest(self.manifest, self.journal))
         self.mark(f"{root}_files_done")
 
     async def dump(self) -> None:
@@ -485,7 +312,9 @@ class BackupRun:
         self.mark("dump_started")
         try:
             async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
-                result = await dump_database(self.docker, s.db_container, s.db_user, s.db_name, out.write, received)
+                result = await dump_database(
+                    self.stack.docker, s.db_container, s.db_user, s.db_name, out.write, received
+                )
                 await out.finish()
             result.parts, result.stored = out.parts, out.stored
             self.dump_result = result
@@ -589,6 +418,23 @@ class BackupRun:
         )
 
 
+def record_source(summary: SnapshotSummary, source: metadata.SourceInfo, dump: DumpResult | None) -> None:
+    """Put what a restore needs into the summary (before it is committed): where the
+    snapshot came from (host/metadata.py's collect) and the dump's facts."""
+    db = summary.database
+    db.image, db.image_id = source.database.image, source.database.image_id
+    if dump is not None:
+        db.tables = dict(dump.tables)
+        db.server_version, db.server_version_num = dump.server.version, dump.server.version_num
+        db.extensions = dict(dump.server.extensions)
+    im = source.immich
+    summary.immich = ImmichInfo(
+        version=im.version, image=im.image, image_id=im.image_id, env_version=im.env_version, container=im.container
+    )
+    summary.config_files = source.config_files
+    summary.config_secrets = source.config_secrets
+
+
 def _root_meta(path: Path) -> RootMeta:
     st = os.stat(path)
     return RootMeta(mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns)
@@ -634,7 +480,7 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
     # Two backups of one stack on one host never overlap (the kernel drops the flock of a
     # killed run); runs elsewhere and prune are kept apart by the repository lock.
     with stack_lock(settings.project):
-        async with connect() as docker:
+        async with connect(settings.tuning.docker_deadline) as docker:
             stack = Stack(docker, settings.project, settings.db_container)
             # A run killed with the stack down is repaired first, whatever else happens.
             if await recover(stack):
@@ -643,9 +489,8 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
             result: BackupResult | None = None
             try:
                 async with open_repo(settings, create_for=snap_id, lock=lock) as repo:
-                    result = await _backup_locked(
-                        settings, reporter, docker, stack, repo, roots, snap_id, started, allow_shrink
-                    )
+                    ctx = RunContext(settings, reporter, stack, repo, roots, snap_id, started, allow_shrink)
+                    result = await _backup_locked(ctx)
             except asyncio.CancelledError:
                 if result is None:
                     raise
@@ -669,17 +514,9 @@ async def _committed(repo: Repo, snap_id: str) -> bool:
         return False
 
 
-async def _backup_locked(
-    settings: Settings,
-    reporter: Reporter,
-    docker: Any,
-    stack: Stack,
-    repo: Repo,
-    roots: dict[str, Path],
-    snap_id: str,
-    started: float,
-    allow_shrink: bool,
-) -> BackupResult:
+async def _backup_locked(ctx: RunContext) -> BackupResult:
+    settings, stack, repo, snap_id, allow_shrink = ctx.settings, ctx.stack, ctx.repo, ctx.snap_id, ctx.allow_shrink
+    docker, roots = stack.docker, ctx.roots
     containers = await stack.preflight()
     if settings.stop != "none":
         await stack.check_recovery_record(state_dir())  # before the live pass: nothing stopped or uploaded
@@ -720,13 +557,7 @@ async def _backup_locked(
     if settings.exclude:
         log.info("leaving out the library's %s (--exclude): markers only", ", ".join(settings.exclude))
     run = BackupRun(
-        settings,
-        reporter,
-        docker,
-        stack,
-        repo,
-        roots,
-        snap_id,
+        ctx,
         running=[c.name for c in containers if c.running],
         earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
@@ -744,9 +575,9 @@ async def _backup_locked(
         shrunk |= check_database_at_end(
             run.dump_result.tables, parent_tables, prev.id, settings.max_shrink, allow_shrink
         )
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - ctx.started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
-    metadata.record(summary, source, run.dump_result)
+    record_source(summary, source, run.dump_result)
     assert repo.lock is not None and run.dump_result is not None
     await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     try:

@@ -135,7 +135,7 @@ class Doctor:
         s = self.settings
 
         async def check() -> tuple[str, str]:
-            async with connect() as docker:
+            async with connect(s.tuning.docker_deadline) as docker:
                 stack = Stack(docker, s.project, s.db_container)
                 containers = await stack.preflight()
             running = sum(1 for c in containers if c.running)

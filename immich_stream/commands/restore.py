@@ -104,7 +104,7 @@ def check(args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.restore import files as restore
+    from immich_stream import restore
 
     fs = cfg.format_size
     if args.from_file and not args.database:

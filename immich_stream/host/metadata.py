@@ -3,7 +3,7 @@ versions, and IMMICH_DIR's docker-compose.yml and .env with their secrets remove
 that a restore can be checked before it starts and a lost machine rebuilt.
 
 `collect` runs during a backup's preflight (Docker inspect and two small files: no
-downtime); `record` copies it and the dump's facts into the summary.
+downtime); the backup copies it and the dump's facts into the summary (backup/run.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import aiodocker
 
 from immich_stream.config import Settings, read_dotenv
 from immich_stream.errors import ConfigError
-from immich_stream.host.postgres import DumpResult
 from immich_stream.host.stack import PROJECT_LABEL
-from immich_stream.repository.summary import ImmichInfo, SnapshotSummary
 
 log = logging.getLogger(__name__)
 
@@ -346,9 +344,20 @@ class ImageInfo:
 
 
 @dataclass
+class ServerInfo:
+    """The Immich server found (snapshot.json's `immich`)."""
+
+    version: str | None = None  # the best known: image label, image tag, or IMMICH_VERSION
+    image: str | None = None  # the server container's image, as configured
+    image_id: str | None = None
+    env_version: str | None = None  # IMMICH_VERSION in IMMICH_DIR/.env, when set
+    container: str | None = None
+
+
+@dataclass
 class SourceInfo:
     database: ImageInfo = field(default_factory=ImageInfo)
-    immich: ImmichInfo = field(default_factory=ImmichInfo)
+    immich: ServerInfo = field(default_factory=ServerInfo)
     config_files: dict[str, str] = field(default_factory=dict)
     config_secrets: list[str] = field(default_factory=list)
 
@@ -427,7 +436,7 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
             env_version = read_dotenv(settings.immich_dir / ".env").get("IMMICH_VERSION")
     tag = image_tag(server.image)
     tag_version = tag if tag and re.match(r"^v?\d+\.\d+", tag) else None
-    info.immich = ImmichInfo(
+    info.immich = ServerInfo(
         version=server.label_version or tag_version or env_version or None,
         image=server.image,
         image_id=server.image_id,
@@ -436,28 +445,3 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
     )
     info.config_files, info.config_secrets = read_config_files(settings.immich_dir)
     return info
-
-
-def record(summary: SnapshotSummary, source: SourceInfo, dump: DumpResult | None) -> None:
-    """Put what a restore needs into the summary (before it is committed)."""
-    db = summary.database
-    db.image, db.image_id = source.database.image, source.database.image_id
-    if dump is not None:
-        db.tables = dict(dump.tables)
-        db.server_version, db.server_version_num = dump.server.version, dump.server.version_num
-        db.extensions = dict(dump.server.extensions)
-    summary.immich = source.immich
-    summary.config_files = source.config_files
-    summary.config_secrets = source.config_secrets
-
-
-def came_from(summary: SnapshotSummary) -> str:
-    """`Immich v1.2 (ghcr.io/...), PostgreSQL 14.10 (ghcr.io/immich-app/postgres:14...)`, or ""."""
-    parts = []
-    im = summary.immich
-    if im.version or im.image:
-        parts.append(f"Immich {im.version or '?'}" + (f" ({im.image})" if im.image else ""))
-    db = summary.database
-    if db.server_version or db.image:
-        parts.append(f"PostgreSQL {db.server_version or '?'}" + (f" ({db.image})" if db.image else ""))
-    return ", ".join(parts)

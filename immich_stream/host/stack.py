@@ -4,7 +4,8 @@
 written before the first stop and removed after the last start, so that a run killed with
 SIGKILL is repaired by the next one (`recover()`), before it does anything else.
 
-Every Docker API request has a deadline (`docker_deadline()`; a stop its own, longer one):
+Every Docker API request has a deadline (DOCKER_DEADLINE, or the one `connect()` is given:
+IMMICH_STREAM_DOCKER_DEADLINE, read by config into `settings.tuning`; a stop its own, longer one):
 a wedged dockerd fails the call with one line (StackError) instead of keeping the run, and
 the repository lock it holds, alive for ever. The output of a command running in a
 container (pg_dump, psql) is a stream with no deadline: only its start is bounded.
@@ -29,7 +30,6 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from immich_stream.config import env_duration
 from immich_stream.errors import ConfigError, StackError
 from immich_stream.host.hoststate import own_container_id, run_alive, stack_state_file, state_dir
 
@@ -40,12 +40,9 @@ STOP_TIMEOUT = 30  # seconds Docker waits before SIGKILL; Postgres stops on SIGI
 STOP_WAIT = STOP_TIMEOUT + 30  # seconds a stop request may take before Docker is taken to hang
 DOCKER_DEADLINE = 60.0  # seconds any other Docker API request may take
 
-
-def docker_deadline() -> float:
-    """DOCKER_DEADLINE, or IMMICH_STREAM_DOCKER_DEADLINE (a duration)."""
-    return env_duration(
-        "IMMICH_STREAM_DOCKER_DEADLINE", DOCKER_DEADLINE, 10, 3600, "how long one Docker API request may take"
-    )
+# The Docker client as the layers above hold it: passed back into host/ functions, never
+# used by them directly (only host/ imports aiodocker).
+Docker = aiodocker.Docker
 
 
 class DeadlineDocker(aiodocker.Docker):
@@ -74,8 +71,10 @@ class Container:
 
 
 @contextlib.asynccontextmanager
-async def connect() -> AsyncIterator[aiodocker.Docker]:
-    deadline = docker_deadline()
+async def connect(deadline: float | None = None) -> AsyncIterator[aiodocker.Docker]:
+    """A Docker client whose requests end after `deadline` seconds (None: DOCKER_DEADLINE;
+    the caller passes settings.tuning.docker_deadline)."""
+    deadline = DOCKER_DEADLINE if deadline is None else deadline
     try:
         docker = DeadlineDocker(deadline)
     except Exception as exc:

@@ -12,43 +12,32 @@ killed with SIGKILL leaves them labelled, and the next drill removes them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import random
-import secrets
-import socket
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import aiodocker
 
 from immich_stream.config import Settings
-from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StackError, StoreError
-from immich_stream.host.docker_exec import pipe_into, run_in_container
-from immich_stream.host.metadata import came_from as came_from_text
+from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StoreError
+from immich_stream.host.docker_exec import pipe_into
 from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
-from immich_stream.host.stack import connect
+from immich_stream.host.stack import Docker, connect
+from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
 from immich_stream.progress import Reporter
 from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
-from immich_stream.restore.files import file_sql, prepare_dump, psql_stream, snapshot_sql
+from immich_stream.restore.database import came_from_text, file_sql, prepare_dump, psql_stream, snapshot_sql
 from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
 
-LABEL = "immich-stream.drill"  # value: "<host> <pid>" of the drill that made it
-READY_TIMEOUT = 180.0
-REMOVE_TIMEOUT = 60.0
-DEFAULT_PGDATA = "/var/lib/postgresql/data"
 ONE_DEGREE_M = (111_000, 111_700)  # earth_distance of one degree of longitude on the equator
 
 
@@ -85,156 +74,6 @@ class DrillReport:
         return json.dumps(d, indent=2)
 
 
-class Throwaway:
-    """A PostgreSQL container that exists only for the drill: created with a fresh volume,
-    removed with it on the way out, whatever the way out is."""
-
-    def __init__(self, docker: aiodocker.Docker, image: str, user: str, dbname: str, like: dict[str, Any] | None):
-        self.docker = docker
-        self.image = image
-        self.user = user
-        self.dbname = dbname
-        self.like = like  # the live database container's inspect data (its Cmd, when the image is the same)
-        self.name = f"immich-stream-drill-{os.getpid()}-{secrets.token_hex(4)}"
-
-    async def _pgdata(self) -> str:
-        try:
-            info = await self.docker.images.inspect(self.image)
-        except aiodocker.DockerError as exc:
-            raise ConfigError(
-                f"image {self.image} is not available ({exc.message}): give --image NAME of a local PostgreSQL image"
-            ) from None
-        for item in (info.get("Config") or {}).get("Env") or []:
-            if item.startswith("PGDATA="):
-                return str(item.split("=", 1)[1])
-        return DEFAULT_PGDATA
-
-    async def __aenter__(self) -> Throwaway:
-        pgdata = await self._pgdata()
-        labels = {LABEL: f"{socket.gethostname()} {os.getpid()}"}
-        env = [f"POSTGRES_USER={self.user}", f"POSTGRES_PASSWORD={secrets.token_hex(16)}", f"POSTGRES_DB={self.dbname}"]
-        config: dict[str, Any] = {
-            "Image": self.image,
-            "Env": env,
-            "Labels": labels,
-            # No network: nothing can reach it, and it can reach nothing.
-            "HostConfig": {
-                "NetworkMode": "none",
-                "Mounts": [{"Type": "volume", "Source": self.name, "Target": pgdata}],
-            },
-        }
-        if self.like is not None:
-            live_env = (self.like.get("Config") or {}).get("Env") or []
-            env += [e for e in live_env if e.startswith("POSTGRES_INITDB_ARGS=")]
-            if (self.like.get("Config") or {}).get("Cmd"):
-                config["Cmd"] = self.like["Config"]["Cmd"]  # e.g. shared_preload_libraries for vector extensions
-            if shm := (self.like.get("HostConfig") or {}).get("ShmSize"):
-                config["HostConfig"]["ShmSize"] = shm
-
-        async def create() -> None:
-            await self.docker.volumes.create(  # type: ignore[no-untyped-call]
-                {"Name": self.name, "Labels": labels}
-            )
-            container = await self.docker.containers.create(config, name=self.name)
-            await container.start()
-
-        # Shielded: a Ctrl-C during a create request must not leave a container that
-        # dockerd makes after we gave up on it; the removal below waits for it.
-        task = asyncio.ensure_future(create())
-        try:
-            await asyncio.shield(task)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, REMOVE_TIMEOUT)
-            await self.remove()
-            if isinstance(exc, aiodocker.DockerError):
-                raise StackError(f"cannot start a throwaway container from {self.image}: {exc.message}") from None
-            raise
-        log.info("throwaway database container %s started from %s", self.name, self.image)
-        return self
-
-    async def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            info = (await self.docker.containers.get(self.name))._container
-            if not (info.get("State") or {}).get("Running"):
-                logs = await self.docker.containers.container(self.name).log(stdout=True, stderr=True, tail=5)
-                tail = " | ".join(line.strip() for line in logs if line.strip())[-400:]
-                raise DumpError(f"the throwaway PostgreSQL container from {self.image} exited: {tail or 'no output'}")
-            code, _ = await run_in_container(
-                self.docker, self.name, ["pg_isready", "-h", "127.0.0.1", "-U", self.user, "-d", self.dbname]
-            )
-            if code == 0:
-                return
-            await asyncio.sleep(0.25)
-        raise DumpError(
-            f"the throwaway PostgreSQL container from {self.image} was not ready after {READY_TIMEOUT:.0f} s"
-        )
-
-    async def remove(self) -> None:
-        await remove_drill_objects(self.docker, self.name)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.remove()
-
-
-async def remove_drill_objects(docker: aiodocker.Docker, name: str) -> None:
-    """Remove a drill's container and volume; bounded, and shielded from a cancellation
-    (a Ctrl-C must not leave them behind)."""
-
-    async def remove() -> None:
-        with contextlib.suppress(aiodocker.DockerError):
-            await docker.containers.container(name).delete(force=True, v=True)
-        with contextlib.suppress(aiodocker.DockerError):
-            await (await docker.volumes.get(name)).delete()  # type: ignore[no-untyped-call]
-
-    task = asyncio.ensure_future(asyncio.wait_for(remove(), REMOVE_TIMEOUT))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await task  # a second cancellation: still wait for the removal
-        raise
-    except TimeoutError:
-        log.warning("could not remove the drill container %s within %.0f s: remove it with docker rm -f", name, 60)
-
-
-async def remove_leftovers(docker: aiodocker.Docker) -> None:
-    """Containers and volumes of drills on this host whose process is gone (SIGKILL)."""
-    host = socket.gethostname()
-    names: set[str] = set()
-    try:
-        for c in await docker.containers.list(all=True, filters=json.dumps({"label": [LABEL]})):
-            owner = (c._container.get("Labels") or {}).get(LABEL, "")
-            names.update(n.lstrip("/") for n in c._container.get("Names") or [] if _dead(owner, host))
-        for v in (
-            await docker.volumes.list(  # type: ignore[no-untyped-call]
-                filters={"label": [LABEL]}
-            )
-        ).get("Volumes") or []:
-            if _dead((v.get("Labels") or {}).get(LABEL, ""), host):
-                names.add(v["Name"])
-    except aiodocker.DockerError as exc:
-        raise StackError(f"cannot list containers: {exc.message}") from None
-    for name in sorted(names):
-        log.info("removing %s, left by a drill that was killed", name)
-        await remove_drill_objects(docker, name)
-
-
-def _dead(owner: str, host: str) -> bool:
-    h, _, pid = owner.rpartition(" ")
-    if h != host or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _count_query(tables: list[str]) -> str:
     """Rows of each table (ONLY: a parent's count must not include its partitions), -1 for
     a table that does not exist, in one query that cannot fail on a missing table."""
@@ -250,7 +89,7 @@ def _count_query(tables: list[str]) -> str:
 
 
 async def count_rows(
-    docker: aiodocker.Docker, container: str, user: str, dbname: str, tables: list[str]
+    docker: Docker, container: str, user: str, dbname: str, tables: list[str]
 ) -> dict[str, int | None]:
     good = [t for t in tables if TABLE_NAME.match(t)]
     out: dict[str, int | None] = {t: None for t in tables}
@@ -261,7 +100,7 @@ async def count_rows(
     return out
 
 
-async def earthdistance_check(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> str:
+async def earthdistance_check(docker: Docker, container: str, user: str, dbname: str) -> str:
     """Immich's place search: ll_to_earth and earth_box, as the search_path correction makes them work."""
     rows = await psql_query(
         docker, container, user, dbname, "SELECT round(earth_distance(ll_to_earth(0, 0), ll_to_earth(0, 1)))"
@@ -339,13 +178,6 @@ async def check_files(
         phase.close()
 
 
-async def _live_db(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
-    try:
-        return (await docker.containers.get(name))._container
-    except aiodocker.DockerError:
-        return None
-
-
 async def run_drill(
     settings: Settings,
     reporter: Reporter,
@@ -356,13 +188,8 @@ async def run_drill(
     wait: bool = True,
 ) -> DrillReport:
     started = time.monotonic()
-    async with connect() as docker, contextlib.AsyncExitStack() as exits:
-        try:
-            await docker.version()
-        except StackError:
-            raise  # a deadline: says so itself
-        except Exception as exc:
-            raise StackError(f"cannot reach Docker ({type(exc).__name__}): is dockerd running?") from None
+    async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
+        await reachable(docker)
         await remove_leftovers(docker)
         store: Store | None = None
         repo: Repo | None = None
@@ -378,7 +205,7 @@ async def run_drill(
             sql = file_sql(from_file)
             report = DrillReport(f"file {from_file}")
         exits.push_async_callback(sql.aclose)
-        live = await _live_db(docker, settings.db_container)
+        live = await inspect_container(docker, settings.db_container)
         if image is None:
             if live is None:
                 raise ConfigError(
@@ -412,7 +239,7 @@ async def run_drill(
                 report.server_version = rows[0][0] if rows else None
                 await compare(docker, box.name, scanner)
 
-        async def compare(docker: aiodocker.Docker, box: str, scanner: DumpScanner) -> None:
+        async def compare(docker: Docker, box: str, scanner: DumpScanner) -> None:
             recorded = snap.summary.database.tables if snap is not None else None
             dumped = scanner.tables
             expected = recorded if recorded is not None else dumped

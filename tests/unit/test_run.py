@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from immich_stream.backup.run import OrderedManifest, Sources, backup_root, run_phases
+from immich_stream.backup.roots import OrderedManifest, Sources, backup_root
+from immich_stream.backup.run import run_phases
 from immich_stream.backup.upload import FileUploader
 from immich_stream.config import Settings
 from immich_stream.progress import Reporter

@@ -1,0 +1,189 @@
+"""The files stages of one pass (restic's archiver, in asyncio), each its own unit:
+
+    FilesPass.walk (walk + classify)  --files to read-->  UploadWorkers (upload.py)
+         |                                                      |
+         +--every line, in walk order--> OrderedManifest <------+ (a line waits for its upload)
+                                               |
+                                         ManifestWriter (repository)
+
+Memory is bounded by the queues (entries) and the ByteBudget (buffers), whatever the
+library size. run.py drives one FilesPass per pass (live, stopped) over the roots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from immich_stream.backup.changes import ParentInfo, Source, decide, followed, walk_filter
+from immich_stream.backup.upload import FileUploader, UploadWorkers
+from immich_stream.backup.walk import WalkProblem, walk
+from immich_stream.progress import Phase
+from immich_stream.repository.repo import ManifestLine, ObjectIndex
+from immich_stream.repository.summary import RunStats
+
+log = logging.getLogger(__name__)
+
+ORDER_WINDOW = 4096  # manifest lines waiting for their upload, at most
+MAX_REUPLOAD_WARNINGS = 20
+
+
+class LineSink(Protocol):
+    async def add(self, line: ManifestLine) -> None: ...
+
+
+class OrderedManifest:
+    """Manifest lines in walk order: each waits (in a bounded window) until its upload has
+    finished; a line whose file could not be read is dropped. Lines of files read in this
+    pass also go to the journal (what an interrupted run leaves for the next one)."""
+
+    def __init__(self, sink: LineSink | None, journal: LineSink | None = None, window: int = ORDER_WINDOW) -> None:
+        self.sink = sink
+        self.journal = journal
+        self._queue: asyncio.Queue[tuple[ManifestLine, asyncio.Future[bool] | None] | None] = asyncio.Queue(window)
+
+    async def put(self, line: ManifestLine, upload: asyncio.Future[bool] | None = None) -> None:
+        await self._queue.put((line, upload))
+
+    async def close(self) -> None:
+        await self._queue.put(None)
+
+    async def run(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            line, upload = item
+            if upload is not None and not await upload:
+                continue
+            if self.sink is not None:
+                await self.sink.add(line)
+            if upload is not None and self.journal is not None:
+                await self.journal.add(line)
+
+
+@dataclass
+class Sources:
+    """Where one pass may take objects from instead of reading files: the parent snapshot,
+    this run's live pass and interrupted runs (each read alongside the walk), the parent's
+    vanished files (moves), and the bucket's listing."""
+
+    primary: Source | None
+    others: list[Source]
+    parent: ParentInfo | None
+    objects: ObjectIndex
+    resumed: set[str] = field(default_factory=set)  # ids of the interrupted runs among others
+    key_dir: str = ""  # where this pass's uploads go under <root>/ (STOPPED_DIR after a live pass)
+
+    def moved(self, root: str, line: ManifestLine) -> ManifestLine | None:
+        return self.parent.moved_from(root, line) if self.parent is not None else None
+
+
+@dataclass
+class FilesPass:
+    """One pass over the roots (the live pass, or the pass whose lines make the snapshot):
+    what the walk of every root in it shares. `exclude`: the library's folders left out
+    (--exclude), their markers kept."""
+
+    snap_id: str
+    uploader: FileUploader
+    sources: Sources
+    stats: RunStats
+    jobs: int
+    exclude: Collection[str] = ()
+
+    async def root(self, root: str, root_path: Path, ordered: OrderedManifest, phase: Phase) -> None:
+        """One root through the stages: walk and classify, upload, write lines in order."""
+        workers = UploadWorkers(self.uploader, self.stats, phase, self.jobs)
+
+        async def produce() -> None:
+            await self.walk(root, root_path, workers, ordered, phase)
+            await workers.close()
+            await ordered.close()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(produce())
+            tg.create_task(ordered.run())
+            tg.create_task(workers.run())
+
+    async def walk(
+        self, root: str, root_path: Path, workers: UploadWorkers, ordered: OrderedManifest, phase: Phase
+    ) -> None:
+        """The walker and the change classifier: every entry becomes a manifest line (in walk
+        order); a file whose object cannot simply be reused goes to the upload workers."""
+        snap_id, repo, sources, stats = self.snap_id, self.uploader.repo, self.sources, self.stats
+        root_b = os.fsencode(root_path)
+        own = f"data/{snap_id}/"
+
+        def on_problem(p: WalkProblem) -> None:
+            if p.skipped:
+                stats.skipped += 1  # the walk already warned
+            else:
+                stats.failed += 1
+                stats.problem(f"{root}/{p.relpath.decode(errors='backslashreplace')}: {p.message}")
+
+        async for e in walk(root_b, on_problem, *walk_filter(root, self.exclude), followed(root)):
+            repo.store.touch()  # walking unchanged files is progress too
+            line = ManifestLine.from_entry(root, e)
+            upload: asyncio.Future[bool] | None = None
+            if e.type == "file":
+                stats.count_file(root, e.size)
+                decision = await decide(
+                    line,
+                    sources.primary,
+                    sources.others,
+                    functools.partial(sources.moved, root),
+                    sources.objects.has,
+                    own,
+                    sources.resumed,
+                )
+                if decision.action == "reuse":
+                    assert decision.source is not None
+                    line.key, line.sha256, line.stored = (
+                        decision.source.key,
+                        decision.source.sha256,
+                        decision.source.stored,
+                    )
+                    if line.stored is not None and line.key:  # re-sealed by an interrupted `key reencrypt`?
+                        line.stored = sources.objects.size_of(line.key, line.stored) or line.stored
+                    setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
+                    if decision.kind == "resumed":
+                        # in this run's journal too: a run that resumed another and is itself
+                        # interrupted must not lose what it took over
+                        upload = asyncio.get_running_loop().create_future()
+                        upload.set_result(True)
+                    phase.update(e.size, files=1)  # done without reading: progress toward the total
+                else:
+                    if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
+                        log.warning(
+                            "%s/%s: its object %s is missing from the bucket: uploading it again",
+                            root,
+                            line.path,
+                            decision.gone.key,
+                        )
+                    key = repo.data_key(snap_id, root, line.path, sources.key_dir)
+                    upload = await workers.submit(os.path.join(root_b, e.relpath), e, line, key, decision)
+            elif e.type == "dir":
+                stats.dirs += 1
+            else:
+                stats.symlinks += 1
+            await ordered.put(line, upload)
+
+
+async def backup_root(
+    root: str,
+    root_path: Path,
+    snap_id: str,
+    uploader: FileUploader,
+    sources: Sources,
+    ordered: OrderedManifest,
+    stats: RunStats,
+    phase: Phase,
+    jobs: int,
+    exclude: Collection[str] = (),
+) -> None:
+    """One root in a pass of its own, in one call (the unit tests and bench/files_stage.py)."""
+    await FilesPass(snap_id, uploader, sources, stats, jobs, exclude).root(root, root_path, ordered, phase)

@@ -1,0 +1,388 @@
+"""One entry of a manifest into the restore target, safely: `FileRestorer` writes below the
+target only through descriptors, never through a symlink, each file to a temporary name
+beside its place and renamed into place once its size and sha256 match the manifest.
+Manifest paths are never trusted: nothing is written outside the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from immich_stream.errors import ImmichStreamError, RepoError
+from immich_stream.problems import Problems
+from immich_stream.progress import Phase
+from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, unescape_path
+from immich_stream.s3.budget import ByteBudget
+from immich_stream.s3.store import CHUNK_SHARED, SMALL_OBJECT, Store
+
+MARKER = ".immich-stream-restore"  # in the target while a restore is unfinished
+PARTIAL = ".immich-stream-partial"
+CHUNK = 1 << 20
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    restored: int = 0
+    skipped: int = 0  # already in place
+    dirs: int = 0
+    symlinks: int = 0
+    bytes_downloaded: int = 0
+    failed: int = 0
+    first_failure: str = ""  # why the first file was not restored (said when none was)
+    problems: Problems = field(default_factory=Problems)
+    seconds: float = 0.0
+
+
+class UnsafePath(RepoError):
+    """A manifest path that would write outside the target: stops the whole restore."""
+
+
+def safe_relpath(line: ManifestLine) -> bytes:
+    """The line's path, refused if it could point outside the target."""
+    raw = line.relpath
+    if not raw or b"\x00" in raw or raw.startswith(b"/") or any(part in (b"", b".", b"..") for part in raw.split(b"/")):
+        raise UnsafePath(
+            f"refusing manifest path {line.path!r} in root {line.root}: absolute, '..', empty or NUL "
+            "components; the manifest is damaged or forged"
+        )
+    if line.root not in ROOTS:
+        raise UnsafePath(f"refusing manifest root {line.root!r}: not one of {', '.join(ROOTS)}")
+    return raw
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class InTheWay(ImmichStreamError):
+    """Something in the target where the snapshot has another type that this restore may not
+    replace (a directory with files where it has a file; anything without --overwrite):
+    that path is not restored, the rest is."""
+
+
+# S3 answers about the server or the credentials, never about one object: a download that
+
+
+class FileRestorer:
+    """Writes below the target only through descriptors: each directory is opened from its
+    parent, one name at a time, with O_NOFOLLOW; files are created with O_EXCL beside their
+    name and renamed into place (a rename replaces a symlink, it never follows one). A symlink
+    or file in the place of a directory is never written through: refused, or with
+    --overwrite replaced by the directory."""
+
+    def __init__(
+        self,
+        store: Store,
+        repo: Repo,
+        target: Path,
+        target_fd: int,
+        single_root: bool,
+        overwrite: bool,
+        stats: RestoreStats,
+        phase: Phase,
+        budget: ByteBudget,
+    ) -> None:
+        self.store = store
+        self.repo = repo
+        self.target = os.fsencode(target)
+        self.target_fd = target_fd
+        self.single_root = single_root
+        self.overwrite = overwrite
+        self.stats = stats
+        self.phase = phase
+        self.budget = budget
+        self.as_root = os.geteuid() == 0
+
+    def shown(self, rel: bytes) -> str:
+        return os.fsdecode(os.path.join(self.target, rel))
+
+    def dest(self, line: ManifestLine) -> bytes:
+        """The line's path relative to the target."""
+        rel = safe_relpath(line)
+        if self.single_root:
+            if rel == MARKER.encode():
+                raise UnsafePath(
+                    f"refusing manifest path {line.path!r} in root {line.root}: {MARKER} is the name of "
+                    "restore's own marker; the manifest is damaged or forged"
+                )
+            return rel
+        return line.root.encode() + b"/" + rel
+
+    def open_dir(self, rel: bytes, create: bool) -> int:
+        """The directory rel (b"" is the target), opened one name at a time from the target,
+        never through a symlink. create: missing directories are made, and with --overwrite a
+        file or symlink in the place of one is replaced by it. Blocking."""
+        fd = os.open(".", DIR_FLAGS, dir_fd=self.target_fd)
+        try:
+            done = b""
+            for name in rel.split(b"/") if rel else []:
+                done = os.path.join(done, name)
+                child = self._enter(fd, name, done, create)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _enter(self, parent: int, name: bytes, rel: bytes, create: bool) -> int:
+        for _ in range(3):  # another worker may make the same directory at the same time
+            try:
+                return os.open(name, DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=parent)
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                continue  # it became one meanwhile
+            link = stat.S_ISLNK(st.st_mode)
+            if link and create and not self.overwrite:
+                raise UnsafePath(
+                    f"refusing to write under {self.shown(rel)}: it is a symlink, and a restore never writes "
+                    "through one (it leads out of the restore target or back into it); the manifest is damaged "
+                    "or forged, or add --overwrite to replace it with the directory"
+                )
+            if not create or not self.overwrite:
+                what = "a symlink" if link else "a file"
+                raise InTheWay(
+                    f"{self.shown(rel)} is {what} where the snapshot has a directory: add --overwrite to replace it"
+                )
+            os.unlink(name, dir_fd=parent)  # the file or symlink goes; nothing is followed
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+        raise InTheWay(f"{self.shown(rel)} changed type while it was restored: run the same command again")
+
+    def make_dir(self, rel: bytes) -> None:
+        os.close(self.open_dir(rel, create=True))
+
+    def make_room(self, parent: int, name: bytes) -> None:
+        """A file or symlink arrives at name by a rename, which replaces a file or a symlink
+        there (never following it) but not a directory: an empty one goes with --overwrite."""
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        if not self.overwrite:
+            raise InTheWay("a directory is in its place: add --overwrite to replace it")
+        try:
+            os.rmdir(name, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise InTheWay(
+                "a directory that is not empty is in its place: move it away, then run the same command again"
+            ) from None
+
+    def _meta_fd(self, fd: int, line: ManifestLine) -> None:
+        # Through the open descriptor: never through a symlink put in the file's place.
+        if self.as_root:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, line.uid, line.gid)
+        os.fchmod(fd, line.mode)  # after chown, which clears setuid bits
+        os.utime(fd, ns=(line.mtime_ns, line.mtime_ns))
+
+    def set_meta(self, rel: bytes, line: ManifestLine) -> None:
+        """Owner, mode and mtime of a directory in place; a symlink there is refused, not followed."""
+        fd = self.open_dir(rel, create=False)
+        try:
+            self._meta_fd(fd, line)
+        finally:
+            os.close(fd)
+
+    def in_place(self, parent: int, name: bytes, line: ManifestLine) -> bool:
+        """True when name already holds exactly this file (a regular file of that size and
+        sha256); its owner, mode and mtime are then set. Blocking: run it in a thread."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink: replaced by the file, never read through
+                return False
+            raise
+        st = os.fstat(fd)
+        # A hard link shares its owner, mode and mtime with a file elsewhere (a `cp -al` copy,
+        # or planted): never set through it; the file is replaced by one of its own instead.
+        if not stat.S_ISREG(st.st_mode) or st.st_size != line.size or st.st_nlink != 1:  # a directory: see make_room
+            os.close(fd)
+            return False
+        with open(fd, "rb") as fh:
+            h = hashlib.sha256()
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+            if h.hexdigest() != line.sha256:
+                return False
+            self._meta_fd(fd, line)
+            return True
+
+    @staticmethod
+    def partial_name(name: bytes) -> bytes:
+        """A temporary name beside name. It carries a digest of the whole name (two long names
+        sharing a prefix do not collide) and is the same on every run, so a resumed restore
+        finds what a killed one left."""
+        tag = hashlib.sha256(name).hexdigest()[:16].encode()
+        return b"." + name[:150] + b"." + tag + PARTIAL.encode()
+
+    @classmethod
+    def create_partial(cls, parent: int, name: bytes) -> tuple[int, bytes]:
+        """The temporary file for name, created exclusively and never through a symlink.
+        Whatever holds its name (a leftover, or a manifest entry named like it) is unlinked
+        first: never opened, never followed."""
+        partial = cls.partial_name(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=parent)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(partial, flags, 0o600, dir_fd=parent), partial
+
+    def open_target(self, rel: bytes, line: ManifestLine) -> tuple[int, int, bytes] | None:
+        """Everything before a download, in one trip to a worker thread: the directory (its
+        descriptor is returned), the check for the file already in place (None), room made,
+        the partial file with its final size allocated (a fragmented or half-full disk shows
+        now, not at the end)."""
+        head, name = os.path.split(rel)
+        parent = self.open_dir(head, create=True)
+        try:
+            if self.in_place(parent, name, line):
+                os.close(parent)
+                return None
+            if line.key is None or line.sha256 is None:
+                raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
+            self.make_room(parent, name)
+            fd, partial = self.create_partial(parent, name)
+            if line.size > 0:
+                try:
+                    os.posix_fallocate(fd, 0, line.size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        os.close(fd)
+                        os.unlink(partial, dir_fd=parent)
+                        raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(parent)
+            raise
+        return parent, fd, partial
+
+    @staticmethod
+    def write_hashed(fd: int, data: memoryview, h: Any) -> None:
+        """Hash and write a piece of a download (in the thread that received it: see
+        Store.download; hashlib and os.write give the GIL up while they work)."""
+        h.update(data)
+        while data:
+            data = data[os.write(fd, data) :]
+
+    def finish_file(
+        self, parent: int, fd: int, partial: bytes, name: bytes, line: ManifestLine, h: Any, size: int
+    ) -> None:
+        """The size and sha256 checked against the manifest, owner, mode and mtime set, the
+        file renamed into place, in one trip to a worker thread. Owns (closes) fd and parent
+        whatever happens, and removes the partial file unless it was renamed."""
+        assert line.sha256 is not None
+        try:
+            try:
+                if size != line.size or h.hexdigest() != line.sha256:
+                    raise RepoError(
+                        f"object {line.key} does not match its manifest line ({size} bytes, sha256 "
+                        f"{h.hexdigest()[:12]}..., expected {line.size} and {line.sha256[:12]}...): "
+                        "run `verify --read-data`"
+                    )
+                self._meta_fd(fd, line)
+            finally:
+                os.close(fd)
+            # a symlink at name is replaced, not followed
+            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial, dir_fd=parent)
+            raise
+        finally:
+            os.close(parent)
+
+    async def file(self, line: ManifestLine) -> bool:
+        """Restore one file; True when it was downloaded, False when found in place."""
+        rel = self.dest(line)
+        opened = await asyncio.to_thread(self.open_target, rel, line)
+        if opened is None:
+            self.stats.skipped += 1
+            self.phase.update(line.size, files=1)
+            return False
+        assert line.key is not None and line.sha256 is not None
+        parent, fd, partial = opened
+        h = hashlib.sha256()
+        size = 0
+
+        def sink(data: memoryview) -> None:
+            nonlocal size
+            self.write_hashed(fd, data, h)
+            size += len(data)
+
+        # the download's receive buffer (the data goes from it to the file)
+        held = min(max(line.size, 1), CHUNK_SHARED)
+        owned = True  # fd and parent: until finish_file takes them
+        try:
+            await self.budget.acquire(held)
+            try:
+                await self.store.download(
+                    self.repo.object_key(line.key), sink, line.size, small=line.size <= SMALL_OBJECT
+                )
+            finally:
+                await asyncio.shield(self.budget.release(held))
+                self.stats.bytes_downloaded += size
+                self.phase.update(size)
+            owned = False  # a cancellation while the thread runs must not close them under it
+            await asyncio.to_thread(self.finish_file, parent, fd, partial, os.path.basename(rel), line, h, size)
+        except BaseException:
+            if owned:
+                os.close(fd)  # Store.download returned: nothing writes to it any more
+                with contextlib.suppress(OSError):
+                    os.unlink(partial, dir_fd=parent)
+                os.close(parent)
+            raise
+        self.stats.restored += 1
+        self.phase.update(0, files=1)
+        return True
+
+    async def symlink(self, line: ManifestLine) -> None:
+        head, name = os.path.split(self.dest(line))
+        raw_target = unescape_path(line.target or "")
+
+        def make() -> None:
+            parent = self.open_dir(head, create=True)
+            try:
+                self.make_room(parent, name)
+                # made beside its name, then renamed over whatever is there: never followed
+                tmp = self.partial_name(name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                os.symlink(raw_target, tmp, dir_fd=parent)
+                try:
+                    if self.as_root:
+                        with contextlib.suppress(OSError):
+                            os.chown(tmp, line.uid, line.gid, dir_fd=parent, follow_symlinks=False)
+                    os.utime(tmp, ns=(line.mtime_ns, line.mtime_ns), dir_fd=parent, follow_symlinks=False)
+                    os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=parent)
+                    raise
+            finally:
+                os.close(parent)
+
+        await asyncio.to_thread(make)
+        self.stats.symlinks += 1
