@@ -16,7 +16,9 @@ import pytest
 
 from immich_stream import config
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MultipartUpload, Store
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import MultipartUpload
 from tests.conftest import KEY, SECRET, S3Server
 from tests.faultproxy import FaultProxy, is_part_upload, is_put
 from tests.helpers import Bucket
@@ -73,7 +75,7 @@ async def test_corrupted_put_is_rejected_and_sent_again(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     data = os.urandom(300_000)
-    async with Store(settings_for(proxy.endpoint, bucket, checksum, tmp_path)) as store:
+    async with Store(StoreOptions.from_settings(settings_for(proxy.endpoint, bucket, checksum, tmp_path))) as store:
         await store.put("lib/photo.jpg", data)
 
     assert rule.hits == 1  # one body arrived with a byte flipped...
@@ -99,7 +101,10 @@ async def test_corrupted_part_is_rejected_and_sent_again(
     parts = [os.urandom(5 * MIB), os.urandom(1 * MIB)]
     budget = ByteBudget(64 * MIB)
     settings = settings_for(proxy.endpoint, bucket, checksum, tmp_path)
-    async with Store(settings) as store, MultipartUpload(store, "lib/video.mp4", budget) as mp:
+    async with (
+        Store(StoreOptions.from_settings(settings)) as store,
+        MultipartUpload(store, "lib/video.mp4", budget) as mp,
+    ):
         for part in parts:
             await budget.acquire(len(part))
             await mp.add(part)

@@ -17,7 +17,9 @@ import pytest
 from immich_stream.repository import age
 from immich_stream.restore.files import PARTIAL
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import Store, StreamWriter
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import StreamWriter
 from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, bucket_of, running_containers
 from tests.faultproxy import FaultProxy, is_part_upload
 from tests.helpers import Bucket, make_library, run_cli, tree
@@ -283,7 +285,7 @@ async def test_encrypted_streams_on_a_server_that_enforces_part_sizes_and_checks
     lengths = [3 * part, 2 * part + 1, part - 1, 0]  # exact multiples end with the held chunk alone
     settings = settings_for(proxy.endpoint, bucket, checksum, tmp_path)
     data = {n: os.urandom(n) for n in lengths}
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         store.sealing = age.Sealing((ident[0].recipient,), tuple(ident), ("lib/",))
         for n, body in data.items():
             async with StreamWriter(store, f"lib/stream-{n}", ByteBudget(4 * part), part) as out:

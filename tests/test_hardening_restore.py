@@ -50,12 +50,13 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
     from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
     from immich_stream.repository.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
     from immich_stream.s3.budget import ByteBudget
+    from immich_stream.s3.options import StoreOptions
     from immich_stream.s3.store import Store
 
     settings = config.load(environ=env)
 
     async def main() -> str:
-        async with Store(settings) as store:
+        async with Store(StoreOptions.from_settings(settings)) as store:
             repo = Repo(store, settings.prefix)
             await repo.ensure_config()
             sid = new_snapshot_id(dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours_ago))

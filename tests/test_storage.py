@@ -18,13 +18,16 @@ import json
 import os
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from immich_stream import config
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MultipartUpload, Store
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import MultipartUpload
 from tests.conftest import KEY, SECRET, ImmichStack, S3Server, base_env, moto_env
 from tests.faultproxy import FaultProxy
 from tests.helpers import Bucket, file_digest, make_library, run_cli, tree
@@ -196,15 +199,19 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     GET, HEAD): SeaweedFS stores the object encrypted and serves it only with the key."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    if path == "botocore":
-        monkeypatch.setenv("IMMICH_STREAM_BOTOCORE_ONLY", "1")
+    botocore_only = path == "botocore"  # IMMICH_STREAM_BOTOCORE_ONLY: every request through aiobotocore
     key_file = tmp_path / "sse.key"
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o600)
     bucket = seaweed_s3.new_bucket()
     small, parts = os.urandom(300_000), [os.urandom(5 * MIB), os.urandom(MIB)]
     budget = ByteBudget(64 * MIB)
-    async with Store(store_settings(seaweed_s3.endpoint, bucket, tmp_path, key_file)) as store:
+    async with Store(
+        replace(
+            StoreOptions.from_settings(store_settings(seaweed_s3.endpoint, bucket, tmp_path, key_file)),
+            botocore_only=botocore_only,
+        )
+    ) as store:
         await store.put("p/small.jpg", small)
         async with MultipartUpload(store, "p/video.mp4", budget) as mp:
             for part in parts:
@@ -221,7 +228,12 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     raw = Bucket(seaweed_s3.endpoint, bucket, KEY, SECRET, "p")
     with pytest.raises(Exception, match=r"InvalidArgument|customer"):
         raw.get("small.jpg")
-    async with Store(store_settings(seaweed_s3.endpoint, bucket, tmp_path, None)) as store:
+    async with Store(
+        replace(
+            StoreOptions.from_settings(store_settings(seaweed_s3.endpoint, bucket, tmp_path, None)),
+            botocore_only=botocore_only,
+        )
+    ) as store:
         with pytest.raises(Exception, match="--sse-c-key-file") as caught:
             await store.get("p/small.jpg")
         assert "\n" not in str(caught.value)
@@ -267,7 +279,7 @@ async def test_which_requests_carry_the_class_and_the_sse_c_headers(
     settings = store_settings(proxy.endpoint, moto_s3.new_bucket(), tmp_path, key_file)
     settings.storage_class, settings.storage_class_postgres = "GLACIER_IR", "ONEZONE_IA"
     budget = ByteBudget(64 * MIB)
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, "r")
         data = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", "a.jpg"))
         pg = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "postgres", "base/1"))
@@ -325,7 +337,7 @@ async def test_thaw_requests_once_then_waits_or_stops(
     settings = store_settings(proxy.endpoint, moto_s3.new_bucket(), tmp_path, None)
     settings.storage_class, settings.thaw_poll, settings.thaw_days = "GLACIER", 0.2, 3
     bodies = {f"p{i}.jpg": os.urandom(1000 + i) for i in range(3)}
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, "r")
         keys = {repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", n)): b for n, b in bodies.items()}
         for key, body in keys.items():
@@ -378,7 +390,7 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
     from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, SnapshotSummary
 
     budget = ByteBudget(64 * MIB)
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, settings.prefix)
         await repo.ensure_config()
         sid = new_snapshot_id()

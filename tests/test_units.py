@@ -46,7 +46,9 @@ from immich_stream.repository.repo import (
 )
 from immich_stream.repository.summary import DatabaseInfo, FileCounts, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MAX_PARTS, MIB, Store, part_size_for, stream_part_size
+from immich_stream.s3.checksums import MAX_PARTS, MIB, part_size_for, stream_part_size
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
 from tests.conftest import KEY, SECRET, S3Server
 
 SHA = "a" * 64
@@ -539,7 +541,7 @@ async def test_upload_stage_puts_every_file_in_walk_order_and_reports_unreadable
         (root / rel).write_bytes(data)
     stats = RunStats()
     sink = ListSink()
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "")
         uploader = FileUploader(store, repo, ByteBudget(s3_settings.max_memory), s3_settings, stats)
         phase = Reporter().phase("library files")
@@ -562,7 +564,7 @@ async def test_upload_workers_reuse_matching_bytes_and_leave_out_what_cannot_be_
     (tmp_path / "z.jpg").write_bytes(b"replaced by a FIFO after the walk")
     sha = hashlib.sha256(b"the same bytes").hexdigest()
     stats = RunStats()
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "")
         uploader = FileUploader(store, repo, ByteBudget(MIB), s3_settings, stats)
         workers = UploadWorkers(uploader, stats, Reporter().phase("x"), jobs=2)
@@ -597,7 +599,7 @@ async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_ord
     monkeypatch.setenv("IMMICH_STREAM_TEST_SHORT_DURATIONS", "1")
     monkeypatch.setenv("IMMICH_STREAM_JOURNAL_INTERVAL", "1s")
     run = "2026-01-01T000000Z-bbbb"
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "p")
         journal = JournalWriter(repo, run, "live")
         lines = [line(f"d/{i:04d}.jpg") for i in range(300)]
@@ -623,7 +625,7 @@ async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_ord
 
 async def test_a_damaged_or_foreign_journal_is_skipped_not_fatal(s3_settings: Settings) -> None:
     run = "2026-01-01T000000Z-cccc"
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "p")
         journal = JournalWriter(repo, run, "live")
         await journal.add(line("a.jpg"))

@@ -52,8 +52,8 @@ from immich_stream.repository.repo import (
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import StreamWriter
 from immich_stream.s3.watchdog import with_watchdog
+from immich_stream.s3.writers import StreamWriter
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,9 @@ from immich_stream.repository.age import Sealing
 from immich_stream.repository.repo import ManifestLine, Repo
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import (
-    SMALL_FACTOR,
-    SMALL_OBJECT,
-    MultipartUpload,
-    Store,
-    check_value,
-    part_size_for,
-    sealed_hashes,
-)
+from immich_stream.s3.checksums import SMALL_FACTOR, SMALL_OBJECT, check_value, part_size_for, sealed_hashes
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import MultipartUpload
 
 log = logging.getLogger(__name__)
 

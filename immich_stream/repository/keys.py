@@ -38,8 +38,9 @@ from immich_stream.repository.auth import RepoAuth
 from immich_stream.repository.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MultipartUpload, Store
+from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
+from immich_stream.s3.writers import MultipartUpload
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from immich_stream.backup.walk import Entry, sort_key
-from immich_stream.config import env_duration, storage_class_for
+from immich_stream.config import env_duration
 from immich_stream.errors import ConfigError, RepoError, StoreError
 from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
 from immich_stream.repository.auth import (
@@ -47,7 +47,8 @@ from immich_stream.repository.auth import (
 )
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import Store, StreamWriter
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import StreamWriter
 
 if TYPE_CHECKING:
     from immich_stream.repository.locks import RepoLock
@@ -452,7 +453,7 @@ class Repo:
         dump, config.json, locks) stays STANDARD so listing, verify and restore never wait."""
         parts = self.relative_key(key).split("/", 3) if key.startswith(self._k("")) else []
         if len(parts) == 4 and parts[0] == "data" and parts[2] in ROOTS:
-            return storage_class_for(self.store.settings, parts[2])
+            return self.store.options.storage_class_of(parts[2])
         return None
 
     def _k(self, rest: str) -> str:
@@ -725,7 +726,7 @@ class Repo:
         manifest, tmp = self.manifest_key(sid), self.snapshot_prefix(sid) + MANIFEST_REWRITE
         if await self.store.head(manifest) is not None:
             budget = ByteBudget(64 << 20)
-            part = self.store.settings.part_size
+            part = self.store.options.part_size
             for src, dst in ((manifest, tmp), (tmp, manifest)):
                 async with ManifestWriter(self.store, dst, budget, part, self.manifest_mac(sid)) as out:
                     async for line in self.read_lines_at(src):

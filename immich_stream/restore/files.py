@@ -57,7 +57,9 @@ from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, Snapshot, g
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import archived_digests, thaw
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
+from immich_stream.s3.checksums import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT
+from immich_stream.s3.classify import TRANSIENT_CODES
+from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -230,7 +232,7 @@ class InTheWay(ImmichStreamError):
 # S3 answers about the server or the credentials, never about one object: a download that
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
 # which a per-object policy gives.
-SERVER_CODES = _TRANSIENT_CODES | {
+SERVER_CODES = TRANSIENT_CODES | {
     "ExpiredToken",
     "InvalidToken",
     "TokenRefreshRequired",

@@ -44,7 +44,7 @@ def _what_hung(store: Store, idle: float) -> str:
     oldest = store.oldest_request()
     if oldest is not None:
         what, waited = oldest
-        hung = f"S3 at {store.settings.endpoint_url or 'AWS'} did not answer ({what}, waiting {waited:.0f} s)"
+        hung = f"S3 at {store.options.endpoint_url or 'AWS'} did not answer ({what}, waiting {waited:.0f} s)"
     else:
         hung = "no S3 request, file or dump output moved (a hung disk, network filesystem or Docker?)"
     return (
