@@ -72,7 +72,7 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
         async with Store(StoreOptions.from_settings(settings)) as store:
             repo = Repo(store, settings.prefix)
             await repo.ensure_config(ks)  # a new encrypted repository
-            await store.put(repo.object_key("data/review/before.jpg"), b"old photo")
+            await repo.store.put(repo.object_key("data/review/before.jpg"), b"old photo")
             rotation = RepoLock(repo, "key rotate", exclusive=True, wait=5)
             await rotation.__aenter__()  # what `key rotate` holds while it works
         backup = asyncio.create_task(_backup_put(settings, data_key))

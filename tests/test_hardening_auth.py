@@ -46,7 +46,7 @@ def _new_repository(env: dict[str, str], objects: dict[str, bytes]) -> None:
             await repo.ensure_config(keys)
             await repo.check_config(keys, writing=True, upgrade=True)  # as a backup's, under its lock
             for key, data in objects.items():
-                await store.put(repo.object_key(key), data)
+                await repo.store.put(repo.object_key(key), data)
 
     asyncio.run(main())
 

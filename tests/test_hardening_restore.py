@@ -66,7 +66,7 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                 if e.kind == "file":
                     assert e.body is not None
                     key = repo.data_key(sid, "library", path)
-                    await store.put(repo.object_key(key), e.body)
+                    await repo.store.put(repo.object_key(key), e.body)
                     sha = hashlib.sha256(e.body).hexdigest()
                     line = ManifestLine("library", path, "file", len(e.body), 10**18, e.mode, 0, 0, 1, sha, key)
                     total += len(e.body)
@@ -78,7 +78,7 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                     setattr(line, name, value)
                 lines.append(line)
             async with ManifestWriter(
-                store, repo.manifest_key(sid), ByteBudget(64 << 20), settings.part_size
+                repo.store, repo.manifest_key(sid), ByteBudget(64 << 20), settings.part_size
             ) as writer:
                 for line in lines:
                     await writer.add(line)

@@ -285,10 +285,10 @@ async def test_which_requests_carry_the_class_and_the_sse_c_headers(
         pg = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "postgres", "base/1"))
         big = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", "v.mp4"))
         meta = repo.summary_key("2030-01-01T000000Z-abcd")
-        await store.put(data, b"photo")
-        await store.put(pg, b"page")
-        await store.put(meta, b"{}")
-        async with MultipartUpload(store, big, budget) as mp:
+        await repo.store.put(data, b"photo")
+        await repo.store.put(pg, b"page")
+        await repo.store.put(meta, b"{}")
+        async with repo.store.multipart(big, budget) as mp:
             for part in (os.urandom(5 * MIB), b"end"):
                 await budget.acquire(len(part))
                 await mp.add(part)
@@ -341,8 +341,8 @@ async def test_thaw_requests_once_then_waits_or_stops(
         repo = Repo(store, "r")
         keys = {repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", n)): b for n, b in bodies.items()}
         for key, body in keys.items():
-            await store.put(key, body)
-        await store.put(repo.summary_key("2030-01-01T000000Z-abcd"), b"{}")
+            await repo.store.put(key, body)
+        await repo.store.put(repo.summary_key("2030-01-01T000000Z-abcd"), b"{}")
         assert len(await archived_digests(repo)) == 3  # from the listing: the summary is not archived
         with pytest.raises(Exception, match=r"archived .* not thawed"):
             await store.get(next(iter(keys)))  # S3 refuses a GET before the thaw
@@ -366,7 +366,7 @@ async def test_thaw_requests_once_then_waits_or_stops(
         # never asked before, and waited for: requested, polled until done (moto: two polls)
         fresh = {repo.object_key(repo.data_key("2030-01-02T000000Z-abcd", "postgres", f"f{i}")): b"x" for i in range(2)}
         for key, body in fresh.items():
-            await store.put(key, body)
+            await repo.store.put(key, body)
         report = await thaw(store, fresh, settings, Reporter(), wait=True)
         assert (report.archived, report.thawed, report.requested) == (2, 2, 2)
         assert "0 of 2 archived objects thawed (2 thaws requested now, tier Standard, kept 3 days)" in caplog.text
@@ -397,10 +397,10 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
         lines = []
         for path, body in sorted(files.items()):
             key = repo.data_key(sid, "library", path)
-            await store.put(repo.object_key(key), body)
+            await repo.store.put(repo.object_key(key), body)
             sha = hashlib.sha256(body).hexdigest()
             lines.append(ManifestLine("library", path, "file", len(body), 10**18, 0o644, 0, 0, 1, sha, key))
-        async with ManifestWriter(store, repo.manifest_key(sid), budget, settings.part_size) as mw:
+        async with ManifestWriter(repo.store, repo.manifest_key(sid), budget, settings.part_size) as mw:
             for line in lines:
                 await mw.add(line)
             await mw.finish()

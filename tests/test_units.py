@@ -543,7 +543,7 @@ async def test_upload_stage_puts_every_file_in_walk_order_and_reports_unreadable
     sink = ListSink()
     async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "")
-        uploader = FileUploader(store, repo, ByteBudget(s3_settings.max_memory), s3_settings, stats)
+        uploader = FileUploader(repo.store, repo, ByteBudget(s3_settings.max_memory), s3_settings, stats)
         phase = Reporter().phase("library files")
         sources = Sources(None, [], None, ObjectIndex())
         await backup_root("library", root, "run1", uploader, sources, OrderedManifest(sink), stats, phase, jobs=3)
@@ -566,7 +566,7 @@ async def test_upload_workers_reuse_matching_bytes_and_leave_out_what_cannot_be_
     stats = RunStats()
     async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "")
-        uploader = FileUploader(store, repo, ByteBudget(MIB), s3_settings, stats)
+        uploader = FileUploader(repo.store, repo, ByteBudget(MIB), s3_settings, stats)
         workers = UploadWorkers(uploader, stats, Reporter().phase("x"), jobs=2)
         entries = [e async for e in walk(os.fsencode(tmp_path), lambda p: None)]
         new = ManifestLine.from_entry("library", entries[0])

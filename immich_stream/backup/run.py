@@ -53,7 +53,6 @@ from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.watchdog import with_watchdog
-from immich_stream.s3.writers import StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +483,7 @@ class BackupRun:
 
         self.mark("dump_started")
         try:
-            async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
+            async with store.stream(self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(self.docker, s.db_container, s.db_user, s.db_name, out.write, received)
                 await out.finish()
             result.parts, result.stored = out.parts, out.stored

@@ -271,7 +271,7 @@ class Doctor:
                 locks = await list_locks(repo)
                 held = "; ".join(lk.describe() for lk in locks) or "no locks"
                 newest = f", newest {ids[-1]}" if ids else ""
-                sealed = ", encrypted (age)" if store.sealing is not None else ""
+                sealed = ", encrypted (age)" if repo.store.sealing is not None else ""
                 return OK, f"format ok{sealed}, {len(ids)} snapshots{newest}; {held}"
 
             await self.probe("repository", repository)

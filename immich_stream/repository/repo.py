@@ -45,10 +45,10 @@ from immich_stream.repository.auth import (
     is_auth_line,
     trust_bucket,
 )
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import Store
-from immich_stream.s3.writers import StreamWriter
 
 if TYPE_CHECKING:
     from immich_stream.repository.locks import RepoLock
@@ -263,9 +263,9 @@ class ManifestWriter:
     authenticated repository each flushed block is followed by its MAC line (auth.py)."""
 
     def __init__(
-        self, store: Store, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
+        self, store: SealedStore, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
     ) -> None:
-        self._out = StreamWriter(store, key, budget, part_size)
+        self._out = store.stream(key, budget, part_size)
         self._mac = mac
         self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
         self._pending: list[bytes] = []
@@ -436,16 +436,16 @@ class ObjectIndex:
 
 
 class Repo:
-    def __init__(self, store: Store, prefix: str) -> None:
-        self.store = store
+    def __init__(self, store: Store | SealedStore, prefix: str) -> None:
+        # the bucket as the repository sees it: sealed where encrypted (_encryption sets how),
+        # file data with its storage class
+        self.store = store if isinstance(store, SealedStore) else SealedStore(store, self.storage_class_for)
         self.prefix = prefix.strip("/")
         self.lock: RepoLock | None = None  # set by session.open_repo while it holds one
         # the repository authentication key (auth.py), once check_config accepted it; with
         # auth_required every snapshot.json and manifest must carry a valid MAC
         self.auth: RepoAuth | None = None
         self.auth_required = False
-        if isinstance(store, Store):  # (unit tests build keys without one)
-            store.storage_class_for = self.storage_class_for
 
     def storage_class_for(self, key: str) -> str | None:
         """The configured storage class of an object to be written: file data

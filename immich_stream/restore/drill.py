@@ -37,10 +37,10 @@ from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database
 from immich_stream.host.stack import connect
 from immich_stream.progress import Reporter
 from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
 from immich_stream.restore.files import file_sql, prepare_dump, psql_stream, snapshot_sql
-from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ async def earthdistance_check(docker: aiodocker.Docker, container: str, user: st
 
 
 async def check_files(
-    store: Store,
+    store: SealedStore,
     repo: Repo,
     snap: Snapshot,
     n: int,
@@ -364,7 +364,7 @@ async def run_drill(
         except Exception as exc:
             raise StackError(f"cannot reach Docker ({type(exc).__name__}): is dockerd running?") from None
         await remove_leftovers(docker)
-        store: Store | None = None
+        store: SealedStore | None = None
         repo: Repo | None = None
         snap: Snapshot | None = None
         if from_file is None:

@@ -54,12 +54,12 @@ from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import archived_digests, thaw
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.checksums import CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT
 from immich_stream.s3.classify import TRANSIENT_CODES
-from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class FileRestorer:
 
     def __init__(
         self,
-        store: Store,
+        store: SealedStore,
         repo: Repo,
         target: Path,
         target_fd: int,
@@ -807,7 +807,7 @@ async def _thaw_needed(
     await thaw(repo.store, needed.values(), settings, reporter, wait)
 
 
-async def snapshot_sql(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
+async def snapshot_sql(store: SealedStore, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
     """The snapshot's dump as SQL; raises at its end unless the gzip ended properly and the
     SQL matched snapshot.json's size and sha256 (so a COMMIT after it is never sent)."""
     key = repo.dump_key(snap.id)
@@ -939,7 +939,7 @@ async def psql_stream(
         yield b"\nCOMMIT;\n"  # a newline first: the dump's last line may lack one
 
 
-async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
+async def dump_chunks(store: SealedStore, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
     """The snapshot's dump as one transaction for psql (see psql_stream)."""
     scanner = DumpScanner(snap.summary.database.name)
     async for chunk in psql_stream(await read_head(snapshot_sql(store, repo, snap), scanner), scanner, ""):
@@ -985,7 +985,7 @@ async def _restore_database_locked(
     settings: Settings, reporter: Reporter, which: str, started: float, from_file: str | None = None
 ) -> tuple[Snapshot | None, DatabaseRestored]:
     async with connect() as docker, contextlib.AsyncExitStack() as exits:
-        store: Store | None = None
+        store: SealedStore | None = None
         snap: Snapshot | None = None
         if from_file is None:
             repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "restore")))

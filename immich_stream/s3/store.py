@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from immich_stream.errors import StoreError
-from immich_stream.repository.age import DecryptError, Sealing
 from immich_stream.s3.checksums import (
     CHECK_ALGORITHMS,
     CHECK_HEADERS,
@@ -42,7 +41,6 @@ from immich_stream.s3.checksums import (
     SMALL_OBJECT,
     check_value,
     md5_b64,
-    sealed_hashes,
 )
 from immich_stream.s3.classify import REDIRECT_CODES, is_transient, short, store_error
 from immich_stream.s3.direct import Direct
@@ -87,16 +85,11 @@ class Store:
         self._cm: Any = None
         self._direct: Direct | None = None
         self.checksum = options.checksum
-        # set by Repo for an encrypted repository: which keys are age files (see age.py)
-        self.sealing: Sealing | None = None
         self.last_activity = time.monotonic()  # the stall watchdog reads this: see touch()
         self.last_answer = time.monotonic()  # any answer or downloaded byte: see hung()
         self._sending: set[Pace] = set()  # bodies of backup data on their way (check_moving)
         self._reading = 0  # downloads with a body open
         self._retry = Retry(options.retries, options.jobs, self._error, self._answered)
-        # The storage class of an object about to be written, by its key (repo.Repo sets
-        # it: only repo.py knows which keys are file data). None: no header (STANDARD).
-        self.storage_class_for: Callable[[str], str | None] = lambda key: None
         # SSE-C: the key rides on every request for an object's bytes (PUT, parts, GET,
         # HEAD); never logged, never in an error message.
         self._sse_c_headers: dict[str, str] = {}
@@ -239,17 +232,6 @@ class Store:
             self._direct = None
             return await slow()
 
-    def sealing_for(self, key: str) -> Sealing | None:
-        """How the object at key is encrypted, or None when it is stored as it is."""
-        s = self.sealing
-        return s if s is not None and s.applies(key) else None
-
-    def stored_size(self, key: str, size: int) -> int | None:
-        """The bytes in the bucket of an object of `size` plain bytes written now; None when
-        the object is stored as it is (its size is the plain size)."""
-        s = self.sealing_for(key)
-        return s.size(size) if s is not None else None
-
     async def hashes(self, data: bytes, check: str | None, sha256: str | None) -> tuple[str, str]:
         """(checksum header value, sha256 hex) of data, computing what the caller did not
         give; in a worker thread unless data is small (a part of the dump is megabytes)."""
@@ -270,30 +252,18 @@ class Store:
         check: str | None = None,
         sha256: str | None = None,
         progress: bool = False,
-        sealed: bool = False,
+        storage_class: str | None = None,
     ) -> None:
         """One PUT with the --checksum header; its value (base64) and the sha256 (hex) of data
-        may be given when already known. `progress`: the bytes are backup data, and their
-        acknowledgement is progress. In an encrypted repository data is sealed first (check
-        and sha256 then describe the plaintext and are not used), unless `sealed` says the
-        caller did (check and sha256 are then the ciphertext's)."""
-        sealing = None if sealed else self.sealing_for(key)
-        if sealing is not None:
-            plain = data
-
-            def seal_and_hash() -> tuple[bytes, str, str]:
-                out = sealing.seal(plain)
-                return out, *sealed_hashes(self.checksum, out)
-
-            data, value, wire_sha = seal_and_hash() if len(plain) <= 65536 else await asyncio.to_thread(seal_and_hash)
-            del plain
-        else:
-            value, wire_sha = await self.hashes(data, check, sha256)
+        may be given when already known (UNSIGNED-PAYLOAD as the sha256: not signed, see
+        checksums.sealed_hashes). `progress`: the bytes are backup data, and their
+        acknowledgement is progress. `storage_class`: None or STANDARD send no header."""
+        value, wire_sha = await self.hashes(data, check, sha256)
         headers = {CHECK_HEADERS[self.checksum]: value}
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, CHECK_PARAMS[self.checksum]: value}
         if content_type:
             kw["ContentType"] = headers["Content-Type"] = content_type
-        extra_headers, extra_kw = self._write_options(key)
+        extra_headers, extra_kw = self._write_options(storage_class)
         headers.update(extra_headers)
         kw.update(extra_kw)
         pace = self._pace() if progress else None  # locks and probes are neither held back nor progress
@@ -314,12 +284,11 @@ class Store:
         if progress:
             self.touch()
 
-    def _write_options(self, key: str) -> tuple[dict[str, str], dict[str, Any]]:
-        """(headers, botocore parameters) a PutObject or CreateMultipartUpload of key carries:
-        its storage class (file data only), server-side encryption."""
+    def _write_options(self, storage_class: str | None) -> tuple[dict[str, str], dict[str, Any]]:
+        """(headers, botocore parameters) a PutObject or CreateMultipartUpload carries: its
+        storage class (the caller's: file data only), server-side encryption."""
         headers: dict[str, str] = {}
         kw: dict[str, Any] = {}
-        storage_class = self.storage_class_for(key)
         if storage_class and storage_class != "STANDARD":
             headers["x-amz-storage-class"] = kw["StorageClass"] = storage_class
         if self.options.sse:
@@ -359,35 +328,10 @@ class Store:
         """The object's bytes into sink, in order, each exactly once, called in a worker
         thread (see direct.Fetcher); a broken connection resumes where it stopped (Range). sink
         must not keep the view it is given. When this returns or raises, sink is done being
-        called. Errors sink raises are raised as they are. `size_hint`: the expected size
-        (of the plaintext). An encrypted object is decrypted on the way: sink gets only
-        authenticated plaintext, and a damaged object raises DecryptError."""
-        sealing = self.sealing_for(key)
-        if sealing is None:
-            await self._download(key, sink, size_hint, small)
-            return
-        dec = sealing.decryptor()
-
-        def opened(view: memoryview) -> None:
-            plain = dec.feed_view(view)  # one write (and hash update) per piece received
-            if plain:
-                sink(plain)
-            plain.release()
-
-        def last() -> None:
-            for piece in dec.finish():
-                sink(memoryview(piece))
-
-        try:
-            await self._download(key, opened, sealing.size(size_hint), small)
-            await asyncio.to_thread(last)
-        except DecryptError as exc:
-            raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
-
-    async def _download(self, key: str, sink: Callable[[memoryview], None], size_hint: int, small: bool) -> None:
+        called. Errors sink raises are raised as they are. `size_hint`: the expected size."""
         d = self._direct
         if d is None or d.fetcher is None:
-            async for chunk in self.iter_raw(key, CHUNK_SHARED, small=small):
+            async for chunk in self.iter_object(key, CHUNK_SHARED, small=small):
                 await asyncio.to_thread(sink, memoryview(chunk))
             return
         fetcher = d.fetcher
@@ -441,7 +385,7 @@ class Store:
             ):
                 log.debug("S3 answered %s: requests go through botocore from now on", short(cause))
                 self._direct = None
-                await self._download(key, sink, size_hint, small)
+                await self.download(key, sink, size_hint, small)
                 return
             raise
 
@@ -450,26 +394,8 @@ class Store:
         return b"".join(chunks)
 
     async def iter_object(self, key: str, chunk_size: int = MIB, small: bool = False) -> AsyncIterator[bytes]:
-        """An object's bytes in chunks; a broken connection resumes where it stopped (Range).
-        `small`: the object is at most SMALL_OBJECT bytes (see retry.py). An encrypted object's
-        plaintext, authenticated chunk by chunk (DecryptError when it is damaged)."""
-        sealing = self.sealing_for(key)
-        if sealing is None:
-            async for chunk in self.iter_raw(key, chunk_size, small):
-                yield chunk
-            return
-        dec = sealing.decryptor()
-        try:
-            async for chunk in self.iter_raw(key, chunk_size, small):
-                for piece in dec.feed(chunk) if len(chunk) <= 65536 else await asyncio.to_thread(dec.feed, chunk):
-                    yield piece
-            for piece in dec.finish():
-                yield piece
-        except DecryptError as exc:
-            raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
-
-    async def iter_raw(self, key: str, chunk_size: int, small: bool = False) -> AsyncIterator[bytes]:
-        """The object's bytes as stored (encrypted or not)."""
+        """An object's bytes in chunks, as stored; a broken connection resumes where it
+        stopped (Range). `small`: the object is at most SMALL_OBJECT bytes (see retry.py)."""
         offset = 0
         attempt = 0
         limit = self.download_limit
@@ -589,11 +515,11 @@ class Store:
 
     # -- multipart ----------------------------------------------------------------------------
 
-    async def create_multipart(self, key: str) -> str:
+    async def create_multipart(self, key: str, storage_class: str | None = None) -> str:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if self.checksum in CHECK_ALGORITHMS:  # AWS wants the parts' algorithm declared up front
             kw["ChecksumAlgorithm"] = CHECK_ALGORITHMS[self.checksum]
-        kw.update(self._write_options(key)[1])
+        kw.update(self._write_options(storage_class)[1])
         resp = await self._retry.call(f"start upload of {key}", lambda: self._client.create_multipart_upload(**kw))
         self._check_sse(key, resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}), silent_ok=True)
         return str(resp["UploadId"])

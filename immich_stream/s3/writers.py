@@ -1,11 +1,18 @@
 """The upload writers: `MultipartUpload` (one multipart upload, parts sent concurrently,
 aborted on any error) and `StreamWriter` (a stream of unknown length, pg_dump or a
-manifest, in parts that grow, within the memory budget)."""
+manifest, in parts that grow, within the memory budget).
+
+Encryption is not theirs: the repository hands a writer a `PartSealer` (its age encryptor)
+that turns each part into the bytes to send, and the storage class of the object; the writer
+only moves what the sealer returns.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Protocol
 
 from immich_stream import cleanup
 from immich_stream.errors import StoreError
@@ -14,6 +21,16 @@ from immich_stream.s3.checksums import MAX_PARTS, MIB, sealed_hashes, stream_par
 from immich_stream.s3.store import Store
 
 log = logging.getLogger(__name__)
+
+
+class PartSealer(Protocol):
+    """Turns an object's bytes, part by part in order, into the bytes stored (age's
+    Encryptor): push() returns what to send (the last chunk of a part may be held back
+    until the next push, or the final one); `done` once the final part was pushed."""
+
+    done: bool
+
+    def push(self, data: bytes, final: bool = False) -> bytes: ...
 
 
 class MultipartUpload:
@@ -25,7 +42,15 @@ class MultipartUpload:
     so no error path leaves parts behind in the bucket.
     """
 
-    def __init__(self, store: Store, key: str, budget: ByteBudget, max_inflight: int = 4) -> None:
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        budget: ByteBudget,
+        max_inflight: int = 4,
+        sealer: PartSealer | None = None,
+        storage_class: str | None = None,
+    ) -> None:
         self.store = store
         self.key = key
         self.budget = budget
@@ -37,17 +62,17 @@ class MultipartUpload:
         self._failure: BaseException | None = None
         self._completed = False
         self.size = 0  # bytes sent (after encryption, in an encrypted repository)
-        sealing = store.sealing_for(key)
-        self._enc = sealing.encryptor() if sealing is not None else None
+        self._enc = sealer  # each part is sealed before it is sent (None: sent as it is)
+        self._storage_class = storage_class
 
     async def __aenter__(self) -> MultipartUpload:
-        self.upload_id = await self.store.create_multipart(self.key)
+        self.upload_id = await self.store.create_multipart(self.key, self._storage_class)
         return self
 
     async def add(self, data: bytes, check: str | None = None, sha256: str | None = None, final: bool = False) -> None:
         """Queue the next part (its bytes must already be held in the budget by the caller,
-        who hands them over: they are released once the part is sent). In an encrypted
-        repository the part is sealed here, and check/sha256 (the plaintext's) are not
+        who hands them over: they are released once the part is sent). With a sealer
+        the part is sealed here, and check/sha256 (the plaintext's) are not
         used; `final`: nothing follows (else complete() seals the last chunk, held back)."""
         size = len(data)  # what the caller holds in the budget
         try:
@@ -160,8 +185,20 @@ class StreamWriter:
     sent as one PUT. Abort on error via MultipartUpload.
     """
 
-    def __init__(self, store: Store, key: str, budget: ByteBudget, part_size: int, max_inflight: int = 3) -> None:
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        budget: ByteBudget,
+        part_size: int,
+        max_inflight: int = 3,
+        sealer: Callable[[], PartSealer] | None = None,
+        storage_class: str | None = None,
+    ) -> None:
+        """`sealer`: makes the sealer of the object's bytes (each stream is one age file)."""
         self.store = store
+        self._sealer = sealer
+        self._storage_class = storage_class
         self.key = key
         self.budget = budget
         self.part_size = part_size
@@ -196,7 +233,10 @@ class StreamWriter:
 
     async def _send_part(self) -> None:
         if self._mp is None:
-            self._mp = MultipartUpload(self.store, self.key, self.budget, self.max_inflight)
+            sealer = self._sealer() if self._sealer is not None else None
+            self._mp = MultipartUpload(
+                self.store, self.key, self.budget, self.max_inflight, sealer, self._storage_class
+            )
             await self._mp.__aenter__()
         if self._mp.parts >= MAX_PARTS - 1:  # one is kept for the end of the stream
             raise StoreError(
@@ -212,9 +252,23 @@ class StreamWriter:
     async def finish(self) -> None:
         data, self._buf = bytes(self._buf), bytearray()
         if self._mp is None:
-            await self.store.put(self.key, data, progress=True)
+            if self._sealer is None:
+                await self.store.put(self.key, data, progress=True, storage_class=self._storage_class)
+            else:
+                enc, checksum, plain = self._sealer(), self.store.checksum, data
+
+                def seal_and_hash() -> tuple[bytes, str, str]:
+                    out = enc.push(plain, final=True)
+                    return out, *sealed_hashes(checksum, out)
+
+                del data
+                data, check, sha = seal_and_hash() if len(plain) <= 65536 else await asyncio.to_thread(seal_and_hash)
+                del plain
+                await self.store.put(
+                    self.key, data, check=check, sha256=sha, progress=True, storage_class=self._storage_class
+                )
+                self.stored = len(data)
             self.parts = 1
-            self.stored = self.store.stored_size(self.key, len(data))
         else:
             if data or self._mp.parts == 0:
                 self._reserved -= len(data)
