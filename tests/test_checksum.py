@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MultipartUpload, Store
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import MultipartUpload
 from tests.conftest import KEY, SECRET, S3Server
 from tests.faultproxy import FaultProxy, is_part_upload, is_put
 from tests.helpers import Bucket, make_settings
@@ -50,12 +52,14 @@ async def test_corrupted_put_is_rejected_and_sent_again(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     data = os.urandom(300_000)
     async with Store(
-        make_settings(
-            endpoint=proxy.endpoint,
-            bucket=bucket,
-            home=tmp_path,
-            IMMICH_STREAM_CHECKSUM=checksum,
-            IMMICH_STREAM_RETRIES="3",
+        StoreOptions.from_settings(
+            make_settings(
+                endpoint=proxy.endpoint,
+                bucket=bucket,
+                home=tmp_path,
+                IMMICH_STREAM_CHECKSUM=checksum,
+                IMMICH_STREAM_RETRIES="3",
+            )
         )
     ) as store:
         await store.put("lib/photo.jpg", data)
@@ -89,7 +93,10 @@ async def test_corrupted_part_is_rejected_and_sent_again(
         IMMICH_STREAM_CHECKSUM=checksum,
         IMMICH_STREAM_RETRIES="3",
     )
-    async with Store(settings) as store, MultipartUpload(store, "lib/video.mp4", budget) as mp:
+    async with (
+        Store(StoreOptions.from_settings(settings)) as store,
+        MultipartUpload(store, "lib/video.mp4", budget) as mp,
+    ):
         for part in parts:
             await budget.acquire(len(part))
             await mp.add(part)

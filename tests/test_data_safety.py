@@ -252,9 +252,12 @@ def test_lost_answer_to_complete_multipart_is_not_a_failure(
 
 async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server, monkeypatch, tmp_path: Path) -> None:
     """Scaled down: 4 KiB parts, a 16 KiB budget, and parts that would double past it."""
-    from immich_stream.s3 import store as store_mod
+    from immich_stream.s3 import checksums as store_mod
     from immich_stream.s3.budget import ByteBudget
-    from immich_stream.s3.store import Store, StreamWriter, max_stream_size, stream_part_size
+    from immich_stream.s3.checksums import max_stream_size, stream_part_size
+    from immich_stream.s3.options import StoreOptions
+    from immich_stream.s3.store import Store
+    from immich_stream.s3.writers import StreamWriter
     from tests.conftest import KEY, SECRET
 
     monkeypatch.setattr(store_mod, "PARTS_PER_STEP", 8)  # the growth schedule, 125x compressed
@@ -268,7 +271,7 @@ async def test_stream_parts_never_outgrow_the_memory_budget(rclone_s3: S3Server,
     assert [stream_part_size(n, 4096, 8192) for n in (1, 8, 9, 17, 25, 80)] == [4096] * 2 + [8192] * 4
     data = os.urandom(40 * 4096 + 123)
 
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         async with StreamWriter(store, "big/stream", budget, 4096) as out:
             for i in range(0, len(data), 1000):
                 await asyncio.wait_for(out.write(data[i : i + 1000]), 30)  # a deadlock fails here

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from immich_stream.repository import age
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.restore.restorer import PARTIAL
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import Store, StreamWriter
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
 from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, bucket_of, running_containers
 from tests.faultproxy import FaultProxy, is_part_upload
 from tests.helpers import Bucket, make_library, make_settings, run_cli, tree
@@ -289,10 +291,10 @@ async def test_encrypted_streams_on_a_server_that_enforces_part_sizes_and_checks
         IMMICH_STREAM_RETRIES="3",
     )
     data = {n: os.urandom(n) for n in lengths}
-    async with Store(settings) as store:
-        store.sealing = age.Sealing((ident[0].recipient,), tuple(ident), ("lib/",))
+    async with Store(StoreOptions.from_settings(settings)) as store:
+        store = SealedStore(store, sealing=age.Sealing((ident[0].recipient,), tuple(ident), ("lib/",)))
         for n, body in data.items():
-            async with StreamWriter(store, f"lib/stream-{n}", ByteBudget(4 * part), part) as out:
+            async with store.stream(f"lib/stream-{n}", ByteBudget(4 * part), part) as out:
                 for i in range(0, n, 1_000_000):
                     await out.write(body[i : i + 1_000_000])
                 await out.finish()

@@ -17,6 +17,7 @@ from immich_stream.repository.keys import write_identity_file
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store
 from tests.conftest import ImmichStack, bucket_of
 from tests.helpers import make_library, make_settings, run_cli
@@ -65,10 +66,10 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
     async def main() -> None:
         ks = load_keys(settings.age_identity, settings.age_recipients)
         assert ks is not None
-        async with Store(settings) as store:
+        async with Store(StoreOptions.from_settings(settings)) as store:
             repo = Repo(store, settings.prefix)
             await repo.ensure_config(ks)  # a new encrypted repository
-            await store.put(repo.object_key("data/review/before.jpg"), b"old photo")
+            await repo.store.put(repo.object_key("data/review/before.jpg"), b"old photo")
             rotation = RepoLock(repo, "key rotate", exclusive=True, wait=5)
             await rotation.__aenter__()  # what `key rotate` holds while it works
         backup = asyncio.create_task(_backup_put(settings, data_key))
@@ -77,7 +78,7 @@ def test_backup_waiting_for_the_lock_during_key_rotate_writes_for_the_new_key(
         # the rotation: the identity file first, then config.json (as keys.rotate does)
         new = Identity.generate()
         write_identity_file(own, [new, *ks.identities])
-        async with Store(settings) as store:
+        async with Store(StoreOptions.from_settings(settings)) as store:
             repo = Repo(store, settings.prefix)
             cfg = await repo.read_config()
             cfg["encryption"]["recipients"] = [str(new.recipient)]

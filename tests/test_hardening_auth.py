@@ -18,6 +18,7 @@ from immich_stream.errors import EXIT_FORGED
 from immich_stream.repository.age import load_keys
 from immich_stream.repository.repo import Repo, new_snapshot_id
 from immich_stream.repository.summary import ManifestInfo, SnapshotSummary
+from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers
 from tests.helpers import USER_ID, Bucket, Result, make_library, make_settings, run_cli, start_cli, wait_for
@@ -34,12 +35,12 @@ def _new_repository(env: dict[str, str], objects: dict[str, bytes]) -> None:
     async def main() -> None:
         keys = load_keys(settings.age_identity, settings.age_recipients)
         assert keys is not None
-        async with Store(settings) as store:
+        async with Store(StoreOptions.from_settings(settings)) as store:
             repo = Repo(store, settings.prefix)
             await repo.ensure_config(keys)
             await repo.check_config(keys, writing=True, upgrade=True)  # as a backup's, under its lock
             for key, data in objects.items():
-                await store.put(repo.object_key(key), data)
+                await repo.store.put(repo.object_key(key), data)
 
     asyncio.run(main())
 

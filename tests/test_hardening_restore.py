@@ -49,12 +49,13 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
     from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
     from immich_stream.repository.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
     from immich_stream.s3.budget import ByteBudget
+    from immich_stream.s3.options import StoreOptions
     from immich_stream.s3.store import Store
 
     settings = make_settings(env)
 
     async def main() -> str:
-        async with Store(settings) as store:
+        async with Store(StoreOptions.from_settings(settings)) as store:
             repo = Repo(store, settings.prefix)
             await repo.ensure_config()
             sid = new_snapshot_id(dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours_ago))
@@ -64,7 +65,7 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                 if e.kind == "file":
                     assert e.body is not None
                     key = repo.data_key(sid, "library", path)
-                    await store.put(repo.object_key(key), e.body)
+                    await repo.store.put(repo.object_key(key), e.body)
                     sha = hashlib.sha256(e.body).hexdigest()
                     line = ManifestLine("library", path, "file", len(e.body), 10**18, e.mode, 0, 0, 1, sha, key)
                     total += len(e.body)
@@ -76,7 +77,7 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                     setattr(line, name, value)
                 lines.append(line)
             async with ManifestWriter(
-                store, repo.manifest_key(sid), ByteBudget(64 << 20), settings.part_size
+                repo.store, repo.manifest_key(sid), ByteBudget(64 << 20), settings.part_size
             ) as writer:
                 for line in lines:
                     await writer.add(line)

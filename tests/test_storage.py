@@ -18,13 +18,16 @@ import json
 import os
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from immich_stream import config
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MultipartUpload, Store
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
+from immich_stream.s3.writers import MultipartUpload
 from tests.conftest import KEY, SECRET, ImmichStack, S3Server, base_env, moto_env
 from tests.faultproxy import FaultProxy
 from tests.helpers import Bucket, file_digest, make_library, make_settings, run_cli, tree
@@ -183,8 +186,7 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     GET, HEAD): SeaweedFS stores the object encrypted and serves it only with the key."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    if path == "botocore":
-        monkeypatch.setenv("IMMICH_STREAM_BOTOCORE_ONLY", "1")
+    botocore_only = path == "botocore"  # IMMICH_STREAM_BOTOCORE_ONLY: every request through aiobotocore
     key_file = tmp_path / "sse.key"
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o600)
@@ -192,12 +194,17 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     small, parts = os.urandom(300_000), [os.urandom(5 * MIB), os.urandom(MIB)]
     budget = ByteBudget(64 * MIB)
     async with Store(
-        make_settings(
-            endpoint=seaweed_s3.endpoint,
-            bucket=bucket,
-            home=tmp_path,
-            IMMICH_STREAM_RETRIES="2",
-            IMMICH_STREAM_SSE_C_KEY_FILE=str(key_file),
+        replace(
+            StoreOptions.from_settings(
+                make_settings(
+                    endpoint=seaweed_s3.endpoint,
+                    bucket=bucket,
+                    home=tmp_path,
+                    IMMICH_STREAM_RETRIES="2",
+                    IMMICH_STREAM_SSE_C_KEY_FILE=str(key_file),
+                )
+            ),
+            botocore_only=botocore_only,
         )
     ) as store:
         await store.put("p/small.jpg", small)
@@ -217,7 +224,12 @@ async def test_sse_c_round_trip_on_seaweedfs_and_refusal_without_the_key(
     with pytest.raises(Exception, match=r"InvalidArgument|customer"):
         raw.get("small.jpg")
     async with Store(
-        make_settings(endpoint=seaweed_s3.endpoint, bucket=bucket, home=tmp_path, IMMICH_STREAM_RETRIES="2")
+        replace(
+            StoreOptions.from_settings(
+                make_settings(endpoint=seaweed_s3.endpoint, bucket=bucket, home=tmp_path, IMMICH_STREAM_RETRIES="2")
+            ),
+            botocore_only=botocore_only,
+        )
     ) as store:
         with pytest.raises(Exception, match="--sse-c-key-file") as caught:
             await store.get("p/small.jpg")
@@ -270,16 +282,16 @@ async def test_which_requests_carry_the_class_and_the_sse_c_headers(
     )
     settings.storage_class, settings.storage_class_postgres = "GLACIER_IR", "ONEZONE_IA"
     budget = ByteBudget(64 * MIB)
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, "r")
         data = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", "a.jpg"))
         pg = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "postgres", "base/1"))
         big = repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", "v.mp4"))
         meta = repo.summary_key("2030-01-01T000000Z-abcd")
-        await store.put(data, b"photo")
-        await store.put(pg, b"page")
-        await store.put(meta, b"{}")
-        async with MultipartUpload(store, big, budget) as mp:
+        await repo.store.put(data, b"photo")
+        await repo.store.put(pg, b"page")
+        await repo.store.put(meta, b"{}")
+        async with repo.store.multipart(big, budget) as mp:
             for part in (os.urandom(5 * MIB), b"end"):
                 await budget.acquire(len(part))
                 await mp.add(part)
@@ -330,12 +342,12 @@ async def test_thaw_requests_once_then_waits_or_stops(
     )
     settings.storage_class, settings.thaw_poll, settings.thaw_days = "GLACIER", 0.2, 3
     bodies = {f"p{i}.jpg": os.urandom(1000 + i) for i in range(3)}
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, "r")
         keys = {repo.object_key(repo.data_key("2030-01-01T000000Z-abcd", "library", n)): b for n, b in bodies.items()}
         for key, body in keys.items():
-            await store.put(key, body)
-        await store.put(repo.summary_key("2030-01-01T000000Z-abcd"), b"{}")
+            await repo.store.put(key, body)
+        await repo.store.put(repo.summary_key("2030-01-01T000000Z-abcd"), b"{}")
         assert len(await archived_digests(repo)) == 3  # from the listing: the summary is not archived
         with pytest.raises(Exception, match=r"archived .* not thawed"):
             await store.get(next(iter(keys)))  # S3 refuses a GET before the thaw
@@ -359,7 +371,7 @@ async def test_thaw_requests_once_then_waits_or_stops(
         # never asked before, and waited for: requested, polled until done (moto: two polls)
         fresh = {repo.object_key(repo.data_key("2030-01-02T000000Z-abcd", "postgres", f"f{i}")): b"x" for i in range(2)}
         for key, body in fresh.items():
-            await store.put(key, body)
+            await repo.store.put(key, body)
         report = await thaw(store, fresh, settings, Reporter(), wait=True)
         assert (report.archived, report.thawed, report.requested) == (2, 2, 2)
         assert "0 of 2 archived objects thawed (2 thaws requested now, tier Standard, kept 3 days)" in caplog.text
@@ -383,17 +395,17 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
     from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, SnapshotSummary
 
     budget = ByteBudget(64 * MIB)
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, settings.prefix)
         await repo.ensure_config()
         sid = new_snapshot_id()
         lines = []
         for path, body in sorted(files.items()):
             key = repo.data_key(sid, "library", path)
-            await store.put(repo.object_key(key), body)
+            await repo.store.put(repo.object_key(key), body)
             sha = hashlib.sha256(body).hexdigest()
             lines.append(ManifestLine("library", path, "file", len(body), 10**18, 0o644, 0, 0, 1, sha, key))
-        async with ManifestWriter(store, repo.manifest_key(sid), budget, settings.part_size) as mw:
+        async with ManifestWriter(repo.store, repo.manifest_key(sid), budget, settings.part_size) as mw:
             for line in lines:
                 await mw.add(line)
             await mw.finish()

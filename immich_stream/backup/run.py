@@ -43,7 +43,6 @@ from immich_stream.repository.repo import (
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.repository.summary import DatabaseInfo, ImmichInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import StreamWriter
 from immich_stream.s3.watchdog import with_watchdog
 
 log = logging.getLogger(__name__)
@@ -311,7 +310,7 @@ class BackupRun:
 
         self.mark("dump_started")
         try:
-            async with StreamWriter(store, self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
+            async with store.stream(self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(
                     self.stack.docker, s.db_container, s.db_user, s.db_name, out.write, received
                 )

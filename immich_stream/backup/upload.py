@@ -20,17 +20,10 @@ from immich_stream.config import Settings
 from immich_stream.progress import Phase
 from immich_stream.repository.age import Sealing
 from immich_stream.repository.repo import ManifestLine, Repo
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import (
-    SMALL_FACTOR,
-    SMALL_OBJECT,
-    MultipartUpload,
-    Store,
-    check_value,
-    part_size_for,
-    sealed_hashes,
-)
+from immich_stream.s3.checksums import SMALL_FACTOR, SMALL_OBJECT, check_value, part_size_for, sealed_hashes
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +33,7 @@ HASH_CHUNK = 1 << 20  # read size when a file is hashed to decide whether to upl
 class FileUploader:
     """Reads a file once (sha256 and the request's checksum while reading) and uploads it."""
 
-    def __init__(self, store: Store, repo: Repo, budget: ByteBudget, settings: Settings, stats: RunStats) -> None:
+    def __init__(self, store: SealedStore, repo: Repo, budget: ByteBudget, settings: Settings, stats: RunStats) -> None:
         self.store = store
         self.repo = repo
         self.budget = budget
@@ -118,7 +111,7 @@ class FileUploader:
         psize = part_size_for(entry.size, self.part_size)
         sha = hashlib.sha256()
         total = 0
-        async with MultipartUpload(self.store, self.repo.object_key(key), self.budget) as mp:
+        async with self.store.multipart(self.repo.object_key(key), self.budget) as mp:
             # an encrypted part's checksums are of its ciphertext: MultipartUpload computes them
             checksum = None if mp.sealed else self.checksum
             while total < entry.size or mp.parts == 0:

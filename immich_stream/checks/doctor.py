@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
-
 from immich_stream import cleanup
 from immich_stream.backup.changes import MARKER, MARKER_DIRS
 from immich_stream.config import Settings, format_size, min_part_size, storage_class_for
@@ -148,6 +146,7 @@ class Doctor:
     async def s3(self) -> None:
         from immich_stream.repository.locks import list_locks, server_now
         from immich_stream.repository.repo import Repo
+        from immich_stream.s3.options import StoreOptions
         from immich_stream.s3.store import Store
 
         s = self.settings
@@ -155,7 +154,7 @@ class Doctor:
             self.add("S3", SKIP, "no bucket set")
             return
         base = f"{s.prefix}/doctor/{secrets.token_hex(4)}"
-        async with Store(s, retries=2) as store, self._probes_removed(store, base):
+        async with Store(StoreOptions.from_settings(s, retries=2)) as store, self._probes_removed(store, base):
             repo = Repo(store, s.prefix)
 
             async def reach() -> tuple[str, str]:
@@ -241,7 +240,7 @@ class Doctor:
                 bad = f"{base}/bad-md5"
                 try:
                     # the --checksum header of other bytes (Content-MD5 by default)
-                    wrong, _ = await store._hashes(data + b"x", None, None)
+                    wrong, _ = await store.hashes(data + b"x", None, None)
                     await store.put(bad, data, check=wrong)
                 except StoreError:
                     return OK, "a wrong Content-MD5 is refused: bytes corrupted on the way are caught"
@@ -256,11 +255,8 @@ class Doctor:
             async def checksum_sha256() -> tuple[str, str]:
                 bad = f"{base}/bad-sha256"
                 wrong = base64.b64encode(hashlib.sha256(data + b"x").digest()).decode()
-                client: Any = store._client  # a request the tool itself never sends: a wrong checksum
-                try:
-                    await client.put_object(Bucket=store.bucket, Key=bad, Body=data, ChecksumSHA256=wrong)
-                except ClientError as exc:
-                    code = exc.response.get("Error", {}).get("Code", "?")
+                code = await store.probe_checksum_sha256(bad, data, wrong)  # a request the tool never sends
+                if code is not None:
                     return OK, f"a wrong x-amz-checksum-sha256 is refused ({code})"
                 await store.delete([bad])
                 return WARN, "a wrong x-amz-checksum-sha256 was accepted (stored as given): rely on Content-MD5"
@@ -275,7 +271,7 @@ class Doctor:
                 locks = await list_locks(repo)
                 held = "; ".join(lk.describe() for lk in locks) or "no locks"
                 newest = f", newest {ids[-1]}" if ids else ""
-                sealed = ", encrypted (age)" if store.sealing is not None else ""
+                sealed = ", encrypted (age)" if repo.store.sealing is not None else ""
                 return OK, f"format ok{sealed}, {len(ids)} snapshots{newest}; {held}"
 
             await self.probe("repository", repository)

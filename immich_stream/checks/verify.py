@@ -21,9 +21,10 @@ from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repository.age import DecryptError
 from immich_stream.repository.repo import Repo, Snapshot, gunzip_stream, key_digest
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
-from immich_stream.s3.store import ARCHIVED_CLASSES, Store
+from immich_stream.s3.store import ARCHIVED_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ async def verify(
 
 
 async def _verify_snapshot(
-    store: Store,
+    store: SealedStore,
     repo: Repo,
     snap: Snapshot,
     listing: dict[bytes, int],
@@ -152,7 +153,7 @@ async def _verify_snapshot(
         phase.close()
 
 
-async def _verify_dump(store: Store, repo: Repo, snap: Snapshot, read: bool, report: VerifyReport) -> None:
+async def _verify_dump(store: SealedStore, repo: Repo, snap: Snapshot, read: bool, report: VerifyReport) -> None:
     key = repo.dump_key(snap.id)
     db = snap.summary.database
     size = await store.head(key)

@@ -17,7 +17,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
     settings.check_dirs()
     rows = cfg.describe(settings)
-    from immich_stream.s3.store import describe_credentials
+    from immich_stream.s3.classify import describe_credentials
 
     rows.append(("credentials", *describe_credentials(settings)))
     width = max(len(r[0]) for r in rows)

@@ -36,9 +36,9 @@ from immich_stream.repository.age import (
 )
 from immich_stream.repository.auth import RepoAuth
 from immich_stream.repository.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MultipartUpload, Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ async def _guarded(repo: Repo, settings: Settings, work: Any) -> None:
     await with_watchdog(repo.store, math.inf, work, hung)
 
 
-async def _opens(store: Store, key: str, identity: Identity) -> bool:
+async def _opens(store: SealedStore, key: str, identity: Identity) -> bool:
     """Whether the object is already encrypted for `identity` (its header decides: only
     the first bytes are read)."""
     probe = Decryptor([identity])
@@ -211,7 +211,7 @@ async def _opens(store: Store, key: str, identity: Identity) -> bool:
     raise DecryptError(f"{key}: the age file ends inside its header: truncated")
 
 
-async def _rewrite(store: Store, key: str, size: int, budget: ByteBudget, part_size: int) -> int:
+async def _rewrite(store: SealedStore, key: str, size: int, budget: ByteBudget, part_size: int) -> int:
     """The object decrypted and encrypted again under the same key (the store's sealing is
     the current one), replaced whole by one PUT or a completed multipart upload; returns
     the plaintext bytes. `size`: the object's size in the bucket."""
@@ -221,7 +221,7 @@ async def _rewrite(store: Store, key: str, size: int, budget: ByteBudget, part_s
             await store.put(key, data)
             return len(data)
     total = 0
-    async with MultipartUpload(store, key, budget) as mp:
+    async with store.multipart(key, budget) as mp:
         buf = bytearray()
         async for chunk in store.iter_object(key):
             buf += chunk

@@ -23,8 +23,8 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
 from immich_stream.repository.locks import list_locks, own_time, remove_locks
 from immich_stream.repository.repo import Repo, key_digest, run_of, snapshot_time
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_repo
-from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ async def prune(settings: Settings, policy: Policy, dry_run: bool, stale_after: 
 
 
 async def _prune_locked(
-    store: Store, repo: Repo, policy: Policy, dry_run: bool, stale_after: float, report: PruneReport
+    store: SealedStore, repo: Repo, policy: Policy, dry_run: bool, stale_after: float, report: PruneReport
 ) -> None:
     now = dt.datetime.now(dt.UTC)
     threshold = now - dt.timedelta(seconds=stale_after)
@@ -264,7 +264,7 @@ def _run_is_young(run: str, threshold: dt.datetime, last_modified: Any) -> bool:
     return started >= threshold or newest >= threshold
 
 
-async def _newest_object(store: Store, prefix: str) -> dt.datetime:
+async def _newest_object(store: SealedStore, prefix: str) -> dt.datetime:
     newest = dt.datetime.min.replace(tzinfo=dt.UTC)
     async for obj in store.list_objects(prefix):
         if isinstance(obj.last_modified, dt.datetime) and obj.last_modified > newest:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from immich_stream.backup.walk import Entry, sort_key
-from immich_stream.config import env_duration, storage_class_for
+from immich_stream.config import env_duration
 from immich_stream.errors import ConfigError, RepoError, StoreError
 from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
 from immich_stream.repository.auth import (
@@ -45,9 +45,10 @@ from immich_stream.repository.auth import (
     is_auth_line,
     trust_bucket,
 )
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import Store, StreamWriter
+from immich_stream.s3.store import Store
 
 if TYPE_CHECKING:
     from immich_stream.repository.locks import RepoLock
@@ -262,9 +263,9 @@ class ManifestWriter:
     authenticated repository each flushed block is followed by its MAC line (auth.py)."""
 
     def __init__(
-        self, store: Store, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
+        self, store: SealedStore, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
     ) -> None:
-        self._out = StreamWriter(store, key, budget, part_size)
+        self._out = store.stream(key, budget, part_size)
         self._mac = mac
         self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
         self._pending: list[bytes] = []
@@ -435,16 +436,16 @@ class ObjectIndex:
 
 
 class Repo:
-    def __init__(self, store: Store, prefix: str) -> None:
-        self.store = store
+    def __init__(self, store: Store | SealedStore, prefix: str) -> None:
+        # the bucket as the repository sees it: sealed where encrypted (_encryption sets how),
+        # file data with its storage class
+        self.store = store if isinstance(store, SealedStore) else SealedStore(store, self.storage_class_for)
         self.prefix = prefix.strip("/")
         self.lock: RepoLock | None = None  # set by session.open_repo while it holds one
         # the repository authentication key (auth.py), once check_config accepted it; with
         # auth_required every snapshot.json and manifest must carry a valid MAC
         self.auth: RepoAuth | None = None
         self.auth_required = False
-        if isinstance(store, Store):  # (unit tests build keys without one)
-            store.storage_class_for = self.storage_class_for
 
     def storage_class_for(self, key: str) -> str | None:
         """The configured storage class of an object to be written: file data
@@ -452,7 +453,7 @@ class Repo:
         dump, config.json, locks) stays STANDARD so listing, verify and restore never wait."""
         parts = self.relative_key(key).split("/", 3) if key.startswith(self._k("")) else []
         if len(parts) == 4 and parts[0] == "data" and parts[2] in ROOTS:
-            return storage_class_for(self.store.settings, parts[2])
+            return self.store.options.storage_class_of(parts[2])
         return None
 
     def _k(self, rest: str) -> str:
@@ -725,7 +726,7 @@ class Repo:
         manifest, tmp = self.manifest_key(sid), self.snapshot_prefix(sid) + MANIFEST_REWRITE
         if await self.store.head(manifest) is not None:
             budget = ByteBudget(64 << 20)
-            part = self.store.settings.part_size
+            part = self.store.options.part_size
             for src, dst in ((manifest, tmp), (tmp, manifest)):
                 async with ManifestWriter(self.store, dst, budget, part, self.manifest_mac(sid)) as out:
                     async for line in self.read_lines_at(src):

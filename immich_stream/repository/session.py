@@ -16,6 +16,7 @@ from immich_stream.errors import ForgedError, RepoError
 from immich_stream.repository.age import load_keys
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.repo import Repo
+from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store, why_no_repository
 
 
@@ -45,7 +46,7 @@ async def open_repo(
     must work on whatever is there). With `lock`, repo.lock holds it until the block ends."""
     settings.require("bucket")
     keys = load_keys(settings.age_identity, settings.age_recipients)
-    async with Store(settings) as store:
+    async with Store(StoreOptions.from_settings(settings)) as store:
         repo = Repo(store, settings.prefix)
         if create_for is not None:
             key = repo.preflight_key(create_for)

@@ -21,7 +21,8 @@ from immich_stream.config import Settings
 from immich_stream.errors import ThawPending
 from immich_stream.progress import Reporter
 from immich_stream.repository.repo import Repo, key_digest
-from immich_stream.s3.store import ARCHIVED_CLASSES, Store
+from immich_stream.repository.sealed import SealedStore
+from immich_stream.s3.store import ARCHIVED_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _thawed(restore: str | None) -> bool | None:
 
 
 async def thaw(
-    store: Store,
+    store: SealedStore,
     keys: Iterable[str],
     settings: Settings,
     reporter: Reporter,

@@ -33,10 +33,10 @@ from immich_stream.host.postgres import (
 from immich_stream.host.stack import Docker, Stack, StackGuard, connect, recover
 from immich_stream.progress import Reporter
 from immich_stream.repository.repo import Repo, Snapshot, gunzip_stream
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.restore.restorer import CHUNK
-from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def came_from_text(summary: SnapshotSummary) -> str:
     return ", ".join(parts)
 
 
-async def snapshot_sql(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
+async def snapshot_sql(store: SealedStore, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
     """The snapshot's dump as SQL; raises at its end unless the gzip ended properly and the
     SQL matched snapshot.json's size and sha256 (so a COMMIT after it is never sent)."""
     key = repo.dump_key(snap.id)
@@ -193,7 +193,7 @@ async def psql_stream(
         yield b"\nCOMMIT;\n"  # a newline first: the dump's last line may lack one
 
 
-async def dump_chunks(store: Store, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
+async def dump_chunks(store: SealedStore, repo: Repo, snap: Snapshot) -> AsyncGenerator[bytes, None]:
     """The snapshot's dump as one transaction for psql (see psql_stream)."""
     scanner = DumpScanner(snap.summary.database.name)
     async for chunk in psql_stream(await read_head(snapshot_sql(store, repo, snap), scanner), scanner, ""):
@@ -239,7 +239,7 @@ async def _restore_database_locked(
     settings: Settings, reporter: Reporter, which: str, started: float, from_file: str | None = None
 ) -> tuple[Snapshot | None, DatabaseRestored]:
     async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
-        store: Store | None = None
+        store: SealedStore | None = None
         snap: Snapshot | None = None
         if from_file is None:
             repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "restore")))

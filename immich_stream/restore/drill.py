@@ -30,10 +30,10 @@ from immich_stream.host.stack import Docker, connect
 from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
 from immich_stream.progress import Reporter
 from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
 from immich_stream.restore.database import came_from_text, file_sql, prepare_dump, psql_stream, snapshot_sql
-from immich_stream.s3.store import Store
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ async def earthdistance_check(docker: Docker, container: str, user: str, dbname:
 
 
 async def check_files(
-    store: Store,
+    store: SealedStore,
     repo: Repo,
     snap: Snapshot,
     n: int,
@@ -191,7 +191,7 @@ async def run_drill(
     async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
         await reachable(docker)
         await remove_leftovers(docker)
-        store: Store | None = None
+        store: SealedStore | None = None
         repo: Repo | None = None
         snap: Snapshot | None = None
         if from_file is None:

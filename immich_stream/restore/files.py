@@ -30,7 +30,8 @@ from immich_stream.repository.thaw import archived_digests, thaw
 from immich_stream.restore.copies import LOOKUP_LIMIT, find_copies, name_failures
 from immich_stream.restore.restorer import MARKER, FileRestorer, InTheWay, RestoreStats, UnsafePath
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import _TRANSIENT_CODES, SMALL_FACTOR, SMALL_OBJECT
+from immich_stream.s3.checksums import SMALL_FACTOR, SMALL_OBJECT
+from immich_stream.s3.classify import TRANSIENT_CODES
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ async def _check_something_matches(
 
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
 # which a per-object policy gives.
-SERVER_CODES = _TRANSIENT_CODES | {
+SERVER_CODES = TRANSIENT_CODES | {
     "ExpiredToken",
     "InvalidToken",
     "TokenRefreshRequired",

@@ -20,8 +20,9 @@ from immich_stream.errors import ImmichStreamError, RepoError
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase
 from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, unescape_path
+from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import CHUNK_SHARED, SMALL_OBJECT, Store
+from immich_stream.s3.checksums import CHUNK_SHARED, SMALL_OBJECT
 
 MARKER = ".immich-stream-restore"  # in the target while a restore is unfinished
 PARTIAL = ".immich-stream-partial"
@@ -80,7 +81,7 @@ class FileRestorer:
 
     def __init__(
         self,
-        store: Store,
+        store: SealedStore,
         repo: Repo,
         target: Path,
         target_fd: int,

@@ -6,13 +6,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from immich_stream.errors import ImmichStreamError, StallError
-from immich_stream.s3.store import Store
+from immich_stream.s3.options import StoreOptions
+
+
+class Watched(Protocol):
+    """What the watchdogs read of a Store (or of a wrapper around one, the repository's)."""
+
+    @property
+    def options(self) -> StoreOptions: ...
+    @property
+    def last_activity(self) -> float: ...
+    def touch(self) -> None: ...
+    def check_moving(self) -> None: ...
+    def oldest_request(self) -> tuple[str, float] | None: ...
+    def hung(self, stall: float) -> str | None: ...
 
 
 async def with_watchdog(
-    store: Store, stall: float, work: Awaitable[None], limit: Callable[[], ImmichStreamError | None] | None = None
+    store: Watched, stall: float, work: Awaitable[None], limit: Callable[[], ImmichStreamError | None] | None = None
 ) -> None:
     """Run work; fail it when nothing has moved for `stall` seconds (no byte of backup data
     taken by the connection or acknowledged by S3, however slowly they go, no byte
@@ -40,11 +54,11 @@ async def with_watchdog(
             dog.cancel()
 
 
-def _what_hung(store: Store, idle: float) -> str:
+def _what_hung(store: Watched, idle: float) -> str:
     oldest = store.oldest_request()
     if oldest is not None:
         what, waited = oldest
-        hung = f"S3 at {store.settings.endpoint_url or 'AWS'} did not answer ({what}, waiting {waited:.0f} s)"
+        hung = f"S3 at {store.options.endpoint_url or 'AWS'} did not answer ({what}, waiting {waited:.0f} s)"
     else:
         hung = "no S3 request, file or dump output moved (a hung disk, network filesystem or Docker?)"
     return (
@@ -53,7 +67,7 @@ def _what_hung(store: Store, idle: float) -> str:
     )
 
 
-def s3_hang(store: Store, stall: float, outcome: str) -> Callable[[], StallError | None]:
+def s3_hang(store: Watched, stall: float, outcome: str) -> Callable[[], StallError | None]:
     """A watchdog limit: S3 answered nothing at all (timeouts and retries included) for the
     stall timeout while requests or downloads wait."""
 

@@ -27,6 +27,7 @@ from immich_stream.repository.repo import (
     run_of,
     unescape_path,
 )
+from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store
 from tests.unit.lines import line
 
@@ -103,7 +104,7 @@ async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_ord
     monkeypatch.setenv("IMMICH_STREAM_TEST_SHORT_DURATIONS", "1")
     monkeypatch.setenv("IMMICH_STREAM_JOURNAL_INTERVAL", "1s")
     run = "2026-01-01T000000Z-bbbb"
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "p")
         journal = JournalWriter(repo, run, "live")
         lines = [line(f"d/{i:04d}.jpg") for i in range(300)]
@@ -129,7 +130,7 @@ async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_ord
 
 async def test_a_damaged_or_foreign_journal_is_skipped_not_fatal(s3_settings: Settings) -> None:
     run = "2026-01-01T000000Z-cccc"
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "p")
         journal = JournalWriter(repo, run, "live")
         await journal.add(line("a.jpg"))

@@ -22,7 +22,9 @@ from immich_stream.repository.repo import (
 )
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MIB, Store
+from immich_stream.s3.checksums import MIB
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
 from tests.unit.lines import line
 
 # -- the ordered manifest writer ---------------------------------------------------------------
@@ -165,9 +167,9 @@ async def test_upload_stage_puts_every_file_in_walk_order_and_reports_unreadable
         (root / rel).write_bytes(data)
     stats = RunStats()
     sink = ListSink()
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "")
-        uploader = FileUploader(store, repo, ByteBudget(s3_settings.max_memory), s3_settings, stats)
+        uploader = FileUploader(repo.store, repo, ByteBudget(s3_settings.max_memory), s3_settings, stats)
         phase = Reporter().phase("library files")
         sources = Sources(None, [], None, ObjectIndex())
         await backup_root("library", root, "run1", uploader, sources, OrderedManifest(sink), stats, phase, jobs=3)

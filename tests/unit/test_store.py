@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from immich_stream.s3.store import MAX_PARTS, MIB, part_size_for, stream_part_size
+from immich_stream.s3.checksums import MAX_PARTS, MIB, part_size_for, stream_part_size
 
 
 def test_part_sizes_fit_s3s_part_count() -> None:

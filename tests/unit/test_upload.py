@@ -21,7 +21,9 @@ from immich_stream.repository.repo import (
 )
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
-from immich_stream.s3.store import MIB, Store
+from immich_stream.s3.checksums import MIB
+from immich_stream.s3.options import StoreOptions
+from immich_stream.s3.store import Store
 from tests.unit.lines import exists, line
 
 
@@ -33,9 +35,9 @@ async def test_upload_workers_reuse_matching_bytes_and_leave_out_what_cannot_be_
     (tmp_path / "z.jpg").write_bytes(b"replaced by a FIFO after the walk")
     sha = hashlib.sha256(b"the same bytes").hexdigest()
     stats = RunStats()
-    async with Store(s3_settings) as store:
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
         repo = Repo(store, "")
-        uploader = FileUploader(store, repo, ByteBudget(MIB), s3_settings, stats)
+        uploader = FileUploader(repo.store, repo, ByteBudget(MIB), s3_settings, stats)
         workers = UploadWorkers(uploader, stats, Reporter().phase("x"), jobs=2)
         entries = [e async for e in walk(os.fsencode(tmp_path), lambda p: None)]
         new = ManifestLine.from_entry("library", entries[0])
