@@ -50,12 +50,19 @@ class Pace:
     socket while the body is on its way: the stall watchdog reads how much of what was
     written the server has yet to acknowledge (Store.check_moving), so a part that takes
     minutes on a slow uplink is progress all along, also for its last bytes, which sit in
-    the kernel's send buffer after the last write."""
+    the kernel's send buffer after the last write.
+
+    Only bytes past the furthest point an earlier attempt reached are progress: a retry
+    sends the body again from its start, and a frozen server's kernel still takes a few
+    MiB of every new connection into its buffers, so counting them would keep the watchdog
+    quiet for as long as there are retries (minutes) while Immich is down."""
 
     limit: RateLimit | None
     sent: Callable[[int], None]
     sock: Any = None
-    unacked: int = -1  # bytes in the socket's send queue at the last look (-1: not looked yet)
+    written: int = 0  # bytes of the body the connection took in this attempt
+    reached: int = 0  # the furthest `written` of any attempt: progress is only beyond it
+    acked: int = 0  # the furthest point the server acknowledged, over all attempts
 
 
 SLICE = MIB  # a body of backup data is written in slices this large (progress between them)
@@ -101,7 +108,7 @@ class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
             return
         transport = getattr(writer, "transport", None)
         pace.sock = transport.get_extra_info("socket") if transport is not None else None
-        pace.unacked = -1
+        pace.written = 0  # an attempt sends the body from its start
         view = memoryview(value)
         step = pace.limit.chunk if pace.limit is not None else SLICE
         for start in range(0, len(view), step):
@@ -109,7 +116,10 @@ class _HeadersFirstPayload(aiohttp.payload.BytesPayload):
             if pace.limit is not None:
                 await pace.limit.take(len(piece))
             await writer.write(piece)
-            pace.sent(len(piece))
+            pace.written += len(piece)
+            if pace.written > pace.reached:
+                pace.reached = pace.written
+                pace.sent(len(piece))
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)

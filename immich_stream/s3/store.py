@@ -201,18 +201,20 @@ class Store:
         self.last_answer = self.last_activity = time.monotonic()
 
     def check_moving(self) -> None:
-        """Progress of bodies on their way: a send queue that shrank since the last look
-        means the server acknowledged bytes. Called by the watchdogs before they judge."""
+        """Progress of bodies on their way: the server acknowledged bytes of a body further
+        than any attempt of it had before (what was written less what the send queue still
+        holds). Called by the watchdogs before they judge."""
         moved = False
         for pace in list(self._sending):
             if pace.sock is None:
                 continue
             unacked = unacked_bytes(pace.sock)
-            if unacked is None:
+            if unacked is None or unacked < 0:
                 continue
-            if 0 <= unacked < pace.unacked:
+            acked = pace.written - unacked
+            if acked > pace.acked:
                 moved = True
-            pace.unacked = unacked
+                pace.acked = acked
         if moved:
             self._sent(0)
 
