@@ -34,7 +34,7 @@ def check(args: argparse.Namespace) -> None:
 
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream.repository.session import open_repo
-    from immich_stream.repository.summary import _to_dict
+    from immich_stream.repository.summary import to_dict
 
     async with open_repo(settings) as repo:
         dirs = await repo.snapshot_dirs()
@@ -60,8 +60,8 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
                     "downtime_seconds": s.downtime_seconds,
                     "immich_version": s.immich.version,
                     "postgres_version": s.database.server_version,
-                    "immich": _to_dict(s.immich),
-                    "database": {k: v for k, v in _to_dict(s.database).items() if k != "tables"},
+                    "immich": to_dict(s.immich),
+                    "database": {k: v for k, v in to_dict(s.database).items() if k != "tables"},
                     "tables": s.database.tables,
                     "config_files": sorted(s.config_files),
                     "config_secrets": s.config_secrets,

@@ -161,7 +161,7 @@ class SnapshotSummary:
         return self.files.bytes_uploaded + int(live_bytes or 0)
 
     def to_json(self) -> bytes:
-        return json.dumps(_to_dict(self), indent=2, sort_keys=True).encode() + b"\n"
+        return json.dumps(to_dict(self), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SnapshotSummary:
@@ -172,15 +172,15 @@ class SnapshotSummary:
         return _from_dict(cls, d)
 
 
-def _to_dict(obj: Any) -> Any:
+def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "extra"}
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "extra"}
         out.update(getattr(obj, "extra", {}))
         return out
     if isinstance(obj, dict):
-        return {k: _to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_dict(v) for v in obj]
+        return [to_dict(v) for v in obj]
     return obj
 
 
