@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from immich_stream import cleanup
-from immich_stream.errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, StallError
+from immich_stream.errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, ImmichStreamError, Interrupted, StallError
 
 log = logging.getLogger("immich_stream")
 
@@ -66,22 +66,39 @@ SIGNAL_EXIT = {"SIGHUP": EXIT_SIGHUP, "SIGINT": EXIT_SIGINT, "SIGTERM": EXIT_SIG
 async def _with_s3_hang_watch(fn: Callable[[], Awaitable[Any]], stall: float) -> Any:
     """Every command fails when S3 answers nothing at all (timeouts and retries included)
     for the stall timeout while requests wait: a frozen server must not keep a restore, a
-    prune or a verify alive for hours. (Backup has its own, finer watchdog as well.)"""
+    prune or a verify alive for hours. (Backup has its own, finer watchdog as well.)
+
+    The watch cancels the command (its finally blocks run: the stack is started again);
+    when the command was already failing with an error of its own (backup's watchdog,
+    whose cleanup then waited on the same frozen server), that error is the one reported."""
     from immich_stream.s3.store import OPEN_STORES
+
+    main = asyncio.current_task()
+    assert main is not None
+    hung: list[StallError] = []
 
     async def watch() -> None:
         while True:
             await asyncio.sleep(1.0)
             for store in list(OPEN_STORES):
                 if what := store.hung(stall):
-                    raise StallError(f"{what}: stopped; check S3 and run again")
+                    hung.append(StallError(f"{what}: stopped; check S3 and run again"))
+                    main.cancel()
+                    return
 
-    async with asyncio.TaskGroup() as tg:
-        dog = tg.create_task(watch())
-        try:
-            return await fn()
-        finally:
-            dog.cancel()
+    dog = asyncio.create_task(watch())
+    try:
+        return await fn()
+    except asyncio.CancelledError as exc:
+        if not hung or main.cancelling() > 1:
+            raise  # a signal (as well), not the watch alone
+        main.uncancel()
+        own = exc.__context__
+        if isinstance(own, ImmichStreamError):
+            raise own from None
+        raise hung[0] from None
+    finally:
+        dog.cancel()
 
 
 async def run_with_signals(fn: Callable[[], Awaitable[Any]], stall: float = 600.0) -> Any:
