@@ -25,7 +25,8 @@ from immich_stream import config  # noqa: E402
 from immich_stream.backup.run import OrderedManifest, Sources, backup_root, stream_budget_share  # noqa: E402
 from immich_stream.s3.budget import ByteBudget  # noqa: E402
 from immich_stream.progress import Reporter  # noqa: E402
-from immich_stream.repository.repo import ManifestWriter, ObjectIndex, new_snapshot_id  # noqa: E402
+from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.repo import ObjectIndex, new_snapshot_id  # noqa: E402
 from immich_stream.repository.session import open_repo  # noqa: E402
 from immich_stream.repository.summary import ManifestInfo, RunStats, SnapshotSummary  # noqa: E402
 from immich_stream.backup.upload import FileUploader  # noqa: E402

@@ -163,7 +163,7 @@ def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(
 def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     """Pure rules: inode numbers repeat across filesystems, and a rename changes ctime."""
     from immich_stream.backup.changes import ParentInfo, classify
-    from immich_stream.repository.repo import ManifestLine
+    from immich_stream.repository.manifest import ManifestLine
 
     def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
         return ManifestLine(

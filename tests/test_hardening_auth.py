@@ -17,7 +17,8 @@ import pytest
 from immich_stream import config
 from immich_stream.errors import EXIT_FORGED
 from immich_stream.repository.age import load_keys
-from immich_stream.repository.repo import Repo, new_snapshot_id
+from immich_stream.repository.layout import new_snapshot_id
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.summary import ManifestInfo, SnapshotSummary
 from immich_stream.s3.store import Store
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers

@@ -29,21 +29,17 @@ from immich_stream.host.hoststate import claim_run, local_lock, local_run_gone, 
 from immich_stream.host.postgres import SEARCH_PATH_DUMP, SEARCH_PATH_FIXED, SearchPathFix
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import (
-    JOURNAL_MAX_OBJECT,
+from immich_stream.repository.layout import (
     LONG_KEY_DIR,
     STOPPED_DIR,
-    JournalWriter,
-    ManifestLine,
-    ObjectIndex,
-    Repo,
     escape_path,
-    gunzip_stream,
     is_snapshot_id,
     new_snapshot_id,
     run_of,
     unescape_path,
 )
+from immich_stream.repository.manifest import ManifestLine, gunzip_stream
+from immich_stream.repository.repo import JOURNAL_MAX_OBJECT, JournalWriter, ObjectIndex, Repo
 from immich_stream.repository.summary import DatabaseInfo, FileCounts, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import MAX_PARTS, MIB, Store, part_size_for, stream_part_size
@@ -591,14 +587,10 @@ async def test_upload_workers_reuse_matching_bytes_and_leave_out_what_cannot_be_
     ]
 
 
-async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_order(
-    s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("IMMICH_STREAM_TEST_SHORT_DURATIONS", "1")
-    monkeypatch.setenv("IMMICH_STREAM_JOURNAL_INTERVAL", "1s")
+async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_order(s3_settings: Settings) -> None:
     run = "2026-01-01T000000Z-bbbb"
     async with Store(s3_settings) as store:
-        repo = Repo(store, "p")
+        repo = Repo(store, "p", journal_interval=1.0)  # the test hook (IMMICH_STREAM_JOURNAL_INTERVAL=1s)
         journal = JournalWriter(repo, run, "live")
         lines = [line(f"d/{i:04d}.jpg") for i in range(300)]
         for i, ln in enumerate(lines):

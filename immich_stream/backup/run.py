@@ -39,17 +39,11 @@ from immich_stream.host.hoststate import stack_lock, state_dir
 from immich_stream.host.postgres import DumpResult, dump_database
 from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repository.repo import (
-    STOPPED_DIR,
-    JournalWriter,
-    ManifestLine,
-    ManifestWriter,
-    ObjectIndex,
-    Repo,
-    new_snapshot_id,
-    snapshot_time,
-)
-from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.repository.layout import STOPPED_DIR, new_snapshot_id, snapshot_time
+from immich_stream.repository.locks import RepoLock
+from immich_stream.repository.manifest import ManifestLine, ManifestWriter
+from immich_stream.repository.repo import JournalWriter, ObjectIndex, Repo
+from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import StreamWriter
@@ -138,7 +132,7 @@ async def walk_root(
     order); a file whose object cannot simply be reused goes to the upload workers.
     `exclude`: the library's folders left out (--exclude), their markers kept."""
     root_b = os.fsencode(root_path)
-    own = f"data/{snap_id}/"
+    own = repo.run_data_dir(snap_id)
 
     def on_problem(p: WalkProblem) -> None:
         if p.skipped:
@@ -642,9 +636,9 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
             lock = LockSpec("backup", exclusive=False, wait=settings.lock_wait, run=snap_id)
             result: BackupResult | None = None
             try:
-                async with open_repo(settings, create_for=snap_id, lock=lock) as repo:
+                async with open_locked(settings, lock, create_for=snap_id) as (repo, held):
                     result = await _backup_locked(
-                        settings, reporter, docker, stack, repo, roots, snap_id, started, allow_shrink
+                        settings, reporter, docker, stack, repo, held, roots, snap_id, started, allow_shrink
                     )
             except asyncio.CancelledError:
                 if result is None:
@@ -675,6 +669,7 @@ async def _backup_locked(
     docker: Any,
     stack: Stack,
     repo: Repo,
+    lock: RepoLock,
     roots: dict[str, Path],
     snap_id: str,
     started: float,
@@ -731,11 +726,10 @@ async def _backup_locked(
         earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
     run.dump_estimate = prev.summary.database.size if prev else None
-    lock = repo.lock
 
     def limits() -> ImmichStreamError | None:
         # a lost lock stops the run at once: it could not commit, and the stack may be down
-        return (lock.lost() if lock is not None else None) or run.downtime_limit()
+        return lock.lost() or run.downtime_limit()
 
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
 
@@ -747,8 +741,8 @@ async def _backup_locked(
     seconds = time.monotonic() - started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
     metadata.record(summary, source, run.dump_result)
-    assert repo.lock is not None and run.dump_result is not None
-    await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
+    assert run.dump_result is not None
+    await lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     try:
         await repo.commit(summary)  # the commit point
     except asyncio.CancelledError:

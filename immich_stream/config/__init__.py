@@ -63,6 +63,7 @@ MAX_MEMORY = 8 * 1024 * MIB
 DAY = 86400.0
 # Tests of the stall watchdog and of prune's garbage need durations of seconds.
 SHORT_DURATIONS_ENV = "IMMICH_STREAM_TEST_SHORT_DURATIONS"
+TRUST_BUCKET_ENV = "IMMICH_STREAM_TRUST_BUCKET"  # the user says the bucket is trusted (repository/auth.py)
 RELAXED_FLOOR = 1.0
 
 # The original backup script's variables that no longer mean anything: nothing is staged
@@ -906,6 +907,7 @@ class Tuning:
     botocore_only: bool = False  # IMMICH_STREAM_BOTOCORE_ONLY: no direct path (s3/), for comparison
     min_part_size: int = S3_MIN_PART_SIZE  # IMMICH_STREAM_MIN_PART_SIZE, for servers with smaller parts
     short_durations: bool = False  # IMMICH_STREAM_TEST_SHORT_DURATIONS
+    trust_bucket: bool = False  # IMMICH_STREAM_TRUST_BUCKET=1: an encrypted repository read unauthenticated
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Tuning:
@@ -927,6 +929,7 @@ class Tuning:
             botocore_only=environ.get("IMMICH_STREAM_BOTOCORE_ONLY", "") not in ("", "0"),
             min_part_size=min_part_size(environ),
             short_durations=environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0"),
+            trust_bucket=environ.get(TRUST_BUCKET_ENV, "").strip().lower() in ("1", "true", "yes"),
         )
 
 

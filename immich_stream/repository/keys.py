@@ -35,7 +35,9 @@ from immich_stream.repository.age import (
     load_keys,
 )
 from immich_stream.repository.auth import RepoAuth
-from immich_stream.repository.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
+from immich_stream.repository.layout import MANIFEST, MANIFEST_REWRITE, SUMMARY, run_of
+from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import MultipartUpload, Store

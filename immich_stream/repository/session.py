@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from immich_stream.config import Settings
 from immich_stream.errors import ForgedError, RepoError
@@ -34,6 +35,13 @@ def reader(settings: Settings, command: str) -> LockSpec:
     return LockSpec(command, exclusive=False, wait=settings.lock_wait)
 
 
+class Locked(NamedTuple):
+    """What open_locked yields: `async with open_locked(...) as (repo, lock):`."""
+
+    repo: Repo
+    lock: RepoLock
+
+
 @contextlib.asynccontextmanager
 async def open_repo(
     settings: Settings, *, lock: LockSpec | None = None, create_for: str | None = None, check: bool = True
@@ -42,11 +50,32 @@ async def open_repo(
 
     create_for: a run id; prove the bucket writable (a probe object named by it) and create
     config.json in a new repository (backup). check=False skips the format check (unlock
-    must work on whatever is there). With `lock`, repo.lock holds it until the block ends."""
+    must work on whatever is there). With `lock`, it is held until the block ends (a
+    command that must see it, to commit or judge others' locks, uses open_locked)."""
+    async with _open(settings, lock, create_for, check) as (repo, _):
+        yield repo
+
+
+@contextlib.asynccontextmanager
+async def open_locked(
+    settings: Settings, lock: LockSpec, *, create_for: str | None = None, check: bool = True
+) -> AsyncIterator[Locked]:
+    """open_repo, yielding the held lock beside the repository (`lock.ensure_held()`
+    before a commit; its key and staleness for judging other runs' locks)."""
+    async with _open(settings, lock, create_for, check) as (repo, held):
+        assert held is not None
+        yield Locked(repo, held)
+
+
+@contextlib.asynccontextmanager
+async def _open(
+    settings: Settings, lock: LockSpec | None, create_for: str | None, check: bool
+) -> AsyncIterator[tuple[Repo, RepoLock | None]]:
     settings.require("bucket")
     keys = load_keys(settings.age_identity, settings.age_recipients)
+    tuning = settings.tuning
     async with Store(settings) as store:
-        repo = Repo(store, settings.prefix)
+        repo = Repo(store, settings.prefix, journal_interval=tuning.journal_interval, trust_bucket=tuning.trust_bucket)
         if create_for is not None:
             key = repo.preflight_key(create_for)
             await store.put(key, b"immich-stream preflight\n")
@@ -63,10 +92,11 @@ async def open_repo(
                     raise reason from None
                 raise
         if lock is None:
-            yield repo
+            yield repo, None
             return
-        async with RepoLock(repo, lock.command, exclusive=lock.exclusive, wait=lock.wait, run=lock.run) as held:
-            repo.lock = held
+        async with RepoLock(
+            repo, lock.command, exclusive=lock.exclusive, wait=lock.wait, stale=tuning.lock_stale, run=lock.run
+        ) as held:
             if create_for is not None or check:
                 # Again, now that nobody holds the repository alone: a `key rotate` that held it
                 # while this waited has changed config.json's recipients and the identity file
@@ -78,7 +108,4 @@ async def open_repo(
                     writing=create_for is not None,
                     upgrade=create_for is not None or lock.exclusive,
                 )
-            try:
-                yield repo
-            finally:
-                repo.lock = None
+            yield repo, held

@@ -36,7 +36,8 @@ from immich_stream.host.metadata import came_from as came_from_text
 from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
 from immich_stream.host.stack import connect
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw
 from immich_stream.restore.files import file_sql, prepare_dump, psql_stream, snapshot_sql

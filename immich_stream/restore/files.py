@@ -53,7 +53,9 @@ from immich_stream.host.postgres import (
 from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
+from immich_stream.repository.layout import ROOTS, unescape_path
+from immich_stream.repository.manifest import ManifestLine, gunzip_stream, key_digest
+from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import archived_digests, thaw
 from immich_stream.s3.budget import ByteBudget
