@@ -724,6 +724,7 @@ async def cmd_prune(args: argparse.Namespace, settings: cfg.Settings, reporter: 
 
 
 async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
+    from immich_stream.repository.layout import run_dirs
     from immich_stream.repository.locks import unlock
     from immich_stream.repository.session import open_repo
 
@@ -733,7 +734,7 @@ async def cmd_unlock(args: argparse.Namespace, settings: cfg.Settings, reporter:
         # Without its lock a run cannot commit, and prune no longer spares its uploads.
         endangers = (
             (
-                f": run {lk.run} can no longer commit; its uploads (data/{lk.run}/, snapshots/{lk.run}/) "
+                f": run {lk.run} can no longer commit; its uploads ({', '.join(run_dirs(lk.run))}) "
                 "that no committed snapshot uses become collectable by the next prune"
             )
             if lk.run

@@ -110,6 +110,11 @@ def run_of(rel: str) -> str | None:
     return run
 
 
+def run_dirs(run: str) -> tuple[str, str]:
+    """Relative to the prefix: where a run's uploads live (its data objects, its snapshot directory)."""
+    return f"data/{run}/", f"snapshots/{run}/"
+
+
 class Layout:
     """The keys of the repository under `prefix` (relative to the bucket, unless a method
     says "relative to the prefix", as manifests hold them)."""
@@ -142,7 +147,7 @@ class Layout:
 
     def run_data_dir(self, snap_id: str) -> str:
         """Relative to the prefix: where the objects a run uploaded first live."""
-        return f"data/{snap_id}/"
+        return run_dirs(snap_id)[0]
 
     def object_key(self, relkey: str) -> str:
         return self._k(relkey)
