@@ -3,7 +3,11 @@ require a bucket, open the S3 client, check (or create) the format, take the loc
 
 Who locks how: backups share the repository (each with its run id); restore, verify and
 drill share it as readers (`reader()`), so that prune, which deletes, waits for them or
-refuses naming them; prune and key rewrites hold it alone."""
+refuses naming them; prune and key rewrites hold it alone. The lock is the caller's, not
+the Repo's: open_locked yields it beside the repository to whoever must see it.
+
+The repository's knobs from settings.tuning (lock staleness, journal interval, trusting
+the bucket) are handed to Repo and RepoLock here, once: nothing below reads the environment."""
 
 from __future__ import annotations
 
