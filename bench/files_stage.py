@@ -26,7 +26,9 @@ from immich_stream.backup.roots import OrderedManifest, Sources, backup_root  # 
 from immich_stream.backup.run import stream_budget_share  # noqa: E402
 from immich_stream.s3.budget import ByteBudget  # noqa: E402
 from immich_stream.progress import Reporter  # noqa: E402
-from immich_stream.repository.repo import ManifestWriter, ObjectIndex, new_snapshot_id  # noqa: E402
+from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.repo import ObjectIndex  # noqa: E402
+from immich_stream.repository.layout import new_snapshot_id  # noqa: E402
 from immich_stream.repository.session import open_repo  # noqa: E402
 from immich_stream.repository.summary import ManifestInfo, RunStats, SnapshotSummary  # noqa: E402
 from immich_stream.backup.upload import FileUploader  # noqa: E402

@@ -16,7 +16,8 @@ import pytest
 
 from immich_stream.errors import EXIT_FORGED
 from immich_stream.repository.age import load_keys
-from immich_stream.repository.repo import Repo, new_snapshot_id
+from immich_stream.repository.layout import new_snapshot_id
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.summary import ManifestInfo, SnapshotSummary
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store

@@ -46,7 +46,9 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
     """A committed snapshot of the library entries (path -> Entry, in walk order) written
     through the repository code as a backup writes one; every file gets an object of this
     snapshot's own (as a backup that first saw it writes it)."""
-    from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
+    from immich_stream.repository.layout import new_snapshot_id
+    from immich_stream.repository.manifest import ManifestLine, ManifestWriter
+    from immich_stream.repository.repo import Repo
     from immich_stream.repository.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
     from immich_stream.s3.budget import ByteBudget
     from immich_stream.s3.options import StoreOptions

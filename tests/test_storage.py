@@ -391,7 +391,9 @@ async def synthetic_snapshot(settings: config.Settings, files: dict[str, bytes])
     import datetime as dt
     import gzip
 
-    from immich_stream.repository.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
+    from immich_stream.repository.layout import new_snapshot_id
+    from immich_stream.repository.manifest import ManifestLine, ManifestWriter
+    from immich_stream.repository.repo import Repo
     from immich_stream.repository.summary import DatabaseInfo, ManifestInfo, SnapshotSummary
 
     budget = ByteBudget(64 * MIB)

@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator, Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immich_stream.repository.repo import ManifestLine, Repo, run_of, snapshot_time
+from immich_stream.repository.layout import run_of, snapshot_time
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo
 
 # Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
 # refuses to start when one is missing: their absence means an unmounted or wrong library.

@@ -25,7 +25,8 @@ from immich_stream.backup.changes import ParentInfo, Source, decide, followed, w
 from immich_stream.backup.upload import FileUploader, UploadWorkers
 from immich_stream.backup.walk import WalkProblem, walk
 from immich_stream.progress import Phase
-from immich_stream.repository.repo import ManifestLine, ObjectIndex
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import ObjectIndex
 from immich_stream.repository.summary import RunStats
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class FilesPass:
         order); a file whose object cannot simply be reused goes to the upload workers."""
         snap_id, repo, sources, stats = self.snap_id, self.uploader.repo, self.sources, self.stats
         root_b = os.fsencode(root_path)
-        own = f"data/{snap_id}/"
+        own = repo.run_data_dir(snap_id)
 
         def on_problem(p: WalkProblem) -> None:
             if p.skipped:

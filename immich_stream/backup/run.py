@@ -31,16 +31,11 @@ from immich_stream.host.hoststate import stack_lock, state_dir
 from immich_stream.host.postgres import DumpResult, dump_database
 from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repository.repo import (
-    STOPPED_DIR,
-    JournalWriter,
-    ManifestWriter,
-    ObjectIndex,
-    Repo,
-    new_snapshot_id,
-    snapshot_time,
-)
-from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.repository.layout import STOPPED_DIR, new_snapshot_id, snapshot_time
+from immich_stream.repository.locks import RepoLock
+from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.repo import JournalWriter, ObjectIndex, Repo
+from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.repository.summary import DatabaseInfo, ImmichInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.watchdog import with_watchdog
@@ -487,9 +482,9 @@ async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool 
             lock = LockSpec("backup", exclusive=False, wait=settings.lock_wait, run=snap_id)
             result: BackupResult | None = None
             try:
-                async with open_repo(settings, create_for=snap_id, lock=lock) as repo:
+                async with open_locked(settings, lock, create_for=snap_id) as (repo, held):
                     ctx = RunContext(settings, reporter, stack, repo, roots, snap_id, started, allow_shrink)
-                    result = await _backup_locked(ctx)
+                    result = await _backup_locked(ctx, held)
             except asyncio.CancelledError:
                 if result is None:
                     raise
@@ -513,7 +508,7 @@ async def _committed(repo: Repo, snap_id: str) -> bool:
         return False
 
 
-async def _backup_locked(ctx: RunContext) -> BackupResult:
+async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     settings, stack, repo, snap_id, allow_shrink = ctx.settings, ctx.stack, ctx.repo, ctx.snap_id, ctx.allow_shrink
     docker, roots = stack.docker, ctx.roots
     containers = await stack.preflight()
@@ -561,11 +556,10 @@ async def _backup_locked(ctx: RunContext) -> BackupResult:
         earlier=Earlier(prev.id if prev else None, parent, resumable, objects),
     )
     run.dump_estimate = prev.summary.database.size if prev else None
-    lock = repo.lock
 
     def limits() -> ImmichStreamError | None:
         # a lost lock stops the run at once: it could not commit, and the stack may be down
-        return (lock.lost() if lock is not None else None) or run.downtime_limit()
+        return lock.lost() or run.downtime_limit()
 
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
 
@@ -577,8 +571,8 @@ async def _backup_locked(ctx: RunContext) -> BackupResult:
     seconds = time.monotonic() - ctx.started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
     record_source(summary, source, run.dump_result)
-    assert repo.lock is not None and run.dump_result is not None
-    await repo.lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
+    assert run.dump_result is not None
+    await lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     try:
         await repo.commit(summary)  # the commit point
     except asyncio.CancelledError:

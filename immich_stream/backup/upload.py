@@ -19,7 +19,8 @@ from immich_stream.backup.walk import Entry
 from immich_stream.config import Settings
 from immich_stream.progress import Phase
 from immich_stream.repository.age import Sealing
-from immich_stream.repository.repo import ManifestLine, Repo
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget

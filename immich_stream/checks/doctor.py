@@ -144,6 +144,7 @@ class Doctor:
     # -- S3 ---------------------------------------------------------------------------------
 
     async def s3(self) -> None:
+        from immich_stream.repository.layout import Layout
         from immich_stream.repository.locks import list_locks, server_now
         from immich_stream.repository.repo import Repo
         from immich_stream.s3.options import StoreOptions
@@ -153,12 +154,13 @@ class Doctor:
         if s.bucket is None:
             self.add("S3", SKIP, "no bucket set")
             return
-        base = f"{s.prefix}/doctor/{secrets.token_hex(4)}"
+        probe = secrets.token_hex(4)
+        base = Layout(s.prefix).probe_key(probe, "")  # this doctor's probes: removed after, whatever happens
         async with Store(StoreOptions.from_settings(s, retries=2)) as store, self._probes_removed(store, base):
-            repo = Repo(store, s.prefix)
+            repo = Repo(store, s.prefix, trust_bucket=s.tuning.trust_bucket)
 
             async def reach() -> tuple[str, str]:
-                async for _ in store.list_objects(f"{s.prefix}/"):
+                async for _ in store.list_objects(repo.repository_prefix()):
                     break
                 return OK, f"bucket {s.bucket} on {s.endpoint_url or 'AWS S3'}: listed with these credentials"
 
@@ -178,28 +180,26 @@ class Doctor:
 
             await self.probe("clock skew", clock)
             data = secrets.token_bytes(1024)
-            key = f"{base}/probe"
+            key = repo.probe_key(probe, "probe")
 
             async def roundtrip() -> tuple[str, str]:
                 await store.put(key, data)
                 if await store.get(key) != data:
                     return FAIL, "an object read back differs from what was written"
-                listed = [o.key async for o in store.list_objects(f"{base}/")]
+                listed = [o.key async for o in store.list_objects(base)]
                 await store.delete([key])
                 gone = await store.head(key) is None
                 if key not in listed or not gone:
                     return WARN, "listing lags behind writes and deletes (eventual consistency): prune may misjudge"
-                return OK, f"write, read, list and delete under {s.prefix}/doctor/"
+                return OK, f"write, read, list and delete under {repo.probes_prefix()}"
 
             if not await self.probe("write, read, delete", roundtrip):
                 return
 
             async def odd_names() -> tuple[str, str]:
-                from immich_stream.repository.repo import escape_path, key_path
-
-                okey = f"{base}/odd/{key_path(escape_path(ODD_NAME))}"
+                okey = repo.probe_file_key(probe, ODD_NAME)
                 await store.put(okey, data)
-                listed = [o.key async for o in store.list_objects(f"{base}/odd/")]
+                listed = [o.key async for o in store.list_objects(repo.probe_key(probe, "odd", ""))]
                 back = await store.get(okey) if okey in listed else None
                 await store.delete([okey, *listed])
                 if okey not in listed or back != data:
@@ -208,9 +208,9 @@ class Doctor:
                         f"a key with a file's odd name ({okey.rsplit('/', 1)[1]!r}) was {where}: files with "
                         "such names would be missed by verify and pruned; report it with the server's name"
                     )
-                raw = f"{base}/raw/a\\b"
+                raw = repo.probe_key(probe, "raw", "a\\b")
                 await store.put(raw, data)
-                mangled = [o.key async for o in store.list_objects(f"{base}/raw/")]
+                mangled = [o.key async for o in store.list_objects(repo.probe_key(probe, "raw", ""))]
                 await store.delete([raw, *mangled])
                 note = (
                     "a raw \\ is kept as sent too"
@@ -222,7 +222,7 @@ class Doctor:
             await self.probe("odd file names", odd_names)
 
             async def multipart() -> tuple[str, str]:
-                mkey = f"{base}/multipart"
+                mkey = repo.probe_key(probe, "multipart")
                 upload = await store.create_multipart(mkey)
                 try:
                     etags = [await store.upload_part(mkey, upload, n, data) for n in (1, 2)]
@@ -237,7 +237,7 @@ class Doctor:
             await self.probe("multipart upload", multipart)
 
             async def content_md5() -> tuple[str, str]:
-                bad = f"{base}/bad-md5"
+                bad = repo.probe_key(probe, "bad-md5")
                 try:
                     # the --checksum header of other bytes (Content-MD5 by default)
                     wrong, _ = await store.hashes(data + b"x", None, None)
@@ -253,7 +253,7 @@ class Doctor:
             await self.probe("server checks Content-MD5", content_md5)
 
             async def checksum_sha256() -> tuple[str, str]:
-                bad = f"{base}/bad-sha256"
+                bad = repo.probe_key(probe, "bad-sha256")
                 wrong = base64.b64encode(hashlib.sha256(data + b"x").digest()).decode()
                 code = await store.probe_checksum_sha256(bad, data, wrong)  # a request the tool never sends
                 if code is not None:
@@ -289,16 +289,17 @@ class Doctor:
         """Remove this doctor's probes (objects and unfinished uploads under base), and
         those of earlier doctors older than the lock stale threshold on the server's clock
         (one killed before its cleanup; a younger one may be another doctor's, running)."""
+        from immich_stream.repository.layout import Layout
         from immich_stream.repository.locks import lock_stale
 
-        top = f"{self.settings.prefix}/doctor/"
+        top = Layout(self.settings.prefix).probes_prefix()
         old: dt.datetime | None = None
         if self._server_time is not None:
             server, then = self._server_time
-            old = server + dt.timedelta(seconds=time.monotonic() - then - lock_stale())
+            old = server + dt.timedelta(seconds=time.monotonic() - then - lock_stale(self.settings.tuning.lock_stale))
 
         def gone(key: str, when: Any) -> bool:
-            mine = key.startswith(f"{base}/")
+            mine = key.startswith(base)
             return mine or (old is not None and isinstance(when, dt.datetime) and when < old)
 
         keys = [o.key async for o in store.list_objects(top) if gone(o.key, o.last_modified)]

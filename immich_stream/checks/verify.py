@@ -20,7 +20,8 @@ from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repository.age import DecryptError
-from immich_stream.repository.repo import Repo, Snapshot, gunzip_stream, key_digest
+from immich_stream.repository.manifest import gunzip_stream, key_digest
+from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw

@@ -52,6 +52,7 @@ DAY = 86400.0
 # Tests of the stall watchdog and of prune's garbage need durations of seconds: with
 # IMMICH_STREAM_TEST_SHORT_DURATIONS, a duration's floor is this instead.
 SHORT_DURATIONS_ENV = "IMMICH_STREAM_TEST_SHORT_DURATIONS"
+TRUST_BUCKET_ENV = "IMMICH_STREAM_TRUST_BUCKET"  # the user says the bucket is trusted (repository/auth.py)
 RELAXED_FLOOR = 1.0
 
 

@@ -14,6 +14,7 @@ from immich_stream.config.parse import (
     RELAXED_FLOOR,
     S3_MIN_PART_SIZE,
     SHORT_DURATIONS_ENV,
+    TRUST_BUCKET_ENV,
     format_duration,
     parse_duration,
     parse_size,
@@ -33,6 +34,7 @@ class Tuning:
     botocore_only: bool = False  # IMMICH_STREAM_BOTOCORE_ONLY: no direct path (s3/), for comparison
     min_part_size: int = S3_MIN_PART_SIZE  # IMMICH_STREAM_MIN_PART_SIZE, for servers with smaller parts
     short_durations: bool = False  # IMMICH_STREAM_TEST_SHORT_DURATIONS
+    trust_bucket: bool = False  # IMMICH_STREAM_TRUST_BUCKET=1: an encrypted repository read unauthenticated
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Tuning:
@@ -54,6 +56,7 @@ class Tuning:
             botocore_only=environ.get("IMMICH_STREAM_BOTOCORE_ONLY", "") not in ("", "0"),
             min_part_size=min_part_size(environ),
             short_durations=environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0"),
+            trust_bucket=environ.get(TRUST_BUCKET_ENV, "").strip().lower() in ("1", "true", "yes"),
         )
 
 

@@ -37,19 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from immich_stream.config import TRUST_BUCKET_ENV
 from immich_stream.config.keys import AUTH_LINE, AUTH_PENDING, auth_key
 from immich_stream.errors import ForgedError
 
 LINE = AUTH_LINE
 PENDING = AUTH_PENDING
-TRUST_ENV = "IMMICH_STREAM_TRUST_BUCKET"
+# =1: the user says the bucket is trusted: read a repository without its authentication key,
+# authenticate its current state once, on trust (config.Tuning.trust_bucket, read by load())
+TRUST_ENV = TRUST_BUCKET_ENV
 MAX_BLOCK = 16 << 20  # plaintext bytes of manifest lines between two MAC lines (the writer: ~1 MiB)
-
-
-def trust_bucket() -> bool:
-    """IMMICH_STREAM_TRUST_BUCKET=1: the user says the bucket is trusted (read a repository
-    without its authentication key; authenticate its current state once, on trust)."""
-    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)

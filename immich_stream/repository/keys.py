@@ -35,7 +35,9 @@ from immich_stream.repository.age import (
     load_keys,
 )
 from immich_stream.repository.auth import RepoAuth
-from immich_stream.repository.repo import MANIFEST, MANIFEST_REWRITE, SUMMARY, ManifestWriter, Repo, run_of
+from immich_stream.repository.layout import MANIFEST, MANIFEST_REWRITE, SUMMARY, run_of
+from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_repo
 from immich_stream.s3.budget import ByteBudget
@@ -281,15 +283,12 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
 
     try:
         await each(repo.data_prefix())  # the files first: manifests record their new sizes after
-        await each(repo._k("snapshots/"), skip=(MANIFEST, SUMMARY, REWRITE))
+        await each(repo.snapshots_prefix(), skip=(MANIFEST, SUMMARY, MANIFEST_REWRITE))
         for sid, committed in (await repo.snapshot_dirs()).items():
             await _rewrite_snapshot(repo, sealing, sid, committed, budget, part)
             report.manifests_rewritten += 1
     finally:
         phase.close()
-
-
-REWRITE = MANIFEST_REWRITE  # a manifest on its way back (deleted after)
 
 
 async def _rewrite_snapshot(
@@ -302,7 +301,7 @@ async def _rewrite_snapshot(
     manifest = repo.manifest_key(sid)
     if await store.head(manifest) is None:
         return
-    tmp = repo.snapshot_prefix(sid) + REWRITE
+    tmp = repo.rewrite_key(sid)  # the manifest on its way back (deleted after)
 
     async def copy(src: str, dst: str, fix: bool) -> None:
         async with ManifestWriter(store, dst, budget, part_size, repo.manifest_mac(sid)) as out:

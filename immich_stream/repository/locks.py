@@ -35,13 +35,12 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from immich_stream import cleanup
-from immich_stream.config import env_duration
 from immich_stream.errors import LockError, ObjectNotFound, StoreError
 from immich_stream.host.hoststate import claim_run, forget_run, local_run_gone, release_run
-from immich_stream.repository.repo import Repo
+from immich_stream.repository.sealed import SealedStore
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,24 @@ def tombstone_key(lock_key: str) -> str:
     return lock_key + TOMBSTONE
 
 
-def lock_stale() -> float:
-    """STALE, or IMMICH_STREAM_LOCK_STALE (a duration; for tests, which cannot wait 30 minutes)."""
-    return env_duration(
-        "IMMICH_STREAM_LOCK_STALE", STALE, 10, 7 * 86400, "a lock refreshed less often than a sixth of it goes stale"
-    )
+def lock_stale(configured: float | None = None) -> float:
+    """STALE, or the configured figure (config.Tuning.lock_stale: IMMICH_STREAM_LOCK_STALE,
+    for tests, which cannot wait 30 minutes)."""
+    return STALE if configured is None else configured
+
+
+class LockSite(Protocol):
+    """What locks need of a repository (a Repo is one): its bucket and where its lock
+    objects and probes live (layout.py)."""
+
+    @property
+    def store(self) -> SealedStore: ...
+
+    def locks_prefix(self) -> str: ...
+
+    def lock_key(self, name: str) -> str: ...
+
+    def preflight_key(self, run_id: str) -> str: ...
 
 
 @dataclass
@@ -99,7 +111,7 @@ class LockInfo:
 # -- lock objects --------------------------------------------------------------------------------
 
 
-async def list_locks(repo: Repo) -> list[LockInfo]:
+async def list_locks(repo: LockSite) -> list[LockInfo]:
     out = []
     base = repo.locks_prefix()
     async for obj in repo.store.list_objects(base):
@@ -134,7 +146,7 @@ def own_time(locks: list[LockInfo], key: str) -> dt.datetime | None:
     return next((lk.modified for lk in locks if lk.key == key), None)
 
 
-async def server_now(repo: Repo) -> dt.datetime | None:
+async def server_now(repo: LockSite) -> dt.datetime | None:
     """The S3 server's present: the LastModified of a probe object written just now
     (None when the server does not say: then no lock is judged stale by age)."""
     key = repo.preflight_key("clock-" + secrets.token_hex(4))
@@ -150,16 +162,23 @@ async def server_now(repo: Repo) -> dt.datetime | None:
 
 class RepoLock:
     """`async with RepoLock(repo, "backup", exclusive=False, wait=60, run=snap_id) as lock:` ...
-    and `await lock.ensure_held()` right before committing."""
+    and `await lock.ensure_held()` right before committing. stale: seconds (server clock)
+    after which an unrefreshed lock is stale, None for STALE."""
 
     def __init__(
-        self, repo: Repo, command: str, exclusive: bool, wait: float, stale: float | None = None, run: str | None = None
+        self,
+        repo: LockSite,
+        command: str,
+        exclusive: bool,
+        wait: float,
+        stale: float | None = None,
+        run: str | None = None,
     ) -> None:
         self.repo = repo
         self.command = command
         self.exclusive = exclusive
         self.wait = wait
-        self.stale = lock_stale() if stale is None else stale
+        self.stale = lock_stale(stale)
         self.run = run
         self.token = secrets.token_hex(16)
         self.key = repo.lock_key(f"{int(time.time())}-{socket.gethostname()}-{os.getpid()}-{self.token[:8]}.json")
@@ -348,10 +367,10 @@ class RepoLock:
 
 
 async def unlock(
-    repo: Repo, force: bool, stale: float | None = None
+    repo: LockSite, force: bool, stale: float | None = None
 ) -> tuple[list[LockInfo], list[LockInfo], list[LockInfo]]:
     """Remove stale locks (every lock with force). Returns (removed stale, removed live, kept)."""
-    stale = lock_stale() if stale is None else stale
+    stale = lock_stale(stale)
     now = await server_now(repo)
     locks = await list_locks(repo)
     gone = [lk for lk in locks if lk.stale(now, stale)]
@@ -362,7 +381,7 @@ async def unlock(
     return gone, removed_live, kept
 
 
-async def remove_locks(repo: Repo, locks: list[LockInfo], now: dt.datetime | None, stale: float) -> None:
+async def remove_locks(repo: LockSite, locks: list[LockInfo], now: dt.datetime | None, stale: float) -> None:
     """Remove lock objects, each after its tombstone (see the module's docstring), and the
     tombstones that are stale themselves (their runs stopped long ago)."""
     if locks:

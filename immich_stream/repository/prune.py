@@ -21,10 +21,12 @@ from typing import Any
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
-from immich_stream.repository.locks import list_locks, own_time, remove_locks
-from immich_stream.repository.repo import Repo, key_digest, run_of, snapshot_time
+from immich_stream.repository.layout import run_of, snapshot_time
+from immich_stream.repository.locks import RepoLock, list_locks, own_time, remove_locks
+from immich_stream.repository.manifest import key_digest
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import LockSpec, open_repo
+from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
 
 log = logging.getLogger(__name__)
@@ -134,18 +136,24 @@ async def prune(settings: Settings, policy: Policy, dry_run: bool, stale_after: 
     settings.require("bucket")
     apply_policy([], policy)  # refuses an empty policy before anything is touched
     report = PruneReport()
-    async with open_repo(settings, lock=LockSpec("prune", exclusive=True, wait=lock_wait)) as repo:
+    async with open_locked(settings, LockSpec("prune", exclusive=True, wait=lock_wait)) as (repo, lock):
         # A frozen S3 must not keep prune (and its exclusive lock) alive for hours of retries.
         hung = s3_hang(repo.store, settings.stall_timeout, "prune stopped; run it again")
         await with_watchdog(
-            repo.store, math.inf, _prune_locked(repo.store, repo, policy, dry_run, stale_after, report), hung
+            repo.store, math.inf, _prune_locked(repo.store, repo, lock, policy, dry_run, stale_after, report), hung
         )
     report.seconds = time.monotonic() - started
     return report
 
 
 async def _prune_locked(
-    store: SealedStore, repo: Repo, policy: Policy, dry_run: bool, stale_after: float, report: PruneReport
+    store: SealedStore,
+    repo: Repo,
+    lock: RepoLock,
+    policy: Policy,
+    dry_run: bool,
+    stale_after: float,
+    report: PruneReport,
 ) -> None:
     now = dt.datetime.now(dt.UTC)
     threshold = now - dt.timedelta(seconds=stale_after)
@@ -157,12 +165,11 @@ async def _prune_locked(
     # our exclusive lock: a run starting later waits for us.) A run whose lock went stale by
     # the server's clock never commits (RepoLock.ensure_held): its lock goes, and its uploads
     # are collected like any others once older than --stale-after.
-    assert repo.lock is not None
     locks = await list_locks(repo)
-    server_now = own_time(locks, repo.lock.key)
-    dead = [lk for lk in locks if lk.key != repo.lock.key and lk.stale(server_now, repo.lock.stale)]
+    server_now = own_time(locks, lock.key)
+    dead = [lk for lk in locks if lk.key != lock.key and lk.stale(server_now, lock.stale)]
     if dead and not dry_run:
-        await remove_locks(repo, dead, server_now, repo.lock.stale)
+        await remove_locks(repo, dead, server_now, lock.stale)
     for lk in dead:
         log.info("%s the stale lock of %s", "would remove" if dry_run else "removed", lk.describe())
     busy = {lk.run for lk in locks if lk.run and lk not in dead}

@@ -1,14 +1,8 @@
-"""The repository format (docs/format.md): keys, manifests, snapshots.
+"""The repository (docs/format.md): config.json (format, encryption, authentication),
+snapshots and their manifests, the journals of uncommitted runs, the index of data objects.
 
-Commands talk to the bucket through this module; only here are keys built.
-
-    <prefix>/config.json                        format version; written once
-    <prefix>/data/<id>/<root>/<escaped path>    file contents, uploaded by the run <id> that first saw them
-    <prefix>/snapshots/<id>/manifest.jsonl.gz   one JSON line per entry, in walk order
-    <prefix>/snapshots/<id>/database.sql.gz     the pg_dump stream
-    <prefix>/snapshots/<id>/snapshot.json       the summary; written last = the commit marker
-    <prefix>/snapshots/<id>/journal/<pass>-<n>.jsonl.gz  what an uncommitted run has read and
-                                                uploaded so far (deleted once it commits)
+Commands talk to the bucket through Repo; its keys come from Layout (layout.py), the only
+place they are built; manifest lines and their streams are manifest.py's.
 """
 
 from __future__ import annotations
@@ -19,39 +13,29 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
-import secrets
-import socket
 import time
-import urllib.parse
 import zlib
 from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from immich_stream.backup.walk import Entry, sort_key
-from immich_stream.config import env_duration
 from immich_stream.errors import ConfigError, RepoError, StoreError
 from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
 from immich_stream.repository.auth import (
-    MAX_BLOCK,
     TRUST_ENV,
     ManifestMac,
     RepoAuth,
     add_to_identity_file,
     canonical,
     forged,
-    is_auth_line,
-    trust_bucket,
 )
+from immich_stream.repository.layout import ROOTS, SUMMARY, Layout, is_snapshot_id, snapshot_time
+from immich_stream.repository.manifest import ManifestLine, ManifestWriter, read_lines
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import Store
-
-if TYPE_CHECKING:
-    from immich_stream.repository.locks import RepoLock
 
 log = logging.getLogger(__name__)
 
@@ -60,192 +44,13 @@ VERSION = 2  # the newest this program reads; a plain repository is written as v
 PLAIN_VERSION = 1
 ENCRYPTED_VERSION = 2  # objects under data/ and snapshots/ are age files (age.py)
 AGE_SCHEME = "age-encryption.org/v1"
-ROOTS = ("postgres", "library")  # manifest order: the cold copy is taken first
-MAX_KEY_BYTES = 1024  # S3's limit for a whole key
-MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) take per "/"-part
-# Keys of paths too long for S3 live here, named by the path's sha256. "%l" cannot begin an
-# escaped path (a '%' in a name is always escaped as %25), so these never collide with one.
-LONG_KEY_DIR = "%long"
-STOPPED_DIR = "%stopped"  # like %long, cannot start an escaped path (a bare % is escaped)
-# the files of a snapshot directory snapshots/<id>/
-MANIFEST = "manifest.jsonl.gz"
-DUMP = "database.sql.gz"
-SUMMARY = "snapshot.json"  # written last: the commit marker
-MANIFEST_REWRITE = "manifest.rewrite.jsonl.gz"  # a manifest on its way back (key reencrypt, auth set-up)
-JOURNAL_DIR = "journal/"
+
 # A journal chunk is written at least this often while its run reads files, and once this
 # many bytes were read or its compressed lines pass JOURNAL_MAX_PENDING.
 JOURNAL_SECONDS = 15.0  # a small PUT; a kill loses at most this long of uploads (plus the order window)
 JOURNAL_BYTES = 256 << 20
 JOURNAL_MAX_PENDING = 1 << 20
 JOURNAL_MAX_OBJECT = 4 * JOURNAL_MAX_PENDING  # a chunk is read whole; a bigger one is not ours
-
-_PLAIN = re.compile(rb"[^\x20-\x24\x26-\x7e]")  # anything but printable ASCII without '%'
-
-
-def escape_path(raw: bytes) -> str:
-    """bytes -> a valid-UTF-8 string, injectively: '%', control characters and bytes that
-    are not valid UTF-8 become %XX. Used for manifest paths and object keys alike."""
-    if not _PLAIN.search(raw):
-        return raw.decode("ascii")
-    out = []
-    for ch in raw.decode("utf-8", "surrogateescape"):
-        o = ord(ch)
-        if 0xDC80 <= o <= 0xDCFF:
-            out.append(f"%{o - 0xDC00:02X}")
-        elif ch == "%" or o < 0x20 or o == 0x7F:
-            out.append(f"%{o:02X}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def unescape_path(text: str) -> bytes:
-    return urllib.parse.unquote_to_bytes(text)
-
-
-def key_path(path: str) -> str:
-    """An escaped path (escape_path) -> its form in an object key (docs/format.md,
-    "Escaped paths"): also a backslash (SeaweedFS stores a raw one as "/", a folder) and a
-    whole "." or ".." part (no name the walk reads is one, but rclone and SeaweedFS refuse
-    them) become %XX. unescape_path reverses this too."""
-    path = path.replace("\\", "%5C")
-    wrapped = f"/{path}/"
-    if "/./" in wrapped or "/../" in wrapped:
-        path = "/".join(part.replace(".", "%2E") if part in (".", "..") else part for part in path.split("/"))
-    return path
-
-
-def new_snapshot_id(now: dt.datetime | None = None) -> str:
-    """Sortable by time; the random tail only breaks ties within one second."""
-    now = now or dt.datetime.now(dt.UTC)
-    return now.strftime("%Y-%m-%dT%H%M%SZ") + "-" + secrets.token_hex(2)
-
-
-def snapshot_time(snap_id: str) -> dt.datetime:
-    return dt.datetime.strptime(snap_id[:18], "%Y-%m-%dT%H%M%SZ").replace(tzinfo=dt.UTC)
-
-
-_SNAPSHOT_ID = re.compile(r"\d{4}-\d\d-\d\dT\d{6}Z-[0-9a-f]{4}")
-
-
-def is_snapshot_id(text: str) -> bool:
-    """The shape new_snapshot_id makes, with a real date and time."""
-    if _SNAPSHOT_ID.fullmatch(text) is None:
-        return False
-    try:
-        snapshot_time(text)
-    except ValueError:
-        return False
-    return True
-
-
-def run_of(rel: str) -> str | None:
-    """The run id of a key data/<id>/... or snapshots/<id>/... (relative to the prefix);
-    None for anything else (a folder marker, a stray file): not ours to delete."""
-    top, _, tail = rel.partition("/")
-    run, sep, _ = tail.partition("/")
-    if top not in ("data", "snapshots") or not sep or not is_snapshot_id(run):
-        return None
-    return run
-
-
-@dataclass(slots=True)
-class ManifestLine:
-    root: str
-    path: str  # escaped
-    type: str
-    size: int
-    mtime_ns: int
-    mode: int
-    uid: int
-    gid: int
-    inode: int
-    sha256: str | None = None
-    key: str | None = None  # relative to the prefix
-    target: str | None = None  # escaped symlink target
-    # None in manifests written before they were recorded: such lines are compared by
-    # size, mtime and inode alone, once; the next manifest has them.
-    ctime_ns: int | None = None
-    dev: int | None = None
-    # bytes of the object in the bucket when that differs from size (encrypted: an age file)
-    stored: int | None = None
-
-    def to_json(self) -> str:
-        d: dict[str, Any] = {
-            "root": self.root,
-            "path": self.path,
-            "type": self.type,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "mode": self.mode,
-            "uid": self.uid,
-            "gid": self.gid,
-            "inode": self.inode,
-        }
-        if self.sha256 is not None:
-            d["sha256"] = self.sha256
-        if self.key is not None:
-            d["key"] = self.key
-        if self.target is not None:
-            d["target"] = self.target
-        if self.ctime_ns is not None:
-            d["ctime_ns"] = self.ctime_ns
-        if self.dev is not None:
-            d["dev"] = self.dev
-        if self.stored is not None:
-            d["stored"] = self.stored
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ManifestLine:
-        d = json.loads(text)
-        return cls(
-            d["root"],
-            d["path"],
-            d["type"],
-            d.get("size", 0),
-            d["mtime_ns"],
-            d["mode"],
-            d.get("uid", 0),
-            d.get("gid", 0),
-            d.get("inode", 0),
-            d.get("sha256"),
-            d.get("key"),
-            d.get("target"),
-            d.get("ctime_ns"),
-            d.get("dev"),
-            d.get("stored"),
-        )
-
-    @classmethod
-    def from_entry(cls, root: str, e: Entry) -> ManifestLine:
-        return cls(
-            root,
-            escape_path(e.relpath),
-            e.type,
-            e.size,
-            e.mtime_ns,
-            e.mode,
-            e.uid,
-            e.gid,
-            e.inode,
-            target=escape_path(e.target) if e.target is not None else None,
-            ctime_ns=e.ctime_ns,
-            dev=e.dev,
-        )
-
-    @property
-    def object_size(self) -> int:
-        """The size of the object in the bucket (a listing shows it)."""
-        return self.size if self.stored is None else self.stored
-
-    @property
-    def relpath(self) -> bytes:
-        return unescape_path(self.path)
-
-    def order(self) -> tuple[int, tuple[bytes, ...]]:
-        return (ROOTS.index(self.root), sort_key(self.relpath))
 
 
 @dataclass
@@ -256,49 +61,6 @@ class Snapshot:
     @property
     def time(self) -> dt.datetime:
         return snapshot_time(self.id)
-
-
-class ManifestWriter:
-    """Gzipped JSON lines streamed to S3 as they come (no whole manifest in memory); in an
-    authenticated repository each flushed block is followed by its MAC line (auth.py)."""
-
-    def __init__(
-        self, store: SealedStore, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
-    ) -> None:
-        self._out = store.stream(key, budget, part_size)
-        self._mac = mac
-        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self.lines = 0
-
-    async def __aenter__(self) -> ManifestWriter:
-        return self
-
-    async def add(self, line: ManifestLine) -> None:
-        raw = line.to_json().encode() + b"\n"
-        self.lines += 1
-        if self._mac is not None:
-            self._mac.add(raw)
-        self._pending.append(raw)
-        self._pending_size += len(raw)
-        if self._pending_size >= 1 << 20:
-            await self._flush()
-
-    async def _flush(self, end: bool = False) -> None:
-        if self._mac is not None and (self._pending or end):
-            self._pending.append(self._mac.seal_line(end))
-        data = self._z.compress(b"".join(self._pending))
-        self._pending, self._pending_size = [], 0
-        await self._out.write(data)
-
-    async def finish(self) -> None:
-        await self._flush(end=True)
-        await self._out.write(self._z.flush())
-        await self._out.finish()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._out.__aexit__(*exc)
 
 
 class JournalWriter:
@@ -319,9 +81,7 @@ class JournalWriter:
         self._pending_lines = 0
         self._bytes = 0
         self._since = time.monotonic()
-        self.interval = env_duration(
-            "IMMICH_STREAM_JOURNAL_INTERVAL", JOURNAL_SECONDS, 10, 3600, "how often a run's journal is written"
-        )
+        self.interval = JOURNAL_SECONDS if repo.journal_interval is None else repo.journal_interval
 
     async def add(self, line: ManifestLine) -> None:
         self._pending.append(self._z.compress(line.to_json().encode() + b"\n"))
@@ -350,35 +110,6 @@ class JournalWriter:
         await self.repo.store.put(key, body, "application/gzip")
         self.chunks += 1
         self.lines += lines
-
-
-async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Decompress a (possibly multi-member) gzip stream chunk by chunk; raise if truncated."""
-    z = zlib.decompressobj(31)
-    fed = False  # has the current member received any input?
-    async for chunk in chunks:
-        while chunk:
-            fed = True
-            try:
-                out = z.decompress(chunk)
-            except zlib.error as exc:
-                raise RepoError(f"a gzip stream is corrupt ({exc}): run `verify --read-data`") from None
-            if out:
-                yield out
-            if z.eof:
-                chunk = z.unused_data
-                z = zlib.decompressobj(31)
-                fed = False
-            else:
-                chunk = b""
-    if fed and not z.eof:
-        raise RepoError("a gzip stream ends early: the object is truncated; run `verify --read-data`")
-
-
-def key_digest(key: str) -> bytes:
-    """A compact stand-in for an object key in sets of a whole repository's keys
-    (10 bytes: collisions are out of reach for any library)."""
-    return hashlib.blake2b(key.encode(), digest_size=10).digest()
 
 
 # the recipients an object may have been sealed for when its manifest was written
@@ -435,13 +166,26 @@ class ObjectIndex:
         return None
 
 
-class Repo:
-    def __init__(self, store: Store | SealedStore, prefix: str) -> None:
+class Repo(Layout):
+    """The repository under `prefix` in the store's bucket. journal_interval: how often a
+    run's journal is written (None: JOURNAL_SECONDS); trust_bucket: the user's
+    IMMICH_STREAM_TRUST_BUCKET=1 (read an encrypted repository without its authentication
+    key; set authentication up on trust)."""
+
+    def __init__(
+        self,
+        store: Store | SealedStore,
+        prefix: str,
+        *,
+        journal_interval: float | None = None,
+        trust_bucket: bool = False,
+    ) -> None:
+        super().__init__(prefix)
         # the bucket as the repository sees it: sealed where encrypted (_encryption sets how),
         # file data with its storage class
         self.store = store if isinstance(store, SealedStore) else SealedStore(store, self.storage_class_for)
-        self.prefix = prefix.strip("/")
-        self.lock: RepoLock | None = None  # set by session.open_repo while it holds one
+        self.journal_interval = journal_interval
+        self.trust_bucket = trust_bucket
         # the repository authentication key (auth.py), once check_config accepted it; with
         # auth_required every snapshot.json and manifest must carry a valid MAC
         self.auth: RepoAuth | None = None
@@ -455,54 +199,6 @@ class Repo:
         if len(parts) == 4 and parts[0] == "data" and parts[2] in ROOTS:
             return self.store.options.storage_class_of(parts[2])
         return None
-
-    def _k(self, rest: str) -> str:
-        return f"{self.prefix}/{rest}" if self.prefix else rest
-
-    # keys (relative to the bucket)
-    def config_key(self) -> str:
-        return self._k("config.json")
-
-    def data_key(self, snap_id: str, root: str, path: str, key_dir: str = "") -> str:
-        """The object key (relative to the prefix) for a file first uploaded by run snap_id:
-        the file's own path, so the bucket stays browsable, or for a path S3 cannot hold
-        (a key over 1,024 bytes, a part over 255) a stable key named by the path's sha256.
-        The manifest keeps the full path either way. `key_dir` (STOPPED_DIR) keeps a second
-        upload of a path by the same run apart from the first: no object is overwritten."""
-        base = f"data/{snap_id}/{root}/{key_dir + '/' if key_dir else ''}"
-        escaped = key_path(path)
-        key = base + escaped
-        if len(self._k(key).encode()) > MAX_KEY_BYTES or any(
-            len(part.encode()) > MAX_KEY_PART_BYTES for part in escaped.split("/")
-        ):
-            digest = hashlib.sha256(path.encode()).hexdigest()
-            key = f"{base}{LONG_KEY_DIR}/{digest}"
-        return key
-
-    def object_key(self, relkey: str) -> str:
-        return self._k(relkey)
-
-    def data_prefix(self) -> str:
-        return self._k("data/")
-
-    def snapshot_prefix(self, snap_id: str) -> str:
-        """Every object of one snapshot directory starts with this."""
-        return self._k(f"snapshots/{snap_id}/")
-
-    def summary_key(self, snap_id: str) -> str:
-        return self.snapshot_prefix(snap_id) + SUMMARY
-
-    def manifest_key(self, snap_id: str) -> str:
-        return self.snapshot_prefix(snap_id) + MANIFEST
-
-    def dump_key(self, snap_id: str) -> str:
-        return self.snapshot_prefix(snap_id) + DUMP
-
-    def journal_prefix(self, snap_id: str) -> str:
-        return self.snapshot_prefix(snap_id) + JOURNAL_DIR
-
-    def journal_key(self, snap_id: str, pass_name: str, seq: int) -> str:
-        return f"{self.journal_prefix(snap_id)}{pass_name}-{seq:06d}.jsonl.gz"
 
     async def journals(self, snap_id: str) -> dict[str, list[str]]:
         """An uncommitted run's journal chunks: pass name -> keys, in the order written."""
@@ -528,15 +224,6 @@ class Repo:
         keys = [obj.key async for obj in self.store.list_objects(self.journal_prefix(snap_id))]
         if keys:
             await self.store.delete(keys)
-
-    def locks_prefix(self) -> str:
-        return self._k("locks/")
-
-    def lock_key(self, name: str) -> str:
-        return self.locks_prefix() + name
-
-    def preflight_key(self, run_id: str) -> str:
-        return self._k(f"preflight/{socket.gethostname()}-{run_id}")
 
     # config.json
     async def ensure_config(self, keys: Keys | None = None) -> None:
@@ -601,7 +288,7 @@ class Repo:
                 f"the age recipients ({keys.path} and IMMICH_STREAM_AGE_RECIPIENTS) differ from the repository's "
                 f"({theirs}): set them as they were, or change them with `key rotate`"
             )
-        self.store.sealing = Sealing(tuple(current), keys.identities, (self.data_prefix(), self._k("snapshots/")))
+        self.store.sealing = Sealing(tuple(current), keys.identities, (self.data_prefix(), self.snapshots_prefix()))
 
     async def read_config(self) -> dict[str, Any]:
         key = self.config_key()
@@ -652,7 +339,7 @@ class Repo:
         if mine is None:
             if upgrade and claim is None:
                 return RepoAuth.generate()  # trust on first use: this run has the identity and the lock
-            if not upgrade and trust_bucket():
+            if not upgrade and self.trust_bucket:
                 log.warning("%s=1: reading %s without checking its authenticity", TRUST_ENV, self.where())
                 return None
             if claim is None and defer:
@@ -669,7 +356,7 @@ class Repo:
                 f"recovery key){'' if upgrade else f', or set {TRUST_ENV}=1 to read it unchecked'}"
             )
         if claim is None:
-            if mine.ready and not trust_bucket():
+            if mine.ready and not self.trust_bucket:
                 raise forged(
                     f"{self.config_key()} carries no MAC, yet {keys.path} holds the repository's authentication key "
                     f"(if this repository was written by an older immich-stream, set {TRUST_ENV}=1 for one backup "
@@ -723,7 +410,7 @@ class Repo:
             raise RepoError(f"snapshot {sid}: snapshot.json is damaged: `prune` cannot judge it; delete it") from None
         if isinstance(raw, dict) and self._summary_mac_ok(sid, raw):
             return  # done by an earlier, interrupted set-up
-        manifest, tmp = self.manifest_key(sid), self.snapshot_prefix(sid) + MANIFEST_REWRITE
+        manifest, tmp = self.manifest_key(sid), self.rewrite_key(sid)
         if await self.store.head(manifest) is not None:
             budget = ByteBudget(64 << 20)
             part = self.store.options.part_size
@@ -754,19 +441,12 @@ class Repo:
         d["auth"] = self.auth.mac("snapshot.json", summary.id.encode(), canonical(d))
         return json.dumps(d, indent=2, sort_keys=True).encode() + b"\n"
 
-    def relative_key(self, key: str) -> str:
-        """A bucket key -> the key relative to the prefix (as manifests hold it)."""
-        base = f"{self.prefix}/" if self.prefix else ""
-        if not key.startswith(base):  # nothing outside our prefix is ours to read or delete
-            raise RepoError(f"{key} is outside the repository prefix {self.prefix!r}")
-        return key[len(base) :]
-
     # snapshots
     async def snapshot_dirs(self) -> dict[str, bool]:
         """Every snapshot directory, sorted by id -> committed (has snapshot.json); one listing.
         Keys that are not <id>/<name> with a valid id (folder markers, stray files) are skipped."""
         ids: dict[str, bool] = {}
-        base = self._k("snapshots/")
+        base = self.snapshots_prefix()
         async for obj in self.store.list_objects(base):
             sid, _, name = obj.key[len(base) :].partition("/")
             if not sid and not name:
@@ -862,38 +542,8 @@ class Repo:
             async for line in self._read_lines(slices()):
                 yield line
 
-    async def _read_lines(
+    def _read_lines(
         self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = ""
     ) -> AsyncIterator[ManifestLine]:
-        rest = b""
-        block: list[ManifestLine] = []
-        hold = mac is not None and self.auth_required  # otherwise (a set-up under way) lines pass at once
-        async for data in gunzip_stream(chunks):
-            lines = (rest + data).split(b"\n")
-            rest = lines.pop()
-            for raw in lines:
-                if not raw:
-                    continue
-                if mac is None:
-                    yield ManifestLine.from_json(raw)
-                elif is_auth_line(raw):
-                    mac.check_line(raw, where)
-                    for line in block:
-                        yield line
-                    block.clear()
-                else:
-                    if mac.ended:
-                        raise forged(f"{where}: lines after its last authenticated block")
-                    mac.add(raw + b"\n")
-                    if not hold:
-                        yield ManifestLine.from_json(raw)
-                        continue
-                    if mac.block_bytes > MAX_BLOCK:
-                        raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
-                    block.append(ManifestLine.from_json(raw))
-        if rest:
-            if mac is not None:
-                raise forged(f"{where}: its last line has no end")
-            yield ManifestLine.from_json(rest)
-        if mac is not None and not mac.ended and (hold or mac.seq):
-            raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")
+        # without auth_required (a set-up under way) lines pass at once
+        return read_lines(chunks, mac, hold=mac is not None and self.auth_required, where=where)

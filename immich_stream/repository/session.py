@@ -3,13 +3,18 @@ require a bucket, open the S3 client, check (or create) the format, take the loc
 
 Who locks how: backups share the repository (each with its run id); restore, verify and
 drill share it as readers (`reader()`), so that prune, which deletes, waits for them or
-refuses naming them; prune and key rewrites hold it alone."""
+refuses naming them; prune and key rewrites hold it alone. The lock is the caller's, not
+the Repo's: open_locked yields it beside the repository to whoever must see it.
+
+The repository's knobs from settings.tuning (lock staleness, journal interval, trusting
+the bucket) are handed to Repo and RepoLock here, once: nothing below reads the environment."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from immich_stream.config import Settings
 from immich_stream.errors import ForgedError, RepoError
@@ -35,6 +40,13 @@ def reader(settings: Settings, command: str) -> LockSpec:
     return LockSpec(command, exclusive=False, wait=settings.lock_wait)
 
 
+class Locked(NamedTuple):
+    """What open_locked yields: `async with open_locked(...) as (repo, lock):`."""
+
+    repo: Repo
+    lock: RepoLock
+
+
 @contextlib.asynccontextmanager
 async def open_repo(
     settings: Settings, *, lock: LockSpec | None = None, create_for: str | None = None, check: bool = True
@@ -43,11 +55,32 @@ async def open_repo(
 
     create_for: a run id; prove the bucket writable (a probe object named by it) and create
     config.json in a new repository (backup). check=False skips the format check (unlock
-    must work on whatever is there). With `lock`, repo.lock holds it until the block ends."""
+    must work on whatever is there). With `lock`, it is held until the block ends (a
+    command that must see it, to commit or judge others' locks, uses open_locked)."""
+    async with _open(settings, lock, create_for, check) as (repo, _):
+        yield repo
+
+
+@contextlib.asynccontextmanager
+async def open_locked(
+    settings: Settings, lock: LockSpec, *, create_for: str | None = None, check: bool = True
+) -> AsyncIterator[Locked]:
+    """open_repo, yielding the held lock beside the repository (`lock.ensure_held()`
+    before a commit; its key and staleness for judging other runs' locks)."""
+    async with _open(settings, lock, create_for, check) as (repo, held):
+        assert held is not None
+        yield Locked(repo, held)
+
+
+@contextlib.asynccontextmanager
+async def _open(
+    settings: Settings, lock: LockSpec | None, create_for: str | None, check: bool
+) -> AsyncIterator[tuple[Repo, RepoLock | None]]:
     settings.require("bucket")
     keys = load_keys(settings.age_identity, settings.age_recipients)
+    tuning = settings.tuning
     async with Store(StoreOptions.from_settings(settings)) as store:
-        repo = Repo(store, settings.prefix)
+        repo = Repo(store, settings.prefix, journal_interval=tuning.journal_interval, trust_bucket=tuning.trust_bucket)
         if create_for is not None:
             key = repo.preflight_key(create_for)
             await store.put(key, b"immich-stream preflight\n")
@@ -64,10 +97,11 @@ async def open_repo(
                     raise reason from None
                 raise
         if lock is None:
-            yield repo
+            yield repo, None
             return
-        async with RepoLock(repo, lock.command, exclusive=lock.exclusive, wait=lock.wait, run=lock.run) as held:
-            repo.lock = held
+        async with RepoLock(
+            repo, lock.command, exclusive=lock.exclusive, wait=lock.wait, stale=tuning.lock_stale, run=lock.run
+        ) as held:
             if create_for is not None or check:
                 # Again, now that nobody holds the repository alone: a `key rotate` that held it
                 # while this waited has changed config.json's recipients and the identity file
@@ -79,7 +113,4 @@ async def open_repo(
                     writing=create_for is not None,
                     upgrade=create_for is not None or lock.exclusive,
                 )
-            try:
-                yield repo
-            finally:
-                repo.lock = None
+            yield repo, held

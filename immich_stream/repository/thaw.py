@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from immich_stream.config import Settings
 from immich_stream.errors import ThawPending
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import Repo, key_digest
+from immich_stream.repository.manifest import key_digest
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.store import ARCHIVED_CLASSES
 

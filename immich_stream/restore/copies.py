@@ -8,7 +8,8 @@ import logging
 
 from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
-from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo, Snapshot
 
 log = logging.getLogger(__name__)
 

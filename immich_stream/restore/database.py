@@ -32,7 +32,8 @@ from immich_stream.host.postgres import (
 )
 from immich_stream.host.stack import Docker, Stack, StackGuard, connect, recover
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import Repo, Snapshot, gunzip_stream
+from immich_stream.repository.manifest import gunzip_stream
+from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.summary import SnapshotSummary

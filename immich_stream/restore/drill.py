@@ -29,7 +29,8 @@ from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database
 from immich_stream.host.stack import Docker, connect
 from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import ManifestLine, Repo, Snapshot
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import thaw

@@ -24,7 +24,9 @@ from pathlib import Path
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, ImmichStreamError, NothingMatched, ObjectNotFound, RepoError, StoreError
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, Snapshot, key_digest, unescape_path
+from immich_stream.repository.layout import ROOTS, unescape_path
+from immich_stream.repository.manifest import ManifestLine, key_digest
+from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.session import open_repo, reader
 from immich_stream.repository.thaw import archived_digests, thaw
 from immich_stream.restore.copies import LOOKUP_LIMIT, find_copies, name_failures

@@ -19,7 +19,9 @@ from typing import Any
 from immich_stream.errors import ImmichStreamError, RepoError
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase
-from immich_stream.repository.repo import ROOTS, ManifestLine, Repo, unescape_path
+from immich_stream.repository.layout import ROOTS, unescape_path
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.checksums import CHUNK_SHARED, SMALL_OBJECT

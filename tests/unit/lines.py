@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from immich_stream.repository.repo import ManifestLine
+from immich_stream.repository.manifest import ManifestLine
 
 SHA = "a" * 64
 

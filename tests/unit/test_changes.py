@@ -8,9 +8,7 @@ from typing import Any
 import pytest
 
 from immich_stream.backup.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
-from immich_stream.repository.repo import (
-    ManifestLine,
-)
+from immich_stream.repository.manifest import ManifestLine
 from tests.unit.lines import exists, line, missing
 
 # -- the change classifier ---------------------------------------------------------------------
@@ -139,7 +137,7 @@ def test_vanished_file_is_a_move_candidate_once() -> None:
 def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     """Pure rules: inode numbers repeat across filesystems, and a rename changes ctime."""
     from immich_stream.backup.changes import ParentInfo, classify
-    from immich_stream.repository.repo import ManifestLine
+    from immich_stream.repository.manifest import ManifestLine
 
     def line(path: str, dev: int | None, inode: int, sha: str = "a" * 64, ctime: int | None = 5) -> ManifestLine:
         return ManifestLine(

@@ -13,20 +13,17 @@ import pytest
 
 from immich_stream.config import Settings
 from immich_stream.errors import RepoError
-from immich_stream.repository.repo import (
-    JOURNAL_MAX_OBJECT,
+from immich_stream.repository.layout import (
     LONG_KEY_DIR,
     STOPPED_DIR,
-    JournalWriter,
-    ManifestLine,
-    Repo,
     escape_path,
-    gunzip_stream,
     is_snapshot_id,
     new_snapshot_id,
     run_of,
     unescape_path,
 )
+from immich_stream.repository.manifest import ManifestLine, gunzip_stream
+from immich_stream.repository.repo import JOURNAL_MAX_OBJECT, JournalWriter, Repo
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store
 from tests.unit.lines import line
@@ -98,14 +95,10 @@ async def test_gunzip_stream_reads_members_and_refuses_truncation() -> None:
         _ = [c async for c in gunzip_stream(chunks(b"\x1f\x8b\x08\x00garbage-garbage-garbage"))]
 
 
-async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_order(
-    s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("IMMICH_STREAM_TEST_SHORT_DURATIONS", "1")
-    monkeypatch.setenv("IMMICH_STREAM_JOURNAL_INTERVAL", "1s")
+async def test_journal_is_written_in_chunks_as_the_run_goes_and_read_back_in_order(s3_settings: Settings) -> None:
     run = "2026-01-01T000000Z-bbbb"
     async with Store(StoreOptions.from_settings(s3_settings)) as store:
-        repo = Repo(store, "p")
+        repo = Repo(store, "p", journal_interval=1.0)  # the test hook (IMMICH_STREAM_JOURNAL_INTERVAL=1s)
         journal = JournalWriter(repo, run, "live")
         lines = [line(f"d/{i:04d}.jpg") for i in range(300)]
         for i, ln in enumerate(lines):

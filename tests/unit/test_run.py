@@ -15,11 +15,8 @@ from immich_stream.backup.run import run_phases
 from immich_stream.backup.upload import FileUploader
 from immich_stream.config import Settings
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import (
-    ManifestLine,
-    ObjectIndex,
-    Repo,
-)
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import ObjectIndex, Repo
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.checksums import MIB

@@ -15,10 +15,8 @@ from immich_stream.backup.upload import FileUploader, UploadWorkers
 from immich_stream.backup.walk import walk
 from immich_stream.config import Settings
 from immich_stream.progress import Reporter
-from immich_stream.repository.repo import (
-    ManifestLine,
-    Repo,
-)
+from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.repo import Repo
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.checksums import MIB

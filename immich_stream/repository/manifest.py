@@ -1,0 +1,251 @@
+"""Manifests (docs/format.md): one JSON line per walked entry, in walk order, gzipped and
+streamed both ways (no whole manifest in memory); in an authenticated repository each block
+of lines is followed by its MAC line (auth.py), and a reader acts on a block only once its
+MAC matched. Journals (repo.py) are manifest lines too; gunzip_stream reads both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from immich_stream.errors import RepoError
+from immich_stream.repository.auth import MAX_BLOCK, ManifestMac, forged, is_auth_line
+from immich_stream.repository.layout import ROOTS, escape_path, unescape_path
+from immich_stream.repository.sealed import SealedStore
+from immich_stream.s3.budget import ByteBudget
+
+
+class WalkedEntry(Protocol):
+    """What a manifest line records of an entry the walk found (backup/walk.py's Entry)."""
+
+    relpath: bytes
+    type: str
+    size: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+    inode: int
+    target: bytes | None
+    ctime_ns: int
+    dev: int
+
+
+def path_order(relpath: bytes) -> tuple[bytes, ...]:
+    """The walk's order (backup/walk.py): depth first, each directory's names by their
+    bytes, a directory before its contents; the walk and a manifest merge by it."""
+    return tuple(relpath.split(b"/")) if relpath else ()
+
+
+@dataclass(slots=True)
+class ManifestLine:
+    root: str
+    path: str  # escaped
+    type: str
+    size: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+    inode: int
+    sha256: str | None = None
+    key: str | None = None  # relative to the prefix
+    target: str | None = None  # escaped symlink target
+    # None in manifests written before they were recorded: such lines are compared by
+    # size, mtime and inode alone, once; the next manifest has them.
+    ctime_ns: int | None = None
+    dev: int | None = None
+    # bytes of the object in the bucket when that differs from size (encrypted: an age file)
+    stored: int | None = None
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {
+            "root": self.root,
+            "path": self.path,
+            "type": self.type,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "inode": self.inode,
+        }
+        if self.sha256 is not None:
+            d["sha256"] = self.sha256
+        if self.key is not None:
+            d["key"] = self.key
+        if self.target is not None:
+            d["target"] = self.target
+        if self.ctime_ns is not None:
+            d["ctime_ns"] = self.ctime_ns
+        if self.dev is not None:
+            d["dev"] = self.dev
+        if self.stored is not None:
+            d["stored"] = self.stored
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ManifestLine:
+        d = json.loads(text)
+        return cls(
+            d["root"],
+            d["path"],
+            d["type"],
+            d.get("size", 0),
+            d["mtime_ns"],
+            d["mode"],
+            d.get("uid", 0),
+            d.get("gid", 0),
+            d.get("inode", 0),
+            d.get("sha256"),
+            d.get("key"),
+            d.get("target"),
+            d.get("ctime_ns"),
+            d.get("dev"),
+            d.get("stored"),
+        )
+
+    @classmethod
+    def from_entry(cls, root: str, e: WalkedEntry) -> ManifestLine:
+        return cls(
+            root,
+            escape_path(e.relpath),
+            e.type,
+            e.size,
+            e.mtime_ns,
+            e.mode,
+            e.uid,
+            e.gid,
+            e.inode,
+            target=escape_path(e.target) if e.target is not None else None,
+            ctime_ns=e.ctime_ns,
+            dev=e.dev,
+        )
+
+    @property
+    def object_size(self) -> int:
+        """The size of the object in the bucket (a listing shows it)."""
+        return self.size if self.stored is None else self.stored
+
+    @property
+    def relpath(self) -> bytes:
+        return unescape_path(self.path)
+
+    def order(self) -> tuple[int, tuple[bytes, ...]]:
+        return (ROOTS.index(self.root), path_order(self.relpath))
+
+
+class ManifestWriter:
+    """Gzipped JSON lines streamed to S3 as they come (no whole manifest in memory); in an
+    authenticated repository each flushed block is followed by its MAC line (auth.py)."""
+
+    def __init__(
+        self, store: SealedStore, key: str, budget: ByteBudget, part_size: int, mac: ManifestMac | None = None
+    ) -> None:
+        self._out = store.stream(key, budget, part_size)
+        self._mac = mac
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self.lines = 0
+
+    async def __aenter__(self) -> ManifestWriter:
+        return self
+
+    async def add(self, line: ManifestLine) -> None:
+        raw = line.to_json().encode() + b"\n"
+        self.lines += 1
+        if self._mac is not None:
+            self._mac.add(raw)
+        self._pending.append(raw)
+        self._pending_size += len(raw)
+        if self._pending_size >= 1 << 20:
+            await self._flush()
+
+    async def _flush(self, end: bool = False) -> None:
+        if self._mac is not None and (self._pending or end):
+            self._pending.append(self._mac.seal_line(end))
+        data = self._z.compress(b"".join(self._pending))
+        self._pending, self._pending_size = [], 0
+        await self._out.write(data)
+
+    async def finish(self) -> None:
+        await self._flush(end=True)
+        await self._out.write(self._z.flush())
+        await self._out.finish()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._out.__aexit__(*exc)
+
+
+async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Decompress a (possibly multi-member) gzip stream chunk by chunk; raise if truncated."""
+    z = zlib.decompressobj(31)
+    fed = False  # has the current member received any input?
+    async for chunk in chunks:
+        while chunk:
+            fed = True
+            try:
+                out = z.decompress(chunk)
+            except zlib.error as exc:
+                raise RepoError(f"a gzip stream is corrupt ({exc}): run `verify --read-data`") from None
+            if out:
+                yield out
+            if z.eof:
+                chunk = z.unused_data
+                z = zlib.decompressobj(31)
+                fed = False
+            else:
+                chunk = b""
+    if fed and not z.eof:
+        raise RepoError("a gzip stream ends early: the object is truncated; run `verify --read-data`")
+
+
+def key_digest(key: str) -> bytes:
+    """A compact stand-in for an object key in sets of a whole repository's keys
+    (10 bytes: collisions are out of reach for any library)."""
+    return hashlib.blake2b(key.encode(), digest_size=10).digest()
+
+
+async def read_lines(
+    chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, hold: bool = False, where: str = ""
+) -> AsyncIterator[ManifestLine]:
+    """The lines of a manifest-like gzip stream. With `mac` (an authenticated repository)
+    MAC lines are checked; with `hold` a block's lines come only once its MAC matched
+    (without, during a set-up under way, lines pass at once)."""
+    rest = b""
+    block: list[ManifestLine] = []
+    async for data in gunzip_stream(chunks):
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        for raw in lines:
+            if not raw:
+                continue
+            if mac is None:
+                yield ManifestLine.from_json(raw)
+            elif is_auth_line(raw):
+                mac.check_line(raw, where)
+                for line in block:
+                    yield line
+                block.clear()
+            else:
+                if mac.ended:
+                    raise forged(f"{where}: lines after its last authenticated block")
+                mac.add(raw + b"\n")
+                if not hold:
+                    yield ManifestLine.from_json(raw)
+                    continue
+                if mac.block_bytes > MAX_BLOCK:
+                    raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
+                block.append(ManifestLine.from_json(raw))
+    if rest:
+        if mac is not None:
+            raise forged(f"{where}: its last line has no end")
+        yield ManifestLine.from_json(rest)
+    if mac is not None and not mac.ended and (hold or mac.seq):
+        raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")
