@@ -37,7 +37,7 @@ from immich_stream.postgres import TABLE_NAME, DumpScanner, ensure_database, psq
 from immich_stream.progress import Reporter
 from immich_stream.repo import ManifestLine, Repo, Snapshot
 from immich_stream.restore import file_sql, prepare_dump, psql_stream, snapshot_sql
-from immich_stream.session import open_repo, reader
+from immich_stream.session import open_repo, reader, reading, still_reading
 from immich_stream.stack import connect
 from immich_stream.store import Store
 from immich_stream.thaw import thaw
@@ -323,6 +323,7 @@ async def check_files(
             size = 0
             try:
                 async for chunk in store.iter_object(repo.object_key(line.key)):
+                    still_reading(repo)
                     h.update(chunk)
                     size += len(chunk)
                     phase.update(len(chunk))
@@ -440,11 +441,11 @@ async def run_drill(
                     report.mismatches.append(f"earthdistance query failed: {exc}")
 
         try:
-            if store is None:
+            if store is None or repo is None:
                 await restore_and_check()
             else:
                 hung = s3_hang(store, settings.stall_timeout, "the drill stopped; nothing live was touched")
-                await with_watchdog(store, math.inf, restore_and_check(), hung)
+                await with_watchdog(store, math.inf, restore_and_check(), reading(repo, hung))
         finally:
             phase.close()
         if files and snap is not None and store is not None and repo is not None:

@@ -54,7 +54,7 @@ from immich_stream.postgres import (
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
-from immich_stream.session import open_repo, reader
+from immich_stream.session import open_repo, reader, reading, still_reading
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
 from immich_stream.thaw import archived_digests, thaw
@@ -681,6 +681,7 @@ async def restore_files(
 
         async def produce() -> None:
             async for line in repo.read_manifest(snap.id):
+                still_reading(repo)
                 if not _matches(line, wanted, includes):
                     continue
                 rel = restorer.dest(line)  # refuses unsafe paths before anything is written for them
@@ -755,7 +756,10 @@ async def restore_files(
                 repo.store,
                 math.inf,
                 transfer(),
-                s3_hang(repo.store, settings.stall_timeout, "the restore stopped; the same command resumes it"),
+                reading(
+                    repo,
+                    s3_hang(repo.store, settings.stall_timeout, "the restore stopped; the same command resumes it"),
+                ),
             )
         finally:
             phase.close()
@@ -777,7 +781,7 @@ async def restore_files(
                     repo.store,
                     math.inf,
                     _find_copies(repo, snap, failures, copies),
-                    s3_hang(repo.store, settings.stall_timeout, "the search for other copies stopped"),
+                    reading(repo, s3_hang(repo.store, settings.stall_timeout, "the search for other copies stopped")),
                 )
             finally:  # named even when S3 stops answering meanwhile
                 _name_failures(failures, copies, stats.problems)
@@ -985,6 +989,7 @@ async def _restore_database_locked(
     async with connect() as docker, contextlib.AsyncExitStack() as exits:
         store: Store | None = None
         snap: Snapshot | None = None
+        repo: Repo | None = None
         if from_file is None:
             repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "restore")))
             store = repo.store
@@ -1045,13 +1050,13 @@ async def _restore_database_locked(
                 await guard.restore()
 
         try:
-            if store is None:
+            if store is None or repo is None:
                 await work()
             else:
                 # psql may rightly be silent for long (an index on a large table): only S3 not
                 # answering for the stall timeout fails the restore (rolled back, apps started).
                 hung = s3_hang(store, settings.stall_timeout, "the restore was rolled back and the stack started again")
-                await with_watchdog(store, math.inf, work(), hung)
+                await with_watchdog(store, math.inf, work(), reading(repo, hung))
         finally:
             phase.close()
     return snap, DatabaseRestored(sent, time.monotonic() - started, guard.downtime)
@@ -1184,6 +1189,7 @@ async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, 
             try:
                 with os.fdopen(fd, "wb") as fh:
                     async for chunk in store.iter_object(key):
+                        still_reading(repo)
                         h.update(chunk)
                         size += len(chunk)
                         await asyncio.to_thread(fh.write, chunk)

@@ -8,12 +8,12 @@ refuses naming them; prune and key rewrites hold it alone."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from immich_stream.age import load_keys
 from immich_stream.config import Settings
-from immich_stream.errors import ForgedError, RepoError
+from immich_stream.errors import ForgedError, ImmichStreamError, RepoError
 from immich_stream.locks import RepoLock
 from immich_stream.repo import Repo
 from immich_stream.store import Store, why_no_repository
@@ -32,6 +32,22 @@ class LockSpec:
 def reader(settings: Settings, command: str) -> LockSpec:
     """The shared lock of a command that reads snapshots: many at once, and beside backups."""
     return LockSpec(command, exclusive=False, wait=settings.lock_wait)
+
+
+def reading(repo: Repo, limit: Callable[[], ImmichStreamError | None]) -> Callable[[], ImmichStreamError | None]:
+    """A reader's watchdog limit: its lost lock first (the refresher has stopped, so prune may
+    delete the snapshot being read), then `limit`."""
+
+    def check() -> ImmichStreamError | None:
+        return (repo.lock.lost() if repo.lock is not None else None) or limit()
+
+    return check
+
+
+def still_reading(repo: Repo) -> None:
+    """Raise the lost lock's error of a reader (see reading) between the files it reads."""
+    if repo.lock is not None and (error := repo.lock.lost()) is not None:
+        raise error
 
 
 @contextlib.asynccontextmanager

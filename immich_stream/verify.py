@@ -21,7 +21,7 @@ from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
-from immich_stream.session import open_repo, reader
+from immich_stream.session import open_repo, reader, still_reading
 from immich_stream.store import ARCHIVED_CLASSES, Store
 from immich_stream.thaw import thaw
 
@@ -96,6 +96,7 @@ async def _verify_snapshot(
 
     async def produce() -> None:
         async for line in repo.read_manifest(snap.id):
+            still_reading(repo)
             if line.type != "file":
                 continue
             report.objects += 1
@@ -129,6 +130,7 @@ async def _verify_snapshot(
             n = 0
             try:
                 async for chunk in store.iter_object(repo.object_key(key)):
+                    still_reading(repo)
                     h.update(chunk)
                     n += len(chunk)
             except DecryptError as exc:  # an encrypted object that does not authenticate
