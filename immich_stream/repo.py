@@ -874,7 +874,8 @@ class Repo:
                 if not raw:
                     continue
                 if mac is None:
-                    yield ManifestLine.from_json(raw)
+                    if not is_auth_line(raw):  # read unchecked (no key, TRUST_BUCKET): a MAC is no entry
+                        yield ManifestLine.from_json(raw)
                 elif is_auth_line(raw):
                     mac.check_line(raw, where)
                     for line in block:
@@ -893,6 +894,7 @@ class Repo:
         if rest:
             if mac is not None:
                 raise forged(f"{where}: its last line has no end")
-            yield ManifestLine.from_json(rest)
+            if not is_auth_line(rest):
+                yield ManifestLine.from_json(rest)
         if mac is not None and not mac.ended and (hold or mac.seq):
             raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")

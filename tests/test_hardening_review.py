@@ -8,6 +8,10 @@ write_snapshot) into a bucket on the real rclone S3 server; the real CLI reads t
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import gzip
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -16,7 +20,8 @@ import pytest
 
 from tests.conftest import bucket_of
 from tests.helpers import run_cli, start_cli, wait_for
-from tests.test_hardening_restore import photos, restored, write_snapshot
+from tests.test_encryption import keygen
+from tests.test_hardening_restore import DUMP_SQL, photos, restored, write_snapshot
 
 EXIT_PARTIAL = 7
 EXIT_FORGED = 8
@@ -56,3 +61,97 @@ def test_a_reader_whose_lock_was_removed_stops_before_prune_can_delete_its_snaps
         got = restored(target)
         assert got and len(got) < len(entries), "it stopped midway; what it wrote stays"
         assert all(body == entries[os.fsdecode(rel).removeprefix("library/")].body for rel, body in got.items())
+
+
+# -- 2: the offline key alone restores an authenticated repository ---------------------------------
+
+
+@pytest.fixture
+def auth_repo(s3_env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Path, str, dict[str, bytes]]:
+    """An encrypted, authenticated repository (the identity file carries the ready auth line)
+    with one snapshot of three files written as a backup writes them; also the offline
+    recovery key (a recipient), without the auth line. Returns (env, offline key, id, files)."""
+    from immich_stream import config
+    from immich_stream.age import load_keys
+    from immich_stream.auth import RepoAuth
+    from immich_stream.budget import ByteBudget
+    from immich_stream.repo import ManifestLine, ManifestWriter, Repo, new_snapshot_id
+    from immich_stream.store import Store
+    from immich_stream.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
+
+    own, offline = tmp_path / "own.key", tmp_path / "offline.key"
+    keygen(own)
+    offline_pub = keygen(offline)
+    own.write_text(own.read_text() + RepoAuth(os.urandom(32), ready=True).line() + "\n")
+    env = dict(s3_env, IMMICH_STREAM_AGE_IDENTITY=str(own), IMMICH_STREAM_AGE_RECIPIENTS=offline_pub)
+    settings = config.load(environ=env)
+    files = {f"upload/p{i}.jpg": f"photo {i} ".encode() * 100 for i in range(3)}
+
+    async def main() -> str:
+        keys = load_keys(settings.age_identity, settings.age_recipients)
+        async with Store(settings) as store:
+            repo = Repo(store, settings.prefix)
+            await repo.ensure_config(keys)
+            await repo.check_config(keys, writing=True, upgrade=True)
+            assert repo.auth is not None and repo.auth_required
+            sid = new_snapshot_id()
+            budget = ByteBudget(64 << 20)
+            async with ManifestWriter(
+                store, repo.manifest_key(sid), budget, settings.part_size, repo.manifest_mac(sid)
+            ) as writer:
+                for path, body in files.items():
+                    key = repo.data_key(sid, "library", path)
+                    await store.put(repo.object_key(key), body)
+                    sha = hashlib.sha256(body).hexdigest()
+                    stored = store.sealing.size(len(body)) if store.sealing else None
+                    line = ManifestLine("library", path, "file", len(body), 10**18, 0o644, 0, 0, 1, sha, key)
+                    line.stored = stored
+                    await writer.add(line)
+                await writer.finish()
+            dump = gzip.compress(DUMP_SQL)
+            await store.put(repo.dump_key(sid), dump)
+            database = DatabaseInfo(
+                repo.relative_key(repo.dump_key(sid)),
+                "immich",
+                len(DUMP_SQL),
+                len(dump),
+                hashlib.sha256(DUMP_SQL).hexdigest(),
+                hashlib.sha256(dump).hexdigest(),
+                store.sealing.size(len(dump)) if store.sealing else None,
+            )
+            await repo.commit(
+                SnapshotSummary(
+                    id=sid,
+                    time=dt.datetime.now(dt.UTC).isoformat(),
+                    roots={"library": "/photos"},
+                    root_meta={"library": RootMeta(0o755, 0, 0, 10**18)},
+                    files=FileCounts(files=len(files), bytes_total=sum(map(len, files.values()))),
+                    manifest=ManifestInfo(repo.relative_key(repo.manifest_key(sid)), len(files)),
+                    database=database,
+                )
+            )
+            return sid
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", env["AWS_ACCESS_KEY_ID"])
+        mp.setenv("AWS_SECRET_ACCESS_KEY", env["AWS_SECRET_ACCESS_KEY"])
+        sid = asyncio.run(main())
+    return env, offline, sid, files
+
+
+def test_the_offline_key_alone_restores_an_authenticated_repository_when_trusted(
+    auth_repo: tuple[dict[str, str], Path, str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Disaster recovery: the backup host is gone, only the offline recovery key (no
+    `# immich-stream-auth:` line) is left. With IMMICH_STREAM_TRUST_BUCKET=1, as the error
+    offers, restore and verify read the repository unchecked: the MAC lines of its
+    manifests are not files."""
+    env, offline, sid, files = auth_repo
+    offline_env = dict(env, IMMICH_STREAM_AGE_IDENTITY=str(offline), IMMICH_STREAM_TRUST_BUCKET="1")
+    offline_env.pop("IMMICH_STREAM_AGE_RECIPIENTS")
+    target = tmp_path / "target"
+    r = run_cli("restore", sid, "--to", str(target), env=offline_env)
+    assert r.code == 0, r.err
+    assert restored(target) == {os.fsencode(f"library/{p}"): body for p, body in files.items()}
+    r = run_cli("verify", sid, "--read-data", env=offline_env)
+    assert r.code == 0, r.out + r.err
