@@ -218,6 +218,33 @@ class ManifestLine:
         )
 
     @classmethod
+    def parse(cls, raw: bytes, damaged: bool) -> ManifestLine:
+        """from_json; with `damaged`, a line of the wrong shape is a DamagedLine instead of
+        an exception (a reader that can go on without that entry: restore, verify)."""
+        if not damaged:
+            return cls.from_json(raw)
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            return DamagedLine("?", "?", "damaged", 0, 0, 0, 0, 0, 0, damage="not JSON")
+        if not isinstance(d, dict):
+            return DamagedLine("?", "?", "damaged", 0, 0, 0, 0, 0, 0, damage="not a JSON object")
+        wrong = [n for n in ("root", "path", "type") if not isinstance(d.get(n), str)]
+        wrong += [n for n in ("mtime_ns", "mode") if type(d.get(n)) is not int]
+        # optional fields may be absent or null (as older versions may have written them)
+        wrong += [
+            n
+            for n in ("size", "uid", "gid", "inode", "ctime_ns", "dev", "stored")
+            if d.get(n) is not None and type(d[n]) is not int
+        ]
+        wrong += [n for n in ("sha256", "key", "target") if d.get(n) is not None and not isinstance(d[n], str)]
+        if not wrong:
+            return cls.from_json(raw)
+        root, path = (v if isinstance(v := d.get(n), str) else "?" for n in ("root", "path"))
+        what = ", ".join(f"{n} {d[n]!r}" if n in d else f"no {n}" for n in wrong)
+        return DamagedLine(root, path, "damaged", 0, 0, 0, 0, 0, 0, damage=what[:200])
+
+    @classmethod
     def from_entry(cls, root: str, e: Entry) -> ManifestLine:
         return cls(
             root,
@@ -245,6 +272,14 @@ class ManifestLine:
 
     def order(self) -> tuple[int, tuple[bytes, ...]]:
         return (ROOTS.index(self.root), sort_key(self.relpath))
+
+
+@dataclass(slots=True)
+class DamagedLine(ManifestLine):
+    """A manifest line of the wrong shape (ManifestLine.parse): its root and path where
+    readable ("?" otherwise), type "damaged", and what is wrong with it."""
+
+    damage: str = ""
 
 
 @dataclass
@@ -822,18 +857,20 @@ class Repo:
         """Write snapshot.json: from now on the snapshot exists."""
         await self.store.put(self.summary_key(summary.id), self.summary_bytes(summary), "application/json")
 
-    async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        async for line in self.read_lines_at(self.manifest_key(snap_id)):
+    async def read_manifest(self, snap_id: str, damaged: bool = False) -> AsyncIterator[ManifestLine]:
+        """The snapshot's manifest lines; with `damaged`, a line of the wrong shape comes as
+        a DamagedLine (the reader names it and goes on) instead of failing the read."""
+        async for line in self.read_lines_at(self.manifest_key(snap_id), damaged):
             yield line
 
-    async def read_lines_at(self, key: str) -> AsyncIterator[ManifestLine]:
+    async def read_lines_at(self, key: str, damaged: bool = False) -> AsyncIterator[ManifestLine]:
         """The lines of a manifest-like object, streamed; in an authenticated repository a
         block of lines only once its MAC matched (auth.py)."""
         parts = self.relative_key(key).split("/")
         mac = None
         if len(parts) == 3 and parts[0] == "snapshots" and is_snapshot_id(parts[1]):
             mac = self.manifest_mac(parts[1])
-        async for line in self._read_lines(self.store.iter_object(key), mac, key):
+        async for line in self._read_lines(self.store.iter_object(key), mac, key, damaged):
             yield line
 
     async def read_journal(self, keys: list[str], what: str) -> AsyncIterator[ManifestLine]:
@@ -862,7 +899,7 @@ class Repo:
                 yield line
 
     async def _read_lines(
-        self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = ""
+        self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = "", damaged: bool = False
     ) -> AsyncIterator[ManifestLine]:
         rest = b""
         block: list[ManifestLine] = []
@@ -875,7 +912,7 @@ class Repo:
                     continue
                 if mac is None:
                     if not is_auth_line(raw):  # read unchecked (no key, TRUST_BUCKET): a MAC is no entry
-                        yield ManifestLine.from_json(raw)
+                        yield ManifestLine.parse(raw, damaged)
                 elif is_auth_line(raw):
                     mac.check_line(raw, where)
                     for line in block:
@@ -886,15 +923,15 @@ class Repo:
                         raise forged(f"{where}: lines after its last authenticated block")
                     mac.add(raw + b"\n")
                     if not hold:
-                        yield ManifestLine.from_json(raw)
+                        yield ManifestLine.parse(raw, damaged)
                         continue
                     if mac.block_bytes > MAX_BLOCK:
                         raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
-                    block.append(ManifestLine.from_json(raw))
+                    block.append(ManifestLine.parse(raw, damaged))
         if rest:
             if mac is not None:
                 raise forged(f"{where}: its last line has no end")
             if not is_auth_line(rest):
-                yield ManifestLine.from_json(rest)
+                yield ManifestLine.parse(rest, damaged)
         if mac is not None and not mac.ended and (hold or mac.seq):
             raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")

@@ -53,7 +53,16 @@ from immich_stream.postgres import (
 )
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repo import ROOTS, ManifestLine, Repo, Snapshot, gunzip_stream, key_digest, unescape_path
+from immich_stream.repo import (
+    ROOTS,
+    DamagedLine,
+    ManifestLine,
+    Repo,
+    Snapshot,
+    gunzip_stream,
+    key_digest,
+    unescape_path,
+)
 from immich_stream.session import open_repo, reader, reading, still_reading
 from immich_stream.stack import Stack, StackGuard, connect, recover
 from immich_stream.store import _TRANSIENT_CODES, CHUNK_SHARED, SMALL_FACTOR, SMALL_OBJECT, Store
@@ -205,7 +214,7 @@ async def _check_something_matches(
     if not includes:
         return
     folder = None  # a directory matched: it alone is not what a restore is for
-    async for line in repo.read_manifest(snap.id):  # up to the first file or symlink matched
+    async for line in repo.read_manifest(snap.id, damaged=True):  # up to the first file or symlink matched
         if _matches(line, wanted, includes):
             if line.type != "dir":
                 return
@@ -595,7 +604,7 @@ async def _find_copies(
 
     for sid in others:
         try:
-            async for other in repo.read_manifest(sid):
+            async for other in repo.read_manifest(sid, damaged=True):
                 if other.type != "file" or other.sha256 not in by_sha or other.key is None:
                     continue
                 for i in by_sha[other.sha256]:
@@ -680,8 +689,13 @@ async def restore_files(
                 stats.problems.add(f"{line.root}/{line.path}: not restored: {exc}")
 
         async def produce() -> None:
-            async for line in repo.read_manifest(snap.id):
+            async for line in repo.read_manifest(snap.id, damaged=True):
                 still_reading(repo)
+                if isinstance(line, DamagedLine):  # its root unreadable: named whatever was asked for
+                    if line.root not in ROOTS or _matches(line, wanted, includes):
+                        stats.files += 1
+                        problem(line, RepoError(f"its manifest line is damaged ({line.damage}): run `verify`"))
+                    continue
                 if not _matches(line, wanted, includes):
                     continue
                 rel = restorer.dest(line)  # refuses unsafe paths before anything is written for them
@@ -801,7 +815,7 @@ async def _thaw_needed(
     if not archived:
         return
     needed: dict[bytes, str] = {}
-    async for line in repo.read_manifest(snap.id):
+    async for line in repo.read_manifest(snap.id, damaged=True):
         if line.type == "file" and line.key is not None and _matches(line, roots, includes):
             d = key_digest(line.key)
             if d in archived:

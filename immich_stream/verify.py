@@ -20,7 +20,7 @@ from immich_stream.config import Settings
 from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
-from immich_stream.repo import Repo, Snapshot, gunzip_stream, key_digest
+from immich_stream.repo import DamagedLine, Repo, Snapshot, gunzip_stream, key_digest
 from immich_stream.session import open_repo, reader, still_reading
 from immich_stream.store import ARCHIVED_CLASSES, Store
 from immich_stream.thaw import thaw
@@ -64,7 +64,7 @@ async def verify(
             # with the same --thaw-days/--thaw-tier/--no-wait as restore
             needed: dict[bytes, str] = {}
             for snap in snaps:
-                async for line in repo.read_manifest(snap.id):
+                async for line in repo.read_manifest(snap.id, damaged=True):
                     if line.type == "file" and line.key is not None and key_digest(line.key) in archived:
                         needed.setdefault(key_digest(line.key), repo.object_key(line.key))
             await thaw(store, needed.values(), settings, reporter, wait)
@@ -95,8 +95,11 @@ async def _verify_snapshot(
     queue: asyncio.Queue[tuple[str, str, int, str] | None] = asyncio.Queue(jobs * 4)
 
     async def produce() -> None:
-        async for line in repo.read_manifest(snap.id):
+        async for line in repo.read_manifest(snap.id, damaged=True):
             still_reading(repo)
+            if isinstance(line, DamagedLine):
+                report.problem(f"snapshot {snap.id}: {line.root}/{line.path}: damaged manifest line ({line.damage})")
+                continue
             if line.type != "file":
                 continue
             report.objects += 1

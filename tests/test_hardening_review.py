@@ -155,3 +155,49 @@ def test_the_offline_key_alone_restores_an_authenticated_repository_when_trusted
     assert restored(target) == {os.fsencode(f"library/{p}"): body for p, body in files.items()}
     r = run_cli("verify", sid, "--read-data", env=offline_env)
     assert r.code == 0, r.out + r.err
+
+
+# -- 3: a manifest line of the wrong shape costs only its entry ----------------------------------
+
+DAMAGED_LINES = {
+    "size-a-string": lambda d: d.update(size="12"),
+    "mode-a-float": lambda d: d.update(mode=420.5),
+    "mode-missing": lambda d: d.pop("mode"),
+    "path-a-number": lambda d: d.update(path=5),
+    "not-json": None,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_LINES)
+def test_a_manifest_line_of_the_wrong_shape_costs_only_its_entry(
+    s3_env: dict[str, str], tmp_path: Path, damage: str
+) -> None:
+    """A plain repository's manifest line with a field of the wrong type, a field missing,
+    or no JSON at all: restore names it damaged and brings back every other file (exit 7,
+    partial); verify names it as a problem. Never an internal error that stops it all."""
+    import json
+
+    entries = photos(4)
+    sid = write_snapshot(s3_env, entries)
+    bucket = bucket_of(s3_env)
+    key = f"snapshots/{sid}/manifest.jsonl.gz"
+    lines = gzip.decompress(bucket.get(key)).split(b"\n")
+    change = DAMAGED_LINES[damage]
+    if change is None:
+        lines[1] = b'{"root":"library","path":"upload/p001.jpg",garbage'
+    else:
+        d = json.loads(lines[1])
+        change(d)
+        lines[1] = json.dumps(d).encode()
+    bucket.put(key, gzip.compress(b"\n".join(lines)))
+    target = tmp_path / "target"
+    r = run_cli("restore", sid, "--to", str(target), env=s3_env)
+    assert r.code == EXIT_PARTIAL, r.err
+    assert "internal error" not in r.err
+    assert any("manifest line is damaged" in ln for ln in r.err.splitlines()), r.err
+    assert restored(target) == {
+        os.fsencode(f"library/{p}"): e.body for p, e in entries.items() if p != "upload/p001.jpg"
+    }
+    r = run_cli("verify", sid, env=s3_env)
+    assert r.code == 1 and "internal error" not in r.err, r.out + r.err
+    assert any("damaged" in ln for ln in r.out.splitlines() if ln.startswith("problem")), r.out
