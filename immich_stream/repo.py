@@ -902,7 +902,7 @@ class Repo:
         self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = "", damaged: bool = False
     ) -> AsyncIterator[ManifestLine]:
         rest = b""
-        block: list[ManifestLine] = []
+        block: list[bytes] = []  # parsed once their MAC matched: a forged line is forged, whatever its shape
         hold = mac is not None and self.auth_required  # otherwise (a set-up under way) lines pass at once
         async for data in gunzip_stream(chunks):
             lines = (rest + data).split(b"\n")
@@ -915,8 +915,8 @@ class Repo:
                         yield ManifestLine.parse(raw, damaged)
                 elif is_auth_line(raw):
                     mac.check_line(raw, where)
-                    for line in block:
-                        yield line
+                    for held in block:
+                        yield ManifestLine.parse(held, damaged)
                     block.clear()
                 else:
                     if mac.ended:
@@ -927,7 +927,7 @@ class Repo:
                         continue
                     if mac.block_bytes > MAX_BLOCK:
                         raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
-                    block.append(ManifestLine.parse(raw, damaged))
+                    block.append(raw)
         if rest:
             if mac is not None:
                 raise forged(f"{where}: its last line has no end")

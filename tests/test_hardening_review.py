@@ -201,3 +201,38 @@ def test_a_manifest_line_of_the_wrong_shape_costs_only_its_entry(
     r = run_cli("verify", sid, env=s3_env)
     assert r.code == 1 and "internal error" not in r.err, r.out + r.err
     assert any("damaged" in ln for ln in r.out.splitlines() if ln.startswith("problem")), r.out
+
+
+# -- 4: a forged manifest line is forged, whatever its shape ---------------------------------------
+
+
+def test_a_forged_manifest_line_of_the_wrong_shape_is_named_forged(
+    auth_repo: tuple[dict[str, str], Path, str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Someone with only the bucket rewrites a manifest of an authenticated repository
+    (sealed to the public keys, which anyone may), dropping a field of a line: the block's
+    MAC decides before the line is parsed, so restore, verify and prune say forged (exit 8),
+    not an internal error; prune deletes nothing."""
+    import json
+    import subprocess
+
+    from tests.test_encryption import age_decrypt
+    from tests.test_hardening_auth import _seal_for
+
+    env, _offline, sid, _files = auth_repo
+    bucket = bucket_of(env)
+    own = Path(env["IMMICH_STREAM_AGE_IDENTITY"])
+    own_pub = subprocess.run(["age-keygen", "-y", str(own)], capture_output=True, text=True, check=True).stdout
+    key = f"snapshots/{sid}/manifest.jsonl.gz"
+    lines = gzip.decompress(age_decrypt(bucket.get(key), own)).split(b"\n")
+    d = json.loads(lines[0])
+    d.pop("mode")
+    lines[0] = json.dumps(d).encode()
+    recipients = [own_pub.strip(), env["IMMICH_STREAM_AGE_RECIPIENTS"]]
+    bucket.put(key, _seal_for(gzip.compress(b"\n".join(lines)), recipients))
+    before = bucket.keys()
+    for args in (["restore", sid, "--to", str(tmp_path / "t")], ["verify", sid], ["prune", "--keep-last", "1"]):
+        r = run_cli(*args, env=env)
+        assert r.code == EXIT_FORGED, (args, r.err)
+        assert "internal error" not in r.err, r.err
+    assert bucket.keys().keys() == before.keys()
