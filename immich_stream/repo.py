@@ -637,10 +637,27 @@ class Repo:
             )
         self.store.sealing = Sealing(tuple(current), keys.identities, (self.data_prefix(), self._k("snapshots/")))
 
-    async def read_config(self) -> dict[str, Any]:
+    async def read_config(self, keys: Keys | None = None) -> dict[str, Any]:
+        """config.json; when `keys` hold the repository's ready authentication key, forged
+        unless its MAC matches, before any of it (format, version, encryption) is believed."""
         key = self.config_key()
+        raw = await self.store.get(key)
+        auth = keys.auth if keys is not None and keys.auth is not None and keys.auth.ready else None
+        if keys is not None and auth is not None and not trust_bucket():
+            try:
+                signed = json.loads(raw)
+            except ValueError:
+                signed = None
+            claim = signed.get("auth") if isinstance(signed, dict) else None
+            body = {k: v for k, v in signed.items() if k != "auth"} if isinstance(signed, dict) else {}
+            if not isinstance(claim, dict) or not auth.check("config.json", claim.get("mac"), canonical(body)):
+                raise forged(
+                    f"{key} carries no valid MAC, yet {keys.path} holds the repository's authentication key "
+                    f"(if this repository was written by an older immich-stream, set {TRUST_ENV}=1 for one backup "
+                    "to authenticate it as it is)"
+                )
         try:
-            cfg = json.loads(await self.store.get(key))
+            cfg = json.loads(raw)
         except ValueError:
             raise RepoError(f"{key} is not JSON: this prefix holds something else; choose another S3_PREFIX") from None
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("version"), int):
@@ -661,7 +678,7 @@ class Repo:
                 f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
                 ": check S3_BUCKET and S3_PREFIX, or run `backup` first"
             )
-        cfg = await self.read_config()
+        cfg = await self.read_config(keys)
         if cfg["version"] > VERSION:
             raise RepoError(
                 f"repository format {cfg['version']} is newer than this immich-stream knows "

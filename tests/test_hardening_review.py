@@ -236,3 +236,39 @@ def test_a_forged_manifest_line_of_the_wrong_shape_is_named_forged(
         assert r.code == EXIT_FORGED, (args, r.err)
         assert "internal error" not in r.err, r.err
     assert bucket.keys().keys() == before.keys()
+
+
+# -- 5: a replaced config.json is forged when the identity carries the auth key -------------------
+
+REPLACED_CONFIGS = {
+    "plain": lambda cfg: json_bytes({k: v for k, v in cfg.items() if k not in ("encryption", "auth")}),
+    "newer-version": lambda cfg: json_bytes(dict(cfg, version=99)),
+    "not-json": lambda cfg: b"<html>not a repository</html>",
+}
+
+
+def json_bytes(d: dict) -> bytes:
+    import json
+
+    return json.dumps(d).encode()
+
+
+@pytest.mark.parametrize("replaced", REPLACED_CONFIGS)
+def test_a_replaced_config_json_is_forged_when_the_identity_holds_the_auth_key(
+    auth_repo: tuple[dict[str, str], Path, str, dict[str, bytes]], tmp_path: Path, replaced: str
+) -> None:
+    """With the repository's auth key in the identity file, a config.json without a valid MAC
+    is forged (exit 8) before any of its fields is believed: not "not encrypted: unset the
+    identity", "upgrade immich-stream" or "choose another S3_PREFIX", advice that leads a
+    user away from the real repository."""
+    import json
+
+    env, _offline, sid, _files = auth_repo
+    bucket = bucket_of(env)
+    cfg = json.loads(bucket.get("config.json"))
+    bucket.put("config.json", REPLACED_CONFIGS[replaced](cfg))
+    for args in (["snapshots"], ["restore", sid, "--to", str(tmp_path / "t")]):
+        r = run_cli(*args, env=env)
+        assert r.code == EXIT_FORGED, (args, r.err)
+        assert "config.json" in r.last_error, r.err
+    assert not (tmp_path / "t").exists()
