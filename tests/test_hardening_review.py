@@ -13,13 +13,14 @@ import datetime as dt
 import gzip
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import bucket_of
-from tests.helpers import run_cli, start_cli, wait_for
+from tests.conftest import CONTAINERS, ImmichStack, bucket_of, running_containers
+from tests.helpers import make_library, run_cli, start_cli, wait_for
 from tests.test_encryption import keygen
 from tests.test_hardening_restore import DUMP_SQL, photos, restored, write_snapshot
 
@@ -272,3 +273,45 @@ def test_a_replaced_config_json_is_forged_when_the_identity_holds_the_auth_key(
         assert r.code == EXIT_FORGED, (args, r.err)
         assert "config.json" in r.last_error, r.err
     assert not (tmp_path / "t").exists()
+
+
+# -- 6: the database's row count before the stop has a deadline ----------------------------------
+
+
+def test_a_row_count_blocked_by_a_table_lock_fails_the_backup_before_the_stop(
+    env: dict[str, str], stack: ImmichStack
+) -> None:
+    """Another session holds ACCESS EXCLUSIVE on `assets` (a migration, an admin's open
+    transaction): the shrink guard's count before the stop waits on it. The backup fails
+    within the stall timeout with one line saying so, nothing stopped, no snapshot; it never
+    hangs holding its repository lock."""
+    make_library(stack.library, photos=3, odd_names=False)
+    assert run_cli("backup", "--stop", "none", env=env).code == 0
+    bucket = bucket_of(env)
+    [good] = bucket.snapshots()
+    holder = subprocess.Popen(
+        ["docker", "exec", "-i", "immich_postgres", "psql", "-U", "postgres", "-d", "immich", "-X", "-q"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert holder.stdin is not None
+        holder.stdin.write("BEGIN; LOCK TABLE assets IN ACCESS EXCLUSIVE MODE;\n")
+        holder.stdin.flush()
+        held = "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND relation = 'assets'::regclass"
+        wait_for(lambda: stack.psql(held) == "1", 30, what="the table lock")
+        before = stack.started_at()
+        started = time.monotonic()
+        r = run_cli("backup", env=dict(env, IMMICH_STREAM_STALL_TIMEOUT="8s"), timeout=120)
+        assert r.code == 1, r.err
+        assert time.monotonic() - started < 60
+        errors = [ln for ln in r.err.splitlines() if ln.startswith("immich-stream: error:")]
+        assert len(errors) == 1 and "nothing was stopped" in errors[0] and "run again" in errors[0], r.err
+        assert stack.started_at() == before and running_containers() == set(CONTAINERS)
+        assert bucket.snapshots() == [good] and not bucket.keys("locks/")
+        # the server ends the abandoned count itself: no session is left queued on the table
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        wait_for(lambda: stack.psql(waiting) == "0", 30, what="no session left waiting on the lock")
+    finally:
+        holder.communicate("ROLLBACK;\n", timeout=30)
