@@ -315,3 +315,39 @@ def test_a_row_count_blocked_by_a_table_lock_fails_the_backup_before_the_stop(
         wait_for(lambda: stack.psql(waiting) == "0", 30, what="no session left waiting on the lock")
     finally:
         holder.communicate("ROLLBACK;\n", timeout=30)
+
+
+# -- 7: prune on SeaweedFS keeps the objects of old raw-backslash keys ----------------------------
+
+
+def test_prune_on_seaweedfs_keeps_objects_that_old_manifests_name_with_a_backslash(
+    s3_env: dict[str, str], seaweed_s3, tmp_path: Path
+) -> None:
+    """Snapshots written before keys escaped `\\` recorded the raw key; SeaweedFS stores and
+    lists it with `/`. prune must count that listed key as the one the manifest names, never
+    delete the object of a kept snapshot; restore then still brings the file back."""
+    import json
+
+    env = dict(s3_env, S3_ENDPOINT_URL=seaweed_s3.endpoint, S3_BUCKET=seaweed_s3.new_bucket())
+    entries = photos(3)
+    sid = write_snapshot(env, entries, hours_ago=2)
+    write_snapshot(env, photos(2, "newer"), hours_ago=1)
+    bucket = bucket_of(env)
+    key = f"snapshots/{sid}/manifest.jsonl.gz"
+    lines = [json.loads(ln) for ln in gzip.decompress(bucket.get(key)).splitlines() if ln]
+    old = lines[0]
+    body = bucket.get(old["key"])
+    bucket.delete(old["key"])
+    old["key"] = f"data/{sid}/library/upload/old\\p000.jpg"  # as an old version wrote it
+    bucket.put(old["key"], body)  # SeaweedFS keeps it as .../old/p000.jpg
+    listed = f"data/{sid}/library/upload/old/p000.jpg"
+    assert listed in bucket.keys("data/")
+    bucket.put(key, gzip.compress(b"".join(json.dumps(ln).encode() + b"\n" for ln in lines)))
+
+    r = run_cli("prune", "--keep-last", "2", env=env)
+    assert r.code == 0, r.err
+    assert listed in bucket.keys("data/"), "prune deleted the object of a kept snapshot"
+    target = tmp_path / "target"
+    r = run_cli("restore", sid, "--to", str(target), env=env)
+    assert r.code == 0, r.err
+    assert restored(target) == {os.fsencode(f"library/{p}"): e.body for p, e in entries.items()}
