@@ -665,13 +665,19 @@ class Repo:
         return cfg
 
     async def check_config(
-        self, keys: Keys | None = None, writing: bool = False, upgrade: bool = False, defer: bool = False
+        self,
+        keys: Keys | None = None,
+        writing: bool = False,
+        upgrade: bool = False,
+        defer: bool = False,
+        alone: bool = True,
     ) -> None:
         """Check the repository's format and set up its encryption: an encrypted one needs
         an identity it was encrypted to; a writer (backup) also the same recipients.
         config.json's MAC is checked before any of it is believed (auth.py); `upgrade` (a
         writer holding its lock) may set authentication up on a repository without it;
-        `defer`: such a writer's first look, before its lock (the check under it decides)."""
+        `defer`: such a writer's first look, before its lock (the check under it decides);
+        not `alone` (another run holds a lock too): the set-up is left to a later run."""
         key = self.config_key()
         if await self.store.head(key) is None:
             raise RepoError(
@@ -691,7 +697,10 @@ class Repo:
             self._encryption(cfg, keys, writing)
             setup = self._authenticate(cfg, keys, upgrade, defer)
         if setup is not None and keys is not None:
-            await self._set_up_auth(cfg, keys, setup)
+            if alone:
+                await self._set_up_auth(cfg, keys, setup)
+            else:  # two backups at once would each create a key
+                log.warning("another run holds %s: setting up its authentication is left to a later run", self.where())
 
     def _authenticate(self, cfg: dict[str, Any], keys: Keys | None, upgrade: bool, defer: bool) -> RepoAuth | None:
         """Check config.json's MAC with the identity file's key; the key to set up

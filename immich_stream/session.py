@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from immich_stream.age import load_keys
 from immich_stream.config import Settings
 from immich_stream.errors import ForgedError, ImmichStreamError, RepoError
-from immich_stream.locks import RepoLock
+from immich_stream.locks import RepoLock, list_locks, own_time
 from immich_stream.repo import Repo
 from immich_stream.store import Store, why_no_repository
 
@@ -48,6 +48,13 @@ def still_reading(repo: Repo) -> None:
     """Raise the lost lock's error of a reader (see reading) between the files it reads."""
     if repo.lock is not None and (error := repo.lock.lost()) is not None:
         raise error
+
+
+async def _alone(repo: Repo, held: RepoLock) -> bool:
+    """No live lock but ours (ours is written before this lists: of two runs, one sees the other)."""
+    locks = await list_locks(repo)
+    now = own_time(locks, held.key)
+    return all(lk.key == held.key or lk.stale(now, held.stale) for lk in locks)
 
 
 @contextlib.asynccontextmanager
@@ -89,10 +96,13 @@ async def open_repo(
                 # (objects written for the old ones would not open with the new key alone).
                 # A writer holding it (a backup, prune, key rotate) also sets up the repository's
                 # authentication when it has none yet (auth.py: trust on first use).
+                upgrade = create_for is not None or lock.exclusive
                 await repo.check_config(
                     load_keys(settings.age_identity, settings.age_recipients),
                     writing=create_for is not None,
-                    upgrade=create_for is not None or lock.exclusive,
+                    upgrade=upgrade,
+                    # under a shared lock only alone: two backups at once would each create a key
+                    alone=lock.exclusive or not upgrade or await _alone(repo, held),
                 )
             try:
                 yield repo

@@ -351,3 +351,54 @@ def test_prune_on_seaweedfs_keeps_objects_that_old_manifests_name_with_a_backsla
     r = run_cli("restore", sid, "--to", str(target), env=env)
     assert r.code == 0, r.err
     assert restored(target) == {os.fsencode(f"library/{p}"): e.body for p, e in entries.items()}
+
+
+# -- 8: trust on first use only when no other run holds the repository ----------------------------
+
+
+def test_authentication_is_set_up_only_by_a_backup_alone_in_the_repository(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Trust on first use runs under a backup's SHARED lock: two backups at once could each
+    create a different key (one identity file then fails the other's MACs). While another
+    run holds a lock, a backup leaves the set-up to a later run; alone, it sets it up."""
+    import json
+
+    from immich_stream import config
+    from immich_stream.age import load_keys
+    from immich_stream.locks import RepoLock
+    from immich_stream.repo import Repo, new_snapshot_id
+    from immich_stream.session import LockSpec, open_repo
+    from immich_stream.store import Store
+
+    own = tmp_path / "own.key"
+    keygen(own)
+    env = dict(s3_env, IMMICH_STREAM_AGE_IDENTITY=str(own))
+    settings = config.load(environ=env)
+    bucket = bucket_of(env)
+
+    def backup_spec(run: str) -> LockSpec:
+        return LockSpec("backup", exclusive=False, wait=5, run=run)
+
+    async def main() -> tuple[bool, bool]:
+        keys = load_keys(settings.age_identity, settings.age_recipients)
+        async with Store(settings) as store:
+            repo = Repo(store, settings.prefix)
+            await repo.ensure_config(keys)  # an encrypted repository written before authentication
+            async with RepoLock(repo, "backup", exclusive=False, wait=5, run=new_snapshot_id()):  # another backup
+                sid = new_snapshot_id()
+                async with open_repo(settings, create_for=sid, lock=backup_spec(sid)):
+                    pass
+                with_other = "auth" in json.loads(bucket.get("config.json")) or "immich-stream-auth" in own.read_text()
+        sid = new_snapshot_id()
+        async with open_repo(settings, create_for=sid, lock=backup_spec(sid)):
+            pass
+        alone = "auth" in json.loads(bucket.get("config.json")) and "immich-stream-auth" in own.read_text()
+        return with_other, alone
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", env["AWS_ACCESS_KEY_ID"])
+        mp.setenv("AWS_SECRET_ACCESS_KEY", env["AWS_SECRET_ACCESS_KEY"])
+        with_other, alone = asyncio.run(main())
+    assert not with_other, "a backup set authentication up while another run held the repository"
+    assert alone, "a backup alone did not set authentication up"
