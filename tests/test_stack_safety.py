@@ -315,7 +315,9 @@ def test_lock_refreshes_are_not_progress_a_blocked_dump_still_stalls(env: dict, 
         text=True,
     )
     assert holder.stdin is not None
-    holder.stdin.write("BEGIN; LOCK TABLE assets IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);\n")
+    # users (5 rows): the preflight row count skips tables under 100 rows, so the lock
+    # blocks pg_dump after the stop, not the count before it (which would refuse the run)
+    holder.stdin.write("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);\n")
     holder.stdin.flush()
     time.sleep(2)
     proc = start_cli("backup", "--stop", "app", env=env)

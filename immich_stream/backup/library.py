@@ -136,17 +136,30 @@ async def check_database(
     snap_id: str,
     max_shrink: float,
     allow: bool,
+    deadline: float = math.inf,
 ) -> bool:
     """The library's shrink rule for the database, before anything is stopped: each table
     the parent snapshot counted (snapshot.json's rows per table) against the live one,
-    counted only as far as the rule needs. True when it shrank and `allow` let it through."""
+    counted only as far as the rule needs. True when it shrank and `allow` let it through.
+    A count that takes longer than `deadline` (a table locked by another session) fails the
+    run: the backup must not wait forever holding its repository lock."""
     if not before:
         return False
     limits = {t: math.ceil(n * (1 - max_shrink)) for t, n in before.items() if n >= MIN_TABLE_ROWS}
     if not limits:
         return False
     try:
-        now = await count_rows_up_to(docker, container, user, dbname, limits)
+        async with asyncio.timeout(deadline if math.isfinite(deadline) else None):
+            # the server ends the query a little later by itself: nothing is left queued on the lock
+            now = await count_rows_up_to(
+                docker, container, user, dbname, limits, deadline + 5 if math.isfinite(deadline) else None
+            )
+    except TimeoutError:
+        raise DumpError(
+            f"the database in {container} did not count its rows within {deadline:.0f} s (a table locked by another "
+            "session?): nothing was stopped or uploaded; check pg_stat_activity, then run again "
+            "(IMMICH_STREAM_STALL_TIMEOUT sets the limit)"
+        ) from None
     except DumpError as exc:  # the dump's own counts still decide before the commit
         log.warning("could not count the database's rows before stopping anything (%s): checking the dump instead", exc)
         return False

@@ -533,6 +533,7 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
             prev.id,
             settings.max_shrink,
             allow_shrink,
+            settings.stall_timeout,
         )
     # Reused objects are checked against one listing: a lifecycle rule or a manual cleanup
     # must not leave every later snapshot pointing at nothing.

@@ -20,10 +20,11 @@ from immich_stream.errors import RepoError, StoreError
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repository.age import DecryptError
-from immich_stream.repository.manifest import gunzip_stream, key_digest
+from immich_stream.repository.locks import RepoLock
+from immich_stream.repository.manifest import DamagedLine, gunzip_stream, key_digest
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.session import open_locked, reader, still_reading
 from immich_stream.repository.thaw import thaw
 from immich_stream.s3.store import ARCHIVED_CLASSES
 
@@ -48,7 +49,7 @@ async def verify(
 ) -> VerifyReport:
     started = time.monotonic()
     report = VerifyReport()
-    async with open_repo(settings, lock=reader(settings, "verify")) as repo:
+    async with open_locked(settings, reader(settings, "verify")) as (repo, lock):
         store = repo.store
         snaps = await repo.snapshots() if all_ else [await repo.resolve(which or "latest")]
         if not snaps:
@@ -66,7 +67,7 @@ async def verify(
             # with the same --thaw-days/--thaw-tier/--no-wait as restore
             needed: dict[bytes, str] = {}
             for snap in snaps:
-                async for line in repo.read_manifest(snap.id):
+                async for line in repo.read_manifest(snap.id, damaged=True):
                     if line.type == "file" and line.key is not None and key_digest(line.key) in archived:
                         needed.setdefault(key_digest(line.key), repo.object_key(line.key))
             await thaw(store, needed.values(), settings, reporter, wait)
@@ -75,7 +76,7 @@ async def verify(
         for snap in snaps:
             report.snapshots.append(snap.id)
             await _verify_snapshot(
-                store, repo, snap, listing, read_fraction, read_done, rng, report, reporter, settings.jobs
+                store, repo, lock, snap, listing, read_fraction, read_done, rng, report, reporter, settings.jobs
             )
     report.seconds = time.monotonic() - started
     return report
@@ -84,6 +85,7 @@ async def verify(
 async def _verify_snapshot(
     store: SealedStore,
     repo: Repo,
+    lock: RepoLock,
     snap: Snapshot,
     listing: dict[bytes, int],
     fraction: float,
@@ -97,7 +99,11 @@ async def _verify_snapshot(
     queue: asyncio.Queue[tuple[str, str, int, str] | None] = asyncio.Queue(jobs * 4)
 
     async def produce() -> None:
-        async for line in repo.read_manifest(snap.id):
+        async for line in repo.read_manifest(snap.id, damaged=True):
+            still_reading(lock)
+            if isinstance(line, DamagedLine):
+                report.problem(f"snapshot {snap.id}: {line.root}/{line.path}: damaged manifest line ({line.damage})")
+                continue
             if line.type != "file":
                 continue
             report.objects += 1
@@ -131,6 +137,7 @@ async def _verify_snapshot(
             n = 0
             try:
                 async for chunk in store.iter_object(repo.object_key(key)):
+                    still_reading(lock)
                     h.update(chunk)
                     n += len(chunk)
             except DecryptError as exc:  # an encrypted object that does not authenticate

@@ -219,9 +219,15 @@ async def dump_database(
     )
 
 
-async def psql_query(docker: aiodocker.Docker, container: str, user: str, dbname: str, sql: str) -> list[list[str]]:
-    """Rows of one query (unaligned, tab-separated), through psql in the container."""
+async def psql_query(
+    docker: aiodocker.Docker, container: str, user: str, dbname: str, sql: str, timeout: float | None = None
+) -> list[list[str]]:
+    """Rows of one query (unaligned, tab-separated), through psql in the container; with
+    `timeout`, the server itself ends it after that many seconds (waiting on a lock included)."""
     cmd = ["psql", f"--username={user}", f"--dbname={dbname}", "--no-psqlrc", "-X", "-At", "-F", "\t", "-c", sql]
+    if timeout is not None:
+        ms = max(1, int(timeout * 1000))
+        cmd = ["env", f"PGOPTIONS=-c statement_timeout={ms} -c lock_timeout={ms}", *cmd]
     code, out = await run_in_container(docker, container, cmd)
     text = out.decode("utf-8", "replace")
     if code != 0:
@@ -230,7 +236,12 @@ async def psql_query(docker: aiodocker.Docker, container: str, user: str, dbname
 
 
 async def count_rows_up_to(
-    docker: aiodocker.Docker, container: str, user: str, dbname: str, limits: dict[str, int]
+    docker: aiodocker.Docker,
+    container: str,
+    user: str,
+    dbname: str,
+    limits: dict[str, int],
+    timeout: float | None = None,
 ) -> dict[str, int | None]:
     """Rows of each table, counted only up to its limit (what a shrink check needs: a
     bounded read, however large the table), None for a table that does not exist; one
@@ -247,7 +258,7 @@ async def count_rows_up_to(
             f"SELECT {i}, CASE WHEN to_regclass('{lit}') IS NULL THEN -1 ELSE "
             f"(xpath('/row/c/text()', query_to_xml('{inner}', false, true, '')))[1]::text::bigint END"
         )
-    for index, rows in await psql_query(docker, container, user, dbname, " UNION ALL ".join(parts)):
+    for index, rows in await psql_query(docker, container, user, dbname, " UNION ALL ".join(parts), timeout):
         out[good[int(index)]] = None if int(rows) < 0 else int(rows)
     return out
 

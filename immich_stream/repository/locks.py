@@ -339,6 +339,11 @@ class RepoLock:
         if self._lost is None:
             return None
         what = f"{self.command} {self.run}" if self.run else self.command
+        if not self.exclusive and self.run is None:  # a reader: prune may be deleting what it reads
+            return LockError(
+                f"{what} lost the repository lock ({self._lost}) and stopped: prune may delete the snapshot it "
+                "reads; what it wrote so far stays; run it again"
+            )
         return LockError(
             f"{what} lost the repository lock ({self._lost}); nothing was committed: "
             "run it again (prune collects its uploads)"

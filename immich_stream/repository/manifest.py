@@ -111,6 +111,33 @@ class ManifestLine:
         )
 
     @classmethod
+    def parse(cls, raw: bytes, damaged: bool) -> ManifestLine:
+        """from_json; with `damaged`, a line of the wrong shape is a DamagedLine instead of
+        an exception (a reader that can go on without that entry: restore, verify)."""
+        if not damaged:
+            return cls.from_json(raw)
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            return DamagedLine("?", "?", "damaged", 0, 0, 0, 0, 0, 0, damage="not JSON")
+        if not isinstance(d, dict):
+            return DamagedLine("?", "?", "damaged", 0, 0, 0, 0, 0, 0, damage="not a JSON object")
+        wrong = [n for n in ("root", "path", "type") if not isinstance(d.get(n), str)]
+        wrong += [n for n in ("mtime_ns", "mode") if type(d.get(n)) is not int]
+        # optional fields may be absent or null (as older versions may have written them)
+        wrong += [
+            n
+            for n in ("size", "uid", "gid", "inode", "ctime_ns", "dev", "stored")
+            if d.get(n) is not None and type(d[n]) is not int
+        ]
+        wrong += [n for n in ("sha256", "key", "target") if d.get(n) is not None and not isinstance(d[n], str)]
+        if not wrong:
+            return cls.from_json(raw)
+        root, path = (v if isinstance(v := d.get(n), str) else "?" for n in ("root", "path"))
+        what = ", ".join(f"{n} {d[n]!r}" if n in d else f"no {n}" for n in wrong)
+        return DamagedLine(root, path, "damaged", 0, 0, 0, 0, 0, 0, damage=what[:200])
+
+    @classmethod
     def from_entry(cls, root: str, e: WalkedEntry) -> ManifestLine:
         return cls(
             root,
@@ -138,6 +165,14 @@ class ManifestLine:
 
     def order(self) -> tuple[int, tuple[bytes, ...]]:
         return (ROOTS.index(self.root), path_order(self.relpath))
+
+
+@dataclass(slots=True)
+class DamagedLine(ManifestLine):
+    """A manifest line of the wrong shape (ManifestLine.parse): its root and path where
+    readable ("?" otherwise), type "damaged", and what is wrong with it."""
+
+    damage: str = ""
 
 
 class ManifestWriter:
@@ -213,13 +248,19 @@ def key_digest(key: str) -> bytes:
 
 
 async def read_lines(
-    chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, hold: bool = False, where: str = ""
+    chunks: AsyncIterator[bytes],
+    mac: ManifestMac | None = None,
+    hold: bool = False,
+    where: str = "",
+    damaged: bool = False,
 ) -> AsyncIterator[ManifestLine]:
     """The lines of a manifest-like gzip stream. With `mac` (an authenticated repository)
     MAC lines are checked; with `hold` a block's lines come only once its MAC matched
-    (without, during a set-up under way, lines pass at once)."""
+    (without, during a set-up under way, lines pass at once), and are parsed only then: a
+    forged line is forged, whatever its shape. Read unchecked (no MAC key, TRUST_BUCKET), a
+    MAC line is no entry. `damaged`: see ManifestLine.parse."""
     rest = b""
-    block: list[ManifestLine] = []
+    block: list[bytes] = []
     async for data in gunzip_stream(chunks):
         lines = (rest + data).split(b"\n")
         rest = lines.pop()
@@ -227,25 +268,27 @@ async def read_lines(
             if not raw:
                 continue
             if mac is None:
-                yield ManifestLine.from_json(raw)
+                if not is_auth_line(raw):
+                    yield ManifestLine.parse(raw, damaged)
             elif is_auth_line(raw):
                 mac.check_line(raw, where)
-                for line in block:
-                    yield line
+                for held in block:
+                    yield ManifestLine.parse(held, damaged)
                 block.clear()
             else:
                 if mac.ended:
                     raise forged(f"{where}: lines after its last authenticated block")
                 mac.add(raw + b"\n")
                 if not hold:
-                    yield ManifestLine.from_json(raw)
+                    yield ManifestLine.parse(raw, damaged)
                     continue
                 if mac.block_bytes > MAX_BLOCK:
                     raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
-                block.append(ManifestLine.from_json(raw))
+                block.append(raw)
     if rest:
         if mac is not None:
             raise forged(f"{where}: its last line has no end")
-        yield ManifestLine.from_json(rest)
+        if not is_auth_line(rest):
+            yield ManifestLine.parse(rest, damaged)
     if mac is not None and not mac.ended and (hold or mac.seq):
         raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")

@@ -182,6 +182,8 @@ async def _prune_locked(
         async for line in repo.read_manifest(sid):
             if line.key:
                 referenced.add(key_digest(line.key))
+                if "\\" in line.key:  # a raw \ of a key before they were escaped: SeaweedFS lists it as /
+                    referenced.add(key_digest(line.key.replace("\\", "/")))
 
     # Snapshot directories to delete: removed ones, and incomplete ones once stale.
     incomplete = [s for s, done in dirs.items() if not done and s not in busy]
@@ -205,6 +207,8 @@ async def _prune_locked(
         async for line in repo.read_journal(keys, f"the journal of the interrupted run {sid}"):
             if line.key:
                 referenced.add(key_digest(line.key))
+                if "\\" in line.key:  # as above
+                    referenced.add(key_digest(line.key.replace("\\", "/")))
 
     # Unreferenced data objects. A run that is neither committed nor older than the
     # threshold may still be uploading: its objects are left alone.

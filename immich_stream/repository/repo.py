@@ -53,6 +53,14 @@ JOURNAL_MAX_PENDING = 1 << 20
 JOURNAL_MAX_OBJECT = 4 * JOURNAL_MAX_PENDING  # a chunk is read whole; a bigger one is not ours
 
 
+@dataclass(slots=True)
+class DamagedLine(ManifestLine):
+    """A manifest line of the wrong shape (ManifestLine.parse): its root and path where
+    readable ("?" otherwise), type "damaged", and what is wrong with it."""
+
+    damage: str = ""
+
+
 @dataclass
 class Snapshot:
     id: str
@@ -290,10 +298,27 @@ class Repo(Layout):
             )
         self.store.sealing = Sealing(tuple(current), keys.identities, (self.data_prefix(), self.snapshots_prefix()))
 
-    async def read_config(self) -> dict[str, Any]:
+    async def read_config(self, keys: Keys | None = None) -> dict[str, Any]:
+        """config.json; when `keys` hold the repository's ready authentication key, forged
+        unless its MAC matches, before any of it (format, version, encryption) is believed."""
         key = self.config_key()
+        raw = await self.store.get(key)
+        auth = keys.auth if keys is not None and keys.auth is not None and keys.auth.ready else None
+        if keys is not None and auth is not None and not self.trust_bucket:
+            try:
+                signed = json.loads(raw)
+            except ValueError:
+                signed = None
+            claim = signed.get("auth") if isinstance(signed, dict) else None
+            body = {k: v for k, v in signed.items() if k != "auth"} if isinstance(signed, dict) else {}
+            if not isinstance(claim, dict) or not auth.check("config.json", claim.get("mac"), canonical(body)):
+                raise forged(
+                    f"{key} carries no valid MAC, yet {keys.path} holds the repository's authentication key "
+                    f"(if this repository was written by an older immich-stream, set {TRUST_ENV}=1 for one backup "
+                    "to authenticate it as it is)"
+                )
         try:
-            cfg = json.loads(await self.store.get(key))
+            cfg = json.loads(raw)
         except ValueError:
             raise RepoError(f"{key} is not JSON: this prefix holds something else; choose another S3_PREFIX") from None
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("version"), int):
@@ -301,20 +326,26 @@ class Repo(Layout):
         return cfg
 
     async def check_config(
-        self, keys: Keys | None = None, writing: bool = False, upgrade: bool = False, defer: bool = False
+        self,
+        keys: Keys | None = None,
+        writing: bool = False,
+        upgrade: bool = False,
+        defer: bool = False,
+        alone: bool = True,
     ) -> None:
         """Check the repository's format and set up its encryption: an encrypted one needs
         an identity it was encrypted to; a writer (backup) also the same recipients.
         config.json's MAC is checked before any of it is believed (auth.py); `upgrade` (a
         writer holding its lock) may set authentication up on a repository without it;
-        `defer`: such a writer's first look, before its lock (the check under it decides)."""
+        `defer`: such a writer's first look, before its lock (the check under it decides);
+        not `alone` (another run holds a lock too): the set-up is left to a later run."""
         key = self.config_key()
         if await self.store.head(key) is None:
             raise RepoError(
                 f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
                 ": check S3_BUCKET and S3_PREFIX, or run `backup` first"
             )
-        cfg = await self.read_config()
+        cfg = await self.read_config(keys)
         if cfg["version"] > VERSION:
             raise RepoError(
                 f"repository format {cfg['version']} is newer than this immich-stream knows "
@@ -327,7 +358,10 @@ class Repo(Layout):
             self._encryption(cfg, keys, writing)
             setup = self._authenticate(cfg, keys, upgrade, defer)
         if setup is not None and keys is not None:
-            await self._set_up_auth(cfg, keys, setup)
+            if alone:
+                await self._set_up_auth(cfg, keys, setup)
+            else:  # two backups at once would each create a key
+                log.warning("another run holds %s: setting up its authentication is left to a later run", self.where())
 
     def _authenticate(self, cfg: dict[str, Any], keys: Keys | None, upgrade: bool, defer: bool) -> RepoAuth | None:
         """Check config.json's MAC with the identity file's key; the key to set up
@@ -503,18 +537,20 @@ class Repo(Layout):
         """Write snapshot.json: from now on the snapshot exists."""
         await self.store.put(self.summary_key(summary.id), self.summary_bytes(summary), "application/json")
 
-    async def read_manifest(self, snap_id: str) -> AsyncIterator[ManifestLine]:
-        async for line in self.read_lines_at(self.manifest_key(snap_id)):
+    async def read_manifest(self, snap_id: str, damaged: bool = False) -> AsyncIterator[ManifestLine]:
+        """The snapshot's manifest lines; with `damaged`, a line of the wrong shape comes as
+        a DamagedLine (the reader names it and goes on) instead of failing the read."""
+        async for line in self.read_lines_at(self.manifest_key(snap_id), damaged):
             yield line
 
-    async def read_lines_at(self, key: str) -> AsyncIterator[ManifestLine]:
+    async def read_lines_at(self, key: str, damaged: bool = False) -> AsyncIterator[ManifestLine]:
         """The lines of a manifest-like object, streamed; in an authenticated repository a
         block of lines only once its MAC matched (auth.py)."""
         parts = self.relative_key(key).split("/")
         mac = None
         if len(parts) == 3 and parts[0] == "snapshots" and is_snapshot_id(parts[1]):
             mac = self.manifest_mac(parts[1])
-        async for line in self._read_lines(self.store.iter_object(key), mac, key):
+        async for line in self._read_lines(self.store.iter_object(key), mac, key, damaged):
             yield line
 
     async def read_journal(self, keys: list[str], what: str) -> AsyncIterator[ManifestLine]:
@@ -543,7 +579,7 @@ class Repo(Layout):
                 yield line
 
     def _read_lines(
-        self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = ""
+        self, chunks: AsyncIterator[bytes], mac: ManifestMac | None = None, where: str = "", damaged: bool = False
     ) -> AsyncIterator[ManifestLine]:
         # without auth_required (a set-up under way) lines pass at once
-        return read_lines(chunks, mac, hold=mac is not None and self.auth_required, where=where)
+        return read_lines(chunks, mac, hold=mac is not None and self.auth_required, where=where, damaged=damaged)

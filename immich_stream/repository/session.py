@@ -12,14 +12,14 @@ the bucket) are handed to Repo and RepoLock here, once: nothing below reads the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from immich_stream.config import Settings
-from immich_stream.errors import ForgedError, RepoError
+from immich_stream.errors import ForgedError, ImmichStreamError, RepoError
 from immich_stream.repository.age import load_keys
-from immich_stream.repository.locks import RepoLock
+from immich_stream.repository.locks import RepoLock, list_locks, own_time
 from immich_stream.repository.repo import Repo
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store, why_no_repository
@@ -45,6 +45,31 @@ class Locked(NamedTuple):
 
     repo: Repo
     lock: RepoLock
+
+
+def reading(
+    lock: RepoLock | None, limit: Callable[[], ImmichStreamError | None]
+) -> Callable[[], ImmichStreamError | None]:
+    """A reader's watchdog limit: its lost lock first (the refresher has stopped, so prune may
+    delete the snapshot being read), then `limit`."""
+
+    def check() -> ImmichStreamError | None:
+        return (lock.lost() if lock is not None else None) or limit()
+
+    return check
+
+
+def still_reading(lock: RepoLock | None) -> None:
+    """Raise the lost lock's error of a reader (see reading) between the files it reads."""
+    if lock is not None and (error := lock.lost()) is not None:
+        raise error
+
+
+async def _alone(repo: Repo, held: RepoLock) -> bool:
+    """No live lock but ours (ours is written before this lists: of two runs, one sees the other)."""
+    locks = await list_locks(repo)
+    now = own_time(locks, held.key)
+    return all(lk.key == held.key or lk.stale(now, held.stale) for lk in locks)
 
 
 @contextlib.asynccontextmanager
@@ -108,9 +133,12 @@ async def _open(
                 # (objects written for the old ones would not open with the new key alone).
                 # A writer holding it (a backup, prune, key rotate) also sets up the repository's
                 # authentication when it has none yet (auth.py: trust on first use).
+                upgrade = create_for is not None or lock.exclusive
                 await repo.check_config(
                     load_keys(settings.age_identity, settings.age_recipients),
                     writing=create_for is not None,
-                    upgrade=create_for is not None or lock.exclusive,
+                    upgrade=upgrade,
+                    # under a shared lock only alone: two backups at once would each create a key
+                    alone=lock.exclusive or not upgrade or await _alone(repo, held),
                 )
             yield repo, held

@@ -41,7 +41,7 @@ async def find_copies(
 
     for sid in others:
         try:
-            async for other in repo.read_manifest(sid):
+            async for other in repo.read_manifest(sid, damaged=True):
                 if other.type != "file" or other.sha256 not in by_sha or other.key is None:
                     continue
                 for i in by_sha[other.sha256]:

@@ -32,10 +32,11 @@ from immich_stream.host.postgres import (
 )
 from immich_stream.host.stack import Docker, Stack, StackGuard, connect, recover
 from immich_stream.progress import Reporter
+from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import gunzip_stream
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.session import open_locked, reader, reading
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.restore.restorer import CHUNK
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -242,8 +243,9 @@ async def _restore_database_locked(
     async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
         store: SealedStore | None = None
         snap: Snapshot | None = None
+        lock: RepoLock | None = None
         if from_file is None:
-            repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "restore")))
+            repo, lock = await exits.enter_async_context(open_locked(settings, reader(settings, "restore")))
             store = repo.store
             snap = await repo.resolve(which)
             sql = snapshot_sql(store, repo, snap)
@@ -308,7 +310,7 @@ async def _restore_database_locked(
                 # psql may rightly be silent for long (an index on a large table): only S3 not
                 # answering for the stall timeout fails the restore (rolled back, apps started).
                 hung = s3_hang(store, settings.stall_timeout, "the restore was rolled back and the stack started again")
-                await with_watchdog(store, math.inf, work(), hung)
+                await with_watchdog(store, math.inf, work(), reading(lock, hung))
         finally:
             phase.close()
     return snap, DatabaseRestored(sent, time.monotonic() - started, guard.downtime)

@@ -29,10 +29,11 @@ from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database
 from immich_stream.host.stack import Docker, connect
 from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
 from immich_stream.progress import Reporter
+from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import ManifestLine
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.session import open_locked, reader, reading, still_reading
 from immich_stream.repository.thaw import thaw
 from immich_stream.restore.database import came_from_text, file_sql, prepare_dump, psql_stream, snapshot_sql
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -131,6 +132,7 @@ async def earthdistance_check(docker: Docker, container: str, user: str, dbname:
 async def check_files(
     store: SealedStore,
     repo: Repo,
+    lock: RepoLock | None,
     snap: Snapshot,
     n: int,
     report: DrillReport,
@@ -163,6 +165,7 @@ async def check_files(
             size = 0
             try:
                 async for chunk in store.iter_object(repo.object_key(line.key)):
+                    still_reading(lock)
                     h.update(chunk)
                     size += len(chunk)
                     phase.update(len(chunk))
@@ -194,10 +197,12 @@ async def run_drill(
         await remove_leftovers(docker)
         store: SealedStore | None = None
         repo: Repo | None = None
+        lock: RepoLock | None = None
         snap: Snapshot | None = None
         if from_file is None:
             settings.require("bucket")
-            repo = await exits.enter_async_context(open_repo(settings, lock=reader(settings, "drill")))
+            opened = await exits.enter_async_context(open_locked(settings, reader(settings, "drill")))
+            repo, lock = opened.repo, opened.lock
             store = repo.store
             snap = await repo.resolve(which)
             sql: AsyncGenerator[bytes, None] = snapshot_sql(store, repo, snap)
@@ -268,16 +273,16 @@ async def run_drill(
                     report.mismatches.append(f"earthdistance query failed: {exc}")
 
         try:
-            if store is None:
+            if store is None or repo is None:
                 await restore_and_check()
             else:
                 hung = s3_hang(store, settings.stall_timeout, "the drill stopped; nothing live was touched")
-                await with_watchdog(store, math.inf, restore_and_check(), hung)
+                await with_watchdog(store, math.inf, restore_and_check(), reading(lock, hung))
         finally:
             phase.close()
         if files and snap is not None and store is not None and repo is not None:
             try:
-                await check_files(store, repo, snap, files, report, reporter, settings, wait)
+                await check_files(store, repo, lock, snap, files, report, reporter, settings, wait)
             except StoreError as exc:
                 report.mismatches.append(f"library files: {exc}")
     report.seconds = time.monotonic() - started

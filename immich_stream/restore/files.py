@@ -25,9 +25,9 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, ImmichStreamError, NothingMatched, ObjectNotFound, RepoError, StoreError
 from immich_stream.progress import Reporter
 from immich_stream.repository.layout import ROOTS, unescape_path
-from immich_stream.repository.manifest import ManifestLine, key_digest
+from immich_stream.repository.manifest import DamagedLine, ManifestLine, key_digest
 from immich_stream.repository.repo import Repo, Snapshot
-from immich_stream.repository.session import open_repo, reader
+from immich_stream.repository.session import open_locked, reader, reading, still_reading
 from immich_stream.repository.thaw import archived_digests, thaw
 from immich_stream.restore.copies import LOOKUP_LIMIT, find_copies, name_failures
 from immich_stream.restore.restorer import MARKER, FileRestorer, InTheWay, RestoreStats, UnsafePath
@@ -139,7 +139,7 @@ async def _check_something_matches(
     if not includes:
         return
     folder = None  # a directory matched: it alone is not what a restore is for
-    async for line in repo.read_manifest(snap.id):  # up to the first file or symlink matched
+    async for line in repo.read_manifest(snap.id, damaged=True):  # up to the first file or symlink matched
         if _matches(line, wanted, includes):
             if line.type != "dir":
                 return
@@ -187,7 +187,10 @@ async def restore_files(
     started = time.monotonic()
     stats = RestoreStats()
     budget = ByteBudget(settings.max_memory)
-    async with open_repo(settings, lock=reader(settings, "restore")) as repo, contextlib.AsyncExitStack() as exits:
+    async with (
+        open_locked(settings, reader(settings, "restore")) as (repo, lock),
+        contextlib.AsyncExitStack() as exits,
+    ):
         store = repo.store
         snap = await repo.resolve(which)
         _check_target(target, snap, overwrite)
@@ -231,7 +234,13 @@ async def restore_files(
                 stats.problems.add(f"{line.root}/{line.path}: not restored: {exc}")
 
         async def produce() -> None:
-            async for line in repo.read_manifest(snap.id):
+            async for line in repo.read_manifest(snap.id, damaged=True):
+                still_reading(lock)
+                if isinstance(line, DamagedLine):  # its root unreadable: named whatever was asked for
+                    if line.root not in ROOTS or _matches(line, wanted, includes):
+                        stats.files += 1
+                        problem(line, RepoError(f"its manifest line is damaged ({line.damage}): run `verify`"))
+                    continue
                 if not _matches(line, wanted, includes):
                     continue
                 rel = restorer.dest(line)  # refuses unsafe paths before anything is written for them
@@ -306,7 +315,10 @@ async def restore_files(
                 repo.store,
                 math.inf,
                 transfer(),
-                s3_hang(repo.store, settings.stall_timeout, "the restore stopped; the same command resumes it"),
+                reading(
+                    lock,
+                    s3_hang(repo.store, settings.stall_timeout, "the restore stopped; the same command resumes it"),
+                ),
             )
         finally:
             phase.close()
@@ -328,7 +340,7 @@ async def restore_files(
                     repo.store,
                     math.inf,
                     find_copies(repo, snap, failures, copies),
-                    s3_hang(repo.store, settings.stall_timeout, "the search for other copies stopped"),
+                    reading(lock, s3_hang(repo.store, settings.stall_timeout, "the search for other copies stopped")),
                 )
             finally:  # named even when S3 stops answering meanwhile
                 name_failures(failures, copies, stats.problems)
@@ -348,7 +360,7 @@ async def _thaw_needed(
     if not archived:
         return
     needed: dict[bytes, str] = {}
-    async for line in repo.read_manifest(snap.id):
+    async for line in repo.read_manifest(snap.id, damaged=True):
         if line.type == "file" and line.key is not None and _matches(line, roots, includes):
             d = key_digest(line.key)
             if d in archived:
