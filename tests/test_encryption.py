@@ -190,7 +190,12 @@ def test_key_problems_are_one_line_errors_before_the_stack_is_touched(
     # a plain repository never gets encrypted objects
     plain_env = dict(env, S3_PREFIX="plain-repo")
     assert run_cli("backup", "--stop", "none", env=plain_env).code == 0
-    refused(dict(plain_env, IMMICH_STREAM_AGE_IDENTITY=enc_env["IMMICH_STREAM_AGE_IDENTITY"]), "is not encrypted")
+    # ... and an identity that holds an authentication key never hears "not encrypted, unset
+    # the identity" from a config.json without a MAC: a bucket writer may have planted it
+    # (issue 22's review): forged, exit 8, naming S3_PREFIX for the honest mistake
+    r = run_cli("backup", env=dict(plain_env, IMMICH_STREAM_AGE_IDENTITY=enc_env["IMMICH_STREAM_AGE_IDENTITY"]))
+    assert r.code == 8 and "config.json carries no MAC" in r.last_error and "S3_PREFIX" in r.last_error, r.err
+    assert stack.started_at() == started and running_containers() == set(CONTAINERS)
 
 
 def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(

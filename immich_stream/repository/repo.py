@@ -312,9 +312,11 @@ class Repo(Layout):
             claim = signed.get("auth") if isinstance(signed, dict) else None
             body = {k: v for k, v in signed.items() if k != "auth"} if isinstance(signed, dict) else {}
             if not isinstance(claim, dict) or not auth.check("config.json", claim.get("mac"), canonical(body)):
+                what = "no MAC" if not isinstance(claim, dict) else "no valid MAC"
                 raise forged(
-                    f"{key} carries no valid MAC, yet {keys.path} holds the repository's authentication key "
-                    f"(if this repository was written by an older immich-stream, set {TRUST_ENV}=1 for one backup "
+                    f"{key} carries {what}, yet {keys.path} holds the repository's authentication key: someone "
+                    "who can write the bucket replaced it, or S3_PREFIX names another repository (check it; if "
+                    f"this repository was written by an older immich-stream, set {TRUST_ENV}=1 for one backup "
                     "to authenticate it as it is)"
                 )
         try:
