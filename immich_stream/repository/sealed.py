@@ -116,20 +116,23 @@ class SealedStore:
             raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
 
     async def get(self, key: str) -> bytes:
-        chunks = [c async for c in self.iter_object(key)]
+        """Store.get (an answer, not progress), opened where sealed."""
+        chunks = [c async for c in self.iter_object(key, progress=False)]
         return b"".join(chunks)
 
-    async def iter_object(self, key: str, chunk_size: int = MIB, small: bool = False) -> AsyncIterator[bytes]:
+    async def iter_object(
+        self, key: str, chunk_size: int = MIB, small: bool = False, progress: bool = True
+    ) -> AsyncIterator[bytes]:
         """Store.iter_object; an encrypted object's plaintext, authenticated chunk by chunk
         (DecryptError when it is damaged)."""
         sealing = self.sealing_for(key)
         if sealing is None:
-            async for chunk in self.raw.iter_object(key, chunk_size, small):
+            async for chunk in self.raw.iter_object(key, chunk_size, small, progress):
                 yield chunk
             return
         dec = sealing.decryptor()
         try:
-            async for chunk in self.raw.iter_object(key, chunk_size, small):
+            async for chunk in self.raw.iter_object(key, chunk_size, small, progress):
                 for piece in dec.feed(chunk) if len(chunk) <= 65536 else await asyncio.to_thread(dec.feed, chunk):
                     yield piece
             for piece in dec.finish():

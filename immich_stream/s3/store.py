@@ -392,12 +392,19 @@ class Store:
             raise
 
     async def get(self, key: str) -> bytes:
-        chunks = [c async for c in self.iter_object(key)]
+        """A small object whole (a lock, config.json, snapshot.json): an answer, but not
+        progress for the stall watchdog (a lock's refresh reads others' locks every few
+        seconds, which must not keep a backup with a hung dump alive)."""
+        chunks = [c async for c in self.iter_object(key, progress=False)]
         return b"".join(chunks)
 
-    async def iter_object(self, key: str, chunk_size: int = MIB, small: bool = False) -> AsyncIterator[bytes]:
+    async def iter_object(
+        self, key: str, chunk_size: int = MIB, small: bool = False, progress: bool = True
+    ) -> AsyncIterator[bytes]:
         """An object's bytes in chunks, as stored; a broken connection resumes where it
-        stopped (Range). `small`: the object is at most SMALL_OBJECT bytes (see retry.py)."""
+        stopped (Range). `small`: the object is at most SMALL_OBJECT bytes (see retry.py).
+        `progress`: its bytes count as progress for the stall watchdog (they always count as
+        an answer)."""
         offset = 0
         attempt = 0
         limit = self.download_limit
@@ -431,7 +438,9 @@ class Store:
                         return
                     if limit is not None:
                         await limit.take(len(chunk))
-                    self.last_answer = self.last_activity = time.monotonic()  # bytes moving
+                    self.last_answer = time.monotonic()  # bytes moving
+                    if progress:
+                        self.last_activity = self.last_answer
                     offset += len(chunk)
                     yield chunk
             finally:
