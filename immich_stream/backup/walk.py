@@ -1,8 +1,8 @@
 """Walk a directory tree in a deterministic order, yielding one Entry per item.
 
 Order: depth first, each directory's entries sorted by their name's bytes, a directory
-before its contents. `sort_key` gives the same order for paths read back from a manifest,
-so the walk and the previous manifest can be merged like two sorted lists.
+before its contents. repository/manifest.py's `path_order` gives the same order for paths
+read back from a manifest, so the walk and the previous manifest can be merged like two sorted lists.
 
 Names are bytes end to end (spaces, newlines, invalid UTF-8 all survive). Symlinks are
 recorded, never followed, but for the top-level folders named in `follow` (Immich's own
@@ -42,10 +42,6 @@ class WalkProblem:
     relpath: bytes
     message: str
     skipped: bool = False  # a socket, FIFO or device: left out on purpose (and warned about), not a failure
-
-
-def sort_key(relpath: bytes) -> tuple[bytes, ...]:
-    return tuple(relpath.split(b"/")) if relpath else ()
 
 
 def _scan(
@@ -127,7 +123,7 @@ async def walk(
     keep: Collection[bytes] = (),
     follow: Collection[bytes] = (),
 ) -> AsyncIterator[Entry]:
-    """Yield every entry under root (not root itself) in sort_key order.
+    """Yield every entry under root (not root itself) in path_order order (manifest.py).
 
     Problems (unreadable directories, vanished files, skipped special files) go to
     `on_problem` and the walk goes on. A directory whose relpath is in `prune` is yielded,

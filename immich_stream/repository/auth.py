@@ -95,11 +95,17 @@ def add_to_identity_file(path: Path, auth: RepoAuth) -> None:
     text = path.read_text("ascii")
     lines = [x for x in text.splitlines() if not x.strip().startswith(LINE.strip())]
     body = "\n".join([*lines, auth.line()]) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.auth.tmp")
+    write_private_file(path, body)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace an identity file atomically: mode 0600 from its first byte, never through a
+    symlink, fsynced with its directory (a crash leaves the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(body)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -15,7 +15,6 @@ import contextlib
 import datetime as dt
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from immich_stream.repository.age import (
     identity_file_text,
     load_keys,
 )
-from immich_stream.repository.auth import RepoAuth
+from immich_stream.repository.auth import RepoAuth, write_private_file
 from immich_stream.repository.layout import MANIFEST, MANIFEST_REWRITE, SUMMARY, run_of
 from immich_stream.repository.manifest import ManifestWriter
 from immich_stream.repository.repo import Repo
@@ -96,23 +95,7 @@ def write_identity_file(path: Path, identities: list[Identity], auth: RepoAuth |
         ],
         auth,
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_private_file(path, text)
 
 
 async def rotate(
