@@ -33,10 +33,12 @@ LIMIT = 4  # MiB/s
 # What the first second may carry beyond the limit, outside any pacing: the first receive
 # windows of every request in flight. A restore fetches up to 32 small files at once, and on
 # loopback (64 KiB segments, round trips of microseconds) each window opens to a whole photo
-# before the paced reader has taken a slice; the proxy's own send buffer is kept small (see
-# faultproxy), so this is the client's side only. Seen: 7.8-8.4 MiB (direct), 13.4-14.9
-# MiB (botocore); before the proxy's buffer was held down, up to 25 MiB, a CI failure.
-WINDOWS = 16 * MIB
+# before the paced reader has taken a slice, and the kernel's receive autotuning may open a
+# large file's window to megabytes; the proxy's own send buffer is kept small (see
+# faultproxy), so this is the client's side only. Seen: 7.8-8.4 MiB (direct), 13.4-21.7
+# MiB (botocore: 21.7 in one CI run). That first second is a property of the kernel, so the
+# pace is judged after it: the bytes that came later must have come at the limit.
+WINDOWS = 24 * MIB
 
 
 def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
@@ -47,10 +49,14 @@ def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
     assert seconds, f"{what}: {total / MIB:.0f} MiB moved in under a second at a limit of {LIMIT} MiB/s"
     shown = [n // 1024 for n in seconds]
     assert seconds[0] <= WINDOWS + LIMIT * MIB, f"{what}: the first second moved too much: {shown} KiB/s"
-    span = events[-1][0] - events[0][0]
-    least = (total - WINDOWS) / (LIMIT * MIB)
-    assert span >= least, f"{what}: {total / MIB:.0f} MiB moved in {span:.1f} s at a limit of {LIMIT} MiB/s"
-    # The first second may carry the first windows; then steady.
+    # After the first second: at least a third of the bytes, at no more than 1.25x the limit
+    # on average (a limiter running at twice the limit fails here whatever the windows were).
+    start = events[0][0] + 1.0
+    later = sum(n for t, n in events if t >= start)
+    span = events[-1][0] - start
+    assert later >= total / 3, f"{what}: only {later / MIB:.1f} MiB came after the first second: {shown} KiB/s"
+    rate = later / max(span, 1e-3) / MIB
+    assert rate <= 1.25 * LIMIT, f"{what}: {later / MIB:.0f} MiB came at {rate:.1f} MiB/s, limit {LIMIT} MiB/s"
     assert all(n <= 1.5 * LIMIT * MIB for n in seconds[1:]), f"{what}: bursty: {shown} KiB/s"
     assert all(n > 0 for n in seconds), f"{what}: a silent second: {shown} KiB/s"
 
@@ -66,8 +72,8 @@ def test_limits_pace_backup_and_restore(
 ) -> None:
     """Files of 12 and 24 MiB (parts of 8 MiB at most) among ~13 MiB of photos: the server
     sees the bytes arrive at the limit, second by second, not as part-sized bursts. The
-    large files make the first windows a third of the download, so that a limiter running
-    at twice the limit fails the span check (with ~25 MiB in all, one passed it)."""
+    large files keep two thirds of the bytes after the first second's windows, where a
+    limiter at twice the limit is seen (measured: 7.4-8.0 MiB/s at 2x, 3.1-4.0 at the limit)."""
     written = make_library(stack.library, photos=40, odd_names=False, large=[12 * MIB, 24 * MIB])
     total = sum(p.stat().st_size for p in tree(stack.library).values())
     assert total >= 48 * MIB
