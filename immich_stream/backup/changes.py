@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from immich_stream.repository.layout import run_of, snapshot_time
-from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.manifest import Chunk, ManifestLine
 from immich_stream.repository.repo import Repo
 
 # Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
@@ -94,6 +94,9 @@ class ParentInfo:
     files: dict[str, int] = field(default_factory=dict)  # per root
     bytes: dict[str, int] = field(default_factory=dict)
     markers: set[str] = field(default_factory=set)  # MARKER_DIRS whose marker it had
+    # the chunks of its postgres files by sha256: a changed file's unchanged chunks are
+    # taken from here (format 3; a few thousand for a large database)
+    chunks: dict[str, Chunk] = field(default_factory=dict)
 
     def moved_from(self, root: str, line: ManifestLine) -> ManifestLine | None:
         """The vanished line this new path may have been moved from (same device and inode)."""
@@ -155,7 +158,10 @@ async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path], exclude:
         info.bytes[line.root] = info.bytes.get(line.root, 0) + line.size
         if line.root == "library" and line.path in markers:
             info.markers.add(markers[line.path])
-        if line.key and line.root in roots:
+        if line.chunks:
+            for c in line.chunks:
+                info.chunks.setdefault(c.sha256, c)
+        if line.has_object and line.root in roots:
             batch.append(line)
             if len(batch) >= 2000:
                 await flush()
@@ -190,15 +196,15 @@ def classify(
     line: ManifestLine,
     old: ManifestLine | None,
     moved: ManifestLine | None,
-    exists: Callable[[str, int], bool],
+    exists: Callable[[ManifestLine], bool],
     racy: bool = False,
 ) -> Decision:
     """The rules of an incremental run, in one place. `old` is the previous snapshot's line
     for this path, `moved` a vanished line with this file's device and inode, `exists` says
-    whether an object with this key and size is in the bucket, `racy` that old's stat is
+    whether the objects a line names are in the bucket, `racy` that old's stat is
     too close to the moment it was read to prove the bytes unchanged."""
-    if old is not None and old.type == "file" and old.key and old.sha256:
-        if not exists(old.key, old.object_size):
+    if old is not None and old.type == "file" and old.has_object:
+        if not exists(old):
             return Decision("upload", "reuploaded", gone=old)
         if same_file(line, old):
             if racy:
@@ -209,18 +215,17 @@ def classify(
         return Decision("upload", "changed")
     if (
         moved is not None
-        and moved.key
-        and moved.sha256
+        and moved.has_object
         and moved.size == line.size
         and moved.mtime_ns == line.mtime_ns
-        and exists(moved.key, moved.object_size)
+        and exists(moved)
     ):
         return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
     return Decision("upload", "changed" if old is not None else "new")
 
 
 def _usable(old: ManifestLine | None) -> bool:
-    return old is not None and old.type == "file" and bool(old.key) and bool(old.sha256)
+    return old is not None and old.type == "file" and old.has_object
 
 
 async def decide(
@@ -228,7 +233,7 @@ async def decide(
     primary: Source | None,
     others: list[Source],
     moved: Callable[[ManifestLine], ManifestLine | None],
-    exists: Callable[[str, int], bool],
+    exists: Callable[[ManifestLine], bool],
     own_prefix: str | tuple[str, ...],
     resumed: Container[str] = (),
 ) -> Decision:
@@ -242,17 +247,17 @@ async def decide(
 
     def kind_of(cand: ManifestLine) -> str:
         if old is None:
-            if (cand.key or "").startswith(own_prefix):
+            if (cand.first_key or "").startswith(own_prefix):
                 return "new"
-            return "resumed" if run_of(cand.key or "") in resumed else "moved"
-        if cand.key == old.key:
+            return "resumed" if run_of(cand.first_key or "") in resumed else "moved"
+        if cand.same_object(old):
             return base.kind if base.action == "check" else "touched"
         return "reuploaded" if base.kind == "reuploaded" else "changed"
 
     check: Decision | None = None
     for src in others:
         cand = await src.cursor.find(line)
-        if cand is None or not _usable(cand) or (src.checked and not exists(cand.key or "", cand.object_size)):
+        if cand is None or not _usable(cand) or (src.checked and not exists(cand)):
             continue
         if same_file(line, cand) and not src.racy(cand):
             return Decision("reuse", kind_of(cand) if src.kind == "unchanged" else src.kind, cand)

@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,12 +26,13 @@ from immich_stream.backup.upload import FileUploader, UploadWorkers
 from immich_stream.backup.walk import WalkProblem, walk
 from immich_stream.progress import Phase
 from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.packs import PACK_MAX_BLOBS, Packing, PackWriter, pack_target
 from immich_stream.repository.repo import ObjectIndex
 from immich_stream.repository.summary import RunStats
 
 log = logging.getLogger(__name__)
 
-ORDER_WINDOW = 4096  # manifest lines waiting for their upload, at most
+ORDER_WINDOW = 4 * PACK_MAX_BLOBS  # manifest lines waiting for their upload, at most
 MAX_REUPLOAD_WARNINGS = 20
 
 
@@ -47,9 +48,14 @@ class OrderedManifest:
     def __init__(self, sink: LineSink | None, journal: LineSink | None = None, window: int = ORDER_WINDOW) -> None:
         self.sink = sink
         self.journal = journal
+        # called when the window is full (PackWriter.flush): lines may be waiting for a pack
+        # that only more lines would fill
+        self.on_full: Callable[[], Awaitable[None]] | None = None
         self._queue: asyncio.Queue[tuple[ManifestLine, asyncio.Future[bool] | None] | None] = asyncio.Queue(window)
 
     async def put(self, line: ManifestLine, upload: asyncio.Future[bool] | None = None) -> None:
+        if self._queue.full() and self.on_full is not None:
+            await self.on_full()
         await self._queue.put((line, upload))
 
     async def close(self) -> None:
@@ -97,18 +103,33 @@ class FilesPass:
     exclude: Collection[str] = ()
 
     async def root(self, root: str, root_path: Path, ordered: OrderedManifest, phase: Phase) -> None:
-        """One root through the stages: walk and classify, upload, write lines in order."""
-        workers = UploadWorkers(self.uploader, self.stats, phase, self.jobs)
+        """One root through the stages: walk and classify, upload (small files and the
+        database's chunks into packs), write lines in order."""
+        up = self.uploader
+        writer = PackWriter(up.store, up.repo, self.snap_id, up.budget, pack_target(up.part_size, up.budget.limit))
+        parent_chunks = self.sources.parent.chunks if self.sources.parent is not None else {}
+        packs = Packing(writer, parent_chunks, lambda key: self.sources.objects.has(key, None))
+        workers = UploadWorkers(up, self.stats, phase, self.jobs, packs)
+        ordered.on_full = writer.flush
 
         async def produce() -> None:
             await self.walk(root, root_path, workers, ordered, phase)
             await workers.close()
+
+        async def upload() -> None:
+            await workers.run()
+            await writer.close()  # the last pack: the lines still waiting name it
             await ordered.close()
 
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(produce())
-            tg.create_task(ordered.run())
-            tg.create_task(workers.run())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(produce())
+                tg.create_task(ordered.run())
+                tg.create_task(upload())
+        except BaseException:
+            await asyncio.shield(writer.abort())
+            raise
+        self.stats.packs += writer.packs
 
     async def walk(
         self, root: str, root_path: Path, workers: UploadWorkers, ordered: OrderedManifest, phase: Phase
@@ -137,18 +158,16 @@ class FilesPass:
                     sources.primary,
                     sources.others,
                     functools.partial(sources.moved, root),
-                    sources.objects.has,
+                    sources.objects.has_all,
                     own,
                     sources.resumed,
                 )
                 if decision.action == "reuse":
                     assert decision.source is not None
-                    line.key, line.sha256, line.stored = (
-                        decision.source.key,
-                        decision.source.sha256,
-                        decision.source.stored,
-                    )
-                    if line.stored is not None and line.key:  # re-sealed by an interrupted `key reencrypt`?
+                    line.take_object(decision.source)
+                    if (
+                        line.stored is not None and line.key and line.stored_whole
+                    ):  # re-sealed by an interrupted `key reencrypt`?
                         line.stored = sources.objects.size_of(line.key, line.stored) or line.stored
                     setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
                     if decision.kind == "resumed":

@@ -19,7 +19,8 @@ from immich_stream.backup.walk import Entry
 from immich_stream.config import Settings
 from immich_stream.progress import Phase
 from immich_stream.repository.age import Sealing
-from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.manifest import Chunk, ManifestLine
+from immich_stream.repository.packs import CHUNK_SIZE, PACK_FILE_MAX, Packing, compress
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import RunStats
@@ -43,12 +44,28 @@ class FileUploader:
         self.stats = stats
 
     async def upload(
-        self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None = None
+        self,
+        path: bytes,
+        entry: Entry,
+        line: ManifestLine,
+        key: str,
+        phase: Phase,
+        source: ManifestLine | None = None,
+        packs: Packing | None = None,
+        waits: list[asyncio.Future[None]] | None = None,
     ) -> bool:
         """Upload under `key`; fills line.key/sha256/size. With a `source` line, the file is
         read and hashed first and source's object reused when the bytes are the same (no
-        upload). True when reused. Raises OSError for a file that cannot be read."""
-        if entry.size <= self.part_size:
+        upload). True when reused. Raises OSError for a file that cannot be read.
+        `packs`: the postgres root's files go in chunks and small files into packs; the
+        futures of the packs the line then names are appended to `waits`."""
+        if packs is not None and (line.root == "postgres" or entry.size <= PACK_FILE_MAX):
+            assert waits is not None
+            if line.root == "postgres":
+                reused, after = await self._chunked(path, entry, line, phase, source, packs, waits)
+            else:
+                reused, after = await self._packed(path, entry, line, phase, source, packs, waits)
+        elif entry.size <= self.part_size:
             reused, after = await self._single(path, entry, line, key, phase, source)
         else:
             fd = await asyncio.to_thread(_open_regular, path)
@@ -66,10 +83,98 @@ class FileUploader:
         return reused
 
     def _reuse(self, line: ManifestLine, source: ManifestLine, sha: str, size: int) -> bool:
-        if sha != source.sha256 or size != source.size or source.key is None:
+        if sha != source.sha256 or size != source.size or not source.has_object:
             return False
-        line.key, line.sha256, line.size, line.stored = source.key, sha, size, source.stored
+        line.take_object(source)
+        line.size = size
         return True
+
+    async def _packed(
+        self,
+        path: bytes,
+        entry: Entry,
+        line: ManifestLine,
+        phase: Phase,
+        source: ManifestLine | None,
+        packs: Packing,
+        waits: list[asyncio.Future[None]],
+    ) -> tuple[bool, os.stat_result]:
+        """A small file into the open pack (one trip to a worker thread to read and hash
+        it). Its budget goes with it and is released once the pack was sent."""
+        n = max(entry.size, 1)
+        await self.budget.acquire(n)
+        try:
+            data, size, sha, _, _, after = await asyncio.to_thread(_read_file, path, entry.size, "", None)
+        except BaseException:
+            await asyncio.shield(self.budget.release(n))
+            raise
+        self.stats.bytes_read += size
+        if source is not None and self._reuse(line, source, sha, size):
+            await self.budget.release(n)
+            phase.update(size)
+            return True, after
+        pack_key, offset, done = await packs.writer.add(data, n)  # read no more than the walk's size
+        line.key, line.offset, line.size, line.sha256, line.stored = pack_key, offset, size, sha, None
+        waits.append(done)
+        self.stats.bytes_uploaded += size
+        phase.update(size)
+        return False, after
+
+    async def _chunked(
+        self,
+        path: bytes,
+        entry: Entry,
+        line: ManifestLine,
+        phase: Phase,
+        source: ManifestLine | None,
+        packs: Packing,
+        waits: list[asyncio.Future[None]],
+    ) -> tuple[bool, os.stat_result]:
+        """A database file as chunks of CHUNK_SIZE: each is hashed, and stored (compressed)
+        only when no chunk of the parent snapshot or of this run has its sha256."""
+        fd = await asyncio.to_thread(_open_regular, path)
+        try:
+            whole = hashlib.sha256()
+            chunks: list[Chunk] = []
+            total = 0
+            while True:
+                await self.budget.acquire(CHUNK_SIZE)
+                try:
+                    block, stored, digest = await asyncio.to_thread(_read_chunk, fd, whole)
+                except BaseException:
+                    await asyncio.shield(self.budget.release(CHUNK_SIZE))
+                    raise
+                if not block:
+                    await self.budget.release(CHUNK_SIZE)
+                    break
+                size = len(block)
+                del block
+                total += size
+                self.stats.bytes_read += size
+                known = packs.known(digest)
+                if known is not None:
+                    await self.budget.release(CHUNK_SIZE)
+                    chunk, done = known
+                else:
+                    await self.budget.release(CHUNK_SIZE - len(stored))
+                    key, offset, done = await packs.writer.add(stored, len(stored))
+                    chunk = Chunk(key, offset, len(stored), size, digest)
+                    packs.remember(chunk, done)
+                    self.stats.bytes_uploaded += len(stored)
+                if done is not None and not done.done():
+                    waits.append(done)
+                chunks.append(chunk)
+                phase.update(size)
+                self.store.touch()
+            sha = whole.hexdigest()
+            after = await asyncio.to_thread(os.fstat, fd)
+        finally:
+            os.close(fd)
+        # a check against an earlier line: the same bytes are the same chunks (stored once)
+        reused = source is not None and sha == source.sha256 and total == source.size
+        line.key, line.offset, line.stored, line.chunks = None, None, None, chunks
+        line.size, line.sha256 = total, sha
+        return reused, after
 
     async def _single(
         self, path: bytes, entry: Entry, line: ManifestLine, key: str, phase: Phase, source: ManifestLine | None
@@ -179,6 +284,15 @@ def _seal(sealing: Sealing, data: bytes, checksum: str) -> tuple[bytes, str, str
     return out, *sealed_hashes(checksum, out)
 
 
+def _read_chunk(fd: int, whole: Any) -> tuple[bytes, bytes, str]:
+    """The next CHUNK_SIZE bytes of a database file (fewer at its end, b"" after it): (them,
+    what a pack stores of them, their sha256); `whole` (the file's sha256) is updated."""
+    block, _, _ = _read_exactly(fd, CHUNK_SIZE, whole, None, own=False)
+    if not block:
+        return b"", b"", ""
+    return block, compress(block), hashlib.sha256(block).hexdigest()
+
+
 def _hash_fd(fd: int, progress: Callable[[], None]) -> tuple[str, int]:
     """sha256 and size of a file; bytes read are progress (hashing a 50 GB video is not a stall)."""
     h = hashlib.sha256()
@@ -225,8 +339,11 @@ class UploadWorkers:
     future that says, once the file is done, whether its line belongs in the manifest
     (False: it could not be read; it is a problem and left out of this snapshot)."""
 
-    def __init__(self, uploader: FileUploader, stats: RunStats, phase: Phase, jobs: int) -> None:
+    def __init__(
+        self, uploader: FileUploader, stats: RunStats, phase: Phase, jobs: int, packs: Packing | None = None
+    ) -> None:
         self.uploader = uploader
+        self.packs = packs
         self.stats = stats
         self.phase = phase
         # Small files are round trips more than bytes: up to SMALL_FACTOR x jobs of them at once
@@ -256,13 +373,16 @@ class UploadWorkers:
         stats = self.stats
         while (job := await self._queue.get()) is not None:
             line, decision = job.line, job.decision
+            waits: list[asyncio.Future[None]] = []
             try:
-                if job.entry.size <= SMALL_OBJECT:
-                    reused = await self.uploader.upload(job.path, job.entry, line, job.key, self.phase, decision.source)
+                if job.entry.size <= SMALL_OBJECT or (self.packs is not None and line.root == "postgres"):
+                    reused = await self.uploader.upload(
+                        job.path, job.entry, line, job.key, self.phase, decision.source, self.packs, waits
+                    )
                 else:
                     async with self._large:
                         reused = await self.uploader.upload(
-                            job.path, job.entry, line, job.key, self.phase, decision.source
+                            job.path, job.entry, line, job.key, self.phase, decision.source, self.packs, waits
                         )
             except OSError as exc:
                 stats.failed += 1
@@ -277,4 +397,24 @@ class UploadWorkers:
                 kind = "new" if kind in ("moved", "new", "resumed") else "changed"
             setattr(stats, kind, getattr(stats, kind) + 1)
             self.phase.update(0, files=1)
-            job.done.set_result(True)
+            if waits:
+                settle_after(waits, job.done)  # its line waits for its packs, not this worker
+            else:
+                job.done.set_result(True)
+
+
+def settle_after(waits: list[asyncio.Future[None]], done: asyncio.Future[bool]) -> None:
+    """Resolve done (True) once every future in waits has, or with the first one's error."""
+    both = asyncio.gather(*waits)
+
+    def settle(f: asyncio.Future[list[None]]) -> None:
+        if done.done():
+            return
+        if f.cancelled():
+            done.cancel()
+        elif (exc := f.exception()) is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(True)
+
+    both.add_done_callback(settle)

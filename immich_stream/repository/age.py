@@ -428,6 +428,50 @@ class Decryptor:
 _per_thread = threading.local()  # feed_view's output buffer
 
 
+class OpenedHeader:
+    """An age file's header, opened once: any run of its payload's chunks can then be
+    opened alone, from a ranged read (a file in a pack, packs.py). Each chunk is
+    authenticated by its index; whether it is the last one is told by which nonce opens it
+    (a chunk opens under exactly one), so the file's size need not be known."""
+
+    def __init__(self, aead: ChaCha20Poly1305, payload: int) -> None:
+        self._aead = aead
+        self.payload = payload  # where chunk 0 starts in the file
+
+    @classmethod
+    def parse(cls, data: bytes, identities: list[Identity]) -> OpenedHeader | None:
+        """The header at the start of data; None while data holds only part of it."""
+        d = Decryptor(identities)
+        used = d._header(data)
+        if not used:
+            return None
+        assert d._aead is not None
+        return cls(d._aead, used)
+
+    def span(self, start: int, end: int) -> tuple[int, int, int]:
+        """(first chunk, stored start, stored end) of the chunks that hold plaintext [start, end)."""
+        first, last = start // CHUNK, max(end - 1, start) // CHUNK
+        return first, self.payload + first * SEALED_CHUNK, self.payload + (last + 1) * SEALED_CHUNK
+
+    def open_chunks(self, first: int, raw: bytes) -> bytes:
+        """The plaintext of the chunks in raw, the first being chunk number `first`."""
+        out = []
+        for i, pos in enumerate(range(0, len(raw), SEALED_CHUNK)):
+            chunk, n = raw[pos : pos + SEALED_CHUNK], first + i
+            try:
+                out.append(self._aead.decrypt(_nonce(n, False), chunk, None))
+                continue
+            except InvalidTag:
+                pass
+            try:
+                out.append(self._aead.decrypt(_nonce(n, True), chunk, None))
+            except InvalidTag:
+                raise DecryptError(f"chunk {n} failed authentication: the object is damaged") from None
+            if pos + len(chunk) < len(raw):
+                raise DecryptError(f"chunk {n} is the last, but more follows: the object is damaged")
+        return b"".join(out)
+
+
 def open_sealed(data: bytes, identities: list[Identity]) -> bytes:
     d = Decryptor(identities)
     return b"".join(d.feed(data) + d.finish())

@@ -32,6 +32,7 @@ MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) t
 # Keys of paths too long for S3 live here, named by the path's sha256. "%l" cannot begin an
 # escaped path (a '%' in a name is always escaped as %25), so these never collide with one.
 LONG_KEY_DIR = "%long"
+PACK_DIR = "%pack"  # data/<id>/%pack/<random>: packs of small files and chunks (packs.py)
 STOPPED_DIR = "%stopped"  # like %long, cannot start an escaped path (a bare % is escaped)
 # the files of a snapshot directory snapshots/<id>/
 MANIFEST = "manifest.jsonl.gz"
@@ -110,6 +111,11 @@ def run_of(rel: str) -> str | None:
     return run
 
 
+def is_pack_key(rel: str) -> bool:
+    """A pack's key (relative to the prefix): data/<id>/%pack/<name>."""
+    return rel.startswith("data/") and f"/{PACK_DIR}/" in rel
+
+
 def run_dirs(run: str) -> tuple[str, str]:
     """Relative to the prefix: where a run's uploads live (its data objects, its snapshot directory)."""
     return f"data/{run}/", f"snapshots/{run}/"
@@ -144,6 +150,10 @@ class Layout:
             digest = hashlib.sha256(path.encode()).hexdigest()
             key = f"{base}{LONG_KEY_DIR}/{digest}"
         return key
+
+    def pack_key(self, snap_id: str) -> str:
+        """A new pack's key (relative to the prefix) for run snap_id: random, never reused."""
+        return f"{self.run_data_dir(snap_id)}{PACK_DIR}/{secrets.token_hex(8)}"
 
     def run_data_dir(self, snap_id: str) -> str:
         """Relative to the prefix: where the objects a run uploaded first live."""

@@ -11,7 +11,7 @@ import json
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from immich_stream.errors import RepoError
 from immich_stream.repository.auth import MAX_BLOCK, ManifestMac, forged, is_auth_line
@@ -42,6 +42,34 @@ def path_order(relpath: bytes) -> tuple[bytes, ...]:
     return tuple(relpath.split(b"/")) if relpath else ()
 
 
+class Chunk(NamedTuple):
+    """A piece of a file in a pack (format 3): its bytes are [offset, offset + length) of
+    the pack `key`'s plaintext, zlib data when length < size (else the bytes as they are),
+    `size` bytes once opened, whose sha256 is `sha256` (the deduplication key)."""
+
+    key: str
+    offset: int
+    length: int
+    size: int
+    sha256: str
+
+    @staticmethod
+    def valid(c: object) -> bool:
+        return (
+            isinstance(c, list)
+            and len(c) == 5
+            and isinstance(c[0], str)
+            and all(type(v) is int and v >= 0 for v in c[1:4])
+            and c[2] <= c[3]
+            and isinstance(c[4], str)
+            and len(c[4]) == 64
+        )
+
+    @property
+    def compressed(self) -> bool:
+        return self.length < self.size
+
+
 @dataclass(slots=True)
 class ManifestLine:
     root: str
@@ -62,6 +90,12 @@ class ManifestLine:
     dev: int | None = None
     # bytes of the object in the bucket when that differs from size (encrypted: an age file)
     stored: int | None = None
+    # format 3 (packs.py): the file's bytes are [offset, offset + size) of the pack `key`
+    # (its plaintext, when the pack is an age file)
+    offset: int | None = None
+    # format 3: the file is these chunks in order, `key` None (the postgres root's files,
+    # deduplicated and compressed: see Chunk)
+    chunks: list[Chunk] | None = None
 
     def to_json(self) -> str:
         d: dict[str, Any] = {
@@ -87,6 +121,10 @@ class ManifestLine:
             d["dev"] = self.dev
         if self.stored is not None:
             d["stored"] = self.stored
+        if self.offset is not None:
+            d["offset"] = self.offset
+        if self.chunks is not None:
+            d["chunks"] = [list(c) for c in self.chunks]
         return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
@@ -108,6 +146,8 @@ class ManifestLine:
             d.get("ctime_ns"),
             d.get("dev"),
             d.get("stored"),
+            d.get("offset"),
+            [Chunk(*c) for c in d["chunks"]] if d.get("chunks") is not None else None,
         )
 
     @classmethod
@@ -127,9 +167,13 @@ class ManifestLine:
         # optional fields may be absent or null (as older versions may have written them)
         wrong += [
             n
-            for n in ("size", "uid", "gid", "inode", "ctime_ns", "dev", "stored")
-            if d.get(n) is not None and type(d[n]) is not int
+            for n in ("size", "uid", "gid", "inode", "ctime_ns", "dev", "stored", "offset")
+            if d.get(n) is not None and (type(d[n]) is not int or d[n] < 0)
         ]
+        if d.get("chunks") is not None and not (
+            isinstance(d["chunks"], list) and all(Chunk.valid(c) for c in d["chunks"])
+        ):
+            wrong.append("chunks")
         wrong += [n for n in ("sha256", "key", "target") if d.get(n) is not None and not isinstance(d[n], str)]
         if not wrong:
             return cls.from_json(raw)
@@ -156,8 +200,44 @@ class ManifestLine:
 
     @property
     def object_size(self) -> int:
-        """The size of the object in the bucket (a listing shows it)."""
+        """The size of the object in the bucket (a listing shows it); of a file in a pack
+        (offset), its own size."""
         return self.size if self.stored is None else self.stored
+
+    @property
+    def stored_whole(self) -> bool:
+        """The file is one object of its own (formats 1 and 2, and large files in 3)."""
+        return self.key is not None and self.offset is None and self.chunks is None
+
+    @property
+    def has_object(self) -> bool:
+        """The line says where its bytes are (a file's line written by any version)."""
+        return self.sha256 is not None and (self.key is not None or self.chunks is not None)
+
+    def object_refs(self) -> list[tuple[str, int | None]]:
+        """(key, size in the bucket) of every object the file's bytes are in; None for a
+        pack, whose size is not recorded (packs are named once, never rewritten)."""
+        if self.chunks is not None:
+            return [(c.key, None) for c in self.chunks]
+        if self.key is None:
+            return []
+        return [(self.key, None if self.offset is not None else self.object_size)]
+
+    @property
+    def first_key(self) -> str | None:
+        """The key of the (first) object its bytes are in: whose run uploaded them."""
+        if self.chunks:
+            return self.chunks[0].key
+        return self.key
+
+    def same_object(self, other: ManifestLine) -> bool:
+        """Both lines name the same stored bytes."""
+        return (self.key, self.offset, self.chunks) == (other.key, other.offset, other.chunks)
+
+    def take_object(self, src: ManifestLine) -> None:
+        """Point this line at src's stored bytes (a reuse: the same file content)."""
+        self.key, self.sha256, self.stored = src.key, src.sha256, src.stored
+        self.offset, self.chunks = src.offset, src.chunks
 
     @property
     def relpath(self) -> bytes:

@@ -30,7 +30,7 @@ from immich_stream.repository.auth import (
     canonical,
     forged,
 )
-from immich_stream.repository.layout import ROOTS, SUMMARY, Layout, is_snapshot_id, snapshot_time
+from immich_stream.repository.layout import ROOTS, SUMMARY, Layout, is_pack_key, is_snapshot_id, snapshot_time
 from immich_stream.repository.manifest import ManifestLine, ManifestWriter, read_lines
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import SnapshotSummary
@@ -138,6 +138,7 @@ class ObjectIndex:
 
     def __init__(self, sealing: Sealing | None = None) -> None:
         self._digests = array("Q")
+        self._packs: set[str] = set()  # packs are few (one per thousands of files): by key alone
         self.sealing = sealing
 
     @staticmethod
@@ -149,7 +150,11 @@ class ObjectIndex:
     async def load(cls, repo: Repo) -> ObjectIndex:
         index = cls(repo.store.sealing)
         async for obj in repo.store.list_objects(repo.data_prefix()):
-            index._digests.append(cls._digest(repo.relative_key(obj.key), obj.size))
+            rel = repo.relative_key(obj.key)
+            if is_pack_key(rel):
+                index._packs.add(rel)
+            else:
+                index._digests.append(cls._digest(rel, obj.size))
         index._digests = array("Q", sorted(index._digests))
         return index
 
@@ -158,8 +163,18 @@ class ObjectIndex:
         i = bisect.bisect_left(self._digests, d)
         return i < len(self._digests) and self._digests[i] == d
 
-    def has(self, key: str, size: int) -> bool:
+    def has(self, key: str, size: int | None) -> bool:
+        """The object is listed (with that size; a pack, size None: by its key)."""
+        if size is None:
+            return key in self._packs
         return self.size_of(key, size) is not None
+
+    def has_all(self, line: ManifestLine) -> bool:
+        """Every object the line's bytes are in is listed."""
+        refs = line.object_refs()
+        if not refs:
+            return line.chunks is not None  # an empty file: no chunk at all
+        return all(self.has(k, n) for k, n in refs)
 
     def size_of(self, key: str, size: int) -> int | None:
         """The size of the object at key in the listing, given the size a manifest

@@ -140,9 +140,11 @@ class SealedStore:
         except DecryptError as exc:
             raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
 
-    def iter_raw(self, key: str, chunk_size: int, small: bool = False) -> AsyncIterator[bytes]:
-        """The object's bytes as stored (encrypted or not)."""
-        return self.raw.iter_object(key, chunk_size, small)
+    def iter_raw(
+        self, key: str, chunk_size: int, small: bool = False, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The object's bytes as stored (encrypted or not); `start`, `end`: only [start, end)."""
+        return self.raw.iter_object(key, chunk_size, small, start=start, end=end)
 
     # -- the Store's, passed through --------------------------------------------------------
 

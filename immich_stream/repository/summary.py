@@ -39,6 +39,7 @@ class FileCounts:
     bytes_total: int = 0
     bytes_read: int = 0
     bytes_uploaded: int = 0
+    packs: int = 0  # pack objects uploaded (format 3: small files and the database's chunks)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -152,6 +152,12 @@ async def _check_something_matches(
     )
 
 
+# Files in one pack are read together when they lie this close (restic reads a pack's blobs
+# for a restore the same way): a ranged read of their span, at most BATCH_SPAN bytes.
+BATCH_GAP = 256 * 1024
+BATCH_SPAN = 8 * 1024 * 1024
+BATCH_FILES = 2048
+
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
 # which a per-object policy gives.
 SERVER_CODES = TRANSIENT_CODES | {
@@ -212,7 +218,7 @@ async def restore_files(
         # times as many of them at once; a larger file holds one of --jobs slots.
         workers = settings.jobs * SMALL_FACTOR
         large = asyncio.Semaphore(settings.jobs)
-        queue: asyncio.Queue[ManifestLine | None] = asyncio.Queue(workers * 2)
+        queue: asyncio.Queue[ManifestLine | list[ManifestLine] | None] = asyncio.Queue(workers * 2)
 
         def problem(line: ManifestLine, exc: Exception | str) -> None:
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -232,6 +238,28 @@ async def restore_files(
                 failures.append((line, str(exc)))
             else:
                 stats.problems.add(f"{line.root}/{line.path}: not restored: {exc}")
+
+        batch: list[ManifestLine] = []  # files in one pack, close together: one ranged read
+
+        async def add_file(line: ManifestLine) -> None:
+            nonlocal batch
+            if line.offset is None or line.key is None:
+                await queue.put(line)
+                return
+            if batch:
+                first, last = batch[0], batch[-1]
+                assert first.offset is not None and last.offset is not None
+                end = last.offset + last.size
+                if (
+                    line.key == first.key
+                    and end <= line.offset <= end + BATCH_GAP
+                    and line.offset + line.size - first.offset <= BATCH_SPAN
+                    and len(batch) < BATCH_FILES
+                ):
+                    batch.append(line)
+                    return
+                await queue.put(batch)
+            batch = [line]
 
         async def produce() -> None:
             async for line in repo.read_manifest(snap.id, damaged=True):
@@ -264,7 +292,9 @@ async def restore_files(
                         problem(line, exc)
                 else:
                     stats.files += 1
-                    await queue.put(line)
+                    await add_file(line)
+            if batch:
+                await queue.put(batch)
             for _ in range(workers):
                 await queue.put(None)
 
@@ -274,9 +304,15 @@ async def restore_files(
 
         async def work() -> None:
             nonlocal unanswered
-            while (line := await queue.get()) is not None:
+            while (item := await queue.get()) is not None:
+                line = item[0] if isinstance(item, list) else item
+                lines = item if isinstance(item, list) else [item]
                 try:
-                    if line.size <= SMALL_OBJECT:
+                    if isinstance(item, list):
+                        for failed, why in await restorer.from_pack(item):
+                            problem(failed, why)
+                        downloaded = True
+                    elif line.size <= SMALL_OBJECT:
                         downloaded = await restorer.file(line)
                     else:
                         async with large:
@@ -284,7 +320,8 @@ async def restore_files(
                 except UnsafePath:
                     raise
                 except ObjectNotFound:
-                    problem(line, f"its object {line.key} is missing from the bucket")
+                    for ln in lines:
+                        problem(ln, f"its object {ln.first_key} is missing from the bucket")
                 except StoreError as exc:
                     # A server that answers about this object (access denied, archived) fails
                     # this file; one that does not answer at all, or only with its own trouble
@@ -296,9 +333,11 @@ async def restore_files(
                                 f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
                                 "command resumes it"
                             ) from exc
-                    problem(line, exc)
+                    for ln in lines:
+                        problem(ln, exc)
                 except (RepoError, InTheWay, OSError) as exc:
-                    problem(line, exc)
+                    for ln in lines:
+                        problem(ln, exc)
                 else:
                     if downloaded:
                         unanswered = 0

@@ -21,6 +21,7 @@ from immich_stream.problems import Problems
 from immich_stream.progress import Phase
 from immich_stream.repository.layout import ROOTS, unescape_path
 from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.packs import PackReader
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.budget import ByteBudget
@@ -103,6 +104,7 @@ class FileRestorer:
         self.phase = phase
         self.budget = budget
         self.as_root = os.geteuid() == 0
+        self.packs = PackReader(store, repo)
 
     def shown(self, rel: bytes) -> str:
         return os.fsdecode(os.path.join(self.target, rel))
@@ -264,7 +266,7 @@ class FileRestorer:
             if self.in_place(parent, name, line):
                 os.close(parent)
                 return None
-            if line.key is None or line.sha256 is None:
+            if not line.has_object:
                 raise RepoError(f"manifest line {line.root}/{line.path} has no object key: the manifest is damaged")
             self.make_room(parent, name)
             fd, partial = self.create_partial(parent, name)
@@ -325,7 +327,7 @@ class FileRestorer:
             self.stats.skipped += 1
             self.phase.update(line.size, files=1)
             return False
-        assert line.key is not None and line.sha256 is not None
+        assert line.sha256 is not None
         parent, fd, partial = opened
         h = hashlib.sha256()
         size = 0
@@ -341,9 +343,14 @@ class FileRestorer:
         try:
             await self.budget.acquire(held)
             try:
-                await self.store.download(
-                    self.repo.object_key(line.key), sink, line.size, small=line.size <= SMALL_OBJECT
-                )
+                if line.stored_whole:
+                    assert line.key is not None
+                    await self.store.download(
+                        self.repo.object_key(line.key), sink, line.size, small=line.size <= SMALL_OBJECT
+                    )
+                else:  # in a pack, or chunks
+                    async for piece in self.packs.file(line):
+                        await asyncio.to_thread(sink, memoryview(piece))
             finally:
                 await asyncio.shield(self.budget.release(held))
                 self.stats.bytes_downloaded += size
@@ -360,6 +367,54 @@ class FileRestorer:
         self.stats.restored += 1
         self.phase.update(0, files=1)
         return True
+
+    async def from_pack(self, lines: list[ManifestLine]) -> list[tuple[ManifestLine, Exception]]:
+        """Files that are blobs of one pack, close together (restore_files batches them): one
+        ranged read of their span, then every file written in one trip to a worker thread.
+        Returns the files that failed, with why; a failed read raises for them all."""
+        start = min(ln.offset or 0 for ln in lines)
+        end = max((ln.offset or 0) + ln.size for ln in lines)
+        assert lines[0].key is not None
+        async with self.budget.hold(end - start):
+            data = await self.packs.read(lines[0].key, start, end)
+            self.stats.bytes_downloaded += len(data)
+            failed, skipped = await asyncio.to_thread(self._write_blobs, lines, data, start)
+        self.stats.skipped += skipped
+        self.stats.restored += len(lines) - skipped - len(failed)
+        self.phase.update(sum(ln.size for ln in lines), files=len(lines) - len(failed))
+        return failed
+
+    def _write_blobs(
+        self, lines: list[ManifestLine], data: bytes, start: int
+    ) -> tuple[list[tuple[ManifestLine, Exception]], int]:
+        """(the files that failed with why, how many were found in place). Blocking."""
+        failed: list[tuple[ManifestLine, Exception]] = []
+        skipped = 0
+        view = memoryview(data)
+        for line in lines:
+            try:
+                rel = self.dest(line)
+                opened = self.open_target(rel, line)
+                if opened is None:
+                    skipped += 1
+                    continue
+                parent, fd, partial = opened
+                h = hashlib.sha256()
+                pos = (line.offset or 0) - start
+                try:
+                    self.write_hashed(fd, view[pos : pos + line.size], h)
+                except BaseException:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(partial, dir_fd=parent)
+                    os.close(parent)
+                    raise
+                self.finish_file(parent, fd, partial, os.path.basename(rel), line, h, line.size)
+            except (RepoError, InTheWay, OSError) as exc:
+                if isinstance(exc, UnsafePath):
+                    raise
+                failed.append((line, exc))
+        return failed, skipped
 
     async def symlink(self, line: ManifestLine) -> None:
         head, name = os.path.split(self.dest(line))

@@ -23,6 +23,10 @@ class ByteBudget:
             self.used += n
             self.peak = max(self.peak, self.used)
 
+    def available(self, n: int) -> bool:
+        """acquire(n) would not wait now."""
+        return self.used == 0 or self.used + n <= self.limit
+
     async def release(self, n: int) -> None:
         async with self._cond:
             self.used -= max(n, 0)

@@ -42,6 +42,11 @@ class _Signer(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore has 
         return str(request.context["payload_sha256"])
 
 
+def range_header(offset: int, end: int | None) -> str:
+    """The Range header of the bytes [offset, end) (end None: to the object's end)."""
+    return f"bytes={offset}-" if end is None else f"bytes={offset}-{end - 1}"
+
+
 class DirectBody:
     """A GET's body, read like botocore's StreamingBody."""
 
@@ -159,14 +164,15 @@ class Direct:
                 raise _client_error(op, resp, body)
             return {k.lower(): v for k, v in resp.headers.items()}
 
-    async def signed_get(self, key: str, offset: int) -> tuple[str, dict[str, str]]:
+    async def signed_get(self, key: str, offset: int, end: int | None = None) -> tuple[str, dict[str, str]]:
+        """`end`: the byte after the last one wanted (None: to the object's end)."""
         url = self.url(key)
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        headers = {"Range": range_header(offset, end)} if offset or end is not None else {}
         headers.update(self.sse_c)
         return url, await self._signed("GET", url, headers, EMPTY_SHA256)
 
-    async def get(self, key: str, offset: int) -> DirectBody:
-        url, signed = await self.signed_get(key, offset)
+    async def get(self, key: str, offset: int, end: int | None = None) -> DirectBody:
+        url, signed = await self.signed_get(key, offset, end)
         resp = await self.session.get(yarl.URL(url, encoded=True), headers=signed, proxy=self._proxy)
         if resp.status >= 300:
             try:

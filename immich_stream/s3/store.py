@@ -43,7 +43,7 @@ from immich_stream.s3.checksums import (
     md5_b64,
 )
 from immich_stream.s3.classify import REDIRECT_CODES, is_transient, short, store_error
-from immich_stream.s3.direct import Direct
+from immich_stream.s3.direct import Direct, range_header
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.pacing import RateLimit
 from immich_stream.s3.patches import Body, Pace, drop_expect_header, install_patches, unacked_bytes
@@ -399,27 +399,35 @@ class Store:
         return b"".join(chunks)
 
     async def iter_object(
-        self, key: str, chunk_size: int = MIB, small: bool = False, progress: bool = True
+        self,
+        key: str,
+        chunk_size: int = MIB,
+        small: bool = False,
+        progress: bool = True,
+        start: int = 0,
+        end: int | None = None,
     ) -> AsyncIterator[bytes]:
         """An object's bytes in chunks, as stored; a broken connection resumes where it
         stopped (Range). `small`: the object is at most SMALL_OBJECT bytes (see retry.py).
         `progress`: its bytes count as progress for the stall watchdog (they always count as
-        an answer)."""
-        offset = 0
+        an answer). `start`, `end`: only the bytes [start, end) (a blob in a pack)."""
+        if end is not None and end <= start:
+            return
+        offset = start
         attempt = 0
         limit = self.download_limit
         if limit is not None:
             chunk_size = min(chunk_size, limit.chunk)
-        while True:
+        while end is None or offset < end:
 
             async def open_body(offset: int = offset) -> Any:
                 async def slow() -> Any:
                     kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw}
-                    if offset:
-                        kw["Range"] = f"bytes={offset}-"
+                    if offset or end is not None:
+                        kw["Range"] = range_header(offset, end)
                     return (await self._client.get_object(**kw))["Body"]
 
-                return await self._direct_or(lambda d: d.get(key, offset), slow)
+                return await self._direct_or(lambda d: d.get(key, offset, end), slow)
 
             body = await self._retry.call(f"download {key}", open_body, small=small)
             self._reading += 1
@@ -436,6 +444,10 @@ class Store:
                         break
                     if not chunk:
                         return
+                    if end is not None and offset + len(chunk) > end:
+                        chunk = chunk[: max(end - offset, 0)]  # never more than asked for
+                        if not chunk:
+                            return
                     if limit is not None:
                         await limit.take(len(chunk))
                     self.last_answer = time.monotonic()  # bytes moving

@@ -14,9 +14,9 @@ def line(path: str, size: int = 10, mtime: int = 100, inode: int = 7, ctime: int
     return ManifestLine(root, path, "file", size, mtime, 0o644, 0, 0, inode, sha, key, ctime_ns=ctime, dev=dev)
 
 
-def exists(_key: str, _size: int) -> bool:
+def exists(_line: ManifestLine) -> bool:
     return True
 
 
-def missing(_key: str, _size: int) -> bool:
+def missing(_line: ManifestLine) -> bool:
     return False

@@ -121,9 +121,9 @@ async def test_the_live_pass_and_interrupted_runs_are_sources_counted_as_what_th
     assert got == want
 
 
-def missing_but_own(key: str, _size: int) -> bool:
+def missing_but_own(line: ManifestLine) -> bool:
     """The bucket's listing, taken before this run uploaded anything."""
-    return not key.startswith("data/now/")
+    return not (line.key or "").startswith("data/now/")
 
 
 def test_vanished_file_is_a_move_candidate_once() -> None:
@@ -152,13 +152,13 @@ def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     same_fs = line("library/c.jpg", 1, 42, ctime=9)
     found = parent.moved_from("library", same_fs)
     assert found is gone
-    decision = classify(same_fs, None, found, lambda key, size: True)
+    decision = classify(same_fs, None, found, lambda _ln: True)
     assert (decision.action, decision.kind) == ("check", "moved"), "a move is confirmed by its bytes"
     # unchanged needs ctime and device too; an old line without them is trusted once
     old = line("p.jpg", 1, 7, ctime=5)
-    assert classify(line("p.jpg", 1, 7, ctime=5), old, None, lambda k, s: True).action == "reuse"
-    assert classify(line("p.jpg", 1, 7, ctime=6), old, None, lambda k, s: True).action == "check"
-    assert classify(line("p.jpg", 3, 7, ctime=5), old, None, lambda k, s: True).action == "check"
+    assert classify(line("p.jpg", 1, 7, ctime=5), old, None, lambda _ln: True).action == "reuse"
+    assert classify(line("p.jpg", 1, 7, ctime=6), old, None, lambda _ln: True).action == "check"
+    assert classify(line("p.jpg", 3, 7, ctime=5), old, None, lambda _ln: True).action == "check"
     legacy = line("p.jpg", None, 7, ctime=None)
-    assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda k, s: True).action == "reuse"
-    assert classify(line("p.jpg", 1, 7), old, None, lambda k, s: False).kind == "reuploaded"
+    assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda _ln: True).action == "reuse"
+    assert classify(line("p.jpg", 1, 7), old, None, lambda _ln: False).kind == "reuploaded"

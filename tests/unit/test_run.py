@@ -16,6 +16,7 @@ from immich_stream.backup.upload import FileUploader
 from immich_stream.config import Settings
 from immich_stream.progress import Reporter
 from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.packs import PackReader
 from immich_stream.repository.repo import ObjectIndex, Repo
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
@@ -170,7 +171,11 @@ async def test_upload_stage_puts_every_file_in_walk_order_and_reports_unreadable
         phase = Reporter().phase("library files")
         sources = Sources(None, [], None, ObjectIndex())
         await backup_root("library", root, "run1", uploader, sources, OrderedManifest(sink), stats, phase, jobs=3)
-        got = {ln.path: await store.get(ln.key) for ln in sink.lines if ln.type == "file" and ln.key}
+        reader = PackReader(repo.store, repo)
+        got = {ln.path: b"".join([b async for b in reader.file(ln)]) for ln in sink.lines if ln.type == "file"}
+        packed = [ln for ln in sink.lines if ln.offset is not None]
+        assert {ln.path for ln in packed} == {"a.jpg", "sub/c.jpg", "z.jpg"}, "small files go into a pack"
+        assert len({ln.key for ln in packed}) == 1 and stats.packs == 1
     paths = [ln.path for ln in sink.lines]
     assert paths == sorted(paths, key=lambda p: tuple(p.split("/"))), "manifest lines are in walk order"
     for rel, data in files.items():
