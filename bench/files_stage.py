@@ -1,6 +1,9 @@
 """The backup's files stage alone (walk, classify, upload, manifest), without Docker.
 
-    .venv/bin/python bench/files_stage.py DIR        (settings from the environment, as the CLI)
+    .venv/bin/python bench/files_stage.py DIR [--incremental]   (settings from the environment, as the CLI)
+
+--incremental: against the repository's newest snapshot, as `backup` runs (the no-change
+night when nothing changed).
 
 Runs exactly what `backup` runs for one root (backup.roots.backup_root with a real Store, Repo,
 ManifestWriter and the budgets backup uses), minus the stack and the dump: it is what
@@ -22,23 +25,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from immich_stream import config  # noqa: E402
+from immich_stream.backup.changes import Source, scan_parent  # noqa: E402
 from immich_stream.backup.roots import OrderedManifest, Sources, backup_root  # noqa: E402
 from immich_stream.backup.run import stream_budget_share  # noqa: E402
-from immich_stream.s3.budget import ByteBudget  # noqa: E402
+from immich_stream.backup.upload import FileUploader  # noqa: E402
 from immich_stream.progress import Reporter  # noqa: E402
-from immich_stream.repository.manifest import ManifestWriter
-from immich_stream.repository.repo import ObjectIndex  # noqa: E402
 from immich_stream.repository.layout import new_snapshot_id  # noqa: E402
+from immich_stream.repository.manifest import ManifestWriter  # noqa: E402
+from immich_stream.repository.repo import ObjectIndex  # noqa: E402
 from immich_stream.repository.session import open_repo  # noqa: E402
 from immich_stream.repository.summary import ManifestInfo, RunStats, SnapshotSummary  # noqa: E402
-from immich_stream.backup.upload import FileUploader  # noqa: E402
+from immich_stream.s3.budget import ByteBudget  # noqa: E402
 
 
-async def files_stage(directory: Path) -> tuple[RunStats, float]:
+async def files_stage(directory: Path, incremental: bool = False) -> tuple[RunStats, float]:
     settings = config.load()
     snap_id = new_snapshot_id()
     started = time.monotonic()
     async with open_repo(settings, create_for=snap_id) as repo:
+        sources = Sources(None, [], None, ObjectIndex())
+        if incremental:  # against the newest snapshot, as `backup` does (a no-change run)
+            parent = (await repo.resolve("latest")).id
+            info = await scan_parent(repo, parent, {"library": directory})
+            objects = await ObjectIndex.load(repo)
+            sources = Sources(Source.of_run(repo.read_manifest(parent), parent), [], info, objects)
         stats = RunStats()
         share = stream_budget_share(settings.max_memory, settings.part_size)
         stream_budget = ByteBudget(share)
@@ -51,7 +61,7 @@ async def files_stage(directory: Path) -> tuple[RunStats, float]:
                 directory,
                 snap_id,
                 uploader,
-                Sources(None, [], None, ObjectIndex()),
+                sources,
                 OrderedManifest(mf),
                 stats,
                 phase,
@@ -72,6 +82,7 @@ async def files_stage(directory: Path) -> tuple[RunStats, float]:
 
 def main() -> None:
     directory = Path(sys.argv[1])
+    incremental = "--incremental" in sys.argv[2:]
     profile = os.environ.get("IMMICH_STREAM_PROFILE")
     prof = cProfile.Profile() if profile else None
     try:
@@ -82,12 +93,15 @@ def main() -> None:
         runner = asyncio.run
     if prof:
         prof.enable()
-    stats, seconds = runner(files_stage(directory))
+    stats, seconds = runner(files_stage(directory, incremental))
     if prof:
         prof.disable()
         prof.dump_stats(profile)
     files = stats.new + stats.changed
-    print(f"files {files} bytes {stats.bytes_uploaded} seconds {seconds:.3f} failed {stats.failed}")
+    print(
+        f"files {files} unchanged {stats.unchanged} rechecked {stats.rechecked} bytes {stats.bytes_uploaded} "
+        f"packs {stats.packs} seconds {seconds:.3f} failed {stats.failed}"
+    )
     if stats.failed:
         raise SystemExit(1)
 

@@ -5,6 +5,7 @@ retention would otherwise age the good snapshots out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -25,10 +26,12 @@ async def count_files(root: Path, exclude: Collection[str] = ()) -> tuple[int, i
     """(files, bytes) under root: a stat-only walk, run before anything is stopped; the
     library's --exclude folders count as the backup's walk sees them (markers only)."""
     files = size = 0
-    async for e in walk(os.fsencode(root), lambda p: None, *walk_filter("library", exclude), followed("library")):
-        if e.type == "file":
-            files += 1
-            size += e.size
+    entries = walk(os.fsencode(root), lambda p: None, *walk_filter("library", exclude), followed("library"))
+    async with contextlib.aclosing(entries):
+        async for e in entries:
+            if e.type == "file":
+                files += 1
+                size += e.size
     return files, size
 
 

@@ -13,17 +13,18 @@ library size. run.py drives one FilesPass per pass (live, stopped) over the root
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from immich_stream.backup.changes import ParentInfo, Source, decide, followed, walk_filter
 from immich_stream.backup.upload import FileUploader, UploadWorkers
-from immich_stream.backup.walk import WalkProblem, walk
+from immich_stream.backup.walk import Entry, WalkProblem, walk
 from immich_stream.progress import Phase
 from immich_stream.repository.manifest import ManifestLine
 from immich_stream.repository.packs import PACK_MAX_BLOBS, Packing, PackWriter, pack_target
@@ -110,7 +111,7 @@ class FilesPass:
         parent_chunks = self.sources.parent.chunks if self.sources.parent is not None else {}
         packs = Packing(writer, parent_chunks, lambda key: self.sources.objects.has(key, None))
         workers = UploadWorkers(up, self.stats, phase, self.jobs, packs)
-        ordered.on_full = writer.flush
+        ordered.on_full = workers.flush
 
         async def produce() -> None:
             await self.walk(root, root_path, workers, ordered, phase)
@@ -136,9 +137,8 @@ class FilesPass:
     ) -> None:
         """The walker and the change classifier: every entry becomes a manifest line (in walk
         order); a file whose object cannot simply be reused goes to the upload workers."""
-        snap_id, repo, sources, stats = self.snap_id, self.uploader.repo, self.sources, self.stats
+        stats = self.stats
         root_b = os.fsencode(root_path)
-        own = repo.run_data_dir(snap_id)
 
         def on_problem(p: WalkProblem) -> None:
             if p.skipped:
@@ -147,7 +147,22 @@ class FilesPass:
                 stats.failed += 1
                 stats.problem(f"{root}/{p.relpath.decode(errors='backslashreplace')}: {p.message}")
 
-        async for e in walk(root_b, on_problem, *walk_filter(root, self.exclude), followed(root)):
+        entries = walk(root_b, on_problem, *walk_filter(root, self.exclude), followed(root))
+        async with contextlib.aclosing(entries):
+            await self._classify(root, root_b, entries, workers, ordered, phase)
+
+    async def _classify(
+        self,
+        root: str,
+        root_b: bytes,
+        entries: AsyncIterator[Entry],
+        workers: UploadWorkers,
+        ordered: OrderedManifest,
+        phase: Phase,
+    ) -> None:
+        snap_id, repo, sources, stats = self.snap_id, self.uploader.repo, self.sources, self.stats
+        own = repo.run_data_dir(snap_id)
+        async for e in entries:
             repo.store.touch()  # walking unchanged files is progress too
             line = ManifestLine.from_entry(root, e)
             upload: asyncio.Future[bool] | None = None

@@ -30,6 +30,8 @@ from immich_stream.s3.checksums import SMALL_FACTOR, SMALL_OBJECT, check_value, 
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20  # read size when a file is hashed to decide whether to upload it
+SMALL_BATCH_FILES = 64  # small files read in one trip to a worker thread, at most
+SMALL_BATCH_BYTES = 2 << 20
 
 
 class FileUploader:
@@ -350,17 +352,46 @@ class UploadWorkers:
         # (Store allows as many small PUTs in flight); larger ones hold one of `jobs` slots.
         self.jobs = jobs * SMALL_FACTOR
         self._large = asyncio.Semaphore(jobs)
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(self.jobs * 2)
+        self._queue: asyncio.Queue[_Job | list[_Job] | None] = asyncio.Queue(self.jobs * 2)
+        # small files to pack, read together in one trip to a worker thread (a trip per
+        # file cost more than reading it: 100,000 thumbnails)
+        self._small: list[_Job] = []
+        self._small_bytes = 0
 
     async def submit(
         self, path: bytes, entry: Entry, line: ManifestLine, key: str, decision: Decision
     ) -> asyncio.Future[bool]:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(path, entry, line, key, decision, done))
+        job = _Job(path, entry, line, key, decision, done)
+        if (
+            self.packs is not None
+            and decision.source is None
+            and line.root != "postgres"
+            and entry.size <= PACK_FILE_MAX
+        ):
+            self._small.append(job)
+            self._small_bytes += entry.size
+            if len(self._small) >= SMALL_BATCH_FILES or self._small_bytes >= SMALL_BATCH_BYTES:
+                await self._flush_small()
+            return done
+        await self._queue.put(job)
         return done
+
+    async def _flush_small(self) -> None:
+        if self._small:
+            batch, self._small, self._small_bytes = self._small, [], 0
+            await self._queue.put(batch)
+
+    async def flush(self) -> None:
+        """Hand on the small files gathered so far and send the open pack (the manifest's
+        window is full: its lines may be waiting for them)."""
+        await self._flush_small()
+        if self.packs is not None:
+            await self.packs.writer.flush()
 
     async def close(self) -> None:
         """No more files: each worker ends once the queue is empty."""
+        await self._flush_small()
         for _ in range(self.jobs):
             await self._queue.put(None)
 
@@ -372,6 +403,9 @@ class UploadWorkers:
     async def _work(self) -> None:
         stats = self.stats
         while (job := await self._queue.get()) is not None:
+            if isinstance(job, list):
+                await self._small_files(job)
+                continue
             line, decision = job.line, job.decision
             waits: list[asyncio.Future[None]] = []
             try:
@@ -401,6 +435,61 @@ class UploadWorkers:
                 settle_after(waits, job.done)  # its line waits for its packs, not this worker
             else:
                 job.done.set_result(True)
+
+    async def _small_files(self, jobs: list[_Job]) -> None:
+        """New or changed small files into the open pack: read and hashed together in one
+        trip to a worker thread, then added in walk order (a restore then reads them so)."""
+        assert self.packs is not None
+        stats, budget, writer = self.stats, self.uploader.budget, self.packs.writer
+        holds = [max(j.entry.size, 1) for j in jobs]
+        await budget.acquire(sum(holds))
+        try:
+            read = await asyncio.to_thread(_read_files, [(j.path, j.entry.size) for j in jobs])
+        except BaseException:
+            await asyncio.shield(budget.release(sum(holds)))
+            raise
+        for i, (job, held, got) in enumerate(zip(jobs, holds, read, strict=True)):
+            line = job.line
+            if isinstance(got, OSError):
+                await budget.release(held)
+                stats.failed += 1
+                stats.problem(
+                    f"{line.root}/{line.path}: cannot be read ({got.strerror or got}); left out of this snapshot"
+                )
+                job.done.set_result(False)
+                self.phase.update(0, files=1)
+                continue
+            data, sha, after = got
+            try:
+                key, offset, done = await writer.add(data, held)
+            except BaseException:
+                await asyncio.shield(budget.release(sum(holds[i:])))
+                raise
+            line.key, line.offset, line.size, line.sha256, line.stored = key, offset, len(data), sha, None
+            stats.bytes_read += len(data)
+            stats.bytes_uploaded += len(data)
+            if after.st_mtime_ns != job.entry.mtime_ns or after.st_size != len(data):
+                stats.changed_while_read += 1
+                stats.problem(f"{line.root}/{line.path}: changed while being read; the snapshot holds the bytes read")
+            setattr(stats, job.decision.kind, getattr(stats, job.decision.kind) + 1)
+            self.phase.update(len(data), files=1)
+            settle_after([done], job.done)
+
+
+def _read_files(files: list[tuple[bytes, int]]) -> list[tuple[bytes, str, os.stat_result] | OSError]:
+    """(bytes, sha256, fstat after the read) of each small file, or why it could not be read."""
+    out: list[tuple[bytes, str, os.stat_result] | OSError] = []
+    for path, size in files:
+        try:
+            fd = _open_regular(path)
+            try:
+                data, sha, _ = _read_exactly(fd, size, None, None)
+                out.append((data, sha, os.fstat(fd)))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            out.append(exc)
+    return out
 
 
 def settle_after(waits: list[asyncio.Future[None]], done: asyncio.Future[bool]) -> None:

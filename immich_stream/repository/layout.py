@@ -62,6 +62,8 @@ def escape_path(raw: bytes) -> str:
 
 
 def unescape_path(text: str) -> bytes:
+    if "%" not in text:  # most names: nothing was escaped
+        return text.encode()
     return urllib.parse.unquote_to_bytes(text)
 
 

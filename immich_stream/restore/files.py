@@ -103,20 +103,24 @@ def _marker_snapshot(marker: Path) -> str | None:
     return previous if isinstance(previous, str) else None
 
 
-def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> None:
+def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> bool:
+    """Refuse a target that is not empty (but an unfinished restore of this snapshot, or
+    with --overwrite); True when it is empty (nothing can be in place)."""
     if target.exists() and not target.is_dir():
         raise ConfigError(f"restore target {target} is not a directory: choose a directory")
     if not target.exists():
-        return
+        return True
     entries = [e for e in os.listdir(target) if e != MARKER]
-    if not entries or overwrite:
-        return
+    if not entries:
+        return not os.path.lexists(target / MARKER)
+    if overwrite:
+        return False
     marker = target / MARKER
     if os.path.lexists(marker):
         previous = _marker_snapshot(marker)
         if previous == snap.id:
             log.info("resuming the unfinished restore of %s into %s", snap.id, target)
-            return
+            return False
         if previous is None:
             raise ConfigError(f"{marker} is not a restore's marker: remove it, or add --overwrite")
         raise ConfigError(
@@ -157,6 +161,7 @@ async def _check_something_matches(
 BATCH_GAP = 256 * 1024
 BATCH_SPAN = 8 * 1024 * 1024
 BATCH_FILES = 2048
+DIRS_AT_ONCE = 256  # directories made in one trip to a worker thread
 
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
 # which a per-object policy gives.
@@ -199,7 +204,7 @@ async def restore_files(
     ):
         store = repo.store
         snap = await repo.resolve(which)
-        _check_target(target, snap, overwrite)
+        fresh = _check_target(target, snap, overwrite)
         wanted = set(roots or ROOTS)
         await _check_something_matches(repo, snap, roots, wanted, includes)
         # before the target is marked: a --no-wait run leaves nothing behind to resume
@@ -212,6 +217,8 @@ async def restore_files(
         phase = reporter.phase("restore files", total)
         single = roots is not None and len(roots) == 1
         restorer = FileRestorer(store, repo, target, target_fd, single, overwrite, stats, phase, budget)
+        exits.callback(restorer.close)
+        restorer.fresh = fresh
         dirs: list[ManifestLine] = []
         failures: list[tuple[ManifestLine, str]] = []  # files not restored, named at the end
         # Small files are round trips more than bytes (two thumbnails per photo): SMALL_FACTOR
@@ -240,26 +247,46 @@ async def restore_files(
                 stats.problems.add(f"{line.root}/{line.path}: not restored: {exc}")
 
         batch: list[ManifestLine] = []  # files in one pack, close together: one ranged read
+        span = [0, 0]  # the bytes of the pack the batch's files lie in
 
         async def add_file(line: ManifestLine) -> None:
             nonlocal batch
             if line.offset is None or line.key is None:
                 await queue.put(line)
                 return
+            lo, hi = line.offset, line.offset + line.size
             if batch:
-                first, last = batch[0], batch[-1]
-                assert first.offset is not None and last.offset is not None
-                end = last.offset + last.size
+                # a pack holds its files in the order they were read, which is the walk's
+                # but for the few read at once: a batch takes any file near its span
+                start, end = min(span[0], lo), max(span[1], hi)
                 if (
-                    line.key == first.key
-                    and end <= line.offset <= end + BATCH_GAP
-                    and line.offset + line.size - first.offset <= BATCH_SPAN
+                    line.key == batch[0].key
+                    and span[0] - BATCH_GAP <= lo
+                    and hi <= span[1] + BATCH_GAP
+                    and end - start <= BATCH_SPAN
                     and len(batch) < BATCH_FILES
                 ):
                     batch.append(line)
+                    span[:] = [start, end]
                     return
                 await queue.put(batch)
             batch = [line]
+            span[:] = [lo, hi]
+
+        pending_dirs: list[tuple[bytes, ManifestLine]] = []
+
+        async def make_dirs() -> None:
+            """The directories met so far, in one trip to a worker thread (a thread trip
+            each cost more than making it)."""
+            made = pending_dirs[:]
+            pending_dirs.clear()
+            failed = dict(await restorer.in_fs_thread(restorer.make_dirs, [rel for rel, _ in made])) if made else {}
+            for i, (_, line) in enumerate(made):
+                if i in failed:
+                    problem(line, failed[i])
+                    continue
+                dirs.append(line)  # modes and mtimes once their contents are written
+                stats.dirs += 1
 
         async def produce() -> None:
             async for line in repo.read_manifest(snap.id, damaged=True):
@@ -278,13 +305,9 @@ async def restore_files(
                     problem(line, RepoError(f"its manifest line is damaged ({damage}): run `verify`"))
                     continue
                 if line.type == "dir":
-                    try:
-                        await asyncio.to_thread(restorer.make_dir, rel)
-                    except (InTheWay, OSError) as exc:
-                        problem(line, exc)
-                        continue
-                    dirs.append(line)  # modes and mtimes once their contents are written
-                    stats.dirs += 1
+                    pending_dirs.append((rel, line))
+                    if len(pending_dirs) >= DIRS_AT_ONCE:
+                        await make_dirs()
                 elif line.type == "symlink":
                     try:
                         await restorer.symlink(line)
@@ -293,6 +316,7 @@ async def restore_files(
                 else:
                     stats.files += 1
                     await add_file(line)
+            await make_dirs()
             if batch:
                 await queue.put(batch)
             for _ in range(workers):
@@ -361,12 +385,13 @@ async def restore_files(
             )
         finally:
             phase.close()
-        for line in reversed(dirs):  # deepest first: setting a parent's mtime is the last touch
-            try:
-                await asyncio.to_thread(restorer.set_meta, restorer.dest(line), line)
-            except (InTheWay, OSError) as exc:  # e.g. a symlink in the directory's place (refused, not followed)
-                stats.failed += 1
-                stats.problems.add(f"{line.root}/{line.path}: {exc}")
+        # deepest first: setting a parent's mtime is the last touch; a symlink in a
+        # directory's place is refused, not followed
+        for line, exc in await restorer.in_fs_thread(
+            restorer.set_metas, [(restorer.dest(ln), ln) for ln in reversed(dirs)]
+        ):
+            stats.failed += 1
+            stats.problems.add(f"{line.root}/{line.path}: {exc}")
         for root, meta in snap.summary.root_meta.items():
             if root in wanted and root in ROOTS:
                 line = ManifestLine(root, "", "dir", 0, meta.mtime_ns, meta.mode, meta.uid, meta.gid, 0)
