@@ -148,6 +148,38 @@ def test_incremental_runs_upload_only_what_changed(env: dict, stack: ImmichStack
             assert hashlib.sha256(bucket.read(m)).hexdigest() == m["sha256"]
 
 
+def test_a_small_database_change_stores_megabytes_not_whole_files(
+    env: dict, stack: ImmichStack, bucket: Bucket, tmp_path: Path
+) -> None:
+    """The data directory by change (issue 29): after 50 rows changed, the next cold copy
+    stores a few chunks (the pages and WAL that changed), not the 1 GiB segments and
+    16 MiB WAL files they are in, whole and twice (live pass, stopped pass); and the cold
+    copy it makes restores byte for byte."""
+    make_library(stack.library, photos=3, odd_names=False)
+    assert run_cli("backup", env=env).code == 0
+    stack.psql("UPDATE assets SET \"originalFileName\" = 'x' || id WHERE id IN (SELECT id FROM assets LIMIT 50)")
+    r = run_cli("backup", env=env)
+    assert r.code == 0, r.err
+    first, second = bucket.snapshots()
+    pg = [m for m in bucket.manifest(second) if m["root"] == "postgres" and m["type"] == "file"]
+    total = sum(m["size"] for m in pg)
+    assert total > 60 * MIB  # a data directory with WAL, not a toy
+    new = {k: n for k, n in bucket.keys(f"data/{second}/").items()}
+    stored = sum(new.values())
+    assert stored < 8 * MIB, f"{stored / MIB:.1f} MiB stored for 50 rows changed in {total / MIB:.0f} MiB"
+    changed = [m for m in pg if any(c[0].startswith(f"data/{second}/") for c in m["chunks"])]
+    assert changed, "the changed table and its WAL were stored (as chunks)"
+    snap = bucket.snapshot(second)  # packs of the live pass (Immich up) and of the stopped pass
+    assert snap["files"]["packs"] + snap["live_files"]["packs"] == len(new)
+
+    # the cold copy comes back whole, every file byte for byte
+    target = tmp_path / "pg"
+    r = run_cli("restore", second, "--root", "postgres", "--to", str(target), env=env)
+    assert r.code == 0, r.err
+    for m in pg:
+        assert (target / os.fsdecode(unquote_to_bytes(m["path"]))).read_bytes() == bucket.read(m), m["path"]
+
+
 def test_multipart_on_aws_shaped_server(env: dict, stack: ImmichStack, moto_s3: S3Server) -> None:
     """moto answers like AWS: multipart ETags say how many parts went up, and parts under
     5 MiB (but the last) are refused, as AWS does."""

@@ -26,7 +26,7 @@ from immich_stream.backup.changes import ParentInfo, Source, decide, followed, w
 from immich_stream.backup.upload import FileUploader, UploadWorkers
 from immich_stream.backup.walk import Entry, WalkProblem, walk
 from immich_stream.progress import Phase
-from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.manifest import Chunk, ManifestLine
 from immich_stream.repository.packs import PACK_MAX_BLOBS, Packing, PackWriter, pack_target
 from immich_stream.repository.repo import ObjectIndex
 from immich_stream.repository.summary import RunStats
@@ -102,6 +102,8 @@ class FilesPass:
     stats: RunStats
     jobs: int
     exclude: Collection[str] = ()
+    # the chunks this run stored so far, by sha256 (Packing): shared by the run's passes
+    chunks: dict[str, tuple[Chunk, asyncio.Future[None] | None]] = field(default_factory=dict)
 
     async def root(self, root: str, root_path: Path, ordered: OrderedManifest, phase: Phase) -> None:
         """One root through the stages: walk and classify, upload (small files and the
@@ -109,7 +111,7 @@ class FilesPass:
         up = self.uploader
         writer = PackWriter(up.store, up.repo, self.snap_id, up.budget, pack_target(up.part_size, up.budget.limit))
         parent_chunks = self.sources.parent.chunks if self.sources.parent is not None else {}
-        packs = Packing(writer, parent_chunks, lambda key: self.sources.objects.has(key, None))
+        packs = Packing(writer, parent_chunks, lambda key: self.sources.objects.has(key, None), self.chunks)
         workers = UploadWorkers(up, self.stats, phase, self.jobs, packs)
         ordered.on_full = workers.flush
 

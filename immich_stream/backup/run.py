@@ -33,7 +33,7 @@ from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repository.layout import STOPPED_DIR, new_snapshot_id, snapshot_time
 from immich_stream.repository.locks import RepoLock
-from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.manifest import Chunk, ManifestWriter
 from immich_stream.repository.repo import JournalWriter, ObjectIndex, Repo
 from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.repository.summary import DatabaseInfo, ImmichInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
@@ -152,6 +152,7 @@ class BackupRun:
         self.started = time.monotonic()  # the timeline's zero: the transfer's start
         self.stats = RunStats()
         self.live_stats: RunStats | None = None
+        self.chunks: dict[str, tuple[Chunk, asyncio.Future[None] | None]] = {}  # stored by this run (packs.Packing)
         # Two budgets: a stream (the dump, the manifest) holds a part reserved while it fills,
         # and the manifest fills only as files finish. Sharing one budget, a large file
         # could wait for memory the manifest holds while the manifest waits for that file.
@@ -196,7 +197,7 @@ class BackupRun:
         return Sources(primary, others, e.parent, e.objects, set(e.resumable))
 
     def _files_pass(self, uploader: FileUploader, sources: Sources, stats: RunStats) -> FilesPass:
-        return FilesPass(self.snap_id, uploader, sources, stats, self.settings.jobs, self.settings.exclude)
+        return FilesPass(self.snap_id, uploader, sources, stats, self.settings.jobs, self.settings.exclude, self.chunks)
 
     async def _root(self, files: FilesPass, root: str, name: str, ordered: OrderedManifest) -> None:
         """One root of a pass under its own progress bar."""

@@ -156,11 +156,19 @@ class Packing:
     their sha256 (the parent snapshot's, when their pack is listed, and this run's own as
     they are added, with the future of their pack)."""
 
-    def __init__(self, writer: PackWriter, parent: dict[str, Chunk], listed: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        writer: PackWriter,
+        parent: dict[str, Chunk],
+        listed: Callable[[str], bool],
+        own: dict[str, tuple[Chunk, asyncio.Future[None] | None]] | None = None,
+    ) -> None:
         self.writer = writer
         self._parent = parent
         self._listed = listed
-        self._own: dict[str, tuple[Chunk, asyncio.Future[None] | None]] = {}
+        # this run's chunks, shared by its passes: what the live pass stored while Postgres
+        # ran is not stored again by the pass with it stopped
+        self._own = own if own is not None else {}
 
     def known(self, digest: str) -> tuple[Chunk, asyncio.Future[None] | None] | None:
         own = self._own.get(digest)
