@@ -160,7 +160,7 @@ def test_a_small_database_change_stores_megabytes_not_whole_files(
     stack.psql("UPDATE assets SET \"originalFileName\" = 'x' || id WHERE id IN (SELECT id FROM assets LIMIT 50)")
     r = run_cli("backup", env=env)
     assert r.code == 0, r.err
-    first, second = bucket.snapshots()
+    _, second = bucket.snapshots()
     pg = [m for m in bucket.manifest(second) if m["root"] == "postgres" and m["type"] == "file"]
     total = sum(m["size"] for m in pg)
     assert total > 60 * MIB  # a data directory with WAL, not a toy

@@ -87,12 +87,14 @@ async def test_blobs_go_into_packs_and_come_back_by_range(s3_settings: Settings,
         assert writer.packs == len(keys) and 3 <= len(keys) <= 8, "about a megabyte each"
         assert all(done.done() and done.exception() is None for _, _, done in placed)
         reader = PackReader(store, repo)
-        got = await asyncio.gather(*(reader.read(k, off, off + len(b)) for (k, off, _), b in zip(placed, blobs)))
+        got = await asyncio.gather(
+            *(reader.read(k, off, off + len(b)) for (k, off, _), b in zip(placed, blobs, strict=True))
+        )
         assert got == blobs
         if encrypted:  # each pack is one age file: `age -d` opens it; its blobs are in it in order
             for key in keys:
                 whole = age.open_sealed(await raw.get(repo.object_key(key)), [ident])
-                mine = [(off, b) for (k, off, _), b in zip(placed, blobs) if k == key]
+                mine = [(off, b) for (k, off, _), b in zip(placed, blobs, strict=True) if k == key]
                 assert whole == b"".join(b for _, b in sorted(mine, key=lambda t: t[0]))
         with pytest.raises(RepoError, match="ends early"):
             key, off, _ = placed[-1]
