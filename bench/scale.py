@@ -153,23 +153,31 @@ class CountingProxy:
         return sum(self.counts.values())
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        answers = asyncio.create_task(self._pump(up_r, writer))
+        """One client connection, one server connection. When the server closes its side (an
+        idle keep-alive connection, say), the client's is closed too: a client left with a
+        half-closed connection would send its next request into it and wait forever."""
         try:
-            await self._requests(reader, up_w)
-        except (ConnectionError, ValueError):
-            pass
-        finally:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        answers = asyncio.create_task(self._pump(up_r, writer))
+        requests = asyncio.create_task(self._requests(reader, up_w))
+        done, _ = await asyncio.wait({answers, requests}, return_when=asyncio.FIRST_COMPLETED)
+        if answers in done:
+            requests.cancel()
+        else:  # the client is done sending: its last answers still come
             try:
                 up_w.write_eof()
             except OSError:
                 pass
             try:
-                await answers
-            except ConnectionError:
-                pass
-            for w in (up_w, writer):
-                w.close()
+                await asyncio.wait_for(asyncio.shield(answers), 30)
+            except (TimeoutError, ConnectionError, OSError):
+                answers.cancel()
+        await asyncio.gather(answers, requests, return_exceptions=True)
+        for w in (up_w, writer):
+            w.close()
 
     @staticmethod
     async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
