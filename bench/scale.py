@@ -56,7 +56,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from run import free_port, measure  # noqa: E402
+from run import descendants, free_port  # noqa: E402
+
+from tests.helpers import vm_hwm_kib  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESTIC = os.environ.get("RESTIC", "/usr/bin/restic")
@@ -186,44 +188,63 @@ class CountingProxy:
             await dst.drain()
 
     async def _requests(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter) -> None:
-        buf = b""
-        state, left = "head", 0
+        """Forward the client's bytes as they come; count the requests in them on the side (a
+        framing the parser does not follow is counted as `unparsed` and never stops the bytes)."""
+        framer = Framer(self.counts)
         while data := await reader.read(1 << 18):
             up.write(data)
             await up.drain()
-            buf += data
-            while buf:
-                if state == "head":
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        break
-                    head, buf = buf[:end].decode("latin-1"), buf[end + 4 :]
-                    lines = head.split("\r\n")
-                    self.counts[lines[0].split(" ", 1)[0]] += 1
-                    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-                    if "chunked" in headers.get("transfer-encoding", "").lower():
-                        state = "size"
-                    elif int(headers.get("content-length", "0") or 0) > 0:
-                        state, left = "body", int(headers["content-length"])
-                elif state in ("body", "chunk"):
-                    take = min(left, len(buf))
-                    buf, left = buf[take:], left - take
-                    if left == 0:
-                        state = "head" if state == "body" else "size"
-                elif state == "size":
-                    end = buf.find(b"\r\n")
-                    if end < 0:
-                        break
-                    size = int(buf[:end].split(b";")[0], 16)
-                    buf = buf[end + 2 :]
-                    state, left = ("trailer", 0) if size == 0 else ("chunk", size + 2)
-                else:  # trailer: header lines up to an empty one
-                    end = buf.find(b"\r\n")
-                    if end < 0:
-                        break
-                    line, buf = buf[:end], buf[end + 2 :]
-                    if not line:
-                        state = "head"
+            try:
+                framer.feed(data)
+            except (ValueError, IndexError):
+                self.counts["unparsed"] += 1
+                framer = Framer(self.counts)
+
+
+class Framer:
+    """HTTP/1.1 request framing: heads counted by method, bodies (Content-Length or chunked) skipped."""
+
+    def __init__(self, counts: collections.Counter[str]) -> None:
+        self.counts = counts
+        self.buf = b""
+        self.state, self.left = "head", 0
+
+    def feed(self, data: bytes) -> None:
+        buf = self.buf + data
+        state, left = self.state, self.left
+        while buf:
+            if state == "head":
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head, buf = buf[:end].decode("latin-1"), buf[end + 4 :]
+                lines = head.split("\r\n")
+                self.counts[lines[0].split(" ", 1)[0]] += 1
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                if "chunked" in headers.get("transfer-encoding", "").lower():
+                    state = "size"
+                elif int(headers.get("content-length", "0") or 0) > 0:
+                    state, left = "body", int(headers["content-length"])
+            elif state in ("body", "chunk"):
+                take = min(left, len(buf))
+                buf, left = buf[take:], left - take
+                if left == 0:
+                    state = "head" if state == "body" else "size"
+            elif state == "size":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    break
+                size = int(buf[:end].split(b";")[0], 16)
+                buf = buf[end + 2 :]
+                state, left = ("trailer", 0) if size == 0 else ("chunk", size + 2)
+            else:  # trailer: header lines up to an empty one
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    break
+                line, buf = buf[:end], buf[end + 2 :]
+                if not line:
+                    state = "head"
+        self.buf, self.state, self.left = buf, state, left
 
 
 # --- the server, the stack, the tools ------------------------------------------------------
@@ -332,6 +353,33 @@ class Row:
         self.note = ""
 
 
+def measure(cmd: list[str], env: dict[str, str]) -> dict:
+    """Wall time, CPU seconds (wait4), peak RSS of the process tree (sum of VmHWM, sampled)
+    and the exit code: a tool that fails is reported, the run goes on."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))  # type: ignore[union-attr]
+    reader.start()
+    peaks: dict[int, int] = {}
+    while True:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            peaks[pid] = max(peaks.get(pid, 0), vm_hwm_kib(pid))
+        done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    wall = time.monotonic() - start
+    reader.join()
+    return {
+        "wall": wall,
+        "rss_mib": sum(peaks.values()) / 1024,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "code": os.waitstatus_to_exitcode(status),
+        "output": out[0].decode(errors="replace"),
+    }
+
+
 def run_tool(tool: str, cmd: list[str], env: dict[str, str], proxy: CountingProxy, server: Server,
              bucket: str) -> dict:  # fmt: skip
     """measure() (wall, CPU, peak RSS) plus the requests the proxy counted and the bucket's
@@ -339,7 +387,10 @@ def run_tool(tool: str, cmd: list[str], env: dict[str, str], proxy: CountingProx
     os.sync()
     before = proxy.counts.copy()
     own = resource.getrusage(resource.RUSAGE_SELF)
-    r = measure(tool, cmd, env)
+    r = measure(cmd, env)
+    if r["code"]:
+        tail = [ln for ln in r["output"].splitlines() if not ln.startswith("[")][-12:]
+        print(f"{tool} exited with code {r['code']}:\n  " + "\n  ".join(tail), flush=True)
     after = resource.getrusage(resource.RUSAGE_SELF)
     r["proxy_cpu"] = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
     counted = proxy.counts - before
@@ -387,6 +438,9 @@ def print_rows(rows: list[Row]) -> None:
                 f"{q(a['rss_mib'], b['rss_mib']):>8} {q(a['objects'], b['objects']):>9} {q(a['bytes'], b['bytes']):>10} "
                 f"{q(a['requests'], b['requests']):>9}"
             )
+        failed = [f"{tool} exited with code {r['code']}" for tool, r in row.tools.items() if r["code"]]
+        if failed:
+            print(f"{'':<18} FAILED: {', '.join(failed)}")
         if row.note:
             print(f"{'':<18} {row.note}")
 
