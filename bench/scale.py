@@ -621,7 +621,12 @@ def pg_nights(args, server, work, ist, ienv, renv, ist_proxy, restic_proxy, rows
         doc = summary_doc(a["output"])
         db = doc.get("summary", {}).get("database", {})
         dumps += int(db.get("compressed_size") or 0)
-        a["dump"] = f"dump {db.get('seconds', 0):.1f} s"
+        summ = doc.get("summary", {})
+        live = (summ.get("live_files") or {}).get("bytes_uploaded") or 0
+        a["dump"] = (
+            f"dump {db.get('seconds', 0):.1f} s; files uploaded {(summ.get('files') or {}).get('bytes_uploaded', 0) / MIB:.1f} "
+            f"MiB with Postgres stopped, {live / MIB:.1f} MiB while it ran"
+        )
         subprocess.run(["docker", "stop", "immich_postgres"], check=True, capture_output=True)
         b = run_tool("restic", [RESTIC, "backup", "-q", "--host", "scale", str(pgdata)], re_, restic_proxy, server, rb)
         subprocess.run(["docker", "start", "immich_postgres"], check=True, capture_output=True)
