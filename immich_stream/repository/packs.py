@@ -128,9 +128,15 @@ class PackWriter:
             pack.done.set_result(None)
         except BaseException as exc:
             self._failed = self._failed or exc
-            if not pack.done.done():
+            if pack.done.done():
+                pass
+            elif isinstance(exc, asyncio.CancelledError):  # the run stopped: so do its lines
+                pack.done.cancel()
+            else:
                 pack.done.set_exception(exc)
                 pack.done.exception()  # retrieved: the lines waiting for it raise it
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
             self._slots.release()
             await asyncio.shield(self.budget.release(pack.held))
