@@ -5,7 +5,9 @@ keep opening older objects), then config.json's recipients: a crash between the 
 file that still opens everything. `reencrypt` rewrites every object that the current identity
 cannot open for the current recipients, one object at a time (each replaced whole by its PUT
 or completed multipart upload: never half), then the manifests and snapshot.json files, which
-record the objects' sizes. It can be run again after an interruption and continues.
+record the objects' sizes. It can be run again after an interruption and continues. Packs
+(packs.py) are age files like any other object and are sealed again the same way: their
+plaintext, and so the offsets the manifests give into it, do not change.
 """
 
 from __future__ import annotations
@@ -289,8 +291,10 @@ async def _rewrite_snapshot(
     async def copy(src: str, dst: str, fix: bool) -> None:
         async with ManifestWriter(store, dst, budget, part_size, repo.manifest_mac(sid)) as out:
             async for line in repo.read_lines_at(src):
-                if fix and line.key:
+                if fix and line.stored_whole:
                     line.stored = sealing.size(line.size)
+                elif fix:  # a blob's or chunks' line records no size of a pack (never `stored`)
+                    line.stored = None
                 await out.add(line)
             await out.finish()
 

@@ -25,10 +25,11 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, ImmichStreamError, NothingMatched, ObjectNotFound, RepoError, StoreError
 from immich_stream.progress import Reporter
 from immich_stream.repository.layout import ROOTS, unescape_path
-from immich_stream.repository.manifest import DamagedLine, ManifestLine, key_digest
+from immich_stream.repository.manifest import DamagedLine, ManifestLine
+from immich_stream.repository.packs import BATCH_FILES, BATCH_GAP, BATCH_SPAN
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.session import open_locked, reader, reading, still_reading
-from immich_stream.repository.thaw import archived_digests, thaw
+from immich_stream.repository.thaw import archived_digests, need_thawed, thaw
 from immich_stream.restore.copies import LOOKUP_LIMIT, find_copies, name_failures
 from immich_stream.restore.restorer import MARKER, FileRestorer, InTheWay, RestoreStats, UnsafePath
 from immich_stream.s3.budget import ByteBudget
@@ -151,12 +152,6 @@ async def _check_something_matches(
         "paths relative to the root (library/upload/a.jpg is upload/a.jpg; * crosses /); nothing was written"
     )
 
-
-# Files in one pack are read together when they lie this close (restic reads a pack's blobs
-# for a restore the same way): a ranged read of their span, at most BATCH_SPAN bytes.
-BATCH_GAP = 256 * 1024
-BATCH_SPAN = 8 * 1024 * 1024
-BATCH_FILES = 2048
 
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
 # which a per-object policy gives.
@@ -400,8 +395,6 @@ async def _thaw_needed(
         return
     needed: dict[bytes, str] = {}
     async for line in repo.read_manifest(snap.id, damaged=True):
-        if line.type == "file" and line.key is not None and _matches(line, roots, includes):
-            d = key_digest(line.key)
-            if d in archived:
-                needed.setdefault(d, repo.object_key(line.key))
+        if _matches(line, roots, includes):
+            need_thawed(repo, line, archived, needed)
     await thaw(repo.store, needed.values(), settings, reporter, wait)
