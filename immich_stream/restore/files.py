@@ -298,44 +298,57 @@ async def restore_files(
         unanswered = 0
 
         async def work() -> None:
-            nonlocal unanswered
             while (item := await queue.get()) is not None:
-                line = item[0] if isinstance(item, list) else item
-                lines = item if isinstance(item, list) else [item]
-                try:
-                    if isinstance(item, list):
-                        for failed, why in await restorer.from_pack(item):
-                            problem(failed, why)
-                        downloaded = True
-                    elif line.size <= SMALL_OBJECT:
-                        downloaded = await restorer.file(line)
-                    else:
-                        async with large:
-                            downloaded = await restorer.file(line)
-                except UnsafePath:
-                    raise
-                except ObjectNotFound:
-                    for ln in lines:
-                        problem(ln, f"its object {ln.first_key} is missing from the bucket")
-                except StoreError as exc:
-                    # A server that answers about this object (access denied, archived) fails
-                    # this file; one that does not answer at all, or only with its own trouble
-                    # after every retry (503 SlowDown, 500), fails the run (it resumes).
-                    if exc.code is None or exc.code in SERVER_CODES:
-                        unanswered += 1
-                        if unanswered > workers:
-                            raise StoreError(
-                                f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
-                                "command resumes it"
-                            ) from exc
-                    for ln in lines:
-                        problem(ln, exc)
-                except (RepoError, InTheWay, OSError) as exc:
-                    for ln in lines:
-                        problem(ln, exc)
+                await attempt(item)
+
+        async def attempt(item: ManifestLine | list[ManifestLine]) -> None:
+            nonlocal unanswered
+            line = item[0] if isinstance(item, list) else item
+            lines = item if isinstance(item, list) else [item]
+            try:
+                if isinstance(item, list):
+                    for failed, why in await restorer.from_pack(item):
+                        problem(failed, why)
+                    downloaded = True
+                elif line.size <= SMALL_OBJECT:
+                    downloaded = await restorer.file(line)
                 else:
-                    if downloaded:
-                        unanswered = 0
+                    async with large:
+                        downloaded = await restorer.file(line)
+            except UnsafePath:
+                raise
+            except ObjectNotFound:
+                for ln in lines:
+                    problem(ln, f"its object {ln.first_key} is missing from the bucket")
+            except StoreError as exc:
+                if isinstance(item, list) and len(item) > 1 and exc.code in ("InvalidRange", "416"):
+                    for ln in item:  # a pack shorter than its lines say: each file alone (below)
+                        await attempt(ln)
+                    return
+                # A server that answers about this object (access denied, archived) fails
+                # this file; one that does not answer at all, or only with its own trouble
+                # after every retry (503 SlowDown, 500), fails the run (it resumes).
+                if exc.code is None or exc.code in SERVER_CODES:
+                    unanswered += 1
+                    if unanswered > workers:
+                        raise StoreError(
+                            f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
+                            "command resumes it"
+                        ) from exc
+                for ln in lines:
+                    problem(ln, exc)
+            except (RepoError, InTheWay, OSError) as exc:
+                if isinstance(item, list) and len(item) > 1 and isinstance(exc, RepoError):
+                    # a damaged span of a pack (an age chunk that does not open, a pack that
+                    # ends early): each file read alone, so that exactly the damaged ones fail
+                    for ln in item:
+                        await attempt(ln)
+                    return
+                for ln in lines:
+                    problem(ln, exc)
+            else:
+                if downloaded:
+                    unanswered = 0
 
         async def transfer() -> None:
             async with asyncio.TaskGroup() as tg:
