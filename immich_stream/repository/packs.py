@@ -80,8 +80,10 @@ class PackWriter:
         target: int,
         inflight: int = 4,
         max_blobs: int = PACK_MAX_BLOBS,
+        storage_class: str | None = None,
     ) -> None:
         self.store = store
+        self.storage_class = storage_class  # of the root's files (a pack's key does not name its root)
         self.layout = layout
         self.run_id = run_id
         self.budget = budget
@@ -127,7 +129,9 @@ class PackWriter:
         try:
             data = b"".join(pack.blobs)
             pack.blobs.clear()
-            await self.store.put(self.layout.object_key(pack.key), data, progress=True)
+            await self.store.put(
+                self.layout.object_key(pack.key), data, progress=True, storage_class=self.storage_class
+            )
             self.packs += 1
             self.bytes += len(data)
             pack.done.set_result(None)
