@@ -230,10 +230,12 @@ def start_locked_backup(
 ) -> tuple[subprocess.Popen[str], dict, Bucket]:
     """A backup slowed down by the proxy, returned once its lock object is in the bucket.
     `wrapper` runs it under another command (e.g. in its own pid namespace)."""
-    make_library(stack.library, photos=30)
+    # small files go up in a few packs (docs/format.md): objects of their own and a longer
+    # delay per upload keep the backup running for seconds
+    make_library(stack.library, photos=30, large=[1_200_000] * 6)  # over SMALL_OBJECT: --jobs at once
     proxy = proxy_factory(moto_s3.endpoint)
     slow = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.3)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=3.0)
     bucket = bucket_of(slow)
     if wrapper:
         backup = subprocess.Popen(
