@@ -96,6 +96,26 @@ def test_drill_of_a_good_snapshot_passes(env: dict, stack: ImmichStack, backed_u
     assert drill_leftovers() == []
 
 
+def test_drill_files_reads_every_form_and_names_a_damaged_blob(env: dict, bucket: Bucket, backed_up: str) -> None:
+    """--files reads each file as its line stores it (docs/format.md: a blob of a pack by its
+    range, an object of its own whole) and names exactly the file whose bytes are wrong."""
+    library = [m for m in bucket.manifest(backed_up) if m["root"] == "library" and m["type"] == "file"]
+    assert any("offset" in m for m in library) and any("offset" not in m for m in library)
+    r = run_cli("drill", "latest", "--files", str(len(library)), "--json", env=env)
+    assert r.code == 0, r.err + r.out
+    report = json.loads(r.out)["summary"]
+    assert report["mismatches"] == [] and report["files_checked"] == len(library)
+    assert report["files_bytes"] == sum(m["size"] for m in library)
+    blob = max((m for m in library if "offset" in m), key=lambda m: m["size"])
+    data = bytearray(bucket.get(blob["key"]))
+    data[blob["offset"] + blob["size"] // 2] ^= 0xFF
+    bucket.put(blob["key"], bytes(data))
+    r = run_cli("drill", "latest", "--files", str(len(library)), "--json", env=env)
+    assert r.code == 1, r.err + r.out
+    [bad] = json.loads(r.out)["summary"]["mismatches"]
+    assert bad.startswith(f"library/{blob['path']}: ") and "manifest says" in bad, bad
+
+
 def test_drill_interrupted_leaves_nothing_behind(env: dict, stack: ImmichStack, backed_up: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         proc = start_cli("drill", env=env)

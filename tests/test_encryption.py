@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from immich_stream.repository import age
+from immich_stream.repository.layout import unescape_path
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.restore.restorer import PARTIAL
 from immich_stream.s3.budget import ByteBudget
@@ -29,6 +30,7 @@ from tests.test_restore import row_counts, snapshot_of_tree
 AGE = shutil.which("age")
 pytestmark = pytest.mark.skipif(AGE is None, reason="the age CLI is not installed (apt-get install age)")
 INTRO = b"age-encryption.org/v1\n"
+AGE_CHUNK = 64 * 1024  # of plaintext per STREAM chunk (+16 bytes of tag)
 
 
 def keygen(path: Path) -> str:
@@ -42,6 +44,12 @@ def age_decrypt(data: bytes, identity: Path) -> bytes:
     p = subprocess.run([AGE or "age", "-d", "-i", str(identity)], input=data, capture_output=True)
     assert p.returncode == 0, p.stderr
     return p.stdout
+
+
+def manifest_of(bucket: Bucket, sid: str, env: dict[str, str]) -> list[dict]:
+    """A snapshot's manifest lines, opened with the env's identity (its MAC lines left out)."""
+    raw = age_decrypt(bucket.get(f"snapshots/{sid}/manifest.jsonl.gz"), Path(env["IMMICH_STREAM_AGE_IDENTITY"]))
+    return [x for x in (json.loads(ln) for ln in gzip.decompress(raw).splitlines() if ln) if "type" in x]
 
 
 @pytest.fixture
@@ -92,7 +100,8 @@ def test_encrypted_repository_round_trip_and_age_opens_every_object(
         assert big["stored"] == keys_[big["key"]] > big["size"]
         assert age_decrypt(bucket.get(big["key"]), identity) == video.read_bytes()  # a multipart object
         note = next(x for x in lines if x["path"] == "library/secret-note.txt")
-        assert age_decrypt(bucket.get(note["key"]), identity) == marker.read_bytes()
+        assert "offset" in note and "stored" not in note  # a blob of a pack, which age opens whole
+        assert bucket.read(note, lambda b, i=identity: age_decrypt(b, i)) == marker.read_bytes()
         sql = gzip.decompress(age_decrypt(bucket.get(f"snapshots/{sid}/database.sql.gz"), identity))
         assert b"CREATE TABLE public.assets" in sql
         summary = json.loads(age_decrypt(bucket.get(f"snapshots/{sid}/snapshot.json"), identity))
@@ -140,24 +149,38 @@ def test_flipped_byte_in_a_ciphertext_is_caught_by_verify_and_refused_by_restore
     assert run_cli("backup", "--stop", "none", env=enc_env).code == 0
     bucket = bucket_of(enc_env)
     [sid] = bucket.snapshots()
-    photos = sorted(k for k in bucket.keys("data/") if k.endswith(".jpg"))
-    victim = photos[0]
+    lines = [x for x in manifest_of(bucket, sid, enc_env) if x["type"] == "file"]
+    blob = max((x for x in lines if "offset" in x), key=lambda x: x["size"])
+    victim = blob["key"]  # a pack: one age chunk (64 KiB of its plaintext) damaged
     data = bytearray(bucket.get(victim))
-    data[len(data) // 2] ^= 0x01  # same size: only the authentication can see it
+    header = data.index(b"\n", data.index(b"\n---") + 1) + 1
+    at = blob["offset"] + blob["size"] // 2  # in the plaintext
+    n = at // AGE_CHUNK
+    data[header + 16 + n * (AGE_CHUNK + 16) + at % AGE_CHUNK] ^= 0x01  # same size: only the authentication can see it
     bucket.put(victim, bytes(data))
+    hit = {  # the files with bytes in that chunk, and only they
+        x["path"]
+        for x in lines
+        if x.get("key") == victim and x["offset"] < (n + 1) * AGE_CHUNK and x["offset"] + x["size"] > n * AGE_CHUNK
+    }
+    assert blob["path"] in hit
 
     r = run_cli("verify", env=enc_env)
     assert r.code == 0, r.out + r.err  # sizes alone cannot see it
     r = run_cli("verify", "--read-data", env=enc_env)
     assert r.code == 1
-    assert f"corrupt object {victim}" in r.out and "failed authentication" in r.out, r.out
+    named = {ln.split(" (", 1)[1].split(")", 1)[0] for ln in r.out.splitlines() if f"corrupt object {victim}" in ln}
+    assert named == {f"library/{p}" for p in hit} and "failed authentication" in r.out, r.out
+    assert f"{len(hit)} problems found" in r.last_error, r.out
 
     target = tmp_path / "restored"
     r = run_cli("restore", sid, "--root", "library", "--to", str(target), env=enc_env)
-    assert r.code == 7, r.out + r.err  # partial: the rest restored, the damaged file named
+    assert r.code == 7, r.out + r.err  # partial: the rest restored, the damaged files named
     restored = {os.fsdecode(p) for p in tree(target)}
-    rel = victim.split("/library/", 1)[1]
-    assert rel not in restored and len(restored) > 5, restored
+    lost = {os.fsdecode(unescape_path(p)) for p in hit}
+    kept = {os.fsdecode(unescape_path(x["path"])) for x in lines if x["root"] == "library"}
+    assert not lost & restored and len(restored) > 5, restored
+    assert kept - lost <= restored, kept - lost - restored
     assert not [p for p in restored if p.endswith(PARTIAL)]  # nothing half-written left behind
     assert ".immich-stream-restore" in restored  # unfinished: the same command would resume it
 
@@ -241,10 +264,8 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
         ).splitlines()
     ]
     after = next(x for x in manifest if x["path"] == "library/after-rotation.jpg")
-    assert (
-        age_decrypt(bucket.get(after["key"]), new_only)
-        == (stack.library / "library" / "after-rotation.jpg").read_bytes()
-    )
+    opened = bucket.read(after, lambda b: age_decrypt(b, new_only))
+    assert opened == (stack.library / "library" / "after-rotation.jpg").read_bytes()
     old_obj = next(x for x in manifest if x["path"] == "encoded-video/rotate.mp4")
     assert age_decrypt(bucket.get(old_obj["key"]), old_only) == big.read_bytes()  # untouched until reencrypt
     r = run_cli("verify", "--all", "--read-data", env=env)
@@ -256,6 +277,12 @@ def test_key_rotate_then_reencrypt_leaves_every_object_to_the_new_key(
         if k.startswith(("data/", "snapshots/")):
             age_decrypt(bucket.get(k), new_only)  # every object opens with the new key alone
     assert age_decrypt(bucket.get(old_obj["key"]), new_only) == big.read_bytes()
+    for sid in (first, second):  # packs are sealed again whole: their blobs' offsets hold, no size is recorded
+        for x in manifest_of(bucket, sid, dict(env, IMMICH_STREAM_AGE_IDENTITY=str(new_only))):
+            if x["type"] == "file":
+                assert ("stored" in x) == ("offset" not in x and "chunks" not in x), x
+                disk = (stack.library / os.fsdecode(unescape_path(x["path"]))).read_bytes()
+                assert bucket.read(x, lambda b: age_decrypt(b, new_only)) == disk
     r = run_cli("key", "reencrypt", "--json", env=env)  # nothing left to do: it says so
     assert r.code == 0 and json.loads(r.out)["summary"]["objects_reencrypted"] == 0, r.out
     new_env = dict(env, IMMICH_STREAM_AGE_IDENTITY=str(new_only))

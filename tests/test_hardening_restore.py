@@ -13,12 +13,14 @@ import asyncio
 import datetime as dt
 import gzip
 import hashlib
+import json
 import os
 import re
 import stat
 import subprocess
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,14 +42,20 @@ class Entry:
     target: str | None = None
     mode: int = 0o644
     fields: dict = field(default_factory=dict)  # forged manifest fields
+    # format 3 (docs/format.md): a blob of this snapshot's pack of that name; with `chunk`, the
+    # file as chunks of that many bytes (zlib where shorter) in that pack ("chunks" if None)
+    pack: str | None = None
+    chunk: int = 0
+    reuse: dict | None = None  # a manifest line of an earlier snapshot: its stored bytes are named, nothing uploaded
 
 
 def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: int = 0) -> str:
     """A committed snapshot of the library entries (path -> Entry, in walk order) written
     through the repository code as a backup writes one; every file gets an object of this
-    snapshot's own (as a backup that first saw it writes it)."""
+    snapshot's own (as a backup that first saw it writes it: format 1), or a place in one
+    of its packs (Entry.pack, Entry.chunk: format 3)."""
     from immich_stream.repository.layout import new_snapshot_id
-    from immich_stream.repository.manifest import ManifestLine, ManifestWriter
+    from immich_stream.repository.manifest import Chunk, ManifestLine, ManifestWriter
     from immich_stream.repository.repo import Repo
     from immich_stream.repository.summary import DatabaseInfo, FileCounts, ManifestInfo, RootMeta, SnapshotSummary
     from immich_stream.s3.budget import ByteBudget
@@ -63,13 +71,33 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
             sid = new_snapshot_id(dt.datetime.now(dt.UTC) - dt.timedelta(hours=hours_ago))
             lines = []
             total = 0
+            packs: dict[str, tuple[str, bytearray]] = {}
             for path, e in entries.items():
                 if e.kind == "file":
                     assert e.body is not None
-                    key = repo.data_key(sid, "library", path)
-                    await repo.store.put(repo.object_key(key), e.body)
                     sha = hashlib.sha256(e.body).hexdigest()
-                    line = ManifestLine("library", path, "file", len(e.body), 10**18, e.mode, 0, 0, 1, sha, key)
+                    line = ManifestLine("library", path, "file", len(e.body), 10**18, e.mode, 0, 0, 1, sha)
+                    if e.reuse is not None:
+                        line.key, line.offset = e.reuse.get("key"), e.reuse.get("offset")
+                        line.chunks = [Chunk(*c) for c in e.reuse["chunks"]] if "chunks" in e.reuse else None
+                    elif e.pack is not None or e.chunk:
+                        key, buf = packs.setdefault(e.pack or "chunks", (repo.pack_key(sid), bytearray()))
+                        if e.chunk:
+                            line.chunks = []
+                            for i in range(0, len(e.body), e.chunk):
+                                block = e.body[i : i + e.chunk]
+                                packed = zlib.compress(block)
+                                stored = packed if len(packed) < len(block) else block
+                                line.chunks.append(
+                                    Chunk(key, len(buf), len(stored), len(block), hashlib.sha256(block).hexdigest())
+                                )
+                                buf += stored
+                        else:
+                            line.key, line.offset = key, len(buf)
+                            buf += e.body
+                    else:
+                        line.key = repo.data_key(sid, "library", path)
+                        await repo.store.put(repo.object_key(line.key), e.body)
                     total += len(e.body)
                 elif e.kind == "dir":
                     line = ManifestLine("library", path, "dir", 0, 10**18, 0o755, 0, 0, 1)
@@ -78,6 +106,8 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                 for name, value in e.fields.items():
                     setattr(line, name, value)
                 lines.append(line)
+            for key, buf in packs.values():  # uploaded before the manifest names them
+                await repo.store.put(repo.object_key(key), bytes(buf))
             async with ManifestWriter(
                 repo.store, repo.manifest_key(sid), ByteBudget(64 << 20), settings.part_size
             ) as writer:
@@ -646,3 +676,108 @@ def test_restore_names_only_other_copies_that_are_in_the_bucket(s3_env: dict[str
     assert r.code == EXIT_PARTIAL, r.err
     [lost] = [ln for ln in r.err.splitlines() if "library/upload/lost.jpg: not restored" in ln]
     assert sid_old not in lost and "no other snapshot holds a copy" in lost, lost
+
+
+# -- issue 29: a lost or damaged pack costs exactly the files in it ------------------------------
+
+
+def problem_paths(text: str, marker: str) -> set[str]:
+    """The library paths named by the lines of `text` that hold `marker`."""
+    return {m.group(1) for ln in text.splitlines() if marker in ln for m in [re.search(r"library/([^\s:)]+)", ln)] if m}
+
+
+@pytest.mark.slow
+def test_a_lost_pack_fails_exactly_its_files_restore_and_verify_name_them(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Format 3 (docs/format.md): a pack lost from the bucket fails the files whose bytes
+    are in it (blobs and chunks), each named, with exit 7; a blob damaged in another pack
+    fails that file alone; the restore goes on with everything else (other packs, objects of
+    their own, chunks elsewhere) and names another snapshot's copy where one is. verify
+    names the same files, and only them."""
+    copy_body = b"a photo also in an older snapshot " * 300
+    sid_old = write_snapshot(s3_env, {"upload/a-copy.jpg": Entry(copy_body, pack="old")}, hours_ago=24)
+    newer = {
+        **{f"upload/a{i}.jpg": Entry(f"lost {i} ".encode() * (200 + i), pack="lost") for i in range(4)},
+        "upload/a9-copied.jpg": Entry(copy_body, pack="lost"),
+        **{f"upload/b{i:03d}.jpg": Entry(f"kept {i} ".encode() * (100 + i), pack="kept") for i in range(30)},
+        "upload/c-whole.jpg": Entry(b"an object of its own " * 500),
+        "upload/d-chunked.mp4": Entry(os.urandom(5000) + b"\0" * 20000, chunk=4096, pack="chunks"),
+        "upload/e-chunked-lost.mp4": Entry(os.urandom(9000), chunk=4096, pack="lost"),
+    }
+    sid = write_snapshot(s3_env, newer)
+    bucket = bucket_of(s3_env)
+    manifest = {m["path"]: m for m in bucket.manifest(sid)}
+    lost_pack = manifest["upload/a0.jpg"]["key"]
+    assert manifest["upload/e-chunked-lost.mp4"]["chunks"][0][0] == lost_pack
+    assert manifest["upload/b000.jpg"]["key"] != lost_pack and "offset" in manifest["upload/b000.jpg"]
+    r = run_cli("verify", "--read-data", env=s3_env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err  # every form, intact
+
+    bucket.delete(lost_pack)
+    damaged = manifest["upload/b007.jpg"]
+    kept_pack = bytearray(bucket.get(damaged["key"]))
+    kept_pack[damaged["offset"] + damaged["size"] // 2] ^= 0xFF  # one byte of one blob
+    bucket.put(damaged["key"], bytes(kept_pack))
+    lost = {p for p, m in manifest.items() if lost_pack in (m.get("key"), *(c[0] for c in m.get("chunks") or []))}
+    assert lost == {"upload/a0.jpg", "upload/a1.jpg", "upload/a2.jpg", "upload/a3.jpg", "upload/a9-copied.jpg",
+                    "upload/e-chunked-lost.mp4"}  # fmt: skip
+
+    target = tmp_path / "restore"
+    r = run_cli("restore", "latest", "--root", "library", "--to", str(target), env=s3_env)
+    assert r.code == EXIT_PARTIAL, r.err
+    assert problem_paths(r.err, "not restored") == lost | {"upload/b007.jpg"}, r.err
+    assert restored(target) == {
+        os.fsencode(p): e.body for p, e in newer.items() if p not in lost and p != "upload/b007.jpg"
+    }
+    [copied] = [ln for ln in r.err.splitlines() if "upload/a9-copied.jpg: not restored" in ln]
+    assert f"snapshot {sid_old}" in copied and "upload/a-copy.jpg" in copied, copied
+    assert "7 files could not be restored" in r.last_error, r.err
+
+    r = run_cli("verify", env=s3_env)  # the listing alone: the lost pack's files
+    assert r.code == 1
+    assert problem_paths(r.out, f"missing object {lost_pack}") == lost, r.out
+    assert f"{len(lost)} problems found" in r.last_error, r.out
+    r = run_cli("verify", "--read-data", env=s3_env)
+    assert r.code == 1
+    assert problem_paths(r.out, f"missing object {lost_pack}") == lost, r.out
+    assert problem_paths(r.out, f"corrupt object {damaged['key']}") == {"upload/b007.jpg"}, r.out
+    assert f"{len(lost) + 1} problems found" in r.last_error, r.out
+
+
+@pytest.mark.slow
+def test_a_damaged_chunk_fails_every_file_that_shares_it(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """Chunks are stored once and named by every file that holds them: one damaged chunk
+    is found by verify --read-data (read once) and every file that names it is named, by
+    restore too; the files around it in the same pack are fine."""
+    block = os.urandom(4096)
+    entries = {
+        "upload/f1.mp4": Entry(block + os.urandom(3000), chunk=4096),
+        "upload/f2.mp4": Entry(os.urandom(8192), chunk=4096),
+        "upload/f3.mp4": Entry(block, chunk=4096),
+    }
+    sid = write_snapshot(s3_env, entries)
+    bucket = bucket_of(s3_env)
+    manifest = {m["path"]: m for m in bucket.manifest(sid)}
+    shared = manifest["upload/f1.mp4"]["chunks"][0]
+    lines = bucket.manifest(sid)
+    for m in lines:  # as a backup stores it: once, named by both
+        if m["path"] == "upload/f3.mp4":
+            m["chunks"] = [shared]
+    body = "".join(json.dumps(m, separators=(",", ":")) + "\n" for m in lines)
+    bucket.put(f"snapshots/{sid}/manifest.jsonl.gz", gzip.compress(body.encode()))
+    r = run_cli("verify", "--read-data", env=s3_env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+    pack = bytearray(bucket.get(shared[0]))
+    pack[shared[1] + shared[2] // 2] ^= 0xFF
+    bucket.put(shared[0], bytes(pack))
+
+    r = run_cli("verify", "--read-data", env=s3_env)
+    assert r.code == 1
+    assert problem_paths(r.out, f"corrupt object {shared[0]}") == {"upload/f1.mp4", "upload/f3.mp4"}, r.out
+    assert "2 problems found" in r.last_error, r.out
+    target = tmp_path / "restore"
+    r = run_cli("restore", "latest", "--root", "library", "--to", str(target), env=s3_env)
+    assert r.code == EXIT_PARTIAL, r.err
+    assert problem_paths(r.err, "not restored") == {"upload/f1.mp4", "upload/f3.mp4"}, r.err
+    assert restored(target) == {b"upload/f2.mp4": entries["upload/f2.mp4"].body}

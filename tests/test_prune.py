@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,8 +82,17 @@ def data_keys(bucket: Bucket) -> set[str]:
     return set(bucket.keys("data/"))
 
 
+def refs(line: dict) -> set[str]:
+    """The objects a manifest line's bytes are in (docs/format.md): its object or pack, or its chunks' packs."""
+    return {c[0] for c in line.get("chunks") or []} | ({line["key"]} if line.get("key") else set())
+
+
+def keys_of(bucket: Bucket, sid: str) -> set[str]:
+    return {k for m in bucket.manifest(sid) for k in refs(m)}
+
+
 def referenced(bucket: Bucket) -> set[str]:
-    return {m["key"] for s in bucket.snapshots() for m in bucket.manifest(s) if m.get("key")}
+    return {k for s in bucket.snapshots() for k in keys_of(bucket, s)}
 
 
 def test_prune_removes_snapshots_and_garbage_keeps_shared_objects(
@@ -96,15 +107,16 @@ def test_prune_removes_snapshots_and_garbage_keeps_shared_objects(
     victim.unlink()
     assert run_cli("backup", env=env).code == 0
     first, second, third = bucket.snapshots()
-    keys_of = lambda s: {m["key"] for m in bucket.manifest(s) if m.get("key")}  # noqa: E731
-    shared = keys_of(first) & keys_of(third)  # uploaded by the first run, still used by the third
+    shared = keys_of(bucket, first) & keys_of(bucket, third)  # uploaded by the first run, still used by the third
 
     before = bucket.keys()
     r = run_cli("prune", "--keep-last", "1", "--dry-run", env=env)
     assert r.code == 0, r.err
     assert f"2 would remove: {first}, {second}" in r.out
-    doomed = data_keys(bucket) - {m["key"] for m in bucket.manifest(third) if m.get("key")}
-    assert f"data       {len(doomed)} objects" in r.out and len(doomed) == 2
+    doomed = data_keys(bucket) - keys_of(bucket, third)
+    # the second run's pack (the changed thumbnail alone); the first's packs stay, partly used
+    assert f"data       {len(doomed)} objects" in r.out and len(doomed) >= 1
+    assert re.search(r"^packs +[1-9]\d* kept partly used", r.out, re.M), r.out
     assert bucket.keys() == before, "a dry run changed the bucket"
 
     r = run_cli("prune", "--keep-last", "1", env=env)
@@ -218,10 +230,12 @@ def start_locked_backup(
 ) -> tuple[subprocess.Popen[str], dict, Bucket]:
     """A backup slowed down by the proxy, returned once its lock object is in the bucket.
     `wrapper` runs it under another command (e.g. in its own pid namespace)."""
-    make_library(stack.library, photos=30)
+    # small files go up in a few packs (docs/format.md): objects of their own and a longer
+    # delay per upload keep the backup running for seconds
+    make_library(stack.library, photos=30, large=[1_200_000] * 6)  # over SMALL_OBJECT: --jobs at once
     proxy = proxy_factory(moto_s3.endpoint)
     slow = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.3)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=3.0)
     bucket = bucket_of(slow)
     if wrapper:
         backup = subprocess.Popen(
@@ -415,3 +429,72 @@ def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(
         assert r.code == 2 and r.err.strip() == r.last_error and "prefix" in r.last_error and "empty" in r.last_error
     uploads = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=name).get("Uploads", [])}
     assert others <= uploads
+
+
+@pytest.mark.slow
+def test_prune_keeps_every_pack_and_chunk_a_kept_snapshot_or_a_resumable_run_names_in_every_format(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Snapshots of the three formats (objects of their own; blobs of packs; chunks) in one
+    repository: all verify and restore; a prune that keeps only the newest keeps every
+    object, pack and chunk pack it names (of the removed snapshots' runs too) and what an
+    interrupted run's journal names, deletes the rest, and says how many bytes sit unused
+    in the packs it kept (a repack would reclaim them)."""
+    from immich_stream.repository.layout import new_snapshot_id
+    from tests.test_hardening_restore import Entry, restored, write_snapshot
+
+    bodies = {n: os.urandom(3000 + 100 * i) for i, n in enumerate(["old", "whole", "x1", "x2", "x3", "db", "db2"])}
+    now = dt.datetime.now(dt.UTC)
+    s1 = write_snapshot(s3_env, {"upload/old.jpg": Entry(bodies["old"]), "upload/whole.jpg": Entry(bodies["whole"])},
+                        hours_ago=48)  # fmt: skip
+    bucket = bucket_of(s3_env)
+    m1 = {m["path"]: m for m in bucket.manifest(s1)}
+    s2 = write_snapshot(
+        s3_env,
+        {
+            "upload/whole.jpg": Entry(bodies["whole"], reuse=m1["upload/whole.jpg"]),
+            **{f"upload/{n}.jpg": Entry(bodies[n], pack="p") for n in ("x1", "x2", "x3")},
+            "upload/db.bin": Entry(bodies["db"] * 3, chunk=4096, pack="c"),
+            "upload/db2.bin": Entry(bodies["db2"], chunk=2048, pack="c2"),
+        },
+        hours_ago=24,
+    )
+    m2 = {m["path"]: m for m in bucket.manifest(s2)}
+    three = {
+        "upload/whole.jpg": Entry(bodies["whole"], reuse=m1["upload/whole.jpg"]),
+        "upload/x1.jpg": Entry(bodies["x1"], reuse=m2["upload/x1.jpg"]),
+        "upload/db.bin": Entry(bodies["db"] * 3, reuse=m2["upload/db.bin"]),
+    }
+    s3 = write_snapshot(s3_env, three)
+    # an interrupted run, not stale: its journal names db2's chunks (it would resume from them)
+    run = new_snapshot_id(now)
+    journal = json.dumps({**m2["upload/db2.bin"], "path": "upload/db2-resumed.bin"}) + "\n"
+    bucket.put(f"snapshots/{run}/journal/main-000000.jsonl.gz", gzip.compress(journal.encode()))
+
+    r = run_cli("verify", "--all", "--read-data", env=s3_env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+    for snap, want in ((s1, 2), (s2, 6)):  # format 1, and format 3 with an object of format 1
+        r = run_cli("restore", snap, "--root", "library", "--to", str(tmp_path / snap), env=s3_env)
+        assert r.code == 0, r.err
+        assert len(restored(tmp_path / snap)) == want
+    pack_p, pack_c, pack_c2 = (m2[p]["key"] if p.endswith(".jpg") else m2[p]["chunks"][0][0]
+                               for p in ("upload/x1.jpg", "upload/db.bin", "upload/db2.bin"))  # fmt: skip
+    whole = m1["upload/whole.jpg"]["key"]
+    before = data_keys(bucket)
+    assert {pack_p, pack_c, pack_c2, whole, m1["upload/old.jpg"]["key"]} <= before
+
+    r = run_cli("prune", "--keep-last", "1", env=s3_env)
+    assert r.code == 0, r.err
+    assert bucket.snapshots() == [s3]
+    after = data_keys(bucket)
+    assert after == {whole, pack_p, pack_c, pack_c2}, sorted(after)  # what s3 and the journal name, no more
+    unused = bucket.keys("data/")[pack_p] - len(bodies["x1"])  # x2 and x3: no kept snapshot needs them
+    assert unused == len(bodies["x2"]) + len(bodies["x3"])
+    [line] = [ln for ln in r.out.splitlines() if ln.startswith("packs")]
+    assert line.startswith("packs      1 kept partly used"), r.out
+    assert f"{unused / 1024:.1f} KiB" in line or f"{unused} B" in line, line
+    r = run_cli("verify", "--read-data", env=s3_env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+    r = run_cli("restore", s3, "--root", "library", "--to", str(tmp_path / "s3"), env=s3_env)
+    assert r.code == 0, r.err
+    assert restored(tmp_path / "s3") == {os.fsencode(p): e.body for p, e in three.items()}

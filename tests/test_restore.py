@@ -112,25 +112,43 @@ def test_older_snapshot_gives_older_versions(env: dict, stack: ImmichStack, tmp_
 
 
 def test_verify_finds_missing_and_corrupt_objects(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
-    make_library(stack.library, photos=8)
-    assert run_cli("backup", "--stop", "none", env=env).code == 0
+    """Every form of stored bytes (docs/format.md): an object of its own lost, one byte of a
+    blob in a pack flipped, one byte of a database chunk flipped: the listing sees the loss,
+    --read-data the flips, and each file whose bytes are wrong is named, no other."""
+    make_library(stack.library, photos=8, large=[700_000])
+    assert run_cli("backup", env=env).code == 0  # the cold copy too: the data directory as chunks
     r = run_cli("verify", "--read-data", env=env)
     assert r.code == 0 and "no problems" in r.out, r.out + r.err
     [sid] = bucket.snapshots()
     files = [m for m in bucket.manifest(sid) if m["type"] == "file" and m["size"] > 100]
-    missing, corrupt = files[0]["key"], files[1]["key"]
+    whole = next(m for m in files if m.get("key") and "offset" not in m)
+    blob = next(m for m in files if "offset" in m)
+    chunked = next(m for m in files if m.get("chunks"))
+    chunk = chunked["chunks"][0]
+    every = [m for m in bucket.manifest(sid) if m["type"] == "file"]
+    sharing = {m["path"] for m in every if any(c[:3] == chunk[:3] for c in m.get("chunks") or [])}
+    missing = whole["key"]
     bucket.delete(missing)
-    data = bytearray(bucket.get(corrupt))
-    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped behind its back
-    bucket.put(corrupt, bytes(data))
+    for key, at in ((blob["key"], blob["offset"] + blob["size"] // 2), (chunk[0], chunk[1] + chunk[2] // 2)):
+        data = bytearray(bucket.get(key))
+        data[at] ^= 0xFF  # same size, one byte flipped behind its back
+        bucket.put(key, bytes(data))
 
     r = run_cli("verify", env=env)
     assert r.code == 1
-    assert f"missing object {missing}" in r.out and corrupt not in r.out  # sizes alone cannot see the flip
+    assert f"missing object {missing} (library/{whole['path']})" in r.out
+    assert "corrupt" not in r.out  # sizes alone cannot see a flip
     r = run_cli("verify", "--read-data", env=env)
     assert r.code == 1
-    assert f"missing object {missing}" in r.out and f"corrupt object {corrupt}" in r.out
-    assert "2 problems found" in r.last_error
+    assert f"missing object {missing}" in r.out
+    assert [ln for ln in r.out.splitlines() if f"corrupt object {blob['key']} " in ln and "library/" in ln] == [
+        next(ln for ln in r.out.splitlines() if f"(library/{blob['path']})" in ln)
+    ], r.out  # the one file of the pack, not its neighbours
+    named = {
+        ln.split("(postgres/", 1)[1].split(")", 1)[0] for ln in r.out.splitlines() if f"corrupt object {chunk[0]}" in ln
+    }
+    assert named == sharing, r.out
+    assert f"{2 + len(sharing)} problems found" in r.last_error, r.out
 
     dump = f"snapshots/{sid}/database.sql.gz"
     bucket.put(dump, bucket.get(dump)[:-100])

@@ -109,7 +109,14 @@ class FilesPass:
         """One root through the stages: walk and classify, upload (small files and the
         database's chunks into packs), write lines in order."""
         up = self.uploader
-        writer = PackWriter(up.store, up.repo, self.snap_id, up.budget, pack_target(up.part_size, up.budget.limit))
+        writer = PackWriter(
+            up.store,
+            up.repo,
+            self.snap_id,
+            up.budget,
+            pack_target(up.part_size, up.budget.limit),
+            storage_class=up.store.options.storage_class_of(root),  # bundles billed in the root's class
+        )
         parent_chunks = self.sources.parent.chunks if self.sources.parent is not None else {}
         packs = Packing(writer, parent_chunks, lambda key: self.sources.objects.has(key, None), self.chunks)
         workers = UploadWorkers(up, self.stats, phase, self.jobs, packs)

@@ -53,6 +53,8 @@ async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -
         f"snapshots  {len(rep.kept)} kept, {len(rep.removed)} {would}"
         + (f": {', '.join(rep.removed)}" if rep.removed else ""),
         f"data       {rep.objects_deleted} objects, {fs(rep.bytes_freed)} {'to free' if dry_run else 'freed'}",
+        f"packs      {rep.packs_partly_used} kept partly used: {fs(rep.pack_bytes_unused)} in them no kept "
+        "snapshot needs (a repack would reclaim it)",
         f"garbage    {len(rep.incomplete_removed)} incomplete snapshots, {rep.uploads_aborted} unfinished "
         f"uploads {would}",
         f"time       {rep.seconds:.1f} s",

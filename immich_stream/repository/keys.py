@@ -5,7 +5,9 @@ keep opening older objects), then config.json's recipients: a crash between the 
 file that still opens everything. `reencrypt` rewrites every object that the current identity
 cannot open for the current recipients, one object at a time (each replaced whole by its PUT
 or completed multipart upload: never half), then the manifests and snapshot.json files, which
-record the objects' sizes. It can be run again after an interruption and continues.
+record the objects' sizes. It can be run again after an interruption and continues. Packs
+(packs.py) are age files like any other object and are sealed again the same way: their
+plaintext, and so the offsets the manifests give into it, do not change.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from immich_stream.repository.age import (
     load_keys,
 )
 from immich_stream.repository.auth import RepoAuth, write_private_file
-from immich_stream.repository.layout import MANIFEST, MANIFEST_REWRITE, SUMMARY, run_of
+from immich_stream.repository.layout import MANIFEST, MANIFEST_REWRITE, SUMMARY, is_pack_key, run_of
 from immich_stream.repository.manifest import ManifestWriter
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
@@ -196,17 +198,20 @@ async def _opens(store: SealedStore, key: str, identity: Identity) -> bool:
     raise DecryptError(f"{key}: the age file ends inside its header: truncated")
 
 
-async def _rewrite(store: SealedStore, key: str, size: int, budget: ByteBudget, part_size: int) -> int:
+async def _rewrite(
+    store: SealedStore, key: str, size: int, budget: ByteBudget, part_size: int, storage_class: str | None = None
+) -> int:
     """The object decrypted and encrypted again under the same key (the store's sealing is
     the current one), replaced whole by one PUT or a completed multipart upload; returns
-    the plaintext bytes. `size`: the object's size in the bucket."""
+    the plaintext bytes. `size`: the object's size in the bucket; `storage_class`: its
+    class, kept (a pack's key does not tell it)."""
     if size <= part_size:
         async with budget.hold(2 * size):
             data = await store.get(key)
-            await store.put(key, data)
+            await store.put(key, data, storage_class=storage_class)
             return len(data)
     total = 0
-    async with store.multipart(key, budget) as mp:
+    async with store.multipart(key, budget, storage_class=storage_class) as mp:
         buf = bytearray()
         async for chunk in store.iter_object(key):
             buf += chunk
@@ -241,7 +246,7 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
         log.warning("skipped %s: %s", key, why)
         report.skipped.append(key)
 
-    async def one(key: str, size: int) -> None:
+    async def one(key: str, size: int, storage_class: str | None) -> None:
         async with sem:
             if key.endswith("/") or run_of(repo.relative_key(key)) is None:
                 skip(key, "not an object of this repository (a folder marker or a stray file)")
@@ -250,7 +255,9 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
             try:
                 if not await _opens(store, key, identity):
                     async with large if size > part else contextlib.nullcontext():
-                        report.bytes_reencrypted += await _rewrite(store, key, size, budget, part)
+                        pack = is_pack_key(repo.relative_key(key)) and storage_class not in (None, "STANDARD")
+                        kept = storage_class if pack else None
+                        report.bytes_reencrypted += await _rewrite(store, key, size, budget, part, kept)
                     report.objects_reencrypted += 1
             except DecryptError as exc:
                 skip(key, f"not an age file this repository's identities open ({exc.detail}); left as it is")
@@ -262,7 +269,7 @@ async def _reencrypt(repo: Repo, settings: Settings, identity: Identity, report:
                 if not obj.key.endswith(skip):
                     await sem.acquire()  # bounded: one listing page ahead of the work at most
                     sem.release()
-                    tg.create_task(one(obj.key, obj.size))
+                    tg.create_task(one(obj.key, obj.size, obj.storage_class))
 
     try:
         await each(repo.data_prefix())  # the files first: manifests record their new sizes after
@@ -289,8 +296,10 @@ async def _rewrite_snapshot(
     async def copy(src: str, dst: str, fix: bool) -> None:
         async with ManifestWriter(store, dst, budget, part_size, repo.manifest_mac(sid)) as out:
             async for line in repo.read_lines_at(src):
-                if fix and line.key:
+                if fix and line.stored_whole:
                     line.stored = sealing.size(line.size)
+                elif fix:  # a blob's or chunks' line records no size of a pack (never `stored`)
+                    line.stored = None
                 await out.add(line)
             await out.finish()
 

@@ -45,6 +45,11 @@ CHUNK_SIZE = 256 * 1024
 PACK_TARGET = 16 * MIB  # a pack is uploaded once it holds this much (or PACK_MAX_BLOBS blobs)
 PACK_MAX_BLOBS = 4096  # below roots.ORDER_WINDOW: lines wait for their pack in that window
 HEADER_PROBE = 4096  # the first ranged read of an encrypted pack: its header (a few recipients)
+# Files in one pack are read together when they lie this close (restic reads a pack's blobs
+# for a restore the same way): a ranged read of their span, at most BATCH_SPAN bytes.
+BATCH_GAP = 256 * 1024
+BATCH_SPAN = 8 * 1024 * 1024
+BATCH_FILES = 2048
 
 
 def pack_target(part_size: int, max_memory: int) -> int:
@@ -78,8 +83,10 @@ class PackWriter:
         target: int,
         inflight: int = 4,
         max_blobs: int = PACK_MAX_BLOBS,
+        storage_class: str | None = None,
     ) -> None:
         self.store = store
+        self.storage_class = storage_class  # of the root's files (a pack's key does not name its root)
         self.layout = layout
         self.run_id = run_id
         self.budget = budget
@@ -125,7 +132,9 @@ class PackWriter:
         try:
             data = b"".join(pack.blobs)
             pack.blobs.clear()
-            await self.store.put(self.layout.object_key(pack.key), data, progress=True)
+            await self.store.put(
+                self.layout.object_key(pack.key), data, progress=True, storage_class=self.storage_class
+            )
             self.packs += 1
             self.bytes += len(data)
             pack.done.set_result(None)
@@ -190,6 +199,27 @@ class Packing:
 
     def remember(self, chunk: Chunk, done: asyncio.Future[None]) -> None:
         self._own[chunk.sha256] = (chunk, done)
+
+
+def blob_runs(lines: list[ManifestLine]) -> list[list[ManifestLine]]:
+    """Blobs of one pack (lines with `offset`), in the order of their offsets, cut into runs
+    that one ranged read each takes: close together (BATCH_GAP), a span of at most
+    BATCH_SPAN bytes and BATCH_FILES files (a single larger blob is a run of its own)."""
+    runs: list[list[ManifestLine]] = []
+    run: list[ManifestLine] = []
+    start = end = 0
+    for line in sorted(lines, key=lambda ln: (ln.offset or 0, ln.size)):
+        offset = line.offset or 0
+        if run and (offset > end + BATCH_GAP or offset + line.size - start > BATCH_SPAN or len(run) >= BATCH_FILES):
+            runs.append(run)
+            run = []
+        if not run:
+            start = end = offset
+        run.append(line)
+        end = max(end, offset + line.size)
+    if run:
+        runs.append(run)
+    return runs
 
 
 def compress(block: bytes) -> bytes:

@@ -21,9 +21,10 @@ from typing import Any
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError
-from immich_stream.repository.layout import run_of, snapshot_time
+from immich_stream.repository.age import Sealing
+from immich_stream.repository.layout import is_pack_key, run_of, snapshot_time
 from immich_stream.repository.locks import RepoLock, list_locks, own_time, remove_locks
-from immich_stream.repository.manifest import key_digest
+from immich_stream.repository.manifest import ManifestLine, key_digest
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_locked
@@ -128,6 +129,10 @@ class PruneReport:
     bytes_freed: int = 0
     incomplete_removed: list[str] = field(default_factory=list)
     uploads_aborted: int = 0
+    # packs kept because a kept snapshot needs some of their bytes, and the bytes of them
+    # none needs (what a repack would reclaim; prune does not repack)
+    packs_partly_used: int = 0
+    pack_bytes_unused: int = 0
     seconds: float = 0.0
 
 
@@ -176,15 +181,14 @@ async def _prune_locked(
     if busy:
         log.info("leaving alone the uploads of runs that still hold a lock: %s", ", ".join(sorted(busy)))
 
-    # Every key a kept snapshot references (10-byte digests: ~100 bytes per file in memory).
+    # Every key a kept snapshot references (10-byte digests: ~100 bytes per file in memory):
+    # an object of its own, a blob's pack, every chunk's pack; and the bytes of each pack they use.
     referenced: set[bytes] = set()
+    usage = PackUsage()
     for sid in report.kept:
         async for line in repo.read_manifest(sid):
-            if line.key:
-                referenced.add(key_digest(line.key))
-                if "\\" in line.key:  # a raw \ of a key before they were escaped: SeaweedFS lists it as /
-                    referenced.add(key_digest(line.key.replace("\\", "/")))
-
+            _reference(line, referenced)
+            usage.add(line)
     # Snapshot directories to delete: removed ones, and incomplete ones once stale.
     incomplete = [s for s, done in dirs.items() if not done and s not in busy]
     doomed_dirs = list(report.removed)
@@ -205,10 +209,7 @@ async def _prune_locked(
             continue
         keys = [k for keys in passes.values() for k in keys]
         async for line in repo.read_journal(keys, f"the journal of the interrupted run {sid}"):
-            if line.key:
-                referenced.add(key_digest(line.key))
-                if "\\" in line.key:  # as above
-                    referenced.add(key_digest(line.key.replace("\\", "/")))
+            _reference(line, referenced)
 
     # Unreferenced data objects. A run that is neither committed nor older than the
     # threshold may still be uploading: its objects are left alone.
@@ -220,6 +221,8 @@ async def _prune_locked(
         if run is None:
             continue
         if run in busy or key_digest(rel) in referenced:
+            if is_pack_key(rel):
+                usage.kept(rel, obj.size, store.sealing)
             continue
         if not dirs.get(run) and _run_is_young(run, threshold, obj.last_modified):
             continue
@@ -243,6 +246,7 @@ async def _prune_locked(
         if run not in busy and (started is None or started < threshold):
             uploads.append((key, upload_id))
     report.uploads_aborted = len(uploads)
+    report.packs_partly_used, report.pack_bytes_unused = usage.partly_used, usage.unused
     if dry_run:
         return
     # snapshot.json first: from that moment the snapshot no longer exists for any reader.
@@ -258,6 +262,49 @@ async def _prune_locked(
     await store.delete(doomed)
     for key, upload_id in uploads:
         await store.abort_multipart(key, upload_id)
+
+
+def _reference(line: ManifestLine, referenced: set[bytes]) -> None:
+    """Add the keys of every object the line's bytes are in."""
+    for key, _ in line.object_refs():
+        referenced.add(key_digest(key))
+        if "\\" in key:  # a raw \ of a key before they were escaped: SeaweedFS lists it as /
+            referenced.add(key_digest(key.replace("\\", "/")))
+
+
+class PackUsage:
+    """How many bytes of each pack the kept snapshots use: each blob and chunk counted once
+    (by a digest of where it is: ~60 bytes each in memory, like the referenced keys)."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self._used: dict[str, int] = {}
+        self.partly_used = 0
+        self.unused = 0
+
+    def _use(self, key: str, offset: int, length: int) -> None:
+        d = key_digest(f"{key}\0{offset}\0{length}")
+        if d not in self._seen:
+            self._seen.add(d)
+            self._used[key] = self._used.get(key, 0) + length
+
+    def add(self, line: ManifestLine) -> None:
+        if line.chunks is not None:
+            for c in line.chunks:
+                self._use(c.key, c.offset, c.length)
+        elif line.key is not None and line.offset is not None:
+            self._use(line.key, line.offset, line.size)
+
+    def kept(self, key: str, size: int, sealing: Sealing | None) -> None:
+        """A pack of `size` bytes in the bucket is kept: count what of it is unused."""
+        used = self._used.get(key)
+        if used is None:
+            return  # kept for a running or resumable run: not judged
+        if sealing is not None:  # the plaintext's bytes, as sealed now (offsets are the plaintext's)
+            used = sealing.size(used) if used else 0
+        if size > used:
+            self.partly_used += 1
+            self.unused += size - used
 
 
 def _run_of(rel: str) -> str | None:

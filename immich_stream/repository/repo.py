@@ -576,7 +576,7 @@ class Repo(Layout):
         (a journal only saves work; without it files are read and uploaded again)."""
         try:
             async for line in self.read_lines(keys):
-                if line.root in ROOTS and line.type == "file" and line.key:
+                if line.root in ROOTS and line.type == "file" and line.has_object:
                     yield line
         except (RepoError, StoreError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s cannot be read (%s): its uploads are not reused", what, str(exc).splitlines()[0][:200])

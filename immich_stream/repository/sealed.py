@@ -59,10 +59,12 @@ class SealedStore:
         sha256: str | None = None,
         progress: bool = False,
         sealed: bool = False,
+        storage_class: str | None = None,
     ) -> None:
         """Store.put, sealed first where the key is an age file (check and sha256 then
         describe the plaintext and are not used), unless `sealed` says the caller did (check
-        and sha256 are then the ciphertext's)."""
+        and sha256 are then the ciphertext's). `storage_class`: where the key does not tell
+        (a pack: the class of its root's files)."""
         sealing = None if sealed else self.sealing_for(key)
         if sealing is not None:
             plain, checksum = data, self.raw.checksum
@@ -73,14 +75,20 @@ class SealedStore:
 
             data, check, sha256 = seal_and_hash() if len(plain) <= 65536 else await asyncio.to_thread(seal_and_hash)
             del plain
-        await self.raw.put(key, data, content_type, check, sha256, progress, self.storage_class_for(key))
+        await self.raw.put(
+            key, data, content_type, check, sha256, progress, storage_class or self.storage_class_for(key)
+        )
 
-    def multipart(self, key: str, budget: ByteBudget, max_inflight: int = 4) -> MultipartUpload:
+    def multipart(
+        self, key: str, budget: ByteBudget, max_inflight: int = 4, storage_class: str | None = None
+    ) -> MultipartUpload:
         """A MultipartUpload of key: its parts sealed where the key is an age file (then the
         add()'s check/sha256, the plaintext's, are not used; `final` marks the last part)."""
         sealing = self.sealing_for(key)
         sealer = sealing.encryptor() if sealing is not None else None
-        return MultipartUpload(self.raw, key, budget, max_inflight, sealer, self.storage_class_for(key))
+        return MultipartUpload(
+            self.raw, key, budget, max_inflight, sealer, storage_class or self.storage_class_for(key)
+        )
 
     def stream(self, key: str, budget: ByteBudget, part_size: int, max_inflight: int = 3) -> StreamWriter:
         """A StreamWriter of key, sealed where the key is an age file (`stored` then says the

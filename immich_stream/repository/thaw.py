@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from immich_stream.config import Settings
 from immich_stream.errors import ThawPending
 from immich_stream.progress import Reporter
-from immich_stream.repository.manifest import key_digest
+from immich_stream.repository.manifest import ManifestLine, key_digest
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.store import ARCHIVED_CLASSES
@@ -44,6 +44,16 @@ async def archived_digests(repo: Repo) -> set[bytes]:
         if obj.storage_class in ARCHIVED_CLASSES:
             out.add(key_digest(repo.relative_key(obj.key)))
     return out
+
+
+def need_thawed(repo: Repo, line: ManifestLine, archived: set[bytes], needed: dict[bytes, str]) -> None:
+    """Add to `needed` (digest -> bucket key) the archived objects the line's bytes are in:
+    its object, its blob's pack, or every chunk's pack (docs/format.md)."""
+    if line.type != "file":
+        return
+    for key, _ in line.object_refs():
+        if (d := key_digest(key)) in archived:
+            needed.setdefault(d, repo.object_key(key))
 
 
 def _thawed(restore: str | None) -> bool | None:

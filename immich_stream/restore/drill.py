@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
 
 from immich_stream.config import Settings
-from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, StoreError
+from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, RepoError, StoreError
 from immich_stream.host.docker_exec import pipe_into
 from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
 from immich_stream.host.stack import Docker, connect
@@ -31,6 +31,7 @@ from immich_stream.host.throwaway import Throwaway, inspect_container, reachable
 from immich_stream.progress import Reporter
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.packs import PackReader
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import open_locked, reader, reading, still_reading
@@ -152,25 +153,31 @@ async def check_files(
             sample.append(line)
         elif (j := rng.randrange(seen)) < n:
             sample[j] = line
-    # the sample's archived objects (GLACIER, DEEP_ARCHIVE) thawed first: a HEAD each tells
-    await thaw(store, [repo.object_key(x.key) for x in sample if x.key], settings, reporter, wait, check_class=True)
+    # the sample's archived objects (GLACIER, DEEP_ARCHIVE: a blob's pack, every chunk's pack)
+    # thawed first: a HEAD each tells
+    keys = dict.fromkeys(repo.object_key(k) for x in sample for k, _ in x.object_refs())
+    await thaw(store, keys, settings, reporter, wait, check_class=True)
+    packs = PackReader(store, repo)
     phase = reporter.phase("drill files", sum(line.size for line in sample))
     try:
         for line in sample:
             where = f"library/{line.path}"
-            if line.key is None or line.sha256 is None:
+            if not line.has_object or line.sha256 is None:
                 report.mismatches.append(f"{where}: its manifest line has no object")
                 continue
             h = hashlib.sha256()
             size = 0
             try:
-                async for chunk in store.iter_object(repo.object_key(line.key)):
+                async for chunk in packs.file(line):  # an object of its own, a blob of a pack, or chunks
                     still_reading(lock)
                     h.update(chunk)
                     size += len(chunk)
                     phase.update(len(chunk))
             except ObjectNotFound:
-                report.mismatches.append(f"{where}: its object {line.key} is missing")
+                report.mismatches.append(f"{where}: its object {line.first_key} is missing")
+                continue
+            except RepoError as exc:  # a pack that ends early or does not open, a damaged chunk
+                report.mismatches.append(f"{where}: its object {line.first_key} is damaged: {exc}")
                 continue
             report.files_checked += 1
             report.files_bytes += size

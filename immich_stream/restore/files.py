@@ -25,10 +25,11 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, ImmichStreamError, NothingMatched, ObjectNotFound, RepoError, StoreError
 from immich_stream.progress import Reporter
 from immich_stream.repository.layout import ROOTS, unescape_path
-from immich_stream.repository.manifest import DamagedLine, ManifestLine, key_digest
+from immich_stream.repository.manifest import DamagedLine, ManifestLine
+from immich_stream.repository.packs import BATCH_FILES, BATCH_GAP, BATCH_SPAN
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.session import open_locked, reader, reading, still_reading
-from immich_stream.repository.thaw import archived_digests, thaw
+from immich_stream.repository.thaw import archived_digests, need_thawed, thaw
 from immich_stream.restore.copies import LOOKUP_LIMIT, find_copies, name_failures
 from immich_stream.restore.restorer import MARKER, FileRestorer, InTheWay, RestoreStats, UnsafePath
 from immich_stream.s3.budget import ByteBudget
@@ -156,11 +157,6 @@ async def _check_something_matches(
     )
 
 
-# Files in one pack are read together when they lie this close (restic reads a pack's blobs
-# for a restore the same way): a ranged read of their span, at most BATCH_SPAN bytes.
-BATCH_GAP = 256 * 1024
-BATCH_SPAN = 8 * 1024 * 1024
-BATCH_FILES = 2048
 DIRS_AT_ONCE = 256  # directories made in one trip to a worker thread
 
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
@@ -327,44 +323,57 @@ async def restore_files(
         unanswered = 0
 
         async def work() -> None:
-            nonlocal unanswered
             while (item := await queue.get()) is not None:
-                line = item[0] if isinstance(item, list) else item
-                lines = item if isinstance(item, list) else [item]
-                try:
-                    if isinstance(item, list):
-                        for failed, why in await restorer.from_pack(item):
-                            problem(failed, why)
-                        downloaded = True
-                    elif line.size <= SMALL_OBJECT:
-                        downloaded = await restorer.file(line)
-                    else:
-                        async with large:
-                            downloaded = await restorer.file(line)
-                except UnsafePath:
-                    raise
-                except ObjectNotFound:
-                    for ln in lines:
-                        problem(ln, f"its object {ln.first_key} is missing from the bucket")
-                except StoreError as exc:
-                    # A server that answers about this object (access denied, archived) fails
-                    # this file; one that does not answer at all, or only with its own trouble
-                    # after every retry (503 SlowDown, 500), fails the run (it resumes).
-                    if exc.code is None or exc.code in SERVER_CODES:
-                        unanswered += 1
-                        if unanswered > workers:
-                            raise StoreError(
-                                f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
-                                "command resumes it"
-                            ) from exc
-                    for ln in lines:
-                        problem(ln, exc)
-                except (RepoError, InTheWay, OSError) as exc:
-                    for ln in lines:
-                        problem(ln, exc)
+                await attempt(item)
+
+        async def attempt(item: ManifestLine | list[ManifestLine]) -> None:
+            nonlocal unanswered
+            line = item[0] if isinstance(item, list) else item
+            lines = item if isinstance(item, list) else [item]
+            try:
+                if isinstance(item, list):
+                    for failed, why in await restorer.from_pack(item):
+                        problem(failed, why)
+                    downloaded = True
+                elif line.size <= SMALL_OBJECT:
+                    downloaded = await restorer.file(line)
                 else:
-                    if downloaded:
-                        unanswered = 0
+                    async with large:
+                        downloaded = await restorer.file(line)
+            except UnsafePath:
+                raise
+            except ObjectNotFound:
+                for ln in lines:
+                    problem(ln, f"its object {ln.first_key} is missing from the bucket")
+            except StoreError as exc:
+                if isinstance(item, list) and len(item) > 1 and exc.code in ("InvalidRange", "416"):
+                    for ln in item:  # a pack shorter than its lines say: each file alone (below)
+                        await attempt(ln)
+                    return
+                # A server that answers about this object (access denied, archived) fails
+                # this file; one that does not answer at all, or only with its own trouble
+                # after every retry (503 SlowDown, 500), fails the run (it resumes).
+                if exc.code is None or exc.code in SERVER_CODES:
+                    unanswered += 1
+                    if unanswered > workers:
+                        raise StoreError(
+                            f"{exc} ({unanswered} downloads in a row failed so): the restore stopped; the same "
+                            "command resumes it"
+                        ) from exc
+                for ln in lines:
+                    problem(ln, exc)
+            except (RepoError, InTheWay, OSError) as exc:
+                if isinstance(item, list) and len(item) > 1 and isinstance(exc, RepoError):
+                    # a damaged span of a pack (an age chunk that does not open, a pack that
+                    # ends early): each file read alone, so that exactly the damaged ones fail
+                    for ln in item:
+                        await attempt(ln)
+                    return
+                for ln in lines:
+                    problem(ln, exc)
+            else:
+                if downloaded:
+                    unanswered = 0
 
         async def transfer() -> None:
             async with asyncio.TaskGroup() as tg:
@@ -425,8 +434,6 @@ async def _thaw_needed(
         return
     needed: dict[bytes, str] = {}
     async for line in repo.read_manifest(snap.id, damaged=True):
-        if line.type == "file" and line.key is not None and _matches(line, roots, includes):
-            d = key_digest(line.key)
-            if d in archived:
-                needed.setdefault(d, repo.object_key(line.key))
+        if _matches(line, roots, includes):
+            need_thawed(repo, line, archived, needed)
     await thaw(repo.store, needed.values(), settings, reporter, wait)
