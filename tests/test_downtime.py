@@ -216,8 +216,9 @@ def test_killed_run_is_resumed_and_prune_keeps_its_uploads_until_stale(
         "IMMICH_STREAM_JOURNAL_INTERVAL": "1s",
         "IMMICH_STREAM_MAX_MEMORY": "8MiB",  # packs of 1 MiB: a dozen for this library, not two
     }
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.1)
-    killed = _killed_run(env, stack, proxy, 0.6)
+    # a dozen objects, up to four packs in flight: a second each keeps the kill in the live pass
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=1.0)
+    killed = _killed_run(env, stack, proxy, 0.5)
     bucket = bucket_of(env)
     uploaded = bucket.keys(f"data/{killed}/")
     assert uploaded and bucket.snapshots() == []

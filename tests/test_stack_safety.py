@@ -94,7 +94,7 @@ def test_frozen_s3_brings_the_stack_back_within_the_stall_bound(env: dict, stack
     assert len(bucket.snapshots()) == 1
 
 
-def _slow_backup(env: dict, moto_s3: S3Server, proxy_factory, *args: str, delay: float = 0.3):
+def _slow_backup(env: dict, moto_s3: S3Server, proxy_factory, *args: str, delay: float = 1.0):
     proxy = proxy_factory(moto_s3.endpoint)
     # one pass: the slow uploads happen with the stack stopped
     env = {**moto_env(env, moto_s3, proxy.endpoint), "IMMICH_STREAM_LIVE_PASS": "0"}
@@ -203,7 +203,9 @@ def test_max_downtime_starts_the_stack_and_fails_cleanly(
     make_library(stack.library, photos=40)
     proxy = proxy_factory(moto_s3.endpoint)
     env = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(is_put, delay=0.3)
+    # small files and the data directory's chunks go up in a few packs: each PUT held 2 s
+    # keeps the run past the 3 s (a hundred files of 0.3 s did, before packs)
+    proxy.add(is_put, delay=2.0)
     started = time.monotonic()
     proc = start_cli("backup", "--max-downtime", "3s", "--no-live-pass", env=env)
     wait_for(
