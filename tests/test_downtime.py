@@ -10,7 +10,6 @@ import hashlib
 import os
 import time
 
-from immich_stream.config import parse_size
 from immich_stream.repository.packs import PACK_FILE_MAX
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers
 from tests.faultproxy import is_put
@@ -185,10 +184,10 @@ def _journal_chunks(bucket: Bucket) -> list[str]:
 
 def _killed_run(env: dict, stack: ImmichStack, proxy: object, share: float) -> str:
     """A first backup (slow uploads, journal every second) killed once about `share` of the
-    library's objects are uploaded (its large files, and its small ones in packs of
-    IMMICH_STREAM_MAX_MEMORY / 8); its run id."""
+    library's objects are uploaded (its large files, and its small ones in packs of less
+    than 1 MiB); its run id."""
     sizes = [p.stat().st_size for p in stack.library.rglob("*") if p.is_file()]
-    pack = parse_size(env["IMMICH_STREAM_MAX_MEMORY"]) // 8
+    pack = MIB  # at most: fewer objects counted than there are, the wait ends
     objects = sum(1 for n in sizes if n > PACK_FILE_MAX) + sum(n for n in sizes if n <= PACK_FILE_MAX) // pack
     proc = start_cli("backup", "--stop", "app", env=env)
     try:
@@ -214,9 +213,12 @@ def test_killed_run_is_resumed_and_prune_keeps_its_uploads_until_stale(
         **moto_env(env, moto_s3, proxy.endpoint),
         "IMMICH_STREAM_JOBS": "2",
         "IMMICH_STREAM_JOURNAL_INTERVAL": "1s",
-        "IMMICH_STREAM_MAX_MEMORY": "8MiB",  # packs of 1 MiB: a dozen for this library, not two
+        # packs of 640 KiB (an eighth of what 10 MiB leave beside the streams' two parts):
+        # about twenty for this library, not two
+        "IMMICH_STREAM_PART_SIZE": "5MiB",
+        "IMMICH_STREAM_MAX_MEMORY": "10MiB",
     }
-    # a dozen objects, up to four packs in flight: a second each keeps the kill in the live pass
+    # twenty objects, up to four packs in flight: a second each keeps the kill in the live pass
     proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=1.0)
     killed = _killed_run(env, stack, proxy, 0.5)
     bucket = bucket_of(env)
