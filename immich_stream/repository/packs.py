@@ -101,9 +101,18 @@ class PackWriter:
         pack.blobs.append(data)
         pack.size += len(data)
         pack.held += held
-        if pack.size >= self.target or len(pack.blobs) >= self.max_blobs:
+        # sent when full, or when an acquire of the budget waits: the blobs hold budget only
+        # the pack's upload frees, so a pack waiting to be filled would wait forever
+        if pack.size >= self.target or len(pack.blobs) >= self.max_blobs or self.budget.waiting:
             await self._send()
         return pack.key, offset, pack.done
+
+    async def make_room(self, n: int) -> None:
+        """Before n bytes of the budget are acquired for a blob: when that would wait, send
+        the open pack first (a budget little larger than a pack, or held by large files'
+        parts, would otherwise stall the run with the pack half full)."""
+        if not self.budget.available(n):
+            await self.flush()
 
     async def flush(self) -> None:
         """Send the open pack (the end of a root, or memory wanted elsewhere)."""

@@ -12,6 +12,7 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.waiting = 0  # acquires waiting now (a pack being filled sends itself then)
         self._cond = asyncio.Condition()
 
     async def acquire(self, n: int) -> None:
@@ -19,7 +20,12 @@ class ByteBudget:
         # alone: progress is guaranteed and the overshoot is bounded by one request.
         n = max(n, 0)
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            if not self.available(n):
+                self.waiting += 1
+                try:
+                    await self._cond.wait_for(lambda: self.available(n))
+                finally:
+                    self.waiting -= 1
             self.used += n
             self.peak = max(self.peak, self.used)
 

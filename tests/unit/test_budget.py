@@ -21,3 +21,45 @@ async def test_byte_budget_bounds_what_is_held() -> None:
     async with budget.hold(500):  # larger than the budget: runs alone
         assert budget.used == 500
     assert budget.used == 0 and budget.peak == 500
+
+
+# -- packs hold budget until they are sent -----------------------------------------------------
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.puts: list[int] = []
+
+    async def put(self, key: str, data: bytes, **_: object) -> None:
+        await asyncio.sleep(0.01)
+        self.puts.append(len(data))
+
+
+async def test_a_half_full_pack_is_sent_when_the_budget_runs_out() -> None:
+    """The blobs of the open pack hold budget that only its upload frees: with a budget
+    not much larger than a pack (--max-memory 192KiB with 64 KiB parts: a budget of 64 KiB
+    and packs of 64 KiB), a file that cannot get its bytes waited forever for a pack that
+    only more files could fill (test_stack_safety's budget test stalled at 34 of 3,025)."""
+    from typing import Any
+
+    from immich_stream.repository.layout import Layout
+    from immich_stream.repository.packs import PackWriter
+
+    budget = ByteBudget(64 * 1024)
+    store = _Store()
+    writer = PackWriter(store, Layout(""), "run", budget, target=64 * 1024)  # type: ignore[arg-type]
+
+    async def blob(n: int) -> Any:
+        await writer.make_room(n)
+        await budget.acquire(n)
+        return await writer.add(b"x" * n, n)
+
+    async def worker(sizes: list[int]) -> list[Any]:
+        return [await blob(n) for n in sizes]
+
+    # two workers, as the upload workers are: one waits in acquire while the other adds
+    done = await asyncio.wait_for(asyncio.gather(worker([30_000] * 5), worker([20_000] * 5)), 10)
+    await asyncio.wait_for(writer.close(), 10)
+    assert sum(store.puts) == 250_000 and budget.used == 0
+    assert all(f.done() for _, _, f in done[0] + done[1])
+    assert budget.peak <= 64 * 1024
