@@ -86,6 +86,8 @@ class PackWriter:
         self._slots = asyncio.Semaphore(inflight)
         self._uploads: set[asyncio.Task[None]] = set()
         self._failed: BaseException | None = None
+        self._aborted = False
+        self._sending = 0  # packs being uploaded whose budget is not released yet
         self.packs = 0  # uploaded
         self.bytes = 0
 
@@ -101,17 +103,21 @@ class PackWriter:
         pack.blobs.append(data)
         pack.size += len(data)
         pack.held += held
-        # sent when full, or when an acquire of the budget waits: the blobs hold budget only
-        # the pack's upload frees, so a pack waiting to be filled would wait forever
-        if pack.size >= self.target or len(pack.blobs) >= self.max_blobs or self.budget.waiting:
+        if pack.size >= self.target or len(pack.blobs) >= self.max_blobs or self._starved():
             await self._send()
         return pack.key, offset, pack.done
 
+    def _starved(self) -> bool:
+        """An acquire of the budget waits and no pack upload is under way to free some: the
+        open pack's blobs hold budget only its upload frees, so a pack waiting to be filled
+        would wait forever (a budget little larger than a pack, or one held by large files'
+        parts). With uploads under way, the last one to end checks again (_upload)."""
+        return self.budget.waiting > 0 and self._sending == 0 and not self._aborted
+
     async def make_room(self, n: int) -> None:
-        """Before n bytes of the budget are acquired for a blob: when that would wait, send
-        the open pack first (a budget little larger than a pack, or held by large files'
-        parts, would otherwise stall the run with the pack half full)."""
-        if not self.budget.available(n):
+        """Before n bytes of the budget are acquired for a blob: when that would wait and no
+        upload will free budget, send the open pack first."""
+        if not self.budget.available(n) and self._sending == 0:
             await self.flush()
 
     async def flush(self) -> None:
@@ -122,7 +128,12 @@ class PackWriter:
     async def _send(self) -> None:
         pack, self._open = self._open, None
         assert pack is not None
-        await self._slots.acquire()
+        self._sending += 1  # its blobs' budget is on its way to be freed from now on
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._sending -= 1
+            raise
         task = asyncio.create_task(self._upload(pack))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
@@ -143,6 +154,9 @@ class PackWriter:
         finally:
             self._slots.release()
             await asyncio.shield(self.budget.release(pack.held))
+            self._sending -= 1
+            if self._sending == 0 and self.budget.waiting and not self._aborted and self._failed is None:
+                await self.flush()  # the last upload ended and an acquire still waits: see _starved
 
     async def close(self) -> None:
         """Send the open pack and wait for every upload; raises the first upload's error."""
@@ -154,6 +168,7 @@ class PackWriter:
 
     async def abort(self) -> None:
         """Stop the uploads under way (the run failed): nothing is named by a manifest."""
+        self._aborted = True
         for task in list(self._uploads):
             task.cancel()
         if self._uploads:

@@ -27,11 +27,12 @@ async def test_byte_budget_bounds_what_is_held() -> None:
 
 
 class _Store:
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.01) -> None:
         self.puts: list[int] = []
+        self.delay = delay
 
     async def put(self, key: str, data: bytes, **_: object) -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(self.delay)
         self.puts.append(len(data))
 
 
@@ -63,3 +64,27 @@ async def test_a_half_full_pack_is_sent_when_the_budget_runs_out() -> None:
     assert sum(store.puts) == 250_000 and budget.used == 0
     assert all(f.done() for _, _, f in done[0] + done[1])
     assert budget.peak <= 64 * 1024
+
+
+async def test_packs_stay_full_while_uploads_are_what_the_budget_waits_for() -> None:
+    """Slow uploads keep the budget short all the time: that is what their ends free, not
+    a reason to send every blob as a pack of its own."""
+
+    from immich_stream.repository.layout import Layout
+    from immich_stream.repository.packs import PackWriter
+
+    budget = ByteBudget(200 * 1024)  # three packs: uploads in flight fill it
+    store = _Store(delay=0.05)
+    writer = PackWriter(store, Layout(""), "run", budget, target=64 * 1024)  # type: ignore[arg-type]
+
+    async def worker() -> None:
+        for _ in range(50):
+            await writer.make_room(8 * 1024)
+            await budget.acquire(8 * 1024)
+            await writer.add(b"x" * 8 * 1024, 8 * 1024)
+
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(4))), 30)
+    await asyncio.wait_for(writer.close(), 10)
+    assert sum(store.puts) == 200 * 8 * 1024 and budget.used == 0
+    assert len(store.puts) <= 200 * 8 // 64 + 2, store.puts
+    assert budget.peak > 150 * 1024  # the budget did run short
