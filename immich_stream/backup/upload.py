@@ -102,7 +102,6 @@ class FileUploader:
         """A small file into the open pack (one trip to a worker thread to read and hash
         it). Its budget goes with it and is released once the pack was sent."""
         n = max(entry.size, 1)
-        await packs.writer.make_room(n)
         await self.budget.acquire(n)
         try:
             data, size, sha, _, _, after = await asyncio.to_thread(_read_file, path, entry.size, "", None)
@@ -139,7 +138,6 @@ class FileUploader:
             chunks: list[Chunk] = []
             total = 0
             while True:
-                await packs.writer.make_room(CHUNK_SIZE)
                 await self.budget.acquire(CHUNK_SIZE)
                 try:
                     block, stored, digest = await asyncio.to_thread(_read_chunk, fd, whole)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 class ByteBudget:
@@ -12,7 +12,10 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
-        self.waiting = 0  # acquires waiting now (a pack being filled sends itself then)
+        self.waiting = 0  # acquires waiting now
+        # called when an acquire starts to wait: a holder that frees budget only when told
+        # (a pack being filled: PackWriter) sends itself then
+        self.on_wait: list[Callable[[], None]] = []
         self._cond = asyncio.Condition()
 
     async def acquire(self, n: int) -> None:
@@ -22,6 +25,8 @@ class ByteBudget:
         async with self._cond:
             if not self.available(n):
                 self.waiting += 1
+                for nudge in list(self.on_wait):
+                    nudge()
                 try:
                     await self._cond.wait_for(lambda: self.available(n))
                 finally:

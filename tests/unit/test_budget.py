@@ -51,7 +51,6 @@ async def test_a_half_full_pack_is_sent_when_the_budget_runs_out() -> None:
     writer = PackWriter(store, Layout(""), "run", budget, target=64 * 1024)  # type: ignore[arg-type]
 
     async def blob(n: int) -> Any:
-        await writer.make_room(n)
         await budget.acquire(n)
         return await writer.add(b"x" * n, n)
 
@@ -79,7 +78,6 @@ async def test_packs_stay_full_while_uploads_are_what_the_budget_waits_for() -> 
 
     async def worker() -> None:
         for _ in range(50):
-            await writer.make_room(8 * 1024)
             await budget.acquire(8 * 1024)
             await writer.add(b"x" * 8 * 1024, 8 * 1024)
 
@@ -88,3 +86,21 @@ async def test_packs_stay_full_while_uploads_are_what_the_budget_waits_for() -> 
     assert sum(store.puts) == 200 * 8 * 1024 and budget.used == 0
     assert len(store.puts) <= 200 * 8 // 64 + 2, store.puts
     assert budget.peak > 150 * 1024  # the budget did run short
+
+
+async def test_a_part_waiting_for_budget_gets_the_open_pack_sent() -> None:
+    """The last small files are in the open pack, the walk is done, a large file's part
+    waits for the budget they hold: no blob is added any more, the wait itself sends it."""
+    from immich_stream.repository.layout import Layout
+    from immich_stream.repository.packs import PackWriter
+
+    budget = ByteBudget(64 * 1024)
+    store = _Store()
+    writer = PackWriter(store, Layout(""), "run", budget, target=64 * 1024)  # type: ignore[arg-type]
+    await budget.acquire(30_000)
+    _, _, done = await writer.add(b"x" * 30_000, 30_000)
+    await asyncio.wait_for(budget.acquire(64 * 1024), 5)  # a part of 64 KiB
+    assert done.done() and store.puts == [30_000]
+    await budget.release(64 * 1024)
+    await writer.close()
+    assert budget.used == 0 and budget.on_wait == []
