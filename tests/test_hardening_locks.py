@@ -223,9 +223,10 @@ def test_lock_removed_by_unlock_force_while_its_refresh_is_in_flight_is_not_writ
     slow = moto_env(env, moto_s3, proxy.endpoint)
     bucket = bucket_of(slow)
     direct = dict(slow, S3_ENDPOINT_URL=moto_s3.endpoint)
-    # held 10 s: the library is a few packs and large files, it must still be uploading
-    # when the lock is refreshed (every 10 s)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=10.0)
+    # held 30 s: the library is a few packs and large files, all sent at once, so the run
+    # is one round of PUTs; it must still be uploading well after the lock's first refresh
+    # (at 10 s) and its write held 8 s (measured: with 10 s the run ended at the refresh)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=30.0)
     backup = start_cli("backup", "--stop", "none", env=slow)
     wait_for(lambda: bucket.keys("locks/") or backup.poll() is not None, 60, what="the backup's lock")
     # From now on every write of the lock is held 8 s on its way to the server.
