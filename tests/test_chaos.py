@@ -272,13 +272,23 @@ def missing_references(bucket: Bucket) -> list[str]:
         for line in bucket.manifest(sid):
             if line.get("type") != "file":
                 continue
-            size = listing.get(line["key"])
-            if size is None:
-                problems.append(f"snapshot {sid}: object {line['key']} missing")
-            elif size != line["size"]:
-                problems.append(
-                    f"snapshot {sid}: object {line['key']} has {size} bytes, the manifest says {line['size']}"
-                )
+            # (object key, bytes of it the line needs, exact size or at least): a large
+            # file's object of its own; a blob of a pack; each chunk of a data directory file
+            if line.get("chunks") is not None:
+                needs = [(key, offset + length, False) for key, offset, length, _size, _sha in line["chunks"]]
+            elif line.get("offset") is not None:
+                needs = [(line["key"], line["offset"] + line["size"], False)]
+            else:
+                needs = [(line["key"], line["size"], True)]
+            for key, end, exact in needs:
+                size = listing.get(key)
+                if size is None:
+                    problems.append(f"snapshot {sid}: object {key} missing ({line['root']}/{line['path']})")
+                elif (size != end) if exact else (size < end):
+                    problems.append(
+                        f"snapshot {sid}: object {key} has {size} bytes, {line['root']}/{line['path']} needs "
+                        f"{'exactly' if exact else 'at least'} {end}"
+                    )
     return problems
 
 

@@ -96,23 +96,42 @@ def test_emptied_or_shrunk_library_is_refused_and_allow_shrink_skips_prune(
 
 
 def test_object_missing_from_the_bucket_is_uploaded_again(env: dict, stack: ImmichStack, bucket: Bucket) -> None:
-    make_library(stack.library, photos=8)
+    make_library(stack.library, photos=8, large=[600 * 1024])
     assert run_cli("backup", "--stop", "none", env=env).code == 0
     [first] = bucket.snapshots()
-    photo = next((stack.library / "library").rglob("IMG_*.jpg"))
-    key = lines_of(bucket, first)[rel(stack, photo)]["key"]
+    old = lines_of(bucket, first)
+    big = next(stack.library.rglob("large-0.mp4"))  # an object of its own
+    key = old[rel(stack, big)]["key"]
+    assert key == f"data/{first}/library/{old[rel(stack, big)]['path']}"
+    photo = next((stack.library / "library").rglob("IMG_*.jpg"))  # a blob of a pack
+    pack = old[rel(stack, photo)]["key"]
+    in_pack = {p for p, m in old.items() if m.get("key") == pack}
+    assert rel(stack, photo) in in_pack and "offset" in old[rel(stack, photo)]
     bucket.delete(key)  # a lifecycle rule, a manual cleanup, a bug
+    bucket.delete(pack)  # every file in it is gone with it
 
     r = run_cli("backup", "--stop", "none", env=env)
     assert r.code == 0, r.err
     assert f"its object {key} is missing from the bucket: uploading it again" in r.err
-    assert "1 unchanged files were uploaded again" in r.out
+    assert f"its object {pack} is missing from the bucket: uploading it again" in r.err
+    gone = in_pack | {rel(stack, big)}
+    assert f"{len(gone)} unchanged files were uploaded again" in r.out
     second = bucket.snapshots()[-1]
-    line = lines_of(bucket, second)[rel(stack, photo)]
+    lines = lines_of(bucket, second)
+    line = lines[rel(stack, big)]
     assert line["key"].startswith(f"data/{second}/library/")
-    assert bucket.get(line["key"]) == photo.read_bytes()
-    assert set(bucket.keys(f"data/{second}/")) == {line["key"]}, "only the missing one went up again"
-    assert bucket.snapshot(second)["files"]["reuploaded"] == 1
+    assert bucket.read(line) == big.read_bytes()
+    # only the missing ones went up again: what this run uploaded holds exactly them
+    again = {p for p, m in lines.items() if m.get("key", "").startswith(f"data/{second}/")}
+    assert again == gone
+    for p in gone:
+        assert bucket.read(lines[p]) == (stack.library / os.fsdecode(p)).read_bytes(), p
+    new_packs = {lines[p]["key"] for p in in_pack}
+    assert set(bucket.keys(f"data/{second}/")) == {line["key"]} | new_packs
+    for p, m in lines.items():  # the others still name the first run's bytes
+        if m["type"] == "file" and p not in gone:
+            assert (m["key"], m.get("offset")) == (old[p]["key"], old[p].get("offset")), p
+    assert bucket.snapshot(second)["files"]["reuploaded"] == len(gone)
     v = run_cli("verify", "latest", "--read-data", env=env)
     assert v.code == 0, v.err + v.out
 
@@ -149,13 +168,19 @@ def test_rewrite_with_preserved_mtime_is_uploaded_and_a_touch_is_not(
     second = bucket.snapshots()[-1]
     lines = lines_of(bucket, second)
     old = lines_of(bucket, first)
-    assert bucket.get(lines[rel(stack, rewritten)]["key"]) == new_bytes
-    assert bucket.get(lines[rel(stack, video)]["key"]) == new_video
-    assert lines[rel(stack, touched)]["key"] == old[rel(stack, touched)]["key"], "a touch uploaded the file again"
-    assert lines[rel(stack, photos[2])]["key"] == old[rel(stack, photos[2])]["key"]
+    assert bucket.read(lines[rel(stack, rewritten)]) == new_bytes
+    assert bucket.read(lines[rel(stack, video)]) == new_video
+    where = lambda m: (m["key"], m.get("offset"))  # noqa: E731  # the object, and the blob in a pack
+    assert where(lines[rel(stack, touched)]) == where(old[rel(stack, touched)]), "a touch uploaded the file again"
+    assert where(lines[rel(stack, photos[2])]) == where(old[rel(stack, photos[2])])
     assert lines[rel(stack, touched)]["mtime_ns"] == 1_600_000_000 * 10**9
     assert lines[rel(stack, photos[2])]["uid"] == 1234
+    # what this run uploaded: the video's object, and a pack holding exactly the rewritten photo
     assert set(bucket.keys(f"data/{second}/")) == {lines[rel(stack, rewritten)]["key"], lines[rel(stack, video)]["key"]}
+    assert lines[rel(stack, video)]["key"] == f"data/{second}/library/{lines[rel(stack, video)]['path']}"
+    assert [p for p, m in lines.items() if m.get("key") == lines[rel(stack, rewritten)]["key"]] == [
+        rel(stack, rewritten)
+    ]
     files = bucket.snapshot(second)["files"]
     assert files["changed"] == 2 and files["touched"] == 2, files
 
@@ -169,12 +194,13 @@ def test_paths_too_long_for_s3_keys_round_trip(env: dict, stack: ImmichStack, bu
     for i in range(5):
         deep = deep / (f"{i}" * 240)
     deep.mkdir(parents=True)
-    (deep / "deep-photo.jpg").write_bytes(b"deep" * 1000)  # the key would pass 1,024 bytes
+    # larger than a pack's files (512 KiB): objects of their own, at keys named by their paths
+    (deep / "deep-photo.jpg").write_bytes(b"deep" * 150_000)  # the key would pass 1,024 bytes
     odd_dir = os.path.join(os.fsencode(stack.library), b"library", b"odd")
     os.makedirs(odd_dir, exist_ok=True)
     odd = os.path.join(odd_dir, b"\xff" * 250 + b".jpg")  # 254 bytes: escaped, a 1,000-byte key part
     with open(odd, "wb") as fh:
-        fh.write(b"odd bytes")
+        fh.write(b"odd bytes" * 70_000)
 
     r = run_cli("backup", "--stop", "none", env=env)
     assert r.code == 0, r.err
@@ -243,7 +269,7 @@ def test_lost_answer_to_complete_multipart_is_not_a_failure(
     [sid] = bucket.snapshots()
     video = next(stack.library.rglob("large-0.mp4"))
     line = lines_of(bucket, sid)[rel(stack, video)]
-    assert bucket.get(line["key"]) == video.read_bytes()
+    assert bucket.read(line) == video.read_bytes()
     assert bucket.open_multipart_uploads() == []
 
 

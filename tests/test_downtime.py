@@ -10,6 +10,7 @@ import hashlib
 import os
 import time
 
+from immich_stream.repository.packs import PACK_FILE_MAX
 from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_env, running_containers
 from tests.faultproxy import is_put
 from tests.helpers import Bucket, make_library, run_cli, start_cli, wait_for
@@ -61,9 +62,10 @@ def test_file_changed_between_the_passes_is_captured_with_its_stopped_time_bytes
     env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
 ) -> None:
     written = make_library(stack.library, photos=20)
-    time.sleep(4.5)  # older than the racy window: only the change itself can make it read again
     target_rel = next(p for p in written if p.endswith(b"IMG_1005.jpg"))
     target = stack.library / os.fsdecode(target_rel)
+    target.write_bytes(os.urandom(700_000))  # above 512 KiB: an object of its own, its PUT seen
+    time.sleep(4.5)  # older than the racy window: only the change itself can make it read again
     proxy = proxy_factory(moto_s3.endpoint)
     env = {**moto_env(env, moto_s3, proxy.endpoint), "IMMICH_STREAM_JOBS": "2"}
     proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p and "/library/" in p, delay=0.15)
@@ -87,7 +89,7 @@ def test_file_changed_between_the_passes_is_captured_with_its_stopped_time_bytes
     bucket = bucket_of(env)
     sid = bucket.snapshots()[-1]
     lines = assert_files_in_bucket(bucket, sid, stack.library)
-    assert bucket.get(lines[target_rel]["key"]) == stopped_bytes
+    assert bucket.read(lines[target_rel]) == stopped_bytes
     # a second upload by the same run never overwrites the first (a journal line vouches for it)
     assert "/%stopped/" in lines[target_rel]["key"] and bucket.get(live_key) == live_bytes
     assert lines[target_rel]["sha256"] == hashlib.sha256(stopped_bytes).hexdigest()
@@ -181,12 +183,15 @@ def _journal_chunks(bucket: Bucket) -> list[str]:
 
 
 def _killed_run(env: dict, stack: ImmichStack, proxy: object, share: float) -> str:
-    """A first backup (slow uploads, journal every second) killed once `share` of the
-    library's files are uploaded; its run id."""
-    files = sum(1 for p in stack.library.rglob("*") if p.is_file())
+    """A first backup (slow uploads, journal every second) killed once about `share` of the
+    library's objects are uploaded (its large files, and its small ones in packs of less
+    than 1 MiB); its run id."""
+    sizes = [p.stat().st_size for p in stack.library.rglob("*") if p.is_file()]
+    pack = MIB  # at most: fewer objects counted than there are, the wait ends
+    objects = sum(1 for n in sizes if n > PACK_FILE_MAX) + sum(n for n in sizes if n <= PACK_FILE_MAX) // pack
     proc = start_cli("backup", "--stop", "app", env=env)
     try:
-        wait_for(lambda: len(_data_puts(proxy)) >= share * files, 120, 0.05, "uploads")
+        wait_for(lambda: len(_data_puts(proxy)) >= max(1, share * objects), 120, 0.05, "uploads")
         chunks = len(_journal_chunks(bucket_of(env)))
         wait_for(lambda: len(_journal_chunks(bucket_of(env))) > chunks, 30, 0.05, "a journal chunk")
         proc.kill()
@@ -208,9 +213,14 @@ def test_killed_run_is_resumed_and_prune_keeps_its_uploads_until_stale(
         **moto_env(env, moto_s3, proxy.endpoint),
         "IMMICH_STREAM_JOBS": "2",
         "IMMICH_STREAM_JOURNAL_INTERVAL": "1s",
+        # packs of 640 KiB (an eighth of what 10 MiB leave beside the streams' two parts):
+        # about twenty for this library, not two
+        "IMMICH_STREAM_PART_SIZE": "5MiB",
+        "IMMICH_STREAM_MAX_MEMORY": "10MiB",
     }
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.1)
-    killed = _killed_run(env, stack, proxy, 0.6)
+    # twenty objects, up to four packs in flight: a second each keeps the kill in the live pass
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=1.0)
+    killed = _killed_run(env, stack, proxy, 0.5)
     bucket = bucket_of(env)
     uploaded = bucket.keys(f"data/{killed}/")
     assert uploaded and bucket.snapshots() == []
@@ -227,13 +237,16 @@ def test_killed_run_is_resumed_and_prune_keeps_its_uploads_until_stale(
     sid = bucket.snapshots()[-1]
     s = _summary(bucket, sid)
     lines = assert_files_in_bucket(bucket, sid, stack.library)
-    reused = {ln["key"] for ln in lines.values() if ln.get("key", "").startswith(f"data/{killed}/")}
+    taken = [ln for ln in lines.values() if ln.get("key", "").startswith(f"data/{killed}/")]
+    reused = {ln["key"] for ln in taken}
     assert reused, "nothing of the killed run was reused"
+    assert any("offset" in ln for ln in taken), "blobs of the killed run's packs are taken too"
     resumed = s["files"]["resumed"]
-    assert resumed == len(reused), (resumed, len(reused))
+    assert resumed == len(taken), (resumed, len(taken))
     total = s["root_totals"]["library"]["files"]
-    new_objects = bucket.keys(f"data/{sid}/")
-    assert len(new_objects) == total - resumed, "only what the killed run had not uploaded went up"
+    new = [ln for ln in lines.values() if ln.get("key", "").startswith(f"data/{sid}/")]
+    assert len(new) == total - resumed, "only what the killed run had not uploaded went up"
+    assert set(bucket.keys(f"data/{sid}/")) == {ln["key"] for ln in new}, "and nothing else went up"
     assert run_cli("verify", "--read-data", env=env).code == 0
 
     # a second killed run, stale by now: what no snapshot references goes, the rest stays
@@ -269,13 +282,15 @@ def test_stopped_pass_past_max_downtime_is_abandoned_and_the_next_run_takes_the_
     bucket = bucket_of(env)
     assert bucket.snapshots() == []
     (abandoned,) = bucket.snapshots(complete_only=False)
-    uploaded = bucket.keys(f"data/{abandoned}/library/")
-    assert uploaded, "the live pass had uploaded the library"
+    assert bucket.keys(f"data/{abandoned}/"), "the live pass had uploaded the library"
 
     proxy.rules.clear()
     r = run_cli("backup", "--stop", "app", env=env)
     assert r.code == 0, r.err
     sid = bucket.snapshots()[-1]
     s = _summary(bucket, sid)
-    assert s["files"]["resumed"] == len(uploaded) and not bucket.keys(f"data/{sid}/library/")
-    assert_files_in_bucket(bucket, sid, stack.library)
+    lines = assert_files_in_bucket(bucket, sid, stack.library)
+    # every file is the live pass's upload; this run uploaded nothing of the library
+    taken = [ln for ln in lines.values() if ln.get("key", "").startswith(f"data/{abandoned}/")]
+    assert len(taken) == s["root_totals"]["library"]["files"] == s["files"]["resumed"]
+    assert not bucket.keys(f"data/{sid}/")

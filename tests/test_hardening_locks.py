@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,23 @@ from tests.conftest import CONTAINERS, ImmichStack, S3Server, bucket_of, moto_en
 from tests.dockerproxy import DockerProxy
 from tests.faultproxy import is_put
 from tests.helpers import Bucket, file_digest, make_library, run_cli, start_cli, tree, wait_for
-from tests.test_prune import start_locked_backup
+
+
+def start_locked_backup(
+    env: dict, stack: ImmichStack, moto_s3: S3Server, proxy_factory
+) -> tuple[subprocess.Popen[str], dict, Bucket]:
+    """A backup slowed down by the proxy, returned once its lock object is in the bucket.
+    Its data PUTs are held 2 s each: its small files go up in a few packs, so the run is a
+    handful of PUTs and must still be uploading when the test suspends or kills it."""
+    make_library(stack.library, photos=30)
+    proxy = proxy_factory(moto_s3.endpoint)
+    slow = moto_env(env, moto_s3, proxy.endpoint)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=2.0)
+    bucket = bucket_of(slow)
+    backup = start_cli("backup", "--stop", "none", env=slow)
+    wait_for(lambda: bucket.keys("locks/"), 60, what="the backup's lock")
+    return backup, slow, bucket
+
 
 MIB = 1024 * 1024
 
@@ -206,7 +223,10 @@ def test_lock_removed_by_unlock_force_while_its_refresh_is_in_flight_is_not_writ
     slow = moto_env(env, moto_s3, proxy.endpoint)
     bucket = bucket_of(slow)
     direct = dict(slow, S3_ENDPOINT_URL=moto_s3.endpoint)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=0.5)
+    # held 30 s: the library is a few packs and large files, all sent at once, so the run
+    # is one round of PUTs; it must still be uploading well after the lock's first refresh
+    # (at 10 s) and its write held 8 s (measured: with 10 s the run ended at the refresh)
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=30.0)
     backup = start_cli("backup", "--stop", "none", env=slow)
     wait_for(lambda: bucket.keys("locks/") or backup.poll() is not None, 60, what="the backup's lock")
     # From now on every write of the lock is held 8 s on its way to the server.
@@ -233,7 +253,8 @@ def test_backup_that_lost_its_lock_stops_at_once_and_starts_the_stack(
     proxy = proxy_factory(moto_s3.endpoint)
     slow = moto_env(env, moto_s3, proxy.endpoint)
     bucket = bucket_of(slow)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=2.0)  # a minute of uploads
+    # a minute of uploads: the data directory and the library are a dozen packs and large files
+    proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=5.0)
     backup = start_cli("backup", env=slow)
     wait_for(
         lambda: "immich_server" not in running_containers() or backup.poll() is not None, 60, what="the stack to stop"

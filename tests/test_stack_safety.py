@@ -94,7 +94,7 @@ def test_frozen_s3_brings_the_stack_back_within_the_stall_bound(env: dict, stack
     assert len(bucket.snapshots()) == 1
 
 
-def _slow_backup(env: dict, moto_s3: S3Server, proxy_factory, *args: str, delay: float = 0.3):
+def _slow_backup(env: dict, moto_s3: S3Server, proxy_factory, *args: str, delay: float = 1.0):
     proxy = proxy_factory(moto_s3.endpoint)
     # one pass: the slow uploads happen with the stack stopped
     env = {**moto_env(env, moto_s3, proxy.endpoint), "IMMICH_STREAM_LIVE_PASS": "0"}
@@ -135,10 +135,12 @@ def test_database_started_during_its_cold_copy_fails_the_run(
     make_library(stack.library, photos=3)
     proxy = proxy_factory(moto_s3.endpoint)
     env = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(lambda m, p, q: is_put(m, p, q) and "/postgres/" in p, delay=0.05)  # a slow cold copy
+    # a slow cold copy: the data directory's chunks go up in a few packs, each held 5 s; with
+    # no live pass the first data upload is the data directory's (its root comes first)
+    slow = proxy.add(lambda m, p, q: is_put(m, p, q) and "/data/" in p, delay=5.0)
     proc = start_cli("backup", "--no-live-pass", env=env)  # every data directory upload is in the cold copy
     wait_for(
-        lambda: any("/postgres/" in path for _, path, _ in proxy.requests) or proc.poll() is not None,
+        lambda: slow.hits > 0 or proc.poll() is not None,
         60,
         0.05,
         "the cold copy to begin",
@@ -201,7 +203,9 @@ def test_max_downtime_starts_the_stack_and_fails_cleanly(
     make_library(stack.library, photos=40)
     proxy = proxy_factory(moto_s3.endpoint)
     env = moto_env(env, moto_s3, proxy.endpoint)
-    proxy.add(is_put, delay=0.3)
+    # small files and the data directory's chunks go up in a few packs: each PUT held 2 s
+    # keeps the run past the 3 s (a hundred files of 0.3 s did, before packs)
+    proxy.add(is_put, delay=2.0)
     started = time.monotonic()
     proc = start_cli("backup", "--max-downtime", "3s", "--no-live-pass", env=env)
     wait_for(
@@ -375,4 +379,5 @@ def test_a_file_larger_than_the_budget_never_waits_for_the_manifest(
     assert r.code == 0, r.err[-800:]
     [sid] = bucket.snapshots()
     line = next(m for m in bucket.manifest(sid) if m["path"].endswith("big.mp4"))
-    assert bucket.get(line["key"]) == big.read_bytes()
+    assert line["key"].endswith("/library/library/zzz-last/big.mp4")  # an object of its own, in parts
+    assert bucket.read(line) == big.read_bytes()

@@ -96,6 +96,9 @@ class PackWriter:
         self._slots = asyncio.Semaphore(inflight)
         self._uploads: set[asyncio.Task[None]] = set()
         self._failed: BaseException | None = None
+        self._aborted = False
+        self._sending = 0  # packs being uploaded whose budget is not released yet
+        budget.on_wait.append(self._if_starved)
         self.packs = 0  # uploaded
         self.bytes = 0
 
@@ -113,7 +116,26 @@ class PackWriter:
         pack.held += held
         if pack.size >= self.target or len(pack.blobs) >= self.max_blobs:
             await self._send()
+        else:
+            self._if_starved()
         return pack.key, offset, pack.done
+
+    def _if_starved(self) -> None:
+        """Send the open pack when an acquire of the budget waits and no pack upload is
+        under way to free some: its blobs hold budget only its upload frees, so a pack
+        waiting to be filled would wait forever (a budget little larger than a pack, or one
+        held by large files' parts). Checked when an acquire starts waiting (the budget's
+        on_wait), when a blob is added, and when the last upload under way ends; with
+        uploads under way, their ends free budget (and slow uploads keep packs full)."""
+        if (
+            self.budget.waiting
+            and self._sending == 0
+            and not self._aborted
+            and self._failed is None
+            and self._open is not None
+            and self._open.blobs
+        ):
+            self._start_upload()
 
     async def flush(self) -> None:
         """Send the open pack (the end of a root, or memory wanted elsewhere)."""
@@ -121,23 +143,29 @@ class PackWriter:
             await self._send()
 
     async def _send(self) -> None:
+        await self._slots.acquire()  # at most `inflight` packs in flight or waiting for a slot
+        self._slots.release()
+        self._start_upload()
+
+    def _start_upload(self) -> None:
         pack, self._open = self._open, None
         assert pack is not None
-        await self._slots.acquire()
+        self._sending += 1  # its blobs' budget is on its way to be freed from now on
         task = asyncio.create_task(self._upload(pack))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
 
     async def _upload(self, pack: _Pack) -> None:
         try:
-            data = b"".join(pack.blobs)
-            pack.blobs.clear()
-            await self.store.put(
-                self.layout.object_key(pack.key), data, progress=True, storage_class=self.storage_class
-            )
-            self.packs += 1
-            self.bytes += len(data)
-            pack.done.set_result(None)
+            async with self._slots:
+                data = b"".join(pack.blobs)
+                pack.blobs.clear()
+                await self.store.put(
+                    self.layout.object_key(pack.key), data, progress=True, storage_class=self.storage_class
+                )
+                self.packs += 1
+                self.bytes += len(data)
+                pack.done.set_result(None)
         except BaseException as exc:
             self._failed = self._failed or exc
             if pack.done.done():
@@ -150,19 +178,27 @@ class PackWriter:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self._slots.release()
             await asyncio.shield(self.budget.release(pack.held))
+            self._sending -= 1
+            self._if_starved()
 
     async def close(self) -> None:
         """Send the open pack and wait for every upload; raises the first upload's error."""
         await self.flush()
         while self._uploads:
             await asyncio.gather(*list(self._uploads), return_exceptions=True)
+        self._unhook()
         if self._failed is not None:
             raise self._failed
 
+    def _unhook(self) -> None:
+        if self._if_starved in self.budget.on_wait:
+            self.budget.on_wait.remove(self._if_starved)
+
     async def abort(self) -> None:
         """Stop the uploads under way (the run failed): nothing is named by a manifest."""
+        self._aborted = True
+        self._unhook()
         for task in list(self._uploads):
             task.cancel()
         if self._uploads:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 class ByteBudget:
@@ -12,6 +12,10 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.waiting = 0  # acquires waiting now
+        # called when an acquire starts to wait: a holder that frees budget only when told
+        # (a pack being filled: PackWriter) sends itself then
+        self.on_wait: list[Callable[[], None]] = []
         self._cond = asyncio.Condition()
 
     async def acquire(self, n: int) -> None:
@@ -19,7 +23,14 @@ class ByteBudget:
         # alone: progress is guaranteed and the overshoot is bounded by one request.
         n = max(n, 0)
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            if not self.available(n):
+                self.waiting += 1
+                for nudge in list(self.on_wait):
+                    nudge()
+                try:
+                    await self._cond.wait_for(lambda: self.available(n))
+                finally:
+                    self.waiting -= 1
             self.used += n
             self.peak = max(self.peak, self.used)
 
