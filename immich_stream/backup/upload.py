@@ -497,12 +497,17 @@ def settle_after(waits: list[asyncio.Future[None]], done: asyncio.Future[bool]) 
     both = asyncio.gather(*waits)
 
     def settle(f: asyncio.Future[list[None]]) -> None:
+        if f.cancelled():
+            exc: BaseException | None = asyncio.CancelledError()
+        else:
+            exc = f.exception()  # retrieved here whatever becomes of done
         if done.done():
             return
-        if f.cancelled():
+        if isinstance(exc, asyncio.CancelledError):  # a pack's upload was cancelled: the run stops
             done.cancel()
-        elif (exc := f.exception()) is not None:
+        elif exc is not None:
             done.set_exception(exc)
+            done.exception()  # retrieved: awaited, it still raises; left (a run stopped), no noise
         else:
             done.set_result(True)
 

@@ -145,7 +145,8 @@ class PackWriter:
     async def _send(self) -> None:
         await self._slots.acquire()  # at most `inflight` packs in flight or waiting for a slot
         self._slots.release()
-        self._start_upload()
+        if self._open is not None and self._open.blobs:  # not sent meanwhile (_if_starved)
+            self._start_upload()
 
     def _start_upload(self) -> None:
         pack, self._open = self._open, None
