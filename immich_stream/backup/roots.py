@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ORDER_WINDOW = 4 * PACK_MAX_BLOBS  # manifest lines waiting for their upload, at most
 MAX_REUPLOAD_WARNINGS = 20
+FULL_RETRY = 0.1  # seconds a full order window waits before handing gathered files on again
 
 
 class LineSink(Protocol):
@@ -55,9 +56,19 @@ class OrderedManifest:
         self._queue: asyncio.Queue[tuple[ManifestLine, asyncio.Future[bool] | None] | None] = asyncio.Queue(window)
 
     async def put(self, line: ManifestLine, upload: asyncio.Future[bool] | None = None) -> None:
-        if self._queue.full() and self.on_full is not None:
+        item = (line, upload)
+        while self._queue.full() and self.on_full is not None:
+            # The line at the head may wait for a small file still gathered or being read,
+            # then for the pack it went into, which only more files would fill: hand them
+            # on again until the window moves (once was not enough: a night of a few new
+            # thumbnails among unchanged files hung here).
             await self.on_full()
-        await self._queue.put((line, upload))
+            try:
+                await asyncio.wait_for(self._queue.put(item), FULL_RETRY)
+                return
+            except TimeoutError:
+                continue
+        await self._queue.put(item)
 
     async def close(self) -> None:
         await self._queue.put(None)

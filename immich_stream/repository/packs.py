@@ -326,17 +326,22 @@ class PackReader:
         if self.store.sealing_for(key) is None:
             data = await self._raw(key, start, end)
         else:
-            head = await self._header(key)
-            first, s0, s1 = head.span(start, end)
-            raw = await self._raw(key, s0, s1)
-            try:
-                plain = (
-                    head.open_chunks(first, raw)
-                    if len(raw) <= 65536
-                    else await asyncio.to_thread(head.open_chunks, first, raw)
-                )
-            except DecryptError as exc:
-                raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
+            for again in (False, True):
+                head = await self._header(key)
+                first, s0, s1 = head.span(start, end)
+                raw = await self._raw(key, s0, s1)
+                try:
+                    plain = (
+                        head.open_chunks(first, raw)
+                        if len(raw) <= 65536
+                        else await asyncio.to_thread(head.open_chunks, first, raw)
+                    )
+                    break
+                except DecryptError as exc:
+                    # the pack may have been sealed anew since its header was read (key
+                    # reencrypt): read the header again once before calling it damaged
+                    if again or self._headers.pop(key, None) is None:
+                        raise DecryptError(f"{key}: {exc.detail}", exc.detail) from None
             skip = start - first * AGE_CHUNK
             data = plain[skip : skip + end - start]
         if len(data) != end - start:

@@ -302,13 +302,12 @@ class FileRestorer:
 
     def write_fresh(self, parent: int, name: bytes, line: ManifestLine, blob: memoryview) -> bool:
         """A file whose bytes are all in memory, into a target that was empty when the
-        restore began: checked first (size, sha256), then created under its own name
-        (O_EXCL, never through a symlink) with its mode, and only the metadata that differs
-        from what creating it gave set (each such call costs the kernel ~100 µs here: three
-        per file were most of a 100,000-file restore). A restore killed while writing
-        leaves that one file short under its name beside the resume marker; the resumed
-        run's check (size and sha256) rewrites it. False when its name is taken: the caller
-        goes the way of a target that was not empty."""
+        restore began: checked first (size, sha256), written under its temporary name
+        (created exclusively, never through a symlink) with its mode, only the metadata
+        that differs from what creating it gave set (each such call costs the kernel ~100
+        µs here: three per file were most of a 100,000-file restore), then renamed into
+        place: a killed restore leaves no short file under a real name. False when the
+        temporary name is taken: the caller goes the way of a target that was not empty."""
         assert line.sha256 is not None
         if len(blob) != line.size or hashlib.sha256(blob).hexdigest() != line.sha256:
             raise RepoError(
@@ -316,27 +315,34 @@ class FileRestorer:
                 "run `verify --read-data`"
             )
         simple = line.mode & ~0o777 == 0 and line.mode & self.umask == 0
+        partial = self.partial_name(name)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(name, flags, line.mode if simple else 0o600, dir_fd=parent)
+            fd = os.open(partial, flags, line.mode if simple else 0o600, dir_fd=parent)
         except FileExistsError:
             return False
         try:
-            while blob:
-                blob = blob[os.write(fd, blob) :]
-            # created as root: owner 0, group 0 but under a setgid directory (fstat is cheap)
-            if self.as_root and (line.uid != 0 or os.fstat(fd).st_gid != line.gid):
-                with contextlib.suppress(OSError):
-                    os.fchown(fd, line.uid, line.gid)
-            if not simple:  # setuid/sticky bits, or bits the umask took: after chown, which clears setuid
-                os.fchmod(fd, line.mode)
-            os.utime(fd, ns=(line.mtime_ns, line.mtime_ns))
+            try:
+                while blob:
+                    blob = blob[os.write(fd, blob) :]
+                # created as root: owner 0, group 0 but under a setgid directory (fstat is cheap)
+                if self.as_root and (line.uid != 0 or os.fstat(fd).st_gid != line.gid):
+                    with contextlib.suppress(OSError):
+                        os.fchown(fd, line.uid, line.gid)
+                if not simple:  # setuid/sticky bits, or bits the umask took: after chown, which clears setuid
+                    os.fchmod(fd, line.mode)
+                os.utime(fd, ns=(line.mtime_ns, line.mtime_ns))
+            finally:
+                os.close(fd)
+            try:  # a symlink at name is replaced, not followed
+                os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except IsADirectoryError:
+                self.make_room(parent, name)
+                os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=parent)
+                os.unlink(partial, dir_fd=parent)
             raise
-        os.close(fd)
         return True
 
     def create_fresh(self, parent: int, name: bytes) -> tuple[int, bytes]:

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from immich_stream.backup.changes import Decision
 from immich_stream.backup.roots import OrderedManifest, Sources, backup_root
 from immich_stream.backup.run import run_phases
-from immich_stream.backup.upload import FileUploader
+from immich_stream.backup.upload import FileUploader, UploadWorkers
+from immich_stream.backup.walk import Entry
 from immich_stream.config import Settings
 from immich_stream.progress import Reporter
 from immich_stream.repository.manifest import ManifestLine
-from immich_stream.repository.packs import PackReader
+from immich_stream.repository.packs import Packing, PackReader, PackWriter
 from immich_stream.repository.repo import ObjectIndex, Repo
 from immich_stream.repository.summary import RunStats
 from immich_stream.s3.budget import ByteBudget
@@ -182,3 +184,44 @@ async def test_upload_stage_puts_every_file_in_walk_order_and_reports_unreadable
         assert got[rel] == data
         assert next(ln for ln in sink.lines if ln.path == rel).sha256 == hashlib.sha256(data).hexdigest()
     assert stats.new == len(files) and stats.bytes_uploaded == sum(map(len, files.values())) and stats.failed == 0
+
+
+async def test_a_new_small_file_among_unchanged_ones_does_not_hold_the_order_window(
+    s3_settings: Settings, tmp_path: Path
+) -> None:
+    """A night of a few new thumbnails among unchanged files: the new file's line waits for
+    its pack while more unchanged lines than the order window holds follow it. The window
+    must hand the gathered file on and send its pack (once was not enough: it hung)."""
+    new = tmp_path / "new.jpg"
+    new.write_bytes(os.urandom(1000))
+    st = new.stat()
+    stats = RunStats()
+    sink = ListSink()
+    async with Store(StoreOptions.from_settings(s3_settings)) as store:
+        repo = Repo(store, "")
+        budget = ByteBudget(64 * MIB)
+        writer = PackWriter(repo.store, repo, "2026-12-04T000000Z-abcd", budget, target=MIB)
+        uploader = FileUploader(repo.store, repo, budget, s3_settings, stats)
+        workers = UploadWorkers(uploader, stats, Reporter().phase("x"), 2, Packing(writer, {}, lambda _k: True))
+        ordered = OrderedManifest(sink, window=8)
+        ordered.on_full = workers.flush
+
+        async def produce() -> None:
+            entry = Entry(b"new.jpg", "file", st.st_size, st.st_mtime_ns, 0o644, 0, 0, st.st_ino)
+            first = ManifestLine.from_entry("library", entry)
+            await ordered.put(
+                first, await workers.submit(os.fsencode(new), entry, first, "k", Decision("upload", "new"))
+            )
+            for i in range(100):  # unchanged: reused, no upload to wait for
+                await ordered.put(line(f"old{i:03d}"), None)
+            await workers.close()
+
+        async def upload() -> None:
+            await workers.run()
+            await writer.close()
+            await ordered.close()
+
+        await asyncio.wait_for(asyncio.gather(produce(), ordered.run(), upload()), 30)
+        got = sink.lines[0]
+        assert got.path == "new.jpg" and got.offset is not None and len(sink.lines) == 101
+        assert b"".join([b async for b in PackReader(repo.store, repo).file(got)]) == new.read_bytes()
