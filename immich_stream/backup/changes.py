@@ -247,7 +247,8 @@ async def decide(
 
     def kind_of(cand: ManifestLine) -> str:
         if old is None:
-            if (cand.first_key or "").startswith(own_prefix):
+            # an empty database file is no chunks, no object: new, as any file the parent lacked
+            if not cand.object_refs() or (cand.first_key or "").startswith(own_prefix):
                 return "new"
             return "resumed" if run_of(cand.first_key or "") in resumed else "moved"
         if cand.same_object(old):
