@@ -334,16 +334,21 @@ class FileRestorer:
                 os.utime(fd, ns=(line.mtime_ns, line.mtime_ns))
             finally:
                 os.close(fd)
-            try:  # a symlink at name is replaced, not followed
-                os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except IsADirectoryError:
-                self.make_room(parent, name)
-                os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+            self.rename_into_place(parent, partial, name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(partial, dir_fd=parent)
             raise
         return True
+
+    def rename_into_place(self, parent: int, partial: bytes, name: bytes) -> None:
+        """The temporary file renamed to name: a file or symlink there is replaced (never
+        followed); a directory is make_room's (removed with --overwrite when empty, or refused)."""
+        try:
+            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except IsADirectoryError:  # not looked for beforehand in a target that was empty
+            self.make_room(parent, name)
+            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
 
     def create_fresh(self, parent: int, name: bytes) -> tuple[int, bytes]:
         """create_partial in a target that was empty when the restore began: created at
@@ -420,12 +425,7 @@ class FileRestorer:
                 self._meta_fd(fd, line)
             finally:
                 os.close(fd)
-            # a symlink at name is replaced, not followed
-            try:
-                os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except IsADirectoryError:  # a directory in its place (create_fresh did not look)
-                self.make_room(parent, name)
-                os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+            self.rename_into_place(parent, partial, name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(partial, dir_fd=parent)
