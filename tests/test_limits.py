@@ -43,7 +43,7 @@ WINDOWS = 24 * MIB
 
 def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
     """Bytes moved at the limit (but the first windows), no second far above it, no second
-    silent. An unpaced transfer of these ~49 MiB over loopback takes well under a second."""
+    silent while behind the limit. An unpaced transfer of these ~49 MiB over loopback takes well under a second."""
     assert sum(n for _, n in events) >= total
     seconds = per_second(events)
     assert seconds, f"{what}: {total / MIB:.0f} MiB moved in under a second at a limit of {LIMIT} MiB/s"
@@ -58,7 +58,11 @@ def _check_even(events: list[tuple[float, int]], total: int, what: str) -> None:
     rate = later / max(span, 1e-3) / MIB
     assert rate <= 1.25 * LIMIT, f"{what}: {later / MIB:.0f} MiB came at {rate:.1f} MiB/s, limit {LIMIT} MiB/s"
     assert all(n <= 1.5 * LIMIT * MIB for n in seconds[1:]), f"{what}: bursty: {shown} KiB/s"
-    assert all(n > 0 for n in seconds), f"{what}: a silent second: {shown} KiB/s"
+    # A silent second is a stall only while the transfer is behind the limit: after a first
+    # second of full windows (14 MiB seen in CI), the paced reader drains those windows for
+    # seconds during which the sender rightly sees nothing taken.
+    behind = [i for i, n in enumerate(seconds) if n == 0 and sum(seconds[:i]) < LIMIT * MIB * i]
+    assert not behind, f"{what}: a silent second while behind the limit: {shown} KiB/s"
 
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])

@@ -171,7 +171,10 @@ class FileRestorer:
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # another thread of the restore is replacing it meanwhile
             if stat.S_ISDIR(st.st_mode):
                 continue  # it became one meanwhile
             link = stat.S_ISLNK(st.st_mode)
@@ -186,7 +189,12 @@ class FileRestorer:
                 raise InTheWay(
                     f"{self.shown(rel)} is {what} where the snapshot has a directory: add --overwrite to replace it"
                 )
-            os.unlink(name, dir_fd=parent)  # the file or symlink goes; nothing is followed
+            try:
+                os.unlink(name, dir_fd=parent)  # the file or symlink goes; nothing is followed
+            except FileNotFoundError:
+                pass  # another thread of the restore took it away first
+            except IsADirectoryError:
+                continue  # and already made the directory
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=parent)
         raise InTheWay(f"{self.shown(rel)} changed type while it was restored: run the same command again")
