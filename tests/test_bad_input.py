@@ -58,6 +58,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "retries": ("50", "0"),
     "read_timeout": ("1s", '"2d"'),
     "max_shrink": ("0%", "true"),
+    "max_unused": ("101%", '"half"'),
     "max_downtime": ("1s", "-1"),
     "ping_url": ("ftp://hc-ping.com/x", '"ntfy+https://ntfy.sh/"'),
     "metrics_file": ("/no/such/dir/immich.prom", '""'),

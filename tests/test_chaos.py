@@ -755,3 +755,40 @@ def test_docker_proxy_fails_the_stop_of_one_container(env: dict, stack: ImmichSt
     time.sleep(3)  # the other stops, if still in flight in dockerd, land by now
     assert running_containers() == set(CONTAINERS)
     assert bucket_of(env).snapshots() == []
+
+
+@pytest.mark.slow
+def test_a_prune_that_repacks_while_a_restore_runs_waits_for_it(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """The chaos case of issue 29: a restore (paced to take seconds) holds its shared lock;
+    a prune that would repack the packs it reads refuses at once with --lock-wait 0, and
+    with a wait, repacks only after the restore ended. The restore gets every byte, and
+    every kept snapshot restores and verifies after the repack."""
+    from tests.test_hardening_restore import restored
+    from tests.test_repack import restores_intact, scenario
+
+    bucket, _, kept, old_pack = scenario(s3_env, big=3 * MIB)
+    _, s3 = kept
+    restore = start_cli(
+        "restore", s3, "--root", "library", "--to", str(tmp_path / "during"),
+        env=dict(s3_env, IMMICH_STREAM_LIMIT_DOWNLOAD="1"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not bucket.keys("locks/") and restore.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bucket.keys("locks/") and restore.poll() is None, "the restore took no lock, or ended at once"
+        r = run_cli("prune", "--keep-last", "2", "--lock-wait", "0", env=s3_env)
+        assert r.code == 1 and "locked by" in r.last_error and restore.poll() is None, r.err
+        assert len(bucket.snapshots()) == 3  # the refused prune removed nothing
+        r = run_cli("prune", "--keep-last", "2", "--lock-wait", "2m", env=s3_env)
+        _, err = restore.communicate(timeout=60)
+        ended = restore.returncode
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+    assert ended == 0, err
+    assert r.code == 0 and "waiting up to" in r.err, r.err  # for the restore's lock, before it did anything
+    assert re.search(r"^repack +2 packs repacked into 1 ", r.out, re.M), r.out
+    assert old_pack not in bucket.keys("data/")
+    assert restored(tmp_path / "during") == {os.fsencode(p): e.body for p, e in kept[s3].items()}
+    restores_intact(s3_env, kept, tmp_path / "after")

@@ -116,7 +116,7 @@ def test_prune_removes_snapshots_and_garbage_keeps_shared_objects(
     doomed = data_keys(bucket) - keys_of(bucket, third)
     # the second run's pack (the changed thumbnail alone); the first's packs stay, partly used
     assert f"data       {len(doomed)} objects" in r.out and len(doomed) >= 1
-    assert re.search(r"^packs +[1-9]\d* kept partly used", r.out, re.M), r.out
+    assert re.search(r"^repack +[1-9]\d* packs to repack", r.out, re.M), r.out
     assert bucket.keys() == before, "a dry run changed the bucket"
 
     r = run_cli("prune", "--keep-last", "1", env=env)
@@ -124,7 +124,9 @@ def test_prune_removes_snapshots_and_garbage_keeps_shared_objects(
     assert bucket.snapshots() == [third]
     assert not any(k.startswith(f"snapshots/{first}/") or k.startswith(f"snapshots/{second}/") for k in bucket.keys())
     assert data_keys(bucket) == referenced(bucket), "unreferenced data left, or referenced data deleted"
-    assert shared and shared <= data_keys(bucket)  # objects of the removed snapshot the kept one uses
+    # objects of the removed snapshot the kept one uses stay; packs of it, partly used, were repacked
+    assert shared and {k for k in shared if "/%pack/" not in k} <= data_keys(bucket)
+    assert re.search(r"^repack +[1-9]\d* packs repacked into [1-9]", r.out, re.M), r.out
     r = run_cli("verify", "--all", "--read-data", env=env)
     assert r.code == 0 and "no problems" in r.out
 
@@ -434,14 +436,17 @@ def test_folder_markers_and_stray_objects_are_skipped_other_prefixes_untouched(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("repack", [False, True], ids=["max-unused 100%", "repack"])
 def test_prune_keeps_every_pack_and_chunk_a_kept_snapshot_or_a_resumable_run_names_in_every_format(
-    s3_env: dict[str, str], tmp_path: Path
+    s3_env: dict[str, str], tmp_path: Path, repack: bool
 ) -> None:
     """Snapshots of the three formats (objects of their own; blobs of packs; chunks) in one
     repository: all verify and restore; a prune that keeps only the newest keeps every
     object, pack and chunk pack it names (of the removed snapshots' runs too) and what an
     interrupted run's journal names, deletes the rest, and says how many bytes sit unused
-    in the packs it kept (a repack would reclaim them)."""
+    in the packs it kept. With repacking (the default --max-unused 5%), the pack two thirds
+    unused is replaced by a new one holding the one file still named, the manifest names
+    that, and the pack a resumable run's journal names is left as it is."""
     from immich_stream.repository.layout import new_snapshot_id
     from tests.test_hardening_restore import Entry, restored, write_snapshot
 
@@ -485,16 +490,32 @@ def test_prune_keeps_every_pack_and_chunk_a_kept_snapshot_or_a_resumable_run_nam
     before = data_keys(bucket)
     assert {pack_p, pack_c, pack_c2, whole, m1["upload/old.jpg"]["key"]} <= before
 
-    r = run_cli("prune", "--keep-last", "1", env=s3_env)
+    size_p = bucket.keys("data/")[pack_p]
+    r = run_cli("prune", "--keep-last", "1", *([] if repack else ["--max-unused", "100%"]), env=s3_env)
     assert r.code == 0, r.err
     assert bucket.snapshots() == [s3]
     after = data_keys(bucket)
-    assert after == {whole, pack_p, pack_c, pack_c2}, sorted(after)  # what s3 and the journal name, no more
-    unused = bucket.keys("data/")[pack_p] - len(bodies["x1"])  # x2 and x3: no kept snapshot needs them
+    unused = size_p - len(bodies["x1"])  # x2 and x3: no kept snapshot needs them
     assert unused == len(bodies["x2"]) + len(bodies["x3"])
     [line] = [ln for ln in r.out.splitlines() if ln.startswith("packs")]
-    assert line.startswith("packs      1 kept partly used"), r.out
-    assert f"{unused / 1024:.1f} KiB" in line or f"{unused} B" in line, line
+    [repacked] = [ln for ln in r.out.splitlines() if ln.startswith("repack")]
+    if not repack:
+        assert after == {whole, pack_p, pack_c, pack_c2}, sorted(after)  # what s3 and the journal name, no more
+        assert line.startswith("packs      1 kept partly used"), r.out
+        assert f"{unused / 1024:.1f} KiB" in line or f"{unused} B" in line, line
+        assert repacked.startswith("repack     0 packs repacked"), r.out
+    else:
+        m3 = {m["path"]: m for m in bucket.manifest(s3)}
+        new_pack = m3["upload/x1.jpg"]["key"]
+        assert new_pack != pack_p and "/%pack/" in new_pack and m3["upload/x1.jpg"]["offset"] == 0
+        assert after == {whole, new_pack, pack_c, pack_c2}, sorted(after)  # pack_p is gone
+        assert bucket.get(new_pack) == bodies["x1"]  # the one file still named, nothing else
+        assert m3["upload/db.bin"]["chunks"] == m2["upload/db.bin"]["chunks"]  # pack_c: all of it named
+        assert m3["upload/whole.jpg"]["key"] == whole
+        assert line.startswith("packs      0 kept partly used"), r.out
+        assert repacked.startswith("repack     1 packs repacked into 1 ("), r.out
+        assert "1 manifests written again" in repacked, r.out
+        assert not any(k.endswith("manifest.rewrite.jsonl.gz") for k in bucket.keys())
     r = run_cli("verify", "--read-data", env=s3_env)
     assert r.code == 0 and "no problems" in r.out, r.out + r.err
     r = run_cli("restore", s3, "--root", "library", "--to", str(tmp_path / "s3"), env=s3_env)

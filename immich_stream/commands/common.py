@@ -35,6 +35,7 @@ LOCAL_FLAGS = {
     "max_memory",
     "lock_wait",
     "stale_after",
+    "max_unused",
     "keep_last",
     "keep_hourly",
     "keep_daily",

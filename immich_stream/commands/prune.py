@@ -25,6 +25,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     pr.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
     flag(pr, "lock_wait")
     flag(pr, "stale_after")
+    flag(pr, "max_unused")
     policy_options(pr)
 
 
@@ -45,7 +46,9 @@ def policy(settings: cfg.Settings) -> Any:
 async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -> dict[str, Any]:
     from immich_stream.repository.prune import prune
 
-    rep = await prune(settings, policy(settings), dry_run, settings.stale_after, settings.lock_wait)
+    rep = await prune(
+        settings, policy(settings), dry_run, settings.stale_after, settings.lock_wait, settings.max_unused
+    )
     fs = cfg.format_size
     would = "would remove" if dry_run else "removed"
     lines = [
@@ -53,8 +56,22 @@ async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -
         f"snapshots  {len(rep.kept)} kept, {len(rep.removed)} {would}"
         + (f": {', '.join(rep.removed)}" if rep.removed else ""),
         f"data       {rep.objects_deleted} objects, {fs(rep.bytes_freed)} {'to free' if dry_run else 'freed'}",
+        f"repack     {rep.repack.packs_repacked} packs {'to repack' if dry_run else 'repacked'}"
+        + (
+            ""
+            if dry_run
+            else f" into {rep.repack.packs_written} ({fs(rep.repack.bytes_copied)} copied, "
+            f"{rep.repack.manifests_rewritten} manifests written again)"
+        )
+        + f", {fs(rep.repack.bytes_freed)} {'to free' if dry_run else 'freed'}"
+        + (f"; not tried: {rep.repack_skipped}" if rep.repack_skipped else "")
+        + (
+            f"; {len(rep.repack.damaged)} left as they are, damaged: run `verify --read-data`"
+            if rep.repack.damaged
+            else ""
+        ),
         f"packs      {rep.packs_partly_used} kept partly used: {fs(rep.pack_bytes_unused)} in them no kept "
-        "snapshot needs (a repack would reclaim it)",
+        f"snapshot needs (--max-unused {settings.max_unused:.0%})",
         f"garbage    {len(rep.incomplete_removed)} incomplete snapshots, {rep.uploads_aborted} unfinished "
         f"uploads {would}",
         f"time       {rep.seconds:.1f} s",

@@ -162,6 +162,13 @@ def parse_percent(text: str | int | float) -> float:
     return value / 100
 
 
+def parse_share(text: str | int | float) -> float:
+    """parse_percent that also takes 0% (prune's --max-unused 0: repack every partly used pack)."""
+    if str(text).strip().rstrip("%").strip() in ("0", "0.0"):
+        return 0.0
+    return parse_percent(text)
+
+
 # --limit-*: the units rclone's --bwlimit takes (binary: 500k is 500 KiB/s), and ours
 # (a bare number is MiB/s). Below MIN_RATE the pacer's smallest slice (16 KiB) is more
 # than a second's worth: an 8 MiB part would take minutes, which is a typo, not a limit.

@@ -44,6 +44,7 @@ from immich_stream.config.parse import (
     parse_rate,
     parse_recipients,
     parse_region,
+    parse_share,
     parse_size,
     parse_sse,
     parse_stop,
@@ -421,6 +422,13 @@ class Settings:
         None,
         parse_keep_within,
         "keep every snapshot within this long before the newest (restic's 1y2m3d4h: m is months)",
+    )
+    max_unused: float = setting(
+        "prune",
+        0.05,
+        parse_share,
+        "repack packs until at most this share of the pack bytes is unneeded by kept snapshots "
+        "(restic's --max-unused: 0% repacks every partly used pack, 100% none)",
     )
     stale_after: float = setting(
         "prune",

@@ -37,7 +37,7 @@ from immich_stream.repository.age import (
 )
 from immich_stream.repository.auth import RepoAuth, write_private_file
 from immich_stream.repository.layout import MANIFEST, MANIFEST_REWRITE, SUMMARY, is_pack_key, run_of
-from immich_stream.repository.manifest import ManifestWriter
+from immich_stream.repository.manifest import ManifestLine
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_repo
@@ -287,25 +287,16 @@ async def _rewrite_snapshot(
     """The manifest with every object's size for the current recipients, copied out and
     back (streamed both ways: a manifest can be larger than memory), then snapshot.json,
     the commit marker, last as at a backup."""
-    store = repo.store
-    manifest = repo.manifest_key(sid)
-    if await store.head(manifest) is None:
+
+    def fix(line: ManifestLine) -> ManifestLine:
+        if line.stored_whole:
+            line.stored = sealing.size(line.size)
+        else:  # a blob's or chunks' line records no size of a pack (never `stored`)
+            line.stored = None
+        return line
+
+    if not await repo.rewrite_manifest(sid, budget, part_size, fix):
         return
-    tmp = repo.rewrite_key(sid)  # the manifest on its way back (deleted after)
-
-    async def copy(src: str, dst: str, fix: bool) -> None:
-        async with ManifestWriter(store, dst, budget, part_size, repo.manifest_mac(sid)) as out:
-            async for line in repo.read_lines_at(src):
-                if fix and line.stored_whole:
-                    line.stored = sealing.size(line.size)
-                elif fix:  # a blob's or chunks' line records no size of a pack (never `stored`)
-                    line.stored = None
-                await out.add(line)
-            await out.finish()
-
-    await copy(manifest, tmp, True)
-    await copy(tmp, manifest, False)
-    await store.delete([tmp])
     if committed:
         snap = await repo.load_snapshot(sid)
         db = snap.summary.database

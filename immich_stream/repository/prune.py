@@ -19,12 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from immich_stream.config import Settings
+from immich_stream.config import Settings, format_size
 from immich_stream.errors import ConfigError
 from immich_stream.repository.age import Sealing
-from immich_stream.repository.layout import is_pack_key, run_of, snapshot_time
+from immich_stream.repository.layout import is_pack_key, new_snapshot_id, run_of, snapshot_time
 from immich_stream.repository.locks import RepoLock, list_locks, own_time, remove_locks
 from immich_stream.repository.manifest import ManifestLine, key_digest
+from immich_stream.repository.packs import pack_target
+from immich_stream.repository.repack import PackUse, RepackReport, choose, repack
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_locked
@@ -130,13 +132,17 @@ class PruneReport:
     incomplete_removed: list[str] = field(default_factory=list)
     uploads_aborted: int = 0
     # packs kept because a kept snapshot needs some of their bytes, and the bytes of them
-    # none needs (what a repack would reclaim; prune does not repack)
+    # none needs, after the repack (repack.py)
     packs_partly_used: int = 0
     pack_bytes_unused: int = 0
+    repack: RepackReport = field(default_factory=RepackReport)
+    repack_skipped: str = ""  # why no repack was tried, when that is worth saying
     seconds: float = 0.0
 
 
-async def prune(settings: Settings, policy: Policy, dry_run: bool, stale_after: float, lock_wait: float) -> PruneReport:
+async def prune(
+    settings: Settings, policy: Policy, dry_run: bool, stale_after: float, lock_wait: float, max_unused: float = 1.0
+) -> PruneReport:
     started = time.monotonic()
     settings.require("bucket")
     apply_policy([], policy)  # refuses an empty policy before anything is touched
@@ -145,7 +151,10 @@ async def prune(settings: Settings, policy: Policy, dry_run: bool, stale_after: 
         # A frozen S3 must not keep prune (and its exclusive lock) alive for hours of retries.
         hung = s3_hang(repo.store, settings.stall_timeout, "prune stopped; run it again")
         await with_watchdog(
-            repo.store, math.inf, _prune_locked(repo.store, repo, lock, policy, dry_run, stale_after, report), hung
+            repo.store,
+            math.inf,
+            _prune_locked(repo.store, repo, lock, policy, dry_run, stale_after, report, max_unused, settings),
+            hung,
         )
     report.seconds = time.monotonic() - started
     return report
@@ -159,6 +168,8 @@ async def _prune_locked(
     dry_run: bool,
     stale_after: float,
     report: PruneReport,
+    max_unused: float,
+    settings: Settings,
 ) -> None:
     now = dt.datetime.now(dt.UTC)
     threshold = now - dt.timedelta(seconds=stale_after)
@@ -210,6 +221,7 @@ async def _prune_locked(
         keys = [k for keys in passes.values() for k in keys]
         async for line in repo.read_journal(keys, f"the journal of the interrupted run {sid}"):
             _reference(line, referenced)
+            usage.resumable(line)
 
     # Unreferenced data objects. A run that is neither committed nor older than the
     # threshold may still be uploading: its objects are left alone.
@@ -222,7 +234,7 @@ async def _prune_locked(
             continue
         if run in busy or key_digest(rel) in referenced:
             if is_pack_key(rel):
-                usage.kept(rel, obj.size, store.sealing)
+                usage.kept(rel, obj.size, store.sealing, obj.storage_class)
             continue
         if not dirs.get(run) and _run_is_young(run, threshold, obj.last_modified):
             continue
@@ -246,8 +258,19 @@ async def _prune_locked(
         if run not in busy and (started is None or started < threshold):
             uploads.append((key, upload_id))
     report.uploads_aborted = len(uploads)
-    report.packs_partly_used, report.pack_bytes_unused = usage.partly_used, usage.unused
+    chosen: list[PackUse] = []
+    if busy:
+        report.repack_skipped = "runs that still hold a lock may name the packs it would move"
+    elif store.sealing is not None and repo.auth is None:
+        # manifests written again without the MAC chain would be refused as forged
+        report.repack_skipped = "the repository authentication key is not in the identity file"
+    else:
+        chosen = choose(usage.partly, max_unused)
+    report.packs_partly_used = len(usage.partly) - len(chosen)
+    report.pack_bytes_unused = sum(p.unused for p in usage.partly) - sum(p.unused for p in chosen)
     if dry_run:
+        report.repack.packs_repacked = len(chosen)
+        report.repack.bytes_freed = sum(p.unused for p in chosen)
         return
     # snapshot.json first: from that moment the snapshot no longer exists for any reader.
     commit_keys = [repo.summary_key(s) for s in report.removed]
@@ -262,6 +285,14 @@ async def _prune_locked(
     await store.delete(doomed)
     for key, upload_id in uploads:
         await store.abort_multipart(key, upload_id)
+    if chosen:
+        unused = sum(p.unused for p in chosen)
+        log.info("repacking %d packs: %s of them no kept snapshot needs", len(chosen), format_size(unused))
+        target = pack_target(settings.part_size, settings.max_memory)
+        report.repack = await repack(repo, report.kept, chosen, new_snapshot_id(), target, settings.part_size)
+        repacked = {p.key for p in chosen} - set(report.repack.damaged)
+        report.packs_partly_used += len(chosen) - len(repacked)
+        report.pack_bytes_unused += sum(p.unused for p in chosen if p.key not in repacked)
 
 
 def _reference(line: ManifestLine, referenced: set[bytes]) -> None:
@@ -274,13 +305,14 @@ def _reference(line: ManifestLine, referenced: set[bytes]) -> None:
 
 class PackUsage:
     """How many bytes of each pack the kept snapshots use: each blob and chunk counted once
-    (by a digest of where it is: ~60 bytes each in memory, like the referenced keys)."""
+    (by a digest of where it is: ~60 bytes each in memory, like the referenced keys).
+    `partly`: the packs kept with bytes none of them needs (what a repack reclaims)."""
 
     def __init__(self) -> None:
         self._seen: set[bytes] = set()
         self._used: dict[str, int] = {}
-        self.partly_used = 0
-        self.unused = 0
+        self._resumable: set[str] = set()  # packs an interrupted run's journal names
+        self.partly: list[PackUse] = []
 
     def _use(self, key: str, offset: int, length: int) -> None:
         d = key_digest(f"{key}\0{offset}\0{length}")
@@ -295,16 +327,20 @@ class PackUsage:
         elif line.key is not None and line.offset is not None:
             self._use(line.key, line.offset, line.size)
 
-    def kept(self, key: str, size: int, sealing: Sealing | None) -> None:
-        """A pack of `size` bytes in the bucket is kept: count what of it is unused."""
+    def resumable(self, line: ManifestLine) -> None:
+        """A line of an interrupted run's journal: the run resumes from the places it names,
+        so their packs are not judged (not repacked)."""
+        self._resumable.update(key for key, _ in line.object_refs() if is_pack_key(key))
+
+    def kept(self, key: str, size: int, sealing: Sealing | None, storage_class: str | None) -> None:
+        """A pack of `size` bytes in the bucket is kept: note it when some of it is unused."""
         used = self._used.get(key)
-        if used is None:
+        if used is None or key in self._resumable:
             return  # kept for a running or resumable run: not judged
         if sealing is not None:  # the plaintext's bytes, as sealed now (offsets are the plaintext's)
             used = sealing.size(used) if used else 0
         if size > used:
-            self.partly_used += 1
-            self.unused += size - used
+            self.partly.append(PackUse(key, size, used, storage_class))
 
 
 def _run_of(rel: str) -> str | None:

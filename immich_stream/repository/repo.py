@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -461,17 +461,26 @@ class Repo(Layout):
             raise RepoError(f"snapshot {sid}: snapshot.json is damaged: `prune` cannot judge it; delete it") from None
         if isinstance(raw, dict) and self._summary_mac_ok(sid, raw):
             return  # done by an earlier, interrupted set-up
-        manifest, tmp = self.manifest_key(sid), self.rewrite_key(sid)
-        if await self.store.head(manifest) is not None:
-            budget = ByteBudget(64 << 20)
-            part = self.store.options.part_size
-            for src, dst in ((manifest, tmp), (tmp, manifest)):
-                async with ManifestWriter(self.store, dst, budget, part, self.manifest_mac(sid)) as out:
-                    async for line in self.read_lines_at(src):
-                        await out.add(line)
-                    await out.finish()
-            await self.store.delete([tmp])
+        await self.rewrite_manifest(sid, ByteBudget(64 << 20), self.store.options.part_size)
         await self.commit((await self.load_snapshot(sid)).summary)
+
+    async def rewrite_manifest(
+        self, sid: str, budget: ByteBudget, part_size: int, fix: Callable[[ManifestLine], ManifestLine] | None = None
+    ) -> bool:
+        """The snapshot's manifest written again, each line through `fix`, with this
+        repository's MAC chain: copied out to rewrite_key, then back (streamed both ways: a
+        manifest can be larger than memory; each copy lands whole or not at all, so a crash
+        leaves the old manifest or the new one), then the copy deleted. False: no manifest."""
+        manifest, tmp = self.manifest_key(sid), self.rewrite_key(sid)
+        if await self.store.head(manifest) is None:
+            return False
+        for src, dst, each in ((manifest, tmp, fix), (tmp, manifest, None)):
+            async with ManifestWriter(self.store, dst, budget, part_size, self.manifest_mac(sid)) as out:
+                async for line in self.read_lines_at(src):
+                    await out.add(each(line) if each is not None else line)
+                await out.finish()
+        await self.store.delete([tmp])
+        return True
 
     def manifest_mac(self, snap_id: str) -> ManifestMac | None:
         """The MAC chain a manifest of this snapshot is written (and read) with."""

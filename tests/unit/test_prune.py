@@ -92,3 +92,25 @@ def test_keep_within_uses_prunes_rules(tmp_path: Path) -> None:
             cfg.load(environ={"IMMICH_STREAM_KEEP_WITHIN": text, "XDG_CONFIG_HOME": str(tmp_path)}).keep_within
             == text.strip()
         )
+
+
+def test_repack_chooses_the_emptiest_packs_until_max_unused_holds() -> None:
+    from immich_stream.repository.repack import PackUse, choose
+
+    packs = [
+        PackUse("a", 100, 90, None),  # 10% unused
+        PackUse("b", 100, 20, None),  # 80% unused
+        PackUse("c", 100, 50, "STANDARD_IA"),  # 50%
+        PackUse("d", 100, 5, "GLACIER"),  # 95%, but a GET of it waits for a thaw
+        PackUse("e", 100, 100, None),  # all used
+    ]
+    names = lambda chosen: [p.key for p in chosen]  # noqa: E731
+    # 0%: every partly used pack that can be read at once, emptiest first
+    assert names(choose(packs, 0.0)) == ["b", "c", "a"]
+    assert names(choose(packs, 1.0)) == []
+    # GLACIER's unneeded 95 counts as used (no repack reclaims it): used 360, unneeded 140.
+    # 25% allows 120 unneeded: b alone brings it to 60
+    assert names(choose(packs, 0.25)) == ["b"]
+    # 10% allows 40: b, then c (60 -> 10)
+    assert names(choose(packs, 0.10)) == ["b", "c"]
+    assert names(choose(packs, 0.5)) == []  # 140 <= 360

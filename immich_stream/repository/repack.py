@@ -1,0 +1,242 @@
+"""Repacking: prune's second half, for packs the kept snapshots use only partly.
+
+A pack (packs.py) holds the blobs and chunks of many files; once the snapshots that named
+some of them are removed, the rest of the pack is still needed and the pack cannot go.
+restic's prune is the model: the packs with the largest share no kept snapshot needs are
+chosen until what stays unneeded is at most `--max-unused` of the pack bytes; the bytes
+still needed are read (by range), checked against the sha256 their lines record, and
+written into new packs; the manifests that name them are written again to name the new
+places; only then are the old packs deleted. Each step lands whole or not at all, so a
+prune stopped anywhere loses nothing:
+
+- stopped while writing new packs: nothing names them; they are garbage once stale;
+- stopped while manifests are written again: each manifest names the old packs or the new
+  ones, and both are in the bucket; the next prune finds the old packs still partly used
+  (or unused, and deletes them);
+- the old packs are deleted last, when no manifest names them.
+
+Manifests are the index (format.md): a snapshot's content (paths, sizes, sha256) never
+changes, only where its bytes are. Prune holds the exclusive lock: no backup, restore,
+verify or drill reads a manifest while it changes (they hold the shared one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from immich_stream.errors import RepoError, StoreError
+from immich_stream.repository.age import DecryptError
+from immich_stream.repository.manifest import Chunk, ManifestLine
+from immich_stream.repository.packs import BATCH_GAP, BATCH_SPAN, PACK_MAX_BLOBS, PackReader, open_chunk
+from immich_stream.repository.repo import Repo
+from immich_stream.s3.budget import ByteBudget
+
+log = logging.getLogger(__name__)
+
+# A GET of these waits hours for a restore from the archive: their packs are never repacked.
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
+@dataclass
+class PackUse:
+    """A pack kept because kept snapshots need some of its bytes."""
+
+    key: str  # relative to the prefix
+    size: int  # bytes in the bucket
+    used: int  # of them, what kept snapshots need (as stored)
+    storage_class: str | None
+
+    @property
+    def unused(self) -> int:
+        return self.size - self.used
+
+
+@dataclass
+class RepackReport:
+    packs_repacked: int = 0  # old packs whose needed bytes were moved, then deleted
+    packs_written: int = 0
+    bytes_copied: int = 0  # plaintext bytes moved into new packs
+    bytes_stored: int = 0  # bytes in the bucket of the new packs
+    bytes_freed: int = 0  # bytes in the bucket of the old packs deleted, less bytes_stored
+    manifests_rewritten: int = 0
+    damaged: list[str] = field(default_factory=list)  # packs left alone: a needed byte did not match its sha256
+
+
+def choose(packs: list[PackUse], max_unused: float) -> list[PackUse]:
+    """restic's --max-unused: the packs with the largest share unneeded first, until the
+    unneeded bytes left are at most max_unused of the pack bytes after the repack (0: every
+    partly used pack; 1: none). Packs in an archive class are never chosen."""
+    if max_unused >= 1:
+        return []
+    # what archived packs hold unneeded is counted as used: no repack can reclaim it
+    readable = [p for p in packs if (p.storage_class or "STANDARD") not in ARCHIVE_CLASSES and p.unused > 0]
+    used = sum(p.size for p in packs) - sum(p.unused for p in readable)
+    left = sum(p.unused for p in readable)
+    allowed = max_unused / (1 - max_unused) * used
+    chosen = []
+    for p in sorted(readable, key=lambda p: (-p.unused / max(p.size, 1), p.key)):
+        if left <= allowed:
+            break
+        chosen.append(p)
+        left -= p.unused
+    return chosen
+
+
+@dataclass(frozen=True)
+class _Need:
+    """A piece of an old pack a kept snapshot names: how long, and how to check it."""
+
+    length: int
+    sha256: str | None  # of the blob (a packed file's line), or None for a chunk
+    chunk: Chunk | None
+
+
+def _pieces(line: ManifestLine) -> list[tuple[str, int, _Need]]:
+    if line.chunks is not None:
+        return [(c.key, c.offset, _Need(c.length, None, c)) for c in line.chunks]
+    if line.key is not None and line.offset is not None:
+        return [(line.key, line.offset, _Need(line.size, line.sha256, None))]
+    return []
+
+
+def _check(need: _Need, data: bytes) -> bool:
+    if need.chunk is not None:
+        try:
+            open_chunk(need.chunk, data)
+        except RepoError:
+            return False
+        return True
+    return need.sha256 is None or hashlib.sha256(data).hexdigest() == need.sha256
+
+
+class _Out:
+    """The new pack being filled; uploaded at `target` bytes or PACK_MAX_BLOBS pieces."""
+
+    def __init__(self, repo: Repo, run_id: str, target: int, report: RepackReport) -> None:
+        self.repo = repo
+        self.run_id = run_id
+        self.target = target
+        self.report = report
+        self.buf = bytearray()
+        self.pieces = 0
+        self.key = repo.pack_key(run_id)
+        self.storage_class: str | None = None
+
+    async def add(self, data: bytes, storage_class: str | None) -> tuple[str, int]:
+        if self.buf and (
+            len(self.buf) + len(data) > self.target
+            or self.pieces >= PACK_MAX_BLOBS
+            or storage_class != self.storage_class
+        ):
+            await self.flush()
+        self.storage_class = storage_class
+        where = (self.key, len(self.buf))
+        self.buf += data
+        self.pieces += 1
+        return where
+
+    async def flush(self) -> None:
+        if not self.buf:
+            return
+        cls = self.storage_class if self.storage_class != "STANDARD" else None
+        key = self.repo.object_key(self.key)
+        await self.repo.store.put(key, bytes(self.buf), storage_class=cls)
+        self.report.packs_written += 1
+        self.report.bytes_copied += len(self.buf)
+        self.report.bytes_stored += self.repo.store.stored_size(key, len(self.buf)) or len(self.buf)
+        self.buf = bytearray()
+        self.pieces = 0
+        self.key = self.repo.pack_key(self.run_id)
+
+
+async def repack(
+    repo: Repo, kept: list[str], packs: list[PackUse], run_id: str, target: int, part_size: int
+) -> RepackReport:
+    """Move what the kept snapshots need of `packs` into new packs of run `run_id` (a new
+    snapshot-style id: garbage by the usual rule if this stops before a manifest names
+    them), write the manifests that name them again, then delete the old packs."""
+    report = RepackReport()
+    chosen = {p.key: p for p in packs}
+    # 1. What of each chosen pack is needed, and which snapshots name it.
+    needs: dict[str, dict[int, _Need]] = {k: {} for k in chosen}
+    touched: list[str] = []
+    for sid in kept:
+        names = False
+        async for line in repo.read_manifest(sid):
+            for key, offset, need in _pieces(line):
+                if key in chosen:
+                    needs[key].setdefault(offset, need)
+                    names = True
+        if names:
+            touched.append(sid)
+
+    # 2. The needed pieces copied, pack by pack, into new packs of the same storage class.
+    reader = PackReader(repo.store, repo)
+    out = _Out(repo, run_id, target, report)
+    moves: dict[tuple[str, int], tuple[str, int]] = {}
+    moved: list[PackUse] = []
+    for p in sorted(chosen.values(), key=lambda p: (p.storage_class or "", p.key)):
+        pieces = sorted(needs[p.key].items())
+        try:
+            got = await _read_pieces(reader, p.key, pieces)
+        except (RepoError, StoreError, DecryptError) as exc:
+            log.warning("left pack %s as it is: %s (run `verify --read-data`)", p.key, str(exc).splitlines()[0])
+            report.damaged.append(p.key)
+            continue
+        if got is None:
+            log.warning("left pack %s as it is: bytes a snapshot needs do not match their sha256 (run `verify`)", p.key)
+            report.damaged.append(p.key)
+            continue
+        for (offset, _), data in zip(pieces, got, strict=True):
+            moves[(p.key, offset)] = await out.add(data, p.storage_class)
+        moved.append(p)
+    await out.flush()
+    if not moved:
+        return report
+
+    # 3. The manifests name the new places; 4. then the old packs go.
+    def fix(line: ManifestLine) -> ManifestLine:
+        if line.chunks is not None:
+            line.chunks = [
+                c._replace(key=to[0], offset=to[1]) if (to := moves.get((c.key, c.offset))) else c for c in line.chunks
+            ]
+        elif line.key is not None and line.offset is not None and (to := moves.get((line.key, line.offset))):
+            line.key, line.offset = to
+        return line
+
+    budget = ByteBudget(64 << 20)
+    for sid in touched:
+        if await repo.rewrite_manifest(sid, budget, part_size, fix):
+            report.manifests_rewritten += 1
+    await repo.store.delete([repo.object_key(p.key) for p in moved])
+    report.packs_repacked = len(moved)
+    report.bytes_freed = sum(p.size for p in moved) - report.bytes_stored
+    return report
+
+
+async def _read_pieces(reader: PackReader, key: str, pieces: list[tuple[int, _Need]]) -> list[bytes] | None:
+    """The pieces' bytes, read by spans of neighbours (BATCH_GAP, BATCH_SPAN); None when one
+    does not match what its line records."""
+    got: list[bytes] = []
+    i = 0
+    while i < len(pieces):
+        start = pieces[i][0]
+        j = i + 1
+        end = start + pieces[i][1].length
+        while (
+            j < len(pieces)
+            and pieces[j][0] - end <= BATCH_GAP
+            and pieces[j][0] + pieces[j][1].length - start <= BATCH_SPAN
+        ):
+            end = max(end, pieces[j][0] + pieces[j][1].length)
+            j += 1
+        data = await reader.read(key, start, end)
+        for offset, need in pieces[i:j]:
+            piece = data[offset - start : offset - start + need.length]
+            if not _check(need, piece):
+                return None
+            got.append(piece)
+        i = j
+    return got

@@ -1,0 +1,130 @@
+"""Repacking (repository/repack.py): prune moves what kept snapshots need out of packs
+they use only partly, writes their manifests again, then deletes the old packs. Nothing a
+kept snapshot needs is ever lost, wherever it stops (tests/test_chaos.py has the prune that
+repacks while a restore runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ImmichStack, bucket_of
+from tests.faultproxy import FaultProxy
+from tests.helpers import Bucket, make_library, run_cli, tree
+from tests.test_hardening_restore import Entry, restored, write_snapshot
+
+
+def scenario(s3_env: dict[str, str], big: int = 0) -> tuple[Bucket, dict[str, bytes], dict[str, dict[str, Entry]], str]:
+    """s1 holds x1..x3 and two chunked files in its packs; s2 and s3 name x1 and one chunked
+    file again (and a file of `big` bytes of their own). With s1 removed, its blob pack is a
+    third used and its chunk pack half. Returns the bucket, the bodies, the entries of s2 and
+    s3 by id, and the key of s1's blob pack."""
+    bodies = {n: os.urandom(40_000 + 100 * i) for i, n in enumerate(["x1", "x2", "x3", "db", "db2"])}
+    s1 = write_snapshot(
+        s3_env,
+        {
+            **{f"upload/{n}.jpg": Entry(bodies[n], pack="p") for n in ("x1", "x2", "x3")},
+            "upload/db.bin": Entry(bodies["db"], chunk=16384, pack="c"),
+            "upload/db2.bin": Entry(bodies["db2"], chunk=16384, pack="c"),
+        },
+        hours_ago=48,
+    )
+    bucket = bucket_of(s3_env)
+    m1 = {m["path"]: m for m in bucket.manifest(s1)}
+    kept = {}
+    for hours in (24, 0):
+        entries = {
+            "upload/x1.jpg": Entry(bodies["x1"], reuse=m1["upload/x1.jpg"]),
+            "upload/db.bin": Entry(bodies["db"], reuse=m1["upload/db.bin"]),
+            f"upload/new-{hours}.jpg": Entry(os.urandom(5000), pack="n"),
+            **({"upload/video.mp4": Entry(os.urandom(big))} if big else {}),
+        }
+        kept[write_snapshot(s3_env, entries, hours_ago=hours)] = entries
+    return bucket, bodies, kept, m1["upload/x1.jpg"]["key"]
+
+
+def restores_intact(s3_env: dict[str, str], kept: dict[str, dict[str, Entry]], where: Path) -> None:
+    for sid, entries in kept.items():
+        r = run_cli("restore", sid, "--root", "library", "--to", str(where / sid), env=s3_env)
+        assert r.code == 0, r.err
+        assert restored(where / sid) == {os.fsencode(p): e.body for p, e in entries.items()}, sid
+    r = run_cli("verify", "--all", "--read-data", env=s3_env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+
+
+@pytest.mark.slow
+def test_a_prune_stopped_while_it_writes_manifests_again_loses_nothing(
+    s3_env: dict[str, str], proxy_factory: type[FaultProxy], tmp_path: Path
+) -> None:
+    bucket, _, kept, old_pack = scenario(s3_env)
+    s2, s3 = kept
+    chunk_pack = bucket.manifest(s2)[1]["chunks"][0][0]
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    proxy.add(
+        lambda method, path, query: method in ("PUT", "POST") and path.endswith(f"/snapshots/{s3}/manifest.jsonl.gz"),
+        status=403,
+        code="AccessDenied",
+    )
+    r = run_cli("prune", "--keep-last", "2", env=dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint))
+    assert r.code == 1 and "AccessDenied" in r.last_error and f"snapshots/{s3}/manifest" in r.last_error, r.err
+    # s2 names the new packs, s3 the old ones: both are in the bucket, and both restore
+    m2, m3 = ({m["path"]: m for m in bucket.manifest(s)} for s in (s2, s3))
+    assert m2["upload/x1.jpg"]["key"] != old_pack and m3["upload/x1.jpg"]["key"] == old_pack
+    assert {old_pack, chunk_pack, m2["upload/x1.jpg"]["key"]} <= set(bucket.keys("data/"))
+    restores_intact(s3_env, kept, tmp_path / "after-stop")
+
+    r = run_cli("prune", "--keep-last", "2", env=s3_env)
+    assert r.code == 0, r.err
+    assert "repack     2 packs repacked into 1" in r.out and "1 manifests written again" in r.out, r.out
+    m3 = {m["path"]: m for m in bucket.manifest(s3)}
+    assert m3["upload/x1.jpg"]["key"] != old_pack
+    data = set(bucket.keys("data/"))
+    assert old_pack not in data and chunk_pack not in data
+    assert not [k for k in bucket.keys() if k.endswith("manifest.rewrite.jsonl.gz")]
+    restores_intact(s3_env, kept, tmp_path / "after-prune")
+
+
+@pytest.mark.slow
+def test_repacking_an_encrypted_repository_writes_age_packs_and_authenticated_manifests(
+    env: dict[str, str], stack: ImmichStack, tmp_path: Path
+) -> None:
+    from tests.test_encryption import AGE, INTRO, age_decrypt, keygen, manifest_of
+
+    if AGE is None:
+        pytest.skip("the age CLI is not installed (apt-get install age)")
+    identity = tmp_path / "keys" / "immich-stream.key"
+    identity.parent.mkdir()
+    keygen(identity)
+    env = dict(env, IMMICH_STREAM_AGE_IDENTITY=str(identity), IMMICH_STREAM_STOP="none")
+    make_library(stack.library, photos=12)
+    assert run_cli("backup", env=env).code == 0
+    thumbs = sorted(p for p in (stack.library / "thumbs").rglob("*") if p.is_file())
+    for p in thumbs[::2]:
+        p.unlink()
+    assert run_cli("backup", env=env).code == 0
+    bucket = bucket_of(env)
+    first, second = bucket.snapshots()
+
+    r = run_cli("prune", "--keep-last", "1", "--max-unused", "0%", env=env)
+    assert r.code == 0, r.err
+    assert bucket.snapshots() == [second]
+    [line] = [ln for ln in r.out.splitlines() if ln.startswith("repack")]
+    assert not line.startswith("repack     0 "), r.out
+    keys = bucket.keys()
+    assert all(bucket.get(k).startswith(INTRO) for k in keys if k.startswith(("data/", "snapshots/")))
+    lines = manifest_of(bucket, second, env)
+    packs = {x["key"] for x in lines if "offset" in x} | {c[0] for x in lines for c in x.get("chunks") or []}
+    assert packs <= set(keys)
+    assert any(second not in k and first not in k for k in packs), "no pack of the prune's own"
+    for x in lines:  # the standard tool opens the new packs, and each blob is the file's bytes
+        if "offset" in x and first not in x["key"] and second not in x["key"]:
+            plain = age_decrypt(bucket.get(x["key"]), identity)
+            assert len(plain) >= x["offset"] + x["size"]
+    target = tmp_path / "restored"
+    r = run_cli("restore", "latest", "--root", "library", "--to", str(target), env=env)
+    assert r.code == 0, r.err
+    assert restored(target) == {rel: p.read_bytes() for rel, p in tree(stack.library).items()}
+    r = run_cli("verify", "--read-data", env=env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
