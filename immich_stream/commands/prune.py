@@ -10,6 +10,7 @@ from typing import Any
 from immich_stream import config as cfg
 from immich_stream.commands.common import Subparsers, flag, policy_options
 from immich_stream.commands.monitor import plain
+from immich_stream.errors import ProblemsFound
 from immich_stream.progress import Reporter
 
 
@@ -65,9 +66,10 @@ async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -
         )
         + f", {fs(rep.repack.bytes_freed)} {'to free' if dry_run else 'freed'}"
         + (f"; not tried: {rep.repack_skipped}" if rep.repack_skipped else "")
+        + (f"; {len(rep.repack.damaged)} left as they are, damaged" if rep.repack.damaged else "")
         + (
-            f"; {len(rep.repack.damaged)} left as they are, damaged: run `verify --read-data`"
-            if rep.repack.damaged
+            f"; {len(rep.repack.unreadable)} left as they are, could not be read (the next prune tries again)"
+            if rep.repack.unreadable
             else ""
         ),
         f"packs      {rep.packs_partly_used} kept partly used: {fs(rep.pack_bytes_unused)} in them no kept "
@@ -77,6 +79,11 @@ async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -
         f"time       {rep.seconds:.1f} s",
     ]
     print("\n".join(lines), flush=True)
+    if rep.repack.damaged:
+        raise ProblemsFound(
+            f"{len(rep.repack.damaged)} packs hold bytes kept snapshots need that do not match their sha256 "
+            f"(first {rep.repack.damaged[0]}), left as they are: run `verify --all --read-data` to name the files"
+        )
     return {"dry_run": dry_run, "policy": policy(settings).describe(), **plain(rep)}
 
 

@@ -164,7 +164,8 @@ def parse_percent(text: str | int | float) -> float:
 
 def parse_share(text: str | int | float) -> float:
     """parse_percent that also takes 0% (prune's --max-unused 0: repack every partly used pack)."""
-    if str(text).strip().rstrip("%").strip() in ("0", "0.0"):
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%?", str(text).strip())
+    if m and not isinstance(text, bool) and float(m.group(1)) == 0:
         return 0.0
     return parse_percent(text)
 

@@ -339,6 +339,10 @@ class RepoLock:
         if self._lost is None:
             return None
         what = f"{self.command} {self.run}" if self.run else self.command
+        if self.exclusive and self.run is None:  # prune, key rotate/reencrypt: they stop where they are
+            return LockError(
+                f"{what} lost the repository lock ({self._lost}) and stopped: another run may have begun; run it again"
+            )
         if not self.exclusive and self.run is None:  # a reader: prune may be deleting what it reads
             return LockError(
                 f"{what} lost the repository lock ({self._lost}) and stopped: prune may delete the snapshot it "

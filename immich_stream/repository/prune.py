@@ -261,17 +261,15 @@ async def _prune_locked(
     chosen: list[PackUse] = []
     if busy:
         report.repack_skipped = "runs that still hold a lock may name the packs it would move"
-    elif store.sealing is not None and repo.auth is None:
-        # manifests written again without the MAC chain would be refused as forged
-        report.repack_skipped = "the repository authentication key is not in the identity file"
     else:
-        chosen = choose(usage.partly, max_unused)
+        chosen = choose(usage.partly, max_unused, usage.pack_bytes)
     report.packs_partly_used = len(usage.partly) - len(chosen)
     report.pack_bytes_unused = sum(p.unused for p in usage.partly) - sum(p.unused for p in chosen)
     if dry_run:
         report.repack.packs_repacked = len(chosen)
         report.repack.bytes_freed = sum(p.unused for p in chosen)
         return
+    await lock.ensure_held()  # suspended past its staleness, another run may have begun
     # snapshot.json first: from that moment the snapshot no longer exists for any reader.
     commit_keys = [repo.summary_key(s) for s in report.removed]
     if commit_keys:
@@ -289,8 +287,8 @@ async def _prune_locked(
         unused = sum(p.unused for p in chosen)
         log.info("repacking %d packs: %s of them no kept snapshot needs", len(chosen), format_size(unused))
         target = pack_target(settings.part_size, settings.max_memory)
-        report.repack = await repack(repo, report.kept, chosen, new_snapshot_id(), target, settings.part_size)
-        repacked = {p.key for p in chosen} - set(report.repack.damaged)
+        report.repack = await repack(repo, lock, report.kept, chosen, new_snapshot_id(), target, settings.part_size)
+        repacked = {p.key for p in chosen} - {*report.repack.damaged, *report.repack.unreadable}
         report.packs_partly_used += len(chosen) - len(repacked)
         report.pack_bytes_unused += sum(p.unused for p in chosen if p.key not in repacked)
 
@@ -311,14 +309,17 @@ class PackUsage:
     def __init__(self) -> None:
         self._seen: set[bytes] = set()
         self._used: dict[str, int] = {}
+        self._pieces: dict[str, int] = {}
         self._resumable: set[str] = set()  # packs an interrupted run's journal names
         self.partly: list[PackUse] = []
+        self.pack_bytes = 0  # of every pack judged, fully used or not
 
     def _use(self, key: str, offset: int, length: int) -> None:
         d = key_digest(f"{key}\0{offset}\0{length}")
         if d not in self._seen:
             self._seen.add(d)
             self._used[key] = self._used.get(key, 0) + length
+            self._pieces[key] = self._pieces.get(key, 0) + 1
 
     def add(self, line: ManifestLine) -> None:
         if line.chunks is not None:
@@ -339,8 +340,9 @@ class PackUsage:
             return  # kept for a running or resumable run: not judged
         if sealing is not None:  # the plaintext's bytes, as sealed now (offsets are the plaintext's)
             used = sealing.size(used) if used else 0
+        self.pack_bytes += size
         if size > used:
-            self.partly.append(PackUse(key, size, used, storage_class))
+            self.partly.append(PackUse(key, size, used, storage_class, self._pieces.get(key, 0)))
 
 
 def _run_of(rel: str) -> str | None:

@@ -106,11 +106,27 @@ def test_repack_chooses_the_emptiest_packs_until_max_unused_holds() -> None:
     ]
     names = lambda chosen: [p.key for p in chosen]  # noqa: E731
     # 0%: every partly used pack that can be read at once, emptiest first
-    assert names(choose(packs, 0.0)) == ["b", "c", "a"]
-    assert names(choose(packs, 1.0)) == []
+    total = sum(p.size for p in packs)
+    assert names(choose(packs, 0.0, total)) == ["b", "c", "a"]
+    assert names(choose(packs, 1.0, total)) == []
     # GLACIER's unneeded 95 counts as used (no repack reclaims it): used 360, unneeded 140.
     # 25% allows 120 unneeded: b alone brings it to 60
-    assert names(choose(packs, 0.25)) == ["b"]
+    assert names(choose(packs, 0.25, total)) == ["b"]
     # 10% allows 40: b, then c (60 -> 10)
-    assert names(choose(packs, 0.10)) == ["b", "c"]
-    assert names(choose(packs, 0.5)) == []  # 140 <= 360
+    assert names(choose(packs, 0.10, total)) == ["b", "c"]
+    assert names(choose(packs, 0.5, total)) == []  # 140 <= 360
+
+
+def test_repack_judges_unneeded_bytes_against_every_kept_pack_and_caps_one_prune() -> None:
+    """--max-unused is a share of all pack bytes, fully used packs included (the review: one
+    pack 10% unneeded among a thousand full ones was repacked every night); one prune moves
+    at most max_pieces blobs and chunks (the first pack chosen whatever its count)."""
+    from immich_stream.repository.repack import PackUse, choose
+
+    mib = 1 << 20
+    partly = [PackUse("p", 16 * mib, 14 * mib, None, 10)]
+    assert choose(partly, 0.05, 1000 * 16 * mib + 16 * mib) == []
+    assert choose(partly, 0.05, 16 * mib) == partly
+    many = [PackUse(f"m{i}", 100, 10, None, 60) for i in range(5)]
+    assert [p.key for p in choose(many, 0.0, 500, max_pieces=150)] == ["m0", "m1"]
+    assert [p.key for p in choose(many, 0.0, 500, max_pieces=10)] == ["m0"]
