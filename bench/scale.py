@@ -1,12 +1,12 @@
 """Benchmark: an Immich-scale library of small files and a database changed night by night,
 immich-stream against restic (Debian's package, 0.14) in one run, against one S3 server.
 
-    flock /tmp/immich-docker.lock .venv/bin/python bench/scale.py [--files 100000]
+    flock -o /tmp/immich-docker.lock .venv/bin/python bench/scale.py [--files 100000]
         [--only first,nochange,restore,pg] [--pg-nights 7] [--pg-mib 170] [--keep]
 
 (after `bash tests/run.sh --collect-only -q` made .venv and the test images; the run brings
 up the test stack of docker-compose.test.yml, whose container names are fixed: hold the lock
-the test runs hold.) Not a test: nothing here asserts a time.
+the test runs hold; -o: a dockerd this run starts must not inherit it and hold it for ever.) Not a test: nothing here asserts a time.
 
 One `rclone serve s3` on loopback; in front of it a counting HTTP proxy per tool (this file's
 CountingProxy: it parses the requests' framing only and passes answers through), so that
@@ -463,7 +463,7 @@ def main() -> None:
     print("reproduce with:")
     print("  bash tests/run.sh --collect-only -q   # .venv and the test images")
     print(
-        f"  flock /tmp/immich-docker.lock .venv/bin/python bench/scale.py --files {args.files} --only {args.only} "
+        f"  flock -o /tmp/immich-docker.lock .venv/bin/python bench/scale.py --files {args.files} --only {args.only} "
         f"--pg-nights {args.pg_nights} --pg-mib {args.pg_mib}"
     )
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
