@@ -6,7 +6,8 @@ immich-stream against restic (Debian's package, 0.14) in one run, against one S3
 
 (after `bash tests/run.sh --collect-only -q` made .venv and the test images; the run brings
 up the test stack of docker-compose.test.yml, whose container names are fixed: hold the lock
-the test runs hold; -o: a dockerd this run starts must not inherit it and hold it for ever.) Not a test: nothing here asserts a time.
+the test runs hold; -o: a dockerd this run starts must not inherit it and hold it for
+ever.) Not a test: nothing here asserts a time.
 
 One `rclone serve s3` on loopback; in front of it a counting HTTP proxy per tool (this file's
 CountingProxy: it parses the requests' framing only and passes answers through), so that
