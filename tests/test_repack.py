@@ -245,3 +245,38 @@ def test_a_pack_a_resumable_run_names_is_not_repacked(s3_env: dict[str, str], tm
     assert next(m for m in bucket.manifest(s2) if m["path"] == "upload/x1.jpg")["key"] == old_pack
     assert "repack     1 packs repacked" in r.out, r.out  # the chunk pack, which no journal names
     restores_intact(s3_env, kept, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_prune_killed_while_it_writes_a_manifest_back_loses_nothing(
+    s3_env: dict[str, str], proxy_factory: type[FaultProxy], tmp_path: Path
+) -> None:
+    """SIGKILL (no cleanup at all) while the second kept manifest is on its way back over
+    itself: the first names the new pack, the second still the old one, both restore; the
+    next prune (the killed one's lock is this host's dead process: stale at once) finishes."""
+    import signal
+
+    bucket, _, kept, old_pack = scenario(s3_env)
+    s2, s3 = kept
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    back = proxy.add(
+        lambda method, path, query: method in ("PUT", "POST") and path.endswith(f"/snapshots/{s3}/manifest.jsonl.gz"),
+        delay=30.0,
+    )
+    prune = start_cli("prune", "--keep-last", "2", env=dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint))
+    try:
+        wait_for(lambda: back.hits, timeout=60, what="the second manifest on its way back")
+        prune.send_signal(signal.SIGKILL)
+        prune.wait(timeout=30)
+    finally:
+        if prune.poll() is None:
+            prune.kill()
+    m2, m3 = ({m["path"]: m for m in bucket.manifest(s)} for s in (s2, s3))
+    assert m2["upload/x1.jpg"]["key"] != old_pack and m3["upload/x1.jpg"]["key"] == old_pack
+    assert old_pack in bucket.keys("data/")
+    restores_intact(s3_env, kept, tmp_path / "after-kill")
+    r = run_cli("prune", "--keep-last", "2", env=s3_env)
+    assert r.code == 0, r.err
+    assert old_pack not in bucket.keys("data/")
+    assert not [k for k in bucket.keys() if k.endswith("manifest.rewrite.jsonl.gz")]
+    restores_intact(s3_env, kept, tmp_path / "after-prune")
