@@ -73,6 +73,15 @@ class RepoError(ImmichStreamError):
     """The repository in the bucket is missing, damaged or of an unknown format."""
 
 
+def bytes_lost(exc: BaseException) -> bool:
+    """The bytes asked for are not there as the manifest says (gone, short, damaged), as
+    opposed to a server that does not answer (verify, restore and prune's repack tell them
+    apart: the first is a damaged snapshot, the second a run to try again)."""
+    if isinstance(exc, RepoError):
+        return True
+    return isinstance(exc, ObjectNotFound) or (isinstance(exc, StoreError) and exc.code in ("InvalidRange", "416"))
+
+
 class ForgedError(RepoError):
     """config.json, a snapshot.json or a manifest of an authenticated repository does not
     carry a valid MAC: someone who can write the bucket (but has no key) altered it."""

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,18 @@ async def count_files(root: Path, exclude: Collection[str] = ()) -> tuple[int, i
 
 
 async def check_library(
-    library: Path, parent: ParentInfo | None, max_shrink: float, allow: bool, exclude: Collection[str] = ()
+    library: Path,
+    parent: ParentInfo | None,
+    max_shrink: float,
+    allow: bool,
+    exclude: Collection[str] = (),
+    counted: Awaitable[tuple[int, int]] | None = None,
 ) -> bool:
     """Refuse a library that looks unmounted, empty or shrunk before anything is stopped
     (retention would otherwise age the good snapshots out). True when it looks shrunk
     but `allow` lets it through. With --exclude, `parent` must have been scanned with the
-    same exclude: both sides then leave those folders out."""
+    same exclude: both sides then leave those folders out. `counted`: count_files of the
+    library with that exclude, started beside the parent's scan."""
     fs = format_size
     missing = await asyncio.to_thread(lambda: [d for d in MARKER_DIRS if not os.path.isfile(library / d / MARKER)])
     suspicious: list[str] = []
@@ -60,7 +66,7 @@ async def check_library(
                 ", ".join(missing),
             )
     if parent is not None and parent.files.get("library"):
-        files, size = await count_files(library, exclude)
+        files, size = await (counted if counted is not None else count_files(library, exclude))
         old_files, old_bytes = parent.files["library"], parent.bytes.get("library", 0)
         if files < old_files * (1 - max_shrink) or size < old_bytes * (1 - max_shrink):
             suspicious.append(

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from immich_stream.config import Settings
-from immich_stream.errors import ObjectNotFound, RepoError, StoreError
+from immich_stream.errors import RepoError, StoreError, bytes_lost
 from immich_stream.problems import Problems
 from immich_stream.progress import Reporter
 from immich_stream.repository.age import DecryptError
@@ -70,14 +70,6 @@ def _read_digests(line: ManifestLine) -> list[bytes]:
     if line.offset is not None:
         return [_blob_digest(line)]
     return [key_digest(line.key)] if line.key is not None else []
-
-
-def _lost(exc: Exception) -> bool:
-    """The bytes asked for are not there as the manifest says (gone, short, damaged), as
-    opposed to a server that does not answer (that fails the verify)."""
-    if isinstance(exc, RepoError):
-        return True
-    return isinstance(exc, ObjectNotFound) or (isinstance(exc, StoreError) and exc.code in ("InvalidRange", "416"))
 
 
 def _why(exc: Exception) -> str:
@@ -279,7 +271,7 @@ async def _verify_snapshot(
                 h.update(chunk)
                 n += len(chunk)
         except (RepoError, StoreError) as exc:  # an encrypted object that does not authenticate, or gone
-            if not _lost(exc):
+            if not bytes_lost(exc):
                 raise
             state.bad[key_digest(line.key)] = line.key
             problem(where, f"corrupt object {line.key} ({where}): {_why(exc)}")
@@ -307,7 +299,7 @@ async def _verify_snapshot(
                     ]
                 )
         except (RepoError, StoreError) as exc:
-            if not _lost(exc):
+            if not bytes_lost(exc):
                 raise
             if len(run) > 1:  # which of them: each read alone (a truncated pack fails only the files past its end)
                 for ln in run:
@@ -327,7 +319,7 @@ async def _verify_snapshot(
                 await packs.chunk(c)
             report.bytes_read += c.length
         except (RepoError, StoreError) as exc:
-            if not _lost(exc):
+            if not bytes_lost(exc):
                 raise
             state.bad[_chunk_digest(c)] = c.key
             problem(where, f"corrupt object {c.key} ({where}): {_why(exc)}")

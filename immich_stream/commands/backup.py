@@ -14,8 +14,15 @@ from immich_stream import cleanup
 from immich_stream import config as cfg
 from immich_stream.commands.common import Subparsers, check_state_dir, flag, policy_options, transfer_options
 from immich_stream.commands.monitor import Outcome
-from immich_stream.commands.prune import policy, run_prune
-from immich_stream.errors import EXIT_PRUNE_FAILED, AfterCommitError, ConfigError, ImmichStreamError, backup_exit_code
+from immich_stream.commands.prune import damage, policy, run_prune
+from immich_stream.errors import (
+    EXIT_PRUNE_FAILED,
+    AfterCommitError,
+    ConfigError,
+    ImmichStreamError,
+    ProblemsFound,
+    backup_exit_code,
+)
 from immich_stream.progress import Reporter
 
 log = logging.getLogger("immich_stream")
@@ -143,6 +150,8 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     else:
         try:
             out.summary["prune"] = await run_prune(settings, reporter, dry_run=False)
+            if (error := damage(out.summary["prune"])) is not None:
+                raise ProblemsFound(error)
         except asyncio.CancelledError:  # a signal during the prune: the snapshot stands
             raise AfterCommitError(
                 f"snapshot {result.snapshot_id} committed, then prune was interrupted by "

@@ -9,7 +9,7 @@ from typing import Any
 
 from immich_stream import config as cfg
 from immich_stream.commands.common import Subparsers, flag, policy_options
-from immich_stream.commands.monitor import plain
+from immich_stream.commands.monitor import Outcome, plain
 from immich_stream.errors import ProblemsFound
 from immich_stream.progress import Reporter
 
@@ -79,13 +79,24 @@ async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -
         f"time       {rep.seconds:.1f} s",
     ]
     print("\n".join(lines), flush=True)
-    if rep.repack.damaged:
-        raise ProblemsFound(
-            f"{len(rep.repack.damaged)} packs hold bytes kept snapshots need that do not match their sha256 "
-            f"(first {rep.repack.damaged[0]}), left as they are: run `verify --all --read-data` to name the files"
-        )
     return {"dry_run": dry_run, "policy": policy(settings).describe(), **plain(rep)}
 
 
-async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
-    return await run_prune(settings, reporter, args.dry_run)
+def damage(summary: dict[str, Any]) -> str | None:
+    """The one-line error of a prune that finished but found packs kept snapshots need
+    damaged (missing, short, or bytes that do not match their sha256), else None."""
+    damaged = summary["repack"]["damaged"]
+    if not damaged:
+        return None
+    return (
+        f"{len(damaged)} packs hold bytes kept snapshots need that are missing or do not match their sha256 "
+        f"(first {damaged[0]}), left as they are: run `verify --all --read-data` to name the files"
+    )
+
+
+async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
+    summary = await run_prune(settings, reporter, args.dry_run)
+    out = Outcome(0, summary)
+    if (error := damage(summary)) is not None:
+        out.code, out.error, out.problems = ProblemsFound.exit_code, error, [error]
+    return out

@@ -338,8 +338,8 @@ class PackUsage:
         used = self._used.get(key)
         if used is None or key in self._resumable:
             return  # kept for a running or resumable run: not judged
-        if sealing is not None:  # the plaintext's bytes, as sealed now (offsets are the plaintext's)
-            used = sealing.size(used) if used else 0
+        if sealing is not None:  # the plaintext's bytes, as sealed now (offsets are the plaintext's;
+            used = sealing.size(used)  # a pack of empty files only is an age file all the same)
         self.pack_bytes += size
         if size > used:
             self.partly.append(PackUse(key, size, used, storage_class, self._pieces.get(key, 0)))

@@ -26,7 +26,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
-from immich_stream.errors import RepoError, StoreError
+from immich_stream.errors import RepoError, StoreError, bytes_lost
 from immich_stream.repository.age import DecryptError
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import Chunk, ManifestLine
@@ -193,13 +193,13 @@ async def repack(
         pieces = sorted(needs.pop(p.key).items())
         try:
             got = await _read_pieces(reader, p.key, pieces)
-        except StoreError as exc:  # retried already: the pack waits for the next prune
-            log.warning("left pack %s as it is: it could not be read: %s", p.key, str(exc).splitlines()[0])
-            report.unreadable.append(p.key)
-            continue
-        except (RepoError, DecryptError) as exc:
-            log.warning("pack %s is damaged (%s): left as it is", p.key, str(exc).splitlines()[0])
-            report.damaged.append(p.key)
+        except (StoreError, RepoError, DecryptError) as exc:
+            if isinstance(exc, DecryptError) or bytes_lost(exc):  # gone, short or damaged
+                log.warning("pack %s is damaged (%s): left as it is", p.key, str(exc).splitlines()[0])
+                report.damaged.append(p.key)
+            else:  # a server that did not answer (retried already): the next prune tries again
+                log.warning("left pack %s as it is: it could not be read: %s", p.key, str(exc).splitlines()[0])
+                report.unreadable.append(p.key)
             continue
         if got is None:
             log.warning("pack %s is damaged (bytes a snapshot needs do not match their sha256): left as it is", p.key)

@@ -130,3 +130,34 @@ def test_repack_judges_unneeded_bytes_against_every_kept_pack_and_caps_one_prune
     many = [PackUse(f"m{i}", 100, 10, None, 60) for i in range(5)]
     assert [p.key for p in choose(many, 0.0, 500, max_pieces=150)] == ["m0", "m1"]
     assert [p.key for p in choose(many, 0.0, 500, max_pieces=10)] == ["m0"]
+
+
+def test_pack_usage_counts_every_kept_pack_and_each_packs_pieces() -> None:
+    """What choose() is given: every judged pack's bytes (fully used ones too), each partly
+    used pack's pieces (the cap counts them), and an encrypted pack of empty files only
+    judged as the age file it is, not as all unneeded (the review: repacked every prune)."""
+    from immich_stream.repository.age import sealed_size
+    from immich_stream.repository.manifest import ManifestLine
+    from immich_stream.repository.prune import PackUsage
+
+    def blob(key: str, offset: int, size: int) -> ManifestLine:
+        line = ManifestLine("library", f"f{offset}", "file", size, 0, 0o644, 0, 0, offset, "0" * 64, key)
+        line.offset = offset
+        return line
+
+    usage = PackUsage()
+    for line in (blob("p", 0, 0), blob("p", 0, 100), blob("p", 100, 50), blob("full", 0, 300), blob("empty", 0, 0)):
+        usage.add(line)
+    usage.kept("p", 400, None, None)
+    usage.kept("full", 300, None, None)
+    assert usage.pack_bytes == 700
+    [p] = usage.partly
+    assert (p.key, p.used, p.pieces) == ("p", 150, 3)
+
+    class Sealing:  # one recipient, as age.Sealing.size says
+        @staticmethod
+        def size(plain: int) -> int:
+            return sealed_size(plain, 1)
+
+    usage.kept("empty", sealed_size(0, 1), Sealing(), None)  # type: ignore[arg-type]
+    assert [q.key for q in usage.partly] == ["p"]
