@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ImmichStack, bucket_of
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Bucket, make_library, run_cli, start_cli, tree, wait_for
 from tests.test_hardening_restore import Entry, restored, write_snapshot
 
@@ -44,6 +45,16 @@ def scenario(s3_env: dict[str, str], big: int = 0) -> tuple[Bucket, dict[str, by
         }
         kept[write_snapshot(s3_env, entries, hours_ago=hours)] = entries
     return bucket, bodies, kept, m1["upload/x1.jpg"]["key"]
+
+
+def prune_held_at(
+    s3_env: dict[str, str], proxy_factory: type[FaultProxy], suffix: str, delay: float
+) -> tuple[subprocess.Popen[str], Rule]:
+    """`prune --keep-last 2` started behind a proxy that holds each write of the object
+    whose key ends with suffix for `delay` seconds (the rule's hits: it got there)."""
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+    rule = proxy.add(lambda method, path, query: method in ("PUT", "POST") and path.endswith(suffix), delay=delay)
+    return start_cli("prune", "--keep-last", "2", env=dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint)), rule
 
 
 def restores_intact(s3_env: dict[str, str], kept: dict[str, dict[str, Entry]], where: Path) -> None:
@@ -178,12 +189,7 @@ def test_a_prune_that_loses_its_lock_while_it_writes_manifests_stops_there(
     bucket, _, kept, old_pack = scenario(s3_env)
     s2, s3 = kept
     sid = s2 if lost_during == "first-manifest" else s3
-    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
-    rule = proxy.add(
-        lambda method, path, query: method in ("PUT", "POST") and path.endswith(f"/{sid}/manifest.rewrite.jsonl.gz"),
-        delay=6.0,
-    )
-    prune = start_cli("prune", "--keep-last", "2", env=dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint))
+    prune, rule = prune_held_at(s3_env, proxy_factory, f"/{sid}/manifest.rewrite.jsonl.gz", 6.0)
     try:
         wait_for(lambda: rule.hits, timeout=60, what="the manifest's copy on its way out")
         time.sleep(0.5)
@@ -326,12 +332,7 @@ def test_a_prune_killed_while_it_writes_a_manifest_back_loses_nothing(
 
     bucket, _, kept, old_pack = scenario(s3_env)
     s2, s3 = kept
-    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
-    back = proxy.add(
-        lambda method, path, query: method in ("PUT", "POST") and path.endswith(f"/snapshots/{s3}/manifest.jsonl.gz"),
-        delay=30.0,
-    )
-    prune = start_cli("prune", "--keep-last", "2", env=dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint))
+    prune, back = prune_held_at(s3_env, proxy_factory, f"/snapshots/{s3}/manifest.jsonl.gz", 30.0)
     try:
         wait_for(lambda: back.hits, timeout=60, what="the second manifest on its way back")
         prune.send_signal(signal.SIGKILL)
