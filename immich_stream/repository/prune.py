@@ -26,6 +26,7 @@ from immich_stream.repository.layout import is_pack_key, new_snapshot_id, run_of
 from immich_stream.repository.locks import RepoLock, list_locks, own_time, remove_locks
 from immich_stream.repository.manifest import ManifestLine, key_digest
 from immich_stream.repository.packs import pack_target
+from immich_stream.repository.prune_locked import LockReport, deletable, extend, hold_locked_snapshots, sweep
 from immich_stream.repository.repack import PackUse, RepackReport, choose, repack
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.sealed import SealedStore
@@ -137,6 +138,7 @@ class PruneReport:
     pack_bytes_unused: int = 0
     repack: RepackReport = field(default_factory=RepackReport)
     repack_skipped: str = ""  # why no repack was tried, when that is worth saying
+    lock: LockReport | None = None  # --lock-days: lock extend, what stays locked, versions (prune_locked.py)
     seconds: float = 0.0
 
 
@@ -176,6 +178,12 @@ async def _prune_locked(
     dirs = await repo.snapshot_dirs()
     committed = [s for s, done in dirs.items() if done]
     report.kept, report.removed = apply_policy(committed, policy)
+    held: list[str] = []
+    if repo.lock is not None:  # what is still locked stays, whatever the policy says
+        report.lock = LockReport()
+        free = await hold_locked_snapshots(repo, report.removed, report.lock)
+        held = [s for s in report.removed if s not in free]
+        report.removed = free
     log.info("policy %s: keeping %d snapshots, removing %d", policy.describe(), len(report.kept), len(report.removed))
     # Runs whose lock is live may still commit: nothing of theirs goes. (Listed after taking
     # our exclusive lock: a run starting later waits for us.) A run whose lock went stale by
@@ -196,7 +204,7 @@ async def _prune_locked(
     # an object of its own, a blob's pack, every chunk's pack; and the bytes of each pack they use.
     referenced: set[bytes] = set()
     usage = PackUsage()
-    for sid in report.kept:
+    for sid in report.kept + held:
         async for line in repo.read_manifest(sid):
             _reference(line, referenced)
             usage.add(line)
@@ -270,6 +278,10 @@ async def _prune_locked(
         report.repack.bytes_freed = sum(p.unused for p in chosen)
         return
     await lock.ensure_held()  # suspended past its staleness, another run may have begun
+    if report.lock is not None:
+        await extend(repo, report.kept, settings.jobs, report.lock)
+        raw, lr = store.raw, report.lock
+        journal_keys, doomed = await deletable(raw, journal_keys, lr), await deletable(raw, doomed, lr)
     # snapshot.json first: from that moment the snapshot no longer exists for any reader.
     commit_keys = [repo.summary_key(s) for s in report.removed]
     if commit_keys:
@@ -278,11 +290,15 @@ async def _prune_locked(
     for sid in doomed_dirs:
         async for obj in store.list_objects(repo.snapshot_prefix(sid)):
             dir_keys.append(obj.key)
+    if report.lock is not None:
+        dir_keys = await deletable(store.raw, dir_keys, report.lock)
     await store.delete(dir_keys)
     await store.delete(journal_keys)
     await store.delete(doomed)
     for key, upload_id in uploads:
         await store.abort_multipart(key, upload_id)
+    if report.lock is not None:
+        await sweep(repo, {*commit_keys, *dir_keys, *journal_keys, *doomed}, report.lock)
     if chosen:
         unused = sum(p.unused for p in chosen)
         log.info("repacking %d packs: %s of them no kept snapshot needs", len(chosen), format_size(unused))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import functools
 import hashlib
 import http.client
@@ -106,6 +107,10 @@ class Store:
         # --limit-upload / --limit-download: one bucket per direction for every request
         self.upload_limit = RateLimit.mib_per_s(options.limit_upload)
         self.download_limit = RateLimit.mib_per_s(options.limit_download)
+        # Object Lock: (mode, retain-until) an object written at key gets, by the repository's
+        # rule (repository/retention.py); None: none. `extended`: PutObjectRetention requests.
+        self.retention_for: Callable[[str], tuple[str, dt.datetime] | None] = lambda key: None
+        self.extended = 0
 
     async def __aenter__(self) -> Store:
         import aioboto3
@@ -265,7 +270,7 @@ class Store:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, CHECK_PARAMS[self.checksum]: value}
         if content_type:
             kw["ContentType"] = headers["Content-Type"] = content_type
-        extra_headers, extra_kw = self._write_options(storage_class)
+        extra_headers, extra_kw = self._write_options(storage_class, key)
         headers.update(extra_headers)
         kw.update(extra_kw)
         pace = self._pace() if progress else None  # locks and probes are neither held back nor progress
@@ -286,11 +291,18 @@ class Store:
         if progress:
             self.touch()
 
-    def _write_options(self, storage_class: str | None) -> tuple[dict[str, str], dict[str, Any]]:
+    def _write_options(self, storage_class: str | None, key: str) -> tuple[dict[str, str], dict[str, Any]]:
         """(headers, botocore parameters) a PutObject or CreateMultipartUpload carries: its
-        storage class (the caller's: file data only), server-side encryption."""
+        storage class (the caller's: file data only), server-side encryption, its Object
+        Lock retention (retention_for)."""
         headers: dict[str, str] = {}
         kw: dict[str, Any] = {}
+        locked = self.retention_for(key)
+        if locked is not None:
+            mode, until = locked
+            headers["x-amz-object-lock-mode"] = kw["ObjectLockMode"] = mode
+            kw["ObjectLockRetainUntilDate"] = until
+            headers["x-amz-object-lock-retain-until-date"] = until.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         if storage_class and storage_class != "STANDARD":
             headers["x-amz-storage-class"] = kw["StorageClass"] = storage_class
         if self.options.sse:
@@ -422,7 +434,7 @@ class Store:
 
             async def open_body(offset: int = offset) -> Any:
                 async def slow() -> Any:
-                    kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw}
+                    kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw, **self._version(key)}
                     if offset or end is not None:
                         kw["Range"] = range_header(offset, end)
                     return (await self._client.get_object(**kw))["Body"]
@@ -459,6 +471,11 @@ class Store:
                 self._reading -= 1
                 body.close()
 
+    def _version(self, key: str) -> dict[str, str]:
+        """The VersionId parameter a read of key carries: none (the current version) here;
+        an as-of view (asof.py) names the version it sees."""
+        return {}
+
     async def head(self, key: str) -> int | None:
         """The object's size, or None when it does not exist."""
         info = await self.head_info(key)
@@ -469,7 +486,8 @@ class Store:
 
         async def go() -> HeadInfo | None:
             try:
-                resp = await self._client.head_object(Bucket=self.bucket, Key=key, **self._sse_c_kw)
+                kw = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw, **self._version(key)}
+                resp = await self._client.head_object(**kw)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
@@ -542,7 +560,7 @@ class Store:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if self.checksum in CHECK_ALGORITHMS:  # AWS wants the parts' algorithm declared up front
             kw["ChecksumAlgorithm"] = CHECK_ALGORITHMS[self.checksum]
-        kw.update(self._write_options(storage_class)[1])
+        kw.update(self._write_options(storage_class, key)[1])
         resp = await self._retry.call(f"start upload of {key}", lambda: self._client.create_multipart_upload(**kw))
         self._check_sse(key, resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}), silent_ok=True)
         return str(resp["UploadId"])
@@ -596,6 +614,18 @@ class Store:
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}, **self._sse_c_kw
             ),
         )
+        locked = self.retention_for(key)
+        if locked is not None:
+            # The retention asked for at CreateMultipartUpload, set again on the object: some
+            # servers (moto) do not carry it over to the completed object.
+            mode, until = locked
+            await self._retry.call(
+                f"set the retention of {key}",
+                lambda: self._client.put_object_retention(
+                    Bucket=self.bucket, Key=key, Retention={"Mode": mode, "RetainUntilDate": until}
+                ),
+                small=True,
+            )
         self.touch()
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
