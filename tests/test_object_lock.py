@@ -104,6 +104,8 @@ def test_locked_snapshots_survive_an_attacker(env: dict, stack: ImmichStack, mot
     r = run_cli("snapshots", "--as-of", t.isoformat(), "--json", env=env)
     assert r.code == 0, r.err
     assert [x["id"] for x in json.loads(r.out)["summary"]["snapshots"]] == ids
+    r = run_cli("verify", "--all", "--read-data", "--as-of", t.isoformat(), env=env)
+    assert r.code == 0 and "3 snapshots" in r.out and "no problems" in r.out, r.out + r.err
     target = tmp_path / "back"
     r = run_cli("restore", "--as-of", t.isoformat(), "--to", str(target), "--root", "library", env=env)
     assert r.code == 0, r.err

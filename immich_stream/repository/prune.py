@@ -29,6 +29,7 @@ from immich_stream.repository.packs import pack_target
 from immich_stream.repository.prune_locked import LockReport, deletable, extend, hold_locked_snapshots, sweep
 from immich_stream.repository.repack import PackUse, RepackReport, choose, repack
 from immich_stream.repository.repo import Repo
+from immich_stream.repository.retention import check_bucket
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -180,6 +181,7 @@ async def _prune_locked(
     report.kept, report.removed = apply_policy(committed, policy)
     held: list[str] = []
     if repo.lock is not None:  # what is still locked stays, whatever the policy says
+        await check_bucket(store.raw, settings.lock_days)
         report.lock = LockReport()
         free = await hold_locked_snapshots(repo, report.removed, report.lock)
         held = [s for s in report.removed if s not in free]
