@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from immich_stream.repository.layout import JOURNAL_DIR, MANIFEST_REWRITE
 from immich_stream.repository.manifest import key_digest
 from immich_stream.repository.repo import Repo, Snapshot
-from immich_stream.repository.retention import Extender, recorded_until, refs
+from immich_stream.repository.retention import Extender, bounded, recorded_until, refs
 from immich_stream.s3.store import Store
 from immich_stream.s3.versions import Version, bucket_lock, delete_versions, list_versions, retention
 
@@ -72,9 +71,7 @@ async def extend(repo: Repo, kept: list[str], jobs: int, report: LockReport) -> 
             short.append(snap)
     todo = {repo.config_key()}
     for snap in short:
-        todo.update(repo.object_key(f"snapshots/{snap.id}/{name}") for name in ("manifest.jsonl.gz", "snapshot.json"))
-        if snap.summary.database.key:
-            todo.add(repo.object_key(snap.summary.database.key))
+        todo.update((repo.manifest_key(snap.id), repo.summary_key(snap.id), repo.dump_key(snap.id)))
         async for line in repo.read_manifest(snap.id):
             todo.update(repo.object_key(k) for k in refs(line) if key_digest(k) not in covered)
     await ext.all(sorted(todo))
@@ -86,9 +83,16 @@ async def extend(repo: Repo, kept: list[str], jobs: int, report: LockReport) -> 
 async def deletable(store: Store, keys: list[str], report: LockReport) -> list[str]:
     """keys less those still locked (each counted as kept)."""
     now = dt.datetime.now(dt.UTC)
-    flags = await asyncio.gather(*(locked(store, k, now) for k in keys))
-    report.kept_locked += sum(flags)
-    return [k for k, held in zip(keys, flags, strict=True) if not held]
+    free: list[str] = []
+
+    async def judge(key: str) -> None:
+        if await locked(store, key, now):
+            report.kept_locked += 1
+        else:
+            free.append(key)
+
+    await bounded(keys, judge)
+    return free
 
 
 def _housekeeping(repo: Repo, key: str) -> bool:

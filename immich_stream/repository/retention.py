@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from immich_stream.config import Settings
-from immich_stream.errors import ConfigError
+from immich_stream.errors import ConfigError, ObjectNotFound, StoreError
 from immich_stream.repository.layout import DUMP, MANIFEST, SUMMARY, Layout
 from immich_stream.repository.manifest import ManifestLine, key_digest
 from immich_stream.s3.store import Store
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SLACK = dt.timedelta(hours=1)  # a commit this much after the check still has its N days
 
 
@@ -111,13 +113,28 @@ class Extender:
                 return
             # a COMPLIANCE retention stays COMPLIANCE (S3 refuses to weaken it)
             mode = "COMPLIANCE" if have is not None and have[0] == "COMPLIANCE" else self.policy.mode
-            await set_retention(self.store, key, mode, max(self.policy.until, have[1] if have else self.policy.until))
+            try:
+                await set_retention(
+                    self.store, key, mode, max(self.policy.until, have[1] if have else self.policy.until)
+                )
+            except StoreError as exc:
+                if isinstance(exc, ObjectNotFound) or exc.code in ("NoSuchKey", "404", "NotFound"):
+                    log.warning("%s is missing: its retention cannot be extended (verify names what needs it)", key)
+                    return
+                raise
             self.extended += 1
 
     async def all(self, keys: Iterable[str]) -> None:
+        await bounded(keys, self.one)
+
+
+async def bounded(items: Iterable[T], fn: Callable[[T], Coroutine[Any, Any, None]], batch: int = 512) -> None:
+    """fn of every item, `batch` tasks alive at a time (memory stays bounded however many)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, batch)):
         async with asyncio.TaskGroup() as tg:
-            for key in keys:
-                tg.create_task(self.one(key))
+            for item in chunk:
+                tg.create_task(fn(item))
 
 
 def refs(line: ManifestLine) -> list[str]:

@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
-from immich_stream.errors import ObjectNotFound, StoreError
+from immich_stream.errors import ConfigError, ObjectNotFound, StoreError
 from immich_stream.s3.checksums import MIB
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import HeadInfo, ObjectInfo, Store
@@ -41,18 +41,26 @@ class AsOfStore(Store):
     async def _versions(self, prefix: str) -> AsyncIterator[Version]:
         """The version each key under prefix had at as_of (delete markers included)."""
         current: str | None = None
-        async for v in list_versions(self, prefix):
-            if v.key == current or v.last_modified > self.as_of:
-                continue  # an older version of a key already decided, or one written later
-            current = v.key
-            self._seen[v.key] = None if v.delete_marker else v
-            yield v
+        try:
+            async for v in list_versions(self, prefix):
+                if v.key == current or v.last_modified > self.as_of:
+                    continue  # an older version of a key already decided, or one written later
+                current = v.key
+                self._seen[v.key] = None if v.delete_marker else v
+                yield v
+        except StoreError as exc:
+            if exc.code not in ("NotImplemented", "MethodNotAllowed", "501", "405"):
+                raise
+            raise ConfigError(
+                f"--as-of: bucket {self.bucket!r} keeps no versions (ListObjectVersions answered {exc.code}): "
+                "only a bucket with versioning can be read as it was"
+            ) from None
         self._listed.add(prefix)
 
     async def _resolve(self, key: str) -> Version:
         if key not in self._seen:
             folder = key.rpartition("/")[0] + "/" if "/" in key else key
-            if folder not in self._listed:  # a key's whole folder at once: its neighbours are read next
+            if not any(folder.startswith(p) for p in self._listed):  # its folder at once: neighbours come next
                 async for _ in self._versions(folder):
                     pass
             self._seen.setdefault(key, None)
