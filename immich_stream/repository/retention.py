@@ -111,8 +111,9 @@ class Extender:
             if have is not None and have[1] >= self.need:
                 self.until = min(self.until, have[1])
                 return
-            # a COMPLIANCE retention stays COMPLIANCE (S3 refuses to weaken it)
-            mode = "COMPLIANCE" if have is not None and have[0] == "COMPLIANCE" else self.policy.mode
+            # extended in its own mode: S3 refuses to weaken COMPLIANCE, and turning GOVERNANCE
+            # into COMPLIANCE would need the right to bypass governance
+            mode = have[0] if have is not None else self.policy.mode
             try:
                 await set_retention(
                     self.store, key, mode, max(self.policy.until, have[1] if have else self.policy.until)
