@@ -59,3 +59,14 @@ def test_as_of_takes_iso_8601_with_a_zone_or_a_duration_ago() -> None:
     for bad in ("2026-05-01T03:00", "yesterday", "2026-13-01T00:00Z"):
         with pytest.raises(ConfigError, match="--as-of"):
             parse(bad)
+
+
+def test_an_as_of_view_refuses_every_write() -> None:
+    from immich_stream.errors import StoreError
+    from immich_stream.s3.asof import AsOfStore
+    from immich_stream.s3.options import StoreOptions
+
+    view = AsOfStore(StoreOptions(bucket="photos"), dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
+    for write in (view.put, view.delete, view.create_multipart, view.abort_multipart, view.restore_object):
+        with pytest.raises(StoreError, match="read-only view"):
+            write("immich-backup/config.json", b"")
