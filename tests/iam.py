@@ -25,6 +25,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from tests.helpers import Bucket
+
 ROOT_KEY, ROOT_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 # What `backup --append-only` needs (README): write, read, list, and abort its own failed
@@ -99,13 +101,15 @@ class IamServer:
             keys.append({"AWS_ACCESS_KEY_ID": ak["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": ak["SecretAccessKey"]})
         return keys[0], keys[1]
 
-    def keys(self, prefix: str = "") -> list[str]:
-        """Every key in the bucket under prefix (listed with the prune key)."""
-        s3 = self.client("s3", self.prune_key)
-        out: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            out.extend(o["Key"] for o in page.get("Contents", []))
-        return out
+    def env(self, base: dict[str, str], key: dict[str, str], prefix: str) -> dict[str, str]:
+        """A CLI run's environment: `base` (a test's env) on this server's bucket under
+        `prefix`, signed with `key` (backup_key or prune_key)."""
+        return {**base, "S3_ENDPOINT_URL": self.endpoint, "S3_BUCKET": self.bucket, "S3_PREFIX": prefix, **key}
+
+    def view(self, prefix: str) -> Bucket:
+        """The repository under `prefix` as tests/helpers.Bucket, read with the prune key."""
+        k = self.prune_key
+        return Bucket(self.endpoint, self.bucket, k["AWS_ACCESS_KEY_ID"], k["AWS_SECRET_ACCESS_KEY"], prefix)
 
     def stop(self) -> None:
         self.proc.terminate()
