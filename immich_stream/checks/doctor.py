@@ -320,8 +320,9 @@ class Doctor:
                 await store.abort_multipart(key, upload_id)
 
 
-async def _allowed(step: Awaitable[object]) -> bool:
-    """Whether S3 lets this key do `step` (False on AccessDenied; other errors are raised)."""
+async def _allowed(step: Awaitable[object], strict: bool = True) -> bool:
+    """Whether S3 lets this key do `step`: False on AccessDenied; any other error is raised
+    (strict) or is no refusal (a server that knows no upload to list or abort)."""
     from immich_stream.s3.store import DENIED
 
     try:
@@ -329,7 +330,8 @@ async def _allowed(step: Awaitable[object]) -> bool:
     except StoreError as exc:
         if exc.code in DENIED:
             return False
-        raise
+        if strict:
+            raise
     return True
 
 
@@ -343,8 +345,8 @@ async def _rights(store: Store, repo: Any) -> tuple[str, str]:
     if not have["put"]:
         return FAIL, "this key cannot write (s3:PutObject): a backup needs it (README: keys that cannot delete)"
     have["get"] = await _allowed(store.get(key))
-    have["abort multipart"] = await _allowed(store.abort_multipart(key, await store.create_multipart(key)))
-    have["list uploads"] = await _allowed(store.list_multipart(key))
+    have["abort multipart"] = await _allowed(store.abort_multipart(key, await store.create_multipart(key)), False)
+    have["list uploads"] = await _allowed(store.list_multipart(key), False)
     have["delete"] = await store.can_delete(key)
     yes = [r for r in ("put", "get", "list", "abort multipart", "delete", "list uploads") if have[r]]
     no = [r for r in ("put", "get", "list", "abort multipart", "delete", "list uploads") if not have[r]]

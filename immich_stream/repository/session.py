@@ -123,11 +123,12 @@ async def _open(
                 f"this S3 key cannot delete (AccessDenied on DeleteObject): {deletes} needs a key that can; "
                 f"run {deletes} with one (README: keys that cannot delete)"
             )
+        # Append-only when set so (a backup, or a reader, sends no delete at all: its lock is
+        # released by overwriting it), or from the first refused delete on (store.discard).
+        store.append_only = settings.append_only and deletes is None
         if create_for is not None:
-            # A backup: append-only when set so (no delete is ever sent), or from the first
-            # refused delete on (store.discard); the probe's name is fixed per host, so what
-            # a key that cannot delete leaves of it stays one object.
-            store.append_only = settings.append_only
+            # The probe's name is fixed per host: what a key that cannot delete leaves of it
+            # stays one object (prune removes it).
             key = repo.preflight_key("backup")
             await store.put(key, b"immich-stream preflight\n")
             await store.discard([key])
