@@ -59,12 +59,17 @@ def test_five_nightly_backups_with_a_key_that_cannot_delete_then_prune_elsewhere
         said = [ln for ln in r.err.splitlines() if "cannot delete" in ln]
         assert len(said) == (1 if night == 0 else 0), r.err
         assert WARNING in "".join(said) or night > 0
+    # a sixth with --prune: the snapshot commits, the prune refuses the key: exit 6
+    r = run_cli("backup", "--stop", "none", "--prune", "--keep-last", "3", env=backup)
+    assert r.code == 6, r.err
+    assert "committed, but prune failed: this S3 key cannot delete" in r.last_error, r.err
     snaps = bucket.snapshots()
-    assert len(snaps) == 5
+    assert len(snaps) == 6
     left = leftovers(bucket)
-    assert len(left["released locks"]) == 5 and not left["live locks"], left
+    assert len(left["released locks"]) == 6 and not left["live locks"], left
     host = socket.gethostname()
-    assert left["probes"] == [f"preflight/{host}-backup"], left  # one per host, however many runs
+    # one per host, however many runs (the refused prune's probe of deletes too)
+    assert left["probes"] == [f"preflight/{host}-backup", f"preflight/{host}-delete"], left
     assert left["journals of committed runs"], "the live pass's journal of the first run"
 
     # prune with the backup key: one line, exit 1, nothing deleted (its probe of deletes is all it writes)
@@ -75,8 +80,7 @@ def test_five_nightly_backups_with_a_key_that_cannot_delete_then_prune_elsewhere
         "immich-stream: error: this S3 key cannot delete (AccessDenied on DeleteObject): prune needs a key "
         "that can; run prune with one (README: keys that cannot delete)"
     ), r.err
-    assert set(bucket.keys()) - before == {f"preflight/{host}-delete"}
-    assert before <= set(bucket.keys())
+    assert set(bucket.keys()) == before
 
     # doctor with each key says which rights it has and what that means; exit 0 with both
     r = run_cli("doctor", env=backup)
@@ -93,7 +97,7 @@ def test_five_nightly_backups_with_a_key_that_cannot_delete_then_prune_elsewhere
     # prune elsewhere, with the key that may delete: nothing of the delete-less runs is left
     r = run_cli("prune", "--keep-last", "3", "--lock-wait", "0s", env=dict(prune, IMMICH_STREAM_LOCK_STALE="1s"))
     assert r.code == 0, r.err
-    assert bucket.snapshots() == snaps[2:]
+    assert bucket.snapshots() == snaps[3:]
     assert leftovers(bucket) == {
         "released locks": [],
         "probes": [],
