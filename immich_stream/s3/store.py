@@ -71,7 +71,7 @@ class HeadInfo:
     restore: str | None  # x-amz-restore: None (no thaw requested), 'ongoing-request="true"' ...
 
 
-# What a key that may not delete gets (AWS, moto, MinIO, R2, B2's S3 API alike).
+# What S3 answers a key that may not delete (AWS and moto: AccessDenied, per key of a DeleteObjects).
 DENIED = ("AccessDenied", "AllAccessDisabled")
 APPEND_ONLY_WARNING = (
     "this S3 key cannot delete: continuing append-only (what this run would delete is left for `prune` "
@@ -536,8 +536,8 @@ class Store:
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
-                if any(e.get("Code") in DENIED for e in errors):  # AWS and moto refuse each key
-                    raise _denied(str(first.get("Code")))
+                if denied := [e for e in errors if e.get("Code") in DENIED]:  # AWS and moto refuse each key
+                    raise _denied(str(denied[0].get("Code")))
                 raise StoreError(
                     f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}"
                 )
