@@ -53,6 +53,11 @@ class CredentialsMissing(StoreError):
     exit_code = EXIT_USAGE
 
 
+class DeleteDenied(StoreError):
+    """The S3 key may not delete (AccessDenied on DeleteObject): a backup goes on append-only
+    (Store.discard), while prune, unlock and doctor's cleanup need a key that may."""
+
+
 class ObjectNotFound(StoreError):
     """The object asked for does not exist (NoSuchKey, or a 404 to a HEAD)."""
 

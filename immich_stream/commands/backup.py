@@ -60,6 +60,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help=cfg.SPECS["exclude"].help,
     )
     flag(b, "live_pass")
+    flag(b, "append_only")
     flag(b, "max_shrink")
     flag(b, "max_downtime")
     flag(b, "lock_wait")

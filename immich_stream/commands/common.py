@@ -28,6 +28,7 @@ LOCAL_FLAGS = {
     "stop",
     "exclude",
     "live_pass",
+    "append_only",
     "max_shrink",
     "max_downtime",
     "jobs",

@@ -335,6 +335,13 @@ class Settings:
         "upload new and changed files while Immich runs, then stop it only for a pass that re-reads what "
         "changed since (--no-live-pass: one pass, the whole upload with the stack stopped)",
     )
+    append_only: bool = setting(
+        "backup",
+        False,
+        parse_bool,
+        "the S3 key cannot delete: send no delete at all (probes, released locks and journals are left for "
+        "`prune` run elsewhere with a key that can); detected by itself at the first refused delete",
+    )
     jobs: int = setting(
         "backup",
         8,

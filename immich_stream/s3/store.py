@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from immich_stream.errors import StoreError
+from immich_stream.errors import DeleteDenied, StoreError
 from immich_stream.s3.checksums import (
     CHECK_ALGORITHMS,
     CHECK_HEADERS,
@@ -71,6 +71,13 @@ class HeadInfo:
     restore: str | None  # x-amz-restore: None (no thaw requested), 'ongoing-request="true"' ...
 
 
+# What S3 answers a key that may not delete (AWS and moto: AccessDenied, per key of a DeleteObjects).
+DENIED = ("AccessDenied", "AllAccessDisabled")
+APPEND_ONLY_WARNING = (
+    "this S3 key cannot delete: continuing append-only (what this run would delete is left for `prune` "
+    "run elsewhere with a key that can delete; set append_only to skip the attempt)"
+)
+
 # Classes whose objects must be thawed (RestoreObject) before a GET; GLACIER_IR need not.
 ARCHIVED_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
@@ -106,6 +113,8 @@ class Store:
         # --limit-upload / --limit-download: one bucket per direction for every request
         self.upload_limit = RateLimit.mib_per_s(options.limit_upload)
         self.download_limit = RateLimit.mib_per_s(options.limit_download)
+        # --append-only, or the first DeleteDenied of a discard(): no delete is sent any more
+        self.append_only = False
 
     async def __aenter__(self) -> Store:
         import aioboto3
@@ -516,15 +525,50 @@ class Store:
         for i in range(0, len(keys), 1000):
             batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
 
-            resp = await self._retry.call(
-                "delete objects", functools.partial(self._client.delete_objects, Bucket=self.bucket, Delete=batch)
-            )
+            try:
+                resp = await self._retry.call(
+                    "delete objects", functools.partial(self._client.delete_objects, Bucket=self.bucket, Delete=batch)
+                )
+            except StoreError as exc:
+                if exc.code in DENIED:  # the whole request refused
+                    raise _denied(exc.code) from exc
+                raise
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
+                if denied := [e for e in errors if e.get("Code") in DENIED]:  # AWS and moto refuse each key
+                    raise _denied(str(denied[0].get("Code")))
                 raise StoreError(
                     f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}"
                 )
+
+    async def discard(self, keys: list[str]) -> bool:
+        """Delete what a backup no longer needs (a probe, a released lock, a committed run's
+        journal), unless this key cannot delete: append-only (--append-only, or detected
+        here at the first DeleteDenied, said once), the keys are left for `prune` run with a
+        key that can. True when they were deleted."""
+        if self.append_only or not keys:
+            return not keys
+        try:
+            await self.delete(keys)
+        except DeleteDenied:
+            if not self.append_only:
+                self.append_only = True
+                log.warning(APPEND_ONLY_WARNING)
+            return False
+        return True
+
+    async def can_delete(self, key: str) -> bool:
+        """Whether this key may delete: `key` (a probe of a fixed name: what a key that may
+        not delete leaves stays one object) written, then deleted. A key that may not
+        delete makes this store append-only, silently (the caller says what it means)."""
+        await self.put(key, b"immich-stream delete probe\n")
+        try:
+            await self.delete([key])
+        except DeleteDenied:
+            self.append_only = True
+            return False
+        return True
 
     async def probe_checksum_sha256(self, key: str, data: bytes, value: str) -> str | None:
         """doctor's probe, a request the tool itself never sends: one PutObject of data with
@@ -624,6 +668,15 @@ class Store:
                 return out
             kw["KeyMarker"] = resp.get("NextKeyMarker")
             kw["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+
+
+def _denied(code: str) -> DeleteDenied:
+    error = DeleteDenied(
+        f"this S3 key cannot delete ({code} on DeleteObject): backups work append-only with it; "
+        "run prune, unlock and doctor's cleanup with a key that can delete (README: keys that cannot delete)"
+    )
+    error.code = code
+    return error
 
 
 async def why_no_repository(store: Store, endpoint: str | None) -> StoreError | None:
