@@ -28,7 +28,7 @@ from immich_stream.config.parse import (
     parse_rate,
     parse_size,
 )
-from immich_stream.config.repositories import parse_repositories, target
+from immich_stream.config.repositories import parse_names, parse_repositories, target
 from immich_stream.config.settings import SECTIONS, SETTINGS, SPECS, TOML_KEYS, Settings, Spec
 from immich_stream.config.tuning import Tuning, min_part_size
 from immich_stream.errors import ConfigError
@@ -294,7 +294,7 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
             shown = f"{value * 100:g}%"
         elif spec.parse is parse_rate:
             shown = f"{value:g} MiB/s" if value else "no limit"
-        elif spec.parse is parse_exclude:
+        elif spec.parse is parse_exclude or spec.parse is parse_names:
             shown = ", ".join(value) if value else "(nothing)"
         else:
             shown = str(value)
