@@ -208,6 +208,54 @@ def test_encrypted_copy_stays_encrypted_streamed_or_server_side(
     assert r.code == 0, r.out + r.err
 
 
+def test_copy_to_a_repository_with_its_own_keys_reseals_every_object(
+    env: dict[str, str], stack: ImmichStack, offsite: Offsite, tmp_path: Path, proxy_factory: type[FaultProxy]
+) -> None:
+    from tests.test_encryption import keygen
+
+    ours, theirs = tmp_path / "ours.key", tmp_path / "theirs.key"
+    keygen(ours), keygen(theirs)
+    proxy = proxy_factory(offsite.endpoint)
+    dst = offsite.bucket("offsite-sealed", proxy.endpoint)
+    env = with_repos(
+        dict(env, IMMICH_STREAM_AGE_IDENTITY=str(ours)),
+        tmp_path,
+        offsite={"endpoint_url": proxy.endpoint, "bucket": dst.name, "identity_file": str(theirs)},
+    )
+    src = Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET)
+    make_library(stack.library, seed=9, photos=4, odd_names=False, large=[700_000])
+    for night in range(2):
+        if night:
+            make_library(stack.library / "library" / "n1", seed=4, photos=1, odd_names=False, large=[800_000])
+        before = set(src.keys("data/"))
+        r = run_cli("backup", "--stop", "none", env=env)
+        assert r.code == 0, r.err
+        counted(proxy)
+        r = run_cli("copy", "--to", "offsite", "--latest", env=env)
+        assert r.code == 0, r.err
+        assert data_puts(counted(proxy)) == set(src.keys("data/")) - before, "only the new night's objects"
+    assert "# immich-stream-auth:" in theirs.read_text(), "the new repository's own authentication key"
+    assert dst.snapshots() == src.snapshots()
+    key = next(k for k in dst.keys("data/") if "/library/" in k)
+    sealed = dst.get(key)
+    assert sealed.startswith(AGE_MAGIC) and sealed != src.get(key), "sealed again, not copied"
+    for identity, opens in ((theirs, True), (ours, False)):
+        p = subprocess.run(["age", "-d", "-i", str(identity)], input=sealed, capture_output=True)
+        assert (p.returncode == 0) == opens, p.stderr
+    r = run_cli("verify", "--repo", "offsite", "--all", "--read-data", env=env)
+    assert r.code == 0 and "no problems" in r.out, r.out + r.err
+    target = tmp_path / "restored"
+    r = run_cli("restore", "--repo", "offsite", "latest", "--root", "library", "--to", str(target), env=env)
+    assert r.code == 0, r.err
+    assert {k: v.read_bytes() for k, v in tree(target).items() if v.is_file()} == {
+        k: v.read_bytes() for k, v in tree(stack.library).items() if v.is_file()
+    }
+    # its MACs are made with its own authentication key: ours does not vouch for them
+    with_repos(env, tmp_path, offsite={"endpoint_url": proxy.endpoint, "bucket": dst.name})
+    r = run_cli("snapshots", "--repo", "offsite", env=env)
+    assert r.code == 8 and "config.json carries no valid MAC" in r.last_error, r.err
+
+
 def test_backup_copy_to_runs_after_the_stack_is_up_and_a_dead_destination_exits_6(
     env: dict[str, str], stack: ImmichStack, offsite: Offsite, tmp_path: Path, proxy_factory: type[FaultProxy]
 ) -> None:

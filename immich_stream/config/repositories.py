@@ -22,7 +22,9 @@ from immich_stream.config.parse import (
     parse_bool,
     parse_bucket,
     parse_endpoint,
+    parse_identity_path,
     parse_prefix,
+    parse_recipients,
     parse_region,
     parse_storage_class,
 )
@@ -48,6 +50,10 @@ class Target:
     storage_class: str | None = None
     access_key_id_env: str | None = None
     secret_access_key_env: str | None = None
+    # its own age keys, when it is encrypted to others than the main repository's (copy
+    # re-seals for them); None: the main repository's [encryption]
+    identity_file: Path | None = None
+    recipients: tuple[str, ...] = ()
 
     def env_names(self) -> tuple[str, str]:
         """The two variables its credentials come from."""
@@ -65,6 +71,8 @@ _PARSERS: dict[str, Any] = {
     "region": parse_region,
     "path_style": parse_bool,
     "storage_class": parse_storage_class,
+    "identity_file": parse_identity_path,
+    "recipients": parse_recipients,
 }
 _SECRETS = ("access_key_id", "secret_access_key", "aws_access_key_id", "aws_secret_access_key", "secret", "password")
 
@@ -116,6 +124,10 @@ def parse_repositories(path: Path, table: Any) -> dict[str, Target]:
                 values[key] = parse(value)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{where}.{name}] {key} is invalid: {exc}") from None
+        if isinstance(values.get("identity_file"), Path) and not values["identity_file"].is_absolute():
+            values["identity_file"] = path.parent / values["identity_file"]
+        if "recipients" in values and "identity_file" not in values:
+            raise ConfigError(f"{where}.{name}] recipients needs identity_file (its own keys): add it, or drop them")
         if "bucket" not in values:
             raise ConfigError(f'{where}.{name}] has no bucket: add bucket = "..." (the destination\'s S3 bucket)')
         if ("access_key_id_env" in values) != ("secret_access_key_env" in values):
@@ -196,6 +208,9 @@ def pointed_at(settings: Settings, name: str, environ: Mapping[str, str], what: 
         changed["storage_class_library"] = changed["storage_class_postgres"] = None
     for key in ("bucket", "prefix", "endpoint_url", "region", "path_style", "storage_class"):
         changed["sources"][key] = f"[repositories.{name}]"
+    if t.identity_file is not None:
+        changed["age_identity"], changed["age_recipients"] = t.identity_file, t.recipients
+        changed["sources"]["age_identity"] = f"[repositories.{name}] identity_file"
     # SSE-C keys and KMS key ids are the main bucket's
     changed["sse_c_key_file"] = changed["sse_kms_key_id"] = changed["sse"] = None
     return dataclasses.replace(settings, **changed)
