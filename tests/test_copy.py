@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +129,15 @@ def test_copy_after_each_backup_copies_only_what_is_new_survives_a_kill_and_rest
             assert r.code == 0 and src.snapshots()[-1] not in r.out, r.out
             before_rerun = data_puts(counted(proxy))
             assert before_rerun and before_rerun < new_at_source
+            # what the killed copy left is garbage to the destination's prune (asked, not done),
+            # once older than --stale-after (its objects' LastModified: seconds)
+            time.sleep(2.1)
+            r = run_cli(
+                "prune", "--repo", "offsite", "--keep-last", "9", "--stale-after", "1s", "--dry-run", "--json", env=env
+            )
+            assert r.code == 0, r.err
+            rep = json.loads(r.out)["summary"]
+            assert rep["kept"] == dst.snapshots() and rep["objects_deleted"] == len(before_rerun), rep
         r = run_cli("copy", "--to", "offsite", env=env)
         assert r.code == 0, r.err
         puts = data_puts(counted(proxy))
