@@ -160,6 +160,7 @@ class Copier:
         self._src_sizes: dict[str, int] = {}
         self._dst_sizes: dict[str, int] = {}
         self._slots = asyncio.Semaphore(jobs)
+        self._copied: set[str] = set()  # keys this run copied or found held
 
     async def _listing(self, repo: Repo, prefix: str) -> dict[str, int]:
         return {repo.relative_key(o.key): o.size async for o in repo.store.list_objects(prefix)}
@@ -252,9 +253,12 @@ class Copier:
         try:
             async with asyncio.TaskGroup() as tg:
                 for rel, plain in items:
+                    if rel in self._copied:  # this run copied it, or found it held, for an earlier snapshot
+                        continue
                     want = self._wanted(rel, plain)
                     there = self._dst_sizes.get(rel)
                     if there is not None and (want is None or there == want):
+                        self._copied.add(rel)
                         self.stats.held += 1
                         continue
                     self.check()
@@ -304,7 +308,7 @@ class Copier:
                 else MultipartUpload(self.dst.store.raw, dst_key, self.budget, 2, None, sc)
             )
             await self._multipart(src.iter_object(src_key, min(self.part_size, 1 << 20)), mp, src_key, expect)
-        self._dst_sizes[rel] = size
+        self._copied.add(rel)
         self.stats.objects += 1
         self.stats.bytes += size
 
