@@ -481,6 +481,22 @@ class Store:
 
         return await self._retry.call(f"look up {key}", go)
 
+    async def copy_object(self, source_bucket: str, source_key: str, key: str, storage_class: str | None) -> None:
+        """A server-side copy (CopyObject) of source_bucket/source_key, on this Store's endpoint
+        with its credentials, to key: the bytes never pass through this process (`copy`)."""
+        kw: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "CopySource": {"Bucket": source_bucket, "Key": source_key},
+            **self._write_options(storage_class)[1],
+        }
+        if self._sse_c_kw:
+            kw["CopySourceSSECustomerAlgorithm"] = "AES256"
+            kw["CopySourceSSECustomerKey"] = self._sse_c_kw["SSECustomerKey"]
+            kw.update(self._sse_c_kw)
+        await self._retry.call(f"copy {source_key} to {key}", lambda: self._client.copy_object(**kw))
+        self.touch()
+
     async def restore_object(self, key: str, days: int, tier: str) -> str:
         """Ask S3 to thaw an archived object for `days`: "requested" (202), "thawed" (200: a
         thawed copy is there already, its expiry extended) or "in progress" (409
@@ -528,22 +544,6 @@ class Store:
                 raise StoreError(
                     f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}"
                 )
-
-    async def copy_object(self, source_bucket: str, source_key: str, key: str, storage_class: str | None) -> None:
-        """A server-side copy (CopyObject) of source_bucket/source_key, on this Store's endpoint
-        with its credentials, to key: the bytes never pass through this process (`copy`)."""
-        kw: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "CopySource": {"Bucket": source_bucket, "Key": source_key},
-            **self._write_options(storage_class)[1],
-        }
-        if self._sse_c_kw:
-            kw["CopySourceSSECustomerAlgorithm"] = "AES256"
-            kw["CopySourceSSECustomerKey"] = self._sse_c_kw["SSECustomerKey"]
-            kw.update(self._sse_c_kw)
-        await self._retry.call(f"copy {source_key} to {key}", lambda: self._client.copy_object(**kw))
-        self.touch()
 
     async def probe_checksum_sha256(self, key: str, data: bytes, value: str) -> str | None:
         """doctor's probe, a request the tool itself never sends: one PutObject of data with
