@@ -75,6 +75,11 @@ def test_pointed_at_a_named_repository_its_secret_is_never_shown(tmp_path: Path)
     assert p.credentials == ("AKID", "sekrit") and p.repository_name == "offsite"
     assert "sekrit" not in repr(p) and "sekrit" not in str(describe(p))
     assert s.bucket == "main" and s.credentials is None  # type: ignore[attr-defined]
+    from immich_stream.s3.classify import describe_credentials
+
+    env["IMMICH_STREAM_REPO_OFFSITE_ACCESS_KEY_ID"] = "AKIAEXAMPLE12"
+    shown, where = describe_credentials(pointed_at(s, "offsite", env))  # type: ignore[arg-type]
+    assert shown == "AKIA...12 (secret redacted)" and "[repositories.offsite]" in where
     with pytest.raises(ConfigError, match=r"no \[repositories.other\]"):
         pointed_at(s, "other", env)  # type: ignore[arg-type]
 
