@@ -188,20 +188,27 @@ def test_encrypted_copy_stays_encrypted_streamed_or_server_side(
     puts = local.add(lambda m, p, q: m == "PUT")
     same = Bucket(env["S3_ENDPOINT_URL"], "same-" + env["S3_BUCKET"], KEY, SECRET)
     same.s3.create_bucket(Bucket=same.name)
+    far = proxy_factory(offsite.endpoint)
     dst = offsite.bucket("offsite-enc")
     env = with_repos(
         dict(env, S3_ENDPOINT_URL=local.endpoint, IMMICH_STREAM_AGE_IDENTITY=str(identity)),
         tmp_path,
-        offsite={"endpoint_url": offsite.endpoint, "bucket": "offsite-enc"},
+        offsite={"endpoint_url": far.endpoint, "bucket": "offsite-enc"},
         second={"endpoint_url": local.endpoint, "bucket": same.name},
     )
     make_library(stack.library, seed=5, photos=5, odd_names=False, large=[9 << 20])
     r = run_cli("backup", "--stop", "none", "--part-size", "6MiB", env=env)
     assert r.code == 0, r.err
 
+    # a part the destination keeps refusing: one line, and no multipart upload left behind
+    refused = far.add(lambda m, p, q: m == "PUT" and "partNumber" in q, status=500)
+    r = run_cli("copy", "--to", "offsite", "--part-size", "6MiB", env=env)
+    assert r.code == 1 and refused.hits and "upload part" in r.last_error, r.err
+    assert dst.open_multipart_uploads() == [] and dst.snapshots() == []
+    far.rules.clear()
     r = run_cli("copy", "--to", "offsite", "--part-size", "6MiB", env=env)  # another server: streamed
     assert r.code == 0, r.err
-    assert "repository created" in r.out and "server-side" not in r.out, r.out
+    assert "server-side" not in r.out, r.out
     objects = dst.keys()
     assert any(n > 6 << 20 for n in objects.values()), "a multipart copy"
     for key in objects:
