@@ -77,6 +77,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "limit_upload": ("-1", '"fast"'),
     "limit_download": ("1e6", "true"),
     "exclude": ("library", '["thumbs", "upload"]'),
+    "copy_to": ("Offsite!", '["offsite"]'),
 }
 
 

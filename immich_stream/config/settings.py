@@ -51,6 +51,7 @@ from immich_stream.config.parse import (
     parse_storage_class,
     parse_thaw_tier,
 )
+from immich_stream.config.repositories import Target, parse_names
 from immich_stream.config.tuning import Tuning
 from immich_stream.errors import ConfigError
 
@@ -483,6 +484,14 @@ class Settings:
         high=7 * DAY,
     )
 
+    copy_to: tuple[str, ...] = setting(
+        "backup",
+        (),
+        parse_names,
+        "after a committed snapshot (and the stack started again), copy it to these named repositories "
+        "([repositories.NAME]; repeatable or a comma list): the second copy of 3-2-1",
+    )
+
     # [monitor]
     ping_url: str | None = setting(
         "monitor",
@@ -522,6 +531,11 @@ class Settings:
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     tuning: Tuning = dataclasses.field(default_factory=Tuning)
     config_file: Path | None = None
+    # [repositories.NAME] of the config file (config/repositories.py); with --repo NAME, the
+    # named one's credentials (never shown: repr=False) and its name
+    repositories: dict[str, Target] = dataclasses.field(default_factory=dict)
+    credentials: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
+    repository_name: str | None = None
 
     def require(self, *names: str) -> None:
         """Raise ConfigError for the first of `names` that is unset."""

@@ -163,8 +163,14 @@ def store_error(
 
 
 def describe_credentials(settings: Settings) -> tuple[str, str]:
-    """(redacted access key, where it came from) through the normal AWS chain."""
+    """(redacted access key, where it came from): a named repository's own (--repo NAME),
+    else through the normal AWS chain."""
     import botocore.session
+
+    if settings.credentials is not None:
+        key = settings.credentials[0]
+        shown = key[:4] + "..." + key[-2:] if len(key) > 8 else "****"
+        return (f"{shown} (secret redacted)", f"[repositories.{settings.repository_name}]: its variables")
 
     try:
         creds = botocore.session.Session().get_credentials()

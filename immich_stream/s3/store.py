@@ -134,7 +134,10 @@ class Store:
         )
         region = s.region or ("us-east-1" if s.endpoint_url else None)
         verify: bool | str = str(s.ca_bundle) if s.ca_bundle else s.verify_tls
-        session = aioboto3.Session()
+        keys = s.credentials
+        session = (
+            aioboto3.Session(aws_access_key_id=keys[0], aws_secret_access_key=keys[1]) if keys else aioboto3.Session()
+        )
         self._cm = session.client("s3", endpoint_url=s.endpoint_url, region_name=region, config=config, verify=verify)
         self._client = await self._cm.__aenter__()
         self._client.meta.events.register_last("before-call.s3", drop_expect_header)
@@ -486,6 +489,22 @@ class Store:
             return HeadInfo(int(resp["ContentLength"]), resp.get("StorageClass") or "STANDARD", resp.get("Restore"))
 
         return await self._retry.call(f"look up {key}", go)
+
+    async def copy_object(self, source_bucket: str, source_key: str, key: str, storage_class: str | None) -> None:
+        """A server-side copy (CopyObject) of source_bucket/source_key, on this Store's endpoint
+        with its credentials, to key: the bytes never pass through this process (`copy`)."""
+        kw: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "CopySource": {"Bucket": source_bucket, "Key": source_key},
+            **self._write_options(storage_class)[1],
+        }
+        if self._sse_c_kw:
+            kw["CopySourceSSECustomerAlgorithm"] = "AES256"
+            kw["CopySourceSSECustomerKey"] = self._sse_c_kw["SSECustomerKey"]
+            kw.update(self._sse_c_kw)
+        await self._retry.call(f"copy {source_key} to {key}", lambda: self._client.copy_object(**kw))
+        self.touch()
 
     async def restore_object(self, key: str, days: int, tier: str) -> str:
         """Ask S3 to thaw an archived object for `days`: "requested" (202), "thawed" (200: a
