@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from immich_stream.commands import schedule as schedule_command
 from immich_stream.commands.common import UsageError
 from immich_stream.commands.monitor import LogTail, Outcome, Pinger, document, metrics_text, outcome_of, write_metrics
 from immich_stream.commands.runtime import exit_past_hung_threads, new_loop, run_with_signals, tune_malloc
+from immich_stream.config.repositories import pointed_at
 from immich_stream.errors import (
     EXIT_INCOMPLETE,
     EXIT_PRUNE_FAILED,
@@ -94,6 +96,8 @@ def _main(argv: list[str] | None = None) -> int:
     pinger: Pinger | None = None
     try:
         settings = cfg.load(flags=_flags(args), config_path=args.config_path)
+        if getattr(args, "repo", None):
+            settings = pointed_at(settings, args.repo, os.environ)
         check_args(args)
         if _monitored(settings, "ping_url", args.command):
             assert settings.ping_url is not None

@@ -11,7 +11,7 @@ EXIT_USAGE = 2  # bad command line or configuration
 EXIT_INCOMPLETE = 3  # snapshot committed, but some files could not be read
 EXIT_SUSPICIOUS = 4  # the library looks unmounted, empty or shrunk: refused, nothing stopped or committed
 EXIT_UNSTABLE = 5  # snapshot committed, but a container did not stay running after the restart
-EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune asked for with --prune failed
+EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune (--prune) or a copy (--copy-to) after it failed
 EXIT_PARTIAL = 7  # restore finished, but some files could not be restored (each named); the rest is in place
 EXIT_FORGED = 8  # what the repository says failed authentication: altered by someone without its key
 EXIT_THAWING = (
@@ -51,6 +51,11 @@ class CredentialsMissing(StoreError):
     """No S3 credentials anywhere in the AWS chain: configuration, not a failed run."""
 
     exit_code = EXIT_USAGE
+
+
+class DeleteDenied(StoreError):
+    """The S3 key may not delete (AccessDenied on DeleteObject): a backup goes on append-only
+    (Store.discard), while prune, unlock and doctor's cleanup need a key that may."""
 
 
 class ObjectNotFound(StoreError):

@@ -25,6 +25,7 @@ import pytest
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import REPO_ROOT, Bucket, wait_for
+from tests.iam import IamServer
 
 KEY, SECRET = "immich-test-key", "immich-test-secret-do-not-log"
 CONTAINERS = ("immich_machine_learning", "immich_postgres", "immich_redis", "immich_server")
@@ -75,7 +76,7 @@ DOCKER_FIXTURES = frozenset({"machine", "immich_stack", "stack", "env", "bucket"
 
 # Tests on SeaweedFS get the `slow` marker: starting it, and the tens of MiB those tests move
 # through it, take most of the seconds of what needs no Docker (scripts/check leaves them out).
-SLOW_FIXTURES = frozenset({"seaweed_s3"})
+SLOW_FIXTURES = frozenset({"seaweed_s3", "iam_s3"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -267,6 +268,13 @@ def moto_s3() -> Iterator[S3Server]:
         yield S3Server(f"http://127.0.0.1:{port}", "moto")
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def iam_s3() -> Iterator[IamServer]:
+    """moto enforcing IAM: one bucket, a backup key that cannot delete, a prune key that can (tests/iam.py)."""
+    with IamServer() as server:
+        yield server
 
 
 class SeaweedServer:

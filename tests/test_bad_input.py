@@ -39,6 +39,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "path_style": ("maybe", "1"),
     "verify_tls": ("nope", '"y"'),
     "live_pass": ("sometimes", "2"),
+    "append_only": ("perhaps", "3"),
     "ca_bundle": ("/no/such/ca.pem", '""'),
     "stop": ("some", "1"),
     "checksum": ("crc32", "5"),
@@ -78,6 +79,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "limit_upload": ("-1", '"fast"'),
     "limit_download": ("1e6", "true"),
     "exclude": ("library", '["thumbs", "upload"]'),
+    "copy_to": ("Offsite!", '["offsite"]'),
 }
 
 

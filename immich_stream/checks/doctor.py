@@ -4,7 +4,9 @@ would work (warnings allowed).
 
 Every probe object lives under <prefix>/doctor/<random>/ and is removed again, also when
 doctor is interrupted (a bounded cleanup in a finally); probes older than the lock stale
-threshold that a killed doctor left are removed by the next doctor. The repository itself
+threshold that a killed doctor left are removed by the next doctor. With a key that cannot
+delete (the rights check says so) the probes live under <prefix>/doctor/host-<host>/,
+overwritten by each doctor of this host, and prune removes them. The repository itself
 is only read."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import datetime as dt
 import hashlib
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -166,6 +169,11 @@ class Doctor:
 
             if not await self.probe("S3 reachable, credentials, bucket", reach):
                 return
+            if not await self.probe("the key's rights", lambda: _rights(store, repo)):
+                return
+            if store.append_only:  # nothing can be removed: probes of a fixed name, overwritten each time
+                probe = f"host-{socket.gethostname()}"
+                base = repo.probe_key(probe, "")
 
             async def clock() -> tuple[str, str]:
                 server = await server_now(repo)
@@ -187,11 +195,11 @@ class Doctor:
                 if await store.get(key) != data:
                     return FAIL, "an object read back differs from what was written"
                 listed = [o.key async for o in store.list_objects(base)]
-                await store.delete([key])
-                gone = await store.head(key) is None
+                deleted = await store.discard([key])
+                gone = not deleted or await store.head(key) is None
                 if key not in listed or not gone:
                     return WARN, "listing lags behind writes and deletes (eventual consistency): prune may misjudge"
-                return OK, f"write, read, list and delete under {repo.probes_prefix()}"
+                return OK, f"write, read, list{' and delete' if deleted else ''} under {repo.probes_prefix()}"
 
             if not await self.probe("write, read, delete", roundtrip):
                 return
@@ -201,7 +209,7 @@ class Doctor:
                 await store.put(okey, data)
                 listed = [o.key async for o in store.list_objects(repo.probe_key(probe, "odd", ""))]
                 back = await store.get(okey) if okey in listed else None
-                await store.delete([okey, *listed])
+                await store.discard([okey, *listed])
                 if okey not in listed or back != data:
                     where = f"listed as {listed[0]!r}" if listed else "not listed"
                     return FAIL, (
@@ -211,7 +219,7 @@ class Doctor:
                 raw = repo.probe_key(probe, "raw", "a\\b")
                 await store.put(raw, data)
                 mangled = [o.key async for o in store.list_objects(repo.probe_key(probe, "raw", ""))]
-                await store.delete([raw, *mangled])
+                await store.discard([raw, *mangled])
                 note = (
                     "a raw \\ is kept as sent too"
                     if mangled == [raw]
@@ -230,7 +238,7 @@ class Doctor:
                 except StoreError:
                     await store.abort_multipart(mkey, upload)
                     return OK, "multipart works; the server enforces S3's 5 MiB minimum part size"
-                await store.delete([mkey])
+                await store.discard([mkey])
                 floor = min_part_size()
                 return OK, f"multipart works; parts under 5 MiB accepted (parts used: {format_size(floor)} and up)"
 
@@ -244,7 +252,7 @@ class Doctor:
                     await store.put(bad, data, check=wrong)
                 except StoreError:
                     return OK, "a wrong Content-MD5 is refused: bytes corrupted on the way are caught"
-                await store.delete([bad])
+                await store.discard([bad])
                 return (
                     WARN,
                     "a wrong Content-MD5 was accepted: corruption in transit is only found by verify --read-data",
@@ -258,7 +266,7 @@ class Doctor:
                 code = await store.probe_checksum_sha256(bad, data, wrong)  # a request the tool never sends
                 if code is not None:
                     return OK, f"a wrong x-amz-checksum-sha256 is refused ({code})"
-                await store.delete([bad])
+                await store.discard([bad])
                 return WARN, "a wrong x-amz-checksum-sha256 was accepted (stored as given): rely on Content-MD5"
 
             await self.probe("server checks x-amz-checksum-sha256", checksum_sha256)
@@ -293,6 +301,8 @@ class Doctor:
         from immich_stream.repository.layout import Layout
         from immich_stream.repository.locks import lock_stale
 
+        if store.append_only:  # this key cannot delete: prune removes the probes
+            return
         top = Layout(self.settings.prefix).probes_prefix()
         old: dt.datetime | None = None
         if self._server_time is not None:
@@ -309,6 +319,49 @@ class Doctor:
         for key, upload_id, started in await store.list_multipart(top):
             if key.startswith(top) and gone(key, started):
                 await store.abort_multipart(key, upload_id)
+
+
+async def _allowed(step: Awaitable[object], strict: bool = True) -> bool:
+    """Whether S3 lets this key do `step`: False on AccessDenied; any other error is raised
+    (strict) or is no refusal (a server that knows no upload to list or abort)."""
+    from immich_stream.s3.store import DENIED
+
+    try:
+        await step
+    except StoreError as exc:
+        if exc.code in DENIED:
+            return False
+        if strict:
+            raise
+    return True
+
+
+async def _rights(store: Store, repo: Any) -> tuple[str, str]:
+    """Which of the rights a backup and prune need this key has, tried on one probe object of
+    this host (a fixed name: what a key that cannot delete leaves stays one object); a key
+    that cannot delete makes the store append-only (doctor's other probes are then left)."""
+    key = repo.probe_key(f"host-{socket.gethostname()}", "rights")
+    have = {"list": True}  # the listing before this worked
+    have["put"] = await _allowed(store.put(key, b"immich-stream rights probe\n"))
+    if not have["put"]:
+        return FAIL, "this key cannot write (s3:PutObject): a backup needs it (README: keys that cannot delete)"
+    have["get"] = await _allowed(store.get(key))
+    have["abort multipart"] = await _allowed(store.abort_multipart(key, await store.create_multipart(key)), False)
+    have["list uploads"] = await _allowed(store.list_multipart(key), False)
+    have["delete"] = await store.can_delete(key)
+    yes = [r for r in ("put", "get", "list", "abort multipart", "delete", "list uploads") if have[r]]
+    no = [r for r in ("put", "get", "list", "abort multipart", "delete", "list uploads") if not have[r]]
+    said = f"{', '.join(yes)}: yes" + (f"; {', '.join(no)}: no" if no else "")
+    if not have["get"]:
+        return FAIL, f"{said}: a backup reads what it wrote (s3:GetObject)"
+    if not have["delete"]:
+        return WARN, (
+            f"{said}: backups work append-only (set append_only to skip the attempt); prune and unlock need "
+            "another key, run elsewhere (README: keys that cannot delete)"
+        )
+    if no:
+        return WARN, f"{said}: prune needs s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
+    return OK, f"{said}: backups, prune and unlock all work with this key"
 
 
 async def run_doctor(settings: Settings) -> Doctor:

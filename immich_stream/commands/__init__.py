@@ -16,6 +16,7 @@ from immich_stream import __version__
 from immich_stream.commands import (
     backup,
     config,
+    copy,
     doctor,
     drill,
     key,
@@ -35,6 +36,7 @@ PARSERS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
     prune.add_parser,
     unlock.add_parser,
     snapshots.add_parser,
+    copy.add_parser,
     restore.add_parser,
     drill.add_parser,
     verify.add_parser,
@@ -48,6 +50,7 @@ COMMANDS: dict[str, Command] = {
     "config": config.run,
     "backup": backup.run,
     "snapshots": snapshots.run,
+    "copy": copy.run,
     "restore": restore.run,
     "verify": verify.run,
     "drill": drill.run,
@@ -62,6 +65,7 @@ COMMANDS: dict[str, Command] = {
 CHECKS: dict[str, Callable[[argparse.Namespace], None]] = {
     "backup": backup.check,
     "snapshots": snapshots.check,
+    "copy": copy.check,
     "restore": restore.check,
     "drill": drill.check,
     "schedule": schedule.check,

@@ -59,7 +59,16 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         metavar="FOLDER",
         help=cfg.SPECS["exclude"].help,
     )
+    b.add_argument(
+        "--copy-to",
+        dest="copy_to",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=cfg.SPECS["copy_to"].help,
+    )
     flag(b, "live_pass")
+    flag(b, "append_only")
     flag(b, "max_shrink")
     flag(b, "max_downtime")
     flag(b, "lock_wait")
@@ -138,6 +147,8 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     out.summary["bytes_uploaded"] = result.summary.uploaded_bytes  # both passes
     if result.unstable:
         out.problems.append(f"{', '.join(result.unstable)} did not stay running after the restart")
+    if settings.copy_to:
+        await _copies(settings, result.snapshot_id, out, code)
     if not args.prune:
         return out
     if result.shrunk:
@@ -165,3 +176,33 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
             out.code = code or EXIT_PRUNE_FAILED
             out.problems.append(f"prune failed: {exc}")
     return out
+
+
+async def _copies(settings: cfg.Settings, snapshot_id: str, out: Outcome, code: int) -> None:
+    """backup --copy-to: the new snapshot copied to each named repository, the stack already
+    started again. A failed copy leaves the snapshot committed: exit 6 (unless the backup's
+    own code says more), one line each, and the summary's `copies` says which."""
+    from immich_stream.commands.copy import lines, summary
+    from immich_stream.repository.copy import copy_snapshots
+
+    out.summary["copies"] = []
+    for name in settings.copy_to:
+        try:
+            stats = await copy_snapshots(settings, name, [snapshot_id])
+        except asyncio.CancelledError:  # a signal during the copy: the snapshot stands
+            raise AfterCommitError(
+                f"snapshot {snapshot_id} committed, then the copy to {name} was interrupted by "
+                f"{cleanup.signal_name() or 'a signal'}"
+            ) from None
+        except ImmichStreamError as exc:
+            print(
+                f"immich-stream: error: snapshot {snapshot_id} committed, but the copy to {name} failed: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            out.code = out.code or code or EXIT_PRUNE_FAILED
+            out.problems.append(f"copy to {name} failed: {exc}")
+            out.summary["copies"].append({"repository": name, "ok": False, "error": str(exc)})
+            continue
+        print("\n".join(lines(stats)), flush=True)
+        out.summary["copies"].append(summary(name, stats))

@@ -29,6 +29,7 @@ LOCAL_FLAGS = {
     "stop",
     "exclude",
     "live_pass",
+    "append_only",
     "max_shrink",
     "max_downtime",
     "jobs",
@@ -49,6 +50,7 @@ LOCAL_FLAGS = {
     "storage_class_postgres",
     "thaw_days",
     "thaw_tier",
+    "copy_to",
 }
 
 
@@ -96,6 +98,13 @@ def common_parser() -> Parser:
         metavar="PATH",
         help="TOML config file (default: $IMMICH_STREAM_CONFIG, ~/.config/immich-stream/config.toml, "
         "/etc/immich-stream/config.toml)",
+    )
+    g.add_argument(
+        "--repo",
+        dest="repo",
+        metavar="NAME",
+        help="run against the named repository [repositories.NAME] of the config file (e.g. the copy that "
+        "`copy` and backup --copy-to write) instead of the main one",
     )
     for spec in cfg.SETTINGS:
         if spec.flag and spec.name not in LOCAL_FLAGS:

@@ -293,6 +293,7 @@ def metrics_text(
         m.add("immich_stream_backup_dump_bytes", db.get("size"), "the database dump", kind="sql")
         m.add("immich_stream_backup_dump_bytes", db.get("compressed_size"), "the database dump", kind="gzip")
         m.add("immich_stream_backup_complete", 1 if s.get("complete") else 0, "1 when no file was left out")
+    _copy_metrics(m, s.get("copies") or [])
     success = outcome.code == 0 if command != "backup" else outcome.code in (0, 5, 6) and "id" in s
     carried = list(KEPT_ON_FAILURE[1:] if success else KEPT_ON_FAILURE)
     if success:
@@ -319,6 +320,26 @@ def metrics_text(
             )
     m.kept = _previous(path, tuple(carried))
     return m.text()
+
+
+def _copy_metrics(m: Metrics, copies: list[dict[str, Any]]) -> None:
+    """Per destination of `copy` or backup --copy-to: ok or failed, what was copied, and
+    the newest snapshot the destination holds from this repository."""
+    for c in copies:
+        repo = {"repository": str(c.get("repository"))}
+        m.add("immich_stream_copy_ok", 1 if c.get("ok") else 0, "1 when the last copy to it succeeded", **repo)
+        if not c.get("ok"):
+            continue
+        m.add("immich_stream_copy_objects", c.get("objects"), "objects the last copy to it copied", **repo)
+        m.add("immich_stream_copy_bytes", c.get("bytes"), "bytes the last copy to it copied", **repo)
+        last = c.get("last_snapshot")
+        t = snapshot_time(last) if isinstance(last, str) else None
+        m.add(
+            "immich_stream_copy_last_snapshot_timestamp_seconds",
+            t,
+            "when the newest snapshot copied to it was taken",
+            **repo,
+        )
 
 
 def write_metrics(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     from immich_stream.repository.locks import unlock
     from immich_stream.repository.session import open_repo
 
-    async with open_repo(settings, check=False) as repo:  # whatever is there: unlock must always work
+    async with open_repo(settings, check=False, deletes="unlock") as repo:  # whatever is there: unlock must always work
         removed, forced, kept = await unlock(repo, args.force, settings.tuning.lock_stale)
     for lk in removed + forced:
         # Without its lock a run cannot commit, and prune no longer spares its uploads.

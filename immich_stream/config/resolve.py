@@ -28,6 +28,7 @@ from immich_stream.config.parse import (
     parse_rate,
     parse_size,
 )
+from immich_stream.config.repositories import parse_names, parse_repositories, target
 from immich_stream.config.settings import SECTIONS, SETTINGS, SPECS, TOML_KEYS, Settings, Spec
 from immich_stream.config.tuning import Tuning, min_part_size
 from immich_stream.errors import ConfigError
@@ -125,6 +126,10 @@ def load(
                 data = _read_toml(candidate)
                 break
 
+    repositories = {}
+    if "repositories" in data:
+        assert config_file is not None
+        repositories = parse_repositories(config_file, data.pop("repositories"))
     for section, table in data.items():
         assert config_file is not None
         for key, value in _check_section(config_file, section, table).items():
@@ -164,7 +169,7 @@ def load(
                 raw["project"] = (name, f"{immich_dir}/docker-compose.yml name:", None)
 
     short = environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0")
-    settings = Settings(config_file=config_file)
+    settings = Settings(config_file=config_file, repositories=repositories)
     for spec in SETTINGS:
         if spec.name in raw:
             value = _parse(spec.name, *raw[spec.name], short_durations=short)
@@ -250,6 +255,8 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
                 "exclude each other: choose SSE-S3/KMS or SSE-C"
             )
         read_sse_c_key(s.sse_c_key_file, s.sources["sse_c_key_file"])
+    for name in s.copy_to:  # a typo must not be found after the night's backup
+        target(s, name, "copy_to")
     if s.metrics_file is not None:  # found out at the end of a night's backup would be too late
         where = s.sources["metrics_file"]
         if s.metrics_file.is_dir():
@@ -287,7 +294,7 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
             shown = f"{value * 100:g}%"
         elif spec.parse is parse_rate:
             shown = f"{value:g} MiB/s" if value else "no limit"
-        elif spec.parse is parse_exclude:
+        elif spec.parse is parse_exclude or spec.parse is parse_names:
             shown = ", ".join(value) if value else "(nothing)"
         else:
             shown = str(value)

@@ -53,6 +53,7 @@ from immich_stream.config.parse import (
     parse_storage_class,
     parse_thaw_tier,
 )
+from immich_stream.config.repositories import Target, parse_names
 from immich_stream.config.tuning import Tuning
 from immich_stream.errors import ConfigError
 
@@ -353,6 +354,13 @@ class Settings:
         "upload new and changed files while Immich runs, then stop it only for a pass that re-reads what "
         "changed since (--no-live-pass: one pass, the whole upload with the stack stopped)",
     )
+    append_only: bool = setting(
+        "backup",
+        False,
+        parse_bool,
+        "the S3 key cannot delete: send no delete at all (probes, released locks and journals are left for "
+        "`prune` run elsewhere with a key that can); detected by itself at the first refused delete",
+    )
     jobs: int = setting(
         "backup",
         8,
@@ -494,6 +502,14 @@ class Settings:
         high=7 * DAY,
     )
 
+    copy_to: tuple[str, ...] = setting(
+        "backup",
+        (),
+        parse_names,
+        "after a committed snapshot (and the stack started again), copy it to these named repositories "
+        "([repositories.NAME]; repeatable or a comma list): the second copy of 3-2-1",
+    )
+
     # [monitor]
     ping_url: str | None = setting(
         "monitor",
@@ -535,6 +551,11 @@ class Settings:
     # restore/snapshots/verify --as-of: read the bucket as it was then (s3/asof.py); not a setting
     as_of: dt.datetime | None = None
     config_file: Path | None = None
+    # [repositories.NAME] of the config file (config/repositories.py); with --repo NAME, the
+    # named one's credentials (never shown: repr=False) and its name
+    repositories: dict[str, Target] = dataclasses.field(default_factory=dict)
+    credentials: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
+    repository_name: str | None = None
 
     def require(self, *names: str) -> None:
         """Raise ConfigError for the first of `names` that is unset."""

@@ -8,7 +8,8 @@
     <prefix>/snapshots/<id>/journal/<pass>-<n>.jsonl.gz  what an uncommitted run has read and
                                                 uploaded so far (deleted once it commits)
     <prefix>/locks/<name>.json                  a run's lock (locks.py)
-    <prefix>/preflight/<host>-<id>              a probe proving the bucket writable (and the server's clock)
+    <prefix>/preflight/<host>-<name>            a probe proving the bucket writable (or deletes allowed, or the
+                                                server's clock); removed again, or by prune (append-only)
     <prefix>/doctor/<id>/...                    `doctor`'s probe objects, removed again
 
 A run id is a snapshot id (new_snapshot_id). Layout knows names only; Repo (repo.py) is a
@@ -203,9 +204,14 @@ class Layout:
     def lock_key(self, name: str) -> str:
         return self.locks_prefix() + name
 
-    def preflight_key(self, run_id: str) -> str:
-        """A probe object of this host's run `run_id` (also the clock probe: "clock-<random>")."""
-        return self._k(f"preflight/{socket.gethostname()}-{run_id}")
+    def preflight_prefix(self) -> str:
+        return self._k("preflight/")
+
+    def preflight_key(self, name: str) -> str:
+        """A probe object of this host: "backup" (the bucket writable), "delete" (may this key
+        delete?), "clock" or "clock-<random>" (the server's clock). Fixed names: what a key
+        that cannot delete leaves of them stays one object per host (prune removes it)."""
+        return self.preflight_prefix() + f"{socket.gethostname()}-{name}"
 
     def probes_prefix(self) -> str:
         """Where `doctor` puts its probe objects."""

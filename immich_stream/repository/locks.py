@@ -20,6 +20,13 @@ for hours has a monotonic clock that saw no time pass) and by this host's boot-t
 `unlock` leaves a tombstone (<lock>.removed) before removing a lock: a refresh whose write
 was on its way while the lock was removed sees it right after writing, removes the lock
 again and stops; nothing re-creates a removed lock. Tombstones are collected once stale.
+
+Released: a run whose S3 key cannot delete (append-only: --append-only, or detected at the
+first refused delete, store.discard) releases its lock, and backs off while acquiring, by
+overwriting the lock object with a released body ({"released": true, ...}, PutObject
+only). Every reader takes a released lock for no lock (list_locks skips it; a run's own is
+no longer "ours": its refresh never writes it again); prune, whose key may delete, removes
+released locks. Versions before this one skip the body as unreadable (no host): no lock.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ REFRESH = 60.0  # seconds between refreshes of a held lock (at most)
 STALE = 30 * 60.0  # seconds (server clock) without refresh after which a lock is stale (restic's figure)
 POLL = 2.0  # seconds between looks while waiting for a lock
 TOMBSTONE = ".removed"  # beside a lock `unlock` removed: its run must not write it again
+RELEASED = "released"  # the field of a released lock's body (see the module's docstring)
 
 
 def _clock() -> float:
@@ -77,7 +85,7 @@ class LockSite(Protocol):
 
     def lock_key(self, name: str) -> str: ...
 
-    def preflight_key(self, run_id: str) -> str: ...
+    def preflight_key(self, name: str) -> str: ...
 
 
 @dataclass
@@ -111,7 +119,9 @@ class LockInfo:
 # -- lock objects --------------------------------------------------------------------------------
 
 
-async def list_locks(repo: LockSite) -> list[LockInfo]:
+async def list_locks(repo: LockSite, released: list[str] | None = None) -> list[LockInfo]:
+    """The live locks (stale ones included: judged by the caller); the keys of released
+    ones (no lock to anyone) are appended to `released` when given (prune removes them)."""
     out = []
     base = repo.locks_prefix()
     async for obj in repo.store.list_objects(base):
@@ -121,6 +131,10 @@ async def list_locks(repo: LockSite) -> list[LockInfo]:
             continue
         try:
             d = json.loads(await repo.store.get(obj.key))
+            if isinstance(d, dict) and d.get(RELEASED):
+                if released is not None:
+                    released.append(obj.key)
+                continue
             out.append(
                 LockInfo(
                     obj.key,
@@ -149,7 +163,8 @@ def own_time(locks: list[LockInfo], key: str) -> dt.datetime | None:
 async def server_now(repo: LockSite) -> dt.datetime | None:
     """The S3 server's present: the LastModified of a probe object written just now
     (None when the server does not say: then no lock is judged stale by age)."""
-    key = repo.preflight_key("clock-" + secrets.token_hex(4))
+    # A key that cannot delete leaves the probe: then one of a fixed name, overwritten each time.
+    key = repo.preflight_key("clock" if repo.store.append_only else "clock-" + secrets.token_hex(4))
     await repo.store.put(key, b"immich-stream clock probe\n")
     try:
         async for obj in repo.store.list_objects(key):
@@ -157,7 +172,7 @@ async def server_now(repo: LockSite) -> dt.datetime | None:
                 return obj.last_modified
         return None
     finally:
-        await repo.store.delete([key])
+        await repo.store.discard([key])
 
 
 class RepoLock:
@@ -204,6 +219,13 @@ class RepoLock:
             }
         ).encode()
 
+    async def _release(self) -> None:
+        """Our lock object no lock to anyone: deleted, or, when this key cannot delete,
+        overwritten with a released body (prune removes it)."""
+        if not await self.repo.store.discard([self.key]):
+            body = {RELEASED: True, "command": self.command, "run": self.run, "token": self.token}
+            await self.repo.store.put(self.key, json.dumps(body).encode(), "application/json")
+
     async def _write(self) -> None:
         sent = _clock()
         await self.repo.store.put(self.key, self._body(), "application/json")
@@ -228,7 +250,7 @@ class RepoLock:
             await self._acquire()
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.repo.store.delete([self.key]))
+                await asyncio.shield(self._release())
             release_run(self.token, self._run_fd)
             raise
         self._refresher = asyncio.create_task(self._refresh())
@@ -246,7 +268,7 @@ class RepoLock:
             if not conflicts:
                 self._server_last = own_time(locks, self.key)
                 return
-            await self.repo.store.delete([self.key])  # and back off, for a random while
+            await self._release()  # and back off, for a random while
             self._last_ok = None
             if time.monotonic() >= deadline:
                 holder = conflicts[0].describe()
@@ -269,7 +291,7 @@ class RepoLock:
             return False
         except ValueError:
             return False
-        return isinstance(d, dict) and d.get("token") == self.token
+        return isinstance(d, dict) and d.get("token") == self.token and not d.get(RELEASED)
 
     def _lose(self, why: str, said: str) -> None:
         if self._lost is None:
@@ -293,7 +315,7 @@ class RepoLock:
             elif obj.key == tombstone_key(self.key):
                 removed = True
         if removed:
-            await self.repo.store.delete([self.key])  # it must stay removed
+            await self._release()  # it must stay removed
             self._lose("its lock object was removed (by `unlock --force`?)", "was removed")
             return
         if modified is not None and self._server_last is not None:
@@ -366,7 +388,7 @@ class RepoLock:
         try:
             # Bounded: S3 may be what failed; a lock left behind goes stale by itself (at
             # once for runs on this host, whose run file shows the process gone).
-            removed = await cleanup.best_effort(f"remove the lock {self.key}", self.repo.store.delete([self.key]))
+            removed = await cleanup.best_effort(f"remove the lock {self.key}", self._release())
         finally:
             if self._run_fd is not None:
                 release_run(self.token, self._run_fd, lock_removed=removed)

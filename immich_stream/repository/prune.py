@@ -150,7 +150,9 @@ async def prune(
     settings.require("bucket")
     apply_policy([], policy)  # refuses an empty policy before anything is touched
     report = PruneReport()
-    async with open_locked(settings, LockSpec("prune", exclusive=True, wait=lock_wait)) as (repo, lock):
+    async with open_locked(
+        settings, LockSpec("prune", exclusive=True, wait=lock_wait), deletes=None if dry_run else "prune"
+    ) as (repo, lock):
         # A frozen S3 must not keep prune (and its exclusive lock) alive for hours of retries.
         hung = s3_hang(repo.store, settings.stall_timeout, "prune stopped; run it again")
         await with_watchdog(
@@ -191,7 +193,8 @@ async def _prune_locked(
     # our exclusive lock: a run starting later waits for us.) A run whose lock went stale by
     # the server's clock never commits (RepoLock.ensure_held): its lock goes, and its uploads
     # are collected like any others once older than --stale-after.
-    locks = await list_locks(repo)
+    released: list[str] = []  # locks released by runs whose key cannot delete: no lock to anyone
+    locks = await list_locks(repo, released)
     server_now = own_time(locks, lock.key)
     dead = [lk for lk in locks if lk.key != lock.key and lk.stale(server_now, lock.stale)]
     if dead and not dry_run:
@@ -219,15 +222,22 @@ async def _prune_locked(
             report.incomplete_removed.append(sid)
     # What an interrupted run that is not yet stale uploaded (its journal) is what the next
     # backup resumes from: objects it names are kept as if a snapshot referenced them.
-    # A committed snapshot's journal is a leftover (its run could not delete it).
+    # A committed snapshot's journal is a leftover (its run could not delete it: it failed
+    # right after the commit, or its key cannot delete), and so is a manifest's rewrite copy.
     journal_keys: list[str] = []
     for sid, done in dirs.items():
         if sid in doomed_dirs or sid in busy:
             continue
-        passes = await repo.journals(sid)
         if done:
-            journal_keys.extend(k for keys in passes.values() for k in keys)
+            journal_keys.extend(
+                [
+                    obj.key
+                    async for obj in store.list_objects(repo.snapshot_prefix(sid))
+                    if obj.key.startswith(repo.journal_prefix(sid)) or obj.key == repo.rewrite_key(sid)
+                ]
+            )
             continue
+        passes = await repo.journals(sid)
         keys = [k for keys in passes.values() for k in keys]
         async for line in repo.read_journal(keys, f"the journal of the interrupted run {sid}"):
             _reference(line, referenced)
@@ -297,6 +307,9 @@ async def _prune_locked(
     await store.delete(dir_keys)
     await store.delete(journal_keys)
     await store.delete(doomed)
+    if leftovers := released + await _probes_left(repo, server_now, lock.stale):
+        log.info("removed %d released locks and probes left by runs whose key could not delete", len(leftovers))
+        await store.delete(leftovers)
     for key, upload_id in uploads:
         await store.abort_multipart(key, upload_id)
     if report.lock is not None:
@@ -370,6 +383,23 @@ def _run_of(rel: str) -> str | None:
     if run is None and tail.partition("/")[::2] != ("", ""):
         log.warning("leaving alone %s/%s: not written by an immich-stream run", top, tail)
     return run
+
+
+async def _probes_left(repo: Repo, server_now: dt.datetime | None, stale: float) -> list[str]:
+    """Probe objects a key that cannot delete left: backups' and unlock's under preflight/
+    (each is written and deleted within a second: none is needed once listed), doctor's
+    under doctor/ once older than a lock's staleness (a younger one may be a running doctor's)."""
+    keys = [obj.key async for obj in repo.store.list_objects(repo.preflight_prefix())]
+    if server_now is not None:
+        old = server_now - dt.timedelta(seconds=stale)
+        keys.extend(
+            [
+                obj.key
+                async for obj in repo.store.list_objects(repo.probes_prefix())
+                if isinstance(obj.last_modified, dt.datetime) and obj.last_modified < old
+            ]
+        )
+    return keys
 
 
 def _run_is_young(run: str, threshold: dt.datetime, last_modified: Any) -> bool:

@@ -254,9 +254,10 @@ class Repo(Layout):
         return {name: sorted(keys) for name, keys in sorted(passes.items())}, newest
 
     async def delete_journals(self, snap_id: str) -> None:
+        """A committed run's journals, which nothing reads any more (only uncommitted runs'
+        are resumed from): deleted, or left for prune by a key that cannot delete."""
         keys = [obj.key async for obj in self.store.list_objects(self.journal_prefix(snap_id))]
-        if keys:
-            await self.store.delete(keys)
+        await self.store.discard(keys)
 
     # config.json
     async def ensure_config(self, keys: Keys | None = None) -> None:
@@ -489,7 +490,7 @@ class Repo(Layout):
                 async for line in self.read_lines_at(src):
                     await out.add(each(line) if each is not None else line)
                 await out.finish()
-        await self.store.delete([tmp])
+        await self.store.discard([tmp])  # left by a key that cannot delete: prune removes it
         return True
 
     def manifest_mac(self, snap_id: str) -> ManifestMac | None:

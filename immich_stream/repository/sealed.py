@@ -199,6 +199,16 @@ class SealedStore:
     async def delete(self, keys: list[str]) -> None:
         await self.raw.delete(keys)
 
+    async def discard(self, keys: list[str]) -> bool:
+        return await self.raw.discard(keys)
+
+    async def can_delete(self, key: str) -> bool:
+        return await self.raw.can_delete(key)
+
+    @property
+    def append_only(self) -> bool:
+        return self.raw.append_only
+
     async def list_multipart(self, prefix: str) -> list[tuple[str, str, Any]]:
         return await self.raw.list_multipart(prefix)
 

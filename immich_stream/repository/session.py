@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from immich_stream.config import Settings
-from immich_stream.errors import ConfigError, ForgedError, ImmichStreamError, RepoError
+from immich_stream.errors import ConfigError, DeleteDenied, ForgedError, ImmichStreamError, RepoError
 from immich_stream.repository.age import load_keys
 from immich_stream.repository.locks import RepoLock, list_locks, own_time
 from immich_stream.repository.repo import Repo
 from immich_stream.repository.retention import LockPolicy, check_bucket
 from immich_stream.s3.asof import AsOfStore
+from immich_stream.s3.classify import why_no_repository
 from immich_stream.s3.options import StoreOptions
-from immich_stream.s3.store import Store, why_no_repository
+from immich_stream.s3.store import Store
 
 
 @dataclass(frozen=True)
@@ -76,25 +77,37 @@ async def _alone(repo: Repo, held: RepoLock) -> bool:
 
 @contextlib.asynccontextmanager
 async def open_repo(
-    settings: Settings, *, lock: LockSpec | None = None, create_for: str | None = None, check: bool = True
+    settings: Settings,
+    *,
+    lock: LockSpec | None = None,
+    create_for: str | None = None,
+    check: bool = True,
+    deletes: str | None = None,
 ) -> AsyncIterator[Repo]:
     """`async with open_repo(settings) as repo:` ... `repo.store` is the bucket.
 
     create_for: a run id; prove the bucket writable (a probe object named by it) and create
     config.json in a new repository (backup). check=False skips the format check (unlock
     must work on whatever is there). With `lock`, it is held until the block ends (a
-    command that must see it, to commit or judge others' locks, uses open_locked)."""
-    async with _open(settings, lock, create_for, check) as (repo, _):
+    command that must see it, to commit or judge others' locks, uses open_locked).
+    deletes: the command's name when it needs a key that may delete (prune, unlock): a
+    key that cannot is refused (DeleteDenied) before the lock is taken or anything touched."""
+    async with _open(settings, lock, create_for, check, deletes) as (repo, _):
         yield repo
 
 
 @contextlib.asynccontextmanager
 async def open_locked(
-    settings: Settings, lock: LockSpec, *, create_for: str | None = None, check: bool = True
+    settings: Settings,
+    lock: LockSpec,
+    *,
+    create_for: str | None = None,
+    check: bool = True,
+    deletes: str | None = None,
 ) -> AsyncIterator[Locked]:
     """open_repo, yielding the held lock beside the repository (`lock.ensure_held()`
     before a commit; its key and staleness for judging other runs' locks)."""
-    async with _open(settings, lock, create_for, check) as (repo, held):
+    async with _open(settings, lock, create_for, check, deletes) as (repo, held):
         assert held is not None
         yield Locked(repo, held)
 
@@ -104,13 +117,13 @@ async def open_reader(settings: Settings, command: str) -> AsyncIterator[tuple[R
     """A reader's open_locked (restore, verify, drill): the shared lock, or none at all in an
     --as-of view (which writes nothing; what it reads is locked versions, which no prune
     deletes within the lock window)."""
-    async with _open(settings, reader(settings, command), None, True) as opened:
+    async with _open(settings, reader(settings, command), None, True, None) as opened:
         yield opened
 
 
 @contextlib.asynccontextmanager
 async def _open(
-    settings: Settings, lock: LockSpec | None, create_for: str | None, check: bool
+    settings: Settings, lock: LockSpec | None, create_for: str | None, check: bool, deletes: str | None
 ) -> AsyncIterator[tuple[Repo, RepoLock | None]]:
     settings.require("bucket")
     keys = load_keys(settings.age_identity, settings.age_recipients)
@@ -123,12 +136,22 @@ async def _open(
         repo = Repo(store, settings.prefix, journal_interval=tuning.journal_interval, trust_bucket=tuning.trust_bucket)
         repo.lock = LockPolicy.of(settings)
         store.retention_for = repo.retention_for
+        if create_for is not None and repo.lock is not None:  # before anything is written or stopped
+            await check_bucket(store, settings.lock_days)
+        if deletes is not None and not await store.can_delete(repo.preflight_key("delete")):
+            raise DeleteDenied(
+                f"this S3 key cannot delete (AccessDenied on DeleteObject): {deletes} needs a key that can; "
+                f"run {deletes} with one (README: keys that cannot delete)"
+            )
+        # Append-only when set so (a backup, or a reader, sends no delete at all: its lock is
+        # released by overwriting it), or from the first refused delete on (store.discard).
+        store.append_only = settings.append_only and deletes is None
         if create_for is not None:
-            if repo.lock is not None:  # before anything is written or stopped
-                await check_bucket(store, settings.lock_days)
-            key = repo.preflight_key(create_for)
+            # The probe's name is fixed per host: what a key that cannot delete leaves of it
+            # stays one object (prune removes it).
+            key = repo.preflight_key("backup")
             await store.put(key, b"immich-stream preflight\n")
-            await store.delete([key])
+            await store.discard([key])
             await repo.ensure_config(keys)
         elif check:
             try:

@@ -34,6 +34,9 @@ class StoreOptions:
     storage_class: str | None = None
     storage_classes: tuple[tuple[str, str], ...] = ()
     botocore_only: bool = False  # no direct path: every request through aiobotocore (for comparison)
+    # a named repository's access key id and secret (config/repositories.py); None: the AWS
+    # credential chain. Never logged.
+    credentials: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, s: Settings, retries: int | None = None) -> StoreOptions:
@@ -64,6 +67,7 @@ class StoreOptions:
             storage_class=s.storage_class,
             storage_classes=roots,
             botocore_only=s.tuning.botocore_only,
+            credentials=s.credentials,
         )
 
     def storage_class_of(self, root: str) -> str | None:

@@ -30,9 +30,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
-from immich_stream.errors import StoreError
+from immich_stream.errors import DeleteDenied, StoreError
 from immich_stream.s3.checksums import (
     CHECK_ALGORITHMS,
     CHECK_HEADERS,
@@ -72,6 +72,13 @@ class HeadInfo:
     restore: str | None  # x-amz-restore: None (no thaw requested), 'ongoing-request="true"' ...
 
 
+# What S3 answers a key that may not delete (AWS and moto: AccessDenied, per key of a DeleteObjects).
+DENIED = ("AccessDenied", "AllAccessDisabled")
+APPEND_ONLY_WARNING = (
+    "this S3 key cannot delete: continuing append-only (what this run would delete is left for `prune` "
+    "run elsewhere with a key that can delete; set append_only to skip the attempt)"
+)
+
 # Classes whose objects must be thawed (RestoreObject) before a GET; GLACIER_IR need not.
 ARCHIVED_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
@@ -107,10 +114,10 @@ class Store:
         # --limit-upload / --limit-download: one bucket per direction for every request
         self.upload_limit = RateLimit.mib_per_s(options.limit_upload)
         self.download_limit = RateLimit.mib_per_s(options.limit_download)
-        # Object Lock: (mode, retain-until) an object written at key gets, by the repository's
-        # rule (repository/retention.py); None: none. `extended`: PutObjectRetention requests.
+        # Object Lock: the (mode, retain-until) an object written at key gets (repository/retention.py)
         self.retention_for: Callable[[str], tuple[str, dt.datetime] | None] = lambda key: None
-        self.extended = 0
+        # --append-only, or the first DeleteDenied of a discard(): no delete is sent any more
+        self.append_only = False
 
     async def __aenter__(self) -> Store:
         import aioboto3
@@ -130,7 +137,10 @@ class Store:
         )
         region = s.region or ("us-east-1" if s.endpoint_url else None)
         verify: bool | str = str(s.ca_bundle) if s.ca_bundle else s.verify_tls
-        session = aioboto3.Session()
+        keys = s.credentials
+        session = (
+            aioboto3.Session(aws_access_key_id=keys[0], aws_secret_access_key=keys[1]) if keys else aioboto3.Session()
+        )
         self._cm = session.client("s3", endpoint_url=s.endpoint_url, region_name=region, config=config, verify=verify)
         self._client = await self._cm.__aenter__()
         self._client.meta.events.register_last("before-call.s3", drop_expect_header)
@@ -297,11 +307,9 @@ class Store:
         Lock retention (retention_for)."""
         headers: dict[str, str] = {}
         kw: dict[str, Any] = {}
-        locked = self.retention_for(key)
-        if locked is not None:
-            mode, until = locked
-            headers["x-amz-object-lock-mode"] = kw["ObjectLockMode"] = mode
-            kw["ObjectLockRetainUntilDate"] = until
+        if (locked := self.retention_for(key)) is not None:
+            headers["x-amz-object-lock-mode"] = kw["ObjectLockMode"] = locked[0]
+            kw["ObjectLockRetainUntilDate"] = until = locked[1]
             headers["x-amz-object-lock-retain-until-date"] = until.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         if storage_class and storage_class != "STANDARD":
             headers["x-amz-storage-class"] = kw["StorageClass"] = storage_class
@@ -472,8 +480,7 @@ class Store:
                 body.close()
 
     def _version(self, key: str) -> dict[str, str]:
-        """The VersionId parameter a read of key carries: none (the current version) here;
-        an as-of view (asof.py) names the version it sees."""
+        """A read's VersionId: none here (the current version); asof.py names one."""
         return {}
 
     async def head(self, key: str) -> int | None:
@@ -495,6 +502,22 @@ class Store:
             return HeadInfo(int(resp["ContentLength"]), resp.get("StorageClass") or "STANDARD", resp.get("Restore"))
 
         return await self._retry.call(f"look up {key}", go)
+
+    async def copy_object(self, source_bucket: str, source_key: str, key: str, storage_class: str | None) -> None:
+        """A server-side copy (CopyObject) of source_bucket/source_key, on this Store's endpoint
+        with its credentials, to key: the bytes never pass through this process (`copy`)."""
+        kw: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "CopySource": {"Bucket": source_bucket, "Key": source_key},
+            **self._write_options(storage_class, key)[1],
+        }
+        if self._sse_c_kw:
+            kw["CopySourceSSECustomerAlgorithm"] = "AES256"
+            kw["CopySourceSSECustomerKey"] = self._sse_c_kw["SSECustomerKey"]
+            kw.update(self._sse_c_kw)
+        await self._retry.call(f"copy {source_key} to {key}", lambda: self._client.copy_object(**kw))
+        self.touch()
 
     async def restore_object(self, key: str, days: int, tier: str) -> str:
         """Ask S3 to thaw an archived object for `days`: "requested" (202), "thawed" (200: a
@@ -534,15 +557,50 @@ class Store:
         for i in range(0, len(keys), 1000):
             batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
 
-            resp = await self._retry.call(
-                "delete objects", functools.partial(self._client.delete_objects, Bucket=self.bucket, Delete=batch)
-            )
+            try:
+                resp = await self._retry.call(
+                    "delete objects", functools.partial(self._client.delete_objects, Bucket=self.bucket, Delete=batch)
+                )
+            except StoreError as exc:
+                if exc.code in DENIED:  # the whole request refused
+                    raise _denied(exc.code) from exc
+                raise
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
+                if denied := [e for e in errors if e.get("Code") in DENIED]:  # AWS and moto refuse each key
+                    raise _denied(str(denied[0].get("Code")))
                 raise StoreError(
                     f"could not delete {len(errors)} objects, first {first.get('Key')}: {first.get('Message')}"
                 )
+
+    async def discard(self, keys: list[str]) -> bool:
+        """Delete what a backup no longer needs (a probe, a released lock, a committed run's
+        journal), unless this key cannot delete: append-only (--append-only, or detected
+        here at the first DeleteDenied, said once), the keys are left for `prune` run with a
+        key that can. True when they were deleted."""
+        if self.append_only or not keys:
+            return not keys
+        try:
+            await self.delete(keys)
+        except DeleteDenied:
+            if not self.append_only:
+                self.append_only = True
+                log.warning(APPEND_ONLY_WARNING)
+            return False
+        return True
+
+    async def can_delete(self, key: str) -> bool:
+        """Whether this key may delete: `key` (a probe of a fixed name: what a key that may
+        not delete leaves stays one object) written, then deleted. A key that may not
+        delete makes this store append-only, silently (the caller says what it means)."""
+        await self.put(key, b"immich-stream delete probe\n")
+        try:
+            await self.delete([key])
+        except DeleteDenied:
+            self.append_only = True
+            return False
+        return True
 
     async def probe_checksum_sha256(self, key: str, data: bytes, value: str) -> str | None:
         """doctor's probe, a request the tool itself never sends: one PutObject of data with
@@ -614,18 +672,10 @@ class Store:
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}, **self._sse_c_kw
             ),
         )
-        locked = self.retention_for(key)
-        if locked is not None:
-            # The retention asked for at CreateMultipartUpload, set again on the object: some
-            # servers (moto) do not carry it over to the completed object.
-            mode, until = locked
-            await self._retry.call(
-                f"set the retention of {key}",
-                lambda: self._client.put_object_retention(
-                    Bucket=self.bucket, Key=key, Retention={"Mode": mode, "RetainUntilDate": until}
-                ),
-                small=True,
-            )
+        if (locked := self.retention_for(key)) is not None:  # moto drops CreateMultipartUpload's retention
+            retain = {"Mode": locked[0], "RetainUntilDate": locked[1]}
+            put = functools.partial(self._client.put_object_retention, Bucket=self.bucket, Key=key, Retention=retain)
+            await self._retry.call(f"set the retention of {key}", put, small=True)
         self.touch()
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -656,34 +706,10 @@ class Store:
             kw["UploadIdMarker"] = resp.get("NextUploadIdMarker")
 
 
-async def why_no_repository(store: Store, endpoint: str | None) -> StoreError | None:
-    """Why a repository's config.json is not there, when the reason is not an empty prefix:
-    the bucket does not exist, or the endpoint is no S3 server at all (a web console's port,
-    a typo). One listing, asked only after the config was found missing; None when the
-    bucket lists fine (then there is simply no repository)."""
-    where = endpoint or "AWS S3"
-    not_s3 = (
-        f"{where} is not an S3 endpoint (its answer to a bucket listing is no S3 listing): check "
-        "S3_ENDPOINT_URL (the S3 API's address and port, not a web console's)"
+def _denied(code: str) -> DeleteDenied:
+    error = DeleteDenied(
+        f"this S3 key cannot delete ({code} on DeleteObject): backups work append-only with it; "
+        "run prune, unlock and doctor's cleanup with a key that can delete (README: keys that cannot delete)"
     )
-    try:
-        async with asyncio.timeout(60):
-            listing = await store._client.list_objects_v2(Bucket=store.bucket, MaxKeys=1)
-        if "Name" not in listing and "IsTruncated" not in listing:  # an HTML page parses as empty XML
-            return StoreError(not_s3)
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "NoSuchBucket":
-            return StoreError(f"bucket {store.bucket!r} does not exist on {where}: create it or fix S3_BUCKET")
-        if not code or code.isdigit():  # no S3 error document: some other web server answered
-            return StoreError(
-                f"{where} is not an S3 endpoint (a bucket listing got HTTP {status} without an S3 error): "
-                "check S3_ENDPOINT_URL (the S3 API's address and port, not a web console's)"
-            )
-    except BotoCoreError as exc:
-        if "pars" in type(exc).__name__.lower() or "pars" in str(exc).lower():
-            return StoreError(not_s3)
-    except TimeoutError:
-        pass
-    return None
+    error.code = code
+    return error

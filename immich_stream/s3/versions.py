@@ -118,7 +118,6 @@ async def set_retention(store: Store, key: str, mode: str, until: dt.datetime) -
         ),
         small=True,
     )
-    store.extended += 1
 
 
 async def list_versions(store: Store, prefix: str) -> AsyncIterator[Version]:
