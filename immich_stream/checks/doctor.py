@@ -386,7 +386,16 @@ async def object_lock(store: Any, lock_days: int, lock_mode: str) -> tuple[str, 
     what they mean for --lock-days (docs/format.md, "Object Lock")."""
     from immich_stream.s3.versions import bucket_lock
 
-    state = await bucket_lock(store)
+    try:
+        state = await bucket_lock(store)
+    except StoreError as exc:
+        if exc.code != "AccessDenied":
+            raise
+        # a backup key with the least rights (README) may not read the bucket's settings
+        rights = "s3:GetBucketVersioning and s3:GetBucketObjectLockConfiguration"
+        if lock_days:
+            return FAIL, f"this key may not read the bucket's versioning and Object Lock: --lock-days needs {rights}"
+        return SKIP, f"this key may not read the bucket's versioning and Object Lock ({rights})"
     seen = state.describe()
     if lock_days:
         if state.versioning != "Enabled" or not state.object_lock:
