@@ -312,8 +312,6 @@ async def _prune_locked(
         await store.delete(leftovers)
     for key, upload_id in uploads:
         await store.abort_multipart(key, upload_id)
-    if report.lock is not None:
-        await sweep(repo, {*commit_keys, *dir_keys, *journal_keys, *doomed}, report.lock)
     if chosen:
         unused = sum(p.unused for p in chosen)
         log.info("repacking %d packs: %s of them no kept snapshot needs", len(chosen), format_size(unused))
@@ -322,6 +320,10 @@ async def _prune_locked(
         repacked = {p.key for p in chosen} - {*report.repack.damaged, *report.repack.unreadable}
         report.packs_partly_used += len(chosen) - len(repacked)
         report.pack_bytes_unused += sum(p.unused for p in chosen if p.key not in repacked)
+    if report.lock is not None:  # last: the versions of all it deleted, the old packs too
+        gone = {*commit_keys, *dir_keys, *journal_keys, *doomed}
+        gone.update(repo.object_key(p.key) for p in chosen if p.key not in report.repack.damaged)
+        await sweep(repo, gone, report.lock)
 
 
 def _reference(line: ManifestLine, referenced: set[bytes]) -> None:
