@@ -199,6 +199,9 @@ def _snapshot_ids(settings: cfg.Settings) -> list[str] | None:
     (the metrics file then keeps the figures it had)."""
     from immich_stream.repository.session import open_repo
 
+    if settings.as_of is not None:  # a restore --as-of: what the bucket holds now is not what it read
+        return None
+
     async def listing() -> list[str]:
         async with asyncio.timeout(60), open_repo(settings) as repo:
             return await repo.snapshot_ids()

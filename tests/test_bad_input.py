@@ -68,6 +68,8 @@ WRONG: dict[str, tuple[str, str]] = {
     "storage_class_postgres": ("S3", "[]"),
     "thaw_days": ("0", "31"),
     "thaw_tier": ("fast", "1"),
+    "lock_days": ("-1", "36501"),
+    "lock_mode": ("legal-hold", "true"),
     "thaw_poll": ("1s", '"2d"'),
     "sse": ("aes", "true"),
     "sse_kms_key_id": ("two words", "5"),

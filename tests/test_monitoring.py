@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONTAINERS, ImmichStack, S3Server, free_port, running_containers
+from tests.conftest import CONTAINERS, KEY, SECRET, ImmichStack, S3Server, free_port, running_containers
 from tests.helpers import REPO_ROOT, Bucket, make_library, run_cli, start_cli, tree, wait_for
 
 MIB = 1024 * 1024
@@ -353,11 +353,43 @@ def test_doctor_tells_what_each_s3_server_verifies(
     assert rows["server checks x-amz-checksum-sha256"][0] == "WARN"
     assert "under 5 MiB accepted" in rows["multipart upload"][1]
     assert "doctor/" not in str(bucket_keys(s3_env))  # every probe removed again
+    assert rows["versioning, Object Lock"] == (
+        "ok",
+        "versioning off, Object Lock off, default retention: none: snapshots can be deleted by any key that may "
+        "delete (see --lock-days in the README)",
+    )
 
     moto = dict(s3_env, S3_ENDPOINT_URL=moto_s3.endpoint, S3_BUCKET=moto_s3.new_bucket())
     rows = doctor_rows(run_cli("doctor", env=dict(moto, IMMICH_STREAM_STOP="app")).out)
     assert rows["server checks Content-MD5"][0] == "WARN"  # moto verifies nothing
     assert "enforces S3's 5 MiB minimum" in rows["multipart upload"][1]
+    # a bucket with Object Lock and a default retention: what --lock-days makes of it
+    locked = dict(moto, S3_BUCKET=moto_s3.new_bucket())
+    Bucket(moto_s3.endpoint, locked["S3_BUCKET"], KEY, SECRET).s3.put_bucket_versioning(
+        Bucket=locked["S3_BUCKET"], VersioningConfiguration={"Status": "Enabled"}
+    )
+    rows = doctor_rows(run_cli("doctor", "--lock-days", "30", env=dict(locked, IMMICH_STREAM_STOP="app")).out)
+    assert (
+        rows["versioning, Object Lock"][0] == "FAIL"
+        and "--lock-days 30 needs both" in rows["versioning, Object Lock"][1]
+    )
+    lock_bucket = "lk-" + moto_s3.new_bucket()[2:]
+    b3 = Bucket(moto_s3.endpoint, lock_bucket, KEY, SECRET).s3
+    b3.create_bucket(Bucket=lock_bucket, ObjectLockEnabledForBucket=True)
+    b3.put_object_lock_configuration(
+        Bucket=lock_bucket,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 7}},
+        },
+    )
+    locked["S3_BUCKET"] = lock_bucket
+    rows = doctor_rows(run_cli("doctor", "--lock-days", "30", env=dict(locked, IMMICH_STREAM_STOP="app")).out)
+    assert rows["versioning, Object Lock"] == (
+        "ok",
+        "versioning Enabled, Object Lock enabled, default retention: GOVERNANCE 7 days: every snapshot is kept "
+        "30 days after its commit (governance)",
+    )
 
     weed = dict(s3_env, S3_ENDPOINT_URL=seaweed_s3.endpoint, S3_BUCKET=seaweed_s3.new_bucket())
     rows = doctor_rows(run_cli("doctor", env=dict(weed, IMMICH_STREAM_STOP="app")).out)
@@ -368,6 +400,4 @@ def test_doctor_tells_what_each_s3_server_verifies(
 
 
 def bucket_keys(env: dict) -> dict[str, int]:
-    from tests.conftest import KEY, SECRET
-
     return Bucket(env["S3_ENDPOINT_URL"], env["S3_BUCKET"], KEY, SECRET).keys()

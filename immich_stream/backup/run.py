@@ -41,6 +41,7 @@ from immich_stream.repository.layout import STOPPED_DIR, new_snapshot_id, snapsh
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import Chunk, ManifestWriter
 from immich_stream.repository.repo import JournalWriter, ObjectIndex, Repo
+from immich_stream.repository.retention import secure_snapshot
 from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.repository.summary import DatabaseInfo, ImmichInfo, ManifestInfo, RootMeta, RunStats, SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
@@ -592,6 +593,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
     record_source(summary, source, run.dump_result)
     assert run.dump_result is not None
+    if repo.lock is not None:  # --lock-days: what the snapshot reuses is retained long enough too
+        summary.lock = await secure_snapshot(repo, snap_id, prev, settings.jobs)
     await lock.ensure_held()  # prune may have collected this run's uploads if we lost the lock
     try:
         await repo.commit(summary)  # the commit point

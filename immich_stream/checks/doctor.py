@@ -283,6 +283,7 @@ class Doctor:
                 return OK, f"format ok{sealed}, {len(ids)} snapshots{newest}; {held}"
 
             await self.probe("repository", repository)
+            await self.probe("versioning, Object Lock", lambda: object_lock(store, s.lock_days, s.lock_mode))
 
     @contextlib.asynccontextmanager
     async def _probes_removed(self, store: Store, base: str) -> AsyncIterator[None]:
@@ -378,3 +379,30 @@ def table(doc: Doctor) -> list[str]:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     verdict = "a backup would work" if doc.ok else "a backup would NOT work: fix the FAIL lines"
     return [*lines, f"{when}: {verdict}"]
+
+
+async def object_lock(store: Any, lock_days: int, lock_mode: str) -> tuple[str, str]:
+    """doctor's report of the bucket's versioning, Object Lock and default retention, and
+    what they mean for --lock-days (docs/format.md, "Object Lock")."""
+    from immich_stream.s3.versions import bucket_lock
+
+    try:
+        state = await bucket_lock(store)
+    except StoreError as exc:
+        if exc.code != "AccessDenied":
+            raise
+        # a backup key with the least rights (README) may not read the bucket's settings
+        rights = "s3:GetBucketVersioning and s3:GetBucketObjectLockConfiguration"
+        if lock_days:
+            return FAIL, f"this key may not read the bucket's versioning and Object Lock: --lock-days needs {rights}"
+        return SKIP, f"this key may not read the bucket's versioning and Object Lock ({rights})"
+    seen = state.describe()
+    if lock_days:
+        if state.versioning != "Enabled" or not state.object_lock:
+            return FAIL, f"{seen}: --lock-days {lock_days} needs both; backup refuses (exit 2)"
+        return OK, f"{seen}: every snapshot is kept {lock_days} days after its commit ({lock_mode})"
+    if state.object_lock:
+        return WARN, f"{seen}: set --lock-days N so snapshots are retained and prune cleans old versions"
+    if state.versioning == "Enabled":
+        return WARN, f"{seen}: deletes leave old versions; a lifecycle rule must expire noncurrent versions"
+    return OK, f"{seen}: snapshots can be deleted by any key that may delete (see --lock-days in the README)"

@@ -30,7 +30,7 @@ from immich_stream.repository.manifest import Chunk, DamagedLine, ManifestLine, 
 from immich_stream.repository.packs import BATCH_FILES, PackReader, blob_runs
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import open_locked, reader, still_reading
+from immich_stream.repository.session import open_reader, still_reading
 from immich_stream.repository.thaw import need_thawed, thaw
 from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import ARCHIVED_CLASSES
@@ -95,7 +95,7 @@ async def verify(
 ) -> VerifyReport:
     started = time.monotonic()
     report = VerifyReport()
-    async with open_locked(settings, reader(settings, "verify")) as (repo, lock):
+    async with open_reader(settings, "verify") as (repo, lock):
         store = repo.store
         snaps = await repo.snapshots() if all_ else [await repo.resolve(which or "latest")]
         if not snaps:
@@ -129,7 +129,7 @@ async def verify(
     return report
 
 
-async def _name_sharers(repo: Repo, lock: RepoLock, snap: Snapshot, state: _State, report: VerifyReport) -> None:
+async def _name_sharers(repo: Repo, lock: RepoLock | None, snap: Snapshot, state: _State, report: VerifyReport) -> None:
     """Name the files (of any snapshot verified) whose bytes are in what was found damaged,
     beside the file that was read for them."""
     async for line in repo.read_manifest(snap.id, damaged=True):
@@ -158,7 +158,7 @@ async def _verify_snapshot(
     repo: Repo,
     packs: PackReader,
     budget: ByteBudget,
-    lock: RepoLock,
+    lock: RepoLock | None,
     snap: Snapshot,
     state: _State,
     report: VerifyReport,

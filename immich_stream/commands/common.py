@@ -6,6 +6,7 @@ checks of local paths a command will write, made before it touches S3 or the sta
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -183,3 +184,35 @@ def is_stream(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def as_of_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--as-of",
+        metavar="TIME",
+        help="see the repository as it was at TIME (ISO 8601 with a zone, e.g. 2026-05-01T03:00Z, or a duration "
+        "ago, e.g. 3d): on a versioned bucket, later deletes and overwrites are ignored; read-only",
+    )
+
+
+def as_of(args: argparse.Namespace, settings: cfg.Settings | None = None) -> dt.datetime | None:
+    """--as-of TIME as an aware datetime (ConfigError when it is none); set on settings when given."""
+    text = getattr(args, "as_of", None)
+    if not text:
+        return None
+    when: dt.datetime | None = None
+    try:
+        when = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cfg.parse_duration(text))
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+    if when is None or when.tzinfo is None:
+        raise ConfigError(
+            f"--as-of {text!r} is not a time with a zone: give ISO 8601 with one (2026-05-01T03:00:00Z, "
+            "2026-05-01T05:00+02:00) or a duration ago (36h, 3d)"
+        )
+    if settings is not None:
+        settings.as_of = when
+    return when

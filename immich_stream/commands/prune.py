@@ -78,6 +78,15 @@ async def run_prune(settings: cfg.Settings, reporter: Reporter, dry_run: bool) -
         f"uploads {would}",
         f"time       {rep.seconds:.1f} s",
     ]
+    if rep.lock is not None:
+        lk = rep.lock
+        lines.insert(
+            -1,
+            f"lock       {lk.extended} of {lk.checked} objects' retention extended (lock extend); "
+            f"{lk.kept_locked} objects kept until their retention ends"
+            + (f" (snapshots {', '.join(lk.snapshots_locked)})" if lk.snapshots_locked else "")
+            + f"; {lk.versions_deleted} old versions deleted",
+        )
     print("\n".join(lines), flush=True)
     return {"dry_run": dry_run, "policy": policy(settings).describe(), **plain(rep)}
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from immich_stream import config as cfg
 from immich_stream.commands.common import (
     Subparsers,
+    as_of,
+    as_of_option,
     check_from_file,
     check_state_dir,
     check_writable,
@@ -61,10 +63,12 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     transfer_options(r)
     thaw_options(r)
+    as_of_option(r)
 
 
 def check(args: argparse.Namespace) -> None:
     """Local paths the restore will write or read, and flags that do not go together."""
+    as_of(args)
     if args.database:
         check_state_dir()
     if args.to:
@@ -106,6 +110,7 @@ def check(args: argparse.Namespace) -> None:
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream import restore
 
+    as_of(args, settings)
     fs = cfg.format_size
     if args.from_file and not args.database:
         raise ConfigError("--from-file goes with --database: restore --database --from-file PATH")

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from immich_stream import config as cfg
-from immich_stream.commands.common import Subparsers
+from immich_stream.commands.common import Subparsers, as_of, as_of_option
 from immich_stream.commands.monitor import Outcome, snapshot_time
 from immich_stream.errors import ConfigError
 from immich_stream.progress import Reporter, format_eta
@@ -22,9 +22,11 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="exit 1 with one line when the newest committed snapshot is older than AGE (e.g. 36h, 2d)",
     )
     sn.add_argument("--all", dest="all_", action="store_true", help="also list incomplete snapshot directories")
+    as_of_option(sn)
 
 
 def check(args: argparse.Namespace) -> None:
+    as_of(args)
     if args.check_age:
         try:
             cfg.parse_duration(args.check_age)
@@ -36,6 +38,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     from immich_stream.repository.session import open_repo
     from immich_stream.repository.summary import to_dict
 
+    as_of(args, settings)
     async with open_repo(settings) as repo:
         dirs = await repo.snapshot_dirs()
         rows: list[dict[str, Any]] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from immich_stream import config as cfg
-from immich_stream.commands.common import Subparsers, thaw_options, transfer_options
+from immich_stream.commands.common import Subparsers, as_of, as_of_option, thaw_options, transfer_options
 from immich_stream.commands.monitor import Outcome, plain
 from immich_stream.errors import ConfigError, ProblemsFound
 from immich_stream.progress import Reporter
@@ -20,11 +20,13 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     v.add_argument("--read-data-subset", metavar="N%", help="download and check a random N%% of the files")
     transfer_options(v)
     thaw_options(v)
+    as_of_option(v)
 
 
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream.checks.verify import verify
 
+    as_of(args, settings)
     fraction = 0.0
     if args.read_data:
         fraction = 1.0

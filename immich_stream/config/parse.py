@@ -41,6 +41,7 @@ STORAGE_CLASSES = (
 )
 THAW_TIERS = ("Standard", "Bulk", "Expedited")
 SSE_MODES = ("AES256", "aws:kms")
+LOCK_MODES = ("governance", "compliance")
 
 # Bounds of the numeric settings: outside them a value is a typo or a unit mistake, and
 # one noticed only after the stack was stopped costs downtime.
@@ -292,6 +293,13 @@ def parse_sse(text: str) -> str:
         if mode.lower() == low:
             return mode
     raise ValueError(f"{text!r} is not one of {', '.join(SSE_MODES)} (SSE-C: --sse-c-key-file)")
+
+
+def parse_lock_mode(text: str) -> str:
+    low = _text(text, "an Object Lock mode").strip().lower()
+    if low not in LOCK_MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(LOCK_MODES)}")
+    return low
 
 
 def parse_kms_key_id(text: str) -> str:

@@ -12,6 +12,7 @@ settings that have no flag. SETTINGS, SPECS, TOML_KEYS and SECTIONS are derived 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from immich_stream.config.parse import (
     parse_int,
     parse_keep_within,
     parse_kms_key_id,
+    parse_lock_mode,
     parse_path,
     parse_percent,
     parse_pg_name,
@@ -298,6 +300,22 @@ class Settings:
         "SSE-C: a file of exactly 32 random bytes (mode 600) that every request for an object's bytes carries; "
         "losing it loses the backup",
     )
+    lock_days: int = setting(
+        "s3",
+        0,
+        parse_int,
+        "S3 Object Lock: every object of a snapshot is kept from deletion for at least this many days after "
+        "its commit (the bucket needs versioning and Object Lock; 0: off)",
+        low=0,
+        high=36500,
+    )
+    lock_mode: str = setting(
+        "s3",
+        "governance",
+        parse_lock_mode,
+        "with --lock-days: governance (a key with s3:BypassGovernanceRetention may still delete) or "
+        "compliance (nobody can, not even the account's root, until the retention ends)",
+    )
     limit_upload: float = setting(
         "s3",
         0.0,
@@ -530,6 +548,8 @@ class Settings:
     # where each value came from: "default", "config file PATH", ".env", "env VAR", "flag --x"
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     tuning: Tuning = dataclasses.field(default_factory=Tuning)
+    # restore/snapshots/verify --as-of: read the bucket as it was then (s3/asof.py); not a setting
+    as_of: dt.datetime | None = None
     config_file: Path | None = None
     # [repositories.NAME] of the config file (config/repositories.py); with --repo NAME, the
     # named one's credentials (never shown: repr=False) and its name

@@ -35,6 +35,7 @@ class Tuning:
     min_part_size: int = S3_MIN_PART_SIZE  # IMMICH_STREAM_MIN_PART_SIZE, for servers with smaller parts
     short_durations: bool = False  # IMMICH_STREAM_TEST_SHORT_DURATIONS
     trust_bucket: bool = False  # IMMICH_STREAM_TRUST_BUCKET=1: an encrypted repository read unauthenticated
+    lock_day: float | None = None  # IMMICH_STREAM_LOCK_DAY: the length of a --lock-days day (tests)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Tuning:
@@ -57,6 +58,7 @@ class Tuning:
             min_part_size=min_part_size(environ),
             short_durations=environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0"),
             trust_bucket=environ.get(TRUST_BUCKET_ENV, "").strip().lower() in ("1", "true", "yes"),
+            lock_day=duration("IMMICH_STREAM_LOCK_DAY", 86400, 86400, "a day of --lock-days"),
         )
 
 

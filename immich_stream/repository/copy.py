@@ -26,6 +26,7 @@ uploads of part_size parts for larger objects, aborted on any error), never stag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -372,6 +373,9 @@ async def copy_snapshots(
     from immich_stream.repository.session import LockSpec, open_locked, open_repo, reader
 
     dst_settings = pointed_at(settings, name, os.environ if environ is None else environ, "copy --to")
+    # --lock-days is the main repository's: a copy writes its destination without Object Lock
+    # (a server-side CopyObject would not carry it either)
+    dst_settings = dataclasses.replace(dst_settings, lock_days=0)
     if (dst_settings.bucket, dst_settings.prefix, dst_settings.endpoint_url) == (
         settings.bucket,
         settings.prefix,

@@ -26,8 +26,10 @@ from immich_stream.repository.layout import is_pack_key, new_snapshot_id, run_of
 from immich_stream.repository.locks import RepoLock, list_locks, own_time, remove_locks
 from immich_stream.repository.manifest import ManifestLine, key_digest
 from immich_stream.repository.packs import pack_target
+from immich_stream.repository.prune_locked import LockReport, deletable, extend, hold_locked_snapshots, sweep
 from immich_stream.repository.repack import PackUse, RepackReport, choose, repack
 from immich_stream.repository.repo import Repo
+from immich_stream.repository.retention import check_bucket
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.session import LockSpec, open_locked
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -137,6 +139,7 @@ class PruneReport:
     pack_bytes_unused: int = 0
     repack: RepackReport = field(default_factory=RepackReport)
     repack_skipped: str = ""  # why no repack was tried, when that is worth saying
+    lock: LockReport | None = None  # --lock-days: lock extend, what stays locked, versions (prune_locked.py)
     seconds: float = 0.0
 
 
@@ -178,6 +181,13 @@ async def _prune_locked(
     dirs = await repo.snapshot_dirs()
     committed = [s for s, done in dirs.items() if done]
     report.kept, report.removed = apply_policy(committed, policy)
+    held: list[str] = []
+    if repo.lock is not None:  # what is still locked stays, whatever the policy says
+        await check_bucket(store.raw, settings.lock_days)
+        report.lock = LockReport()
+        free = await hold_locked_snapshots(repo, report.removed, report.lock)
+        held = [s for s in report.removed if s not in free]
+        report.removed = free
     log.info("policy %s: keeping %d snapshots, removing %d", policy.describe(), len(report.kept), len(report.removed))
     # Runs whose lock is live may still commit: nothing of theirs goes. (Listed after taking
     # our exclusive lock: a run starting later waits for us.) A run whose lock went stale by
@@ -199,7 +209,7 @@ async def _prune_locked(
     # an object of its own, a blob's pack, every chunk's pack; and the bytes of each pack they use.
     referenced: set[bytes] = set()
     usage = PackUsage()
-    for sid in report.kept:
+    for sid in report.kept + held:
         async for line in repo.read_manifest(sid):
             _reference(line, referenced)
             usage.add(line)
@@ -280,6 +290,10 @@ async def _prune_locked(
         report.repack.bytes_freed = sum(p.unused for p in chosen)
         return
     await lock.ensure_held()  # suspended past its staleness, another run may have begun
+    if report.lock is not None:
+        await extend(repo, report.kept, settings.jobs, report.lock)
+        raw, lr = store.raw, report.lock
+        journal_keys, doomed = await deletable(raw, journal_keys, lr), await deletable(raw, doomed, lr)
     # snapshot.json first: from that moment the snapshot no longer exists for any reader.
     commit_keys = [repo.summary_key(s) for s in report.removed]
     if commit_keys:
@@ -288,6 +302,8 @@ async def _prune_locked(
     for sid in doomed_dirs:
         async for obj in store.list_objects(repo.snapshot_prefix(sid)):
             dir_keys.append(obj.key)
+    if report.lock is not None:
+        dir_keys = await deletable(store.raw, dir_keys, report.lock)
     await store.delete(dir_keys)
     await store.delete(journal_keys)
     await store.delete(doomed)
@@ -304,6 +320,10 @@ async def _prune_locked(
         repacked = {p.key for p in chosen} - {*report.repack.damaged, *report.repack.unreadable}
         report.packs_partly_used += len(chosen) - len(repacked)
         report.pack_bytes_unused += sum(p.unused for p in chosen if p.key not in repacked)
+    if report.lock is not None:  # last: the versions of all it deleted, the old packs too
+        gone = {*commit_keys, *dir_keys, *journal_keys, *doomed}
+        gone.update(repo.object_key(p.key) for p in chosen if p.key not in report.repack.damaged)
+        await sweep(repo, gone, report.lock)
 
 
 def _reference(line: ManifestLine, referenced: set[bytes]) -> None:

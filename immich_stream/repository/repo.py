@@ -32,6 +32,7 @@ from immich_stream.repository.auth import (
 )
 from immich_stream.repository.layout import ROOTS, SUMMARY, Layout, is_pack_key, is_snapshot_id, snapshot_time
 from immich_stream.repository.manifest import ManifestLine, ManifestWriter, read_lines
+from immich_stream.repository.retention import LockPolicy, locked_key
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.s3.budget import ByteBudget
@@ -213,6 +214,15 @@ class Repo(Layout):
         # auth_required every snapshot.json and manifest must carry a valid MAC
         self.auth: RepoAuth | None = None
         self.auth_required = False
+        # --lock-days: the retention this run's snapshot objects get (retention.py); None: off
+        self.lock: LockPolicy | None = None
+
+    def retention_for(self, key: str) -> tuple[str, dt.datetime] | None:
+        """The Object Lock (mode, retain-until) an object written at key gets: a snapshot's
+        objects and config.json with --lock-days, nothing else (retention.locked_key)."""
+        if self.lock is None or not key.startswith(self._k("")):
+            return None
+        return (self.lock.mode, self.lock.until) if locked_key(self, self.relative_key(key)) else None
 
     def storage_class_for(self, key: str) -> str | None:
         """The configured storage class of an object to be written: file data

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from immich_stream.config import Settings
-from immich_stream.errors import DeleteDenied, ForgedError, ImmichStreamError, RepoError
+from immich_stream.errors import ConfigError, DeleteDenied, ForgedError, ImmichStreamError, RepoError
 from immich_stream.repository.age import load_keys
 from immich_stream.repository.locks import RepoLock, list_locks, own_time
 from immich_stream.repository.repo import Repo
+from immich_stream.repository.retention import LockPolicy, check_bucket
+from immich_stream.s3.asof import AsOfStore
+from immich_stream.s3.classify import why_no_repository
 from immich_stream.s3.options import StoreOptions
-from immich_stream.s3.store import Store, why_no_repository
+from immich_stream.s3.store import Store
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,31 @@ async def open_locked(
 
 
 @contextlib.asynccontextmanager
+async def open_reader(settings: Settings, command: str) -> AsyncIterator[tuple[Repo, RepoLock | None]]:
+    """A reader's open_locked (restore, verify, drill): the shared lock, or none at all in an
+    --as-of view (which writes nothing; what it reads is locked versions, which no prune
+    deletes within the lock window)."""
+    async with _open(settings, reader(settings, command), None, True, None) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
 async def _open(
     settings: Settings, lock: LockSpec | None, create_for: str | None, check: bool, deletes: str | None
 ) -> AsyncIterator[tuple[Repo, RepoLock | None]]:
     settings.require("bucket")
     keys = load_keys(settings.age_identity, settings.age_recipients)
     tuning = settings.tuning
-    async with Store(StoreOptions.from_settings(settings)) as store:
+    options = StoreOptions.from_settings(settings)
+    as_of = settings.as_of
+    if as_of is not None and (create_for is not None or (lock is not None and (lock.exclusive or lock.run))):
+        raise ConfigError(f"--as-of {as_of.isoformat()}: the repository as it was then can only be read")
+    async with AsOfStore(options, as_of) if as_of is not None else Store(options) as store:
         repo = Repo(store, settings.prefix, journal_interval=tuning.journal_interval, trust_bucket=tuning.trust_bucket)
+        repo.lock = LockPolicy.of(settings)
+        store.retention_for = repo.retention_for
+        if create_for is not None and repo.lock is not None:  # before anything is written or stopped
+            await check_bucket(store, settings.lock_days)
         if deletes is not None and not await store.can_delete(repo.preflight_key("delete")):
             raise DeleteDenied(
                 f"this S3 key cannot delete (AccessDenied on DeleteObject): {deletes} needs a key that can; "
@@ -143,7 +163,7 @@ async def _open(
                 if reason is not None:
                     raise reason from None
                 raise
-        if lock is None:
+        if lock is None or as_of is not None:  # an as-of view writes nothing, not even a lock
             yield repo, None
             return
         async with RepoLock(

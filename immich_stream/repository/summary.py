@@ -152,6 +152,9 @@ class SnapshotSummary:
     # by SECRET_PLACEHOLDER; config_secrets names the variables replaced.
     config_files: dict[str, str] = field(default_factory=dict)
     config_secrets: list[str] = field(default_factory=list)
+    # --lock-days: {"mode", "days", "until"}: every object of the snapshot is retained until
+    # at least `until` (docs/format.md, "Object Lock"); None: no Object Lock
+    lock: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -36,7 +36,7 @@ from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import gunzip_stream
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import open_locked, reader, reading
+from immich_stream.repository.session import open_reader, reading
 from immich_stream.repository.summary import SnapshotSummary
 from immich_stream.restore.restorer import CHUNK
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -245,7 +245,7 @@ async def _restore_database_locked(
         snap: Snapshot | None = None
         lock: RepoLock | None = None
         if from_file is None:
-            repo, lock = await exits.enter_async_context(open_locked(settings, reader(settings, "restore")))
+            repo, lock = await exits.enter_async_context(open_reader(settings, "restore"))
             store = repo.store
             snap = await repo.resolve(which)
             sql = snapshot_sql(store, repo, snap)

@@ -34,7 +34,7 @@ from immich_stream.repository.manifest import ManifestLine
 from immich_stream.repository.packs import PackReader
 from immich_stream.repository.repo import Repo, Snapshot
 from immich_stream.repository.sealed import SealedStore
-from immich_stream.repository.session import open_locked, reader, reading, still_reading
+from immich_stream.repository.session import open_reader, reading, still_reading
 from immich_stream.repository.thaw import thaw
 from immich_stream.restore.database import came_from_text, file_sql, prepare_dump, psql_stream, snapshot_sql
 from immich_stream.s3.watchdog import s3_hang, with_watchdog
@@ -208,8 +208,8 @@ async def run_drill(
         snap: Snapshot | None = None
         if from_file is None:
             settings.require("bucket")
-            opened = await exits.enter_async_context(open_locked(settings, reader(settings, "drill")))
-            repo, lock = opened.repo, opened.lock
+            opened = await exits.enter_async_context(open_reader(settings, "drill"))
+            repo, lock = opened
             store = repo.store
             snap = await repo.resolve(which)
             sql: AsyncGenerator[bytes, None] = snapshot_sql(store, repo, snap)

@@ -14,7 +14,7 @@ import stat
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, ImmichStreamError, RepoError
 from immich_stream.repository.repo import Snapshot
-from immich_stream.repository.session import open_locked, reader, still_reading
+from immich_stream.repository.session import open_reader, still_reading
 from immich_stream.restore.restorer import PARTIAL
 
 
@@ -95,7 +95,7 @@ class DumpToFailed(ImmichStreamError):
 async def dump_to(settings: Settings, which: str, dest: str) -> tuple[Snapshot, int]:
     """Write the snapshot's database.sql.gz, as stored, to a file, a device or pipe, or
     stdout (see _open_dump_dest); check its sha256. A file appears only once whole."""
-    async with open_locked(settings, reader(settings, "restore")) as (repo, lock):
+    async with open_reader(settings, "restore") as (repo, lock):
         store = repo.store
         snap = await repo.resolve(which)
         key = repo.dump_key(snap.id)

@@ -28,7 +28,7 @@ from immich_stream.repository.layout import ROOTS, unescape_path
 from immich_stream.repository.manifest import DamagedLine, ManifestLine
 from immich_stream.repository.packs import BATCH_FILES, BATCH_GAP, BATCH_SPAN
 from immich_stream.repository.repo import Repo, Snapshot
-from immich_stream.repository.session import open_locked, reader, reading, still_reading
+from immich_stream.repository.session import open_reader, reading, still_reading
 from immich_stream.repository.thaw import archived_digests, need_thawed, thaw
 from immich_stream.restore.copies import LOOKUP_LIMIT, find_copies, name_failures
 from immich_stream.restore.restorer import MARKER, FileRestorer, InTheWay, RestoreStats, UnsafePath
@@ -195,7 +195,7 @@ async def restore_files(
     stats = RestoreStats()
     budget = ByteBudget(settings.max_memory)
     async with (
-        open_locked(settings, reader(settings, "restore")) as (repo, lock),
+        open_reader(settings, "restore") as (repo, lock),
         contextlib.AsyncExitStack() as exits,
     ):
         store = repo.store

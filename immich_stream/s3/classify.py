@@ -19,6 +19,7 @@ from immich_stream.errors import CredentialsMissing, ObjectNotFound, StoreError
 
 if TYPE_CHECKING:
     from immich_stream.config import Settings
+    from immich_stream.s3.store import Store
 
 TRANSIENT_CODES = {
     # Not RequestTimeTooSkewed: this machine's clock is off, and no retry sets it right.
@@ -186,3 +187,36 @@ def describe_credentials(settings: Settings) -> tuple[str, str]:
 def short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:300]
+
+
+async def why_no_repository(store: Store, endpoint: str | None) -> StoreError | None:
+    """Why a repository's config.json is not there, when the reason is not an empty prefix:
+    the bucket does not exist, or the endpoint is no S3 server at all (a web console's port,
+    a typo). One listing, asked only after the config was found missing; None when the
+    bucket lists fine (then there is simply no repository)."""
+    where = endpoint or "AWS S3"
+    not_s3 = (
+        f"{where} is not an S3 endpoint (its answer to a bucket listing is no S3 listing): check "
+        "S3_ENDPOINT_URL (the S3 API's address and port, not a web console's)"
+    )
+    try:
+        async with asyncio.timeout(60):
+            listing = await store._client.list_objects_v2(Bucket=store.bucket, MaxKeys=1)
+        if "Name" not in listing and "IsTruncated" not in listing:  # an HTML page parses as empty XML
+            return StoreError(not_s3)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return StoreError(f"bucket {store.bucket!r} does not exist on {where}: create it or fix S3_BUCKET")
+        if not code or code.isdigit():  # no S3 error document: some other web server answered
+            return StoreError(
+                f"{where} is not an S3 endpoint (a bucket listing got HTTP {status} without an S3 error): "
+                "check S3_ENDPOINT_URL (the S3 API's address and port, not a web console's)"
+            )
+    except BotoCoreError as exc:
+        if "pars" in type(exc).__name__.lower() or "pars" in str(exc).lower():
+            return StoreError(not_s3)
+    except TimeoutError:
+        pass
+    return None

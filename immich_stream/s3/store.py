@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import functools
 import hashlib
 import http.client
@@ -29,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from immich_stream.errors import DeleteDenied, StoreError
 from immich_stream.s3.checksums import (
@@ -113,6 +114,8 @@ class Store:
         # --limit-upload / --limit-download: one bucket per direction for every request
         self.upload_limit = RateLimit.mib_per_s(options.limit_upload)
         self.download_limit = RateLimit.mib_per_s(options.limit_download)
+        # Object Lock: the (mode, retain-until) an object written at key gets (repository/retention.py)
+        self.retention_for: Callable[[str], tuple[str, dt.datetime] | None] = lambda key: None
         # --append-only, or the first DeleteDenied of a discard(): no delete is sent any more
         self.append_only = False
 
@@ -277,7 +280,7 @@ class Store:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, CHECK_PARAMS[self.checksum]: value}
         if content_type:
             kw["ContentType"] = headers["Content-Type"] = content_type
-        extra_headers, extra_kw = self._write_options(storage_class)
+        extra_headers, extra_kw = self._write_options(storage_class, key)
         headers.update(extra_headers)
         kw.update(extra_kw)
         pace = self._pace() if progress else None  # locks and probes are neither held back nor progress
@@ -298,11 +301,16 @@ class Store:
         if progress:
             self.touch()
 
-    def _write_options(self, storage_class: str | None) -> tuple[dict[str, str], dict[str, Any]]:
+    def _write_options(self, storage_class: str | None, key: str) -> tuple[dict[str, str], dict[str, Any]]:
         """(headers, botocore parameters) a PutObject or CreateMultipartUpload carries: its
-        storage class (the caller's: file data only), server-side encryption."""
+        storage class (the caller's: file data only), server-side encryption, its Object
+        Lock retention (retention_for)."""
         headers: dict[str, str] = {}
         kw: dict[str, Any] = {}
+        if (locked := self.retention_for(key)) is not None:
+            headers["x-amz-object-lock-mode"] = kw["ObjectLockMode"] = locked[0]
+            kw["ObjectLockRetainUntilDate"] = until = locked[1]
+            headers["x-amz-object-lock-retain-until-date"] = until.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         if storage_class and storage_class != "STANDARD":
             headers["x-amz-storage-class"] = kw["StorageClass"] = storage_class
         if self.options.sse:
@@ -434,7 +442,7 @@ class Store:
 
             async def open_body(offset: int = offset) -> Any:
                 async def slow() -> Any:
-                    kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw}
+                    kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw, **self._version(key)}
                     if offset or end is not None:
                         kw["Range"] = range_header(offset, end)
                     return (await self._client.get_object(**kw))["Body"]
@@ -471,6 +479,10 @@ class Store:
                 self._reading -= 1
                 body.close()
 
+    def _version(self, key: str) -> dict[str, str]:
+        """A read's VersionId: none here (the current version); asof.py names one."""
+        return {}
+
     async def head(self, key: str) -> int | None:
         """The object's size, or None when it does not exist."""
         info = await self.head_info(key)
@@ -481,7 +493,8 @@ class Store:
 
         async def go() -> HeadInfo | None:
             try:
-                resp = await self._client.head_object(Bucket=self.bucket, Key=key, **self._sse_c_kw)
+                kw = {"Bucket": self.bucket, "Key": key, **self._sse_c_kw, **self._version(key)}
+                resp = await self._client.head_object(**kw)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
@@ -497,7 +510,7 @@ class Store:
             "Bucket": self.bucket,
             "Key": key,
             "CopySource": {"Bucket": source_bucket, "Key": source_key},
-            **self._write_options(storage_class)[1],
+            **self._write_options(storage_class, key)[1],
         }
         if self._sse_c_kw:
             kw["CopySourceSSECustomerAlgorithm"] = "AES256"
@@ -605,7 +618,7 @@ class Store:
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if self.checksum in CHECK_ALGORITHMS:  # AWS wants the parts' algorithm declared up front
             kw["ChecksumAlgorithm"] = CHECK_ALGORITHMS[self.checksum]
-        kw.update(self._write_options(storage_class)[1])
+        kw.update(self._write_options(storage_class, key)[1])
         resp = await self._retry.call(f"start upload of {key}", lambda: self._client.create_multipart_upload(**kw))
         self._check_sse(key, resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}), silent_ok=True)
         return str(resp["UploadId"])
@@ -659,6 +672,10 @@ class Store:
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed}, **self._sse_c_kw
             ),
         )
+        if (locked := self.retention_for(key)) is not None:  # moto drops CreateMultipartUpload's retention
+            retain = {"Mode": locked[0], "RetainUntilDate": locked[1]}
+            put = functools.partial(self._client.put_object_retention, Bucket=self.bucket, Key=key, Retention=retain)
+            await self._retry.call(f"set the retention of {key}", put, small=True)
         self.touch()
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -696,36 +713,3 @@ def _denied(code: str) -> DeleteDenied:
     )
     error.code = code
     return error
-
-
-async def why_no_repository(store: Store, endpoint: str | None) -> StoreError | None:
-    """Why a repository's config.json is not there, when the reason is not an empty prefix:
-    the bucket does not exist, or the endpoint is no S3 server at all (a web console's port,
-    a typo). One listing, asked only after the config was found missing; None when the
-    bucket lists fine (then there is simply no repository)."""
-    where = endpoint or "AWS S3"
-    not_s3 = (
-        f"{where} is not an S3 endpoint (its answer to a bucket listing is no S3 listing): check "
-        "S3_ENDPOINT_URL (the S3 API's address and port, not a web console's)"
-    )
-    try:
-        async with asyncio.timeout(60):
-            listing = await store._client.list_objects_v2(Bucket=store.bucket, MaxKeys=1)
-        if "Name" not in listing and "IsTruncated" not in listing:  # an HTML page parses as empty XML
-            return StoreError(not_s3)
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "NoSuchBucket":
-            return StoreError(f"bucket {store.bucket!r} does not exist on {where}: create it or fix S3_BUCKET")
-        if not code or code.isdigit():  # no S3 error document: some other web server answered
-            return StoreError(
-                f"{where} is not an S3 endpoint (a bucket listing got HTTP {status} without an S3 error): "
-                "check S3_ENDPOINT_URL (the S3 API's address and port, not a web console's)"
-            )
-    except BotoCoreError as exc:
-        if "pars" in type(exc).__name__.lower() or "pars" in str(exc).lower():
-            return StoreError(not_s3)
-    except TimeoutError:
-        pass
-    return None

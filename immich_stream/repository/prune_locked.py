@@ -1,0 +1,153 @@
+"""prune with --lock-days on a versioned, Object Lock bucket (docs/format.md, "Object Lock"):
+
+- `lock extend`: the objects of the snapshots the policy keeps are retained at least N days
+  from now (a snapshot whose recorded guarantee reaches that far is skipped whole);
+- nothing still locked is deleted: a dropped snapshot whose snapshot.json is locked stays
+  (whole, with what it references), a garbage object that is locked stays, until a later
+  prune finds its retention over;
+- versions (`sweep`): a plain delete only adds a delete marker, so prune deletes by
+  VersionId: every version of what it deleted now, every noncurrent version of the
+  housekeeping objects (locks, probes, journals), and noncurrent versions of any other key
+  (overwritten, or hidden by a delete marker) once they have been noncurrent for N days,
+  so a restore --as-of within the lock window still finds them. Never a locked version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+from immich_stream.repository.layout import JOURNAL_DIR, MANIFEST_REWRITE
+from immich_stream.repository.manifest import key_digest
+from immich_stream.repository.repo import Repo, Snapshot
+from immich_stream.repository.retention import Extender, bounded, recorded_until, refs
+from immich_stream.s3.store import Store
+from immich_stream.s3.versions import Version, bucket_lock, delete_versions, list_versions, retention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LockReport:
+    checked: int = 0  # objects whose retention was read for the `lock extend` step
+    extended: int = 0  # ... and extended
+    kept_locked: int = 0  # objects (or versions) left in place until their retention ends
+    snapshots_locked: list[str] = field(default_factory=list)  # dropped by the policy, still locked
+    versions_deleted: int = 0
+
+
+async def locked(store: Store, key: str, now: dt.datetime, version_id: str | None = None) -> bool:
+    have = await retention(store, key, version_id)
+    return have is not None and have[1] > now
+
+
+async def hold_locked_snapshots(repo: Repo, removed: list[str], report: LockReport) -> list[str]:
+    """The dropped snapshots that may go now; those whose snapshot.json is locked stay."""
+    now = dt.datetime.now(dt.UTC)
+    free = []
+    for sid in removed:
+        if await locked(repo.store.raw, repo.summary_key(sid), now):
+            report.snapshots_locked.append(sid)
+            report.kept_locked += len([o async for o in repo.store.list_objects(repo.snapshot_prefix(sid))])
+        else:
+            free.append(sid)
+    return free
+
+
+async def extend(repo: Repo, kept: list[str], jobs: int, report: LockReport) -> None:
+    """The `lock extend` step for the snapshots the policy keeps."""
+    assert repo.lock is not None
+    ext = Extender(repo.store.raw, repo.lock, jobs)
+    snaps = [await repo.load_snapshot(s) for s in kept]
+    short: list[Snapshot] = []
+    covered: set[bytes] = set()
+    for snap in snaps:
+        until = recorded_until(snap.summary.lock)
+        if until is not None and until >= ext.need:
+            async for line in repo.read_manifest(snap.id):
+                covered.update(key_digest(k) for k in refs(line))
+        else:
+            short.append(snap)
+    todo = {repo.config_key()}
+    for snap in short:
+        todo.update((repo.manifest_key(snap.id), repo.summary_key(snap.id), repo.dump_key(snap.id)))
+        async for line in repo.read_manifest(snap.id):
+            todo.update(repo.object_key(k) for k in refs(line) if key_digest(k) not in covered)
+    await ext.all(sorted(todo))
+    report.checked, report.extended = ext.checked, ext.extended
+    if ext.extended:
+        log.info("lock extend: %d objects extended to %s", ext.extended, repo.lock.until.isoformat())
+
+
+async def deletable(store: Store, keys: list[str], report: LockReport) -> list[str]:
+    """keys less those still locked (each counted as kept)."""
+    now = dt.datetime.now(dt.UTC)
+    free: list[str] = []
+
+    async def judge(key: str) -> None:
+        if await locked(store, key, now):
+            report.kept_locked += 1
+        else:
+            free.append(key)
+
+    await bounded(keys, judge)
+    return free
+
+
+def _housekeeping(repo: Repo, key: str) -> bool:
+    rel = repo.relative_key(key)
+    return (
+        rel.startswith(("locks/", "preflight/", "doctor/"))
+        or f"/{JOURNAL_DIR}" in rel
+        or rel.endswith(MANIFEST_REWRITE)
+    )
+
+
+async def sweep(repo: Repo, deleted: set[str], report: LockReport) -> None:
+    """Delete versions by VersionId (module docstring); never a locked one, never bypassing."""
+    assert repo.lock is not None
+    store = repo.store.raw
+    state = await bucket_lock(store)
+    if state.versioning != "Enabled":
+        return
+    now = dt.datetime.now(dt.UTC)
+    window = now - repo.lock.days * repo.lock.day
+    doomed: list[tuple[str, str]] = []
+
+    async def judge(versions: list[Version]) -> None:
+        key = versions[0].key
+        at_once = key in deleted or _housekeeping(repo, key)
+        pick: list[Version] = []
+        for i, v in enumerate(versions):
+            if i == 0 and not v.delete_marker:
+                continue  # the current version stays (prune deleted what had to go already)
+            successor = versions[i - 1].last_modified if i else now
+            if at_once or successor < window:
+                pick.append(v)
+        keep_marker = any(not v.delete_marker for v in versions if v not in pick)
+        for v in pick:
+            if v.delete_marker:
+                if v is versions[0] and keep_marker:
+                    continue  # removing it would bring back a version that must stay hidden
+                doomed.append((v.key, v.version_id))
+            elif state.default_mode is None and _housekeeping(repo, key):
+                doomed.append((v.key, v.version_id))  # we never lock these, and the bucket does not
+            elif await locked(store, v.key, now, v.version_id):
+                report.kept_locked += 1
+            else:
+                doomed.append((v.key, v.version_id))
+
+    group: list[Version] = []
+    async for v in list_versions(store, repo.object_key("")):
+        if group and v.key != group[0].key:
+            await judge(group)
+            group = []
+        group.append(v)
+    if group:
+        await judge(group)
+    refused = await delete_versions(store, doomed)
+    report.kept_locked += len(refused)
+    report.versions_deleted = len(doomed) - len(refused)
+    if doomed:
+        log.info("deleted %d old versions, %d refused (locked)", report.versions_deleted, len(refused))
