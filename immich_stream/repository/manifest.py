@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,6 +41,28 @@ def path_order(relpath: bytes) -> tuple[bytes, ...]:
     """The walk's order (backup/walk.py): depth first, each directory's names by their
     bytes, a directory before its contents; the walk and a manifest merge by it."""
     return tuple(relpath.split(b"/")) if relpath else ()
+
+
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_quote = json.encoder.encode_basestring  # a JSON string, non-ASCII as is (ensure_ascii=False)
+
+
+def _int(v: int) -> str:
+    """An integer field as json.dumps writes it (a bool or a float is not one: refused)."""
+    if type(v) is not int:
+        raise TypeError(f"a manifest line's integer field holds {v!r}")
+    return int.__repr__(v)
+
+
+def _loads(text: str) -> Any:
+    """json.loads of one manifest line, without its two Python layers above the C scanner
+    (a line is parsed per file and per run); anything unusual (white space around it,
+    trailing text, not JSON) goes through json.loads, which accepts or refuses it as ever."""
+    try:
+        value, end = _scan_once(text, 0)
+    except (StopIteration, ValueError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 class Chunk(NamedTuple):
@@ -99,39 +122,36 @@ class ManifestLine:
     _order: tuple[int, tuple[bytes, ...]] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
-        d: dict[str, Any] = {
-            "root": self.root,
-            "path": self.path,
-            "type": self.type,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "mode": self.mode,
-            "uid": self.uid,
-            "gid": self.gid,
-            "inode": self.inode,
-        }
+        """The line as written (keys in this order, no spaces, non-ASCII as is): what
+        json.dumps(..., ensure_ascii=False, separators=(",", ":")) of its dict gives, built
+        directly (a fifth of the time: a manifest line is written per file and per run)."""
+        q = _quote
+        out = (
+            f'{{"root":{q(self.root)},"path":{q(self.path)},"type":{q(self.type)},"size":{_int(self.size)},'
+            f'"mtime_ns":{_int(self.mtime_ns)},"mode":{_int(self.mode)},"uid":{_int(self.uid)},'
+            f'"gid":{_int(self.gid)},"inode":{_int(self.inode)}'
+        )
         if self.sha256 is not None:
-            d["sha256"] = self.sha256
+            out += f',"sha256":{q(self.sha256)}'
         if self.key is not None:
-            d["key"] = self.key
+            out += f',"key":{q(self.key)}'
         if self.target is not None:
-            d["target"] = self.target
+            out += f',"target":{q(self.target)}'
         if self.ctime_ns is not None:
-            d["ctime_ns"] = self.ctime_ns
+            out += f',"ctime_ns":{_int(self.ctime_ns)}'
         if self.dev is not None:
-            d["dev"] = self.dev
+            out += f',"dev":{_int(self.dev)}'
         if self.stored is not None:
-            d["stored"] = self.stored
+            out += f',"stored":{_int(self.stored)}'
         if self.offset is not None:
-            d["offset"] = self.offset
+            out += f',"offset":{_int(self.offset)}'
         if self.chunks is not None:
-            d["chunks"] = [list(c) for c in self.chunks]
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+            out += ',"chunks":' + json.dumps([list(c) for c in self.chunks], ensure_ascii=False, separators=(",", ":"))
+        return out + "}"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ManifestLine:
-        # bytes decoded here: json.loads would first guess their encoding (UTF-8, always)
-        d = json.loads(text.decode() if isinstance(text, bytes) else text)
+        d = _loads(text.decode() if isinstance(text, bytes) else text)
         chunks = d.pop("chunks", None)
         d.pop("_order", None)  # not a field of the format
         try:
