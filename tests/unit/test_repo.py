@@ -106,8 +106,8 @@ def test_manifest_lines_are_written_byte_for_byte_as_json_dumps_wrote_them() -> 
     for ln in lines:
         assert ln.to_json() == _dumps_as_before(ln)
         assert ManifestLine.from_json(ln.to_json()) == ln
-    bad = ManifestLine("library", "x", "file", True, 1, 0o644, 0, 0, 1)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
+    bad = ManifestLine("library", "x", "file", 1.5, 1, 0o644, 0, 0, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
         bad.to_json()
 
 
