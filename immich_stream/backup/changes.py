@@ -26,33 +26,68 @@ MARKER = ".immich"
 RACY_WINDOW_NS = 3 * 10**9
 
 
+REFILL_LINES = 512  # lines a cursor takes from its manifest at once
+
+
+class NeedMore(Exception):
+    """decide_now could not answer from the lines its cursors hold: await `cursor.refill()`
+    and ask again (raised about once per REFILL_LINES lines, never per file)."""
+
+    def __init__(self, cursor: PrevCursor) -> None:
+        super().__init__("a cursor needs more lines")
+        self.cursor = cursor
+
+
 class PrevCursor:
-    """Walks the previous manifest alongside the file walk (both in the same order)."""
+    """Walks the previous manifest alongside the file walk (both in the same order).
 
-    def __init__(self, lines: AsyncIterator[ManifestLine] | None) -> None:
+    Lines are taken from `lines` up to REFILL_LINES at a time (an item of it may also be a
+    list of lines, a decompressed block's: Repo.read_manifest_batches), so a look-up is a
+    plain call that awaits nothing until the lines held are used up; memory is those lines."""
+
+    def __init__(self, lines: AsyncIterator[ManifestLine | list[ManifestLine]] | None) -> None:
         self._it = lines
-        self._cur: ManifestLine | None = None
-        self._started = False
+        self._buf: list[ManifestLine] = []
+        self._i = 0
 
-    async def _advance(self) -> None:
+    def find_now(self, line: ManifestLine) -> ManifestLine | None:
+        """The previous line at line's path, or None; raises NeedMore when the lines held
+        end before line's place (the position is kept: asking again after refill() is safe)."""
+        buf, i = self._buf, self._i
+        n = len(buf)
+        want = line.order()
+        while i < n and buf[i].order() < want:
+            i += 1
+        self._i = i
+        if i < n:
+            cur = buf[i]
+            return cur if cur.order() == want else None
+        if self._it is None:
+            return None
+        raise NeedMore(self)
+
+    async def refill(self) -> None:
+        """Replace the lines held (all passed over: find_now raises only at their end) by
+        the next ones."""
         assert self._it is not None
+        got: list[ManifestLine] = []
+        self._buf, self._i = got, 0
         try:
-            self._cur = await anext(self._it)
+            while len(got) < REFILL_LINES:
+                item = await anext(self._it)
+                if isinstance(item, list):
+                    got += item
+                else:
+                    got.append(item)
         except StopAsyncIteration:
-            self._cur, self._it = None, None
+            self._it = None
 
     async def find(self, line: ManifestLine) -> ManifestLine | None:
-        if self._it is None and not self._started:
-            return None
-        if not self._started:
-            self._started = True
-            await self._advance()
-        want = line.order()
-        while self._cur is not None and self._cur.order() < want:
-            await self._advance()
-        if self._cur is not None and self._cur.order() == want:
-            return self._cur
-        return None
+        while True:
+            try:
+                return self.find_now(line)
+            except NeedMore:
+                await self.refill()
 
 
 @dataclass
@@ -71,7 +106,7 @@ class Source:
     kind: str = "unchanged"
 
     @classmethod
-    def of_run(cls, lines: AsyncIterator[ManifestLine], run_id: str, **kw: object) -> Source:
+    def of_run(cls, lines: AsyncIterator[ManifestLine | list[ManifestLine]], run_id: str, **kw: object) -> Source:
         started = int(snapshot_time(run_id).timestamp()) * 10**9
         return cls(PrevCursor(lines), started, **kw)  # type: ignore[arg-type]
 
@@ -228,7 +263,7 @@ def _usable(old: ManifestLine | None) -> bool:
     return old is not None and old.type == "file" and old.has_object
 
 
-async def decide(
+def decide_now(
     line: ManifestLine,
     primary: Source | None,
     others: list[Source],
@@ -239,8 +274,12 @@ async def decide(
 ) -> Decision:
     """classify() against the parent snapshot (`primary`), then against `others`: this
     run's earlier (live) pass and interrupted runs, whose lines hold what they read and
-    uploaded. A reuse from one of those is counted as what it is relative to the parent."""
-    old = await primary.cursor.find(line) if primary is not None else None
+    uploaded. A reuse from one of those is counted as what it is relative to the parent.
+
+    A plain call (the walk's batches are classified without an await per file): raises
+    NeedMore when a cursor must read on first (`decide` does that); nothing is changed
+    before it raises (moved() pops the vanished line only once every cursor answered)."""
+    old = primary.cursor.find_now(line) if primary is not None else None
     base = classify(line, old, None, exists, primary is not None and old is not None and primary.racy(old))
     if base.action == "reuse":
         return base
@@ -257,7 +296,7 @@ async def decide(
 
     check: Decision | None = None
     for src in others:
-        cand = await src.cursor.find(line)
+        cand = src.cursor.find_now(line)
         if cand is None or not _usable(cand) or (src.checked and not exists(cand)):
             continue
         if same_file(line, cand) and not src.racy(cand):
@@ -270,3 +309,20 @@ async def decide(
     if base.action == "check" or old is not None:
         return base
     return classify(line, None, moved(line), exists)
+
+
+async def decide(
+    line: ManifestLine,
+    primary: Source | None,
+    others: list[Source],
+    moved: Callable[[ManifestLine], ManifestLine | None],
+    exists: Callable[[ManifestLine], bool],
+    own_prefix: str | tuple[str, ...],
+    resumed: Container[str] = (),
+) -> Decision:
+    """decide_now, reading on whichever cursor needs more lines."""
+    while True:
+        try:
+            return decide_now(line, primary, others, moved, exists, own_prefix, resumed)
+        except NeedMore as more:
+            await more.cursor.refill()

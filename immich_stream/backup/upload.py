@@ -331,7 +331,7 @@ class _Job:
     path: bytes
     entry: Entry
     line: ManifestLine
-    key: str
+    key: str  # "" for a small file bound for a pack (a blob has no key of its own)
     decision: Decision
     done: asyncio.Future[bool]
 
@@ -357,6 +357,25 @@ class UploadWorkers:
         # file cost more than reading it: 100,000 thumbnails)
         self._small: list[_Job] = []
         self._small_bytes = 0
+
+    def submit_nowait(
+        self, path: bytes, entry: Entry, line: ManifestLine, decision: Decision
+    ) -> asyncio.Future[bool] | None:
+        """submit() of a new small file bound for a pack while the gathered batch has room
+        (no await, and no object key: a pack's blob needs none); None: use submit()."""
+        if (
+            self.packs is None
+            or decision.source is not None
+            or line.root == "postgres"
+            or entry.size > PACK_FILE_MAX
+            or len(self._small) + 1 >= SMALL_BATCH_FILES
+            or self._small_bytes + entry.size >= SMALL_BATCH_BYTES
+        ):
+            return None
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._small.append(_Job(path, entry, line, "", decision, done))
+        self._small_bytes += entry.size
+        return done
 
     async def submit(
         self, path: bytes, entry: Entry, line: ManifestLine, key: str, decision: Decision

@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from immich_stream.backup.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
+from immich_stream.backup.changes import (
+    RACY_WINDOW_NS,
+    REFILL_LINES,
+    NeedMore,
+    ParentInfo,
+    PrevCursor,
+    Source,
+    classify,
+    decide,
+)
 from immich_stream.repository.manifest import ManifestLine
 from tests.unit.lines import exists, line, missing
 
@@ -63,6 +72,29 @@ async def test_prev_cursor_merges_the_previous_manifest_in_walk_order() -> None:
     assert await cursor.find(line("d")) is None, "c was deleted; d is new"
     assert await cursor.find(line("e")) is None, "past the end"
     assert await PrevCursor(None).find(line("a")) is None, "no previous snapshot"
+
+
+async def test_prev_cursor_answers_without_waiting_until_its_lines_run_out() -> None:
+    prev = [line(f"d/{i:04d}") for i in range(REFILL_LINES + 3)]
+
+    async def blocks() -> AsyncIterator[list[ManifestLine]]:  # as Repo.read_manifest_batches gives them
+        yield prev[:2]
+        yield prev[2:]
+
+    cursor = PrevCursor(blocks())
+    with pytest.raises(NeedMore):
+        cursor.find_now(prev[0])  # nothing read yet
+    await cursor.refill()
+    assert cursor.find_now(prev[1]) is prev[1]
+    assert cursor.find_now(line("d/0001x")) is None, "between two lines: new"
+    assert cursor.find_now(prev[REFILL_LINES + 2]) is prev[REFILL_LINES + 2], "a block is taken whole"
+    with pytest.raises(NeedMore):
+        cursor.find_now(line("e"))  # past the lines held: is there more?
+    await cursor.refill()
+    assert cursor.find_now(line("e")) is None, "past the end"
+    parent = Source(PrevCursor(_lines(*prev)), STARTED)
+    d = [await decide(ln, parent, [], _no_move, exists, "data/new/") for ln in (prev[0], line("d/9999"))]
+    assert [(x.action, x.kind) for x in d] == [("reuse", "unchanged"), ("upload", "new")]
 
 
 async def test_prev_cursor_orders_postgres_before_library() -> None:
