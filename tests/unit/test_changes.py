@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,9 +14,11 @@ from immich_stream.backup.changes import (
     ParentInfo,
     PrevCursor,
     Source,
+    WalkedLibrary,
     classify,
     decide,
 )
+from immich_stream.backup.walk import Entry
 from immich_stream.repository.manifest import ManifestLine
 from tests.unit.lines import exists, line, missing
 
@@ -194,3 +196,22 @@ def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     legacy = line("p.jpg", None, 7, ctime=None)
     assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda _ln: True).action == "reuse"
     assert classify(line("p.jpg", 1, 7), old, None, lambda _ln: False).kind == "reuploaded"
+
+
+async def test_the_walked_library_says_which_paths_are_there_and_counts_it() -> None:
+    def entry(rel: bytes, kind: str = "file", size: int = 3) -> Entry:
+        return Entry(rel, kind, size, 1, 0o644, 0, 0, 1)
+
+    async def batches() -> AsyncGenerator[list[Entry], None]:
+        yield [entry(b"a", "dir", 0), entry(b"a/x"), entry(b"a/y", size=5)]
+        yield []
+        yield [entry(b"b"), entry(b"c/d")]
+
+    walked = WalkedLibrary(batches())
+    assert walked.has_now((b"a",)) is None, "nothing read yet"
+    assert await walked.has((b"a", b"x"))
+    assert walked.has_now((b"a", b"xx")) is False, "gone: between two walked paths"
+    assert await walked.has((b"b",)) and not await walked.has((b"c",)) and await walked.has((b"c", b"d"))
+    assert not await walked.has((b"z",)), "past the walk's end"
+    assert await walked.count() == (4, 14), "every file of the walk, whatever was asked"
+    await walked.aclose()
