@@ -174,7 +174,7 @@ class WalkedLibrary:
     def __init__(self, batches: AsyncGenerator[list[Entry], None]) -> None:
         self._it: AsyncGenerator[list[Entry], None] | None = batches
         self._gen = batches
-        self._orders: list[tuple[bytes, ...]] = []  # of the batch held
+        self._orders: list[bytes] = []  # of the batch held
         self._i = 0
         self.files = 0
         self.bytes = 0
@@ -193,7 +193,7 @@ class WalkedLibrary:
                 self.bytes += e.size
         return True
 
-    def has_now(self, order: tuple[bytes, ...]) -> bool | None:
+    def has_now(self, order: bytes) -> bool | None:
         """Is a path of this order in the walk (the orders asked for only grow)? None:
         the batch held ends before it (await has())."""
         orders, i = self._orders, self._i
@@ -205,7 +205,7 @@ class WalkedLibrary:
             return orders[i] == order
         return False if self._it is None else None
 
-    async def has(self, order: tuple[bytes, ...]) -> bool:
+    async def has(self, order: bytes) -> bool:
         while (found := self.has_now(order)) is None:
             await self._next_batch()
         return found

@@ -37,10 +37,13 @@ class WalkedEntry(Protocol):
     dev: int
 
 
-def path_order(relpath: bytes) -> tuple[bytes, ...]:
+def path_order(relpath: bytes) -> bytes:
     """The walk's order (backup/walk.py): depth first, each directory's names by their
-    bytes, a directory before its contents; the walk and a manifest merge by it."""
-    return tuple(relpath.split(b"/")) if relpath else ()
+    bytes, a directory before its contents; the walk and a manifest merge by it. The path
+    with each "/" as a NUL byte compares as the tuple of its names would (a name holds
+    neither, and NUL sorts before any byte of a name: "a" < "a/b" < "a!"), for a fifth
+    of the cost (it is computed per file, and per line of each manifest read beside)."""
+    return relpath.replace(b"/", b"\0")
 
 
 _scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
@@ -112,7 +115,7 @@ class ManifestLine:
     # format 3: the file is these chunks in order, `key` None (the postgres root's files,
     # deduplicated and compressed: see Chunk)
     chunks: list[Chunk] | None = None
-    _order: tuple[int, tuple[bytes, ...]] | None = field(default=None, compare=False, repr=False)
+    _order: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
         """The line as written (keys in this order, no spaces, non-ASCII as is): what
@@ -267,7 +270,7 @@ class ManifestLine:
     def relpath(self) -> bytes:
         return unescape_path(self.path)
 
-    def order(self) -> tuple[int, tuple[bytes, ...]]:
+    def order(self) -> tuple[int, bytes]:
         """Where the line sorts in a manifest (computed once: merges compare it often)."""
         o = self._order
         if o is None:

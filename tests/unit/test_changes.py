@@ -19,7 +19,7 @@ from immich_stream.backup.changes import (
     decide,
 )
 from immich_stream.backup.walk import Entry
-from immich_stream.repository.manifest import ManifestLine
+from immich_stream.repository.manifest import ManifestLine, path_order
 from tests.unit.lines import exists, line, missing
 
 # -- the change classifier ---------------------------------------------------------------------
@@ -208,10 +208,10 @@ async def test_the_walked_library_says_which_paths_are_there_and_counts_it() -> 
         yield [entry(b"b"), entry(b"c/d")]
 
     walked = WalkedLibrary(batches())
-    assert walked.has_now((b"a",)) is None, "nothing read yet"
-    assert await walked.has((b"a", b"x"))
-    assert walked.has_now((b"a", b"xx")) is False, "gone: between two walked paths"
-    assert await walked.has((b"b",)) and not await walked.has((b"c",)) and await walked.has((b"c", b"d"))
-    assert not await walked.has((b"z",)), "past the walk's end"
+    assert walked.has_now(b"a") is None, "nothing read yet"
+    assert await walked.has(path_order(b"a/x"))
+    assert walked.has_now(path_order(b"a/xx")) is False, "gone: between two walked paths"
+    assert await walked.has(b"b") and not await walked.has(b"c") and await walked.has(path_order(b"c/d"))
+    assert not await walked.has(b"z"), "past the walk's end"
     assert await walked.count() == (4, 14), "every file of the walk, whatever was asked"
     await walked.aclose()

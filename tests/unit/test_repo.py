@@ -23,7 +23,7 @@ from immich_stream.repository.layout import (
     run_of,
     unescape_path,
 )
-from immich_stream.repository.manifest import Chunk, ManifestLine, gunzip_stream
+from immich_stream.repository.manifest import Chunk, ManifestLine, gunzip_stream, path_order
 from immich_stream.repository.repo import JOURNAL_MAX_OBJECT, JournalWriter, Repo
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store
@@ -181,3 +181,17 @@ def test_a_second_upload_by_the_same_run_has_a_key_of_its_own() -> None:
     long_path = "x" * 300
     assert repo.data_key("run", "library", long_path, STOPPED_DIR).startswith("data/run/library/%stopped/%long/")
     assert escape_path(b"%stopped") != "%stopped", "no file name can become the reserved folder"
+
+
+def test_path_order_sorts_as_the_tuple_of_names_the_walk_goes_by() -> None:
+    import random
+
+    rng = random.Random(29)
+    alphabet = [b"a", b"b", b"!", b" ", b"\x01", b".", b"-", b"\xff", b"\xc3\xa9"]
+    paths = {
+        b"/".join(b"".join(rng.choices(alphabet, k=rng.randint(1, 3))) for _ in range(rng.randint(1, 4)))
+        for _ in range(3000)
+    }
+    by_names = sorted(paths, key=lambda p: tuple(p.split(b"/")))
+    assert sorted(paths, key=path_order) == by_names
+    assert path_order(b"a") < path_order(b"a/b") < path_order(b"a!") < path_order(b"a!/b")
