@@ -90,7 +90,7 @@ def main() -> None:
     directory = Path(sys.argv[1])
     incremental = "--incremental" in sys.argv[2:]
     profile = os.environ.get("IMMICH_STREAM_PROFILE")
-    prof = cProfile.Profile(time.process_time) if profile else None
+    prof = cProfile.Profile() if profile else None
     try:
         import uvloop
 

@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from immich_stream.backup.walk import Entry
 from immich_stream.repository.layout import run_of, snapshot_time
@@ -275,10 +276,10 @@ async def scan_parent(
     return info
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """What to do with one file: reuse an object, read and hash first (reuse when the
-    bytes match), or upload."""
+    bytes match), or upload. (A NamedTuple: a frozen dataclass cost 4 µs to make, and
+    a first backup makes two per file.)"""
 
     action: str  # "reuse", "check" or "upload"
     kind: str  # the Stats counter it ends in: unchanged, moved, touched, reuploaded, changed, new

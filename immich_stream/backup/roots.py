@@ -82,9 +82,11 @@ class OrderedManifest:
         await self._queue.put(None)
 
     async def run(self) -> None:
-        while (item := await self._queue.get()) is not None:
+        queue = self._queue
+        # the lines already waiting are taken without an await each
+        while (item := queue.get_nowait() if not queue.empty() else await queue.get()) is not None:
             line, upload = item
-            if upload is not None and not await upload:
+            if upload is not None and not (upload.result() if upload.done() else await upload):
                 continue
             if self.sink is not None:
                 await self.sink.add(line)
