@@ -287,6 +287,11 @@ class Decision(NamedTuple):
     gone: ManifestLine | None = None  # reuploaded: the line whose object is missing
 
 
+# the decisions without a line, made once (a first backup decides twice per file)
+UPLOAD_NEW = Decision("upload", "new")
+UPLOAD_CHANGED = Decision("upload", "changed")
+
+
 def same_file(line: ManifestLine, old: ManifestLine) -> bool:
     """Unchanged without reading: size, mtime, ctime, inode and device all equal. ctime
     cannot be set back, so `cp -p`, `rsync -a` or exiftool -P rewriting a file with the
@@ -319,7 +324,7 @@ def classify(
             return Decision("reuse", "unchanged", old)
         if old.size == line.size:
             return Decision("check", "touched", old)  # a chown, a touch, or the same size rewritten
-        return Decision("upload", "changed")
+        return UPLOAD_CHANGED
     if (
         moved is not None
         and moved.has_object
@@ -328,7 +333,7 @@ def classify(
         and exists(moved)
     ):
         return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
-    return Decision("upload", "changed" if old is not None else "new")
+    return UPLOAD_CHANGED if old is not None else UPLOAD_NEW
 
 
 def _usable(old: ManifestLine | None) -> bool:
