@@ -44,8 +44,8 @@ class PrevCursor:
     """Walks the previous manifest alongside the file walk (both in the same order).
 
     Lines are taken from `lines` up to REFILL_LINES at a time (an item of it may also be a
-    list of lines, a decompressed block's: Repo.read_manifest_batches), so a look-up is a
-    plain call that awaits nothing until the lines held are used up; memory is those lines."""
+    list of lines), so a look-up is a plain call that awaits nothing until the lines held
+    are used up; memory is those lines."""
 
     def __init__(self, lines: AsyncIterator[ManifestLine | list[ManifestLine]] | None) -> None:
         self._it = lines
