@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from immich_stream import config  # noqa: E402
-from immich_stream.backup.changes import Source, scan_parent  # noqa: E402
+from immich_stream.backup.changes import Source, WalkedLibrary, scan_parent  # noqa: E402
+from immich_stream.backup.library import library_walk  # noqa: E402
 from immich_stream.backup.roots import OrderedManifest, Sources, backup_root  # noqa: E402
 from immich_stream.backup.run import stream_budget_share  # noqa: E402
 from immich_stream.backup.upload import FileUploader  # noqa: E402
@@ -46,7 +47,12 @@ async def files_stage(directory: Path, incremental: bool = False) -> tuple[RunSt
         sources = Sources(None, [], None, ObjectIndex())
         if incremental:  # against the newest snapshot, as `backup` does (a no-change run)
             parent = (await repo.resolve("latest")).id
-            info = await scan_parent(repo, parent, {"library": directory})
+            library = WalkedLibrary(library_walk(directory))  # as backup: one walk for the count and the vanished
+            try:
+                info = await scan_parent(repo, parent, {"library": directory}, library=library)
+                await library.count()
+            finally:
+                await library.aclose()
             objects = await ObjectIndex.load(repo)
             sources = Sources(Source.of_run(repo.read_manifest(parent), parent), [], info, objects)
         stats = RunStats()

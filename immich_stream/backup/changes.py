@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Collection, Container
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+from immich_stream.backup.walk import Entry
 from immich_stream.repository.layout import run_of, snapshot_time
-from immich_stream.repository.manifest import Chunk, ManifestLine
+from immich_stream.repository.manifest import Chunk, ManifestLine, path_order
 from immich_stream.repository.repo import Repo
 
 # Immich keeps an empty `.immich` file in each of these folders of UPLOAD_LOCATION and
@@ -26,33 +28,68 @@ MARKER = ".immich"
 RACY_WINDOW_NS = 3 * 10**9
 
 
+REFILL_LINES = 512  # lines a cursor takes from its manifest at once
+
+
+class NeedMore(Exception):
+    """decide_now could not answer from the lines its cursors hold: await `cursor.refill()`
+    and ask again (raised about once per REFILL_LINES lines, never per file)."""
+
+    def __init__(self, cursor: PrevCursor) -> None:
+        super().__init__("a cursor needs more lines")
+        self.cursor = cursor
+
+
 class PrevCursor:
-    """Walks the previous manifest alongside the file walk (both in the same order)."""
+    """Walks the previous manifest alongside the file walk (both in the same order).
 
-    def __init__(self, lines: AsyncIterator[ManifestLine] | None) -> None:
+    Lines are taken from `lines` up to REFILL_LINES at a time (an item of it may also be a
+    list of lines), so a look-up is a plain call that awaits nothing until the lines held
+    are used up; memory is those lines."""
+
+    def __init__(self, lines: AsyncIterator[ManifestLine | list[ManifestLine]] | None) -> None:
         self._it = lines
-        self._cur: ManifestLine | None = None
-        self._started = False
+        self._buf: list[ManifestLine] = []
+        self._i = 0
 
-    async def _advance(self) -> None:
+    def find_now(self, line: ManifestLine) -> ManifestLine | None:
+        """The previous line at line's path, or None; raises NeedMore when the lines held
+        end before line's place (the position is kept: asking again after refill() is safe)."""
+        buf, i = self._buf, self._i
+        n = len(buf)
+        want = line.order()
+        while i < n and buf[i].order() < want:
+            i += 1
+        self._i = i
+        if i < n:
+            cur = buf[i]
+            return cur if cur.order() == want else None
+        if self._it is None:
+            return None
+        raise NeedMore(self)
+
+    async def refill(self) -> None:
+        """Replace the lines held (all passed over: find_now raises only at their end) by
+        the next ones."""
         assert self._it is not None
+        got: list[ManifestLine] = []
+        self._buf, self._i = got, 0
         try:
-            self._cur = await anext(self._it)
+            while len(got) < REFILL_LINES:
+                item = await anext(self._it)
+                if isinstance(item, list):
+                    got += item
+                else:
+                    got.append(item)
         except StopAsyncIteration:
-            self._cur, self._it = None, None
+            self._it = None
 
     async def find(self, line: ManifestLine) -> ManifestLine | None:
-        if self._it is None and not self._started:
-            return None
-        if not self._started:
-            self._started = True
-            await self._advance()
-        want = line.order()
-        while self._cur is not None and self._cur.order() < want:
-            await self._advance()
-        if self._cur is not None and self._cur.order() == want:
-            return self._cur
-        return None
+        while True:
+            try:
+                return self.find_now(line)
+            except NeedMore:
+                await self.refill()
 
 
 @dataclass
@@ -71,7 +108,7 @@ class Source:
     kind: str = "unchanged"
 
     @classmethod
-    def of_run(cls, lines: AsyncIterator[ManifestLine], run_id: str, **kw: object) -> Source:
+    def of_run(cls, lines: AsyncIterator[ManifestLine | list[ManifestLine]], run_id: str, **kw: object) -> Source:
         started = int(snapshot_time(run_id).timestamp()) * 10**9
         return cls(PrevCursor(lines), started, **kw)  # type: ignore[arg-type]
 
@@ -128,9 +165,74 @@ def is_excluded(root: str, path: str, exclude: Collection[str]) -> bool:
     return bool(sep) and top in exclude and rest != MARKER
 
 
-async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path], exclude: Collection[str] = ()) -> ParentInfo:
+class WalkedLibrary:
+    """The library as it is now (walk_batches with the backup's filter, in path order),
+    merged with the parent's manifest by scan_parent: a parent file the walk lacks may have
+    vanished (os.lstat then decides, as for every file before), and the walk's files and
+    bytes are counted for the shrink check on the way: one walk before the backup's own
+    for both, instead of a counting walk beside an lstat of every parent file."""
+
+    def __init__(self, batches: AsyncGenerator[list[Entry], None]) -> None:
+        self._it: AsyncGenerator[list[Entry], None] | None = batches
+        self._gen = batches
+        self._orders: list[bytes] = []  # of the batch held
+        self._i = 0
+        self.files = 0
+        self.bytes = 0
+
+    async def _next_batch(self) -> bool:
+        assert self._it is not None
+        try:
+            batch = await anext(self._it)
+        except StopAsyncIteration:
+            self._it, self._orders, self._i = None, [], 0
+            return False
+        self._orders, self._i = [path_order(e.relpath) for e in batch], 0
+        for e in batch:
+            if e.type == "file":
+                self.files += 1
+                self.bytes += e.size
+        return True
+
+    def has_now(self, order: bytes) -> bool | None:
+        """Is a path of this order in the walk (the orders asked for only grow)? None:
+        the batch held ends before it (await has())."""
+        orders, i = self._orders, self._i
+        n = len(orders)
+        while i < n and orders[i] < order:
+            i += 1
+        self._i = i
+        if i < n:
+            return orders[i] == order
+        return False if self._it is None else None
+
+    async def has(self, order: bytes) -> bool:
+        while (found := self.has_now(order)) is None:
+            await self._next_batch()
+        return found
+
+    async def count(self) -> tuple[int, int]:
+        """(files, bytes) of the whole walk: count_files' answer."""
+        while self._it is not None:
+            await self._next_batch()
+        return self.files, self.bytes
+
+    async def aclose(self) -> None:
+        """Stop the walk's thread (the walk read to its end or not)."""
+        await self._gen.aclose()
+
+
+async def scan_parent(
+    repo: Repo,
+    snap_id: str,
+    roots: dict[str, Path],
+    exclude: Collection[str] = (),
+    library: WalkedLibrary | None = None,
+) -> ParentInfo:
     """`exclude`: this run's --exclude; the parent's files there are left out of its
-    totals, so the shrink check compares the same part of the library."""
+    totals, so the shrink check compares the same part of the library. `library`: the
+    library's walk (with that exclude) to merge with: only the library's files it lacks
+    are looked up on disk."""
     info = ParentInfo(snap_id)
     batch: list[ManifestLine] = []
     markers = {f"{d}/{MARKER}": d for d in MARKER_DIRS}
@@ -162,6 +264,11 @@ async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path], exclude:
             for c in line.chunks:
                 info.chunks.setdefault(c.sha256, c)
         if line.has_object and line.root in roots:
+            if library is not None and line.root == "library":
+                order = line.order()[1]
+                found = library.has_now(order)
+                if found or (found is None and await library.has(order)):
+                    continue  # still there (the usual case): no lstat
             batch.append(line)
             if len(batch) >= 2000:
                 await flush()
@@ -169,15 +276,20 @@ async def scan_parent(repo: Repo, snap_id: str, roots: dict[str, Path], exclude:
     return info
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """What to do with one file: reuse an object, read and hash first (reuse when the
-    bytes match), or upload."""
+    bytes match), or upload. (A NamedTuple: a frozen dataclass cost 4 µs to make, and
+    a first backup makes two per file.)"""
 
     action: str  # "reuse", "check" or "upload"
     kind: str  # the Stats counter it ends in: unchanged, moved, touched, reuploaded, changed, new
     source: ManifestLine | None = None  # the line whose object may be reused
     gone: ManifestLine | None = None  # reuploaded: the line whose object is missing
+
+
+# the decisions without a line, made once (a first backup decides twice per file)
+UPLOAD_NEW = Decision("upload", "new")
+UPLOAD_CHANGED = Decision("upload", "changed")
 
 
 def same_file(line: ManifestLine, old: ManifestLine) -> bool:
@@ -212,7 +324,7 @@ def classify(
             return Decision("reuse", "unchanged", old)
         if old.size == line.size:
             return Decision("check", "touched", old)  # a chown, a touch, or the same size rewritten
-        return Decision("upload", "changed")
+        return UPLOAD_CHANGED
     if (
         moved is not None
         and moved.has_object
@@ -221,14 +333,14 @@ def classify(
         and exists(moved)
     ):
         return Decision("check", "moved", moved)  # a rename changes ctime: the bytes decide
-    return Decision("upload", "changed" if old is not None else "new")
+    return UPLOAD_CHANGED if old is not None else UPLOAD_NEW
 
 
 def _usable(old: ManifestLine | None) -> bool:
     return old is not None and old.type == "file" and old.has_object
 
 
-async def decide(
+def decide_now(
     line: ManifestLine,
     primary: Source | None,
     others: list[Source],
@@ -239,8 +351,12 @@ async def decide(
 ) -> Decision:
     """classify() against the parent snapshot (`primary`), then against `others`: this
     run's earlier (live) pass and interrupted runs, whose lines hold what they read and
-    uploaded. A reuse from one of those is counted as what it is relative to the parent."""
-    old = await primary.cursor.find(line) if primary is not None else None
+    uploaded. A reuse from one of those is counted as what it is relative to the parent.
+
+    A plain call (the walk's batches are classified without an await per file): raises
+    NeedMore when a cursor must read on first (`decide` does that); nothing is changed
+    before it raises (moved() pops the vanished line only once every cursor answered)."""
+    old = primary.cursor.find_now(line) if primary is not None else None
     base = classify(line, old, None, exists, primary is not None and old is not None and primary.racy(old))
     if base.action == "reuse":
         return base
@@ -257,7 +373,7 @@ async def decide(
 
     check: Decision | None = None
     for src in others:
-        cand = await src.cursor.find(line)
+        cand = src.cursor.find_now(line)
         if cand is None or not _usable(cand) or (src.checked and not exists(cand)):
             continue
         if same_file(line, cand) and not src.racy(cand):
@@ -270,3 +386,20 @@ async def decide(
     if base.action == "check" or old is not None:
         return base
     return classify(line, None, moved(line), exists)
+
+
+async def decide(
+    line: ManifestLine,
+    primary: Source | None,
+    others: list[Source],
+    moved: Callable[[ManifestLine], ManifestLine | None],
+    exists: Callable[[ManifestLine], bool],
+    own_prefix: str | tuple[str, ...],
+    resumed: Container[str] = (),
+) -> Decision:
+    """decide_now, reading on whichever cursor needs more lines."""
+    while True:
+        try:
+            return decide_now(line, primary, others, moved, exists, own_prefix, resumed)
+        except NeedMore as more:
+            await more.cursor.refill()

@@ -9,12 +9,12 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Collection, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from immich_stream.backup.changes import MARKER, MARKER_DIRS, ParentInfo, followed, walk_filter
-from immich_stream.backup.walk import walk
+from immich_stream.backup.walk import Entry, walk_batches
 from immich_stream.config import format_size
 from immich_stream.errors import DumpError, SuspiciousLibrary
 from immich_stream.host.postgres import count_rows_up_to
@@ -22,16 +22,23 @@ from immich_stream.host.postgres import count_rows_up_to
 log = logging.getLogger(__name__)
 
 
+def library_walk(root: Path, exclude: Collection[str] = ()) -> AsyncGenerator[list[Entry], None]:
+    """The library's entries as the backup's walk sees them (--exclude folders: markers
+    only), a batch at a time; problems are the backup walk's to report."""
+    return walk_batches(os.fsencode(root), lambda p: None, *walk_filter("library", exclude), followed("library"))
+
+
 async def count_files(root: Path, exclude: Collection[str] = ()) -> tuple[int, int]:
     """(files, bytes) under root: a stat-only walk, run before anything is stopped; the
     library's --exclude folders count as the backup's walk sees them (markers only)."""
     files = size = 0
-    entries = walk(os.fsencode(root), lambda p: None, *walk_filter("library", exclude), followed("library"))
-    async with contextlib.aclosing(entries):
-        async for e in entries:
-            if e.type == "file":
-                files += 1
-                size += e.size
+    batches = library_walk(root, exclude)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for e in batch:
+                if e.type == "file":
+                    files += 1
+                    size += e.size
     return files, size
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from immich_stream.backup.changes import ParentInfo, Source, decide, followed, walk_filter
+from immich_stream.backup.changes import Decision, NeedMore, ParentInfo, Source, decide_now, followed, walk_filter
 from immich_stream.backup.upload import FileUploader, UploadWorkers
-from immich_stream.backup.walk import Entry, WalkProblem, walk
+from immich_stream.backup.walk import Entry, WalkProblem, walk_batches
 from immich_stream.progress import Phase
 from immich_stream.repository.manifest import Chunk, ManifestLine
 from immich_stream.repository.packs import PACK_MAX_BLOBS, Packing, PackWriter, pack_target
@@ -70,13 +70,23 @@ class OrderedManifest:
                 continue
         await self._queue.put(item)
 
+    def put_nowait(self, line: ManifestLine, upload: asyncio.Future[bool] | None = None) -> bool:
+        """put() when the window has room (the usual case: no await per line); False when
+        it is full and put() must wait."""
+        if self._queue.full():
+            return False
+        self._queue.put_nowait((line, upload))
+        return True
+
     async def close(self) -> None:
         await self._queue.put(None)
 
     async def run(self) -> None:
-        while (item := await self._queue.get()) is not None:
+        queue = self._queue
+        # the lines already waiting are taken without an await each
+        while (item := queue.get_nowait() if not queue.empty() else await queue.get()) is not None:
             line, upload = item
-            if upload is not None and not await upload:
+            if upload is not None and not (upload.result() if upload.done() else await upload):
                 continue
             if self.sink is not None:
                 await self.sink.add(line)
@@ -167,7 +177,7 @@ class FilesPass:
                 stats.failed += 1
                 stats.problem(f"{root}/{p.relpath.decode(errors='backslashreplace')}: {p.message}")
 
-        entries = walk(root_b, on_problem, *walk_filter(root, self.exclude), followed(root))
+        entries = walk_batches(root_b, on_problem, *walk_filter(root, self.exclude), followed(root))
         async with contextlib.aclosing(entries):
             await self._classify(root, root_b, entries, workers, ordered, phase)
 
@@ -175,57 +185,69 @@ class FilesPass:
         self,
         root: str,
         root_b: bytes,
-        entries: AsyncIterator[Entry],
+        entries: AsyncIterator[list[Entry]],
         workers: UploadWorkers,
         ordered: OrderedManifest,
         phase: Phase,
     ) -> None:
+        """A batch of the walk at a time, each entry decided by a plain call: an await per
+        file (cursor, queue, upload hand-over) cost more than deciding it."""
         snap_id, repo, sources, stats = self.snap_id, self.uploader.repo, self.sources, self.stats
         own = repo.run_data_dir(snap_id)
-        async for e in entries:
+        primary, others, resumed, exists = sources.primary, sources.others, sources.resumed, sources.objects.has_all
+        moved = functools.partial(sources.moved, root)
+        from_entry, count_file = ManifestLine.from_entry, stats.count_file
+        async for batch in entries:
             repo.store.touch()  # walking unchanged files is progress too
-            line = ManifestLine.from_entry(root, e)
-            upload: asyncio.Future[bool] | None = None
-            if e.type == "file":
-                stats.count_file(root, e.size)
-                decision = await decide(
-                    line,
-                    sources.primary,
-                    sources.others,
-                    functools.partial(sources.moved, root),
-                    sources.objects.has_all,
-                    own,
-                    sources.resumed,
-                )
-                if decision.action == "reuse":
-                    assert decision.source is not None
-                    line.take_object(decision.source)
-                    if (
-                        line.stored is not None and line.key and line.stored_whole
-                    ):  # re-sealed by an interrupted `key reencrypt`?
-                        line.stored = sources.objects.size_of(line.key, line.stored) or line.stored
-                    setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
-                    if decision.kind == "resumed":
-                        # in this run's journal too: a run that resumed another and is itself
-                        # interrupted must not lose what it took over
-                        upload = asyncio.get_running_loop().create_future()
-                        upload.set_result(True)
-                    phase.update(e.size, files=1)  # done without reading: progress toward the total
+            for e in batch:
+                line = from_entry(root, e)
+                upload: asyncio.Future[bool] | None = None
+                if e.type == "file":
+                    count_file(root, e.size)
+                    while True:
+                        try:
+                            decision = decide_now(line, primary, others, moved, exists, own, resumed)
+                            break
+                        except NeedMore as more:
+                            await more.cursor.refill()
+                    if decision.action == "reuse":
+                        upload = self._reuse(line, decision)
+                        phase.update(e.size, files=1)  # done without reading: progress toward the total
+                    else:
+                        if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
+                            log.warning(
+                                "%s/%s: its object %s is missing from the bucket: uploading it again",
+                                root,
+                                line.path,
+                                decision.gone.key,
+                            )
+                        path = os.path.join(root_b, e.relpath)
+                        upload = workers.submit_nowait(path, e, line, decision)
+                        if upload is None:
+                            key = repo.data_key(snap_id, root, line.path, sources.key_dir)
+                            upload = await workers.submit(path, e, line, key, decision)
+                elif e.type == "dir":
+                    stats.dirs += 1
                 else:
-                    if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
-                        log.warning(
-                            "%s/%s: its object %s is missing from the bucket: uploading it again",
-                            root,
-                            line.path,
-                            decision.gone.key,
-                        )
-                    key = repo.data_key(snap_id, root, line.path, sources.key_dir)
-                    upload = await workers.submit(os.path.join(root_b, e.relpath), e, line, key, decision)
-            elif e.type == "dir":
-                stats.dirs += 1
-            else:
-                stats.symlinks += 1
-            await ordered.put(line, upload)
+                    stats.symlinks += 1
+                if not ordered.put_nowait(line, upload):
+                    await ordered.put(line, upload)
+
+    def _reuse(self, line: ManifestLine, decision: Decision) -> asyncio.Future[bool] | None:
+        """Point line at the object decided on; a future for the journal when resumed."""
+        assert decision.source is not None
+        stats, objects = self.stats, self.sources.objects
+        line.take_object(decision.source)
+        if line.stored is not None and line.key and line.stored_whole:  # re-sealed by an interrupted `key reencrypt`?
+            line.stored = objects.size_of(line.key, line.stored) or line.stored
+        setattr(stats, decision.kind, getattr(stats, decision.kind) + 1)
+        if decision.kind != "resumed":
+            return None
+        # in this run's journal too: a run that resumed another and is itself
+        # interrupted must not lose what it took over
+        upload = asyncio.get_running_loop().create_future()
+        upload.set_result(True)
+        return upload
 
 
 async def backup_root(

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup
-from immich_stream.backup.changes import ParentInfo, Source, scan_parent
+from immich_stream.backup.changes import ParentInfo, Source, WalkedLibrary, scan_parent
 from immich_stream.backup.library import (
     check_database,
     check_database_at_end,
     check_library,
     check_shrink_at_end,
-    count_files,
+    library_walk,
 )
 from immich_stream.backup.roots import FilesPass, OrderedManifest, Sources
 from immich_stream.backup.upload import FileUploader
@@ -528,9 +528,14 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     # newest snapshot. The library is counted while the parent's manifest is read (a
     # walk of the disk beside a stream from S3: at 100,000 files 1-2 s each, one after
     # the other before).
-    counting = asyncio.create_task(count_files(roots["library"], settings.exclude)) if prev else None
+    # One walk of the library serves both: merged with the manifest, it says which of the
+    # parent's files may have vanished (only those are looked up on disk) and counts it.
+    library = WalkedLibrary(library_walk(roots["library"], settings.exclude)) if prev else None
+    counting: asyncio.Task[tuple[int, int]] | None = None
     try:
-        parent = await scan_parent(repo, prev.id, roots, settings.exclude) if prev else None
+        parent = await scan_parent(repo, prev.id, roots, settings.exclude, library) if prev else None
+        if library is not None:
+            counting = asyncio.create_task(library.count())
         shrunk = await check_library(
             roots["library"], parent, settings.max_shrink, allow_shrink, settings.exclude, counting
         )
@@ -540,6 +545,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
             await asyncio.wait([counting])  # an outer cancel still propagates
             if not counting.cancelled():
                 counting.exception()  # retrieved: check_library raised it, or it was not needed
+        if library is not None:
+            await library.aclose()
     # The same for the database: an emptied or re-initialised one (a fresh Immich) must
     # not become the newest snapshot either.
     parent_tables = prev.summary.database.tables if prev else None

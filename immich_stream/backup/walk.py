@@ -174,6 +174,25 @@ async def walk(
     bounded by that and by depth x directory width. Close the generator (aclosing) when
     leaving early: the thread then stops.
     """
+    batches = walk_batches(root, on_problem, prune, keep, follow)
+    try:
+        async for batch in batches:
+            for entry in batch:
+                yield entry
+    finally:
+        await batches.aclose()
+
+
+async def walk_batches(
+    root: bytes | str,
+    on_problem: Callable[[WalkProblem], None],
+    prune: Collection[bytes] = (),
+    keep: Collection[bytes] = (),
+    follow: Collection[bytes] = (),
+) -> AsyncGenerator[list[Entry], None]:
+    """walk()'s entries a batch (up to WALK_BATCH) at a time, as the walking thread hands
+    them over: a consumer that handles a batch in one go spends no await per entry. The
+    problems among a batch's entries go to `on_problem` before the batch is yielded."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[list[Entry | WalkProblem] | BaseException | None] = asyncio.Queue()
     slots = threading.Semaphore(WALK_AHEAD)
@@ -206,11 +225,14 @@ async def walk(
             slots.release()
             if isinstance(batch, BaseException):
                 raise batch
+            entries: list[Entry] = []
             for item in batch:
                 if isinstance(item, WalkProblem):
                     on_problem(item)
                 else:
-                    yield item
+                    entries.append(item)
+            if entries:
+                yield entries
     finally:
         stop.set()
         slots.release()

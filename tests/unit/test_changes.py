@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
 
-from immich_stream.backup.changes import RACY_WINDOW_NS, ParentInfo, PrevCursor, Source, classify, decide
-from immich_stream.repository.manifest import ManifestLine
+from immich_stream.backup.changes import (
+    RACY_WINDOW_NS,
+    REFILL_LINES,
+    NeedMore,
+    ParentInfo,
+    PrevCursor,
+    Source,
+    WalkedLibrary,
+    classify,
+    decide,
+)
+from immich_stream.backup.walk import Entry
+from immich_stream.repository.manifest import ManifestLine, path_order
 from tests.unit.lines import exists, line, missing
 
 # -- the change classifier ---------------------------------------------------------------------
@@ -63,6 +74,29 @@ async def test_prev_cursor_merges_the_previous_manifest_in_walk_order() -> None:
     assert await cursor.find(line("d")) is None, "c was deleted; d is new"
     assert await cursor.find(line("e")) is None, "past the end"
     assert await PrevCursor(None).find(line("a")) is None, "no previous snapshot"
+
+
+async def test_prev_cursor_answers_without_waiting_until_its_lines_run_out() -> None:
+    prev = [line(f"d/{i:04d}") for i in range(REFILL_LINES + 3)]
+
+    async def blocks() -> AsyncIterator[list[ManifestLine]]:  # as Repo.read_manifest_batches gives them
+        yield prev[:2]
+        yield prev[2:]
+
+    cursor = PrevCursor(blocks())
+    with pytest.raises(NeedMore):
+        cursor.find_now(prev[0])  # nothing read yet
+    await cursor.refill()
+    assert cursor.find_now(prev[1]) is prev[1]
+    assert cursor.find_now(line("d/0001x")) is None, "between two lines: new"
+    assert cursor.find_now(prev[REFILL_LINES + 2]) is prev[REFILL_LINES + 2], "a block is taken whole"
+    with pytest.raises(NeedMore):
+        cursor.find_now(line("e"))  # past the lines held: is there more?
+    await cursor.refill()
+    assert cursor.find_now(line("e")) is None, "past the end"
+    parent = Source(PrevCursor(_lines(*prev)), STARTED)
+    d = [await decide(ln, parent, [], _no_move, exists, "data/new/") for ln in (prev[0], line("d/9999"))]
+    assert [(x.action, x.kind) for x in d] == [("reuse", "unchanged"), ("upload", "new")]
 
 
 async def test_prev_cursor_orders_postgres_before_library() -> None:
@@ -162,3 +196,22 @@ def test_move_detection_needs_the_same_device_and_the_same_bytes() -> None:
     legacy = line("p.jpg", None, 7, ctime=None)
     assert classify(line("p.jpg", 1, 7, ctime=6), legacy, None, lambda _ln: True).action == "reuse"
     assert classify(line("p.jpg", 1, 7), old, None, lambda _ln: False).kind == "reuploaded"
+
+
+async def test_the_walked_library_says_which_paths_are_there_and_counts_it() -> None:
+    def entry(rel: bytes, kind: str = "file", size: int = 3) -> Entry:
+        return Entry(rel, kind, size, 1, 0o644, 0, 0, 1)
+
+    async def batches() -> AsyncGenerator[list[Entry], None]:
+        yield [entry(b"a", "dir", 0), entry(b"a/x"), entry(b"a/y", size=5)]
+        yield []
+        yield [entry(b"b"), entry(b"c/d")]
+
+    walked = WalkedLibrary(batches())
+    assert walked.has_now(b"a") is None, "nothing read yet"
+    assert await walked.has(path_order(b"a/x"))
+    assert walked.has_now(path_order(b"a/xx")) is False, "gone: between two walked paths"
+    assert await walked.has(b"b") and not await walked.has(b"c") and await walked.has(path_order(b"c/d"))
+    assert not await walked.has(b"z"), "past the walk's end"
+    assert await walked.count() == (4, 14), "every file of the walk, whatever was asked"
+    await walked.aclose()

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import gzip
 import hashlib
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,7 +23,7 @@ from immich_stream.repository.layout import (
     run_of,
     unescape_path,
 )
-from immich_stream.repository.manifest import ManifestLine, gunzip_stream
+from immich_stream.repository.manifest import Chunk, ManifestLine, gunzip_stream, path_order
 from immich_stream.repository.repo import JOURNAL_MAX_OBJECT, JournalWriter, Repo
 from immich_stream.s3.options import StoreOptions
 from immich_stream.s3.store import Store
@@ -79,6 +80,43 @@ def test_manifest_line_json_round_trip_and_old_lines() -> None:
     assert ManifestLine.from_json(ln.to_json()) == ln
     old = ManifestLine.from_json('{"root":"library","path":"x","type":"dir","mtime_ns":1,"mode":493}')
     assert old.size == 0 and old.ctime_ns is None and old.dev is None and old.key is None
+
+
+def _dumps_as_before(ln: ManifestLine) -> str:
+    """to_json as it was written until the f-string: json.dumps of the line's dict."""
+    d: dict[str, object] = {n: getattr(ln, n) for n in ("root", "path", "type", "size", "mtime_ns", "mode")}
+    d.update(uid=ln.uid, gid=ln.gid, inode=ln.inode)
+    for n in ("sha256", "key", "target", "ctime_ns", "dev", "stored", "offset"):
+        if getattr(ln, n) is not None:
+            d[n] = getattr(ln, n)
+    if ln.chunks is not None:
+        d["chunks"] = [list(c) for c in ln.chunks]
+    return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_manifest_lines_are_written_byte_for_byte_as_json_dumps_wrote_them() -> None:
+    lines = [
+        line("a b/%c", ctime=None, dev=None),
+        line('quo"te\\/ü名前 \t', sha="ab" * 32, key="data/x/p\"k"),
+        ManifestLine("library", "l", "symlink", 0, 1, 0o777, 0, 0, 5, target='../"ä"\u2028', ctime_ns=2, dev=3),
+        ManifestLine("postgres", "base/1", "file", 9, 1, 0o600, 999, 999, 7, "c" * 64, None, None, 4, 5, None, None,
+                     [Chunk("data/r/packs/00", 0, 5, 9, "d" * 64), Chunk("data/r/packs/01", 5, 9, 9, "e" * 64)]),
+        ManifestLine("library", "p", "file", 3, 1, 0o644, 0, 0, 8, "f" * 64, "data/r/packs/02", None, 1, 2, 40, 17),
+    ]  # fmt: skip
+    for ln in lines:
+        assert ln.to_json() == _dumps_as_before(ln)
+        assert ManifestLine.from_json(ln.to_json()) == ln
+    bad = ManifestLine("library", "x", "file", 1.5, 1, 0o644, 0, 0, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        bad.to_json()
+
+
+def test_manifest_lines_parse_as_json_loads_did() -> None:
+    text = line("x").to_json()
+    assert ManifestLine.from_json(f" {text}\n") == ManifestLine.from_json(text)  # white space: json.loads' rule
+    for wrong in (text + "x", text[:-1], "", "[1]", text + text):
+        with pytest.raises((ValueError, TypeError)):
+            ManifestLine.from_json(wrong)
 
 
 async def test_gunzip_stream_reads_members_and_refuses_truncation() -> None:
@@ -143,3 +181,17 @@ def test_a_second_upload_by_the_same_run_has_a_key_of_its_own() -> None:
     long_path = "x" * 300
     assert repo.data_key("run", "library", long_path, STOPPED_DIR).startswith("data/run/library/%stopped/%long/")
     assert escape_path(b"%stopped") != "%stopped", "no file name can become the reserved folder"
+
+
+def test_path_order_sorts_as_the_tuple_of_names_the_walk_goes_by() -> None:
+    import random
+
+    rng = random.Random(29)
+    alphabet = [b"a", b"b", b"!", b" ", b"\x01", b".", b"-", b"\xff", b"\xc3\xa9"]
+    paths = {
+        b"/".join(b"".join(rng.choices(alphabet, k=rng.randint(1, 3))) for _ in range(rng.randint(1, 4)))
+        for _ in range(3000)
+    }
+    by_names = sorted(paths, key=lambda p: tuple(p.split(b"/")))
+    assert sorted(paths, key=path_order) == by_names
+    assert path_order(b"a") < path_order(b"a/b") < path_order(b"a!") < path_order(b"a!/b")
