@@ -9,7 +9,9 @@
   VersionId: every version of what it deleted now, every noncurrent version of the
   housekeeping objects (locks, probes, journals), and noncurrent versions of any other key
   (overwritten, or hidden by a delete marker) once they have been noncurrent for N days,
-  so a restore --as-of within the lock window still finds them. Never a locked version.
+  so a restore --as-of within the lock window still finds them. Never a locked version,
+  and never an older version of a data object that is still current: data objects are
+  never overwritten, so that one is what an attacker's overwrite hid.
 """
 
 from __future__ import annotations
@@ -104,8 +106,10 @@ def _housekeeping(repo: Repo, key: str) -> bool:
     )
 
 
-async def sweep(repo: Repo, deleted: set[str], report: LockReport) -> None:
-    """Delete versions by VersionId (module docstring); never a locked one, never bypassing."""
+async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: set[bytes] | None = None) -> None:
+    """Delete versions by VersionId (module docstring); never a locked one, never bypassing.
+    referenced: key_digest of the keys the kept snapshots need (prune's set)."""
+    referenced = referenced or set()
     assert repo.lock is not None
     store = repo.store.raw
     state = await bucket_lock(store)
@@ -118,10 +122,20 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport) -> None:
     async def judge(versions: list[Version]) -> None:
         key = versions[0].key
         at_once = key in deleted or _housekeeping(repo, key)
+        # A data object is written once under its key and never overwritten: an older version
+        # under a current one is what an overwrite hid (the host's key may PutObject). `lock
+        # extend` extended only the current version, so it may be the only good copy: kept.
+        # So is one under a delete marker while a kept snapshot needs the key (`referenced`).
+        rel = repo.relative_key(key)
+        hidden = (
+            not at_once and rel.startswith("data/") and (not versions[0].delete_marker or key_digest(rel) in referenced)
+        )
         pick: list[Version] = []
         for i, v in enumerate(versions):
             if i == 0 and not v.delete_marker:
                 continue  # the current version stays (prune deleted what had to go already)
+            if hidden and not v.delete_marker:
+                continue
             successor = versions[i - 1].last_modified if i else now
             if at_once or successor < window:
                 pick.append(v)
