@@ -71,7 +71,8 @@ class AsOfStore(Store):
 
     def _version(self, key: str) -> dict[str, str]:
         v = self._seen.get(key)
-        return {"VersionId": v.version_id} if v is not None and v.version_id != "null" else {}
+        # "null" is a real version (written before versioning was on): named, or S3 reads the current one
+        return {"VersionId": v.version_id} if v is not None else {}
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         async for v in self._versions(prefix):
