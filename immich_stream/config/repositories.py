@@ -168,6 +168,15 @@ def target(settings: Settings, name: str, what: str = "--repo") -> Target:
             f"{what} {name}: no [repositories.{name}] in {where} ({known}): declare it with bucket, prefix, "
             "endpoint_url (docs/configuration.md)"
         )
+    if what != "--repo" and (found.bucket, found.endpoint_url) == (settings.bucket, settings.endpoint_url):
+        a, b = found.prefix, settings.prefix
+        if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+            # the same objects, or this repository's prune would take the other's for garbage
+            raise ConfigError(
+                f"{what} {name}: [repositories.{name}] is {found.bucket}/{a}, "
+                f"{'which is' if a == b else 'nested with'} this repository ({settings.bucket}/{b}): "
+                "give it a prefix outside this one (or another bucket)"
+            )
     return found
 
 

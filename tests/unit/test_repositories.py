@@ -87,3 +87,22 @@ def test_pointed_at_a_named_repository_its_secret_is_never_shown(tmp_path: Path)
 def test_copy_to_must_name_a_declared_repository(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"copy_to nowhere: no \[repositories.nowhere\]"):
         loaded(tmp_path, '[backup]\ncopy_to = "nowhere"\n')
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["immich-backup", "immich-backup/data", "immich-backup/snapshots/x", "immich-backup/copy"],
+)
+def test_copy_to_this_repository_or_inside_it_is_refused_before_anything_runs(tmp_path: Path, prefix: str) -> None:
+    """A destination on the same bucket whose prefix is this repository's, or inside it: this
+    repository's prune would take its objects (under data/, snapshots/) for garbage."""
+    with pytest.raises(ConfigError, match=r"copy_to offsite: .*this repository") as err:
+        loaded(
+            tmp_path, f'[backup]\ncopy_to = "offsite"\n[repositories.offsite]\nbucket = "main"\nprefix = "{prefix}"\n'
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_copy_to_another_prefix_or_bucket_is_fine(tmp_path: Path) -> None:
+    for table in ('bucket = "main"\nprefix = "immich-copy"', 'bucket = "other"\nprefix = "immich-backup"'):
+        assert loaded(tmp_path, f'[backup]\ncopy_to = "offsite"\n[repositories.offsite]\n{table}\n')
