@@ -106,3 +106,11 @@ def test_copy_to_this_repository_or_inside_it_is_refused_before_anything_runs(tm
 def test_copy_to_another_prefix_or_bucket_is_fine(tmp_path: Path) -> None:
     for table in ('bucket = "main"\nprefix = "immich-copy"', 'bucket = "other"\nprefix = "immich-backup"'):
         assert loaded(tmp_path, f'[backup]\ncopy_to = "offsite"\n[repositories.offsite]\n{table}\n')
+
+
+def test_copy_to_with_half_its_credentials_is_refused_before_the_backup(tmp_path: Path) -> None:
+    """found after the night's backup (exit 6) would be too late: refused with the settings (exit 2)"""
+    text = '[backup]\ncopy_to = "offsite"\n[repositories.offsite]\nbucket = "far"\n'
+    with pytest.raises(ConfigError, match="IMMICH_STREAM_REPO_OFFSITE_SECRET_ACCESS_KEY is not set") as err:
+        loaded(tmp_path, text, IMMICH_STREAM_REPO_OFFSITE_ACCESS_KEY_ID="AKIAEXAMPLE")
+    assert "AKIAEXAMPLE" not in str(err.value)
