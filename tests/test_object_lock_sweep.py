@@ -73,3 +73,28 @@ def test_sweep_keeps_the_version_an_overwrite_hid(moto_s3: S3Server) -> None:
     # once prune deletes the key (no kept snapshot needs it), every version of it goes
     asyncio.run(_sweep(moto_s3.endpoint, name, {DATA.removeprefix("p/")}))
     assert _versions(s3, name, DATA) == []
+
+
+def test_sweep_never_removes_the_delete_marker_over_a_locked_version(moto_s3: S3Server) -> None:
+    """prune deleted snapshot.json (a delete marker); an older version of it is still locked
+    (written before a `key rotate` rewrote it without --lock-days). Deleting the marker with
+    the newer versions would make the locked old one current: the dropped snapshot back."""
+    name = "sw-" + str(time.time_ns())[-12:]
+    s3 = Bucket(moto_s3.endpoint, name, KEY, SECRET).s3
+    s3.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    key = "p/snapshots/2026-05-01T030000Z-ab12/snapshot.json"
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+    s3.put_object(
+        Bucket=name,
+        Key=key,
+        Body=b"{}",
+        ObjectLockMode="GOVERNANCE",
+        ObjectLockRetainUntilDate=until,
+        ChecksumAlgorithm="SHA256",
+    )
+    s3.put_object(Bucket=name, Key=key, Body=b"{ }")  # rewritten, unlocked
+    s3.delete_object(Bucket=name, Key=key)  # prune's delete
+    report = asyncio.run(_sweep(moto_s3.endpoint, name, {key.removeprefix("p/")}))
+    listed = s3.list_objects_v2(Bucket=name, Prefix="p/snapshots/").get("Contents", [])
+    assert listed == [], "a dropped snapshot's snapshot.json came back"
+    assert report.kept_locked == 1

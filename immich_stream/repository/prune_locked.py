@@ -118,6 +118,7 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: s
     now = dt.datetime.now(dt.UTC)
     window = now - repo.lock.days * repo.lock.day
     doomed: list[tuple[str, str]] = []
+    top: list[tuple[Version, list[tuple[str, str]]]] = []  # newest delete markers, and what is under each
 
     async def judge(versions: list[Version]) -> None:
         key = versions[0].key
@@ -139,11 +140,17 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: s
             successor = versions[i - 1].last_modified if i else now
             if at_once or successor < window:
                 pick.append(v)
-        keep_marker = any(not v.delete_marker for v in versions if v not in pick)
+        # The newest delete marker goes only once every version under it is gone (in a second
+        # request, after the first's refusals are known): removing it earlier would make a
+        # version that stays (kept, locked, or refused) current again, e.g. a dropped
+        # snapshot's locked older snapshot.json: the snapshot back.
+        under = [v for v in versions if not v.delete_marker]
         for v in pick:
             if v.delete_marker:
-                if v is versions[0] and keep_marker:
-                    continue  # removing it would bring back a version that must stay hidden
+                if v is versions[0]:
+                    if all(u in pick for u in under):
+                        top.append((v, [(u.key, u.version_id) for u in under]))
+                    continue
                 doomed.append((v.key, v.version_id))
             elif state.default_mode is None and _housekeeping(repo, key):
                 doomed.append((v.key, v.version_id))  # we never lock these, and the bucket does not
@@ -161,6 +168,10 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: s
     if group:
         await judge(group)
     refused = await delete_versions(store, doomed)
+    gone = set(doomed) - set(refused)
+    markers = [(m.key, m.version_id) for m, under in top if all(u in gone for u in under)]
+    refused += await delete_versions(store, markers)
+    doomed += markers
     report.kept_locked += len(refused)
     report.versions_deleted = len(doomed) - len(refused)
     if doomed:
