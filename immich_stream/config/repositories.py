@@ -222,4 +222,8 @@ def pointed_at(settings: Settings, name: str, environ: Mapping[str, str], what: 
         changed["sources"]["age_identity"] = f"[repositories.{name}] identity_file"
     # SSE-C keys and KMS key ids are the main bucket's
     changed["sse_c_key_file"] = changed["sse_kms_key_id"] = changed["sse"] = None
+    # so is Object Lock from the config file or the environment (copy writes the named one
+    # without it, and prune --repo would refuse its bucket); a --lock-days flag is for this one
+    if not settings.sources.get("lock_days", "").startswith("flag"):
+        changed["lock_days"] = 0
     return dataclasses.replace(settings, **changed)

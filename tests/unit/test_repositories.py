@@ -114,3 +114,16 @@ def test_copy_to_with_half_its_credentials_is_refused_before_the_backup(tmp_path
     with pytest.raises(ConfigError, match="IMMICH_STREAM_REPO_OFFSITE_SECRET_ACCESS_KEY is not set") as err:
         loaded(tmp_path, text, IMMICH_STREAM_REPO_OFFSITE_ACCESS_KEY_ID="AKIAEXAMPLE")
     assert "AKIAEXAMPLE" not in str(err.value)
+
+
+def test_a_named_repository_does_not_inherit_the_main_buckets_lock_days(tmp_path: Path) -> None:
+    """copy writes its destination without Object Lock; with lock_days in [s3] (the main
+    bucket's), `prune --repo offsite` refused the copy's bucket (no Object Lock) for ever.
+    A --lock-days flag given with --repo is the user's word for that repository: kept."""
+    text = '[s3]\nlock_days = 30\n[repositories.offsite]\nbucket = "far"\n'
+    s = loaded(tmp_path, text)
+    assert s.lock_days == 30  # type: ignore[attr-defined]
+    assert pointed_at(s, "offsite", {}).lock_days == 0  # type: ignore[arg-type]
+    conf = tmp_path / "config.toml"
+    flagged = load({"lock_days": 7}, {"S3_BUCKET": "main", "HOME": str(tmp_path)}, str(conf))
+    assert pointed_at(flagged, "offsite", {}).lock_days == 7
