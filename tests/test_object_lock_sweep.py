@@ -11,6 +11,8 @@ import asyncio
 import datetime as dt
 import time
 
+import pytest
+
 from immich_stream.repository.manifest import key_digest
 from immich_stream.repository.prune_locked import LockReport, sweep
 from immich_stream.repository.repo import Repo
@@ -39,7 +41,7 @@ async def _sweep(endpoint: str, bucket: str, deleted: set[str], needed: set[str]
         return report
 
 
-def test_sweep_keeps_the_version_an_overwrite_hid(moto_s3: S3Server) -> None:
+def test_sweep_keeps_the_version_an_overwrite_hid(moto_s3: S3Server, caplog: pytest.LogCaptureFixture) -> None:
     name = "sw-" + str(time.time_ns())[-12:]
     s3 = Bucket(moto_s3.endpoint, name, KEY, SECRET).s3
     s3.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
@@ -59,6 +61,7 @@ def test_sweep_keeps_the_version_an_overwrite_hid(moto_s3: S3Server) -> None:
     s3.put_object(Bucket=name, Key=lock, Body=b'{"released": true}')
     time.sleep(4)  # the genuine version's retention is over, and it is noncurrent for > 1 "day"
     asyncio.run(_sweep(moto_s3.endpoint, name, set()))
+    assert "1 data objects have older versions under their current one" in caplog.text
     kept = _versions(s3, name, DATA)
     assert len(kept) == 2, "the overwritten (genuine) version of a data object was deleted"
     old = next(v for v in kept if not v["IsLatest"])

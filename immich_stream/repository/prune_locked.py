@@ -118,6 +118,7 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: s
     now = dt.datetime.now(dt.UTC)
     window = now - repo.lock.days * repo.lock.day
     doomed: list[tuple[str, str]] = []
+    overwritten: list[str] = []  # data objects with an older version under the one they have
     top: list[tuple[Version, list[tuple[str, str]]]] = []  # newest delete markers, and what is under each
 
     async def judge(versions: list[Version]) -> None:
@@ -131,6 +132,8 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: s
         hidden = (
             not at_once and rel.startswith("data/") and (not versions[0].delete_marker or key_digest(rel) in referenced)
         )
+        if hidden and any(not v.delete_marker for v in versions[1:]):
+            overwritten.append(key)
         pick: list[Version] = []
         for i, v in enumerate(versions):
             if i == 0 and not v.delete_marker:
@@ -167,6 +170,14 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: s
         group.append(v)
     if group:
         await judge(group)
+    if overwritten:
+        log.warning(
+            "%d data objects have older versions under their current one (immich-stream never overwrites them: "
+            "an attacker's overwrite, or a lost object uploaded again), first %s: their older versions are kept; "
+            "run `verify --read-data`, and `restore --as-of` a time before it if it fails",
+            len(overwritten),
+            overwritten[0],
+        )
     refused = await delete_versions(store, doomed)
     gone = set(doomed) - set(refused)
     markers = [(m.key, m.version_id) for m, under in top if all(u in gone for u in under)]
