@@ -156,3 +156,25 @@ def test_released_locks_exclude_nothing_and_a_removed_lock_is_never_written_agai
     asyncio.run(scenario())
     r = run_cli("unlock", env=iam_s3.env(base_env(tmp_path), iam_s3.backup_key, prefix))
     assert r.code == 1 and "this S3 key cannot delete" in r.last_error and "unlock needs a key" in r.last_error
+
+
+def test_backup_prune_with_append_only_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """append_only says the key cannot delete: the --prune after the night's backup could only
+    fail (exit 6 every night). Refused at once, one line, exit 2 (Docker and S3 unreachable
+    here: nothing may be touched before the refusal)."""
+    env = base_env(tmp_path)
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "pg").mkdir()
+    env.update(
+        S3_BUCKET="b",
+        S3_ENDPOINT_URL="http://127.0.0.1:9",
+        AWS_ACCESS_KEY_ID="k",
+        AWS_SECRET_ACCESS_KEY="s",
+        LIBRARY_DIR=str(tmp_path / "lib"),
+        POSTGRES_DIR=str(tmp_path / "pg"),
+        DOCKER_HOST="unix:///nonexistent/docker.sock",
+        IMMICH_STREAM_RETRIES="1",
+    )
+    r = run_cli("backup", "--prune", "--keep-last", "3", "--append-only", env=env, timeout=60)
+    assert r.code == 2 and "--prune" in r.last_error and "append_only" in r.last_error, r.err
+    assert len(r.err.strip().splitlines()) == 1

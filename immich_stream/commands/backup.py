@@ -95,6 +95,11 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     from immich_stream.backup.run import run_backup
     from immich_stream.repository.prune import apply_policy, parse_within
 
+    if args.prune and settings.append_only:  # prune needs a key that can delete: it could only fail
+        raise ConfigError(
+            f"backup --prune with append_only (from {settings.sources.get('append_only', 'settings')}): "
+            "prune needs an S3 key that can delete; run `prune` elsewhere with one, or drop append_only"
+        )
     if args.prune:  # the whole policy is checked before the stack is touched
         keep = policy(settings)
         apply_policy([], keep)

@@ -203,6 +203,8 @@ def as_of(args: argparse.Namespace, settings: cfg.Settings | None = None) -> dt.
     when: dt.datetime | None = None
     try:
         when = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cfg.parse_duration(text))
+    except OverflowError:  # a duration ago before year 1
+        when = None
     except ValueError:
         try:
             when = dt.datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))

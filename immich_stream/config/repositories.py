@@ -168,6 +168,15 @@ def target(settings: Settings, name: str, what: str = "--repo") -> Target:
             f"{what} {name}: no [repositories.{name}] in {where} ({known}): declare it with bucket, prefix, "
             "endpoint_url (docs/configuration.md)"
         )
+    if what != "--repo" and (found.bucket, found.endpoint_url) == (settings.bucket, settings.endpoint_url):
+        a, b = found.prefix, settings.prefix
+        if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+            # the same objects, or this repository's prune would take the other's for garbage
+            raise ConfigError(
+                f"{what} {name}: [repositories.{name}] is {found.bucket}/{a}, "
+                f"{'which is' if a == b else 'nested with'} this repository ({settings.bucket}/{b}): "
+                "give it a prefix outside this one (or another bucket)"
+            )
     return found
 
 
@@ -213,4 +222,8 @@ def pointed_at(settings: Settings, name: str, environ: Mapping[str, str], what: 
         changed["sources"]["age_identity"] = f"[repositories.{name}] identity_file"
     # SSE-C keys and KMS key ids are the main bucket's
     changed["sse_c_key_file"] = changed["sse_kms_key_id"] = changed["sse"] = None
+    # so is Object Lock from the config file or the environment (copy writes the named one
+    # without it, and prune --repo would refuse its bucket); a --lock-days flag is for this one
+    if not settings.sources.get("lock_days", "").startswith("flag"):
+        changed["lock_days"] = 0
     return dataclasses.replace(settings, **changed)

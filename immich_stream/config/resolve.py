@@ -28,7 +28,7 @@ from immich_stream.config.parse import (
     parse_rate,
     parse_size,
 )
-from immich_stream.config.repositories import parse_names, parse_repositories, target
+from immich_stream.config.repositories import credentials, parse_names, parse_repositories, target
 from immich_stream.config.settings import SECTIONS, SETTINGS, SPECS, TOML_KEYS, Settings, Spec
 from immich_stream.config.tuning import Tuning, min_part_size
 from immich_stream.errors import ConfigError
@@ -256,7 +256,7 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
             )
         read_sse_c_key(s.sse_c_key_file, s.sources["sse_c_key_file"])
     for name in s.copy_to:  # a typo must not be found after the night's backup
-        target(s, name, "copy_to")
+        credentials(target(s, name, "copy_to"), environ)  # only one of its two variables set
     if s.metrics_file is not None:  # found out at the end of a night's backup would be too late
         where = s.sources["metrics_file"]
         if s.metrics_file.is_dir():

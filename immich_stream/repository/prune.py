@@ -323,7 +323,7 @@ async def _prune_locked(
     if report.lock is not None:  # last: the versions of all it deleted, the old packs too
         gone = {*commit_keys, *dir_keys, *journal_keys, *doomed}
         gone.update(repo.object_key(p.key) for p in chosen if p.key not in report.repack.damaged)
-        await sweep(repo, gone, report.lock)
+        await sweep(repo, gone, report.lock, referenced)
 
 
 def _reference(line: ManifestLine, referenced: set[bytes]) -> None:

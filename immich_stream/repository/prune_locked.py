@@ -9,7 +9,9 @@
   VersionId: every version of what it deleted now, every noncurrent version of the
   housekeeping objects (locks, probes, journals), and noncurrent versions of any other key
   (overwritten, or hidden by a delete marker) once they have been noncurrent for N days,
-  so a restore --as-of within the lock window still finds them. Never a locked version.
+  so a restore --as-of within the lock window still finds them. Never a locked version,
+  and never an older version of a data object that is still current: data objects are
+  never overwritten, so that one is what an attacker's overwrite hid.
 """
 
 from __future__ import annotations
@@ -104,8 +106,10 @@ def _housekeeping(repo: Repo, key: str) -> bool:
     )
 
 
-async def sweep(repo: Repo, deleted: set[str], report: LockReport) -> None:
-    """Delete versions by VersionId (module docstring); never a locked one, never bypassing."""
+async def sweep(repo: Repo, deleted: set[str], report: LockReport, referenced: set[bytes] | None = None) -> None:
+    """Delete versions by VersionId (module docstring); never a locked one, never bypassing.
+    referenced: key_digest of the keys the kept snapshots need (prune's set)."""
+    referenced = referenced or set()
     assert repo.lock is not None
     store = repo.store.raw
     state = await bucket_lock(store)
@@ -114,22 +118,42 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport) -> None:
     now = dt.datetime.now(dt.UTC)
     window = now - repo.lock.days * repo.lock.day
     doomed: list[tuple[str, str]] = []
+    overwritten: list[str] = []  # data objects with an older version under the one they have
+    top: list[tuple[Version, list[tuple[str, str]]]] = []  # newest delete markers, and what is under each
 
     async def judge(versions: list[Version]) -> None:
         key = versions[0].key
         at_once = key in deleted or _housekeeping(repo, key)
+        # A data object is written once under its key and never overwritten: an older version
+        # under a current one is what an overwrite hid (the host's key may PutObject). `lock
+        # extend` extended only the current version, so it may be the only good copy: kept.
+        # So is one under a delete marker while a kept snapshot needs the key (`referenced`).
+        rel = repo.relative_key(key)
+        hidden = (
+            not at_once and rel.startswith("data/") and (not versions[0].delete_marker or key_digest(rel) in referenced)
+        )
+        if hidden and any(not v.delete_marker for v in versions[1:]):
+            overwritten.append(key)
         pick: list[Version] = []
         for i, v in enumerate(versions):
             if i == 0 and not v.delete_marker:
                 continue  # the current version stays (prune deleted what had to go already)
+            if hidden and not v.delete_marker:
+                continue
             successor = versions[i - 1].last_modified if i else now
             if at_once or successor < window:
                 pick.append(v)
-        keep_marker = any(not v.delete_marker for v in versions if v not in pick)
+        # The newest delete marker goes only once every version under it is gone (in a second
+        # request, after the first's refusals are known): removing it earlier would make a
+        # version that stays (kept, locked, or refused) current again, e.g. a dropped
+        # snapshot's locked older snapshot.json: the snapshot back.
+        under = [v for v in versions if not v.delete_marker]
         for v in pick:
             if v.delete_marker:
-                if v is versions[0] and keep_marker:
-                    continue  # removing it would bring back a version that must stay hidden
+                if v is versions[0]:
+                    if all(u in pick for u in under):
+                        top.append((v, [(u.key, u.version_id) for u in under]))
+                    continue
                 doomed.append((v.key, v.version_id))
             elif state.default_mode is None and _housekeeping(repo, key):
                 doomed.append((v.key, v.version_id))  # we never lock these, and the bucket does not
@@ -146,7 +170,19 @@ async def sweep(repo: Repo, deleted: set[str], report: LockReport) -> None:
         group.append(v)
     if group:
         await judge(group)
+    if overwritten:
+        log.warning(
+            "%d data objects have older versions under their current one (immich-stream never overwrites them: "
+            "an attacker's overwrite, or a lost object uploaded again), first %s: their older versions are kept; "
+            "run `verify --read-data`, and `restore --as-of` a time before it if it fails",
+            len(overwritten),
+            overwritten[0],
+        )
     refused = await delete_versions(store, doomed)
+    gone = set(doomed) - set(refused)
+    markers = [(m.key, m.version_id) for m, under in top if all(u in gone for u in under)]
+    refused += await delete_versions(store, markers)
+    doomed += markers
     report.kept_locked += len(refused)
     report.versions_deleted = len(doomed) - len(refused)
     if doomed:

@@ -29,6 +29,7 @@ class AsOfStore(Store):
         self.as_of = as_of
         self._seen: dict[str, Version | None] = {}  # key -> the version it had then (None: absent)
         self._listed: set[str] = set()  # prefixes whose versions are all in _seen
+        self._folders: set[str] = set()  # folders whose own keys (not their subfolders) are in _seen
 
     def _refuse(self, *args: Any, **kw: Any) -> NoReturn:
         raise StoreError(
@@ -38,11 +39,11 @@ class AsOfStore(Store):
     put = create_multipart = upload_part = complete_multipart = abort_multipart = _refuse
     delete = restore_object = probe_checksum_sha256 = _refuse
 
-    async def _versions(self, prefix: str) -> AsyncIterator[Version]:
+    async def _versions(self, prefix: str, shallow: bool = False) -> AsyncIterator[Version]:
         """The version each key under prefix had at as_of (delete markers included)."""
         current: str | None = None
         try:
-            async for v in list_versions(self, prefix):
+            async for v in list_versions(self, prefix, shallow):
                 if v.key == current or v.last_modified > self.as_of:
                     continue  # an older version of a key already decided, or one written later
                 current = v.key
@@ -55,13 +56,15 @@ class AsOfStore(Store):
                 f"--as-of: bucket {self.bucket!r} keeps no versions (ListObjectVersions answered {exc.code}): "
                 "only a bucket with versioning can be read as it was"
             ) from None
-        self._listed.add(prefix)
+        (self._folders if shallow else self._listed).add(prefix)
 
     async def _resolve(self, key: str) -> Version:
         if key not in self._seen:
             folder = key.rpartition("/")[0] + "/" if "/" in key else key
-            if not any(folder.startswith(p) for p in self._listed):  # its folder at once: neighbours come next
-                async for _ in self._versions(folder):
+            # its folder at once (neighbours come next), but not its subfolders: config.json's
+            # folder is the whole repository, whose every version would be listed and held
+            if folder not in self._folders and not any(folder.startswith(p) for p in self._listed):
+                async for _ in self._versions(folder, shallow=True):
                     pass
             self._seen.setdefault(key, None)
         v = self._seen[key]
@@ -71,7 +74,8 @@ class AsOfStore(Store):
 
     def _version(self, key: str) -> dict[str, str]:
         v = self._seen.get(key)
-        return {"VersionId": v.version_id} if v is not None and v.version_id != "null" else {}
+        # "null" is a real version (written before versioning was on): named, or S3 reads the current one
+        return {"VersionId": v.version_id} if v is not None else {}
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         async for v in self._versions(prefix):

@@ -120,9 +120,12 @@ async def set_retention(store: Store, key: str, mode: str, until: dt.datetime) -
     )
 
 
-async def list_versions(store: Store, prefix: str) -> AsyncIterator[Version]:
-    """Every version and delete marker under prefix: keys in order, each key's newest first."""
+async def list_versions(store: Store, prefix: str, shallow: bool = False) -> AsyncIterator[Version]:
+    """Every version and delete marker under prefix: keys in order, each key's newest first
+    (shallow: only the keys directly in the folder `prefix`, none in its subfolders)."""
     kw: dict[str, Any] = {"Bucket": store.bucket, "Prefix": prefix, "MaxKeys": 1000}
+    if shallow:
+        kw["Delimiter"] = "/"
     while True:
         resp = await store._retry.call(
             f"list the versions under {prefix}", functools.partial(store._client.list_object_versions, **kw)

@@ -87,3 +87,43 @@ def test_pointed_at_a_named_repository_its_secret_is_never_shown(tmp_path: Path)
 def test_copy_to_must_name_a_declared_repository(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"copy_to nowhere: no \[repositories.nowhere\]"):
         loaded(tmp_path, '[backup]\ncopy_to = "nowhere"\n')
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["immich-backup", "immich-backup/data", "immich-backup/snapshots/x", "immich-backup/copy"],
+)
+def test_copy_to_this_repository_or_inside_it_is_refused_before_anything_runs(tmp_path: Path, prefix: str) -> None:
+    """A destination on the same bucket whose prefix is this repository's, or inside it: this
+    repository's prune would take its objects (under data/, snapshots/) for garbage."""
+    with pytest.raises(ConfigError, match=r"copy_to offsite: .*this repository") as err:
+        loaded(
+            tmp_path, f'[backup]\ncopy_to = "offsite"\n[repositories.offsite]\nbucket = "main"\nprefix = "{prefix}"\n'
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_copy_to_another_prefix_or_bucket_is_fine(tmp_path: Path) -> None:
+    for table in ('bucket = "main"\nprefix = "immich-copy"', 'bucket = "other"\nprefix = "immich-backup"'):
+        assert loaded(tmp_path, f'[backup]\ncopy_to = "offsite"\n[repositories.offsite]\n{table}\n')
+
+
+def test_copy_to_with_half_its_credentials_is_refused_before_the_backup(tmp_path: Path) -> None:
+    """found after the night's backup (exit 6) would be too late: refused with the settings (exit 2)"""
+    text = '[backup]\ncopy_to = "offsite"\n[repositories.offsite]\nbucket = "far"\n'
+    with pytest.raises(ConfigError, match="IMMICH_STREAM_REPO_OFFSITE_SECRET_ACCESS_KEY is not set") as err:
+        loaded(tmp_path, text, IMMICH_STREAM_REPO_OFFSITE_ACCESS_KEY_ID="AKIAEXAMPLE")
+    assert "AKIAEXAMPLE" not in str(err.value)
+
+
+def test_a_named_repository_does_not_inherit_the_main_buckets_lock_days(tmp_path: Path) -> None:
+    """copy writes its destination without Object Lock; with lock_days in [s3] (the main
+    bucket's), `prune --repo offsite` refused the copy's bucket (no Object Lock) for ever.
+    A --lock-days flag given with --repo is the user's word for that repository: kept."""
+    text = '[s3]\nlock_days = 30\n[repositories.offsite]\nbucket = "far"\n'
+    s = loaded(tmp_path, text)
+    assert s.lock_days == 30  # type: ignore[attr-defined]
+    assert pointed_at(s, "offsite", {}).lock_days == 0  # type: ignore[arg-type]
+    conf = tmp_path / "config.toml"
+    flagged = load({"lock_days": 7}, {"S3_BUCKET": "main", "HOME": str(tmp_path)}, str(conf))
+    assert pointed_at(flagged, "offsite", {}).lock_days == 7
