@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -94,8 +95,14 @@ def test_five_nightly_backups_with_a_key_that_cannot_delete_then_prune_elsewhere
     assert r.code == 0, r.out + r.err
     assert "put, get, list, abort multipart, delete, list uploads: yes: backups, prune and unlock all work" in r.out
 
-    # prune elsewhere, with the key that may delete: nothing of the delete-less runs is left
-    r = run_cli("prune", "--keep-last", "3", "--lock-wait", "0s", env=dict(prune, IMMICH_STREAM_LOCK_STALE="1s"))
+    probed = time.monotonic()
+
+    # prune elsewhere, with the key that may delete: nothing of the delete-less runs is left.
+    # A short staleness (6 s) so that doctor's probes are old enough to collect; not shorter:
+    # moto's LastModified has whole seconds, and prune's own lock is judged lost once the
+    # server saw it unrefreshed for half the staleness (at 1 s that failed one run in three).
+    time.sleep(max(0.0, 6.5 - (time.monotonic() - probed)))
+    r = run_cli("prune", "--keep-last", "3", "--lock-wait", "0s", env=dict(prune, IMMICH_STREAM_LOCK_STALE="6s"))
     assert r.code == 0, r.err
     assert bucket.snapshots() == snaps[3:]
     assert leftovers(bucket) == {
