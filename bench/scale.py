@@ -188,10 +188,13 @@ class CountingProxy:
             dst.write(data)
             await dst.drain()
 
+    def new_framer(self) -> Framer:
+        return Framer(self.counts)
+
     async def _requests(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter) -> None:
         """Forward the client's bytes as they come; count the requests in them on the side (a
         framing the parser does not follow is counted as `unparsed` and never stops the bytes)."""
-        framer = Framer(self.counts)
+        framer = self.new_framer()
         while data := await reader.read(1 << 18):
             up.write(data)
             await up.drain()
@@ -199,7 +202,7 @@ class CountingProxy:
                 framer.feed(data)
             except (ValueError, IndexError):
                 self.counts["unparsed"] += 1
-                framer = Framer(self.counts)
+                framer = self.new_framer()
 
 
 class Framer:
@@ -209,6 +212,9 @@ class Framer:
         self.counts = counts
         self.buf = b""
         self.state, self.left = "head", 0
+
+    def count(self, request_line: str, headers: dict[str, str]) -> None:
+        self.counts[request_line.split(" ", 1)[0]] += 1
 
     def feed(self, data: bytes) -> None:
         buf = self.buf + data
@@ -220,8 +226,8 @@ class Framer:
                     break
                 head, buf = buf[:end].decode("latin-1"), buf[end + 4 :]
                 lines = head.split("\r\n")
-                self.counts[lines[0].split(" ", 1)[0]] += 1
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                self.count(lines[0], headers)
                 if "chunked" in headers.get("transfer-encoding", "").lower():
                     state = "size"
                 elif int(headers.get("content-length", "0") or 0) > 0:
