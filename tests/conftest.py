@@ -84,6 +84,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = getattr(item, "fixturenames", ())
         if DOCKER_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.docker)
+            # One Docker engine and one test stack: under pytest-xdist (tests/run.sh), every
+            # test that touches them runs on the same worker, one after the other.
+            item.add_marker(pytest.mark.xdist_group("docker"))
         if SLOW_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.slow)
 

@@ -22,6 +22,14 @@ if [ ! -e "$stamp" ]; then
     touch "$stamp"
 fi
 
+# Two workers: the tests that use the Docker engine and the test stack all run on one of
+# them (tests/conftest.py groups them), the others (S3 servers only) beside them.
+# IMMICH_STREAM_TEST_WORKERS=0 runs everything in this process.
+workers=${IMMICH_STREAM_TEST_WORKERS:-2}
+parallel=()
+if [ "$workers" != 0 ]; then
+    parallel=(-n "$workers" --dist loadgroup)
+fi
 log "running the test suite"
 # pytest exits 5 when it collected no test: that fails this script like any failure.
-exec "$VENV/bin/python" -m pytest "$@"
+exec "$VENV/bin/python" -m pytest "${parallel[@]}" "$@"
