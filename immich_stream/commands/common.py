@@ -83,7 +83,11 @@ def flag(p: argparse.ArgumentParser | Any, name: str) -> None:
         p.add_argument(spec.flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text(spec))
         return
     p.add_argument(
-        spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"), help=help_text(spec)
+        spec.flag,
+        dest=name,
+        default=None,
+        metavar=name.upper().replace("_", "-").removeprefix("KEEP-"),
+        help=help_text(spec),
     )
 
 
