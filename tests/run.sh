@@ -17,8 +17,8 @@ fi
 # aioboto3 pins botocore: keep it in this virtualenv, away from a system boto3.
 stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
-    log "installing immich-stream[test] into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+    log "installing immich-stream[test,docs] into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,docs]'
     touch "$stamp"
 fi
 
