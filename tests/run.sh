@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command, on a fresh Debian 12 machine or a warm one: install what the tests need
-# (Debian packages, dockerd, the test image, a virtualenv with the package and its test
-# extra: rclone, moto, docker-compose), then run the whole suite.
+# (Debian packages, dockerd, the test image, a virtualenv with the package, its test extra:
+# rclone, moto, docker-compose, build, and its docs extra: mkdocs for scripts/check), then
+# run the whole suite.
 #   bash tests/run.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
