@@ -1,5 +1,6 @@
 """A moto S3 server that enforces IAM, with a bucket and two keys on it: a "backup key" that
-cannot delete and a "prune key" that may (README, "Keys that cannot delete").
+cannot delete and a "prune key" that may (README, "Keys that cannot delete";
+the policies: docs/providers.md).
 
 moto checks every request against IAM once INITIAL_NO_AUTH_ACTION_COUNT requests have been
 made: the first ones (counted by moto, one per API call) create the bucket, the two users,

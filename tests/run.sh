@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command, on a fresh Debian 12 machine or a warm one: install what the tests need
-# (Debian packages, dockerd, the test image, a virtualenv with the package and its test
-# extra: rclone, moto, docker-compose), then run the whole suite.
+# (Debian packages, dockerd, the test image, a virtualenv with the package, its test extra:
+# rclone, moto, docker-compose, build, and its docs extra: mkdocs for scripts/check), then
+# run the whole suite.
 #   bash tests/run.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,8 @@ fi
 # aioboto3 pins botocore: keep it in this virtualenv, away from a system boto3.
 stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
-    log "installing immich-stream[test] into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+    log "installing immich-stream[test,docs] into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,docs]'
     touch "$stamp"
 fi
 

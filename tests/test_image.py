@@ -181,8 +181,10 @@ def image(machine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_backup_from_the_image(
     image: str, env: dict[str, str], stack: ImmichStack, bucket: Bucket, tmp_path: Path
 ) -> None:
-    """As contrib/compose.backup.yml runs it: the Docker socket, the library and the
-    Postgres directory mounted read-only, settings in the environment."""
+    """As contrib/compose.backup.yml runs it: the Docker socket, Immich's directory (as
+    IMMICH_DIR), the library and the Postgres directory mounted read-only, settings in the
+    environment; then, as the README says to restore with the image, the recorded
+    docker-compose.yml and .env back into a writable mount."""
     written = make_library(stack.library, photos=10, odd_names=False)
     name = "immich_stream_image_test"
     subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -194,6 +196,7 @@ def test_backup_from_the_image(
         "S3_PATH_STYLE": "true",
         "COMPOSE_PROJECT_NAME": "immich",
         "DB_CONTAINER": "immich_postgres",
+        "IMMICH_DIR": "/immich",
         "LIBRARY_DIR": "/data/library",
         "POSTGRES_DIR": "/data/postgres",
     }
@@ -208,6 +211,8 @@ def test_backup_from_the_image(
             "host",
             "-v",
             "/var/run/docker.sock:/var/run/docker.sock",
+            "-v",
+            f"{stack.dir}:/immich:ro",
             "-v",
             f"{stack.library}:/data/library:ro",
             "-v",
@@ -237,3 +242,38 @@ def test_backup_from_the_image(
     assert bucket.get(summary["database"]["key"])[:2] == b"\x1f\x8b"  # the dump, gzipped
     assert running_containers() == set(CONTAINERS)  # the stack was started again
     subprocess.run(["docker", "volume", "rm", "-f", "immich-stream-test-image-state"], capture_output=True)
+    assert set(summary["config_files"]) == {"docker-compose.yml", ".env"}
+
+    # restore --config-files from the image (README: restoring with the container image)
+    target = tmp_path / "restored"
+    target.mkdir()
+    proc = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "-v",
+            f"{target}:/restore",
+            *[
+                a
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "S3_BUCKET", "S3_PATH_STYLE")
+                for a in ("-e", f"{k}={settings[k]}")
+            ],
+            image,
+            "restore",
+            "latest",
+            "--config-files",
+            "--to",
+            "/restore",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "immich_postgres" in (target / "docker-compose.yml").read_text()
+    restored_env = (target / ".env").read_text()
+    assert "UPLOAD_LOCATION=" in restored_env
+    assert "test-db-password" not in restored_env and "DB_PASSWORD=immich-stream-removed-secret" in restored_env

@@ -70,15 +70,24 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
+def help_text(spec: cfg.Spec) -> str:
+    """A setting's help for argparse, which reads it as a %-format: its "5%" is a literal."""
+    return spec.help.replace("%", "%%")
+
+
 def flag(p: argparse.ArgumentParser | Any, name: str) -> None:
     """The flag of setting `name` (config.SETTINGS), on a command or one of its groups."""
     spec = cfg.SPECS[name]
     assert spec.flag is not None
     if spec.parse is cfg.parse_bool:
-        p.add_argument(spec.flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=spec.help)
+        p.add_argument(spec.flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text(spec))
         return
     p.add_argument(
-        spec.flag, dest=name, default=None, metavar=name.upper().replace("_", "-").removeprefix("KEEP-"), help=spec.help
+        spec.flag,
+        dest=name,
+        default=None,
+        metavar=name.upper().replace("_", "-").removeprefix("KEEP-"),
+        help=help_text(spec),
     )
 
 
@@ -108,7 +117,7 @@ def common_parser() -> Parser:
     )
     for spec in cfg.SETTINGS:
         if spec.flag and spec.name not in LOCAL_FLAGS:
-            kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help, "default": None}
+            kwargs: dict[str, Any] = {"dest": spec.name, "help": help_text(spec), "default": None}
             if spec.parse is cfg.parse_bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
