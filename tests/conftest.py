@@ -79,6 +79,7 @@ DOCKER_FIXTURES = frozenset({"machine", "immich_stack", "stack", "env", "bucket"
 SLOW_FIXTURES = frozenset({"seaweed_s3", "iam_s3"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
@@ -89,6 +90,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("docker"))
         if SLOW_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # A pytest whose node ids pytest-xdist cannot tag would spread the Docker tests over both
+    # workers, and each worker's test stack would remove the other's containers: refuse.
+    if session.config.getvalue("loadgroup"):
+        for item in session.items:
+            if item.get_closest_marker("xdist_group") and not item.nodeid.endswith("@docker"):
+                raise pytest.UsageError(
+                    f"pytest-xdist did not group {item.nodeid}: install the test extra's pytest "
+                    "(pip install -e '.[test]') or run with IMMICH_STREAM_TEST_WORKERS=0"
+                )
 
 
 # -- machine and stack -----------------------------------------------------------------------
