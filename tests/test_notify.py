@@ -151,6 +151,7 @@ def test_failure_carries_the_error_and_a_failing_hook_does_not_change_the_exit_c
     r = run_cli(
         "prune", "--keep-last", "3",
         "--notify", f"json://{receiver.url}/j",
+        "--notify", f"form://{receiver.url}/f",
         "--webhook", f"http://{receiver.url}/w",
         "--on-failure", cmd,
         env=s3_env,
@@ -159,6 +160,8 @@ def test_failure_carries_the_error_and_a_failing_hook_does_not_change_the_exit_c
     end = receiver.at("/j")[-1].json()
     assert (end["type"], end["title"]) == ("failure", "immich-stream prune FAILED (exit 1)")
     assert r.last_error in end["message"]  # the last log lines with the error, as the ping's body
+    form = receiver.at("/f")[-1].form()
+    assert form["type"] == "failure" and r.last_error in form["message"]
     doc = receiver.at("/w")[0].json()
     assert (doc["exit_code"], doc["ok"]) == (1, False) and "no-such-bucket-here" in doc["error"]
     assert json.loads(json.loads(out.read_text())["stdin"]) == doc
