@@ -200,8 +200,25 @@ def test_dead_failing_and_silent_receivers_never_fail_or_hold_up_the_run(
     assert "--on-success sh was still running after 1 s (hook_timeout): killed" in r.err
     assert len(receiver.at("/500")) == 2  # start and end
     assert "leak" not in r.err + r.out
-    shown = run_cli("config", *args, env=s3_env)
+    shown = run_cli("config", *args, "--webhook", f"http://{receiver.url}/hang/leak6", env=s3_env)
     assert "json://..., form://..., json://... (hidden)" in shown.out and "leak" not in shown.out + shown.err
+    assert "http://127.0.0.1/... (hidden)" in shown.out
+
+
+def test_a_snapshot_records_no_receiver_url_of_a_sidecar_in_immichs_compose_file() -> None:
+    """immich-stream added as a service to Immich's own docker-compose.yml, its receivers in
+    the environment: the compose file and .env a snapshot records (host/metadata.py) keep none."""
+    from immich_stream.host.metadata import redact
+
+    compose = (
+        "services:\n  backup:\n    image: immich-stream\n    environment:\n"
+        "      IMMICH_STREAM_NOTIFY: discord://leak1/leak2\n      - IMMICH_STREAM_WEBHOOK=https://h/leak3\n"
+        "    command: schedule --at 03:30 -- backup --notify tgram://leak4/x\n"
+    )
+    dotenv = "IMMICH_STREAM_NOTIFY=json://u:leak5@h/p\nIMMICH_STREAM_WEBHOOK=https://h/leak6\n"
+    for kind, text in (("docker-compose.yml", compose), (".env", dotenv)):
+        kept, removed = redact(kind, text)
+        assert "leak" not in kept and "IMMICH_STREAM_NOTIFY" in removed
 
 
 # -- the real stack ---------------------------------------------------------------------------
