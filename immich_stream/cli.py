@@ -23,6 +23,7 @@ from immich_stream.commands import COMMANDS, build_parser, check_args
 from immich_stream.commands import schedule as schedule_command
 from immich_stream.commands.common import UsageError
 from immich_stream.commands.monitor import LogTail, Outcome, Pinger, document, metrics_text, outcome_of, write_metrics
+from immich_stream.commands.notify import Notifier
 from immich_stream.commands.runtime import exit_past_hung_threads, new_loop, run_with_signals, tune_malloc
 from immich_stream.config.repositories import pointed_at
 from immich_stream.errors import (
@@ -94,6 +95,7 @@ def _main(argv: list[str] | None = None) -> int:
     started, t0 = time.time(), time.monotonic()
     settings: cfg.Settings | None = None
     pinger: Pinger | None = None
+    notifier: Notifier | None = None
     try:
         settings = cfg.load(flags=_flags(args), config_path=args.config_path)
         if getattr(args, "repo", None):
@@ -103,6 +105,8 @@ def _main(argv: list[str] | None = None) -> int:
             assert settings.ping_url is not None
             pinger = Pinger(settings.ping_url, args.command)
             pinger.start()
+        notifier = Notifier(settings, args.command, {n for n in NOTIFIERS if _monitored(settings, n, args.command)})
+        notifier.start()
         outcome = _run_command(args, settings, reporter, as_json)
     except ImmichStreamError as exc:
         outcome = Outcome(exc.exit_code, error=str(exc))
@@ -118,7 +122,7 @@ def _main(argv: list[str] | None = None) -> int:
         outcome = _internal_error(exc, exc)
     if outcome.error:
         print(f"immich-stream: error: {outcome.error}", file=sys.stderr, flush=True)
-    _report(args, settings, outcome, pinger, tail, started, time.monotonic() - t0)
+    _report(args, settings, outcome, pinger, notifier, tail, started, time.monotonic() - t0)
     return outcome.code
 
 
@@ -136,12 +140,14 @@ def _run_command(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
 
 # Exit codes of a backup that committed its snapshot (not clean, but not nothing either).
 COMMITTED_CODES = (EXIT_INCOMPLETE, EXIT_UNSTABLE, EXIT_PRUNE_FAILED)
+# Told at the end besides the ping (commands/notify.py); the same rule as the ping's.
+NOTIFIERS = ("notify", "webhook", "on_success", "on_failure")
 
 
 def _monitored(settings: cfg.Settings, name: str, command: str) -> bool:
     """A ping URL or metrics file from the config file or the environment is the nightly
     backup's; another command uses one only when its own command line names it."""
-    if getattr(settings, name) is None or command in ("config", "schedule"):
+    if not getattr(settings, name) or command in ("config", "schedule"):
         return False
     return command == "backup" or settings.sources.get(name, "").startswith("flag")
 
@@ -166,6 +172,7 @@ def _report(
     settings: cfg.Settings | None,
     outcome: Outcome,
     pinger: Pinger | None,
+    notifier: Notifier | None,
     tail: LogTail,
     started: float,
     seconds: float,
@@ -179,6 +186,10 @@ def _report(
         pinger.finish(
             outcome.code, outcome.code != 0 and not committed, _headline(command, outcome), tail.text(error_line)
         )
+    if notifier:
+        committed = command == "backup" and outcome.code in COMMITTED_CODES
+        doc = document(command, outcome, started, seconds)
+        notifier.finish(outcome.code, committed, _headline(command, outcome), tail.text(error_line), doc)
     if settings is not None and _monitored(settings, "metrics_file", command):
         assert settings.metrics_file is not None
         ids: list[str] | None = None

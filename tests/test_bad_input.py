@@ -80,6 +80,12 @@ WRONG: dict[str, tuple[str, str]] = {
     "limit_download": ("1e6", "true"),
     "exclude": ("library", '["thumbs", "upload"]'),
     "copy_to": ("Offsite!", '["offsite"]'),
+    "notify": ("json://user:hunter2@", '["hunter2"]'),
+    "webhook": ("ftp://user:hunter2@example.com", '"http://"'),
+    "on_success": ("/no/such/hook", '"backup-done | mail root"'),
+    "on_failure": ("'unclosed", "5"),
+    "hook_timeout": ("0s", '"2d"'),
+    "notify_timeout": ("0.5s", '"11m"'),
 }
 
 

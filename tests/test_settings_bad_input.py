@@ -34,6 +34,10 @@ def assert_one_line_exit_2(r: Any, *needles: str) -> None:
         (["config", "--ping", "http://hc.example.com:99999/secret-uuid"], None, ["ping_url", "malformed port"]),
         (["config"], "[prune]\nkeep_dialy = 7\n", ["did you mean keep_daily?"]),
         (["config", "--bucket", ""], None, ["bucket from flag --bucket is empty"]),
+        (["config", "--notify", "secret-uuid"], None, ["notify from flag --notify", "not an Apprise URL"]),
+        (["config"], '[monitor]\non_failure = "mail -s x root < report.txt"\n', ["on_failure", "without a shell"]),
+        (["schedule", "--cron", "61 3 * * *", "--", "backup"], None, ["--cron '61 3 * * *' is not a cron expression"]),
+        (["schedule", "--at", "03:30", "--on", "funday", "--", "backup"], None, ["--on 'funday' is not a list"]),
     ],
 )
 def test_bad_settings_through_the_cli_one_line_exit_2(

@@ -121,7 +121,9 @@ def common_parser() -> Parser:
             if spec.parse is cfg.parse_bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["metavar"] = spec.name.upper()
+                kwargs["metavar"] = "URL" if spec.name in ("notify", "webhook") else spec.name.upper()
+            if spec.parse is cfg.parse_notify_urls:
+                kwargs["action"] = "append"  # repeatable
             g.add_argument(spec.flag, **kwargs)
     v = p.add_argument_group("output")
     v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress")

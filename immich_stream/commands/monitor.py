@@ -170,28 +170,34 @@ class Pinger:
         return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix, query=query))
 
     def _send(self, url: str, body: bytes | None, headers: dict[str, str]) -> None:
-        """Deliver one ping, retried once; failing is logged, never raised."""
-        req = urllib.request.Request(
-            url,
-            data=body,
-            headers={"User-Agent": f"immich-stream/{__version__}", **headers},
-            method="POST" if body is not None else "GET",
-        )
-        why = ""
-        for attempt in range(PING_ATTEMPTS):
-            try:
-                with urllib.request.urlopen(req, timeout=PING_TIMEOUT) as resp:
-                    resp.read()
-                return
-            except urllib.error.HTTPError as exc:
-                why = f"HTTP {exc.code}"
-                if exc.code < 500:
-                    break  # a wrong URL does not become right by asking again
-            except (OSError, ValueError) as exc:  # refused, timed out, DNS, a malformed URL
-                why = str(getattr(exc, "reason", exc)) or type(exc).__name__
-            if attempt + 1 < PING_ATTEMPTS:
-                time.sleep(1.0)
-        log.warning("monitoring ping to %s failed (%s): the run itself is not affected", _redact(url), why)
+        deliver(url, body, headers, "monitoring ping")
+
+
+def deliver(url: str, body: bytes | None, headers: dict[str, str], what: str, timeout: float = PING_TIMEOUT) -> bool:
+    """Deliver one request (GET, or POST with a body), retried once; failing is logged with
+    the URL's host only, never raised."""
+    req = urllib.request.Request(
+        url,
+        data=body,
+        headers={"User-Agent": f"immich-stream/{__version__}", **headers},
+        method="POST" if body is not None else "GET",
+    )
+    why = ""
+    for attempt in range(PING_ATTEMPTS):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                resp.read()
+            return True
+        except urllib.error.HTTPError as exc:
+            why = f"HTTP {exc.code}"
+            if exc.code < 500:
+                break  # a wrong URL does not become right by asking again
+        except (OSError, ValueError) as exc:  # refused, timed out, DNS, a malformed URL
+            why = str(getattr(exc, "reason", exc)) or type(exc).__name__
+        if attempt + 1 < PING_ATTEMPTS:
+            time.sleep(1.0)
+    log.warning("%s to %s failed (%s): the run itself is not affected", what, _redact(url), why)
+    return False
 
 
 # -- Prometheus textfile (node_exporter's textfile collector) ------------------------------

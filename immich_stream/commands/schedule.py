@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from immich_stream.commands.common import Subparsers, UsageError
@@ -31,7 +32,19 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         description="Sleep until the next --at time (local time; set TZ), run `immich-stream ARGS` as its own "
         "process, repeat. SIGTERM is passed on to a running backup, which starts the stack again first.",
     )
-    sc.add_argument("--at", action="append", required=True, metavar="HH:MM", help="a time of day; repeatable")
+    sc.add_argument("--at", action="append", metavar="HH:MM", help="a time of day; repeatable")
+    sc.add_argument(
+        "--on",
+        action="append",
+        metavar="DAYS",
+        help="with --at: only on these weekdays (mon-fri, sat,sun, mon,wed,fri; repeatable; default: every day)",
+    )
+    sc.add_argument(
+        "--cron",
+        metavar="EXPR",
+        help="instead of --at/--on: a cron expression, minute hour day month weekday (e.g. '30 3 * * 1-5'), "
+        "in local time",
+    )
     sc.add_argument("--run-now", action="store_true", help="run once right away, then keep the schedule")
     sc.add_argument("run", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command to run, e.g. -- backup")
 
@@ -45,6 +58,7 @@ def check(args: argparse.Namespace) -> None:
     """The command to run is one of ours and its flags parse: a typo is found now, not at 03:00."""
     from immich_stream.commands import COMMANDS, build_parser
 
+    when(args)  # a bad --at, --on or --cron: now, not at 03:00
     command = _command(args)
     if not command:
         raise ConfigError("schedule: give the command to run after --, e.g. `schedule --at 03:00 -- backup`")
@@ -61,7 +75,58 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Not async like the other commands: a loop of child processes."""
-    return run_schedule(parse_times(args.at), _command(args), args.run_now)
+    return run_schedule(when(args), _command(args), args.run_now)
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+When = Callable[[dt.datetime], dt.datetime]  # now -> the next run after it
+
+
+def when(args: argparse.Namespace) -> When:
+    """--at (and --on), or --cron: the function that gives the next run after a moment."""
+    if args.cron is not None:
+        if args.at or args.on:
+            raise ConfigError("schedule: give either --cron or --at (with --on), not both")
+        return parse_cron(args.cron)
+    if not args.at:
+        raise ConfigError("schedule: give --at HH:MM (repeatable, with --on DAYS) or --cron '30 3 * * *'")
+    times = parse_times(args.at)
+    days = parse_days(args.on or [])
+    return lambda now: next_run(now, times, days)
+
+
+def parse_days(texts: list[str]) -> frozenset[int]:
+    """'mon-fri', 'sat,sun', 'Mon' -> weekday numbers (Monday 0); nothing: every day."""
+    days: set[int] = set()
+    for text in texts:
+        for part in text.lower().replace(" ", "").split(","):
+            ends = part.split("-")
+            if not part or len(ends) > 2 or any(e[:3] not in WEEKDAYS or len(e) < 3 for e in ends):
+                raise ConfigError(
+                    f"--on {text!r} is not a list of weekdays: write them as mon-fri, sat,sun or mon,wed,fri"
+                )
+            first, last = (WEEKDAYS.index(e[:3]) for e in (ends[0], ends[-1]))
+            days.update(range(first, last + 1) if first <= last else [*range(first, 7), *range(last + 1)])
+    return frozenset(days) or frozenset(range(7))
+
+
+def parse_cron(text: str) -> When:
+    """A cron expression (croniter: five fields, or @daily and the like), in local time."""
+    from croniter import croniter  # type: ignore[import-untyped,unused-ignore]  # no stubs: Any
+
+    expr = text.strip()
+    fields = expr.split()
+    if not (len(fields) == 5 or (len(fields) == 1 and expr.startswith("@"))) or not croniter.is_valid(expr):
+        raise ConfigError(
+            f"--cron {text!r} is not a cron expression: five fields, minute hour day month weekday, "
+            "like '30 3 * * *' (03:30 daily) or '30 3 * * 1-5' (weekdays)"
+        )
+
+    def next_after(now: dt.datetime) -> dt.datetime:
+        at: dt.datetime = croniter(expr, now).get_next(dt.datetime)
+        return at
+
+    return next_after
 
 
 def parse_times(texts: list[str]) -> list[dt.time]:
@@ -74,23 +139,30 @@ def parse_times(texts: list[str]) -> list[dt.time]:
     return sorted(set(times))
 
 
-def next_run(now: dt.datetime, times: list[dt.time]) -> dt.datetime:
-    """The first of the daily times after now (local time, as now is given)."""
-    for day in (now.date(), now.date() + dt.timedelta(days=1)):
+def next_run(now: dt.datetime, times: list[dt.time], days: frozenset[int] = frozenset(range(7))) -> dt.datetime:
+    """The first of the times after now on one of the weekdays (local time, as now is given)."""
+    for n in range(8):
+        day = now.date() + dt.timedelta(days=n)
+        if day.weekday() not in days:
+            continue
         for t in times:
             at = dt.datetime.combine(day, t, tzinfo=now.tzinfo)
             if at > now:
                 return at
-    raise AssertionError("unreachable: every time of day comes again tomorrow")
+    raise AssertionError("unreachable: every weekday comes again within a week")
 
 
-def run_schedule(times: list[dt.time], command: list[str], run_now: bool = False) -> int:
+def run_schedule(times: list[dt.time] | When, command: list[str], run_now: bool = False) -> int:
     """Sleep until the next time, run the command, repeat; exit on SIGTERM/SIGINT.
 
     A signal can arrive at any moment, also while a child is being started (before the loop
     knows it) or between runs: whichever signal came first is passed on to a child started
     after it, at once, so no run is left going on its own and none is started for nothing.
     The handlers in place before are put back at the end."""
+    if isinstance(times, list):
+        daily = times
+        times = lambda now: next_run(now, daily)  # noqa: E731
+    upcoming: When = times
     stop = threading.Event()
     received: list[int] = []
     child: list[subprocess.Popen[bytes]] = []
@@ -110,7 +182,7 @@ def run_schedule(times: list[dt.time], command: list[str], run_now: bool = False
         first = run_now
         while not stop.is_set():
             if not first:
-                at = next_run(dt.datetime.now().astimezone(), times)
+                at = upcoming(dt.datetime.now().astimezone())
                 log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), " ".join(command))
                 # wait in short steps: a suspended host or a clock change must not skip a day
                 while not stop.is_set() and dt.datetime.now().astimezone() < at:

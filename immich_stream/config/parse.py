@@ -401,3 +401,73 @@ def parse_prefix(text: str) -> str:
     if any(part in ("", ".", "..") for part in prefix.split("/")):
         raise ValueError(f"{text!r} has empty, '.' or '..' parts")
     return prefix
+
+
+def _secret_text(value: Any, what: str) -> str:
+    """Text that may hold a credential (a notification URL): checked like _text, but never echoed."""
+    if not isinstance(value, str):
+        raise ValueError(f"{type(value).__name__} is not {what} (write it as a quoted string)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("contains a control character: write it on one line")
+    return value
+
+
+def parse_notify_urls(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Apprise URLs (json://host/path, discord://id/token, mailtos://...): a list (TOML,
+    repeated --notify), or text with several separated by spaces (the environment). Each is
+    a credential: a message names its position and scheme, never its text."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{type(value).__name__} is not a list of URLs: write one Apprise URL, or a list of them")
+    urls: list[str] = []
+    for item in items:
+        for url in _secret_text(item, "an Apprise URL").split():
+            n = len(urls) + 1
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", url):
+                raise ValueError(
+                    f"URL {n} is not an Apprise URL: write scheme://..., e.g. json://host/path or "
+                    "ntfys://host/topic (https://github.com/caronc/apprise/wiki)"
+                )
+            if url not in urls:
+                urls.append(url)
+    if not urls:
+        raise ValueError("no URL is given: write one Apprise URL, or remove the setting")
+    return tuple(urls)
+
+
+def parse_webhook_url(text: str) -> str:
+    """An http(s) URL that receives the run's JSON summary as a POST (a credential: never echoed)."""
+    text = _secret_text(text, "a URL").strip()
+    if any(c.isspace() for c in text):
+        raise ValueError("the URL contains a space: give one http:// or https:// URL")
+    url = urllib.parse.urlsplit(text)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if url.scheme not in ("http", "https") or not url.hostname or (port is not None and not 1 <= port <= 65535):
+        raise ValueError("not an http:// or https:// URL with a host (and a port from 1 to 65535): fix it")
+    return text
+
+
+SHELL_OPERATORS = ("|", "||", "&", "&&", ";", ">", ">>", "<", "<<", "2>", "2>&1", "$(", "`")
+
+
+def parse_hook_command(text: str) -> str:
+    """A command line split as a shell would (shlex), but run without one: no pipes,
+    redirections or variables. The text is kept; commands/notify.py splits it again."""
+    import shlex
+
+    text = _text(text, "a command line")
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:  # "No closing quotation"
+        raise ValueError(f"{text!r} cannot be split into words ({exc}): quote it as you would in a shell") from None
+    if not argv:
+        raise ValueError("empty command")
+    if bad := next((w for w in argv if w in SHELL_OPERATORS or w.startswith(("$(", "`"))), None):
+        raise ValueError(
+            f"{text!r} uses the shell's {bad!r}, but it runs without a shell: put the commands in a script "
+            "and give the script's path"
+        )
+    return text

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shlex
+import shutil
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -257,6 +259,7 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         read_sse_c_key(s.sse_c_key_file, s.sources["sse_c_key_file"])
     for name in s.copy_to:  # a typo must not be found after the night's backup
         credentials(target(s, name, "copy_to"), environ)  # only one of its two variables set
+    _validate_notifiers(s)
     if s.metrics_file is not None:  # found out at the end of a night's backup would be too late
         where = s.sources["metrics_file"]
         if s.metrics_file.is_dir():
@@ -268,6 +271,33 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
                 f"metrics_file {s.metrics_file} (from {where}): directory {s.metrics_file.parent} does not "
                 "exist: create it (node_exporter's --collector.textfile.directory) or fix the path"
             )
+
+
+def _validate_notifiers(s: Settings) -> None:
+    """--notify needs Apprise and URLs it knows; a hook's program must exist: found out at
+    the end of a night's backup would be too late. No message echoes a URL (a credential)."""
+    if s.notify:
+        from immich_stream.config.notify import unknown_apprise_urls
+
+        where = s.sources["notify"]
+        bad = unknown_apprise_urls(s.notify)
+        if bad is None:
+            raise ConfigError(f"notify (from {where}) needs the apprise package: pip install 'immich-stream[notify]'")
+        if bad:
+            n, scheme = bad[0]
+            raise ConfigError(
+                f"notify URL {n} ({scheme}://..., from {where}) is not a URL Apprise can send to: check it "
+                "against https://github.com/caronc/apprise/wiki"
+            )
+    for name in ("on_success", "on_failure"):
+        text = getattr(s, name)
+        if text is None:
+            continue
+        program = shlex.split(text)[0]
+        found = shutil.which(program)
+        if found is None:
+            what = "is not an executable file" if "/" in program else "is not found on PATH"
+            raise ConfigError(f"{name} (from {s.sources[name]}): {program!r} {what}: give the program's full path")
 
 
 def storage_class_for(s: Settings, root: str) -> str | None:
@@ -283,6 +313,10 @@ def describe(s: Settings) -> list[tuple[str, str, str]]:
         value = getattr(s, spec.name)
         if value is None:
             shown = "(not set)"
+        elif spec.name == "notify":  # each a credential: its scheme only
+            shown = ", ".join(f"{u.split(':', 1)[0]}://..." for u in value) + " (hidden)" if value else "(nothing)"
+        elif spec.name == "webhook":
+            shown = f"{value[: value.index(':')]}://{urllib.parse.urlsplit(value).hostname}/... (hidden)"
         elif spec.name == "ping_url":  # whoever holds it can ping: show where it goes only
             url = urllib.parse.urlsplit(value.removeprefix("ntfy+"))
             shown = f"{value[: value.index(':')]}://{url.hostname}/... (hidden)"

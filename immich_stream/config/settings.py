@@ -32,11 +32,13 @@ from immich_stream.config.parse import (
     parse_duration,
     parse_endpoint,
     parse_exclude,
+    parse_hook_command,
     parse_identity_path,
     parse_int,
     parse_keep_within,
     parse_kms_key_id,
     parse_lock_mode,
+    parse_notify_urls,
     parse_path,
     parse_percent,
     parse_pg_name,
@@ -52,6 +54,7 @@ from immich_stream.config.parse import (
     parse_stop,
     parse_storage_class,
     parse_thaw_tier,
+    parse_webhook_url,
 )
 from immich_stream.config.repositories import Target, parse_names
 from immich_stream.config.tuning import Tuning
@@ -525,6 +528,50 @@ class Settings:
         parse_path,
         "write Prometheus metrics here at the end (node_exporter's textfile collector); from the "
         "config file or the environment only backup writes it",
+    )
+    notify: tuple[str, ...] = setting(
+        "monitor",
+        (),
+        parse_notify_urls,
+        "send the start, the end and the log's last lines to these Apprise URLs (json://, discord://, "
+        "mailtos://, ... ; repeatable; pip install 'immich-stream[notify]'); from the config file or the "
+        "environment only backup notifies",
+    )
+    webhook: str | None = setting(
+        "monitor",
+        None,
+        parse_webhook_url,
+        "POST the run's JSON summary (the --json document) to this URL at the end",
+    )
+    on_success: str | None = setting(
+        "monitor",
+        None,
+        parse_hook_command,
+        "run this command after a run that exits 0 (no shell: words split as a shell would; the JSON "
+        "summary on its stdin)",
+    )
+    on_failure: str | None = setting(
+        "monitor",
+        None,
+        parse_hook_command,
+        "run this command after a run that exits non-zero (no shell; the JSON summary on its stdin)",
+    )
+    hook_timeout: float = setting(
+        "monitor",
+        300.0,
+        parse_duration,
+        "kill an --on-success/--on-failure command still running after this long",
+        low=1,
+        high=DAY,
+    )
+    notify_timeout: float = setting(
+        "monitor",
+        30.0,
+        parse_duration,
+        "how long the end of a run waits for --notify and --webhook receivers before it gives up on them",
+        flag=False,
+        low=1,
+        high=600,
     )
 
     # [encryption]
