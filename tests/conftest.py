@@ -95,7 +95,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     # A pytest whose node ids pytest-xdist cannot tag would spread the Docker tests over both
     # workers, and each worker's test stack would remove the other's containers: refuse.
-    if session.config.getvalue("loadgroup"):
+    if getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
         for item in session.items:
             if item.get_closest_marker("xdist_group") and not item.nodeid.endswith("@docker"):
                 raise pytest.UsageError(
