@@ -2,12 +2,14 @@
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
 #   - Debian packages docker.io, debootstrap, restic, age and Debian's Python tools (when missing)
 #   - dockerd running (when not answering)
-#   - the local PostgreSQL test image (built once, then cached by tag)
+#   - the local PostgreSQL test images, 15 and 17 with pgvector (built once, then cached by tag)
 # Fast on the second run: every step checks before it acts.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 IMAGE=${IMMICH_TEST_PG_IMAGE:-immich-stream-test/postgres:15}
 BASE=immich-stream-test/debian-postgres:15
+IMAGE17=immich-stream-test/postgres:17-pgvector
+BASE17=immich-stream-test/debian-postgres:17
 
 log() { printf '[%(%Y-%m-%d %H:%M:%S)T] setup: %s\n' -1 "$*"; }
 
@@ -38,20 +40,28 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { log "dockerd did not start, see /var/log/dockerd.log"; exit 1; }
 fi
 
-# The slow part (debootstrap, ~1 min) is cached as a base image; the entrypoint is a
+# The slow part (debootstrap, ~1 min each) is cached as a base image; the entrypoint is a
 # small layer on top, rebuilt from tests/stack/ every time (seconds, and never stale).
-if ! docker image inspect "$BASE" >/dev/null 2>&1; then
-    log "building $BASE with debootstrap (about a minute)"
+# Two majors: PostgreSQL 15 from bookworm (no vector extension: bookworm has no pgvector
+# package), and PostgreSQL 17 with pgvector from trixie, reached through the same apt mirror.
+build_base() {  # build_base MAJOR SUITE PACKAGES
+    local major=$1 suite=$2 pkgs=$3 base=immich-stream-test/debian-postgres:$1 rootfs started
+    docker image inspect "$base" >/dev/null 2>&1 && return 0
+    started=$SECONDS
+    log "building $base with debootstrap $suite (about a minute)"
     rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
-    trap 'rm -rf "$rootfs"' EXIT
-    debootstrap --variant=minbase --include=postgresql-15 bookworm "$rootfs" >/var/log/immich-stream-debootstrap.log 2>&1 \
-        || { log "debootstrap failed, see /var/log/immich-stream-debootstrap.log"; exit 1; }
+    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
+        || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; exit 1; }
     # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
-    rm -rf "$rootfs/var/lib/postgresql/15" "$rootfs/etc/postgresql"
+    rm -rf "$rootfs/var/lib/postgresql/$major" "$rootfs/etc/postgresql"
     tar -C "$rootfs" -c . | docker import \
-        -c 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        - "$BASE" >/dev/null
-    log "built $BASE"
-fi
+        -c "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        - "$base" >/dev/null
+    rm -rf "$rootfs"
+    log "built $base in $((SECONDS - started)) s"
+}
+build_base 15 bookworm postgresql-15
+build_base 17 trixie postgresql-17,postgresql-17-pgvector
 out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
+out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE17" -t "$IMAGE17" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
 log "machine ready"
