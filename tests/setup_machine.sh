@@ -8,8 +8,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 IMAGE=${IMMICH_TEST_PG_IMAGE:-immich-stream-test/postgres:15}
 BASE=immich-stream-test/debian-postgres:15
-IMAGE17=immich-stream-test/postgres:17-pgvector
-BASE17=immich-stream-test/debian-postgres:17
 
 log() { printf '[%(%Y-%m-%d %H:%M:%S)T] setup: %s\n' -1 "$*"; }
 
@@ -42,15 +40,17 @@ fi
 
 # The slow part (debootstrap, ~1 min each) is cached as a base image; the entrypoint is a
 # small layer on top, rebuilt from tests/stack/ every time (seconds, and never stale).
-# Two majors: PostgreSQL 15 from bookworm (no vector extension: bookworm has no pgvector
-# package), and PostgreSQL 17 with pgvector from trixie, reached through the same apt mirror.
-build_base() {  # build_base MAJOR SUITE PACKAGES
-    local major=$1 suite=$2 pkgs=$3 base=immich-stream-test/debian-postgres:$1 rootfs started
+# Three majors: PostgreSQL 15 from bookworm (no vector extension: neither bookworm nor
+# bookworm-backports has a pgvector package), PostgreSQL 17 with pgvector from trixie and 18
+# with pgvector from forky, both reached through the same apt mirror (bookworm's debootstrap
+# knows no forky: it uses sid's script, which fits any suite after trixie).
+build_base() {  # build_base MAJOR SUITE PACKAGES [DEBOOTSTRAP-SCRIPT]
+    local major=$1 suite=$2 pkgs=$3 script=${4:-} base=immich-stream-test/debian-postgres:$1 rootfs started
     docker image inspect "$base" >/dev/null 2>&1 && return 0
     started=$SECONDS
     log "building $base with debootstrap $suite (about a minute)"
     rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
-    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
+    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${script:+http://deb.debian.org/debian "$script"} >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
         || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; exit 1; }
     # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
     rm -rf "$rootfs/var/lib/postgresql/$major" "$rootfs/etc/postgresql"
@@ -62,6 +62,10 @@ build_base() {  # build_base MAJOR SUITE PACKAGES
 }
 build_base 15 bookworm postgresql-15
 build_base 17 trixie postgresql-17,postgresql-17-pgvector
+build_base 18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid
 out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
-out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE17" -t "$IMAGE17" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
+for major in 17 18; do
+    out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=immich-stream-test/debian-postgres:$major" \
+        -t "immich-stream-test/postgres:$major-pgvector" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
+done
 log "machine ready"
