@@ -14,15 +14,15 @@ INSERT INTO library (name, "ownerId", "importPaths", "exclusionPatterns", "refre
 SELECT 'NAS photos', id, ARRAY['/mnt/nas/photos', '/mnt/nas/scans'], ARRAY['**/@eaDir/**', '**/.*/**'], now()
 FROM "user" WHERE email = 'user1@example.org';
 
--- 1,500 uploads (under /data/library/<user>/...) and 500 assets of the external library
+-- 900 uploads (under /data/library/<user>/...) and 300 assets of the external library
 INSERT INTO asset ("deviceAssetId", "ownerId", "deviceId", type, "originalPath", "fileCreatedAt", "fileModifiedAt",
                    "isFavorite", duration, "encodedVideoPath", checksum, "originalFileName", thumbhash,
                    "libraryId", "isExternal", "localDateTime", visibility)
 SELECT 'IMG_' || i || '.JPG-' || (i * 7919 % 100000),
        u.id,
-       CASE WHEN i > 1500 THEN 'Library Import' ELSE 'phone-' || u.n END,
+       CASE WHEN i > 900 THEN 'Library Import' ELSE 'phone-' || u.n END,
        CASE WHEN i % 10 = 0 THEN 'VIDEO' ELSE 'IMAGE' END,
-       CASE WHEN i > 1500 THEN '/mnt/nas/photos/' || (2010 + i % 15) || '/DSC_' || i || '.jpg'
+       CASE WHEN i > 900 THEN '/mnt/nas/photos/' || (2010 + i % 15) || '/DSC_' || i || '.jpg'
             ELSE '/data/library/' || u.id || '/' || (2010 + i % 15) || '/' || lpad((i % 12 + 1)::text, 2, '0')
                  || '/IMG_' || i || CASE WHEN i % 10 = 0 THEN '.mp4' ELSE '.jpg' END END,
        timestamptz '2010-01-01 12:00+00' + i * interval '37 hours',
@@ -31,15 +31,15 @@ SELECT 'IMG_' || i || '.JPG-' || (i * 7919 % 100000),
        CASE WHEN i % 10 = 0 THEN '0:00:' || lpad((i % 60)::text, 2, '0') || '.000000' END,
        CASE WHEN i % 10 = 0 THEN '/data/encoded-video/' || u.id || '/' || i || '.mp4' ELSE '' END,
        substring(sha256(i::text::bytea) FROM 1 FOR 20),  -- 20 bytes, as a SHA-1
-       CASE WHEN i > 1500 THEN 'DSC_' || i || '.jpg' ELSE 'IMG_' || i || CASE WHEN i % 10 = 0 THEN '.mp4' ELSE '.jpg' END END,
+       CASE WHEN i > 900 THEN 'DSC_' || i || '.jpg' ELSE 'IMG_' || i || CASE WHEN i % 10 = 0 THEN '.mp4' ELSE '.jpg' END END,
        decode(md5(i::text) || substr(md5((i + 1)::text), 1, 10), 'hex'),
-       CASE WHEN i > 1500 THEN (SELECT id FROM library) END,
-       i > 1500,
+       CASE WHEN i > 900 THEN (SELECT id FROM library) END,
+       i > 900,
        timestamp '2010-01-01 14:00' + i * interval '37 hours',
        (CASE WHEN i % 50 = 0 THEN 'archive' WHEN i % 97 = 0 THEN 'locked' ELSE 'timeline' END)::asset_visibility_enum
-FROM generate_series(1, 2000) i
+FROM generate_series(1, 1200) i
 JOIN (SELECT id, row_number() OVER (ORDER BY email) AS n FROM "user") u
-  ON u.n = CASE WHEN i > 1500 THEN 1 ELSE 1 + i % 4 END;
+  ON u.n = CASE WHEN i > 900 THEN 1 ELSE 1 + i % 4 END;
 
 -- Immich's place names, world-wide, with the names of their regions
 INSERT INTO geodata_places (id, name, longitude, latitude, "countryCode", "admin1Code", "admin2Code",
@@ -167,7 +167,7 @@ INSERT INTO version_history (version, "createdAt") VALUES ('v1.132.3', '2025-04-
 
 -- triggers firing: a user deleted with their assets (asset_audit through the cascade is not
 -- recorded, by Immich's pg_trigger_depth() = 0 rule), an asset and an album deleted, updates
-DELETE FROM asset WHERE "originalFileName" = 'IMG_1499.jpg';
+DELETE FROM asset WHERE "originalFileName" = 'IMG_899.jpg';
 DELETE FROM album WHERE "albumName" = 'Album 5 of User 3';
 INSERT INTO "user" (email, name) VALUES ('leaver@example.org', 'Leaver');
 DELETE FROM "user" WHERE email = 'leaver@example.org';
