@@ -235,30 +235,52 @@ def test_real_schema_round_trip(
     assert r.code == 0, r.err
 
 
-def test_immich_dump_job_files_restore_and_drill(
-    real_stacks: dict[str, RealStack], s3_env: dict[str, str], tmp_path: Path
-) -> None:
+def test_immich_dump_job(real_stacks: dict[str, RealStack], s3_env: dict[str, str], tmp_path: Path) -> None:
     """Immich's own nightly dump (UPLOAD_LOCATION/backups/immich-db-backup-*.sql.gz, pg_dumpall
-    gzipped) of a real-schema database: `drill --from-file` and `restore --database --from-file`
-    read it; `snapshots` and `doctor` say the job is on; `--exclude backups` leaves the files out."""
+    gzipped) of a real-schema database: `snapshots` and `doctor` say the job is on and what it
+    left; `--exclude backups` leaves the files out of the snapshot; `drill --from-file` and
+    `restore --database --from-file` read such a file; doctor sees the job turned off."""
     s = real_stacks["17"]
     env = s.env(s3_env)
+    make_library(s.library, photos=2, odd_names=False)  # with a stand-in of an old dump in backups/
     dumpall = subprocess.run(
         ["docker", "exec", s.db, "pg_dumpall", "--clean", "--if-exists", "--username=postgres"],
         capture_output=True,
         check=True,
     ).stdout
-    backups = s.library / "backups"
-    backups.mkdir(exist_ok=True)
     name = f"immich-db-backup-{time.strftime('%Y%m%dT%H%M%S')}-v2.3.1-pg17.6.sql.gz"
-    (backups / name).write_bytes(gzip.compress(dumpall, 1))
+    dump = s.library / "backups" / name
+    dump.write_bytes(gzip.compress(dumpall, 1))
     before = table_checksums(s)
 
-    r = run_cli("drill", "--from-file", str(backups / name), "--json", env=env)
+    r = run_cli("backup", "--stop", "none", "--exclude", "backups", env=env)
+    assert r.code == 0, r.err
+    r = run_cli("snapshots", env=env)
+    assert r.code == 0, r.err
+    job = r.out.splitlines()[-1]
+    assert (
+        job.startswith("Immich's own database dumps, at ") and "on (0 02 * * *, keeps 14); 2 files in backups/" in job
+    )
+    assert "left out of the snapshots (--exclude backups)" in job, r.out
+    r = run_cli("restore", "--root", "library", "--to", str(tmp_path / "lib"), env=env)
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in (tmp_path / "lib" / "backups").iterdir()) == [".immich"]  # the marker only
+    assert "regenerate" not in r.out  # nothing to regenerate: our dump is the database
+
+    r = run_cli("doctor", env=env)
+    line = next(ln for ln in r.out.splitlines() if "Immich's own database dumps" in ln)
+    assert "on (0 02 * * *, keeps 14); 2 files in backups/" in line and "--exclude backups" in line, r.out
+
+    r = run_cli("drill", "--from-file", str(dump), "--json", env=env)
     assert r.code == 0, r.err + r.out
     assert json.loads(r.out)["summary"]["ok"]
 
     s.psql("DROP DATABASE immich WITH (FORCE)", db="postgres")
-    r = run_cli("restore", "--database", "--from-file", str(backups / name), env=env)
+    r = run_cli("restore", "--database", "--from-file", str(dump), env=env)
     assert r.code == 0, r.err
     assert table_checksums(s) == before
+
+    s.psql("""INSERT INTO system_metadata VALUES ('system-config', '{"backup": {"database": {"enabled": false}}}')""")
+    r = run_cli("doctor", env=env)
+    line = next(ln for ln in r.out.splitlines() if "Immich's own database dumps" in ln)
+    assert "off; 2 files in backups/" in line, r.out
