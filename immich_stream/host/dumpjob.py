@@ -16,6 +16,7 @@ from typing import Any
 
 import aiodocker
 
+from immich_stream.config import format_size
 from immich_stream.errors import ImmichStreamError
 from immich_stream.host.postgres import psql_query
 
@@ -84,7 +85,7 @@ def describe(info: dict[str, Any] | None, excluded: bool = False) -> str:
     files = int(info.get("files") or 0)
     size = int(info.get("bytes") or 0)
     held = (
-        f"{files} file{'' if files == 1 else 's'} in {FOLDER}/ ({size / 1048576:.1f} MiB)"
+        f"{files} file{'' if files == 1 else 's'} in {FOLDER}/ ({format_size(size)})"
         if files
         else f"no dumps in {FOLDER}/"
     )
