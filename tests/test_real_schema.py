@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import _tool, docker
-from tests.helpers import REPO_ROOT, make_library, run_cli, wait_for
+from tests.helpers import REPO_ROOT, make_library, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -120,7 +120,7 @@ def real_stacks(machine: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     stacks = {m: _start(m, base) for m in ERAS}  # both seed at once
     try:
         for s in stacks.values():
-            wait_for(lambda s=s: _ready(s), 120, 0.3, f"the database of {s.db}")  # type: ignore[misc]
+            wait_for(lambda s=s: _ready(s), 120, 0.3, f"the database of {s.db}")
         yield stacks
     finally:
         for s in stacks.values():
@@ -143,6 +143,24 @@ def no_vector_image(machine: None) -> str:
             capture_output=True,
         )
     return NO_VECTOR_IMAGE
+
+
+def throwaway_command(pid: int) -> str:
+    """The command of the drill's throwaway container (labelled, named after the drill's pid)."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        names = docker("ps", "-a", "--filter", "label=immich-stream.drill", "--format", "{{.Names}}").split()
+        for name in (n for n in names if n.startswith(f"immich-stream-drill-{pid}-")):
+            cmd = subprocess.run(
+                ["docker", "inspect", "-f", "{{json .Config.Cmd}}", name], capture_output=True, text=True
+            )
+            if cmd.returncode == 0:
+                found.append(cmd.stdout)
+        return bool(found)
+
+    wait_for(seen, 60, 0.05, "the drill's throwaway container")
+    return " ".join(json.loads(found[0]) or [])
 
 
 def table_checksums(s: RealStack) -> dict[str, str]:
@@ -201,9 +219,13 @@ def test_real_schema_round_trip(
     r = run_cli("backup", "--stop", "none", env=env)
     assert r.code == 0, r.err
 
-    r = run_cli("drill", "--json", env=env)
-    assert r.code == 0, r.err + r.out
-    report = json.loads(r.out)["summary"]
+    proc = start_cli("drill", "--json", env=env)
+    cmd = throwaway_command(proc.pid)  # what the drill's throwaway container runs
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err + out
+    if major == "17":  # Immich's pgvecto.rs command, inherited: shared_preload_libraries, search_path
+        assert "shared_preload_libraries=vector.so" in cmd and 'search_path="$user", public, vectors' in cmd, cmd
+    report = json.loads(out)["summary"]
     assert report["ok"] and report["server_version"].startswith(f"{major}."), report
     assert report["earthdistance"].startswith("ok") and "places within 1000 km" in report["earthdistance"], report
     counts = {t.split(".", 1)[1].strip('"'): c["restored"] for t, c in report["tables"].items()}
