@@ -2,7 +2,7 @@
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
 #   - Debian packages docker.io, debootstrap, restic, age and Debian's Python tools (when missing)
 #   - dockerd running (when not answering)
-#   - the local PostgreSQL test image (built once, then cached by tag)
+#   - the local PostgreSQL test images, 15 and 17 with pgvector (built once, then cached by tag)
 # Fast on the second run: every step checks before it acts.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,20 +38,34 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { log "dockerd did not start, see /var/log/dockerd.log"; exit 1; }
 fi
 
-# The slow part (debootstrap, ~1 min) is cached as a base image; the entrypoint is a
+# The slow part (debootstrap, ~1 min each) is cached as a base image; the entrypoint is a
 # small layer on top, rebuilt from tests/stack/ every time (seconds, and never stale).
-if ! docker image inspect "$BASE" >/dev/null 2>&1; then
-    log "building $BASE with debootstrap (about a minute)"
+# Three majors: PostgreSQL 15 from bookworm (no vector extension: neither bookworm nor
+# bookworm-backports has a pgvector package), PostgreSQL 17 with pgvector from trixie and 18
+# with pgvector from forky, both reached through the same apt mirror (bookworm's debootstrap
+# knows no forky: it uses sid's script, which fits any suite after trixie).
+build_base() {  # build_base MAJOR SUITE PACKAGES [DEBOOTSTRAP-SCRIPT]
+    local major=$1 suite=$2 pkgs=$3 script=${4:-} base=immich-stream-test/debian-postgres:$1 rootfs started
+    docker image inspect "$base" >/dev/null 2>&1 && return 0
+    started=$SECONDS
+    log "building $base with debootstrap $suite (about a minute)"
     rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
-    trap 'rm -rf "$rootfs"' EXIT
-    debootstrap --variant=minbase --include=postgresql-15 bookworm "$rootfs" >/var/log/immich-stream-debootstrap.log 2>&1 \
-        || { log "debootstrap failed, see /var/log/immich-stream-debootstrap.log"; exit 1; }
+    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${script:+http://deb.debian.org/debian "$script"} >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
+        || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; exit 1; }
     # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
-    rm -rf "$rootfs/var/lib/postgresql/15" "$rootfs/etc/postgresql"
+    rm -rf "$rootfs/var/lib/postgresql/$major" "$rootfs/etc/postgresql"
     tar -C "$rootfs" -c . | docker import \
-        -c 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        - "$BASE" >/dev/null
-    log "built $BASE"
-fi
+        -c "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        - "$base" >/dev/null
+    rm -rf "$rootfs"
+    log "built $base in $((SECONDS - started)) s"
+}
+build_base 15 bookworm postgresql-15
+build_base 17 trixie postgresql-17,postgresql-17-pgvector
+build_base 18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid
 out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
+for major in 17 18; do
+    out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=immich-stream-test/debian-postgres:$major" \
+        -t "immich-stream-test/postgres:$major-pgvector" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
+done
 log "machine ready"

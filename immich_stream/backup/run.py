@@ -431,7 +431,12 @@ def record_source(summary: SnapshotSummary, source: metadata.SourceInfo, dump: D
         db.extensions = dict(dump.server.extensions)
     im = source.immich
     summary.immich = ImmichInfo(
-        version=im.version, image=im.image, image_id=im.image_id, env_version=im.env_version, container=im.container
+        version=im.version,
+        image=im.image,
+        image_id=im.image_id,
+        env_version=im.env_version,
+        container=im.container,
+        dump_job=source.dump_job,
     )
     summary.config_files = source.config_files
     summary.config_secrets = source.config_secrets

@@ -142,7 +142,16 @@ class Doctor:
             running = sum(1 for c in containers if c.running)
             return OK, f"project {s.project}: {len(containers)} containers, {running} running; {s.db_container} found"
 
-        await self.probe("Docker and containers", check)
+        if await self.probe("Docker and containers", check):
+
+            async def dumps() -> tuple[str, str]:
+                from immich_stream.host.dumpjob import describe, dump_job
+
+                async with connect(s.tuning.docker_deadline) as docker:
+                    info = await dump_job(docker, s.db_container, s.db_user, s.db_name, s.library_dir)
+                return OK, describe(info, "backups" in s.exclude)
+
+            await self.probe("Immich's own database dumps", dumps)
 
     # -- S3 ---------------------------------------------------------------------------------
 

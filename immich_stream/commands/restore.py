@@ -155,9 +155,10 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
         f"already in place, {st.failed} failed), {st.dirs} directories, {st.symlinks} symlinks, "
         f"{fs(st.bytes_downloaded)} downloaded in {st.seconds:.1f} s"
     )
-    if snap.summary.excluded and args.root in (None, "library"):
+    regenerate = [d for d in snap.summary.excluded if d != "backups"]
+    if regenerate and args.root in (None, "library"):
         print(
-            f"snapshot {snap.id} was taken with --exclude {','.join(snap.summary.excluded)}: those folders hold only their "
+            f"snapshot {snap.id} was taken with --exclude {','.join(regenerate)}: those folders hold only their "
             "markers; once Immich runs, regenerate them in Administration > Jobs (thumbnails, transcoding)"
         )
     for problem in st.problems.kept[:10]:

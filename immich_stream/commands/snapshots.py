@@ -35,6 +35,7 @@ def check(args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
+    from immich_stream.host.dumpjob import describe
     from immich_stream.repository.session import open_repo
     from immich_stream.repository.summary import to_dict
 
@@ -68,6 +69,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
                     "tables": s.database.tables,
                     "config_files": sorted(s.config_files),
                     "config_secrets": s.config_secrets,
+                    "excluded": s.excluded,
                 }
             )
     summary = {"snapshots": rows}
@@ -90,6 +92,10 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
             f"  {r['immich_version'] or '-':<10} {(r['postgres_version'] or '-').split(' ')[0]:<8}{flag}"
         )
     print(f"{len([r for r in rows if r['committed']])} snapshots")
+    newest = next((r for r in reversed(rows) if r["committed"]), None)
+    if newest is not None:
+        job = newest["immich"].get("dump_job")
+        print(f"Immich's own database dumps, at {newest['id']}: {describe(job, 'backups' in newest['excluded'])}")
     return Outcome(0, summary)
 
 

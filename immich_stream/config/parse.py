@@ -20,8 +20,10 @@ MIB = 1024 * 1024
 S3_MIN_PART_SIZE = 5 * MIB
 
 STOP_MODES = ("all", "app", "none")
-# Immich's folders that Immich regenerates from the originals (its admin UI's jobs): --exclude
-EXCLUDABLE = ("thumbs", "encoded-video")
+# What --exclude may leave out: the folders Immich regenerates from the originals (its admin
+# UI's jobs), and backups/, Immich's own nightly dumps, which each snapshot's dump supersedes
+REGENERABLE = ("thumbs", "encoded-video")
+EXCLUDABLE = (*REGENERABLE, "backups")
 MAX_RATE = 100_000.0  # MiB/s: more is a unit mistake (--limit-* take MiB/s, not bytes)
 CHECKSUMS = ("md5", "sha256", "crc32c")
 # S3's storage classes (x-amz-storage-class). GLACIER and DEEP_ARCHIVE objects must be thawed
@@ -213,7 +215,8 @@ def parse_exclude(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
                 continue
             if name not in EXCLUDABLE:
                 raise ValueError(
-                    f"{name!r} cannot be excluded: only Immich's regenerable folders {' and '.join(EXCLUDABLE)} can"
+                    f"{name!r} cannot be excluded: only Immich's regenerable folders {' and '.join(REGENERABLE)}, "
+                    "and backups (its own database dumps), can"
                 )
             names.add(name)
     return tuple(n for n in EXCLUDABLE if n in names)

@@ -341,8 +341,8 @@ class Settings:
         "backup",
         (),
         parse_exclude,
-        "leave out Immich's regenerable folders: thumbs, encoded-video (repeatable or a comma list; their "
-        ".immich markers are kept, Immich regenerates the files after a restore)",
+        "leave out Immich's regenerable folders: thumbs, encoded-video, and backups, its own database dumps "
+        "(repeatable or a comma list; their .immich markers are kept, Immich regenerates the files after a restore)",
     )
     stop: str = setting(
         "backup",

@@ -21,6 +21,7 @@ import aiodocker
 
 from immich_stream.config import Settings, read_dotenv
 from immich_stream.errors import ConfigError
+from immich_stream.host.dumpjob import dump_job
 from immich_stream.host.stack import PROJECT_LABEL
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,7 @@ class SourceInfo:
     immich: ServerInfo = field(default_factory=ServerInfo)
     config_files: dict[str, str] = field(default_factory=dict)
     config_secrets: list[str] = field(default_factory=list)
+    dump_job: dict[str, Any] | None = None  # Immich's own nightly dumps (host/dumpjob.py)
 
 
 async def _inspect(docker: aiodocker.Docker, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -444,4 +446,7 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
         container=name if server.image else None,
     )
     info.config_files, info.config_secrets = read_config_files(settings.immich_dir)
+    info.dump_job = await dump_job(
+        docker, settings.db_container, settings.db_user, settings.db_name, settings.library_dir
+    )
     return info

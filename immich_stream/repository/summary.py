@@ -114,6 +114,9 @@ class ImmichInfo:
     image_id: str | None = None
     env_version: str | None = None  # IMMICH_VERSION in IMMICH_DIR/.env, when set
     container: str | None = None
+    # Immich's own nightly database dumps (since 0.4): enabled (None: not known), cron, keep,
+    # and the files, bytes and newest name of UPLOAD_LOCATION/backups/immich-db-backup-*
+    dump_job: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

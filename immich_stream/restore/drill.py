@@ -127,6 +127,25 @@ async def earthdistance_check(docker: Docker, container: str, user: str, dbname:
             'SELECT count(*) FROM geodata_places WHERE earth_box(ll_to_earth(0, 0), 1000000) @> "earthCoord"',
         )
         return f"ok ({metres:.0f} m per degree; {near[0][0]} places within 1000 km of 0,0)"
+    # Immich since its Kysely migrations: no earthCoord column, a GiST index on ll_to_earth_public()
+    real = await psql_query(
+        docker,
+        container,
+        user,
+        dbname,
+        "SELECT to_regprocedure('public.ll_to_earth_public(double precision,double precision)') IS NOT NULL "
+        "AND to_regclass('public.geodata_places') IS NOT NULL",
+    )
+    if real and real[0][0] == "t":
+        near = await psql_query(
+            docker,
+            container,
+            user,
+            dbname,
+            "SELECT count(*) FROM public.geodata_places WHERE earth_box(public.ll_to_earth_public(0, 0), 1000000) "
+            "@> public.ll_to_earth_public(latitude, longitude)",
+        )
+        return f"ok ({metres:.0f} m per degree; {near[0][0]} places within 1000 km of 0,0)"
     return f"ok ({metres:.0f} m per degree)"
 
 

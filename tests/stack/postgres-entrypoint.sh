@@ -35,5 +35,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     runuser -u postgres -- pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
     echo "database initialised"
 fi
+# A compose file's `command: postgres -c ...` (Immich's own for pgvecto.rs) names the server
+# first, as the official image allows: the options follow it.
+if [ "${1:-}" = postgres ]; then shift; fi
 # setpriv execs (runuser would stay as PID 1 and not pass SIGINT on to postgres)
 exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" "$@"
