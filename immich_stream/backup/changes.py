@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +254,21 @@ async def scan_parent(
             info.vanished[(ln.root, ln.dev, ln.inode)] = ln
         batch.clear()
 
-    async for line in repo.read_manifest(snap_id):
+    # A library file's line whose path the walk has is only counted: that is read from the
+    # line's start (parse_counted) without parsing the line (3.4 µs each, a second parse of
+    # the manifest beside the one the backup's walk makes). Every other line, and any line
+    # that is not of that exact shape, is parsed and handled whole.
+    walked = library if "library" in roots else None
+    counted_files = counted_bytes = 0
+    async for item in repo.read_manifest_as(snap_id, parse_counted):
+        if isinstance(item, tuple):
+            order, size, raw = item
+            if walked is not None and ((found := walked.has_now(order)) or (found is None and await walked.has(order))):
+                counted_files += 1
+                counted_bytes += size
+                continue
+            item = ManifestLine.from_json(raw)
+        line = item
         if line.type != "file" or is_excluded(line.root, line.path, exclude):
             continue
         info.files[line.root] = info.files.get(line.root, 0) + 1
@@ -273,7 +288,26 @@ async def scan_parent(
             if len(batch) >= 2000:
                 await flush()
     await flush()
+    if counted_files:
+        info.files["library"] = info.files.get("library", 0) + counted_files
+        info.bytes["library"] = info.bytes.get("library", 0) + counted_bytes
     return info
+
+
+# The start of a library file's line as ManifestLine.to_json writes it, its path plain
+# (no JSON escape, no %XX: its bytes are the file's relative path): the path, then the size.
+_COUNTED = re.compile(rb'\{"root":"library","path":"([^"\\%\x00-\x1f]+)","type":"file","size":(\d+),')
+_MARKERS = frozenset(f"{d}/{MARKER}".encode() for d in MARKER_DIRS)
+
+
+def parse_counted(raw: bytes) -> tuple[bytes, int, bytes] | ManifestLine:
+    """scan_parent's parse: (path order, size, the line) of a library file's line that is
+    plain enough to be counted without parsing (the walk may still lack its path: then it
+    is parsed after all); any other line parsed whole."""
+    m = _COUNTED.match(raw)
+    if m is None or m[1] in _MARKERS or b'"chunks":' in raw:
+        return ManifestLine.from_json(raw)
+    return path_order(m[1]), int(m[2]), raw
 
 
 class Decision(NamedTuple):
