@@ -511,7 +511,7 @@ async def _check_library(ctx: RunContext, prev: Snapshot | None) -> tuple[bool, 
         return await check_library(
             roots["library"], None, settings.max_shrink, ctx.allow_shrink, settings.exclude
         ), None
-    library = WalkedLibrary(library_walk(roots["library"], settings.exclude))
+    library = WalkedLibrary(library_walk(roots["library"], settings.exclude, True), os.fsencode(roots["library"]))
     counting: asyncio.Task[tuple[int, int]] | None = None
     try:
         parent = await scan_parent(ctx.repo, prev.id, roots, settings.exclude, library)
