@@ -310,6 +310,10 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+        # what is left in the pipe is read to its end: wait() returns only once the pipe
+        # is closed, and a paused reader would never see that
+        while await proc.stdout.read(1 << 20):
+            pass
         await proc.wait()
 
 

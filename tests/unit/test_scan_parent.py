@@ -53,7 +53,7 @@ async def test_scan_parent_counts_the_library_and_names_exactly_the_files_gone(
 ) -> None:
     lib = tmp_path / "library"
     present = ["a/x.jpg", 'a/q"uote.jpg', "a/100%25.jpg", "library/.immich", "thumbs/t.webp", "ü/y.jpg"]
-    for p in present + ["new/n.jpg"]:
+    for p in [*present, "new/n.jpg"]:
         f = lib / p.replace("%25", "%")
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x" * (33 if p.startswith("new/") else 10))
