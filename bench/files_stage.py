@@ -48,7 +48,7 @@ async def files_stage(directory: Path, incremental: bool = False) -> tuple[RunSt
         if incremental:  # against the newest snapshot, as `backup` does (a no-change run)
             parent = (await repo.resolve("latest")).id
             # as backup: one walk of names for the count and the vanished
-            library = WalkedLibrary(library_walk(directory, (), True), os.fsencode(directory))
+            library = WalkedLibrary(library_walk(directory, ()))
             try:
                 info = await scan_parent(repo, parent, {"library": directory}, library=library)
                 await library.count()
