@@ -47,7 +47,8 @@ async def files_stage(directory: Path, incremental: bool = False) -> tuple[RunSt
         sources = Sources(None, [], None, ObjectIndex())
         if incremental:  # against the newest snapshot, as `backup` does (a no-change run)
             parent = (await repo.resolve("latest")).id
-            library = WalkedLibrary(library_walk(directory))  # as backup: one walk for the count and the vanished
+            # as backup: one walk of names for the count and the vanished
+            library = WalkedLibrary(library_walk(directory, ()))
             try:
                 info = await scan_parent(repo, parent, {"library": directory}, library=library)
                 await library.count()

@@ -199,6 +199,7 @@ class FilesPass:
         from_entry, count_file = ManifestLine.from_entry, stats.count_file
         async for batch in entries:
             repo.store.touch()  # walking unchanged files is progress too
+            reused = reused_bytes = 0  # the progress is told once a batch (~3 µs a call)
             for e in batch:
                 line = from_entry(root, e)
                 upload: asyncio.Future[bool] | None = None
@@ -212,7 +213,8 @@ class FilesPass:
                             await more.cursor.refill()
                     if decision.action == "reuse":
                         upload = self._reuse(line, decision)
-                        phase.update(e.size, files=1)  # done without reading: progress toward the total
+                        reused += 1  # done without reading: progress toward the total
+                        reused_bytes += e.size
                     else:
                         if decision.gone is not None and stats.reuploaded < MAX_REUPLOAD_WARNINGS:
                             log.warning(
@@ -232,6 +234,8 @@ class FilesPass:
                     stats.symlinks += 1
                 if not ordered.put_nowait(line, upload):
                     await ordered.put(line, upload)
+            if reused:
+                phase.update(reused_bytes, files=reused)
 
     def _reuse(self, line: ManifestLine, decision: Decision) -> asyncio.Future[bool] | None:
         """Point line at the object decided on; a future for the journal when resumed."""

@@ -6,19 +6,24 @@ MAC matched. Journals (repo.py) are manifest lines too; gunzip_stream reads both
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import json.encoder
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from immich_stream.errors import RepoError
 from immich_stream.repository.auth import MAX_BLOCK, ManifestMac, forged, is_auth_line
 from immich_stream.repository.layout import ROOTS, escape_path, unescape_path
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.budget import ByteBudget
+
+T = TypeVar("T")
+THREAD_MIN = 64 << 10  # bytes to (de)compress at least for a trip to a worker thread
 
 
 class WalkedEntry(Protocol):
@@ -299,6 +304,7 @@ class ManifestWriter:
         self._z = zlib.compressobj(3, zlib.DEFLATED, 31)  # 6 cost 12 µs a line, 3 a third of it
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._compressing = asyncio.Lock()
         self.lines = 0
 
     async def __aenter__(self) -> ManifestWriter:
@@ -317,9 +323,13 @@ class ManifestWriter:
     async def _flush(self, end: bool = False) -> None:
         if self._mac is not None and (self._pending or end):
             self._pending.append(self._mac.seal_line(end))
-        data = self._z.compress(b"".join(self._pending))
+        pending = b"".join(self._pending)
         self._pending, self._pending_size = [], 0
-        await self._out.write(data)
+        # in a worker thread (zlib lets go of the GIL): the walk goes on meanwhile (a
+        # manifest of 300,000 lines is ~1 s of compression); one block at a time, in order
+        async with self._compressing:
+            data = await asyncio.to_thread(self._z.compress, pending)
+            await self._out.write(data)
 
     async def finish(self) -> None:
         await self._flush(end=True)
@@ -338,7 +348,9 @@ async def gunzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         while chunk:
             fed = True
             try:
-                out = z.decompress(chunk)
+                # a large chunk in a worker thread (zlib lets go of the GIL): the reader's
+                # parsing goes on meanwhile
+                out = await asyncio.to_thread(z.decompress, chunk) if len(chunk) >= THREAD_MIN else z.decompress(chunk)
             except zlib.error as exc:
                 raise RepoError(f"a gzip stream is corrupt ({exc}): run `verify --read-data`") from None
             if out:
@@ -359,7 +371,7 @@ def key_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=10).digest()
 
 
-async def read_lines(
+def read_lines(
     chunks: AsyncIterator[bytes],
     mac: ManifestMac | None = None,
     hold: bool = False,
@@ -371,6 +383,19 @@ async def read_lines(
     (without, during a set-up under way, lines pass at once), and are parsed only then: a
     forged line is forged, whatever its shape. Read unchecked (no MAC key, TRUST_BUCKET), a
     MAC line is no entry. `damaged`: see ManifestLine.parse."""
+    parse = functools.partial(ManifestLine.parse, damaged=True) if damaged else ManifestLine.from_json
+    return read_lines_as(chunks, parse, mac, hold, where)
+
+
+async def read_lines_as(
+    chunks: AsyncIterator[bytes],
+    parse: Callable[[bytes], T],
+    mac: ManifestMac | None = None,
+    hold: bool = False,
+    where: str = "",
+) -> AsyncIterator[T]:
+    """read_lines, each line (its bytes, checked as read_lines checks them) given to
+    `parse`: a reader that needs a few fields of most lines parses only those."""
     rest = b""
     block: list[bytes] = []
     async for data in gunzip_stream(chunks):
@@ -381,18 +406,18 @@ async def read_lines(
                 continue
             if mac is None:
                 if not is_auth_line(raw):
-                    yield ManifestLine.parse(raw, damaged)
+                    yield parse(raw)
             elif is_auth_line(raw):
                 mac.check_line(raw, where)
                 for held in block:
-                    yield ManifestLine.parse(held, damaged)
+                    yield parse(held)
                 block.clear()
             else:
                 if mac.ended:
                     raise forged(f"{where}: lines after its last authenticated block")
                 mac.add(raw + b"\n")
                 if not hold:
-                    yield ManifestLine.parse(raw, damaged)
+                    yield parse(raw)
                     continue
                 if mac.block_bytes > MAX_BLOCK:
                     raise forged(f"{where}: {mac.block_bytes} bytes of lines without a MAC")
@@ -401,6 +426,6 @@ async def read_lines(
         if mac is not None:
             raise forged(f"{where}: its last line has no end")
         if not is_auth_line(rest):
-            yield ManifestLine.parse(rest, damaged)
+            yield parse(rest)
     if mac is not None and not mac.ended and (hold or mac.seq):
         raise forged(f"{where}: it ends without its last authenticated block (truncated or forged)")

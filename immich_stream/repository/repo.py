@@ -18,7 +18,7 @@ import zlib
 from array import array
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from immich_stream.errors import ConfigError, RepoError, StoreError
 from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
@@ -31,7 +31,7 @@ from immich_stream.repository.auth import (
     forged,
 )
 from immich_stream.repository.layout import ROOTS, SUMMARY, Layout, is_pack_key, is_snapshot_id, snapshot_time
-from immich_stream.repository.manifest import ManifestLine, ManifestWriter, read_lines
+from immich_stream.repository.manifest import ManifestLine, ManifestWriter, read_lines, read_lines_as
 from immich_stream.repository.retention import LockPolicy, locked_key
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.repository.summary import SnapshotSummary
@@ -39,6 +39,7 @@ from immich_stream.s3.budget import ByteBudget
 from immich_stream.s3.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = "immich-stream"
 VERSION = 2  # the newest this program reads; a plain repository is written as version 1
@@ -172,6 +173,8 @@ class ObjectIndex:
 
     def has_all(self, line: ManifestLine) -> bool:
         """Every object the line's bytes are in is listed."""
+        if line.offset is not None and line.key is not None and line.chunks is None:
+            return line.key in self._packs  # a file in a pack (most files): by its key alone
         refs = line.object_refs()
         if not refs:
             return line.chunks is not None  # an empty file: no chunk at all
@@ -581,6 +584,14 @@ class Repo(Layout):
         and a no-change run reads a manifest of 300,000 lines twice. Nothing is read before
         the first line is asked for.)"""
         return self.read_lines_at(self.manifest_key(snap_id), damaged)
+
+    def read_manifest_as(self, snap_id: str, parse: Callable[[bytes], T]) -> AsyncIterator[T]:
+        """read_manifest, each line's bytes (checked as read_manifest checks them) given to
+        `parse` instead of parsed whole (manifest.read_lines_as)."""
+        key = self.manifest_key(snap_id)
+        mac = self.manifest_mac(snap_id)
+        hold = mac is not None and self.auth_required
+        return read_lines_as(self.store.iter_object(key), parse, mac, hold, key)
 
     def read_lines_at(self, key: str, damaged: bool = False) -> AsyncIterator[ManifestLine]:
         """The lines of a manifest-like object, streamed; in an authenticated repository a

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from immich_stream.backup.walk import walk
+import pytest
+
+import immich_stream.backup.walk as walk_module
+from immich_stream.backup.walk import walk, walk_batches
 
 
 async def test_walk_marks_special_files_as_skipped(tmp_path: Path) -> None:
@@ -15,3 +19,66 @@ async def test_walk_marks_special_files_as_skipped(tmp_path: Path) -> None:
     entries = [e.relpath async for e in walk(os.fsencode(tmp_path), problems.append)]
     assert entries == [b"a.jpg"]
     assert [(p.relpath, p.skipped) for p in problems] == [(b"fifo", True)]
+
+
+def _tree(root: Path) -> None:
+    for rel in ("b/y.jpg", "a/x.jpg", "a/sub/z.jpg", "a/é\nnl.jpg", "thumbs/.immich", "thumbs/t.webp"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * len(rel))
+    os.symlink("a/x.jpg", root / "link")
+    os.mkfifo(root / "a" / "fifo")
+    (root / "locked").mkdir(mode=0)
+
+
+async def _walked(root: Path, thread: bool, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> tuple[list[Any], list[Any]]:
+    monkeypatch.setattr(walk_module, "_RUNNABLE", not thread)
+    problems: list[Any] = []
+    entries = [e async for batch in walk_batches(os.fsencode(root), problems.append, **kw) for e in batch]
+    return entries, problems
+
+
+@pytest.mark.parametrize("names_only", [False, True])
+async def test_the_walker_process_walks_as_the_thread_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, names_only: bool
+) -> None:
+    _tree(tmp_path)
+    kw: dict[str, Any] = {"prune": {b"thumbs"}, "keep": {b".immich"}, "names_only": names_only}
+    in_process = await _walked(tmp_path, False, monkeypatch, **kw)
+    in_thread = await _walked(tmp_path, True, monkeypatch, **kw)
+    assert in_process == in_thread
+    entries, problems = in_process
+    assert [e.relpath for e in entries if e.type == "file"] == [
+        b"a/sub/z.jpg", b"a/x.jpg", "a/é\nnl.jpg".encode(), b"b/y.jpg", b"thumbs/.immich"
+    ]  # fmt: skip
+    assert [e.type for e in entries if e.relpath == b"link"] == ["symlink"]
+    if not names_only:
+        assert {(p.relpath, p.skipped) for p in problems} >= {(b"a/fifo", True)}
+        assert next(e for e in entries if e.relpath == b"a/x.jpg").size == 7
+    assert "skipping FIFO a/fifo" in caplog.text or names_only
+
+
+async def test_leaving_a_walk_early_ends_its_process(tmp_path: Path) -> None:
+    for i in range(3000):
+        (tmp_path / f"{i:05}").write_bytes(b"")
+    before = set(_children())  # a session's servers may be children too
+    batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
+    first = await anext(batches)
+    assert len(first) == 512
+    children = set(_children()) - before
+    assert children, "the walk runs in a process of its own"
+    await batches.aclose()
+    assert not set(_children()) & children, "its process is gone"
+
+
+def _children() -> list[int]:
+    me = str(os.getpid())
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
