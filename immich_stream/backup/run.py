@@ -15,12 +15,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup
 from immich_stream.backup.changes import ParentInfo, Source, WalkedLibrary, scan_parent
+from immich_stream.backup.externals import check_externals, discover, external_roots
 from immich_stream.backup.library import (
     check_database,
     check_database_at_end,
@@ -37,7 +39,7 @@ from immich_stream.host.hoststate import stack_lock, state_dir
 from immich_stream.host.postgres import DumpResult, dump_database
 from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repository.layout import STOPPED_DIR, new_snapshot_id, snapshot_time
+from immich_stream.repository.layout import STOPPED_DIR, is_external, new_snapshot_id, snapshot_time
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import Chunk, ManifestWriter
 from immich_stream.repository.repo import JournalWriter, ObjectIndex, Repo
@@ -77,7 +79,7 @@ class Steps(Protocol):
     async def start_all(self) -> None: ...
 
 
-async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
+async def run_phases(mode: str, steps: Steps, live: bool = True, externals: Sequence[str] = ()) -> None:
     """The order of a run per --stop mode (DESIGN.md, docs/architecture.md).
 
     `all` and `app` first upload what changed while Immich runs (the live pass), then stop
@@ -86,7 +88,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
     pg_dump, and starts the app again once pg_dump holds its snapshot (its first bytes)
     while the dump streams on. `app` keeps the database up and dumps while the library is
     walked. `none` stops nothing; the walk starts once pg_dump holds its snapshot
-    (Immich's order: the database's state before the files')."""
+    (Immich's order: the database's state before the files'). The external libraries'
+    roots (`externals`) follow the library wherever it is walked."""
     if mode in ("all", "app") and live:
         await steps.live_pass()
     if mode == "all":
@@ -95,6 +98,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
         await steps.files("postgres")
         await steps.check_cold()
         await steps.files("library")
+        for root in externals:
+            await steps.files(root)
         await steps.start_db()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(steps.dump())
@@ -105,6 +110,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(steps.dump())
             await steps.files("library")
+            for root in externals:
+                await steps.files(root)
             await steps.dump_snapshot()
             await steps.start_all()
     else:
@@ -112,6 +119,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
             tg.create_task(steps.dump())
             await steps.dump_snapshot()
             await steps.files("library")
+            for root in externals:
+                await steps.files(root)
         await steps.start_all()
 
 
@@ -344,7 +353,9 @@ class BackupRun:
         try:
             async with self.manifest:
                 async with self.guard:
-                    await run_phases(self.settings.stop, self, self.settings.live_pass)
+                    await run_phases(
+                        self.settings.stop, self, self.settings.live_pass, [r for r in self.roots if is_external(r)]
+                    )
                 await self.manifest.finish()
         except BaseException:
             await cleanup.best_effort("writing the run's journal", self.journal.flush())
@@ -520,6 +531,9 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     settings, stack, repo, snap_id, allow_shrink = ctx.settings, ctx.stack, ctx.repo, ctx.snap_id, ctx.allow_shrink
     docker, roots = stack.docker, ctx.roots
     containers = await stack.preflight()
+    # Immich's external libraries: read from the live database, before anything is stopped
+    if settings.external != "skip":
+        roots.update(external_roots(await discover(docker, settings), settings, roots))
     if settings.stop != "none":
         await stack.check_recovery_record(state_dir())  # before the live pass: nothing stopped or uploaded
     source = await metadata.collect(docker, settings)  # images, versions, config files: for drill and rebuild
@@ -547,6 +561,7 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
                 counting.exception()  # retrieved: check_library raised it, or it was not needed
         if library is not None:
             await library.aclose()
+    shrunk |= await check_externals(roots, parent, settings.max_shrink, allow_shrink)
     # The same for the database: an emptied or re-initialised one (a fresh Immich) must
     # not become the newest snapshot either.
     parent_tables = prev.summary.database.tables if prev else None
