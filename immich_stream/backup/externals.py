@@ -20,7 +20,7 @@ from typing import Any
 from immich_stream.backup.changes import ParentInfo
 from immich_stream.backup.library import count_files
 from immich_stream.config import Settings, format_size
-from immich_stream.errors import SuspiciousLibrary
+from immich_stream.errors import DumpError, SuspiciousLibrary
 from immich_stream.host.externals import host_path, import_paths, server_mounts
 from immich_stream.repository.layout import EXTERNAL, is_external
 
@@ -91,6 +91,32 @@ def external_roots(found: list[External], settings: Settings, roots: dict[str, P
             log.warning("%s at %s is not backed up (--external warn)", where, e.host)
             continue
         out[e.root] = e.host
+    return out
+
+
+async def find_roots(docker: Any, settings: Settings, roots: dict[str, Path], before: list[str]) -> dict[str, Path]:
+    """The external roots of this run (external_roots of what discover finds). `before`:
+    the last snapshot's roots. The database not answering fails the run only when that
+    snapshot had external roots: this run would silently lack them."""
+    if settings.external == "skip":
+        return {}
+    had = [r for r in before if is_external(r)]
+    try:
+        found = await discover(docker, settings)
+    except DumpError as exc:
+        if had:
+            raise DumpError(
+                f"Immich's external libraries could not be read from the database ({exc}), and the last snapshot "
+                f"has {', '.join(had)}: nothing was stopped or uploaded; run again, or leave them out with "
+                "--external skip"
+            ) from None
+        log.warning("Immich's external libraries could not be read from the database (%s): none backed up", exc)
+        return {}
+    out = external_roots(found, settings, roots)
+    if gone := [r for r in had if r not in out]:
+        log.warning(
+            "%s of the last snapshot not backed up this time (see above, or removed from Immich)", ", ".join(gone)
+        )
     return out
 
 

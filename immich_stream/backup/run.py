@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup
 from immich_stream.backup.changes import ParentInfo, Source, WalkedLibrary, scan_parent
-from immich_stream.backup.externals import check_externals, discover, external_roots
+from immich_stream.backup.externals import check_externals, find_roots
 from immich_stream.backup.library import (
     check_database,
     check_database_at_end,
@@ -531,13 +531,12 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     settings, stack, repo, snap_id, allow_shrink = ctx.settings, ctx.stack, ctx.repo, ctx.snap_id, ctx.allow_shrink
     docker, roots = stack.docker, ctx.roots
     containers = await stack.preflight()
-    # Immich's external libraries: read from the live database, before anything is stopped
-    if settings.external != "skip":
-        roots.update(external_roots(await discover(docker, settings), settings, roots))
     if settings.stop != "none":
         await stack.check_recovery_record(state_dir())  # before the live pass: nothing stopped or uploaded
     source = await metadata.collect(docker, settings)  # images, versions, config files: for drill and rebuild
     prev = await repo.latest()
+    # Immich's external libraries: read from the live database, before anything is stopped
+    roots.update(await find_roots(docker, settings, roots, list(prev.summary.roots) if prev else []))
     # Before anything is stopped: an unmounted or emptied library must not become the
     # newest snapshot. The library is counted while the parent's manifest is read (a
     # walk of the disk beside a stream from S3: at 100,000 files 1-2 s each, one after
