@@ -143,9 +143,10 @@ async def check_externals(roots: dict[str, Path], parent: ParentInfo | None, max
             continue
         problem = await asyncio.to_thread(missing, path)
         if problem is not None:
+            inside = " (immich-stream in a container: mount it there at the same path)" if problem == "missing" else ""
             raise SuspiciousLibrary(
-                f"{root} ({path}) is {problem}: is the disk or NAS mounted? nothing was stopped or committed; mount "
-                "it, or leave external libraries out with --external warn"
+                f"{root} ({path}) is {problem}: is the disk or NAS mounted?{inside} nothing was stopped or committed; "
+                "mount it, or leave external libraries out with --external warn"
             )
         if parent is None or not parent.files.get(root):
             continue
