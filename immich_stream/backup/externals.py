@@ -110,7 +110,9 @@ async def find_roots(docker: Any, settings: Settings, roots: dict[str, Path], be
                 f"has {', '.join(had)}: nothing was stopped or uploaded; run again, or leave them out with "
                 "--external skip"
             ) from None
-        log.warning("Immich's external libraries could not be read from the database (%s): none backed up", exc)
+        # the cause at -v only: a database that cannot be read fails the dump with its own line
+        log.warning("Immich's external libraries could not be read from the database: none backed up (-v says why)")
+        log.debug("reading the external libraries: %s", exc)
         return {}
     out = external_roots(found, settings, roots)
     if gone := [r for r in had if r not in out]:
