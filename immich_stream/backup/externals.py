@@ -53,7 +53,9 @@ def named(found: list[tuple[str, str]]) -> dict[str, str]:
 
 async def discover(docker: Any, settings: Settings) -> list[External]:
     """Every external library's import path, with where it is on this host."""
-    found = await import_paths(docker, settings.db_container, settings.db_user, settings.db_name)
+    found = await import_paths(
+        docker, settings.db_container, settings.db_user, settings.db_name, settings.stall_timeout
+    )
     if not found:
         return []
     _, mounts = await server_mounts(docker, settings.project)

@@ -6,7 +6,9 @@ compose file's volumes) that map each path to a host directory.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +35,23 @@ class Mount:
     kind: str  # bind, volume
 
 
-async def import_paths(docker: aiodocker.Docker, container: str, user: str, dbname: str) -> list[tuple[str, str]]:
+async def import_paths(
+    docker: aiodocker.Docker, container: str, user: str, dbname: str, deadline: float = math.inf
+) -> list[tuple[str, str]]:
     """(library name, import path) of every external library not deleted, by path; none
-    when the database has no library table (an Immich before external libraries, or none)."""
-    rows = await psql_query(docker, container, user, dbname, _TABLE)
-    table = rows[0][0] if rows and rows[0] else ""
-    if table not in ("library", "libraries", "public.library", "public.libraries"):
-        return []
-    out = await psql_query(docker, container, user, dbname, _PATHS.format(table=f'"{table.split(".")[-1]}"'))
+    when the database has no library table (an Immich before external libraries, or none).
+    A database that does not answer within `deadline` seconds is a DumpError."""
+    limit = deadline if math.isfinite(deadline) else None
+    try:
+        async with asyncio.timeout(limit):
+            rows = await psql_query(docker, container, user, dbname, _TABLE, limit)
+            table = rows[0][0] if rows and rows[0] else ""
+            if table not in ("library", "libraries", "public.library", "public.libraries"):
+                return []
+            paths = _PATHS.format(table=f'"{table.split(".")[-1]}"')
+            out = await psql_query(docker, container, user, dbname, paths, limit)
+    except TimeoutError:
+        raise DumpError(f"the database in {container} did not answer within {deadline:.0f} s") from None
     try:
         found = json.loads(out[0][0]) if out and out[0] else []
         return [(str(name), str(path)) for name, path in found if path]
