@@ -161,8 +161,11 @@ def immich_stack(machine: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     base = tmp_path_factory.mktemp("immich")
     library, postgres = base / "library", base / "postgres"
     library.mkdir()
+    for name in ("family", "nas"):  # external libraries' folders (tests/test_external_libraries.py)
+        (base / "external" / name).mkdir(parents=True)
     (base / ".env").write_text(
         f"UPLOAD_LOCATION={library}\nDB_DATA_LOCATION=./postgres\nDB_PASSWORD=test-db-password\n"
+        f"IMMICH_TEST_EXTERNAL_DIR={base / 'external'}\n"
         f"DB_USERNAME=postgres\nDB_DATABASE_NAME=immich\nIMMICH_TEST_SEED_DIR={REPO_ROOT}/tests/stack/initdb\n"
     )
     shutil.copy(REPO_ROOT / "docker-compose.test.yml", base / "docker-compose.yml")

@@ -42,6 +42,7 @@ WRONG: dict[str, tuple[str, str]] = {
     "append_only": ("perhaps", "3"),
     "ca_bundle": ("/no/such/ca.pem", '""'),
     "stop": ("some", "1"),
+    "external": ("yes", "1"),
     "checksum": ("crc32", "5"),
     "jobs": ("100000000", "0"),
     "part_size": ("8 parsecs", '"2GiB"'),

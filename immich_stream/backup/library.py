@@ -99,17 +99,22 @@ async def check_library(
 def check_shrink_at_end(
     totals: dict[str, dict[str, int]], parent: ParentInfo | None, max_shrink: float, allow: bool
 ) -> None:
-    """The same rule on what the (stopped) walk really found, before committing."""
-    if allow or parent is None or not parent.files.get("library"):
+    """The same rule on what the (stopped) walk really found, before committing: the
+    library's and each external library's (external:<name>) this run walked."""
+    if allow or parent is None:
         return
-    now = totals.get("library", {"files": 0, "bytes": 0})
-    old_files, old_bytes = parent.files["library"], parent.bytes.get("library", 0)
-    if now["files"] < old_files * (1 - max_shrink) or now["bytes"] < old_bytes * (1 - max_shrink):
-        raise SuspiciousLibrary(
-            f"the library walked {now['files']} files ({format_size(now['bytes'])}) where snapshot {parent.snap_id} "
-            f"had {old_files} ({format_size(old_bytes)}): it lost more than {max_shrink * 100:g}% during the run; "
-            "nothing was committed: check the mount, or run again with --allow-shrink"
-        )
+    for root in ["library", *sorted(r for r in totals if r.startswith("external:"))]:
+        if not parent.files.get(root):
+            continue
+        now = totals.get(root, {"files": 0, "bytes": 0})
+        old_files, old_bytes = parent.files[root], parent.bytes.get(root, 0)
+        if now["files"] < old_files * (1 - max_shrink) or now["bytes"] < old_bytes * (1 - max_shrink):
+            what = "the library" if root == "library" else root
+            raise SuspiciousLibrary(
+                f"{what} walked {now['files']} files ({format_size(now['bytes'])}) where snapshot {parent.snap_id} "
+                f"had {old_files} ({format_size(old_bytes)}): it lost more than {max_shrink * 100:g}% during the "
+                "run; nothing was committed: check the mount, or run again with --allow-shrink"
+            )
 
 
 # Tables smaller than this in the parent snapshot are left out of the database's shrink

@@ -15,12 +15,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from immich_stream import __version__, cleanup
 from immich_stream.backup.changes import ParentInfo, Source, WalkedLibrary, scan_parent
+from immich_stream.backup.externals import check_externals, find_roots
 from immich_stream.backup.library import (
     check_database,
     check_database_at_end,
@@ -37,7 +39,7 @@ from immich_stream.host.hoststate import stack_lock, state_dir
 from immich_stream.host.postgres import DumpResult, dump_database
 from immich_stream.host.stack import Stack, StackGuard, connect, recover
 from immich_stream.progress import Phase, Reporter
-from immich_stream.repository.layout import STOPPED_DIR, new_snapshot_id, snapshot_time
+from immich_stream.repository.layout import STOPPED_DIR, is_external, new_snapshot_id, snapshot_time
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import Chunk, ManifestWriter
 from immich_stream.repository.repo import JournalWriter, ObjectIndex, Repo, Snapshot
@@ -77,7 +79,7 @@ class Steps(Protocol):
     async def start_all(self) -> None: ...
 
 
-async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
+async def run_phases(mode: str, steps: Steps, live: bool = True, externals: Sequence[str] = ()) -> None:
     """The order of a run per --stop mode (DESIGN.md, docs/architecture.md).
 
     `all` and `app` first upload what changed while Immich runs (the live pass), then stop
@@ -86,7 +88,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
     pg_dump, and starts the app again once pg_dump holds its snapshot (its first bytes)
     while the dump streams on. `app` keeps the database up and dumps while the library is
     walked. `none` stops nothing; the walk starts once pg_dump holds its snapshot
-    (Immich's order: the database's state before the files')."""
+    (Immich's order: the database's state before the files'). The external libraries'
+    roots (`externals`) follow the library wherever it is walked."""
     if mode in ("all", "app") and live:
         await steps.live_pass()
     if mode == "all":
@@ -95,6 +98,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
         await steps.files("postgres")
         await steps.check_cold()
         await steps.files("library")
+        for root in externals:
+            await steps.files(root)
         await steps.start_db()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(steps.dump())
@@ -105,6 +110,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(steps.dump())
             await steps.files("library")
+            for root in externals:
+                await steps.files(root)
             await steps.dump_snapshot()
             await steps.start_all()
     else:
@@ -112,6 +119,8 @@ async def run_phases(mode: str, steps: Steps, live: bool = True) -> None:
             tg.create_task(steps.dump())
             await steps.dump_snapshot()
             await steps.files("library")
+            for root in externals:
+                await steps.files(root)
         await steps.start_all()
 
 
@@ -344,7 +353,9 @@ class BackupRun:
         try:
             async with self.manifest:
                 async with self.guard:
-                    await run_phases(self.settings.stop, self, self.settings.live_pass)
+                    await run_phases(
+                        self.settings.stop, self, self.settings.live_pass, [r for r in self.roots if is_external(r)]
+                    )
                 await self.manifest.finish()
         except BaseException:
             await cleanup.best_effort("writing the run's journal", self.journal.flush())
@@ -566,6 +577,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     if settings.stop != "none":
         await stack.check_recovery_record(state_dir())  # before the live pass: nothing stopped or uploaded
     prev = await repo.latest()
+    # Immich's external libraries: read from the live database, before anything is stopped
+    roots.update(await find_roots(docker, settings, roots, list(prev.summary.roots) if prev else []))
     parent_tables = prev.summary.database.tables if prev else None
 
     async def database_shrunk() -> bool:
@@ -595,6 +608,7 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     resuming = asyncio.create_task(resumable_runs(repo, snap_id, settings.stale_after))
     try:
         shrunk, parent = await _check_library(ctx, prev)
+        shrunk |= await check_externals(roots, parent, settings.max_shrink, allow_shrink)
         shrunk |= await checking_db
         objects, resumable, source = await listing, await resuming, await collecting
     finally:

@@ -153,6 +153,44 @@ class Doctor:
 
             await self.probe("Immich's own database dumps", dumps)
 
+    async def externals(self) -> None:
+        """Immich's external libraries: one line each, with the size of what a backup reads."""
+        from immich_stream.backup.externals import discover, missing
+        from immich_stream.backup.library import count_files
+        from immich_stream.host.stack import connect
+
+        s = self.settings
+        if s.external == "skip":
+            self.add("external libraries", SKIP, "--external skip")
+            return
+        try:
+            async with connect(s.tuning.docker_deadline) as docker:
+                found = await discover(docker, s)
+        except ImmichStreamError as exc:
+            self.add("external libraries", FAIL, f"cannot read them from the database: {exc}")
+            return
+        if not found:
+            self.add("external libraries", OK, "none")
+            return
+        bad = FAIL if s.external == "include" else WARN
+        for e in found:
+            where = f"{e.library!r}: {e.path}"
+            if e.host is None:
+                self.add(
+                    e.root, WARN, f"{where} is not mounted from the host (inside immich_server only): not backed up"
+                )
+            elif problem := missing(e.host):
+                self.add(e.root, bad, f"{where} -> {e.host} is {problem}: is the disk or NAS mounted?")
+            else:
+                files, size = await count_files(e.host)
+                ro = ", read-only" if e.read_only else ""
+                kept = " (left out: --external warn)" if s.external == "warn" else ""
+                self.add(
+                    e.root,
+                    OK if not kept else WARN,
+                    f"{where} -> {e.host}{ro}: {files} files, {format_size(size)}{kept}",
+                )
+
     # -- S3 ---------------------------------------------------------------------------------
 
     async def s3(self) -> None:
@@ -378,6 +416,7 @@ async def run_doctor(settings: Settings) -> Doctor:
     doc.config()
     await doc.docker()
     doc.directories()
+    await doc.externals()
     await doc.s3()
     return doc
 

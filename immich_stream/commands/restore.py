@@ -23,6 +23,15 @@ from immich_stream.commands.common import (
 from immich_stream.commands.monitor import Outcome, plain
 from immich_stream.errors import EXIT_PARTIAL, ConfigError, ProblemsFound
 from immich_stream.progress import Reporter
+from immich_stream.repository.layout import is_root
+
+
+def _root(text: str) -> str:
+    if not is_root(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a root: library, postgres or external:NAME (`snapshots` lists a snapshot's roots)"
+        )
+    return text
 
 
 def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -35,12 +44,19 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     r.add_argument("snapshot", nargs="?", default="latest", help="a snapshot id (or a unique prefix), or latest")
     what = r.add_mutually_exclusive_group(required=True)
-    what.add_argument("--to", metavar="DIR", help="restore files under DIR (DIR/library, DIR/postgres)")
+    what.add_argument(
+        "--to", metavar="DIR", help="restore files under DIR (DIR/library, DIR/postgres, DIR/external/NAME)"
+    )
     what.add_argument("--database", action="store_true", help="restore the database into DB_CONTAINER with psql")
     what.add_argument(
         "--dump-to", metavar="FILE", help="write the dump (database.sql.gz as stored) to FILE, - for stdout"
     )
-    r.add_argument("--root", choices=("library", "postgres"), help="only this root, straight into DIR")
+    r.add_argument(
+        "--root",
+        type=_root,
+        metavar="ROOT",
+        help="only this root (library, postgres, or an external library's external:NAME), straight into DIR",
+    )
     r.add_argument(
         "--include",
         action="append",

@@ -259,6 +259,15 @@ def parse_recipients(value: str | list[str]) -> tuple[str, ...]:
     return out
 
 
+EXTERNAL_MODES = ("include", "warn", "skip")
+
+
+def parse_external(text: str) -> str:
+    if text not in EXTERNAL_MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(EXTERNAL_MODES)}")
+    return str(text)
+
+
 def parse_stop(text: str) -> str:
     if text not in STOP_MODES:
         raise ValueError(f"{text!r} is not one of {', '.join(STOP_MODES)}")

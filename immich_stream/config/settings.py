@@ -32,6 +32,7 @@ from immich_stream.config.parse import (
     parse_duration,
     parse_endpoint,
     parse_exclude,
+    parse_external,
     parse_hook_command,
     parse_identity_path,
     parse_int,
@@ -349,6 +350,13 @@ class Settings:
         "all",
         parse_stop,
         "what to stop: all (cold copy of the DB directory), app (keep the DB up), none",
+    )
+    external: str = setting(
+        "backup",
+        "include",
+        parse_external,
+        "Immich's external libraries (import paths mounted into immich_server): include (back each up as a "
+        "root external:NAME; a missing or empty one refuses the backup), warn (leave them out, warn), skip",
     )
     live_pass: bool = setting(
         "backup",

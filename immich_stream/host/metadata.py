@@ -392,7 +392,7 @@ def image_tag(image: str | None) -> str | None:
     return last.rsplit(":", 1)[1] if ":" in last else None
 
 
-async def _server_container(docker: aiodocker.Docker, project: str) -> str:
+async def server_container(docker: aiodocker.Docker, project: str) -> str:
     try:
         found = await docker.containers.list(
             all=True, filters=json.dumps({"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={SERVER_SERVICE}"]})
@@ -430,7 +430,7 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
     fail a backup: what cannot be found is left out (None)."""
     info = SourceInfo()
     info.database = _image_info(*await _inspect(docker, settings.db_container))
-    name = await _server_container(docker, settings.project)
+    name = await server_container(docker, settings.project)
     server = _image_info(*await _inspect(docker, name))
     env_version = None
     if settings.immich_dir:

@@ -28,6 +28,10 @@ import urllib.parse
 from immich_stream.errors import RepoError
 
 ROOTS = ("postgres", "library")  # manifest order: the cold copy is taken first
+# Immich's external libraries (folders outside UPLOAD_LOCATION): roots of their own,
+# "external:<name>", after the library in the manifest (backup/externals.py names them)
+EXTERNAL = "external:"
+_EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_KEY_BYTES = 1024  # S3's limit for a whole key
 MAX_KEY_PART_BYTES = 255  # what filesystem-backed servers (rclone, SeaweedFS) take per "/"-part
 # Keys of paths too long for S3 live here, named by the path's sha256. "%l" cannot begin an
@@ -66,6 +70,26 @@ def unescape_path(text: str) -> bytes:
     if "%" not in text:  # most names: nothing was escaped
         return text.encode()
     return urllib.parse.unquote_to_bytes(text)
+
+
+def is_external(root: str) -> bool:
+    """An external library's root: external:<name>, the name a safe single path part."""
+    return root.startswith(EXTERNAL) and _EXTERNAL_NAME.fullmatch(root[len(EXTERNAL) :]) is not None
+
+
+def is_root(root: str) -> bool:
+    """A root a manifest may name (anything else is damaged or forged)."""
+    return root in ROOTS or is_external(root)
+
+
+def root_dir(root: str) -> bytes:
+    """Where a root goes under a restore's target: its name; external:<name> as external/<name>."""
+    return b"external/" + root[len(EXTERNAL) :].encode() if is_external(root) else root.encode()
+
+
+def root_order(root: str) -> tuple[int, str]:
+    """Manifest order of roots: postgres, library, then the external libraries by name."""
+    return (ROOTS.index(root), "") if root in ROOTS else (len(ROOTS), root)
 
 
 def key_path(path: str) -> str:

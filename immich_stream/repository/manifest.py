@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from immich_stream.errors import RepoError
 from immich_stream.repository.auth import MAX_BLOCK, ManifestMac, forged, is_auth_line
-from immich_stream.repository.layout import ROOTS, escape_path, unescape_path
+from immich_stream.repository.layout import escape_path, root_order, unescape_path
 from immich_stream.repository.sealed import SealedStore
 from immich_stream.s3.budget import ByteBudget
 
@@ -120,7 +120,7 @@ class ManifestLine:
     # format 3: the file is these chunks in order, `key` None (the postgres root's files,
     # deduplicated and compressed: see Chunk)
     chunks: list[Chunk] | None = None
-    _order: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
+    _order: tuple[tuple[int, str], bytes] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
         """The line as written (keys in this order, no spaces, non-ASCII as is): what
@@ -228,7 +228,7 @@ class ManifestLine:
             target=escape_path(e.target) if e.target is not None else None,
             ctime_ns=e.ctime_ns,
             dev=e.dev,
-            _order=(ROOTS.index(root), path_order(e.relpath)),
+            _order=(root_order(root), path_order(e.relpath)),
         )
 
     @property
@@ -276,11 +276,11 @@ class ManifestLine:
     def relpath(self) -> bytes:
         return unescape_path(self.path)
 
-    def order(self) -> tuple[int, bytes]:
+    def order(self) -> tuple[tuple[int, str], bytes]:
         """Where the line sorts in a manifest (computed once: merges compare it often)."""
         o = self._order
         if o is None:
-            o = self._order = (ROOTS.index(self.root), path_order(self.relpath))
+            o = self._order = (root_order(self.root), path_order(self.relpath))
         return o
 
 

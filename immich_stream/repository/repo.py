@@ -30,7 +30,7 @@ from immich_stream.repository.auth import (
     canonical,
     forged,
 )
-from immich_stream.repository.layout import ROOTS, SUMMARY, Layout, is_pack_key, is_snapshot_id, snapshot_time
+from immich_stream.repository.layout import SUMMARY, Layout, is_pack_key, is_root, is_snapshot_id, snapshot_time
 from immich_stream.repository.manifest import ManifestLine, ManifestWriter, read_lines, read_lines_as
 from immich_stream.repository.retention import LockPolicy, locked_key
 from immich_stream.repository.sealed import SealedStore
@@ -232,7 +232,7 @@ class Repo(Layout):
         (data/<id>/<root>/...) only; everything else (manifests, snapshot.json, journals, the
         dump, config.json, locks) stays STANDARD so listing, verify and restore never wait."""
         parts = self.relative_key(key).split("/", 3) if key.startswith(self._k("")) else []
-        if len(parts) == 4 and parts[0] == "data" and parts[2] in ROOTS:
+        if len(parts) == 4 and parts[0] == "data" and is_root(parts[2]):
             return self.store.options.storage_class_of(parts[2])
         return None
 
@@ -608,7 +608,7 @@ class Repo(Layout):
         (a journal only saves work; without it files are read and uploaded again)."""
         try:
             async for line in self.read_lines(keys):
-                if line.root in ROOTS and line.type == "file" and line.has_object:
+                if is_root(line.root) and line.type == "file" and line.has_object:
                     yield line
         except (RepoError, StoreError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s cannot be read (%s): its uploads are not reused", what, str(exc).splitlines()[0][:200])

@@ -29,6 +29,7 @@ from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database
 from immich_stream.host.stack import Docker, connect
 from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
 from immich_stream.progress import Reporter
+from immich_stream.repository.layout import is_external
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import ManifestLine
 from immich_stream.repository.packs import PackReader
@@ -160,12 +161,13 @@ async def check_files(
     settings: Settings,
     wait: bool = True,
 ) -> None:
-    """Re-hash n randomly chosen library files from S3 against the manifest."""
+    """Re-hash n randomly chosen files of the library and the external libraries from S3
+    against the manifest."""
     rng = random.Random()
     sample: list[ManifestLine] = []
     seen = 0
     async for line in repo.read_manifest(snap.id):  # reservoir sampling: one pass, n lines held
-        if line.type != "file" or line.root != "library":
+        if line.type != "file" or not (line.root == "library" or is_external(line.root)):
             continue
         seen += 1
         if len(sample) < n:

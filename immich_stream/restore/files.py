@@ -24,7 +24,7 @@ from pathlib import Path
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, ImmichStreamError, NothingMatched, ObjectNotFound, RepoError, StoreError
 from immich_stream.progress import Reporter
-from immich_stream.repository.layout import ROOTS, unescape_path
+from immich_stream.repository.layout import ROOTS, is_root, root_dir, unescape_path
 from immich_stream.repository.manifest import DamagedLine, ManifestLine
 from immich_stream.repository.packs import BATCH_FILES, BATCH_GAP, BATCH_SPAN
 from immich_stream.repository.repo import Repo, Snapshot
@@ -201,7 +201,7 @@ async def restore_files(
         store = repo.store
         snap = await repo.resolve(which)
         fresh = _check_target(target, snap, overwrite)
-        wanted = set(roots or ROOTS)
+        wanted = set(roots or (*ROOTS, *snap.summary.roots))
         await _check_something_matches(repo, snap, roots, wanted, includes)
         # before the target is marked: a --no-wait run leaves nothing behind to resume
         await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait)
@@ -288,7 +288,7 @@ async def restore_files(
             async for line in repo.read_manifest(snap.id, damaged=True):
                 still_reading(lock)
                 if isinstance(line, DamagedLine):  # its root unreadable: named whatever was asked for
-                    if line.root not in ROOTS or _matches(line, wanted, includes):
+                    if not is_root(line.root) or _matches(line, wanted, includes):
                         stats.files += 1
                         problem(line, RepoError(f"its manifest line is damaged ({line.damage}): run `verify`"))
                     continue
@@ -402,10 +402,10 @@ async def restore_files(
             stats.failed += 1
             stats.problems.add(f"{line.root}/{line.path}: {exc}")
         for root, meta in snap.summary.root_meta.items():
-            if root in wanted and root in ROOTS:
+            if root in wanted and is_root(root):
                 line = ManifestLine(root, "", "dir", 0, meta.mtime_ns, meta.mode, meta.uid, meta.gid, 0)
                 with contextlib.suppress(InTheWay, OSError):  # nothing of it restored, or not a directory
-                    await asyncio.to_thread(restorer.set_meta, b"" if single else root.encode(), line)
+                    await asyncio.to_thread(restorer.set_meta, b"" if single else root_dir(root), line)
         if failures:
             copies: list[dict[str, str]] = [{} for _ in failures]
             try:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from immich_stream.errors import ImmichStreamError, RepoError
 from immich_stream.problems import Problems
 from immich_stream.progress import Phase
-from immich_stream.repository.layout import ROOTS, unescape_path
+from immich_stream.repository.layout import ROOTS, is_root, root_dir, unescape_path
 from immich_stream.repository.manifest import ManifestLine
 from immich_stream.repository.packs import PackReader
 from immich_stream.repository.repo import Repo
@@ -64,8 +64,8 @@ def safe_relpath(line: ManifestLine) -> bytes:
             f"refusing manifest path {line.path!r} in root {line.root}: absolute, '..', empty or NUL "
             "components; the manifest is damaged or forged"
         )
-    if line.root not in ROOTS:
-        raise UnsafePath(f"refusing manifest root {line.root!r}: not one of {', '.join(ROOTS)}")
+    if not is_root(line.root):
+        raise UnsafePath(f"refusing manifest root {line.root!r}: not one of {', '.join(ROOTS)}, external:<name>")
     return raw
 
 
@@ -139,7 +139,7 @@ class FileRestorer:
                     "restore's own marker; the manifest is damaged or forged"
                 )
             return rel
-        return line.root.encode() + b"/" + rel
+        return root_dir(line.root) + b"/" + rel
 
     def open_dir(self, rel: bytes, create: bool) -> int:
         """The directory rel (b"" is the target), opened one name at a time from the target,

@@ -72,5 +72,7 @@ class StoreOptions:
 
     def storage_class_of(self, root: str) -> str | None:
         """The storage class of a root's file objects: its own setting, else --storage-class
-        (None: no header, STANDARD)."""
+        (None: no header, STANDARD). External libraries (external:<name>) hold photos as the
+        library does: the library's class."""
+        root = "library" if root.startswith("external:") else root
         return dict(self.storage_classes).get(root) or self.storage_class

@@ -150,6 +150,18 @@ async def test_phases_none_walk_files_once_the_dump_holds_its_snapshot() -> None
     assert "live_pass" not in r.calls
 
 
+async def test_phases_walk_external_libraries_right_after_the_library_in_every_mode() -> None:
+    ext = ["external:a", "external:b"]
+    for mode, release in (("all", None), ("app", None), ("none", "files library")):
+        r = Recorder(release_on=release) if release else Recorder()
+        await asyncio.wait_for(run_phases(mode, r, externals=ext), 5)
+        walks = [c for c in r.calls if c.startswith("files ") and c != "files postgres"]
+        assert walks == ["files library", "files external:a", "files external:b"], (mode, r.calls)
+        assert r.calls.index("files external:b") < r.calls.index("start_all")
+        if mode == "all":  # read with the whole stack down, before the database starts
+            assert r.calls.index("files external:b") < r.calls.index("start_db")
+
+
 async def test_phases_a_warm_copy_stops_before_the_database_starts() -> None:
     r = Recorder(fail="check_cold")
     with pytest.raises(RuntimeError):
