@@ -40,6 +40,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
 
     as_of(args, settings)
     async with open_repo(settings) as repo:
+        encrypted = repo.store.sealing is not None
         dirs = await repo.snapshot_dirs()
         rows: list[dict[str, Any]] = []
         for sid, committed in dirs.items():
@@ -70,7 +71,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
                     "config_secrets": s.config_secrets,
                 }
             )
-    summary = {"snapshots": rows}
+    summary: dict[str, Any] = {"snapshots": rows, "encrypted": encrypted}
     if args.check_age:
         return _check_age(args.check_age, [r for r in rows if r["committed"]], summary)
     fs = cfg.format_size
@@ -90,6 +91,11 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
             f"  {r['immich_version'] or '-':<10} {(r['postgres_version'] or '-').split(' ')[0]:<8}{flag}"
         )
     print(f"{len([r for r in rows if r['committed']])} snapshots")
+    print(
+        "repository encrypted (age)"
+        if encrypted
+        else "repository NOT encrypted (created with --plaintext): whoever can read the bucket can read the photos"
+    )
     return Outcome(0, summary)
 
 

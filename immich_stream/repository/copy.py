@@ -393,7 +393,7 @@ async def copy_snapshots(
             raise RepoError(f"no snapshots in {src.where()} to copy: run `backup` first")
         lock = LockSpec("copy", exclusive=False, wait=settings.lock_wait)
         create = new_snapshot_id() if how == NEW else None  # created with its own keys
-        async with open_locked(dst_settings, lock, create_for=create) as (dst, dst_lock):
+        async with open_locked(dst_settings, lock, create_for=create, new=True) as (dst, dst_lock):
             reseal = how in (NEW, RESEAL)
             if reseal and not dst.auth_required:
                 raise ConfigError(
