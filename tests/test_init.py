@@ -7,15 +7,15 @@ suite may back up into fresh buckets without an init each)."""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 import re
 import shlex
 import stat
-import sys
 import tomllib
 from pathlib import Path
 
-from tests.conftest import CONTAINERS, ImmichStack, S3Server, base_env, bucket_of, docker
+from tests.conftest import CONTAINERS, ImmichStack, base_env, bucket_of, running_containers
 from tests.helpers import REPO_ROOT, make_library, run_cli, tree
 from tests.iam import IamServer
 
@@ -44,8 +44,6 @@ def test_init_creates_an_encrypted_repository_and_a_config_and_refuses_a_second(
     r = run_cli("init", env=env, timeout=60)
     assert r.code == 0, r.out + r.err
     bucket = bucket_of(env)
-    import json
-
     config = json.loads(bucket.get("config.json"))
     assert config["version"] == 2 and len(config["encryption"]["recipients"]) == 2 and "auth" in config
     toml_path = Path(env["XDG_CONFIG_HOME"]) / "immich-stream" / "config.toml"
@@ -148,10 +146,7 @@ def test_the_readme_quick_start_ends_in_a_passing_drill_and_the_recovery_key_res
         r = run_cli(*args, env=env, timeout=180)
         assert r.code == 0, (command, r.out, r.err)
         outputs.append(r.out)
-    assert "rows match" in outputs[-1] or "ok" in outputs[-1].lower(), outputs[-1]
-    assert set(running := {c for c in CONTAINERS if docker("inspect", "-f", "{{.State.Running}}", c) == "true"}) == set(
-        CONTAINERS
-    ), running
+    assert running_containers() >= set(CONTAINERS)  # the backup started the stack again
 
     # A fresh host: no config file, no key file; the printed recovery identity and the S3 settings.
     recovery = tmp_path / "recovery.txt"
@@ -165,11 +160,7 @@ def test_the_readme_quick_start_ends_in_a_passing_drill_and_the_recovery_key_res
     r = run_cli("restore", "latest", "--root", "library", "--to", str(target), env=host, timeout=120)
     assert r.code == 0, r.out + r.err
     restored = tree(target)
-    assert {p: os.fsdecode(p) for p in written} and set(written) <= set(restored)
-    import hashlib
-
     for rel, digest in written.items():
-        assert hashlib.sha256(restored[rel].read_bytes()).hexdigest().encode() == digest
+        assert hashlib.sha256(restored[rel].read_bytes()).hexdigest().encode() == digest, rel
     without = run_cli("snapshots", env={**host, "IMMICH_STREAM_AGE_IDENTITY": ""}, timeout=60)
     assert without.code == 2 and "encrypted with age" in without.last_error, without.err
-    assert sys.executable

@@ -38,8 +38,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="create the repository and the config file (encrypted unless --plaintext)",
         description="Check the bucket live (doctor's S3 probes), then create what is missing: the age identity "
         "(mode 0600) and a recovery identity shown once, the repository in the bucket, the config file. "
-        "On a terminal it asks for what is not set; without one it asks nothing. Presets:\n"
-        + "\n".join(table_rows()),
+        "On a terminal it asks for what is not set; without one it asks nothing. Presets:\n" + "\n".join(table_rows()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     i.add_argument("--provider", metavar="NAME", help=f"a preset: {', '.join(BY_NAME)} (docs/providers.md)")
@@ -70,9 +69,7 @@ def _ask(question: str, default: str | None = None) -> str:
 
 def _with(settings: cfg.Settings, values: dict[str, Any], source: str, only_defaults: bool) -> cfg.Settings:
     """Settings with `values` applied (those the user set win when only_defaults)."""
-    chosen = {
-        k: v for k, v in values.items() if not only_defaults or settings.sources.get(k, "default") == "default"
-    }
+    chosen = {k: v for k, v in values.items() if not only_defaults or settings.sources.get(k, "default") == "default"}
     out = dataclasses.replace(settings, **chosen)
     out.sources = {**settings.sources, **dict.fromkeys(chosen, source)}
     return out

@@ -105,8 +105,8 @@ PROVIDERS: tuple[Provider, ...] = (
         "fr-par, nl-ams, pl-waw",
         "md5",
         True,
-        "5 MiB to 5 GiB per part, at most 1,000 parts: an object over 1,000 parts (a dump or video over ~16 GiB "
-        "at 16 MiB) needs a larger --part-size",
+        "5 MiB to 5 GiB per part, at most 1,000 parts: a file or dump over ~8 GiB (8 MiB parts) needs a "
+        "larger --part-size",
         "STANDARD; ONEZONE_IA for the library (one zone); GLACIER only with thaw_days",
     ),
 )

@@ -140,13 +140,13 @@ async def repository_exists(settings: Settings) -> bool:
         return await _has_repository(Repo(store, settings.prefix))
 
 
-async def _require_repository(repo: Repo, endpoint: str | None) -> None:
+async def _require_repository(repo: Repo, store: Store, endpoint: str | None) -> None:
     """A writer's refusal of a bucket/prefix without a repository: config.json, or (written by
     a version before it, or by a run cut before it) a snapshot directory. The bucket or the
     server may be why there is none: then that is said."""
     if await _has_repository(repo):
         return
-    reason = await why_no_repository(repo.store, endpoint)
+    reason = await why_no_repository(store, endpoint)
     if reason is not None:
         raise reason
     raise NoRepository(repo.where())
@@ -173,7 +173,7 @@ async def _open(
         repo.lock = LockPolicy.of(settings)
         store.retention_for = repo.retention_for
         if create_for is not None and not new and not settings.tuning.auto_init:
-            await _require_repository(repo, settings.endpoint_url)  # before anything is written or stopped
+            await _require_repository(repo, store, settings.endpoint_url)  # before anything is written or stopped
         if create_for is not None and repo.lock is not None:  # before anything is written or stopped
             await check_bucket(store, settings.lock_days)
         if deletes is not None and not await store.can_delete(repo.preflight_key("delete")):
