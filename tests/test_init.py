@@ -109,7 +109,8 @@ def test_commands_refuse_a_prefix_without_a_repository_before_stopping_anything(
     before = stack.started_at()
     where = f"s3://{env['S3_BUCKET']}/immich-backup"
     line = f"immich-stream: error: no repository at {where}: run `immich-stream init`, or check S3_PREFIX"
-    for args in (("backup",), ("restore", "latest", "--to", str(tmp_path / "out")), ("snapshots",)):
+    commands = [("backup",), ("restore", "latest", "--to", str(tmp_path / "out")), ("drill",), ("verify",)]
+    for args in (*commands, ("prune", "--keep-last", "1"), ("unlock",), ("key", "show")):
         r = run_cli(*args, env=env, timeout=60)
         assert r.code == NO_REPOSITORY and r.last_error == line, (args, r.code, r.err)
     assert stack.started_at() == before  # nothing was stopped
@@ -117,9 +118,9 @@ def test_commands_refuse_a_prefix_without_a_repository_before_stopping_anything(
 
 
 def quick_start() -> list[str]:
-    """The README's quick start: the lines of the block after <!-- quick-start -->."""
+    """The README's quick start: the lines of the block after <!-- quick-start ... -->."""
     text = (REPO_ROOT / "README.md").read_text()
-    block = text.split("<!-- quick-start -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    block = text.split("<!-- quick-start", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     return [ln for ln in block.splitlines() if ln.strip()]
 
 

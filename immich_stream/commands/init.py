@@ -119,10 +119,11 @@ def config_target(settings: cfg.Settings) -> Path:
     return paths[1] if os.geteuid() == 0 and "XDG_CONFIG_HOME" not in os.environ else paths[0]
 
 
-async def _probe(settings: cfg.Settings) -> list[str]:
+async def _probe(settings: cfg.Settings) -> tuple[list[str], cfg.Settings]:
     """doctor's S3 probes (reach, rights, clock, write/read/delete, multipart, checksums),
-    without keys; a FAIL other than the repository's own row refuses before anything is written."""
-    from immich_stream.checks.doctor import FAIL, Doctor
+    without keys; a FAIL other than the repository's own row refuses before anything is written.
+    A preset's sha256 checksum that this server does not verify falls back to Content-MD5."""
+    from immich_stream.checks.doctor import FAIL, OK, Doctor
 
     doc = Doctor(dataclasses.replace(settings, age_identity=None, age_recipients=()))
     await doc.s3()
@@ -131,7 +132,13 @@ async def _probe(settings: cfg.Settings) -> list[str]:
     if failed:
         c = failed[0]
         raise ConfigError(f"init: {c.name}: {c.detail}; nothing was written")
-    return [f"{c.status:<4}  {c.name}: {c.detail}" for c in rows]
+    lines = [f"{c.status:<4}  {c.name}: {c.detail}" for c in rows]
+    sha = next((c for c in rows if c.name == "server checks x-amz-checksum-sha256"), None)
+    preset = settings.sources.get("checksum", "").startswith("init --provider")
+    if preset and settings.checksum == "sha256" and sha is not None and sha.status != OK:
+        settings = _with(settings, {"checksum": "md5"}, "init (the server does not verify sha256)", False)
+        lines.append("checksum: md5 (Content-MD5), as this server does not verify x-amz-checksum-sha256")
+    return lines, settings
 
 
 def _toml(value: Any) -> str:
@@ -257,7 +264,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
         )
     target = config_target(settings)
     where = f"s3://{settings.bucket}/{settings.prefix}"
-    checks = await _probe(settings)
+    checks, settings = await _probe(settings)
     print("\n".join(["S3 checked live (doctor's probes):", *(f"  {c}" for c in checks)]), flush=True)
     created: list[str] = []
     recovery: str | None = None

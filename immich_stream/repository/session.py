@@ -89,7 +89,8 @@ async def open_repo(
 
     create_for: a run id; prove the bucket writable (a probe object named by it); a missing
     repository is refused (NoRepository) unless `new` (init, copy's destination) allows
-    creating its config.json. check=False skips the format check (unlock
+    creating its config.json (and, with check=False, a prefix without one: copy's look at its
+    destination). check=False skips the format check (unlock
     must work on whatever is there). With `lock`, it is held until the block ends (a
     command that must see it, to commit or judge others' locks, uses open_locked).
     deletes: the command's name when it needs a key that may delete (prune, unlock): a
@@ -172,7 +173,7 @@ async def _open(
         repo = Repo(store, settings.prefix, journal_interval=tuning.journal_interval, trust_bucket=tuning.trust_bucket)
         repo.lock = LockPolicy.of(settings)
         store.retention_for = repo.retention_for
-        if create_for is not None and not new and not settings.tuning.auto_init:
+        if (create_for is not None or not check) and not new and not settings.tuning.auto_init:
             await _require_repository(repo, store, settings.endpoint_url)  # before anything is written or stopped
         if create_for is not None and repo.lock is not None:  # before anything is written or stopped
             await check_bucket(store, settings.lock_days)
