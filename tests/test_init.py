@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 import stat
+import time
 import tomllib
 from pathlib import Path
 
@@ -144,7 +145,9 @@ def test_the_readme_quick_start_ends_in_a_passing_drill_and_the_recovery_key_res
     outputs = []
     for command in commands[1:]:  # the install line: this checkout is installed in the venv already
         args = [places.get(a, a) for a in shlex.split(command)[1:]]
+        t0 = time.monotonic()
         r = run_cli(*args, env=env, timeout=180)
+        print(f"quick start: {command}: exit {r.code} in {time.monotonic() - t0:.1f} s")  # seen with -s
         assert r.code == 0, (command, r.out, r.err)
         outputs.append(r.out)
     assert running_containers() >= set(CONTAINERS)  # the backup started the stack again
@@ -153,6 +156,7 @@ def test_the_readme_quick_start_ends_in_a_passing_drill_and_the_recovery_key_res
     recovery = tmp_path / "recovery.txt"
     recovery.write_text(recovery_of(outputs[0]))
     recovery.chmod(0o600)
+    (tmp_path / "fresh").mkdir()
     host = base_env(tmp_path / "fresh")
     host.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "S3_PATH_STYLE")})
     host.update({"S3_BUCKET": places["my-photos-backup"], "IMMICH_STREAM_AGE_IDENTITY": str(recovery)})
