@@ -97,7 +97,7 @@ def _main(argv: list[str] | None = None) -> int:
     pinger: Pinger | None = None
     notifier: Notifier | None = None
     try:
-        settings = cfg.load(flags=_flags(args), config_path=args.config_path)
+        settings = cfg.load(flags=_flags(args), config_path=args.config_path, missing_ok=args.command == "init")
         if getattr(args, "repo", None):
             settings = pointed_at(settings, args.repo, os.environ)
         check_args(args)

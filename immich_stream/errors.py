@@ -14,6 +14,7 @@ EXIT_UNSTABLE = 5  # snapshot committed, but a container did not stay running af
 EXIT_PRUNE_FAILED = 6  # snapshot committed, but the prune (--prune) or a copy (--copy-to) after it failed
 EXIT_PARTIAL = 7  # restore finished, but some files could not be restored (each named); the rest is in place
 EXIT_FORGED = 8  # what the repository says failed authentication: altered by someone without its key
+EXIT_NO_REPOSITORY = 9  # no repository at the bucket/prefix: `init` creates one; nothing was touched
 EXIT_THAWING = (
     75  # restore/drill/verify --no-wait: thaws of archived objects requested; run it again later (EX_TEMPFAIL)
 )
@@ -85,6 +86,16 @@ def bytes_lost(exc: BaseException) -> bool:
     if isinstance(exc, RepoError):
         return True
     return isinstance(exc, ObjectNotFound) or (isinstance(exc, StoreError) and exc.code in ("InvalidRange", "416"))
+
+
+class NoRepository(RepoError):
+    """No repository (config.json) at the bucket and prefix: refused before anything is
+    stopped or written, so a typo in S3_PREFIX never starts a new, empty repository."""
+
+    exit_code = EXIT_NO_REPOSITORY
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"no repository at {where}: run `immich-stream init`, or check S3_PREFIX")
 
 
 class ForgedError(RepoError):

@@ -398,6 +398,9 @@ def base_env(tmp: Path) -> dict[str, str]:
             "XDG_CONFIG_HOME": str(home / ".config"),
             "IMMICH_STREAM_STATE_DIR": str(tmp / "state"),
             "IMMICH_STREAM_TEST_SHORT_DURATIONS": "1",  # stall and stale tests wait seconds, not minutes
+            # backups into the suite's fresh buckets create the repository, as before `init` (the
+            # refusal and init itself: tests/test_init.py, which unset this)
+            "IMMICH_STREAM_TEST_AUTO_INIT": "1",
             "PYTHONUNBUFFERED": "1",
         }
     )

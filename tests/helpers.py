@@ -113,7 +113,11 @@ def make_settings(
     """
     from tests.conftest import KEY, SECRET
 
-    environ = dict(env) if env is not None else {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    environ = (
+        dict(env)
+        if env is not None
+        else {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "IMMICH_STREAM_TEST_AUTO_INIT": "1"}
+    )
     if endpoint is not None:
         environ["S3_ENDPOINT_URL"] = endpoint
     if bucket is not None:

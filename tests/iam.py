@@ -1,5 +1,5 @@
-"""A moto S3 server that enforces IAM, with a bucket and two keys on it: a "backup key" that
-cannot delete and a "prune key" that may (README, "Keys that cannot delete";
+"""A moto S3 server that enforces IAM, with a bucket and three keys on it: a "backup key" that
+cannot delete, a "read key" that cannot write, and a "prune key" that may (README, "Keys that cannot delete";
 the policies: docs/providers.md).
 
 moto checks every request against IAM once INITIAL_NO_AUTH_ACTION_COUNT requests have been
@@ -35,8 +35,10 @@ ROOT_KEY, ROOT_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYE
 BACKUP_ACTIONS = ["s3:PutObject", "s3:GetObject", "s3:ListBucket", "s3:AbortMultipartUpload"]
 # What prune, unlock and doctor's full check need besides.
 PRUNE_ACTIONS = [*BACKUP_ACTIONS, "s3:DeleteObject", "s3:ListBucketMultipartUploads"]
+# A key that may read and list but not write (init must refuse the bucket: tests/test_init.py).
+READ_ACTIONS = ["s3:GetObject", "s3:ListBucket"]
 
-SETUP_CALLS = 9  # the unauthenticated requests _setup makes (moto counts one per API call)
+SETUP_CALLS = 13  # the unauthenticated requests _setup makes (moto counts one per API call)
 
 
 def policy(bucket: str, actions: list[str]) -> str:
@@ -74,7 +76,7 @@ class IamServer:
         )
         try:
             wait_port(self.port)
-            self.backup_key, self.prune_key = self._setup()
+            self.backup_key, self.prune_key, self.read_key = self._setup()
         except BaseException:
             self.stop()
             raise
@@ -90,17 +92,17 @@ class IamServer:
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
         )
 
-    def _setup(self) -> tuple[dict[str, str], dict[str, str]]:
+    def _setup(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
         s3, iam = self.client("s3"), self.client("iam")
         s3.create_bucket(Bucket=self.bucket)  # 1
         keys = []
-        for user, actions in (("backup", BACKUP_ACTIONS), ("prune", PRUNE_ACTIONS)):  # 4 each
+        for user, actions in (("backup", BACKUP_ACTIONS), ("prune", PRUNE_ACTIONS), ("read", READ_ACTIONS)):  # 4 each
             iam.create_user(UserName=user)
             arn = iam.create_policy(PolicyName=user, PolicyDocument=policy(self.bucket, actions))["Policy"]["Arn"]
             iam.attach_user_policy(UserName=user, PolicyArn=arn)
             ak = iam.create_access_key(UserName=user)["AccessKey"]
             keys.append({"AWS_ACCESS_KEY_ID": ak["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": ak["SecretAccessKey"]})
-        return keys[0], keys[1]
+        return keys[0], keys[1], keys[2]
 
     def env(self, base: dict[str, str], key: dict[str, str], prefix: str) -> dict[str, str]:
         """A CLI run's environment: `base` (a test's env) on this server's bucket under

@@ -186,7 +186,7 @@ def test_snapshots_against_a_server_that_is_not_s3_says_so(tmp_path: Path, web_s
     r = run_cli("snapshots", env=snapshots_env(tmp_path, web_server, "photos"), timeout=120)
     assert r.code == 1, (r.code, r.err)
     assert "is not an S3 endpoint" in r.last_error and web_server in r.last_error, r.err
-    assert "no immich-stream repository" not in r.err
+    assert "no repository at" not in r.err
 
 
 @pytest.mark.slow
@@ -194,14 +194,14 @@ def test_snapshots_of_a_bucket_that_does_not_exist_says_so(tmp_path: Path, rclon
     r = run_cli("snapshots", env=snapshots_env(tmp_path, rclone_s3.endpoint, "no-such-bucket-22"), timeout=120)
     assert r.code == 1, (r.code, r.err)
     assert "bucket 'no-such-bucket-22' does not exist" in r.last_error, r.err
-    assert "no immich-stream repository" not in r.err
+    assert "no repository at" not in r.err
 
 
 @pytest.mark.slow
 def test_snapshots_of_an_empty_bucket_says_no_repository(tmp_path: Path, rclone_s3: S3Server) -> None:
     r = run_cli("snapshots", env=snapshots_env(tmp_path, rclone_s3.endpoint, rclone_s3.new_bucket()), timeout=120)
-    assert r.code == 1, (r.code, r.err)
-    assert "no immich-stream repository" in r.last_error, r.err
+    assert r.code == 9, (r.code, r.err)
+    assert "no repository at" in r.last_error and "run `immich-stream init`" in r.last_error, r.err
 
 
 # -- schedule's signal window ---------------------------------------------------------------------

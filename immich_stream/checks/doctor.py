@@ -320,13 +320,15 @@ class Doctor:
 
             async def repository() -> tuple[str, str]:
                 if await store.head(repo.config_key()) is None:
-                    return OK, f"no repository at {s.prefix}/ yet: the first backup creates it"
+                    if s.tuning.auto_init:  # tests: a backup creates it
+                        return OK, f"no repository at {s.prefix}/ yet: the first backup creates it"
+                    return FAIL, f"no repository at {repo.where()}: run `immich-stream init`, or check S3_PREFIX"
                 await repo.check_config(load_keys(s.age_identity, s.age_recipients), writing=True)
                 ids = await repo.snapshot_ids()
                 locks = await list_locks(repo)
                 held = "; ".join(lk.describe() for lk in locks) or "no locks"
                 newest = f", newest {ids[-1]}" if ids else ""
-                sealed = ", encrypted (age)" if repo.store.sealing is not None else ""
+                sealed = ", encrypted (age)" if repo.store.sealing is not None else ", NOT encrypted (--plaintext)"
                 return OK, f"format ok{sealed}, {len(ids)} snapshots{newest}; {held}"
 
             await self.probe("repository", repository)

@@ -19,6 +19,7 @@ from immich_stream.commands import (
     copy,
     doctor,
     drill,
+    init,
     key,
     prune,
     restore,
@@ -32,6 +33,7 @@ from immich_stream.commands.common import Command, Parser, Subparsers, common_pa
 # Each command's parser, in the order --help lists them.
 PARSERS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
     config.add_parser,
+    init.add_parser,
     backup.add_parser,
     prune.add_parser,
     unlock.add_parser,
@@ -48,6 +50,7 @@ PARSERS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
 # The commands that run on the event loop (schedule is a loop of child processes of these).
 COMMANDS: dict[str, Command] = {
     "config": config.run,
+    "init": init.run,
     "backup": backup.run,
     "snapshots": snapshots.run,
     "copy": copy.run,

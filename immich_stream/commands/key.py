@@ -15,14 +15,17 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     k = sub.add_parser(
         "key",
         parents=[common],
-        help="the age keys of an encrypted repository: show, rotate, reencrypt",
-        description="show: the recipients every object is encrypted to. rotate: a new identity (written first "
+        help="the age keys of an encrypted repository: show, export, rotate, reencrypt",
+        description="show: the recipients every object is encrypted to. export: this host's identity file "
+        "(its keys and the authentication line), to keep a copy off the machine; --paper: the same in short "
+        "groups with line numbers, to write down or print. rotate: a new identity (written first "
         "in the identity file, above the old ones, which keep opening older objects) and config.json's "
         "recipients (the identity's and IMMICH_STREAM_AGE_RECIPIENTS); --reencrypt then rewrites every "
         "object for them. reencrypt: that rewrite alone (it continues where an interrupted one stopped); "
         "afterwards the old identities can be deleted from the file.",
     )
-    k.add_argument("action", choices=("show", "rotate", "reencrypt"))
+    k.add_argument("action", choices=("show", "export", "rotate", "reencrypt"))
+    k.add_argument("--paper", action="store_true", help="export: a form to write down or print (groups of 4)")
     k.add_argument("--reencrypt", action="store_true", help="rotate: rewrite every object for the new keys")
     k.add_argument(
         "--drop-recipient",
@@ -44,6 +47,8 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> dict[str, Any]:
     from immich_stream.repository import keys
 
+    if args.action == "export":
+        return _export(settings, args.paper)
     if args.action == "show":
         report = await keys.show(settings)
     elif args.action == "rotate":
@@ -55,3 +60,44 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     print("\n".join(keys.summary_lines(report)), flush=True)
     result: dict[str, Any] = plain(report)
     return result
+
+
+def paper_lines(text: str) -> list[str]:
+    """An identity file as it goes on paper: each secret key (bech32: case does not matter, a
+    typo fails its checksum) and the authentication key (as hex) in numbered groups of 4."""
+    from immich_stream.config.keys import AUTH_LINE, auth_key
+
+    out = [
+        "immich-stream identity, paper form. To type it back: one AGE-SECRET-KEY-1 line per key, the groups",
+        "joined without spaces; then a line `# immich-stream-auth: ` followed by the hex digits of `auth`.",
+    ]
+    n = 0
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("AGE-SECRET-KEY-1"):
+            n += 1
+            body = line[len("AGE-SECRET-KEY-1") :]
+            groups = [body[i : i + 4] for i in range(0, len(body), 4)]
+            out.append(f"key {n}: AGE-SECRET-KEY-1")
+            out += [f"  {r + 1:>2}  {' '.join(groups[r * 6 : r * 6 + 6])}" for r in range((len(groups) + 5) // 6)]
+        elif line.startswith(AUTH_LINE.strip()):
+            found = auth_key(line)
+            assert found is not None
+            digits = found[0].hex()
+            groups = [digits[i : i + 4] for i in range(0, len(digits), 4)]
+            out.append("auth (# immich-stream-auth: followed by these 64 hex digits)")
+            out += [f"  {r + 1:>2}  {' '.join(groups[r * 8 : r * 8 + 8])}" for r in range(2)]
+    return out
+
+
+def _export(settings: cfg.Settings, paper: bool) -> dict[str, Any]:
+    """This host's identity file, checked (mode 0600, every key parses) before it is printed."""
+    from immich_stream.errors import ConfigError
+
+    path = settings.age_identity
+    if path is None:
+        raise ConfigError("key export: no age identity is set (IMMICH_STREAM_AGE_IDENTITY): the repository is plain")
+    cfg.read_age_keys(path, ())
+    text = path.read_text("ascii")
+    print("\n".join(paper_lines(text)) if paper else text.rstrip("\n"), flush=True)
+    return {"identity_file": str(path)}

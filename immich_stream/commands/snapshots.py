@@ -41,6 +41,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
 
     as_of(args, settings)
     async with open_repo(settings) as repo:
+        encrypted = repo.store.sealing is not None
         dirs = await repo.snapshot_dirs()
         rows: list[dict[str, Any]] = []
         for sid, committed in dirs.items():
@@ -72,7 +73,7 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
                     "excluded": s.excluded,
                 }
             )
-    summary = {"snapshots": rows}
+    summary: dict[str, Any] = {"snapshots": rows, "encrypted": encrypted}
     if args.check_age:
         return _check_age(args.check_age, [r for r in rows if r["committed"]], summary)
     fs = cfg.format_size
@@ -96,6 +97,11 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
     if newest is not None:
         job = newest["immich"].get("dump_job")
         print(f"Immich's own database dumps, at {newest['id']}: {describe(job, 'backups' in newest['excluded'])}")
+    print(
+        "repository encrypted (age)"
+        if encrypted
+        else "repository NOT encrypted (created with --plaintext): whoever can read the bucket can read the photos"
+    )
     return Outcome(0, summary)
 
 

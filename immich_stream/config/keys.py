@@ -142,8 +142,8 @@ def auth_key(text: str) -> tuple[bytes, bool] | None:
         value = line[len(AUTH_LINE.strip()) :].strip()
         ready = not value.endswith(AUTH_PENDING)
         value = value.removesuffix(AUTH_PENDING).strip()
-        try:
-            key = base64.b64decode(value, validate=True)
+        try:  # base64, or 64 hex digits (as `key export --paper` writes it down)
+            key = bytes.fromhex(value) if len(value) == 64 else base64.b64decode(value, validate=True)
         except ValueError:
             key = b""
         if len(key) != 32:

@@ -105,8 +105,11 @@ def load(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     config_path: str | None = None,
+    missing_ok: bool = False,
 ) -> Settings:
-    """Resolve every setting from all sources. Raises ConfigError with a one-line message."""
+    """Resolve every setting from all sources. Raises ConfigError with a one-line message.
+    missing_ok: a config file named (--config, IMMICH_STREAM_CONFIG) that does not exist yet
+    is no error: `init` writes it (settings.config_file names it)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     environ = os.environ if environ is None else environ
     raw: dict[str, tuple[Any, str, Path | None]] = {}  # name -> (value, source, base dir for relative paths)
@@ -120,7 +123,8 @@ def load(
     data: dict[str, Any] = {}
     if explicit:
         config_file = Path(os.path.expanduser(explicit))
-        data = _read_toml(config_file)
+        if not (missing_ok and not config_file.exists()):
+            data = _read_toml(config_file)
     else:
         for candidate in default_config_paths(environ):
             if candidate.is_file():

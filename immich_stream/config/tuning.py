@@ -1,5 +1,6 @@
 """Tuning: the knobs for tests and experts (IMMICH_STREAM_LOCK_STALE, ..._JOURNAL_INTERVAL,
-..._DOCKER_DEADLINE, ..._BOTOCORE_ONLY, ..._MIN_PART_SIZE, ..._TEST_SHORT_DURATIONS). They are
+..._DOCKER_DEADLINE, ..._BOTOCORE_ONLY, ..._MIN_PART_SIZE, ..._TEST_SHORT_DURATIONS,
+..._TEST_AUTO_INIT). They are
 not settings (no config file key, no flag, not in `immich-stream config`): load() reads them
 once from the environment and the Settings carry them down.
 """
@@ -21,6 +22,8 @@ from immich_stream.config.parse import (
 )
 from immich_stream.errors import ConfigError
 
+AUTO_INIT_ENV = "IMMICH_STREAM_TEST_AUTO_INIT"
+
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -36,6 +39,9 @@ class Tuning:
     short_durations: bool = False  # IMMICH_STREAM_TEST_SHORT_DURATIONS
     trust_bucket: bool = False  # IMMICH_STREAM_TRUST_BUCKET=1: an encrypted repository read unauthenticated
     lock_day: float | None = None  # IMMICH_STREAM_LOCK_DAY: the length of a --lock-days day (tests)
+    # IMMICH_STREAM_TEST_AUTO_INIT=1 (tests only): backup and copy create a missing repository, as
+    # versions before `init` did, so the suite's hundreds of fresh buckets need no init each
+    auto_init: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Tuning:
@@ -59,6 +65,7 @@ class Tuning:
             short_durations=environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0"),
             trust_bucket=environ.get(TRUST_BUCKET_ENV, "").strip().lower() in ("1", "true", "yes"),
             lock_day=duration("IMMICH_STREAM_LOCK_DAY", 86400, 86400, "a day of --lock-days"),
+            auto_init=environ.get(AUTO_INIT_ENV, "") not in ("", "0"),
         )
 
 

@@ -384,7 +384,7 @@ async def copy_snapshots(
         raise ConfigError(f"repository {name} is this repository ({settings.bucket}/{settings.prefix}): choose another")
     own_keys = dst_settings.age_identity != settings.age_identity  # its identity_file
     async with open_locked(settings, reader(settings, "copy")) as (src, src_lock):
-        async with open_repo(dst_settings, check=False) as probe:
+        async with open_repo(dst_settings, check=False, new=True) as probe:
             how = await prepare_destination(src, probe, own_keys)
         ids = await src.snapshot_ids()
         if which:
@@ -393,7 +393,7 @@ async def copy_snapshots(
             raise RepoError(f"no snapshots in {src.where()} to copy: run `backup` first")
         lock = LockSpec("copy", exclusive=False, wait=settings.lock_wait)
         create = new_snapshot_id() if how == NEW else None  # created with its own keys
-        async with open_locked(dst_settings, lock, create_for=create) as (dst, dst_lock):
+        async with open_locked(dst_settings, lock, create_for=create, new=True) as (dst, dst_lock):
             reseal = how in (NEW, RESEAL)
             if reseal and not dst.auth_required:
                 raise ConfigError(

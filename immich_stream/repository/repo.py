@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from immich_stream.errors import ConfigError, RepoError, StoreError
+from immich_stream.errors import ConfigError, NoRepository, RepoError, StoreError
 from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
 from immich_stream.repository.auth import (
     TRUST_ENV,
@@ -372,10 +372,7 @@ class Repo(Layout):
         not `alone` (another run holds a lock too): the set-up is left to a later run."""
         key = self.config_key()
         if await self.store.head(key) is None:
-            raise RepoError(
-                f"no immich-stream repository at s3://{self.store.bucket}/{key.rsplit('/', 1)[0] if '/' in key else ''}"
-                ": check S3_BUCKET and S3_PREFIX, or run `backup` first"
-            )
+            raise NoRepository(self.where())
         cfg = await self.read_config(keys)
         if cfg["version"] > VERSION:
             raise RepoError(

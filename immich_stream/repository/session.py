@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from immich_stream.config import Settings
-from immich_stream.errors import ConfigError, DeleteDenied, ForgedError, ImmichStreamError, RepoError
+from immich_stream.errors import ConfigError, DeleteDenied, ForgedError, ImmichStreamError, NoRepository, RepoError
 from immich_stream.repository.age import load_keys
 from immich_stream.repository.locks import RepoLock, list_locks, own_time
 from immich_stream.repository.repo import Repo
@@ -83,16 +83,19 @@ async def open_repo(
     create_for: str | None = None,
     check: bool = True,
     deletes: str | None = None,
+    new: bool = False,
 ) -> AsyncIterator[Repo]:
     """`async with open_repo(settings) as repo:` ... `repo.store` is the bucket.
 
-    create_for: a run id; prove the bucket writable (a probe object named by it) and create
-    config.json in a new repository (backup). check=False skips the format check (unlock
+    create_for: a run id; prove the bucket writable (a probe object named by it); a missing
+    repository is refused (NoRepository) unless `new` (init, copy's destination) allows
+    creating its config.json (and, with check=False, a prefix without one: copy's look at its
+    destination). check=False skips the format check (unlock
     must work on whatever is there). With `lock`, it is held until the block ends (a
     command that must see it, to commit or judge others' locks, uses open_locked).
     deletes: the command's name when it needs a key that may delete (prune, unlock): a
     key that cannot is refused (DeleteDenied) before the lock is taken or anything touched."""
-    async with _open(settings, lock, create_for, check, deletes) as (repo, _):
+    async with _open(settings, lock, create_for, check, deletes, new) as (repo, _):
         yield repo
 
 
@@ -104,10 +107,11 @@ async def open_locked(
     create_for: str | None = None,
     check: bool = True,
     deletes: str | None = None,
+    new: bool = False,
 ) -> AsyncIterator[Locked]:
     """open_repo, yielding the held lock beside the repository (`lock.ensure_held()`
     before a commit; its key and staleness for judging other runs' locks)."""
-    async with _open(settings, lock, create_for, check, deletes) as (repo, held):
+    async with _open(settings, lock, create_for, check, deletes, new) as (repo, held):
         assert held is not None
         yield Locked(repo, held)
 
@@ -117,13 +121,46 @@ async def open_reader(settings: Settings, command: str) -> AsyncIterator[tuple[R
     """A reader's open_locked (restore, verify, drill): the shared lock, or none at all in an
     --as-of view (which writes nothing; what it reads is locked versions, which no prune
     deletes within the lock window)."""
-    async with _open(settings, reader(settings, command), None, True, None) as opened:
+    async with _open(settings, reader(settings, command), None, True, None, False) as opened:
         yield opened
+
+
+async def _has_repository(repo: Repo) -> bool:
+    if await repo.store.head(repo.config_key()) is not None:
+        return True
+    async for _ in repo.store.list_objects(repo.snapshots_prefix()):
+        return True
+    return False
+
+
+async def repository_exists(settings: Settings) -> bool:
+    """Whether the bucket/prefix holds a repository (config.json, or an older version's
+    snapshots): `init` refuses to create one over it."""
+    settings.require("bucket")
+    async with Store(StoreOptions.from_settings(settings)) as store:
+        return await _has_repository(Repo(store, settings.prefix))
+
+
+async def _require_repository(repo: Repo, store: Store, endpoint: str | None) -> None:
+    """A writer's refusal of a bucket/prefix without a repository: config.json, or (written by
+    a version before it, or by a run cut before it) a snapshot directory. The bucket or the
+    server may be why there is none: then that is said."""
+    if await _has_repository(repo):
+        return
+    reason = await why_no_repository(store, endpoint)
+    if reason is not None:
+        raise reason
+    raise NoRepository(repo.where())
 
 
 @contextlib.asynccontextmanager
 async def _open(
-    settings: Settings, lock: LockSpec | None, create_for: str | None, check: bool, deletes: str | None
+    settings: Settings,
+    lock: LockSpec | None,
+    create_for: str | None,
+    check: bool,
+    deletes: str | None,
+    new: bool,
 ) -> AsyncIterator[tuple[Repo, RepoLock | None]]:
     settings.require("bucket")
     keys = load_keys(settings.age_identity, settings.age_recipients)
@@ -136,6 +173,8 @@ async def _open(
         repo = Repo(store, settings.prefix, journal_interval=tuning.journal_interval, trust_bucket=tuning.trust_bucket)
         repo.lock = LockPolicy.of(settings)
         store.retention_for = repo.retention_for
+        if (create_for is not None or not check) and not new and not settings.tuning.auto_init:
+            await _require_repository(repo, store, settings.endpoint_url)  # before anything is written or stopped
         if create_for is not None and repo.lock is not None:  # before anything is written or stopped
             await check_bucket(store, settings.lock_days)
         if deletes is not None and not await store.can_delete(repo.preflight_key("delete")):

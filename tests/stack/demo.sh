@@ -43,4 +43,9 @@ done
 export IMMICH_DIR="$demo/immich" S3_ENDPOINT_URL="http://127.0.0.1:$port" S3_BUCKET=immich-demo S3_PATH_STYLE=true
 export AWS_ACCESS_KEY_ID=demo-key AWS_SECRET_ACCESS_KEY=demo-secret
 [ $# -gt 0 ] || set -- backup
+# The demo's repository, made once (plain: the demo keeps no key to lose); later runs keep it.
+if [ "$1" != init ] && [ ! -d "$demo/s3/immich-demo/immich-backup" ]; then
+    "$VENV/bin/python" -m immich_stream init --plaintext --config "$demo/config.toml" >/dev/null
+fi
+export IMMICH_STREAM_CONFIG="$demo/config.toml"
 exec "$VENV/bin/python" -m immich_stream "$@"
