@@ -128,6 +128,11 @@ def wheels(into: Path, src: Path) -> None:
         str(into),
         str(src),
     )
+    dependency_wheels(into)
+
+
+def dependency_wheels(into: Path) -> None:
+    """immich-stream's runtime dependencies (with their extras), packed from this virtualenv."""
     todo: list[tuple[str, frozenset[str]]] = [("immich-stream", frozenset())]
     seen: set[tuple[str, frozenset[str]]] = set()
     packed = {"immich-stream"}

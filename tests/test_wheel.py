@@ -11,7 +11,6 @@ About 25 s, hence `slow` (not in scripts/check).
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import re
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from packaging.requirements import Requirement
 
 from tests.conftest import KEY, SECRET, S3Server, base_env
 from tests.helpers import REPO_ROOT, make_library
-from tests.test_image import repack
+from tests.test_image import dependency_wheels
 
 pytestmark = pytest.mark.slow
 
@@ -50,28 +49,6 @@ def source_files() -> set[str]:
         for p in root.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
-
-
-def dependency_wheels(into: Path) -> None:
-    """immich-stream's runtime dependencies (with their extras), from this virtualenv."""
-    into.mkdir()
-    todo: list[tuple[str, frozenset[str]]] = [("immich-stream", frozenset())]
-    seen: set[tuple[str, frozenset[str]]] = set()
-    packed = {"immich-stream"}
-    while todo:
-        name, extras = todo.pop()
-        if (name, extras) in seen:
-            continue
-        seen.add((name, extras))
-        dist = md.distribution(name)
-        key = re.sub(r"[-_.]+", "-", name).lower()
-        if key not in packed:
-            packed.add(key)
-            repack(dist, into)
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {"", *extras}):
-                todo.append((re.sub(r"[-_.]+", "-", req.name).lower(), frozenset(req.extras)))
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +73,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     )
     deps = work / "deps"
     try:
+        deps.mkdir()
         dependency_wheels(deps)
         out, _ = build.communicate(timeout=240)
     finally:
