@@ -44,13 +44,21 @@ fi
 # bookworm-backports has a pgvector package), PostgreSQL 17 with pgvector from trixie and 18
 # with pgvector from forky, both reached through the same apt mirror (bookworm's debootstrap
 # knows no forky: it uses sid's script, which fits any suite after trixie).
+debian_mirror() {  # the Debian mirror of this machine's apt sources (deb822 or one-line form)
+    local m
+    m=$(sed -n -e 's/^URIs:[[:space:]]*\([^[:space:]]*\/debian\)\/*$/\1/p' \
+        -e 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\{0,1\}\([^[:space:]]*\/debian\)\/*[[:space:]].*/\2/p' \
+        /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n1)
+    [ -n "$m" ] || { log "no Debian mirror in /etc/apt/sources.list(.d): debootstrap needs one"; exit 1; }
+    echo "$m"
+}
 build_base() {  # build_base MAJOR SUITE PACKAGES [DEBOOTSTRAP-SCRIPT]
     local major=$1 suite=$2 pkgs=$3 script=${4:-} base=immich-stream-test/debian-postgres:$1 rootfs started
     docker image inspect "$base" >/dev/null 2>&1 && return 0
     started=$SECONDS
     log "building $base with debootstrap $suite (about a minute)"
     rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
-    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${script:+http://deb.debian.org/debian "$script"} >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
+    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${script:+"$(debian_mirror)" "$script"} >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
         || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; exit 1; }
     # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
     rm -rf "$rootfs/var/lib/postgresql/$major" "$rootfs/etc/postgresql"
@@ -60,9 +68,11 @@ build_base() {  # build_base MAJOR SUITE PACKAGES [DEBOOTSTRAP-SCRIPT]
     rm -rf "$rootfs"
     log "built $base in $((SECONDS - started)) s"
 }
-build_base 15 bookworm postgresql-15
-build_base 17 trixie postgresql-17,postgresql-17-pgvector
-build_base 18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid
+# The three at once: on a fresh machine ~3 min one after the other (downloads and unpacking).
+build_base 15 bookworm postgresql-15 & b15=$!
+build_base 17 trixie postgresql-17,postgresql-17-pgvector & b17=$!
+build_base 18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid & b18=$!
+wait "$b15" && wait "$b17" && wait "$b18" || { log "a PostgreSQL base image could not be built (above)"; exit 1; }
 out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
 for major in 17 18; do
     out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=immich-stream-test/debian-postgres:$major" \
