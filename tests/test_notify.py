@@ -6,6 +6,7 @@ put a URL's secret into the output. (`schedule --on/--cron`: tests/unit/test_sch
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -250,3 +251,23 @@ def test_a_nightly_backups_notifications_come_after_the_stack_is_running_again(
     got = json.loads(out.read_text())
     assert json.loads(got["stdin"])["summary"]["id"] == sid
     assert "IMMICH_STREAM_WEBHOOK" not in got["env"]  # a receiver's URL is not the hook's business
+
+
+@pytest.mark.slow
+def test_a_receivers_user_and_password_are_sent_as_basic_auth_never_printed(s3_env: dict, receiver: Receiver) -> None:
+    """A webhook or ping URL with user:password@ (a receiver behind Basic authentication):
+    urllib took the password for a port and its thread died with a traceback quoting it
+    ("nonnumeric port: 'leak7@127.0.0.1:...'"), and nothing was delivered."""
+    r = run_cli(
+        "unlock",
+        "--webhook", f"http://hook%40user:leak7@{receiver.url}/w",
+        "--ping", f"http://pinger:leak8@{receiver.url}/p",
+        env=s3_env,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert "leak" not in r.err + r.out and "Traceback" not in r.err
+    [hooked] = receiver.at("/w")
+    assert hooked.json()["command"] == "unlock"
+    assert hooked.headers["Authorization"] == "Basic " + base64.b64encode(b"hook@user:leak7").decode()
+    pinged = receiver.at("/p")  # the end's POST (the start is a GET this receiver refuses)
+    assert pinged and pinged[-1].headers["Authorization"] == "Basic " + base64.b64encode(b"pinger:leak8").decode()
