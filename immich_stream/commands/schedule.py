@@ -126,6 +126,12 @@ def parse_cron(text: str) -> When:
         at: dt.datetime = croniter(expr, now).get_next(dt.datetime)
         return at
 
+    try:  # valid field by field, yet no date has it (Feb 30): now, not an internal error at 03:00
+        next_after(dt.datetime.now().astimezone())
+    except Exception:  # croniter's CroniterBadDateError, the search it gives up
+        raise ConfigError(
+            f"--cron {text!r} never comes: no date matches its day and month (February 30?); fix the day or month"
+        ) from None
     return next_after
 
 
