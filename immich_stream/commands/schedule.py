@@ -70,12 +70,29 @@ def check(args: argparse.Namespace) -> None:
     try:
         build_parser().parse_args(command)
     except UsageError as exc:
-        raise ConfigError(f"schedule -- {' '.join(command)}: {exc}; see `immich-stream {command[0]} --help`") from None
+        raise ConfigError(f"schedule -- {shown(command)}: {exc}; see `immich-stream {command[0]} --help`") from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Not async like the other commands: a loop of child processes."""
     return run_schedule(when(args), _command(args), args.run_now)
+
+
+# Flags whose value is a credential (a receiver's URL): never in schedule's log or errors.
+SECRET_FLAGS = ("--notify", "--webhook", "--ping")
+
+
+def shown(command: list[str]) -> str:
+    """The command line to log, each receiver URL (--notify URL, --webhook=URL) as `***`."""
+    words: list[str] = []
+    for word in command:
+        flag, eq, _ = word.partition("=")
+        if words and words[-1] in SECRET_FLAGS:
+            word = "***"
+        elif eq and flag in SECRET_FLAGS:
+            word = f"{flag}=***"
+        words.append(word)
+    return " ".join(words)
 
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -189,7 +206,7 @@ def run_schedule(times: list[dt.time] | When, command: list[str], run_now: bool 
         while not stop.is_set():
             if not first:
                 at = upcoming(dt.datetime.now().astimezone())
-                log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), " ".join(command))
+                log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), shown(command))
                 # wait in short steps: a suspended host or a clock change must not skip a day
                 while not stop.is_set() and dt.datetime.now().astimezone() < at:
                     stop.wait(min(60.0, max(0.1, (at - dt.datetime.now().astimezone()).total_seconds())))

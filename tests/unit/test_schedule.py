@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from immich_stream.commands.schedule import next_run, parse_cron, parse_days, parse_times
+from immich_stream.commands.schedule import next_run, parse_cron, parse_days, parse_times, shown
 
 
 def test_schedule_takes_weekdays_and_cron_expressions() -> None:
@@ -17,3 +17,8 @@ def test_schedule_takes_weekdays_and_cron_expressions() -> None:
     assert parse_cron("30 3 * * 1-5")(friday_4am) == dt.datetime(2024, 5, 6, 3, 30, tzinfo=tz)
     assert parse_cron("0 */6 * * *")(friday_4am) == dt.datetime(2024, 5, 3, 6, 0, tzinfo=tz)
     assert parse_cron("@daily")(friday_4am) == dt.datetime(2024, 5, 4, 0, 0, tzinfo=tz)
+
+
+def test_schedule_logs_its_command_without_the_receivers_urls() -> None:
+    command = ["backup", "--notify", "tgram://tok/chat", "--webhook=https://h/tok", "--ping", "https://hc/uuid", "-v"]
+    assert shown(command) == "backup --notify *** --webhook=*** --ping *** -v"
