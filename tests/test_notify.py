@@ -271,3 +271,20 @@ def test_a_receivers_user_and_password_are_sent_as_basic_auth_never_printed(s3_e
     assert hooked.headers["Authorization"] == "Basic " + base64.b64encode(b"hook@user:leak7").decode()
     pinged = receiver.at("/p")  # the end's POST (the start is a GET this receiver refuses)
     assert pinged and pinged[-1].headers["Authorization"] == "Basic " + base64.b64encode(b"pinger:leak8").decode()
+
+
+@pytest.mark.slow
+def test_a_missing_hook_program_of_the_nightly_backup_does_not_stop_another_command(
+    s3_env: dict, tmp_path: Path
+) -> None:
+    """The nightly backup's hook in the environment (or config file), its program not
+    installed (a new machine, mid-recovery): other commands do not use it and must run
+    (before: `restore` and the rest refused with exit 2); backup, schedule and config say so."""
+    s3_env["IMMICH_STREAM_ON_FAILURE"] = str(tmp_path / "page-me")
+    r = run_cli("unlock", env=s3_env)
+    assert r.code == 0, r.err
+    for args in (["config"], ["schedule", "--at", "03:30", "--", "backup"]):
+        r = run_cli(*args, env=s3_env)
+        assert r.code == 2 and "on_failure (from env IMMICH_STREAM_ON_FAILURE)" in r.last_error, r.err
+    r = run_cli("unlock", "--on-failure", str(tmp_path / "page-me"), env=s3_env)  # its own flag: checked
+    assert r.code == 2 and "is not an executable file" in r.last_error
