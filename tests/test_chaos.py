@@ -774,7 +774,9 @@ def test_a_prune_that_repacks_while_a_restore_runs_waits_for_it(s3_env: dict[str
     _, s3 = kept
     restore = start_cli(
         "restore", s3, "--root", "library", "--to", str(tmp_path / "during"),
-        env=dict(s3_env, IMMICH_STREAM_LIMIT_DOWNLOAD="1"),
+        # 6 s for its 3 MiB: at 1 MiB/s (3 s) it could end before the second prune started on
+        # a loaded machine (two xdist workers): that prune then had no lock to wait for
+        env=dict(s3_env, IMMICH_STREAM_LIMIT_DOWNLOAD="0.5"),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
