@@ -69,11 +69,19 @@ def receiver() -> Iterator[Receiver]:
             if self.path.startswith("/hang"):
                 state.release.wait(60)  # never answers while the run lasts
                 return
+            if self.path.startswith("/redirect"):  # elsewhere: the same server by another name
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/landed")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             status = 500 if self.path.startswith("/500") else 200
             self.send_response(status)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"OK")
+
+        do_GET = do_POST  # a redirected POST arrives as a GET
 
         def log_message(self, *args: object) -> None:
             pass
@@ -288,3 +296,15 @@ def test_a_missing_hook_program_of_the_nightly_backup_does_not_stop_another_comm
         assert r.code == 2 and "on_failure (from env IMMICH_STREAM_ON_FAILURE)" in r.last_error, r.err
     r = run_cli("unlock", "--on-failure", str(tmp_path / "page-me"), env=s3_env)  # its own flag: checked
     assert r.code == 2 and "is not an executable file" in r.last_error
+
+
+@pytest.mark.slow
+def test_a_redirect_does_not_take_the_receivers_password_along(s3_env: dict, receiver: Receiver) -> None:
+    """The password of a webhook URL goes to its own host only: a redirect (to a host of
+    anyone's choosing) arrives without the Authorization header."""
+    r = run_cli("unlock", "--webhook", f"http://u:leak9@{receiver.url}/redirect", env=s3_env)
+    assert r.code == 0, r.err
+    [first] = receiver.at("/redirect")
+    [landed] = receiver.at("/landed")
+    assert first.headers["Authorization"] == "Basic " + base64.b64encode(b"u:leak9").decode()
+    assert "Authorization" not in landed.headers and landed.headers["Host"].startswith("localhost:")

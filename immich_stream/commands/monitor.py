@@ -180,8 +180,6 @@ def deliver(url: str, body: bytes | None, headers: dict[str, str], what: str, ti
     the URL's host only, never raised. A user:password@ in the URL is sent as Basic
     authentication (urllib would take it for a port, and its error quotes the password)."""
     target, auth = _split_credentials(url)
-    if auth:
-        headers = {**headers, "Authorization": auth}
     why = ""
     for attempt in range(PING_ATTEMPTS):
         try:
@@ -191,6 +189,8 @@ def deliver(url: str, body: bytes | None, headers: dict[str, str], what: str, ti
                 headers={"User-Agent": f"immich-stream/{__version__}", **headers},
                 method="POST" if body is not None else "GET",
             )
+            if auth:  # not passed on to wherever a redirect points
+                req.add_unredirected_header("Authorization", auth)
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 resp.read()
             return True
