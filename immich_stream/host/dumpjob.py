@@ -92,7 +92,7 @@ def describe(info: dict[str, Any] | None, excluded: bool = False) -> str:
     if excluded:
         advice = f"left out of the snapshots (--exclude {FOLDER}): each snapshot's own dump holds the same database"
     elif files:
-        advice = f"uploaded with the library; `--exclude {FOLDER}` leaves them out (each snapshot's dump is a superset)"
+        advice = f"uploaded with the library; `--exclude {FOLDER}` leaves them out (each snapshot's own dump holds the same database)"
     else:
         advice = "nothing of it to upload"
     return f"{state}; {held}; {advice}"
