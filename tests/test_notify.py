@@ -287,11 +287,12 @@ def test_a_missing_hook_program_of_the_nightly_backup_does_not_stop_another_comm
 ) -> None:
     """The nightly backup's hook in the environment (or config file), its program not
     installed (a new machine, mid-recovery): other commands do not use it and must run
-    (before: `restore` and the rest refused with exit 2); backup, schedule and config say so."""
+    (before: `restore` and the rest refused with exit 2); backup, schedule, doctor and config
+    say so."""
     s3_env["IMMICH_STREAM_ON_FAILURE"] = str(tmp_path / "page-me")
     r = run_cli("unlock", env=s3_env)
     assert r.code == 0, r.err
-    for args in (["config"], ["schedule", "--at", "03:30", "--", "backup"]):
+    for args in (["config"], ["doctor"], ["schedule", "--at", "03:30", "--", "backup"]):
         r = run_cli(*args, env=s3_env)
         assert r.code == 2 and "on_failure (from env IMMICH_STREAM_ON_FAILURE)" in r.last_error, r.err
     r = run_cli("unlock", "--on-failure", str(tmp_path / "page-me"), env=s3_env)  # its own flag: checked
