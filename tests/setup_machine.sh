@@ -2,7 +2,8 @@
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
 #   - Debian packages docker.io, debootstrap, restic, age and Debian's Python tools (when missing)
 #   - dockerd running (when not answering)
-#   - the local PostgreSQL test images, 15 and 17 with pgvector (built once, then cached by tag)
+#   - the local PostgreSQL test images: 15 (the suite's), 17 and 18 with pgvector (test_real_schema's;
+#     one that cannot be built fails only those tests), built once, then cached by tag
 # Fast on the second run: every step checks before it acts.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,20 +52,27 @@ build_base() {  # build_base MAJOR SUITE PACKAGES [DEBOOTSTRAP-SCRIPT]
     log "building $base with debootstrap $suite (about a minute)"
     rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
     debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${script:+http://deb.debian.org/debian "$script"} >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
-        || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; exit 1; }
+        || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; return 1; }
     # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
     rm -rf "$rootfs/var/lib/postgresql/$major" "$rootfs/etc/postgresql"
     tar -C "$rootfs" -c . | docker import \
         -c "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-        - "$base" >/dev/null
+        - "$base" >/dev/null || { rm -rf "$rootfs"; log "docker import of $base failed"; return 1; }
     rm -rf "$rootfs"
     log "built $base in $((SECONDS - started)) s"
 }
-build_base 15 bookworm postgresql-15
-build_base 17 trixie postgresql-17,postgresql-17-pgvector
-build_base 18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid
+build_base 15 bookworm postgresql-15 || exit 1
+# 17 and 18 come from Debian's trixie and forky (testing, a moving suite): a package that is
+# not there today must not stop the whole suite, only test_real_schema's cases of that major
+# (they fail naming the missing image); the next run tries again.
+for spec in "17 trixie postgresql-17,postgresql-17-pgvector" \
+    "18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid"; do
+    # shellcheck disable=SC2086  # the words of spec are build_base's arguments
+    build_base $spec || log "WARNING: no PostgreSQL ${spec%% *} test image: only tests/test_real_schema.py's ${spec%% *} cases will fail"
+done
 out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
 for major in 17 18; do
+    docker image inspect "immich-stream-test/debian-postgres:$major" >/dev/null 2>&1 || continue
     out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=immich-stream-test/debian-postgres:$major" \
         -t "immich-stream-test/postgres:$major-pgvector" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
 done
