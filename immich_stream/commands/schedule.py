@@ -96,6 +96,7 @@ def shown(command: list[str]) -> str:
 
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+FULL_NAMES = {d[:3]: d for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")}
 When = Callable[[dt.datetime], dt.datetime]  # now -> the next run after it
 
 
@@ -118,7 +119,12 @@ def parse_days(texts: list[str]) -> frozenset[int]:
     for text in texts:
         for part in text.lower().replace(" ", "").split(","):
             ends = part.split("-")
-            if not part or len(ends) > 2 or any(e[:3] not in WEEKDAYS or len(e) < 3 for e in ends):
+            # a day's first three letters, up to its whole name ("thurs"): "monkey" or "sunny" is no day
+            if (
+                not part
+                or len(ends) > 2
+                or any(e[:3] not in WEEKDAYS or not FULL_NAMES[e[:3]].startswith(e) or len(e) < 3 for e in ends)
+            ):
                 raise ConfigError(
                     f"--on {text!r} is not a list of weekdays: write them as mon-fri, sat,sun or mon,wed,fri"
                 )
