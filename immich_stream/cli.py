@@ -98,6 +98,9 @@ def _main(argv: list[str] | None = None) -> int:
     notifier: Notifier | None = None
     try:
         settings = cfg.load(flags=_flags(args), config_path=args.config_path, missing_ok=args.command == "init")
+        # schedule runs the backup that uses them, doctor checks what it needs, config shows them
+        every = args.command in ("config", "doctor", "schedule")
+        cfg.validate_notifiers(settings, [n for n in NOTIFIERS if every or _monitored(settings, n, args.command)])
         if getattr(args, "repo", None):
             settings = pointed_at(settings, args.repo, os.environ)
         check_args(args)

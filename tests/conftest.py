@@ -408,7 +408,7 @@ def base_env(tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def s3_env(tmp_path: Path, rclone_s3: S3Server) -> dict[str, str]:
+def s3_env(request: pytest.FixtureRequest, tmp_path: Path, rclone_s3: S3Server) -> dict[str, str]:
     """Settings for a backup to a fresh bucket on the rclone server (no stack)."""
     env = base_env(tmp_path)
     env.update(
@@ -421,6 +421,11 @@ def s3_env(tmp_path: Path, rclone_s3: S3Server) -> dict[str, str]:
             "IMMICH_STREAM_RETRIES": "3",
         }
     )
+    if request.node.get_closest_marker("docker") is None:
+        # No Docker engine: these tests run beside the Docker tests (tests/run.sh's second
+        # xdist worker), and a doctor that reached the shared test stack would list it and
+        # run psql in its database while a Docker test stops or restores it.
+        env["DOCKER_HOST"] = f"unix://{tmp_path}/no-docker-for-s3-only-tests.sock"
     return env
 
 

@@ -2,7 +2,8 @@
 # Makes a fresh Debian 12 machine ready for the test suite, idempotently:
 #   - Debian packages docker.io, debootstrap, restic, age and Debian's Python tools (when missing)
 #   - dockerd running (when not answering)
-#   - the local PostgreSQL test images, 15 and 17 with pgvector (built once, then cached by tag)
+#   - the local PostgreSQL test images: 15 (the suite's), 17 and 18 with pgvector (test_real_schema's;
+#     one that cannot be built fails only those tests), built once, then cached by tag
 # Fast on the second run: every step checks before it acts.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,22 +60,28 @@ build_base() {  # build_base MAJOR SUITE PACKAGES [DEBOOTSTRAP-SCRIPT]
     log "building $base with debootstrap $suite (about a minute)"
     rootfs=$(mktemp -d /var/tmp/immich-stream-pg.XXXXXX)
     debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${script:+"$(debian_mirror)" "$script"} >"/var/log/immich-stream-debootstrap-$major.log" 2>&1 \
-        || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; exit 1; }
+        || { rm -rf "$rootfs"; log "debootstrap failed, see /var/log/immich-stream-debootstrap-$major.log"; return 1; }
     # The Debian package's own cluster is not used; the entrypoint makes one in PGDATA.
     rm -rf "$rootfs/var/lib/postgresql/$major" "$rootfs/etc/postgresql"
     tar -C "$rootfs" -c . | docker import \
         -c "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-        - "$base" >/dev/null
+        - "$base" >/dev/null || { rm -rf "$rootfs"; log "docker import of $base failed"; return 1; }
     rm -rf "$rootfs"
     log "built $base in $((SECONDS - started)) s"
 }
-# The three at once: on a fresh machine ~3 min one after the other (downloads and unpacking).
+# The three at once (a fresh machine took ~3 min one after the other: downloads, unpacking).
+# 17 and 18 come from Debian's trixie and forky (testing, a moving suite): a package that is
+# not there today must not stop the whole suite, only test_real_schema's cases of that major
+# (they fail naming the missing image); the next run tries again.
 build_base 15 bookworm postgresql-15 & b15=$!
 build_base 17 trixie postgresql-17,postgresql-17-pgvector & b17=$!
 build_base 18 forky postgresql-18,postgresql-18-pgvector /usr/share/debootstrap/scripts/sid & b18=$!
-wait "$b15" && wait "$b17" && wait "$b18" || { log "a PostgreSQL base image could not be built (above)"; exit 1; }
+wait "$b15" || { log "the PostgreSQL 15 test image could not be built (above)"; exit 1; }
+wait "$b17" || log "WARNING: no PostgreSQL 17 test image: only tests/test_real_schema.py's 17 cases will fail"
+wait "$b18" || log "WARNING: no PostgreSQL 18 test image: only tests/test_real_schema.py's 18 cases will fail"
 out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$IMAGE" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
 for major in 17 18; do
+    docker image inspect "immich-stream-test/debian-postgres:$major" >/dev/null 2>&1 || continue
     out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=immich-stream-test/debian-postgres:$major" \
         -t "immich-stream-test/postgres:$major-pgvector" "$here/stack" 2>&1) || { echo "$out"; exit 1; }
 done

@@ -6,6 +6,7 @@ put a URL's secret into the output. (`schedule --on/--cron`: tests/unit/test_sch
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -68,11 +69,19 @@ def receiver() -> Iterator[Receiver]:
             if self.path.startswith("/hang"):
                 state.release.wait(60)  # never answers while the run lasts
                 return
+            if self.path.startswith("/redirect"):  # elsewhere: the same server by another name
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/landed")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             status = 500 if self.path.startswith("/500") else 200
             self.send_response(status)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"OK")
+
+        do_GET = do_POST  # a redirected POST arrives as a GET
 
         def log_message(self, *args: object) -> None:
             pass
@@ -250,3 +259,53 @@ def test_a_nightly_backups_notifications_come_after_the_stack_is_running_again(
     got = json.loads(out.read_text())
     assert json.loads(got["stdin"])["summary"]["id"] == sid
     assert "IMMICH_STREAM_WEBHOOK" not in got["env"]  # a receiver's URL is not the hook's business
+
+
+@pytest.mark.slow
+def test_a_receivers_user_and_password_are_sent_as_basic_auth_never_printed(s3_env: dict, receiver: Receiver) -> None:
+    """A webhook or ping URL with user:password@ (a receiver behind Basic authentication):
+    urllib took the password for a port and its thread died with a traceback quoting it
+    ("nonnumeric port: 'leak7@127.0.0.1:...'"), and nothing was delivered."""
+    r = run_cli(
+        "unlock",
+        "--webhook", f"http://hook%40user:leak7@{receiver.url}/w",
+        "--ping", f"http://pinger:leak8@{receiver.url}/p",
+        env=s3_env,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert "leak" not in r.err + r.out and "Traceback" not in r.err
+    [hooked] = receiver.at("/w")
+    assert hooked.json()["command"] == "unlock"
+    assert hooked.headers["Authorization"] == "Basic " + base64.b64encode(b"hook@user:leak7").decode()
+    pinged = receiver.at("/p")  # the end's POST (the start is a GET this receiver refuses)
+    assert pinged and pinged[-1].headers["Authorization"] == "Basic " + base64.b64encode(b"pinger:leak8").decode()
+
+
+@pytest.mark.slow
+def test_a_missing_hook_program_of_the_nightly_backup_does_not_stop_another_command(
+    s3_env: dict, tmp_path: Path
+) -> None:
+    """The nightly backup's hook in the environment (or config file), its program not
+    installed (a new machine, mid-recovery): other commands do not use it and must run
+    (before: `restore` and the rest refused with exit 2); backup, schedule, doctor and config
+    say so."""
+    s3_env["IMMICH_STREAM_ON_FAILURE"] = str(tmp_path / "page-me")
+    r = run_cli("unlock", env=s3_env)
+    assert r.code == 0, r.err
+    for args in (["config"], ["doctor"], ["schedule", "--at", "03:30", "--", "backup"]):
+        r = run_cli(*args, env=s3_env)
+        assert r.code == 2 and "on_failure (from env IMMICH_STREAM_ON_FAILURE)" in r.last_error, r.err
+    r = run_cli("unlock", "--on-failure", str(tmp_path / "page-me"), env=s3_env)  # its own flag: checked
+    assert r.code == 2 and "is not an executable file" in r.last_error
+
+
+@pytest.mark.slow
+def test_a_redirect_does_not_take_the_receivers_password_along(s3_env: dict, receiver: Receiver) -> None:
+    """The password of a webhook URL goes to its own host only: a redirect (to a host of
+    anyone's choosing) arrives without the Authorization header."""
+    r = run_cli("unlock", "--webhook", f"http://u:leak9@{receiver.url}/redirect", env=s3_env)
+    assert r.code == 0, r.err
+    [first] = receiver.at("/redirect")
+    [landed] = receiver.at("/landed")
+    assert first.headers["Authorization"] == "Basic " + base64.b64encode(b"u:leak9").decode()
+    assert "Authorization" not in landed.headers and landed.headers["Host"].startswith("localhost:")

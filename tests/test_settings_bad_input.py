@@ -38,6 +38,14 @@ def assert_one_line_exit_2(r: Any, *needles: str) -> None:
         (["config"], '[monitor]\non_failure = "mail -s x root < report.txt"\n', ["on_failure", "without a shell"]),
         (["schedule", "--cron", "61 3 * * *", "--", "backup"], None, ["--cron '61 3 * * *' is not a cron expression"]),
         (["schedule", "--at", "03:30", "--on", "funday", "--", "backup"], None, ["--on 'funday' is not a list"]),
+        # a typo after a receiver's URL: the error quotes the command line, but not the URL
+        (
+            ["schedule", "--at", "03:30", "--", "backup", "--webhook", "https://h/secret-uuid", "--bogus"],
+            None,
+            ["schedule -- backup --webhook *** --bogus"],
+        ),
+        # valid field by field, but never a date: was "internal error CroniterBadDateError", exit 1
+        (["schedule", "--cron", "0 3 31 2 *", "--", "backup"], None, ["--cron '0 3 31 2 *' never comes"]),
     ],
 )
 def test_bad_settings_through_the_cli_one_line_exit_2(

@@ -6,9 +6,11 @@ be written is logged, and the command's own exit code stands.
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import datetime as dt
+import http.client
 import logging
 import os
 import re
@@ -175,16 +177,20 @@ class Pinger:
 
 def deliver(url: str, body: bytes | None, headers: dict[str, str], what: str, timeout: float = PING_TIMEOUT) -> bool:
     """Deliver one request (GET, or POST with a body), retried once; failing is logged with
-    the URL's host only, never raised."""
-    req = urllib.request.Request(
-        url,
-        data=body,
-        headers={"User-Agent": f"immich-stream/{__version__}", **headers},
-        method="POST" if body is not None else "GET",
-    )
+    the URL's host only, never raised. A user:password@ in the URL is sent as Basic
+    authentication (urllib would take it for a port, and its error quotes the password)."""
+    target, auth = _split_credentials(url)
     why = ""
     for attempt in range(PING_ATTEMPTS):
         try:
+            req = urllib.request.Request(
+                target,
+                data=body,
+                headers={"User-Agent": f"immich-stream/{__version__}", **headers},
+                method="POST" if body is not None else "GET",
+            )
+            if auth:  # not passed on to wherever a redirect points
+                req.add_unredirected_header("Authorization", auth)
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 resp.read()
             return True
@@ -192,12 +198,26 @@ def deliver(url: str, body: bytes | None, headers: dict[str, str], what: str, ti
             why = f"HTTP {exc.code}"
             if exc.code < 500:
                 break  # a wrong URL does not become right by asking again
-        except (OSError, ValueError) as exc:  # refused, timed out, DNS, a malformed URL
-            why = str(getattr(exc, "reason", exc)) or type(exc).__name__
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, DNS, a bad answer
+            # the reason of a malformed URL may quote the URL: only its type is told then
+            reason = getattr(exc, "reason", exc)
+            why = type(exc).__name__ if isinstance(reason, (ValueError, http.client.InvalidURL)) else str(reason)
+            why = why or type(exc).__name__
         if attempt + 1 < PING_ATTEMPTS:
             time.sleep(1.0)
     log.warning("%s to %s failed (%s): the run itself is not affected", what, _redact(url), why)
     return False
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """(the URL without user:password@, its Basic Authorization header or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(pair).decode()
 
 
 # -- Prometheus textfile (node_exporter's textfile collector) ------------------------------

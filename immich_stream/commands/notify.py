@@ -44,6 +44,9 @@ class _ReasonCapture(logging.Handler):
 
     def __init__(self, url: str) -> None:
         super().__init__(logging.WARNING)
+        # Apprise's logger is shared: the start's thread may still be sending when the end's
+        # begins; a warning about another URL (with that URL's secrets) is not this one's
+        self.thread = threading.get_ident()
         parts = urllib.parse.urlsplit(url)
         words = [url, parts.netloc, parts.path, parts.query, parts.username or "", parts.password or ""]
         words += [w for w in parts.path.split("/") if w] + [v for _, v in urllib.parse.parse_qsl(parts.query)]
@@ -51,6 +54,8 @@ class _ReasonCapture(logging.Handler):
         self.last = ""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
         try:
             text = record.getMessage()
         except Exception:  # pragma: no cover - a foreign library's bad format string

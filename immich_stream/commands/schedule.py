@@ -70,7 +70,7 @@ def check(args: argparse.Namespace) -> None:
     try:
         build_parser().parse_args(command)
     except UsageError as exc:
-        raise ConfigError(f"schedule -- {' '.join(command)}: {exc}; see `immich-stream {command[0]} --help`") from None
+        raise ConfigError(f"schedule -- {shown(command)}: {exc}; see `immich-stream {command[0]} --help`") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +78,25 @@ def run(args: argparse.Namespace) -> int:
     return run_schedule(when(args), _command(args), args.run_now)
 
 
+# Flags whose value is a credential (a receiver's URL): never in schedule's log or errors.
+SECRET_FLAGS = ("--notify", "--webhook", "--ping")
+
+
+def shown(command: list[str]) -> str:
+    """The command line to log, each receiver URL (--notify URL, --webhook=URL) as `***`."""
+    words: list[str] = []
+    for word in command:
+        flag, eq, _ = word.partition("=")
+        if words and words[-1] in SECRET_FLAGS:
+            word = "***"
+        elif eq and flag in SECRET_FLAGS:
+            word = f"{flag}=***"
+        words.append(word)
+    return " ".join(words)
+
+
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+FULL_NAMES = {d[:3]: d for d in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")}
 When = Callable[[dt.datetime], dt.datetime]  # now -> the next run after it
 
 
@@ -101,7 +119,12 @@ def parse_days(texts: list[str]) -> frozenset[int]:
     for text in texts:
         for part in text.lower().replace(" ", "").split(","):
             ends = part.split("-")
-            if not part or len(ends) > 2 or any(e[:3] not in WEEKDAYS or len(e) < 3 for e in ends):
+            # a day's first three letters, up to its whole name ("thurs"): "monkey" or "sunny" is no day
+            if (
+                not part
+                or len(ends) > 2
+                or any(e[:3] not in WEEKDAYS or not FULL_NAMES[e[:3]].startswith(e) or len(e) < 3 for e in ends)
+            ):
                 raise ConfigError(
                     f"--on {text!r} is not a list of weekdays: write them as mon-fri, sat,sun or mon,wed,fri"
                 )
@@ -126,6 +149,12 @@ def parse_cron(text: str) -> When:
         at: dt.datetime = croniter(expr, now).get_next(dt.datetime)
         return at
 
+    try:  # valid field by field, yet no date has it (Feb 30): now, not an internal error at 03:00
+        next_after(dt.datetime.now().astimezone())
+    except Exception:  # croniter's CroniterBadDateError, the search it gives up
+        raise ConfigError(
+            f"--cron {text!r} never comes: no date matches its day and month (February 30?); fix the day or month"
+        ) from None
     return next_after
 
 
@@ -183,7 +212,7 @@ def run_schedule(times: list[dt.time] | When, command: list[str], run_now: bool 
         while not stop.is_set():
             if not first:
                 at = upcoming(dt.datetime.now().astimezone())
-                log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), " ".join(command))
+                log.info("next run at %s: immich-stream %s", at.strftime("%Y-%m-%d %H:%M %Z"), shown(command))
                 # wait in short steps: a suspended host or a clock change must not skip a day
                 while not stop.is_set() and dt.datetime.now().astimezone() < at:
                     stop.wait(min(60.0, max(0.1, (at - dt.datetime.now().astimezone()).total_seconds())))

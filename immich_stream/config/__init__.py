@@ -79,6 +79,7 @@ from immich_stream.config.resolve import (
     describe,
     load,
     storage_class_for,
+    validate_notifiers,
 )
 from immich_stream.config.settings import SECTIONS, SETTINGS, SPECS, TOML_KEYS, Settings, Spec, setting
 from immich_stream.config.tuning import Tuning, env_duration, min_part_size
@@ -160,4 +161,5 @@ __all__ = [
     "read_sse_c_key",
     "setting",
     "storage_class_for",
+    "validate_notifiers",
 ]

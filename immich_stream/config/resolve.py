@@ -12,7 +12,7 @@ import shlex
 import shutil
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +263,6 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         read_sse_c_key(s.sse_c_key_file, s.sources["sse_c_key_file"])
     for name in s.copy_to:  # a typo must not be found after the night's backup
         credentials(target(s, name, "copy_to"), environ)  # only one of its two variables set
-    _validate_notifiers(s)
     if s.metrics_file is not None:  # found out at the end of a night's backup would be too late
         where = s.sources["metrics_file"]
         if s.metrics_file.is_dir():
@@ -277,10 +276,12 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
             )
 
 
-def _validate_notifiers(s: Settings) -> None:
+def validate_notifiers(s: Settings, names: Collection[str]) -> None:
     """--notify needs Apprise and URLs it knows; a hook's program must exist: found out at
-    the end of a night's backup would be too late. No message echoes a URL (a credential)."""
-    if s.notify:
+    the end of a night's backup would be too late. No message echoes a URL (a credential).
+    Only `names`, those the command will use (cli.py): a restore on a new machine must not
+    refuse over the nightly backup's hook or a missing Apprise."""
+    if s.notify and "notify" in names:
         from immich_stream.config.notify import unknown_apprise_urls
 
         where = s.sources["notify"]
@@ -295,7 +296,7 @@ def _validate_notifiers(s: Settings) -> None:
             )
     for name in ("on_success", "on_failure"):
         text = getattr(s, name)
-        if text is None:
+        if text is None or name not in names:
             continue
         program = shlex.split(text)[0]
         found = shutil.which(program)

@@ -76,14 +76,19 @@ async def dump_job(
 
 def describe(info: dict[str, Any] | None, excluded: bool = False) -> str:
     """One line: whether the job is on, what it left in backups/, and what to do about it."""
-    if not info:
+    if not isinstance(info, dict) or not info:  # snapshot.json is read back: any shape
         return "not recorded"
     enabled = info.get("enabled")
-    state = {True: "on", False: "off", None: "setting not known"}[enabled]
-    if enabled:
+    state = (
+        {True: "on", False: "off"}.get(enabled, "setting not known")
+        if isinstance(enabled, bool)
+        else "setting not known"
+    )
+    if enabled is True:
         state += f" ({info.get('cron')}, keeps {info.get('keep')})"
-    files = int(info.get("files") or 0)
-    size = int(info.get("bytes") or 0)
+    files, size = (
+        v if isinstance(v, int) and not isinstance(v, bool) else 0 for v in (info.get("files"), info.get("bytes"))
+    )
     held = (
         f"{files} file{'' if files == 1 else 's'} in {FOLDER}/ ({format_size(size)})"
         if files
@@ -92,7 +97,7 @@ def describe(info: dict[str, Any] | None, excluded: bool = False) -> str:
     if excluded:
         advice = f"left out of the snapshots (--exclude {FOLDER}): each snapshot's own dump holds the same database"
     elif files:
-        advice = f"uploaded with the library; `--exclude {FOLDER}` leaves them out (each snapshot's dump is a superset)"
+        advice = f"uploaded with the library; `--exclude {FOLDER}` leaves them out (each snapshot's own dump holds the same database)"
     else:
         advice = "nothing of it to upload"
     return f"{state}; {held}; {advice}"

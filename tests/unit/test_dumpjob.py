@@ -28,3 +28,11 @@ def test_describe_says_whether_it_is_on_and_what_to_do() -> None:
     assert describe(dict(on, enabled=False, files=0)).startswith("off; no dumps in backups/")
     assert describe({"enabled": None, "files": 0}).startswith("setting not known; ")  # not an Immich schema
     assert describe(None) == "not recorded"  # a snapshot from before 0.4
+
+
+def test_describe_takes_a_recorded_dump_job_of_any_shape() -> None:
+    """snapshots reads it back from snapshot.json (another version's, or a hand-edited one):
+    a value of the wrong type is "not known", never an internal error that hides every snapshot."""
+    assert describe({"enabled": "yes", "files": "3", "bytes": None}).startswith("setting not known; no dumps")
+    assert describe(["on"]) == "not recorded"  # type: ignore[arg-type]
+    assert describe({"enabled": True, "files": 2.5, "bytes": "x"}).startswith("on (None, keeps None); no dumps")

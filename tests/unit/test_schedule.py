@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from immich_stream.commands.schedule import next_run, parse_cron, parse_days, parse_times
+import pytest
+
+from immich_stream.commands.schedule import next_run, parse_cron, parse_days, parse_times, shown
+from immich_stream.errors import ConfigError
 
 
 def test_schedule_takes_weekdays_and_cron_expressions() -> None:
@@ -17,3 +20,15 @@ def test_schedule_takes_weekdays_and_cron_expressions() -> None:
     assert parse_cron("30 3 * * 1-5")(friday_4am) == dt.datetime(2024, 5, 6, 3, 30, tzinfo=tz)
     assert parse_cron("0 */6 * * *")(friday_4am) == dt.datetime(2024, 5, 3, 6, 0, tzinfo=tz)
     assert parse_cron("@daily")(friday_4am) == dt.datetime(2024, 5, 4, 0, 0, tzinfo=tz)
+
+
+def test_schedule_logs_its_command_without_the_receivers_urls() -> None:
+    command = ["backup", "--notify", "tgram://tok/chat", "--webhook=https://h/tok", "--ping", "https://hc/uuid", "-v"]
+    assert shown(command) == "backup --notify *** --webhook=*** --ping *** -v"
+
+
+def test_weekdays_are_names_not_prefixes() -> None:
+    assert parse_days(["Monday-Wednesday", "thurs", "sat"]) == {0, 1, 2, 3, 5}
+    for bad in ("monkey", "sunny", "fridays", "wed-fryday"):  # before: taken as mon, sun, fri, wed-fri
+        with pytest.raises(ConfigError, match="is not a list of weekdays"):
+            parse_days([bad])
