@@ -272,6 +272,9 @@ Spec = tuple[bytes, list[bytes], list[bytes], list[bytes], bool]
 _RUNNABLE = os.path.isfile(__file__)  # this file can be run by the interpreter (not in a zip)
 
 
+REAP_TIMEOUT = 5.0  # seconds a killed walk process is waited for
+
+
 class _NoProcess(Exception):
     """The walker's process could not be started: walk in a thread."""
 
@@ -311,10 +314,19 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         # what is left in the pipe is read to its end: wait() returns only once the pipe
-        # is closed, and a paused reader would never see that
-        while await proc.stdout.read(1 << 20):
-            pass
-        await proc.wait()
+        # is closed, and a paused reader would never see that. Bounded: a process stuck in
+        # a hung disk or network filesystem (state D) ends only when that answers, and a
+        # run cancelled by the watchdog must still unwind and start the stack again.
+        try:
+            async with asyncio.timeout(REAP_TIMEOUT):
+                while await proc.stdout.read(1 << 20):
+                    pass
+                await proc.wait()
+        except TimeoutError:
+            log.warning(
+                "the walk's process %d did not end when killed (a hung disk or network filesystem?): left behind",
+                proc.pid,
+            )
 
 
 def _child(spec_hex: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,27 @@ async def test_leaving_a_walk_early_ends_its_process(tmp_path: Path) -> None:
     assert children, "the walk runs in a process of its own"
     await batches.aclose()
     assert not set(_children()) & children, "its process is gone"
+
+
+async def test_a_walk_process_that_does_not_die_does_not_hold_up_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walker stuck in a hung NFS mount (state D) outlives SIGKILL until the mount
+    answers: a run cancelled by its watchdog must unwind anyway (and start the stack)."""
+    for i in range(3000):
+        (tmp_path / f"{i:05}").write_bytes(b"")
+    monkeypatch.setattr(walk_module, "REAP_TIMEOUT", 0.5, raising=False)
+    before = set(_children())
+    batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
+    await anext(batches)
+    [child] = set(_children()) - before
+    os.kill(child, signal.SIGSTOP)  # writes no more, never closes its pipe
+    monkeypatch.setattr(asyncio.subprocess.Process, "kill", lambda self: None)  # and SIGKILL waits
+    try:
+        await asyncio.wait_for(batches.aclose(), 10)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        await asyncio.sleep(0.3)  # reaped: its transport closes before the loop does
 
 
 def _children() -> list[int]:
