@@ -17,6 +17,7 @@ import contextlib
 import logging
 import marshal
 import os
+import signal
 import stat
 import sys
 import threading
@@ -296,6 +297,7 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
     except (OSError, ValueError):
         raise _NoProcess from None
     assert proc.stdout is not None
+    started = False
     try:
         while True:
             try:
@@ -305,7 +307,21 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
                 items = marshal.loads(await proc.stdout.readexactly(n))
             except asyncio.IncompleteReadError:
                 code = await proc.wait()
-                raise RuntimeError(f"the walk's process ended early (exit code {code})") from None
+                if not started:  # this interpreter cannot run it (-I -S): the thread walks
+                    log.debug(
+                        "the walk's process ended before its first batch (exit code %s): walking in a thread", code
+                    )
+                    raise _NoProcess from None
+                from immich_stream.errors import ImmichStreamError  # not in the walker's process: stdlib only
+
+                how = f"failed (exit code {code})"
+                if code < 0:
+                    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+                    how = f"was killed by {name} (the out-of-memory killer?)"
+                raise ImmichStreamError(
+                    f"the walk of {os.fsdecode(spec[0])} ended early: its process {how}; nothing was committed; run again"
+                ) from None
+            started = True
             if items and len(items[0]) == 1:
                 raise RuntimeError(f"the walk failed: {items[0][0]}")
             yield [_unflat(t) for t in items]

@@ -105,3 +105,31 @@ def _children() -> list[int]:
             except OSError:
                 pass
     return out
+
+
+async def test_a_walker_that_cannot_start_falls_back_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interpreter that runs but cannot run the walker (it exits before its first batch)
+    is no reason to fail the backup: the thread walks, as when no process can be started."""
+    _tree(tmp_path)
+    monkeypatch.setattr(walk_module.sys, "executable", "/bin/false")
+    entries = [e async for batch in walk_batches(os.fsencode(tmp_path), lambda p: None) for e in batch]
+    assert b"a/x.jpg" in [e.relpath for e in entries]
+
+
+async def test_a_walker_killed_midway_fails_the_run_with_one_line(tmp_path: Path) -> None:
+    """The out-of-memory killer picking the walker: the run's error names it (exit 1), not
+    an internal error to report."""
+    from immich_stream.errors import ImmichStreamError
+
+    for i in range(8000):  # more than the pipe holds: the walker is still writing when killed
+        (tmp_path / f"{i:05}{'x' * 200}").write_bytes(b"")
+    before = set(_children())
+    batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
+    await anext(batches)
+    [child] = set(_children()) - before
+    os.kill(child, signal.SIGKILL)
+    with pytest.raises(ImmichStreamError, match=r"its process was killed by SIGKILL \(the out-of-memory killer\?\)"):
+        async for _ in batches:
+            pass
