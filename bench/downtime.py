@@ -186,6 +186,7 @@ def main() -> None:
     time.sleep(1.0)
     throttle = Throttle(port, args.mib_s * MIB)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
+    env["IMMICH_STREAM_TEST_AUTO_INIT"] = "1"  # fresh buckets: backup creates the repository (no `init`)
     env.update(
         {
             "AWS_ACCESS_KEY_ID": KEY,

@@ -40,6 +40,8 @@ from immich_stream.s3.budget import ByteBudget  # noqa: E402
 
 
 async def files_stage(directory: Path, incremental: bool = False) -> tuple[RunStats, float]:
+    # a fresh bucket: the repository is created by this first run, as `backup` did before `init`
+    os.environ.setdefault("IMMICH_STREAM_TEST_AUTO_INIT", "1")
     settings = config.load()
     snap_id = new_snapshot_id()
     started = time.monotonic()

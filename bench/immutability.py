@@ -521,6 +521,7 @@ def main() -> None:
     rclone = RcloneServer(work / "s3")
     proxies = {"main": OpProxy(moto.port), "copy": OpProxy(rclone.port)}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
+    env["IMMICH_STREAM_TEST_AUTO_INIT"] = "1"  # fresh buckets: backup creates the repository (no `init`)
     env.update(
         {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
          "AWS_REGION": "us-east-1", "HOME": str(work), "XDG_CONFIG_HOME": str(work / ".config"),

@@ -483,6 +483,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="immich-stream-scale-run-", dir="/var/tmp"))
     server = Server(work / "s3")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_", "RESTIC_"))}
+    env["IMMICH_STREAM_TEST_AUTO_INIT"] = "1"  # fresh buckets: backup creates the repository (no `init`)
     env.update(
         {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
          "AWS_REGION": "us-east-1", "HOME": str(work)}

@@ -280,6 +280,7 @@ def main() -> None:
     BENCH.mkdir(parents=True, exist_ok=True)
     server = Server(args.server, work)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
+    env["IMMICH_STREAM_TEST_AUTO_INIT"] = "1"  # fresh buckets: backup creates the repository (no `init`)
     env.update(
         {
             "AWS_ACCESS_KEY_ID": KEY,

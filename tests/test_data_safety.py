@@ -92,6 +92,28 @@ def test_emptied_or_shrunk_library_is_refused_and_allow_shrink_skips_prune(
     assert running_containers() == set(CONTAINERS)
 
 
+def test_library_cut_short_in_place_is_refused_before_the_stack_stops(
+    env: dict, stack: ImmichStack, bucket: Bucket
+) -> None:
+    """Same paths, every file truncated to a byte (a failed sync, a broken copy back): the
+    file count is unchanged, the bytes are not. The check before the stop lstats every file,
+    so the stack is never stopped for it (the check at the end would refuse only after)."""
+    make_library(stack.library, photos=6, odd_names=False)
+    assert run_cli("backup", "--stop", "none", env=env).code == 0
+    [good] = bucket.snapshots()
+    for p in stack.library.rglob("*"):
+        if p.is_file() and p.name != ".immich":
+            os.truncate(p, 1)
+    before = stack.started_at()
+    r = run_cli("backup", env=env)  # --stop all: a check after the stop would come too late
+    assert r.code == 4, r.err
+    assert f"where snapshot {good} had" in r.last_error and "lost more than 50%" in r.last_error, r.last_error
+    assert "during the run" not in r.last_error  # the pre-stop check's line, not the end's
+    assert stack.started_at() == before, "the stack was stopped for a library cut short"
+    assert running_containers() == set(CONTAINERS)
+    assert bucket.snapshots(complete_only=False) == [good]
+
+
 # -- item 5: a reused object that is gone -----------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import marshal
 import os
+import signal
 import stat
 import sys
 import threading
@@ -272,6 +273,9 @@ Spec = tuple[bytes, list[bytes], list[bytes], list[bytes], bool]
 _RUNNABLE = os.path.isfile(__file__)  # this file can be run by the interpreter (not in a zip)
 
 
+REAP_TIMEOUT = 5.0  # seconds a killed walk process is waited for
+
+
 class _NoProcess(Exception):
     """The walker's process could not be started: walk in a thread."""
 
@@ -293,6 +297,7 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
     except (OSError, ValueError):
         raise _NoProcess from None
     assert proc.stdout is not None
+    started = False
     try:
         while True:
             try:
@@ -302,7 +307,21 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
                 items = marshal.loads(await proc.stdout.readexactly(n))
             except asyncio.IncompleteReadError:
                 code = await proc.wait()
-                raise RuntimeError(f"the walk's process ended early (exit code {code})") from None
+                if not started:  # this interpreter cannot run it (-I -S): the thread walks
+                    log.debug(
+                        "the walk's process ended before its first batch (exit code %s): walking in a thread", code
+                    )
+                    raise _NoProcess from None
+                from immich_stream.errors import ImmichStreamError  # not in the walker's process: stdlib only
+
+                how = f"failed (exit code {code})"
+                if code < 0:
+                    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+                    how = f"was killed by {name} (the out-of-memory killer?)"
+                raise ImmichStreamError(
+                    f"the walk of {os.fsdecode(spec[0])} ended early: its process {how}; nothing was committed; run again"
+                ) from None
+            started = True
             if items and len(items[0]) == 1:
                 raise RuntimeError(f"the walk failed: {items[0][0]}")
             yield [_unflat(t) for t in items]
@@ -311,10 +330,19 @@ async def _from_process(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem],
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         # what is left in the pipe is read to its end: wait() returns only once the pipe
-        # is closed, and a paused reader would never see that
-        while await proc.stdout.read(1 << 20):
-            pass
-        await proc.wait()
+        # is closed, and a paused reader would never see that. Bounded: a process stuck in
+        # a hung disk or network filesystem (state D) ends only when that answers, and a
+        # run cancelled by the watchdog must still unwind and start the stack again.
+        try:
+            async with asyncio.timeout(REAP_TIMEOUT):
+                while await proc.stdout.read(1 << 20):
+                    pass
+                await proc.wait()
+        except TimeoutError:
+            log.warning(
+                "the walk's process %d did not end when killed (a hung disk or network filesystem?): left behind",
+                proc.pid,
+            )
 
 
 def _child(spec_hex: str) -> None:

@@ -65,7 +65,7 @@ class Tuning:
             short_durations=environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0"),
             trust_bucket=environ.get(TRUST_BUCKET_ENV, "").strip().lower() in ("1", "true", "yes"),
             lock_day=duration("IMMICH_STREAM_LOCK_DAY", 86400, 86400, "a day of --lock-days"),
-            auto_init=environ.get(AUTO_INIT_ENV, "") not in ("", "0"),
+            auto_init=environ.get(AUTO_INIT_ENV) == "1",  # exactly: "false" or "no" must not switch it on
         )
 
 

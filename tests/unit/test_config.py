@@ -412,3 +412,13 @@ def test_good_values_still_load(tmp_path: Path) -> None:
     )
     assert (s.jobs, s.stall_timeout, s.max_memory, s.lock_wait) == (256, 30.0, 8 * 1024 * cfg.MIB, 0.0)
     assert (s.keep_within, s.stale_after, s.keep_daily) == ("1y2m3d4h", 3600.0, 7)
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no", "off", "False", " 1", "yes"])
+def test_the_test_only_auto_init_switch_takes_exactly_1(value: str) -> None:
+    """IMMICH_STREAM_TEST_AUTO_INIT=false (or no, off) in an env file must not make backup
+    create a repository at a mistyped bucket/prefix: only the suite's own "1" turns it on."""
+    from immich_stream.config.tuning import AUTO_INIT_ENV, Tuning
+
+    assert Tuning.from_env({AUTO_INIT_ENV: value}).auto_init is False
+    assert Tuning.from_env({AUTO_INIT_ENV: "1"}).auto_init is True

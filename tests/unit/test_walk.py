@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,27 @@ async def test_leaving_a_walk_early_ends_its_process(tmp_path: Path) -> None:
     assert not set(_children()) & children, "its process is gone"
 
 
+async def test_a_walk_process_that_does_not_die_does_not_hold_up_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walker stuck in a hung NFS mount (state D) outlives SIGKILL until the mount
+    answers: a run cancelled by its watchdog must unwind anyway (and start the stack)."""
+    for i in range(3000):
+        (tmp_path / f"{i:05}").write_bytes(b"")
+    monkeypatch.setattr(walk_module, "REAP_TIMEOUT", 0.5, raising=False)
+    before = set(_children())
+    batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
+    await anext(batches)
+    [child] = set(_children()) - before
+    os.kill(child, signal.SIGSTOP)  # writes no more, never closes its pipe
+    monkeypatch.setattr(asyncio.subprocess.Process, "kill", lambda self: None)  # and SIGKILL waits
+    try:
+        await asyncio.wait_for(batches.aclose(), 10)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        await asyncio.sleep(0.3)  # reaped: its transport closes before the loop does
+
+
 def _children() -> list[int]:
     me = str(os.getpid())
     out = []
@@ -82,3 +105,31 @@ def _children() -> list[int]:
             except OSError:
                 pass
     return out
+
+
+async def test_a_walker_that_cannot_start_falls_back_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interpreter that runs but cannot run the walker (it exits before its first batch)
+    is no reason to fail the backup: the thread walks, as when no process can be started."""
+    _tree(tmp_path)
+    monkeypatch.setattr(walk_module.sys, "executable", "/bin/false")
+    entries = [e async for batch in walk_batches(os.fsencode(tmp_path), lambda p: None) for e in batch]
+    assert b"a/x.jpg" in [e.relpath for e in entries]
+
+
+async def test_a_walker_killed_midway_fails_the_run_with_one_line(tmp_path: Path) -> None:
+    """The out-of-memory killer picking the walker: the run's error names it (exit 1), not
+    an internal error to report."""
+    from immich_stream.errors import ImmichStreamError
+
+    for i in range(8000):  # more than the pipe holds: the walker is still writing when killed
+        (tmp_path / f"{i:05}{'x' * 200}").write_bytes(b"")
+    before = set(_children())
+    batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
+    await anext(batches)
+    [child] = set(_children()) - before
+    os.kill(child, signal.SIGKILL)
+    with pytest.raises(ImmichStreamError, match=r"its process was killed by SIGKILL \(the out-of-memory killer\?\)"):
+        async for _ in batches:
+            pass
