@@ -4,12 +4,12 @@
 # cannot be reached: docker build --build-arg BASE=my/python:3.11 ...).
 # PIP_ARGS: extra pip options, e.g. "--no-index --find-links /src/wheels" to install offline
 # from wheels put into ./wheels first (pip wheel -w wheels .: this package and its dependencies).
-# PACKAGE: what pip installs: /src (built from the source here) or, offline, immich-stream
-# (its wheel from wheels/, nothing to build).
+# PACKAGE: what pip installs: /src[notify] (built from the source here, with Apprise for
+# --notify) or, offline, immich-stream[notify] (its wheel from wheels/, nothing to build).
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 ARG PIP_ARGS=""
-ARG PACKAGE=/src
+ARG PACKAGE=/src[notify]
 # .dockerignore lets in pyproject.toml, README.md, immich_stream/ and wheels/ only
 COPY . /src
 RUN python3 -m venv /opt/immich-stream \

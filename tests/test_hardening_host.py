@@ -216,6 +216,7 @@ def _sidecar_args(env: dict, stack: ImmichStack) -> list[str]:
         "DB_CONTAINER": "immich_postgres",
         "LIBRARY_DIR": "/data/library",
         "POSTGRES_DIR": "/data/postgres",
+        "IMMICH_STREAM_TEST_AUTO_INIT": "1",  # a fresh bucket, as the rest of the suite (init: test_image)
     }
     return [
         "--network",

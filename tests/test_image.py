@@ -128,12 +128,12 @@ def wheels(into: Path, src: Path) -> None:
         str(into),
         str(src),
     )
-    dependency_wheels(into)
+    dependency_wheels(into, frozenset({"notify"}))  # the image installs immich-stream[notify]
 
 
-def dependency_wheels(into: Path) -> None:
-    """immich-stream's runtime dependencies (with their extras), packed from this virtualenv."""
-    todo: list[tuple[str, frozenset[str]]] = [("immich-stream", frozenset())]
+def dependency_wheels(into: Path, extras: frozenset[str] = frozenset()) -> None:
+    """immich-stream's runtime dependencies (those of `extras` too), packed from this virtualenv."""
+    todo: list[tuple[str, frozenset[str]]] = [("immich-stream", extras)]
     seen: set[tuple[str, frozenset[str]]] = set()
     packed = {"immich-stream"}
     while todo:
@@ -176,7 +176,7 @@ def image(machine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
         "--build-arg",
         "PIP_ARGS=--no-index --find-links /src/wheels",
         "--build-arg",
-        "PACKAGE=immich-stream",
+        "PACKAGE=immich-stream[notify]",
         str(ctx),
         env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
     )
@@ -205,35 +205,43 @@ def test_backup_from_the_image(
         "LIBRARY_DIR": "/data/library",
         "POSTGRES_DIR": "/data/postgres",
     }
-    proc = subprocess.run(
-        [
-            "docker",
-            "run",
-            "--rm",
-            "--name",
-            name,
-            "--network",
-            "host",
-            "-v",
-            "/var/run/docker.sock:/var/run/docker.sock",
-            "-v",
-            f"{stack.dir}:/immich:ro",
-            "-v",
-            f"{stack.library}:/data/library:ro",
-            "-v",
-            f"{stack.postgres}:/data/postgres:ro",
-            "-v",  # the recovery file must outlive a --rm container (as compose.backup.yml's volume)
-            "immich-stream-test-image-state:/state",
-            *[a for k, v in settings.items() for a in ("-e", f"{k}={v}")],
-            image,
-            "backup",
-            "--exclude",
-            "thumbs",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+
+    def sidecar(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--name",
+                name,
+                "--network",
+                "host",
+                "-v",
+                "/var/run/docker.sock:/var/run/docker.sock",
+                "-v",
+                f"{stack.dir}:/immich:ro",
+                "-v",
+                f"{stack.library}:/data/library:ro",
+                "-v",
+                f"{stack.postgres}:/data/postgres:ro",
+                "-v",  # the recovery file must outlive a --rm container (as compose.backup.yml's volume)
+                "immich-stream-test-image-state:/state",
+                *[a for k, v in settings.items() for a in ("-e", f"{k}={v}")],
+                image,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+
+    # README: the sidecar's repository is created once with `init` (no terminal: it asks nothing)
+    proc = sidecar("init", "--plaintext")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the image has the notify extra: --notify is accepted (Apprise is there)
+    proc = sidecar("config", "--notify", "json://127.0.0.1:9/never-sent")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = sidecar("backup", "--exclude", "thumbs")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sid,) = bucket.snapshots()
     summary = bucket.snapshot(sid)
