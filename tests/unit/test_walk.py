@@ -60,8 +60,10 @@ async def test_the_walker_process_walks_as_the_thread_does(
 
 
 async def test_leaving_a_walk_early_ends_its_process(tmp_path: Path) -> None:
-    for i in range(3000):
-        (tmp_path / f"{i:05}").write_bytes(b"")
+    # More entries than the pipe (1 MiB) and the reader's buffers hold: the walker must still
+    # be writing when it is stopped (3,000 fit, and a fast walker had exited before SIGSTOP)
+    for i in range(40000):
+        (tmp_path / f"{i:05}").touch()
     before = set(_children())  # a session's servers may be children too
     batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
     first = await anext(batches)
@@ -77,14 +79,16 @@ async def test_a_walk_process_that_does_not_die_does_not_hold_up_the_run(
 ) -> None:
     """A walker stuck in a hung NFS mount (state D) outlives SIGKILL until the mount
     answers: a run cancelled by its watchdog must unwind anyway (and start the stack)."""
-    for i in range(3000):
-        (tmp_path / f"{i:05}").write_bytes(b"")
+    # More entries than the pipe (1 MiB) and the reader's buffers hold: the walker must still
+    # be writing when it is stopped (3,000 fit, and a fast walker had exited before SIGSTOP)
+    for i in range(40000):
+        (tmp_path / f"{i:05}").touch()
     monkeypatch.setattr(walk_module, "REAP_TIMEOUT", 0.5, raising=False)
     before = set(_children())
     batches = walk_batches(os.fsencode(tmp_path), lambda p: None)
     await anext(batches)
     [child] = set(_children()) - before
-    os.kill(child, signal.SIGSTOP)  # writes no more, never closes its pipe
+    os.kill(child, signal.SIGSTOP)  # writes no more, never closes its pipe (ProcessLookupError: it had finished)
     monkeypatch.setattr(asyncio.subprocess.Process, "kill", lambda self: None)  # and SIGKILL waits
     try:
         await asyncio.wait_for(batches.aclose(), 10)
