@@ -27,7 +27,7 @@ MAX_LINES = 720
 
 SHARED = "shared"  # errors, cleanup, problems, progress, __init__
 COMMANDS = "commands"  # cli.py, commands/, __main__.py
-OPS = ("backup", "restore", "checks")
+OPS = ("backup", "restore", "checks", "browse")
 ALLOWED: dict[str, set[str]] = {
     SHARED: {SHARED, "config"},  # progress formats sizes with config's helpers
     "config": {SHARED, "config"},
