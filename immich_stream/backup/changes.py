@@ -171,105 +171,52 @@ class WalkedLibrary:
     merged with the parent's manifest by scan_parent: a parent file the walk lacks may have
     vanished (os.lstat then decides, as for every file before), and the walk's files and
     bytes are counted for the shrink check on the way: one walk before the backup's own
-    for both, instead of a counting walk beside an lstat of every parent file.
+    for both, instead of a counting walk beside an lstat of every parent file. The walk's
+    own sizes count: a file cut short in place is seen before anything is stopped."""
 
-    `root`: given for a walk of names only (library_walk(names_only=True): no lstat per
-    file, a third of the cost): a file at a path the parent's manifest has a file at counts
-    with the size the manifest says (has_now's `size`), any other file is looked up by
-    os.lstat (a no-change night: none). The check before the backup thus sees files added
-    and removed exactly, a file's size changed in place only by the check before the
-    commit (check_shrink_at_end, from the backup's own walk). Without `root` the walk's
-    own sizes count."""
-
-    def __init__(self, batches: AsyncGenerator[list[Entry], None], root: bytes | None = None) -> None:
+    def __init__(self, batches: AsyncGenerator[list[Entry], None]) -> None:
         self._it: AsyncGenerator[list[Entry], None] | None = batches
         self._gen = batches
-        self._root = root
         self._orders: list[bytes] = []  # of the batch held
-        self._files: list[Entry | None] = []  # the batch's files (None: not a file)
         self._i = 0
-        self._unsized: list[bytes] = []  # files to lstat for their size (names-only walk)
         self.files = 0
         self.bytes = 0
 
     async def _next_batch(self) -> bool:
         assert self._it is not None
-        if len(self._unsized) >= 2000:
-            await self._size_unsized()
         try:
             batch = await anext(self._it)
         except StopAsyncIteration:
-            self._it, self._orders, self._files, self._i = None, [], [], 0
+            self._it, self._orders, self._i = None, [], 0
             return False
         self._orders, self._i = [path_order(e.relpath) for e in batch], 0
-        self._files = [e if e.type == "file" else None for e in batch]
         for e in batch:
             if e.type == "file":
                 self.files += 1
-                if self._root is None:
-                    self.bytes += e.size
+                self.bytes += e.size
         return True
 
-    def _passed(self, i: int) -> None:
-        """The walk's entry i is not in the parent's manifest (or not asked for)."""
-        e = self._files[i]
-        if e is not None and self._root is not None:
-            self._unsized.append(e.relpath)
-
-    async def _size_unsized(self) -> None:
-        root, paths = self._root, self._unsized
-        self._unsized = []
-        assert root is not None
-
-        def sizes() -> int:
-            total = 0
-            for rel in paths:
-                try:
-                    total += os.lstat(os.path.join(root, rel)).st_size
-                except OSError:
-                    pass  # gone since the listing: not there
-            return total
-
-        self.bytes += await asyncio.to_thread(sizes)
-
-    def has_now(self, order: bytes, size: int | None = None) -> bool | None:
-        """Is a path of this order in the walk (the orders asked for only grow; a path
-        answered True is not asked again)? None: the batch held ends before it (await
-        has()). `size`: the parent's size of the file there (a names-only walk counts it)."""
+    def has_now(self, order: bytes) -> bool | None:
+        """Is a path of this order in the walk (the orders asked for only grow)? None: the
+        batch held ends before it (await has())."""
         orders, i = self._orders, self._i
         n = len(orders)
         while i < n and orders[i] < order:
-            self._passed(i)
             i += 1
         self._i = i
         if i < n:
-            if orders[i] != order:
-                return False
-            if self._root is not None:
-                if self._files[i] is not None:
-                    if size is None:
-                        self._passed(i)
-                    else:
-                        self.bytes += size
-                self._i = i + 1
-            return True
+            return orders[i] == order
         return False if self._it is None else None
 
-    async def has(self, order: bytes, size: int | None = None) -> bool:
-        while (found := self.has_now(order, size)) is None:
+    async def has(self, order: bytes) -> bool:
+        while (found := self.has_now(order)) is None:
             await self._next_batch()
         return found
 
     async def count(self) -> tuple[int, int]:
         """(files, bytes) of the whole walk: count_files' answer."""
-        while True:
-            for i in range(self._i, len(self._orders)):
-                self._passed(i)
-            self._i = len(self._orders)
-            if self._it is None or not await self._next_batch():
-                break
-        if self._unsized:
-            await self._size_unsized()
+        while self._it is not None and await self._next_batch():
+            pass
         return self.files, self.bytes
 
     async def aclose(self) -> None:
@@ -317,8 +264,8 @@ async def scan_parent(
     async for item in repo.read_manifest_as(snap_id, parse_counted):
         if isinstance(item, tuple):
             order, size, raw = item
-            found = walked.has_now(order, size) if walked is not None else False
-            if found or (found is None and walked is not None and await walked.has(order, size)):
+            found = walked.has_now(order) if walked is not None else False
+            if found or (found is None and walked is not None and await walked.has(order)):
                 counted_files += 1
                 counted_bytes += size
                 continue
@@ -336,8 +283,8 @@ async def scan_parent(
         if line.has_object and line.root in roots:
             if library is not None and line.root == "library":
                 order = line.order()[1]
-                found = library.has_now(order, line.size)
-                if found or (found is None and await library.has(order, line.size)):
+                found = library.has_now(order)
+                if found or (found is None and await library.has(order)):
                     continue  # still there (the usual case): no lstat
             batch.append(line)
             if len(batch) >= 2000:

@@ -22,14 +22,11 @@ from immich_stream.host.postgres import count_rows_up_to
 log = logging.getLogger(__name__)
 
 
-def library_walk(
-    root: Path, exclude: Collection[str] = (), names_only: bool = False
-) -> AsyncGenerator[list[Entry], None]:
+def library_walk(root: Path, exclude: Collection[str] = ()) -> AsyncGenerator[list[Entry], None]:
     """The library's entries as the backup's walk sees them (--exclude folders: markers
-    only), a batch at a time; problems are the backup walk's to report. `names_only`:
-    paths and types, no lstat (walk_batches)."""
+    only), a batch at a time; problems are the backup walk's to report."""
     prune, keep = walk_filter("library", exclude)
-    return walk_batches(os.fsencode(root), lambda p: None, prune, keep, followed("library"), names_only)
+    return walk_batches(os.fsencode(root), lambda p: None, prune, keep, followed("library"))
 
 
 async def count_files(root: Path, exclude: Collection[str] = ()) -> tuple[int, int]:

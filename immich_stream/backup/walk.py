@@ -117,35 +117,6 @@ def _scan(
     return entries, problems
 
 
-def _scan_names(
-    root: bytes, rel: bytes, only: Collection[bytes] | None = None, follow: Collection[bytes] = ()
-) -> tuple[list[Entry], list[WalkProblem]]:
-    """_scan without an lstat per name: each entry's type from the directory listing (the
-    kernel's d_type, a stat only where the file system gives none), no size or times (0).
-    What a walk needs that asks only which paths are there (a third of _scan's cost)."""
-    entries: list[Entry] = []
-    path = os.path.join(root, rel) if rel else root
-    try:
-        with os.scandir(path) as it:
-            listed = sorted((e.name, e) for e in it if only is None or e.name in only)
-    except OSError as exc:
-        return entries, [WalkProblem(rel, f"cannot list directory: {exc.strerror}")]
-    for name, e in listed:
-        try:
-            if e.is_dir(follow_symlinks=name in follow):
-                kind = "dir"
-            elif e.is_file(follow_symlinks=False):
-                kind = "file"
-            elif e.is_symlink():
-                kind = "symlink"
-            else:
-                continue  # a socket, FIFO or device: not in a backup
-        except OSError:
-            continue  # vanished meanwhile
-        entries.append(Entry(rel + b"/" + name if rel else name, kind, 0, 0, 0, 0, 0, 0))
-    return entries, []
-
-
 WALK_BATCH = 512  # entries handed from the walking thread to the loop at once
 WALK_AHEAD = 16  # batches the walking thread may be ahead of the loop
 
@@ -219,19 +190,17 @@ async def walk_batches(
     prune: Collection[bytes] = (),
     keep: Collection[bytes] = (),
     follow: Collection[bytes] = (),
-    names_only: bool = False,
 ) -> AsyncGenerator[list[Entry], None]:
     """walk()'s entries a batch (up to WALK_BATCH) at a time, as the walker hands them
     over: a consumer that handles a batch in one go spends no await per entry. The
     problems among a batch's entries go to `on_problem` before the batch is yielded.
-    `names_only`: paths and types alone (_scan_names: sizes and times 0).
 
     The walker is a process of its own (this file run by the interpreter, stdlib only):
     its system calls and the Python around each (~5 µs an entry) run on another core,
     not in a thread that takes the GIL from the event loop at every call (a thread is
     the fallback when no process can be started). Its batches come through a pipe
     (marshal: tuples of bytes and ints), at most a pipe's buffer ahead."""
-    spec = (os.fsencode(root), sorted(prune), sorted(keep), sorted(follow), names_only)
+    spec = (os.fsencode(root), sorted(prune), sorted(keep), sorted(follow))
     source = _from_process(spec)
     try:
         first = await anext(source)
@@ -267,7 +236,7 @@ async def walk_batches(
         await source.aclose()
 
 
-Spec = tuple[bytes, list[bytes], list[bytes], list[bytes], bool]
+Spec = tuple[bytes, list[bytes], list[bytes], list[bytes]]
 
 
 _RUNNABLE = os.path.isfile(__file__)  # this file can be run by the interpreter (not in a zip)
@@ -349,7 +318,7 @@ def _child(spec_hex: str) -> None:
     """The walker's process: batches to stdout, each its length (4 bytes) and a marshal
     of its entries' fields; a length 0 ends the walk; a one-field item is the error that
     ended it."""
-    root, prune, keep, follow, names_only = marshal.loads(bytes.fromhex(spec_hex))
+    root, prune, keep, follow = marshal.loads(bytes.fromhex(spec_hex))
     with contextlib.suppress(OSError):  # a deeper pipe (Linux): the walk runs further ahead
         import fcntl
 
@@ -368,7 +337,7 @@ def _child(spec_hex: str) -> None:
             return send([astuple_(x) for x in batch])
 
         try:
-            _walk_thread(root, set(prune), set(keep), set(follow), emit, _scan_names if names_only else _scan)
+            _walk_thread(root, set(prune), set(keep), set(follow), emit, _scan)
         except Exception as exc:  # handed to the reader, raised there
             send([(f"{type(exc).__name__}: {exc}",)])
         with contextlib.suppress(BrokenPipeError):
@@ -384,7 +353,7 @@ def astuple_(x: Entry | WalkProblem) -> tuple[Any, ...]:
 
 async def _from_thread(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem], None]:
     """The walk in a thread of this process, at most WALK_AHEAD batches ahead."""
-    root, prune, keep, follow, names_only = spec
+    root, prune, keep, follow = spec
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[list[Entry | WalkProblem] | BaseException | None] = asyncio.Queue()
     slots = threading.Semaphore(WALK_AHEAD)
@@ -404,7 +373,7 @@ async def _from_thread(spec: Spec) -> AsyncGenerator[list[Entry | WalkProblem], 
 
     def run() -> None:
         try:
-            _walk_thread(root, set(prune), set(keep), set(follow), emit, _scan_names if names_only else _scan)
+            _walk_thread(root, set(prune), set(keep), set(follow), emit, _scan)
         except BaseException as exc:  # handed to the loop, raised there
             emit(exc)
             return
