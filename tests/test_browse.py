@@ -248,3 +248,28 @@ def test_ls_find_diff_on_an_encrypted_repository_and_no_repository(s3_env: dict[
     for args in (["ls"], ["find", "x"], ["diff", "a", "b"]):
         r = run_cli(*args, env=dict(bare, S3_PREFIX="nothing-here"))
         assert r.code == 9, (args, r.err)
+
+
+def test_ls_and_find_of_200000_entries_stay_within_a_memory_bound(s3_env: dict[str, str]) -> None:
+    """The manifest is streamed: the peak RSS of ls and find over 200,000 entries stays
+    within a fixed margin of the same commands on a 10-entry snapshot (what a reader holds
+    is one decompressed chunk of the manifest, whatever its length). Holding the lines
+    (~600 bytes each as objects) would take over 100 MiB more. Figures: docs/performance.md."""
+    from bench.browse import synthetic_snapshot
+
+    settings = make_settings(s3_env, export_credentials=True)
+    tiny = asyncio.run(synthetic_snapshot(settings, 10, T0))
+    big = asyncio.run(synthetic_snapshot(settings, 200_000, T0 + dt.timedelta(hours=1)))
+
+    floor = run_cli("ls", tiny, "library/admin", env=s3_env)
+    assert floor.code == 0 and lines(floor)[0].endswith(" 00000/"), floor.err
+    last = run_cli("ls", big, "library/admin/00399", env=s3_env)  # the last folder: the whole manifest read
+    assert last.code == 0, last.err
+    assert len(lines(last)) == 200_000 - 2 - 399 * 501 - 1  # what is left after 399 full folders
+    found = run_cli("find", "IMG_01990[05]?.jpg", env=s3_env)
+    assert found.code == 0, found.err
+    assert len(lines(found)) == 20 and all(ln.startswith(big) for ln in lines(found))
+    margin = 48 * 1024  # KiB; measured: ~24 MiB (one 1 MiB chunk of the manifest decompressed and split)
+    for name, r in (("ls", last), ("find", found)):
+        grown = r.maxrss_kib - floor.maxrss_kib
+        assert grown < margin, f"{name} of 200,000 entries peaked {grown / 1024:.0f} MiB above the 10-entry run"

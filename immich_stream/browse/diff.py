@@ -150,7 +150,20 @@ async def diff(old: Lines, new: Lines, totals: DiffTotals, roots: set[str] | Non
             if not waiting:
                 del other[d]
             return match
-        mine.setdefault(d, deque()).append(line)
+        # held without its object's key or chunks: a move's report needs neither
+        slim = ManifestLine(
+            line.root,
+            line.path,
+            line.type,
+            line.size,
+            line.mtime_ns,
+            line.mode,
+            line.uid,
+            line.gid,
+            line.inode,
+            line.sha256,
+        )
+        mine.setdefault(d, deque()).append(slim)
         return None
 
     async for a, b in merge(_sound(old(), totals, roots), _sound(new(), totals, roots)):

@@ -48,6 +48,24 @@ async def closed(lines: AsyncIterator[ManifestLine]) -> AsyncIterator[AsyncItera
             await aclose()
 
 
+def parse(raw: bytes) -> ManifestLine:
+    """A manifest line for reading only: the fast parse, and only a line it refuses or whose
+    fields have the wrong types goes through the careful one (a DamagedLine: skipped and
+    counted, as restore and verify go on past one)."""
+    try:
+        line = ManifestLine.from_json(raw)
+    except (ValueError, KeyError, TypeError):
+        return ManifestLine.parse(raw, damaged=True)
+    fields = (line.size, line.mtime_ns, line.mode, line.uid, line.gid)
+    if not all(type(v) is int for v in fields) or not all(type(v) is str for v in (line.root, line.path, line.type)):
+        return ManifestLine.parse(raw, damaged=True)
+    if (line.sha256 is not None and type(line.sha256) is not str) or (
+        line.target is not None and type(line.target) is not str
+    ):
+        return ManifestLine.parse(raw, damaged=True)
+    return line
+
+
 def clean_path(text: str) -> bytes:
     """A PATH argument as the manifest's relative path: no leading, trailing or doubled
     "/", no "." parts; "" or "/" or "." is the root itself."""

@@ -144,7 +144,7 @@ def _quiet_stdout() -> None:
 
 
 async def run_ls(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.browse.listing import Counts, clean_path, list_path
+    from immich_stream.browse.listing import Counts, clean_path, list_path, parse
     from immich_stream.repository.session import open_reader
 
     path = clean_path(args.path)
@@ -153,7 +153,7 @@ async def run_ls(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
         snap = await repo.resolve(args.snapshot)
         prefix = path + b"/" if path else b""
         try:
-            async for line in list_path(repo.read_manifest(snap.id, damaged=True), snap.id, args.root, path, counts):
+            async for line in list_path(repo.read_manifest_as(snap.id, parse), snap.id, args.root, path, counts):
                 rel = line.path
                 if line.relpath.startswith(prefix) and line.relpath != path:
                     rel = rel.rpartition("/")[2]
@@ -170,7 +170,7 @@ async def run_ls(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
 
 
 async def run_find(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
-    from immich_stream.browse.listing import Counts, find_in, matcher
+    from immich_stream.browse.listing import Counts, find_in, matcher, parse
     from immich_stream.repository.session import open_reader, still_reading
 
     check_find(args)
@@ -184,7 +184,7 @@ async def run_find(args: argparse.Namespace, settings: cfg.Settings, reporter: R
             for sid in ids:
                 still_reading(lock)
                 searched += 1
-                async for line in find_in(repo.read_manifest(sid, damaged=True), match, roots, counts):
+                async for line in find_in(repo.read_manifest_as(sid, parse), match, roots, counts):
                     if args.json:
                         _json(_entry(line, message_type="match", snapshot=sid))
                     else:
@@ -202,6 +202,7 @@ async def run_find(args: argparse.Namespace, settings: cfg.Settings, reporter: R
 
 async def run_diff(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
     from immich_stream.browse.diff import Change, DiffTotals, diff
+    from immich_stream.browse.listing import parse
     from immich_stream.repository.session import open_reader
 
     totals = DiffTotals()
@@ -226,8 +227,8 @@ async def run_diff(args: argparse.Namespace, settings: cfg.Settings, reporter: R
 
         try:
             async for c in diff(
-                lambda: repo.read_manifest(first.id, damaged=True),
-                lambda: repo.read_manifest(second.id, damaged=True),
+                lambda: repo.read_manifest_as(first.id, parse),
+                lambda: repo.read_manifest_as(second.id, parse),
                 totals,
                 roots,
             ):
