@@ -114,13 +114,16 @@ def main() -> None:
             tiny = asyncio.run(synthetic_snapshot(settings, 10, t0))
             first = asyncio.run(synthetic_snapshot(settings, args.entries, t0 + dt.timedelta(hours=1)))
             second = asyncio.run(synthetic_snapshot(settings, args.entries, t0 + dt.timedelta(hours=2), args.moved))
-            print(f"3 manifests written in {time.monotonic() - started:.1f} s")
+            whole = asyncio.run(synthetic_snapshot(settings, args.entries, t0 + dt.timedelta(hours=3), 1.0))
+            print(f"4 manifests written in {time.monotonic() - started:.1f} s")
             runs = [
                 ("ls of a 10-entry snapshot (the floor)", ["ls", tiny, "library/admin"]),
                 (f"ls of a day folder, {args.entries:,} entries", ["ls", first, "library/admin/00200"]),
+                (f"find in 4 snapshots ({3 * args.entries + 10:,} entries)", ["find", "IMG_00123*"]),
                 (f"ls of the biggest folder, {args.entries:,} entries", ["ls", first, "library/admin"]),
-                (f"find in 3 snapshots ({2 * args.entries + 10:,} entries)", ["find", "IMG_00123*"]),
+                (f"find in one snapshot of {args.entries:,} entries", ["find", "IMG_00123*", "--snapshot", first]),
                 (f"diff, {args.entries:,} entries each, {args.moved:.0%} moved", ["diff", first, second]),
+                (f"diff, {args.entries:,} entries each, all moved", ["diff", first, whole]),
             ]
             print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
             print(f"| command | seconds | peak RSS MiB |\n| --- | --- | --- |")

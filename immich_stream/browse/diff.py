@@ -5,23 +5,29 @@ they are merge-joined as two streams: one line of each in memory. A file removed
 path whose bytes (sha256) reappear at an added path is a move, not a deletion and an
 addition; finding those needs two passes over both manifests:
 
-1. counts per digest of the removed and of the added files (16 bytes of the sha256 each:
-   about 100 bytes of memory per removed or added file, nothing for unchanged ones);
+1. counts per digest of the removed and of the added files (16 bytes of the sha256 and
+   one int in one dict: about 130 bytes per distinct removed or added content, nothing for
+   unchanged files);
 2. the same merge again, each change handed on as it is read; a move waits for its other
-   half (the line seen first is held: at most one line per move not yet paired).
+   half (the half read first is held, slimmed: about 500 bytes per move not yet paired).
+
+So memory grows with what was added, removed or moved, never with the library: a whole
+library of 200,000 files moved peaks at ~240 MiB, 10% of it at ~120 MiB, nothing moved at
+the ~100 MiB of any reader (docs/performance.md).
 
 Empty files are never moves (every empty file has the same sha256).
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from immich_stream.browse.listing import closed
 from immich_stream.repository.manifest import DamagedLine, ManifestLine
 
+SIDE = 1 << 32  # the added side's count in a packed pair of counts (_moves)
 DIGEST_BYTES = 16  # of a sha256: collisions are out of reach for any library
 
 Lines = Callable[[], AsyncIterator[ManifestLine]]  # a manifest's lines, read anew on each call
@@ -113,59 +119,76 @@ async def merge(
 
 
 async def _moves(old: Lines, new: Lines, roots: set[str] | None) -> dict[bytes, int]:
-    """Pass 1: digest -> how many removed files pair with added ones of the same bytes."""
-    removed: Counter[bytes] = Counter()
-    added: Counter[bytes] = Counter()
+    """Pass 1: digest -> the moves of those bytes, twice packed in one int (one dict, no
+    second copy): how many of the removed files with it are moves (value % SIDE) and how
+    many of the added ones (value // SIDE): the same number, min(removed, added)."""
+    counts: dict[bytes, int] = {}
     scratch = DiffTotals()
     async for a, b in merge(_sound(old(), scratch, roots), _sound(new(), scratch, roots)):
         if b is None and a is not None and (d := _digest(a)) is not None:
-            removed[d] += 1
+            counts[d] = counts.get(d, 0) + 1
         elif a is None and b is not None and (d := _digest(b)) is not None:
-            added[d] += 1
-    return {d: min(n, added[d]) for d, n in removed.items() if d in added}
+            counts[d] = counts.get(d, 0) + SIDE
+    for d, v in counts.items():  # values only: the dict's size does not change
+        pairs = min(v % SIDE, v // SIDE)
+        counts[d] = pairs + pairs * SIDE
+    return counts
+
+
+Held = dict[bytes, "ManifestLine | list[ManifestLine]"]
+
+
+def _slim(line: ManifestLine) -> ManifestLine:
+    """A move's first-read half as held: without its object (key, chunks) or sha256 (the
+    other half's is the same), root and type shared."""
+    return ManifestLine(
+        sys.intern(line.root),
+        line.path,
+        sys.intern(line.type),
+        line.size,
+        line.mtime_ns,
+        line.mode,
+        line.uid,
+        line.gid,
+        line.inode,
+    )
+
+
+def _pair(
+    d: bytes, line: ManifestLine, unit: int, left: dict[bytes, int], mine: Held, other: Held
+) -> tuple[bool, ManifestLine | None]:
+    """Whether `line` is half of a move, and its other half when that was read already (else
+    `line` is held until it is). `unit`: 1 for a removed line, SIDE for an added one."""
+    v = left.get(d, 0)
+    if not v // unit % SIDE:
+        return False, None
+    left[d] = v - unit
+    waiting = other.get(d)
+    if waiting is not None:
+        if not isinstance(waiting, list):
+            del other[d]
+            match = waiting
+        else:
+            match = waiting.pop()
+            if len(waiting) == 1:
+                other[d] = waiting[0]
+        match.sha256 = line.sha256
+        return True, match
+    held = mine.get(d)
+    if held is None:
+        mine[d] = _slim(line)
+    elif isinstance(held, list):
+        held.append(_slim(line))
+    else:
+        mine[d] = [held, _slim(line)]
+    return True, None
 
 
 async def diff(old: Lines, new: Lines, totals: DiffTotals, roots: set[str] | None = None) -> AsyncIterator[Change]:
     """The changes from `old` to `new`, as they are read (moves once both halves were)."""
-    moves = await _moves(old, new, roots)
-    out_old: dict[bytes, int] = dict(moves)  # removed lines still to be taken as moves
-    out_new: dict[bytes, int] = dict(moves)
-    held_old: dict[bytes, deque[ManifestLine]] = {}  # a move's removed half, waiting
-    held_new: dict[bytes, deque[ManifestLine]] = {}
-
-    def pair(
-        d: bytes,
-        line: ManifestLine,
-        left: dict[bytes, int],
-        mine: dict[bytes, deque[ManifestLine]],
-        other: dict[bytes, deque[ManifestLine]],
-    ) -> ManifestLine | None:
-        """The other half of the move `line` is one half of, once read; else hold it."""
-        left[d] -= 1
-        if not left[d]:
-            del left[d]
-        waiting = other.get(d)
-        if waiting:
-            match = waiting.popleft()
-            if not waiting:
-                del other[d]
-            return match
-        # held without its object's key or chunks: a move's report needs neither
-        slim = ManifestLine(
-            line.root,
-            line.path,
-            line.type,
-            line.size,
-            line.mtime_ns,
-            line.mode,
-            line.uid,
-            line.gid,
-            line.inode,
-            line.sha256,
-        )
-        mine.setdefault(d, deque()).append(slim)
-        return None
-
+    left = await _moves(old, new, roots)
+    held_old: Held = {}  # a move's removed half, waiting for its added half
+    held_new: Held = {}
     async for a, b in merge(_sound(old(), totals, roots), _sound(new(), totals, roots)):
         change: Change | None = None
         if a is not None and b is not None:
@@ -173,17 +196,17 @@ async def diff(old: Lines, new: Lines, totals: DiffTotals, roots: set[str] | Non
                 change = Change("changed", b, a)
         elif a is not None:
             d = _digest(a)
-            if d is not None and d in out_old:
-                if (to := pair(d, a, out_old, held_old, held_new)) is not None:
-                    change = Change("moved", to, a)
-            else:
+            moving, to = _pair(d, a, 1, left, held_old, held_new) if d is not None else (False, None)
+            if to is not None:
+                change = Change("moved", to, a)
+            elif not moving:
                 change = Change("removed", a)
         elif b is not None:
             d = _digest(b)
-            if d is not None and d in out_new:
-                if (src := pair(d, b, out_new, held_new, held_old)) is not None:
-                    change = Change("moved", b, src)
-            else:
+            moving, src = _pair(d, b, SIDE, left, held_new, held_old) if d is not None else (False, None)
+            if src is not None:
+                change = Change("moved", b, src)
+            elif not moving:
                 change = Change("added", b)
         if change is not None:
             totals.count(change)
@@ -192,7 +215,7 @@ async def diff(old: Lines, new: Lines, totals: DiffTotals, roots: set[str] | Non
     # rewritten under a reader's lock): what is held is then what it looked like alone
     for kind, held in (("removed", held_old), ("added", held_new)):
         for waiting in held.values():
-            for line in waiting:
+            for line in waiting if isinstance(waiting, list) else [waiting]:
                 change = Change(kind, line)
                 totals.count(change)
                 yield change
