@@ -127,6 +127,9 @@ def test_ls_lists_a_directory_a_file_and_refuses_what_is_not_there(s3_env: dict[
     assert (mode, size, prefix, name) == ("-rw-r--r--", "4411", sha[:12], "library/admin/2023/IMG_4411.HEIC")
     assert (int(uid), int(gid)) == (os.getuid(), os.getgid())
 
+    r = run_cli("ls", "library/admin/2024", env=s3_env)  # a lone PATH: in the latest snapshot
+    assert r.code == 0 and lines(r) == ["file            2500  2023-11-14 22:13:20  IMG_5000.jpg"], r.err
+
     r = run_cli("ls", "latest", "library/admin", "--json", env=s3_env)
     assert r.code == 0, r.err
     docs = [json.loads(ln) for ln in lines(r)]

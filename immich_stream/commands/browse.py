@@ -42,7 +42,13 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="list a directory of a snapshot (type, size, mtime, name)",
         description="List a directory of a snapshot from its manifest (nothing is downloaded but the manifest).",
     )
-    ls.add_argument("snapshot", nargs="?", default="latest", help="a snapshot id (or a unique prefix), or latest")
+    ls.add_argument(
+        "snapshot",
+        nargs="?",
+        default="latest",
+        help="a snapshot id (or a unique prefix), or latest (the default; a lone argument that does not start "
+        "with a digit is a PATH in the latest snapshot)",
+    )
     ls.add_argument("path", nargs="?", default="", help="a directory inside the root (default: the root), or a file")
     ls.add_argument(
         "--root", type=_root, default="library", metavar="ROOT", help="library (default), postgres or external:NAME"
@@ -147,10 +153,13 @@ async def run_ls(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
     from immich_stream.browse.listing import Counts, clean_path, list_path, parse
     from immich_stream.repository.session import open_reader
 
-    path = clean_path(args.path)
+    which, path_text = args.snapshot, args.path
+    if not path_text and which != "latest" and not which[:1].isdigit():
+        which, path_text = "latest", which  # `ls upload/x`: ids (and their prefixes) start with a digit
+    path = clean_path(path_text)
     counts = Counts()
     async with open_reader(settings, "ls") as (repo, _lock):
-        snap = await repo.resolve(args.snapshot)
+        snap = await repo.resolve(which)
         prefix = path + b"/" if path else b""
         try:
             async for line in list_path(repo.read_manifest_as(snap.id, parse), snap.id, args.root, path, counts):
@@ -170,10 +179,13 @@ async def run_ls(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
 
 
 async def run_find(args: argparse.Namespace, settings: cfg.Settings, reporter: Reporter) -> Outcome:
+    """find PATTERN over the manifests (the catalog's selectors are answered elsewhere)."""
     from immich_stream.browse.listing import Counts, find_in, matcher, parse
     from immich_stream.repository.session import open_reader, still_reading
 
     check_find(args)
+    if not args.pattern:
+        raise ConfigError("find without a PATTERN needs the Immich catalog's selectors, which this version lacks")
     match = matcher(args.pattern)
     roots = set(args.root) if args.root else None
     counts = Counts()
