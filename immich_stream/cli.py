@@ -21,6 +21,7 @@ from typing import Any
 from immich_stream import config as cfg
 from immich_stream.commands import COMMANDS, build_parser, check_args
 from immich_stream.commands import schedule as schedule_command
+from immich_stream.commands.browse import JSON_LINES
 from immich_stream.commands.common import UsageError
 from immich_stream.commands.monitor import LogTail, Outcome, Pinger, document, metrics_text, outcome_of, write_metrics
 from immich_stream.commands.notify import Notifier
@@ -134,7 +135,9 @@ def _run_command(args: argparse.Namespace, settings: cfg.Settings, reporter: Rep
         return Outcome(schedule_command.run(args))
     command = COMMANDS[args.command]
     # With --json, stdout carries the one document at the end: the human text goes nowhere.
-    human = contextlib.redirect_stdout(io.StringIO()) if as_json else contextlib.nullcontext()
+    # (ls, find and diff print JSON lines themselves: JSON_LINES)
+    quiet = as_json and args.command not in JSON_LINES
+    human = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
     with human, asyncio.Runner(loop_factory=new_loop) as runner:
         # A little after the stall timeout: backup's own watchdog, which names what hung, speaks first.
         outer = settings.stall_timeout + 15
@@ -205,7 +208,8 @@ def _report(
             metrics_text(settings.metrics_file, command, outcome, time.time(), seconds, ids),
         )
     if args.json:
-        print(json.dumps(document(command, outcome, started, seconds), indent=2), flush=True)
+        indent = None if command in JSON_LINES else 2  # the last of the JSON lines
+        print(json.dumps(document(command, outcome, started, seconds), indent=indent), flush=True)
 
 
 def _snapshot_ids(settings: cfg.Settings) -> list[str] | None:
