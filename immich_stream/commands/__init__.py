@@ -15,6 +15,7 @@ from collections.abc import Callable
 from immich_stream import __version__
 from immich_stream.commands import (
     backup,
+    catalog,
     config,
     copy,
     doctor,
@@ -40,6 +41,7 @@ PARSERS: tuple[Callable[[Subparsers, argparse.ArgumentParser], None], ...] = (
     snapshots.add_parser,
     copy.add_parser,
     restore.add_parser,
+    catalog.add_parser,
     drill.add_parser,
     verify.add_parser,
     doctor.add_parser,
@@ -55,6 +57,7 @@ COMMANDS: dict[str, Command] = {
     "snapshots": snapshots.run,
     "copy": copy.run,
     "restore": restore.run,
+    "find": catalog.run,
     "verify": verify.run,
     "drill": drill.run,
     "prune": prune.run,
@@ -70,6 +73,7 @@ CHECKS: dict[str, Callable[[argparse.Namespace], None]] = {
     "snapshots": snapshots.check,
     "copy": copy.check,
     "restore": restore.check,
+    "find": catalog.check,
     "drill": drill.check,
     "schedule": schedule.check,
 }
