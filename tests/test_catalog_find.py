@@ -29,9 +29,7 @@ def snapshot(env: dict[str, str]) -> tuple[str, list[dict]]:
     b = CatalogBuilder()
     b.feed(sql)
     _, *assets = [json.loads(line) for line in b.lines()]
-    entries = {
-        path: Entry(body(path)) for a in assets for root, path, _ in a["files"] if root == "library"
-    }
+    entries = {path: Entry(body(path)) for a in assets for root, path, _ in a["files"] if root == "library"}
     return write_snapshot(env, dict(sorted(entries.items())), dump_sql=sql), assets
 
 
