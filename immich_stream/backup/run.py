@@ -327,7 +327,13 @@ class BackupRun:
         try:
             async with store.stream(self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(
-                    self.stack.docker, s.db_container, s.db_user, s.db_name, out.write, received, self.catalog.feed
+                    self.stack.docker,
+                    s.db_container,
+                    s.db_user,
+                    s.db_name,
+                    out.write,
+                    received,
+                    self.catalog.feed_safely,
                 )
                 await out.finish()
             result.parts, result.stored = out.parts, out.stored

@@ -22,8 +22,9 @@ ConvertToAbsolutePaths migration) or absolute inside immich_server (`/usr/src/ap
 from __future__ import annotations
 
 import json
+import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from immich_stream.errors import ImmichStreamError
@@ -68,7 +69,7 @@ COLUMNS: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "person": ("id", "name"),
     "face": ("assetId", "personId", "deletedAt"),
     "file": ("assetId", "type", "path"),
-    "library": ("importPaths",),
+    "library": ("importPaths", "id"),
 }
 REQUIRED = ("user", "asset", "album", "album_asset")  # the tables an era's dump must hold
 _BY_NAME = {
@@ -182,11 +183,14 @@ class CatalogBuilder:
         self.cluster = False
         self._db = ""
         self.seen: dict[str, str] = {}  # role -> the table name read
-        self.rows: dict[str, list[tuple[bytes | None, ...]]] = {role: [] for role in TABLES}
+        self.rows: dict[str, list[tuple[bytes, ...]]] = {role: [] for role in TABLES}
         self._role: str | None = None
-        self._pick: list[int] = []  # the columns' indexes in the current block
+        self._getter: Callable[[list[bytes]], tuple[bytes, ...]] = operator.itemgetter(0, 0)  # the columns picked
+        self._fill = False  # the current block lacks a column picked
+        self._cut = -1  # split a row at this many tabs (-1: all)
         self._skip = False  # inside a block of no interest
         self._carry = b""
+        self.error: CatalogError | None = None  # what stopped feed_safely
 
     # -- reading --------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -194,6 +198,24 @@ class CatalogBuilder:
         self._carry = b""
         pos, n = 0, len(buf)
         while pos < n:
+            if self._role is not None:  # whole lines of a block read at once, in C as far as can be
+                if buf.startswith(b"\\.\n", pos):
+                    self._role = None
+                    pos += 3
+                    continue
+                end = buf.find(b"\n\\.\n", pos)
+                if end >= 0:
+                    self._rows(buf[pos:end])
+                    self._role = None
+                    pos = end + 4
+                    continue
+                last = buf.rfind(b"\n", pos)
+                if last >= 0:
+                    if last > pos:
+                        self._rows(buf[pos:last])
+                    pos = last + 1
+                self._carry = buf[pos:]
+                return
             if self._skip:
                 if buf.startswith(b"\\.\n", pos):
                     self._skip = False
@@ -213,14 +235,7 @@ class CatalogBuilder:
                 return
             line = buf[pos:eol]
             pos = eol + 1
-            if self._role is not None:
-                if line == b"\\.":
-                    self._role = None
-                    continue
-                parts = line.split(b"\t")
-                pick = self._pick
-                self.rows[self._role].append(tuple(parts[i] if i >= 0 else None for i in pick))
-            elif line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
+            if line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
                 self._copy(line)
             elif line.startswith(b"-- PostgreSQL database cluster dump"):
                 self.cluster = True
@@ -228,6 +243,35 @@ class CatalogBuilder:
                 m = re.search(rb"dbname='((?:[^']|'')*)'", line)
                 raw = m.group(1).replace(b"''", b"'") if m else line.split()[-1].strip(b'"')
                 self._db = raw.decode("utf-8", "replace")
+
+    def _rows(self, block: bytes) -> None:
+        """Rows of the current block (whole lines, without the last newline): the columns
+        picked of each; a column the table lacks reads as NULL (a \\N put after each row)."""
+        assert self._role is not None
+        if self._fill:
+            block = block.replace(b"\n", b"\t\\N\n") + b"\t\\N"
+        try:
+            cut = self._cut  # fields past the last one picked are left unsplit
+            self.rows[self._role].extend(map(self._getter, (line.split(b"\t", cut) for line in block.split(b"\n"))))
+        except IndexError:
+            raise CatalogError(
+                f"a row of the dump's table {self.seen[self._role]} has fewer fields than its COPY line names: "
+                "the dump is damaged; no catalog was made"
+            ) from None
+
+    def feed_safely(self, data: bytes) -> None:
+        """feed, for a backup: whatever goes wrong (a dump not Immich's, a bug here) stops
+        the catalog only, never the dump; lines() then raises it."""
+        if self.error is not None:
+            return
+        try:
+            self.feed(data)
+        except CatalogError as exc:
+            self.error = exc
+        except Exception as exc:  # the dump goes on whatever this reader meets
+            self.error = CatalogError(f"reading the catalog failed: {exc!r}")
+        if self.error is not None:
+            self.rows.clear()
 
     def _copy(self, line: bytes) -> None:
         parsed = parse_copy(line)
@@ -250,7 +294,9 @@ class CatalogBuilder:
             )
         self.seen[role] = table
         self._role = role
-        self._pick = pick
+        self._fill = -1 in pick
+        self._cut = -1 if self._fill else max(pick) + 1
+        self._getter = operator.itemgetter(*(i if i >= 0 else len(cols) for i in pick))
 
     # -- the catalog ----------------------------------------------------------------------
     @property
@@ -268,26 +314,28 @@ class CatalogBuilder:
 
     def lines(self) -> Iterator[bytes]:
         """The catalog: a header line, then one JSON line per asset (newline-terminated)."""
+        if self.error is not None:
+            raise self.error
         era = self.era
         rows = self.rows
         t = field_text
         roots = Roots.for_library(self.library_mounts)
-        roots.add_externals([p for (paths,) in rows["library"] for p in parse_array(t(paths or b"\\N"))])
+        roots.add_externals([p for paths, _ in rows["library"] for p in parse_array(t(paths or b"\\N"))])
         users = {r[0]: (t(r[1] or b"\\N") or "", t(r[2] or b"\\N") or "") for r in rows["user"]}
         albums = {r[0]: t(r[1] or b"\\N") or "" for r in rows["album"] if r[2] in (None, b"\\N")}
         people = {r[0]: t(r[1] or b"\\N") or "" for r in rows["person"]}
         taken = {r[0]: r[1] for r in rows["exif"] if r[1] not in (None, b"\\N")}
-        in_albums: dict[bytes | None, list[bytes | None]] = {}
+        in_albums: dict[bytes, list[bytes]] = {}
         for album, asset in rows["album_asset"]:
             if album in albums:
                 in_albums.setdefault(asset, []).append(album)
-        faces: dict[bytes | None, list[bytes | None]] = {}
+        faces: dict[bytes, list[bytes]] = {}
         for asset, person, deleted in rows["face"]:
             if person not in (None, b"\\N") and deleted in (None, b"\\N") and people.get(person):
                 seen = faces.setdefault(asset, [])
                 if person not in seen:
                     seen.append(person)
-        files: dict[bytes | None, list[tuple[bytes | None, bytes | None]]] = {}
+        files: dict[bytes, list[tuple[bytes, bytes]]] = {}
         for asset, kind, path in rows["file"]:
             files.setdefault(asset, []).append((kind, path))
         assets = {r[0]: r for r in rows["asset"]}
@@ -303,7 +351,7 @@ class CatalogBuilder:
         }
         yield _dump(header)
 
-        def own_files(asset_id: bytes | None, row: tuple[bytes | None, ...], tag: str) -> list[list[str]]:
+        def own_files(asset_id: bytes, row: tuple[bytes, ...], tag: str) -> list[list[str]]:
             out: list[list[str]] = []
             for kind, raw in (("video" if tag else "original", row[3]), ("encoded-video", row[7]), ("sidecar", row[8])):
                 path = t(raw or b"\\N")

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import difflib
 import fnmatch
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -139,6 +140,7 @@ def _when(text: object) -> dt.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+LINES_AT_ONCE = 2000  # catalog lines made in one trip to a worker thread
 UPLOAD_TARGET = re.compile(r"""\$\{?UPLOAD_LOCATION\}?:(/[^\s:'"]*)""")
 
 
@@ -167,8 +169,10 @@ async def catalog_lines(repo: Repo, snap: Snapshot) -> AsyncIterator[bytes]:
     builder = CatalogBuilder(snap.summary.database.name, library_mounts(snap))
     async for data in snapshot_sql(repo.store, repo, snap):
         await asyncio.to_thread(builder.feed, data)
-    for line in await asyncio.to_thread(lambda: list(builder.lines())):
-        yield line.rstrip(b"\n")
+    lines = builder.lines()
+    while batch := await asyncio.to_thread(lambda: list(itertools.islice(lines, LINES_AT_ONCE))):
+        for line in batch:
+            yield line.rstrip(b"\n")
 
 
 async def find_assets(

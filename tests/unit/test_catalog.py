@@ -137,3 +137,32 @@ def test_selectors_combine_and_unknown_names_list_the_nearest() -> None:
         parse_taken("last summer")
     lo, hi = parse_taken("2023-07-01..2023-07-01")
     assert lo is not None and hi is not None and (hi - lo).total_seconds() > 86399
+
+
+def test_columns_a_version_lacks_read_as_null() -> None:
+    """An Immich without sidecarPath, encodedVideoPath or deletedAt columns (some versions
+    dropped or had not yet added them): those read as NULL, the rest as usual."""
+    u, a, al = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222", "3" * 8
+    sql = (
+        f'COPY public."user" (id, email, name) FROM stdin;\n{u}\tme@example.org\tMe\n\\.\n'
+        f'COPY public.album (id, "albumName") FROM stdin;\n{al}\tTrip\n\\.\n'
+        f'COPY public.album_asset ("albumId", "assetId") FROM stdin;\n{al}\t{a}\n\\.\n'
+        f'COPY public.asset (id, "ownerId", type, "originalPath", "originalFileName", "fileCreatedAt", '
+        f'"localDateTime") FROM stdin;\n{a}\t{u}\tIMAGE\t/data/library/{u}/a.jpg\ta.jpg\t2020-01-02 03:04:05+00\t'
+        "2020-01-02 04:04:05+00\n\\.\n"
+    ).encode()
+    header, assets = catalog(sql, chunk=5)
+    assert header["era"] == "new"
+    assert assets == [
+        {
+            "id": a,
+            "user": "me@example.org",
+            "owner": "Me",
+            "name": "a.jpg",
+            "type": "IMAGE",
+            "taken": "2020-01-02T03:04:05+00:00",
+            "albums": ["Trip"],
+            "people": [],
+            "files": [["library", f"library/{u}/a.jpg", "original"]],
+        }
+    ]
