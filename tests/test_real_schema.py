@@ -345,6 +345,10 @@ def test_find_and_restore_a_deleted_album(
     era, asset, _ = ERAS[major]
     album, link, files = ALBUM_TABLES[era]
     env = s.env(s3_env)
+    if era == "legacy":  # and an encrypted repository: the catalog is sealed like the dump
+        identity = tmp_path / "age.key"
+        subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+        env["IMMICH_STREAM_AGE_IDENTITY"] = str(identity)
     name = "Album 1 of User 2"
     if not (s.library / "library" / ".immich").exists():  # run alone: Immich's marker files first
         make_library(s.library, photos=2, odd_names=False)
@@ -382,6 +386,11 @@ def test_find_and_restore_a_deleted_album(
     bucket = bucket_of(s3_env)
     catalogs = [k for k in bucket.keys() if k.endswith("/catalog.jsonl.gz")]
     assert len(catalogs) == 1  # written by the backup
+    raw = bucket.get(catalogs[0])
+    if era == "legacy":
+        assert raw.startswith(b"age-encryption.org/v1\n")
+    else:
+        assert f'"{name}"'.encode() in gzip.decompress(raw)
     bucket.delete(catalogs[0])
     r = run_cli("find", "--album", name, env=env)  # now built from the stored dump
     assert (r.code, r.out) == (0, stored), r.err

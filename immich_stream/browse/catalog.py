@@ -21,6 +21,7 @@ ConvertToAbsolutePaths migration) or absolute inside immich_server (`/usr/src/ap
 
 from __future__ import annotations
 
+import bisect
 import json
 import operator
 import re
@@ -65,7 +66,7 @@ COLUMNS: dict[str, tuple[str | tuple[str, ...], ...]] = {
     ),
     "exif": ("assetId", "dateTimeOriginal"),
     "album": ("id", "albumName", "deletedAt"),
-    "album_asset": (("albumsId", "albumId"), ("assetsId", "assetId")),
+    "album_asset": (("assetsId", "assetId"), ("albumsId", "albumId")),  # each table of assets: its id first
     "person": ("id", "name"),
     "face": ("assetId", "personId", "deletedAt"),
     "file": ("assetId", "type", "path"),
@@ -183,7 +184,7 @@ class CatalogBuilder:
         self.cluster = False
         self._db = ""
         self.seen: dict[str, str] = {}  # role -> the table name read
-        self.rows: dict[str, list[tuple[bytes, ...]]] = {role: [] for role in TABLES}
+        self.rows: dict[str, list[bytes]] = {role: [] for role in TABLES}  # the columns picked, tab-joined
         self._role: str | None = None
         self._getter: Callable[[list[bytes]], tuple[bytes, ...]] = operator.itemgetter(0, 0)  # the columns picked
         self._fill = False  # the current block lacks a column picked
@@ -252,7 +253,8 @@ class CatalogBuilder:
             block = block.replace(b"\n", b"\t\\N\n") + b"\t\\N"
         try:
             cut = self._cut  # fields past the last one picked are left unsplit
-            self.rows[self._role].extend(map(self._getter, (line.split(b"\t", cut) for line in block.split(b"\n"))))
+            picked = map(self._getter, (line.split(b"\t", cut) for line in block.split(b"\n")))
+            self.rows[self._role].extend(map(b"\t".join, picked))  # one object a row: the least memory
         except IndexError:
             raise CatalogError(
                 f"a row of the dump's table {self.seen[self._role]} has fewer fields than its COPY line names: "
@@ -313,33 +315,22 @@ class CatalogBuilder:
         return eras[0]
 
     def lines(self) -> Iterator[bytes]:
-        """The catalog: a header line, then one JSON line per asset (newline-terminated)."""
+        """The catalog: a header line, then one JSON line per asset (newline-terminated).
+        The rows of each table about assets are sorted by asset id in place (each row starts
+        with it: a tab sorts below any character of an id) and found by bisection: no index
+        of its own is built, whatever the library's size."""
         if self.error is not None:
             raise self.error
         era = self.era
         rows = self.rows
-        t = field_text
         roots = Roots.for_library(self.library_mounts)
-        roots.add_externals([p for paths, _ in rows["library"] for p in parse_array(t(paths or b"\\N"))])
-        users = {r[0]: (t(r[1] or b"\\N") or "", t(r[2] or b"\\N") or "") for r in rows["user"]}
-        albums = {r[0]: t(r[1] or b"\\N") or "" for r in rows["album"] if r[2] in (None, b"\\N")}
-        people = {r[0]: t(r[1] or b"\\N") or "" for r in rows["person"]}
-        taken = {r[0]: r[1] for r in rows["exif"] if r[1] not in (None, b"\\N")}
-        in_albums: dict[bytes, list[bytes]] = {}
-        for album, asset in rows["album_asset"]:
-            if album in albums:
-                in_albums.setdefault(asset, []).append(album)
-        faces: dict[bytes, list[bytes]] = {}
-        for asset, person, deleted in rows["face"]:
-            if person not in (None, b"\\N") and deleted in (None, b"\\N") and people.get(person):
-                seen = faces.setdefault(asset, [])
-                if person not in seen:
-                    seen.append(person)
-        files: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        for asset, kind, path in rows["file"]:
-            files.setdefault(asset, []).append((kind, path))
-        assets = {r[0]: r for r in rows["asset"]}
-        del rows["exif"], rows["album_asset"], rows["face"], rows["file"]
+        roots.add_externals([p for r in rows["library"] for p in parse_array(_text(_cols(r)[0]))])
+        users = {c[0]: (_text(c[1]) or "", _text(c[2]) or "") for c in map(_cols, rows["user"])}
+        albums = {c[0]: _text(c[1]) or "" for c in map(_cols, rows["album"]) if c[2] == NULL}
+        people = {c[0]: _text(c[1]) or "" for c in map(_cols, rows["person"])}
+        assets = rows["asset"]
+        for role in ("asset", "exif", "album_asset", "face", "file"):
+            rows[role].sort()
         header = {
             "catalog": FORMAT,
             "era": era,
@@ -351,39 +342,64 @@ class CatalogBuilder:
         }
         yield _dump(header)
 
-        def own_files(asset_id: bytes, row: tuple[bytes, ...], tag: str) -> list[list[str]]:
+        def own_files(asset_id: bytes, row: list[bytes], tag: str) -> list[list[str]]:
             out: list[list[str]] = []
             for kind, raw in (("video" if tag else "original", row[3]), ("encoded-video", row[7]), ("sidecar", row[8])):
-                path = t(raw or b"\\N")
-                if path:
+                if path := _text(raw):
                     out.append([*roots.locate(path), tag + kind])
-            for kind_raw, raw in files.get(asset_id, []):
-                path = t(raw or b"\\N")
-                if path:
-                    out.append([*roots.locate(path), tag + (t(kind_raw or b"\\N") or "file")])
+            for _, kind_raw, raw in _of(rows["file"], asset_id):
+                if path := _text(raw):
+                    out.append([*roots.locate(path), tag + (_text(kind_raw) or "file")])
             return out
 
-        for asset_id, row in assets.items():
-            live = row[9]
+        for raw_row in assets:
+            row = _cols(raw_row)
+            asset_id, live = row[0], row[9]
             out = own_files(asset_id, row, "")
-            if live not in (None, b"\\N") and live in assets:
-                out += own_files(live, assets[live], "live-")
+            if live != NULL and (video := _of(assets, live)):
+                out += own_files(live, video[0], "live-")
             owner = users.get(row[1], ("", ""))
-            when = taken.get(asset_id) or row[5] or row[6]
+            exif = _of(rows["exif"], asset_id)
+            when = next((w for w in (exif[0][1] if exif else NULL, row[5], row[6]) if w != NULL), NULL)
+            in_albums = {albums[c[1]] for c in _of(rows["album_asset"], asset_id) if c[1] in albums}
+            faces = [people[c[1]] for c in _of(rows["face"], asset_id) if c[2] == NULL and people.get(c[1])]
             yield _dump(
                 {
-                    "id": t(asset_id or b""),
+                    "id": _text(asset_id),
                     "user": owner[0],
                     "owner": owner[1],
-                    "name": t(row[4] or b"\\N") or "",
-                    "type": t(row[2] or b"\\N") or "",
-                    "taken": _iso(t(when or b"\\N")),
-                    "albums": sorted({albums[a] for a in in_albums.get(asset_id, [])}),
-                    "people": [people[p] for p in faces.get(asset_id, [])],
+                    "name": _text(row[4]) or "",
+                    "type": _text(row[2]) or "",
+                    "taken": _iso(_text(when)),
+                    "albums": sorted(in_albums),
+                    "people": list(dict.fromkeys(faces)),
                     "files": out,
-                    **({"trashed": True} if row[10] not in (None, b"\\N") else {}),
+                    **({"trashed": True} if row[10] != NULL else {}),
                 }
             )
+
+
+NULL = b"\\N"
+TAB = b"\t"
+
+
+def _cols(row: bytes) -> list[bytes]:
+    return row.split(TAB)
+
+
+def _text(raw: bytes) -> str | None:
+    return None if raw == NULL else field_text(raw)
+
+
+def _of(rows: list[bytes], asset_id: bytes) -> list[list[bytes]]:
+    """The rows (sorted) whose first column is asset_id, split."""
+    prefix = asset_id + TAB
+    i = bisect.bisect_left(rows, prefix)
+    out = []
+    while i < len(rows) and rows[i].startswith(prefix):
+        out.append(rows[i].split(TAB))
+        i += 1
+    return out
 
 
 def _iso(text: str | None) -> str | None:

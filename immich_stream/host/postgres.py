@@ -167,7 +167,9 @@ class GzipChunker:
     def __init__(self, scanner: DumpScanner | None = None, also: Callable[[bytes], None] | None = None) -> None:
         self._z = _gz.compressobj(GZIP_LEVEL, _gz.DEFLATED, 31)
         self.scanner = scanner
-        self.also = also  # another reader of the SQL as it passes (the Immich catalog's)
+        # another reader of the SQL as it passes (the Immich catalog's): in a thread of its
+        # own beside the compression, which lets go of the GIL
+        self.also = also
         self.raw = hashlib.sha256()
         self.gz = hashlib.sha256()
         self.raw_bytes = 0
@@ -178,15 +180,18 @@ class GzipChunker:
         self.raw_bytes += len(data)
         if self.scanner is not None:
             self.scanner.feed(data)
-        if self.also is not None:
-            self.also(data)
         out = self._z.compress(data) + (self._z.flush() if final else b"")
         self.gz.update(out)
         self.gz_bytes += len(out)
         return out
 
     async def compress(self, data: bytes, final: bool = False) -> bytes:
-        return await asyncio.to_thread(self._compress, data, final)
+        if self.also is None or not data:
+            return await asyncio.to_thread(self._compress, data, final)
+        out, _ = await asyncio.gather(
+            asyncio.to_thread(self._compress, data, final), asyncio.to_thread(self.also, data)
+        )
+        return out
 
 
 async def dump_database(
