@@ -67,19 +67,22 @@ def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, byte
         names = asset.get("albums") or []
         album = next((a for a in names if a.casefold() in asked), names[0] if names else NO_ALBUM)
         stem, ext = os.path.splitext(_part(str(asset.get("name") or asset.get("id"))))
+        mine: list[tuple[tuple[str, bytes], str]] = []  # (root, path), the suffix after the name
         for root, path, kind in asset.get("files", []):
-            if not root or kind not in NAMED_KINDS:
-                continue
-            suffix = (
-                ext if kind == "original" else (os.path.splitext(path)[1] if kind == "live-video" else ext + ".xmp")
-            )
-            base = f"{_part(album)}/{stem}"
-            name, n = f"{base}{suffix}".encode("utf-8", "surrogateescape"), 1
-            while name in taken:
-                n += 1
-                name = f"{base} ({n}){suffix}".encode("utf-8", "surrogateescape")
-            taken.add(name)
-            out[(root, path.encode("utf-8", "surrogateescape"))] = name
+            if root and kind in NAMED_KINDS:
+                suffix = (
+                    ext if kind == "original" else (os.path.splitext(path)[1] if kind == "live-video" else ext + ".xmp")
+                )
+                mine.append(((root, path.encode("utf-8", "surrogateescape")), suffix))
+        n = 1  # the same " (n)" for all of an asset's files: a sidecar keeps its photo's name
+        while True:
+            base = f"{_part(album)}/{stem}" + (f" ({n})" if n > 1 else "")
+            names = [f"{base}{suffix}".encode("utf-8", "surrogateescape") for _, suffix in mine]
+            if not taken.intersection(names) and len(set(names)) == len(names):
+                break
+            n += 1
+        taken.update(names)
+        out.update(zip((key for key, _ in mine), names, strict=True))
     return out
 
 

@@ -166,3 +166,36 @@ def test_columns_a_version_lacks_read_as_null() -> None:
             "files": [["library", f"library/{u}/a.jpg", "original"]],
         }
     ]
+
+
+def test_names_layout_resolves_collisions_and_unsafe_names() -> None:
+    from immich_stream.browse.catalog_restore import NO_ALBUM, names_layout
+
+    def asset(i: int, name: str, albums: list[str], files: list[list[str]]) -> dict:
+        return {"id": str(i), "name": name, "taken": f"2023-01-0{i}", "albums": albums, "files": files}
+
+    got = names_layout(
+        [
+            asset(1, "IMG_1.jpg", ["Trip", "Other"], [["library", "library/u/a/IMG_1.jpg", "original"]]),
+            asset(
+                2,
+                "IMG_1.jpg",
+                ["Other", "Trip"],
+                [
+                    ["library", "library/u/b/IMG_1.jpg", "original"],
+                    ["library", "library/u/b/IMG_1.jpg.xmp", "sidecar"],
+                    ["library", "thumbs/u/b-thumbnail.webp", "thumbnail"],  # derived: not in this layout
+                    ["library", "library/u/b/IMG_1.mov", "live-video"],
+                ],
+            ),
+            asset(3, "../x/..", [], [["library", "library/u/c/x", "original"], ["", "/elsewhere/x", "original"]]),
+        ],
+        ["trip"],
+    )
+    assert got == {
+        ("library", b"library/u/a/IMG_1.jpg"): b"Trip/IMG_1.jpg",
+        ("library", b"library/u/b/IMG_1.jpg"): b"Trip/IMG_1 (2).jpg",
+        ("library", b"library/u/b/IMG_1.jpg.xmp"): b"Trip/IMG_1 (2).jpg.xmp",
+        ("library", b"library/u/b/IMG_1.mov"): b"Trip/IMG_1 (2).mov",
+        ("library", b"library/u/c/x"): NO_ALBUM.encode() + b"/.._x_..",
+    }
