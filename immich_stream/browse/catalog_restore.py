@@ -64,8 +64,8 @@ def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, byte
     taken: set[bytes] = set()
     out: dict[tuple[str, bytes], bytes] = {}
     for asset in sorted(assets, key=lambda a: (str(a.get("taken") or ""), str(a.get("id")))):
-        names = asset.get("albums") or []
-        album = next((a for a in names if a.casefold() in asked), names[0] if names else NO_ALBUM)
+        in_albums = asset.get("albums") or []
+        album = next((a for a in in_albums if a.casefold() in asked), in_albums[0] if in_albums else NO_ALBUM)
         stem, ext = os.path.splitext(_part(str(asset.get("name") or asset.get("id"))))
         mine: list[tuple[tuple[str, bytes], str]] = []  # (root, path), the suffix after the name
         for root, path, kind in asset.get("files", []):
