@@ -80,3 +80,12 @@ def test_find_and_restore_an_album_exactly(s3_env: dict[str, str], tmp_path: Pat
     assert originals.items() <= got.items()
     assert all(rel.startswith(ALBUM.encode() + b"/") for rel in got)
     assert f"{ALBUM}/IMG_63.jpg.xmp".encode() in got  # a sidecar beside its photo
+
+    # an album that is not there: nothing written; a dump that is not Immich's: one line, exit 1
+    nowhere = tmp_path / "nowhere"
+    r = run_cli("restore", sid, "--album", "Album 9 of User 4", "--to", str(nowhere), env=s3_env)
+    assert r.code == 1 and "nothing matched" in r.last_error and not nowhere.exists(), r.err
+    other = write_snapshot(s3_env, {"library/x.jpg": Entry(b"x")})  # its dump: SELECT 1
+    r = run_cli("find", "--snapshot", other, "--album", ALBUM, env=s3_env)
+    assert r.code == 1 and "is not an Immich database of a known schema" in r.last_error, r.err
+    assert len([ln for ln in r.err.splitlines() if "error" in ln]) == 1, r.err
