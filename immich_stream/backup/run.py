@@ -646,7 +646,7 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
         return lock.lost() or run.downtime_limit()
 
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
-    await store_catalog(repo, snap_id, run.catalog)  # the stack runs again: no downtime
+    catalog = await store_catalog(repo, snap_id, run.catalog)  # the stack runs again: no downtime
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     if prev is not None and run.dump_result is not None:
@@ -656,6 +656,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     seconds = time.monotonic() - ctx.started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
     record_source(summary, source, run.dump_result)
+    if catalog is not None:
+        summary.extra["catalog"] = catalog  # docs/format.md, "The Immich catalog"
     assert run.dump_result is not None
     if repo.lock is not None:  # --lock-days: what the snapshot reuses is retained long enough too
         summary.lock = await secure_snapshot(repo, snap_id, prev, settings.jobs)

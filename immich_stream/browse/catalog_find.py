@@ -10,19 +10,22 @@ import asyncio
 import datetime as dt
 import difflib
 import fnmatch
+import hashlib
 import itertools
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from immich_stream.browse.catalog import CatalogBuilder, CatalogError
-from immich_stream.errors import ConfigError, NothingMatched
+from immich_stream.errors import ConfigError, ImmichStreamError, NothingMatched, ObjectNotFound
 from immich_stream.repository.manifest import ManifestLine, gunzip_stream
 from immich_stream.repository.repo import Repo, Snapshot
 
 Asset = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def parse_taken(text: str) -> tuple[dt.datetime | None, dt.datetime | None]:
@@ -150,13 +153,39 @@ def library_mounts(snap: Snapshot) -> tuple[str, ...]:
     return tuple(sorted({m for text in snap.summary.config_files.values() for m in UPLOAD_TARGET.findall(text)}))
 
 
+async def _stored_catalog(repo: Repo, snap: Snapshot) -> bytes | None:
+    """The stored catalog (gzip, a few MiB per 100,000 assets) when snapshot.json records
+    one and it matches the sha256 recorded there; else None, and the dump answers (an older
+    snapshot, or a catalog damaged, altered or sealed for keys this host lacks)."""
+    record = snap.summary.extra.get("catalog")
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return None
+    key = repo.catalog_key(snap.id)
+    try:
+        data = await repo.store.get(key)
+    except ObjectNotFound:  # a copy (`copy` carries the dump only): the dump answers
+        log.debug("no stored catalog %s: reading the snapshot's dump", key)
+        return None
+    except ImmichStreamError as exc:
+        log.warning("the stored catalog %s cannot be read (%s): reading the snapshot's dump instead", key, exc)
+        return None
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        log.warning("the stored catalog %s does not match snapshot.json: reading the snapshot's dump instead", key)
+        return None
+    return data
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 async def catalog_lines(repo: Repo, snap: Snapshot) -> AsyncIterator[bytes]:
     """The snapshot's catalog, a line at a time (header first): its stored catalog object,
     or else built from its dump."""
-    key = repo.catalog_key(snap.id)
-    if await repo.store.head(key) is not None:
+    stored = await _stored_catalog(repo, snap)
+    if stored is not None:
         carry = b""
-        async for data in gunzip_stream(repo.store.iter_object(key)):
+        async for data in gunzip_stream(_one(stored)):
             carry += data
             *whole, carry = carry.split(b"\n")
             for line in whole:

@@ -7,6 +7,7 @@ database of a known schema stores none: `find` then says why, from the dump.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import zlib
 
@@ -25,9 +26,11 @@ def compress(builder: CatalogBuilder) -> bytes:
     return b"".join(out)
 
 
-async def store_catalog(repo: Repo, snap_id: str, builder: CatalogBuilder) -> int | None:
-    """Write the snapshot's catalog; its size, or None when the dump held no catalog (said
-    at -v: a database that is not Immich's is not this run's failure)."""
+async def store_catalog(repo: Repo, snap_id: str, builder: CatalogBuilder) -> dict[str, object] | None:
+    """Write the snapshot's catalog; snapshot.json's `catalog` record (its size and sha256,
+    which readers check: the catalog is then as trustworthy as snapshot.json), or None when
+    the dump held no catalog (said at -v: a database that is not Immich's is not this run's
+    failure)."""
     try:
         data = await asyncio.to_thread(compress, builder)
     except CatalogError as exc:
@@ -37,4 +40,4 @@ async def store_catalog(repo: Repo, snap_id: str, builder: CatalogBuilder) -> in
         builder.rows.clear()  # the rows read from the dump: no longer needed
     await repo.store.put(repo.catalog_key(snap_id), data)
     log.debug("stored the Immich catalog of snapshot %s (%d bytes)", snap_id, len(data))
-    return len(data)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
