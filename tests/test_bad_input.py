@@ -366,3 +366,19 @@ def test_clock_skew_on_a_head_is_told_by_the_servers_date(
     assert r.code == 1, (r.out, r.err)
     assert "this machine's clock is off by 60 minutes (403)" in r.last_error, r.err
     assert rule.hits == 1, proxy.requests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["find"], "find needs a PATTERN (a glob such as 'IMG_4411*') or a catalog selector"),
+        (["find", "IMG_1*", "--album", "Summer"], "find takes a PATTERN or the catalog's selectors, not both"),
+        (["find", "--album", "Summer", "--all"], "find with the catalog's selectors looks in one snapshot"),
+    ],
+)
+def test_find_refuses_a_pattern_and_selectors_mixed_before_s3_is_asked(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    # the same find answers paths (PATTERN, every snapshot) and assets (selectors, one snapshot)
+    assert_usage_error(run_cli(*args, env=base_env(tmp_path)), needle)

@@ -49,7 +49,9 @@ class Entry:
     reuse: dict | None = None  # a manifest line of an earlier snapshot: its stored bytes are named, nothing uploaded
 
 
-def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: int = 0) -> str:
+def write_snapshot(
+    env: dict[str, str], entries: dict[str, Entry], hours_ago: int = 0, dump_sql: bytes | None = None
+) -> str:
     """A committed snapshot of the library entries (path -> Entry, in walk order) written
     through the repository code as a backup writes one; every file gets an object of this
     snapshot's own (as a backup that first saw it writes it: format 1), or a place in one
@@ -63,6 +65,7 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
     from immich_stream.s3.store import Store
 
     settings = make_settings(env)
+    dump_sql = DUMP_SQL if dump_sql is None else dump_sql  # the module's, at the call (a test patches it)
 
     async def main() -> str:
         async with Store(StoreOptions.from_settings(settings)) as store:
@@ -114,7 +117,7 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                 for line in lines:
                     await writer.add(line)
                 await writer.finish()
-            dump = gzip.compress(DUMP_SQL)
+            dump = gzip.compress(dump_sql)
             await store.put(repo.dump_key(sid), dump)
             await repo.commit(
                 SnapshotSummary(
@@ -127,9 +130,9 @@ def write_snapshot(env: dict[str, str], entries: dict[str, Entry], hours_ago: in
                     database=DatabaseInfo(
                         repo.relative_key(repo.dump_key(sid)),
                         "immich",
-                        len(DUMP_SQL),
+                        len(dump_sql),
                         len(dump),
-                        hashlib.sha256(DUMP_SQL).hexdigest(),
+                        hashlib.sha256(dump_sql).hexdigest(),
                         hashlib.sha256(dump).hexdigest(),
                     ),
                 )

@@ -32,6 +32,8 @@ from immich_stream.backup.library import (
 )
 from immich_stream.backup.roots import FilesPass, OrderedManifest, Sources
 from immich_stream.backup.upload import FileUploader
+from immich_stream.browse.catalog import CatalogBuilder
+from immich_stream.browse.catalog_store import store_catalog
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
 from immich_stream.host import metadata
@@ -186,6 +188,7 @@ class BackupRun:
         self.key_dir = ""
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
+        self.catalog = CatalogBuilder(ctx.settings.db_name)  # the Immich catalog, read as the dump streams
         self.phase_seconds: dict[str, float] = {}
         self.timeline: dict[str, float] = {}
         self._main_pass: FilesPass | None = None
@@ -324,7 +327,13 @@ class BackupRun:
         try:
             async with store.stream(self.repo.dump_key(self.snap_id), self.stream_budget, s.part_size) as out:
                 result = await dump_database(
-                    self.stack.docker, s.db_container, s.db_user, s.db_name, out.write, received
+                    self.stack.docker,
+                    s.db_container,
+                    s.db_user,
+                    s.db_name,
+                    out.write,
+                    received,
+                    self.catalog.feed_safely,
                 )
                 await out.finish()
             result.parts, result.stored = out.parts, out.stored
@@ -637,6 +646,7 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
         return lock.lost() or run.downtime_limit()
 
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
+    catalog = await store_catalog(repo, snap_id, run.catalog)  # the stack runs again: no downtime
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     if prev is not None and run.dump_result is not None:
@@ -646,6 +656,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
     seconds = time.monotonic() - ctx.started
     summary = run.summary(seconds, shrunk, prev.id if prev else None)
     record_source(summary, source, run.dump_result)
+    if catalog is not None:
+        summary.extra["catalog"] = catalog  # docs/format.md, "The Immich catalog"
     assert run.dump_result is not None
     if repo.lock is not None:  # --lock-days: what the snapshot reuses is retained long enough too
         summary.lock = await secure_snapshot(repo, snap_id, prev, settings.jobs)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from immich_stream import config as cfg
+from immich_stream.commands import catalog
 from immich_stream.commands.common import Subparsers
 from immich_stream.commands.monitor import Outcome, plain
 from immich_stream.errors import ConfigError, NothingMatched
@@ -24,9 +25,6 @@ from immich_stream.repository.manifest import ManifestLine
 # Commands whose --json output is JSON lines: one per entry while it is read, then the
 # summary document on one line (not collected into the document: memory stays bounded).
 JSON_LINES = ("ls", "find", "diff")
-
-# find's Immich-catalog selectors (added beside PATTERN by the catalog's own arguments)
-SELECTORS = ("album", "user", "person", "taken", "name")
 
 
 def _root(text: str) -> str:
@@ -57,10 +55,15 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     f = sub.add_parser(
         "find",
         parents=[common],
-        help="which snapshots hold a path or file name, newest first",
-        description="Search the snapshots' manifests for paths or file names matching a glob, newest snapshot first.",
+        help="which snapshots hold a path or file name (newest first), or a snapshot's Immich assets by user, "
+        "album, person, date or original file name",
+        description="With a PATTERN: search the snapshots' manifests for paths or file names matching a glob, newest "
+        "snapshot first. With the catalog's selectors: list the assets of one snapshot (--snapshot, default latest) "
+        "that Immich's catalog (read from the snapshot's database dump) selects, each with every file that belongs "
+        "to it.",
     )
     add_find_arguments(f)
+    catalog.add_catalog_selectors(f)
     d = sub.add_parser(
         "diff",
         parents=[common],
@@ -83,14 +86,36 @@ def add_find_arguments(parser: argparse.ArgumentParser) -> None:
         "(* also matches /); quote it for the shell",
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--snapshot", metavar="ID", help="only this snapshot (an id, a unique prefix, or latest)")
-    which.add_argument("--all", dest="all_", action="store_true", help="every snapshot (the default)")
+    which.add_argument(
+        "--snapshot",
+        metavar="ID",
+        help="only this snapshot (an id, a unique prefix, or latest; with the catalog's selectors: the one "
+        "snapshot to look in, default latest)",
+    )
+    which.add_argument("--all", dest="all_", action="store_true", help="every snapshot (the default for a PATTERN)")
     parser.add_argument("--root", type=_root, action="append", metavar="ROOT", help="only this root; repeatable")
 
 
 def check_find(args: argparse.Namespace) -> None:
-    if not args.pattern and not any(getattr(args, s, None) for s in SELECTORS):
-        raise ConfigError("find needs a PATTERN (a glob such as 'IMG_4411*'): see `immich-stream find --help`")
+    """A PATTERN (paths, over the manifests) or the catalog's selectors (assets, from one
+    snapshot's catalog): one of the two."""
+    if catalog.selected(args):
+        if args.pattern:
+            raise ConfigError(
+                f"find takes a PATTERN or the catalog's selectors, not both: for an original file name use "
+                f"--name {args.pattern!r} with the others"
+            )
+        if args.all_ or args.root:
+            raise ConfigError(
+                "find with the catalog's selectors looks in one snapshot: drop --all/--root, use --snapshot ID"
+            )
+        catalog.check(args)
+        return
+    if not args.pattern:
+        raise ConfigError(
+            "find needs a PATTERN (a glob such as 'IMG_4411*') or a catalog selector (--album, --user, --person, "
+            "--taken, --name): see `immich-stream find --help`"
+        )
 
 
 def _when(ns: int) -> str:
@@ -184,8 +209,8 @@ async def run_find(args: argparse.Namespace, settings: cfg.Settings, reporter: R
     from immich_stream.repository.session import open_reader, still_reading
 
     check_find(args)
-    if not args.pattern:
-        raise ConfigError("find without a PATTERN needs the Immich catalog's selectors, which this version lacks")
+    if catalog.selected(args):
+        return await catalog.run(args, settings, reporter)
     match = matcher(args.pattern)
     roots = set(args.root) if args.root else None
     counts = Counts()

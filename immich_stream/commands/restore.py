@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from immich_stream import config as cfg
+from immich_stream.commands.catalog import add_restore_options, check_restore, run_restore, selected
 from immich_stream.commands.common import (
     Subparsers,
     as_of,
@@ -77,6 +78,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="with --to DIR: write the docker-compose.yml and .env the snapshot recorded (secrets left as "
         "placeholders) into DIR, to rebuild a lost machine",
     )
+    add_restore_options(r)
     transfer_options(r)
     thaw_options(r)
     as_of_option(r)
@@ -85,6 +87,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace) -> None:
     """Local paths the restore will write or read, and flags that do not go together."""
     as_of(args)
+    check_restore(args)
     if args.database:
         check_state_dir()
     if args.to:
@@ -156,6 +159,8 @@ async def run(args: argparse.Namespace, settings: cfg.Settings, reporter: Report
             f"{info.seconds:.1f} s; Immich was down for {info.downtime:.1f} s"
         )
         return Outcome(0, {"snapshot": restored.id if restored else None, "database": settings.db_name, **plain(info)})
+    if selected(args):
+        return await run_restore(args, settings, reporter)
     snap, st = await restore.restore_files(
         settings,
         reporter,

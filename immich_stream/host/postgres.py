@@ -164,9 +164,12 @@ def pg_dump_command(user: str, dbname: str) -> list[str]:
 class GzipChunker:
     """Compress in ~1 MiB batches in a worker thread; hash both sides as they pass."""
 
-    def __init__(self, scanner: DumpScanner | None = None) -> None:
+    def __init__(self, scanner: DumpScanner | None = None, also: Callable[[bytes], None] | None = None) -> None:
         self._z = _gz.compressobj(GZIP_LEVEL, _gz.DEFLATED, 31)
         self.scanner = scanner
+        # another reader of the SQL as it passes (the Immich catalog's): in a thread of its
+        # own beside the compression, which lets go of the GIL
+        self.also = also
         self.raw = hashlib.sha256()
         self.gz = hashlib.sha256()
         self.raw_bytes = 0
@@ -183,7 +186,12 @@ class GzipChunker:
         return out
 
     async def compress(self, data: bytes, final: bool = False) -> bytes:
-        return await asyncio.to_thread(self._compress, data, final)
+        if self.also is None or not data:
+            return await asyncio.to_thread(self._compress, data, final)
+        out, _ = await asyncio.gather(
+            asyncio.to_thread(self._compress, data, final), asyncio.to_thread(self.also, data)
+        )
+        return out
 
 
 async def dump_database(
@@ -193,13 +201,15 @@ async def dump_database(
     dbname: str,
     write: Callable[[bytes], Any],
     progress: Callable[[int], None] | None = None,
+    also: Callable[[bytes], None] | None = None,
 ) -> DumpResult:
     """Run pg_dump and feed its gzip-compressed output to `await write(chunk)`; count the
-    rows of its COPY blocks as they pass, then ask the server for its version and extensions."""
+    rows of its COPY blocks as they pass (and hand the SQL to `also`), then ask the server
+    for its version and extensions."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     scanner = DumpScanner()
-    gz = GzipChunker(scanner)
+    gz = GzipChunker(scanner, also)
     pending: list[bytes] = []
     pending_size = 0
     async for data in stream_out(docker, container, pg_dump_command(user, dbname), "pg_dump"):

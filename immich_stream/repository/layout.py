@@ -4,6 +4,7 @@
     <prefix>/data/<id>/<root>/<escaped path>    file contents, uploaded by the run <id> that first saw them
     <prefix>/snapshots/<id>/manifest.jsonl.gz   one JSON line per entry, in walk order
     <prefix>/snapshots/<id>/database.sql.gz     the pg_dump stream
+    <prefix>/snapshots/<id>/catalog.jsonl.gz    the Immich catalog read from the dump (browse/catalog.py)
     <prefix>/snapshots/<id>/snapshot.json       the summary; written last = the commit marker
     <prefix>/snapshots/<id>/journal/<pass>-<n>.jsonl.gz  what an uncommitted run has read and
                                                 uploaded so far (deleted once it commits)
@@ -42,6 +43,7 @@ STOPPED_DIR = "%stopped"  # like %long, cannot start an escaped path (a bare % i
 # the files of a snapshot directory snapshots/<id>/
 MANIFEST = "manifest.jsonl.gz"
 DUMP = "database.sql.gz"
+CATALOG = "catalog.jsonl.gz"  # absent in snapshots of older versions: built from the dump then
 SUMMARY = "snapshot.json"  # written last: the commit marker
 MANIFEST_REWRITE = "manifest.rewrite.jsonl.gz"  # a manifest on its way back (key reencrypt, auth set-up)
 JOURNAL_DIR = "journal/"
@@ -211,6 +213,9 @@ class Layout:
 
     def dump_key(self, snap_id: str) -> str:
         return self.snapshot_prefix(snap_id) + DUMP
+
+    def catalog_key(self, snap_id: str) -> str:
+        return self.snapshot_prefix(snap_id) + CATALOG
 
     def rewrite_key(self, snap_id: str) -> str:
         """Where a manifest goes on its way back (key reencrypt, the authentication set-up)."""

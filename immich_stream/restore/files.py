@@ -19,6 +19,7 @@ import math
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from immich_stream.config import Settings
@@ -57,8 +58,13 @@ def _damaged(line: ManifestLine) -> str | None:
     return None
 
 
-def _matches(line: ManifestLine, roots: set[str], includes: list[str]) -> bool:
+Select = Callable[[ManifestLine], bool]  # a restore of chosen files (the catalog's: browse/catalog_find.py)
+
+
+def _matches(line: ManifestLine, roots: set[str], includes: list[str], select: Select | None = None) -> bool:
     if line.root not in roots:
+        return False
+    if select is not None and not select(line):
         return False
     if not includes:
         return True
@@ -131,7 +137,7 @@ def _check_target(target: Path, snap: Snapshot, overwrite: bool) -> bool:
 
 
 async def _check_something_matches(
-    repo: Repo, snap: Snapshot, roots: list[str] | None, wanted: set[str], includes: list[str]
+    repo: Repo, snap: Snapshot, roots: list[str] | None, wanted: set[str], includes: list[str], select: Select | None
 ) -> None:
     """A --root the snapshot lacks, or --include patterns that match nothing, are said at
     once (exit 1), before anything is written: a restore of 0 files is not a success."""
@@ -140,6 +146,14 @@ async def _check_something_matches(
         raise NothingMatched(
             f"nothing matched: snapshot {snap.id} holds no {', '.join(roots)} root (it holds "
             f"{', '.join(sorted(present))}; a backup with --stop app or none takes no cold copy): nothing was written"
+        )
+    if select is not None:
+        async for line in repo.read_manifest(snap.id, damaged=True):
+            if not isinstance(line, DamagedLine) and _matches(line, wanted, includes, select):
+                return
+        raise NothingMatched(
+            f"nothing matched: none of the selected assets' files is in snapshot {snap.id} (its library was "
+            "backed up without them, or under another root): nothing was written"
         )
     if not includes:
         return
@@ -190,7 +204,11 @@ async def restore_files(
     includes: list[str],
     overwrite: bool,
     wait: bool = True,
+    select: Select | None = None,
+    rename: Callable[[ManifestLine], bytes] | None = None,
 ) -> tuple[Snapshot, RestoreStats]:
+    """The snapshot's files (of `roots`, matching `includes` and `select`) under target;
+    `rename` gives each file its path under target instead of its root's layout."""
     started = time.monotonic()
     stats = RestoreStats()
     budget = ByteBudget(settings.max_memory)
@@ -202,17 +220,17 @@ async def restore_files(
         snap = await repo.resolve(which)
         fresh = _check_target(target, snap, overwrite)
         wanted = set(roots or (*ROOTS, *snap.summary.roots))
-        await _check_something_matches(repo, snap, roots, wanted, includes)
+        await _check_something_matches(repo, snap, roots, wanted, includes, select)
         # before the target is marked: a --no-wait run leaves nothing behind to resume
-        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait)
+        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait, select)
         target_fd = await asyncio.to_thread(_open_target, target)
         exits.callback(os.close, target_fd)
         await asyncio.to_thread(_mark_target, target_fd, snap.id)
-        everything = not includes and wanted >= set(snap.summary.roots)
+        everything = not includes and select is None and wanted >= set(snap.summary.roots)
         total = (snap.summary.files.bytes_total or None) if everything else None
         phase = reporter.phase("restore files", total)
         single = roots is not None and len(roots) == 1
-        restorer = FileRestorer(store, repo, target, target_fd, single, overwrite, stats, phase, budget)
+        restorer = FileRestorer(store, repo, target, target_fd, single, overwrite, stats, phase, budget, rename)
         exits.callback(restorer.close)
         restorer.fresh = fresh
         dirs: list[ManifestLine] = []
@@ -288,11 +306,11 @@ async def restore_files(
             async for line in repo.read_manifest(snap.id, damaged=True):
                 still_reading(lock)
                 if isinstance(line, DamagedLine):  # its root unreadable: named whatever was asked for
-                    if not is_root(line.root) or _matches(line, wanted, includes):
+                    if not is_root(line.root) or _matches(line, wanted, includes, select):
                         stats.files += 1
                         problem(line, RepoError(f"its manifest line is damaged ({line.damage}): run `verify`"))
                     continue
-                if not _matches(line, wanted, includes):
+                if not _matches(line, wanted, includes, select):
                     continue
                 rel = restorer.dest(line)  # refuses unsafe paths before anything is written for them
                 if (damage := _damaged(line)) is not None:
@@ -425,7 +443,14 @@ async def restore_files(
 
 
 async def _thaw_needed(
-    repo: Repo, snap: Snapshot, settings: Settings, reporter: Reporter, roots: set[str], includes: list[str], wait: bool
+    repo: Repo,
+    snap: Snapshot,
+    settings: Settings,
+    reporter: Reporter,
+    roots: set[str],
+    includes: list[str],
+    wait: bool,
+    select: Select | None = None,
 ) -> None:
     """Thaw the archived objects (GLACIER, DEEP_ARCHIVE) this restore will download, before
     any download starts (see thaw.py); one listing of data/ when none is archived."""
@@ -434,6 +459,6 @@ async def _thaw_needed(
         return
     needed: dict[bytes, str] = {}
     async for line in repo.read_manifest(snap.id, damaged=True):
-        if _matches(line, roots, includes):
+        if _matches(line, roots, includes, select):
             need_thawed(repo, line, archived, needed)
     await thaw(repo.store, needed.values(), settings, reporter, wait)

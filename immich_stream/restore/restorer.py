@@ -99,8 +99,10 @@ class FileRestorer:
         stats: RestoreStats,
         phase: Phase,
         budget: ByteBudget,
+        rename: Callable[[ManifestLine], bytes] | None = None,
     ) -> None:
         self.store = store
+        self.rename = rename  # a file's own path under the target (restore --layout names)
         self.repo = repo
         self.target = os.fsencode(target)
         self.target_fd = target_fd
@@ -132,6 +134,17 @@ class FileRestorer:
     def dest(self, line: ManifestLine) -> bytes:
         """The line's path relative to the target."""
         rel = safe_relpath(line)
+        if self.rename is not None and line.type != "dir":
+            named = self.rename(line)
+            if (
+                not named
+                or named.startswith(b"/")
+                or b"\0" in named
+                or named == MARKER.encode()
+                or any(part in (b"", b".", b"..") for part in named.split(b"/"))
+            ):
+                raise UnsafePath(f"refusing the name {named!r} for {line.root}/{line.path}: not a plain relative path")
+            return named
         if self.single_root:
             if rel == MARKER.encode():
                 raise UnsafePath(

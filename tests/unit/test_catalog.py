@@ -1,0 +1,201 @@
+"""The Immich catalog read from pg_dump text (immich_stream/browse/catalog.py).
+
+The dumps in tests/data/catalog/ were made by the real PostgreSQL 17 (pg_dump) from Immich's
+real schema and rows (tests/stack/real/10-schema.sql, 20-rows.sql, trimmed to 120 assets by
+trim.sql), once in the names since StandardizeNames with absolute /data/ paths, once in the
+names before it (legacy/30-legacy-names.sql) with relative upload/ paths and one
+/usr/src/app/upload/ path (legacy-paths.sql); make.sh remakes them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from immich_stream.browse.catalog import CatalogBuilder, CatalogError, field_text, parse_array, parse_copy
+from immich_stream.browse.catalog_find import Selectors, parse_taken
+from immich_stream.errors import ConfigError, NothingMatched
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "catalog"
+
+
+def catalog(sql: bytes, chunk: int = 65536, **kw: object) -> tuple[dict, list[dict]]:
+    b = CatalogBuilder(**kw)  # type: ignore[arg-type]
+    for i in range(0, len(sql), chunk):
+        b.feed(sql[i : i + chunk])
+    header, *assets = [json.loads(line) for line in b.lines()]
+    return header, assets
+
+
+def dump(era: str) -> bytes:
+    return gzip.decompress((DATA / f"{era}-era.sql.gz").read_bytes())
+
+
+def by_name(assets: list[dict]) -> dict[str, dict]:
+    return {a["name"]: a for a in assets}
+
+
+def test_both_eras_and_both_path_forms_give_the_same_catalog() -> None:
+    new_header, new = catalog(dump("new"), chunk=777)  # rows cut anywhere
+    old_header, old = catalog(dump("old"))
+    assert (new_header["era"], old_header["era"]) == ("new", "old")
+    assert new_header["tables"]["asset"] == "asset" and old_header["tables"]["asset"] == "assets"
+    assert old_header["tables"]["album_asset"] == "albums_assets_assets"
+    assert len(new) == len(old) == new_header["assets"] == 120
+    # relative upload/..., absolute /usr/src/app/upload/... and /data/...: the same library paths
+    assert sorted(new, key=lambda a: a["id"]) == sorted(old, key=lambda a: a["id"])
+    assert {h: new_header[h] for h in ("users", "albums", "people")} == {
+        h: old_header[h] for h in ("users", "albums", "people")
+    }
+
+
+def test_an_assets_owner_albums_people_and_every_file() -> None:
+    header, assets = catalog(dump("new"))
+    assets_by = by_name(assets)
+    assert len(header["users"]) == 4 and ["user1@example.org", "User 1"] in header["users"]
+    assert "Vacances d'été\\2023" in header["albums"]  # an escaped backslash in a COPY field
+    assert "Album 5 of User 3" not in header["albums"]  # deleted by 20-rows.sql
+    assert "" not in header["people"] and "Person 1" in header["people"]
+
+    live = assets_by["IMG_43.jpg"]  # a live photo: its motion video's files belong to it
+    kinds = {kind: (root, path) for root, path, kind in live["files"]}
+    assert kinds["original"][0] == "library" and kinds["original"][1].startswith("library/")
+    assert kinds["original"][1].endswith("/IMG_43.jpg")
+    assert kinds["live-video"][1].endswith("/IMG_20.mp4")
+    assert kinds["live-encoded-video"][1].startswith("encoded-video/")
+    assert kinds["thumbnail"][1].startswith("thumbs/") and kinds["preview"][1].endswith("-preview.jpeg")
+    # a sidecar: an asset_file row (since v1.135) or the sidecarPath column (before)
+    assert any(k == "sidecar" and p.endswith("IMG_63.jpg.xmp") for _, p, k in assets_by["IMG_63.jpg"]["files"])
+    assert any(k == "sidecar" and p.endswith("IMG_83.jpg.xmp") for _, p, k in assets_by["IMG_83.jpg"]["files"])
+    # an external library's file: its root named as backups name it
+    nas = assets_by["DSC_920.jpg"]
+    assert nas["files"][0] == ["external:mnt-nas-photos", "2015/DSC_920.jpg", "original"]
+    assert nas["user"] == "user1@example.org" and nas["owner"] == "User 1"
+    assert assets_by["Été\tà \\ la mer.jpg"]["type"] == "VIDEO"  # tab and backslash escapes
+    # taken-at: exif's dateTimeOriginal, as ISO 8601
+    assert assets_by["IMG_63.jpg"]["taken"] == "2010-04-08T15:00:00+00:00"
+    with_people = [a for a in assets if a["people"]]
+    in_albums = [a for a in assets if a["albums"]]
+    assert with_people and in_albums and len(in_albums) < len(assets)
+
+
+def test_a_dump_of_another_schema_or_of_both_eras_is_refused_in_one_line() -> None:
+    other = b"COPY public.things (id, name) FROM stdin;\n1\tx\n\\.\n"
+    with pytest.raises(CatalogError, match="not an Immich database of a known schema"):
+        catalog(other)
+    new, old = dump("new"), dump("old")
+    with pytest.raises(CatalogError, match="both naming eras"):
+        catalog(new + old)
+    odd = b'COPY public.asset (id, "ownerId", path) FROM stdin;\n\\.\n'
+    with pytest.raises(CatalogError, match="lacks the columns"):
+        catalog(odd)
+
+
+def test_cluster_dump_reads_only_the_database_asked_for() -> None:
+    # the other database holds the old era's tables: read too, they would be refused (both eras)
+    sql = b"-- PostgreSQL database cluster dump\n\\connect other\n" + dump("old") + b"\\connect immich\n" + dump("new")
+    header, assets = catalog(sql, database="immich")
+    assert header["era"] == "new" and len(assets) == 120
+
+
+def test_copy_text_format_fields_and_arrays() -> None:
+    assert field_text(b"\\N") is None
+    assert field_text(b"a\\tb\\\\c\\nd\\101\\x41") == "a\tb\\c\ndAA"
+    assert parse_array('{/mnt/nas/photos,"/mnt/a b","x\\"y",NULL}') == ["/mnt/nas/photos", "/mnt/a b", 'x"y']
+    assert parse_copy(b'COPY public."user" (id, "createdAt", "a""b") FROM stdin;') == (
+        "user",
+        ["id", "createdAt", 'a"b'],
+    )
+
+
+def test_album_asset_with_singular_column_names() -> None:
+    new = dump("new").replace(
+        b'COPY public.album_asset ("albumsId", "assetsId"', b'COPY public.album_asset ("albumId", "assetId"'
+    )
+    _, a = catalog(dump("new"))
+    _, b = catalog(new)
+    assert a == b
+
+
+def test_selectors_combine_and_unknown_names_list_the_nearest() -> None:
+    header, assets = catalog(dump("new"))
+    one = Selectors(albums=["album 1 of user 1"])  # no regard to case
+    picked = [a for a in assets if one.matches(a)]
+    assert picked and all("Album 1 of User 1" in a["albums"] for a in picked)
+    both = Selectors(albums=["Album 1 of User 1"], names=["IMG_*"], taken=["2010-01-01..2012-12-31"])
+    narrower = [a for a in assets if both.matches(a)]
+    assert narrower and set(map(id, narrower)) < set(map(id, picked))
+    assert all(a["name"].startswith("IMG_") and a["taken"] < "2013" for a in narrower)
+    by_user = [a for a in assets if Selectors(users=["User 4"]).matches(a)]
+    assert by_user and by_user == [a for a in assets if Selectors(users=["USER4@example.org"]).matches(a)]
+    with pytest.raises(NothingMatched, match=r"no album 'Album 1 of Usr 1' .*'Album 1 of User 1'"):
+        Selectors(albums=["Album 1 of Usr 1"]).check_names(header, "S")
+    with pytest.raises(ConfigError, match="not a date"):
+        parse_taken("last summer")
+    lo, hi = parse_taken("2023-07-01..2023-07-01")
+    assert lo is not None and hi is not None and (hi - lo).total_seconds() > 86399
+
+
+def test_columns_a_version_lacks_read_as_null() -> None:
+    """An Immich without sidecarPath, encodedVideoPath or deletedAt columns (some versions
+    dropped or had not yet added them): those read as NULL, the rest as usual."""
+    u, a, al = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222", "3" * 8
+    sql = (
+        f'COPY public."user" (id, email, name) FROM stdin;\n{u}\tme@example.org\tMe\n\\.\n'
+        f'COPY public.album (id, "albumName") FROM stdin;\n{al}\tTrip\n\\.\n'
+        f'COPY public.album_asset ("albumId", "assetId") FROM stdin;\n{al}\t{a}\n\\.\n'
+        f'COPY public.asset (id, "ownerId", type, "originalPath", "originalFileName", "fileCreatedAt", '
+        f'"localDateTime") FROM stdin;\n{a}\t{u}\tIMAGE\t/data/library/{u}/a.jpg\ta.jpg\t2020-01-02 03:04:05+00\t'
+        "2020-01-02 04:04:05+00\n\\.\n"
+    ).encode()
+    header, assets = catalog(sql, chunk=5)
+    assert header["era"] == "new"
+    assert assets == [
+        {
+            "id": a,
+            "user": "me@example.org",
+            "owner": "Me",
+            "name": "a.jpg",
+            "type": "IMAGE",
+            "taken": "2020-01-02T03:04:05+00:00",
+            "albums": ["Trip"],
+            "people": [],
+            "files": [["library", f"library/{u}/a.jpg", "original"]],
+        }
+    ]
+
+
+def test_names_layout_resolves_collisions_and_unsafe_names() -> None:
+    from immich_stream.browse.catalog_restore import NO_ALBUM, names_layout
+
+    def asset(i: int, name: str, albums: list[str], files: list[list[str]]) -> dict:
+        return {"id": str(i), "name": name, "taken": f"2023-01-0{i}", "albums": albums, "files": files}
+
+    got = names_layout(
+        [
+            asset(1, "IMG_1.jpg", ["Trip", "Other"], [["library", "library/u/a/IMG_1.jpg", "original"]]),
+            asset(
+                2,
+                "IMG_1.jpg",
+                ["Other", "Trip"],
+                [
+                    ["library", "library/u/b/IMG_1.jpg", "original"],
+                    ["library", "library/u/b/IMG_1.jpg.xmp", "sidecar"],
+                    ["library", "thumbs/u/b-thumbnail.webp", "thumbnail"],  # derived: not in this layout
+                    ["library", "library/u/b/IMG_1.mov", "live-video"],
+                ],
+            ),
+            asset(3, "../x/..", [], [["library", "library/u/c/x", "original"], ["", "/elsewhere/x", "original"]]),
+        ],
+        ["trip"],
+    )
+    assert got == {
+        ("library", b"library/u/a/IMG_1.jpg"): b"Trip/IMG_1.jpg",
+        ("library", b"library/u/b/IMG_1.jpg"): b"Trip/IMG_1 (2).jpg",
+        ("library", b"library/u/b/IMG_1.jpg.xmp"): b"Trip/IMG_1 (2).jpg.xmp",
+        ("library", b"library/u/b/IMG_1.mov"): b"Trip/IMG_1 (2).mov",
+        ("library", b"library/u/c/x"): NO_ALBUM.encode() + b"/.._x_..",
+    }
