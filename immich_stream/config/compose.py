@@ -69,11 +69,17 @@ class Compose:
         return normalise_project(self.project_dir.name), f"the name of the project directory {self.project_dir}"
 
     def database_service(self) -> str | None:
-        """Immich's `database`, else the one service that runs a postgres image."""
+        """Immich's `database`, else the one service that mounts Postgres's data directory,
+        else the one that runs a postgres image."""
         if DATABASE_SERVICE in self.services:
             return DATABASE_SERVICE
-        found = [k for k, v in self.services.items() if "postgres" in str(v.get("image", "")).lower()]
-        return found[0] if len(found) == 1 else None
+        for found in (
+            [k for k in self.services if self.mount(k, (PGDATA_TARGET,), "") is not None],
+            [k for k, v in self.services.items() if "postgres" in str(v.get("image", "")).lower()],
+        ):
+            if len(found) == 1:
+                return found[0]
+        return None
 
     def mount(self, service: str | None, targets: tuple[str, ...], project: str) -> Volume | None:
         """The volume of `service` mounted at one of `targets` (the first found), with a named

@@ -78,7 +78,9 @@ def test_compose_file_variable_with_its_separator(tmp_path: Path, separator: str
     (d / "extra").mkdir(parents=True)
     (d / "docker-compose.yml").write_text("name: ignored-default\n" + SERVER)  # not listed: not read
     (d / "base.yml").write_text("name: listed\n" + SERVER)
-    (d / "extra" / "nas.yml").write_text("services:\n  database:\n    volumes:\n      - /nas/pg:/var/lib/postgresql/data\n")
+    (d / "extra" / "nas.yml").write_text(
+        "services:\n  database:\n    volumes:\n      - /nas/pg:/var/lib/postgresql/data\n"
+    )
     env = {"IMMICH_DIR": str(d), "COMPOSE_FILE": f"base.yml{separator or ':'}extra/nas.yml"}
     if separator:
         env["COMPOSE_PATH_SEPARATOR"] = separator
@@ -175,3 +177,13 @@ def test_broken_compose_files_are_one_line(tmp_path: Path) -> None:
     (d / "docker-compose.yml").write_text("services:\n  x:\n    image: ${IMAGE:?set IMAGE in .env}\n")
     with pytest.raises(ConfigError, match=r"IMAGE\} is required: set IMAGE in .env"):
         load(tmp_path, IMMICH_DIR=str(d))
+
+
+def test_the_database_service_is_the_one_that_mounts_postgres_data(tmp_path: Path) -> None:
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "compose.yaml").write_text(
+        SERVER.replace("database:", "pg:") + "  postgres-exporter:\n    image: postgres-exporter\n"
+    )
+    s = load(tmp_path, IMMICH_DIR=str(d))
+    assert s.db_service == "pg" and s.postgres_dir == d / "pg"
