@@ -213,7 +213,7 @@ def load_compose(
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            raise ConfigError(f"compose file {path} does not exist: fix --compose-file / COMPOSE_FILE") from None
+            raise ConfigError(f"compose_file {path} does not exist: fix --compose-file / COMPOSE_FILE") from None
         except OSError as exc:
             raise ConfigError(f"compose file {path} cannot be read ({exc.strerror}): check its permissions") from None
         try:

@@ -306,6 +306,8 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")
     if s.immich_dir is not None:
         s.require_dir("immich_dir")
+    if s.env_file is not None and not s.env_file.is_file():  # compose refuses a missing --env-file too
+        raise ConfigError(f"env_file {s.env_file} (from {s.sources['env_file']}) is not a file: fix the path")
     if s.sse_kms_key_id is not None and s.sse != "aws:kms":
         raise ConfigError(
             f"sse_kms_key_id (from {s.sources['sse_kms_key_id']}) needs --sse aws:kms: add it, or drop the key id"

@@ -172,7 +172,7 @@ def test_broken_compose_files_are_one_line(tmp_path: Path) -> None:
     (d / "docker-compose.yml").write_text("services:\n  a: [\n")
     with pytest.raises(ConfigError, match=r"docker-compose.yml line \d+ is not valid YAML: `docker compose config`"):
         load(tmp_path, IMMICH_DIR=str(d))
-    with pytest.raises(ConfigError, match=r"compose file .*missing.yml does not exist: fix --compose-file"):
+    with pytest.raises(ConfigError, match=r"compose_file .*missing.yml does not exist: fix --compose-file"):
         load(tmp_path, IMMICH_DIR=str(d), COMPOSE_FILE="missing.yml")
     (d / "docker-compose.yml").write_text("services:\n  x:\n    image: ${IMAGE:?set IMAGE in .env}\n")
     with pytest.raises(ConfigError, match=r"IMAGE\} is required: set IMAGE in .env"):
@@ -187,3 +187,13 @@ def test_the_database_service_is_the_one_that_mounts_postgres_data(tmp_path: Pat
     )
     s = load(tmp_path, IMMICH_DIR=str(d))
     assert s.db_service == "pg" and s.postgres_dir == d / "pg"
+
+
+def test_immichs_pgvecto_rs_era_compose_file_mounts_the_library_at_its_old_target(tmp_path: Path) -> None:
+    d = tmp_path / "immich-app"
+    d.mkdir()
+    shutil.copy(CORPUS / "pgvectors.docker-compose.yml", d / "docker-compose.yml")
+    (d / ".env").write_text("UPLOAD_LOCATION=/photos\nDB_DATA_LOCATION=/pg\n")
+    s = load(tmp_path, IMMICH_DIR=str(d))
+    assert (s.library_dir, s.postgres_dir) == (Path("/photos"), Path("/pg"))
+    assert "services.immich-server.volumes" in s.sources["library_dir"]
