@@ -199,6 +199,6 @@ def test_directory_project_named_volume_and_a_database_service_of_another_name(
 
     # the volume compose would use for another project does not exist: one line, nothing stopped
     r = run_cli("backup", env=dict(env, COMPOSE_PROJECT_NAME="elsewhere"))
-    assert r.code != 0
+    assert r.code == 2, r.err  # a configuration error
     assert "named volume elsewhere_pgdata, which Docker does not have" in r.last_error, r.err
     assert "nothing was stopped" in r.last_error and "stopping" not in r.err
