@@ -197,6 +197,10 @@ def test_directory_project_named_volume_and_a_database_service_of_another_name(
     assert copy[:8] == live[:8]  # the same cluster (its system identifier) ...
     assert int.from_bytes(copy[16:20], "little") == 1  # ... copied cold: DB_SHUTDOWNED, not DB_IN_PRODUCTION
 
+    r = run_cli("doctor", env=env)
+    assert f"{volume} (named volume familyalbum_pgdata)" in r.out, r.out
+    assert "project familyalbum: 2 containers, 2 running; familyalbum-postgres-1 found" in r.out, r.out
+
     # the volume compose would use for another project does not exist: one line, nothing stopped
     r = run_cli("backup", env=dict(env, COMPOSE_PROJECT_NAME="elsewhere"))
     assert r.code == 2, r.err  # a configuration error
