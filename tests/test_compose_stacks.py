@@ -147,7 +147,7 @@ def projects(machine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def test_two_files_name_from_the_second_env_file_elsewhere_backup_and_restore(
-    projects: dict[str, Project], s3_env: dict[str, str]
+    projects: dict[str, Project], s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     p = projects["vault"]
     labels = docker("inspect", "-f", '{{index .Config.Labels "com.docker.compose.project"}}', p.db)
@@ -169,6 +169,16 @@ def test_two_files_name_from_the_second_env_file_elsewhere_backup_and_restore(
     r = run_cli("restore", "--database", *env_file, env=dict(env, COMPOSE_FILE="docker-compose.yml:prod.yml"))
     assert r.code == 0, r.err
     assert p.psql("SELECT count(*), md5(string_agg(id || name, ',' ORDER BY id)) FROM photos") == before
+
+    # the snapshot recorded the files compose used, the env file elsewhere too (redacted)
+    r = run_cli("restore", "latest", "--config-files", "--to", str(tmp_path / "rebuild"), env=env)
+    assert r.code == 0, r.err
+    rebuilt = tmp_path / "rebuild"
+    assert sorted(f.name for f in rebuilt.iterdir()) == [".env", "docker-compose.yml", "immich.env", "prod.yml"]
+    assert (rebuilt / "prod.yml").read_text() == VAULT_PROD
+    assert "DB_PASSWORD=" in (rebuilt / "immich.env").read_text()
+    assert "vault-db-password" not in (rebuilt / "immich.env").read_text()
+    assert (rebuilt / "immich.env").stat().st_mode & 0o777 == 0o600
 
     r = run_cli("config", *files, *env_file, env=env)
     assert r.code == 0, r.err

@@ -201,6 +201,8 @@ def _compose_model(raw: dict[str, tuple[Any, str, Path | None]], environ: Mappin
     if compose is not None and compose.files:  # as found: absolute, split
         where = raw["compose_file"][1] if "compose_file" in raw else f"the default names in {compose.project_dir}"
         raw["compose_file"] = (compose.files, where, None)
+        if env_file is None and compose.env_file.is_file():  # shown by `config`, recorded in snapshots
+            raw["env_file"] = (str(compose.env_file), f"the .env of {compose.project_dir}", None)
     if compose is None and immich_dir is not None:  # no compose file: IMMICH_DIR's .env alone
         env_path = env_file or immich_dir / ".env"
         return Compose(files=(), project_dir=immich_dir, env_file=env_path, env=read_dotenv(env_path, environ))
