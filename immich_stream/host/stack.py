@@ -199,7 +199,10 @@ class Stack:
             )
         db = [c for c in containers if c.name == self.db_container]
         if not db:
-            raise StackError(f"database container {self.db_container!r} not found: set DB_CONTAINER to its name")
+            raise StackError(
+                f"database container {self.db_container!r} not found, nor a container of compose project "
+                f"{self.project!r} whose service runs Postgres: set DB_CONTAINER to its name (`docker ps`)"
+            )
         if not db[0].running:
             raise StackError(f"database container {self.db_container!r} is not running: start Immich first")
         return containers
