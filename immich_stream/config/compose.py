@@ -124,6 +124,8 @@ def _volume(entry: Any, project_dir: Path, where: str) -> Volume | None:
         if len(parts) < 2:
             return None  # an anonymous volume
         source, target = parts[0], parts[1]
+        if not source:  # an unset variable (`${DB_DATA_LOCATION}:...`): compose refuses it
+            return None
         kind = "bind" if source.startswith((".", "/", "~")) else "volume"
     else:
         return None

@@ -197,3 +197,13 @@ def test_immichs_pgvecto_rs_era_compose_file_mounts_the_library_at_its_old_targe
     s = load(tmp_path, IMMICH_DIR=str(d))
     assert (s.library_dir, s.postgres_dir) == (Path("/photos"), Path("/pg"))
     assert "services.immich-server.volumes" in s.sources["library_dir"]
+
+
+def test_an_unset_variable_in_a_volume_is_no_volume_named_after_the_project(tmp_path: Path) -> None:
+    d = tmp_path / "app"
+    d.mkdir()
+    shutil.copy(CORPUS / "release.docker-compose.yml", d / "docker-compose.yml")  # ${DB_DATA_LOCATION}, unset
+    s = load(tmp_path, IMMICH_DIR=str(d))
+    assert (s.postgres_dir, s.postgres_volume, s.library_dir) == (None, None, None)
+    with pytest.raises(ConfigError, match="postgres_dir is not set"):
+        s.require("postgres_dir")
