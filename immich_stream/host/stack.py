@@ -302,8 +302,10 @@ async def find_containers(docker: aiodocker.Docker, settings: Settings) -> None:
         found = await docker.containers.list(
             all=True, filters=json.dumps({"label": [f"{PROJECT_LABEL}={settings.project}"]})
         )
-    except aiodocker.DockerError as exc:
-        raise StackError(f"cannot list containers: {exc.message}") from None
+    except StackError:
+        raise  # a deadline: says so itself
+    except Exception:
+        return  # Docker out of reach: the ping that comes next says so in its own words
     raw = [c._container for c in found]
     service = settings.db_service or "database"
     by_service = [c for c in raw if (c.get("Labels") or {}).get(SERVICE_LABEL) == service]
