@@ -28,6 +28,8 @@ WRONG: dict[str, tuple[str, str]] = {
     "immich_dir": ("/no/such/immich", "5"),
     "library_dir": ("/no/such/library", '""'),
     "postgres_dir": ("/no/such/postgres", "[]"),
+    "compose_file": ("/no/such/compose.yml", "5"),
+    "env_file": ("/no/such/immich.env", "[]"),
     "project": ("My Immich", '"immich/app"'),
     "db_container": ("immich postgres", '"-x"'),
     "db_user": ("u" * 64, '""'),

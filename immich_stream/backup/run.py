@@ -39,7 +39,7 @@ from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError
 from immich_stream.host import metadata
 from immich_stream.host.hoststate import stack_lock, state_dir
 from immich_stream.host.postgres import DumpResult, dump_database
-from immich_stream.host.stack import Stack, StackGuard, connect, recover
+from immich_stream.host.stack import Stack, StackGuard, connect, find_containers, postgres_volume_dir, recover
 from immich_stream.progress import Phase, Reporter
 from immich_stream.repository.layout import STOPPED_DIR, is_external, new_snapshot_id, snapshot_time
 from immich_stream.repository.locks import RepoLock
@@ -502,12 +502,16 @@ def backup_roots(settings: Settings) -> dict[str, Path]:
 async def run_backup(settings: Settings, reporter: Reporter, allow_shrink: bool = False) -> BackupResult:
     started = time.monotonic()
     settings.require("bucket")
+    if settings.stop == "all" and settings.postgres_dir is None and settings.postgres_volume is not None:
+        async with connect(settings.tuning.docker_deadline) as docker:  # DB_DATA_LOCATION is a named volume
+            await postgres_volume_dir(docker, settings)
     roots = backup_roots(settings)
     snap_id = new_snapshot_id()
     # Two backups of one stack on one host never overlap (the kernel drops the flock of a
     # killed run); runs elsewhere and prune are kept apart by the repository lock.
     with stack_lock(settings.project):
         async with connect(settings.tuning.docker_deadline) as docker:
+            await find_containers(docker, settings)
             stack = Stack(docker, settings.project, settings.db_container)
             # A run killed with the stack down is repaired first, whatever else happens.
             if await recover(stack):

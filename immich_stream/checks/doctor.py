@@ -79,7 +79,7 @@ class Doctor:
     def config(self) -> None:
         s = self.settings
         missing = [n for n in ("bucket", "library_dir") if getattr(s, n) is None]
-        if s.stop == "all" and s.postgres_dir is None:
+        if s.stop == "all" and s.postgres_dir is None and s.postgres_volume is None:
             missing.append("postgres_dir")
         if missing:
             self.add("configuration", FAIL, f"not set: {', '.join(missing)} (see `immich-stream config`)")
@@ -132,18 +132,27 @@ class Doctor:
 
     async def docker(self) -> bool:
         """Docker and the containers (and Immich's own dump job): False when Docker is out of reach."""
-        from immich_stream.host.stack import Stack, connect
+        from immich_stream.host.stack import Stack, connect, find_containers, postgres_volume_dir
 
         s = self.settings
 
         async def check() -> tuple[str, str]:
             async with connect(s.tuning.docker_deadline) as docker:
+                await find_containers(docker, s)
                 stack = Stack(docker, s.project, s.db_container)
                 containers = await stack.preflight()
             running = sum(1 for c in containers if c.running)
             return OK, f"project {s.project}: {len(containers)} containers, {running} running; {s.db_container} found"
 
         if await self.probe("Docker and containers", check):
+            if s.postgres_volume is not None and s.postgres_dir is None:
+
+                async def volume() -> tuple[str, str]:
+                    async with connect(s.tuning.docker_deadline) as docker:
+                        await postgres_volume_dir(docker, s)
+                    return OK, f"{s.postgres_dir} (named volume {s.postgres_volume})"
+
+                await self.probe("postgres_dir", volume)
 
             async def dumps() -> tuple[str, str]:
                 from immich_stream.host.dumpjob import describe, dump_job

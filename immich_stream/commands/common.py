@@ -122,8 +122,8 @@ def common_parser() -> Parser:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["metavar"] = "URL" if spec.name in ("notify", "webhook") else spec.name.upper()
-            if spec.parse is cfg.parse_notify_urls:
-                kwargs["action"] = "append"  # repeatable
+            if spec.parse in (cfg.parse_notify_urls, cfg.parse_paths):
+                kwargs["action"] = "append"  # repeatable (--compose-file as compose's -f)
             g.add_argument(spec.flag, **kwargs)
     v = p.add_argument_group("output")
     v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress")

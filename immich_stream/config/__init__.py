@@ -9,13 +9,14 @@ and remembers where each value came from, so `immich-stream config` can say so.
     settings.py  Settings, the declaration of every setting, and the tables derived from it
     tuning.py    Tuning: the test and expert knobs read once from the environment
     immich.py    Immich's .env and compose project name
+    compose.py   Immich's compose files as docker compose merges them
     keys.py      the key files the settings name (age identity and recipients, SSE-C key)
     resolve.py   load(), the whole-settings checks, describe()
 
 Other layers use the names re-exported here (`from immich_stream import config as cfg`).
 """
 
-from immich_stream.config.immich import compose_project_name, interpolate, read_dotenv
+from immich_stream.config.immich import interpolate, read_dotenv
 from immich_stream.config.keys import SSE_C_KEY_BYTES, AgeKeys, read_age_keys, read_sse_c_key
 from immich_stream.config.parse import (
     AGE_SECRET,
@@ -55,6 +56,7 @@ from immich_stream.config.parse import (
     parse_lock_mode,
     parse_notify_urls,
     parse_path,
+    parse_paths,
     parse_percent,
     parse_pg_name,
     parse_ping_url,
@@ -116,7 +118,6 @@ __all__ = [
     "Settings",
     "Spec",
     "Tuning",
-    "compose_project_name",
     "default_config_paths",
     "describe",
     "env_duration",
@@ -140,6 +141,7 @@ __all__ = [
     "parse_lock_mode",
     "parse_notify_urls",
     "parse_path",
+    "parse_paths",
     "parse_percent",
     "parse_pg_name",
     "parse_ping_url",

@@ -1,5 +1,5 @@
-"""What the settings read from Immich's own files: its .env (UPLOAD_LOCATION, DB_* ...), read
-as docker compose reads it, and the project name in its compose file.
+"""What the settings read from Immich's own .env (UPLOAD_LOCATION, DB_* ...), read as docker
+compose reads it, and compose's interpolation (config/compose.py reads the compose files).
 """
 
 from __future__ import annotations
@@ -76,15 +76,3 @@ def interpolate(value: str, lookup: Callable[[str], str | None]) -> str:
         return found or ""
 
     return _INTERPOLATION.sub(sub, value)
-
-
-def compose_project_name(immich_dir: Path) -> str | None:
-    """The top-level `name:` of IMMICH_DIR's compose file, as docker compose would use it."""
-    for fname in ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml"):
-        try:
-            text = (immich_dir / fname).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        m = re.search(r"^name:\s*['\"]?([A-Za-z0-9_.-]+)['\"]?\s*(#.*)?$", text, re.MULTILINE)
-        return m.group(1) if m else None
-    return None

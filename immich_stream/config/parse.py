@@ -228,6 +228,14 @@ def parse_path(text: str) -> Path:
     return Path(os.path.expanduser(text))
 
 
+def parse_paths(value: str | Path | list[Any] | tuple[Any, ...]) -> tuple[Path, ...]:
+    """A path or a list of them (TOML, repeated flags; COMPOSE_FILE is split by config/resolve.py)."""
+    items = [value] if isinstance(value, (str, Path)) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"{value!r} is not a list of paths: write a path, or a list of them")
+    return tuple(p if isinstance(p, Path) else parse_path(p) for p in items)
+
+
 AGE_SECRET = "AGE-SECRET-KEY-"  # an age secret key: never echoed in a message
 
 

@@ -16,7 +16,14 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from immich_stream.config.immich import compose_project_name, read_dotenv
+from immich_stream.config.compose import (
+    PGDATA_TARGET,
+    SERVER_SERVICE,
+    UPLOAD_TARGETS,
+    Compose,
+    load_compose,
+)
+from immich_stream.config.immich import read_dotenv
 from immich_stream.config.keys import read_age_keys, read_sse_c_key
 from immich_stream.config.parse import (
     MAX_PART_SIZE,
@@ -154,28 +161,16 @@ def load(
             if spec.name in flags:
                 raw[spec.name] = (flags[spec.name], f"flag {spec.flag}", None)
 
-    # IMMICH_DIR must be known before its .env can be read; environment and flags
-    # then override whatever .env says.
+    # IMMICH_DIR and the compose files must be known before the .env can be read;
+    # environment and flags then override whatever .env and the compose files say.
     from_env()
     from_flags()
-    dotenv_names: set[str] = set()
-    if "immich_dir" in raw:
-        immich_dir = _parse("immich_dir", *raw["immich_dir"])
-        dotenv = read_dotenv(immich_dir / ".env", environ)
-        file_values = {n: v for n, v in raw.items() if v[1].startswith("config file")}
-        for spec in SETTINGS:
-            if spec.dotenv and dotenv.get(spec.dotenv):
-                higher = spec.name in raw and spec.name not in file_values
-                if not higher:
-                    raw[spec.name] = (dotenv[spec.dotenv], f"{immich_dir / '.env'} {spec.dotenv}", immich_dir)
-                    dotenv_names.add(spec.name)
-        if "project" not in raw:
-            name = compose_project_name(immich_dir)
-            if name:
-                raw["project"] = (name, f"{immich_dir}/docker-compose.yml name:", None)
+    compose = _compose_model(raw, environ)
+    settings = Settings(config_file=config_file, repositories=repositories)
+    if compose is not None:
+        _from_compose(compose, raw, settings, environ)
 
     short = environ.get(SHORT_DURATIONS_ENV, "") not in ("", "0")
-    settings = Settings(config_file=config_file, repositories=repositories)
     for spec in SETTINGS:
         if spec.name in raw:
             value = _parse(spec.name, *raw[spec.name], short_durations=short)
@@ -186,6 +181,69 @@ def load(
     settings.tuning = Tuning.from_env(environ)
     _validate(settings, environ)
     return settings
+
+
+def _compose_model(raw: dict[str, tuple[Any, str, Path | None]], environ: Mapping[str, str]) -> Compose | None:
+    """The compose model of IMMICH_DIR (or of --compose-file / COMPOSE_FILE), None without
+    compose files; COMPOSE_FILE is split as compose splits it (COMPOSE_PATH_SEPARATOR)."""
+    immich_dir = _parse("immich_dir", *raw["immich_dir"]) if "immich_dir" in raw else None
+    files: tuple[Path, ...] = ()
+    if "compose_file" in raw:
+        value, source, base = raw["compose_file"]
+        if source == "env COMPOSE_FILE":
+            sep = environ.get("COMPOSE_PATH_SEPARATOR") or os.pathsep
+            value, base = [p for p in str(value).split(sep) if p], immich_dir
+        files = tuple((base or Path.cwd()) / p for p in _parse("compose_file", value, source, base))
+    env_file = _parse("env_file", *raw["env_file"]) if "env_file" in raw else None
+    if immich_dir is None and not files:
+        return None
+    compose = load_compose(immich_dir, files, env_file, environ)
+    if compose is not None and compose.files:  # as found: absolute, split
+        where = raw["compose_file"][1] if "compose_file" in raw else f"the default names in {compose.project_dir}"
+        raw["compose_file"] = (compose.files, where, None)
+        if env_file is None and compose.env_file.is_file():  # shown by `config`, recorded in snapshots
+            raw["env_file"] = (str(compose.env_file), f"the .env of {compose.project_dir}", None)
+    if compose is None and immich_dir is not None:  # no compose file: IMMICH_DIR's .env alone
+        env_path = env_file or immich_dir / ".env"
+        return Compose(files=(), project_dir=immich_dir, env_file=env_path, env=read_dotenv(env_path, environ))
+    return compose
+
+
+def _from_compose(
+    compose: Compose, raw: dict[str, tuple[Any, str, Path | None]], settings: Settings, environ: Mapping[str, str]
+) -> None:
+    """The settings the env file and the compose files give, below the environment and the
+    flags (a config file's value gives way to them, as to Immich's .env): the .env's DB_*,
+    the project name, and UPLOAD_LOCATION and DB_DATA_LOCATION as the volumes of the
+    immich-server and database services really mount them (a variable's default included)."""
+    weak = {n for n, v in raw.items() if v[1].startswith("config file")}
+
+    def give(name: str, value: Any, source: str, base: Path | None) -> bool:
+        if name in raw and name not in weak:
+            return False
+        raw[name] = (value, source, base)
+        weak.add(name)  # the compose files' volumes say better where the .env's paths go
+        return True
+
+    for spec in SETTINGS:
+        if spec.dotenv and compose.env.get(spec.dotenv):
+            give(spec.name, compose.env[spec.dotenv], f"{compose.env_file} {spec.dotenv}", compose.project_dir)
+    if not compose.files:
+        return
+    if "project" not in raw:
+        name, where = compose.project(environ)
+        raw["project"] = (name, where, None)
+    project = _parse("project", *raw["project"])
+    upload = compose.mount(SERVER_SERVICE, UPLOAD_TARGETS, project)
+    if upload is not None and upload.kind == "bind":
+        give("library_dir", upload.source, upload.where, None)
+    settings.db_service = compose.database_service()
+    pgdata = compose.mount(settings.db_service, (PGDATA_TARGET,), project)
+    if pgdata is not None and pgdata.kind == "bind":
+        give("postgres_dir", pgdata.source, pgdata.where, None)
+    elif pgdata is not None and ("postgres_dir" not in raw or raw["postgres_dir"][1].startswith(str(compose.env_file))):
+        raw.pop("postgres_dir", None)  # DB_DATA_LOCATION names the volume, not a directory
+        settings.postgres_volume = pgdata.source
 
 
 def _shown(spec: Spec, value: float) -> str:
@@ -250,6 +308,8 @@ def _validate(s: Settings, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"ca_bundle {s.ca_bundle} (from {s.sources['ca_bundle']}) is not a file: fix the path")
     if s.immich_dir is not None:
         s.require_dir("immich_dir")
+    if s.env_file is not None and not s.env_file.is_file():  # compose refuses a missing --env-file too
+        raise ConfigError(f"env_file {s.env_file} (from {s.sources['env_file']}) is not a file: fix the path")
     if s.sse_kms_key_id is not None and s.sse != "aws:kms":
         raise ConfigError(
             f"sse_kms_key_id (from {s.sources['sse_kms_key_id']}) needs --sse aws:kms: add it, or drop the key id"

@@ -41,6 +41,7 @@ from immich_stream.config.parse import (
     parse_lock_mode,
     parse_notify_urls,
     parse_path,
+    parse_paths,
     parse_percent,
     parse_pg_name,
     parse_ping_url,
@@ -152,18 +153,34 @@ class Settings:
         env=("POSTGRES_DIR",),
         dotenv="DB_DATA_LOCATION",
     )
+    compose_file: tuple[Path, ...] = setting(
+        "immich",
+        (),
+        parse_paths,
+        "Immich's compose files, merged in this order as docker compose -f does (repeatable; default: "
+        "COMPOSE_FILE, else IMMICH_DIR's compose.yaml or docker-compose.yml and its override file)",
+        env=("COMPOSE_FILE",),
+    )
+    env_file: Path | None = setting(
+        "immich",
+        None,
+        parse_path,
+        "Immich's .env, as docker compose --env-file (default: .env beside the first compose file)",
+    )
     project: str = setting(
         "immich",
         "immich",
         parse_project,
-        "the Docker Compose project name (default: name: in IMMICH_DIR/docker-compose.yml, else immich)",
+        "the Docker Compose project name (default: COMPOSE_PROJECT_NAME in the .env, the compose files' name:, "
+        "else the compose project directory's name; immich without compose files)",
         env=("COMPOSE_PROJECT_NAME",),
     )
     db_container: str = setting(
         "immich",
         "immich_postgres",
         parse_container,
-        "the database container",
+        "the database container (default: the project's container of the compose service that runs Postgres, "
+        "found by its compose labels, else immich_postgres)",
         env=("DB_CONTAINER",),
     )
     db_user: str = setting(
@@ -611,6 +628,11 @@ class Settings:
     repositories: dict[str, Target] = dataclasses.field(default_factory=dict)
     credentials: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
     repository_name: str | None = None
+    # from the compose files (config/compose.py): the database's compose service, whose
+    # container host/stack.py finds by its labels; DB_DATA_LOCATION as a named volume (its
+    # Docker name: its mountpoint is asked of Docker before a cold copy)
+    db_service: str | None = None
+    postgres_volume: str | None = None
 
     def require(self, *names: str) -> None:
         """Raise ConfigError for the first of `names` that is unset."""

@@ -14,7 +14,6 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -332,7 +331,7 @@ def redact(name: str, text: str) -> tuple[str, list[str]]:
     References to variables (`${DB_PASSWORD}`) stay: they are no secret, and the rebuilt
     stack needs them."""
     removed: list[str] = []
-    if name == ".env":
+    if is_env_file(name):
         return _redact_env(text, removed), removed
     return _redact_compose(text, removed), removed
 
@@ -406,13 +405,23 @@ async def server_container(docker: aiodocker.Docker, project: str) -> str:
     return SERVER_CONTAINER
 
 
-def read_config_files(immich_dir: Path | None) -> tuple[dict[str, str], list[str]]:
+def is_env_file(name: str) -> bool:
+    """.env, or an env file of another name (--env-file immich.env): redacted as .env."""
+    return name == ".env" or name.endswith(".env")
+
+
+def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
+    """IMMICH_DIR's compose files and .env, and the compose files and env file the settings
+    name elsewhere (--compose-file, COMPOSE_FILE, --env-file), by file name, redacted."""
     files: dict[str, str] = {}
     secrets: list[str] = []
-    if immich_dir is None:
-        return files, secrets
-    for name in CONFIG_FILES:
-        path = immich_dir / name
+    paths = [settings.immich_dir / n for n in CONFIG_FILES] if settings.immich_dir else []
+    paths += [*settings.compose_file, *([settings.env_file] if settings.env_file else [])]
+    for path in dict.fromkeys(paths):
+        name = path.name
+        if name in files:  # two files of one name in two directories: the first is kept
+            log.info("%s not recorded in the snapshot: a file named %s already is", path, name)
+            continue
         try:
             if not path.is_file() or path.stat().st_size > MAX_CONFIG_FILE:
                 continue
@@ -433,9 +442,10 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
     name = await server_container(docker, settings.project)
     server = _image_info(*await _inspect(docker, name))
     env_version = None
-    if settings.immich_dir:
+    env_file = settings.env_file or (settings.immich_dir / ".env" if settings.immich_dir else None)
+    if env_file:
         with contextlib.suppress(ConfigError):  # changed since the settings were read: leave it out
-            env_version = read_dotenv(settings.immich_dir / ".env").get("IMMICH_VERSION")
+            env_version = read_dotenv(env_file).get("IMMICH_VERSION")
     tag = image_tag(server.image)
     tag_version = tag if tag and re.match(r"^v?\d+\.\d+", tag) else None
     info.immich = ServerInfo(
@@ -445,7 +455,7 @@ async def collect(docker: aiodocker.Docker, settings: Settings) -> SourceInfo:
         env_version=env_version or None,
         container=name if server.image else None,
     )
-    info.config_files, info.config_secrets = read_config_files(settings.immich_dir)
+    info.config_files, info.config_secrets = read_config_files(settings)
     info.dump_job = await dump_job(
         docker, settings.db_container, settings.db_user, settings.db_name, settings.library_dir
     )

@@ -30,6 +30,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 
+from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, StackError
 from immich_stream.host.hoststate import own_container_id, run_alive, stack_state_file, state_dir
 
@@ -198,7 +199,10 @@ class Stack:
             )
         db = [c for c in containers if c.name == self.db_container]
         if not db:
-            raise StackError(f"database container {self.db_container!r} not found: set DB_CONTAINER to its name")
+            raise StackError(
+                f"database container {self.db_container!r} not found, nor a container of compose project "
+                f"{self.project!r} whose service runs Postgres: set DB_CONTAINER to its name (`docker ps`)"
+            )
         if not db[0].running:
             raise StackError(f"database container {self.db_container!r} is not running: start Immich first")
         return containers
@@ -281,6 +285,69 @@ class Stack:
             f"the database in {self.db_container} was not ready after {timeout:.0f}s ({last}): "
             "check `docker logs " + self.db_container + "`"
         )
+
+
+SERVICE_LABEL = "com.docker.compose.service"
+
+
+async def find_containers(docker: aiodocker.Docker, settings: Settings) -> None:
+    """The database container by its compose labels, unless DB_CONTAINER (or the config
+    file, or --db-container) names it: the project's container of the compose service that
+    runs Postgres (the compose files' database service, else `database`, else the one whose
+    image is a postgres image). A container_name that is not the default needs no setting.
+    Settings are updated in place, with where the name came from."""
+    if settings.sources.get("db_container", "default") != "default":
+        return
+    try:
+        found = await docker.containers.list(
+            all=True, filters=json.dumps({"label": [f"{PROJECT_LABEL}={settings.project}"]})
+        )
+    except StackError:
+        raise  # a deadline: says so itself
+    except Exception:
+        return  # Docker out of reach: the ping that comes next says so in its own words
+    raw = [c._container for c in found]
+    service = settings.db_service or "database"
+    by_service = [c for c in raw if (c.get("Labels") or {}).get(SERVICE_LABEL) == service]
+    by_image = [c for c in raw if "postgres" in str(c.get("Image", "")).lower()]
+    pick = by_service or (by_image if len(by_image) == 1 else [])
+    if pick:
+        c = pick[0]
+        settings.db_container = str((c.get("Names") or [""])[0]).lstrip("/")
+        label = (c.get("Labels") or {}).get(SERVICE_LABEL, "?")
+        settings.sources["db_container"] = f"compose labels: project {settings.project}, service {label}"
+
+
+def _readable_dir(path: Path) -> bool:  # a stat and an access(2): not worth a thread
+    return path.is_dir() and os.access(path, os.R_OK | os.X_OK)
+
+
+async def postgres_volume_dir(docker: aiodocker.Docker, settings: Settings) -> None:
+    """DB_DATA_LOCATION as a named volume: its mountpoint, from Docker, becomes postgres_dir
+    for the cold copy, which reads it like any directory. Refused with one line, before
+    anything is stopped, when the volume does not exist or its directory cannot be read
+    from where this runs (a container without the volume, a user that is not root)."""
+    name = settings.postgres_volume
+    if name is None or settings.postgres_dir is not None:
+        return
+    try:
+        info = await docker._query_json(f"volumes/{name}")
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise ConfigError(
+                f"DB_DATA_LOCATION is the named volume {name}, which Docker does not have: check the project name "
+                "(`docker volume ls`), or set POSTGRES_DIR; nothing was stopped"
+            ) from None
+        raise StackError(f"cannot look up volume {name}: {exc.message}") from None
+    mountpoint = Path(str(info.get("Mountpoint") or ""))
+    if not _readable_dir(mountpoint):
+        raise ConfigError(
+            f"DB_DATA_LOCATION is the named volume {name}, at {mountpoint} on the Docker host, which cannot be read "
+            "from here: run as root on the Docker host, or mount the volume into immich-stream's container and set "
+            "POSTGRES_DIR to where, or use --stop app (the database as a dump only); nothing was stopped"
+        )
+    settings.postgres_dir = mountpoint
+    settings.sources["postgres_dir"] = f"docker volume {name}"
 
 
 RESTART_DEADLINE = 120.0  # seconds the restart may take when Docker itself hangs

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, RepoError
+from immich_stream.host.metadata import is_env_file
 from immich_stream.repository.repo import Snapshot
 from immich_stream.repository.session import open_repo, reader
 
@@ -38,7 +39,8 @@ async def write_config_files(settings: Settings, which: str, target: Path) -> tu
         for name, text in files.items():
             path = target / name
             # .env will hold DB_PASSWORD again: only its owner may read it
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if name == ".env" else 0o644)
+            mode = 0o600 if is_env_file(name) else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             with open(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
             written.append(path)

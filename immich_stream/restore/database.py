@@ -30,7 +30,7 @@ from immich_stream.host.postgres import (
     psql_restore_command,
     read_head,
 )
-from immich_stream.host.stack import Docker, Stack, StackGuard, connect, recover
+from immich_stream.host.stack import Docker, Stack, StackGuard, connect, find_containers, recover
 from immich_stream.progress import Reporter
 from immich_stream.repository.locks import RepoLock
 from immich_stream.repository.manifest import gunzip_stream
@@ -254,6 +254,7 @@ async def _restore_database_locked(
             sql = file_sql(from_file)
             came_from = f"file {from_file}"
         exits.push_async_callback(sql.aclose)
+        await find_containers(docker, settings)
         stack = Stack(docker, settings.project, settings.db_container)
         await stack.ping()
         # A backup killed with the stack down left a note of what it stopped: act on it

@@ -26,7 +26,7 @@ from immich_stream.config import Settings
 from immich_stream.errors import ConfigError, DumpError, ObjectNotFound, RepoError, StoreError
 from immich_stream.host.docker_exec import pipe_into
 from immich_stream.host.postgres import TABLE_NAME, DumpScanner, ensure_database, psql_query, psql_restore_command
-from immich_stream.host.stack import Docker, connect
+from immich_stream.host.stack import Docker, connect, find_containers
 from immich_stream.host.throwaway import Throwaway, inspect_container, reachable, remove_leftovers
 from immich_stream.progress import Reporter
 from immich_stream.repository.layout import is_external
@@ -223,6 +223,7 @@ async def run_drill(
     async with connect(settings.tuning.docker_deadline) as docker, contextlib.AsyncExitStack() as exits:
         await reachable(docker)
         await remove_leftovers(docker)
+        await find_containers(docker, settings)
         store: SealedStore | None = None
         repo: Repo | None = None
         lock: RepoLock | None = None
