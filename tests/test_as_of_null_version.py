@@ -9,6 +9,8 @@ import asyncio
 import datetime as dt
 import time
 
+import pytest
+
 from immich_stream.s3.asof import AsOfStore
 from immich_stream.s3.options import StoreOptions
 from tests.conftest import KEY, SECRET, S3Server
@@ -21,6 +23,7 @@ async def _read(endpoint: str, bucket: str, key: str, when: dt.datetime) -> tupl
         return await store.get(key), await store.head(key)
 
 
+@pytest.mark.slow
 def test_as_of_reads_the_null_version_not_the_overwrite(moto_s3: S3Server) -> None:
     name = "ao-" + str(time.time_ns())[-12:]
     s3 = Bucket(moto_s3.endpoint, name, KEY, SECRET).s3

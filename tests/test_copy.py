@@ -333,6 +333,7 @@ def test_backup_copy_to_runs_after_the_stack_is_up_and_a_dead_destination_exits_
     assert 'immich_stream_copy_objects{repository="offsite"}' in text
 
 
+@pytest.mark.slow
 def test_named_repository_errors_are_one_line(s3_env: dict[str, str], tmp_path: Path) -> None:
     env = with_repos(s3_env, tmp_path, offsite={"bucket": "b", "endpoint_url": "http://127.0.0.1:1"})
     r = run_cli("copy", "--to", "nowhere", env=env)

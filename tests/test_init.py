@@ -16,6 +16,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import CONTAINERS, ImmichStack, base_env, bucket_of, running_containers
 from tests.helpers import REPO_ROOT, make_library, run_cli, tree
 from tests.iam import IamServer
@@ -38,6 +40,7 @@ def recovery_of(out: str) -> str:
     return "\n".join(body) + "\n"
 
 
+@pytest.mark.slow
 def test_init_creates_an_encrypted_repository_and_a_config_and_refuses_a_second(
     tmp_path: Path, s3_env: dict[str, str]
 ) -> None:
@@ -81,6 +84,7 @@ def test_init_creates_an_encrypted_repository_and_a_config_and_refuses_a_second(
     assert shown.code == 0 and "0 snapshots" in shown.out and "encrypted (age)" in shown.out, shown.err
 
 
+@pytest.mark.slow
 def test_init_plaintext_is_shown_by_snapshots_and_doctor(s3_env: dict[str, str]) -> None:
     env = fresh(s3_env)
     r = run_cli("init", "--plaintext", env=env, timeout=60)

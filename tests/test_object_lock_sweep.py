@@ -41,6 +41,7 @@ async def _sweep(endpoint: str, bucket: str, deleted: set[str], needed: set[str]
         return report
 
 
+@pytest.mark.slow
 def test_sweep_keeps_the_version_an_overwrite_hid(moto_s3: S3Server, caplog: pytest.LogCaptureFixture) -> None:
     name = "sw-" + str(time.time_ns())[-12:]
     s3 = Bucket(moto_s3.endpoint, name, KEY, SECRET).s3

@@ -513,6 +513,7 @@ async def test_cli_restore_and_verify_of_a_glacier_snapshot_without_docker(
     assert r.code == 0 and "no problems" in r.out, r.err
 
 
+@pytest.mark.slow
 async def test_restore_and_verify_thaw_archived_packs_of_blobs_and_chunks(
     moto_s3: S3Server,
     slow_thaws: None,

@@ -57,6 +57,7 @@ async def test_the_walker_process_walks_as_the_thread_does(
     assert "skipping FIFO a/fifo" in caplog.text
 
 
+@pytest.mark.slow
 async def test_leaving_a_walk_early_ends_its_process(tmp_path: Path) -> None:
     # More entries than the pipe (1 MiB) and the reader's buffers hold: the walker must still
     # be writing when it is stopped (3,000 fit, and a fast walker had exited before SIGSTOP)
@@ -72,6 +73,7 @@ async def test_leaving_a_walk_early_ends_its_process(tmp_path: Path) -> None:
     assert not set(_children()) & children, "its process is gone"
 
 
+@pytest.mark.slow
 async def test_a_walk_process_that_does_not_die_does_not_hold_up_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,6 +122,7 @@ async def test_a_walker_that_cannot_start_falls_back_to_the_thread(
     assert b"a/x.jpg" in [e.relpath for e in entries]
 
 
+@pytest.mark.slow
 async def test_a_walker_killed_midway_fails_the_run_with_one_line(tmp_path: Path) -> None:
     """The out-of-memory killer picking the walker: the run's error names it (exit 1), not
     an internal error to report."""
