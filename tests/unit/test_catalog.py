@@ -199,3 +199,42 @@ def test_names_layout_resolves_collisions_and_unsafe_names() -> None:
         ("library", b"library/u/b/IMG_1.mov"): b"Trip/IMG_1 (2).mov",
         ("library", b"library/u/c/x"): NO_ALBUM.encode() + b"/.._x_..",
     }
+
+
+def test_a_huge_row_of_a_table_not_read_is_not_carried() -> None:
+    """A row of 32 MiB in a table the catalog skips (a big text or bytea column), fed in the
+    dump's 1 MiB batches: the reader keeps a few bytes of it, not the row (nor copies it
+    again on every batch: the dump waits for the reader)."""
+    import tracemalloc
+
+    b = CatalogBuilder()
+    b.feed(b"COPY public.system_metadata (key, value) FROM stdin;\nk\t")
+    tracemalloc.start()
+    try:
+        piece = b"x" * (1 << 20)
+        for _ in range(32):
+            b.feed(piece)
+        b.feed(b"\n\\.\n")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB held for a row the catalog does not read"
+    sql = dump("new")
+    b.feed(sql)
+    assert json.loads(next(iter(b.lines())))["assets"] == 120  # the rest of the dump still read
+
+
+def test_a_huge_row_of_a_table_read_stops_the_catalog_not_the_dump(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row longer than MAX_ROW in a table the catalog reads: feed_safely gives up the
+    catalog (one line, said at -v) instead of holding and re-copying the row."""
+    from immich_stream.browse import catalog as cat
+
+    monkeypatch.setattr(cat, "MAX_ROW", 4 << 20)
+    b = CatalogBuilder()
+    b.feed_safely(b'COPY public.asset_exif ("assetId", "dateTimeOriginal", description) FROM stdin;\na\t\\N\t')
+    for _ in range(8):
+        b.feed_safely(b"d" * (1 << 20))
+    assert b.error is not None and "longer than" in str(b.error)
+    assert len(b._carry) == 0 and not b.rows
+    with pytest.raises(CatalogError, match="longer than"):
+        next(iter(b.lines()))
