@@ -238,3 +238,21 @@ def test_a_huge_row_of_a_table_read_stops_the_catalog_not_the_dump(monkeypatch: 
     assert len(b._carry) == 0 and not b.rows
     with pytest.raises(CatalogError, match="longer than"):
         next(iter(b.lines()))
+
+
+def test_a_catalog_that_cannot_be_made_never_fails_the_backup(caplog: pytest.LogCaptureFixture) -> None:
+    """Rows the dump's reader took but the catalog cannot make sense of (here an external
+    library's import paths as a malformed array literal): no catalog, one warning, and the
+    backup's store_catalog goes on (it let all but CatalogError through, after the upload)."""
+    from immich_stream.browse.catalog_store import made
+
+    b = CatalogBuilder()
+    b.feed_safely(dump("new") + b'COPY public.library ("importPaths", id) FROM stdin;\n{"/mnt/a\tl9\n\\.\n')
+    assert b.error is None
+    with caplog.at_level("WARNING"):
+        assert made(b, "s1") is None
+    assert "no Immich catalog stored with snapshot s1" in caplog.text and not b.rows
+    good = CatalogBuilder()
+    good.feed_safely(dump("new"))
+    data = made(good, "s2")
+    assert data is not None and json.loads(gzip.decompress(data).split(b"\n")[0])["assets"] == 120
