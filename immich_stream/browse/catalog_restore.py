@@ -69,11 +69,14 @@ def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, byte
         stem, ext = os.path.splitext(_part(str(asset.get("name") or asset.get("id"))))
         mine: list[tuple[tuple[str, bytes], str]] = []  # (root, path), the suffix after the name
         for root, path, kind in asset.get("files", []):
-            if root and kind in NAMED_KINDS:
+            key = (root, str(path).encode("utf-8", "surrogateescape"))
+            if root and kind in NAMED_KINDS and key not in dict(mine):
                 suffix = (
                     ext if kind == "original" else (os.path.splitext(path)[1] if kind == "live-video" else ext + ".xmp")
                 )
-                mine.append(((root, path.encode("utf-8", "surrogateescape")), suffix))
+                while suffix in (s for _, s in mine):  # two files of one kind (a sidecar in two places)
+                    suffix = "-" + suffix
+                mine.append((key, suffix))
         n = 1  # the same " (n)" for all of an asset's files: a sidecar keeps its photo's name
         while True:
             base = f"{_part(album)}/{stem}" + (f" ({n})" if n > 1 else "")

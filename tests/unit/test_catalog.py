@@ -256,3 +256,23 @@ def test_a_catalog_that_cannot_be_made_never_fails_the_backup(caplog: pytest.Log
     good.feed_safely(dump("new"))
     data = made(good, "s2")
     assert data is not None and json.loads(gzip.decompress(data).split(b"\n")[0])["assets"] == 120
+
+
+@pytest.mark.timeout(10)
+def test_names_layout_of_an_asset_with_two_files_of_one_kind_ends() -> None:
+    """Two sidecars of one asset (its sidecarPath and an asset_file row of type sidecar), or
+    a live video of the photo's own extension: each file its own name (the search for a
+    free " (n)" looped forever, as the asset's names clashed with each other at every n)."""
+    from immich_stream.browse.catalog_restore import names_layout
+
+    files = [
+        ["library", "library/u/IMG_1", "original"],
+        ["library", "library/u/IMG_1.xmp", "sidecar"],
+        ["library", "library/u/IMG_1.jpg.xmp", "sidecar"],
+        ["library", "library/u/IMG_1.xmp", "sidecar"],  # the same file twice: one name
+        ["library", "encoded-video/u/IMG_1", "live-video"],
+    ]
+    got = names_layout([{"id": "1", "name": "IMG_1", "taken": None, "albums": ["A"], "files": files}], ["A"])
+    assert len(got) == 4 and len(set(got.values())) == 4
+    assert got[("library", b"library/u/IMG_1")] == b"A/IMG_1"
+    assert got[("library", b"library/u/IMG_1.xmp")] == b"A/IMG_1.xmp"
