@@ -55,6 +55,15 @@ def _part(text: str) -> str:
     return "_" if text in (".", "..") else text
 
 
+NAME_MAX = 255  # bytes in one path part (Linux filesystems): a longer album or file name is cut
+
+
+def _fit(text: str, limit: int) -> str:
+    """text cut to at most `limit` bytes of UTF-8, at a character's edge."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore").rstrip() or "_"
+
+
 def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, bytes], bytes]:
     """album/original-file-name for each asset's original (its live-photo video beside it,
     a sidecar as name.xmp): the album the selectors named, else its first, else NO_ALBUM.
@@ -67,19 +76,25 @@ def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, byte
         in_albums = asset.get("albums") or []
         album = next((a for a in in_albums if a.casefold() in asked), in_albums[0] if in_albums else NO_ALBUM)
         stem, ext = os.path.splitext(_part(str(asset.get("name") or asset.get("id"))))
+        ext = _fit(ext, 32)
         mine: list[tuple[tuple[str, bytes], str]] = []  # (root, path), the suffix after the name
         for root, path, kind in asset.get("files", []):
             key = (root, str(path).encode("utf-8", "surrogateescape"))
             if root and kind in NAMED_KINDS and key not in dict(mine):
                 suffix = (
-                    ext if kind == "original" else (os.path.splitext(path)[1] if kind == "live-video" else ext + ".xmp")
+                    ext
+                    if kind == "original"
+                    else (_fit(os.path.splitext(path)[1], 32) if kind == "live-video" else ext + ".xmp")
                 )
                 while suffix in (s for _, s in mine):  # two files of one kind (a sidecar in two places)
                     suffix = "-" + suffix
                 mine.append((key, suffix))
+        longest = max((len(x.encode("utf-8", "surrogateescape")) for _, x in mine), default=0)
+        stem = _fit(stem, NAME_MAX - 16 - longest)  # room for " (n)" and the longest suffix
+        folder = _fit(_part(album), NAME_MAX)
         n = 1  # the same " (n)" for all of an asset's files: a sidecar keeps its photo's name
         while True:
-            base = f"{_part(album)}/{stem}" + (f" ({n})" if n > 1 else "")
+            base = f"{folder}/{stem}" + (f" ({n})" if n > 1 else "")
             names = [f"{base}{suffix}".encode("utf-8", "surrogateescape") for _, suffix in mine]
             if not taken.intersection(names) and len(set(names)) == len(names):
                 break

@@ -276,3 +276,19 @@ def test_names_layout_of_an_asset_with_two_files_of_one_kind_ends() -> None:
     assert len(got) == 4 and len(set(got.values())) == 4
     assert got[("library", b"library/u/IMG_1")] == b"A/IMG_1"
     assert got[("library", b"library/u/IMG_1.xmp")] == b"A/IMG_1.xmp"
+
+
+def test_names_layout_cuts_names_too_long_for_a_filesystem(tmp_path: Path) -> None:
+    """An album of 200 "ä" (400 bytes) and a file name of 300 bytes: each part at most 255
+    bytes, so the files can be written (every one failed with ENAMETOOLONG)."""
+    from immich_stream.browse.catalog_restore import names_layout
+
+    name = "x" * 300 + ".jpg"
+    files = [["library", "library/u/a.jpg", "original"], ["library", "library/u/a.jpg.xmp", "sidecar"]]
+    got = names_layout([{"id": "1", "name": name, "taken": None, "albums": ["ä" * 200], "files": files}], [])
+    for path in got.values():
+        assert all(len(part) <= 255 for part in path.split(b"/"))
+        (tmp_path / path.decode()).parent.mkdir(exist_ok=True)
+        (tmp_path / path.decode()).write_bytes(b"1")
+    assert got[("library", b"library/u/a.jpg")].endswith(b"x.jpg")
+    assert got[("library", b"library/u/a.jpg.xmp")].endswith(b"x.jpg.xmp")
