@@ -292,3 +292,22 @@ def test_names_layout_cuts_names_too_long_for_a_filesystem(tmp_path: Path) -> No
         (tmp_path / path.decode()).write_bytes(b"1")
     assert got[("library", b"library/u/a.jpg")].endswith(b"x.jpg")
     assert got[("library", b"library/u/a.jpg.xmp")].endswith(b"x.jpg.xmp")
+
+
+def test_find_shows_names_from_the_database_without_control_characters() -> None:
+    """An uploader's file name with a newline (a forged line of find's output), an escape
+    sequence, or bytes not UTF-8 (surrogates: print failed on them) shows as \\xNN."""
+    from immich_stream.commands.catalog import _files, _line
+
+    asset = {
+        "taken": "2023-01-01T10:00:00+00:00",
+        "name": "a\n2020-01-01 00:00  b.jpg\x1b[2J\udce9",
+        "user": "u@x",
+        "albums": ["Trip\r"],
+        "files": [["library", "library/u/a\nb\udce9.jpg", "original"]],
+    }
+    shown = [_line(asset), *_files(asset)]
+    assert all("\n" not in s and "\x1b" not in s and "\r" not in s for s in shown)
+    assert "a\\x0a2020" in shown[0] and "\\x1b[2J\\xe9" in shown[0] and "Trip\\x0d" in shown[0]
+    for s in shown:
+        s.encode("utf-8")  # printable on a UTF-8 terminal
