@@ -32,7 +32,7 @@ from immich_stream.backup.library import (
 )
 from immich_stream.backup.roots import FilesPass, OrderedManifest, Sources
 from immich_stream.backup.upload import FileUploader
-from immich_stream.browse.catalog import CatalogBuilder
+from immich_stream.browse.catalog import BACKUP_MAX_KEPT, CatalogBuilder
 from immich_stream.browse.catalog_store import store_catalog
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
@@ -188,7 +188,8 @@ class BackupRun:
         self.key_dir = ""
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
-        self.catalog = CatalogBuilder(ctx.settings.db_name)  # the Immich catalog, read as the dump streams
+        # the Immich catalog, read as the dump streams (within BACKUP_MAX_KEPT of rows)
+        self.catalog = CatalogBuilder(ctx.settings.db_name, max_kept=BACKUP_MAX_KEPT)
         self.phase_seconds: dict[str, float] = {}
         self.timeline: dict[str, float] = {}
         self._main_pass: FilesPass | None = None

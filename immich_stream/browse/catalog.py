@@ -83,6 +83,12 @@ _SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 # batches: a longer one stops the catalog (not the dump); rows of tables not read, and lines
 # between blocks not needed, are never held at all, whatever their length.
 MAX_ROW = 16 << 20
+# What a backup's catalog reader may keep (its rows, about 0.8 KiB an asset, held until the
+# catalog is written after the stack runs again): past it (a library of some 300,000 assets)
+# no catalog is stored, and `find` builds one from the snapshot's dump when asked; the
+# backup's memory stays bounded whatever the library's size.
+BACKUP_MAX_KEPT = 256 << 20
+_ROW_COST = 41  # a bytes object's own size and its place in a list, beyond its bytes
 
 
 class CatalogError(ImmichStreamError):
@@ -182,8 +188,10 @@ class CatalogBuilder:
     """Fed pg_dump's SQL in any chunking (feed), then `lines()` gives the catalog. In a
     pg_dumpall, only the COPY blocks of `database` count (after its \\connect)."""
 
-    def __init__(self, database: str = "", library_mounts: tuple[str, ...] = ()) -> None:
+    def __init__(self, database: str = "", library_mounts: tuple[str, ...] = (), max_kept: int | None = None) -> None:
         self.database = database
+        self.max_kept = max_kept  # bytes of rows kept at most (None: no limit); past it CatalogError
+        self.kept = 0
         self.library_mounts = library_mounts
         self.cluster = False
         self._db = ""
@@ -285,12 +293,19 @@ class CatalogBuilder:
         try:
             cut = self._cut  # fields past the last one picked are left unsplit
             picked = map(self._getter, (line.split(b"\t", cut) for line in block.split(b"\n")))
-            self.rows[self._role].extend(map(b"\t".join, picked))  # one object a row: the least memory
+            new = list(map(b"\t".join, picked))  # one object a row: the least memory
         except IndexError:
             raise CatalogError(
                 f"a row of the dump's table {self.seen[self._role]} has fewer fields than its COPY line names: "
                 "the dump is damaged; no catalog was made"
             ) from None
+        self.kept += sum(map(len, new)) + _ROW_COST * len(new)
+        if self.max_kept is not None and self.kept > self.max_kept:
+            raise CatalogError(
+                f"the catalog's rows passed {self.max_kept >> 20} MiB (a library of more than about "
+                f"{self.max_kept // 850:,} assets): none is stored with this snapshot; `find` reads its dump instead"
+            )
+        self.rows[self._role].extend(new)
 
     def feed_safely(self, data: bytes) -> None:
         """feed, for a backup: whatever goes wrong (a dump not Immich's, a bug here) stops
@@ -300,7 +315,7 @@ class CatalogBuilder:
         try:
             self.feed(data)
         except CatalogError as exc:
-            self.error = exc
+            self.error = exc.with_traceback(None)  # its frames would keep the batch's rows
         except Exception as exc:  # the dump goes on whatever this reader meets
             self.error = CatalogError(f"reading the catalog failed: {exc!r}")
         if self.error is not None:

@@ -311,3 +311,26 @@ def test_find_shows_names_from_the_database_without_control_characters() -> None
     assert "a\\x0a2020" in shown[0] and "\\x1b[2J\\xe9" in shown[0] and "Trip\\x0d" in shown[0]
     for s in shown:
         s.encode("utf-8")  # printable on a UTF-8 terminal
+
+
+def test_a_backups_catalog_reader_keeps_at_most_its_limit() -> None:
+    """Past max_kept bytes of rows the reader lets them all go and says why (the backup's
+    memory does not grow with the library); without a limit (find) the same dump reads."""
+    import tracemalloc
+
+    sql = dump("new")
+    whole = CatalogBuilder()
+    whole.feed(sql)
+    assert 0 < whole.kept < 200_000  # 120 assets and their files
+    capped = CatalogBuilder(max_kept=whole.kept // 2)
+    tracemalloc.start()
+    try:
+        for i in range(0, len(sql), 65536):
+            capped.feed_safely(sql[i : i + 65536])
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert capped.error is not None and "none is stored with this snapshot" in str(capped.error)
+    assert not capped.rows and held < whole.kept // 2
+    with pytest.raises(CatalogError, match="reads its dump instead"):
+        next(iter(capped.lines()))
