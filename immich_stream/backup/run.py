@@ -647,7 +647,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
         return lock.lost() or run.downtime_limit()
 
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
-    catalog = await store_catalog(repo, snap_id, run.catalog)  # the stack runs again: no downtime
+    # the stack runs again: no downtime
+    catalog = await store_catalog(repo, snap_id, run.catalog, source.config_files)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     if prev is not None and run.dump_result is not None:

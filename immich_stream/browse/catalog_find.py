@@ -150,7 +150,12 @@ UPLOAD_TARGET = re.compile(r"""\$\{?UPLOAD_LOCATION\}?:(/[^\s:'"]*)""")
 def library_mounts(snap: Snapshot) -> tuple[str, ...]:
     """Where the snapshot's compose file mounts UPLOAD_LOCATION in immich_server, when it
     says (Immich's own compose files: /usr/src/app/upload, or /data since v1.136)."""
-    return tuple(sorted({m for text in snap.summary.config_files.values() for m in UPLOAD_TARGET.findall(text)}))
+    return mounts_in(snap.summary.config_files)
+
+
+def mounts_in(config_files: dict[str, str]) -> tuple[str, ...]:
+    """library_mounts, from the compose files themselves (a backup's, before its snapshot.json)."""
+    return tuple(sorted({m for text in config_files.values() for m in UPLOAD_TARGET.findall(text)}))
 
 
 async def _stored_catalog(repo: Repo, snap: Snapshot) -> bytes | None:

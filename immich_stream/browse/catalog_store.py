@@ -12,6 +12,7 @@ import logging
 import zlib
 
 from immich_stream.browse.catalog import CatalogBuilder, CatalogError
+from immich_stream.browse.catalog_find import mounts_in
 from immich_stream.repository.repo import Repo
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,14 @@ def made(builder: CatalogBuilder, snap_id: str) -> bytes | None:
     return None
 
 
-async def store_catalog(repo: Repo, snap_id: str, builder: CatalogBuilder) -> dict[str, object] | None:
+async def store_catalog(
+    repo: Repo, snap_id: str, builder: CatalogBuilder, config_files: dict[str, str]
+) -> dict[str, object] | None:
     """Write the snapshot's catalog; snapshot.json's `catalog` record (its size and sha256,
     which readers check: the catalog is then as trustworthy as snapshot.json), or None when
-    no catalog was made (see made)."""
+    no catalog was made (see made). Paths are placed in roots by the compose files the
+    snapshot records, as `find` does when it builds a catalog from the dump."""
+    builder.library_mounts = mounts_in(config_files)
     data = await asyncio.to_thread(made, builder, snap_id)
     if data is None:
         return None

@@ -334,3 +334,23 @@ def test_a_backups_catalog_reader_keeps_at_most_its_limit() -> None:
     assert not capped.rows and held < whole.kept // 2
     with pytest.raises(CatalogError, match="reads its dump instead"):
         next(iter(capped.lines()))
+
+
+def test_a_backups_catalog_places_paths_by_the_compose_files_mount() -> None:
+    """UPLOAD_LOCATION mounted at /photos in immich_server (a compose file of one's own): the
+    catalog a backup stores places its paths in the library root, as `find` does when it
+    builds one from the dump (the stored one had every file under no root, so restore
+    --album found nothing in the snapshots that have one)."""
+    from immich_stream.browse.catalog_find import mounts_in
+    from immich_stream.browse.catalog_store import made
+
+    compose = {"docker-compose.yml": "services:\n  immich-server:\n    volumes:\n      - ${UPLOAD_LOCATION}:/photos\n"}
+    sql = dump("new").replace(b"/data/", b"/photos/")
+    b = CatalogBuilder()
+    b.feed_safely(sql)
+    b.library_mounts = mounts_in(compose)  # what store_catalog does with the backup's compose files
+    data = made(b, "s1")
+    assert data is not None
+    assets = [json.loads(line) for line in gzip.decompress(data).splitlines()[1:]]
+    roots = {root for a in assets for root, _, _ in a["files"]}
+    assert "library" in roots and "" not in roots and mounts_in(compose) == ("/photos",)
