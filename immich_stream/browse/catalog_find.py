@@ -72,6 +72,7 @@ class Selectors:
         self._users = {u.casefold() for u in self.users}
         self._albums = {a.casefold() for a in self.albums}
         self._people = {p.casefold() for p in self.people}
+        self._names = [g.casefold() for g in self.names]  # "IMG_1.HEIC" and "img_1.heic" alike, as the docs say
 
     @property
     def given(self) -> bool:
@@ -122,7 +123,8 @@ class Selectors:
             return False
         if self._people and not any(p.casefold() in self._people for p in asset.get("people", [])):
             return False
-        if self.names and not any(fnmatch.fnmatch(str(asset.get("name", "")), g) for g in self.names):
+        name = str(asset.get("name", "")).casefold()
+        if self._names and not any(fnmatch.fnmatchcase(name, g) for g in self._names):
             return False
         if self._taken:
             when = _when(asset.get("taken"))

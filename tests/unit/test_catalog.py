@@ -354,3 +354,12 @@ def test_a_backups_catalog_places_paths_by_the_compose_files_mount() -> None:
     assets = [json.loads(line) for line in gzip.decompress(data).splitlines()[1:]]
     roots = {root for a in assets for root, _, _ in a["files"]}
     assert "library" in roots and "" not in roots and mounts_in(compose) == ("/photos",)
+
+
+def test_name_glob_compares_without_regard_to_case() -> None:
+    """docs/commands/find.md: names compare without regard to case; --name's glob did not
+    (fnmatch on Linux): 'img_44*.heic' missed IMG_4411.HEIC."""
+    asset = {"name": "IMG_4411.HEIC", "albums": [], "people": []}
+    assert Selectors(names=["img_44*.heic"]).matches(asset)
+    assert Selectors(names=["IMG_44*.HEIC"]).matches(asset)
+    assert not Selectors(names=["img_45*"]).matches(asset)
