@@ -91,3 +91,39 @@ def test_find_and_restore_an_album_exactly(s3_env: dict[str, str], tmp_path: Pat
     r = run_cli("find", "--snapshot", other, "--album", ALBUM, env=s3_env)
     assert r.code == 1 and "is not an Immich database of a known schema" in r.last_error, r.err
     assert len([ln for ln in r.err.splitlines() if "error" in ln]) == 1, r.err
+
+
+@pytest.mark.slow
+def test_a_planted_catalog_of_any_size_is_not_read_into_memory(s3_env: dict[str, str]) -> None:
+    """A bucket writer's object at the catalog's key, far larger than the size snapshot.json
+    records: find answers from the dump without downloading it (it was read whole into
+    memory, twice over, before its sha256 was found wrong)."""
+    import asyncio
+    import hashlib
+
+    from immich_stream.repository.repo import Repo
+    from immich_stream.s3.options import StoreOptions
+    from immich_stream.s3.store import Store
+    from tests.helpers import make_settings
+
+    sid, assets = snapshot(s3_env)
+    album = [a for a in assets if ALBUM in a["albums"]]
+    settings = make_settings(s3_env, export_credentials=True)
+
+    async def plant(big: int) -> None:
+        async with Store(StoreOptions.from_settings(settings)) as store:
+            repo = Repo(store, settings.prefix)
+            doc = json.loads(await store.get(repo.summary_key(sid)))
+            doc["catalog"] = {"size": 1000, "sha256": hashlib.sha256(b"x").hexdigest()}
+            await store.put(repo.summary_key(sid), json.dumps(doc).encode())
+            if big:
+                await store.put(repo.catalog_key(sid), bytes(big))
+
+    asyncio.run(plant(0))
+    floor = run_cli("find", "--album", ALBUM, env=s3_env)  # recorded, not there: the dump answers
+    assert floor.code == 0 and f"{len(album)} assets" in floor.out, floor.err
+    asyncio.run(plant(192 << 20))
+    r = run_cli("find", "--album", ALBUM, env=s3_env)
+    assert r.code == 0 and f"{len(album)} assets" in r.out, r.err
+    grown = r.maxrss_kib - floor.maxrss_kib
+    assert grown < 64 * 1024, f"find peaked {grown / 1024:.0f} MiB above its run without the planted object"

@@ -145,6 +145,7 @@ def _when(text: object) -> dt.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+CATALOG_SLACK = 64 * 1024  # bytes a stored catalog's size may differ from snapshot.json's (its age header)
 LINES_AT_ONCE = 2000  # catalog lines made in one trip to a worker thread
 UPLOAD_TARGET = re.compile(r"""\$\{?UPLOAD_LOCATION\}?:(/[^\s:'"]*)""")
 
@@ -168,9 +169,26 @@ async def _stored_catalog(repo: Repo, snap: Snapshot) -> bytes | None:
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         return None
     key = repo.catalog_key(snap.id)
+    size = record.get("size")
     try:
+        stored = await repo.store.head(key)
+        if stored is None:  # a copy (`copy` carries the dump only): the dump answers
+            log.debug("no stored catalog %s: reading the snapshot's dump", key)
+            return None
+        # never more than snapshot.json says is read into memory (a bucket writer's object of
+        # any size): its size as sealed for the recipients now, give or take their number
+        expected = (repo.store.stored_size(key, size) or size) if isinstance(size, int) else None
+        if expected is None or abs(stored - expected) > CATALOG_SLACK:
+            log.warning(
+                "the stored catalog %s is %d bytes, not the %s snapshot.json records: reading the snapshot's dump "
+                "instead",
+                key,
+                stored,
+                size,
+            )
+            return None
         data = await repo.store.get(key)
-    except ObjectNotFound:  # a copy (`copy` carries the dump only): the dump answers
+    except ObjectNotFound:
         log.debug("no stored catalog %s: reading the snapshot's dump", key)
         return None
     except ImmichStreamError as exc:
