@@ -180,7 +180,7 @@ async def _stored_catalog(repo: Repo, snap: Snapshot) -> bytes | None:
         expected = (repo.store.stored_size(key, size) or size) if isinstance(size, int) else None
         if expected is None or abs(stored - expected) > CATALOG_SLACK:
             log.warning(
-                "the stored catalog %s is %d bytes, not the %s snapshot.json records: reading the snapshot's dump "
+                "the stored catalog %s does not match snapshot.json (%d bytes, not %s): reading the snapshot's dump "
                 "instead",
                 key,
                 stored,
