@@ -70,7 +70,7 @@ def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, byte
     Two files of one name in one album: the later ones get " (2)", " (3)"... before the
     extension."""
     asked = {a.casefold() for a in albums}
-    taken: set[bytes] = set()
+    taken: set[str] = set()  # the names given, lower-cased
     out: dict[tuple[str, bytes], bytes] = {}
     for asset in sorted(assets, key=lambda a: (str(a.get("taken") or ""), str(a.get("id")))):
         in_albums = asset.get("albums") or []
@@ -96,10 +96,13 @@ def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, byte
         while True:
             base = f"{folder}/{stem}" + (f" ({n})" if n > 1 else "")
             names = [f"{base}{suffix}".encode("utf-8", "surrogateescape") for _, suffix in mine]
-            if not taken.intersection(names) and len(set(names)) == len(names):
+            # compared without regard to case: the tree is often copied to a disk that
+            # ignores it (exFAT, macOS, Windows), where IMG_1.JPG would replace img_1.jpg
+            folded = {name.decode("utf-8", "surrogateescape").lower() for name in names}
+            if not taken.intersection(folded) and len(folded) == len(names):
                 break
             n += 1
-        taken.update(names)
+        taken.update(folded)
         out.update(zip((key for key, _ in mine), names, strict=True))
     return out
 

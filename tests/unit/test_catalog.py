@@ -363,3 +363,24 @@ def test_name_glob_compares_without_regard_to_case() -> None:
     assert Selectors(names=["img_44*.heic"]).matches(asset)
     assert Selectors(names=["IMG_44*.HEIC"]).matches(asset)
     assert not Selectors(names=["img_45*"]).matches(asset)
+
+
+def test_names_layout_names_differing_only_in_case_are_told_apart() -> None:
+    """IMG_1.JPG and img_1.jpg in one album (or albums Trip and trip): on a disk that ignores
+    case (exFAT, macOS, Windows: where a names tree is copied) one would replace the other."""
+    from immich_stream.browse.catalog_restore import names_layout
+
+    def asset(i: int, name: str, album: str) -> dict:
+        return {
+            "id": str(i),
+            "name": name,
+            "taken": f"2023-01-0{i}",
+            "albums": [album],
+            "files": [["library", f"p{i}", "original"]],
+        }
+
+    got = names_layout(
+        [asset(1, "IMG_1.JPG", "Trip"), asset(2, "img_1.jpg", "Trip"), asset(3, "IMG_1.jpg", "trip")], []
+    )
+    assert list(got.values()) == [b"Trip/IMG_1.JPG", b"Trip/img_1 (2).jpg", b"trip/IMG_1 (3).jpg"]
+    assert len({v.lower() for v in got.values()}) == 3
