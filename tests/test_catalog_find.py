@@ -91,3 +91,99 @@ def test_find_and_restore_an_album_exactly(s3_env: dict[str, str], tmp_path: Pat
     r = run_cli("find", "--snapshot", other, "--album", ALBUM, env=s3_env)
     assert r.code == 1 and "is not an Immich database of a known schema" in r.last_error, r.err
     assert len([ln for ln in r.err.splitlines() if "error" in ln]) == 1, r.err
+
+
+@pytest.mark.slow
+def test_a_planted_catalog_of_any_size_is_not_read_into_memory(s3_env: dict[str, str]) -> None:
+    """A bucket writer's object at the catalog's key, far larger than the size snapshot.json
+    records: find answers from the dump without downloading it (it was read whole into
+    memory, twice over, before its sha256 was found wrong)."""
+    import asyncio
+    import hashlib
+
+    from immich_stream.repository.repo import Repo
+    from immich_stream.s3.options import StoreOptions
+    from immich_stream.s3.store import Store
+    from tests.helpers import make_settings
+
+    sid, assets = snapshot(s3_env)
+    album = [a for a in assets if ALBUM in a["albums"]]
+    settings = make_settings(s3_env, export_credentials=True)
+
+    async def plant(big: int) -> None:
+        async with Store(StoreOptions.from_settings(settings)) as store:
+            repo = Repo(store, settings.prefix)
+            doc = json.loads(await store.get(repo.summary_key(sid)))
+            doc["catalog"] = {"size": 1000, "sha256": hashlib.sha256(b"x").hexdigest()}
+            await store.put(repo.summary_key(sid), json.dumps(doc).encode())
+            if big:
+                await store.put(repo.catalog_key(sid), bytes(big))
+
+    asyncio.run(plant(0))
+    floor = run_cli("find", "--album", ALBUM, env=s3_env)  # recorded, not there: the dump answers
+    assert floor.code == 0 and f"{len(album)} assets" in floor.out, floor.err
+    asyncio.run(plant(192 << 20))
+    r = run_cli("find", "--album", ALBUM, env=s3_env)
+    assert r.code == 0 and f"{len(album)} assets" in r.out, r.err
+    grown = r.maxrss_kib - floor.maxrss_kib
+    assert grown < 64 * 1024, f"find peaked {grown / 1024:.0f} MiB above its run without the planted object"
+
+
+@pytest.mark.slow
+def test_a_forged_catalog_writes_nothing_outside_the_target(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """A plaintext repository's catalog forged with its snapshot.json record (a bucket writer
+    can there): albums and names of "..", "/" and absolute paths, files named outside the
+    snapshot. restore --layout names and library write below --to only; what the manifest
+    lacks is not restored."""
+    import asyncio
+    import hashlib
+
+    from immich_stream.repository.repo import Repo
+    from immich_stream.s3.options import StoreOptions
+    from immich_stream.s3.store import Store
+    from tests.helpers import make_settings
+
+    sid, assets = snapshot(s3_env)
+    real = [a for a in assets if a["files"] and a["files"][0][0] == "library"][:3]
+    evil = ["../../escape", "/abs/olute", ".."]
+    forged = [
+        {
+            **a,
+            "albums": ["Trip", evil[i]],
+            "name": evil[(i + 1) % 3],
+            "files": [*a["files"], ["library", "../../x", "original"]],
+        }
+        for i, a in enumerate(real)
+    ]
+    header = {
+        "catalog": 1,
+        "era": "new",
+        "tables": {},
+        "assets": 3,
+        "users": [],
+        "albums": ["Trip", *evil],
+        "people": [],
+    }
+    data = gzip.compress(b"".join(json.dumps(x).encode() + b"\n" for x in [header, *forged]))
+    settings = make_settings(s3_env, export_credentials=True)
+
+    async def plant() -> None:
+        async with Store(StoreOptions.from_settings(settings)) as store:
+            repo = Repo(store, settings.prefix)
+            doc = json.loads(await store.get(repo.summary_key(sid)))
+            doc["catalog"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            await store.put(repo.summary_key(sid), json.dumps(doc).encode())
+            await store.put(repo.catalog_key(sid), data)
+
+    asyncio.run(plant())
+    outside = tmp_path / "a"
+    for layout in ("names", "library"):
+        target = outside / "b" / layout
+        r = run_cli("restore", sid, "--album", "Trip", "--layout", layout, "--to", str(target), env=s3_env)
+        assert r.code == 0, r.err
+        files = {rel for rel, p in tree(target).items() if p.is_file() and b".immich-stream" not in rel}
+        assert len(files) >= 3 and not any(b"/../" in b"/" + f + b"/" for f in files), files
+        if layout == "names":
+            assert files == {b"Trip/.._.._escape", b"Trip/_", b"Trip/_abs_olute"}
+    assert {p.relative_to(outside) for p in outside.rglob("*") if p.parent == outside} == {Path("b")}
+    assert {p.name for p in (outside / "b").iterdir()} == {"names", "library"}

@@ -32,7 +32,7 @@ from immich_stream.backup.library import (
 )
 from immich_stream.backup.roots import FilesPass, OrderedManifest, Sources
 from immich_stream.backup.upload import FileUploader
-from immich_stream.browse.catalog import CatalogBuilder
+from immich_stream.browse.catalog import BACKUP_MAX_KEPT, CatalogBuilder
 from immich_stream.browse.catalog_store import store_catalog
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
@@ -188,7 +188,8 @@ class BackupRun:
         self.key_dir = ""
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
-        self.catalog = CatalogBuilder(ctx.settings.db_name)  # the Immich catalog, read as the dump streams
+        # the Immich catalog, read as the dump streams (within BACKUP_MAX_KEPT of rows)
+        self.catalog = CatalogBuilder(ctx.settings.db_name, max_kept=BACKUP_MAX_KEPT)
         self.phase_seconds: dict[str, float] = {}
         self.timeline: dict[str, float] = {}
         self._main_pass: FilesPass | None = None
@@ -650,7 +651,8 @@ async def _backup_locked(ctx: RunContext, lock: RepoLock) -> BackupResult:
         return lock.lost() or run.downtime_limit()
 
     await with_watchdog(repo.store, settings.stall_timeout, run.transfer(), limits)
-    catalog = await store_catalog(repo, snap_id, run.catalog)  # the stack runs again: no downtime
+    # the stack runs again: no downtime
+    catalog = await store_catalog(repo, snap_id, run.catalog, source.config_files)
 
     check_shrink_at_end(run.stats.roots, parent, settings.max_shrink, allow_shrink)
     if prev is not None and run.dump_result is not None:

@@ -79,6 +79,16 @@ _BY_NAME = {
 _IDENT = re.compile(rb'"((?:[^"]|"")*)"|([^\s".,()]+)')
 _ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.S)
 _SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+# The longest row of a table read (and line between blocks) held while it is cut across
+# batches: a longer one stops the catalog (not the dump); rows of tables not read, and lines
+# between blocks not needed, are never held at all, whatever their length.
+MAX_ROW = 16 << 20
+# What a backup's catalog reader may keep (its rows, about 0.8 KiB an asset, held until the
+# catalog is written after the stack runs again): past it (a library of some 300,000 assets)
+# no catalog is stored, and `find` builds one from the snapshot's dump when asked; the
+# backup's memory stays bounded whatever the library's size.
+BACKUP_MAX_KEPT = 256 << 20
+_ROW_COST = 41  # a bytes object's own size and its place in a list, beyond its bytes
 
 
 class CatalogError(ImmichStreamError):
@@ -178,8 +188,10 @@ class CatalogBuilder:
     """Fed pg_dump's SQL in any chunking (feed), then `lines()` gives the catalog. In a
     pg_dumpall, only the COPY blocks of `database` count (after its \\connect)."""
 
-    def __init__(self, database: str = "", library_mounts: tuple[str, ...] = ()) -> None:
+    def __init__(self, database: str = "", library_mounts: tuple[str, ...] = (), max_kept: int | None = None) -> None:
         self.database = database
+        self.max_kept = max_kept  # bytes of rows kept at most (None: no limit); past it CatalogError
+        self.kept = 0
         self.library_mounts = library_mounts
         self.cluster = False
         self._db = ""
@@ -191,6 +203,7 @@ class CatalogBuilder:
         self._cut = -1  # split a row at this many tabs (-1: all)
         self._skip = False  # inside a block of no interest
         self._carry = b""
+        self._junk = False  # skip to the next newline first
         self.error: CatalogError | None = None  # what stopped feed_safely
 
     # -- reading --------------------------------------------------------------------------
@@ -198,6 +211,12 @@ class CatalogBuilder:
         buf = self._carry + data if self._carry else data
         self._carry = b""
         pos, n = 0, len(buf)
+        if self._junk:  # the rest of a line not needed (a long row of a block skipped)
+            eol = buf.find(b"\n")
+            if eol < 0:
+                return
+            self._junk = False
+            pos = eol + 1
         while pos < n:
             if self._role is not None:  # whole lines of a block read at once, in C as far as can be
                 if buf.startswith(b"\\.\n", pos):
@@ -215,7 +234,7 @@ class CatalogBuilder:
                     if last > pos:
                         self._rows(buf[pos:last])
                     pos = last + 1
-                self._carry = buf[pos:]
+                self._keep(buf, pos, n)
                 return
             if self._skip:
                 if buf.startswith(b"\\.\n", pos):
@@ -228,11 +247,15 @@ class CatalogBuilder:
                     pos = end + 4
                     continue
                 last = buf.rfind(b"\n", pos)
-                self._carry = buf[last + 1 :] if last >= 0 else buf[pos:]
+                tail = buf[last + 1 :] if last >= 0 else buf[pos:]
+                if len(tail) < 3:  # it may yet be the block's end (\\.)
+                    self._carry = tail
+                else:  # a row's start: none of it is needed
+                    self._junk = True
                 return
             eol = buf.find(b"\n", pos)
             if eol < 0:
-                self._carry = buf[pos:]
+                self._keep(buf, pos, n)
                 return
             line = buf[pos:eol]
             pos = eol + 1
@@ -245,6 +268,22 @@ class CatalogBuilder:
                 raw = m.group(1).replace(b"''", b"'") if m else line.split()[-1].strip(b'"')
                 self._db = raw.decode("utf-8", "replace")
 
+    def _keep(self, buf: bytes, pos: int, n: int) -> None:
+        """Hold a line cut by the batch's end till the next batch: a row of a block read,
+        or a line between blocks; one longer than MAX_ROW is never held (and copied again
+        each batch): a row stops the catalog, a line between blocks that is no COPY line is
+        let go (skipped to its end)."""
+        if n - pos <= MAX_ROW:
+            self._carry = buf[pos:]
+        elif self._role is None and not buf.startswith(b"COPY ", pos):
+            self._junk = True
+        else:
+            where = f"a row of the dump's table {self.seen[self._role]}" if self._role else "a COPY line of the dump"
+            raise CatalogError(
+                f"{where} is longer than {MAX_ROW >> 20} MiB: not Immich's; no catalog was made "
+                "(the dump itself is stored whole)"
+            )
+
     def _rows(self, block: bytes) -> None:
         """Rows of the current block (whole lines, without the last newline): the columns
         picked of each; a column the table lacks reads as NULL (a \\N put after each row)."""
@@ -254,12 +293,19 @@ class CatalogBuilder:
         try:
             cut = self._cut  # fields past the last one picked are left unsplit
             picked = map(self._getter, (line.split(b"\t", cut) for line in block.split(b"\n")))
-            self.rows[self._role].extend(map(b"\t".join, picked))  # one object a row: the least memory
+            new = list(map(b"\t".join, picked))  # one object a row: the least memory
         except IndexError:
             raise CatalogError(
                 f"a row of the dump's table {self.seen[self._role]} has fewer fields than its COPY line names: "
                 "the dump is damaged; no catalog was made"
             ) from None
+        self.kept += sum(map(len, new)) + _ROW_COST * len(new)
+        if self.max_kept is not None and self.kept > self.max_kept:
+            raise CatalogError(
+                f"the catalog's rows passed {self.max_kept >> 20} MiB (a library of more than about "
+                f"{self.max_kept // 850:,} assets): none is stored with this snapshot; `find` reads its dump instead"
+            )
+        self.rows[self._role].extend(new)
 
     def feed_safely(self, data: bytes) -> None:
         """feed, for a backup: whatever goes wrong (a dump not Immich's, a bug here) stops
@@ -269,11 +315,12 @@ class CatalogBuilder:
         try:
             self.feed(data)
         except CatalogError as exc:
-            self.error = exc
+            self.error = exc.with_traceback(None)  # its frames would keep the batch's rows
         except Exception as exc:  # the dump goes on whatever this reader meets
             self.error = CatalogError(f"reading the catalog failed: {exc!r}")
         if self.error is not None:
             self.rows.clear()
+            self._carry = b""
 
     def _copy(self, line: bytes) -> None:
         parsed = parse_copy(line)

@@ -72,6 +72,7 @@ class Selectors:
         self._users = {u.casefold() for u in self.users}
         self._albums = {a.casefold() for a in self.albums}
         self._people = {p.casefold() for p in self.people}
+        self._names = [g.casefold() for g in self.names]  # "IMG_1.HEIC" and "img_1.heic" alike, as the docs say
 
     @property
     def given(self) -> bool:
@@ -122,7 +123,8 @@ class Selectors:
             return False
         if self._people and not any(p.casefold() in self._people for p in asset.get("people", [])):
             return False
-        if self.names and not any(fnmatch.fnmatch(str(asset.get("name", "")), g) for g in self.names):
+        name = str(asset.get("name", "")).casefold()
+        if self._names and not any(fnmatch.fnmatchcase(name, g) for g in self._names):
             return False
         if self._taken:
             when = _when(asset.get("taken"))
@@ -143,6 +145,7 @@ def _when(text: object) -> dt.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+CATALOG_SLACK = 64 * 1024  # bytes a stored catalog's size may differ from snapshot.json's (its age header)
 LINES_AT_ONCE = 2000  # catalog lines made in one trip to a worker thread
 UPLOAD_TARGET = re.compile(r"""\$\{?UPLOAD_LOCATION\}?:(/[^\s:'"]*)""")
 
@@ -150,7 +153,12 @@ UPLOAD_TARGET = re.compile(r"""\$\{?UPLOAD_LOCATION\}?:(/[^\s:'"]*)""")
 def library_mounts(snap: Snapshot) -> tuple[str, ...]:
     """Where the snapshot's compose file mounts UPLOAD_LOCATION in immich_server, when it
     says (Immich's own compose files: /usr/src/app/upload, or /data since v1.136)."""
-    return tuple(sorted({m for text in snap.summary.config_files.values() for m in UPLOAD_TARGET.findall(text)}))
+    return mounts_in(snap.summary.config_files)
+
+
+def mounts_in(config_files: dict[str, str]) -> tuple[str, ...]:
+    """library_mounts, from the compose files themselves (a backup's, before its snapshot.json)."""
+    return tuple(sorted({m for text in config_files.values() for m in UPLOAD_TARGET.findall(text)}))
 
 
 async def _stored_catalog(repo: Repo, snap: Snapshot) -> bytes | None:
@@ -161,9 +169,26 @@ async def _stored_catalog(repo: Repo, snap: Snapshot) -> bytes | None:
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         return None
     key = repo.catalog_key(snap.id)
+    size = record.get("size")
     try:
+        stored = await repo.store.head(key)
+        if stored is None:  # a copy (`copy` carries the dump only): the dump answers
+            log.debug("no stored catalog %s: reading the snapshot's dump", key)
+            return None
+        # never more than snapshot.json says is read into memory (a bucket writer's object of
+        # any size): its size as sealed for the recipients now, give or take their number
+        expected = (repo.store.stored_size(key, size) or size) if isinstance(size, int) else None
+        if expected is None or abs(stored - expected) > CATALOG_SLACK:
+            log.warning(
+                "the stored catalog %s does not match snapshot.json (%d bytes, not %s): reading the snapshot's dump "
+                "instead",
+                key,
+                stored,
+                size,
+            )
+            return None
         data = await repo.store.get(key)
-    except ObjectNotFound:  # a copy (`copy` carries the dump only): the dump answers
+    except ObjectNotFound:
         log.debug("no stored catalog %s: reading the snapshot's dump", key)
         return None
     except ImmichStreamError as exc:

@@ -55,33 +55,54 @@ def _part(text: str) -> str:
     return "_" if text in (".", "..") else text
 
 
+NAME_MAX = 255  # bytes in one path part (Linux filesystems): a longer album or file name is cut
+
+
+def _fit(text: str, limit: int) -> str:
+    """text cut to at most `limit` bytes of UTF-8, at a character's edge."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore").rstrip() or "_"
+
+
 def names_layout(assets: list[Asset], albums: list[str]) -> dict[tuple[str, bytes], bytes]:
     """album/original-file-name for each asset's original (its live-photo video beside it,
     a sidecar as name.xmp): the album the selectors named, else its first, else NO_ALBUM.
     Two files of one name in one album: the later ones get " (2)", " (3)"... before the
     extension."""
     asked = {a.casefold() for a in albums}
-    taken: set[bytes] = set()
+    taken: set[str] = set()  # the names given, lower-cased
     out: dict[tuple[str, bytes], bytes] = {}
     for asset in sorted(assets, key=lambda a: (str(a.get("taken") or ""), str(a.get("id")))):
         in_albums = asset.get("albums") or []
         album = next((a for a in in_albums if a.casefold() in asked), in_albums[0] if in_albums else NO_ALBUM)
         stem, ext = os.path.splitext(_part(str(asset.get("name") or asset.get("id"))))
+        ext = _fit(ext, 32)
         mine: list[tuple[tuple[str, bytes], str]] = []  # (root, path), the suffix after the name
         for root, path, kind in asset.get("files", []):
-            if root and kind in NAMED_KINDS:
+            key = (root, str(path).encode("utf-8", "surrogateescape"))
+            if root and kind in NAMED_KINDS and key not in dict(mine):
                 suffix = (
-                    ext if kind == "original" else (os.path.splitext(path)[1] if kind == "live-video" else ext + ".xmp")
+                    ext
+                    if kind == "original"
+                    else (_fit(os.path.splitext(path)[1], 32) if kind == "live-video" else ext + ".xmp")
                 )
-                mine.append(((root, path.encode("utf-8", "surrogateescape")), suffix))
+                while suffix in (s for _, s in mine):  # two files of one kind (a sidecar in two places)
+                    suffix = "-" + suffix
+                mine.append((key, suffix))
+        longest = max((len(x.encode("utf-8", "surrogateescape")) for _, x in mine), default=0)
+        stem = _fit(stem, NAME_MAX - 16 - longest)  # room for " (n)" and the longest suffix
+        folder = _fit(_part(album), NAME_MAX)
         n = 1  # the same " (n)" for all of an asset's files: a sidecar keeps its photo's name
         while True:
-            base = f"{_part(album)}/{stem}" + (f" ({n})" if n > 1 else "")
+            base = f"{folder}/{stem}" + (f" ({n})" if n > 1 else "")
             names = [f"{base}{suffix}".encode("utf-8", "surrogateescape") for _, suffix in mine]
-            if not taken.intersection(names) and len(set(names)) == len(names):
+            # compared without regard to case: the tree is often copied to a disk that
+            # ignores it (exFAT, macOS, Windows), where IMG_1.JPG would replace img_1.jpg
+            folded = {name.decode("utf-8", "surrogateescape").lower() for name in names}
+            if not taken.intersection(folded) and len(folded) == len(names):
                 break
             n += 1
-        taken.update(names)
+        taken.update(folded)
         out.update(zip((key for key, _ in mine), names, strict=True))
     return out
 

@@ -12,6 +12,7 @@ import logging
 import zlib
 
 from immich_stream.browse.catalog import CatalogBuilder, CatalogError
+from immich_stream.browse.catalog_find import mounts_in
 from immich_stream.repository.repo import Repo
 
 log = logging.getLogger(__name__)
@@ -26,18 +27,34 @@ def compress(builder: CatalogBuilder) -> bytes:
     return b"".join(out)
 
 
-async def store_catalog(repo: Repo, snap_id: str, builder: CatalogBuilder) -> dict[str, object] | None:
-    """Write the snapshot's catalog; snapshot.json's `catalog` record (its size and sha256,
-    which readers check: the catalog is then as trustworthy as snapshot.json), or None when
-    the dump held no catalog (said at -v: a database that is not Immich's is not this run's
-    failure)."""
+def made(builder: CatalogBuilder, snap_id: str) -> bytes | None:
+    """The compressed catalog, or None when the dump held none (said at -v: a database that
+    is not Immich's is not this run's failure) or making it failed for any other reason
+    (said as a warning: the snapshot is whole without it; `find` reads the dump instead)."""
     try:
-        data = await asyncio.to_thread(compress, builder)
+        return compress(builder)
     except CatalogError as exc:
         log.info("no Immich catalog stored with snapshot %s: %s", snap_id, exc)
-        return None
+    except Exception as exc:  # the backup goes on whatever the dump held, as feed_safely does
+        log.warning(
+            "no Immich catalog stored with snapshot %s (making it failed: %r); find reads its dump", snap_id, exc
+        )
     finally:
         builder.rows.clear()  # the rows read from the dump: no longer needed
+    return None
+
+
+async def store_catalog(
+    repo: Repo, snap_id: str, builder: CatalogBuilder, config_files: dict[str, str]
+) -> dict[str, object] | None:
+    """Write the snapshot's catalog; snapshot.json's `catalog` record (its size and sha256,
+    which readers check: the catalog is then as trustworthy as snapshot.json), or None when
+    no catalog was made (see made). Paths are placed in roots by the compose files the
+    snapshot records, as `find` does when it builds a catalog from the dump."""
+    builder.library_mounts = mounts_in(config_files)
+    data = await asyncio.to_thread(made, builder, snap_id)
+    if data is None:
+        return None
     await repo.store.put(repo.catalog_key(snap_id), data)
     log.debug("stored the Immich catalog of snapshot %s (%d bytes)", snap_id, len(data))
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

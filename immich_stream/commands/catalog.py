@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +61,28 @@ def check(args: argparse.Namespace) -> None:
     selectors_of(args)  # --taken parsed now: a bad date is a usage error before S3 is asked
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def _shown(text: object) -> str:
+    """A name from the database as a terminal shows it: control characters (a newline that
+    would forge a line of this output, an escape sequence) and bytes not UTF-8 as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", str(text))
+
+
 def _line(asset: dict[str, Any]) -> str:
     taken = str(asset.get("taken") or "?")[:16].replace("T", " ")
     extra = [f"album {', '.join(asset['albums'])}"] if asset.get("albums") else []
     extra += [f"people {', '.join(asset['people'])}"] if asset.get("people") else []
     extra += ["in the trash"] if asset.get("trashed") else []
     tail = f"  ({'; '.join(extra)})" if extra else ""
-    return f"{taken}  {asset.get('name')!s}  {asset.get('user')}{tail}"
+    return _shown(f"{taken}  {asset.get('name')!s}  {asset.get('user')}{tail}")
 
 
 def _files(asset: dict[str, Any]) -> list[str]:
     return [
-        f"    {kind:<15} {root + '/' if root else '(no root) '}{path}" for root, path, kind in asset.get("files", [])
+        _shown(f"    {kind:<15} {root + '/' if root else '(no root) '}{path}")
+        for root, path, kind in asset.get("files", [])
     ]
 
 

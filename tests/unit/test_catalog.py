@@ -199,3 +199,188 @@ def test_names_layout_resolves_collisions_and_unsafe_names() -> None:
         ("library", b"library/u/b/IMG_1.mov"): b"Trip/IMG_1 (2).mov",
         ("library", b"library/u/c/x"): NO_ALBUM.encode() + b"/.._x_..",
     }
+
+
+def test_a_huge_row_of_a_table_not_read_is_not_carried() -> None:
+    """A row of 32 MiB in a table the catalog skips (a big text or bytea column), fed in the
+    dump's 1 MiB batches: the reader keeps a few bytes of it, not the row (nor copies it
+    again on every batch: the dump waits for the reader)."""
+    import tracemalloc
+
+    b = CatalogBuilder()
+    b.feed(b"COPY public.system_metadata (key, value) FROM stdin;\nk\t")
+    tracemalloc.start()
+    try:
+        piece = b"x" * (1 << 20)
+        for _ in range(32):
+            b.feed(piece)
+        b.feed(b"\n\\.\n")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB held for a row the catalog does not read"
+    sql = dump("new")
+    b.feed(sql)
+    assert json.loads(next(iter(b.lines())))["assets"] == 120  # the rest of the dump still read
+
+
+def test_a_huge_row_of_a_table_read_stops_the_catalog_not_the_dump(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row longer than MAX_ROW in a table the catalog reads: feed_safely gives up the
+    catalog (one line, said at -v) instead of holding and re-copying the row."""
+    from immich_stream.browse import catalog as cat
+
+    monkeypatch.setattr(cat, "MAX_ROW", 4 << 20)
+    b = CatalogBuilder()
+    b.feed_safely(b'COPY public.asset_exif ("assetId", "dateTimeOriginal", description) FROM stdin;\na\t\\N\t')
+    for _ in range(8):
+        b.feed_safely(b"d" * (1 << 20))
+    assert b.error is not None and "longer than" in str(b.error)
+    assert len(b._carry) == 0 and not b.rows
+    with pytest.raises(CatalogError, match="longer than"):
+        next(iter(b.lines()))
+
+
+def test_a_catalog_that_cannot_be_made_never_fails_the_backup(caplog: pytest.LogCaptureFixture) -> None:
+    """Rows the dump's reader took but the catalog cannot make sense of (here an external
+    library's import paths as a malformed array literal): no catalog, one warning, and the
+    backup's store_catalog goes on (it let all but CatalogError through, after the upload)."""
+    from immich_stream.browse.catalog_store import made
+
+    b = CatalogBuilder()
+    b.feed_safely(dump("new") + b'COPY public.library ("importPaths", id) FROM stdin;\n{"/mnt/a\tl9\n\\.\n')
+    assert b.error is None
+    with caplog.at_level("WARNING"):
+        assert made(b, "s1") is None
+    assert "no Immich catalog stored with snapshot s1" in caplog.text and not b.rows
+    good = CatalogBuilder()
+    good.feed_safely(dump("new"))
+    data = made(good, "s2")
+    assert data is not None and json.loads(gzip.decompress(data).split(b"\n")[0])["assets"] == 120
+
+
+@pytest.mark.timeout(10)
+def test_names_layout_of_an_asset_with_two_files_of_one_kind_ends() -> None:
+    """Two sidecars of one asset (its sidecarPath and an asset_file row of type sidecar), or
+    a live video of the photo's own extension: each file its own name (the search for a
+    free " (n)" looped forever, as the asset's names clashed with each other at every n)."""
+    from immich_stream.browse.catalog_restore import names_layout
+
+    files = [
+        ["library", "library/u/IMG_1", "original"],
+        ["library", "library/u/IMG_1.xmp", "sidecar"],
+        ["library", "library/u/IMG_1.jpg.xmp", "sidecar"],
+        ["library", "library/u/IMG_1.xmp", "sidecar"],  # the same file twice: one name
+        ["library", "encoded-video/u/IMG_1", "live-video"],
+    ]
+    got = names_layout([{"id": "1", "name": "IMG_1", "taken": None, "albums": ["A"], "files": files}], ["A"])
+    assert len(got) == 4 and len(set(got.values())) == 4
+    assert got[("library", b"library/u/IMG_1")] == b"A/IMG_1"
+    assert got[("library", b"library/u/IMG_1.xmp")] == b"A/IMG_1.xmp"
+
+
+def test_names_layout_cuts_names_too_long_for_a_filesystem(tmp_path: Path) -> None:
+    """An album of 200 "ä" (400 bytes) and a file name of 300 bytes: each part at most 255
+    bytes, so the files can be written (every one failed with ENAMETOOLONG)."""
+    from immich_stream.browse.catalog_restore import names_layout
+
+    name = "x" * 300 + ".jpg"
+    files = [["library", "library/u/a.jpg", "original"], ["library", "library/u/a.jpg.xmp", "sidecar"]]
+    got = names_layout([{"id": "1", "name": name, "taken": None, "albums": ["ä" * 200], "files": files}], [])
+    for path in got.values():
+        assert all(len(part) <= 255 for part in path.split(b"/"))
+        (tmp_path / path.decode()).parent.mkdir(exist_ok=True)
+        (tmp_path / path.decode()).write_bytes(b"1")
+    assert got[("library", b"library/u/a.jpg")].endswith(b"x.jpg")
+    assert got[("library", b"library/u/a.jpg.xmp")].endswith(b"x.jpg.xmp")
+
+
+def test_find_shows_names_from_the_database_without_control_characters() -> None:
+    """An uploader's file name with a newline (a forged line of find's output), an escape
+    sequence, or bytes not UTF-8 (surrogates: print failed on them) shows as \\xNN."""
+    from immich_stream.commands.catalog import _files, _line
+
+    asset = {
+        "taken": "2023-01-01T10:00:00+00:00",
+        "name": "a\n2020-01-01 00:00  b.jpg\x1b[2J\udce9",
+        "user": "u@x",
+        "albums": ["Trip\r"],
+        "files": [["library", "library/u/a\nb\udce9.jpg", "original"]],
+    }
+    shown = [_line(asset), *_files(asset)]
+    assert all("\n" not in s and "\x1b" not in s and "\r" not in s for s in shown)
+    assert "a\\x0a2020" in shown[0] and "\\x1b[2J\\xe9" in shown[0] and "Trip\\x0d" in shown[0]
+    for s in shown:
+        s.encode("utf-8")  # printable on a UTF-8 terminal
+
+
+def test_a_backups_catalog_reader_keeps_at_most_its_limit() -> None:
+    """Past max_kept bytes of rows the reader lets them all go and says why (the backup's
+    memory does not grow with the library); without a limit (find) the same dump reads."""
+    import tracemalloc
+
+    sql = dump("new")
+    whole = CatalogBuilder()
+    whole.feed(sql)
+    assert 0 < whole.kept < 200_000  # 120 assets and their files
+    capped = CatalogBuilder(max_kept=whole.kept // 2)
+    tracemalloc.start()
+    try:
+        for i in range(0, len(sql), 65536):
+            capped.feed_safely(sql[i : i + 65536])
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert capped.error is not None and "none is stored with this snapshot" in str(capped.error)
+    assert not capped.rows and held < whole.kept // 2
+    with pytest.raises(CatalogError, match="reads its dump instead"):
+        next(iter(capped.lines()))
+
+
+def test_a_backups_catalog_places_paths_by_the_compose_files_mount() -> None:
+    """UPLOAD_LOCATION mounted at /photos in immich_server (a compose file of one's own): the
+    catalog a backup stores places its paths in the library root, as `find` does when it
+    builds one from the dump (the stored one had every file under no root, so restore
+    --album found nothing in the snapshots that have one)."""
+    from immich_stream.browse.catalog_find import mounts_in
+    from immich_stream.browse.catalog_store import made
+
+    compose = {"docker-compose.yml": "services:\n  immich-server:\n    volumes:\n      - ${UPLOAD_LOCATION}:/photos\n"}
+    sql = dump("new").replace(b"/data/", b"/photos/")
+    b = CatalogBuilder()
+    b.feed_safely(sql)
+    b.library_mounts = mounts_in(compose)  # what store_catalog does with the backup's compose files
+    data = made(b, "s1")
+    assert data is not None
+    assets = [json.loads(line) for line in gzip.decompress(data).splitlines()[1:]]
+    roots = {root for a in assets for root, _, _ in a["files"]}
+    assert "library" in roots and "" not in roots and mounts_in(compose) == ("/photos",)
+
+
+def test_name_glob_compares_without_regard_to_case() -> None:
+    """docs/commands/find.md: names compare without regard to case; --name's glob did not
+    (fnmatch on Linux): 'img_44*.heic' missed IMG_4411.HEIC."""
+    asset = {"name": "IMG_4411.HEIC", "albums": [], "people": []}
+    assert Selectors(names=["img_44*.heic"]).matches(asset)
+    assert Selectors(names=["IMG_44*.HEIC"]).matches(asset)
+    assert not Selectors(names=["img_45*"]).matches(asset)
+
+
+def test_names_layout_names_differing_only_in_case_are_told_apart() -> None:
+    """IMG_1.JPG and img_1.jpg in one album (or albums Trip and trip): on a disk that ignores
+    case (exFAT, macOS, Windows: where a names tree is copied) one would replace the other."""
+    from immich_stream.browse.catalog_restore import names_layout
+
+    def asset(i: int, name: str, album: str) -> dict:
+        return {
+            "id": str(i),
+            "name": name,
+            "taken": f"2023-01-0{i}",
+            "albums": [album],
+            "files": [["library", f"p{i}", "original"]],
+        }
+
+    got = names_layout(
+        [asset(1, "IMG_1.JPG", "Trip"), asset(2, "img_1.jpg", "Trip"), asset(3, "IMG_1.jpg", "trip")], []
+    )
+    assert list(got.values()) == [b"Trip/IMG_1.JPG", b"Trip/img_1 (2).jpg", b"trip/IMG_1 (3).jpg"]
+    assert len({v.lower() for v in got.values()}) == 3
