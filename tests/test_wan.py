@@ -114,3 +114,50 @@ def test_the_window_bounds_one_connection_and_the_rate_is_shared(tmp_path: Path)
 
     assert asyncio.run(run()) == [True] * 4
     assert sorted(len(v) for v in received.values()) == [MIB + i for i in range(4)]
+
+
+def test_a_run_under_slowdown_finishes_with_fewer_requests_at_once(
+    s3_env: dict[str, str], proxy_factory, tmp_path: Path
+) -> None:
+    """503 SlowDown: the run lowers how many requests it has in flight (not just waits and
+    sends as many again), and still finishes with every byte."""
+    src = tmp_path / "src"
+    rng = random.Random(9)
+    for i in range(48):  # files of their own (not packs), each one of --jobs' slots
+        p = src / "library" / f"IMG_{i:03d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(MIB + 1000 * i))
+    proxy = proxy_factory(s3_env["S3_ENDPOINT_URL"])
+
+    def data_put(method: str, path: str, query: dict[str, str]) -> bool:
+        return method == "PUT" and "/data/" in path
+
+    seen = [0]
+
+    def refuse(method: str, path: str, query: dict[str, str]) -> bool:
+        """The 17th to 22nd upload: after the run has had its 8 in flight a while."""
+        if not data_put(method, path, query):
+            return False
+        seen[0] += 1
+        return 16 < seen[0] <= 22
+
+    refused = proxy.add(refuse, status=503, code="SlowDown", delay=0.05)
+    proxy.add(data_put, delay=0.15)  # every upload takes a while: 8 would be in flight at once
+    env = dict(s3_env, S3_ENDPOINT_URL=proxy.endpoint, IMMICH_STREAM_JOBS="8", IMMICH_STREAM_RETRIES="8")
+    backup = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert refused.hits == 6
+    puts = [n for m, p, n in proxy.arrivals if m == "PUT" and "/data/" in p]
+    assert max(puts[:16]) >= 7, puts  # before the refusals: its 8 in flight
+    # once the refused and those already sent are answered: half as many, climbing back by one a round
+    assert max(puts[30:36]) <= 5, puts
+    dest = tmp_path / "restored"
+    r = run_cli("restore", "latest", "--to", str(dest), env=dict(s3_env), timeout=120)
+    assert r.code == 0, r.err
+    assert snapshot_of_tree(dest / "library") == snapshot_of_tree(src)

@@ -169,16 +169,24 @@ class WanProxy:
         s.open += 1
         s.peak_open = max(s.peak_open, s.open)
         uwriter: asyncio.StreamWriter | None = None
+        pipes: list[asyncio.Task[None]] = []
         try:
             await asyncio.sleep(2 * self.half)  # the handshake's round trip
             ureader, uwriter = await asyncio.open_connection(*self.upstream)
-            await asyncio.gather(
-                self._pipe(creader, uwriter, s.up),
-                self._pipe(ureader, cwriter, s.down),
-            )
-        except (OSError, asyncio.IncompleteReadError):
+            pipes = [
+                asyncio.ensure_future(self._pipe(creader, uwriter, s.up)),
+                asyncio.ensure_future(self._pipe(ureader, cwriter, s.down)),
+            ]
+            # a failed side ends the connection; a clean EOF waits for the other side's
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
+        except OSError:
             pass
         finally:
+            for task in pipes:
+                task.cancel()
+            for task in pipes:
+                with contextlib.suppress(BaseException):
+                    await task
             s.open -= 1
             for w in (cwriter, uwriter):
                 if w is not None:
@@ -186,10 +194,10 @@ class WanProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, d: Direction) -> None:
         """Bytes from reader to writer across the link: paced, delayed, windowed. Ends at EOF
-        (passed on) or when either socket fails (both closed by _accept)."""
+        (passed on), or raises when either socket fails."""
         loop = asyncio.get_running_loop()
         inflight = 0
-        freed = asyncio.Event()
+        wake = asyncio.Event()  # an acknowledgement came back, or the sender stopped
         queue: collections.deque[tuple[float, bytes]] = collections.deque()
         queued = asyncio.Event()
         ended = False
@@ -197,34 +205,37 @@ class WanProxy:
         def ack(n: int) -> None:
             nonlocal inflight
             inflight -= n
-            freed.set()
+            wake.set()
 
         async def deliver() -> None:
-            while True:
-                while not queue:
-                    if ended:
-                        with contextlib.suppress(OSError, RuntimeError):
+            try:
+                while True:
+                    while not queue:
+                        if ended:
                             if writer.can_write_eof():
                                 writer.write_eof()
-                        return
-                    queued.clear()
-                    await queued.wait()
-                due, data = queue.popleft()
-                wait = due - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-                d.moved(len(data))
-                # the acknowledgement is back half a round trip after the byte arrived
-                loop.call_later(self.half, ack, len(data))
+                            return
+                        queued.clear()
+                        await queued.wait()
+                    due, data = queue.popleft()
+                    wait = due - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    writer.write(data)
+                    await writer.drain()
+                    d.moved(len(data))
+                    # the acknowledgement is back half a round trip after the byte arrived
+                    loop.call_later(self.half, ack, len(data))
+            finally:
+                wake.set()
 
         sender = asyncio.ensure_future(deliver())
         try:
-            while True:
-                while inflight >= self.window:
-                    freed.clear()
-                    await freed.wait()
+            while not sender.done():
+                if inflight >= self.window:
+                    wake.clear()
+                    await wake.wait()
+                    continue
                 data = await reader.read(min(READ, self.window - inflight))
                 if not data:
                     break
@@ -233,15 +244,11 @@ class WanProxy:
                 inflight += len(data)
                 queue.append((loop.time() + self.half, data))
                 queued.set()
-                if sender.done():
-                    break
-        finally:
             ended = True
             queued.set()
-            if not sender.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
-        sender.result()  # a failed write: the connection ends
+            await asyncio.shield(sender)
+        finally:
+            sender.cancel()
 
 
 def main() -> None:
