@@ -48,6 +48,7 @@ def make_tree(root: Path) -> int:
     return total
 
 
+@pytest.mark.slow  # subprocesses through a paced link: the full suite runs it, scripts/check does not
 def test_backup_and_restore_through_a_wan_link_are_byte_identical(
     s3_env: dict[str, str], wan: WanProxy, tmp_path: Path
 ) -> None:
@@ -116,6 +117,7 @@ def test_the_window_bounds_one_connection_and_the_rate_is_shared(tmp_path: Path)
     assert sorted(len(v) for v in received.values()) == [MIB + i for i in range(4)]
 
 
+@pytest.mark.slow
 def test_a_run_under_slowdown_finishes_with_fewer_requests_at_once(
     s3_env: dict[str, str], proxy_factory, tmp_path: Path
 ) -> None:

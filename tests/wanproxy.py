@@ -106,6 +106,9 @@ class WanProxy:
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
         self._logger: asyncio.Future[None] | None = None
+        # the connections' tasks: the loop holds tasks weakly, and a connection idle in a
+        # client's pool (both sides waiting to read) must not be collected as garbage
+        self._conns: set[asyncio.Task[None] | asyncio.Future[None]] = set()
 
     @property
     def endpoint(self) -> str:
@@ -191,6 +194,7 @@ class WanProxy:
         s.connections += 1
         s.open += 1
         s.peak_open = max(s.peak_open, s.open)
+        me = asyncio.current_task()
         uwriter: asyncio.StreamWriter | None = None
         pipes: list[asyncio.Task[None]] = []
         try:
@@ -200,11 +204,15 @@ class WanProxy:
                 asyncio.ensure_future(self._pipe(creader, uwriter, s.up)),
                 asyncio.ensure_future(self._pipe(ureader, cwriter, s.down)),
             ]
+            self._conns.update(t for t in (me, *pipes) if t is not None)
             # a failed side ends the connection; a clean EOF waits for the other side's
             await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
         except OSError:
             pass
         finally:
+            self._conns.difference_update(pipes)
+            if me is not None:
+                self._conns.discard(me)
             for task in pipes:
                 task.cancel()
             for task in pipes:
