@@ -157,14 +157,6 @@ async def _check_something_matches(
     )
 
 
-async def _settle(task: asyncio.Future[set[bytes]]) -> None:
-    """A listing no longer needed (the restore stopped before it): cancelled, its end awaited."""
-    task.cancel()
-    await asyncio.wait([task])
-    if not task.cancelled():
-        task.exception()  # retrieved: an error after the restore's own is not logged as lost
-
-
 DIRS_AT_ONCE = 256  # directories made in one trip to a worker thread
 
 # ends so after its retries is counted as no answer (see restore_files). Not AccessDenied,
@@ -207,16 +199,12 @@ async def restore_files(
         contextlib.AsyncExitStack() as exits,
     ):
         store = repo.store
-        # The listing of data/ that finds archived objects (usually none) runs while the
-        # snapshot is resolved: its pages are round trips the link would otherwise wait for.
-        listing = asyncio.ensure_future(archived_digests(repo))
-        exits.push_async_callback(_settle, listing)
         snap = await repo.resolve(which)
         fresh = _check_target(target, snap, overwrite)
         wanted = set(roots or (*ROOTS, *snap.summary.roots))
         await _check_something_matches(repo, snap, roots, wanted, includes)
         # before the target is marked: a --no-wait run leaves nothing behind to resume
-        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait, await listing)
+        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait, await archived_digests(repo))
         target_fd = await asyncio.to_thread(_open_target, target)
         exits.callback(os.close, target_fd)
         await asyncio.to_thread(_mark_target, target_fd, snap.id)
