@@ -1,6 +1,6 @@
 """Benchmark: small files and restore, immich-stream against s5cmd in the same run.
 
-    .venv/bin/python bench/throughput.py [--rounds 2] [--jobs 8] [--only small,restore]
+    .venv/bin/python bench/throughput.py [--rounds 2] [--jobs 8] [--only small,restore] [--rclone]
         [--restore-gib 1.2] [--server rclone|seaweedfs]
 
 Needs no Docker (the database dump is bench/run.py's part). Against one local S3 server
@@ -270,6 +270,11 @@ def main() -> None:
     ap.add_argument("--restore-gib", type=float, default=1.2)
     ap.add_argument("--server", choices=("rclone", "seaweedfs"), default="rclone")
     ap.add_argument("--checksum", default=None, help="immich-stream --checksum (md5, sha256, crc32c)")
+    ap.add_argument(
+        "--rclone",
+        action="store_true",
+        help="also `rclone copy` (Content-MD5 on upload, hashes checked on download: the checks immich-stream makes)",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     s5cmd = shutil.which("s5cmd", path=str(BIN)) or shutil.which("s5cmd")
@@ -295,6 +300,17 @@ def main() -> None:
     if args.checksum:
         ienv["IMMICH_STREAM_CHECKSUM"] = args.checksum
     s5 = [s5cmd, "--endpoint-url", server.endpoint, "--numworkers", str(args.s5cmd_workers)]
+    rclone_env = dict(
+        env,
+        RCLONE_CONFIG_B_TYPE="s3",
+        RCLONE_CONFIG_B_PROVIDER="Other",
+        RCLONE_CONFIG_B_ACCESS_KEY_ID=KEY,
+        RCLONE_CONFIG_B_SECRET_ACCESS_KEY=SECRET,
+        RCLONE_CONFIG_B_ENDPOINT=server.endpoint,
+        RCLONE_CONFIG_B_FORCE_PATH_STYLE="true",
+    )
+    rc = [str(BIN / "rclone"), "--transfers", str(args.jobs), "--checkers", str(args.jobs)]
+    rclone_rows: dict[str, list[tuple[dict, dict]]] = {}
     results: dict[str, list[tuple[dict, dict]]] = {}
     sizes: dict[str, int] = {}
     start_env: dict[str, str] | None = None
@@ -317,6 +333,11 @@ def main() -> None:
                 b = server.bucket(f"small-s5-{i}")
                 peer = served(server, "s5cmd cp", [*s5, "cp", f"{pgdata}/", f"s3://{b}/pg/"], env)
                 results.setdefault("small", []).append((ist, peer))
+                if args.rclone:
+                    b = server.bucket(f"small-rc-{i}")
+                    rcl = served(server, "rclone copy", [*rc, "copy", str(pgdata), f"B:{b}/pg"], rclone_env)
+                    rclone_rows.setdefault("small", []).append((ist, rcl))
+                    print(row("rclone", rcl, size) + f"\n  ratio to rclone {ist['wall'] / rcl['wall']:.2f}")
                 start_env = start_env or dict(ienv, S3_BUCKET=f"small-ist-{i}")
                 print(
                     row("immich-stream", ist, size)
@@ -348,6 +369,17 @@ def main() -> None:
                 )
                 shutil.rmtree(dest)
                 results.setdefault("restore", []).append((ist, peer))
+                if args.rclone:
+                    dest = work / f"rc-{i}"
+                    rcl = served(
+                        server,
+                        "rclone copy (download)",
+                        [*rc, "copy", f"B:{b}/immich-backup/data", str(dest)],
+                        rclone_env,
+                    )
+                    shutil.rmtree(dest)
+                    rclone_rows.setdefault("restore", []).append((ist, rcl))
+                    print(row("rclone", rcl, size) + f"\n  ratio to rclone {ist['wall'] / rcl['wall']:.2f}")
                 start_env = start_env or benv
                 print(
                     row("immich-stream", ist, size)
@@ -387,6 +419,15 @@ def main() -> None:
             least = statistics.median(floor(b, extra[job]) / b["wall"] for _, b in pairs)
             line += f"; floor with the checks s5cmd skips: ratio >= {least:.2f}"
         print(line)
+    for job, pairs in rclone_rows.items():
+        print(
+            f"{job:<10} against rclone copy: wall {statistics.median(a['wall'] for a, _ in pairs):.2f} / "
+            f"{statistics.median(b['wall'] for _, b in pairs):.2f} s (ratio "
+            f"{statistics.median(a['wall'] / b['wall'] for a, b in pairs):.2f}), CPU "
+            f"{statistics.median(a['cpu'] for a, _ in pairs):.1f} / {statistics.median(b['cpu'] for _, b in pairs):.1f} s"
+            f", RSS {statistics.median(a['rss_mib'] for a, _ in pairs):.0f} / "
+            f"{statistics.median(b['rss_mib'] for _, b in pairs):.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

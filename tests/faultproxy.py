@@ -83,6 +83,9 @@ class FaultProxy:
         self.arrived: list[tuple[float, int]] = []
         self.record_sent = False
         self.sent: list[tuple[float, int]] = []
+        # requests in the proxy now, and (method, path, how many were in it then) as each arrived
+        self.open = 0
+        self.arrivals: list[tuple[str, str, int]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -130,6 +133,14 @@ class FaultProxy:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.open += 1
+        self.arrivals.append((request.method, request.path, self.open))
+        try:
+            return await self._answer(request)
+        finally:
+            self.open -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
         corrupt = False
         lost_answer: int | None = None

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from immich_stream.errors import ConfigError, NoRepository, RepoError, StoreError
+from immich_stream.errors import ConfigError, NoRepository, ObjectNotFound, RepoError, StoreError
 from immich_stream.repository.age import Keys, Recipient, Sealing, plain_size
 from immich_stream.repository.auth import (
     TRUST_ENV,
@@ -370,10 +370,10 @@ class Repo(Layout):
         writer holding its lock) may set authentication up on a repository without it;
         `defer`: such a writer's first look, before its lock (the check under it decides);
         not `alone` (another run holds a lock too): the set-up is left to a later run."""
-        key = self.config_key()
-        if await self.store.head(key) is None:
-            raise NoRepository(self.where())
-        cfg = await self.read_config(keys)
+        try:  # one round trip, not a HEAD before the GET: every command pays it twice (before and under its lock)
+            cfg = await self.read_config(keys)
+        except ObjectNotFound:
+            raise NoRepository(self.where()) from None
         if cfg["version"] > VERSION:
             raise RepoError(
                 f"repository format {cfg['version']} is newer than this immich-stream knows "

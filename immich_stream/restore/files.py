@@ -222,7 +222,7 @@ async def restore_files(
         wanted = set(roots or (*ROOTS, *snap.summary.roots))
         await _check_something_matches(repo, snap, roots, wanted, includes, select)
         # before the target is marked: a --no-wait run leaves nothing behind to resume
-        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait, select)
+        await _thaw_needed(repo, snap, settings, reporter, wanted, includes, wait, await archived_digests(repo), select)
         target_fd = await asyncio.to_thread(_open_target, target)
         exits.callback(os.close, target_fd)
         await asyncio.to_thread(_mark_target, target_fd, snap.id)
@@ -450,11 +450,11 @@ async def _thaw_needed(
     roots: set[str],
     includes: list[str],
     wait: bool,
+    archived: set[bytes],
     select: Select | None = None,
 ) -> None:
     """Thaw the archived objects (GLACIER, DEEP_ARCHIVE) this restore will download, before
-    any download starts (see thaw.py); one listing of data/ when none is archived."""
-    archived = await archived_digests(repo)
+    any download starts (see thaw.py); `archived`: archived_digests' listing of data/."""
     if not archived:
         return
     needed: dict[bytes, str] = {}

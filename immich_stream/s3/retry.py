@@ -15,6 +15,7 @@ from typing import TypeVar
 from immich_stream.errors import StoreError
 from immich_stream.s3.checksums import SMALL_FACTOR
 from immich_stream.s3.classify import error_code, is_transient, short
+from immich_stream.s3.concurrency import THROTTLE_CODES, AdaptiveLimit
 from immich_stream.s3.direct import SinkFailed
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ class Retry:
         self.inflight: dict[object, tuple[str, float]] = {}
         # every request, whoever sends it, counts against --jobs; a small PUT against a limit
         # SMALL_FACTOR times higher: its cost is the round trip, not bandwidth, and the byte
-        # budget bounds its memory as it bounds every other buffer
-        self._limit = asyncio.Semaphore(jobs)
-        self._small_limit = asyncio.Semaphore(jobs * SMALL_FACTOR)
+        # budget bounds its memory as it bounds every other buffer. Both are ceilings: a
+        # server that says SlowDown lowers them (concurrency.py)
+        self.limit = AdaptiveLimit(jobs)
+        self.small_limit = AdaptiveLimit(jobs * SMALL_FACTOR, "small requests")
 
     def oldest_request(self) -> tuple[str, float] | None:
         """(what, seconds) of the request waiting longest for its answer, if any."""
@@ -51,7 +53,7 @@ class Retry:
 
     async def call(self, what: str, fn: Callable[[], Awaitable[T]], small: bool = False) -> T:
         delay = 0.25
-        limit = self._small_limit if small else self._limit
+        limit = self.small_limit if small else self.limit
         for attempt in range(1, self.retries + 1):
             token = object()
             try:
@@ -62,12 +64,16 @@ class Retry:
                     finally:
                         del self.inflight[token]
                 self._answered()
+                limit.answered()
                 return result
             except SinkFailed as exc:  # the caller's own error (e.g. its disk is full)
                 raise exc.error from None
             except Exception as exc:  # classified below; non-transient errors are raised at once
                 # Neither an error, a timeout nor a retry is progress; nor is an answer to a
                 # small request (a lock refresh): callers touch() for bytes of data only.
+                if error_code(exc) in THROTTLE_CODES:  # the server is overloaded: fewer at once
+                    self.limit.throttled()
+                    self.small_limit.throttled()
                 if not is_transient(exc) or attempt == self.retries:
                     error = self._wording(what, exc)
                     if (code := error_code(exc)) is not None:
