@@ -31,6 +31,9 @@ SERVER_SERVICE = "immich-server"
 DATABASE_SERVICE = "database"
 UPLOAD_TARGETS = ("/data", "/usr/src/app/upload")  # Immich's since v1.136, and before
 PGDATA_TARGET = "/var/lib/postgresql/data"
+MAX_COMPOSE_FILE = 1024 * 1024  # Immich's is 4 KiB: a larger file is not read
+MAX_NODES = 100_000  # values after YAML's aliases are expanded: a "billion laughs" file stops here
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -156,16 +159,22 @@ def _merge(base: Any, over: Any, path: tuple[str, ...] = ()) -> Any:
     return over
 
 
-def _interpolate_tree(node: Any, lookup: Any, where: str) -> Any:
+def _interpolate_tree(node: Any, lookup: Any, where: str, budget: list[int] | None = None, depth: int = 0) -> Any:
+    """The tree with every string interpolated; aliases are expanded as they are walked, so the
+    walk is bounded (MAX_NODES, MAX_DEPTH): a YAML bomb or a self-referencing alias is one line."""
+    budget = [MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DEPTH:
+        raise ConfigError(f"{where} is too large or too deeply nested once its aliases are expanded: not a compose file")
     if isinstance(node, str):
         try:
             return interpolate(node, lookup)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     if isinstance(node, dict):
-        return {k: _interpolate_tree(v, lookup, where) for k, v in node.items()}
+        return {k: _interpolate_tree(v, lookup, where, budget, depth + 1) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate_tree(v, lookup, where) for v in node]
+        return [_interpolate_tree(v, lookup, where, budget, depth + 1) for v in node]
     return node
 
 
@@ -213,6 +222,8 @@ def load_compose(
     name, name_from = None, ""
     for path in files:
         try:
+            if path.stat().st_size > MAX_COMPOSE_FILE:
+                raise ConfigError(f"compose file {path} is over {MAX_COMPOSE_FILE // 1024} KiB: not a compose file")
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             raise ConfigError(f"compose_file {path} does not exist: fix --compose-file / COMPOSE_FILE") from None
@@ -224,6 +235,8 @@ def load_compose(
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"compose file {path}{at} is not valid YAML: `docker compose config` shows why") from None
+        except RecursionError:  # PyYAML's composer recurses: nesting thousands deep
+            raise ConfigError(f"compose file {path} is nested too deeply: not a compose file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"compose file {path} is not a compose file (no mapping at its top)")
         data = _interpolate_tree(data, lookup, f"compose file {path}")
