@@ -78,7 +78,11 @@ class Compose:
             return DATABASE_SERVICE
         for found in (
             [k for k in self.services if self.mount(k, (PGDATA_TARGET,), "") is not None],
-            [k for k, v in self.services.items() if "postgres" in str(v.get("image", "")).lower()],
+            [
+                k
+                for k, v in self.services.items()
+                if isinstance(v, dict) and "postgres" in str(v.get("image", "")).lower()
+            ],
         ):
             if len(found) == 1:
                 return found[0]
@@ -90,8 +94,9 @@ class Compose:
         svc = self.services.get(service or "")
         if not isinstance(svc, dict):
             return None
+        entries = svc.get("volumes")
         for target in targets:
-            for entry in svc.get("volumes") or []:
+            for entry in entries if isinstance(entries, list) else []:
                 vol = _volume(entry, self.project_dir, f"{self.files[-1].name} services.{service}.volumes")
                 if vol is None or vol.target.rstrip("/") != target:
                     continue
@@ -119,8 +124,8 @@ def normalise_project(name: str) -> str:
 
 def _volume(entry: Any, project_dir: Path, where: str) -> Volume | None:
     if isinstance(entry, dict):  # the long syntax
-        kind, source, target = str(entry.get("type", "volume")), str(entry.get("source") or ""), entry.get("target")
-        if not target or kind not in ("bind", "volume") or not source:
+        kind, source, target = str(entry.get("type", "volume")), entry.get("source") or "", entry.get("target")
+        if not target or kind not in ("bind", "volume") or not source or not isinstance(source, str):
             return None
     elif isinstance(entry, str):  # SOURCE:TARGET[:MODE]
         parts = entry.split(":")
@@ -165,7 +170,9 @@ def _interpolate_tree(node: Any, lookup: Any, where: str, budget: list[int] | No
     budget = [MAX_NODES] if budget is None else budget
     budget[0] -= 1
     if budget[0] < 0 or depth > MAX_DEPTH:
-        raise ConfigError(f"{where} is too large or too deeply nested once its aliases are expanded: not a compose file")
+        raise ConfigError(
+            f"{where} is too large or too deeply nested once its aliases are expanded: not a compose file"
+        )
     if isinstance(node, str):
         try:
             return interpolate(node, lookup)

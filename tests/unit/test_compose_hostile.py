@@ -38,3 +38,19 @@ def test_hostile_compose_file_is_one_line_and_quick(tmp_path: Path, text: str, s
     with pytest.raises(ConfigError, match=says) as exc:
         load(tmp_path, IMMICH_DIR=str(tmp_path / "app"))
     assert time.monotonic() - t0 < 5 and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "services:\n  immich-server:\n    volumes: 5\n  database:\n    volumes: 7\n",
+        "services:\n  foo:\n  bar: 3\n",
+        "services:\n  immich-server:\n    volumes: [{type: bind, source: [1], target: /data}]\nvolumes: 3\n",
+    ],
+    ids=["volumes-not-a-list", "service-not-a-mapping", "source-not-a-string"],
+)
+def test_compose_file_of_the_wrong_shapes_gives_no_paths_and_no_traceback(tmp_path: Path, text: str) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "compose.yaml").write_text(text)
+    s = load(tmp_path, IMMICH_DIR=str(tmp_path / "app"))
+    assert (s.library_dir, s.postgres_dir, s.postgres_volume) == (None, None, None)
