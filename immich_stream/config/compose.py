@@ -97,6 +97,7 @@ class Compose:
         entries = svc.get("volumes")
         for target in targets:
             for entry in entries if isinstance(entries, list) else []:
+                _resolved(entry.get("source") if isinstance(entry, dict) else entry)
                 vol = _volume(entry, self.project_dir, f"{self.files[-1].name} services.{service}.volumes")
                 if vol is None or vol.target.rstrip("/") != target:
                     continue
@@ -110,7 +111,7 @@ class Compose:
         if not isinstance(top, dict):
             return f"{project}_{key}"
         if top.get("name"):
-            return str(top["name"])
+            return str(_resolved(top["name"]))
         external = top.get("external")
         if isinstance(external, dict) and external.get("name"):  # the old form
             return str(external["name"])
@@ -164,6 +165,25 @@ def _merge(base: Any, over: Any, path: tuple[str, ...] = ()) -> Any:
     return over
 
 
+class Unresolved(str):
+    """A string whose interpolation compose would refuse (`${VAR:?}` unset here): empty, and
+    a ConfigError only when it is used (a volume or name we read). Elsewhere in the files it
+    is no concern of ours: the variable may well be set where `docker compose` runs."""
+
+    message: str
+
+    def __new__(cls, message: str) -> Unresolved:
+        self = super().__new__(cls, "")
+        self.message = message
+        return self
+
+
+def _resolved(value: Any) -> Any:
+    if isinstance(value, Unresolved):
+        raise ConfigError(value.message)
+    return value
+
+
 def _interpolate_tree(node: Any, lookup: Any, where: str, budget: list[int] | None = None, depth: int = 0) -> Any:
     """The tree with every string interpolated; aliases are expanded as they are walked, so the
     walk is bounded (MAX_NODES, MAX_DEPTH): a YAML bomb or a self-referencing alias is one line."""
@@ -177,7 +197,7 @@ def _interpolate_tree(node: Any, lookup: Any, where: str, budget: list[int] | No
         try:
             return interpolate(node, lookup)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            return Unresolved(f"{where}: {exc}")
     if isinstance(node, dict):
         return {k: _interpolate_tree(v, lookup, where, budget, depth + 1) for k, v in node.items()}
     if isinstance(node, list):
@@ -247,7 +267,7 @@ def load_compose(
         if not isinstance(data, dict):
             raise ConfigError(f"compose file {path} is not a compose file (no mapping at its top)")
         data = _interpolate_tree(data, lookup, f"compose file {path}")
-        if data.get("name"):
+        if _resolved(data.get("name")):
             name, name_from = str(data["name"]), f"{path} name:"
         model = _merge(model, data)
     services = model.get("services") or {}

@@ -54,3 +54,20 @@ def test_compose_file_of_the_wrong_shapes_gives_no_paths_and_no_traceback(tmp_pa
     (tmp_path / "app" / "compose.yaml").write_text(text)
     s = load(tmp_path, IMMICH_DIR=str(tmp_path / "app"))
     assert (s.library_dir, s.postgres_dir, s.postgres_volume) == (None, None, None)
+
+
+def test_a_required_variable_we_do_not_read_does_not_refuse_a_setup_that_worked(tmp_path: Path) -> None:
+    # before issue 25 only `name:` was read: a ${VAR:?} that `docker compose` gets from the shell
+    # (here a proxy's label) must not stop a backup whose paths and container are set
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "docker-compose.yml").write_text(
+        "name: immich\nservices:\n  proxy:\n    image: traefik\n    labels: ['host=${DOMAIN:?set DOMAIN}']\n"
+        "  immich-server:\n    volumes: ['${UPLOAD_LOCATION}:/data']\n"
+    )
+    (d / ".env").write_text("UPLOAD_LOCATION=./library\n")
+    s = load(tmp_path, IMMICH_DIR=str(d), DB_CONTAINER="immich_postgres")
+    assert (s.project, s.library_dir, s.db_container) == ("immich", d / "library", "immich_postgres")
+    (d / "docker-compose.yml").write_text("name: ${NAME:?set NAME}\n")  # what we read is still refused
+    with pytest.raises(ConfigError, match=r"NAME\} is required: set NAME"):
+        load(tmp_path, IMMICH_DIR=str(d))
