@@ -406,8 +406,8 @@ async def server_container(docker: aiodocker.Docker, project: str) -> str:
 
 
 def is_env_file(name: str) -> bool:
-    """.env, or an env file of another name (--env-file immich.env): redacted as .env."""
-    return name == ".env" or name.endswith(".env")
+    """.env, or an env file of another name (--env-file immich.env, .env.prod): redacted as .env."""
+    return name == ".env" or name.endswith(".env") or name.startswith(".env.")
 
 
 def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
@@ -429,7 +429,8 @@ def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
         except OSError as exc:
             log.warning("%s not recorded in the snapshot: %s", path, exc.strerror)
             continue
-        files[name], removed = redact(name, text)
+        # the env file compose reads is redacted as one whatever its name (--env-file prod-vars)
+        files[name], removed = redact(".env" if path == settings.env_file else name, text)
         secrets += [s for s in removed if s not in secrets]
     return files, secrets
 
