@@ -355,8 +355,8 @@ async def postgres_volume_dir(docker: aiodocker.Docker, settings: Settings) -> N
                 "(`docker volume ls`), or set POSTGRES_DIR; nothing was stopped"
             ) from None
         raise StackError(f"cannot look up volume {name}: {exc.message}") from None
-    mountpoint = Path(str(info.get("Mountpoint") or ""))
-    if not _readable_dir(mountpoint):
+    mountpoint = Path(str(info.get("Mountpoint") or ""))  # "" (a volume plugin's, unmounted) is no "."
+    if not mountpoint.is_absolute() or not _readable_dir(mountpoint):
         raise ConfigError(
             f"DB_DATA_LOCATION is the named volume {name}, at {mountpoint} on the Docker host, which cannot be read "
             "from here: run as root on the Docker host, or mount the volume into immich-stream's container and set "

@@ -82,3 +82,27 @@ def test_a_postgres_imaged_sidecar_is_not_taken_for_the_compose_files_database(t
     assert found(tmp_path, rows, db_service="db") == "immich_postgres"  # the default: preflight says not found
     # without compose files, the one postgres-imaged container of the project is still the guess
     assert found(tmp_path, rows, db_service=None) == "pgbackup"
+
+
+class _VolumeDocker:
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    async def _query_json(self, path: str) -> dict[str, Any]:
+        assert path == "volumes/immich_pgdata"
+        return self.info
+
+
+@pytest.mark.parametrize("mountpoint", ["", "relative/dir"])
+def test_a_named_volume_without_an_absolute_mountpoint_is_refused_not_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mountpoint: str
+) -> None:
+    from immich_stream.host.stack import postgres_volume_dir
+
+    (tmp_path / "relative" / "dir").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a readable current directory: what Path("") would copy cold
+    s = settings(tmp_path, "database")
+    s.postgres_volume = "immich_pgdata"
+    with pytest.raises(ConfigError, match="named volume immich_pgdata.*cannot be read from here"):
+        asyncio.run(postgres_volume_dir(_VolumeDocker({"Mountpoint": mountpoint}), s))  # type: ignore[arg-type]
+    assert s.postgres_dir is None
