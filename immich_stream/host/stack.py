@@ -321,8 +321,10 @@ async def find_containers(docker: aiodocker.Docker, settings: Settings) -> None:
     by_image = [c for c in raw if "postgres" in str(c.get("Image", "")).lower()] if not settings.db_service else []
     pick = by_service or (by_image if len(by_image) == 1 else [])
     running = [c for c in pick if c.get("State") == "running"]
-    if len(running) > 1 or (not running and len(pick) > 1):
-        names = ", ".join(sorted(str((c.get("Names") or [""])[0]).lstrip("/") for c in (running or pick)))
+    if not running and len(pick) > 1:  # all stopped (a run killed with the stack down?): which is
+        pick = []  # unknown, and recover() must not be kept from starting them again: the default name
+    if len(running) > 1:
+        names = ", ".join(sorted(str((c.get("Names") or [""])[0]).lstrip("/") for c in running))
         raise ConfigError(
             f"compose project {settings.project!r} has several containers of its database service {service} "
             f"({names}): set DB_CONTAINER to the one Immich uses; nothing was stopped"

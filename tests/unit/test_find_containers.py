@@ -106,3 +106,9 @@ def test_a_named_volume_without_an_absolute_mountpoint_is_refused_not_the_curren
     with pytest.raises(ConfigError, match="named volume immich_pgdata.*cannot be read from here"):
         asyncio.run(postgres_volume_dir(_VolumeDocker({"Mountpoint": mountpoint}), s))  # type: ignore[arg-type]
     assert s.postgres_dir is None
+
+
+def test_several_stopped_containers_of_the_service_are_no_error_so_a_killed_run_is_recovered(tmp_path: Path) -> None:
+    rows = [row("immich-database-2", "database", "exited"), row("immich-database-1", "database", "exited")]
+    assert found(tmp_path, rows) == "immich_postgres"  # none picked: recover() runs, preflight names the default
+    assert found(tmp_path, rows[1:]) == "immich-database-1"  # the one container, stopped: still it
