@@ -415,8 +415,9 @@ def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
     name elsewhere (--compose-file, COMPOSE_FILE, --env-file), by file name, redacted."""
     files: dict[str, str] = {}
     secrets: list[str] = []
-    paths = [settings.immich_dir / n for n in CONFIG_FILES] if settings.immich_dir else []
-    paths += [*settings.compose_file, *([settings.env_file] if settings.env_file else [])]
+    # the files compose really reads first: a file of the same name left in IMMICH_DIR gives way
+    paths = [*settings.compose_file, *([settings.env_file] if settings.env_file else [])]
+    paths += [settings.immich_dir / n for n in CONFIG_FILES] if settings.immich_dir else []
     for path in dict.fromkeys(paths):
         name = path.name
         if name in files:  # two files of one name in two directories: the first is kept

@@ -24,3 +24,17 @@ def test_env_file_of_any_name_is_redacted_as_an_env_file(tmp_path: Path, name: s
     files, secrets = read_config_files(s)
     assert "hunter2" not in files[name] and "DB_PASSWORD" in secrets
     assert files[name] == f"UPLOAD_LOCATION=./library\nDB_PASSWORD={SECRET_PLACEHOLDER}\n"
+
+
+def test_the_compose_file_in_use_is_recorded_not_a_stale_one_of_the_same_name_in_immich_dir(tmp_path: Path) -> None:
+    old, used = tmp_path / "old", tmp_path / "stack"
+    old.mkdir()
+    used.mkdir()
+    (old / "docker-compose.yml").write_text("name: stale\n")
+    (used / "docker-compose.yml").write_text("name: in-use\n")
+    (used / ".env").write_text("UPLOAD_LOCATION=./library\n")
+    (old / ".env").write_text("UPLOAD_LOCATION=./stale\n")
+    environ = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "IMMICH_DIR": str(old)}
+    s = cfg.load(environ=environ, flags={"compose_file": [str(used / "docker-compose.yml")]})
+    files, _ = read_config_files(s)
+    assert files["docker-compose.yml"] == "name: in-use\n" and files[".env"] == "UPLOAD_LOCATION=./library\n"
