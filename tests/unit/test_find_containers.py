@@ -68,7 +68,7 @@ def test_a_stale_stopped_container_of_the_service_gives_way_to_the_running_one(t
 
 def test_two_running_containers_of_the_database_service_are_refused_in_one_line(tmp_path: Path) -> None:
     rows = [row("immich-database-1", "database"), row("immich-database-2", "database")]
-    with pytest.raises(ConfigError, match="several containers of its database service database.*DB_CONTAINER"):
+    with pytest.raises(ConfigError, match=r"several containers of its database service database.*DB_CONTAINER"):
         found(tmp_path, rows)
 
 
@@ -103,7 +103,7 @@ def test_a_named_volume_without_an_absolute_mountpoint_is_refused_not_the_curren
     monkeypatch.chdir(tmp_path)  # a readable current directory: what Path("") would copy cold
     s = settings(tmp_path, "database")
     s.postgres_volume = "immich_pgdata"
-    with pytest.raises(ConfigError, match="named volume immich_pgdata.*cannot be read from here"):
+    with pytest.raises(ConfigError, match=r"named volume immich_pgdata.*cannot be read from here"):
         asyncio.run(postgres_volume_dir(_VolumeDocker({"Mountpoint": mountpoint}), s))  # type: ignore[arg-type]
     assert s.postgres_dir is None
 
