@@ -150,19 +150,66 @@ def _target(entry: Any) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+RESET = object()  # `!reset` (compose 2.24): the key is dropped from what the earlier files said
+
+
+@dataclass(frozen=True)
+class Override:
+    """`!override` (compose 2.24): this value replaces the earlier files', unmerged."""
+
+    value: Any
+
+
+def _plain(node: Any) -> Any:
+    """The tree without compose's merge tags (a file's own `!reset` drops the key)."""
+    if isinstance(node, Override):
+        return _plain(node.value)
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items() if v is not RESET}
+    if isinstance(node, list):
+        return [_plain(v) for v in node if v is not RESET]
+    return None if node is RESET else node
+
+
 def _merge(base: Any, over: Any, path: tuple[str, ...] = ()) -> Any:
     """compose's merge of a later file into an earlier one: mappings key by key, a service's
-    volumes by target (the later wins), other sequences and scalars replaced."""
+    volumes by target (the later wins), other sequences and scalars replaced; `!reset` drops
+    a key, `!override` replaces it whole."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
-            out[k] = _merge(base[k], v, (*path, str(k))) if k in base else v
+            if v is RESET:
+                out.pop(k, None)
+            elif k in base and not isinstance(v, Override):
+                out[k] = _merge(base[k], v, (*path, str(k)))
+            else:
+                out[k] = _plain(v)
         return out
     if isinstance(base, list) and isinstance(over, list) and len(path) == 3 and path[::2] == ("services", "volumes"):
         merged = {_target(e): e for e in base}
-        merged.update({_target(e): e for e in over})
+        merged.update({_target(e): e for e in _plain(over)})
         return list(merged.values())
-    return over
+    return _plain(over)
+
+
+def _loader() -> Any:
+    """PyYAML's safe loader, knowing compose's `!reset` and `!override` tags (a valid
+    override file uses them: refusing it as not YAML would stop every command)."""
+    import yaml  # type: ignore[import-untyped,unused-ignore]  # no stubs: Any
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]
+        pass
+
+    def override(loader: Any, node: Any) -> Override:
+        if isinstance(node, yaml.MappingNode):
+            return Override(loader.construct_mapping(node, deep=True))
+        if isinstance(node, yaml.SequenceNode):
+            return Override(loader.construct_sequence(node, deep=True))
+        return Override(loader.construct_scalar(node))
+
+    Loader.add_constructor("!reset", lambda loader, node: RESET)
+    Loader.add_constructor("!override", override)
+    return Loader
 
 
 class Unresolved(str):
@@ -202,6 +249,8 @@ def _interpolate_tree(node: Any, lookup: Any, where: str, budget: list[int] | No
         return {k: _interpolate_tree(v, lookup, where, budget, depth + 1) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate_tree(v, lookup, where, budget, depth + 1) for v in node]
+    if isinstance(node, Override):
+        return Override(_interpolate_tree(node.value, lookup, where, budget, depth + 1))
     return node
 
 
@@ -245,6 +294,7 @@ def load_compose(
     def lookup(name: str) -> str | None:
         return environ[name] if name in environ else env.get(name)
 
+    loader = _loader()
     model: dict[str, Any] = {}
     name, name_from = None, ""
     for path in files:
@@ -257,7 +307,7 @@ def load_compose(
         except OSError as exc:
             raise ConfigError(f"compose file {path} cannot be read ({exc.strerror}): check its permissions") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=loader) or {}  # a SafeLoader, with two tags more
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""

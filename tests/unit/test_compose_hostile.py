@@ -71,3 +71,20 @@ def test_a_required_variable_we_do_not_read_does_not_refuse_a_setup_that_worked(
     (d / "docker-compose.yml").write_text("name: ${NAME:?set NAME}\n")  # what we read is still refused
     with pytest.raises(ConfigError, match=r"NAME\} is required: set NAME"):
         load(tmp_path, IMMICH_DIR=str(d))
+
+
+def test_override_files_with_compose_merge_tags_reset_and_override(tmp_path: Path) -> None:
+    # compose 2.24's `!override` and `!reset` are valid compose: refusing them as "not valid YAML"
+    # stopped every command of a setup whose paths were all set
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "docker-compose.yml").write_text(
+        "name: immich\nservices:\n  immich-server:\n    volumes: ['./library:/data', '/etc/localtime:/etc/localtime:ro']\n"
+        "    ports: ['2283:2283']\n  database:\n    volumes: ['./postgres:/var/lib/postgresql/data']\n"
+    )
+    (d / "docker-compose.override.yml").write_text(
+        "services:\n  immich-server:\n    volumes: !override\n      - /mnt/big/library:/data\n    ports: !reset []\n"
+        "  database:\n    volumes: !reset null\n"
+    )
+    s = load(tmp_path, IMMICH_DIR=str(d))
+    assert (s.project, s.library_dir, s.postgres_dir) == ("immich", Path("/mnt/big/library"), None)
