@@ -88,3 +88,16 @@ def test_override_files_with_compose_merge_tags_reset_and_override(tmp_path: Pat
     )
     s = load(tmp_path, IMMICH_DIR=str(d))
     assert (s.project, s.library_dir, s.postgres_dir) == ("immich", Path("/mnt/big/library"), None)
+
+
+def test_upload_location_without_dot_slash_is_a_named_volume_not_the_directory_beside(tmp_path: Path) -> None:
+    d = tmp_path / "app"
+    (d / "library").mkdir(parents=True)  # stale or empty: Immich writes into the volume immich_library
+    (d / "docker-compose.yml").write_text(
+        "name: immich\nservices:\n  immich-server:\n    volumes: ['${UPLOAD_LOCATION}:/data']\n"
+    )
+    (d / ".env").write_text("UPLOAD_LOCATION=library\n")
+    assert load(tmp_path, IMMICH_DIR=str(d)).library_dir is None
+    (d / ".env").write_text("UPLOAD_LOCATION=./library\n")  # a bind mount: the directory
+    assert load(tmp_path, IMMICH_DIR=str(d)).library_dir == d / "library"
+    assert load(tmp_path, IMMICH_DIR=str(d), LIBRARY_DIR="/mnt/vol").library_dir == Path("/mnt/vol")
