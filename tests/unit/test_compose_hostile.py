@@ -101,3 +101,21 @@ def test_upload_location_without_dot_slash_is_a_named_volume_not_the_directory_b
     (d / ".env").write_text("UPLOAD_LOCATION=./library\n")  # a bind mount: the directory
     assert load(tmp_path, IMMICH_DIR=str(d)).library_dir == d / "library"
     assert load(tmp_path, IMMICH_DIR=str(d), LIBRARY_DIR="/mnt/vol").library_dir == Path("/mnt/vol")
+
+
+def test_a_default_that_is_itself_a_variable_is_substituted_as_compose_does(tmp_path: Path) -> None:
+    # `${UPLOAD_LOCATION:-${BASE}/library}`: the old one-level substitution made the library a
+    # named volume called `${BASE}/library` (and so no library_dir), the database's a 404 from Docker
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "compose.yaml").write_text(
+        "name: immich\nservices:\n  immich-server:\n    volumes: ['${UPLOAD_LOCATION:-${BASE}/library}:/data']\n"
+        "  database:\n    volumes: ['${DB_DATA_LOCATION:-${BASE:-/nope}/pg}:/var/lib/postgresql/data']\n"
+    )
+    (d / ".env").write_text("BASE=/srv/immich\n")
+    s = load(tmp_path, IMMICH_DIR=str(d))
+    assert (s.library_dir, s.postgres_dir, s.postgres_volume) == (
+        Path("/srv/immich/library"),
+        Path("/srv/immich/pg"),
+        None,
+    )
