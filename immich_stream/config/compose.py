@@ -73,19 +73,29 @@ class Compose:
 
     def database_service(self) -> str | None:
         """Immich's `database`, else the one service that mounts Postgres's data directory,
-        else the one that runs a postgres image."""
+        else the one that runs a postgres image: first among the services immich-server
+        depends on (another app's Postgres in the same files is not Immich's), then among all."""
         if DATABASE_SERVICE in self.services:
             return DATABASE_SERVICE
-        for found in (
-            [k for k in self.services if self.mount(k, (PGDATA_TARGET,), "") is not None],
-            [
-                k
-                for k, v in self.services.items()
-                if isinstance(v, dict) and "postgres" in str(v.get("image", "")).lower()
-            ],
-        ):
-            if len(found) == 1:
-                return found[0]
+        server = self.services.get(SERVER_SERVICE)
+        deps = server.get("depends_on") if isinstance(server, dict) else None
+        deps = [str(d) for d in deps] if isinstance(deps, (list, dict)) else []
+
+        def mounts_pgdata(k: str) -> bool:
+            try:
+                return self.mount(k, (PGDATA_TARGET,), "") is not None
+            except ConfigError:  # a ${VAR:?} in another service's volumes: not ours to refuse
+                return False
+
+        def runs_postgres(k: str) -> bool:
+            v = self.services.get(k)
+            return isinstance(v, dict) and "postgres" in str(v.get("image", "")).lower()
+
+        for among in ([k for k in deps if k in self.services], list(self.services)):
+            for test in (mounts_pgdata, runs_postgres):
+                found = [k for k in among if test(k)]
+                if len(found) == 1:
+                    return found[0]
         return None
 
     def mount(self, service: str | None, targets: tuple[str, ...], project: str) -> Volume | None:

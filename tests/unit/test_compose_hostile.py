@@ -119,3 +119,18 @@ def test_a_default_that_is_itself_a_variable_is_substituted_as_compose_does(tmp_
         Path("/srv/immich/pg"),
         None,
     )
+
+
+def test_another_apps_postgres_in_the_same_files_is_not_immichs_database(tmp_path: Path) -> None:
+    # Immich's Postgres mounted at /var/lib/postgresql (as Postgres 18's image wants), Nextcloud's at
+    # .../data: the service immich-server depends on is Immich's, not the one mount that matched
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "compose.yaml").write_text(
+        "name: home\nservices:\n  immich-server:\n    depends_on: [redis, immich-db]\n"
+        "  immich-db:\n    image: ghcr.io/immich-app/postgres:18\n    volumes: ['./pg:/var/lib/postgresql']\n"
+        "  nextcloud-db:\n    image: postgres:16\n    volumes: ['./ncpg:/var/lib/postgresql/data']\n"
+        "  other:\n    image: busybox\n    volumes: ['${SCRATCH:?set SCRATCH}:/scratch']\n"
+    )
+    s = load(tmp_path, IMMICH_DIR=str(d))
+    assert s.db_service == "immich-db" and s.postgres_dir != d / "ncpg"
