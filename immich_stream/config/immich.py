@@ -52,27 +52,61 @@ def read_dotenv(path: Path, environ: Mapping[str, str] | None = None) -> dict[st
     return values
 
 
-_INTERPOLATION = re.compile(
-    r"\$(?:(?P<escaped>\$)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
-    r"|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+?])(?P<arg>[^}]*))?\})"
-)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BRACED = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+?])(?P<arg>.*))?", re.DOTALL)
 
 
-def interpolate(value: str, lookup: Callable[[str], str | None]) -> str:
-    """Docker compose's variable substitution (one level; defaults are taken as written)."""
+def _closing(value: str, start: int) -> int:
+    """The index of the `}` that closes the `${` before `start` (nested `${...}` skipped), or -1."""
+    depth, i = 1, start
+    while i < len(value):
+        if value.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if value[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
 
-    def sub(m: re.Match[str]) -> str:
-        if m.group("escaped"):
-            return "$"
-        name = m.group("bare") or m.group("name")
-        found, op, arg = lookup(name), m.group("op"), m.group("arg") or ""
+
+def interpolate(value: str, lookup: Callable[[str], str | None], depth: int = 0) -> str:
+    """Docker compose's variable substitution, a default or alternative itself substituted
+    (`${UPLOAD_LOCATION:-${BASE}/library}`, as compose-go does); what is not a reference is
+    kept as written."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        j = value.find("$", i)
+        if j < 0:
+            out.append(value[i:])
+            break
+        out.append(value[i:j])
+        if value.startswith("$$", j):
+            out.append("$")
+            i = j + 2
+            continue
+        if (bare := _NAME.match(value, j + 1)) is not None:
+            out.append(lookup(bare.group()) or "")
+            i = bare.end()
+            continue
+        end = _closing(value, j + 2) if value.startswith("${", j) else -1
+        m = _BRACED.fullmatch(value, j + 2, end) if end > 0 else None
+        if m is None or depth > 16:
+            out.append("$")
+            i = j + 1
+            continue
+        name, op, arg = m.group("name"), m.group("op"), m.group("arg") or ""
+        found = lookup(name)
         empty = not found  # the ':' forms also treat an empty value as unset
-        if op in (":-", "-"):
-            return arg if (found is None or (op == ":-" and empty)) else found or ""
-        if op in (":+", "+"):
-            return "" if (found is None or (op == ":+" and empty)) else arg
-        if op in (":?", "?") and (found is None or (op == ":?" and empty)):
-            raise ValueError(f"${{{name}}} is required: {arg or 'set it'}")
-        return found or ""
-
-    return _INTERPOLATION.sub(sub, value)
+        if op in (":-", "-") and (found is None or (op == ":-" and empty)):
+            out.append(interpolate(arg, lookup, depth + 1))
+        elif op in (":+", "+"):
+            out.append("" if (found is None or (op == ":+" and empty)) else interpolate(arg, lookup, depth + 1))
+        elif op in (":?", "?") and (found is None or (op == ":?" and empty)):
+            raise ValueError(f"${{{name}}} is required: {interpolate(arg, lookup, depth + 1) or 'set it'}")
+        else:
+            out.append(found or "")
+        i = end + 1
+    return "".join(out)

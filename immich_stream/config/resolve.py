@@ -237,6 +237,10 @@ def _from_compose(
     upload = compose.mount(SERVER_SERVICE, UPLOAD_TARGETS, project)
     if upload is not None and upload.kind == "bind":
         give("library_dir", upload.source, upload.where, None)
+    elif upload is not None and "library_dir" in raw and raw["library_dir"][1].startswith(str(compose.env_file)):
+        # UPLOAD_LOCATION=library (no ./) is a named volume to compose: the directory of that
+        # name beside the compose file is not Immich's library, and must not be backed up as it
+        raw.pop("library_dir")
     settings.db_service = compose.database_service()
     pgdata = compose.mount(settings.db_service, (PGDATA_TARGET,), project)
     if pgdata is not None and pgdata.kind == "bind":

@@ -406,8 +406,8 @@ async def server_container(docker: aiodocker.Docker, project: str) -> str:
 
 
 def is_env_file(name: str) -> bool:
-    """.env, or an env file of another name (--env-file immich.env): redacted as .env."""
-    return name == ".env" or name.endswith(".env")
+    """.env, or an env file of another name (--env-file immich.env, .env.prod): redacted as .env."""
+    return name == ".env" or name.endswith(".env") or name.startswith(".env.")
 
 
 def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
@@ -415,8 +415,9 @@ def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
     name elsewhere (--compose-file, COMPOSE_FILE, --env-file), by file name, redacted."""
     files: dict[str, str] = {}
     secrets: list[str] = []
-    paths = [settings.immich_dir / n for n in CONFIG_FILES] if settings.immich_dir else []
-    paths += [*settings.compose_file, *([settings.env_file] if settings.env_file else [])]
+    # the files compose really reads first: a file of the same name left in IMMICH_DIR gives way
+    paths = [*settings.compose_file, *([settings.env_file] if settings.env_file else [])]
+    paths += [settings.immich_dir / n for n in CONFIG_FILES] if settings.immich_dir else []
     for path in dict.fromkeys(paths):
         name = path.name
         if name in files:  # two files of one name in two directories: the first is kept
@@ -429,7 +430,8 @@ def read_config_files(settings: Settings) -> tuple[dict[str, str], list[str]]:
         except OSError as exc:
             log.warning("%s not recorded in the snapshot: %s", path, exc.strerror)
             continue
-        files[name], removed = redact(name, text)
+        # the env file compose reads is redacted as one whatever its name (--env-file prod-vars)
+        files[name], removed = redact(".env" if path == settings.env_file else name, text)
         secrets += [s for s in removed if s not in secrets]
     return files, secrets
 

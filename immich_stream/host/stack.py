@@ -288,6 +288,7 @@ class Stack:
 
 
 SERVICE_LABEL = "com.docker.compose.service"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
 
 
 async def find_containers(docker: aiodocker.Docker, settings: Settings) -> None:
@@ -306,13 +307,30 @@ async def find_containers(docker: aiodocker.Docker, settings: Settings) -> None:
         raise  # a deadline: says so itself
     except Exception:
         return  # Docker out of reach: the ping that comes next says so in its own words
-    raw = [c._container for c in found]
+    own = own_container_id() or ""
+    raw = [
+        c._container
+        for c in found
+        if (c._container.get("Labels") or {}).get(ONEOFF_LABEL, "False") != "True"  # `docker compose run`
+        and not (own and str(c._container.get("Id", "")).startswith(own))  # ourselves, as a sidecar
+    ]
     service = settings.db_service or "database"
     by_service = [c for c in raw if (c.get("Labels") or {}).get(SERVICE_LABEL) == service]
-    by_image = [c for c in raw if "postgres" in str(c.get("Image", "")).lower()]
+    # Guess by image only without compose files: with them, their database service is the one
+    # (a container of another service with postgres in its image is a sidecar: a backup job, an admin UI)
+    by_image = [c for c in raw if "postgres" in str(c.get("Image", "")).lower()] if not settings.db_service else []
     pick = by_service or (by_image if len(by_image) == 1 else [])
+    running = [c for c in pick if c.get("State") == "running"]
+    if not running and len(pick) > 1:  # all stopped (a run killed with the stack down?): which is
+        pick = []  # unknown, and recover() must not be kept from starting them again: the default name
+    if len(running) > 1:
+        names = ", ".join(sorted(str((c.get("Names") or [""])[0]).lstrip("/") for c in running))
+        raise ConfigError(
+            f"compose project {settings.project!r} has several containers of its database service {service} "
+            f"({names}): set DB_CONTAINER to the one Immich uses; nothing was stopped"
+        )
     if pick:
-        c = pick[0]
+        c = (running or pick)[0]
         settings.db_container = str((c.get("Names") or [""])[0]).lstrip("/")
         label = (c.get("Labels") or {}).get(SERVICE_LABEL, "?")
         settings.sources["db_container"] = f"compose labels: project {settings.project}, service {label}"
@@ -339,8 +357,8 @@ async def postgres_volume_dir(docker: aiodocker.Docker, settings: Settings) -> N
                 "(`docker volume ls`), or set POSTGRES_DIR; nothing was stopped"
             ) from None
         raise StackError(f"cannot look up volume {name}: {exc.message}") from None
-    mountpoint = Path(str(info.get("Mountpoint") or ""))
-    if not _readable_dir(mountpoint):
+    mountpoint = Path(str(info.get("Mountpoint") or ""))  # "" (a volume plugin's, unmounted) is no "."
+    if not mountpoint.is_absolute() or not _readable_dir(mountpoint):
         raise ConfigError(
             f"DB_DATA_LOCATION is the named volume {name}, at {mountpoint} on the Docker host, which cannot be read "
             "from here: run as root on the Docker host, or mount the volume into immich-stream's container and set "

@@ -174,8 +174,8 @@ def test_broken_compose_files_are_one_line(tmp_path: Path) -> None:
         load(tmp_path, IMMICH_DIR=str(d))
     with pytest.raises(ConfigError, match=r"compose_file .*missing.yml does not exist: fix --compose-file"):
         load(tmp_path, IMMICH_DIR=str(d), COMPOSE_FILE="missing.yml")
-    (d / "docker-compose.yml").write_text("services:\n  x:\n    image: ${IMAGE:?set IMAGE in .env}\n")
-    with pytest.raises(ConfigError, match=r"IMAGE\} is required: set IMAGE in .env"):
+    (d / "docker-compose.yml").write_text("services:\n  immich-server:\n    volumes: ['${UP:?set UP in .env}:/data']\n")
+    with pytest.raises(ConfigError, match=r"UP\} is required: set UP in .env"):
         load(tmp_path, IMMICH_DIR=str(d))
 
 
