@@ -566,3 +566,42 @@ def test_drill_thaws_the_files_it_re_hashes(env: dict, stack: ImmichStack, moto_
     # the 3 files' objects (small ones share packs): each thawed once
     thawed = re.search(r"0 of (\d+) archived objects thawed \((\d+) thaws requested now", r.err)
     assert thawed and thawed[1] == thawed[2] and 1 <= int(thawed[1]) <= 3, r.err
+
+
+@pytest.mark.slow
+def test_restore_of_one_album_thaws_only_that_albums_objects(
+    moto_s3: S3Server, slow_thaws: None, proxy_factory: type[FaultProxy], tmp_path: Path
+) -> None:
+    """Issue 26 on an archived class: `restore --album` asks S3 to thaw the album's objects
+    and no other (a whole library in DEEP_ARCHIVE is days and money to thaw), then brings
+    back exactly the album's files."""
+    from tests.test_catalog_find import ALBUM, body, snapshot
+
+    bucket = moto_s3.new_bucket()
+    proxy = proxy_factory(moto_s3.endpoint)
+    env = base_env(tmp_path) | {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "S3_ENDPOINT_URL": proxy.endpoint,
+        "S3_BUCKET": bucket,
+        "S3_PATH_STYLE": "true",
+        "IMMICH_STREAM_STORAGE_CLASS": "GLACIER",
+        "IMMICH_STREAM_THAW_POLL": "1s",
+    }
+    sid, assets = snapshot(env)  # every library file an object of its own, in GLACIER
+    listed = classes(Bucket(moto_s3.endpoint, bucket, KEY, SECRET))
+    data = [k for k in listed if k.startswith("data/")]
+    assert data and {listed[k] for k in data} == {"GLACIER"}
+    album = {p for a in assets if ALBUM in a["albums"] for root, p, _ in a["files"] if root == "library"}
+    assert 2 <= len(album) < len(data) // 4
+
+    target = tmp_path / "album"
+    args = ("restore", sid, "--album", ALBUM, "--to", str(target))
+    r = run_cli(*args, "--no-wait", env=env)
+    assert r.code == EXIT_THAWING, r.err
+    assert f"{len(album)} of {len(album)} archived objects are still being thawed" in r.last_error, r.err
+    assert restore_posts(proxy) == len(album), "only the album's objects are thawed"
+    r = run_cli(*args, env=env)
+    assert r.code == 0, r.err
+    assert {os.fsdecode(rel): p.read_bytes() for rel, p in tree(target).items()} == {p: body(p) for p in album}
+    assert restore_posts(proxy) == len(album)
