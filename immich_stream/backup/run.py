@@ -32,7 +32,7 @@ from immich_stream.backup.library import (
 )
 from immich_stream.backup.roots import FilesPass, OrderedManifest, Sources
 from immich_stream.backup.upload import FileUploader
-from immich_stream.browse.catalog import BACKUP_MAX_KEPT, CatalogBuilder
+from immich_stream.browse.catalog import CatalogBuilder
 from immich_stream.browse.catalog_store import store_catalog
 from immich_stream.config import Settings, format_size
 from immich_stream.errors import AfterCommitError, ImmichStreamError, StackError, StallError, StoreError
@@ -188,8 +188,10 @@ class BackupRun:
         self.key_dir = ""
         self.guard = StackGuard(stack)
         self.dump_result: DumpResult | None = None
-        # the Immich catalog, read as the dump streams (within BACKUP_MAX_KEPT of rows)
-        self.catalog = CatalogBuilder(ctx.settings.db_name, max_kept=BACKUP_MAX_KEPT)
+        # the Immich catalog, read as the dump streams: its rows kept until it is written, at
+        # most --max-memory of them (memory stays a multiple of the budget whatever the library:
+        # past it no catalog is stored, and `find` builds one from the dump when asked)
+        self.catalog = CatalogBuilder(ctx.settings.db_name, max_kept=ctx.settings.max_memory)
         self.phase_seconds: dict[str, float] = {}
         self.timeline: dict[str, float] = {}
         self._main_pass: FilesPass | None = None

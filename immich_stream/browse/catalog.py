@@ -83,11 +83,6 @@ _SIMPLE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 # batches: a longer one stops the catalog (not the dump); rows of tables not read, and lines
 # between blocks not needed, are never held at all, whatever their length.
 MAX_ROW = 16 << 20
-# What a backup's catalog reader may keep (its rows, about 0.8 KiB an asset, held until the
-# catalog is written after the stack runs again): past it (a library of some 300,000 assets)
-# no catalog is stored, and `find` builds one from the snapshot's dump when asked; the
-# backup's memory stays bounded whatever the library's size.
-BACKUP_MAX_KEPT = 256 << 20
 _ROW_COST = 41  # a bytes object's own size and its place in a list, beyond its bytes
 
 
@@ -303,7 +298,8 @@ class CatalogBuilder:
         if self.max_kept is not None and self.kept > self.max_kept:
             raise CatalogError(
                 f"the catalog's rows passed {self.max_kept >> 20} MiB (a library of more than about "
-                f"{self.max_kept // 850:,} assets): none is stored with this snapshot; `find` reads its dump instead"
+                f"{self.max_kept // 850:,} assets): none is stored with this snapshot; `find` reads its dump instead "
+                "(a backup keeps at most --max-memory of them: raise it to store one)"
             )
         self.rows[self._role].extend(new)
 
