@@ -45,6 +45,18 @@ KEY, SECRET = "bench-key", "bench-secret"
 MIB = 1024 * 1024
 
 
+def write_random(path: Path, size: int, block: bytes, rng: random.Random) -> None:
+    """A file of `size` bytes cut at random offsets from `block` (incompressible, cheap)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, len(block))
+            off = rng.randrange(0, len(block) - n + 1)
+            fh.write(block[off : off + n])
+            left -= n
+
+
 def make_library(root: Path, size_gib: float) -> int:
     """Photos of 1-6 MiB, two thumbnails each, a few videos of 20-80 MiB; deterministic."""
     marker = root / f".complete-{size_gib}"
@@ -59,15 +71,7 @@ def make_library(root: Path, size_gib: float) -> int:
 
     def put(rel: str, size: int) -> None:
         nonlocal total
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            left = size
-            while left:
-                n = min(left, len(block))
-                off = rng.randrange(0, len(block) - n + 1)
-                fh.write(block[off : off + n])
-                left -= n
+        write_random(root / rel, size, block, rng)
         total += size
 
     i = 0

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from run import free_port, measure  # noqa: E402
+from run import free_port, measure, write_random  # noqa: E402
 from throughput import BENCH, KEY, SECRET, Server, drop_caches_of, make_pgdata  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -53,15 +53,7 @@ def make_tree(root: Path, kind: str) -> tuple[int, int]:
         block = rng.randbytes(8 * MIB)
 
         def put(rel: str, size: int) -> None:
-            path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as fh:
-                left = size
-                while left:
-                    n = min(left, len(block))
-                    off = rng.randrange(0, len(block) - n + 1)
-                    fh.write(block[off : off + n])
-                    left -= n
+            write_random(root / rel, size, block, rng)
 
         if kind == "thumbs":
             for i in range(1500):
