@@ -15,22 +15,15 @@ from typing import Any
 
 from immich_stream import config as cfg
 from immich_stream.commands import catalog
-from immich_stream.commands.common import Subparsers
+from immich_stream.commands.common import Subparsers, root_arg
 from immich_stream.commands.monitor import Outcome, plain
 from immich_stream.errors import ConfigError, NothingMatched
 from immich_stream.progress import Reporter
-from immich_stream.repository.layout import is_root
 from immich_stream.repository.manifest import ManifestLine
 
 # Commands whose --json output is JSON lines: one per entry while it is read, then the
 # summary document on one line (not collected into the document: memory stays bounded).
 JSON_LINES = ("ls", "find", "diff")
-
-
-def _root(text: str) -> str:
-    if not is_root(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a root: library, postgres or external:NAME")
-    return text
 
 
 def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -49,7 +42,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     ls.add_argument("path", nargs="?", default="", help="a directory inside the root (default: the root), or a file")
     ls.add_argument(
-        "--root", type=_root, default="library", metavar="ROOT", help="library (default), postgres or external:NAME"
+        "--root", type=root_arg, default="library", metavar="ROOT", help="library (default), postgres or external:NAME"
     )
     ls.add_argument("-l", "--long", action="store_true", help="also mode, uid, gid and the sha256's first 12 digits")
     f = sub.add_parser(
@@ -73,7 +66,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     d.add_argument("first", metavar="ID1", help="the older snapshot (an id, a unique prefix, or latest)")
     d.add_argument("second", metavar="ID2", help="the newer snapshot")
-    d.add_argument("--root", type=_root, action="append", metavar="ROOT", help="only this root; repeatable")
+    d.add_argument("--root", type=root_arg, action="append", metavar="ROOT", help="only this root; repeatable")
 
 
 def add_find_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +86,7 @@ def add_find_arguments(parser: argparse.ArgumentParser) -> None:
         "snapshot to look in, default latest)",
     )
     which.add_argument("--all", dest="all_", action="store_true", help="every snapshot (the default for a PATTERN)")
-    parser.add_argument("--root", type=_root, action="append", metavar="ROOT", help="only this root; repeatable")
+    parser.add_argument("--root", type=root_arg, action="append", metavar="ROOT", help="only this root; repeatable")
 
 
 def check_find(args: argparse.Namespace) -> None:

@@ -229,3 +229,14 @@ def as_of(args: argparse.Namespace, settings: cfg.Settings | None = None) -> dt.
     if settings is not None:
         settings.as_of = when
     return when
+
+
+def root_arg(text: str) -> str:
+    """argparse type of a --root: library, postgres or external:NAME."""
+    from immich_stream.repository.layout import is_root
+
+    if not is_root(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a root: library, postgres or external:NAME (`snapshots` lists a snapshot's roots)"
+        )
+    return text

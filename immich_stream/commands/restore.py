@@ -18,21 +18,13 @@ from immich_stream.commands.common import (
     check_state_dir,
     check_writable,
     is_stream,
+    root_arg,
     thaw_options,
     transfer_options,
 )
 from immich_stream.commands.monitor import Outcome, plain
 from immich_stream.errors import EXIT_PARTIAL, ConfigError, ProblemsFound
 from immich_stream.progress import Reporter
-from immich_stream.repository.layout import is_root
-
-
-def _root(text: str) -> str:
-    if not is_root(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a root: library, postgres or external:NAME (`snapshots` lists a snapshot's roots)"
-        )
-    return text
 
 
 def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -54,7 +46,7 @@ def add_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--root",
-        type=_root,
+        type=root_arg,
         metavar="ROOT",
         help="only this root (library, postgres, or an external library's external:NAME), straight into DIR",
     )
